@@ -1,0 +1,169 @@
+"""Seconds per DPO step: heedful's `dpo` stage vs. a plain TRL script, in one run.
+
+SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, 4 pairs per step, ~256 tokens per
+sequence (prompt + reply), fp32 on CPU. The baseline is what a user would write with TRL:
+DPOConfig(bf16=False, use_cpu=True) and TRL's other defaults (gradient checkpointing on).
+Also prints achieved FLOP/s against a measured fp32 matmul peak of this machine.
+
+    python bench/dpo_step.py [--steps 6] [--json bench/results/dpo_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+QA = ROOT.parent / "shared" / "data" / "qa_feedback" / "feedback_400.json"
+
+
+def make_pairs(tokenizer, n_pairs: int, target_tokens: int) -> list[dict]:
+    """Real text (qa-feedback questions and answers) trimmed so each sequence is ~target_tokens."""
+    rows = json.loads(QA.read_text())
+    pairs = []
+    for row in rows:
+        prompt = row["question"]
+        preds = [row["prediction 1"], row["prediction 2"]]
+        prompt_msgs = [{"role": "user", "content": prompt}]
+        prompt_len = len(tokenizer.apply_chat_template(prompt_msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
+        budget = target_tokens - prompt_len - 2
+        replies = []
+        for text in preds:
+            ids = tokenizer(text + " " + " ".join(p[1] for p in row["passages"]), add_special_tokens=False)["input_ids"]
+            if len(ids) < budget:
+                break
+            replies.append(tokenizer.decode(ids[:budget]))
+        if len(replies) == 2:
+            pairs.append({"prompt": prompt_msgs, "chosen": [{"role": "assistant", "content": replies[0]}],
+                          "rejected": [{"role": "assistant", "content": replies[1]}]})
+        if len(pairs) == n_pairs:
+            return pairs
+    raise RuntimeError("not enough long rows in qa-feedback")
+
+
+def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def dpo_step_flops(config, tokens_per_seq: list[int]) -> float:
+    """Useful FLOPs of one LoRA-DPO step: policy fwd+bwd (input grads) + reference fwd."""
+    d, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    per_token_params = layers * (2 * d * d + 2 * d * kv + 3 * d * ff) + d * config.vocab_size
+    total = 0.0
+    for t in tokens_per_seq:
+        attn = layers * 2 * 2 * t * d  # QK^T and AV, per token, averaged over causal positions ~ t/2 * 2
+        fwd = 2 * per_token_params + attn
+        total += t * (fwd * 2 + fwd)  # policy forward + backward (~1x fwd for activation grads) + reference forward
+    return total
+
+
+def step_times_plain_trl(model_path: str, pairs: list[dict], steps: int, out: Path) -> list[float]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    args = DPOConfig(output_dir=str(out), bf16=False, use_cpu=True, per_device_train_batch_size=4, max_steps=steps,
+                     report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs * steps), processing_class=tokenizer,
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"), callbacks=[Timer()])
+    trainer.train()
+    return times
+
+
+def step_times_heedful(pairs: list[dict], steps: int, work: Path) -> list[float]:
+    from pipeline.config import pipeline_from_dict
+    from pipeline.records import write_jsonl
+    from pipeline.runner import Runner
+
+    write_jsonl(pairs * steps, work / "pairs.jsonl")
+    data = {"run_name": "bench", "model": "smollm2-135m", "stages": [
+        {"name": "align", "uses": "dpo", "inputs": {"preferences": str(work / "pairs.jsonl")},
+         "with": {"max_steps": steps, "per_device_train_batch_size": 4, "max_length": 1024, "save_steps": 10_000,
+                  "lora": {"r": 16, "alpha": 32, "dropout": 0.05}}}]}
+    result = Runner(pipeline_from_dict(data, work), work / "runs", use_ray=False).execute()
+    assert result.ok, result.records
+    return [result.record("align").metrics["seconds_per_step"]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "dpo_step.json")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipeline.models import prepare_smollm2
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = str(prepare_smollm2())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pairs = make_pairs(tokenizer, args.pairs, args.tokens)
+    lengths = []
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            lengths.append(len(tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=True)["input_ids"]))
+    peak = matmul_peak_flops()
+    flops = dpo_step_flops(AutoConfig.from_pretrained(path), lengths)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = step_times_plain_trl(path, pairs, args.steps, Path(tmp) / "plain")
+        plain_s = statistics.median(plain[1:])  # drop the warm-up step
+        heedful_s = step_times_heedful(pairs, args.steps, Path(tmp))[0]
+
+    result = {
+        "model": "SmolLM2-135M-Instruct (fp32, CPU)",
+        "threads": torch.get_num_threads(),
+        "pairs_per_step": args.pairs,
+        "tokens_per_sequence": lengths,
+        "plain_trl_seconds_per_step": round(plain_s, 3),
+        "heedful_seconds_per_step": round(heedful_s, 3),
+        "speedup": round(plain_s / heedful_s, 3),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "step_gflop": round(flops / 1e9, 1),
+        "plain_trl_gflops": round(flops / plain_s / 1e9, 1),
+        "heedful_gflops": round(flops / heedful_s / 1e9, 1),
+        "heedful_fraction_of_peak": round(flops / heedful_s / peak, 3),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Run folders, atomic outputs, manifests and fingerprints.
+
+Layout of `runs/<run>/`:
+  <stage>/                 committed outputs + manifest.json (only ever appears complete)
+  .staging/<stage>/        work in progress; kept across interruptions for resume while
+                           its fingerprint matches, discarded otherwise
+  logs/<stage>.log         the last attempt's log (also for failed stages)
+  run.json                 one record per `heedful run` invocation (status, timings)
+  report.html              the run report
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def hash_json(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def hash_path(path: Path) -> str:
+    """Content hash of a file or a folder (relative names + bytes, sorted)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        rel = file.name if file == path else file.relative_to(path).as_posix()
+        digest.update(rel.encode() + b"\0")
+        with file.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+class RunDir:
+    """One pipeline run's folder."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def staging_dir(self, stage: str) -> Path:
+        return self.root / ".staging" / stage
+
+    def log_path(self, stage: str) -> Path:
+        return self.root / "logs" / f"{stage}.log"
+
+    def manifest(self, stage: str) -> dict[str, Any] | None:
+        path = self.stage_dir(stage) / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return read_json(path)
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def is_current(self, stage: str, fingerprint: str) -> bool:
+        manifest = self.manifest(stage)
+        if not manifest or manifest.get("fingerprint") != fingerprint:
+            return False
+        return all((self.stage_dir(stage) / out["path"]).exists() for out in manifest.get("outputs", {}).values())
+
+    def begin(self, stage: str, fingerprint: str) -> tuple[Path, bool]:
+        """Staging folder for `stage`. Returns (path, resumed): an interrupted attempt with
+        the same fingerprint is kept so trainers can resume from their checkpoints."""
+        staging = self.staging_dir(stage)
+        marker = staging / ".fingerprint"
+        resumed = staging.is_dir() and marker.is_file() and marker.read_text().strip() == fingerprint
+        if not resumed:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            marker.write_text(fingerprint)
+        return staging, resumed
+
+    def commit(self, stage: str) -> Path:
+        """Swap the staging folder in as the stage's output folder (atomic renames)."""
+        staging = self.staging_dir(stage)
+        final = self.stage_dir(stage)
+        (staging / ".fingerprint").unlink(missing_ok=True)
+        trash = None
+        if final.exists():
+            trash = self.root / ".trash" / f"{stage}-{uuid.uuid4().hex[:8]}"
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(final, trash)
+        os.replace(staging, final)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return final
+
+    # -- invocation records -------------------------------------------------------------
+
+    def record_invocation(self, record: dict[str, Any]) -> None:
+        path = self.root / "run.json"
+        history = read_json(path) if path.is_file() else {"invocations": []}
+        history["invocations"].append(record)
+        history["invocations"] = history["invocations"][-50:]
+        atomic_write_json(path, history)
+
+    def last_invocation(self) -> dict[str, Any] | None:
+        path = self.root / "run.json"
+        if not path.is_file():
+            return None
+        invocations = read_json(path).get("invocations", [])
+        return invocations[-1] if invocations else None
+
+
+def describe_output(path: Path) -> dict[str, Any]:
+    """Small facts about an output for the manifest and lineage (row counts, columns)."""
+    info: dict[str, Any] = {}
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        try:
+            from datasets import load_from_disk
+
+            ds = load_from_disk(str(path))
+            info.update(rows=len(ds), columns=list(ds.column_names))
+        except Exception as exc:  # a description must never fail a stage
+            info["describe_error"] = str(exc)
+    elif path.is_file() and path.suffix == ".jsonl":
+        with path.open("rb") as fh:
+            info["rows"] = sum(1 for line in fh if line.strip())
+    if path.is_dir():
+        info["bytes"] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    elif path.is_file():
+        info["bytes"] = path.stat().st_size
+    return info
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("heedful", "torch", "transformers", "trl", "peft", "datasets", "ray", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,299 @@
+"""`heedful`: run pipelines and single stages, inspect runs, export adapters."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ConfigError, DataError, HeedfulError
+
+app = typer.Typer(help="heedful: feedback-driven alignment on Ray.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Model aliases and the local model cache.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console(highlight=False)
+
+#: optional command groups contributed by other packages: (module, attribute, name)
+SUBCOMMANDS = [
+    ("feedback.argilla_cli", "app", "argilla"),
+    ("serving.cli", "app", "serve"),
+    ("serving.memory_cli", "app", "memory"),
+    ("ray_jobs.cli", "submit_app", "submit"),
+    ("ray_jobs.cli", "jobs_app", "jobs"),
+]
+
+ICONS = {"done": "[green]✓[/]", "skipped": "[dim]↷[/]", "failed": "[red]✗[/]", "blocked": "[red]⊘[/]",
+         "interrupted": "[yellow]‖[/]", "started": "[cyan]▶[/]"}
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _key_metrics(metrics: dict[str, Any], n: int = 4) -> str:
+    preferred = ["pairs", "responses", "last_loss", "rewards/margins", "rewards/accuracies", "files", "accuracy", "auroc"]
+    keys = [k for k in preferred if k in metrics] + [k for k in metrics if k not in preferred]
+    return ", ".join(f"{k}={_fmt(metrics[k])}" for k in keys[:n])
+
+
+def _on_event(kind: str, record, text: str) -> None:
+    if kind == "started":
+        console.print(f"{ICONS['started']} {text} started")
+        return
+    line = f"{ICONS.get(kind, '?')} {record.name} ({record.uses}) {kind}"
+    if kind == "done":
+        line += f" in {record.seconds:.1f}s" + (" (resumed)" if record.resumed else "")
+    elif kind == "skipped":
+        line += ": up to date"
+    console.print(line)
+    if kind in ("failed", "blocked") and text:
+        tail = "\n".join(text.strip().splitlines()[-12:])
+        console.print(f"[red]{tail}[/]", markup=True)
+
+
+def _summary(result, pipeline) -> None:
+    table = Table(title=f"run {pipeline.config.run_name}", title_justify="left")
+    for col in ("stage", "uses", "status", "time", "metrics"):
+        table.add_column(col)
+    for r in result.records:
+        style = {"done": "green", "skipped": "dim", "failed": "red", "blocked": "red"}.get(r.status, "")
+        table.add_row(r.name, r.uses, f"[{style}]{r.status}[/]" if style else r.status,
+                      f"{r.seconds:.1f}s" if r.seconds else "-", r.error or _key_metrics(r.metrics))
+    console.print(table)
+    root = result.run_dir
+    for stage in pipeline.stages:
+        for out_name, out in stage.cls.outputs.items():
+            if out.kind == "export" and (root / stage.name / out_name).exists():
+                console.print(f"adapter: [bold]{root / stage.name / out_name}[/]")
+    console.print(f"report:  {root / 'report.html'}")
+    console.print(f"total {result.seconds:.1f}s; `heedful status {root}` for details")
+
+
+def _run(pipeline, runs_dir: Path, no_ray: bool, address: str | None, force: list[str]) -> None:
+    from .report import build_report
+    from .runner import Runner
+
+    for name in force:
+        if name not in {s.name for s in pipeline.stages}:
+            raise HeedfulError(f"--force {name}: no such stage")
+    runner = Runner(pipeline, runs_dir, use_ray=not no_ray, address=address, force=set(force), on_event=_on_event)
+    try:
+        result = runner.execute()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: finished stages are kept; rerun to resume[/]")
+        raise typer.Exit(130)
+    build_report(result.run_dir)
+    _summary(result, pipeline)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    pipeline_file: Path = typer.Argument(..., help="pipeline YAML"),
+    set_: list[str] = typer.Option([], "--set", help="override, e.g. stages.align.with.max_steps=2"),
+    runs_dir: Path = typer.Option(Path("runs"), help="where run folders live"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)"),
+    no_ray: bool = typer.Option(False, "--no-ray", help="run stages in this process (debugging)"),
+    force: list[str] = typer.Option([], help="rerun this stage (and its dependents) even if up to date"),
+):
+    """Run a pipeline: skip up-to-date stages, run the rest as Ray tasks."""
+    from .config import load_pipeline
+
+    pipeline = load_pipeline(pipeline_file, set_)
+    _run(pipeline, runs_dir, no_ray, address, force)
+
+
+@app.command()
+def validate(pipeline_file: Path, set_: list[str] = typer.Option([], "--set")):
+    """Check a pipeline without running anything."""
+    from .config import load_pipeline
+
+    pipeline = load_pipeline(pipeline_file, set_)
+    console.print(f"[green]ok[/]: {len(pipeline.stages)} stages: " + " → ".join(s.name for s in pipeline.stages))
+
+
+@app.command()
+def stage(
+    name: str = typer.Argument(..., help="stage type, e.g. dpo (see `heedful stages`)"),
+    config: Path = typer.Option(..., "--config", "-c", help="stage YAML: model, with, inputs (paths)"),
+    run_name: Optional[str] = typer.Option(None, help="run folder name (default: <stage>-adhoc)"),
+    runs_dir: Path = typer.Option(Path("runs")),
+    address: Optional[str] = typer.Option(None),
+    no_ray: bool = typer.Option(False, "--no-ray"),
+    force: bool = typer.Option(False, help="rerun even if up to date"),
+):
+    """Run one stage alone; its inputs are given as paths in the stage YAML."""
+    from .config import build_pipeline
+    from .yaml_source import YamlSource
+
+    source = YamlSource.load(config)
+    data = source.data if isinstance(source.data, dict) else {}
+    allowed = {"uses", "model", "seed", "with", "inputs", "resources", "run_name"}
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        raise ConfigError([source.problem((unknown[0],), f"unknown key: expected one of {', '.join(sorted(allowed))}")])
+    if data.get("uses", name) != name:
+        raise ConfigError([source.problem(("uses",), f"file is for stage type '{data['uses']}', command asked for '{name}'")])
+    pipeline_data = {
+        "run_name": run_name or data.get("run_name") or f"{name}-adhoc",
+        "model": data.get("model", "smollm2-135m"),
+        "seed": data.get("seed", 0),
+        "stages": [{"name": name, "uses": name, "with": data.get("with") or {}, "inputs": data.get("inputs") or {},
+                    "resources": data.get("resources") or {}}],
+    }
+    lines = {("stages", 0) + k: v for k, v in source.lines.items() if k and k[0] in ("with", "inputs", "resources")}
+    lines.update({k: v for k, v in source.lines.items() if k and k[0] in ("model", "seed", "run_name")})
+    try:
+        pipeline = build_pipeline(YamlSource(pipeline_data, lines, str(config)), config.resolve().parent, [], config)
+    except ConfigError as exc:
+        for p in exc.problems:
+            object.__setattr__(p, "path", p.path.replace("stages[0].", ""))
+        raise
+    _run(pipeline, runs_dir, no_ray, address, [name] if force else [])
+
+
+def _resolve_run(run_ref: str, runs_dir: Path) -> Path:
+    path = Path(run_ref)
+    if (path / "pipeline.json").is_file() or (path / "run.json").is_file():
+        return path
+    if (runs_dir / run_ref).is_dir():
+        return runs_dir / run_ref
+    raise HeedfulError(f"no run '{run_ref}' (looked for {path} and {runs_dir / run_ref})")
+
+
+@app.command()
+def status(run_ref: str = typer.Argument(..., help="run name or folder"), runs_dir: Path = typer.Option(Path("runs"))):
+    """Which stages are done, skipped, failed or interrupted, with timings."""
+    from .artifacts import RunDir, read_json
+
+    root = _resolve_run(run_ref, runs_dir)
+    run_dir = RunDir(root)
+    meta = read_json(root / "pipeline.json") if (root / "pipeline.json").is_file() else {"order": [], "fingerprints": {}}
+    last = run_dir.last_invocation() or {"stages": []}
+    last_by_name = {s["name"]: s for s in last.get("stages", [])}
+    table = Table(title=f"run {root.name} (last invocation {last.get('started', '-')}, {last.get('seconds', 0):.1f}s)",
+                  title_justify="left")
+    for col in ("stage", "uses", "last run", "time", "outputs", "finished", "note"):
+        table.add_column(col)
+    for name in meta["order"]:
+        manifest = run_dir.manifest(name) or {}
+        rec = last_by_name.get(name, {})
+        state = rec.get("status", "done" if manifest else "not run")
+        note = rec.get("error") or ""
+        if run_dir.staging_dir(name).is_dir():
+            note = (note + "; " if note else "") + "interrupted attempt kept (rerun resumes)"
+        seconds = manifest.get("timings", {}).get("seconds") if state == "skipped" else rec.get("seconds")
+        table.add_row(name, manifest.get("uses", rec.get("uses", "")), state,
+                      f"{seconds:.1f}s" if seconds else "-", ", ".join(manifest.get("outputs", {})) or "-",
+                      manifest.get("timings", {}).get("finished", "-"), note[:120])
+    console.print(table)
+
+
+@app.command()
+def export(
+    run_ref: str = typer.Argument(..., help="run name or folder"),
+    to: Path = typer.Option(..., "--to", help="destination folder"),
+    stage_name: Optional[str] = typer.Option(None, "--stage", help="which stage's adapter (default: the last one)"),
+    merge: bool = typer.Option(False, help="also write a merged full model under merged/"),
+    runs_dir: Path = typer.Option(Path("runs")),
+):
+    """Copy a run's adapter out as a PEFT folder with model card and lineage."""
+    from .artifacts import RunDir, read_json
+    from .export import export_adapter
+
+    root = _resolve_run(run_ref, runs_dir)
+    run_dir = RunDir(root)
+    order = read_json(root / "pipeline.json")["order"] if (root / "pipeline.json").is_file() else []
+    candidates = []
+    for name in order:
+        manifest = run_dir.manifest(name)
+        if not manifest:
+            continue
+        for out_name, out in manifest.get("outputs", {}).items():
+            if out["kind"] == "adapter":
+                candidates.append((name, run_dir.stage_dir(name) / out["path"]))
+    if stage_name:
+        candidates = [c for c in candidates if c[0] == stage_name]
+    if not candidates:
+        raise HeedfulError(f"run {root.name} has no finished stage with an adapter output"
+                           + (f" named '{stage_name}'" if stage_name else ""))
+    name, adapter = candidates[-1]
+    dest = export_adapter(adapter, to, merge=merge, name=f"{root.name}-{name}")
+    console.print(f"exported [bold]{name}[/] adapter to {dest}: " + ", ".join(sorted(p.name for p in dest.iterdir())))
+
+
+@app.command("stages")
+def list_stages():
+    """Stage types you can `use`, with their inputs and outputs."""
+    from . import registry
+
+    table = Table()
+    for col in ("uses", "inputs", "outputs", "what"):
+        table.add_column(col)
+    for name in registry.names():
+        cls = registry.get(name)
+        ins = ", ".join(f"{k}{'' if v.required else '?'}:{'|'.join(v.kinds)}" for k, v in cls.inputs.items())
+        outs = ", ".join(f"{k}:{v.kind}" for k, v in cls.outputs.items())
+        table.add_row(name, ins, outs, cls.summary)
+    console.print(table)
+
+
+@models_app.command("prepare")
+def models_prepare(names: list[str] = typer.Argument(None, help="aliases (default: smollm2-135m tiny)")):
+    """Convert/build model aliases into the cache once (offline)."""
+    from .models import resolve_model
+
+    for name in names or ["smollm2-135m", "tiny"]:
+        console.print(f"{name}: {resolve_model(name)}")
+
+
+@models_app.command("list")
+def models_list():
+    from .models import ALIASES, models_dir
+
+    for name, what in ALIASES.items():
+        ready = (models_dir() / name / "config.json").is_file()
+        console.print(f"{name:14s} {'ready' if ready else 'not prepared':13s} {what}")
+
+
+def _register_subcommands() -> None:
+    for module_name, attr, name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue
+            raise
+        sub = getattr(module, attr, None)
+        if isinstance(sub, typer.Typer):
+            app.add_typer(sub, name=name)
+        elif callable(sub):
+            app.command(name)(sub)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _register_subcommands()
+    try:
+        app()
+    except ConfigError as exc:
+        console.print("[red]config error[/] (nothing was run):")
+        for problem in exc.problems:
+            console.print(f"  {problem}", markup=False)
+        sys.exit(2)
+    except (DataError, HeedfulError) as exc:
+        console.print(f"[red]error:[/] {exc}", markup=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Ray connection policy: loopback-only local clusters, or an existing cluster by address.
+
+Without an address Ray starts a private local instance bound to 127.0.0.1 (we set
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, otherwise Ray binds the host IP). Ray's token auth
+stays on; its token file is tightened to mode 0600. `--address` or RAY_ADDRESS connects
+to an existing cluster (RAY_AUTH_MODE must match what the cluster was started with).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def prepare_environment() -> None:
+    """Environment every Ray process of ours needs; call before `import ray`."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def target_address(address: str | None) -> str | None:
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> dict:
+    """Connect (or start locally). Returns facts for the run record."""
+    prepare_environment()
+    import ray
+
+    if ray.is_initialized():
+        return {"address": ray.get_runtime_context().gcs_address, "local": False}
+    target = target_address(address)
+    if target:
+        ray.init(address=target, log_to_driver=True, logging_level="WARNING")
+        _tighten_token_file()
+        return {"address": target, "local": False}
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        include_dashboard=False,
+        _node_ip_address=LOOPBACK,
+        log_to_driver=True,
+        logging_level="WARNING",
+    )
+    _tighten_token_file()
+    return {"address": ray.get_runtime_context().gcs_address, "local": True}
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def max_cpus_per_node() -> float:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return max((n["Resources"].get("CPU", 0.0) for n in nodes), default=1.0)
+
+
+def total_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def _tighten_token_file() -> None:
+    """Ray writes its auth token world-readable; secrets here live in 0600 files."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    try:
+        if path.is_file() and stat.S_IMODE(path.stat().st_mode) & 0o077:
+            path.chmod(0o600)
+    except OSError:
+        pass

@@ -1,0 +1,207 @@
+"""Run one stage to completion inside the current process (a Ray worker or the driver).
+
+The executor owns the staging folder, logging, the manifest and the atomic commit;
+the stage owns only its outputs. A stage that raises leaves its committed outputs
+from earlier runs untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import socket
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import registry
+from .artifacts import MANIFEST, RunDir, atomic_write_json, describe_output, package_versions
+from .stage import StageContext
+
+
+@dataclass
+class StageTask:
+    """Everything needed to run a stage, picklable for Ray."""
+
+    run_name: str
+    run_dir: str
+    name: str
+    uses: str
+    config: dict[str, Any]
+    model: str
+    seed: int
+    fingerprint: str
+    inputs: dict[str, dict[str, Any]]
+    num_threads: int = 1
+    num_gpus: float = 0.0
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str  # done | failed
+    seconds: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    traceback: str | None = None
+    resumed: bool = False
+    host: str = ""
+
+
+class _Tee:
+    """Mirror a stream into the stage log file so forwarded output is also on disk."""
+
+    def __init__(self, stream, file):
+        self._stream, self._file = stream, file
+
+    def write(self, data):
+        self._file.write(data)
+        return self._stream.write(data)
+
+    def flush(self):
+        self._file.flush()
+        self._stream.flush()
+
+    def isatty(self):
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def execute_stage(task: StageTask) -> StageOutcome:
+    run = RunDir(Path(task.run_dir))
+    staging, resumed = run.begin(task.name, task.fingerprint)
+    log_file = (staging / "stage.log").open("a", encoding="utf-8")
+    old_out, old_err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(old_out, log_file), _Tee(old_err, log_file)
+    log = _stage_logger(task.name)
+    started = time.time()
+    outcome = StageOutcome(task.name, "failed", resumed=resumed, host=socket.gethostname())
+    try:
+        _set_threads(task.num_threads)
+        cls = registry.get(task.uses)
+        if cls is None:
+            raise RuntimeError(f"stage type '{task.uses}' is not registered on host {socket.gethostname()}")
+        config = cls.Config.model_validate(task.config)
+        ctx = StageContext(
+            name=task.name,
+            uses=task.uses,
+            run_name=task.run_name,
+            run_dir=run.root,
+            work_dir=staging,
+            model=task.model,
+            seed=task.seed,
+            inputs={k: Path(v["path"]) for k, v in task.inputs.items()},
+            log=log,
+            num_threads=task.num_threads,
+        )
+        if resumed:
+            log.info("resuming an interrupted attempt from %s", staging)
+        log.info("stage %s (%s) starting on %s", task.name, task.uses, socket.gethostname())
+        metrics = cls(config, ctx).run() or {}
+        outputs = {}
+        for out_name, spec in cls.outputs.items():
+            path = ctx.output(out_name)
+            if not path.exists():
+                if spec.required:
+                    raise RuntimeError(f"stage finished without writing its declared output '{out_name}'")
+                continue
+            outputs[out_name] = {"kind": spec.kind, "path": out_name, **describe_output(path)}
+        finished = time.time()
+        outcome.status, outcome.metrics, outcome.seconds = "done", _jsonable(metrics), finished - started
+        atomic_write_json(staging / MANIFEST, _manifest(task, cls.version, outputs, outcome, started, finished))
+        log.info("stage %s done in %.1fs", task.name, outcome.seconds)
+        sys.stdout, sys.stderr = old_out, old_err
+        log_file.close()
+        final = run.commit(task.name)
+        _copy_log(final / "stage.log", run.log_path(task.name))
+    except BaseException as exc:  # report everything, including KeyboardInterrupt in-process
+        outcome.seconds = time.time() - started
+        outcome.error = f"{type(exc).__name__}: {exc}"
+        outcome.traceback = traceback.format_exc()
+        log.error("stage %s failed: %s", task.name, outcome.error)
+        log_file.write(outcome.traceback)
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        sys.stdout, sys.stderr = old_out, old_err
+        if not log_file.closed:
+            log_file.close()
+            _copy_log(staging / "stage.log", run.log_path(task.name))
+        for handler in list(log.handlers):
+            log.removeHandler(handler)
+    return outcome
+
+
+def _manifest(task: StageTask, version: str, outputs, outcome: StageOutcome, started: float, finished: float) -> dict:
+    return {
+        "stage": task.name,
+        "uses": task.uses,
+        "version": version,
+        "fingerprint": task.fingerprint,
+        "run_name": task.run_name,
+        "model": task.model,
+        "seed": task.seed,
+        "config": task.config,
+        "inputs": task.inputs,
+        "outputs": outputs,
+        "metrics": outcome.metrics,
+        "status": "complete",
+        "resumed": outcome.resumed,
+        "timings": {
+            "started": _iso(started),
+            "finished": _iso(finished),
+            "seconds": round(finished - started, 3),
+        },
+        "packages": package_versions(),
+        "host": {"hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version()},
+    }
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _stage_logger(name: str) -> logging.Logger:
+    log = logging.getLogger(f"heedful.stage.{name}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[{name}] %(message)s"))
+    log.addHandler(handler)
+    return log
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+    if not sys.stdout.isatty():  # carriage-return bars turn forwarded logs into noise
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def _copy_log(src: Path, dst: Path) -> None:
+    if src.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in metrics.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def outcome_dict(outcome: StageOutcome) -> dict[str, Any]:
+    return asdict(outcome)

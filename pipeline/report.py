@@ -1,0 +1,127 @@
+"""`runs/<run>/report.html`: the stage table and each stage's curves as plots.
+
+Stages contribute by writing `curves.json` (one dict per logged step) and metrics; later
+work extends the report with sections registered in `SECTIONS`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from .artifacts import RunDir, atomic_write_text, read_json
+
+#: extra sections: fn(run_dir, manifests) -> html fragment (or "" to skip)
+SECTIONS: list[Callable[[Path, dict[str, dict[str, Any]]], str]] = []
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2rem;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ddd;padding:.35rem .6rem;text-align:left;font-size:.9rem}
+th{background:#f4f4f4}.done{color:#137333}.skipped{color:#555}.failed,.blocked{color:#b3261e}
+img{max-width:100%;border:1px solid #eee;margin:.5rem 0}code{background:#f4f4f4;padding:0 .2rem}
+"""
+
+
+def _stage_order(run: RunDir) -> list[str]:
+    meta = run.root / "pipeline.json"
+    if meta.is_file():
+        return read_json(meta)["order"]
+    return sorted(p.name for p in run.root.iterdir() if (p / "manifest.json").is_file())
+
+
+def build_report(run_root: Path) -> Path:
+    run = RunDir(run_root)
+    order = _stage_order(run)
+    last = run.last_invocation() or {"stages": []}
+    status = {s["name"]: s for s in last.get("stages", [])}
+    manifests = {name: m for name in order if (m := run.manifest(name))}
+    parts = [f"<!doctype html><meta charset=utf-8><title>heedful run {html.escape(run.root.name)}</title>",
+             f"<style>{_CSS}</style><h1>Run <code>{html.escape(run.root.name)}</code></h1>"]
+    parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>uses</th><th>status</th><th>seconds</th>"
+                 "<th>fingerprint</th><th>metrics</th></tr>")
+    for name in order:
+        manifest = manifests.get(name, {})
+        st = status.get(name, {})
+        state = st.get("status", "done" if manifest else "not run")
+        seconds = manifest.get("timings", {}).get("seconds", st.get("seconds", ""))
+        metrics = st.get("metrics") or manifest.get("metrics", {})
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(metrics.items())[:8])
+        if st.get("error"):
+            shown = html.escape(st["error"][:300])
+        parts.append(
+            f"<tr><td>{html.escape(name)}</td><td>{html.escape(manifest.get('uses', st.get('uses', '')))}</td>"
+            f"<td class={state}>{state}</td><td>{_fmt(seconds)}</td>"
+            f"<td><code>{manifest.get('fingerprint', st.get('fingerprint', ''))[:12]}</code></td><td>{shown}</td></tr>"
+        )
+    parts.append("</table>")
+    for name in order:
+        curves_path = run.stage_dir(name) / "curves.json"
+        if curves_path.is_file():
+            figure = plot_curves(json.loads(curves_path.read_text()), f"{name} ({manifests.get(name, {}).get('uses', '')})")
+            if figure:
+                parts.append(f"<h2>{html.escape(name)}: training curves</h2>{figure}")
+    for section in SECTIONS:
+        fragment = section(run.root, manifests)
+        if fragment:
+            parts.append(fragment)
+    out = run.root / "report.html"
+    atomic_write_text(out, "\n".join(parts))
+    return out
+
+
+def curve_groups(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Group numeric series by prefix ('rewards/chosen' -> 'rewards'); needs 2+ points."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for i, row in enumerate(rows):
+        step = row.get("step", i)
+        for key, value in row.items():
+            if key in ("step", "epoch") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if key.startswith(("train_", "total_flos")):
+                continue
+            series.setdefault(key, []).append((step, float(value)))
+    groups: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for key, points in series.items():
+        if len(points) >= 2:
+            groups.setdefault(key.split("/")[0], {})[key] = points
+    return groups
+
+
+def plot_curves(rows: list[dict[str, Any]], title: str) -> str:
+    groups = curve_groups(rows)
+    if not groups:
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(groups, key=lambda g: (g != "loss", g))[:6]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False)
+    for ax, group in zip(axes[0], names):
+        for key, points in groups[group].items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker="." if len(points) < 30 else None)
+        ax.set_title(group)
+        ax.set_xlabel("step")
+        if len(groups[group]) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return figure_html(fig)
+
+
+def figure_html(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))

@@ -1,0 +1,1 @@
+"""heedful ray_jobs."""

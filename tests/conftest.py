@@ -1,0 +1,66 @@
+"""Shared fixtures. Unit tests use the `tiny` model and run stages in-process; tests
+marked `slow` use SmolLM2-135M and real services (CI runs them too)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    from pipeline.models import prepare_tiny
+
+    return prepare_tiny()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from pipeline.models import prepare_smollm2
+
+    return prepare_smollm2()
+
+
+def write_yaml(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def tiny_pipeline(prompts: Path | str = "data:quickstart/prompts.jsonl", **stage_overrides) -> dict:
+    """The quickstart's shape, sized for the tiny model (seconds per run)."""
+    stages = {
+        "sample": {"name": "sample", "uses": "generate", "inputs": {"prompts": str(prompts)},
+                   "with": {"num_samples": 2, "max_prompts": 6, "sampling": {"max_new_tokens": 8, "temperature": 1.0}}},
+        "pairs": {"name": "pairs", "uses": "make_pairs", "inputs": {"responses": "sample.responses"},
+                  "with": {"min_margin": 0.0}},
+        "align": {"name": "align", "uses": "dpo", "inputs": {"preferences": "pairs.preferences"},
+                  "with": {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 64, "save_steps": 1,
+                           "lora": {"r": 4, "alpha": 8}}},
+        "ship": {"name": "ship", "uses": "export", "inputs": {"adapter": "align.adapter"}},
+    }
+    for name, override in stage_overrides.items():
+        stages[name]["with"] = {**stages[name].get("with", {}), **override}
+    return {"run_name": "t", "model": "tiny", "seed": 0, "stages": list(stages.values())}
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def heedful_cmd() -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli"]

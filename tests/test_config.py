@@ -1,0 +1,122 @@
+"""Each class of bad config fails before anything runs, naming file, line, key path and expectation."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from pipeline.config import load_pipeline
+from pipeline.errors import ConfigError
+
+from .conftest import ROOT, heedful_cmd
+
+GOOD = """\
+run_name: demo
+model: tiny
+stages:
+  - name: sample
+    uses: generate
+    inputs: {prompts: data:quickstart/prompts.jsonl}
+  - name: pairs
+    uses: make_pairs
+    inputs: {responses: sample.responses}
+  - name: align
+    uses: dpo
+    inputs: {preferences: pairs.preferences}
+    with:
+      beta: 0.1
+"""
+
+
+def problems(tmp_path, text: str) -> list[str]:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    return [str(p) for p in info.value.problems]
+
+
+def test_good_config_resolves_in_dependency_order(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(GOOD)
+    pipeline = load_pipeline(path)
+    assert [s.name for s in pipeline.stages] == ["sample", "pairs", "align"]
+    assert pipeline.stage("align").deps == ["pairs"]
+    assert pipeline.downstream("sample") == {"pairs", "align"}
+
+
+def test_unknown_stage_type_names_line_and_suggests(tmp_path):
+    (msg,) = problems(tmp_path, GOOD.replace("uses: dpo", "uses: dpoo"))
+    assert msg.startswith(f"{tmp_path}/pipeline.yaml:11: stages[2].uses: unknown stage type 'dpoo'")
+    assert "did you mean 'dpo'" in msg
+
+
+def test_missing_required_input(tmp_path):
+    text = GOOD.replace("    inputs: {preferences: pairs.preferences}\n", "")
+    (msg,) = problems(tmp_path, text)
+    assert "stages[2].inputs: missing required input 'preferences'" in msg
+
+
+def test_wrong_type_names_key_path_line_and_value(tmp_path):
+    (msg,) = problems(tmp_path, GOOD.replace("beta: 0.1", "beta: high"))
+    assert msg.startswith(f"{tmp_path}/pipeline.yaml:14: stages[2].with.beta:")
+    assert "valid number" in msg and "'high'" in msg
+
+
+def test_unknown_key_lists_expected_keys(tmp_path):
+    (msg,) = problems(tmp_path, GOOD.replace("beta: 0.1", "betta: 0.1"))
+    assert "stages[2].with.betta: unknown key: expected one of" in msg and "beta" in msg
+
+
+def test_unknown_model_alias(tmp_path):
+    (msg,) = problems(tmp_path, GOOD.replace("model: tiny", "model: smollm3"))
+    assert msg.startswith(f"{tmp_path}/pipeline.yaml:2: model: unknown model 'smollm3'")
+    assert "smollm2-135m" in msg
+
+
+def test_wired_to_missing_output(tmp_path):
+    (msg,) = problems(tmp_path, GOOD.replace("sample.responses", "sample.replies"))
+    assert "stages[1].inputs.responses: stage 'sample' (generate) has no output 'replies': its outputs are responses" in msg
+
+
+def test_wired_to_wrong_artifact_kind(tmp_path):
+    (msg,) = problems(tmp_path, GOOD.replace("pairs.preferences", "sample.responses"))
+    assert "'sample.responses' is a responses artifact; input 'preferences' of dpo expects preferences" in msg
+
+
+def test_wired_to_unknown_stage_or_file(tmp_path):
+    (msg,) = problems(tmp_path, GOOD.replace("pairs.preferences", "missing/prefs.jsonl"))
+    assert "stages[2].inputs.preferences: file not found" in msg
+
+
+def test_several_problems_reported_together(tmp_path):
+    text = GOOD.replace("beta: 0.1", "beta: high").replace("model: tiny", "model: nope")
+    assert len(problems(tmp_path, text)) == 2
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    (msg,) = problems(tmp_path, GOOD.replace("beta: 0.1", "beta: [0.1"))
+    assert "invalid YAML" in msg and "pipeline.yaml:" in msg
+
+
+def test_duplicate_stage_names(tmp_path):
+    msgs = problems(tmp_path, GOOD.replace("name: pairs", "name: sample"))
+    assert any("pipeline.yaml:7: stages[1].name: duplicate stage name 'sample'" in m for m in msgs), msgs
+
+
+def test_cli_bad_config_exits_2_and_runs_nothing(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(GOOD.replace("beta: 0.1", "beta: high"))
+    runs = tmp_path / "runs"
+    proc = subprocess.run(heedful_cmd() + ["run", str(path), "--runs-dir", str(runs)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "stages[2].with.beta" in proc.stdout and "nothing was run" in proc.stdout
+    assert not runs.exists()
+
+
+def test_set_override_reaches_stage_config(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(GOOD)
+    pipeline = load_pipeline(path, ["stages.align.with.beta=0.5", "model=tiny"])
+    assert pipeline.stage("align").config.beta == 0.5

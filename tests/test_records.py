@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import DataError
+from pipeline.records import load_rows, save_rows
+
+
+def test_bad_jsonl_names_file_line_and_field(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:3: field 'prompt' is missing"):
+        load_rows(path, required=["prompt"])
+    path.write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(DataError, match=r"p\.jsonl:2: invalid JSON"):
+        load_rows(path)
+
+
+def test_dataset_round_trip_keeps_nested_messages(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}]}]
+    save_rows(rows, tmp_path / "ds")
+    assert load_rows(tmp_path / "ds", required=["prompt"]) == rows
+    assert not (tmp_path / "ds.tmp").exists()

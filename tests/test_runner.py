@@ -1,0 +1,77 @@
+"""Fingerprints, skipping, targeted reruns and failure isolation, on the tiny model in-process."""
+
+from __future__ import annotations
+
+import time
+
+from pipeline.config import pipeline_from_dict
+from pipeline.runner import Runner
+
+from .conftest import tiny_pipeline
+
+
+def run(tmp_path, data, **kwargs):
+    pipeline = pipeline_from_dict(data, tmp_path)
+    return Runner(pipeline, tmp_path / "runs", use_ray=False, **kwargs).execute()
+
+
+def statuses(result) -> dict[str, str]:
+    return {r.name: r.status for r in result.records}
+
+
+def test_second_run_skips_everything_quickly(tmp_path, tiny_model_path):
+    first = run(tmp_path, tiny_pipeline())
+    assert first.ok and set(statuses(first).values()) == {"done"}
+    manifest = (first.run_dir / "align" / "manifest.json").read_text()
+    started = time.time()
+    second = run(tmp_path, tiny_pipeline())
+    assert set(statuses(second).values()) == {"skipped"}
+    assert time.time() - started < 5
+    assert (second.run_dir / "align" / "manifest.json").read_text() == manifest
+
+
+def test_config_change_reruns_stage_and_dependents_only(tmp_path, tiny_model_path):
+    run(tmp_path, tiny_pipeline())
+    changed = run(tmp_path, tiny_pipeline(pairs={"min_margin": 0.0, "repetition_weight": 0.25}))
+    assert statuses(changed) == {"sample": "skipped", "pairs": "done", "align": "done", "ship": "done"}
+    leaf = run(tmp_path, tiny_pipeline(pairs={"repetition_weight": 0.25}, ship={"description": "v2"}))
+    assert statuses(leaf) == {"sample": "skipped", "pairs": "skipped", "align": "skipped", "ship": "done"}
+
+
+def test_non_semantic_change_does_not_rerun(tmp_path, tiny_model_path):
+    run(tmp_path, tiny_pipeline())
+    again = run(tmp_path, tiny_pipeline(align={"logging_steps": 5}, sample={"batch_size": 3}))
+    assert set(statuses(again).values()) == {"skipped"}
+
+
+def test_failed_stage_blocks_dependents_and_keeps_finished(tmp_path, tiny_model_path):
+    first = run(tmp_path, tiny_pipeline())
+    sample_manifest = (first.run_dir / "sample" / "manifest.json").read_text()
+    old_adapter = (first.run_dir / "align" / "adapter" / "adapter_model.safetensors").read_bytes()
+    failed = run(tmp_path, tiny_pipeline(pairs={"min_margin": 99.0}))
+    assert statuses(failed) == {"sample": "skipped", "pairs": "failed", "align": "blocked", "ship": "blocked"}
+    assert "min_margin" in failed.record("pairs").error
+    assert "pairs" in failed.record("align").error
+    assert not failed.ok
+    # finished work from before is untouched
+    assert (failed.run_dir / "sample" / "manifest.json").read_text() == sample_manifest
+    assert (failed.run_dir / "align" / "adapter" / "adapter_model.safetensors").read_bytes() == old_adapter
+    assert (failed.run_dir / "logs" / "pairs.log").is_file()
+
+
+def test_force_reruns_stage_and_downstream(tmp_path, tiny_model_path):
+    run(tmp_path, tiny_pipeline())
+    forced = run(tmp_path, tiny_pipeline(), force={"align"})
+    assert statuses(forced) == {"sample": "skipped", "pairs": "skipped", "align": "done", "ship": "done"}
+
+
+def test_manifest_records_fingerprint_inputs_outputs_and_versions(tmp_path, tiny_model_path):
+    import json
+
+    result = run(tmp_path, tiny_pipeline())
+    manifest = json.loads((result.run_dir / "pairs" / "manifest.json").read_text())
+    assert manifest["fingerprint"] == result.record("pairs").fingerprint
+    assert manifest["inputs"]["responses"]["stage"] == "sample"
+    assert manifest["outputs"]["preferences"]["rows"] == manifest["metrics"]["pairs"]
+    assert {"torch", "transformers", "trl", "peft"} <= set(manifest["packages"])
+    assert manifest["timings"]["seconds"] >= 0
