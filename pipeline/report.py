@@ -34,6 +34,9 @@ def _stage_order(run: RunDir) -> list[str]:
 
 
 def build_report(run_root: Path) -> Path:
+    from . import registry
+
+    registry.names()  # import stage modules so their report sections register
     run = RunDir(run_root)
     order = _stage_order(run)
     last = run.last_invocation() or {"stages": []}

@@ -1,8 +1,14 @@
-"""generate: sample N replies per prompt from the base model (optionally with an adapter)."""
+"""generate: sample N replies per prompt from the base model (optionally with an adapter).
+
+Batches are written to the staging folder as they finish, so an interrupted run resumes
+at the first unfinished batch and reproduces exactly what an uninterrupted run would
+(each batch is seeded by its index).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 
 from pydantic import Field
 
@@ -36,7 +42,7 @@ class GenerateStage(Stage):
     }
     outputs = {"responses": Output("responses", doc="one row per (prompt, sample)")}
     default_num_cpus = float("inf")
-    non_semantic_fields = frozenset({"device", "batch_size"})
+    non_semantic_fields = frozenset({"device"})
 
     def run(self):
         from pipeline.models import device_policy, load_causal_lm, load_tokenizer
@@ -45,41 +51,51 @@ class GenerateStage(Stage):
         rows = load_rows(self.ctx.input("prompts"), required=[cfg.prompt_field], what="prompts")
         if cfg.max_prompts:
             rows = rows[: cfg.max_prompts]
-        policy = device_policy(cfg.device)
         adapter = self.ctx.input("adapter")
         tokenizer = load_tokenizer(self.ctx.model)
-        model = load_causal_lm(self.ctx.model, policy, adapter=adapter).eval()
-        conversations = []
-        for row in rows:
-            messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-            messages.append({"role": "user", "content": str(row[cfg.prompt_field])})
-            conversations.append(messages)
+        model = load_causal_lm(self.ctx.model, device_policy(cfg.device), adapter=adapter).eval()
+        partial = self.ctx.work_dir / "partial"
+        partial.mkdir(exist_ok=True)
+        batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
         self.ctx.log.info("sampling %d x %d replies with %s", len(rows), cfg.num_samples, self.ctx.model)
-        progress = iter(track(range((len(rows) + cfg.batch_size - 1) // cfg.batch_size), desc=f"{self.ctx.name}: batches"))
-        replies = chat_generate(
-            model, tokenizer, conversations, cfg.sampling, cfg.num_samples, cfg.batch_size, self.ctx.seed,
-            on_batch=lambda done, total: next(progress, None),
-        )
-        out, tokens, finished = [], 0, 0
-        for row, samples in zip(rows, replies):
-            pid = str(row.get("id") or prompt_id(str(row[cfg.prompt_field])))
-            for j, reply in enumerate(samples):
-                record = dict(row)
-                record.update(
-                    prompt_id=pid,
-                    prompt=str(row[cfg.prompt_field]),
-                    system_prompt=cfg.system_prompt or "",
-                    sample_index=j,
-                    response=reply.text,
-                    num_tokens=reply.num_tokens,
-                    finished=reply.finished,
-                    model=self.ctx.model,
-                    adapter=str(adapter) if adapter else "",
-                    seed=self.ctx.seed,
-                )
-                out.append(record)
-                tokens += reply.num_tokens
-                finished += reply.finished
+        out = []
+        for b in track(range(len(batches)), desc=f"{self.ctx.name}: batches"):
+            done = partial / f"batch-{b:05d}.json"
+            if done.is_file():
+                out.extend(json.loads(done.read_text()))
+                continue
+            conversations = [self._conversation(row) for row in batches[b]]
+            replies = chat_generate(model, tokenizer, conversations, cfg.sampling, cfg.num_samples,
+                                    batch_size=len(conversations), seed=self.ctx.seed + b)
+            records = [self._record(row, j, reply, adapter)
+                       for row, samples in zip(batches[b], replies) for j, reply in enumerate(samples)]
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(records))
+            tmp.replace(done)
+            out.extend(records)
         save_rows(out, self.ctx.output("responses"))
-        return {"prompts": len(rows), "responses": len(out), "mean_tokens": tokens / max(len(out), 1),
-                "finished_rate": finished / max(len(out), 1)}
+        n = max(len(out), 1)
+        return {"prompts": len(rows), "responses": len(out), "mean_tokens": sum(r["num_tokens"] for r in out) / n,
+                "finished_rate": sum(r["finished"] for r in out) / n}
+
+    def _conversation(self, row) -> list[dict[str, str]]:
+        cfg: GenerateConfig = self.config
+        messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+        return messages + [{"role": "user", "content": str(row[cfg.prompt_field])}]
+
+    def _record(self, row, sample_index, reply, adapter) -> dict:
+        cfg: GenerateConfig = self.config
+        record = dict(row)
+        record.update(
+            prompt_id=str(row.get("id") or prompt_id(str(row[cfg.prompt_field]))),
+            prompt=str(row[cfg.prompt_field]),
+            system_prompt=cfg.system_prompt or "",
+            sample_index=sample_index,
+            response=reply.text,
+            num_tokens=reply.num_tokens,
+            finished=reply.finished,
+            model=self.ctx.model,
+            adapter=str(adapter) if adapter else "",
+            seed=self.ctx.seed,
+        )
+        return record

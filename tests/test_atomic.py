@@ -45,3 +45,38 @@ def test_kill_mid_dpo_then_resume(tmp_path, tiny_model_path):
     assert result.record("align").metrics["steps"] == 12
     assert not (run_dir / ".staging" / "align").exists()
     assert not list(run_dir.glob("align/checkpoints"))
+
+
+def test_generation_resumes_after_kill_with_identical_output(tmp_path, tiny_model_path):
+    from pipeline.records import load_rows
+
+    def sample_only(name):
+        data = tiny_pipeline(sample={"max_prompts": 16, "batch_size": 2, "sampling": {"max_new_tokens": 24}})
+        data["stages"] = data["stages"][:1]
+        data["run_name"] = name
+        return data
+
+    clean = Runner(pipeline_from_dict(sample_only("clean"), tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert clean.ok
+
+    config = write_yaml(tmp_path / "g.yaml", sample_only("killed"))
+    proc = subprocess.Popen(heedful_cmd() + ["run", str(config), "--no-ray", "--runs-dir", str(tmp_path / "runs")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    partial = tmp_path / "runs" / "killed" / ".staging" / "sample" / "partial"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and not (partial / "batch-00002.json").is_file():
+            assert proc.poll() is None, "run ended before it could be interrupted"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "runs" / "killed" / "sample").exists()
+    kept = sorted(p.name for p in partial.glob("batch-*.json"))
+    assert 3 <= len(kept) < 8
+
+    resumed = Runner(pipeline_from_dict(sample_only("killed"), tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert resumed.ok and resumed.record("sample").resumed
+    a = load_rows(tmp_path / "runs" / "clean" / "sample" / "responses")
+    b = load_rows(tmp_path / "runs" / "killed" / "sample" / "responses")
+    assert [r["response"] for r in a] == [r["response"] for r in b]

@@ -40,7 +40,7 @@ def test_config_change_reruns_stage_and_dependents_only(tmp_path, tiny_model_pat
 
 def test_non_semantic_change_does_not_rerun(tmp_path, tiny_model_path):
     run(tmp_path, tiny_pipeline())
-    again = run(tmp_path, tiny_pipeline(align={"logging_steps": 5}, sample={"batch_size": 3}))
+    again = run(tmp_path, tiny_pipeline(align={"logging_steps": 5}, sample={"device": "cpu"}))
     assert set(statuses(again).values()) == {"skipped"}
 
 
