@@ -116,10 +116,14 @@ class RunDir:
 
     # -- invocation records -------------------------------------------------------------
 
-    def record_invocation(self, record: dict[str, Any]) -> None:
+    def record_invocation(self, record: dict[str, Any], replace_last: bool = False) -> None:
+        """Append an invocation record (or update the running one, so `status` is live)."""
         path = self.root / "run.json"
         history = read_json(path) if path.is_file() else {"invocations": []}
-        history["invocations"].append(record)
+        if replace_last and history["invocations"]:
+            history["invocations"][-1] = record
+        else:
+            history["invocations"].append(record)
         history["invocations"] = history["invocations"][-50:]
         atomic_write_json(path, history)
 

@@ -142,30 +142,53 @@ class Runner:
         self._save_pipeline()
         plan = self.plan()
         records: dict[str, StageRecord] = {}
+        self._records, self._started, self._running = records, started, set()
         for stage in self.pipeline.stages:
             if plan[stage.name] == "skip":
                 manifest = self.run.manifest(stage.name) or {}
                 records[stage.name] = StageRecord(stage.name, stage.spec.uses, "skipped", self.fps[stage.name],
                                                   metrics=manifest.get("metrics", {}))
                 self.on_event("skipped", records[stage.name], "up to date")
+        self._write_invocation(status="running", first=True)
         to_run = [s for s in self.pipeline.stages if plan[s.name] == "run"]
         ray_info = None
-        if to_run:
-            if self.use_ray:
-                ray_info = self._run_with_ray(to_run, records)
-            else:
-                self._run_in_process(to_run, records)
+        try:
+            if to_run:
+                if self.use_ray:
+                    ray_info = self._run_with_ray(to_run, records)
+                else:
+                    self._run_in_process(to_run, records)
+        except KeyboardInterrupt:
+            self._write_invocation(status="interrupted")
+            raise
         result = RunResult(self.run.root, [records[s.name] for s in self.pipeline.stages], time.time() - started, ray_info)
+        self._write_invocation(status="ok" if result.ok else "failed", ray=ray_info)
+        return result
+
+    def _started_stage(self, name: str) -> None:
+        self._running.add(name)
+        self._write_invocation(status="running")
+        self.on_event("started", None, name)
+
+    def _write_invocation(self, status: str, first: bool = False, ray: dict[str, Any] | None = None) -> None:
+        """run.json is updated as stages finish, so `heedful status` works during a run."""
+        stages = []
+        for stage in self.pipeline.stages:
+            record = self._records.get(stage.name)
+            state = "running" if stage.name in self._running else "pending"
+            stages.append(record.__dict__ if record else {"name": stage.name, "uses": stage.spec.uses,
+                                                           "status": state, "fingerprint": self.fps[stage.name]})
         self.run.record_invocation(
             {
-                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                "seconds": round(result.seconds, 3),
-                "ok": result.ok,
-                "ray": ray_info,
-                "stages": [r.__dict__ for r in result.records],
-            }
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._started)),
+                "seconds": round(time.time() - self._started, 3),
+                "status": status,
+                "ok": status == "ok",
+                "ray": ray,
+                "stages": stages,
+            },
+            replace_last=not first,
         )
-        return result
 
     def _ready(self, stage: ResolvedStage, records: dict[str, StageRecord]) -> bool | None:
         """True when all deps finished well; None when a dep failed (stage is blocked)."""
@@ -178,6 +201,8 @@ class Runner:
         record = StageRecord(stage.name, stage.spec.uses, outcome.status, self.fps[stage.name], outcome.seconds,
                              outcome.metrics, outcome.error, outcome.resumed)
         records[stage.name] = record
+        self._running.discard(stage.name)
+        self._write_invocation(status="running")
         detail = outcome.error or ""
         if outcome.status == "failed" and outcome.traceback:
             detail = outcome.traceback
@@ -206,7 +231,7 @@ class Runner:
                 break
             stage = ready[0]
             pending.remove(stage)
-            self.on_event("started", None, stage.name)
+            self._started_stage(stage.name)
             outcome = execute_stage(self.task_for(stage, stage.spec.resources.num_cpus or os.cpu_count() or 1))
             self._finish(stage, outcome, records)
 
@@ -234,7 +259,7 @@ class Runner:
                         max_retries=0,
                     ).remote(task)
                     running[ref] = stage
-                    self.on_event("started", None, stage.name)
+                    self._started_stage(stage.name)
                 if not running:
                     break
                 done, _ = ray.wait(list(running), num_returns=1)

@@ -75,3 +75,17 @@ def test_manifest_records_fingerprint_inputs_outputs_and_versions(tmp_path, tiny
     assert manifest["outputs"]["preferences"]["rows"] == manifest["metrics"]["pairs"]
     assert {"torch", "transformers", "trl", "peft"} <= set(manifest["packages"])
     assert manifest["timings"]["seconds"] >= 0
+
+
+def test_status_command_shows_failed_and_blocked(tmp_path, tiny_model_path):
+    import subprocess
+
+    from .conftest import ROOT, heedful_cmd
+
+    run(tmp_path, tiny_pipeline(pairs={"min_margin": 99.0}))
+    proc = subprocess.run(heedful_cmd() + ["status", "t", "--runs-dir", str(tmp_path / "runs")], cwd=ROOT,
+                          capture_output=True, text=True, env={"COLUMNS": "200", **__import__("os").environ})
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split("│")[1].strip(): line for line in proc.stdout.splitlines() if line.count("│") > 3}
+    assert "done" in lines["sample"] and "failed" in lines["pairs"] and "blocked" in lines["align"]
+    assert "min_margin" in lines["pairs"]
