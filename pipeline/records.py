@@ -78,14 +78,22 @@ def _check_fields(path: Path, rows: list, required: list[str], first_line: int |
                 raise DataError(f"{where}: field '{field}' is missing")
 
 
-def save_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    """Save as an HF dataset folder, atomically (temp folder + rename)."""
+def save_rows(rows: list[dict[str, Any]], path: Path, empty_like: dict[str, Any] | None = None) -> None:
+    """Save as an HF dataset folder, atomically (temp folder + rename).
+
+    An empty result keeps the columns of `empty_like` (one example row); without one it has
+    a single `id` column.
+    """
     from datasets import Dataset
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    Dataset.from_list(rows).save_to_disk(str(tmp))
+    if rows:
+        Dataset.from_list(rows).save_to_disk(str(tmp))
+    else:  # an empty dataset needs a schema and a single shard to load back
+        empty = Dataset.from_list([empty_like or {"id": ""}]).select([]).flatten_indices()
+        empty.save_to_disk(str(tmp), num_shards=1)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -21,3 +21,15 @@ def test_dataset_round_trip_keeps_nested_messages(tmp_path):
     save_rows(rows, tmp_path / "ds")
     assert load_rows(tmp_path / "ds", required=["prompt"]) == rows
     assert not (tmp_path / "ds.tmp").exists()
+
+
+def test_empty_dataset_round_trips(tmp_path):
+    save_rows([], tmp_path / "empty")
+    assert load_rows(tmp_path / "empty") == []
+
+
+def test_empty_dataset_keeps_columns_of_example(tmp_path):
+    from datasets import load_from_disk
+
+    save_rows([], tmp_path / "empty", empty_like={"prompt": "x", "score": 1.0})
+    assert load_from_disk(str(tmp_path / "empty")).column_names == ["prompt", "score"]

@@ -1,0 +1,240 @@
+"""Push items into an Argilla dataset and pull annotations back out, incrementally.
+
+Push creates the workspace and dataset when missing and upserts records by their stable
+external id in batches (re-pushing updates, never duplicates; existing responses stay).
+Pull reads responses with the wanted statuses, skips those already in the cursor
+(response id -> updated_at), and turns the rest into heedful records; a response whose
+spans do not fit the response text is reported with its record id, never dropped quietly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+from pipeline.errors import DataError
+from pipeline.progress import track
+
+from .argilla_client import ArgillaError, api, errors
+from .argilla_templates import (
+    InvalidSpan,
+    PushItem,
+    TemplateOptions,
+    detect_kind,
+    parse_response,
+    settings,
+    to_record,
+)
+
+PAGE = 1000  # the server's maximum page size for record search
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """The SDK warns on every lookup that finds nothing; we handle None ourselves."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def find_dataset(client, name: str, workspace: str):
+    with quiet(), errors(f"look up dataset {workspace}/{name}"):
+        if client.workspaces(workspace) is None:
+            return None
+        return client.datasets(name=name, workspace=workspace)
+
+
+def ensure_workspace(client, name: str):
+    import argilla as rg
+
+    with quiet(), errors(f"create workspace {name}"):
+        return client.workspaces(name) or rg.Workspace(name=name, client=client).create()
+
+
+def ensure_dataset(client, name: str, workspace: str, opts: TemplateOptions):
+    """The dataset, created from the template if missing; an existing one must match it."""
+    import argilla as rg
+
+    ds = find_dataset(client, name, workspace)
+    if ds is None:
+        ensure_workspace(client, workspace)
+        with errors(f"create dataset {workspace}/{name}"):
+            return rg.Dataset(name=name, workspace=workspace, settings=settings(opts, client), client=client).create()
+    have = {q.name for q in ds.settings.questions}
+    want = {q.name for q in settings(opts, client).questions}
+    if not want <= have:
+        raise ArgillaError(f"dataset {workspace}/{name} exists with questions {sorted(have)}, but the "
+                           f"'{opts.kind}' template needs {sorted(want)}: push to another dataset name")
+    if opts.kind == "fine_grained":
+        labels = set(ds.settings.questions["spans"].labels)
+        if not set(opts.span_labels) <= labels:
+            raise ArgillaError(f"dataset {workspace}/{name} has span labels {sorted(labels)}; the config asks for "
+                               f"{sorted(opts.span_labels)}: push to another dataset name")
+    return ds
+
+
+def ensure_user(client, username: str, workspace: str, role: str = "annotator") -> tuple[Any, str | None]:
+    """(user id, new password or None if the user existed); the user joins `workspace`."""
+    import argilla as rg
+
+    with quiet(), errors(f"create user {username}"):
+        user = client.users(username)
+        password = None
+        if user is None:
+            password = secrets.token_urlsafe(12)
+            user = rg.User(username=username, password=password, role=role, client=client).create()
+        ws = ensure_workspace(client, workspace)
+        if username not in {u.username for u in ws.users}:
+            ws.add_user(user)
+        return user.id, password
+
+
+@dataclass
+class PushResult:
+    dataset: str
+    workspace: str
+    dataset_id: str
+    url: str
+    created: int = 0
+    updated: int = 0
+    seconds: float = 0.0
+    ids: list[str] = field(default_factory=list)
+    new_users: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def records_per_s(self) -> float:
+        return (self.created + self.updated) / max(self.seconds, 1e-9)
+
+
+def push_items(client, name: str, workspace: str, opts: TemplateOptions, items: list[PushItem],
+               batch_size: int = 250, desc: str = "argilla push") -> PushResult:
+    started = time.time()
+    ids = [item.id for item in items]
+    dupes = {i for i in ids if ids.count(i) > 1} if len(set(ids)) != len(ids) else set()
+    if dupes:
+        raise DataError(f"{len(dupes)} items share an id (e.g. {sorted(dupes)[0]}): each sample must be unique")
+    ds = ensure_dataset(client, name, workspace, opts)
+    user_ids, new_users = {}, {}
+    for username in sorted({r["user"] for item in items for r in item.responses}):
+        user_ids[username], password = ensure_user(client, username, workspace)
+        if password:
+            new_users[username] = password
+    result = PushResult(dataset=name, workspace=workspace, dataset_id=str(ds.id),
+                        url=f"{client.api_url.rstrip('/')}/dataset/{ds.id}/annotation-mode", ids=ids,
+                        new_users=new_users)
+    before = count_records(client, str(ds.id))
+    batch_size = max(1, min(batch_size, 500))
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    for batch in track(batches, desc=f"{desc}: batches of {batch_size}"):
+        models = []
+        for item in batch:
+            record = to_record(item, opts, user_ids)
+            record.dataset = ds
+            models.append(record.api_model())
+        with errors(f"upsert {len(models)} records into {workspace}/{name}"):
+            client.api.records.bulk_upsert(dataset_id=ds.id, records=models)
+    # the server's bulk answer drops `updated_item_ids` (its response model omits it): count instead
+    result.created = count_records(client, str(ds.id)) - before
+    result.updated = len(items) - result.created
+    result.seconds = time.time() - started
+    return result
+
+
+def count_records(client, dataset_id: str) -> int:
+    res = api(client, "POST", f"/api/v1/datasets/{dataset_id}/records/search", "count records",
+              params={"limit": 1}, json={})
+    return int(res.get("total", 0))
+
+
+# -- pull ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PullResult:
+    kind: str
+    dataset: str
+    records: list = field(default_factory=list)
+    cursor: dict[str, str] = field(default_factory=dict)
+    invalid: list[dict[str, Any]] = field(default_factory=list)
+    ties: int = 0
+    already_pulled: int = 0
+    older_than_since: int = 0
+    responses_seen: int = 0
+    annotators: set[str] = field(default_factory=set)
+    seconds: float = 0.0
+
+
+def iter_records(client, dataset_id: str, statuses: Iterable[str], page: int = PAGE) -> Iterator[dict[str, Any]]:
+    """Every record with at least one response in `statuses`, with responses (raw JSON:
+    unlike the SDK's models it keeps each response's id and timestamps)."""
+    body = {"filters": {"and": [{"type": "terms", "scope": {"entity": "response", "property": "status"},
+                                 "values": list(statuses)}]},
+            "sort": [{"scope": {"entity": "record", "property": "inserted_at"}, "order": "asc"}]}
+    offset = 0
+    while True:
+        res = api(client, "POST", f"/api/v1/datasets/{dataset_id}/records/search", "search records",
+                  params={"include": ["responses"], "offset": offset, "limit": page}, json=body)
+        items = res["items"]
+        for item in items:
+            yield item["record"]
+        offset += len(items)
+        if not items or offset >= res.get("total", 0):
+            return
+
+
+def _naive_utc(ts: str) -> str:
+    """'2026-01-02T03:04:05Z' / '+00:00' -> the server's naive form, for string comparison."""
+    return ts.replace("Z", "").split("+")[0]
+
+
+def pull(client, name: str, workspace: str, statuses: Iterable[str] = ("submitted",),
+         cursor: dict[str, str] | None = None, since: str | None = None, on_invalid: str = "error") -> PullResult:
+    started = time.time()
+    statuses = list(statuses)
+    ds = find_dataset(client, name, workspace)
+    if ds is None:
+        raise ArgillaError(f"dataset {workspace}/{name} not found on {client.api_url}: push it first")
+    questions = {q.name: q for q in ds.settings.questions}
+    kind = detect_kind(set(questions))
+    labels = list(questions["spans"].labels) if kind == "fine_grained" else None
+    with errors("list users"):
+        users = {str(u.id): u.username for u in client.users}
+    ref = f"{workspace}/{name}"
+    result = PullResult(kind=kind, dataset=ref, cursor=dict(cursor or {}))
+    since_key = _naive_utc(since) if since else None
+    for record in iter_records(client, str(ds.id), statuses):
+        for response in record.get("responses") or []:
+            if response.get("status") not in statuses:
+                continue
+            result.responses_seen += 1
+            key, updated = str(response["id"]), response.get("updated_at") or ""
+            if result.cursor.get(key) == updated:
+                result.already_pulled += 1
+                continue
+            if since_key and updated < since_key:
+                result.older_than_since += 1
+                continue
+            annotator = users.get(str(response.get("user_id")), str(response.get("user_id")))
+            try:
+                records = parse_response(kind, record, response, annotator, ref, labels)
+            except InvalidSpan as exc:
+                result.invalid.append({"record_id": str(record.get("external_id") or record["id"]),
+                                       "annotator": annotator, "problem": str(exc)})
+                continue
+            if kind == "preference" and not records:
+                result.ties += 1
+            result.records.extend(records)
+            result.annotators.add(annotator)
+            result.cursor[key] = updated
+    if result.invalid and on_invalid == "error":
+        shown = "\n".join(f"  {p['problem']} (annotator {p['annotator']})" for p in result.invalid[:10])
+        more = f"\n  ... and {len(result.invalid) - 10} more" if len(result.invalid) > 10 else ""
+        raise DataError(f"{ref}: {len(result.invalid)} response(s) with spans that do not fit the response text:\n"
+                        f"{shown}{more}\n(nothing was written; set on_invalid_span: report to write them to the "
+                        "`invalid` output and pull the rest)")
+    result.seconds = time.time() - started
+    return result
