@@ -1,0 +1,108 @@
+"""Turn what serving collected into datasets the next training round reads.
+
+Written under one folder (temp folder + rename, so a crash leaves nothing half-written):
+  reactions/         Reaction records (P[Love] reward model)
+  verbal_feedback/   VerbalFeedback records: critiques and clarifications (C3PO, CUT, CoH)
+  preferences/       Preference pairs in TRL's conversational columns (DPO):
+                     - same prompt, a loved reply vs. a disliked one;
+                     - memory distillation: a reply the user had to clarify (rejected) vs. a later
+                       reply to the same request that used that clarification from memory and was
+                       loved (chosen), with the *unedited* prompt, so the policy learns to answer
+                       as if it had the clarification.
+  memory.jsonl       the memory entries
+  export.json        counts and where it came from
+A kind with no records is left out (an empty `datasets` folder cannot be loaded back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.records import save_rows, write_jsonl
+from pipeline.schema import Preference, Provenance, Reaction, VerbalFeedback, records_to_rows
+
+from .store import MemoryStore
+
+
+def _norm(messages: list[dict[str, str]]) -> str:
+    return json.dumps([[m.get("role"), " ".join(m.get("content", "").split()).lower()] for m in messages])
+
+
+def preference_pairs(store: MemoryStore) -> list[Preference]:
+    convs = {c.id: c for c in store.conversations()}
+    reactions: dict[str, str] = {}
+    clarified: dict[str, int] = {}  # conversation id -> memory id of its clarification
+    for row in store.feedback("reaction"):
+        reactions[row["provenance"]["record_id"]] = row["reaction"]  # the latest reaction wins
+    for row in store.feedback("verbal"):
+        extra = json.loads(row["provenance"].get("extra") or "{}")
+        if extra.get("feedback") == "clarification":
+            clarified[row["provenance"]["record_id"]] = extra.get("memory_id")
+    pairs: list[Preference] = []
+    seen: set[tuple[str, str]] = set()
+
+    def add(prompt_conv, chosen_conv, rejected_conv, why: str) -> None:
+        key = (chosen_conv.id, rejected_conv.id)
+        if key in seen or chosen_conv.response.strip() == rejected_conv.response.strip():
+            return
+        seen.add(key)
+        pairs.append(Preference(
+            id=f"pref:{chosen_conv.id}:{rejected_conv.id}", prompt=prompt_conv.messages,
+            chosen=[{"role": "assistant", "content": chosen_conv.response}],
+            rejected=[{"role": "assistant", "content": rejected_conv.response}], rationale=why,
+            provenance=Provenance(source="serving", annotator=chosen_conv.user, model=chosen_conv.model,
+                                  adapter=chosen_conv.adapter, dataset=str(store.path), record_id=chosen_conv.id,
+                                  extra=json.dumps({"rejected_conversation": rejected_conv.id}))))
+
+    by_prompt: dict[str, list] = {}
+    for conv in convs.values():
+        by_prompt.setdefault(_norm(conv.messages), []).append(conv)
+    memory_source = {mid: cid for cid, mid in clarified.items() if mid is not None}
+    for group in by_prompt.values():
+        loved = [c for c in group if reactions.get(c.id) == "love"]
+        disliked = [c for c in group if reactions.get(c.id) == "dislike"]
+        for good in loved:
+            for bad in disliked:
+                add(good, good, bad, "same prompt: loved vs. disliked reply")
+    for conv in convs.values():
+        if reactions.get(conv.id) != "love":
+            continue
+        for mid in conv.memory_ids:
+            source = convs.get(memory_source.get(mid, ""))
+            if source is not None and source.id != conv.id:
+                add(conv, conv, source, f"memory distillation: reply with clarification #{mid} vs. the clarified reply")
+    return pairs
+
+
+def export_memory(memory: str | Path, dest: str | Path) -> dict[str, Any]:
+    """Write every dataset under `dest` (replaced atomically); returns the counts."""
+    memory, dest = Path(memory), Path(dest)
+    if not memory.is_file():
+        raise FileNotFoundError(f"{memory}: no memory file")
+    store = MemoryStore(memory)
+    reactions = [Reaction.model_validate(r) for r in store.feedback("reaction")]
+    verbal = [VerbalFeedback.model_validate(r) for r in store.feedback("verbal")]
+    prefs = preference_pairs(store)
+    entries = [e.public() for e in store.entries()]
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    counts = {"reactions": len(reactions), "verbal_feedback": len(verbal), "preferences": len(prefs),
+              "memory": len(entries), "conversations": len(store.conversations())}
+    for name, records in (("reactions", reactions), ("verbal_feedback", verbal), ("preferences", prefs)):
+        rows = records_to_rows(records)
+        if rows:
+            save_rows(rows, tmp / name)
+    write_jsonl(entries, tmp / "memory.jsonl")
+    (tmp / "export.json").write_text(json.dumps({"memory": str(memory.resolve()), "exported": time.time(),
+                                                 "counts": counts}, indent=2))
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    store.close()
+    return counts

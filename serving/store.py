@@ -1,0 +1,345 @@
+"""The MemPrompt memory and the serving log, persisted in one SQLite file.
+
+Why SQLite: one file to back up, safe for several writers (the server's request threads,
+`heedful memory add` from a shell, a second replica) through WAL journaling and short
+`BEGIN IMMEDIATE` transactions; readers never block writers. Each thread gets its own
+connection. Embeddings are stored next to their entry so an index can be rebuilt after a
+restart without re-encoding anything.
+
+Tables: `memory` (key query -> clarification, with user, time, hits, model/adapter),
+`conversations` (what was asked, what was sent to the model, the reply, which memory
+entries were used) and `feedback` (heedful feedback records, as JSON, for export).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS memory (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_query TEXT NOT NULL,
+    clarification TEXT NOT NULL,
+    user TEXT,
+    created REAL NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0,
+    last_hit REAL,
+    model TEXT,
+    adapter TEXT,
+    conversation_id TEXT,
+    embedding BLOB,
+    active INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS memory_user ON memory(user);
+CREATE VIRTUAL TABLE IF NOT EXISTS memory_fts USING fts5(key_query, content='memory', content_rowid='id');
+CREATE TRIGGER IF NOT EXISTS memory_ai AFTER INSERT ON memory BEGIN
+    INSERT INTO memory_fts(rowid, key_query) VALUES (new.id, new.key_query);
+END;
+CREATE TRIGGER IF NOT EXISTS memory_ad AFTER DELETE ON memory BEGIN
+    INSERT INTO memory_fts(memory_fts, rowid, key_query) VALUES ('delete', old.id, old.key_query);
+END;
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    user TEXT,
+    model TEXT,
+    adapter TEXT,
+    messages TEXT NOT NULL,
+    sent_messages TEXT NOT NULL,
+    response TEXT NOT NULL,
+    memory_ids TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    conversation_id TEXT,
+    kind TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_conversation ON feedback(conversation_id);
+"""
+
+
+class StoreError(RuntimeError):
+    """The memory file cannot be used as asked (wrong embedder, not a heedful store, ...)."""
+
+
+@dataclass
+class MemoryEntry:
+    id: int
+    key_query: str
+    clarification: str
+    user: str | None = None
+    created: float = 0.0
+    hits: int = 0
+    last_hit: float | None = None
+    model: str | None = None
+    adapter: str | None = None
+    conversation_id: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "key_query": self.key_query, "clarification": self.clarification, "user": self.user,
+                "created": self.created, "hits": self.hits, "model": self.model, "adapter": self.adapter,
+                "conversation_id": self.conversation_id}
+
+
+@dataclass
+class Conversation:
+    id: str
+    created: float
+    user: str | None
+    model: str | None
+    adapter: str | None
+    messages: list[dict[str, str]]
+    sent_messages: list[dict[str, str]]
+    response: str
+    memory_ids: list[int] = field(default_factory=list)
+
+    @property
+    def last_user_message(self) -> str:
+        for message in reversed(self.messages):
+            if message.get("role") == "user":
+                return message.get("content", "")
+        return ""
+
+
+_ENTRY_COLUMNS = "id, key_query, clarification, user, created, hits, last_hit, model, adapter, conversation_id"
+
+
+class MemoryStore:
+    """Thread-safe, multi-process-safe access to one memory file."""
+
+    def __init__(self, path: str | Path, embedder_name: str | None = None, dim: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        try:
+            self._conn().executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: not a heedful memory file ({exc})") from None
+        self._check_meta(embedder_name, dim)
+
+    # ------------------------------------------------------------------ connections
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=30000")
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path}: could not enable WAL journaling (got {mode})")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction taken up front (BEGIN IMMEDIATE), so writers queue instead of deadlocking."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def checkpoint(self, passive: bool = False) -> None:
+        """Fold the WAL into the main file (so a copy or a hash of the .db alone is complete).
+
+        PASSIVE never waits for other connections (it may leave pages behind while they read);
+        TRUNCATE waits for them and empties the WAL.
+        """
+        self._conn().execute(f"PRAGMA wal_checkpoint({'PASSIVE' if passive else 'TRUNCATE'})")
+
+    def _check_meta(self, embedder_name: str | None, dim: int | None) -> None:
+        with self.transaction() as conn:
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            if "schema" not in meta:
+                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif meta["schema"] != SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: memory schema {meta['schema']}, this heedful reads {SCHEMA_VERSION}")
+            for key, value in (("embedder", embedder_name), ("dim", None if dim is None else str(dim))):
+                if value is None:
+                    continue
+                if key not in meta:
+                    conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
+                elif meta[key] != value:
+                    raise StoreError(f"{self.path}: memory was built with {key}={meta[key]}, asked to use {value}; "
+                                     "use another --memory file or re-embed it (`heedful memory reindex`)")
+
+    def meta(self) -> dict[str, str]:
+        return dict(self._conn().execute("SELECT key, value FROM meta").fetchall())
+
+    # ------------------------------------------------------------------ memory
+
+    def add(self, key_query: str, clarification: str, embedding: np.ndarray | None = None, user: str | None = None,
+            model: str | None = None, adapter: str | None = None, conversation_id: str | None = None,
+            created: float | None = None) -> MemoryEntry:
+        blob = None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes()
+        created = time.time() if created is None else created
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO memory (key_query, clarification, user, created, model, adapter, conversation_id, embedding)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key_query, clarification, user, created, model, adapter, conversation_id, blob))
+            new_id = cur.lastrowid
+        return MemoryEntry(new_id, key_query, clarification, user, created, 0, None, model, adapter, conversation_id)
+
+    def add_many(self, rows: list[dict[str, Any]], embeddings: np.ndarray | None = None) -> list[int]:
+        """Bulk insert in one transaction (imports, benchmarks)."""
+        now = time.time()
+        ids = []
+        with self.transaction() as conn:
+            for i, row in enumerate(rows):
+                blob = None if embeddings is None else np.asarray(embeddings[i], dtype=np.float32).tobytes()
+                cur = conn.execute(
+                    "INSERT INTO memory (key_query, clarification, user, created, model, adapter, conversation_id,"
+                    " embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (row["key_query"], row["clarification"], row.get("user"), row.get("created", now), row.get("model"),
+                     row.get("adapter"), row.get("conversation_id"), blob))
+                ids.append(cur.lastrowid)
+        return ids
+
+    def get(self, ids: list[int]) -> dict[int, MemoryEntry]:
+        """Active entries by id (removed ones are simply absent)."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self._conn().execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM memory WHERE active = 1 AND id IN ({marks})", list(ids)).fetchall()
+        return {row[0]: MemoryEntry(*row) for row in rows}
+
+    def entries(self, limit: int | None = None, offset: int = 0, user: str | None = None) -> list[MemoryEntry]:
+        sql = f"SELECT {_ENTRY_COLUMNS} FROM memory WHERE active = 1"
+        args: list[Any] = []
+        if user is not None:
+            sql += " AND user = ?"
+            args.append(user)
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            args += [limit, offset]
+        return [MemoryEntry(*row) for row in self._conn().execute(sql, args).fetchall()]
+
+    def count(self) -> int:
+        return self._conn().execute("SELECT count(*) FROM memory WHERE active = 1").fetchone()[0]
+
+    def max_id(self) -> int:
+        return self._conn().execute("SELECT coalesce(max(id), 0) FROM memory").fetchone()[0]
+
+    def embeddings_after(self, after_id: int, up_to: int, batch: int = 50_000
+                         ) -> Iterator[tuple[np.ndarray, np.ndarray, list[int]]]:
+        """(ids, vectors, ids_without_embedding) for after_id < id <= up_to, in id order."""
+        last = after_id
+        while True:
+            rows = self._conn().execute(
+                "SELECT id, embedding FROM memory WHERE id > ? AND id <= ? AND active = 1 ORDER BY id LIMIT ?",
+                (last, up_to, batch)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            with_vec = [(i, b) for i, b in rows if b is not None]
+            missing = [i for i, b in rows if b is None]
+            ids = np.fromiter((i for i, _ in with_vec), dtype=np.int64, count=len(with_vec))
+            vecs = (np.frombuffer(b"".join(b for _, b in with_vec), dtype=np.float32).reshape(len(with_vec), -1)
+                    if with_vec else np.zeros((0, 0), dtype=np.float32))
+            yield ids, vecs, missing
+
+    def set_embeddings(self, ids: list[int], vectors: np.ndarray) -> None:
+        with self.transaction() as conn:
+            conn.executemany("UPDATE memory SET embedding = ? WHERE id = ?",
+                             [(np.asarray(v, dtype=np.float32).tobytes(), int(i)) for i, v in zip(ids, vectors)])
+
+    def record_hits(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        now = time.time()
+        with self.transaction() as conn:
+            conn.executemany("UPDATE memory SET hits = hits + 1, last_hit = ? WHERE id = ?", [(now, i) for i in ids])
+
+    def remove(self, entry_id: int) -> bool:
+        with self.transaction() as conn:
+            cur = conn.execute("UPDATE memory SET active = 0 WHERE id = ? AND active = 1", (entry_id,))
+            return cur.rowcount > 0
+
+    def lexical_candidates(self, query_terms: list[str], limit: int = 20) -> list[MemoryEntry]:
+        """Entries whose key query shares words with the query, best BM25 first (SQLite FTS5)."""
+        terms = ['"' + t.replace('"', '""') + '"' for t in query_terms if t]
+        if not terms:
+            return []
+        rows = self._conn().execute(
+            f"SELECT m.id, m.key_query, m.clarification, m.user, m.created, m.hits, m.last_hit, m.model, m.adapter,"
+            f" m.conversation_id FROM memory_fts JOIN memory m ON m.id = memory_fts.rowid"
+            f" WHERE memory_fts MATCH ? AND m.active = 1 ORDER BY bm25(memory_fts) LIMIT ?",
+            (" OR ".join(terms), limit)).fetchall()
+        return [MemoryEntry(*row) for row in rows]
+
+    # ------------------------------------------------------------------ conversations and feedback
+
+    def log_conversation(self, conv: Conversation) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO conversations (id, created, user, model, adapter, messages, sent_messages, response,"
+                " memory_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (conv.id, conv.created, conv.user, conv.model, conv.adapter, json.dumps(conv.messages),
+                 json.dumps(conv.sent_messages), conv.response, json.dumps(conv.memory_ids)))
+
+    def conversation(self, conv_id: str) -> Conversation | None:
+        row = self._conn().execute(
+            "SELECT id, created, user, model, adapter, messages, sent_messages, response, memory_ids"
+            " FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+        if row is None:
+            return None
+        return Conversation(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), json.loads(row[6]), row[7],
+                            json.loads(row[8]))
+
+    def conversations(self) -> list[Conversation]:
+        rows = self._conn().execute("SELECT id FROM conversations ORDER BY created, id").fetchall()
+        return [c for (cid,) in rows if (c := self.conversation(cid)) is not None]
+
+    def log_feedback(self, conversation_id: str | None, kind: str, record: dict[str, Any]) -> int:
+        with self.transaction() as conn:
+            cur = conn.execute("INSERT INTO feedback (created, conversation_id, kind, record) VALUES (?, ?, ?, ?)",
+                               (time.time(), conversation_id, kind, json.dumps(record)))
+            return cur.lastrowid
+
+    def feedback(self, kind: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT record FROM feedback", []
+        if kind:
+            sql += " WHERE kind = ?"
+            args.append(kind)
+        return [json.loads(r[0]) for r in self._conn().execute(sql + " ORDER BY id", args).fetchall()]
+
+    def stats(self) -> dict[str, Any]:
+        conn = self._conn()
+        kinds = dict(conn.execute("SELECT kind, count(*) FROM feedback GROUP BY kind").fetchall())
+        return {
+            "entries": self.count(),
+            "removed": conn.execute("SELECT count(*) FROM memory WHERE active = 0").fetchone()[0],
+            "hits": conn.execute("SELECT coalesce(sum(hits), 0) FROM memory WHERE active = 1").fetchone()[0],
+            "conversations": conn.execute("SELECT count(*) FROM conversations").fetchone()[0],
+            "feedback": kinds,
+            **{f"meta.{k}": v for k, v in self.meta().items()},
+        }

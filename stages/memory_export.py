@@ -1,0 +1,41 @@
+"""memory_export: read a serving memory file into the feedback datasets a training round uses.
+
+The memory file is an input, so its content hash is part of the fingerprint: new feedback
+from serving reruns this stage and everything downstream (the server folds its write-ahead
+log into the .db file after each feedback, so the file itself changes).
+"""
+
+from __future__ import annotations
+
+from pipeline.stage import Input, Output, Stage, StageConfig
+
+
+class MemoryExportConfig(StageConfig):
+    pass
+
+
+class MemoryExportStage(Stage):
+    uses = "memory_export"
+    summary = "Serving feedback (MemPrompt memory file) -> reactions, verbal feedback, preference pairs."
+    Config = MemoryExportConfig
+    inputs = {"memory": Input(("memory",), doc="the SQLite memory file of `heedful serve --memory`")}
+    outputs = {
+        "reactions": Output("reactions", doc="Reaction records (P[Love])", required=False),
+        "verbal_feedback": Output("verbal_feedback", doc="critiques and clarifications (C3PO, CUT, CoH)",
+                                  required=False),
+        "preferences": Output("preferences", doc="loved vs. disliked / memory-distillation pairs (DPO)",
+                              required=False),
+    }
+
+    def run(self):
+        import shutil
+
+        from serving.export import export_memory
+
+        tmp = self.ctx.work_dir / "export"
+        counts = export_memory(self.ctx.input("memory"), tmp)
+        for name in self.outputs:  # a kind with no records is not written (its output is optional)
+            if (tmp / name).exists():
+                shutil.move(str(tmp / name), str(self.ctx.output(name)))
+        shutil.rmtree(tmp, ignore_errors=True)
+        return {k: float(v) for k, v in counts.items()}

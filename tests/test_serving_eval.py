@@ -1,0 +1,52 @@
+"""The streaming evaluation: the simulated user clarifies wrong answers and memory carries them forward."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.paths import resolve_data_ref
+from serving.stream_eval import StreamEvalSettings, make_stream, named_relation, run_stream_eval
+
+TASKS = resolve_data_ref("data:memprompt/wordnet_stream.jsonl")
+
+
+def test_named_relation_is_the_first_one_mentioned():
+    assert named_relation("the synonym for roomy is spacious") == "syn"
+    assert named_relation("The Antonym (not the synonym) of hot is cold") == "ant"
+    assert named_relation("a homonym of wring is ring") == "hom"
+    assert named_relation("spacious") is None
+
+
+def test_stream_is_seeded_and_queries_hide_the_relation():
+    a, b = make_stream(TASKS, 30, seed=3), make_stream(TASKS, 30, seed=3)
+    assert a == b and a != make_stream(TASKS, 30, seed=4)
+    for task in a:
+        assert task["word1"] in task["query"]
+        assert not any(w in task["query"].lower() for w in ("synonym", "antonym", "homophone"))
+
+
+def test_clarifications_flow_into_memory_and_come_back_for_the_same_phrasing(tiny_model_path):
+    """The random tiny model never names the relation, so every query is wrong: the user clarifies the first
+    query of each phrasing, and every later query with that phrasing retrieves exactly that clarification."""
+    settings = StreamEvalSettings(model="tiny", n=24, seed=0, conditions=["memory"], max_tokens=3)
+    report = run_stream_eval(TASKS, settings)
+    rows = report["results"]["memory"]
+    seen: set[str] = set()
+    for row in rows:
+        if row["phrasing"] in seen:
+            assert [m["clarification"] for m in row["memory"]] == [row["clarification"]]
+        else:
+            assert row["memory"] == []
+        if not row["correct"]:
+            assert row["clarified"]
+            seen.add(row["phrasing"])
+    summary = report["summary"]["memory"]
+    assert summary["memory_used"] == summary["memory_used_correct_clarification"] == 24 - len(seen)
+
+
+@pytest.mark.slow
+def test_memory_beats_no_memory_on_smollm2(smollm2_path):
+    settings = StreamEvalSettings(model="smollm2-135m", n=24, seed=0, conditions=["no_memory", "memory"])
+    summary = run_stream_eval(TASKS, settings)["summary"]
+    assert summary["memory"]["memory_used"] > 0
+    assert summary["memory"]["accuracy"] > summary["no_memory"]["accuracy"]
