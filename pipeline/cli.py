@@ -24,10 +24,11 @@ console = Console(highlight=False)
 #: optional command groups contributed by other packages: (module, attribute, name)
 SUBCOMMANDS = [
     ("feedback.argilla_cli", "app", "argilla"),
-    ("serving.cli", "app", "serve"),
+    ("serving.cli", "serve", "serve"),
     ("serving.memory_cli", "app", "memory"),
     ("ray_jobs.cli", "submit_app", "submit"),
     ("ray_jobs.cli", "jobs_app", "jobs"),
+    ("feedback.simulator.cli", "app", "simulate"),
 ]
 
 ICONS = {"done": "[green]✓[/]", "skipped": "[dim]↷[/]", "failed": "[red]✗[/]", "blocked": "[red]⊘[/]",

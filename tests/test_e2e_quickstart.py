@@ -20,7 +20,11 @@ def heedful(*args, timeout=1500):
 
 def test_quickstart_under_ray(tmp_path, smollm2_path):
     runs = tmp_path / "runs"
-    overrides = ["--set", "stages.align.with.max_steps=2", "--set", "stages.sample.with.max_prompts=8"]
+    # the quickstart's shape, sized to about a minute: 8 users, 2 rounds, shorter turns
+    overrides = [f"--set={o}" for o in (
+        "stages.align.with.max_steps=2", "stages.sample.with.max_prompts=8", "stages.sample.with.sampling.max_new_tokens=32",
+        "stages.users.with.max_rounds=2", "stages.users.with.policy_sampling.max_new_tokens=32",
+        "stages.users.with.user_sampling.max_new_tokens=16", "stages.users.with.feedback_on_last_round=false")]
     proc = heedful("run", "configs/quickstart.yaml", "--runs-dir", str(runs), *overrides)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "(stage:align" in proc.stdout + proc.stderr  # logs came back from the Ray worker, named
@@ -29,9 +33,22 @@ def test_quickstart_under_ray(tmp_path, smollm2_path):
     assert (package / "adapter_model.safetensors").is_file() and (package / "README.md").is_file()
     lineage = json.loads((package / "heedful.json").read_text())
     assert lineage["base_model"]["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert [s["name"] for s in lineage["stages"]] == ["sample", "pairs", "align"]
-    assert lineage["feedback_counts"]["preferences"] >= 1
-    assert (run_dir / "report.html").read_text().count("<img") >= 1
+    assert [s["name"] for s in lineage["stages"]] == ["sample", "users", "align"]
+    counts = lineage["feedback_counts"]
+    assert counts["preferences"] >= 1 and counts["transcripts"] == 8
+    # every judged reply has a reaction; all but the last round's also the user's words
+    assert counts["reactions"] >= 8 + counts["preferences"] and counts["verbal_feedback"] >= 1
+    from pipeline.records import load_rows
+
+    transcripts = load_rows(run_dir / "users" / "transcripts")
+    for t in transcripts:
+        kinds = [(u["participant"], u["type"]) for u in t["utterances"]]
+        assert kinds[0] == ("user", "question") and kinds[1][0] == "system" and len(kinds) <= 1 + 2 * 2
+        assert t["satisfied"] == any(u["satisfied"] for u in t["utterances"] if u["type"] == "feedback")
+    prefs = load_rows(run_dir / "users" / "preferences")
+    assert all(p["provenance"]["source"] == "convsim" and p["chosen"] != p["rejected"] for p in prefs)
+    report = (run_dir / "report.html").read_text()
+    assert report.count("<img") >= 2 and "users: simulated users" in report  # DPO curves + satisfaction by round
 
     started = time.time()
     again = heedful("run", "configs/quickstart.yaml", "--runs-dir", str(runs), *overrides)

@@ -1,0 +1,115 @@
+"""`heedful simulate ...`: evaluate the simulator, and let it annotate an Argilla dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="ConvSim simulated users: quality checks and simulated annotators.", no_args_is_help=True)
+console = Console(highlight=False)
+
+
+def _simulator(backend: str, model: str, base_url: Optional[str], api_key_file: Optional[str], cache: bool):
+    from pipeline.paths import heedful_home
+
+    from .backends import CachedLLM, SimulatorLLMSettings, build_backend
+    from .cache import LLMCache
+
+    settings = SimulatorLLMSettings(backend=backend, model=model, base_url=base_url, api_key_file=api_key_file)
+    store = LLMCache(heedful_home() / "cache" / "convsim.sqlite") if cache else None
+    return CachedLLM(build_backend(settings, batch_size=16), store)
+
+
+def _default_clariq() -> Path:
+    from pipeline.paths import data_dir
+
+    return data_dir().parent.parent / "shared" / "data" / "clariq" / "train.tsv"
+
+
+@app.command("eval-cq")
+def eval_clarifying_answers(
+    data: Path = typer.Option(None, help="ClariQ TSV (default: ../shared/data/clariq/train.tsv)"),
+    n: int = typer.Option(64, help="rows to sample"),
+    seed: int = typer.Option(0),
+    backend: str = typer.Option("hf", help="hf or openai"),
+    model: str = typer.Option("smollm2-135m"),
+    base_url: Optional[str] = typer.Option(None),
+    api_key_file: Optional[str] = typer.Option(None),
+    out: Optional[Path] = typer.Option(None, help="write the result JSON here"),
+    cache: bool = typer.Option(True, help="reuse cached generations"),
+):
+    """Simulator answers to ClariQ clarifying questions vs the real users' answers (MiniLM similarity),
+    next to a baseline that answers with the information need verbatim."""
+    from serving.embedder import MiniLMEmbedder
+
+    from .quality import clariq_questions, evaluate_clarifying_answers
+
+    path = data or _default_clariq()
+    rows = clariq_questions(path, n, seed)
+    result = evaluate_clarifying_answers(rows, _simulator(backend, model, base_url, api_key_file, cache),
+                                         MiniLMEmbedder(), seed)
+    result["data"] = str(path)
+    console.print(f"{result['rows']} ClariQ clarifying questions, simulator {result['simulator']}:")
+    console.print(f"  similarity to the real answer, simulator:        {result['similarity_simulator']:.3f} "
+                  f"± {result['similarity_simulator_stderr']:.3f}")
+    console.print(f"  similarity to the real answer, need verbatim:    {result['similarity_need_verbatim']:.3f} "
+                  f"± {result['similarity_need_verbatim_stderr']:.3f}")
+    console.print(f"  simulator closer than the baseline on {100 * result['simulator_wins']:.0f}% of rows")
+    if result["polarity_agreement"] is not None:
+        console.print(f"  yes/no agrees with the real user on {100 * result['polarity_agreement']:.0f}% of "
+                      f"{result['polarity_rows']} yes/no answers (majority class: "
+                      f"{100 * result['polarity_majority_baseline']:.0f}%)")
+    if out:
+        from pipeline.artifacts import atomic_write_json
+
+        atomic_write_json(out, result)
+        console.print(f"written to {out}")
+
+
+@app.command("annotate")
+def annotate_dataset(
+    dataset: str = typer.Argument(..., help="Argilla dataset name (reaction or verbal template)"),
+    kind: str = typer.Option(..., help="reaction or verbal"),
+    needs: Optional[Path] = typer.Option(None, help="needs JSONL (id/prompt -> need, keywords) for grounding"),
+    workspace: Optional[str] = typer.Option(None),
+    api_url: Optional[str] = typer.Option(None, envvar="HEEDFUL_ARGILLA_API_URL"),
+    api_key_file: Optional[Path] = typer.Option(None, envvar="HEEDFUL_ARGILLA_API_KEY_FILE",
+                                                help="the simulator's own Argilla annotator key (mode 0600)"),
+    model: str = typer.Option("smollm2-135m"),
+    limit: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0),
+):
+    """Answer pending records of an Argilla dataset as a simulated annotator (the annotate hook)."""
+    import argilla as rg
+
+    from feedback.argilla_annotate import annotate
+
+    from .backends import read_api_key
+    from .protocol import Judge
+
+    if kind not in ("reaction", "verbal"):
+        raise typer.BadParameter("kind must be reaction or verbal")
+    client = rg.Argilla(api_url=api_url, api_key=read_api_key(api_key_file)) if api_url and api_key_file else None
+    simulator = _simulator("hf", model, None, None, True)
+    annotator = build_annotator(simulator, Judge(simulator).calibrate(), kind, needs, seed)
+    done = annotate(dataset, annotator, client=client, workspace=workspace, limit=limit)
+    console.print(f"simulated annotator submitted {done} responses to {dataset}")
+
+
+def build_annotator(simulator, judge, kind: str, needs_path: Optional[Path], seed: int = 0):
+    """A SimulatedAnnotator grounded in a needs JSONL (looked up by id and by prompt text)."""
+    from pipeline.records import load_rows
+
+    from .annotators import SimulatedAnnotator
+
+    needs = {}
+    if needs_path:
+        for row in load_rows(needs_path, required=["need"], what="needs"):
+            entry = {"need": row["need"], "facts": row.get("keywords") or []}
+            for key in (row.get("id"), row.get("prompt")):
+                if key:
+                    needs[str(key)] = entry
+    return SimulatedAnnotator(simulator, judge, kind, needs, seed=seed)

@@ -1,0 +1,302 @@
+"""The ConvSim conversation protocol, batched across conversations.
+
+A round is one system turn and the simulated user's reply to it:
+  user asks (question) -> policy answers (response) or asks (clarifying_question)
+  -> the user answers the question from the information need (answer), or judges the
+     response: satisfied -> thanks (feedback, satisfied) and stop; else specific feedback
+  -> the policy revises with the whole conversation in view -> ...
+The conversation stops when the user is satisfied or after `max_rounds` rounds. Every
+step runs for all open conversations at once, so the LLMs see full batches.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.generation import SamplingSettings
+
+from . import prompts
+from .backends import CachedLLM
+
+Participant = Literal["user", "system"]
+UtteranceType = Literal["question", "answer", "clarifying_question", "feedback", "response"]
+
+
+class ProtocolSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_rounds: int = Field(default=3, ge=1, description="system turns per conversation at most")
+    max_clarifications: int = Field(default=1, ge=0, description="clarifying questions the user answers; later ones are judged as replies")
+    judge: Literal["both", "verbal", "likelihood"] = Field(
+        default="both", description="signals of satisfaction: the simulator's Yes/No, its likelihood of the reply, or both")
+    satisfied_threshold: float = Field(
+        default=0.5, ge=0, le=1, description="calibrated satisfaction at which the user is satisfied (0.5 = the calibrated cut)")
+    neutral_band: float = Field(default=0.5, ge=0, description="logits below the threshold still counted neutral, not dislike")
+    min_fact_coverage: float = Field(
+        default=0.5, ge=0, le=1, description="share of the need's known facts a reply must mention (when the need lists facts)")
+    feedback_on_last_round: bool = Field(default=True, description="also give feedback on the final reply (no revision follows)")
+    policy_sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=96, temperature=0.7))
+    user_sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=40, temperature=0.7))
+
+
+@dataclass
+class SimulatedUser:
+    """An information need, how the user first asked for it, and who they are."""
+
+    id: str
+    need: str
+    request: str
+    persona: str = ""
+    style: str = ""
+    system_prompt: str | None = None  # the policy's system prompt for this conversation ("" = none)
+    first_reply: str | None = None  # the policy's first reply when it was sampled upstream
+    facts: list[str] = field(default_factory=list)  # what a satisfying reply mentions ('a|b' = either), if known
+
+
+@dataclass
+class Utterance:
+    participant: Participant
+    type: UtteranceType
+    text: str
+    round: int
+    satisfaction: float | None = None  # the user's calibrated satisfaction with a response, (0, 1)
+    satisfied: bool | None = None
+    fact_coverage: float | None = None  # share of the need's known facts the response mentions
+
+
+@dataclass
+class Transcript:
+    user: SimulatedUser
+    utterances: list[Utterance] = field(default_factory=list)
+    satisfied: bool = False
+    done: bool = False
+    clarifications: int = 0
+
+    @property
+    def rounds(self) -> int:
+        return sum(u.participant == "system" for u in self.utterances)
+
+    def to_row(self) -> dict:
+        return {"conversation_id": self.user.id, "need": self.user.need, "request": self.user.request,
+                "persona": self.user.persona, "style": self.user.style,
+                "utterances": [asdict(u) for u in self.utterances], "satisfied": self.satisfied, "rounds": self.rounds}
+
+
+_GENERIC_OFFER = re.compile(r"^(is there anything|anything else|do you have any other|can i help|would you like (any|more) help)", re.I)
+
+
+def is_clarifying_question(text: str) -> bool:
+    """A short reply that opens with a question (not a closing 'anything else?') asks for clarification."""
+    text = text.strip()
+    if not text or len(text.split()) > 40:
+        return False
+    first = re.split(r"(?<=[.!?])\s+", text, maxsplit=1)[0]
+    return first.endswith("?") and not _GENERIC_OFFER.match(first)
+
+
+def policy_messages(transcript: Transcript) -> list[dict[str, str]]:
+    """The conversation as the policy sees it: user turns as user, its own turns as assistant."""
+    system = transcript.user.system_prompt
+    messages = [{"role": "system", "content": system}] if system else []
+    for u in transcript.utterances:
+        messages.append({"role": "user" if u.participant == "user" else "assistant", "content": u.text})
+    return messages
+
+
+def best_threshold(scores: list[float], labels: list[bool]) -> tuple[float, float]:
+    """The cut on `scores` that classifies `labels` best (ties: nearest the middle of the range); returns
+    (threshold, accuracy)."""
+    ordered = sorted(set(scores))
+    candidates = [(a + b) / 2 for a, b in zip(ordered, ordered[1:])] + [ordered[0] - 1e-6, ordered[-1] + 1e-6]
+
+    def accuracy(t: float) -> float:
+        return sum((s >= t) == y for s, y in zip(scores, labels)) / len(labels)
+
+    middle = (ordered[0] + ordered[-1]) / 2
+    best = max(candidates, key=lambda t: (accuracy(t), -abs(t - middle)))
+    return float(best), accuracy(best)
+
+
+class Judge:
+    """The simulated user's satisfaction with a reply, in (0, 1), calibrated on labelled replies.
+
+    Two signals from the simulator LLM:
+      verbal      logit P(Yes) when asked "Satisfied?" with a few examples
+      likelihood  mean log-probability of the reply given the need and the request (local models)
+    Each is z-scored with the calibration replies' statistics and summed; satisfaction is
+    sigmoid((score - cut) / spread), where `cut` best separates the calibration labels. Small
+    models put every P(Yes) in a narrow band (0.1-0.5 for SmolLM2-135M) and rank poorly by it
+    alone; the likelihood carries most of their signal, the verbal judgment most of a large one's.
+    """
+
+    def __init__(self, simulator: CachedLLM, mode: str = "both"):
+        self.simulator = simulator
+        if mode == "likelihood" and not simulator.has_likelihood:
+            raise ValueError(f"judge: likelihood needs a local model; {simulator.identity} has no log-probabilities of replies")
+        if mode == "verbal" or not simulator.has_likelihood:
+            self.kinds: tuple[str, ...] = ("verbal",)
+        else:
+            self.kinds = ("likelihood",) if mode == "likelihood" else ("verbal", "likelihood")
+        self.stats: dict[str, tuple[float, float]] = {}
+        self.cut, self.spread, self.accuracy = 0.0, 1.0, float("nan")
+
+    def features(self, items: list[tuple[str, str, str]], salts: list[str]) -> dict[str, list[float]]:
+        """items: (need, request, reply)."""
+        out: dict[str, list[float]] = {}
+        if "verbal" in self.kinds:
+            probs = self.simulator.yes_probability([prompts.judge_messages(*item) for item in items],
+                                                   salts=[f"{s}:verbal" for s in salts])
+            out["verbal"] = [_logit(p) for p in probs]
+        if "likelihood" in self.kinds:
+            out["likelihood"] = self.simulator.reply_logprob(
+                [prompts.expectation_context(need, request) for need, request, _ in items], [r for *_, r in items],
+                salts=[f"{s}:likelihood" for s in salts])
+        return out
+
+    def _scores(self, feats: dict[str, list[float]]) -> list[float]:
+        n = len(next(iter(feats.values())))
+        return [sum((feats[k][i] - self.stats[k][0]) / self.stats[k][1] for k in self.kinds) for i in range(n)]
+
+    def calibrate(self) -> "Judge":
+        items = [(n, r, a) for n, r, a, _ in prompts.CALIBRATION]
+        labels = [label for *_, label in prompts.CALIBRATION]
+        feats = self.features(items, [f"calibration:{i}" for i in range(len(items))])
+        for kind, values in feats.items():
+            mean = sum(values) / len(values)
+            std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+            self.stats[kind] = (mean, std or 1.0)
+        scores = self._scores(feats)
+        self.cut, self.accuracy = best_threshold(scores, labels)
+        spread = (sum((x - sum(scores) / len(scores)) ** 2 for x in scores) / len(scores)) ** 0.5
+        self.spread = spread / 2 or 1.0
+        return self
+
+    def satisfaction(self, items: list[tuple[str, str, str]], salts: list[str]) -> list[float]:
+        if not self.stats:
+            raise RuntimeError("Judge.calibrate() first")
+        scores = self._scores(self.features(items, salts))
+        return [min(max(1 / (1 + math.exp(-(x - self.cut) / self.spread)), 1e-6), 1 - 1e-6) for x in scores]
+
+
+def fact_coverage(text: str, facts: list[str]) -> float | None:
+    """Share of facts mentioned as whole words (case-insensitive; 'a|b' = either; '9' is not in '19');
+    None when the need lists none."""
+    if not facts:
+        return None
+    lower = text.lower()
+
+    def mentioned(alt: str) -> bool:
+        return re.search(r"(?<!\w)" + re.escape(alt.strip().lower()) + r"(?!\w)", lower) is not None
+
+    return sum(any(mentioned(alt) for alt in fact.split("|") if alt.strip()) for fact in facts) / len(facts)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+def reaction_for(satisfaction: float, threshold: float, neutral_band: float, satisfied: bool | None = None) -> str:
+    """love when satisfied; neutral just below the threshold (or above it with facts missing); dislike further below."""
+    if satisfaction >= threshold:
+        return "love" if satisfied in (None, True) else "neutral"
+    return "neutral" if _logit(satisfaction) > _logit(threshold) - neutral_band else "dislike"
+
+
+def clean_user_text(text: str, limit_words: int = 40) -> str:
+    """First line, at most two sentences: small models ramble on and start new turns."""
+    text = text.strip().split("\n")[0].strip().strip('"').strip()
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    text = " ".join(sentences[:2])
+    words = text.split()
+    return " ".join(words[:limit_words])
+
+
+#: a small model sometimes words its negative feedback as approval; the judgment decides, so those are replaced
+_POSITIVE_OPENINGS = ("thank", "great", "perfect", "that's correct", "that is correct", "that's right", "that is right",
+                      "that's exactly", "that is exactly", "correct", "yes")
+
+
+def _fallback_feedback(need: str) -> str:
+    return f"That is not what I need. I want {need.rstrip('.')}."
+
+
+def run_conversations(
+    users: list[SimulatedUser],
+    policy: CachedLLM,
+    simulator: CachedLLM,
+    settings: ProtocolSettings,
+    seed: int,
+    judge: Judge,
+    on_round: Callable[[int, int, int], None] | None = None,
+) -> list[Transcript]:
+    """Simulate every conversation to its stop; `on_round(round, open, total)` reports progress."""
+    transcripts = [Transcript(u, [Utterance("user", "question", u.request, 0)]) for u in users]
+    for rnd in range(1, settings.max_rounds + 1):
+        open_ = [t for t in transcripts if not t.done]
+        if not open_:
+            break
+        if on_round:
+            on_round(rnd, len(open_), len(transcripts))
+        # -- system turn: given first replies, or the policy generates (batched)
+        given = [t for t in open_ if rnd == 1 and t.user.first_reply is not None]
+        todo = [t for t in open_ if not (rnd == 1 and t.user.first_reply is not None)]
+        texts = {id(t): t.user.first_reply or "" for t in given}
+        if todo:
+            replies = policy.generate([policy_messages(t) for t in todo], settings.policy_sampling,
+                                      seed=seed + 1000 * rnd, salts=[f"{t.user.id}:policy:{rnd}" for t in todo])
+            texts.update({id(t): r.text for t, r in zip(todo, replies)})
+        for t in open_:
+            text = texts[id(t)]
+            asks = is_clarifying_question(text) and t.clarifications < settings.max_clarifications
+            t.utterances.append(Utterance("system", "clarifying_question" if asks else "response", text, rnd))
+            t.clarifications += asks
+
+        # -- user turn: answer clarifying questions from the need
+        asked = [t for t in open_ if t.utterances[-1].type == "clarifying_question"]
+        if asked:
+            msgs = [prompts.answer_messages(t.user.need, t.user.request, t.utterances[-1].text, t.user.persona, t.user.style)
+                    for t in asked]
+            answers = simulator.generate(msgs, settings.user_sampling, seed=seed + 1000 * rnd + 1,
+                                         salts=[f"{t.user.id}:answer:{rnd}" for t in asked])
+            for t, a in zip(asked, answers):
+                text = clean_user_text(a.text) or f"I want {t.user.need.rstrip('.')}."
+                t.utterances.append(Utterance("user", "answer", text, rnd))
+
+        # -- user turn: judge responses; thanks when satisfied, else specific feedback
+        judged = [t for t in open_ if t.utterances[-1].type == "response"]
+        if judged:
+            scores = judge.satisfaction([(t.user.need, t.user.request, t.utterances[-1].text) for t in judged],
+                                        salts=[f"{t.user.id}:judge:{rnd}" for t in judged])
+            threshold = settings.satisfied_threshold
+            unhappy = []
+            for t, p in zip(judged, scores):
+                reply = t.utterances[-1]
+                coverage = fact_coverage(reply.text, t.user.facts)
+                reply.satisfaction, reply.fact_coverage = p, coverage
+                reply.satisfied = p >= threshold and (coverage is None or coverage >= settings.min_fact_coverage)
+                if reply.satisfied:
+                    thanks = prompts.THANKS.get(t.user.style, prompts.THANKS[""])
+                    t.utterances.append(Utterance("user", "feedback", thanks, rnd, p, True))
+                    t.satisfied = t.done = True
+                elif rnd < settings.max_rounds or settings.feedback_on_last_round:
+                    unhappy.append(t)
+            if unhappy:
+                msgs = [prompts.feedback_messages(t.user.need, t.user.request, t.utterances[-1].text, t.user.persona,
+                                                  t.user.style) for t in unhappy]
+                notes = simulator.generate(msgs, settings.user_sampling, seed=seed + 1000 * rnd + 2,
+                                           salts=[f"{t.user.id}:feedback:{rnd}" for t in unhappy])
+                for t, note in zip(unhappy, notes):
+                    text = clean_user_text(note.text)
+                    if not text or text.lower().startswith(_POSITIVE_OPENINGS):
+                        text = _fallback_feedback(t.user.need)  # the judgment decides satisfaction, not the wording
+                    p = t.utterances[-1].satisfaction
+                    t.utterances.append(Utterance("user", "feedback", text, rnd, p, False))
+        if rnd == settings.max_rounds:
+            for t in open_:
+                t.done = True
+    return transcripts

@@ -1,0 +1,178 @@
+"""The ConvSim protocol on the tiny model: turn order, stop rule, schema, provenance, caching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from feedback.simulator.needs import load_users
+from feedback.simulator.protocol import (best_threshold, clean_user_text, fact_coverage, is_clarifying_question,
+                                        reaction_for)
+from pipeline.config import pipeline_from_dict
+from pipeline.errors import DataError
+from pipeline.records import load_rows, write_jsonl
+from pipeline.runner import Runner
+from pipeline.schema import rows_to_records
+
+from .conftest import SHARED_DATA
+
+NEEDS = [
+    {"id": "n1", "prompt": "What is the capital of Peru?", "need": "the capital city of Peru"},
+    {"id": "n2", "prompt": "How do I boil rice?", "need": "steps to cook white rice on a stove"},
+    {"id": "n3", "prompt": "Tell me about Mars.", "need": "how long a day lasts on Mars"},
+]
+OUTPUTS = ("transcripts", "verbal_feedback", "followups", "reactions", "preferences")
+
+
+def simulate_pipeline(needs, tmp_path, seed=3, **with_):
+    cfg = {"max_rounds": 3, "simulator": {"model": "tiny"}, "cache_path": str(tmp_path / "cache.sqlite"),
+           "policy_sampling": {"max_new_tokens": 6, "temperature": 1.0},
+           "user_sampling": {"max_new_tokens": 6, "temperature": 1.0}, **with_}
+    return {"run_name": "sim", "model": "tiny", "seed": seed,
+            "stages": [{"name": "users", "uses": "simulate", "inputs": {"conversations": str(needs)}, "with": cfg}]}
+
+
+def run(tmp_path, needs_rows, force=False, seed=3, **with_):
+    needs = tmp_path / "needs.jsonl"
+    write_jsonl(needs_rows, needs)
+    pipeline = pipeline_from_dict(simulate_pipeline(needs, tmp_path, seed, **with_), tmp_path)
+    result = Runner(pipeline, tmp_path / "runs", use_ray=False, force={"users"} if force else set()).execute()
+    assert result.ok, [r.error for r in result.records]
+    stage = result.run_dir / "users"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    return {name: load_rows(stage / name) for name in OUTPUTS}, manifest["metrics"]
+
+
+def check_turn_order(utterances):
+    assert utterances[0]["participant"] == "user" and utterances[0]["type"] == "question"
+    for prev, cur in zip(utterances, utterances[1:]):
+        assert prev["participant"] != cur["participant"]  # strict alternation
+        if prev["type"] == "clarifying_question":
+            assert cur["type"] == "answer"
+        if prev["type"] == "response":
+            assert cur["type"] == "feedback"
+    for u in utterances:
+        assert u["type"] in (("question", "answer", "feedback") if u["participant"] == "user"
+                             else ("clarifying_question", "response"))
+
+
+def test_never_satisfied_runs_max_rounds_and_pairs_each_revision(tmp_path, tiny_model_path):
+    out, metrics = run(tmp_path, NEEDS, satisfied_threshold=1.0)
+    assert metrics["conversations"] == 3 and metrics["satisfied_rate"] == 0
+    for t in out["transcripts"]:
+        check_turn_order(t["utterances"])
+        assert t["rounds"] == 3 and not t["satisfied"]
+        assert len(t["utterances"]) == 7  # question + 3 x (system turn + user reply)
+        assert not any(u["satisfied"] for u in t["utterances"])
+    # every response judged, every judgment a verbal feedback, a reaction and a follow-up
+    assert len(out["verbal_feedback"]) == len(out["reactions"]) == len(out["followups"]) == 9
+    assert all(v["judgment"] == "needs_work" for v in out["verbal_feedback"])
+    assert all(r["reaction"] in ("neutral", "dislike") for r in out["reactions"])
+    # revision k+1 beats reply k, unless the tiny model repeated itself
+    distinct = sum(t["utterances"][i]["text"].strip() != t["utterances"][i + 2]["text"].strip()
+                   and t["utterances"][i + 2]["text"].strip() != ""
+                   for t in out["transcripts"] for i in (1, 3))
+    assert len(out["preferences"]) == distinct > 0
+    for pair in out["preferences"]:
+        assert pair["prompt"][-1]["role"] == "user" and all(m["content"] != pair["rationale"] for m in pair["prompt"])
+    for kind in OUTPUTS[1:]:
+        records = rows_to_records(kind, out[kind])  # schema holds
+        for rec in records:
+            prov = rec.provenance
+            assert prov.source == "convsim" and prov.annotator == "convsim:hf:tiny" and prov.model == "tiny"
+            extra = prov.extras()
+            assert extra["seed"] == 3 and extra["prompt_version"] == "convsim-small/2" and extra["simulator_model"] == "hf:tiny"
+    assert out["transcripts"][0]["provenance"]["source"] == "convsim"
+
+
+def test_satisfied_user_stops_after_first_reply_with_thanks(tmp_path, tiny_model_path):
+    out, metrics = run(tmp_path, NEEDS, satisfied_threshold=0.0)
+    assert metrics["satisfied_rate"] == 1 and metrics["mean_rounds"] == 1 and metrics["pairs"] == 0
+    for t in out["transcripts"]:
+        check_turn_order(t["utterances"])
+        assert [u["type"] for u in t["utterances"]] == ["question", "response", "feedback"]
+        assert t["utterances"][-1]["text"].lower().startswith("thank") and t["utterances"][-1]["satisfied"]
+    assert {r["reaction"] for r in out["reactions"]} == {"love"}
+    assert {f["aspect"] for f in out["followups"]} == {"thanks"}
+    assert out["preferences"] == []
+
+
+def test_clarifying_question_is_answered_then_policy_answers(tmp_path, tiny_model_path):
+    rows = [dict(NEEDS[2], response="Do you mean the planet or the chocolate bar?", sample_index=0),
+            dict(NEEDS[0], response="Lima is the capital of Peru.", sample_index=0)]
+    out, _ = run(tmp_path, rows, satisfied_threshold=1.0, max_rounds=2)
+    by_id = {t["id"]: t for t in out["transcripts"]}
+    mars = by_id["n3:0"]["utterances"]
+    check_turn_order(mars)
+    assert [u["type"] for u in mars] == ["question", "clarifying_question", "answer", "response", "feedback"]
+    assert mars[1]["text"].startswith("Do you mean")  # generate's first reply was used, not regenerated
+    assert mars[2]["text"]  # the simulator answered
+    peru = by_id["n1:0"]["utterances"]
+    assert [u["type"] for u in peru] == ["question", "response", "feedback", "response", "feedback"]
+    answer = [f for f in out["followups"] if f["aspect"] == "answer"]
+    assert len(answer) == 1 and answer[0]["response"].startswith("Do you mean")
+    # no pair for the conversation that spent its first round on a clarifying question
+    assert all(p["id"].startswith("n1:0") for p in out["preferences"])
+
+
+def test_rerun_is_served_from_the_cache(tmp_path, tiny_model_path):
+    first, m1 = run(tmp_path, NEEDS, satisfied_threshold=1.0, max_rounds=2)
+    assert m1["cache_misses"] > 0 and m1["cache_hits"] == 0 and m1["generated_tokens"] > 0
+    again, m2 = run(tmp_path, NEEDS, force=True, satisfied_threshold=1.0, max_rounds=2, batch_size=1)
+    assert m2["cache_misses"] == 0 and m2["cache_hits"] == m1["cache_misses"] and m2["generated_tokens"] == 0
+    assert [t["utterances"] for t in again["transcripts"]] == [t["utterances"] for t in first["transcripts"]]
+    # a third round only generates what the first two did not
+    _, m3 = run(tmp_path, NEEDS, satisfied_threshold=1.0, max_rounds=3)
+    assert 0 < m3["cache_misses"] < m1["cache_misses"]
+
+
+def test_seed_changes_the_conversation(tmp_path, tiny_model_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a, _ = run(tmp_path / "a", NEEDS, satisfied_threshold=1.0, max_rounds=2, cache=False)
+    b, _ = run(tmp_path / "b", NEEDS, seed=4, satisfied_threshold=1.0, max_rounds=2, cache=False)
+    assert [t["utterances"] for t in a["transcripts"]] != [t["utterances"] for t in b["transcripts"]]
+
+
+def test_clariq_rows_become_one_user_per_facet():
+    path = SHARED_DATA / "clariq" / "train.tsv"
+    if not path.is_file():
+        pytest.skip("shared ClariQ data not present")
+    users = load_users(path)
+    rows = load_rows(path)
+    assert len(users) == len({r["facet_id"] for r in rows if r["facet_desc"].strip()})
+    first = users[0]
+    assert first.request == rows[0]["initial_request"] and first.need == rows[0]["facet_desc"].strip()
+
+
+def test_bad_needs_file_names_file_and_row(tmp_path):
+    path = tmp_path / "needs.jsonl"
+    write_jsonl([NEEDS[0], {"id": "x", "prompt": "hi"}], path)
+    with pytest.raises(DataError, match=r"needs.jsonl row 2: field 'need' is missing"):
+        load_users(path)
+
+
+def test_persona_and_style_are_seeded_picks():
+    from feedback.simulator.needs import _pick
+
+    assert _pick(["a", "b", "c"], "u1", 0) == _pick(["a", "b", "c"], "u1", 0)
+    picks = {_pick(["a", "b", "c"], f"u{i}", 0) for i in range(30)}
+    assert picks == {"a", "b", "c"}
+
+
+def test_helpers_by_hand():
+    assert is_clarifying_question("Do you mean the planet or the chocolate bar?")
+    assert is_clarifying_question("Which city? I can help with either.")
+    assert not is_clarifying_question("Paris is the capital of France. Anything else?")
+    assert not is_clarifying_question("Is there anything else I can help with?")
+    assert not is_clarifying_question("")
+    assert clean_user_text('"That is wrong. Paris is. Also this.\nUser: more"') == "That is wrong. Paris is."
+    # scores 0.1 0.2 | 0.3 0.4 separate at 0.25
+    assert best_threshold([0.1, 0.3, 0.2, 0.4], [False, True, False, True]) == (0.25, 1.0)
+    threshold, acc = best_threshold([0.2, 0.3, 0.25], [True, False, True])
+    assert acc == pytest.approx(2 / 3)
+    assert fact_coverage("It takes 19 days. Plants need CO2 and light!", ["9|nine", "co2|carbon dioxide", "light", "water"]) == 0.5
+    assert fact_coverage("anything", []) is None
+    assert reaction_for(0.6, 0.5, 0.5) == "love"
+    assert reaction_for(0.45, 0.5, 0.5) == "neutral"  # logit(0.45) = -0.2 > 0 - 0.5
+    assert reaction_for(0.3, 0.5, 0.5) == "dislike"  # logit(0.3) = -0.85
