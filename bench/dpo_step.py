@@ -14,16 +14,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-QA = ROOT.parent / "shared" / "data" / "qa_feedback" / "feedback_400.json"
+from common import QA, ROOT, matmul_peak_flops
 
 
 def make_pairs(tokenizer, n_pairs: int, target_tokens: int) -> list[dict]:
@@ -49,18 +44,6 @@ def make_pairs(tokenizer, n_pairs: int, target_tokens: int) -> list[dict]:
             return pairs
     raise RuntimeError("not enough long rows in qa-feedback")
 
-
-def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def dpo_step_flops(config, tokens_per_seq: list[int]) -> float:

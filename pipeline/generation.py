@@ -1,9 +1,18 @@
-"""Batched chat sampling with HF generate: shared by generate, simulate and data-generation stages."""
+"""Batched chat sampling: shared by generate, simulate, rollout and data-generation stages.
+
+`chat_generate` samples with HF `generate` from a loaded model. `generate_chat` takes a
+model name instead and picks the engine: vLLM (optional dependency) when it is installed
+and a GPU is present, batched HF generation otherwise -- same prompts (the tokenizer's
+chat template), same sampling settings, same `Completion` records.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,10 +78,7 @@ def chat_generate(
             eos_token_id=eos_ids,
             repetition_penalty=sampling.repetition_penalty,
         )
-        if sampling.temperature > 0:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs.update(hf_sampling_kwargs(sampling))
         with torch.no_grad():
             generated = model.generate(**enc, **kwargs)
         new = generated[:, enc["input_ids"].shape[1] :]
@@ -95,6 +101,13 @@ def chat_generate(
     return out
 
 
+def hf_sampling_kwargs(sampling: SamplingSettings) -> dict[str, Any]:
+    """HF `generate` arguments for sampling (temperature > 0) or greedy decoding."""
+    if sampling.temperature > 0:
+        return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = set()
     for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
@@ -102,4 +115,140 @@ def _eos_ids(model, tokenizer) -> list[int]:
             ids.add(source)
         elif source:
             ids.update(source)
+    return sorted(ids)
+
+
+# ----------------------------------------------------------------------------- engine switch
+
+Engine = Literal["auto", "hf", "vllm"]
+#: vLLM only serves LoRA adapters up to one of these ranks
+_VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_unavailable_reason(device: str | None = None) -> str | None:
+    """None when vLLM can run here; otherwise why not (for logs and errors)."""
+    if device is not None and not device.startswith("cuda"):
+        return f"device is {device}"
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (pip install vllm, on a CUDA machine)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    return None
+
+
+def pick_engine(engine: str = "auto", device: str | None = None) -> str:
+    """'auto' -> 'vllm' when possible, else 'hf'; 'vllm' insists (clear error when impossible)."""
+    if engine == "hf":
+        return "hf"
+    if engine not in ("auto", "vllm"):
+        raise ValueError(f"engine must be auto, hf or vllm (got {engine!r})")
+    reason = vllm_unavailable_reason(device)
+    if engine == "vllm" and reason:
+        raise RuntimeError(f"engine: vllm cannot run: {reason}; use engine: auto to fall back to HF generate")
+    return "hf" if reason else "vllm"
+
+
+def generate_chat(
+    model_name: str,
+    conversations: list[Messages],
+    sampling: SamplingSettings,
+    *,
+    adapter: str | Path | None = None,
+    num_samples: int = 1,
+    batch_size: int = 8,
+    seed: int = 0,
+    engine: str = "auto",
+    device: str | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[list[Completion]]:
+    """Sample `num_samples` replies per conversation with vLLM or HF generate (see `pick_engine`)."""
+    if pick_engine(engine, device) == "vllm":
+        return vllm_generate(model_name, conversations, sampling, num_samples=num_samples, seed=seed,
+                             adapter=adapter, on_batch=on_batch)
+    from .models import device_policy, load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(model_name)
+    model = load_causal_lm(model_name, device_policy(device), adapter=adapter).eval()
+    return chat_generate(model, tokenizer, conversations, sampling, num_samples, batch_size, seed, on_batch)
+
+
+def vllm_generate(
+    model_name: str,
+    conversations: list[Messages],
+    sampling: SamplingSettings,
+    *,
+    num_samples: int = 1,
+    seed: int = 0,
+    adapter: str | Path | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    gpu_memory_utilization: float = 0.85,
+) -> list[list[Completion]]:
+    """All prompts in one vLLM call (it batches continuously); a LoRA adapter via LoRARequest."""
+    from vllm import LLM, SamplingParams
+
+    from .models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(model_name)
+    prompts = render_prompts(tokenizer, conversations)
+    eos_ids = _eos_ids_from_tokenizer(tokenizer)
+    llm_kwargs: dict[str, Any] = dict(model=resolve_model(model_name), seed=seed, dtype="auto",
+                                      gpu_memory_utilization=gpu_memory_utilization)
+    lora_request = None
+    if adapter is not None:
+        from vllm.lora.request import LoRARequest
+
+        rank = int(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 16))
+        llm_kwargs.update(enable_lora=True, max_lora_rank=next((r for r in _VLLM_LORA_RANKS if r >= rank), rank))
+        lora_request = LoRARequest("heedful-adapter", 1, str(adapter))
+    llm = LLM(**llm_kwargs)
+    params = SamplingParams(**vllm_sampling_kwargs(sampling, num_samples, seed, eos_ids))
+    outputs = llm.generate(prompts, params, lora_request=lora_request)
+    if on_batch is not None:
+        on_batch(1, 1)
+    return completions_from_vllm(outputs, eos_ids)
+
+
+def vllm_sampling_kwargs(sampling: SamplingSettings, num_samples: int, seed: int, eos_ids: list[int]) -> dict[str, Any]:
+    """Our SamplingSettings as vLLM SamplingParams keywords (temperature 0: greedy, like HF)."""
+    greedy = sampling.temperature == 0
+    return {
+        "n": num_samples,
+        "max_tokens": sampling.max_new_tokens,
+        "temperature": 0.0 if greedy else sampling.temperature,
+        "top_p": 1.0 if greedy else sampling.top_p,
+        "top_k": -1 if greedy or sampling.top_k == 0 else sampling.top_k,
+        "repetition_penalty": sampling.repetition_penalty,
+        "seed": seed,
+        "stop_token_ids": list(eos_ids),
+        "skip_special_tokens": True,
+    }
+
+
+def completions_from_vllm(request_outputs, eos_ids: list[int]) -> list[list[Completion]]:
+    """vLLM RequestOutputs -> Completions; token counts exclude the stop token, as on the HF path."""
+    out = []
+    for request in request_outputs:
+        replies = []
+        for sample in request.outputs:
+            tokens = list(sample.token_ids)
+            finished = sample.finish_reason == "stop"
+            if finished and tokens and tokens[-1] in eos_ids:
+                tokens = tokens[:-1]
+            replies.append(Completion(sample.text.strip(), len(tokens), finished))
+        out.append(replies)
+    return out
+
+
+def _eos_ids_from_tokenizer(tokenizer) -> list[int]:
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    try:
+        config = GenerationConfig.from_pretrained(tokenizer.name_or_path)
+        extra = config.eos_token_id
+        ids.update([extra] if isinstance(extra, int) else (extra or []))
+    except OSError:
+        pass
     return sorted(ids)

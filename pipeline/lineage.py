@@ -15,7 +15,7 @@ from .artifacts import MANIFEST, describe_output, read_json
 
 #: artifact kinds that count as feedback for the lineage's feedback_counts
 FEEDBACK_KINDS = {"preferences", "reactions", "verbal_feedback", "span_feedback", "followups", "judgments", "feedback",
-                  "transcripts", "memory"}
+                  "transcripts", "memory", "c3po_data"}
 
 
 def producing_manifest(artifact: Path) -> dict[str, Any] | None:

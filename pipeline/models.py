@@ -223,7 +223,11 @@ class LoraSettings(BaseModel):
 
 
 def quantization_config(policy: DevicePolicy):
-    """4-bit NF4 config for QLoRA; a clear error when bitsandbytes is missing."""
+    """4-bit NF4 config for QLoRA (double-quantized, computing in the policy's dtype).
+
+    bitsandbytes >= 0.46 has a CPU backend, so the same switch works on CPU (fp32 compute)
+    and GPU (bf16 compute). A clear error when bitsandbytes is missing.
+    """
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelUnavailable("qlora: true needs bitsandbytes: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
@@ -234,7 +238,18 @@ def quantization_config(policy: DevicePolicy):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,  # FSDP can only shard 4-bit weights stored in a float dtype
     )
+
+
+def _placement(policy: DevicePolicy):
+    """Where a quantized model goes: bitsandbytes quantizes while loading, so pick the device
+    now -- this process's own GPU under DDP (Ray Train sets it), else the policy's device."""
+    if policy.device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.current_device() if policy.device == "cuda" else policy.device
+    return policy.device
 
 
 # ----------------------------------------------------------------------------- loading
@@ -256,17 +271,28 @@ def load_causal_lm(
     adapter: str | Path | None = None,
     qlora: bool = False,
     trainable_adapter: bool = False,
+    prepare_for_training: bool | None = None,
 ):
-    """Base model (+ optional PEFT adapter) on the policy's device and dtype."""
+    """Base model (+ optional PEFT adapter) on the policy's device and dtype.
+
+    `qlora=True` loads the base in 4-bit NF4; for training (`prepare_for_training`, default:
+    `trainable_adapter`) peft's `prepare_model_for_kbit_training` then freezes the base and
+    upcasts norms/embeddings to fp32, before any adapter is attached so the adapter stays trainable.
+    """
     from transformers import AutoModelForCausalLM
 
     policy = policy or device_policy()
     kwargs: dict[str, Any] = {"dtype": policy.dtype}
     if qlora:
         kwargs["quantization_config"] = quantization_config(policy)
+        kwargs["device_map"] = {"": _placement(policy)}
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name), **kwargs)
     if not qlora:
         model.to(policy.device)
+    elif trainable_adapter if prepare_for_training is None else prepare_for_training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=policy.gradient_checkpointing)
     if adapter is not None:
         from peft import PeftModel
 

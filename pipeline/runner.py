@@ -76,6 +76,18 @@ def _semantic_config(stage: ResolvedStage) -> dict[str, Any]:
     return stage.config.model_dump(mode="json", exclude=set(stage.cls.non_semantic_fields))
 
 
+def _train_workers(stage: ResolvedStage) -> int:
+    """Ray Train workers a trainer stage asks for (`num_workers` in TrainSettings); 1 otherwise.
+    With more than one, `resources` are per worker (pipeline/distributed.py)."""
+    return int(getattr(stage.config, "num_workers", 1) or 1)
+
+
+def _stage_gpus(stage: ResolvedStage) -> float:
+    """`use_gpu: true` on a single-worker trainer asks Ray for a GPU even without `resources`."""
+    gpus = stage.spec.resources.num_gpus
+    return max(gpus, 1.0) if getattr(stage.config, "use_gpu", None) is True else gpus
+
+
 class Runner:
     """Drives one invocation of a pipeline. `use_ray=False` runs stages in-process."""
 
@@ -251,11 +263,16 @@ class Runner:
                 for stage in [s for s in pending if self._ready(s, records)]:
                     pending.remove(stage)
                     num_cpus = min(stage.num_cpus, cap) if math.isfinite(stage.num_cpus) else cap
+                    task_cpus, task_gpus = num_cpus, _stage_gpus(stage)
+                    workers = _train_workers(stage)
+                    if workers > 1:  # the task only coordinates Ray Train workers, which hold the resources
+                        num_cpus = min(stage.spec.resources.num_cpus or max(1.0, cap // workers), cap)
+                        task_cpus, task_gpus = 0, 0
                     task = self.task_for(stage, num_cpus)
                     ref = remote_execute.options(
                         name=f"stage:{stage.name}",
-                        num_cpus=num_cpus,
-                        num_gpus=stage.spec.resources.num_gpus,
+                        num_cpus=task_cpus,
+                        num_gpus=task_gpus,
                         max_retries=0,
                     ).remote(task)
                     running[ref] = stage

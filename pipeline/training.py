@@ -6,6 +6,7 @@ from `TrainSettings.trainer_kwargs(ctx)` so device/dtype policy and resume behav
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import time
@@ -14,7 +15,8 @@ from typing import Any
 
 from pydantic import Field
 
-from .models import DevicePolicy, LoraSettings, device_policy
+from .distributed import DistributedSettings
+from .models import DevicePolicy, LoraSettings, ModelUnavailable, device_policy
 from .stage import StageConfig, StageContext
 
 
@@ -36,10 +38,14 @@ class TrainSettings(StageConfig):
     save_steps: int = Field(default=25, ge=1, description="checkpoint interval (resume granularity)")
     save_total_limit: int = Field(default=2, ge=1)
     device: str | None = None
+    optim: str | None = Field(default=None, description="optimizer, e.g. paged_adamw_8bit / adamw_8bit (bitsandbytes)")
+    num_workers: int = Field(default=1, ge=1, description="> 1: DDP/FSDP/DeepSpeed across Ray Train workers")
+    use_gpu: bool | None = Field(default=None, description="default: GPUs when the stage/cluster has them")
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
     trainer_args: dict[str, Any] = Field(default_factory=dict, description="extra TRL/transformers config keys")
 
     def policy(self) -> DevicePolicy:
-        return device_policy(self.device)
+        return device_policy(self.device or ("cpu" if self.use_gpu is False else None))
 
     def trainer_kwargs(self, ctx: StageContext) -> dict[str, Any]:
         policy = self.policy()
@@ -65,11 +71,22 @@ class TrainSettings(StageConfig):
             remove_unused_columns=False,
             **policy.trainer_kwargs(self.gradient_checkpointing),
         )
+        if self.optim:
+            if _needs_bitsandbytes(self.optim) and importlib.util.find_spec("bitsandbytes") is None:
+                raise ModelUnavailable(f"optim: {self.optim} needs bitsandbytes: pip install bitsandbytes")
+            kwargs["optim"] = self.optim
+        if self.num_workers > 1:
+            kwargs.update(self.distributed.trainer_kwargs())
         kwargs.update(self.trainer_args)
         return kwargs
 
 
-NON_SEMANTIC_TRAIN_FIELDS = frozenset({"device", "logging_steps", "save_steps", "save_total_limit"})
+def _needs_bitsandbytes(optim: str) -> bool:
+    return ("paged" in optim or "bnb" in optim or optim.endswith("8bit")) and "torch" not in optim and "galore" not in optim
+
+
+#: how to run, not what is learned: changing these does not rerun a finished stage
+NON_SEMANTIC_TRAIN_FIELDS = frozenset({"device", "logging_steps", "save_steps", "save_total_limit", "use_gpu", "distributed"})
 
 
 def last_checkpoint(ctx: StageContext) -> str | None:
@@ -129,8 +146,13 @@ def fit(ctx: StageContext, settings: TrainSettings, build_trainer, output_name: 
 
     Trainer stages call this instead of `trainer.train()` so that progress, resume and
     (multi-worker) execution behave the same for every method. `build_trainer` must be
-    self-contained (load model and data inside) so it can run in another process.
+    self-contained (load model and data inside) so it can run in another process: with
+    `settings.num_workers > 1` every Ray Train worker calls it (pipeline/distributed.py).
     """
+    if getattr(settings, "num_workers", 1) > 1:
+        from .distributed import fit_distributed
+
+        return fit_distributed(ctx, settings, build_trainer, output_name)
     trainer = build_trainer()
     trainer.add_callback(progress_callback(ctx))
     output = train_with_resume(trainer, ctx)
@@ -142,6 +164,14 @@ def finish(trainer, ctx: StageContext, train_output, output_name: str = "adapter
     import shutil
 
     trainer.save_model(str(ctx.output(output_name)))
+    metrics = summarize(trainer, ctx, train_output)
+    if not keep_checkpoints:
+        shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
+    return metrics
+
+
+def summarize(trainer, ctx: StageContext, train_output) -> dict[str, Any]:
+    """Write the curves; summary metrics from the log history (shared with rank 0 of multi-worker runs)."""
     history = [dict(row) for row in trainer.state.log_history]
     ctx.save_curves(history)
     metrics: dict[str, Any] = {"steps": trainer.state.global_step}
@@ -156,6 +186,4 @@ def finish(trainer, ctx: StageContext, train_output, output_name: str = "adapter
     steps = sorted(ctx.extra.get("step_seconds", []))
     if steps:
         metrics["seconds_per_step"] = steps[len(steps) // 2]  # median: robust to the warm-up step
-    if not keep_checkpoints:
-        shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
     return metrics

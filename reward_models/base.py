@@ -70,7 +70,7 @@ def load_reward_model(path: str | Path) -> RewardModel:
     if kind not in _KINDS:
         import importlib
 
-        for module in ("plove", "followup", "fine_grained", "function"):
+        for module in ("plove", "followup", "fine_grained", "function", "combine", "rules"):
             try:
                 importlib.import_module(f"reward_models.{module}")
             except ModuleNotFoundError:

@@ -2,17 +2,19 @@
 
 Batches are written to the staging folder as they finish, so an interrupted run resumes
 at the first unfinished batch and reproduces exactly what an uninterrupted run would
-(each batch is seeded by its index).
+(each batch is seeded by its index). With `engine: auto` (default) and vLLM installed on a
+CUDA machine, all prompts go to vLLM in one call instead (pipeline/generation.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from typing import Literal
 
 from pydantic import Field
 
-from pipeline.generation import SamplingSettings, chat_generate
+from pipeline.generation import SamplingSettings, chat_generate, pick_engine
 from pipeline.progress import track
 from pipeline.records import load_rows, save_rows
 from pipeline.stage import Input, Output, Stage, StageConfig
@@ -26,6 +28,8 @@ class GenerateConfig(StageConfig):
     prompt_field: str = "prompt"
     max_prompts: int | None = Field(default=None, ge=1)
     device: str | None = Field(default=None, description="cuda / cpu; default: cuda when available")
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        default="auto", description="auto: vLLM when installed and on a GPU, else batched HF generate")
 
 
 def prompt_id(text: str) -> str:
@@ -42,7 +46,7 @@ class GenerateStage(Stage):
     }
     outputs = {"responses": Output("responses", doc="one row per (prompt, sample)")}
     default_num_cpus = float("inf")
-    non_semantic_fields = frozenset({"device"})
+    non_semantic_fields = frozenset({"device", "engine"})  # how to sample, like device
 
     def run(self):
         from pipeline.models import device_policy, load_causal_lm, load_tokenizer
@@ -52,6 +56,8 @@ class GenerateStage(Stage):
         if cfg.max_prompts:
             rows = rows[: cfg.max_prompts]
         adapter = self.ctx.input("adapter")
+        if pick_engine(cfg.engine, cfg.device) == "vllm":
+            return self._run_vllm(rows, adapter)
         tokenizer = load_tokenizer(self.ctx.model)
         model = load_causal_lm(self.ctx.model, device_policy(cfg.device), adapter=adapter).eval()
         partial = self.ctx.work_dir / "partial"
@@ -73,6 +79,20 @@ class GenerateStage(Stage):
             tmp.write_text(json.dumps(records))
             tmp.replace(done)
             out.extend(records)
+        return self._save(rows, out)
+
+    def _run_vllm(self, rows, adapter):
+        """One vLLM call for every prompt (continuous batching); untested here: needs a CUDA GPU."""
+        from pipeline.generation import vllm_generate
+
+        cfg: GenerateConfig = self.config
+        self.ctx.log.info("sampling %d x %d replies with %s on vLLM", len(rows), cfg.num_samples, self.ctx.model)
+        replies = vllm_generate(self.ctx.model, [self._conversation(row) for row in rows], cfg.sampling,
+                                num_samples=cfg.num_samples, seed=self.ctx.seed, adapter=adapter)
+        out = [self._record(row, j, reply, adapter) for row, samples in zip(rows, replies) for j, reply in enumerate(samples)]
+        return self._save(rows, out)
+
+    def _save(self, rows, out):
         save_rows(out, self.ctx.output("responses"))
         n = max(len(out), 1)
         return {"prompts": len(rows), "responses": len(out), "mean_tokens": sum(r["num_tokens"] for r in out) / n,

@@ -1,0 +1,180 @@
+"""Rule-based reward models: transparent, dense rewards written as code, not learned.
+
+They follow the same protocol as learned models (`score(batch) -> Rewards`), so PPO, the
+reward combiner and evaluation treat them alike. Uses: synthetic tasks whose optimum is
+known (tests), guard rails next to learned models (a repetition penalty), and a real
+objective on data without a trained model.
+
+  token_class     +value at every response token of a class (token ids or a regex on the
+                  token's text); scalar = the sum
+  prompt_overlap  a relevance-like rule: +value where a content word of the prompt is
+                  first mentioned, -repeat_penalty where a word trigram repeats; rewards
+                  land on the token that completes the word, like fine-grained segment
+                  rewards land on segment ends
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .base import RewardBatch, Rewards, register_kind, write_descriptor
+
+_WORD = re.compile(r"[A-Za-z0-9]+(?:'[a-z]+)?")
+_STOPWORDS = frozenset(
+    "a an the and or but if of to in on at by for with from as is are was were be been being do does did "
+    "what which who whom whose when where why how that this these those it its they them their there here "
+    "you your we our i me my he she his her not no yes can could should would will shall may might must "
+    "about into than then so such very more most some any each other answer two three sentences sentence "
+    "explain describe give list name tell short has have had all one get got use used also just".split()
+)
+
+
+def prompt_text(prompt: Any) -> str:
+    """The user's words of a prompt (plain string or chat messages)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m.get("content", "") for m in prompt if m.get("role") != "assistant")
+
+
+def token_char_ends(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
+    """Decoded text of `ids` and, for each token, the character offset where it ends.
+
+    Decodes growing prefixes so multi-byte characters split across tokens land on the
+    token that completes them (n <= a few hundred tokens, so O(n^2) decoding is cheap).
+    """
+    ends, text = [], ""
+    for k in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:k], skip_special_tokens=True)
+        ends.append(len(text))
+    return text, ends
+
+
+def token_at_char(ends: list[int], char: int) -> int:
+    """Index of the token whose text covers character `char`."""
+    for k, end in enumerate(ends):
+        if end > char:
+            return k
+    return len(ends) - 1
+
+
+class _Rule:
+    kind: ClassVar[str] = "rules"
+    rule: ClassVar[str] = ""
+
+    def params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def save(self, path: Path) -> None:
+        write_descriptor(Path(path), self.kind, rule=self.rule, **self.params())
+
+    def dense_for(self, prompt: Any, ids: list[int], tokenizer) -> list[float]:
+        raise NotImplementedError
+
+    def score(self, batch: RewardBatch) -> Rewards:
+        if batch.response_token_ids is None or batch.policy_tokenizer is None:
+            raise ValueError(f"the {self.rule} rule needs response_token_ids and policy_tokenizer in the batch")
+        rows = [self.dense_for(p, ids, batch.policy_tokenizer) for p, ids in zip(batch.prompts, batch.response_token_ids)]
+        width = max((len(r) for r in rows), default=0)
+        dense = torch.zeros(len(rows), width)
+        for b, row in enumerate(rows):
+            dense[b, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        return Rewards(scalar=dense.sum(1), dense=dense)
+
+
+class TokenClassReward(_Rule):
+    """+value for each response token in the class; -penalty for each one outside it."""
+
+    rule = "token_class"
+
+    def __init__(self, token_ids: list[int] | None = None, pattern: str | None = None, value: float = 1.0,
+                 penalty: float = 0.0, name: str = "token_class"):
+        if (token_ids is None) == (pattern is None):
+            raise ValueError("token_class: give exactly one of token_ids or pattern")
+        self.token_ids = sorted(set(token_ids)) if token_ids is not None else None
+        self.pattern = pattern
+        self._regex = re.compile(pattern) if pattern is not None else None
+        self._ids = frozenset(self.token_ids or ())
+        self.value, self.penalty, self.name = value, penalty, name
+        self._cache: dict[int, bool] = {}
+
+    def params(self) -> dict[str, Any]:
+        return {"token_ids": self.token_ids, "pattern": self.pattern, "value": self.value, "penalty": self.penalty,
+                "name": self.name}
+
+    def member(self, token_id: int, tokenizer) -> bool:
+        if self._regex is None:
+            return token_id in self._ids
+        if token_id not in self._cache:
+            self._cache[token_id] = bool(self._regex.search(tokenizer.decode([token_id])))
+        return self._cache[token_id]
+
+    def dense_for(self, prompt, ids, tokenizer) -> list[float]:
+        return [self.value if self.member(t, tokenizer) else -self.penalty for t in ids]
+
+
+class PromptOverlapReward(_Rule):
+    """Relevance by rule: first mention of each prompt content word earns `value` at the token
+    that completes it; each repeated word trigram costs `repeat_penalty` at its last token."""
+
+    rule = "prompt_overlap"
+
+    def __init__(self, value: float = 1.0, repeat_penalty: float = 0.5, min_word_length: int = 3,
+                 name: str = "prompt_overlap"):
+        self.value, self.repeat_penalty, self.min_word_length, self.name = value, repeat_penalty, min_word_length, name
+
+    def params(self) -> dict[str, Any]:
+        return {"value": self.value, "repeat_penalty": self.repeat_penalty, "min_word_length": self.min_word_length,
+                "name": self.name}
+
+    def content_words(self, prompt: Any) -> set[str]:
+        words = (w.lower() for w in _WORD.findall(prompt_text(prompt)))
+        return {w for w in words if len(w) >= self.min_word_length and w not in _STOPWORDS}
+
+    def dense_for(self, prompt, ids, tokenizer) -> list[float]:
+        rewards = [0.0] * len(ids)
+        if not ids:
+            return rewards
+        text, ends = token_char_ends(tokenizer, ids)
+        wanted, seen_trigrams = self.content_words(prompt), set()
+        words = [(m.group().lower(), m.end()) for m in _WORD.finditer(text)]
+        for i, (word, end) in enumerate(words):
+            at = token_at_char(ends, end - 1)
+            if word in wanted:
+                rewards[at] += self.value
+                wanted.discard(word)
+            if i >= 2:
+                trigram = (words[i - 2][0], words[i - 1][0], word)
+                if trigram in seen_trigrams:
+                    rewards[at] -= self.repeat_penalty
+                seen_trigrams.add(trigram)
+        return rewards
+
+
+RULES: dict[str, type[_Rule]] = {cls.rule: cls for cls in (TokenClassReward, PromptOverlapReward)}
+
+
+def build_rule(spec: dict[str, Any]) -> _Rule:
+    """`{"rule": "token_class", ...params}` -> a rule reward model; errors name the bad key."""
+    spec = dict(spec)
+    name = spec.pop("rule", None)
+    if name not in RULES:
+        raise ValueError(f"unknown rule {name!r}: expected one of {', '.join(sorted(RULES))}")
+    try:
+        return RULES[name](**spec)
+    except TypeError as exc:
+        raise ValueError(f"rule '{name}': {exc}") from None
+
+
+def load(path: Path) -> _Rule:
+    import json
+
+    info = json.loads((Path(path) / "reward_model.json").read_text())
+    info.pop("kind", None)
+    return build_rule(info)
+
+
+register_kind("rules", load)

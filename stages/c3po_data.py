@@ -1,0 +1,276 @@
+"""c3po_data: from one verbal feedback to C3PO's training data (Stephan et al., 2024).
+
+1. A generator LLM (local or OpenAI-compatible) proposes categories of situations around the
+   feedback's topic, then per category *in-scope* prompts (the feedback applies) and
+   *near-scope* prompts (related, it must not apply), plus *out-of-scope* general prompts.
+   Prompts can also come ready-made from the `prompts` input (columns prompt, scope[, split]).
+2. The current model (the pipeline's model, plus `adapter` if given) answers every prompt:
+   the baseline replies.
+3. In-scope baselines are revised to apply the feedback, by the generator LLM or, for a
+   feedback whose application is mechanical, by `revision_template` (e.g. "Chef's tip: {response}").
+   With a programmatic metric, revisions that still fail it are dropped.
+A share of each scope is held out (`eval_prompts`) for `evaluate_feedback`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pipeline.generation import SamplingSettings
+from pipeline.records import load_rows, save_rows
+from pipeline.stage import Input, Output, Stage, StageConfig
+from trainers.feedback_eval import SCOPES, MetricSpec
+from trainers.generators import GeneratorSettings
+
+TOPIC_PROMPT = (
+    "Here is a piece of feedback a user gave an AI assistant:\n\"{feedback}\"\n\n"
+    "In a few words, what kind of requests does this feedback apply to? Reply with the short phrase only."
+)
+CATEGORIES_PROMPT = (
+    "Topic: {topic}\n\nList {count} broad but distinct categories of situations in which a user asks an AI assistant "
+    "something that falls under this topic. Output a numbered list, one category per line, and nothing else."
+)
+IN_SCOPE_PROMPT = (
+    "Topic: {topic}\nCategory: {category}\n\nWrite {count} different requests a user could send to an AI assistant. "
+    "Each must clearly fall under the topic and the category, so that this feedback would apply to the reply: "
+    "\"{feedback}\". Make each request specific and self-contained, 1-2 sentences. "
+    "Output a numbered list, one request per line, and nothing else."
+)
+NEAR_SCOPE_PROMPT = (
+    "Topic: {topic}\nCategory: {category}\n\nWrite {count} different requests a user could send to an AI assistant "
+    "that are closely related to the category but fall OUTSIDE the topic, so that this feedback would NOT apply to the "
+    "reply: \"{feedback}\". Make each request specific and self-contained, 1-2 sentences. "
+    "Output a numbered list, one request per line, and nothing else."
+)
+OUT_OF_SCOPE_PROMPT = (
+    "Write {count} different everyday requests a user could send to an AI assistant about {category}. "
+    "Make each request specific and self-contained, 1-2 sentences. Output a numbered list, one request per line, and nothing else."
+)
+REVISE_PROMPT = (
+    "Rewrite the reply below so that it follows the feedback. Keep everything else as it is. "
+    "Output only the rewritten reply.\n\nFeedback: {feedback}\n\nRequest: {prompt}\n\nReply: {response}"
+)
+GENERAL_CATEGORIES = ["science", "history", "geography", "personal finance", "programming", "sports", "travel planning",
+                      "health and fitness", "music", "mathematics", "careers", "home repair"]
+_LIST_ITEM = re.compile(r"^\s*(?:\d+\s*[.):]|[-*\u2022])\s*(.+?)\s*$")
+
+
+class C3poDataConfig(StageConfig):
+    feedback: str | None = Field(default=None, description="the verbal feedback; else from the `feedback` input")
+    feedback_id: str | None = Field(default=None, description="which record of the `feedback` input (default: the only one)")
+    topic: str | None = Field(default=None, description="where the feedback applies; else the record's scope, else asked")
+    metric: MetricSpec | None = Field(default=None, description="programmatic check or judge; filters revisions, used by evaluation")
+    generator: GeneratorSettings = Field(default_factory=GeneratorSettings)
+    num_categories: int = Field(default=4, ge=1)
+    prompts_per_category: int = Field(default=5, ge=1)
+    out_of_scope_categories: list[str] = Field(default_factory=lambda: list(GENERAL_CATEGORIES[:4]))
+    eval_fraction: float = Field(default=0.3, ge=0, lt=1, description="held out per scope when prompts have no split")
+    baseline_sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=128, temperature=0.7))
+    reviser: Literal["generator", "template"] = "generator"
+    revision_template: str | None = Field(default=None, description="reviser template: e.g. \"Chef's tip: {response}\"")
+    filter_revisions: bool = Field(default=True, description="drop revisions that fail a programmatic metric")
+    batch_size: int = Field(default=8, ge=1)
+    device: str | None = None
+
+
+def parse_list(text: str) -> list[str]:
+    """Items of a numbered or bulleted list, quotes stripped; plain lines when there is no list."""
+    items = [m.group(1) for line in text.splitlines() if (m := _LIST_ITEM.match(line))]
+    if not items:
+        items = [line.strip() for line in text.splitlines() if line.strip()]
+    return [item.strip().strip('"').strip() for item in items if len(item.strip().strip('"')) > 3]
+
+
+def dedupe(items: list[str]) -> list[str]:
+    seen, out = set(), []
+    for item in items:
+        key = re.sub(r"\W+", " ", item.lower()).strip()
+        if key and key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
+
+
+def row_id(scope: str, prompt: str) -> str:
+    return hashlib.sha1(f"{scope}\n{prompt}".encode()).hexdigest()[:12]
+
+
+def pick_feedback(cfg: C3poDataConfig, path) -> tuple[str, str | None]:
+    """(feedback, topic) from the config or a VerbalFeedback / JSONL input."""
+    if cfg.feedback:
+        return cfg.feedback, cfg.topic
+    if path is None:
+        raise ValueError("c3po_data needs a feedback: set `feedback:` or give a `feedback` input")
+    rows = load_rows(path, what="verbal feedback")
+    if cfg.feedback_id is not None:
+        rows = [r for r in rows if str(r.get("id")) == cfg.feedback_id]
+        if not rows:
+            raise ValueError(f"{path}: no record with id '{cfg.feedback_id}'")
+    texts = {str(r.get("critique") or r.get("feedback") or "") for r in rows} - {""}
+    if not texts:
+        raise ValueError(f"{path}: no record has a 'critique' (or 'feedback') field")
+    if len(texts) > 1:
+        raise ValueError(f"{path}: {len(texts)} different feedbacks; C3PO learns one at a time: set feedback_id")
+    return texts.pop(), cfg.topic or next((r.get("scope") for r in rows if r.get("scope")), None)
+
+
+class C3poDataStage(Stage):
+    uses = "c3po_data"
+    summary = "C3PO data: scoped prompts, baseline replies, feedback-applying revisions."
+    Config = C3poDataConfig
+    inputs = {
+        "feedback": Input(("verbal_feedback",), required=False, doc="VerbalFeedback records (or JSONL with critique)"),
+        "prompts": Input(("prompts",), required=False, doc="ready-made prompts: prompt, scope[, split, category]"),
+        "adapter": Input(("adapter",), required=False, doc="the current policy's adapter (baselines come from it)"),
+    }
+    outputs = {
+        "train": Output("c3po_data", doc="rows: scope, prompt, baseline, revised (in-scope)"),
+        "eval_prompts": Output("prompts", doc="held-out prompts with scope, feedback and metric"),
+    }
+    default_num_cpus = float("inf")
+    non_semantic_fields = frozenset({"device", "batch_size"})
+
+    def run(self):
+        from pipeline.models import device_policy, load_causal_lm, load_tokenizer
+        from trainers.generators import make_generator
+
+        cfg: C3poDataConfig = self.config
+        ctx = self.ctx
+        feedback, topic = pick_feedback(cfg, ctx.input("feedback"))
+        ctx.log.info("feedback: %s", feedback)
+        policy = device_policy(cfg.device)
+        tokenizer = load_tokenizer(ctx.model)
+        model = load_causal_lm(ctx.model, policy, adapter=ctx.input("adapter")).eval()
+        needs_generator = ctx.input("prompts") is None or cfg.reviser == "generator"
+        generator = make_generator(cfg.generator, ctx.model, cfg.device, model, tokenizer) if needs_generator else None
+
+        if ctx.input("prompts") is not None:
+            prompts = self.given_prompts()
+        else:
+            prompts = self.generated_prompts(generator, feedback, topic)
+        train = [p for p in prompts if p["split"] == "train"]
+        held_out = [p for p in prompts if p["split"] == "eval"]
+        for scope in SCOPES:
+            if not any(p["scope"] == scope for p in train):
+                raise ValueError(f"no training prompts of scope {scope}; give more prompts or lower eval_fraction")
+
+        ctx.log.info("baseline replies for %d prompts from %s", len(train), ctx.model)
+        from pipeline.generation import chat_generate
+
+        replies = chat_generate(model, tokenizer, [[{"role": "user", "content": p["prompt"]}] for p in train],
+                                cfg.baseline_sampling, 1, cfg.batch_size, ctx.seed,
+                                on_batch=lambda done, total: ctx.log.info("baselines: batch %d/%d", done, total))
+        for row, reply in zip(train, replies):
+            row["baseline"], row["baseline_finished"] = reply[0].text, reply[0].finished
+
+        in_scope = [p for p in train if p["scope"] == "in_scope"]
+        revised = self.revise(generator, feedback, in_scope)
+        dropped = 0
+        for row, text in zip(in_scope, revised):
+            # a template revision of a cut-off reply is cut off too: no end-of-turn for either
+            row["revised"], row["revised_finished"] = text, row["baseline_finished"] if cfg.reviser == "template" else True
+        for row in train:
+            row.setdefault("revised", "")
+            row.setdefault("revised_finished", True)
+        if cfg.filter_revisions and cfg.metric is not None and cfg.metric.kind != "judge":
+            from trainers.feedback_eval import applies
+
+            keep = [r for r in train if r["scope"] != "in_scope" or (applies(cfg.metric, r["revised"]) and r["revised"] != r["baseline"])]
+            dropped = len(train) - len(keep)
+            train = keep
+        if not any(r["scope"] == "in_scope" for r in train):
+            raise ValueError("every revision failed the metric: no in-scope pair is left (check reviser / metric)")
+
+        metric_json = cfg.metric.model_dump_json(exclude_none=True) if cfg.metric else ""
+        for row in train + held_out:
+            row["feedback"], row["metric"] = feedback, metric_json
+        save_rows(train, ctx.output("train"))
+        save_rows([{k: r[k] for k in ("id", "prompt", "scope", "category", "feedback", "metric")} for r in held_out],
+                  ctx.output("eval_prompts"))
+        counts = {f"train_{s}": sum(r["scope"] == s for r in train) for s in SCOPES}
+        counts.update({f"eval_{s}": sum(r["scope"] == s for r in held_out) for s in SCOPES})
+        return {**counts, "revisions_dropped": dropped}
+
+    # ------------------------------------------------------------------ prompts
+
+    def given_prompts(self) -> list[dict[str, Any]]:
+        path = self.ctx.input("prompts")
+        rows = load_rows(path, required=["prompt", "scope"], what="scoped prompts")
+        out = []
+        for i, row in enumerate(rows):
+            if row["scope"] not in SCOPES:
+                raise ValueError(f"{path} row {i}: field 'scope': '{row['scope']}' is not one of {', '.join(SCOPES)}")
+            split = row.get("split")
+            if split not in (None, "", "train", "eval"):
+                raise ValueError(f"{path} row {i}: field 'split': '{split}' is not train or eval")
+            out.append({"id": str(row.get("id") or row_id(row["scope"], row["prompt"])), "prompt": str(row["prompt"]),
+                        "scope": row["scope"], "category": str(row.get("category") or ""), "split": split or ""})
+        return self.assign_splits(out)
+
+    def assign_splits(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows without a split: a seeded `eval_fraction` of each scope is held out."""
+        rng = random.Random(self.ctx.seed)
+        for scope in SCOPES:
+            free = [r for r in rows if r["scope"] == scope and not r["split"]]
+            rng.shuffle(free)
+            n_eval = round(len(free) * self.config.eval_fraction)
+            for k, row in enumerate(free):
+                row["split"] = "eval" if k < n_eval else "train"
+        return rows
+
+    def generated_prompts(self, generator, feedback: str, topic: str | None) -> list[dict[str, Any]]:
+        cfg: C3poDataConfig = self.config
+        log, seed = self.ctx.log, self.ctx.seed
+        if not topic:
+            topic = generator.complete([[{"role": "user", "content": TOPIC_PROMPT.format(feedback=feedback)}]], seed)[0]
+            topic = topic.strip().splitlines()[0].strip(" .\"") if topic.strip() else feedback
+        log.info("topic: %s", topic)
+        ask = CATEGORIES_PROMPT.format(topic=topic, count=cfg.num_categories)
+        categories = dedupe(parse_list(generator.complete([[{"role": "user", "content": ask}]], seed)[0]))[: cfg.num_categories]
+        if not categories:
+            raise ValueError(f"the generator ({generator.name}) proposed no categories for topic '{topic}'")
+        log.info("categories: %s", "; ".join(categories))
+        jobs: list[tuple[str, str, str]] = []
+        for category in categories:
+            jobs.append(("in_scope", category, IN_SCOPE_PROMPT.format(topic=topic, category=category, count=cfg.prompts_per_category, feedback=feedback)))
+            jobs.append(("near_scope", category, NEAR_SCOPE_PROMPT.format(topic=topic, category=category, count=cfg.prompts_per_category, feedback=feedback)))
+        for category in cfg.out_of_scope_categories:
+            jobs.append(("out_of_scope", category, OUT_OF_SCOPE_PROMPT.format(category=category, count=cfg.prompts_per_category)))
+        answers = generator.complete([[{"role": "user", "content": j[2]}] for j in jobs], seed + 1)
+        rows, seen = [], set()
+        for (scope, category, _), answer in zip(jobs, answers):
+            for prompt in parse_list(answer)[: cfg.prompts_per_category]:
+                key = re.sub(r"\W+", " ", prompt.lower()).strip()
+                if key in seen:
+                    continue
+                seen.add(key)
+                rows.append({"id": row_id(scope, prompt), "prompt": prompt, "scope": scope, "category": category, "split": ""})
+        log.info("generated prompts: %s", ", ".join(f"{s}={sum(r['scope'] == s for r in rows)}" for s in SCOPES))
+        return self.assign_splits(rows)
+
+    # ------------------------------------------------------------------ revisions
+
+    def revise(self, generator, feedback: str, rows: list[dict[str, Any]]) -> list[str]:
+        cfg: C3poDataConfig = self.config
+        if cfg.reviser == "template":
+            if not cfg.revision_template or "{response}" not in cfg.revision_template:
+                raise ValueError("reviser: template needs revision_template containing {response}")
+            return [cfg.revision_template.format(response=r["baseline"], prompt=r["prompt"]) for r in rows]
+        asks = [[{"role": "user", "content": REVISE_PROMPT.format(feedback=feedback, prompt=r["prompt"], response=r["baseline"])}]
+                for r in rows]
+        self.ctx.log.info("revising %d in-scope replies with %s", len(rows), generator.name)
+        return generator.complete(asks, self.ctx.seed + 2)
+
+
+def metric_from_rows(rows: list[dict[str, Any]]) -> MetricSpec | None:
+    """The metric c3po_data stored with its prompts (a JSON string column), if any."""
+    for row in rows:
+        if row.get("metric"):
+            return MetricSpec.model_validate(json.loads(row["metric"]))
+    return None

@@ -1,0 +1,94 @@
+"""evaluate_feedback: adherence and overgeneralization of any adapter (C3PO, CUT, CoH, DPO...)
+against the base model and the in-context baseline (trainers/feedback_eval.py).
+
+Adds a section to the run report: a bar chart per evaluation stage.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from pipeline import report
+from pipeline.records import load_rows, save_rows
+from pipeline.stage import Input, Output, Stage, StageConfig
+from trainers.feedback_eval import EvalSettings, MetricSpec
+
+EVALUATING_STAGES = ("evaluate_feedback", "c3po")
+
+
+class EvaluateFeedbackConfig(EvalSettings, StageConfig):
+    feedback: str | None = Field(default=None, description="default: the prompts' `feedback` column")
+    metric: MetricSpec | None = Field(default=None, description="default: the prompts' `metric` column (from c3po_data)")
+    device: str | None = None
+
+
+class EvaluateFeedbackStage(Stage):
+    uses = "evaluate_feedback"
+    summary = "Adherence (in-scope) and overgeneralization (near/out-of-scope) vs base and in-context."
+    Config = EvaluateFeedbackConfig
+    inputs = {
+        "prompts": Input(("prompts",), doc="held-out prompts with a scope column (in_scope/near_scope/out_of_scope)"),
+        "adapter": Input(("adapter",), required=False, doc="the trained adapter (condition 'trained')"),
+    }
+    outputs = {"evaluation": Output("evaluation", doc="one row per prompt and condition: reply, applied")}
+    default_num_cpus = float("inf")
+    non_semantic_fields = frozenset({"device", "batch_size"})
+
+    def run(self):
+        from stages.c3po_data import metric_from_rows
+        from trainers.feedback_eval import evaluate
+
+        cfg: EvaluateFeedbackConfig = self.config
+        path = self.ctx.input("prompts")
+        prompts = load_rows(path, required=["prompt", "scope"], what="scoped prompts")
+        feedback = cfg.feedback or next((r["feedback"] for r in prompts if r.get("feedback")), None)
+        metric = cfg.metric or metric_from_rows(prompts)
+        if not feedback:
+            raise ValueError(f"{path}: no `feedback` column; set feedback: in the stage config")
+        if metric is None:
+            raise ValueError(f"{path}: no `metric` column; set metric: in the stage config (e.g. {{kind: starts_with, value: ...}})")
+        settings = EvalSettings(**{k: getattr(cfg, k) for k in EvalSettings.model_fields})
+        rows, summary = evaluate(self.ctx.model, self.ctx.input("adapter"), prompts, feedback, metric, settings,
+                                 self.ctx.seed, cfg.device, self.ctx.log)
+        save_rows(rows, self.ctx.output("evaluation"))
+        return summary
+
+
+def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
+    """Bars of adherence / overgeneralization per condition for each evaluating stage."""
+    parts = []
+    for name, manifest in manifests.items():
+        metrics = manifest.get("metrics", {})
+        if manifest.get("uses") not in EVALUATING_STAGES or not any(k.startswith("adherence/") for k in metrics):
+            continue
+        conditions = [c for c in ("base", "in_context", "trained") if f"adherence/{c}" in metrics]
+        groups = [("adherence", "adherence (in-scope) ↑"), ("overgen_near", "applied near-scope ↓"), ("overgen_out", "applied out-of-scope ↓")]
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        width = 0.8 / max(len(conditions), 1)
+        for i, condition in enumerate(conditions):
+            values = [metrics.get(f"{g}/{condition}", 0.0) for g, _ in groups]
+            ax.bar([x + i * width for x in range(len(groups))], values, width, label=condition)
+        ax.set_xticks([x + width * (len(conditions) - 1) / 2 for x in range(len(groups))], [label for _, label in groups])
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{name}: does the reply apply the feedback?")
+        fig.tight_layout()
+        rows = "".join(f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{metrics.get(f'{g}/{c}', float('nan')):.2f}</td>" for g, _ in groups)
+                       + "</tr>" for c in conditions)
+        parts.append(f"<h2>{html.escape(name)}: feedback adherence</h2><table><tr><th>condition</th>"
+                     + "".join(f"<th>{html.escape(label)}</th>" for _, label in groups) + f"</tr>{rows}</table>"
+                     + report.figure_html(fig))
+    return "\n".join(parts)
+
+
+if report_section not in report.SECTIONS:
+    report.SECTIONS.append(report_section)

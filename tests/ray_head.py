@@ -1,0 +1,148 @@
+"""A throwaway Ray head on 127.0.0.1 for tests: `ray start --head` in its own session.
+
+Stopping it ends exactly the processes of that session (SIGTERM, then SIGKILL after a
+grace period) -- `ray stop` would also kill every other Ray on the machine, including other
+people's. Token auth is on for the head and for this process (RAY_AUTH_MODE=token both sides).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+RAY_BIN = Path(sys.executable).with_name("ray")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RayHead:
+    gcs_address: str  # for `heedful run --address` / ray.init
+    dashboard: str  # for `heedful submit --address` / JobSubmissionClient
+    session: int  # process session id: every process of this cluster
+    env: dict[str, str]
+    temp_dir: Path
+
+    def processes(self):
+        import psutil
+
+        out = []
+        for proc in psutil.process_iter(["name"]):
+            try:
+                if os.getsid(proc.pid) == self.session:
+                    out.append(proc)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        return out
+
+    def train_workers(self):
+        """Live Ray Train worker processes of this cluster."""
+        import psutil
+
+        found = []
+        for proc in self.processes():
+            try:
+                if "RayTrainWorker" in " ".join(proc.cmdline()):
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+
+def head_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
+               RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # jobs run `python`
+    env.update(extra or {})
+    return env
+
+
+@contextmanager
+def ray_head(num_cpus: int = 2, startup_timeout: float = 120.0):
+    port, dashboard_port, client_port = free_port(), free_port(), free_port()
+    temp_dir = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    env = head_env()
+    os.environ["RAY_AUTH_MODE"] = "token"  # this process talks to the head too
+    log = (temp_dir / "ray-start.log").open("w")
+    proc = subprocess.Popen(
+        [str(RAY_BIN), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+         "--ray-client-server-port", str(client_port), "--num-cpus", str(num_cpus), "--temp-dir", str(temp_dir),
+         "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", proc.pid, env, temp_dir)
+    try:
+        _wait_for_dashboard(head, proc, startup_timeout)
+        yield head
+    finally:
+        _stop(head, proc)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_dashboard(head: RayHead, proc: subprocess.Popen, timeout: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}: see {head.temp_dir / 'ray-start.log'}")
+        try:
+            with urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=2):
+                return
+        except urllib.error.HTTPError:  # up, and asking for the token
+            return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"Ray dashboard at {head.dashboard} did not come up in {timeout:.0f}s")
+
+
+def _stop(head: RayHead, proc: subprocess.Popen, grace: float = 8.0) -> None:
+    """End every process of the head's session, gracefully first."""
+    import psutil
+
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        pass
+    procs = head.processes()
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    left = head.processes()
+    if left:
+        raise RuntimeError(f"Ray head left processes behind: {[p.pid for p in left]}")

@@ -1,0 +1,223 @@
+"""C3PO: each loss term against hand computation, the trainer's batched loss against
+unbatched forward passes on `tiny`, and the stages end to end on `tiny`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pipeline.config import pipeline_from_dict
+from pipeline.records import load_rows, write_jsonl
+from pipeline.runner import Runner
+from trainers.c3po import C3POCollator, build_examples, c3po_loss, completion_nll, dpo_loss, kl_to_reference
+
+FEEDBACK = "When I ask about cooking, start your answer with \"Chef's tip:\"."
+METRIC = {"kind": "starts_with", "value": "Chef's tip:"}
+
+
+def test_dpo_term_by_hand():
+    losses, chosen, rejected = dpo_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0]),
+                                        torch.tensor([-1.5, -2.0]), torch.tensor([-2.5, -1.5]), beta=0.1)
+    # pair 1: rewards 0.1*0.5 = 0.05 and 0.1*(-0.5) = -0.05 -> -log sigmoid(0.1)
+    # pair 2: rewards 0 and 0.1*0.5 = 0.05 -> -log sigmoid(-0.05)
+    assert chosen.tolist() == pytest.approx([0.05, 0.0])
+    assert rejected.tolist() == pytest.approx([-0.05, 0.05])
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-0.1)), math.log1p(math.exp(0.05))], rel=1e-6)
+
+
+def test_nll_term_by_hand():
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -4.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert completion_nll(logps, mask).item() == pytest.approx(((1 + 2) + 0.5) / 2)  # per reply, mean of replies
+    assert completion_nll(logps, mask, "token").item() == pytest.approx((1 + 2 + 0.5) / 3)
+
+
+def test_kl_term_by_hand():
+    ref = torch.tensor([[[0.0, 0.0], [5.0, 1.0]]])            # position 0: p = (1/2, 1/2)
+    pol = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])  # position 0: q = (3/4, 1/4)
+    mask = torch.tensor([[1.0, 0.0]])                         # position 1 is not a completion position
+    expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert kl_to_reference(pol, ref, mask).item() == pytest.approx(expected, rel=1e-6)
+    two = kl_to_reference(pol.repeat(2, 1, 1), ref.repeat(2, 1, 1), torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    p1 = [math.exp(5) / (math.exp(5) + math.e), math.e / (math.exp(5) + math.e)]  # position 1 vs q = (1/2, 1/2)
+    row2 = expected + sum(pi * math.log(pi / 0.5) for pi in p1)
+    assert two.item() == pytest.approx((expected + row2) / 2, rel=1e-5)
+    assert kl_to_reference(pol.repeat(2, 1, 1), ref.repeat(2, 1, 1), torch.tensor([[1.0, 0.0], [1.0, 1.0]]), reduction="token").item() \
+        == pytest.approx((expected + row2) / 3, rel=1e-5)
+    q = [math.sqrt(3) / (1 + math.sqrt(3)), 1 / (1 + math.sqrt(3))]  # softmax of logits / 2
+    expected_t2 = 4 * sum(0.5 * math.log(0.5 / qi) for qi in q)
+    assert kl_to_reference(pol, ref, mask, temperature=2.0).item() == pytest.approx(expected_t2, rel=1e-6)
+    assert kl_to_reference(ref, ref, torch.ones(1, 2)).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_total_loss_by_hand():
+    total = c3po_loss(torch.tensor([0.6, 0.8]), out_of_scope=torch.tensor(2.0), near_scope=torch.tensor(3.0))
+    assert total.item() == pytest.approx(0.7 + 0.2 * 2.0 + 0.1 * 3.0)  # defaults sigma_soft 0.2, sigma_hard 0.1
+
+
+def _rows():
+    in_scope = [{"prompt": "How do I boil an egg?", "baseline": "Boil it for seven minutes.", "revised": "Chef's tip: boil it for seven minutes."},
+                {"prompt": "How do I cook rice?", "baseline": "Use two cups of water per cup.", "baseline_finished": False,
+                 "revised": "Chef's tip: use two cups of water.", "revised_finished": False}]
+    near = [{"prompt": "How many calories are in a banana?", "baseline": "About one hundred."}]
+    out = [{"prompt": "What is the capital of Peru?", "baseline": "Lima."}, {"prompt": "Why is the sky blue?", "baseline": "Scattering."}]
+    return in_scope, near, out
+
+
+def test_examples_cycle_scopes_and_mark_unfinished(tiny_model_path):
+    from pipeline.models import load_tokenizer
+
+    tok = load_tokenizer("tiny", padding_side="right")
+    in_scope, near, out = _rows()
+    examples = build_examples(tok, in_scope, near, out, max_length=64)
+    assert len(examples) == 2  # the largest scope sets the length; near-scope is cycled
+    assert examples[0]["near_completion"] == examples[1]["near_completion"]
+    assert examples[0]["rejected_completion"][-1] == tok.eos_token_id  # finished reply ends the turn
+    assert examples[1]["rejected_completion"][-1] != tok.eos_token_id  # cut-off reply does not
+    assert tok.decode(examples[0]["chosen_completion"][:-1]) == "Chef's tip: boil it for seven minutes."
+    with pytest.raises(ValueError, match="every scope"):
+        build_examples(tok, in_scope, [], out, max_length=64)
+
+
+@pytest.mark.parametrize("regularizer,reduction", [("nll", "sequence"), ("kl", "sequence"), ("nll", "token"), ("kl", "token")])
+def test_trainer_loss_matches_unbatched_computation(tmp_path, tiny_model_path, regularizer, reduction):
+    """The padded 4-role batch gives the same loss as separate forward passes per sequence."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from pipeline.models import device_policy, load_causal_lm, load_tokenizer
+    from trainers.c3po import C3POTrainer
+
+    tok = load_tokenizer("tiny", padding_side="right")
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm("tiny"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():  # make the policy differ from the reference (LoRA B starts at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    in_scope, near, out = _rows()
+    examples = build_examples(tok, in_scope, near, out, max_length=64)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", **device_policy().trainer_kwargs())
+    trainer = C3POTrainer(model=model, args=args, train_dataset=examples, data_collator=C3POCollator(tok.pad_token_id),
+                          beta=0.1, sigma_soft=0.2, sigma_hard=0.1, regularizer=regularizer, reduction=reduction)
+    model.eval()
+    batch = C3POCollator(tok.pad_token_id)(examples)
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch).item()
+
+    def seq(m, prompt, completion):
+        ids = torch.tensor([prompt + completion])
+        logits = m(ids).logits[0, :-1]
+        logp = torch.log_softmax(logits, -1)[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
+        return logp[len(prompt) - 1 :], logits[len(prompt) - 1 :]
+
+    dpo, near_tokens, out_tokens, near_kl, out_kl = [], [], [], [], []  # one list of token values per reply
+    with torch.no_grad():
+        for ex in examples:
+            pc, pr = seq(model, ex["chosen_prompt"], ex["chosen_completion"])[0].sum(), seq(model, ex["rejected_prompt"], ex["rejected_completion"])[0].sum()
+            with model.disable_adapter():
+                rc, rr = seq(model, ex["chosen_prompt"], ex["chosen_completion"])[0].sum(), seq(model, ex["rejected_prompt"], ex["rejected_completion"])[0].sum()
+            dpo.append(-torch.nn.functional.logsigmoid(0.1 * ((pc - rc) - (pr - rr))))
+            for role, tokens, kls in (("near", near_tokens, near_kl), ("out", out_tokens, out_kl)):
+                logp, logits = seq(model, ex[f"{role}_prompt"], ex[f"{role}_completion"])
+                tokens.append((-logp).tolist())
+                with model.disable_adapter():
+                    ref_logits = seq(model, ex[f"{role}_prompt"], ex[f"{role}_completion"])[1]
+                p_ref = torch.softmax(ref_logits, -1)
+                kls.append((p_ref * (torch.log_softmax(ref_logits, -1) - torch.log_softmax(logits, -1))).sum(-1).tolist())
+
+    def reduced(per_reply):
+        if reduction == "token":
+            return sum(map(sum, per_reply)) / sum(map(len, per_reply))
+        return sum(map(sum, per_reply)) / len(per_reply)
+
+    near_term, out_term = (reduced(near_tokens), reduced(out_tokens)) if regularizer == "nll" else (reduced(near_kl), reduced(out_kl))
+    assert near_term > 0
+    expected = torch.stack(dpo).mean().item() + 0.2 * out_term + 0.1 * near_term
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def scoped_prompts(path, per_scope=5):
+    rows = [json.loads(line) for line in open(path_to_demo_prompts())]
+    picked = []
+    for scope in ("in_scope", "near_scope", "out_of_scope"):
+        picked += [r for r in rows if r["scope"] == scope][:per_scope]
+    write_jsonl(picked, path)
+    return path
+
+
+def path_to_demo_prompts():
+    from pipeline.paths import resolve_data_ref
+
+    return resolve_data_ref("data:c3po/cooking_prompts.jsonl")
+
+
+def test_c3po_stages_on_tiny(tmp_path, tiny_model_path):
+    prompts = scoped_prompts(tmp_path / "prompts.jsonl")
+    train = {"max_steps": 6, "per_device_train_batch_size": 2, "max_length": 64, "learning_rate": 5e-3,
+             "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+    pipe = {"run_name": "c3po-tiny", "model": "tiny", "stages": [
+        {"name": "data", "uses": "c3po_data", "inputs": {"prompts": str(prompts)},
+         "with": {"feedback": FEEDBACK, "metric": METRIC, "reviser": "template", "revision_template": "Chef's tip: {response}",
+                  "baseline_sampling": {"max_new_tokens": 8}}},
+        {"name": "align", "uses": "c3po", "inputs": {"data": "data.train", "eval_prompts": "data.eval_prompts"},
+         "with": {**train, "evaluation": {"sampling": {"max_new_tokens": 6, "temperature": 0.0}}}},
+        {"name": "check", "uses": "evaluate_feedback", "inputs": {"prompts": "data.eval_prompts", "adapter": "align.adapter"},
+         "with": {"conditions": ["trained"], "sampling": {"max_new_tokens": 6, "temperature": 0.0}}},
+    ]}
+    result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert result.ok, [r.error for r in result.records]
+    run = result.run_dir
+    train_rows = load_rows(run / "data" / "train")
+    held_out = load_rows(run / "data" / "eval_prompts")
+    assert sorted({r["scope"] for r in train_rows}) == ["in_scope", "near_scope", "out_of_scope"]
+    assert all(r["revised"].startswith("Chef's tip: ") for r in train_rows if r["scope"] == "in_scope")
+    assert all(r["revised"] == "" for r in train_rows if r["scope"] != "in_scope")
+    assert {r["prompt"] for r in held_out}.isdisjoint({r["prompt"] for r in train_rows})
+    assert json.loads(held_out[0]["metric"]) == {**METRIC, "case_sensitive": False} and held_out[0]["feedback"] == FEEDBACK
+
+    curves = json.loads((run / "align" / "curves.json").read_text())
+    dpo = [row["loss/dpo"] for row in curves if "loss/dpo" in row]
+    assert dpo[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 0
+    assert dpo[-1] < dpo[0]
+    margins = [row["rewards/margins"] for row in curves if "rewards/margins" in row]
+    assert margins[-1] > margins[0]
+    metrics = json.loads((run / "align" / "manifest.json").read_text())["metrics"]
+    for key in ("adherence/base", "adherence/in_context", "adherence/trained", "overgen_near/trained", "overgen_out_vs_base/trained"):
+        assert key in metrics
+    evaluation = load_rows(run / "align" / "evaluation")
+    assert {r["condition"] for r in evaluation} == {"base", "in_context", "trained"}
+    # the separate evaluation stage on the saved adapter gives the same greedy replies as the built-in one
+    check = load_rows(run / "check" / "evaluation")
+    built_in = {r["prompt"]: r["response"] for r in evaluation if r["condition"] == "trained"}
+    assert {r["prompt"]: r["response"] for r in check} == built_in
+    from pipeline.report import build_report
+
+    page = build_report(run).read_text()
+    assert "align: feedback adherence" in page and "check: feedback adherence" in page
+
+
+def test_c3po_data_rejects_bad_scope(tmp_path, tiny_model_path):
+    write_jsonl([{"prompt": "hi", "scope": "in-scope"}], tmp_path / "bad.jsonl")
+    pipe = {"run_name": "bad", "model": "tiny", "stages": [
+        {"name": "data", "uses": "c3po_data", "inputs": {"prompts": str(tmp_path / "bad.jsonl")},
+         "with": {"feedback": FEEDBACK, "reviser": "template", "revision_template": "X {response}"}}]}
+    result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert not result.ok
+    assert "bad.jsonl row 0: field 'scope'" in result.records[0].error
+
+
+def test_feedback_comes_from_config_or_one_verbal_record(tmp_path):
+    from stages.c3po_data import C3poDataConfig, pick_feedback
+
+    prov = {"source": "convsim", "timestamp": "2024-01-01T00:00:00Z"}
+    write_jsonl([{"id": "a", "prompt": "p", "response": "r", "critique": "Use British spelling.", "scope": "emails to UK customers",
+                  "kind": "verbal", "provenance": prov},
+                 {"id": "b", "prompt": "p", "response": "r", "critique": "Be brief.", "kind": "verbal", "provenance": prov}], tmp_path / "fb.jsonl")
+    assert pick_feedback(C3poDataConfig(feedback="Be kind."), None) == ("Be kind.", None)
+    assert pick_feedback(C3poDataConfig(feedback_id="a"), tmp_path / "fb.jsonl") == ("Use British spelling.", "emails to UK customers")
+    with pytest.raises(ValueError, match="2 different feedbacks; C3PO learns one at a time"):
+        pick_feedback(C3poDataConfig(), tmp_path / "fb.jsonl")

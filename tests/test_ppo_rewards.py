@@ -1,0 +1,124 @@
+"""Rewards for PPO: rule reward models on the real SmolLM2 tokenizer (dense rewards on the
+tokens that earn them) and the multi-objective combination the trainer optimises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from reward_models.base import RewardBatch, Rewards, load_reward_model
+from reward_models.rules import PromptOverlapReward, TokenClassReward, build_rule, token_char_ends
+from trainers.ppo.objectives import Objective, score_objectives
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    from pipeline.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_path))
+
+
+def batch_of(tokenizer, prompts, responses):
+    ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
+    return RewardBatch(prompts=prompts, responses=responses, response_token_ids=ids, policy_tokenizer=tokenizer), ids
+
+
+def test_token_class_rewards_exactly_the_matching_tokens(tokenizer):
+    batch, ids = batch_of(tokenizer, ["q"], ["I have 3 cats and 12 dogs"])
+    rewards = TokenClassReward(pattern=r"\d", value=1.0, penalty=0.25).score(batch)
+    digits = [any(c.isdigit() for c in tokenizer.decode([t])) for t in ids[0]]
+    assert sum(digits) >= 2
+    expected = torch.tensor([1.0 if d else -0.25 for d in digits])
+    assert torch.equal(rewards.dense[0, : len(ids[0])], expected)
+    assert rewards.scalar.item() == pytest.approx(float(expected.sum()))
+
+
+def test_prompt_overlap_rewards_first_mentions_at_the_completing_token_and_penalises_repeats(tokenizer):
+    prompt = [{"role": "user", "content": "Why is the sky blue during the daytime?"}]
+    response = "The sky looks blue because light scatters. The sky looks blue because"
+    batch, ids = batch_of(tokenizer, [prompt], [response])
+    rule = PromptOverlapReward(value=1.0, repeat_penalty=0.5)
+    assert rule.content_words(prompt) == {"sky", "blue", "during", "daytime"}
+    rewards = rule.score(batch)
+    dense = rewards.dense[0, : len(ids[0])]
+    # "sky" and "blue" mentioned (+1 each, once); 3 repeated trigrams (the sky looks / sky looks blue / looks blue because)
+    assert rewards.scalar.item() == pytest.approx(2.0 - 3 * 0.5)
+    text, ends = token_char_ends(tokenizer, ids[0])
+    sky_token = next(k for k, end in enumerate(ends) if end >= text.index("sky") + 3)
+    assert dense[sky_token].item() == pytest.approx(1.0)
+    assert dense[:sky_token].abs().sum().item() == 0.0
+    assert dense[-1].item() == pytest.approx(-0.5)  # "because" completes the last repeated trigram
+
+
+def test_rules_round_trip_through_a_reward_model_folder(tmp_path: Path, tokenizer):
+    rule = build_rule({"rule": "token_class", "token_ids": [5, 9, 5], "value": 0.5})
+    rule.save(tmp_path / "rm")
+    loaded = load_reward_model(tmp_path / "rm")
+    batch = RewardBatch(prompts=["p"], responses=["x"], response_token_ids=[[5, 6, 9]], policy_tokenizer=tokenizer)
+    assert loaded.score(batch).dense.tolist() == [[0.5, 0.0, 0.5]]
+    with pytest.raises(ValueError, match="unknown rule"):
+        build_rule({"rule": "nope"})
+    with pytest.raises(ValueError, match="exactly one of token_ids or pattern"):
+        build_rule({"rule": "token_class"})
+
+
+class ReplyLengthReward:
+    """A scalar reward model (no dense rewards): -0.1 per response token."""
+
+    kind = "reply_length"
+
+    def score(self, batch: RewardBatch) -> Rewards:
+        n = torch.tensor([len(ids) for ids in batch.response_token_ids], dtype=torch.float32)
+        return Rewards(scalar=-0.1 * n, components={"tokens": n})
+
+    def save(self, path):  # pragma: no cover - protocol only
+        raise NotImplementedError
+
+
+def test_objectives_combine_dense_and_scalar_per_token_with_weights(tokenizer):
+    responses = ["7 is prime", "no"]
+    batch, ids = batch_of(tokenizer, ["a", "b"], responses)
+    text_lengths = torch.tensor([len(i) for i in ids])
+    lengths = text_lengths + 1  # each reply ended with an EOS
+    width = int(lengths.max())
+    digits = TokenClassReward(pattern=r"\d")
+    scored = score_objectives([Objective("digits", digits, 2.0), Objective("short", ReplyLengthReward(), 0.5)],
+                              batch, lengths, text_lengths, width)
+    expected = torch.zeros(2, width)
+    dense = digits.score(batch).dense
+    expected[:, : dense.shape[1]] += 2.0 * dense
+    for b in range(2):
+        expected[b, lengths[b] - 1] += 0.5 * -0.1 * text_lengths[b]  # scalar at the EOS
+    assert torch.allclose(scored.per_token, expected)
+    assert scored.means["digits"] == pytest.approx(float(dense.sum(1).mean()))
+    assert scored.means["short"] == pytest.approx(float((-0.1 * text_lengths).mean()))
+    assert scored.means["short/tokens"] == pytest.approx(float(text_lengths.float().mean()))
+
+
+def test_combined_objectives_as_the_stage_builds_them_place_each_kind_at_its_tokens(tokenizer):
+    """The `ppo` stage's path: reward_models.combine weighs a dense and a scalar model into one
+    reward (fixed weights, no z-scores); the dense part stays on its tokens, the scalar part
+    lands on the last text token, and each objective's raw mean is logged under its name."""
+    from reward_models.combine import CombinedReward, Objective as Part
+
+    responses = ["I have 3 cats and 12 dogs", "none"]
+    batch, ids = batch_of(tokenizer, ["a", "b"], responses)
+    text_lengths = torch.tensor([len(i) for i in ids])
+    lengths = text_lengths + 1
+    width = int(lengths.max())
+    digits = TokenClassReward(pattern=r"\d")
+    combined = CombinedReward([Part("digits", digits, 2.0, normalize=False),
+                               Part("short", ReplyLengthReward(), 0.5, normalize=False)], clip=None, max_share=None)
+    scored = score_objectives([Objective("reward", combined, flatten=True)], batch, lengths, text_lengths, width)
+    expected = torch.zeros(2, width)
+    dense = digits.score(batch).dense
+    expected[:, : dense.shape[1]] += 2.0 * dense
+    for b in range(2):
+        expected[b, text_lengths[b] - 1] += 0.5 * -0.1 * text_lengths[b]
+    assert dense[0].sum() >= 2 and torch.allclose(scored.per_token, expected, atol=1e-6)
+    assert scored.per_token[:, -1].abs().sum() == 0  # nothing on the EOS of the longest reply
+    assert scored.means["digits"] == pytest.approx(float(dense.sum(1).mean()))
+    assert scored.means["short"] == pytest.approx(float((-0.1 * text_lengths).mean()))
+    assert scored.per_reply["digits"] == pytest.approx(dense.sum(1).tolist())

@@ -1,0 +1,163 @@
+"""FLR on the tiny model: one packed pass equals one pass per follow-up (1e-4), the reward is
+mean positive minus mean negative log-likelihood, the follow-up lists load with clear errors,
+and the train_reward stage evaluates and fine-tunes on qa-feedback preferences."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.errors import DataError
+from pipeline.paths import data_dir
+from reward_models.base import RewardBatch
+from reward_models.followup import FollowupReward, Followups, naive_logprobs, pack_followups, packed_logprobs
+
+from .conftest import SHARED_DATA
+
+PROMPTS = ["What is the capital of France?",
+           [{"role": "system", "content": "Passages: Paris is in France."}, {"role": "user", "content": "Tell me a cat joke."}],
+           "hi"]
+REPLIES = ["Paris is the capital of France.", "Why did the cat sit on the computer? To watch the mouse!",
+           "Hello! How can I help you today? Ask me anything at all."]
+
+
+@pytest.fixture(scope="module")
+def flr(tiny_model_path):
+    followups = Followups.load(data_dir() / "followups" / "flr_followups.json", per_aspect=2)
+    return FollowupReward.from_pretrained("tiny", followups, batch_size=3, include_context=True)
+
+
+def test_packed_pass_equals_one_pass_per_followup(flr):
+    packed = flr.logprobs(PROMPTS, REPLIES)
+    naive = flr.logprobs(PROMPTS, REPLIES, naive=True)
+    assert packed.shape == (3, len(flr.followups.texts)) == (3, 24)
+    assert (packed - naive).abs().max().item() < 1e-4
+    assert (packed < 0).all()
+    # batching replies of different prefix lengths must not change a reply's scores
+    alone = flr.logprobs(PROMPTS[:1], REPLIES[:1])
+    assert torch.allclose(alone[0], packed[0], atol=1e-4)
+
+
+def test_batched_naive_baseline_agrees(flr):
+    prefixes = [flr.prefix_ids(p, r) for p, r in zip(PROMPTS, REPLIES)]
+    a = naive_logprobs(flr.model, prefixes, flr.followup_ids, flr.pad_id, batch_followups=True)
+    b = packed_logprobs(flr.model, prefixes, flr.followup_ids, flr.pad_id)
+    assert (a - b).abs().max().item() < 1e-4
+
+
+def test_tokens_match_the_full_conversation(flr):
+    """Prefix ids + follow-up ids == tokenising the whole conversation with the follow-up turn."""
+    tok = flr.tokenizer
+    for prompt, reply in zip(PROMPTS, REPLIES):
+        messages = flr.format.messages(prompt, reply)
+        for text, ids in zip(flr.followups.texts, flr.followup_ids):
+            full = tok.apply_chat_template(messages + [{"role": "user", "content": text}], tokenize=False)
+            full_ids = tok(full, add_special_tokens=False)["input_ids"]
+            joined = flr.prefix_ids(prompt, reply) + ids
+            assert full_ids[: len(joined)] == joined
+            assert tok.decode(full_ids[len(joined):]).strip() == ""  # only the template's trailing newline is left
+
+
+def test_mask_isolates_followups():
+    packed = pack_followups([[5, 6, 7], [8]], [[1, 2], [3]], pad_id=0)
+    mask = packed["attention_mask"][:, 0] == 0  # True = may attend
+    # row 1: [pad pad 8 | 1 2 | 3]; the second follow-up (col 5) sees the prefix (col 2) and itself only
+    assert mask[1, 5].tolist() == [False, False, True, False, False, True]
+    assert packed["position_ids"][1].tolist() == [0, 0, 0, 1, 2, 1]
+    assert packed["keep"].tolist() == [2, 3, 2]  # first tokens are predicted from the prefix end
+
+
+def test_reward_is_positive_minus_negative_mean(flr):
+    lp = flr.logprobs(PROMPTS, REPLIES)
+    pos = torch.tensor(flr.followups.positive)
+    out = flr.score(RewardBatch(PROMPTS, REPLIES))
+    assert torch.allclose(out.scalar, lp[:, pos].mean(1) - lp[:, ~pos].mean(1), atol=1e-5)
+    assert out.dense is None
+    assert set(out.components) == {f"flr/{a}" for a in flr.followups.aspects}
+
+
+def test_save_and_load(flr, tmp_path):
+    from reward_models.base import load_reward_model
+
+    flr.save(tmp_path / "rm")
+    again = load_reward_model(tmp_path / "rm")
+    assert again.followups.texts == flr.followups.texts
+    assert torch.allclose(again.score(RewardBatch(PROMPTS, REPLIES)).scalar, flr.score(RewardBatch(PROMPTS, REPLIES)).scalar, atol=1e-5)
+
+
+def test_followup_list_errors(tmp_path):
+    bad = tmp_path / "f.json"
+    bad.write_text(json.dumps({"aspects": {"relevance": {"positive": ["ok"], "negative": "nope"}}}))
+    with pytest.raises(DataError, match="aspects.relevance.negative"):
+        Followups.load(bad)
+    with pytest.raises(DataError, match="aspects.humour is missing"):
+        Followups.load(data_dir() / "followups" / "flr_followups.json", aspects=["humour"])
+
+
+@pytest.mark.slow
+def test_smollm2_flr_prefers_answers_to_evasions(smollm2_path):
+    """With the real SmolLM2-135M, an on-topic answer makes positive follow-ups likelier than
+    an evasive or off-topic reply does (rewards move the right way)."""
+    followups = Followups.load(data_dir() / "followups" / "flr_followups.json", per_aspect=2)
+    rm = FollowupReward.from_pretrained("smollm2-135m", followups, batch_size=6)
+    prompts = ["What is the capital of France?", "How many legs does a spider have?", "What color is the sky on a clear day?"]
+    good = ["The capital of France is Paris.", "A spider has eight legs.", "On a clear day the sky is blue."]
+    bad = ["I don't want to talk about that.", "Bananas are a good source of potassium.", "Figure it out yourself."]
+    scores = rm.score(RewardBatch(prompts * 2, good + bad)).scalar
+    assert (scores[:3] > scores[3:]).all(), scores
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "qa_feedback" / "feedback_400.json").is_file(), reason="qa-feedback not available")
+def test_train_reward_stage_flr_finetunes_on_feedback(tmp_path, tiny_model_path):
+    """train_reward kind=followup on 30 qa-feedback rows: zero-shot and fine-tuned pairwise
+    accuracy on held-out prompts next to the length baseline (recomputed here by hand), and
+    fine-tuning on the follow-up turn makes the follow-ups likelier after training replies."""
+    from pipeline.config import pipeline_from_dict
+    from pipeline.runner import Runner
+    from reward_models import feedback_data
+    from reward_models.base import load_reward_model
+    from reward_models.metrics import pairwise_accuracy
+
+    rows = json.loads((SHARED_DATA / "qa_feedback" / "feedback_400.json").read_text())[:30]
+    (tmp_path / "qa.json").write_text(json.dumps(rows))
+    data = {"run_name": "flr", "model": "tiny", "stages": [
+        {"name": "flr", "uses": "train_reward", "inputs": {"feedback": str(tmp_path / "qa.json")},
+         "with": {"kind": "followup", "max_steps": 12, "learning_rate": 3e-3, "per_device_train_batch_size": 8,
+                  "max_length": 128, "eval_fraction": 0.2, "lora": {"r": 8, "alpha": 16},
+                  "followup": {"per_aspect": 1, "max_eval_prompts": 10, "finetune": True}}}]}
+    result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert result.ok, [r.error for r in result.records]
+    metrics = result.record("flr").metrics
+    assert metrics["followups"] == 12 and metrics["finetune_examples"] > 0
+    folder = result.run_dir / "flr" / "reward_model"
+    evaluation = json.loads((folder / "eval.json").read_text())
+    assert [row["what"] for row in evaluation["comparison"]] == ["FLR zero-shot", "FLR fine-tuned"]
+    # the held-out pairs are the prompts the stage did not train on; the length baseline by hand
+    pairs = feedback_data.preferences(tmp_path / "qa.json")
+    train_prompts = {feedback_data.prompt_key(p) for p, _, _ in _train_triples(pairs)}
+    held = [p for p in pairs if feedback_data.prompt_key(p.prompt) not in train_prompts]
+    assert len(held) == metrics["eval_pairs"]
+    assert metrics["baseline_length_accuracy"] == pytest.approx(
+        pairwise_accuracy([len(p.chosen) for p in held], [len(p.rejected) for p in held]))
+    for key in ("pairwise_accuracy_zero_shot", "pairwise_accuracy_finetuned"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["pairwise_accuracy"] == metrics["pairwise_accuracy_finetuned"]
+    # fine-tuned: the adapter loads with the folder, and follow-ups got likelier after training replies
+    tuned = load_reward_model(folder)
+    assert tuned.adapter is not None
+    zero = FollowupReward.from_pretrained("tiny", tuned.followups)
+    train_pairs = [p for p in pairs if feedback_data.prompt_key(p.prompt) in train_prompts][:4]
+    prompts, replies = [p.prompt for p in train_pairs], [p.chosen for p in train_pairs]
+    # (12 LoRA steps on the random tiny model: +0.25 nats/token measured here)
+    assert tuned.logprobs(prompts, replies).mean() > zero.logprobs(prompts, replies).mean() + 0.1
+
+
+def _train_triples(pairs):
+    """The prompts train_reward keeps for training (same split as the stage: group by prompt, seed 0)."""
+    from reward_models import feedback_data
+    from reward_models.common import split_train_eval
+
+    train, _ = split_train_eval(pairs, 0.2, 0, "group", group=lambda p: feedback_data.prompt_key(p.prompt))
+    return [(p.prompt, p.chosen, None) for p in train]

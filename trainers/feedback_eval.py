@@ -1,0 +1,216 @@
+"""Did the model learn the feedback, and only where it applies? (C3PO's evaluation, usable
+by every method.)
+
+Held-out prompts carry a scope: `in_scope` (the feedback applies), `near_scope` (related,
+it must not apply), `out_of_scope` (unrelated). For each condition (the base model, the base
+model with the feedback in its system prompt = the in-context baseline, the trained adapter)
+we sample replies and ask whether the feedback was applied, with a programmatic metric
+(starts_with, ends_with, contains, regex, max_words, min_words, max_chars) or a judge LLM:
+
+    adherence          share of in-scope replies that apply the feedback   (higher is better)
+    overgen_near/out   share of near-/out-of-scope replies that apply it   (lower is better)
+each reported with its difference from the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.generation import SamplingSettings, hf_sampling_kwargs
+
+from .generators import GeneratorSettings
+
+SCOPES = ("in_scope", "near_scope", "out_of_scope")
+SCOPE_KEYS = {"in_scope": "adherence", "near_scope": "overgen_near", "out_of_scope": "overgen_out"}
+IN_CONTEXT_TEMPLATE = "Follow this feedback from the user whenever it applies: {feedback}"
+JUDGE_TEMPLATE = (
+    "A user gave an assistant this feedback: \"{feedback}\"\n\nThen a user wrote:\n{prompt}\n\n"
+    "The assistant replied:\n{response}\n\nDoes the reply apply the feedback? Answer with one word: yes or no."
+)
+COH_FILE = "coh.json"
+
+
+class MetricSpec(BaseModel):
+    """How to tell whether a reply applies the feedback."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["starts_with", "ends_with", "contains", "regex", "max_words", "min_words", "max_chars", "judge"]
+    value: str | float | None = None
+    case_sensitive: bool = False
+    judge: GeneratorSettings | None = Field(default=None, description="kind judge: the judge LLM")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MetricSpec":
+        if self.kind == "judge":
+            if self.judge is None:
+                raise ValueError("metric kind 'judge' needs a judge generator (judge: {kind: local|openai, ...})")
+        elif self.value is None:
+            raise ValueError(f"metric kind '{self.kind}' needs a value")
+        elif self.kind == "regex":
+            try:
+                re.compile(str(self.value))
+            except re.error as exc:
+                raise ValueError(f"invalid regex {self.value!r}: {exc}") from None
+        elif self.kind in ("max_words", "min_words", "max_chars"):
+            float(self.value)
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> "MetricSpec":
+        """'starts_with:Chef's tip:' -> MetricSpec(kind='starts_with', value="Chef's tip:") (CLI form)."""
+        kind, _, value = text.partition(":")
+        return cls(kind=kind.strip(), value=value if value else None)  # type: ignore[arg-type]
+
+
+def applies(metric: MetricSpec, response: str) -> bool:
+    """Programmatic check of one reply (judge metrics go through `judge_applies`)."""
+    text = response.strip()
+    value = str(metric.value)
+    if metric.kind in ("starts_with", "ends_with", "contains") and not metric.case_sensitive:
+        text, value = text.lower(), value.lower()
+    if metric.kind == "starts_with":
+        return text.startswith(value.strip())
+    if metric.kind == "ends_with":
+        return text.endswith(value.strip())
+    if metric.kind == "contains":
+        return value in text
+    if metric.kind == "regex":
+        return re.search(value, text, 0 if metric.case_sensitive else re.IGNORECASE) is not None
+    words = len(re.findall(r"\S+", text))
+    if metric.kind == "max_words":
+        return words <= float(value)
+    if metric.kind == "min_words":
+        return words >= float(value)
+    if metric.kind == "max_chars":
+        return len(text) <= float(value)
+    raise ValueError(f"metric kind '{metric.kind}' is not programmatic")
+
+
+def judge_applies(generator, feedback: str, prompts: list[str], responses: list[str], seed: int = 0) -> list[bool]:
+    """Ask a judge LLM, one yes/no per reply; anything but a leading 'yes' counts as no."""
+    asks = [[{"role": "user", "content": JUDGE_TEMPLATE.format(feedback=feedback, prompt=p, response=r)}]
+            for p, r in zip(prompts, responses)]
+    verdicts = generator.complete(asks, seed=seed)
+    return [bool(re.match(r"\W*yes\b", v.strip(), re.IGNORECASE)) for v in verdicts]
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Rates per condition and scope, and each condition's difference from `base`."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    for row in rows:
+        counts.setdefault((row["condition"], row["scope"]), []).append(int(row["applied"]))
+    out: dict[str, float] = {}
+    for (condition, scope), values in sorted(counts.items()):
+        out[f"{SCOPE_KEYS[scope]}/{condition}"] = sum(values) / len(values)
+    for key in list(out):
+        name, condition = key.split("/")
+        if condition != "base" and f"{name}/base" in out:
+            out[f"{name}_vs_base/{condition}"] = out[key] - out[f"{name}/base"]
+    return out
+
+
+def coh_prefix(adapter: str | Path | None) -> dict[str, Any] | None:
+    """A Chain-of-Hindsight adapter says which phrase to condition on (written by the coh stage)."""
+    if adapter is None:
+        return None
+    path = Path(adapter) / COH_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def sample_replies(model, tokenizer, conversations: list[list[dict[str, str]]], sampling: SamplingSettings,
+                   batch_size: int, seed: int, prefix: dict[str, Any] | None = None) -> list[str]:
+    """One reply per conversation; with a CoH `prefix` the assistant turn starts with its phrase."""
+    from pipeline.generation import chat_generate
+
+    if prefix is None:
+        return [r[0].text for r in chat_generate(model, tokenizer, conversations, sampling, 1, batch_size, seed)]
+    import torch
+    from transformers import set_seed
+
+    from .coh import cut_at_phrases
+
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + prefix["phrase"] for c in conversations]
+    device = next(model.parameters()).device
+    out = []
+    for b in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[b : b + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        set_seed(seed + b)
+        kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+                                  "repetition_penalty": sampling.repetition_penalty}
+        kwargs.update(hf_sampling_kwargs(sampling))
+        with torch.no_grad():
+            generated = model.generate(**enc, **kwargs)
+        for row in generated[:, enc["input_ids"].shape[1] :]:
+            out.append(cut_at_phrases(tokenizer.decode(row, skip_special_tokens=True), prefix.get("stop", [])))
+    return out
+
+
+class EvalSettings(BaseModel):
+    """What `evaluate_feedback` (and the c3po stage's built-in evaluation) runs."""
+
+    model_config = ConfigDict(extra="forbid")
+    conditions: list[Literal["base", "in_context", "trained"]] = Field(default_factory=lambda: ["base", "in_context", "trained"])
+    sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=48, temperature=0.0))
+    batch_size: int = Field(default=8, ge=1)
+    in_context_template: str = IN_CONTEXT_TEMPLATE
+    max_prompts_per_scope: int | None = Field(default=None, ge=1)
+
+
+def evaluate(model_name: str, adapter: str | Path | None, prompts: list[dict[str, Any]], feedback: str,
+             metric: MetricSpec, settings: EvalSettings, seed: int = 0, device: str | None = None,
+             log=None, model=None) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Sample replies per condition on scoped prompts and score them. `model` may be a
+    loaded PEFT model (its adapter is switched off for base/in_context)."""
+    import contextlib
+
+    from pipeline.models import device_policy, load_causal_lm, load_tokenizer
+
+    chosen: list[dict[str, Any]] = []
+    per_scope: dict[str, int] = {}
+    for row in prompts:
+        scope = row["scope"]
+        if scope not in SCOPES:
+            raise ValueError(f"prompt scope '{scope}' is not one of {', '.join(SCOPES)}")
+        if settings.max_prompts_per_scope and per_scope.get(scope, 0) >= settings.max_prompts_per_scope:
+            continue
+        per_scope[scope] = per_scope.get(scope, 0) + 1
+        chosen.append(row)
+    conditions = [c for c in settings.conditions if c != "trained" or adapter is not None or model is not None]
+    tokenizer = load_tokenizer(model_name)
+    if model is None:
+        policy = device_policy(device)
+        model = load_causal_lm(model_name, policy, adapter=adapter).eval()
+    judge = None
+    if metric.kind == "judge":
+        from .generators import make_generator
+
+        judge = make_generator(metric.judge, model_name, device)  # type: ignore[arg-type]
+    prefix = coh_prefix(adapter)
+    rows: list[dict[str, Any]] = []
+    for condition in conditions:
+        system = settings.in_context_template.format(feedback=feedback) if condition == "in_context" else None
+        conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": str(r["prompt"])}]
+                         for r in chosen]
+        off = contextlib.nullcontext()
+        if condition != "trained" and hasattr(model, "disable_adapter"):
+            off = model.disable_adapter()
+        with off:
+            replies = sample_replies(model, tokenizer, conversations, settings.sampling, settings.batch_size, seed,
+                                     prefix if condition == "trained" else None)
+        if judge is not None:
+            verdicts = judge_applies(judge, feedback, [str(r["prompt"]) for r in chosen], replies, seed)
+        else:
+            verdicts = [applies(metric, reply) for reply in replies]
+        for row, reply, verdict in zip(chosen, replies, verdicts):
+            rows.append({"prompt": str(row["prompt"]), "scope": row["scope"], "condition": condition,
+                         "response": reply, "applied": bool(verdict)})
+        if log is not None:
+            rates = summarize([r for r in rows if r["condition"] == condition])
+            log.info("%s: %s", condition, ", ".join(f"{k.split('/')[0]}={v:.2f}" for k, v in rates.items()))
+    return rows, summarize(rows)

@@ -1,0 +1,127 @@
+"""What the language-feedback trainers (C3PO, CUT, CoH) share: encoding a prompt and a
+completion into token ids with a completion mask, right-padding, per-token log-probs, and a
+transformers `Trainer` base that logs averaged loss terms the way TRL's trainers do.
+
+Completions are tokenized on their own and appended to the rendered prompt, so the same
+response has the same tokens under different prompts (CUT compares a response under two
+prompts token by token) and the same tokens the model emits when sampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Any, Sequence
+
+import torch
+
+from pipeline.schema import PromptLike
+
+IGNORE = -100
+
+
+def as_messages(prompt: PromptLike, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """A plain-text prompt becomes one user turn; a conversation is kept as it is."""
+    messages = [dict(m) for m in prompt] if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+    if system_prompt and not (messages and messages[0].get("role") == "system"):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def render_prompt_ids(tokenizer, prompt: PromptLike, system_prompt: str | None = None) -> list[int]:
+    """Prompt token ids with the assistant turn opened (chat template), or raw text ids."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(as_messages(prompt, system_prompt), tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def completion_ids(tokenizer, text: str, add_eos: bool = True) -> list[int]:
+    """Tokens of a reply; `add_eos` ends it with the end-of-turn token (it finished)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if add_eos else ids
+
+
+def fit_length(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Trim to `max_length`: the prompt loses its start (down to half the budget), then the
+    completion loses its end. Keeps at least one completion token."""
+    if len(prompt) + len(completion) <= max_length:
+        return prompt, completion
+    keep_prompt = min(len(prompt), max(max_length - len(completion), max_length // 2))
+    prompt = prompt[len(prompt) - keep_prompt :]
+    return prompt, completion[: max(max_length - len(prompt), 1)]
+
+
+def join(prompt: list[int], completion: list[int]) -> tuple[list[int], list[int]]:
+    """input_ids and completion_mask (1 on completion tokens) of prompt + completion."""
+    return prompt + completion, [0] * len(prompt) + [1] * len(completion)
+
+
+def pad_right(rows: Sequence[Sequence[int]], value: int, length: int | None = None) -> torch.Tensor:
+    length = length or max(len(r) for r in rows)
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+    return out
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(x_t | x_<t) for t >= 1: [B, T-1]. Position t-1 of the result scores token t."""
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def shift_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Align a per-token mask with `token_logps` (drop the first position)."""
+    return mask[:, 1:].to(torch.float32)
+
+
+def masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over all masked-in tokens of the batch (HF's labels loss convention)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+class FeedbackTrainer:
+    """Mixin over `transformers.Trainer`: stores loss terms per step and logs their means.
+
+    Subclasses implement `compute_loss` and call `self.store(name=value, ...)`.
+    The reference model is the policy with its LoRA adapter switched off unless an explicit
+    `ref_model` is given (when training continues from an existing adapter).
+    """
+
+    def _init_feedback(self, ref_model=None) -> None:
+        self._stored: dict[str, list[float]] = defaultdict(list)
+        self.ref_model = ref_model
+        # Our losses are means over the batch: let the Trainer divide by accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+
+    def store(self, **values: Any) -> None:
+        for key, value in values.items():
+            self._stored[key].append(float(value.detach().float().mean()) if torch.is_tensor(value) else float(value))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._stored:
+            logs.update({k: sum(v) / len(v) for k, v in self._stored.items() if v})
+            self._stored.clear()
+        super().log(logs, start_time)  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def reference(self, model):
+        """Forward passes inside this block are the frozen reference model's."""
+        if self.ref_model is not None:
+            with torch.no_grad():
+                yield self.ref_model
+            return
+        unwrapped = self.accelerator.unwrap_model(model)  # type: ignore[attr-defined]
+        if not hasattr(unwrapped, "disable_adapter"):
+            raise ValueError("a reference model is needed: train a PEFT adapter or pass ref_model")
+        with torch.no_grad(), unwrapped.disable_adapter():
+            yield unwrapped
+
+
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
