@@ -2,10 +2,11 @@
 
 SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, 4 pairs per step, ~256 tokens per
 sequence (prompt + reply), fp32 on CPU. The baseline is what a user would write with TRL:
-DPOConfig(bf16=False, use_cpu=True) and TRL's other defaults (gradient checkpointing on).
+DPOConfig(bf16=False, use_cpu=True) and TRL's other defaults (gradient checkpointing on); and the
+strongest plain-TRL setting we know on CPU, the same with gradient checkpointing off.
 Also prints achieved FLOP/s against a measured fp32 matmul peak of this machine.
 
-    python bench/dpo_step.py [--steps 6] [--json bench/results/dpo_step.json]
+    python bench/dpo_step.py [--steps 6] [--rounds 2] [--json bench/results/dpo_step.json]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,7 +61,7 @@ def dpo_step_flops(config, tokens_per_seq: list[int]) -> float:
     return total
 
 
-def step_times_plain_trl(model_path: str, pairs: list[dict], steps: int, out: Path) -> list[float]:
+def step_times_plain_trl(model_path: str, pairs: list[dict], steps: int, out: Path, checkpointing: bool = True) -> list[float]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -77,7 +79,8 @@ def step_times_plain_trl(model_path: str, pairs: list[dict], steps: int, out: Pa
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path)
     args = DPOConfig(output_dir=str(out), bf16=False, use_cpu=True, per_device_train_batch_size=4, max_steps=steps,
-                     report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
+                     report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+                     gradient_checkpointing=checkpointing)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs * steps), processing_class=tokenizer,
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"), callbacks=[Timer()])
@@ -100,13 +103,40 @@ def step_times_heedful(pairs: list[dict], steps: int, work: Path) -> list[float]
     return [result.record("align").metrics["seconds_per_step"]]
 
 
+ARMS = ("heedful", "plain", "tuned")
+
+
+def run_arm(arm: str, args) -> float:
+    """One arm in this (fresh) process: its median seconds per step."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.models import prepare_smollm2
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = str(prepare_smollm2())
+    pairs = make_pairs(AutoTokenizer.from_pretrained(path), args.pairs, args.tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        if arm == "heedful":
+            return step_times_heedful(pairs, args.steps, Path(tmp))[0]  # already a median
+        times = step_times_plain_trl(path, pairs, args.steps, Path(tmp) / arm, checkpointing=arm == "plain")
+        return statistics.median(times[1:])  # drop the warm-up step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=2, help="each arm runs once per round, in a fresh process, order rotated")
+    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "dpo_step.json")
     args = parser.parse_args()
+    if args.arm:
+        print("ARM_SECONDS_PER_STEP", run_arm(args.arm, args))
+        return
+
+    import subprocess
 
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -124,10 +154,18 @@ def main() -> None:
     peak = matmul_peak_flops()
     flops = dpo_step_flops(AutoConfig.from_pretrained(path), lengths)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        plain = step_times_plain_trl(path, pairs, args.steps, Path(tmp) / "plain")
-        plain_s = statistics.median(plain[1:])  # drop the warm-up step
-        heedful_s = step_times_heedful(pairs, args.steps, Path(tmp))[0]
+    # Each arm in its own process, order rotated each round: this shared 2-core machine's
+    # speed drifts by tens of percent over minutes, so one pass in one order is not a comparison.
+    per_arm: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    for r in range(args.rounds):
+        for arm in ARMS[r % len(ARMS):] + ARMS[: r % len(ARMS)]:
+            cmd = [sys.executable, __file__, "--arm", arm, "--steps", str(args.steps), "--pairs", str(args.pairs),
+                   "--tokens", str(args.tokens)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            seconds = float(next(line.split()[1] for line in out.splitlines() if line.startswith("ARM_SECONDS_PER_STEP")))
+            per_arm[arm].append(seconds)
+            print(f"round {r + 1}: {arm}: {seconds:.2f} s/step", flush=True)
+    heedful_s, plain_s, tuned_s = (statistics.median(per_arm[a]) for a in ARMS)
 
     result = {
         "model": "SmolLM2-135M-Instruct (fp32, CPU)",
@@ -137,6 +175,9 @@ def main() -> None:
         "plain_trl_seconds_per_step": round(plain_s, 3),
         "heedful_seconds_per_step": round(heedful_s, 3),
         "speedup": round(plain_s / heedful_s, 3),
+        "plain_trl_no_checkpointing_seconds_per_step": round(tuned_s, 3),
+        "speedup_vs_no_checkpointing": round(tuned_s / heedful_s, 3),
+        "rounds_seconds_per_step": per_arm,
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "step_gflop": round(flops / 1e9, 1),
         "plain_trl_gflops": round(flops / plain_s / 1e9, 1),
