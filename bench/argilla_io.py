@@ -18,14 +18,11 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-QA = ROOT.parent / "shared" / "data" / "qa_feedback" / "feedback_400.json"
+from common import QA, ROOT
 N = 2000
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-QA = ROOT.parent / "shared" / "data" / "qa_feedback" / "feedback_400.json"
+SHARED_DATA = Path(os.environ.get("HEEDFUL_SHARED_DATA") or ROOT.parent / "shared" / "data")
+QA = SHARED_DATA / "qa_feedback" / "feedback_400.json"
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

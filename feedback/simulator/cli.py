@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +27,8 @@ def _simulator(backend: str, model: str, base_url: Optional[str], api_key_file: 
 def _default_clariq() -> Path:
     from pipeline.paths import data_dir
 
-    return data_dir().parent.parent / "shared" / "data" / "clariq" / "train.tsv"
+    shared = os.environ.get("HEEDFUL_SHARED_DATA")
+    return (Path(shared) if shared else data_dir().parent.parent / "shared" / "data") / "clariq" / "train.tsv"
 
 
 @app.command("eval-cq")
