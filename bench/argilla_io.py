@@ -56,7 +56,7 @@ def main() -> None:
     results: dict = {"records": N, "host": platform.node(), "cpus": os.cpu_count()}
     port = argilla_stack._free_port()
     t = time.time()
-    info = argilla_stack.up(port=port)
+    argilla_stack.up(port=port)
     results["startup_cold_s"] = round(time.time() - t, 2)  # empty database: every migration runs
     try:
         client = connect()

@@ -37,3 +37,12 @@ def matmul_peak_flops(device: str = "cpu", n: int = 2048, reps: int = 10) -> flo
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+def save_results(result: dict, path: Path) -> None:
+    """Write a benchmark's figures to `path` (bench/results/<name>.json) and print them."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import QA, ROOT, matmul_peak_flops
+from common import QA, ROOT, matmul_peak_flops, save_results
 
 
 def make_pairs(tokenizer, n_pairs: int, target_tokens: int) -> list[dict]:
@@ -184,9 +184,7 @@ def main() -> None:
         "heedful_gflops": round(flops / heedful_s / 1e9, 1),
         "heedful_fraction_of_peak": round(flops / heedful_s / peak, 3),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    save_results(result, args.json)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ machines this project is built on.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
-from common import ROOT, matmul_peak_flops
+from common import ROOT, matmul_peak_flops, save_results
 
 
 
@@ -156,9 +155,7 @@ def main() -> None:
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "fraction_of_peak": round(flops / step_s / peak, 3),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    save_results(result, args.json)
 
 
 if __name__ == "__main__":

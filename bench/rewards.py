@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from common import QA, ROOT, matmul_peak_flops
+from common import QA, ROOT, matmul_peak_flops, save_results
 
 
 
@@ -94,9 +94,7 @@ def main() -> None:
         "one_pass_per_followup_gflops": round(naive_flops / t_naive / 1e9, 1),
         "packed_fraction_of_peak": round(packed_flops / t_packed / peak, 3),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    save_results(result, args.json)
 
 
 if __name__ == "__main__":
