@@ -53,16 +53,18 @@ def chat_generate(
     batch_size: int = 8,
     seed: int = 0,
     on_batch: Callable[[int, int], None] | None = None,
+    prompt_suffix: str = "",
 ) -> list[list[Completion]]:
     """Sample `num_samples` replies per conversation, `batch_size` conversations at a time.
 
     Seeded per batch, so a rerun with the same config reproduces the same replies.
+    `prompt_suffix` opens the assistant turn with fixed text (e.g. a Chain-of-Hindsight phrase).
     """
     import torch
     from transformers import set_seed
 
     tokenizer.padding_side = "left"
-    texts = render_prompts(tokenizer, conversations)
+    texts = [text + prompt_suffix for text in render_prompts(tokenizer, conversations)]
     eos_ids = _eos_ids(model, tokenizer)
     out: list[list[Completion]] = []
     device = next(model.parameters()).device

@@ -223,6 +223,16 @@ class LoraSettings(BaseModel):
         )
 
 
+def load_lora_policy(name: str, policy: DevicePolicy, lora: LoraSettings, adapter: str | Path | None = None):
+    """What a LoRA trainer trains: the base (4-bit when `lora.qlora`) with `adapter` continued, or a new LoRA."""
+    model = load_causal_lm(name, policy, adapter=adapter, qlora=lora.qlora, trainable_adapter=True)
+    if adapter is None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora.peft_config())
+    return model
+
+
 def quantization_config(policy: DevicePolicy):
     """4-bit NF4 config for QLoRA (double-quantized, computing in the policy's dtype).
 
@@ -272,12 +282,11 @@ def load_causal_lm(
     adapter: str | Path | None = None,
     qlora: bool = False,
     trainable_adapter: bool = False,
-    prepare_for_training: bool | None = None,
 ):
     """Base model (+ optional PEFT adapter) on the policy's device and dtype.
 
-    `qlora=True` loads the base in 4-bit NF4; for training (`prepare_for_training`, default:
-    `trainable_adapter`) peft's `prepare_model_for_kbit_training` then freezes the base and
+    `qlora=True` loads the base in 4-bit NF4; for training (`trainable_adapter`) peft's
+    `prepare_model_for_kbit_training` then freezes the base and
     upcasts norms/embeddings to fp32, before any adapter is attached so the adapter stays trainable.
     """
     from transformers import AutoModelForCausalLM
@@ -290,7 +299,7 @@ def load_causal_lm(
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name), **kwargs)
     if not qlora:
         model.to(policy.device)
-    elif trainable_adapter if prepare_for_training is None else prepare_for_training:
+    elif trainable_adapter:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=policy.gradient_checkpointing)

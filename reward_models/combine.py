@@ -120,7 +120,7 @@ class CombinedReward:
         import torch
 
         results = {o.name: o.model.score(batch) for o in self.objectives}
-        lengths = _response_lengths(batch, results)
+        lengths = _response_lengths(batch)
         width = max(lengths) if lengths is not None and lengths else 0
         dense = torch.zeros(len(batch), width) if lengths is not None else None
         zs, raw_std = {}, {}
@@ -188,7 +188,7 @@ def _dense_z(dense, z, std: float, lengths: list[int], width: int):
     return out
 
 
-def _response_lengths(batch: RewardBatch, results: dict[str, Rewards]) -> list[int] | None:
+def _response_lengths(batch: RewardBatch) -> list[int] | None:
     if batch.response_token_ids is not None:
         return [len(ids) for ids in batch.response_token_ids]
     if batch.policy_tokenizer is not None:

@@ -330,7 +330,7 @@ def train(ctx, cfg) -> dict[str, Any]:
         _, eval_pairs = feedback_triples(ctx.input("eval"), followups, ctx.seed)
         train_triples = triples
     else:
-        train_pairs, eval_pairs = split_train_eval(pairs, cfg.eval_fraction, ctx.seed, "group", group=lambda p: key(p.prompt))
+        _, eval_pairs = split_train_eval(pairs, cfg.eval_fraction, ctx.seed, "group", group=lambda p: key(p.prompt))
         held = {key(p.prompt) for p in eval_pairs}
         train_triples = [t for t in triples if key(t[0]) not in held]
     prompts = list(dict.fromkeys(key(p.prompt) for p in eval_pairs))

@@ -55,9 +55,8 @@ class C3poStage(Stage):
     non_semantic_fields = NON_SEMANTIC_TRAIN_FIELDS
 
     def run(self):
-        from peft import get_peft_model
 
-        from pipeline.models import load_causal_lm, load_tokenizer
+        from pipeline.models import load_causal_lm, load_lora_policy, load_tokenizer
         from trainers.c3po import C3POCollator, C3POTrainer, build_examples
 
         cfg: C3poConfig = self.config
@@ -72,12 +71,8 @@ class C3poStage(Stage):
             from transformers import TrainingArguments
 
             policy = cfg.policy()
-            model = load_causal_lm(ctx.model, policy, adapter=adapter, qlora=cfg.lora.qlora, trainable_adapter=True)
-            ref_model = None
-            if adapter is None:
-                model = get_peft_model(model, cfg.lora.peft_config())
-            else:
-                ref_model = load_causal_lm(ctx.model, policy, adapter=adapter, qlora=cfg.lora.qlora)
+            model = load_lora_policy(ctx.model, policy, cfg.lora, adapter)
+            ref_model = None if adapter is None else load_causal_lm(ctx.model, policy, adapter=adapter, qlora=cfg.lora.qlora)
             trainer = C3POTrainer(
                 model=model, args=TrainingArguments(**cfg.trainer_kwargs(ctx)), train_dataset=examples,
                 data_collator=C3POCollator(tokenizer.pad_token_id), processing_class=tokenizer,

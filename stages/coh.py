@@ -14,7 +14,7 @@ from pipeline.artifacts import atomic_write_json
 from pipeline.records import load_rows
 from pipeline.stage import Input, Output, Stage
 from pipeline.training import NON_SEMANTIC_TRAIN_FIELDS, TrainSettings, fit
-from trainers.coh import PHRASE_PAIRS
+from trainers.coh import PHRASE_PAIRS, all_phrases
 
 
 class CohConfig(TrainSettings):
@@ -43,9 +43,8 @@ class CohStage(Stage):
     non_semantic_fields = NON_SEMANTIC_TRAIN_FIELDS
 
     def run(self):
-        from peft import get_peft_model
 
-        from pipeline.models import load_causal_lm, load_tokenizer
+        from pipeline.models import load_lora_policy, load_tokenizer
         from trainers.coh import CoHCollator, CoHTrainer, build_examples, chains_from_feedback, chains_from_preferences
         from trainers.feedback_eval import COH_FILE
 
@@ -75,16 +74,13 @@ class CohStage(Stage):
         def build_trainer():
             from transformers import TrainingArguments
 
-            model = load_causal_lm(ctx.model, cfg.policy(), adapter=adapter, qlora=cfg.lora.qlora, trainable_adapter=True)
-            if adapter is None:
-                model = get_peft_model(model, cfg.lora.peft_config())
+            model = load_lora_policy(ctx.model, cfg.policy(), cfg.lora, adapter)
             collator = CoHCollator(tokenizer, cfg.max_length, cfg.separator, [tuple(p) for p in cfg.phrase_pairs])
             return CoHTrainer(model=model, args=TrainingArguments(**cfg.trainer_kwargs(ctx)), train_dataset=examples,
                               data_collator=collator, processing_class=tokenizer, fcm_min_ratio=cfg.fcm_min_ratio,
                               fcm_max_ratio=cfg.fcm_max_ratio, pretrain_weight=cfg.pretrain_weight)
 
         metrics = fit(ctx, cfg, build_trainer)
-        phrases = [p for pair in cfg.phrase_pairs for p in pair]
-        atomic_write_json(ctx.output("adapter") / COH_FILE, {"phrase": cfg.phrase_pairs[0][0], "stop": phrases})
+        atomic_write_json(ctx.output("adapter") / COH_FILE, {"phrase": cfg.phrase_pairs[0][0], "stop": all_phrases(cfg.phrase_pairs)})
         metrics["chains"] = len(examples)
         return metrics

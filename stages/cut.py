@@ -59,9 +59,8 @@ class CutStage(Stage):
     non_semantic_fields = NON_SEMANTIC_TRAIN_FIELDS
 
     def run(self):
-        from peft import get_peft_model
 
-        from pipeline.models import load_causal_lm, load_tokenizer
+        from pipeline.models import load_lora_policy, load_tokenizer
         from trainers.cut import CUTCollator, CUTTrainer, build_examples
 
         cfg: CutConfig = self.config
@@ -76,9 +75,7 @@ class CutStage(Stage):
         def build_trainer():
             from transformers import TrainingArguments
 
-            model = load_causal_lm(ctx.model, cfg.policy(), adapter=adapter, qlora=cfg.lora.qlora, trainable_adapter=True)
-            if adapter is None:
-                model = get_peft_model(model, cfg.lora.peft_config())
+            model = load_lora_policy(ctx.model, cfg.policy(), cfg.lora, adapter)
             return CUTTrainer(model=model, args=TrainingArguments(**cfg.trainer_kwargs(ctx)), train_dataset=examples,
                               data_collator=CUTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                               threshold=cfg.threshold, alpha=cfg.alpha, gamma=cfg.gamma)

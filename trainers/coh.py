@@ -77,8 +77,9 @@ def cut_at_phrases(text: str, phrases: list[str]) -> str:
     return text[:cut].strip()
 
 
-def all_phrases() -> list[str]:
-    return [p for pair in PHRASE_PAIRS for p in pair]
+def all_phrases(pairs=PHRASE_PAIRS) -> list[str]:
+    """Every feedback phrase: where a reply generated after the positive one must stop."""
+    return [p for pair in pairs for p in pair]
 
 
 # ----------------------------------------------------------------------------- data

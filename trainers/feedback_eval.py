@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.generation import SamplingSettings, hf_sampling_kwargs
+from pipeline.generation import SamplingSettings
 
 from .generators import GeneratorSettings
 
@@ -129,26 +129,10 @@ def sample_replies(model, tokenizer, conversations: list[list[dict[str, str]]], 
 
     if prefix is None:
         return [r[0].text for r in chat_generate(model, tokenizer, conversations, sampling, 1, batch_size, seed)]
-    import torch
-    from transformers import set_seed
-
     from .coh import cut_at_phrases
 
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + prefix["phrase"] for c in conversations]
-    device = next(model.parameters()).device
-    out = []
-    for b in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[b : b + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        set_seed(seed + b)
-        kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
-                                  "repetition_penalty": sampling.repetition_penalty}
-        kwargs.update(hf_sampling_kwargs(sampling))
-        with torch.no_grad():
-            generated = model.generate(**enc, **kwargs)
-        for row in generated[:, enc["input_ids"].shape[1] :]:
-            out.append(cut_at_phrases(tokenizer.decode(row, skip_special_tokens=True), prefix.get("stop", [])))
-    return out
+    completions = chat_generate(model, tokenizer, conversations, sampling, 1, batch_size, seed, prompt_suffix=prefix["phrase"])
+    return [cut_at_phrases(r[0].text, prefix.get("stop", [])) for r in completions]
 
 
 class EvalSettings(BaseModel):
@@ -170,6 +154,8 @@ def evaluate(model_name: str, adapter: str | Path | None, prompts: list[dict[str
     import contextlib
 
     from pipeline.models import device_policy, load_causal_lm, load_tokenizer
+
+    from .sequences import as_messages
 
     chosen: list[dict[str, Any]] = []
     per_scope: dict[str, int] = {}
@@ -195,8 +181,7 @@ def evaluate(model_name: str, adapter: str | Path | None, prompts: list[dict[str
     rows: list[dict[str, Any]] = []
     for condition in conditions:
         system = settings.in_context_template.format(feedback=feedback) if condition == "in_context" else None
-        conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": str(r["prompt"])}]
-                         for r in chosen]
+        conversations = [as_messages(str(r["prompt"]), system) for r in chosen]
         off = contextlib.nullcontext()
         if condition != "trained" and hasattr(model, "disable_adapter"):
             off = model.disable_adapter()

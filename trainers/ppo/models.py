@@ -139,17 +139,14 @@ class PpoModels(nn.Module):
 
 def build_models(model_name: str, lora, value_model: str, policy_settings, adapter=None) -> PpoModels:
     """Load the base once, wrap it with a trainable LoRA (or continue `adapter`), add the critic."""
-    from peft import get_peft_model
+    from pipeline.models import load_lora_policy, resolve_model
 
-    from pipeline.models import load_causal_lm, resolve_model
-
-    base = load_causal_lm(model_name, policy_settings, adapter=adapter, qlora=lora.qlora, trainable_adapter=True)
-    policy = base if adapter is not None else get_peft_model(base, lora.peft_config())
+    policy = load_lora_policy(model_name, policy_settings, lora, adapter)
     policy.eval()  # no dropout anywhere: the ratio of identical weights must be exactly 1
     hidden = policy.get_base_model().config.hidden_size
     if value_model == "head":
         return PpoModels(policy, ValueHead(hidden).to(policy_settings.device), None)
-    from peft import LoraConfig, get_peft_model as wrap
+    from peft import get_peft_model
     from transformers import AutoConfig, AutoModel
 
     path = resolve_model(value_model)
@@ -159,8 +156,7 @@ def build_models(model_name: str, lora, value_model: str, policy_settings, adapt
         raise ValueError(f"value_model '{value_model}' has a vocabulary of {config.vocab_size} < the policy's {vocab}: "
                          "a separate critic must share the policy's tokenizer")
     trunk = AutoModel.from_pretrained(path, dtype=policy_settings.dtype).to(policy_settings.device)
-    trunk = wrap(trunk, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
-                                   target_modules=lora.target_modules, task_type="FEATURE_EXTRACTION"))
+    trunk = get_peft_model(trunk, lora.model_copy(update={"dropout": 0.0}).peft_config("FEATURE_EXTRACTION"))
     trunk.eval()
     critic = SeparateCritic(trunk, ValueHead(config.hidden_size).to(policy_settings.device))
     return PpoModels(policy, None, critic)

@@ -113,13 +113,14 @@ def hf_sample(policy, tokenizer, query_ids, query_mask, num_samples: int, max_ne
               temperature: float, top_k: int, top_p: float, eos_ids: list[int], batch_size: int | None = None) -> torch.Tensor:
     """Batched HF generation (greedy when temperature is 0); returns [N * num_samples, G] new tokens.
     Samples of one prompt are adjacent (row i * num_samples + j)."""
+    from pipeline.generation import SamplingSettings, hf_sampling_kwargs
+
+    # top_k=0 / top_p=1 switch the filters off; None would fall back to generation_config (top_k 50)
+    sampling = hf_sampling_kwargs(SamplingSettings.model_construct(temperature=temperature, top_k=top_k, top_p=top_p))
     chunks = []
     step = batch_size or query_ids.shape[0]
     for start in range(0, query_ids.shape[0], step):
         ids, mask = query_ids[start : start + step], query_mask[start : start + step]
-        # top_k=0 / top_p=1 switch the filters off; None would fall back to generation_config (top_k 50)
-        sampling = (dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
-                    if temperature > 0 else dict(do_sample=False, temperature=None, top_k=None, top_p=None))
         out = policy.generate(
             input_ids=ids,
             attention_mask=mask,

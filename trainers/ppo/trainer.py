@@ -24,7 +24,7 @@ from .config import PpoSettings
 from .gae import gae_advantages
 from .losses import clipped_policy_loss, clipped_value_loss, explained_variance
 from .masked import masked_mean, masked_whiten
-from .models import PpoModels, response_forward
+from .models import PpoModels
 from .objectives import Objective, score_objectives
 from .rollout import Rollout, build_rollout, encode_prompts, eos_token_ids, hf_sample
 from .shaping import kl_per_token, place_scalar, shape_rewards
@@ -105,12 +105,13 @@ class PpoTrainer:
     def next_prompts(self) -> list[Prompt]:
         """The step's prompts: passes over the data in a seeded order, wrapping across passes."""
         picked = []
+        order = self._order(self.state.epoch)
         while len(picked) < self.s.prompts_per_step:
-            order = self._order(self.state.epoch)
             picked.append(self.prompts[order[self.state.position]])
             self.state.position += 1
             if self.state.position == len(order):
                 self.state.epoch, self.state.position = self.state.epoch + 1, 0
+                order = self._order(self.state.epoch)
         return picked
 
     def conversation(self, prompt: Prompt) -> list[dict[str, str]]:
@@ -201,13 +202,8 @@ class PpoTrainer:
                 for sl in self._micro_slices(len(mini)):
                     micro = mini.select(torch.arange(len(mini))[sl])
                     weight = micro.response_mask.sum() / mini_tokens
-                    out = response_forward(self.models.policy, micro.query_ids, micro.query_mask, micro.response_ids,
-                                           micro.response_mask, s.temperature, want_hidden=self.models.value_head is not None,
-                                           want_entropy=bool(s.entropy_coef))
-                    if self.models.value_head is not None:
-                        values = self.models.value_head(out.hidden)
-                    else:
-                        values = self.models.critic(micro.query_ids, micro.query_mask, micro.response_ids, micro.response_mask)
+                    out, values = self.models.evaluate(micro.query_ids, micro.query_mask, micro.response_ids,
+                                                       micro.response_mask, s.temperature, want_entropy=bool(s.entropy_coef))
                     mask = micro.response_mask.float()
                     pl = clipped_policy_loss(out.logprobs, micro.logprobs, micro.advantages, mask, s.clip_range)
                     vl = clipped_value_loss(values, micro.values, micro.returns, mask, s.clip_range_value)
