@@ -52,12 +52,12 @@ def build_report(run_root: Path) -> Path:
         state = st.get("status", "done" if manifest else "not run")
         seconds = manifest.get("timings", {}).get("seconds", st.get("seconds", ""))
         metrics = st.get("metrics") or manifest.get("metrics", {})
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(metrics.items())[:8])
+        shown = ", ".join(f"{k}={format_cell(v)}" for k, v in list(metrics.items())[:8])
         if st.get("error"):
             shown = html.escape(st["error"][:300])
         parts.append(
             f"<tr><td>{html.escape(name)}</td><td>{html.escape(manifest.get('uses', st.get('uses', '')))}</td>"
-            f"<td class={state}>{state}</td><td>{_fmt(seconds)}</td>"
+            f"<td class={state}>{state}</td><td>{format_cell(seconds)}</td>"
             f"<td><code>{manifest.get('fingerprint', st.get('fingerprint', ''))[:12]}</code></td><td>{shown}</td></tr>"
         )
     parts.append("</table>")
@@ -126,5 +126,6 @@ def figure_html(fig) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _fmt(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A value as an HTML table cell: floats to 4 significant digits, the rest escaped."""
     return f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))

@@ -56,17 +56,25 @@ def register_kind(kind: str, loader: Callable[[Path], RewardModel]) -> None:
     _KINDS[kind] = loader
 
 
+DESCRIPTOR = "reward_model.json"
+
+
 def write_descriptor(path: Path, kind: str, **info: Any) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    (path / "reward_model.json").write_text(json.dumps({"kind": kind, **info}, indent=2))
+    (path / DESCRIPTOR).write_text(json.dumps({"kind": kind, **info}, indent=2))
+
+
+def read_descriptor(path: str | Path) -> dict[str, Any]:
+    """The folder's `reward_model.json`: its kind and what its loader needs."""
+    return json.loads((Path(path) / DESCRIPTOR).read_text())
 
 
 def load_reward_model(path: str | Path) -> RewardModel:
     path = Path(path)
-    descriptor = path / "reward_model.json"
+    descriptor = path / DESCRIPTOR
     if not descriptor.is_file():
         raise FileNotFoundError(f"{path}: not a reward model folder (reward_model.json missing)")
-    kind = json.loads(descriptor.read_text())["kind"]
+    kind = read_descriptor(path)["kind"]
     if kind not in _KINDS:
         import importlib
 

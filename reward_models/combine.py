@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .base import RewardBatch, Rewards, load_reward_model, register_kind, write_descriptor
+from .base import RewardBatch, Rewards, load_reward_model, read_descriptor, register_kind, write_descriptor
 
 
 class RunningMeanStd:
@@ -111,7 +111,7 @@ class CombinedReward:
     def load(cls, path: Path) -> "CombinedReward":
         from .settings import CombineSettings
 
-        info = json.loads((Path(path) / "reward_model.json").read_text())
+        info = read_descriptor(path)
         combined = cls.from_settings(CombineSettings.model_validate(info["settings"]))
         combined.load_state_dict(info.get("stats", {}))
         return combined
@@ -198,7 +198,7 @@ def _response_lengths(batch: RewardBatch) -> list[int] | None:
 
 def _default_name(path: str, existing: list[Objective]) -> str:
     try:
-        name = json.loads((Path(path) / "reward_model.json").read_text())["kind"]
+        name = read_descriptor(path)["kind"]
     except (OSError, KeyError, json.JSONDecodeError):
         name = Path(path).name
     taken = {o.name for o in existing}

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .base import RewardBatch, Rewards, register_kind, write_descriptor
+from .base import RewardBatch, Rewards, read_descriptor, register_kind, write_descriptor
 from .common import batched, encode_reply, load_classifier
 from .fine_grained_data import IGNORE, encode_segments, mark_token_id, segment_examples, token_classification_rows
 from .segments import end_token_index, segment, token_char_ends
@@ -56,7 +56,7 @@ class FineGrainedReward:
     @classmethod
     def load(cls, path: Path, device: str | None = None) -> "FineGrainedReward":
         path = Path(path)
-        info = json.loads((path / "reward_model.json").read_text())
+        info = read_descriptor(path)
         aspects = {}
         for name, spec in info["aspects"].items():
             task, labels = ("token", 2) if spec["type"] == "segments" else ("seq", 1)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .base import RewardBatch, Rewards, register_kind, write_descriptor
+from .base import RewardBatch, Rewards, read_descriptor, register_kind, write_descriptor
 from .common import as_messages, batched
 
 _MARK = "\ue000FOLLOWUP\ue000"
@@ -226,7 +226,7 @@ class FollowupReward:
     @classmethod
     def load(cls, path: Path, device: str | None = None) -> "FollowupReward":
         path = Path(path)
-        info = json.loads((path / "reward_model.json").read_text())
+        info = read_descriptor(path)
         followups = Followups.load(path / "followups.json")
         adapter = path / info["adapter"] if info.get("adapter") else None
         return cls.from_pretrained(info["base_model"], followups, adapter, device, include_context=info["include_context"],

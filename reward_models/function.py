@@ -13,11 +13,10 @@ tensor), e.g. a keyword or length heuristic, a regex check, or a call to an exte
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .base import RewardBatch, Rewards, register_kind, write_descriptor
+from .base import RewardBatch, Rewards, read_descriptor, register_kind, write_descriptor
 
 
 def resolve_target(target: str):
@@ -42,7 +41,7 @@ class FunctionReward:
 
     @classmethod
     def load(cls, path: Path) -> "FunctionReward":
-        return cls(json.loads((Path(path) / "reward_model.json").read_text())["target"])
+        return cls(read_descriptor(path)["target"])
 
     def score(self, batch: RewardBatch) -> Rewards:
         import torch

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .base import RewardBatch, Rewards, register_kind, write_descriptor
+from .base import RewardBatch, Rewards, read_descriptor, register_kind, write_descriptor
 from .common import batched, encode_reply, load_classifier, split_train_eval
 
 
@@ -81,7 +81,7 @@ class PLoveReward:
     @classmethod
     def load(cls, path: Path, device: str | None = None) -> "PLoveReward":
         path = Path(path)
-        info = json.loads((path / "reward_model.json").read_text())
+        info = read_descriptor(path)
         adapter = path / "adapter" if (path / "adapter").is_dir() else None
         model, tokenizer = load_classifier(info["base_model"], adapter, "seq", 1, device,
                                            weights=None if adapter else path / "model")

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.report import format_cell
+
 
 def reward_model_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
     parts = []
@@ -34,7 +36,7 @@ def _comparison_table(evaluation: dict[str, Any]) -> str:
         return ""
     out = ["<table><tr><th>what</th><th>metric</th><th>model</th><th>baseline</th><th>baseline is</th></tr>"]
     for row in rows:
-        out.append("<tr>" + "".join(f"<td>{_fmt(row.get(k, ''))}</td>" for k in ("what", "metric", "model", "baseline", "baseline_name")) + "</tr>")
+        out.append("<tr>" + "".join(f"<td>{format_cell(row.get(k, ''))}</td>" for k in ("what", "metric", "model", "baseline", "baseline_name")) + "</tr>")
     out.append("</table>")
     return "".join(out)
 
@@ -76,5 +78,3 @@ def reliability_figure(bins: list[dict[str, float]], title: str) -> str:
     return figure_html(fig)
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))

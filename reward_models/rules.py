@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import RewardBatch, Rewards, register_kind, write_descriptor
+from .base import RewardBatch, Rewards, read_descriptor, register_kind, write_descriptor
 
 _WORD = re.compile(r"[A-Za-z0-9]+(?:'[a-z]+)?")
 _STOPWORDS = frozenset(
@@ -170,9 +170,7 @@ def build_rule(spec: dict[str, Any]) -> _Rule:
 
 
 def load(path: Path) -> _Rule:
-    import json
-
-    info = json.loads((Path(path) / "reward_model.json").read_text())
+    info = read_descriptor(path)
     info.pop("kind", None)
     return build_rule(info)
 

@@ -82,7 +82,7 @@ class PpoSettings(BaseModel):
 
     @model_validator(mode="after")
     def _batches_fit(self) -> "PpoSettings":
-        rollout = self.prompts_per_step * self.samples_per_prompt
+        rollout = self.rollout_size
         if self.mini_batch_size > rollout:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) exceeds the rollout size "
                              f"prompts_per_step * samples_per_prompt = {rollout}")

@@ -76,9 +76,12 @@ class PpoTrainer:
         self.eos_ids = eos_token_ids(models.policy, tokenizer)
         self.state = LoopState()
         value_lr = settings.value_learning_rate or settings.learning_rate
+        # walking the base model's parameters for the trainable few is not free: once, here
+        policy_params, value_params = models.policy_parameters(), models.value_parameters()
+        self.trainable = policy_params + value_params
         self.optimizer = torch.optim.AdamW(
-            [{"params": models.policy_parameters(), "lr": settings.learning_rate},
-             {"params": models.value_parameters(), "lr": value_lr}],
+            [{"params": policy_params, "lr": settings.learning_rate},
+             {"params": value_params, "lr": value_lr}],
             weight_decay=settings.weight_decay,
         )
         warmup = settings.warmup_steps
@@ -217,8 +220,7 @@ class PpoTrainer:
                                        ("policy/approx_kl", pl.approx_kl), ("policy/ratio", pl.ratio_mean)):
                         stats[key] += w * float(value.detach())
                 if s.max_grad_norm:
-                    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                        self.models.policy_parameters() + self.models.value_parameters(), s.max_grad_norm))
+                    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.trainable, s.max_grad_norm))
                 self.optimizer.step()
                 self.scheduler.step()
                 epoch_kl.append(stats["policy/approx_kl"])
