@@ -189,6 +189,11 @@ def span_feedback(path: Path) -> list[SpanFeedback]:
 
 def preferences(path: Path) -> list[Preference]:
     fmt, rows = load_feedback(path)
+    return preferences_from(fmt, rows, path)
+
+
+def preferences_from(fmt: str, rows: list[dict[str, Any]], path: Path) -> list[Preference]:
+    """Preference pairs from rows `load_feedback` already read (format `fmt`)."""
     if fmt == "preferences":
         return rows_to_records("preferences", rows, str(path))  # type: ignore[return-value]
     if fmt == "qa_feedback":

@@ -185,6 +185,8 @@ def train(ctx, cfg) -> dict[str, Any]:
         train_records, eval_records = split_train_eval(records, cfg.eval_fraction, ctx.seed, cfg.split,
                                                        group=lambda r: key(r.prompt), time=lambda r: r.provenance.timestamp)
     held = {key(r.prompt) for r in eval_records}
+    # read once: training and evaluation both split these pairs by `held`
+    pairs = _completeness_pairs(ctx) if "completeness" in settings.aspects else []
     specs: dict[str, dict[str, Any]] = {}
     metrics: dict[str, Any] = {}
     curves: list[dict[str, Any]] = []
@@ -195,7 +197,7 @@ def train(ctx, cfg) -> dict[str, Any]:
             ctx.log.info("%s: already trained, kept", aspect)
             continue
         if aspect == "completeness":
-            spec, m = _train_completeness(ctx, cfg, base, held)
+            spec, m = _train_completeness(ctx, cfg, base, held, pairs)
         else:
             spec, m = _train_segments(ctx, cfg, base, aspect, train_records)
         specs[aspect] = spec
@@ -206,7 +208,7 @@ def train(ctx, cfg) -> dict[str, Any]:
     ctx.save_curves(curves)
     describe = dict(base_model=base, max_length=cfg.max_length, mark_token=settings.mark_token, aspects=specs)
     write_descriptor(out, FineGrainedReward.kind, **describe)
-    evaluation = evaluate(FineGrainedReward.load(out, cfg.device), cfg, train_records, eval_records, held, ctx)
+    evaluation = evaluate(FineGrainedReward.load(out, cfg.device), cfg, train_records, eval_records, held, pairs)
     metrics.update(evaluation["metrics"])
     (out / "eval.json").write_text(json.dumps(evaluation, indent=2))
     write_descriptor(out, FineGrainedReward.kind, **describe, metrics=evaluation["metrics"])
@@ -248,7 +250,7 @@ def _train_segments(ctx, cfg, base: str, aspect: str, records) -> tuple[dict[str
     return spec, m
 
 
-def _train_completeness(ctx, cfg, base: str, held: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _train_completeness(ctx, cfg, base: str, held: set[str], pairs) -> tuple[dict[str, Any], dict[str, Any]]:
     """Pairwise (Bradley-Terry) sequence RM with TRL's RewardTrainer on preference pairs."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
@@ -260,7 +262,6 @@ def _train_completeness(ctx, cfg, base: str, held: set[str]) -> tuple[dict[str, 
 
     settings = cfg.fine_grained
     context = settings.context.get("completeness", False)
-    pairs = _completeness_pairs(ctx)
     train_pairs = [p for p in pairs if feedback_data.prompt_key(p.prompt) not in held]
     ctx.log.info("completeness: %d training pairs", len(train_pairs))
 
@@ -303,7 +304,7 @@ def _completeness_pairs(ctx):
     return feedback_data.preferences(source)
 
 
-def evaluate(rm: FineGrainedReward, cfg, train_records, eval_records, held: set[str], ctx) -> dict[str, Any]:
+def evaluate(rm: FineGrainedReward, cfg, train_records, eval_records, held: set[str], completeness_pairs) -> dict[str, Any]:
     from . import feedback_data
     from .metrics import classification_scores, majority_baseline, pairwise_accuracy
 
@@ -332,7 +333,7 @@ def evaluate(rm: FineGrainedReward, cfg, train_records, eval_records, held: set[
                                    "baseline_name": f"majority label ({'error' if baseline['label'] else 'fine'})"})
             metrics[f"{name}/eval_segments"] = model["segments"]
         else:
-            pairs = [p for p in _completeness_pairs(ctx) if feedback_data.prompt_key(p.prompt) in held]
+            pairs = [p for p in completeness_pairs if feedback_data.prompt_key(p.prompt) in held]
             if not pairs:
                 continue
             chosen = rm.holistic(name, [p.prompt for p in pairs], [p.chosen for p in pairs]).tolist()

@@ -292,7 +292,7 @@ def feedback_triples(path: Path, followups: Followups, seed: int) -> tuple[list[
     pos = [t for t, p in zip(followups.texts, followups.positive) if p]
     neg = [t for t, p in zip(followups.texts, followups.positive) if not p]
     if fmt in ("preferences", "qa_feedback", "trl_preferences"):
-        pairs = feedback_data.preferences(path)
+        pairs = feedback_data.preferences_from(fmt, rows, path)
         triples = []
         for pair in pairs:
             triples.append((pair.prompt, pair.chosen, rng.choice(pos)))
