@@ -35,7 +35,8 @@ class Example:
 
 
 def examples_from_reactions(records, positive: list[str]) -> list[Example]:
-    wanted = set(positive)
+    # logs' positive words (the configured ones among them) are read as 'love', so it always counts
+    wanted = set(positive) | {"love"}
     return [Example(r.prompt, r.response, int(r.reaction in wanted), r.user_id or r.provenance.annotator or "?",
                     r.provenance.timestamp) for r in records]
 

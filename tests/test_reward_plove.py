@@ -68,3 +68,17 @@ def test_plove_learns_reactions_and_reports_calibration(tmp_path, tiny_model_pat
     report = build_report(result.run_dir).read_text()
     assert "P[Love] reliability" in report and "<img" in report
     assert torch.isfinite(out.scalar).all()
+
+
+def test_custom_positive_words_in_logs_label_examples_positive(tmp_path):
+    """`positive: [thumbs_up]` on production logs: those replies are the positives (logs map
+    the configured words to 'love' on reading, so labelling must count 'love' as positive)."""
+    from reward_models import feedback_data
+    from reward_models.plove import examples_from_reactions
+
+    rows = [{"prompt": f"q{i}", "reply": f"a{i}", "reaction": word}
+            for i, word in enumerate(["thumbs_up", "thumbs_down", "thumbs_up", "meh"])]
+    write_jsonl(rows, tmp_path / "logs.jsonl")
+    positive = ["thumbs_up"]
+    examples = examples_from_reactions(feedback_data.reactions(tmp_path / "logs.jsonl", positive), positive)
+    assert [e.label for e in examples] == [1, 0, 1, 0]
