@@ -200,3 +200,11 @@ def test_training_teaches_the_feedback_phrases(tmp_path, tiny_model_path):
     after = preference_gaps()
     assert after[0] > before[0] + 0.5 and after[1] > before[1] + 0.5, (before, after)
     assert after[0] > 0.5 and after[1] > 0.5
+
+
+def test_chains_from_feedback_pair_up_several_replies_to_one_prompt():
+    """good A, needs_work B, good C, needs_work D on one prompt: two full chains (A/B, C/D)."""
+    records = [{"prompt": "Capital of France?", "response": r, "judgment": j}
+               for r, j in (("A", "good"), ("B", "needs_work"), ("C", "good"), ("D", "needs_work"))]
+    chains = chains_from_feedback(records)
+    assert [(c.get("positive"), c.get("negative")) for c in chains] == [("A", "B"), ("C", "D")]

@@ -98,19 +98,21 @@ def chains_from_feedback(records: list[dict], feedback_as_phrase: bool = False) 
     """
     import json
 
-    groups: dict[str, dict[str, Any]] = {}
+    chains: list[dict[str, Any]] = []
+    open_chain: dict[str, dict[str, Any]] = {}  # per prompt: the newest chain, which may still lack a side
     for rec in records:
         if rec.get("judgment") not in ("good", "needs_work"):
             continue
         key = json.dumps(rec["prompt"], sort_keys=True)
-        chain = groups.setdefault(key, {"prompt": rec["prompt"]})
         side = "positive" if rec["judgment"] == "good" else "negative"
-        if side in chain:
-            groups[key + f"#{len(groups)}"] = chain = {"prompt": rec["prompt"]}
+        chain = open_chain.get(key)
+        if chain is None or side in chain:
+            chain = open_chain[key] = {"prompt": rec["prompt"]}
+            chains.append(chain)
         chain[side] = rec["response"]
         if feedback_as_phrase and rec.get("critique"):
             chain[f"{side}_phrase"] = FEEDBACK_PHRASE.format(feedback=rec["critique"])
-    return list(groups.values())
+    return chains
 
 
 def content(value) -> str:
