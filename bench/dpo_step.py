@@ -1,12 +1,22 @@
-"""Seconds per DPO step: heedful's `dpo` stage vs. a plain TRL script, in one run.
+"""Seconds per DPO step: heedful vs. plain TRL, in one run.
 
 SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, 4 pairs per step, ~256 tokens per
-sequence (prompt + reply), fp32 on CPU. The baseline is what a user would write with TRL:
-DPOConfig(bf16=False, use_cpu=True) and TRL's other defaults (gradient checkpointing on); and the
-strongest plain-TRL setting we know on CPU, the same with gradient checkpointing off.
+sequence (prompt + reply), fp32 on CPU. Arms, each in a fresh process, order rotated per round:
+
+  plain       what a user writes with TRL: DPOConfig(bf16=False, use_cpu=True), TRL's other
+              defaults (gradient checkpointing on, reference forward every step)
+  tuned       the same with gradient checkpointing off
+  precompute  tuned + precompute_ref_log_probs=True (the strongest plain-TRL setting we know)
+  fast        heedful's preference core (trainers/fastpref: packed pairs, chunked log-probs,
+              cached reference, checkpointing chosen by a per-host probe), cold reference cache
+  heedful     the `dpo` stage end to end, as configured (uses the fast core once it is wired)
+
+Per-step time = median step (warm-up dropped) + the reference precompute/cache time divided
+by the number of steps, so a cold cache's cost is amortized over the run as it happens.
 Also prints achieved FLOP/s against a measured fp32 matmul peak of this machine.
 
-    python bench/dpo_step.py [--steps 6] [--rounds 2] [--json bench/results/dpo_step.json]
+    python bench/dpo_step.py [--steps 6] [--rounds 2] [--model tiny --tokens 64] [--arms fast,plain]
+        [--json bench/results/dpo_step.json]
 """
 
 from __future__ import annotations
@@ -40,12 +50,16 @@ def make_pairs(tokenizer, n_pairs: int, target_tokens: int) -> list[dict]:
                 break
             replies.append(tokenizer.decode(ids[:budget]))
         if len(replies) == 2:
-            pairs.append({"prompt": prompt_msgs, "chosen": [{"role": "assistant", "content": replies[0]}],
-                          "rejected": [{"role": "assistant", "content": replies[1]}]})
+            pairs.append(
+                {
+                    "prompt": prompt_msgs,
+                    "chosen": [{"role": "assistant", "content": replies[0]}],
+                    "rejected": [{"role": "assistant", "content": replies[1]}],
+                }
+            )
         if len(pairs) == n_pairs:
             return pairs
     raise RuntimeError("not enough long rows in qa-feedback")
-
 
 
 def dpo_step_flops(config, tokens_per_seq: list[int]) -> float:
@@ -61,13 +75,24 @@ def dpo_step_flops(config, tokens_per_seq: list[int]) -> float:
     return total
 
 
-def step_times_plain_trl(model_path: str, pairs: list[dict], steps: int, out: Path, checkpointing: bool = True) -> list[float]:
+def step_times_trl(
+    model_path: str,
+    pairs: list[dict],
+    steps: int,
+    out: Path,
+    checkpointing: bool = True,
+    precompute: bool = False,
+    fast: bool = False,
+) -> tuple[list[float], float]:
+    """Step times of a TRL-style script (DPOTrainer, or heedful's FastDPOTrainer with `fast`) and
+    the seconds it spent computing reference log-probs up front (precompute or cache)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     times: list[float] = []
+    precomputed: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -76,51 +101,106 @@ def step_times_plain_trl(model_path: str, pairs: list[dict], steps: int, out: Pa
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t)
 
+    class TimedDPOTrainer(DPOTrainer):
+        def _precompute_ref_logps(self, *a, **k):
+            start = time.perf_counter()
+            result = super()._precompute_ref_logps(*a, **k)
+            precomputed.append(time.perf_counter() - start)
+            return result
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path)
-    args = DPOConfig(output_dir=str(out), bf16=False, use_cpu=True, per_device_train_batch_size=4, max_steps=steps,
-                     report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-                     gradient_checkpointing=checkpointing)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs * steps), processing_class=tokenizer,
-                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                                task_type="CAUSAL_LM"), callbacks=[Timer()])
+    args = DPOConfig(
+        output_dir=str(out),
+        bf16=False,
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        gradient_checkpointing=checkpointing,
+        precompute_ref_log_probs=precompute,
+    )
+    kwargs = dict(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(pairs * steps),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"),
+        callbacks=[Timer()],
+    )
+    if fast:
+        from trainers.fastpref.trainer import FastDPOTrainer
+
+        trainer = FastDPOTrainer(
+            **kwargs, ref_cache_dir=out / "ref_cache", probe_checkpointing=True, model_name=Path(model_path).name
+        )
+        assert trainer.fast, trainer.fast_off_reason
+        print("FAST_CHECKPOINTING", trainer.checkpointing_chosen, flush=True)
+        precomputed.append(trainer.ref_cache_seconds)
+    else:
+        trainer = TimedDPOTrainer(**kwargs)
     trainer.train()
-    return times
+    return times, sum(precomputed)
 
 
-def step_times_heedful(pairs: list[dict], steps: int, work: Path) -> list[float]:
+def step_times_heedful(pairs: list[dict], steps: int, work: Path, model: str) -> list[float]:
     from pipeline.config import pipeline_from_dict
     from pipeline.records import write_jsonl
     from pipeline.runner import Runner
 
     write_jsonl(pairs * steps, work / "pairs.jsonl")
-    data = {"run_name": "bench", "model": "smollm2-135m", "stages": [
-        {"name": "align", "uses": "dpo", "inputs": {"preferences": str(work / "pairs.jsonl")},
-         "with": {"max_steps": steps, "per_device_train_batch_size": 4, "max_length": 1024, "save_steps": 10_000,
-                  "lora": {"r": 16, "alpha": 32, "dropout": 0.05}}}]}
+    data = {
+        "run_name": "bench",
+        "model": model,
+        "stages": [
+            {
+                "name": "align",
+                "uses": "dpo",
+                "inputs": {"preferences": str(work / "pairs.jsonl")},
+                "with": {
+                    "max_steps": steps,
+                    "per_device_train_batch_size": 4,
+                    "max_length": 1024,
+                    "save_steps": 10_000,
+                    "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+                },
+            }
+        ],
+    }
     result = Runner(pipeline_from_dict(data, work), work / "runs", use_ray=False).execute()
     assert result.ok, result.records
     return [result.record("align").metrics["seconds_per_step"]]
 
 
-ARMS = ("heedful", "plain", "tuned")
+ARMS = ("heedful", "plain", "tuned", "precompute", "fast")
 
 
 def run_arm(arm: str, args) -> float:
-    """One arm in this (fresh) process: its median seconds per step."""
+    """One arm in this (fresh) process: its median seconds per step, reference cost amortized."""
     import torch
     from transformers import AutoTokenizer
 
-    from pipeline.models import prepare_smollm2
+    from pipeline.models import resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)
-    path = str(prepare_smollm2())
+    path = resolve_model(args.model)
     pairs = make_pairs(AutoTokenizer.from_pretrained(path), args.pairs, args.tokens)
     with tempfile.TemporaryDirectory() as tmp:
         if arm == "heedful":
-            return step_times_heedful(pairs, args.steps, Path(tmp))[0]  # already a median
-        times = step_times_plain_trl(path, pairs, args.steps, Path(tmp) / arm, checkpointing=arm == "plain")
-        return statistics.median(times[1:])  # drop the warm-up step
+            return step_times_heedful(pairs, args.steps, Path(tmp), args.model)[0]  # already a median
+        times, ref_seconds = step_times_trl(
+            path,
+            pairs,
+            args.steps,
+            Path(tmp) / arm,
+            checkpointing=arm == "plain",
+            precompute=arm == "precompute",
+            fast=arm == "fast",
+        )
+        return statistics.median(times[1:] or times) + ref_seconds / max(len(times), 1)  # drop the warm-up step
 
 
 def main() -> None:
@@ -129,6 +209,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2, help="each arm runs once per round, in a fresh process, order rotated")
+    parser.add_argument("--model", default="smollm2-135m", help="model alias or folder (tiny: a quick check that it runs)")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "dpo_step.json")
     args = parser.parse_args()
@@ -141,10 +223,14 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from pipeline.models import prepare_smollm2
+    from pipeline.models import resolve_model
 
+    arms = tuple(a for a in args.arms.split(",") if a)
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        parser.error(f"--arms: unknown {unknown}; choose from {','.join(ARMS)}")
     torch.set_num_threads(os.cpu_count() or 1)
-    path = str(prepare_smollm2())
+    path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     pairs = make_pairs(tokenizer, args.pairs, args.tokens)
     lengths = []
@@ -156,34 +242,56 @@ def main() -> None:
 
     # Each arm in its own process, order rotated each round: this shared 2-core machine's
     # speed drifts by tens of percent over minutes, so one pass in one order is not a comparison.
-    per_arm: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    per_arm: dict[str, list[float]] = {arm: [] for arm in arms}
     for r in range(args.rounds):
-        for arm in ARMS[r % len(ARMS):] + ARMS[: r % len(ARMS)]:
-            cmd = [sys.executable, __file__, "--arm", arm, "--steps", str(args.steps), "--pairs", str(args.pairs),
-                   "--tokens", str(args.tokens)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            seconds = float(next(line.split()[1] for line in out.splitlines() if line.startswith("ARM_SECONDS_PER_STEP")))
+        for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--arm",
+                arm,
+                "--model",
+                args.model,
+                "--steps",
+                str(args.steps),
+                "--pairs",
+                str(args.pairs),
+                "--tokens",
+                str(args.tokens),
+            ]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                sys.exit(f"arm {arm} failed:\n{run.stderr[-4000:]}")
+            lines = run.stdout.splitlines()
+            seconds = float(next(line.split()[1] for line in lines if line.startswith("ARM_SECONDS_PER_STEP")))
+            extra = next((f" (checkpointing {line.split()[1]})" for line in lines if line.startswith("FAST_CHECKPOINTING")), "")
             per_arm[arm].append(seconds)
-            print(f"round {r + 1}: {arm}: {seconds:.2f} s/step", flush=True)
-    heedful_s, plain_s, tuned_s = (statistics.median(per_arm[a]) for a in ARMS)
+            print(f"round {r + 1}: {arm}: {seconds:.3f} s/step{extra}", flush=True)
+    median = {arm: statistics.median(v) for arm, v in per_arm.items()}
+    names = {
+        "plain": "plain_trl",
+        "tuned": "plain_trl_no_checkpointing",
+        "precompute": "plain_trl_precompute_ref",
+        "fast": "heedful_fast_core",
+        "heedful": "heedful_stage",
+    }
 
-    result = {
-        "model": "SmolLM2-135M-Instruct (fp32, CPU)",
+    result: dict = {
+        "model": f"{args.model} (fp32, CPU)",
         "threads": torch.get_num_threads(),
         "pairs_per_step": args.pairs,
+        "steps": args.steps,
         "tokens_per_sequence": lengths,
-        "plain_trl_seconds_per_step": round(plain_s, 3),
-        "heedful_seconds_per_step": round(heedful_s, 3),
-        "speedup": round(plain_s / heedful_s, 3),
-        "plain_trl_no_checkpointing_seconds_per_step": round(tuned_s, 3),
-        "speedup_vs_no_checkpointing": round(tuned_s / heedful_s, 3),
+        **{f"{names[a]}_seconds_per_step": round(v, 4) for a, v in median.items()},
         "rounds_seconds_per_step": per_arm,
         "matmul_peak_gflops": round(peak / 1e9, 1),
-        "step_gflop": round(flops / 1e9, 1),
-        "plain_trl_gflops": round(flops / plain_s / 1e9, 1),
-        "heedful_gflops": round(flops / heedful_s / 1e9, 1),
-        "heedful_fraction_of_peak": round(flops / heedful_s / peak, 3),
+        "step_gflop": round(flops / 1e9, 2),
+        **{f"{names[a]}_gflops": round(flops / v / 1e9, 2) for a, v in median.items()},
     }
+    for ours in ("fast", "heedful"):
+        for base in ("plain", "tuned", "precompute"):
+            if ours in median and base in median:
+                result[f"speedup_{names[ours]}_vs_{names[base]}"] = round(median[base] / median[ours], 3)
     save_results(result, args.json)
 
 

@@ -33,8 +33,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = ROOT / "bench" / "results"
-PREFIXES = ["", "Quick question: ", "Hey, ", "Please tell me: ", "I wonder, ", "Help me out: ", "Tell me: ",
-            "One more: ", "Curious: ", "Teacher asks: ", "Riddle: ", "Homework: "]
+PREFIXES = [
+    "",
+    "Quick question: ",
+    "Hey, ",
+    "Please tell me: ",
+    "I wonder, ",
+    "Help me out: ",
+    "Tell me: ",
+    "One more: ",
+    "Curious: ",
+    "Teacher asks: ",
+    "Riddle: ",
+    "Homework: ",
+]
 
 
 def key_strings(limit: int) -> list[str]:
@@ -73,8 +85,11 @@ def embeddings(embedder, texts: list[str], name: str) -> np.ndarray:
 
 def pct(samples: list[float]) -> dict[str, float]:
     a = np.asarray(samples) * 1000
-    return {"p50_ms": round(float(np.percentile(a, 50)), 4), "p99_ms": round(float(np.percentile(a, 99)), 4),
-            "mean_ms": round(float(a.mean()), 4)}
+    return {
+        "p50_ms": round(float(np.percentile(a, 50)), 4),
+        "p99_ms": round(float(np.percentile(a, 99)), 4),
+        "mean_ms": round(float(a.mean()), 4),
+    }
 
 
 def bench_retrieval(sizes: list[int], n_queries: int) -> list[dict]:
@@ -89,9 +104,12 @@ def bench_retrieval(sizes: list[int], n_queries: int) -> list[dict]:
     keys = key_strings(max(sizes))
     vectors = embeddings(embedder, keys, f"keys_{len(keys)}")
     # held-out queries: phrasings over words that are not in any key
-    queries = [f"What is akin to < qword{i} > ?" if i % 3 == 0 else
-               (f"Which word is the reverse of < zz{i} > ?" if i % 3 == 1 else f"Could you define < yy{i} > ?")
-               for i in range(n_queries)]
+    queries = [
+        f"What is akin to < qword{i} > ?"
+        if i % 3 == 0
+        else (f"Which word is the reverse of < zz{i} > ?" if i % 3 == 1 else f"Could you define < yy{i} > ?")
+        for i in range(n_queries)
+    ]
     qvecs = embedder.encode(queries)
     rows = []
     for n in sizes:
@@ -123,11 +141,13 @@ def bench_retrieval(sizes: list[int], n_queries: int) -> list[dict]:
         e2e = {}
         with tempfile.TemporaryDirectory() as tmp:
             store = MemoryStore(Path(tmp) / "m.db", embedder_name=embedder.name, dim=embedder.dim)
-            store.add_many([{"key_query": k, "clarification": f"clarification {i}"} for i, k in enumerate(keys[:n])],
-                           vectors[:n])
+            store.add_many([{"key_query": k, "clarification": f"clarification {i}"} for i, k in enumerate(keys[:n])], vectors[:n])
             for name, threshold in (("exact", 10**12), ("hnsw", 0)):
-                retriever = Retriever(store, embedder, RetrievalSettings(threshold=0.0, ann_threshold=threshold,
-                                                                         lexical_fallback=False))
+                retriever = Retriever(
+                    store,
+                    embedder,
+                    RetrievalSettings(threshold=0.0, ann_threshold=threshold, lexical_fallback=False, scope="global"),
+                )
                 for q in queries[:10]:
                     retriever.lookup(q)
                 samples = []
@@ -137,10 +157,15 @@ def bench_retrieval(sizes: list[int], n_queries: int) -> list[dict]:
                     samples.append(time.perf_counter() - t)
                 e2e[name] = pct(samples)
             store.close()
-        row = {"memories": n, "index_search": timings, "lookup_end_to_end": e2e, "hnsw_recall_at_1": round(recall, 4),
-               "build_seconds": {"exact": round(exact_build, 3), "hnsw": round(ann_build, 3)},
-               "hnsw_speedup_p50": round(timings["exact"]["p50_ms"] / timings["hnsw"]["p50_ms"], 2),
-               "torch_threads": torch.get_num_threads()}
+        row = {
+            "memories": n,
+            "index_search": timings,
+            "lookup_end_to_end": e2e,
+            "hnsw_recall_at_1": round(recall, 4),
+            "build_seconds": {"exact": round(exact_build, 3), "hnsw": round(ann_build, 3)},
+            "hnsw_speedup_p50": round(timings["exact"]["p50_ms"] / timings["hnsw"]["p50_ms"], 2),
+            "torch_threads": torch.get_num_threads(),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -161,15 +186,26 @@ def bench_serving(n_memories: int, n_requests: int) -> dict:
         from serving.store import MemoryStore
 
         store = MemoryStore(Path(tmp) / "m.db", embedder_name=embedder.name, dim=embedder.dim)
-        store.add_many([{"key_query": k, "clarification": f"when I ask like this, I want clarification {i}."}
-                        for i, k in enumerate(keys)], vectors)
+        store.add_many(
+            [{"key_query": k, "clarification": f"when I ask like this, I want clarification {i}."} for i, k in enumerate(keys)],
+            vectors,
+        )
         store.close()
-        settings = ServeSettings(model="smollm2-135m", memory=str(Path(tmp) / "m.db"),
-                                 retrieval=RetrievalSettings(threshold=0.9, lexical_fallback=False))
+        settings = ServeSettings(
+            model="smollm2-135m",
+            memory=str(Path(tmp) / "m.db"),
+            retrieval=RetrievalSettings(threshold=0.9, lexical_fallback=False),
+        )
         with ServerThread(settings) as server:
+
             def ask(content: str, memory: bool) -> tuple[float, dict]:
-                body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": content}],
-                        "max_tokens": 16, "temperature": 0, "memory": memory}
+                body = {
+                    "model": "smollm2-135m",
+                    "messages": [{"role": "user", "content": content}],
+                    "max_tokens": 16,
+                    "temperature": 0,
+                    "memory": memory,
+                }
                 t = time.perf_counter()
                 r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
                 r.raise_for_status()
@@ -179,8 +215,12 @@ def bench_serving(n_memories: int, n_requests: int) -> dict:
             miss_q = "Write one sentence about the history of the bicycle."
             for q, m in ((hit_q, True), (miss_q, True), (hit_q, False)):
                 ask(q, m)  # warm up
-            cases = {"memory_off": (hit_q, False), "memory_on_miss": (miss_q, True), "memory_on_hit": (hit_q, True),
-                     "memory_off_miss_query": (miss_q, False)}
+            cases = {
+                "memory_off": (hit_q, False),
+                "memory_on_miss": (miss_q, True),
+                "memory_on_hit": (hit_q, True),
+                "memory_off_miss_query": (miss_q, False),
+            }
             out = {}
             for name, (q, m) in cases.items():
                 samples, tokens, used = [], [], 0

@@ -29,7 +29,6 @@ from pathlib import Path
 from common import ROOT, matmul_peak_flops, save_results
 
 
-
 def forward_flops(config, tokens: int, context: int) -> float:
     """One forward over `tokens` positions attending to ~`context` positions each."""
     d, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
@@ -68,8 +67,18 @@ def plain_generate_tokens_per_s(model_path: str, device: str, conversations, set
     for rep in range(reps):
         torch.manual_seed(rep)
         t = time.perf_counter()
-        out = hf_sample(model, tokenizer, ids, mask, settings.samples_per_prompt, settings.max_new_tokens,
-                        settings.temperature, settings.top_k, settings.top_p, eos)
+        out = hf_sample(
+            model,
+            tokenizer,
+            ids,
+            mask,
+            settings.samples_per_prompt,
+            settings.max_new_tokens,
+            settings.temperature,
+            settings.top_k,
+            settings.top_p,
+            eos,
+        )
         seconds = time.perf_counter() - t
         from trainers.ppo.rollout import cut_at_eos
 
@@ -105,10 +114,17 @@ def main() -> None:
     path = str(prepare_smollm2())
     rows = load_rows(ROOT / "data" / "quickstart" / "prompts.jsonl")
     prompts = [Prompt(r["id"], [{"role": "user", "content": r["prompt"]}], r["prompt"]) for r in rows]
-    settings = PpoSettings(steps=args.steps, prompts_per_step=args.prompts_per_step, samples_per_prompt=4,
-                           max_new_tokens=args.max_new_tokens, mini_batch_size=4, device=args.device,
-                           lora={"r": 16, "alpha": 32, "dropout": 0.0}, rollout_engine=args.engine,
-                           save_steps=10_000)
+    settings = PpoSettings(
+        steps=args.steps,
+        prompts_per_step=args.prompts_per_step,
+        samples_per_prompt=4,
+        max_new_tokens=args.max_new_tokens,
+        mini_batch_size=4,
+        device=args.device,
+        lora={"r": 16, "alpha": 32, "dropout": 0.0},
+        rollout_engine=args.engine,
+        save_steps=10_000,
+    )
     tokenizer = load_tokenizer(path)
     torch.manual_seed(0)
     models = build_models(path, settings.lora, settings.value_model, settings.device_policy())
@@ -130,8 +146,14 @@ def main() -> None:
     model_config = AutoConfig.from_pretrained(path)
     per_step = len(query_lens) // args.steps
     flops = statistics.median(
-        step_flops(model_config, query_lens[i * per_step:(i + 1) * per_step], response_lens[i * per_step:(i + 1) * per_step],
-                   settings.ppo_epochs) for i in range(1, args.steps))
+        step_flops(
+            model_config,
+            query_lens[i * per_step : (i + 1) * per_step],
+            response_lens[i * per_step : (i + 1) * per_step],
+            settings.ppo_epochs,
+        )
+        for i in range(1, args.steps)
+    )
     heedful_tps = statistics.median(r["rollout/tokens_per_s"] for r in rows_)
     del trainer, models
     conversations = [p.conversation for p in prompts[: args.prompts_per_step]]

@@ -21,7 +21,6 @@ from pathlib import Path
 from common import QA, ROOT, matmul_peak_flops, save_results
 
 
-
 def forward_flops(config, tokens: int, attended: int) -> float:
     """~2 * params per token (+ LM head) + attention over `attended` (query, key) pairs."""
     d, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
@@ -63,14 +62,17 @@ def main() -> None:
 
     packed_logprobs(rm.model, prefixes[:1], rm.followup_ids, rm.pad_id)  # warm-up
     packed, t_packed = timed(lambda: rm.logprobs(prompts, replies))
-    batched_naive, t_batched = timed(lambda: torch.cat([
-        naive_logprobs(rm.model, [p], rm.followup_ids, rm.pad_id, batch_followups=True) for p in prefixes]))
+    batched_naive, t_batched = timed(
+        lambda: torch.cat([naive_logprobs(rm.model, [p], rm.followup_ids, rm.pad_id, batch_followups=True) for p in prefixes])
+    )
     naive, t_naive = timed(lambda: torch.cat([naive_logprobs(rm.model, [p], rm.followup_ids, rm.pad_id) for p in prefixes]))
 
     packed_tokens = sum(len(p) + sum(f_lens) for p in prefixes)
     naive_tokens = sum(len(p) * n + sum(f_lens) for p in prefixes)
-    packed_flops = sum(forward_flops(config, len(p) + sum(f_lens), len(p) ** 2 // 2 + sum(len(p) * f + f * f // 2 for f in f_lens))
-                       for p in prefixes)
+    packed_flops = sum(
+        forward_flops(config, len(p) + sum(f_lens), len(p) ** 2 // 2 + sum(len(p) * f + f * f // 2 for f in f_lens))
+        for p in prefixes
+    )
     naive_flops = sum(forward_flops(config, len(p) + f, (len(p) + f) ** 2 // 2) for p in prefixes for f in f_lens)
     peak = matmul_peak_flops()
     result = {

@@ -35,15 +35,18 @@ def users(n: int):
 
 
 def arm(backend, batch_size: int, conversations, rounds: int, per_conversation: bool, seed: int = 0):
-    from feedback.simulator.backends import CachedLLM
     from feedback.simulator.protocol import Judge, ProtocolSettings, run_conversations
+    from pipeline.llm_cache import CachedLLM
 
     backend.batch_size = batch_size
     llm = CachedLLM(backend, None)
     judge = Judge(llm, "both").calibrate()
-    settings = ProtocolSettings(max_rounds=rounds, satisfied_threshold=1.0,
-                                policy_sampling={"max_new_tokens": 64, "temperature": 0.7},
-                                user_sampling={"max_new_tokens": 32, "temperature": 0.7})
+    settings = ProtocolSettings(
+        max_rounds=rounds,
+        satisfied_threshold=1.0,
+        policy_sampling={"max_new_tokens": 64, "temperature": 0.7},
+        user_sampling={"max_new_tokens": 32, "temperature": 0.7},
+    )
     llm.generated_tokens = 0
     start = time.perf_counter()
     if per_conversation:
@@ -52,9 +55,15 @@ def arm(backend, batch_size: int, conversations, rounds: int, per_conversation: 
     else:
         run_conversations(conversations, llm, llm, settings, seed, judge)
     seconds = time.perf_counter() - start
-    return {"conversations": len(conversations), "rounds": rounds, "batch_size": batch_size, "seconds": seconds,
-            "generated_tokens": llm.generated_tokens, "conversations_per_min": 60 * len(conversations) / seconds,
-            "tokens_per_s": llm.generated_tokens / seconds}
+    return {
+        "conversations": len(conversations),
+        "rounds": rounds,
+        "batch_size": batch_size,
+        "seconds": seconds,
+        "generated_tokens": llm.generated_tokens,
+        "conversations_per_min": 60 * len(conversations) / seconds,
+        "tokens_per_s": llm.generated_tokens / seconds,
+    }
 
 
 def main() -> None:
@@ -68,19 +77,25 @@ def main() -> None:
 
     import torch
 
-    from feedback.simulator.backends import HFBackend
+    from pipeline.llm import HFClient
     from pipeline.paths import heedful_home  # noqa: F401  (model cache location)
 
     torch.set_num_threads(args.threads)
-    backend = HFBackend("smollm2-135m", batch_size=args.batch_size)
+    backend = HFClient("smollm2-135m", batch_size=args.batch_size)
     convs = users(args.conversations)
     batched = arm(backend, args.batch_size, convs, args.rounds, per_conversation=False)
-    print(f"batched (batch {args.batch_size}): {batched['conversations_per_min']:.1f} conv/min, "
-          f"{batched['tokens_per_s']:.1f} tok/s ({batched['seconds']:.0f}s)", flush=True)
+    print(
+        f"batched (batch {args.batch_size}): {batched['conversations_per_min']:.1f} conv/min, "
+        f"{batched['tokens_per_s']:.1f} tok/s ({batched['seconds']:.0f}s)",
+        flush=True,
+    )
     base_convs = convs[: args.baseline_conversations] if args.baseline_conversations else convs
     single = arm(backend, 1, base_convs, args.rounds, per_conversation=True)
-    print(f"one at a time:    {single['conversations_per_min']:.1f} conv/min, {single['tokens_per_s']:.1f} tok/s "
-          f"({single['seconds']:.0f}s for {single['conversations']} conversations)", flush=True)
+    print(
+        f"one at a time:    {single['conversations_per_min']:.1f} conv/min, {single['tokens_per_s']:.1f} tok/s "
+        f"({single['seconds']:.0f}s for {single['conversations']} conversations)",
+        flush=True,
+    )
     result = {
         "benchmark": "simulate",
         "model": "smollm2-135m (policy and simulator, shared weights, fp32 CPU)",
@@ -89,10 +104,12 @@ def main() -> None:
         "one_at_a_time": single,
         "speedup_conversations_per_min": batched["conversations_per_min"] / single["conversations_per_min"],
         "speedup_tokens_per_s": batched["tokens_per_s"] / single["tokens_per_s"],
-        "note": "baseline timed on the first %d conversations" % len(base_convs) if args.baseline_conversations else "",
+        "note": f"baseline timed on the first {len(base_convs)} conversations" if args.baseline_conversations else "",
     }
-    print(f"speedup: {result['speedup_conversations_per_min']:.2f}x conversations/min, "
-          f"{result['speedup_tokens_per_s']:.2f}x tokens/s")
+    print(
+        f"speedup: {result['speedup_conversations_per_min']:.2f}x conversations/min, "
+        f"{result['speedup_tokens_per_s']:.2f}x tokens/s"
+    )
     out = ROOT / "bench" / "results" / "simulate.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

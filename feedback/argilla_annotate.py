@@ -9,8 +9,9 @@ SDK's record endpoints (owner/admin only, 403), so this goes through `/api/v1/me
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .argilla_client import ArgillaConnection, ArgillaError, api, connect
 
@@ -28,7 +29,6 @@ class Task:
     suggestions: dict[str, Any] = field(default_factory=dict)
 
 
-
 def find_dataset(client, name: str, workspace: str | None = None) -> dict[str, Any]:
     """A dataset visible to the current user (annotators included), by name."""
     items = api(client, "GET", "/api/v1/me/datasets", "list my datasets")["items"]
@@ -37,8 +37,10 @@ def find_dataset(client, name: str, workspace: str | None = None) -> dict[str, A
         workspaces = {w["id"]: w["name"] for w in api(client, "GET", "/api/v1/me/workspaces", "list my workspaces")["items"]}
         matches = [d for d in matches if workspaces.get(d["workspace_id"]) == workspace]
     if not matches:
-        raise ArgillaError(f"dataset '{name}' is not visible to this user: is it pushed, and is the user a member "
-                           f"of its workspace? (`heedful argilla add-user NAME --workspace {workspace or 'heedful'}`)")
+        raise ArgillaError(
+            f"dataset '{name}' is not visible to this user: is it pushed, and is the user a member "
+            f"of its workspace? (`heedful argilla add-user NAME --workspace {workspace or 'heedful'}`)"
+        )
     return matches[0]
 
 
@@ -67,16 +69,26 @@ def annotate(
     names = {q["id"]: q["name"] for q in questions}
     done, skipped = 0, 0
     while limit is None or done < limit:
-        page = api(client, "POST", f"/api/v1/me/datasets/{ds_id}/records/search", f"list pending records of {name}",
-                   params={"include": ["suggestions"], "offset": skipped, "limit": page_size}, json={"filters": PENDING})
+        page = api(
+            client,
+            "POST",
+            f"/api/v1/me/datasets/{ds_id}/records/search",
+            f"list pending records of {name}",
+            params={"include": ["suggestions"], "offset": skipped, "limit": page_size},
+            json={"filters": PENDING},
+        )
         items = page["items"]
         if not items:
             break
         for item in items:
             record = item["record"]
-            task = Task(id=str(record.get("external_id") or record["id"]), argilla_id=record["id"],
-                        fields=record.get("fields") or {}, metadata=record.get("metadata") or {},
-                        suggestions=_suggestions(record, names))
+            task = Task(
+                id=str(record.get("external_id") or record["id"]),
+                argilla_id=record["id"],
+                fields=record.get("fields") or {},
+                metadata=record.get("metadata") or {},
+                suggestions=_suggestions(record, names),
+            )
             answer = fn(task)
             if answer is None:
                 skipped += 1
@@ -101,5 +113,4 @@ def submit(client, record_id: str, answer: dict[str, Any], status: str = "submit
     else:
         values = answer
     body = {"values": {q: {"value": v} for q, v in values.items() if v is not None}, "status": status}
-    return api(client, "POST", f"/api/v1/records/{record_id}/responses", f"submit a response to record {record_id}",
-               json=body)
+    return api(client, "POST", f"/api/v1/records/{record_id}/responses", f"submit a response to record {record_id}", json=body)

@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 
-app = typer.Typer(help="Feedback collection in Argilla: the local stack, users, imports and pulls.",
-                  no_args_is_help=True)
+app = typer.Typer(help="Feedback collection in Argilla: the local stack, users, imports and pulls.", no_args_is_help=True)
 console = Console(highlight=False)
 
 
 @app.command()
-def up(port: Optional[int] = typer.Option(None, help="UI/API port on 127.0.0.1 (default 6900 when free)")):
+def up(port: int | None = typer.Option(None, help="UI/API port on 127.0.0.1 (default 6900 when free)")):
     """Start Redis, osmem and argilla-server on 127.0.0.1 (harmless if already running)."""
     from .argilla_stack import up as stack_up
 
     info = stack_up(port=port)
     verb = "already running" if info.already_running else f"started in {info.startup_seconds:.1f}s"
     console.print(f"[green]Argilla {verb}[/]: [bold]{info.url}[/]")
-    console.print(f"log in as [bold]{info.username}[/]; `heedful argilla login` prints the password "
-                  f"(kept in {info.home / 'credentials.json'}, mode 0600)")
+    console.print(
+        f"log in as [bold]{info.username}[/]; `heedful argilla login` prints the password "
+        f"(kept in {info.home / 'credentials.json'}, mode 0600)"
+    )
     console.print(f"API key file for the SDK / stages: {info.api_key_file}")
 
 
@@ -44,8 +44,10 @@ def status():
     if not st.get("url"):
         console.print("not running (`heedful argilla up`)")
         raise typer.Exit(1)
-    console.print(f"{'[green]running[/]' if st['running'] else '[red]not healthy[/]'}: {st['url']} "
-                  f"(started {st.get('started')}, start-up {st.get('startup_seconds')}s)")
+    console.print(
+        f"{'[green]running[/]' if st['running'] else '[red]not healthy[/]'}: {st['url']} "
+        f"(started {st.get('started')}, start-up {st.get('startup_seconds')}s)"
+    )
     for name, proc in st["processes"].items():
         console.print(f"  {name:7s} pid {proc['pid']:<7d} {'alive' if proc['alive'] else 'DEAD'}  log {proc['log']}")
     if not st["running"]:
@@ -106,24 +108,28 @@ def import_qa(
     path: Path = typer.Argument(..., help="FineGrainedRLHF qa-feedback json (e.g. ../shared/data/qa_feedback/feedback_400.json)"),
     dataset: str = typer.Option("qa-feedback", help="dataset name prefix: NAME-spans and NAME-preferences"),
     workspace: str = typer.Option("heedful"),
-    limit: Optional[int] = typer.Option(None, help="first N questions only"),
+    limit: int | None = typer.Option(None, help="first N questions only"),
 ):
     """Import human fine-grained feedback and preferences as submitted responses."""
+    from pipeline.records import load_rows
+
     from .argilla_client import ArgillaConnection, connect
     from .argilla_items import to_items
     from .argilla_stack import remember_users
     from .argilla_sync import push_items
-    from .argilla_templates import TemplateOptions
-    from pipeline.records import load_rows
+    from .argilla_templates import TemplateKind, TemplateOptions
 
     rows = load_rows(path, what="qa-feedback")[:limit]
     client = connect(ArgillaConnection(workspace=workspace))
-    for kind, suffix in (("fine_grained", "spans"), ("preference", "preferences")):
+    imports: tuple[tuple[TemplateKind, str], ...] = (("fine_grained", "spans"), ("preference", "preferences"))
+    for kind, suffix in imports:
         items = to_items(rows, kind, "qa_feedback", {}, where=str(path))
         res = push_items(client, f"{dataset}-{suffix}", workspace, TemplateOptions(kind=kind), items)
         remember_users(client.api_url, res.new_users)
-        console.print(f"{workspace}/{dataset}-{suffix}: {res.created} created, {res.updated} updated "
-                      f"({res.records_per_s:.0f} records/s) {res.url}")
+        console.print(
+            f"{workspace}/{dataset}-{suffix}: {res.created} created, {res.updated} updated "
+            f"({res.records_per_s:.0f} records/s) {res.url}"
+        )
 
 
 @app.command()
@@ -134,13 +140,16 @@ def pull(
     drafts: bool = typer.Option(False, help="include draft responses"),
 ):
     """Pull every submitted response of a dataset into a JSONL file (no cursor: all of them)."""
-    from .argilla_client import ArgillaConnection, connect
-    from .argilla_sync import pull as do_pull
     from pipeline.records import write_jsonl
     from pipeline.schema import records_to_rows
+
+    from .argilla_client import ArgillaConnection, connect
+    from .argilla_sync import pull as do_pull
 
     client = connect(ArgillaConnection(workspace=workspace))
     res = do_pull(client, dataset, workspace, ["submitted", "draft"] if drafts else ["submitted"])
     write_jsonl(records_to_rows(res.records), out)
-    console.print(f"{len(res.records)} {res.kind} records from {len(res.annotators)} annotator(s) -> {out}"
-                  + (f"; {res.ties} tie(s) not written" if res.ties else ""))
+    console.print(
+        f"{len(res.records)} {res.kind} records from {len(res.annotators)} annotator(s) -> {out}"
+        + (f"; {res.ties} tie(s) not written" if res.ties else "")
+    )

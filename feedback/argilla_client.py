@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,8 +57,10 @@ def resolve(conn: ArgillaConnection | None = None) -> tuple[str, str, str]:
     if not url:
         url, local = local_url(), True
         if not url:
-            raise ArgillaError("no Argilla server: start the local one with `heedful argilla up`, "
-                               "or set argilla.api_url (or HEEDFUL_ARGILLA_API_URL) to your deployment")
+            raise ArgillaError(
+                "no Argilla server: start the local one with `heedful argilla up`, "
+                "or set argilla.api_url (or HEEDFUL_ARGILLA_API_URL) to your deployment"
+            )
     key, where = os.environ.get(conn.api_key_env), f"${conn.api_key_env}"
     key_file = conn.api_key_file or os.environ.get("HEEDFUL_ARGILLA_API_KEY_FILE")
     if not key and key_file:
@@ -103,8 +106,9 @@ def errors(action: str) -> Iterator[None]:
     except ArgillaError:
         raise
     except ArgillaCredentialsError as exc:
-        raise ArgillaError(f"{action}: the API key was rejected ({exc.message if hasattr(exc, 'message') else exc})",
-                           401) from None
+        raise ArgillaError(
+            f"{action}: the API key was rejected ({exc.message if hasattr(exc, 'message') else exc})", 401
+        ) from None
     except ArgillaAPIError as exc:
         from argilla._exceptions import ForbiddenError, NotFoundError, UnauthorizedError
 
@@ -122,7 +126,9 @@ def _from_status(action: str, status: int | None, detail: str) -> ArgillaError:
         return ArgillaPermissionError(
             f"{action}: forbidden (403). This API key belongs to a user whose role may not do this; "
             "creating datasets and reading or writing all records needs an owner or admin key "
-            "(annotators can only submit their own responses, e.g. with feedback.argilla_annotate.annotate)", 403)
+            "(annotators can only submit their own responses, e.g. with feedback.argilla_annotate.annotate)",
+            403,
+        )
     if status == 401:
         return ArgillaError(f"{action}: unauthorized (401): the API key is wrong or the user was deleted", 401)
     if status == 404:

@@ -17,6 +17,9 @@ import json
 from collections import defaultdict
 from typing import Any, Literal
 
+from feedback.sources.formats import detect_format as detect_source_format
+from feedback.sources.qa_feedback import QA_LABELS, QA_PAIRS
+from pipeline.chat import prompt_id, row_messages
 from pipeline.errors import DataError
 
 from .argilla_templates import PushItem, TemplateKind, stable_id
@@ -30,37 +33,36 @@ ACCEPTS: dict[str, set[str]] = {
     "reactions": {"reaction"},
     "qa_feedback": {"fine_grained", "preference"},
 }
-QA_PAIRS = [(1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4)]  # order of qa-feedback's `preference` list
-QA_LABELS = {"Irrelevant": "irrelevant", "Redundant": "redundant", "Incoherent": "incoherent",
-             "Wrong-Grounding": "wrong_grounding", "Unverifiable": "unverifiable"}
+#: feedback/sources/formats.py's formats as push's input formats (TRL pairs and preference
+#: records push alike, as do production logs and reaction records; follow-ups as replies)
+_PUSH_FORMATS = {"trl_preferences": "preferences", "logs": "reactions", "followups": "responses"}
 
 
 def detect_format(row: dict[str, Any]) -> str:
-    if "prediction 1" in row and "feedback" in row:
-        return "qa_feedback"
-    if "chosen" in row and "rejected" in row:
-        return "preferences"
-    if "spans" in row:
-        return "span_feedback"
-    if "critique" in row:
-        return "verbal_feedback"
-    if "reaction" in row:
-        return "reactions"
-    if "response" in row and "prompt" in row:
-        return "responses"
-    raise DataError(f"cannot tell the input format from columns {sorted(row)}: set input_format")
+    """The push input format of a row (feedback/sources/formats.py decides, once for all readers)."""
+    fmt = _PUSH_FORMATS.get(detect_source_format(row), detect_source_format(row))
+    if fmt not in ACCEPTS:
+        raise DataError(f"cannot tell the input format from columns {sorted(row)}: set input_format")
+    return fmt
 
 
-def to_items(rows: list[dict[str, Any]], kind: TemplateKind, fmt: str, defaults: dict[str, Any],
-             import_user: str = "qa-feedback", where: str = "input") -> list[PushItem]:
+def to_items(
+    rows: list[dict[str, Any]],
+    kind: TemplateKind,
+    fmt: str,
+    defaults: dict[str, Any],
+    import_user: str = "qa-feedback",
+    where: str = "input",
+) -> list[PushItem]:
     """Items for template `kind`; `defaults` fills metadata (run, stage) rows do not carry."""
     if not rows:
         return []
     if fmt == "auto":
         fmt = detect_format(rows[0])
     if kind not in ACCEPTS[fmt]:
-        raise DataError(f"{where}: input format '{fmt}' cannot fill the '{kind}' template "
-                        f"(it fits: {', '.join(sorted(ACCEPTS[fmt]))})")
+        raise DataError(
+            f"{where}: input format '{fmt}' cannot fill the '{kind}' template (it fits: {', '.join(sorted(ACCEPTS[fmt]))})"
+        )
     if fmt == "qa_feedback":
         return qa_items(rows, kind, import_user, where)
     if fmt == "preferences":
@@ -80,10 +82,13 @@ def _need(row: dict[str, Any], i: int, where: str, *names: str) -> None:
 
 def _metadata(row: dict[str, Any], defaults: dict[str, Any], sample_id: str) -> dict[str, Any]:
     prov = row.get("provenance") or {}
-    return {"model": row.get("model") or prov.get("model") or defaults.get("model"),
-            "adapter": row.get("adapter") or prov.get("adapter") or None,
-            "run": prov.get("run") or defaults.get("run"), "stage": prov.get("stage") or defaults.get("stage"),
-            "sample_id": sample_id}
+    return {
+        "model": row.get("model") or prov.get("model") or defaults.get("model"),
+        "adapter": row.get("adapter") or prov.get("adapter") or None,
+        "run": prov.get("run") or defaults.get("run"),
+        "stage": prov.get("stage") or defaults.get("stage"),
+        "sample_id": sample_id,
+    }
 
 
 def _sample_id(row: dict[str, Any]) -> str | None:
@@ -96,16 +101,20 @@ def _reply_item(row: dict[str, Any], i: int, defaults: dict[str, Any], where: st
     _need(row, i, where, "prompt", "response")
     prompt, response = _prompt_of(row), str(row["response"])
     rid = stable_id(prompt, response)
-    return PushItem(id=rid, prompt=prompt, response=response, context=row.get("context"),
-                    metadata=_metadata(row, defaults, _sample_id(row) or rid), suggestions=_row_suggestions(row))
+    return PushItem(
+        id=rid,
+        prompt=prompt,
+        response=response,
+        context=row.get("context"),
+        metadata=_metadata(row, defaults, _sample_id(row) or rid),
+        suggestions=_row_suggestions(row),
+    )
 
 
 def _prompt_of(row: dict[str, Any]) -> Any:
-    """The prompt as the sample saw it: with its system prompt when `generate` used one."""
-    prompt = row["prompt"]
-    if isinstance(prompt, str) and row.get("system_prompt"):
-        return [{"role": "system", "content": row["system_prompt"]}, {"role": "user", "content": prompt}]
-    return prompt
+    """The prompt as the sample saw it: with its system prompt when `generate` used one (else
+    as given, so record ids of existing pushes stay the same)."""
+    return row_messages(row) if row.get("system_prompt") else row["prompt"]
 
 
 def _row_suggestions(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -131,24 +140,36 @@ def _preference_item(row: dict[str, Any], i: int, defaults: dict[str, Any], wher
     suggestions = {"preference": {"value": winner, "agent": agent}}
     if row.get("rationale"):
         suggestions["rationale"] = {"value": row["rationale"], "agent": agent}
-    return PushItem(id=rid, prompt=row["prompt"], response_a=a, response_b=b, suggestions=suggestions,
-                    metadata=_metadata(row, defaults, str(row.get("prompt_id") or rid)))
+    return PushItem(
+        id=rid,
+        prompt=row["prompt"],
+        response_a=a,
+        response_b=b,
+        suggestions=suggestions,
+        metadata=_metadata(row, defaults, str(row.get("prompt_id") or rid)),
+    )
 
 
 def _paired_items(rows: list[dict[str, Any]], defaults: dict[str, Any], where: str) -> list[PushItem]:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for i, row in enumerate(rows):
         _need(row, i, where, "prompt", "response")
-        groups[str(row.get("prompt_id") or json.dumps(row["prompt"]))].append(row)
+        groups[str(row.get("prompt_id") or prompt_id(row["prompt"]))].append(row)
     items = []
     for pid, group in groups.items():
         group.sort(key=lambda r: r.get("sample_index", 0))
         for first, second in zip(group[0::2], group[1::2]):
             prompt = _prompt_of(first)
             rid = stable_id(prompt, first["response"], second["response"])
-            items.append(PushItem(id=rid, prompt=prompt, response_a=first["response"], response_b=second["response"],
-                                  metadata=_metadata(first, defaults, f"{pid}:{first.get('sample_index', 0)}v"
-                                                                      f"{second.get('sample_index', 1)}")))
+            items.append(
+                PushItem(
+                    id=rid,
+                    prompt=prompt,
+                    response_a=first["response"],
+                    response_b=second["response"],
+                    metadata=_metadata(first, defaults, f"{pid}:{first.get('sample_index', 0)}v{second.get('sample_index', 1)}"),
+                )
+            )
     return items
 
 
@@ -169,8 +190,13 @@ def _feedback_item(row: dict[str, Any], i: int, fmt: str, defaults: dict[str, An
         sug = {"reaction": row.get("reaction")}
     prompt, response = row["prompt"], str(row["response"])
     rid = stable_id(prompt, response)
-    return PushItem(id=rid, prompt=prompt, response=response, metadata=_metadata(row, defaults, str(row.get("id") or rid)),
-                    suggestions={q: {"value": v, "agent": agent} for q, v in sug.items() if v not in (None, [])})
+    return PushItem(
+        id=rid,
+        prompt=prompt,
+        response=response,
+        metadata=_metadata(row, defaults, str(row.get("id") or rid)),
+        suggestions={q: {"value": v, "agent": agent} for q, v in sug.items() if v not in (None, [])},
+    )
 
 
 # -- FineGrainedRLHF qa-feedback -------------------------------------------------------------
@@ -199,18 +225,26 @@ def qa_items(rows: list[dict[str, Any]], kind: str, user: str, where: str) -> li
             for j, err in enumerate(fb.get("errors") or []):
                 label = QA_LABELS.get(err.get("error type"))
                 if label is None:
-                    raise DataError(f"{where} row {n}: feedback.errors[{j}].error type {err.get('error type')!r} "
-                                    f"is not one of {sorted(QA_LABELS)}")
+                    raise DataError(
+                        f"{where} row {n}: feedback.errors[{j}].error type {err.get('error type')!r} "
+                        f"is not one of {sorted(QA_LABELS)}"
+                    )
                 spans.append({"label": label, "start": err["start"], "end": err["end"]})
             values = {"spans": spans, "corrected_response": fb.get("corrected-prediction")}
             if fb.get("missing-info"):
                 values["missing_info"] = json.dumps(fb["missing-info"], ensure_ascii=False)
             explanations = [e.get("explanation", "") for e in fb.get("errors") or []]
-            items.append(PushItem(
-                id=f"qa{n:04d}", prompt=row["question"], response=text, context=_passages(row),
-                metadata={**base, "sample_id": f"qa{n:04d}:1"},
-                extra={"qa_span_explanations": json.dumps(explanations, ensure_ascii=False)} if any(explanations) else {},
-                responses=[{"user": user, "values": values, "status": "submitted"}]))
+            items.append(
+                PushItem(
+                    id=f"qa{n:04d}",
+                    prompt=row["question"],
+                    response=text,
+                    context=_passages(row),
+                    metadata={**base, "sample_id": f"qa{n:04d}:1"},
+                    extra={"qa_span_explanations": json.dumps(explanations, ensure_ascii=False)} if any(explanations) else {},
+                    responses=[{"user": user, "values": values, "status": "submitted"}],
+                )
+            )
         else:
             prefs = row.get("preference") or []
             if len(prefs) != len(QA_PAIRS):
@@ -219,10 +253,16 @@ def qa_items(rows: list[dict[str, Any]], kind: str, user: str, where: str) -> li
                 label = {1: "a", 2: "b", 0: "tie"}.get(value)
                 if label is None:
                     raise DataError(f"{where} row {n}: preference value {value!r} is not 0, 1 or 2")
-                items.append(PushItem(
-                    id=f"qa{n:04d}-{i}v{j}", prompt=row["question"], response_a=row[f"prediction {i}"],
-                    response_b=row[f"prediction {j}"], metadata={**base, "sample_id": f"qa{n:04d}:{i}v{j}"},
-                    responses=[{"user": user, "values": {"preference": label}, "status": "submitted"}]))
+                items.append(
+                    PushItem(
+                        id=f"qa{n:04d}-{i}v{j}",
+                        prompt=row["question"],
+                        response_a=row[f"prediction {i}"],
+                        response_b=row[f"prediction {j}"],
+                        metadata={**base, "sample_id": f"qa{n:04d}:{i}v{j}"},
+                        responses=[{"user": user, "values": {"preference": label}, "status": "submitted"}],
+                    )
+                )
     return items
 
 

@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from typing import Any, Dict, List, Optional
+from typing import Any
 from uuid import UUID
 
 LOG = logging.getLogger("heedful.argilla")
@@ -48,7 +48,7 @@ def register_osmem_engine():
     )
     from argilla_server.search_engine.opensearch import OpenSearchEngine
 
-    locks: Dict[tuple, asyncio.Lock] = defaultdict(asyncio.Lock)
+    locks: dict[tuple, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     @SearchEngine.register(engine_name="osmem")
     @dataclasses.dataclass
@@ -101,10 +101,10 @@ def register_osmem_engine():
             self,
             index: str,
             vector_settings,
-            value: List[float],
+            value: list[float],
             k: int,
-            excluded_id: Optional[UUID] = None,
-            query_filters: Optional[List[dict]] = None,
+            excluded_id: UUID | None = None,
+            query_filters: list[dict] | None = None,
         ) -> dict:
             """Exact cosine similarity over every candidate that passes the filters.
 
@@ -118,8 +118,7 @@ def register_osmem_engine():
             norm = math.sqrt(sum(v * v for v in value)) or 1.0
             scored, offset, page = [], 0, 500
             while True:
-                res = await self.client.search(index=index, body={"query": query, "_source": [field]},
-                                               from_=offset, size=page)
+                res = await self.client.search(index=index, body={"query": query, "_source": [field]}, from_=offset, size=page)
                 hits = res["hits"]["hits"]
                 for hit in hits:
                     vector = _dig(hit.get("_source", {}), field)
@@ -133,8 +132,12 @@ def register_osmem_engine():
                     break
             scored.sort(key=lambda s: -s[0])
             top = scored[:k]
-            return {"hits": {"total": {"value": len(top), "relation": "eq"},
-                             "hits": [{"_id": doc_id, "_score": score} for score, doc_id in top]}}
+            return {
+                "hits": {
+                    "total": {"value": len(top), "relation": "eq"},
+                    "hits": [{"_id": doc_id, "_score": score} for score, doc_id in top],
+                }
+            }
 
     return OsmemSearchEngine
 
@@ -177,8 +180,14 @@ async def ensure_owner(secrets: dict) -> None:
     async with AsyncSessionLocal() as db:
         user = await accounts.get_user_by_username(db, owner["username"])
         if user is None:
-            await User.create(db, first_name=owner["username"], username=owner["username"], role=UserRole.owner,
-                              password_hash=accounts.hash_password(owner["password"]), api_key=owner["api_key"])
+            await User.create(
+                db,
+                first_name=owner["username"],
+                username=owner["username"],
+                role=UserRole.owner,
+                password_hash=accounts.hash_password(owner["password"]),
+                api_key=owner["api_key"],
+            )
             LOG.info("created owner %r", owner["username"])
         elif user.api_key != owner["api_key"] or not accounts.verify_password(owner["password"], user.password_hash):
             await user.update(db, api_key=owner["api_key"], password_hash=accounts.hash_password(owner["password"]))
@@ -215,7 +224,7 @@ async def wait_for_search_engine(timeout: float = 30.0) -> None:
         await asyncio.sleep(0.1)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)

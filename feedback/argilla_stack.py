@@ -62,8 +62,10 @@ def server_venv() -> Path:
     env = os.environ.get(SERVER_VENV_ENV)
     venv = Path(env) if env else Path(__file__).resolve().parent.parent / ".venv-argilla"
     if not (venv / "bin" / "python").exists():
-        raise StackError(f"argilla-server's virtualenv not found at {venv}: run `make setup` (it creates .venv-argilla) "
-                         f"or point {SERVER_VENV_ENV} at a venv with `argilla-server==2.8.0 osmem-server`")
+        raise StackError(
+            f"argilla-server's virtualenv not found at {venv}: run `make setup` (it creates .venv-argilla) "
+            f"or point {SERVER_VENV_ENV} at a venv with `argilla-server==2.8.0 osmem-server`"
+        )
     return venv
 
 
@@ -111,8 +113,11 @@ def save_credentials(creds: dict[str, Any]) -> None:
 def ensure_owner_credentials() -> dict[str, Any]:
     creds = load_credentials()
     if "owner" not in creds:
-        creds["owner"] = {"username": OWNER, "password": secrets.token_urlsafe(12),
-                          "api_key": "hf.argilla." + secrets.token_urlsafe(32)}
+        creds["owner"] = {
+            "username": OWNER,
+            "password": secrets.token_urlsafe(12),
+            "api_key": "hf.argilla." + secrets.token_urlsafe(32),
+        }
         creds.setdefault("users", {})
         save_credentials(creds)
     return creds
@@ -127,7 +132,7 @@ def _start_ticks(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     if fields[0] == "Z":
         _reap(pid)
         return None
@@ -164,8 +169,9 @@ def _port_free(port: int) -> bool:
 def _spawn(name: str, cmd: list[str], env: dict[str, str], logs: Path) -> dict[str, Any]:
     log = logs / f"{name}.log"
     with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True, close_fds=True
+        )
     ticks = None
     for _ in range(100):
         ticks = _start_ticks(proc.pid)
@@ -224,8 +230,14 @@ def read_state() -> dict[str, Any] | None:
 
 
 def _info(state: dict[str, Any], already: bool = False) -> StackInfo:
-    return StackInfo(url=state["url"], username=OWNER, home=stack_home(), processes=state["processes"],
-                     startup_seconds=state.get("startup_seconds", 0.0), already_running=already)
+    return StackInfo(
+        url=state["url"],
+        username=OWNER,
+        home=stack_home(),
+        processes=state["processes"],
+        startup_seconds=state.get("startup_seconds", 0.0),
+        already_running=already,
+    )
 
 
 def healthy(state: dict[str, Any] | None) -> bool:
@@ -241,13 +253,13 @@ def up(port: int | None = None, timeout: float = 120.0) -> StackInfo:
     home = stack_home()
     with FileLock(str(home / "stack.lock")):
         state = read_state()
-        if healthy(state):
+        if state is not None and healthy(state):  # healthy(None) is False anyway
             return _info(state, already=True)
         if state:
             _stop(state)
         venv = server_venv()
         osmem, redis = osmem_binary(venv), redis_binary()
-        creds = ensure_owner_credentials()
+        ensure_owner_credentials()  # the owner's key file exists before the server starts
         started = time.time()
         logs = home / "logs"
         logs.mkdir(exist_ok=True)
@@ -263,14 +275,36 @@ def up(port: int | None = None, timeout: float = 120.0) -> StackInfo:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ARGILLA_", "PYTHON", "VIRTUAL_ENV"))}
         env.update(TMPDIR=str(tmp), HF_HUB_DISABLE_TELEMETRY="1")
         procs: dict[str, dict[str, Any]] = {}
-        state = {"url": f"http://127.0.0.1:{port}", "ports": {"server": port, "redis": redis_port, "osmem": osmem_port},
-                 "processes": procs, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        state = {
+            "url": f"http://127.0.0.1:{port}",
+            "ports": {"server": port, "redis": redis_port, "osmem": osmem_port},
+            "processes": procs,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         try:
-            procs["redis"] = _spawn("redis", [str(redis), "--bind", "127.0.0.1", "--port", str(redis_port),
-                                              "--save", "", "--appendonly", "no", "--dir", str(home / "redis"),
-                                              "--protected-mode", "yes"], env, logs)
-            procs["osmem"] = _spawn("osmem", [str(osmem), "--addr", f"127.0.0.1:{osmem_port}", "--no-stdin-watch",
-                                              "--no-ja"], env, logs)
+            procs["redis"] = _spawn(
+                "redis",
+                [
+                    str(redis),
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(redis_port),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(home / "redis"),
+                    "--protected-mode",
+                    "yes",
+                ],
+                env,
+                logs,
+            )
+            procs["osmem"] = _spawn(
+                "osmem", [str(osmem), "--addr", f"127.0.0.1:{osmem_port}", "--no-stdin-watch", "--no-ja"], env, logs
+            )
             _write_state(state)
             server_env = dict(env)
             server_env.update(
@@ -281,9 +315,21 @@ def up(port: int | None = None, timeout: float = 120.0) -> StackInfo:
                 ARGILLA_SEARCH_ENGINE="osmem",
                 ARGILLA_ENABLE_TELEMETRY="0",
             )
-            procs["server"] = _spawn("server", [str(venv / "bin" / "python"), str(LAUNCHER), "--host", "127.0.0.1",
-                                                "--port", str(port), "--secrets", str(credentials_path())],
-                                     server_env, logs)
+            procs["server"] = _spawn(
+                "server",
+                [
+                    str(venv / "bin" / "python"),
+                    str(LAUNCHER),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--secrets",
+                    str(credentials_path()),
+                ],
+                server_env,
+                logs,
+            )
             _write_state(state)
             deadline = time.time() + timeout
             while _get(state["url"] + "/api/v1/version", timeout=1.0) != 200:
@@ -291,8 +337,10 @@ def up(port: int | None = None, timeout: float = 120.0) -> StackInfo:
                     if not _alive(proc):
                         raise StackError(f"{name} exited during start-up; last lines of {proc['log']}:\n{_tail(proc['log'])}")
                 if time.time() > deadline:
-                    raise StackError(f"argilla-server did not answer within {timeout:.0f}s; see {procs['server']['log']}:\n"
-                                     f"{_tail(procs['server']['log'])}")
+                    raise StackError(
+                        f"argilla-server did not answer within {timeout:.0f}s; see {procs['server']['log']}:\n"
+                        f"{_tail(procs['server']['log'])}"
+                    )
                 time.sleep(0.1)
         except BaseException:
             _stop(state)
@@ -362,8 +410,14 @@ def status() -> dict[str, Any]:
     if not state:
         return {"running": False, "processes": {}}
     procs = {name: {"pid": p["pid"], "alive": _alive(p), "log": p["log"]} for name, p in state["processes"].items()}
-    return {"running": healthy(state), "url": state["url"], "ports": state.get("ports", {}), "processes": procs,
-            "started": state.get("started"), "startup_seconds": state.get("startup_seconds")}
+    return {
+        "running": healthy(state),
+        "url": state["url"],
+        "ports": state.get("ports", {}),
+        "processes": procs,
+        "started": state.get("started"),
+        "startup_seconds": state.get("startup_seconds"),
+    }
 
 
 def local_url() -> str | None:

@@ -13,8 +13,9 @@ import contextlib
 import secrets
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from pipeline.errors import DataError
 from pipeline.progress import track
@@ -67,13 +68,17 @@ def ensure_dataset(client, name: str, workspace: str, opts: TemplateOptions):
     have = {q.name for q in ds.settings.questions}
     want = {q.name for q in settings(opts, client).questions}
     if not want <= have:
-        raise ArgillaError(f"dataset {workspace}/{name} exists with questions {sorted(have)}, but the "
-                           f"'{opts.kind}' template needs {sorted(want)}: push to another dataset name")
+        raise ArgillaError(
+            f"dataset {workspace}/{name} exists with questions {sorted(have)}, but the "
+            f"'{opts.kind}' template needs {sorted(want)}: push to another dataset name"
+        )
     if opts.kind == "fine_grained":
         labels = set(ds.settings.questions["spans"].labels)
         if not set(opts.span_labels) <= labels:
-            raise ArgillaError(f"dataset {workspace}/{name} has span labels {sorted(labels)}; the config asks for "
-                               f"{sorted(opts.span_labels)}: push to another dataset name")
+            raise ArgillaError(
+                f"dataset {workspace}/{name} has span labels {sorted(labels)}; the config asks for "
+                f"{sorted(opts.span_labels)}: push to another dataset name"
+            )
     return ds
 
 
@@ -110,8 +115,15 @@ class PushResult:
         return (self.created + self.updated) / max(self.seconds, 1e-9)
 
 
-def push_items(client, name: str, workspace: str, opts: TemplateOptions, items: list[PushItem],
-               batch_size: int = 250, desc: str = "argilla push") -> PushResult:
+def push_items(
+    client,
+    name: str,
+    workspace: str,
+    opts: TemplateOptions,
+    items: list[PushItem],
+    batch_size: int = 250,
+    desc: str = "argilla push",
+) -> PushResult:
     started = time.time()
     ids = [item.id for item in items]
     dupes = {i for i in ids if ids.count(i) > 1} if len(set(ids)) != len(ids) else set()
@@ -123,12 +135,17 @@ def push_items(client, name: str, workspace: str, opts: TemplateOptions, items: 
         user_ids[username], password = ensure_user(client, username, workspace)
         if password:
             new_users[username] = password
-    result = PushResult(dataset=name, workspace=workspace, dataset_id=str(ds.id),
-                        url=f"{client.api_url.rstrip('/')}/dataset/{ds.id}/annotation-mode", ids=ids,
-                        new_users=new_users)
+    result = PushResult(
+        dataset=name,
+        workspace=workspace,
+        dataset_id=str(ds.id),
+        url=f"{client.api_url.rstrip('/')}/dataset/{ds.id}/annotation-mode",
+        ids=ids,
+        new_users=new_users,
+    )
     before = count_records(client, str(ds.id))
     batch_size = max(1, min(batch_size, 500))
-    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     for batch in track(batches, desc=f"{desc}: batches of {batch_size}"):
         models = []
         for item in batch:
@@ -145,8 +162,7 @@ def push_items(client, name: str, workspace: str, opts: TemplateOptions, items: 
 
 
 def count_records(client, dataset_id: str) -> int:
-    res = api(client, "POST", f"/api/v1/datasets/{dataset_id}/records/search", "count records",
-              params={"limit": 1}, json={})
+    res = api(client, "POST", f"/api/v1/datasets/{dataset_id}/records/search", "count records", params={"limit": 1}, json={})
     return int(res.get("total", 0))
 
 
@@ -171,13 +187,20 @@ class PullResult:
 def iter_records(client, dataset_id: str, statuses: Iterable[str], page: int = PAGE) -> Iterator[dict[str, Any]]:
     """Every record with at least one response in `statuses`, with responses (raw JSON:
     unlike the SDK's models it keeps each response's id and timestamps)."""
-    body = {"filters": {"and": [{"type": "terms", "scope": {"entity": "response", "property": "status"},
-                                 "values": list(statuses)}]},
-            "sort": [{"scope": {"entity": "record", "property": "inserted_at"}, "order": "asc"}]}
+    body = {
+        "filters": {"and": [{"type": "terms", "scope": {"entity": "response", "property": "status"}, "values": list(statuses)}]},
+        "sort": [{"scope": {"entity": "record", "property": "inserted_at"}, "order": "asc"}],
+    }
     offset = 0
     while True:
-        res = api(client, "POST", f"/api/v1/datasets/{dataset_id}/records/search", "search records",
-                  params={"include": ["responses"], "offset": offset, "limit": page}, json=body)
+        res = api(
+            client,
+            "POST",
+            f"/api/v1/datasets/{dataset_id}/records/search",
+            "search records",
+            params={"include": ["responses"], "offset": offset, "limit": page},
+            json=body,
+        )
         items = res["items"]
         for item in items:
             yield item["record"]
@@ -191,8 +214,15 @@ def _naive_utc(ts: str) -> str:
     return ts.replace("Z", "").split("+")[0]
 
 
-def pull(client, name: str, workspace: str, statuses: Iterable[str] = ("submitted",),
-         cursor: dict[str, str] | None = None, since: str | None = None, on_invalid: str = "error") -> PullResult:
+def pull(
+    client,
+    name: str,
+    workspace: str,
+    statuses: Iterable[str] = ("submitted",),
+    cursor: dict[str, str] | None = None,
+    since: str | None = None,
+    on_invalid: str = "error",
+) -> PullResult:
     started = time.time()
     statuses = list(statuses)
     ds = find_dataset(client, name, workspace)
@@ -222,8 +252,9 @@ def pull(client, name: str, workspace: str, statuses: Iterable[str] = ("submitte
             try:
                 records = parse_response(kind, record, response, annotator, ref, labels)
             except InvalidSpan as exc:
-                result.invalid.append({"record_id": str(record.get("external_id") or record["id"]),
-                                       "annotator": annotator, "problem": str(exc)})
+                result.invalid.append(
+                    {"record_id": str(record.get("external_id") or record["id"]), "annotator": annotator, "problem": str(exc)}
+                )
                 continue
             if kind == "preference" and not records:
                 result.ties += 1
@@ -233,8 +264,10 @@ def pull(client, name: str, workspace: str, statuses: Iterable[str] = ("submitte
     if result.invalid and on_invalid == "error":
         shown = "\n".join(f"  {p['problem']} (annotator {p['annotator']})" for p in result.invalid[:10])
         more = f"\n  ... and {len(result.invalid) - 10} more" if len(result.invalid) > 10 else ""
-        raise DataError(f"{ref}: {len(result.invalid)} response(s) with spans that do not fit the response text:\n"
-                        f"{shown}{more}\n(nothing was written; set on_invalid_span: report to write them to the "
-                        "`invalid` output and pull the rest)")
+        raise DataError(
+            f"{ref}: {len(result.invalid)} response(s) with spans that do not fit the response text:\n"
+            f"{shown}{more}\n(nothing was written; set on_invalid_span: report to write them to the "
+            "`invalid` output and pull the rest)"
+        )
     result.seconds = time.time() - started
     return result

@@ -25,8 +25,7 @@ TemplateKind = Literal["fine_grained", "verbal", "preference", "reaction"]
 DEFAULT_SPAN_LABELS = ["irrelevant", "redundant", "incoherent", "wrong_grounding", "unverifiable"]
 METADATA_TERMS = ["model", "adapter", "run", "stage", "sample_id"]
 #: artifact kind each template's pull writes
-OUTPUT_KIND = {"fine_grained": "span_feedback", "verbal": "verbal_feedback", "preference": "preferences",
-               "reaction": "reactions"}
+OUTPUT_KIND = {"fine_grained": "span_feedback", "verbal": "verbal_feedback", "preference": "preferences", "reaction": "reactions"}
 
 GUIDELINES = {
     "fine_grained": (
@@ -100,54 +99,105 @@ def settings(opts: TemplateOptions, client):
     questions: list = []
     kind = opts.kind
     if kind == "fine_grained":
-        fields += [rg.TextField(client=client, name="context", title="Context / passages", use_markdown=True, required=False),
-                   rg.TextField(client=client, name="response", title="Response", use_markdown=False)]
+        fields += [
+            rg.TextField(client=client, name="context", title="Context / passages", use_markdown=True, required=False),
+            rg.TextField(client=client, name="response", title="Response", use_markdown=False),
+        ]
         questions = [
-            rg.SpanQuestion(client=client, name="spans", field="response", labels=list(opts.span_labels), title="Mark the problems",
-                            allow_overlapping=opts.allow_overlapping, required=False),
-            rg.TextQuestion(client=client, name="corrected_response", title="Corrected response", required=True,
-                            description="edit the pre-filled response into the one you would want"),
+            rg.SpanQuestion(
+                client=client,
+                name="spans",
+                field="response",
+                labels=list(opts.span_labels),
+                title="Mark the problems",
+                allow_overlapping=opts.allow_overlapping,
+                required=False,
+            ),
+            rg.TextQuestion(
+                client=client,
+                name="corrected_response",
+                title="Corrected response",
+                required=True,
+                description="edit the pre-filled response into the one you would want",
+            ),
             rg.TextQuestion(client=client, name="missing_info", title="Missing information", required=False),
         ]
     elif kind == "verbal":
         fields.append(rg.TextField(client=client, name="response", title="Response", use_markdown=True))
         questions = [
             rg.TextQuestion(client=client, name="critique", title="What should change and why?", required=True),
-            rg.LabelQuestion(client=client, name="judgment", title="Overall", labels={"good": "good", "needs_work": "needs work"},
-                             required=False),
-            rg.TextQuestion(client=client, name="scope", title="Applies to (optional)", required=False,
-                            description="where else this feedback applies, e.g. 'questions about dates'"),
+            rg.LabelQuestion(
+                client=client,
+                name="judgment",
+                title="Overall",
+                labels={"good": "good", "needs_work": "needs work"},
+                required=False,
+            ),
+            rg.TextQuestion(
+                client=client,
+                name="scope",
+                title="Applies to (optional)",
+                required=False,
+                description="where else this feedback applies, e.g. 'questions about dates'",
+            ),
         ]
     elif kind == "preference":
-        fields += [rg.TextField(client=client, name="response_a", title="Response A", use_markdown=True),
-                   rg.TextField(client=client, name="response_b", title="Response B", use_markdown=True)]
+        fields += [
+            rg.TextField(client=client, name="response_a", title="Response A", use_markdown=True),
+            rg.TextField(client=client, name="response_b", title="Response B", use_markdown=True),
+        ]
         if opts.preference_question == "ranking":
-            choice = rg.RankingQuestion(client=client, name="preference", title="Rank the responses (equal rank = tie)",
-                                        values={"a": "Response A", "b": "Response B"}, required=True)
+            choice = rg.RankingQuestion(
+                client=client,
+                name="preference",
+                title="Rank the responses (equal rank = tie)",
+                values={"a": "Response A", "b": "Response B"},
+                required=True,
+            )
         else:
-            choice = rg.LabelQuestion(client=client, name="preference", title="Which response is better?",
-                                      labels={"a": "A is better", "b": "B is better", "tie": "tie"}, required=True)
+            choice = rg.LabelQuestion(
+                client=client,
+                name="preference",
+                title="Which response is better?",
+                labels={"a": "A is better", "b": "B is better", "tie": "tie"},
+                required=True,
+            )
         questions = [choice, rg.TextQuestion(client=client, name="rationale", title="Why? (optional)", required=False)]
     elif kind == "reaction":
         fields.append(rg.TextField(client=client, name="response", title="Response", use_markdown=True))
-        questions = [rg.LabelQuestion(client=client, name="reaction", title="Your reaction",
-                                      labels={"love": "love", "neutral": "neutral", "dislike": "dislike"},
-                                      required=True)]
+        questions = [
+            rg.LabelQuestion(
+                client=client,
+                name="reaction",
+                title="Your reaction",
+                labels={"love": "love", "neutral": "neutral", "dislike": "dislike"},
+                required=True,
+            )
+        ]
     metadata = [rg.TermsMetadataProperty(client=client, name=name, visible_for_annotators=False) for name in METADATA_TERMS]
-    return rg.Settings(fields=fields, questions=questions, metadata=metadata,
-                       guidelines=opts.guidelines or GUIDELINES[kind],
-                       distribution=rg.TaskDistribution(min_submitted=opts.min_submitted),
-                       allow_extra_metadata=True)
+    return rg.Settings(
+        fields=fields,
+        questions=questions,
+        metadata=metadata,
+        guidelines=opts.guidelines or GUIDELINES[kind],
+        distribution=rg.TaskDistribution(min_submitted=opts.min_submitted),
+        allow_extra_metadata=True,
+    )
 
 
 def detect_kind(question_names: set[str]) -> TemplateKind:
     """Which template an existing dataset follows (by its question names)."""
-    for kind, marker in (("fine_grained", "spans"), ("verbal", "critique"), ("preference", "preference"),
-                         ("reaction", "reaction")):
+    for kind, marker in (
+        ("fine_grained", "spans"),
+        ("verbal", "critique"),
+        ("preference", "preference"),
+        ("reaction", "reaction"),
+    ):
         if marker in question_names:
             return kind  # type: ignore[return-value]
-    raise ValueError(f"questions {sorted(question_names)} match no heedful template "
-                     "(expected one of: spans, critique, preference, reaction)")
+    raise ValueError(
+        f"questions {sorted(question_names)} match no heedful template (expected one of: spans, critique, preference, reaction)"
+    )
 
 
 # -- push: items -> records ------------------------------------------------------------------
@@ -189,26 +239,32 @@ def to_record(item: PushItem, opts: TemplateOptions, user_ids: dict[str, Any] | 
     responses = item.responses
     if opts.kind == "preference" and opts.preference_question == "ranking":  # label answers -> rankings
         if "preference" in suggestions:  # the SDK takes ranking suggestions as an ordered list of values
-            order = [item["value"] for item in sorted(as_ranking(suggestions["preference"]["value"]),
-                                                       key=lambda item: item["rank"])]
+            order = [
+                item["value"] for item in sorted(as_ranking(suggestions["preference"]["value"]), key=lambda item: item["rank"])
+            ]
             suggestions["preference"] = {**suggestions["preference"], "value": order}
-        responses = [{**r, "values": {**r["values"], "preference": as_ranking(r["values"]["preference"])}}
-                     if "preference" in r["values"] else r for r in responses]
+        responses = [
+            {**r, "values": {**r["values"], "preference": as_ranking(r["values"]["preference"])}}
+            if "preference" in r["values"]
+            else r
+            for r in responses
+        ]
     metadata = {k: str(v) for k, v in item.metadata.items() if k in METADATA_TERMS and v not in (None, "")}
     metadata.update(extra)
     rg_suggestions = [
         rg.Suggestion(question_name=q, value=s["value"], score=s.get("score"), agent=s.get("agent"))
-        for q, s in suggestions.items() if s.get("value") is not None
+        for q, s in suggestions.items()
+        if s.get("value") is not None
     ]
     rg_responses = []
     for resp in responses:
         uid = (user_ids or {}).get(resp["user"])
         for question, value in resp["values"].items():
             if value is not None:
-                rg_responses.append(rg.Response(question_name=question, value=value, user_id=uid,
-                                                status=resp.get("status", "submitted")))
-    return rg.Record(id=item.id, fields=fields, metadata=metadata, suggestions=rg_suggestions,
-                     responses=rg_responses)
+                rg_responses.append(
+                    rg.Response(question_name=question, value=value, user_id=uid, status=resp.get("status", "submitted"))
+                )
+    return rg.Record(id=item.id, fields=fields, metadata=metadata, suggestions=rg_suggestions, responses=rg_responses)
 
 
 # -- pull: a response -> heedful records -----------------------------------------------------
@@ -238,11 +294,23 @@ def _value(response: dict[str, Any], question: str) -> Any:
 
 def provenance(record: dict[str, Any], response: dict[str, Any], annotator: str, dataset: str) -> Provenance:
     return Provenance(
-        source="argilla", annotator=annotator, timestamp=_iso(response.get("updated_at") or response.get("inserted_at")),
-        model=_meta(record, "model"), adapter=_meta(record, "adapter"), run=_meta(record, "run"),
-        stage=_meta(record, "stage"), dataset=dataset, record_id=str(record.get("external_id") or record["id"]),
-        extra=json.dumps({"status": response.get("status"), "response_id": str(response.get("id")),
-                          "argilla_record_id": str(record["id"]), "sample_id": _meta(record, "sample_id")}),
+        source="argilla",
+        annotator=annotator,
+        timestamp=_iso(response.get("updated_at") or response.get("inserted_at")),
+        model=_meta(record, "model"),
+        adapter=_meta(record, "adapter"),
+        run=_meta(record, "run"),
+        stage=_meta(record, "stage"),
+        dataset=dataset,
+        record_id=str(record.get("external_id") or record["id"]),
+        extra=json.dumps(
+            {
+                "status": response.get("status"),
+                "response_id": str(response.get("id")),
+                "argilla_record_id": str(record["id"]),
+                "sample_id": _meta(record, "sample_id"),
+            }
+        ),
     )
 
 
@@ -261,16 +329,24 @@ def check_spans(spans: list[dict[str, Any]], text: str, labels: list[str] | None
     for i, span in enumerate(spans or []):
         start, end, label = span.get("start"), span.get("end"), span.get("label")
         if not isinstance(start, int) or not isinstance(end, int) or not (0 <= start < end <= len(text)):
-            raise InvalidSpan(f"record {record_id}: spans[{i}] [{start}, {end}) label {label!r} does not fit the "
-                              f"response text (length {len(text)})")
+            raise InvalidSpan(
+                f"record {record_id}: spans[{i}] [{start}, {end}) label {label!r} does not fit the "
+                f"response text (length {len(text)})"
+            )
         if labels is not None and label not in labels:
             raise InvalidSpan(f"record {record_id}: spans[{i}] label {label!r} is not one of {labels}")
         out.append({"start": start, "end": end, "label": label, "text": text[start:end]})
     return sorted(out, key=lambda s: (s["start"], s["end"], s["label"]))
 
 
-def parse_response(kind: TemplateKind, record: dict[str, Any], response: dict[str, Any], annotator: str,
-                   dataset: str, labels: list[str] | None = None):
+def parse_response(
+    kind: TemplateKind,
+    record: dict[str, Any],
+    response: dict[str, Any],
+    annotator: str,
+    dataset: str,
+    labels: list[str] | None = None,
+):
     """Heedful records for one annotator's response (a tie yields none; an invalid span raises)."""
     external = str(record.get("external_id") or record["id"])
     rec_id = f"{external}:{annotator}"
@@ -280,30 +356,57 @@ def parse_response(kind: TemplateKind, record: dict[str, Any], response: dict[st
     if kind == "fine_grained":
         text = fields.get("response") or ""
         spans = check_spans(_value(response, "spans") or [], text, labels, external)
-        return [SpanFeedback(id=rec_id, prompt=prompt, response=text, spans=spans, provenance=prov,
-                             corrected_response=_value(response, "corrected_response"),
-                             missing_info=_value(response, "missing_info"))]
+        return [
+            SpanFeedback(
+                id=rec_id,
+                prompt=prompt,
+                response=text,
+                spans=spans,
+                provenance=prov,
+                corrected_response=_value(response, "corrected_response"),
+                missing_info=_value(response, "missing_info"),
+            )
+        ]
     if kind == "verbal":
         critique = _value(response, "critique")
         if critique is None:
             return []
-        return [VerbalFeedback(id=rec_id, prompt=prompt, response=fields.get("response") or "", critique=critique,
-                               judgment=_value(response, "judgment"), scope=_value(response, "scope"),
-                               provenance=prov)]
+        return [
+            VerbalFeedback(
+                id=rec_id,
+                prompt=prompt,
+                response=fields.get("response") or "",
+                critique=critique,
+                judgment=_value(response, "judgment"),
+                scope=_value(response, "scope"),
+                provenance=prov,
+            )
+        ]
     if kind == "reaction":
         reaction = _value(response, "reaction")
         if reaction is None:
             return []
-        return [Reaction(id=rec_id, prompt=prompt, response=fields.get("response") or "", reaction=reaction,
-                         user_id=annotator, provenance=prov)]
+        return [
+            Reaction(
+                id=rec_id,
+                prompt=prompt,
+                response=fields.get("response") or "",
+                reaction=reaction,
+                user_id=annotator,
+                provenance=prov,
+            )
+        ]
     winner = preferred(_value(response, "preference"))
     if winner is None:
         return []
     a = _json_meta(record, "heedful_a", fields.get("response_a", ""))
     b = _json_meta(record, "heedful_b", fields.get("response_b", ""))
     chosen, rejected = (a, b) if winner == "a" else (b, a)
-    return [Preference(id=rec_id, prompt=prompt, chosen=chosen, rejected=rejected,
-                       rationale=_value(response, "rationale"), provenance=prov)]
+    return [
+        Preference(
+            id=rec_id, prompt=prompt, chosen=chosen, rejected=rejected, rationale=_value(response, "rationale"), provenance=prov
+        )
+    ]
 
 
 def as_ranking(value: Any) -> Any:
@@ -322,7 +425,8 @@ def preferred(value: Any) -> str | None:
         return value if value in ("a", "b") else None
     if isinstance(value, list):
         ranks = {item.get("value"): item.get("rank") for item in value if isinstance(item, dict)}
-        if ranks.get("a") is None or ranks.get("b") is None or ranks["a"] == ranks["b"]:
+        rank_a, rank_b = ranks.get("a"), ranks.get("b")
+        if rank_a is None or rank_b is None or rank_a == rank_b:
             return None
-        return "a" if ranks["a"] < ranks["b"] else "b"
+        return "a" if rank_a < rank_b else "b"
     return None

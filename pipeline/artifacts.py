@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -128,11 +129,69 @@ class RunDir:
         atomic_write_json(path, history)
 
     def last_invocation(self) -> dict[str, Any] | None:
+        """The last invocation record; one still marked running whose process is gone (kill -9,
+        power loss) reads as interrupted, with its running stages interrupted too."""
         path = self.root / "run.json"
         if not path.is_file():
             return None
         invocations = read_json(path).get("invocations", [])
-        return invocations[-1] if invocations else None
+        if not invocations:
+            return None
+        last = invocations[-1]
+        status = last.get("status")
+        if status == "running" and process_alive(last.get("process")) is False:
+            status = "interrupted"
+        if status != "running":  # nothing can still be running once the driver stopped
+            last = {
+                **last,
+                "status": status,
+                "stages": [
+                    {**s, "status": "interrupted", "error": "stopped mid-stage; rerun to resume"}
+                    if s.get("status") == "running"
+                    else s
+                    for s in last.get("stages", [])
+                ],
+            }
+        return last
+
+    def staging_fingerprint(self, stage: str) -> str | None:
+        """The fingerprint an unfinished attempt of `stage` was started with (None: no attempt kept)."""
+        marker = self.staging_dir(stage) / ".fingerprint"
+        try:
+            return marker.read_text().strip()
+        except OSError:
+            return None
+
+
+def this_process() -> dict[str, Any]:
+    """Identifies the running driver in run.json so `heedful status` can tell a killed run."""
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "started": _process_start(pid)}
+
+
+def process_alive(process: dict[str, Any] | None) -> bool | None:
+    """True/False for a process recorded by `this_process` on this host; None when unknown
+    (no record, another host). A reused pid is told apart by its start time."""
+    if not process or process.get("host") != socket.gethostname() or not process.get("pid"):
+        return None
+    pid = int(process["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    started = process.get("started")
+    return started is None or _process_start(pid) in (None, started)
+
+
+def _process_start(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot (Linux /proc), None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def describe_output(path: Path) -> dict[str, Any]:

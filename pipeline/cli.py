@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import ConfigError, DataError, HeedfulError
+from .errors import ConfigError, DataError, HeedfulError, is_user_error
 
-app = typer.Typer(help="heedful: feedback-driven alignment on Ray.", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="heedful: feedback-driven alignment on Ray.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+)
 models_app = typer.Typer(help="Model aliases and the local model cache.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 console = Console(highlight=False)
@@ -26,13 +26,21 @@ SUBCOMMANDS = [
     ("feedback.argilla_cli", "app", "argilla"),
     ("serving.cli", "serve", "serve"),
     ("serving.memory_cli", "app", "memory"),
+    ("serving.users_cli", "app", "users"),
+    ("serving.deploy_cli", "deploy", "deploy"),
     ("ray_jobs.cli", "submit_app", "submit"),
     ("ray_jobs.cli", "jobs_app", "jobs"),
     ("feedback.simulator.cli", "app", "simulate"),
 ]
 
-ICONS = {"done": "[green]✓[/]", "skipped": "[dim]↷[/]", "failed": "[red]✗[/]", "blocked": "[red]⊘[/]",
-         "interrupted": "[yellow]‖[/]", "started": "[cyan]▶[/]"}
+ICONS = {
+    "done": "[green]✓[/]",
+    "skipped": "[dim]↷[/]",
+    "failed": "[red]✗[/]",
+    "blocked": "[red]⊘[/]",
+    "interrupted": "[yellow]‖[/]",
+    "started": "[cyan]▶[/]",
+}
 
 
 def _fmt(value: Any) -> str:
@@ -66,8 +74,13 @@ def _summary(result, pipeline) -> None:
         table.add_column(col)
     for r in result.records:
         style = {"done": "green", "skipped": "dim", "failed": "red", "blocked": "red"}.get(r.status, "")
-        table.add_row(r.name, r.uses, f"[{style}]{r.status}[/]" if style else r.status,
-                      f"{r.seconds:.1f}s" if r.seconds else "-", r.error or _key_metrics(r.metrics))
+        table.add_row(
+            r.name,
+            r.uses,
+            f"[{style}]{r.status}[/]" if style else r.status,
+            f"{r.seconds:.1f}s" if r.seconds else "-",
+            r.error or _key_metrics(r.metrics),
+        )
     console.print(table)
     root = result.run_dir
     for stage in pipeline.stages:
@@ -90,7 +103,7 @@ def _run(pipeline, runs_dir: Path, no_ray: bool, address: str | None, force: lis
         result = runner.execute()
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: finished stages are kept; rerun to resume[/]")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     build_report(result.run_dir)
     _summary(result, pipeline)
     if not result.ok:
@@ -102,7 +115,7 @@ def run(
     pipeline_file: Path = typer.Argument(..., help="pipeline YAML"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. stages.align.with.max_steps=2"),
     runs_dir: Path = typer.Option(Path("runs"), help="where run folders live"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)"),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)"),
     no_ray: bool = typer.Option(False, "--no-ray", help="run stages in this process (debugging)"),
     force: list[str] = typer.Option([], help="rerun this stage (and its dependents) even if up to date"),
 ):
@@ -114,21 +127,56 @@ def run(
 
 
 @app.command()
-def validate(pipeline_file: Path, set_: list[str] = typer.Option([], "--set")):
-    """Check a pipeline without running anything."""
-    from .config import load_pipeline
+def arena(
+    arena_file: Path = typer.Argument(..., help="arena YAML: a pipeline plus an `arena:` block (docs/arena.md)"),
+    methods: str | None = typer.Option(None, help="comma-separated methods, e.g. dpo,c3po (default: the file's)"),
+    seeds: str | None = typer.Option(None, help="comma-separated seeds, e.g. 0,1 (default: the file's)"),
+    set_: list[str] = typer.Option([], "--set", help="override, e.g. arena.budget.max_steps=2 or stages.dpo_s0.with.beta=0.2"),
+    runs_dir: Path = typer.Option(Path("runs"), help="where run folders live"),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)"),
+    no_ray: bool = typer.Option(False, "--no-ray", help="run stages in this process (debugging)"),
+    force: list[str] = typer.Option([], help="rerun this stage (and its dependents) even if up to date"),
+):
+    """One feedback through several methods with a matched budget, evaluated side by side (arena.json/csv, report)."""
+    from .arena import run_arena
 
-    pipeline = load_pipeline(pipeline_file, set_)
-    console.print(f"[green]ok[/]: {len(pipeline.stages)} stages: " + " → ".join(s.name for s in pipeline.stages))
+    run_arena(arena_file, methods, seeds, set_, runs_dir, address, no_ray, force)
+
+
+@app.command()
+def validate(pipeline_file: Path, set_: list[str] = typer.Option([], "--set")):
+    """Check a pipeline (or an arena file, expanded) and its input files without running anything."""
+    import yaml
+
+    from .config import load_pipeline
+    from .record_schemas import check_pipeline_inputs
+
+    try:
+        is_arena = isinstance(data := yaml.safe_load(Path(pipeline_file).read_text()), dict) and "arena" in data
+    except (OSError, yaml.YAMLError):
+        is_arena = False  # load_pipeline reports the problem with file and line
+    if is_arena:
+        from .arena import load_arena
+
+        pipeline, _ = load_arena(pipeline_file, overrides=set_)
+    else:
+        pipeline = load_pipeline(pipeline_file, set_)
+    check_pipeline_inputs(pipeline)
+    files = sum(1 for s in pipeline.stages for ref in s.inputs.values() if ref.stage is None)
+    console.print(
+        f"[green]ok[/]: {len(pipeline.stages)} stages: "
+        + " → ".join(s.name for s in pipeline.stages)
+        + f" ({files} input file{'s' if files != 1 else ''} checked)"
+    )
 
 
 @app.command()
 def stage(
     name: str = typer.Argument(..., help="stage type, e.g. dpo (see `heedful stages`)"),
     config: Path = typer.Option(..., "--config", "-c", help="stage YAML: model, with, inputs (paths)"),
-    run_name: Optional[str] = typer.Option(None, help="run folder name (default: <stage>-adhoc)"),
+    run_name: str | None = typer.Option(None, help="run folder name (default: <stage>-adhoc)"),
     runs_dir: Path = typer.Option(Path("runs")),
-    address: Optional[str] = typer.Option(None),
+    address: str | None = typer.Option(None),
     no_ray: bool = typer.Option(False, "--no-ray"),
     force: bool = typer.Option(False, help="rerun even if up to date"),
 ):
@@ -148,8 +196,15 @@ def stage(
         "run_name": run_name or data.get("run_name") or f"{name}-adhoc",
         "model": data.get("model", "smollm2-135m"),
         "seed": data.get("seed", 0),
-        "stages": [{"name": name, "uses": name, "with": data.get("with") or {}, "inputs": data.get("inputs") or {},
-                    "resources": data.get("resources") or {}}],
+        "stages": [
+            {
+                "name": name,
+                "uses": name,
+                "with": data.get("with") or {},
+                "inputs": data.get("inputs") or {},
+                "resources": data.get("resources") or {},
+            }
+        ],
     }
     lines = {("stages", 0) + k: v for k, v in source.lines.items() if k and k[0] in ("with", "inputs", "resources")}
     lines.update({k: v for k, v in source.lines.items() if k and k[0] in ("model", "seed", "run_name")})
@@ -181,8 +236,9 @@ def status(run_ref: str = typer.Argument(..., help="run name or folder"), runs_d
     meta = read_json(root / "pipeline.json") if (root / "pipeline.json").is_file() else {"order": [], "fingerprints": {}}
     last = run_dir.last_invocation() or {"stages": []}
     last_by_name = {s["name"]: s for s in last.get("stages", [])}
-    table = Table(title=f"run {root.name} (last invocation {last.get('started', '-')}, {last.get('seconds', 0):.1f}s)",
-                  title_justify="left")
+    table = Table(
+        title=f"run {root.name} (last invocation {last.get('started', '-')}, {last.get('seconds', 0):.1f}s)", title_justify="left"
+    )
     for col in ("stage", "uses", "last run", "time", "outputs", "finished", "note"):
         table.add_column(col)
     for name in meta["order"]:
@@ -190,20 +246,32 @@ def status(run_ref: str = typer.Argument(..., help="run name or folder"), runs_d
         rec = last_by_name.get(name, {})
         state = rec.get("status", "done" if manifest else "not run")
         note = rec.get("error") or ""
-        if run_dir.staging_dir(name).is_dir():
+        kept = run_dir.staging_fingerprint(name)
+        log_path = run_dir.log_path(name)
+        if state == "failed" and str(log_path) not in note:  # a failed attempt is not offered as resumable
+            note = (note + "; " if note else "") + f"log: {log_path.relative_to(root).as_posix()}"
+        elif kept is not None and state == "interrupted" and kept == meta["fingerprints"].get(name):
             note = (note + "; " if note else "") + "interrupted attempt kept (rerun resumes)"
         seconds = manifest.get("timings", {}).get("seconds") if state == "skipped" else rec.get("seconds")
-        table.add_row(name, manifest.get("uses", rec.get("uses", "")), state,
-                      f"{seconds:.1f}s" if seconds else "-", ", ".join(manifest.get("outputs", {})) or "-",
-                      manifest.get("timings", {}).get("finished", "-"), note[:120])
+        table.add_row(
+            name,
+            manifest.get("uses", rec.get("uses", "")),
+            state,
+            f"{seconds:.1f}s" if seconds else "-",
+            ", ".join(manifest.get("outputs", {})) or "-",
+            manifest.get("timings", {}).get("finished", "-"),
+            note,
+        )
     console.print(table)
+    if last.get("status") in ("running", "interrupted", "failed"):
+        console.print(f"run status: {last['status']}")
 
 
 @app.command()
 def export(
     run_ref: str = typer.Argument(..., help="run name or folder"),
     to: Path = typer.Option(..., "--to", help="destination folder"),
-    stage_name: Optional[str] = typer.Option(None, "--stage", help="which stage's adapter (default: the last one)"),
+    stage_name: str | None = typer.Option(None, "--stage", help="which stage's adapter (default: the last one)"),
     merge: bool = typer.Option(False, help="also write a merged full model under merged/"),
     runs_dir: Path = typer.Option(Path("runs")),
 ):
@@ -219,14 +287,15 @@ def export(
         manifest = run_dir.manifest(name)
         if not manifest:
             continue
-        for out_name, out in manifest.get("outputs", {}).items():
+        for out in manifest.get("outputs", {}).values():
             if out["kind"] == "adapter":
                 candidates.append((name, run_dir.stage_dir(name) / out["path"]))
     if stage_name:
         candidates = [c for c in candidates if c[0] == stage_name]
     if not candidates:
-        raise HeedfulError(f"run {root.name} has no finished stage with an adapter output"
-                           + (f" named '{stage_name}'" if stage_name else ""))
+        raise HeedfulError(
+            f"run {root.name} has no finished stage with an adapter output" + (f" named '{stage_name}'" if stage_name else "")
+        )
     name, adapter = candidates[-1]
     dest = export_adapter(adapter, to, merge=merge, name=f"{root.name}-{name}")
     console.print(f"exported [bold]{name}[/] adapter to {dest}: " + ", ".join(sorted(p.name for p in dest.iterdir())))
@@ -246,6 +315,8 @@ def list_stages():
         outs = ", ".join(f"{k}:{v.kind}" for k, v in cls.outputs.items())
         table.add_row(name, ins, outs, cls.summary)
     console.print(table)
+    for module, error in registry.broken().items():
+        console.print(f"not loaded: {module}: {error}", style="red", markup=False)
 
 
 @models_app.command("prepare")
@@ -289,11 +360,46 @@ def main() -> None:
     except ConfigError as exc:
         console.print("[red]config error[/] (nothing was run):")
         for problem in exc.problems:
-            console.print(f"  {problem}", markup=False)
+            console.print(f"  {problem}", markup=False, soft_wrap=True)
         sys.exit(2)
-    except (DataError, HeedfulError) as exc:
-        console.print(f"[red]error:[/] {exc}", markup=True)
+    except DataError as exc:
+        if exc.problems:
+            console.print("[red]data error[/] (nothing was run):")
+            for problem in exc.problems:
+                console.print(f"  {problem}", markup=False, soft_wrap=True)
+        else:
+            console.print(f"data error: {exc}", markup=False, soft_wrap=True)
+        sys.exit(2)
+    except Exception as exc:
+        if is_user_error(exc):
+            console.print(f"error: {exc}", markup=False, soft_wrap=True)
+            sys.exit(1)
+        where = _save_traceback()
+        summary = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        console.print(f"unexpected error: {summary}", markup=False, soft_wrap=True)
+        console.print(
+            f"full traceback in {where}" if where else "(the traceback could not be saved)", markup=False, soft_wrap=True
+        )
         sys.exit(1)
+
+
+def _save_traceback() -> Path | None:
+    """Write the current exception's traceback to a 0600 file under the heedful cache; its path."""
+    import time
+    import traceback
+
+    from .paths import heedful_home
+
+    try:
+        folder = heedful_home() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(traceback.format_exc())
+        return path
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

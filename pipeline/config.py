@@ -171,7 +171,9 @@ def build_pipeline(source: YamlSource, base_dir: Path, overrides: list[str], pat
     seen: dict[str, int] = {}
     for i, spec in enumerate(config.stages):
         if spec.name in seen:
-            problems.append(source.problem(("stages", i, "name"), f"duplicate stage name '{spec.name}' (first at stages[{seen[spec.name]}])"))
+            problems.append(
+                source.problem(("stages", i, "name"), f"duplicate stage name '{spec.name}' (first at stages[{seen[spec.name]}])")
+            )
         seen.setdefault(spec.name, i)
 
     resolved: list[ResolvedStage] = []
@@ -182,7 +184,11 @@ def build_pipeline(source: YamlSource, base_dir: Path, overrides: list[str], pat
             known = registry.names()
             hint = difflib.get_close_matches(spec.uses, known, n=1)
             extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-            problems.append(source.problem(("stages", i, "uses"), f"unknown stage type '{spec.uses}'{extra}: expected one of {', '.join(known)}"))
+            problems.append(
+                source.problem(
+                    ("stages", i, "uses"), f"unknown stage type '{spec.uses}'{extra}: expected one of {', '.join(known)}"
+                )
+            )
             continue
         classes[spec.name] = cls
 
@@ -213,14 +219,18 @@ def build_pipeline(source: YamlSource, base_dir: Path, overrides: list[str], pat
     return Pipeline(config, path, resolved)
 
 
-def _resolve_inputs(source, at: KeyPath, spec: StageSpec, cls: type[Stage], classes, seen, base_dir: Path, problems) -> dict[str, InputRef]:
+def _resolve_inputs(
+    source, at: KeyPath, spec: StageSpec, cls: type[Stage], classes, seen, base_dir: Path, problems
+) -> dict[str, InputRef]:
     refs: dict[str, InputRef] = {}
     for input_name, raw in spec.inputs.items():
         where = at + ("inputs", input_name)
         declared = cls.inputs.get(input_name)
         if declared is None:
             expected = ", ".join(cls.inputs) or "none"
-            problems.append(source.problem(where, f"unknown input '{input_name}' for stage type '{cls.uses}': expected one of {expected}"))
+            problems.append(
+                source.problem(where, f"unknown input '{input_name}' for stage type '{cls.uses}': expected one of {expected}")
+            )
             continue
         ref = _parse_ref(raw, set(seen), base_dir)
         if ref.stage is not None:
@@ -231,16 +241,34 @@ def _resolve_inputs(source, at: KeyPath, spec: StageSpec, cls: type[Stage], clas
                 continue  # its own `uses` error is already reported
             elif ref.output not in upstream.outputs:
                 outs = ", ".join(upstream.outputs) or "none"
-                problems.append(source.problem(where, f"stage '{ref.stage}' ({upstream.uses}) has no output '{ref.output}': its outputs are {outs}"))
+                problems.append(
+                    source.problem(
+                        where, f"stage '{ref.stage}' ({upstream.uses}) has no output '{ref.output}': its outputs are {outs}"
+                    )
+                )
             elif upstream.outputs[ref.output].kind not in declared.kinds:
                 kind = upstream.outputs[ref.output].kind
-                problems.append(source.problem(where, f"'{raw}' is a {kind} artifact; input '{input_name}' of {cls.uses} expects {' or '.join(declared.kinds)}"))
+                problems.append(
+                    source.problem(
+                        where,
+                        f"'{raw}' is a {kind} artifact; input '{input_name}' of {cls.uses} expects {' or '.join(declared.kinds)}",
+                    )
+                )
         elif ref.path is not None and not ref.path.exists():
-            problems.append(source.problem(where, f"file not found: {ref.path} (a stage output is written as STAGE.OUTPUT, a shipped file as data:PATH)"))
+            problems.append(
+                source.problem(
+                    where, f"file not found: {ref.path} (a stage output is written as STAGE.OUTPUT, a shipped file as data:PATH)"
+                )
+            )
         refs[input_name] = ref
     for input_name, declared in cls.inputs.items():
         if declared.required and input_name not in spec.inputs:
-            problems.append(source.problem(at + ("inputs",), f"missing required input '{input_name}' ({' or '.join(declared.kinds)}) for stage type '{cls.uses}'"))
+            problems.append(
+                source.problem(
+                    at + ("inputs",),
+                    f"missing required input '{input_name}' ({' or '.join(declared.kinds)}) for stage type '{cls.uses}'",
+                )
+            )
     return refs
 
 
@@ -264,7 +292,7 @@ def _topological(stages: list[ResolvedStage]) -> tuple[list[ResolvedStage], list
         if state.get(name) == 2:
             return None
         if state.get(name) == 1:
-            return stack[stack.index(name):] + [name]
+            return stack[stack.index(name) :] + [name]
         state[name] = 1
         stack.append(name)
         for dep in by_name[name].deps:
@@ -276,7 +304,7 @@ def _topological(stages: list[ResolvedStage]) -> tuple[list[ResolvedStage], list
         return None
 
     for stage in stages:
-        if (cycle := visit(stage.name)):
+        if cycle := visit(stage.name):
             return stages, cycle
     return order, None
 

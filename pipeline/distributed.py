@@ -21,8 +21,9 @@ import json
 import logging
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,14 +51,16 @@ class DistributedSettings(BaseModel):
     fsdp: str = Field(default="full_shard auto_wrap", description="HF `fsdp` option string (strategy fsdp)")
     fsdp_config: dict[str, Any] = Field(default_factory=dict, description="HF `fsdp_config` (FSDP2 unless version: 1)")
     deepspeed: dict[str, Any] | str | None = Field(
-        default=None, description="DeepSpeed config dict or JSON path; default ZeRO stage `zero_stage`")
+        default=None, description="DeepSpeed config dict or JSON path; default ZeRO stage `zero_stage`"
+    )
     zero_stage: Literal[1, 2, 3] = 2
     max_failures: int = Field(default=2, ge=-1, description="worker-group restarts before the stage fails (-1: no limit)")
     cpus_per_worker: float | None = Field(default=None, gt=0, description="default: the stage's resources.num_cpus")
     gpus_per_worker: float | None = Field(default=None, gt=0, description="default 1 when use_gpu")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     storage_path: str | None = Field(
-        default=None, description="Ray Train checkpoint storage (e.g. s3://...); default: the stage's checkpoints folder")
+        default=None, description="Ray Train checkpoint storage (e.g. s3://...); default: the stage's checkpoints folder"
+    )
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """TrainingArguments keys that select the strategy (DDP needs none: accelerate sees WORLD_SIZE)."""
@@ -108,16 +111,22 @@ def fit_distributed(ctx, settings, build_trainer, output_name: str = "adapter") 
         started_here = bool(cluster.connect(None).get("local"))
     try:
         trainer = _torch_trainer(ctx, settings, build_trainer, output_name)
-        ctx.log.info("training with %d Ray Train workers (%s, %s)", settings.num_workers,
-                     settings.distributed.strategy, "GPU" if trainer.scaling_config.use_gpu else "CPU/gloo")
+        ctx.log.info(
+            "training with %d Ray Train workers (%s, %s)",
+            settings.num_workers,
+            settings.distributed.strategy,
+            "GPU" if trainer.scaling_config.use_gpu else "CPU/gloo",
+        )
         trainer.fit()
     finally:
         if started_here:
             cluster.shutdown()
     metrics_path = ctx.work_dir / METRICS_FILE
     if not metrics_path.is_file():
-        raise RuntimeError(f"Ray Train finished but rank 0 left no summary at {metrics_path}: "
-                           "is the run folder on a filesystem shared by all nodes?")
+        raise RuntimeError(
+            f"Ray Train finished but rank 0 left no summary at {metrics_path}: "
+            "is the run folder on a filesystem shared by all nodes?"
+        )
     metrics = json.loads(metrics_path.read_text())
     metrics_path.unlink()
     shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
@@ -165,8 +174,12 @@ def _torch_trainer(ctx, settings, build_trainer, output_name: str):
         # pickled here so Ray Train's controller passes bytes along instead of importing
         # torch/transformers/trl just to unpickle the stage's closure (~10 s per start)
         train_loop_config={"job": cloudpickle.dumps(job)},
-        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
-                                     placement_strategy=settings.distributed.placement_strategy),
+        scaling_config=ScalingConfig(
+            num_workers=settings.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=settings.distributed.placement_strategy,
+        ),
         run_config=RunConfig(
             name=f"{ctx.run_name}-{ctx.name}",
             storage_path=storage,
@@ -237,8 +250,9 @@ def _report_callback(rank: int):
                     metrics["loss"] = float(row["loss"])
                     break
             checkpoint = ray.train.Checkpoint.from_directory(str(path)) if rank == 0 and path.is_dir() else None
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=path.name,
-                             delete_local_checkpoint_after_upload=False)
+            ray.train.report(
+                metrics, checkpoint=checkpoint, checkpoint_dir_name=path.name, delete_local_checkpoint_after_upload=False
+            )
 
     return ReportToRayTrain()
 

@@ -1,4 +1,10 @@
-"""Errors a user can act on: each names the file, the line and the key path at fault."""
+"""Errors a user can act on: each names the file, the line and the key path at fault.
+
+`HeedfulError` (alias `UserError`) and its subclasses are *known* errors: the CLI prints
+their message alone, without a traceback, and a stage that raises one is reported by the
+runner as that message (the traceback still goes to the stage's log file). Anything else
+is unexpected: a one-line summary plus where the full traceback was written.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +26,11 @@ class Problem:
 
 
 class HeedfulError(Exception):
-    """Base class for errors heedful reports without a traceback."""
+    """Base class for errors heedful reports without a traceback (the user can fix them)."""
+
+
+#: the name the docs use: an error the user can fix (bad config, bad data, missing model ...)
+UserError = HeedfulError
 
 
 class ConfigError(HeedfulError):
@@ -32,7 +42,14 @@ class ConfigError(HeedfulError):
 
 
 class DataError(HeedfulError):
-    """An input data file is malformed (names file, line and field)."""
+    """An input data file is malformed (names file, line and field).
+
+    `problems` lists every bad input when a whole pipeline was checked at once.
+    """
+
+    def __init__(self, message: str, problems: list[Problem] | None = None):
+        self.problems = problems or []
+        super().__init__(message)
 
 
 class StageFailed(HeedfulError):
@@ -41,3 +58,9 @@ class StageFailed(HeedfulError):
     def __init__(self, stage: str, message: str):
         self.stage = stage
         super().__init__(f"stage '{stage}' failed: {message}")
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Known, user-fixable errors: heedful's own classes and any exception marked `user_error = True`
+    (e.g. `pipeline.models.ModelUnavailable`)."""
+    return isinstance(exc, HeedfulError) or bool(getattr(exc, "user_error", False))

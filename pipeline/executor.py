@@ -19,6 +19,7 @@ from typing import Any
 
 from . import registry
 from .artifacts import MANIFEST, RunDir, atomic_write_json, describe_output, package_versions
+from .errors import is_user_error
 from .stage import StageContext
 
 
@@ -49,6 +50,8 @@ class StageOutcome:
     traceback: str | None = None
     resumed: bool = False
     host: str = ""
+    #: the error is a known, user-fixable one (pipeline/errors.is_user_error): shown without a traceback
+    user_error: bool = False
 
 
 class _Tee:
@@ -121,8 +124,9 @@ def execute_stage(task: StageTask) -> StageOutcome:
         _copy_log(final / "stage.log", run.log_path(task.name))
     except BaseException as exc:  # report everything, including KeyboardInterrupt in-process
         outcome.seconds = time.time() - started
-        outcome.error = f"{type(exc).__name__}: {exc}"
-        outcome.traceback = traceback.format_exc()
+        outcome.user_error = is_user_error(exc)
+        outcome.error = str(exc) if outcome.user_error else f"{type(exc).__name__}: {exc}"
+        outcome.traceback = traceback.format_exc()  # kept in the stage log, not shown for user errors
         log.error("stage %s failed: %s", task.name, outcome.error)
         log_file.write(outcome.traceback)
         if not isinstance(exc, Exception):

@@ -14,8 +14,16 @@ from .lineage import build_lineage
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
-def export_adapter(adapter: Path, dest: Path, *, merge: bool = False, name: str | None = None,
-                   description: str = "", license: str = "apache-2.0", lineage: dict[str, Any] | None = None) -> Path:
+def export_adapter(
+    adapter: Path,
+    dest: Path,
+    *,
+    merge: bool = False,
+    name: str | None = None,
+    description: str = "",
+    license: str = "apache-2.0",
+    lineage: dict[str, Any] | None = None,
+) -> Path:
     """Write the export package to `dest` atomically (temp folder, then rename)."""
     adapter, dest = Path(adapter), Path(dest)
     if not (adapter / "adapter_config.json").is_file():

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Messages = list[dict[str, str]]
+from .chat import Messages, render_many
 
 
 class SamplingSettings(BaseModel):
@@ -35,13 +36,6 @@ class Completion:
     text: str
     num_tokens: int
     finished: bool  # ended with EOS rather than hitting max_new_tokens
-
-
-def render_prompts(tokenizer, conversations: list[Messages]) -> list[str]:
-    """Apply the chat template with the assistant turn opened."""
-    return [
-        tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) for conv in conversations
-    ]
 
 
 def chat_generate(
@@ -64,7 +58,7 @@ def chat_generate(
     from transformers import set_seed
 
     tokenizer.padding_side = "left"
-    texts = [text + prompt_suffix for text in render_prompts(tokenizer, conversations)]
+    texts = [text + prompt_suffix for text in render_many(tokenizer, conversations)]
     eos_ids = _eos_ids(model, tokenizer)
     out: list[list[Completion]] = []
     device = next(model.parameters()).device
@@ -122,7 +116,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 # ----------------------------------------------------------------------------- engine switch
 
-Engine = Literal["auto", "hf", "vllm"]
+Engine = Literal["auto", "hf", "ct2", "vllm"]
 #: vLLM only serves LoRA adapters up to one of these ranks
 _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -141,15 +135,58 @@ def vllm_unavailable_reason(device: str | None = None) -> str | None:
 
 
 def pick_engine(engine: str = "auto", device: str | None = None) -> str:
-    """'auto' -> 'vllm' when possible, else 'hf'; 'vllm' insists (clear error when impossible)."""
+    """'auto' -> 'vllm' when possible, else 'hf'; 'vllm' and 'ct2' insist (clear error when impossible).
+
+    'ct2' is the CPU engine (pipeline/ct2_engine.py: CTranslate2, greedy replies equal to HF's).
+    """
     if engine == "hf":
         return "hf"
+    if engine == "ct2":
+        from .ct2_engine import ct2_unavailable_reason
+
+        reason = ct2_unavailable_reason()
+        if reason:
+            raise RuntimeError(f"engine: ct2 cannot run: {reason}; use engine: hf")
+        return "ct2"
     if engine not in ("auto", "vllm"):
-        raise ValueError(f"engine must be auto, hf or vllm (got {engine!r})")
+        raise ValueError(f"engine must be auto, hf, ct2 or vllm (got {engine!r})")
     reason = vllm_unavailable_reason(device)
     if engine == "vllm" and reason:
         raise RuntimeError(f"engine: vllm cannot run: {reason}; use engine: auto to fall back to HF generate")
     return "hf" if reason else "vllm"
+
+
+class LocalEngine:
+    """One way to sample from a local model, whatever the engine: HF `generate` on a loaded
+    model, or CTranslate2 on the same weights (adapter merged). Stages that sample in
+    batches (and resume batch by batch) hold one and call `generate` per batch."""
+
+    def __init__(self, model_name: str, adapter: str | Path | None = None, engine: str = "hf", device: str | None = None):
+        self.engine = engine
+        if engine == "ct2":
+            from .ct2_engine import Ct2Generator
+
+            self.ct2 = Ct2Generator(model_name, adapter)
+        else:
+            from .models import device_policy, load_causal_lm, load_tokenizer
+
+            self.tokenizer = load_tokenizer(model_name)
+            self.model = load_causal_lm(model_name, device_policy(device), adapter=adapter).eval()
+
+    def generate(
+        self,
+        conversations: list[Messages],
+        sampling: SamplingSettings,
+        num_samples: int = 1,
+        batch_size: int = 8,
+        seed: int = 0,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> list[list[Completion]]:
+        if self.engine == "ct2":
+            return self.ct2.generate(
+                conversations, sampling, num_samples=num_samples, seed=seed, batch_size=batch_size, on_batch=on_batch
+            )
+        return chat_generate(self.model, self.tokenizer, conversations, sampling, num_samples, batch_size, seed, on_batch)
 
 
 def generate_chat(
@@ -165,15 +202,14 @@ def generate_chat(
     device: str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[list[Completion]]:
-    """Sample `num_samples` replies per conversation with vLLM or HF generate (see `pick_engine`)."""
-    if pick_engine(engine, device) == "vllm":
-        return vllm_generate(model_name, conversations, sampling, num_samples=num_samples, seed=seed,
-                             adapter=adapter, on_batch=on_batch)
-    from .models import device_policy, load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(model_name)
-    model = load_causal_lm(model_name, device_policy(device), adapter=adapter).eval()
-    return chat_generate(model, tokenizer, conversations, sampling, num_samples, batch_size, seed, on_batch)
+    """Sample `num_samples` replies per conversation with vLLM, CTranslate2 or HF generate (see `pick_engine`)."""
+    chosen = pick_engine(engine, device)
+    if chosen == "vllm":
+        return vllm_generate(
+            model_name, conversations, sampling, num_samples=num_samples, seed=seed, adapter=adapter, on_batch=on_batch
+        )
+    local = LocalEngine(model_name, adapter, chosen, device)
+    return local.generate(conversations, sampling, num_samples, batch_size, seed, on_batch)
 
 
 def vllm_generate(
@@ -193,10 +229,11 @@ def vllm_generate(
     from .models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(model_name)
-    prompts = render_prompts(tokenizer, conversations)
+    prompts = render_many(tokenizer, conversations)
     eos_ids = _eos_ids_from_tokenizer(tokenizer)
-    llm_kwargs: dict[str, Any] = dict(model=resolve_model(model_name), seed=seed, dtype="auto",
-                                      gpu_memory_utilization=gpu_memory_utilization)
+    llm_kwargs: dict[str, Any] = dict(
+        model=resolve_model(model_name), seed=seed, dtype="auto", gpu_memory_utilization=gpu_memory_utilization
+    )
     lora_request = None
     if adapter is not None:
         from vllm.lora.request import LoRARequest

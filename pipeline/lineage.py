@@ -12,10 +12,11 @@ from typing import Any
 
 from . import __version__
 from .artifacts import MANIFEST, describe_output, read_json
+from .schema import KINDS
 
-#: artifact kinds that count as feedback for the lineage's feedback_counts
-FEEDBACK_KINDS = {"preferences", "reactions", "verbal_feedback", "span_feedback", "followups", "judgments", "feedback",
-                  "transcripts", "memory", "c3po_data"}
+#: artifact kinds that count as feedback for the lineage's feedback_counts: every feedback
+#: record kind, and the artifacts made of feedback
+FEEDBACK_KINDS = {*KINDS, "judgments", "feedback", "transcripts", "memory", "c3po_data", "unpaired_preferences"}
 
 
 def producing_manifest(artifact: Path) -> dict[str, Any] | None:
@@ -75,8 +76,12 @@ def build_lineage(artifact: Path) -> dict[str, Any]:
         "heedful_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_name": root.get("run_name") if root else None,
-        "artifact": {"path": str(artifact), "stage": root.get("stage") if root else None,
-                     "uses": root.get("uses") if root else None, "fingerprint": root.get("fingerprint") if root else None},
+        "artifact": {
+            "path": str(artifact),
+            "stage": root.get("stage") if root else None,
+            "uses": root.get("uses") if root else None,
+            "fingerprint": root.get("fingerprint") if root else None,
+        },
         "base_model": base_model_info(model) if model else None,
         "stages": [stages[n] for n in order],
         "datasets": datasets,

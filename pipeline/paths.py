@@ -24,4 +24,4 @@ def data_dir() -> Path:
 def resolve_data_ref(ref: str) -> Path:
     """`data:quickstart/prompts.jsonl` -> absolute path of a shipped data file."""
     assert ref.startswith("data:")
-    return data_dir() / ref[len("data:"):]
+    return data_dir() / ref[len("data:") :]

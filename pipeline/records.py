@@ -10,30 +10,38 @@ import csv
 import json
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import DataError
 
 
-def load_rows(path: Path, required: Iterable[str] = (), what: str = "records") -> list[dict[str, Any]]:
-    """Rows from a dataset folder or a .jsonl/.json/.csv/.tsv file; checks required fields."""
+def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream `(where, row)` from a dataset folder or a .jsonl/.json/.csv/.tsv file.
+
+    `where` is `file:line` (JSONL, CSV/TSV, JSON lists) or `folder row i` (datasets), so
+    every message can point at the record. Rows are read one at a time (JSONL, CSV,
+    datasets); a JSON file is read whole but decoded one element at a time.
+    """
     path = Path(path)
-    required = list(required)
     if not path.exists():
-        raise DataError(f"{path}: not found ({what})")
+        raise DataError(f"{path}: not found")
     if path.is_dir():
         from datasets import load_from_disk
 
         try:
-            rows = load_from_disk(str(path)).to_list()
+            dataset = load_from_disk(str(path))
         except Exception as exc:
             raise DataError(f"{path}: not a saved dataset ({exc})") from None
-        _check_fields(path, rows, required, first_line=None)
-        return rows
+        i = 0
+        for batch in dataset.iter(batch_size=1000):
+            for values in zip(*batch.values()):
+                yield f"{path} row {i}", dict(zip(batch, values))
+                i += 1
+        return
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
         with path.open(encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
@@ -43,39 +51,99 @@ def load_rows(path: Path, required: Iterable[str] = (), what: str = "records") -
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
                 if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                for field in required:
-                    if field not in row:
-                        raise DataError(f"{path}:{lineno}: field '{field}' is missing (required for {what})")
-                rows.append(row)
-        return rows
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {_json_type(row)}")
+                yield f"{path}:{lineno}", row
+        return
     if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of objects")
-        _check_fields(path, data, required, first_line=None)
-        return data
+        yield from _iter_json(path)
+        return
     if suffix in (".csv", ".tsv"):
         with path.open(encoding="utf-8", newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
-        _check_fields(path, rows, required, first_line=2)
-        return rows
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+            for row in reader:
+                yield f"{path}:{reader.line_num}", row
+        return
     raise DataError(f"{path}: unsupported format '{suffix}' (use a dataset folder, .jsonl, .json, .csv or .tsv)")
 
 
-def _check_fields(path: Path, rows: list, required: list[str], first_line: int | None) -> None:
-    for i, row in enumerate(rows):
-        where = f"{path}:{first_line + i}" if first_line else f"{path} row {i}"
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def _iter_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A JSON list (or {"data": [...]}) decoded element by element, each with the line it starts on."""
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    pos = _skip_ws(text, 0)
+    if text.startswith("{", pos):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+        if not isinstance(data.get("data"), list):
+            raise DataError(f'{path}: expected a JSON list of objects (or {{"data": [...]}})')
+        for i, row in enumerate(data["data"]):
+            if not isinstance(row, dict):
+                raise DataError(f"{path} row {i}: expected an object, got {_json_type(row)}")
+            yield f"{path} row {i}", row
+        return
+    if not text.startswith("[", pos):
+        raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: expected a JSON list of objects")
+    pos, line, counted = _skip_ws(text, pos + 1), 1, 0
+    while True:
+        line += text.count("\n", counted, pos)
+        counted = pos
+        if text.startswith("]", pos):
+            return
+        try:
+            row, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
         if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+            raise DataError(f"{path}:{line}: expected an object, got {_json_type(row)}")
+        yield f"{path}:{line}", row
+        pos = _skip_ws(text, end)
+        if text.startswith(",", pos):
+            pos = _skip_ws(text, pos + 1)
+        elif not text.startswith("]", pos):
+            lineno = text.count("\n", 0, pos) + 1
+            raise DataError(f"{path}:{lineno}: invalid JSON: expected ',' or ']' after a list element")
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def load_rows(
+    path: Path, required: Iterable[str] = (), what: str = "records", kind: str | None = None, **field_names: str
+) -> list[dict[str, Any]]:
+    """Rows from a dataset folder or a .jsonl/.json/.csv/.tsv file; checks required fields.
+
+    With `kind` (an artifact kind such as "preferences") every row is validated against
+    that kind's schema (pipeline/record_schemas.py) and an empty file is an error, with the
+    same file:line:field messages as `heedful validate`.
+    """
+    path = Path(path)
+    required = list(required)
+    if not path.exists():
+        raise DataError(f"{path}: not found ({what})")
+    if kind is not None:
+        from .record_schemas import validated_rows
+
+        stream = validated_rows(path, [kind], **field_names)
+    else:
+        stream = iter_rows(path)
+    rows = []
+    for where, row in stream:
         for field in required:
             if field not in row or row[field] is None:
-                raise DataError(f"{where}: field '{field}' is missing")
+                raise DataError(f"{where}: field '{field}' is missing (required for {what})")
+        rows.append(row)
+    return rows
 
 
 def save_rows(rows: list[dict[str, Any]], path: Path, empty_like: dict[str, Any] | None = None) -> None:

@@ -1,18 +1,25 @@
 """Stage name -> Stage class. Every module in the `stages` package is scanned once.
 
 Third-party stages register with `register(MyStage)` or through the `heedful.stages`
-entry-point group.
+entry-point group. A module or entry point that fails to import is skipped with a warning
+naming it and its error (`broken()` lists them; `heedful stages` shows them), so one broken
+plugin does not take every other stage down with it.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+import warnings
+from collections.abc import Callable
+from functools import partial
 from importlib.metadata import entry_points
+from typing import Any
 
 from .stage import Stage
 
 _REGISTRY: dict[str, type[Stage]] = {}
+_BROKEN: dict[str, str] = {}
 _SCANNED = False
 
 
@@ -26,6 +33,18 @@ def register(cls: type[Stage]) -> type[Stage]:
     return cls
 
 
+def _guarded(what: str, load: Callable[[], Any]) -> Any:
+    """`load()`, or None after recording and warning about the error it raised."""
+    try:
+        return load()
+    except Exception as exc:  # a plugin may raise anything at import; the scan must go on
+        _BROKEN[what] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"heedful: stage module {what} failed to load and is skipped ({_BROKEN[what]})", RuntimeWarning, stacklevel=3
+        )
+        return None
+
+
 def _scan() -> None:
     global _SCANNED
     if _SCANNED:
@@ -36,13 +55,18 @@ def _scan() -> None:
     for info in pkgutil.iter_modules(stages.__path__):
         if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"stages.{info.name}")
+        name = f"stages.{info.name}"
+        module = _guarded(name, partial(importlib.import_module, name))
+        if module is None:
+            continue
         for obj in vars(module).values():
             if isinstance(obj, type) and issubclass(obj, Stage) and obj is not Stage and obj.uses:
                 if obj.__module__ == module.__name__:
-                    register(obj)
+                    _guarded(name, partial(register, obj))
     for ep in entry_points(group="heedful.stages"):
-        register(ep.load())
+        cls = _guarded(f"{ep.value} (entry point '{ep.name}')", ep.load)
+        if cls is not None:
+            _guarded(f"{ep.value} (entry point '{ep.name}')", partial(register, cls))
 
 
 def get(name: str) -> type[Stage] | None:
@@ -53,3 +77,9 @@ def get(name: str) -> type[Stage] | None:
 def names() -> list[str]:
     _scan()
     return sorted(_REGISTRY)
+
+
+def broken() -> dict[str, str]:
+    """Stage modules / entry points that failed to load: name -> error."""
+    _scan()
+    return dict(_BROKEN)

@@ -1,7 +1,8 @@
 """`runs/<run>/report.html`: the stage table and each stage's curves as plots.
 
-Stages contribute by writing `curves.json` (one dict per logged step) and metrics; later
-work extends the report with sections registered in `SECTIONS`.
+Stages contribute by writing `curves.json` (one dict per logged step) and metrics, and a
+stage kind adds its own section by overriding `Stage.report_section` (called for every
+registered stage kind, in name order, with all of the run's manifests).
 """
 
 from __future__ import annotations
@@ -11,12 +12,9 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .artifacts import RunDir, atomic_write_text, read_json
-
-#: extra sections: fn(run_dir, manifests) -> html fragment (or "" to skip)
-SECTIONS: list[Callable[[Path, dict[str, dict[str, Any]]], str]] = []
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2rem;max-width:1100px;color:#222}
@@ -36,16 +34,19 @@ def _stage_order(run: RunDir) -> list[str]:
 def build_report(run_root: Path) -> Path:
     from . import registry
 
-    registry.names()  # import stage modules so their report sections register
     run = RunDir(run_root)
     order = _stage_order(run)
     last = run.last_invocation() or {"stages": []}
     status = {s["name"]: s for s in last.get("stages", [])}
     manifests = {name: m for name in order if (m := run.manifest(name))}
-    parts = [f"<!doctype html><meta charset=utf-8><title>heedful run {html.escape(run.root.name)}</title>",
-             f"<style>{_CSS}</style><h1>Run <code>{html.escape(run.root.name)}</code></h1>"]
-    parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>uses</th><th>status</th><th>seconds</th>"
-                 "<th>fingerprint</th><th>metrics</th></tr>")
+    parts = [
+        f"<!doctype html><meta charset=utf-8><title>heedful run {html.escape(run.root.name)}</title>",
+        f"<style>{_CSS}</style><h1>Run <code>{html.escape(run.root.name)}</code></h1>",
+    ]
+    parts.append(
+        "<h2>Stages</h2><table><tr><th>stage</th><th>uses</th><th>status</th><th>seconds</th>"
+        "<th>fingerprint</th><th>metrics</th></tr>"
+    )
     for name in order:
         manifest = manifests.get(name, {})
         st = status.get(name, {})
@@ -67,8 +68,9 @@ def build_report(run_root: Path) -> Path:
             figure = plot_curves(json.loads(curves_path.read_text()), f"{name} ({manifests.get(name, {}).get('uses', '')})")
             if figure:
                 parts.append(f"<h2>{html.escape(name)}: training curves</h2>{figure}")
-    for section in SECTIONS:
-        fragment = section(run.root, manifests)
+    for name in registry.names():
+        stage = registry.get(name)
+        fragment = stage.report_section(run.root, manifests) if stage is not None else None
         if fragment:
             parts.append(fragment)
     out = run.root / "report.html"

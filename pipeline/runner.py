@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .artifacts import RunDir, atomic_write_json, hash_json, hash_path
+from .artifacts import RunDir, atomic_write_json, hash_json, hash_path, this_process
 from .config import Pipeline, ResolvedStage
 from .executor import StageOutcome, StageTask, execute_stage
+from .record_schemas import check_pipeline_inputs
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Runner:
         self.force = force or set()
         self.on_event = on_event or (lambda kind, record, text: None)
         self.fps = fingerprints(pipeline)
+        self._process = this_process()
 
     # -- planning -------------------------------------------------------------------------
 
@@ -122,13 +125,20 @@ class Runner:
         }
 
     def task_for(self, stage: ResolvedStage, num_cpus: float) -> StageTask:
-        inputs = {}
+        inputs: dict[str, dict[str, Any]] = {}
         for name, ref in stage.inputs.items():
             if ref.stage is not None:
+                assert ref.output is not None  # a stage reference always names its output (config._parse_ref)
                 path = self.run.stage_dir(ref.stage) / ref.output
                 kind = self.pipeline.stage(ref.stage).cls.outputs[ref.output].kind
-                inputs[name] = {"ref": ref.raw, "path": str(path), "kind": kind, "stage": ref.stage,
-                                "output": ref.output, "fingerprint": self.fps[ref.stage]}
+                inputs[name] = {
+                    "ref": ref.raw,
+                    "path": str(path),
+                    "kind": kind,
+                    "stage": ref.stage,
+                    "output": ref.output,
+                    "fingerprint": self.fps[ref.stage],
+                }
             else:
                 kind = stage.cls.inputs[name].kinds[0]
                 inputs[name] = {"ref": ref.raw, "path": str(ref.path), "kind": kind, "stage": None, "output": None}
@@ -150,16 +160,20 @@ class Runner:
 
     def execute(self) -> RunResult:
         started = time.time()
+        plan = self.plan()
+        # file inputs are checked before anything is written, Ray starts or a model loads
+        check_pipeline_inputs(self.pipeline, only=[name for name, what in plan.items() if what == "run"])
         self.run.root.mkdir(parents=True, exist_ok=True)
         self._save_pipeline()
-        plan = self.plan()
         records: dict[str, StageRecord] = {}
-        self._records, self._started, self._running = records, started, set()
+        self._records, self._started = records, started
+        self._running: set[str] = set()
         for stage in self.pipeline.stages:
             if plan[stage.name] == "skip":
                 manifest = self.run.manifest(stage.name) or {}
-                records[stage.name] = StageRecord(stage.name, stage.spec.uses, "skipped", self.fps[stage.name],
-                                                  metrics=manifest.get("metrics", {}))
+                records[stage.name] = StageRecord(
+                    stage.name, stage.spec.uses, "skipped", self.fps[stage.name], metrics=manifest.get("metrics", {})
+                )
                 self.on_event("skipped", records[stage.name], "up to date")
         self._write_invocation(status="running", first=True)
         to_run = [s for s in self.pipeline.stages if plan[s.name] == "run"]
@@ -188,14 +202,18 @@ class Runner:
         for stage in self.pipeline.stages:
             record = self._records.get(stage.name)
             state = "running" if stage.name in self._running else "pending"
-            stages.append(record.__dict__ if record else {"name": stage.name, "uses": stage.spec.uses,
-                                                           "status": state, "fingerprint": self.fps[stage.name]})
+            stages.append(
+                record.__dict__
+                if record
+                else {"name": stage.name, "uses": stage.spec.uses, "status": state, "fingerprint": self.fps[stage.name]}
+            )
         self.run.record_invocation(
             {
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._started)),
                 "seconds": round(time.time() - self._started, 3),
                 "status": status,
                 "ok": status == "ok",
+                "process": self._process,
                 "ray": ray,
                 "stages": stages,
             },
@@ -210,23 +228,40 @@ class Runner:
         return all(r is not None and r.status in ("done", "skipped") for r in states)
 
     def _finish(self, stage: ResolvedStage, outcome: StageOutcome, records: dict[str, StageRecord]) -> None:
-        record = StageRecord(stage.name, stage.spec.uses, outcome.status, self.fps[stage.name], outcome.seconds,
-                             outcome.metrics, outcome.error, outcome.resumed)
+        error = outcome.error
+        if outcome.status == "failed" and not outcome.user_error:
+            # unexpected: a one-line summary and where the whole traceback is
+            first = ((error or "").strip().splitlines() or ["unknown error"])[0][:300]
+            error = f"{first} (unexpected error; full traceback in {self.run.log_path(stage.name)})"
+        record = StageRecord(
+            stage.name,
+            stage.spec.uses,
+            outcome.status,
+            self.fps[stage.name],
+            outcome.seconds,
+            outcome.metrics,
+            error,
+            outcome.resumed,
+        )
         records[stage.name] = record
         self._running.discard(stage.name)
         self._write_invocation(status="running")
-        detail = outcome.error or ""
-        if outcome.status == "failed" and outcome.traceback:
-            detail = outcome.traceback
-        self.on_event(outcome.status, record, detail)
+        self.on_event(outcome.status, record, error or "")
 
     def _block_dependents(self, pending: list[ResolvedStage], records: dict[str, StageRecord]) -> list[ResolvedStage]:
         still = []
         for stage in pending:
             if self._ready(stage, records) is None:
-                failed = [d for d in stage.deps if records.get(d) and records[d].status != "done" and records[d].status != "skipped"]
-                records[stage.name] = StageRecord(stage.name, stage.spec.uses, "blocked", self.fps[stage.name],
-                                                  error=f"upstream stage failed: {', '.join(failed)}")
+                failed = [
+                    d for d in stage.deps if records.get(d) and records[d].status != "done" and records[d].status != "skipped"
+                ]
+                records[stage.name] = StageRecord(
+                    stage.name,
+                    stage.spec.uses,
+                    "blocked",
+                    self.fps[stage.name],
+                    error=f"upstream stage failed: {', '.join(failed)}",
+                )
                 self.on_event("blocked", records[stage.name], records[stage.name].error or "")
             else:
                 still.append(stage)
@@ -289,8 +324,9 @@ class Runner:
         except KeyboardInterrupt:
             for ref, stage in running.items():
                 ray.cancel(ref, force=True)
-                records[stage.name] = StageRecord(stage.name, stage.spec.uses, "interrupted", self.fps[stage.name],
-                                                  error="interrupted; rerun to resume")
+                records[stage.name] = StageRecord(
+                    stage.name, stage.spec.uses, "interrupted", self.fps[stage.name], error="interrupted; rerun to resume"
+                )
             raise
         finally:
             if info.get("local"):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Message = dict[str, str]
 Conversation = list[Message]
-PromptLike = Union[str, Conversation]
+PromptLike = str | Conversation
 
 
 def utc_now() -> str:
@@ -87,7 +87,7 @@ class SpanFeedback(_Record):
     missing_info: str | None = None
 
     @model_validator(mode="after")
-    def _spans_inside_response(self) -> "SpanFeedback":
+    def _spans_inside_response(self) -> SpanFeedback:
         for i, span in enumerate(self.spans):
             if not (0 <= span.start < span.end <= len(self.response)):
                 raise ValueError(f"spans[{i}] [{span.start}, {span.end}) is outside the response (length {len(self.response)})")

@@ -104,3 +104,9 @@ class Stage:
     def run(self) -> dict[str, float] | None:
         """Do the work; write every declared output via `ctx.output(name)`; return metrics."""
         raise NotImplementedError
+
+    @classmethod
+    def report_section(cls, run_root: Path, manifests: dict[str, dict[str, Any]]) -> str | None:
+        """This stage kind's part of `report.html` (HTML), or None. Called once per report with
+        every stage's manifest (name -> manifest), whether or not the run used this kind."""
+        return None

@@ -1,26 +1,59 @@
-"""What every trainer stage shares: settings, precision policy, checkpoints, resume, curves.
+"""What every trainer stage shares: settings, precision policy, checkpoints, resume, curves,
+experiment tracking, and the `TrainerStage` base.
 
-Trainer stages (dpo, c3po, cut, coh, train_reward, ...) build their TRL/transformers config
-from `TrainSettings.trainer_kwargs(ctx)` so device/dtype policy and resume behave the same.
+Trainer stages (dpo, kto, c3po, cut, coh, train_reward, ...) build their TRL/transformers
+config from `TrainSettings.trainer_kwargs(ctx)` so device/dtype policy, resume and tracking
+behave the same. A method's stage config subclasses the method's config (its own defaults,
+trainers/<method>_config.py) and `TrainSettings`; its stage class subclasses `TrainerStage`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .distributed import DistributedSettings
 from .models import DevicePolicy, LoraSettings, ModelUnavailable, device_policy
-from .stage import StageConfig, StageContext
+from .stage import Input, Output, Stage, StageConfig, StageContext
+
+Tracker = Literal["none", "tensorboard", "wandb", "mlflow"]
+#: the Python package each tracker needs (tensorboard: either writer works)
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 
 
-class TrainSettings(StageConfig):
+class TrackingSettings(StageConfig):
+    """Where a training stage also reports its curves (not part of the fingerprint)."""
+
+    report_to: list[Tracker] = Field(
+        default_factory=lambda: list[Tracker](["none"]),
+        description=("experiment trackers: none, tensorboard (logs under <stage>/tensorboard), wandb, mlflow (a name or a list)"),
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def trackers(self) -> list[Tracker]:
+        """The configured trackers, each checked to be installed (a clear error if not)."""
+        chosen: list[Tracker] = [t for t in self.report_to if t != "none"]
+        for tracker in chosen:
+            if not any(importlib.util.find_spec(pkg) for pkg in TRACKER_PACKAGES[tracker]):
+                raise ModelUnavailable(
+                    f"report_to: {tracker} needs the '{TRACKER_PACKAGES[tracker][0]}' package: "
+                    f"pip install {TRACKER_PACKAGES[tracker][0]}"
+                )
+        return chosen
+
+
+class TrainSettings(TrackingSettings):
     """Common optimisation settings; `trainer_args` passes anything else to the TRL config."""
 
     learning_rate: float = Field(default=5e-5, gt=0)
@@ -63,7 +96,8 @@ class TrainSettings(StageConfig):
             save_strategy="steps",
             save_steps=self.save_steps,
             save_total_limit=self.save_total_limit,
-            report_to="none",
+            report_to=self.trackers() or "none",
+            run_name=f"{ctx.run_name}/{ctx.name}",
             seed=ctx.seed,
             data_seed=ctx.seed,
             disable_tqdm=not sys.stdout.isatty(),
@@ -71,6 +105,9 @@ class TrainSettings(StageConfig):
             remove_unused_columns=False,
             **policy.trainer_kwargs(self.gradient_checkpointing),
         )
+        if "tensorboard" in kwargs["report_to"]:
+            # transformers writes under output_dir (the checkpoints, deleted when training ends) unless told
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.work_dir / "tensorboard")
         if self.optim:
             if _needs_bitsandbytes(self.optim) and importlib.util.find_spec("bitsandbytes") is None:
                 raise ModelUnavailable(f"optim: {self.optim} needs bitsandbytes: pip install bitsandbytes")
@@ -86,13 +123,110 @@ def _needs_bitsandbytes(optim: str) -> bool:
 
 
 #: how to run, not what is learned: changing these does not rerun a finished stage
-NON_SEMANTIC_TRAIN_FIELDS = frozenset({"device", "logging_steps", "save_steps", "save_total_limit", "use_gpu", "distributed"})
+NON_SEMANTIC_TRAIN_FIELDS = frozenset(
+    {"device", "logging_steps", "save_steps", "save_total_limit", "use_gpu", "distributed", "report_to"}
+)
+
+ADAPTER_INPUT = Input(("adapter",), required=False, doc="continue training this adapter")
+ADAPTER_OUTPUT = Output("adapter", doc="PEFT LoRA adapter folder")
+
+
+class TrainerStage(Stage):
+    """Base of the stages that train the policy's LoRA adapter with one method.
+
+    It carries what they all share: the optional `adapter` input (continue training; added
+    to `inputs` unless a subclass declares its own), the `adapter` output, all CPUs by
+    default, the fields that do not change results (left out of the fingerprint), and
+    helpers to load the tokenizer and the LoRA policy and to fit. A subclass declares
+    `uses`, `summary`, `Config` (the method's config + `TrainSettings`), its data `inputs`,
+    and writes `run()`.
+    """
+
+    Config: ClassVar[type[StageConfig]] = TrainSettings
+    outputs: ClassVar[dict[str, Output]] = {"adapter": ADAPTER_OUTPUT}
+    default_num_cpus: ClassVar[float] = float("inf")
+    non_semantic_fields: ClassVar[frozenset[str]] = NON_SEMANTIC_TRAIN_FIELDS
+    config: TrainSettings
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "adapter" not in cls.inputs:
+            cls.inputs = {**cls.inputs, "adapter": ADAPTER_INPUT}
+
+    @property
+    def adapter(self) -> Path | None:
+        """The adapter to continue training, if one is wired."""
+        return self.ctx.input("adapter")
+
+    def tokenizer(self):
+        from .models import load_tokenizer
+
+        return load_tokenizer(self.ctx.model, padding_side="right")
+
+    def lora_policy(self):
+        """The trainable policy: a new LoRA adapter on the base, or the wired one (trainable)."""
+        from .models import load_lora_policy
+
+        return load_lora_policy(self.ctx.model, self.config.policy(), self.config.lora, self.adapter)
+
+    def training_args(self, args_class=None, **method_kwargs: Any):
+        """`args_class` (default transformers' TrainingArguments) from TrainSettings plus the method's keys."""
+        if args_class is None:
+            from transformers import TrainingArguments as args_class
+        return args_class(**method_kwargs, **self.config.trainer_kwargs(self.ctx))
+
+    def fit(self, build_trainer) -> dict[str, Any]:
+        return fit(self.ctx, self.config, build_trainer)
+
+
+def log_curves(ctx: StageContext, trackers: list[str], rows: list[dict[str, Any]], step_key: str = "step") -> None:
+    """Replay curve rows (one dict per step) to the trackers, for stages with their own
+    training loop (ppo); HF-Trainer stages report live through `report_to` instead."""
+    if not trackers:
+        return
+    series = [
+        (
+            int(row.get(step_key, i)),
+            {k: float(v) for k, v in row.items() if k != step_key and isinstance(v, (int, float)) and not isinstance(v, bool)},
+        )
+        for i, row in enumerate(rows)
+    ]
+    if "tensorboard" in trackers:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # no tensorboard package: tensorboardX writes the same event files
+            from tensorboardX import SummaryWriter  # type: ignore[no-redef]
+        writer = SummaryWriter(log_dir=str(ctx.work_dir / "tensorboard"))
+        for step, values in series:
+            for key, value in values.items():
+                writer.add_scalar(key, value, step)
+        writer.close()
+    if "wandb" in trackers:
+        import wandb
+
+        run = wandb.init(name=f"{ctx.run_name}/{ctx.name}", reinit=True)
+        for step, values in series:
+            run.log(values, step=step)
+        run.finish()
+    if "mlflow" in trackers:
+        import mlflow
+
+        with mlflow.start_run(run_name=f"{ctx.run_name}/{ctx.name}"):
+            for step, values in series:
+                mlflow.log_metrics(values, step=step)
 
 
 def last_checkpoint(ctx: StageContext) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest *complete* checkpoint: a kill -9 while one is being written leaves a folder
+    without trainer_state.json (written last), which cannot be resumed from."""
+    import re
 
-    return get_last_checkpoint(str(ctx.checkpoint_dir))
+    done = [
+        p
+        for p in ctx.checkpoint_dir.glob("checkpoint-*")
+        if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()
+    ]
+    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
 
 
 def progress_callback(ctx: StageContext):
@@ -159,7 +293,9 @@ def fit(ctx: StageContext, settings: TrainSettings, build_trainer, output_name: 
     return finish(trainer, ctx, output, output_name)
 
 
-def finish(trainer, ctx: StageContext, train_output, output_name: str = "adapter", keep_checkpoints: bool = False) -> dict[str, Any]:
+def finish(
+    trainer, ctx: StageContext, train_output, output_name: str = "adapter", keep_checkpoints: bool = False
+) -> dict[str, Any]:
     """Save the adapter, curves and summary metrics; drop checkpoints once complete."""
     import shutil
 
@@ -186,4 +322,7 @@ def summarize(trainer, ctx: StageContext, train_output) -> dict[str, Any]:
     steps = sorted(ctx.extra.get("step_seconds", []))
     if steps:
         metrics["seconds_per_step"] = steps[len(steps) // 2]  # median: robust to the warm-up step
+    from .stats import peak_memory_mb
+
+    metrics["peak_memory_mb"] = peak_memory_mb()  # the arena's cost column
     return metrics

@@ -32,14 +32,14 @@ class YamlSource:
         self.file = file
 
     @classmethod
-    def load(cls, path: str | Path) -> "YamlSource":
+    def load(cls, path: str | Path) -> YamlSource:
         path = Path(path)
         if not path.is_file():
             raise ConfigError([Problem(str(path), None, "", "file not found")])
         return cls.parse(path.read_text(encoding="utf-8"), str(path))
 
     @classmethod
-    def parse(cls, text: str, file: str) -> "YamlSource":
+    def parse(cls, text: str, file: str) -> YamlSource:
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
             data = yaml.safe_load(text)

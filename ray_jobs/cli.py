@@ -10,14 +10,15 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 console = Console(highlight=False)
-ADDRESS_HELP = "Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS or http://127.0.0.1:8265)"
+ADDRESS_HELP = (
+    "Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS or http://127.0.0.1:8265)"
+)
 
 
 def _write(text: str) -> None:
@@ -27,23 +28,36 @@ def _write(text: str) -> None:
 
 def submit_app(
     pipeline_file: Path = typer.Argument(..., help="pipeline YAML (inside the working dir)"),
-    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. stages.align.with.num_workers=4"),
     runs_dir: Path = typer.Option(Path("runs"), help="where run folders go: a path every node sees (made absolute)"),
     working_dir: Path = typer.Option(Path("."), help="folder uploaded to the cluster (the pipeline file must be inside)"),
-    no_working_dir: bool = typer.Option(False, "--no-working-dir", help="upload nothing: nodes share this filesystem and have heedful"),
-    runtime_env: Optional[Path] = typer.Option(None, "--runtime-env", help="runtime_env YAML template (default: ray_jobs/runtime_env.yaml)"),
+    no_working_dir: bool = typer.Option(
+        False, "--no-working-dir", help="upload nothing: nodes share this filesystem and have heedful"
+    ),
+    runtime_env: Path | None = typer.Option(
+        None, "--runtime-env", help="runtime_env YAML template (default: ray_jobs/runtime_env.yaml)"
+    ),
     pip: list[str] = typer.Option([], "--pip", help="extra package for the job's nodes (repeatable)"),
     env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the job (repeatable; visible in the dashboard)"),
     force: list[str] = typer.Option([], "--force", help="rerun this stage and its dependents"),
-    job_id: Optional[str] = typer.Option(None, "--job-id", help="submission id (default: heedful-<run>-<time>-<rand>)"),
+    job_id: str | None = typer.Option(None, "--job-id", help="submission id (default: heedful-<run>-<time>-<rand>)"),
     no_wait: bool = typer.Option(False, "--no-wait", help="print the job id and return"),
 ):
     """Submit a pipeline as a Ray job: prints the job id, streams its logs, waits for the end."""
     from .submit import build_job, submit
 
-    spec = build_job(pipeline_file, set_, runs_dir=runs_dir, working_dir=None if no_working_dir else working_dir,
-                     template=runtime_env, pip=pip, env=env, force=force, job_id=job_id)
+    spec = build_job(
+        pipeline_file,
+        set_,
+        runs_dir=runs_dir,
+        working_dir=None if no_working_dir else working_dir,
+        template=runtime_env,
+        pip=pip,
+        env=env,
+        force=force,
+        job_id=job_id,
+    )
     jobs = submit(spec, address)
     console.print(f"job id: [bold]{spec.job_id}[/]")
     console.print(f"run:    {spec.runs_dir / spec.run_name} (on the cluster's filesystem)")
@@ -60,7 +74,7 @@ def _follow_or_detach(jobs, job_id: str) -> None:
         status = follow(jobs, job_id, _write)
     except KeyboardInterrupt:
         console.print(f"\n[yellow]detached: job {job_id} keeps running; `heedful jobs stop {job_id}` stops it[/]")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     style = "green" if status == "SUCCEEDED" else "red"
     console.print(f"job {job_id}: [{style}]{status}[/]")
     if status != "SUCCEEDED":
@@ -71,7 +85,7 @@ jobs_app = typer.Typer(help="Ray jobs submitted with `heedful submit`: list, sta
 
 
 @jobs_app.command("list")
-def jobs_list(address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
+def jobs_list(address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP)):
     """Jobs on the cluster, newest first, with the heedful run each one drives."""
     from .submit import client
 
@@ -88,7 +102,7 @@ def jobs_list(address: Optional[str] = typer.Option(None, "--address", help=ADDR
 
 
 @jobs_app.command("status")
-def jobs_status(job_id: str, address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
+def jobs_status(job_id: str, address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP)):
     """One job's status, run and timing."""
     from .submit import client
 
@@ -105,7 +119,7 @@ def jobs_status(job_id: str, address: Optional[str] = typer.Option(None, "--addr
 @jobs_app.command("logs")
 def jobs_logs(
     job_id: str,
-    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
     follow_: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends"),
 ):
     """A job's driver logs (stage logs included); --follow streams them."""
@@ -119,7 +133,7 @@ def jobs_logs(
 
 
 @jobs_app.command("stop")
-def jobs_stop(job_id: str, address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
+def jobs_stop(job_id: str, address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP)):
     """Stop a job; finished stages stay, and resubmitting resumes the rest."""
     from .submit import client, wait
 

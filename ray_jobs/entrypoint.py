@@ -39,8 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not os.environ.get("RAY_ADDRESS") and not args.allow_local:
-        print("error: RAY_ADDRESS is not set: this entrypoint runs inside a Ray job "
-              "(use `heedful submit`, or `heedful run` locally)", file=sys.stderr)
+        print(
+            "error: RAY_ADDRESS is not set: this entrypoint runs inside a Ray job "
+            "(use `heedful submit`, or `heedful run` locally)",
+            file=sys.stderr,
+        )
         return 2
     from pipeline import cli
     from pipeline.config import load_pipeline
@@ -48,8 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     run_name = load_pipeline(args.pipeline, list(args.overrides)).config.run_name
     run_dir = args.runs_dir / run_name
     meta = job_metadata()
-    record = {"job_id": meta.get("heedful_job_id"), "pipeline": str(args.pipeline), "overrides": args.overrides,
-              "ray_address": os.environ.get("RAY_ADDRESS"), "started": _now()}
+    record = {
+        "job_id": meta.get("heedful_job_id"),
+        "pipeline": str(args.pipeline),
+        "overrides": args.overrides,
+        "ray_address": os.environ.get("RAY_ADDRESS"),
+        "started": _now(),
+    }
     cli_args = ["run", str(args.pipeline), "--runs-dir", str(args.runs_dir)]
     for item in args.overrides:
         cli_args += ["--set", item]

@@ -12,9 +12,10 @@ import os
 import secrets
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -22,8 +23,14 @@ from pipeline.errors import HeedfulError
 
 TEMPLATE = Path(__file__).with_name("runtime_env.yaml")
 #: variables forwarded from the submitting shell: paths and offline switches, never secrets
-FORWARDED_ENV = ("HEEDFUL_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
-                 "TOKENIZERS_PARALLELISM")
+FORWARDED_ENV = (
+    "HEEDFUL_HOME",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+)
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -94,8 +101,10 @@ def build_job(
         try:
             pipeline_arg = pipeline_file.resolve().relative_to(root).as_posix()
         except ValueError:
-            raise HeedfulError(f"{pipeline_file} is outside the working dir {root}: Ray uploads only the working dir "
-                               "(pass --working-dir, or --no-working-dir when the cluster shares this filesystem)") from None
+            raise HeedfulError(
+                f"{pipeline_file} is outside the working dir {root}: Ray uploads only the working dir "
+                "(pass --working-dir, or --no-working-dir when the cluster shares this filesystem)"
+            ) from None
         runtime_env["working_dir"] = str(root)
     else:
         runtime_env.pop("working_dir", None)
@@ -143,8 +152,13 @@ def client(address: str | None):
 def submit(spec: JobSpec, address: str | None):
     """Submit; returns the client so callers can follow the job."""
     jobs = client(address)
-    jobs.submit_job(entrypoint=spec.entrypoint, runtime_env=spec.runtime_env, metadata=spec.metadata,
-                    submission_id=spec.job_id, entrypoint_num_cpus=0)
+    jobs.submit_job(
+        entrypoint=spec.entrypoint,
+        runtime_env=spec.runtime_env,
+        metadata=spec.metadata,
+        submission_id=spec.job_id,
+        entrypoint_num_cpus=0,
+    )
     return jobs
 
 

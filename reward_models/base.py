@@ -5,18 +5,29 @@ policy tokenizer, zero-padded to T = the longest response); fine-grained models 
 others leave it None. PPO, rejection sampling and Argilla suggestions all call `score`.
 A trained reward model is a folder with `reward_model.json` ({"kind": ...}) that
 `load_reward_model` turns back into an object.
+
+Kinds register themselves: each `reward_models/<module>.py` calls `register_kind` with its
+loader and, when `train_reward` can train it, its settings block and `train(ctx, cfg)`. The
+package is scanned once (`kinds()`), so `train_reward`'s choices and the loader's lookup come
+from that one registry. Modules of this package import torch only inside functions: stage
+configs (and `heedful validate`) import them.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from pipeline.schema import PromptLike
+
+if TYPE_CHECKING:
+    import torch
+    from pydantic import BaseModel
 
 
 @dataclass
@@ -49,11 +60,49 @@ class RewardModel(Protocol):
     def save(self, path: Path) -> None: ...
 
 
-_KINDS: dict[str, Callable[[Path], RewardModel]] = {}
+@dataclass(frozen=True)
+class Kind:
+    """A registered reward-model kind. Trainable kinds (`train_reward` choices) also have the
+    settings block of `train_reward` named after them and a `train(ctx, cfg) -> metrics`."""
+
+    name: str
+    load: Callable[[Path], RewardModel]
+    settings: type[BaseModel] | None = None
+    train: Callable[..., dict[str, Any]] | None = None
+    summary: str = ""
 
 
-def register_kind(kind: str, loader: Callable[[Path], RewardModel]) -> None:
-    _KINDS[kind] = loader
+_KINDS: dict[str, Kind] = {}
+_SCANNED = False
+
+
+def register_kind(
+    kind: str,
+    loader: Callable[[Path], RewardModel],
+    settings: type[BaseModel] | None = None,
+    train: Callable[..., dict[str, Any]] | None = None,
+    summary: str = "",
+) -> None:
+    if (settings is None) != (train is None):
+        raise ValueError(f"reward model kind '{kind}': a trainable kind gives both settings and train")
+    _KINDS[kind] = Kind(kind, loader, settings, train, summary)
+
+
+def kinds() -> dict[str, Kind]:
+    """Every kind, after importing each module of this package once."""
+    global _SCANNED
+    if not _SCANNED:
+        _SCANNED = True
+        import reward_models
+
+        for info in pkgutil.iter_modules(reward_models.__path__):
+            importlib.import_module(f"reward_models.{info.name}")
+    return dict(_KINDS)
+
+
+def trainable_kinds() -> dict[str, Kind]:
+    """The kinds `train_reward` can train, in registration order."""
+    return {name: k for name, k in kinds().items() if k.settings is not None}
 
 
 DESCRIPTOR = "reward_model.json"
@@ -66,7 +115,8 @@ def write_descriptor(path: Path, kind: str, **info: Any) -> None:
 
 def read_descriptor(path: str | Path) -> dict[str, Any]:
     """The folder's `reward_model.json`: its kind and what its loader needs."""
-    return json.loads((Path(path) / DESCRIPTOR).read_text())
+    info: dict[str, Any] = json.loads((Path(path) / DESCRIPTOR).read_text())
+    return info
 
 
 def load_reward_model(path: str | Path) -> RewardModel:
@@ -75,14 +125,7 @@ def load_reward_model(path: str | Path) -> RewardModel:
     if not descriptor.is_file():
         raise FileNotFoundError(f"{path}: not a reward model folder (reward_model.json missing)")
     kind = read_descriptor(path)["kind"]
-    if kind not in _KINDS:
-        import importlib
-
-        for module in ("plove", "followup", "fine_grained", "function", "combine", "rules"):
-            try:
-                importlib.import_module(f"reward_models.{module}")
-            except ModuleNotFoundError:
-                pass
-    if kind not in _KINDS:
-        raise ValueError(f"{path}: unknown reward model kind '{kind}' (known: {', '.join(sorted(_KINDS))})")
-    return _KINDS[kind](path)
+    known = _KINDS if kind in _KINDS else kinds()
+    if kind not in known:
+        raise ValueError(f"{path}: unknown reward model kind '{kind}' (known: {', '.join(sorted(known))})")
+    return known[kind].load(path)

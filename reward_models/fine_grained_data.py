@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .common import split_prompt
+from pipeline.chat import split_prompt
+
 from .segments import Segment, segment, segment_labels
 
 #: span label (normalised: lower case, '-' for spaces/underscores) -> aspect
@@ -55,8 +56,8 @@ def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
     inner = tokenizer("x", add_special_tokens=False)["input_ids"]
     full = tokenizer("x")["input_ids"]
     for i in range(len(full) - len(inner) + 1):
-        if full[i:i + len(inner)] == inner:
-            return full[:i], full[i + len(inner):]
+        if full[i : i + len(inner)] == inner:
+            return full[:i], full[i + len(inner) :]
     return [], []
 
 
@@ -70,8 +71,9 @@ def mark_token_id(tokenizer, mark: str | None) -> int:
     return token_id
 
 
-def encode_segments(tokenizer, prompt: Any, response: str, segments: list[Segment], mark_id: int, max_length: int,
-                    with_context: bool) -> tuple[list[int], list[int]]:
+def encode_segments(
+    tokenizer, prompt: Any, response: str, segments: list[Segment], mark_id: int, max_length: int, with_context: bool
+) -> tuple[list[int], list[int]]:
     """(input ids, position of the mark after each segment). Context is truncated first; if the
     answer alone is too long, trailing segments are dropped (fewer positions than segments)."""
     question, context = split_prompt(prompt)
@@ -99,8 +101,9 @@ def encode_segments(tokenizer, prompt: Any, response: str, segments: list[Segmen
     return prefix + body + [t for piece in pieces for t in piece] + suffix, marks
 
 
-def token_classification_rows(tokenizer, examples: list[SegmentExample], mark_id: int, max_length: int,
-                               with_context: bool) -> list[dict[str, list[int]]]:
+def token_classification_rows(
+    tokenizer, examples: list[SegmentExample], mark_id: int, max_length: int, with_context: bool
+) -> list[dict[str, list[int]]]:
     rows = []
     for ex in examples:
         input_ids, marks = encode_segments(tokenizer, ex.prompt, ex.response, ex.segments, mark_id, max_length, with_context)

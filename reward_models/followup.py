@@ -21,10 +21,43 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+from pydantic import Field, field_validator
+
+from pipeline.chat import as_messages, last_user_text
+from pipeline.stage import StageConfig
 
 from .base import RewardBatch, Rewards, read_descriptor, register_kind, write_descriptor
-from .common import as_messages, batched
+from .common import batched
+
+if TYPE_CHECKING:
+    from pipeline.schema import Preference
+
+FLR_ASPECTS = ("understanding", "relevance", "correctness", "engagingness", "informativeness", "instruction_following")
+
+
+class FollowupSettings(StageConfig):
+    """FLR: log-likelihood of positive minus negative user follow-ups after the reply."""
+
+    followups: str = Field(default="data:followups/flr_followups.json", description="follow-up lists (data: ref or path)")
+    aspects: list[str] | None = Field(default=None, description=f"subset of {', '.join(FLR_ASPECTS)}; default all")
+    per_aspect: int | None = Field(default=None, ge=1, description="use the first N follow-ups per aspect and polarity")
+    include_context: bool = Field(default=False, description="keep system messages (e.g. retrieved passages) in the prefix")
+    max_prefix_tokens: int = Field(default=1024, ge=16)
+    batch_size: int = Field(default=4, ge=1, description="replies per forward pass")
+    finetune: bool = Field(default=False, description="fine-tune the follow-up LM on natural-language feedback (LoRA)")
+    max_eval_prompts: int | None = Field(default=60, ge=1, description="cap on held-out prompts scored for pairwise accuracy")
+
+    @field_validator("aspects")
+    @classmethod
+    def _known_aspects(cls, value):
+        if value is not None:
+            unknown = [a for a in value if a not in FLR_ASPECTS]
+            if unknown:
+                raise ValueError(f"unknown aspect(s) {unknown}: expected some of {list(FLR_ASPECTS)}")
+        return value
+
 
 _MARK = "\ue000FOLLOWUP\ue000"
 
@@ -36,7 +69,7 @@ class Followups:
     aspects: list[str]
 
     @classmethod
-    def load(cls, path: str | Path, aspects: list[str] | None = None, per_aspect: int | None = None) -> "Followups":
+    def load(cls, path: str | Path, aspects: list[str] | None = None, per_aspect: int | None = None) -> Followups:
         from pipeline.errors import DataError
 
         path = Path(path)
@@ -81,7 +114,7 @@ class ConversationFormat:
         if self.chat:
             probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": _MARK}]
             full = tokenizer.apply_chat_template(probe, tokenize=False)
-            self.end_of_turn = full[full.index(_MARK) + len(_MARK):].rstrip("\n") or "\n"
+            self.end_of_turn = full[full.index(_MARK) + len(_MARK) :].rstrip("\n") or "\n"
         else:
             self.end_of_turn = "\n"
 
@@ -145,8 +178,15 @@ def pack_followups(prefixes: list[list[int]], followups: list[list[int]], pad_id
     # column predicting token j of f_k: the prefix end for j == 0, else the previous token of f_k
     columns = width + torch.arange(len(flat))
     keep = torch.where(offset_in_f == 0, torch.full_like(columns, width - 1), columns - 1)
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
-            "keep": keep, "targets": flat, "owner": owner, "lengths": torch.tensor(lengths)}
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": mask,
+        "keep": keep,
+        "targets": flat,
+        "owner": owner,
+        "lengths": torch.tensor(lengths),
+    }
 
 
 def packed_logprobs(model, prefixes: list[list[int]], followups: list[list[int]], pad_id: int):
@@ -157,10 +197,16 @@ def packed_logprobs(model, prefixes: list[list[int]], followups: list[list[int]]
     dtype = next(model.parameters()).dtype
     packed = pack_followups(prefixes, followups, pad_id, dtype)
     with torch.no_grad():
-        logits = model(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
-                       attention_mask=packed["attention_mask"].to(device), logits_to_keep=packed["keep"].to(device),
-                       use_cache=False).logits.float()
-    token_lp = torch.log_softmax(logits, dim=-1).gather(-1, packed["targets"].to(device)[None, :, None].expand(len(prefixes), -1, 1))
+        logits = model(
+            input_ids=packed["input_ids"].to(device),
+            position_ids=packed["position_ids"].to(device),
+            attention_mask=packed["attention_mask"].to(device),
+            logits_to_keep=packed["keep"].to(device),
+            use_cache=False,
+        ).logits.float()
+    token_lp = torch.log_softmax(logits, dim=-1).gather(
+        -1, packed["targets"].to(device)[None, :, None].expand(len(prefixes), -1, 1)
+    )
     sums = torch.zeros(len(prefixes), len(followups), device=device).index_add_(1, packed["owner"].to(device), token_lp[..., 0])
     return (sums / packed["lengths"].to(device)).cpu()
 
@@ -206,8 +252,17 @@ def flr_from_logprobs(logprobs, positive: list[bool]):
 class FollowupReward:
     kind: ClassVar[str] = "followup"
 
-    def __init__(self, model, tokenizer, followups: Followups, base: str, adapter: str | None = None,
-                 include_context: bool = False, max_prefix_tokens: int = 1024, batch_size: int = 4):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        followups: Followups,
+        base: str,
+        adapter: str | None = None,
+        include_context: bool = False,
+        max_prefix_tokens: int = 1024,
+        batch_size: int = 4,
+    ):
         self.model, self.tokenizer, self.followups = model, tokenizer, followups
         self.base, self.adapter = base, adapter
         self.format = ConversationFormat(tokenizer, include_context)
@@ -220,21 +275,28 @@ class FollowupReward:
         from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
         model = load_causal_lm(base, device_policy(device), adapter=adapter).eval()
-        return cls(model, load_tokenizer(base, padding_side="right"), followups, base,
-                   str(adapter) if adapter else None, **kwargs)
+        return cls(
+            model, load_tokenizer(base, padding_side="right"), followups, base, str(adapter) if adapter else None, **kwargs
+        )
 
     @classmethod
-    def load(cls, path: Path, device: str | None = None) -> "FollowupReward":
+    def load(cls, path: Path, device: str | None = None) -> FollowupReward:
         path = Path(path)
         info = read_descriptor(path)
         followups = Followups.load(path / "followups.json")
         adapter = path / info["adapter"] if info.get("adapter") else None
-        return cls.from_pretrained(info["base_model"], followups, adapter, device, include_context=info["include_context"],
-                                   max_prefix_tokens=info["max_prefix_tokens"])
+        return cls.from_pretrained(
+            info["base_model"],
+            followups,
+            adapter,
+            device,
+            include_context=info["include_context"],
+            max_prefix_tokens=info["max_prefix_tokens"],
+        )
 
     def prefix_ids(self, prompt: Any, reply: str) -> list[int]:
         ids = self.tokenizer(self.format.prefix(prompt, reply), add_special_tokens=False)["input_ids"]
-        return list(ids)[-self.max_prefix_tokens:]
+        return list(ids)[-self.max_prefix_tokens :]
 
     def logprobs(self, prompts: list[Any], responses: list[str], naive: bool = False):
         """[B, N] length-normalised log-likelihood of each follow-up after each reply."""
@@ -271,41 +333,48 @@ class FollowupReward:
         self._describe(path, adapter)
 
     def _describe(self, path: Path, adapter: str | None, **extra: Any) -> None:
-        write_descriptor(path, self.kind, base_model=self.base, adapter=adapter, include_context=self.include_context,
-                         max_prefix_tokens=self.max_prefix_tokens, **extra)
-
-
-register_kind(FollowupReward.kind, FollowupReward.load)
+        write_descriptor(
+            path,
+            self.kind,
+            base_model=self.base,
+            adapter=adapter,
+            include_context=self.include_context,
+            max_prefix_tokens=self.max_prefix_tokens,
+            **extra,
+        )
 
 
 # ----------------------------------------------------------------------------- training / evaluation
 
 
-def feedback_triples(path: Path, followups: Followups, seed: int) -> tuple[list[tuple[Any, str, str]], list]:
+def feedback_triples(path: Path, followups: Followups, seed: int) -> tuple[list[tuple[Any, Any, str]], list[Preference]]:
     """(prompt, reply, follow-up) examples of natural-language feedback for fine-tuning, and
     the preference pairs found (for evaluation). Preference pairs become feedback by giving
     the chosen reply a positive follow-up and the rejected one a negative follow-up."""
-    from . import feedback_data
+    from feedback.sources import readers
+    from feedback.sources.formats import load_feedback
 
-    fmt, rows = feedback_data.load_feedback(path)
+    fmt, rows = load_feedback(path)
     rng = random.Random(seed)
     pos = [t for t, p in zip(followups.texts, followups.positive) if p]
     neg = [t for t, p in zip(followups.texts, followups.positive) if not p]
     if fmt in ("preferences", "qa_feedback", "trl_preferences"):
-        pairs = feedback_data.preferences_from(fmt, rows, path)
-        triples = []
+        pairs = readers.preferences_from(fmt, rows, path)
+        triples: list[tuple[Any, Any, str]] = []  # (prompt, reply, follow-up); a pair's replies are PromptLike
         for pair in pairs:
             triples.append((pair.prompt, pair.chosen, rng.choice(pos)))
             triples.append((pair.prompt, pair.rejected, rng.choice(neg)))
         return triples, pairs
     if fmt == "followups":
-        from pipeline.schema import rows_to_records
+        from pipeline.schema import FollowUp, rows_to_records
 
-        return [(r.prompt, r.response, r.followup) for r in rows_to_records("followups", rows, str(path))], []
+        followup_records = cast(list[FollowUp], rows_to_records("followups", rows, str(path)))
+        return [(r.prompt, r.response, r.followup) for r in followup_records], []
     if fmt == "verbal_feedback":
-        from pipeline.schema import rows_to_records
+        from pipeline.schema import VerbalFeedback, rows_to_records
 
-        return [(r.prompt, r.response, r.critique) for r in rows_to_records("verbal_feedback", rows, str(path))], []
+        verbal_records = cast(list[VerbalFeedback], rows_to_records("verbal_feedback", rows, str(path)))
+        return [(r.prompt, r.response, r.critique) for r in verbal_records], []
     from pipeline.errors import DataError
 
     raise DataError(f"{path}: FLR uses preferences, follow-ups or verbal feedback, got {fmt}")
@@ -316,16 +385,16 @@ def train(ctx, cfg) -> dict[str, Any]:
     only); pairwise accuracy on held-out preference pairs before and after."""
     from pipeline.paths import resolve_data_ref
 
-    from . import feedback_data
     from .common import split_train_eval
 
     settings = cfg.followup
     base = cfg.base_model or ctx.model
     source = settings.followups
-    followups = Followups.load(resolve_data_ref(source) if source.startswith("data:") else Path(source),
-                               settings.aspects, settings.per_aspect)
+    followups = Followups.load(
+        resolve_data_ref(source) if source.startswith("data:") else Path(source), settings.aspects, settings.per_aspect
+    )
     triples, pairs = feedback_triples(ctx.input("feedback"), followups, ctx.seed)
-    key = feedback_data.prompt_key
+    key = last_user_text
     if ctx.input("eval") is not None:
         _, eval_pairs = feedback_triples(ctx.input("eval"), followups, ctx.seed)
         train_triples = triples
@@ -340,13 +409,14 @@ def train(ctx, cfg) -> dict[str, Any]:
     out = ctx.output("reward_model")
     out.mkdir(parents=True, exist_ok=True)
     (out / "followups.json").write_text(json.dumps(followups.to_json(), indent=2))
-    kwargs = dict(include_context=settings.include_context, max_prefix_tokens=settings.max_prefix_tokens,
-                  batch_size=settings.batch_size)
+    kwargs = dict(
+        include_context=settings.include_context, max_prefix_tokens=settings.max_prefix_tokens, batch_size=settings.batch_size
+    )
     metrics: dict[str, Any] = {"followups": len(followups.texts), "eval_pairs": len(eval_pairs)}
     comparison = []
     if eval_pairs:
         ctx.log.info("FLR zero-shot on %d held-out pairs (%d prompts)", len(eval_pairs), len({key(p.prompt) for p in eval_pairs}))
-        zero_shot = FollowupReward.from_pretrained(base, followups, None, cfg.device, **kwargs)
+        zero_shot = FollowupReward.from_pretrained(base, followups, None, cfg.policy().device, **kwargs)
         metrics["pairwise_accuracy_zero_shot"] = pairwise(zero_shot, eval_pairs, ctx)
         metrics.update(baselines(eval_pairs))
         comparison.append(_row("FLR zero-shot", metrics["pairwise_accuracy_zero_shot"], metrics))
@@ -356,53 +426,66 @@ def train(ctx, cfg) -> dict[str, Any]:
         metrics.update(finetune(ctx, cfg, base, followups, train_triples))
         adapter = "adapter"
         if eval_pairs:
-            tuned = FollowupReward.from_pretrained(base, followups, out / "adapter", cfg.device, **kwargs)
+            tuned = FollowupReward.from_pretrained(base, followups, out / "adapter", cfg.policy().device, **kwargs)
             metrics["pairwise_accuracy_finetuned"] = pairwise(tuned, eval_pairs, ctx)
             comparison.append(_row("FLR fine-tuned", metrics["pairwise_accuracy_finetuned"], metrics))
     if eval_pairs:
         metrics["pairwise_accuracy"] = metrics.get("pairwise_accuracy_finetuned", metrics["pairwise_accuracy_zero_shot"])
         (out / "eval.json").write_text(json.dumps({"kind": "followup", "metrics": metrics, "comparison": comparison}, indent=2))
-    write_descriptor(out, FollowupReward.kind, base_model=base, adapter=adapter, include_context=settings.include_context,
-                     max_prefix_tokens=settings.max_prefix_tokens, metrics=metrics)
+    write_descriptor(
+        out,
+        FollowupReward.kind,
+        base_model=base,
+        adapter=adapter,
+        include_context=settings.include_context,
+        max_prefix_tokens=settings.max_prefix_tokens,
+        metrics=metrics,
+    )
     return metrics
 
 
 def _row(what: str, value: float, metrics: dict[str, Any]) -> dict[str, Any]:
-    return {"what": what, "metric": "pairwise accuracy", "model": value,
-            "baseline": metrics["baseline_length_accuracy"], "baseline_name": "longer reply wins"}
+    return {
+        "what": what,
+        "metric": "pairwise accuracy",
+        "model": value,
+        "baseline": metrics["baseline_length_accuracy"],
+        "baseline_name": "longer reply wins",
+    }
 
 
 def pairwise(rm: FollowupReward, pairs: list, ctx) -> float:
     """Score each distinct (prompt, reply) once, then compare chosen vs rejected."""
     from pipeline.progress import track
 
-    from .feedback_data import prompt_key
     from .metrics import pairwise_accuracy
 
     replies: dict[tuple[str, str], int] = {}
-    items = []
+    items: list[tuple[Any, Any]] = []
     for p in pairs:
         for reply in (p.chosen, p.rejected):
-            k = (prompt_key(p.prompt), reply)
+            k = (last_user_text(p.prompt), reply)
             if k not in replies:
                 replies[k] = len(items)
                 items.append((p.prompt, reply))
     scores = []
     for chunk in track(batched(items, rm.batch_size * 4), desc=f"{ctx.name}: FLR scoring"):
         scores += rm.score(RewardBatch([c[0] for c in chunk], [c[1] for c in chunk])).scalar.tolist()
-    chosen = [scores[replies[(prompt_key(p.prompt), p.chosen)]] for p in pairs]
-    rejected = [scores[replies[(prompt_key(p.prompt), p.rejected)]] for p in pairs]
+    chosen = [scores[replies[(last_user_text(p.prompt), p.chosen)]] for p in pairs]
+    rejected = [scores[replies[(last_user_text(p.prompt), p.rejected)]] for p in pairs]
     return pairwise_accuracy(chosen, rejected)
 
 
 def baselines(pairs: list) -> dict[str, float]:
     from .metrics import pairwise_accuracy
 
-    return {"baseline_length_accuracy": pairwise_accuracy([len(p.chosen) for p in pairs], [len(p.rejected) for p in pairs]),
-            "baseline_random_accuracy": 0.5}
+    return {
+        "baseline_length_accuracy": pairwise_accuracy([len(p.chosen) for p in pairs], [len(p.rejected) for p in pairs]),
+        "baseline_random_accuracy": 0.5,
+    }
 
 
-def finetune(ctx, cfg, base: str, followups: Followups, triples: list[tuple[Any, str, str]]) -> dict[str, Any]:
+def finetune(ctx, cfg, base: str, followups: Followups, triples: list[tuple[Any, Any, str]]) -> dict[str, Any]:
     """LoRA SFT of the follow-up LM: loss on the follow-up turn only (TRL prompt-completion)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -418,9 +501,19 @@ def finetune(ctx, cfg, base: str, followups: Followups, triples: list[tuple[Any,
     def build_trainer():
         model = load_causal_lm(base, cfg.policy(), qlora=cfg.lora.qlora)
         args = SFTConfig(max_length=cfg.max_length, completion_only_loss=True, **cfg.trainer_kwargs(ctx))
-        return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          peft_config=cfg.lora.peft_config())
+        return SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=cfg.lora.peft_config(),
+        )
 
     metrics = fit(ctx, cfg, build_trainer, output_name="reward_model/adapter")
     metrics["finetune_examples"] = len(rows)
     return metrics
+
+
+register_kind(
+    FollowupReward.kind, FollowupReward.load, FollowupSettings, train, "FLR: likelihood of positive vs negative follow-ups"
+)

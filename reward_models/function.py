@@ -40,7 +40,7 @@ class FunctionReward:
         self.fn = resolve_target(target)
 
     @classmethod
-    def load(cls, path: Path) -> "FunctionReward":
+    def load(cls, path: Path) -> FunctionReward:
         return cls(read_descriptor(path)["target"])
 
     def score(self, batch: RewardBatch) -> Rewards:

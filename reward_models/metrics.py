@@ -3,7 +3,7 @@ pairwise accuracy, and segment classification scores against a majority baseline
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,7 +24,7 @@ def auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
         j = i
         while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -39,9 +39,15 @@ def reliability_bins(labels: Sequence[int], probs: Sequence[float], bins: int = 
     for b in range(bins):
         mask = idx == b
         n = int(mask.sum())
-        out.append({"low": b / bins, "high": (b + 1) / bins, "count": n,
-                    "mean_prob": float(p[mask].mean()) if n else float("nan"),
-                    "positive_rate": float(y[mask].mean()) if n else float("nan")})
+        out.append(
+            {
+                "low": b / bins,
+                "high": (b + 1) / bins,
+                "count": n,
+                "mean_prob": float(p[mask].mean()) if n else float("nan"),
+                "positive_rate": float(y[mask].mean()) if n else float("nan"),
+            }
+        )
     return out
 
 
@@ -50,8 +56,13 @@ def expected_calibration_error(labels: Sequence[int], probs: Sequence[float], bi
     total = len(labels)
     if total == 0:
         return float("nan")
-    return float(sum(b["count"] / total * abs(b["positive_rate"] - b["mean_prob"])
-                     for b in reliability_bins(labels, probs, bins) if b["count"]))
+    return float(
+        sum(
+            b["count"] / total * abs(b["positive_rate"] - b["mean_prob"])
+            for b in reliability_bins(labels, probs, bins)
+            if b["count"]
+        )
+    )
 
 
 def quantile_buckets(labels: Sequence[int], probs: Sequence[float], buckets: int = 5) -> list[dict[str, float]]:
@@ -62,8 +73,15 @@ def quantile_buckets(labels: Sequence[int], probs: Sequence[float], buckets: int
     out = []
     for chunk in np.array_split(order, min(buckets, len(order))):
         if len(chunk):
-            out.append({"count": int(len(chunk)), "min_prob": float(p[chunk].min()), "max_prob": float(p[chunk].max()),
-                        "mean_prob": float(p[chunk].mean()), "positive_rate": float(y[chunk].mean())})
+            out.append(
+                {
+                    "count": int(len(chunk)),
+                    "min_prob": float(p[chunk].min()),
+                    "max_prob": float(p[chunk].max()),
+                    "mean_prob": float(p[chunk].mean()),
+                    "positive_rate": float(y[chunk].mean()),
+                }
+            )
     return out
 
 
@@ -87,8 +105,12 @@ def classification_scores(labels: Sequence[int], preds: Sequence[int]) -> dict[s
         fn = int(((p != cls) & (y == cls)).sum())
         return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
-    return {"accuracy": float((y == p).mean()) if len(y) else float("nan"),
-            "f1_error": f1(1), "macro_f1": (f1(0) + f1(1)) / 2, "segments": int(len(y))}
+    return {
+        "accuracy": float((y == p).mean()) if len(y) else float("nan"),
+        "f1_error": f1(1),
+        "macro_f1": (f1(0) + f1(1)) / 2,
+        "segments": int(len(y)),
+    }
 
 
 def majority_baseline(train_labels: Sequence[int], eval_labels: Sequence[int]) -> dict[str, float]:

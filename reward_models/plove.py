@@ -19,10 +19,28 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from pipeline.chat import last_user_text
+from pipeline.stage import StageConfig
 
 from .base import RewardBatch, Rewards, read_descriptor, register_kind, write_descriptor
 from .common import batched, encode_reply, load_classifier, split_train_eval
+
+
+class PLoveSettings(StageConfig):
+    """P[Love]: a classifier of 'this reply gets a positive reaction' (RLUF)."""
+
+    positive: list[str] = Field(default_factory=lambda: ["love"], description="reaction values that count as positive")
+    class_weighting: Literal["balanced", "none"] = Field(
+        default="balanced", description="balanced: positives weighted by #neg/#pos in the loss (the offset is undone at scoring)"
+    )
+    max_per_user: int | None = Field(default=200, ge=1, description="cap on training examples per user id")
+    output: Literal["probability", "logit"] = "probability"
+    bins: int = Field(default=10, ge=2, le=50, description="calibration bins (ECE, reliability plot)")
+    tfidf_baseline: bool = Field(default=True, description="also fit a TF-IDF logistic regression as a baseline")
 
 
 @dataclass
@@ -37,8 +55,12 @@ class Example:
 def examples_from_reactions(records, positive: list[str]) -> list[Example]:
     # logs' positive words (the configured ones among them) are read as 'love', so it always counts
     wanted = set(positive) | {"love"}
-    return [Example(r.prompt, r.response, int(r.reaction in wanted), r.user_id or r.provenance.annotator or "?",
-                    r.provenance.timestamp) for r in records]
+    return [
+        Example(
+            r.prompt, r.response, int(r.reaction in wanted), r.user_id or r.provenance.annotator or "?", r.provenance.timestamp
+        )
+        for r in records
+    ]
 
 
 def cap_per_user(examples: list[Example], cap: int | None, seed: int) -> list[Example]:
@@ -73,20 +95,31 @@ class PLoveReward:
 
     kind: ClassVar[str] = "plove"
 
-    def __init__(self, model, tokenizer, base: str, max_length: int = 512, logit_offset: float = 0.0,
-                 output: str = "probability", batch_size: int = 16):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        base: str,
+        max_length: int = 512,
+        logit_offset: float = 0.0,
+        output: str = "probability",
+        batch_size: int = 16,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.base, self.max_length, self.logit_offset = base, max_length, logit_offset
         self.output, self.batch_size = output, batch_size
 
     @classmethod
-    def load(cls, path: Path, device: str | None = None) -> "PLoveReward":
+    def load(cls, path: Path, device: str | None = None) -> PLoveReward:
         path = Path(path)
         info = read_descriptor(path)
         adapter = path / "adapter" if (path / "adapter").is_dir() else None
-        model, tokenizer = load_classifier(info["base_model"], adapter, "seq", 1, device,
-                                           weights=None if adapter else path / "model")
-        return cls(model, tokenizer, info["base_model"], info["max_length"], info["logit_offset"], info.get("output", "probability"))
+        model, tokenizer = load_classifier(
+            info["base_model"], adapter, "seq", 1, device, weights=None if adapter else path / "model"
+        )
+        return cls(
+            model, tokenizer, info["base_model"], info["max_length"], info["logit_offset"], info.get("output", "probability")
+        )
 
     def logits(self, prompts: list[Any], responses: list[str]):
         import torch
@@ -116,11 +149,15 @@ class PLoveReward:
         self._describe(path)
 
     def _describe(self, path: Path, **extra: Any) -> None:
-        write_descriptor(Path(path), self.kind, base_model=self.base, max_length=self.max_length,
-                         logit_offset=self.logit_offset, output=self.output, **extra)
-
-
-register_kind(PLoveReward.kind, PLoveReward.load)
+        write_descriptor(
+            Path(path),
+            self.kind,
+            base_model=self.base,
+            max_length=self.max_length,
+            logit_offset=self.logit_offset,
+            output=self.output,
+            **extra,
+        )
 
 
 # ----------------------------------------------------------------------------- training
@@ -130,44 +167,63 @@ def train(ctx, cfg) -> dict[str, Any]:
     """Train on `feedback` (reactions), evaluate on `eval` or a held-out split; returns metrics."""
     from datasets import Dataset
 
+    from feedback.sources import readers
     from pipeline.training import fit
 
-    from . import feedback_data
     from .common import new_classifier
     from .trainers import loss_trainer, weighted_bce
 
     settings = cfg.plove
     base = cfg.base_model or ctx.model
-    records = feedback_data.reactions(ctx.input("feedback"), settings.positive)
+    records = readers.reactions(ctx.input("feedback"), settings.positive)
     examples = examples_from_reactions(records, settings.positive)
     if ctx.input("eval") is not None:
-        train_ex, eval_ex = examples, examples_from_reactions(feedback_data.reactions(ctx.input("eval"), settings.positive), settings.positive)
+        train_ex, eval_ex = (
+            examples,
+            examples_from_reactions(readers.reactions(ctx.input("eval"), settings.positive), settings.positive),
+        )
     else:
-        train_ex, eval_ex = split_train_eval(examples, cfg.eval_fraction, ctx.seed, cfg.split,
-                                             group=lambda e: feedback_data.prompt_key(e.prompt), time=lambda e: e.time)
+        train_ex, eval_ex = split_train_eval(
+            examples, cfg.eval_fraction, ctx.seed, cfg.split, group=lambda e: last_user_text(e.prompt), time=lambda e: e.time
+        )
     before = len(train_ex)
     train_ex = cap_per_user(train_ex, settings.max_per_user, ctx.seed)
     labels = [e.label for e in train_ex]
     if not 0 < sum(labels) < len(labels):
-        raise ValueError(f"P[Love] needs both positive ({settings.positive}) and other reactions; got {sum(labels)} positive of {len(labels)}")
+        raise ValueError(
+            f"P[Love] needs both positive ({settings.positive}) and other reactions; got {sum(labels)} positive of {len(labels)}"
+        )
     pos_weight = positive_weight(labels, settings.class_weighting)
-    ctx.log.info("P[Love]: %d train (%d dropped by the per-user cap), %d eval, positive rate %.3f, pos_weight %.2f",
-                 len(train_ex), before - len(train_ex), len(eval_ex), sum(labels) / len(labels), pos_weight)
+    ctx.log.info(
+        "P[Love]: %d train (%d dropped by the per-user cap), %d eval, positive rate %.3f, pos_weight %.2f",
+        len(train_ex),
+        before - len(train_ex),
+        len(eval_ex),
+        sum(labels) / len(labels),
+        pos_weight,
+    )
 
     def build_trainer():
         model, tokenizer = new_classifier(base, "seq", 1, cfg.lora, ctx.seed, cfg.full_finetune)
-        rows = [{"input_ids": encode_reply(tokenizer, e.prompt, e.response, cfg.max_length), "labels": float(e.label)}
-                for e in train_ex]
+        rows = [
+            {"input_ids": encode_reply(tokenizer, e.prompt, e.response, cfg.max_length), "labels": float(e.label)}
+            for e in train_ex
+        ]
         return loss_trainer(model, tokenizer, Dataset.from_list(rows), cfg.trainer_kwargs(ctx), weighted_bce(pos_weight))
 
     out = ctx.output("reward_model")
     metrics = fit(ctx, cfg, build_trainer, output_name="reward_model/model" if cfg.full_finetune else "reward_model/adapter")
     rm = PLoveReward(None, None, base, cfg.max_length, -math.log(pos_weight), settings.output)
     rm._describe(out)
-    metrics.update(train_examples=len(train_ex), capped=before - len(train_ex), users=len({e.user for e in train_ex}),
-                   train_positive_rate=sum(labels) / len(labels), pos_weight=pos_weight)
+    metrics.update(
+        train_examples=len(train_ex),
+        capped=before - len(train_ex),
+        users=len({e.user for e in train_ex}),
+        train_positive_rate=sum(labels) / len(labels),
+        pos_weight=pos_weight,
+    )
     if eval_ex:
-        evaluation = evaluate(PLoveReward.load(out, cfg.device), train_ex, eval_ex, settings)
+        evaluation = evaluate(PLoveReward.load(out, cfg.policy().device), train_ex, eval_ex, settings)
         (out / "eval.json").write_text(json.dumps(evaluation, indent=2))
         metrics.update(evaluation["metrics"])
         rm._describe(out, metrics=evaluation["metrics"])
@@ -181,27 +237,57 @@ def evaluate(rm: PLoveReward, train_ex: list[Example], eval_ex: list[Example], s
     probs = rm.probabilities([e.prompt for e in eval_ex], [e.response for e in eval_ex]).tolist()
     base_rate = sum(e.label for e in train_ex) / len(train_ex)
     metrics = {
-        "eval_examples": len(eval_ex), "eval_positive_rate": sum(labels) / len(labels),
-        "auroc": auroc(labels, probs), "ece": expected_calibration_error(labels, probs, settings.bins),
+        "eval_examples": len(eval_ex),
+        "eval_positive_rate": sum(labels) / len(labels),
+        "auroc": auroc(labels, probs),
+        "ece": expected_calibration_error(labels, probs, settings.bins),
         "mean_plove": sum(probs) / len(probs),
-        "baseline_constant_auroc": 0.5, "baseline_constant_ece": expected_calibration_error(labels, [base_rate] * len(labels), settings.bins),
+        "baseline_constant_auroc": 0.5,
+        "baseline_constant_ece": expected_calibration_error(labels, [base_rate] * len(labels), settings.bins),
     }
     comparison = [
-        {"what": "P[Love]", "metric": "AUROC", "model": metrics["auroc"], "baseline": 0.5, "baseline_name": "constant train positive rate"},
-        {"what": "P[Love]", "metric": "ECE", "model": metrics["ece"], "baseline": metrics["baseline_constant_ece"],
-         "baseline_name": "constant train positive rate"},
+        {
+            "what": "P[Love]",
+            "metric": "AUROC",
+            "model": metrics["auroc"],
+            "baseline": 0.5,
+            "baseline_name": "constant train positive rate",
+        },
+        {
+            "what": "P[Love]",
+            "metric": "ECE",
+            "model": metrics["ece"],
+            "baseline": metrics["baseline_constant_ece"],
+            "baseline_name": "constant train positive rate",
+        },
     ]
     if settings.tfidf_baseline and importlib.util.find_spec("sklearn") is not None:  # the `metrics` extra
         metrics.update(tfidf_baseline(train_ex, eval_ex, settings.bins))
         comparison += [
-            {"what": "P[Love]", "metric": "AUROC", "model": metrics["auroc"], "baseline": metrics["baseline_tfidf_auroc"],
-             "baseline_name": "TF-IDF logistic regression"},
-            {"what": "P[Love]", "metric": "ECE", "model": metrics["ece"], "baseline": metrics["baseline_tfidf_ece"],
-             "baseline_name": "TF-IDF logistic regression"},
+            {
+                "what": "P[Love]",
+                "metric": "AUROC",
+                "model": metrics["auroc"],
+                "baseline": metrics["baseline_tfidf_auroc"],
+                "baseline_name": "TF-IDF logistic regression",
+            },
+            {
+                "what": "P[Love]",
+                "metric": "ECE",
+                "model": metrics["ece"],
+                "baseline": metrics["baseline_tfidf_ece"],
+                "baseline_name": "TF-IDF logistic regression",
+            },
         ]
-    return {"kind": "plove", "metrics": metrics, "comparison": comparison,
-            "reliability": reliability_bins(labels, probs, settings.bins),
-            "buckets": quantile_buckets(labels, probs, 5), "probs": probs, "labels": labels}
+    return {
+        "kind": "plove",
+        "metrics": metrics,
+        "comparison": comparison,
+        "reliability": reliability_bins(labels, probs, settings.bins),
+        "buckets": quantile_buckets(labels, probs, 5),
+        "probs": probs,
+        "labels": labels,
+    }
 
 
 def tfidf_baseline(train_ex: list[Example], eval_ex: list[Example], bins: int) -> dict[str, float]:
@@ -209,7 +295,8 @@ def tfidf_baseline(train_ex: list[Example], eval_ex: list[Example], bins: int) -
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    from .common import split_prompt
+    from pipeline.chat import split_prompt
+
     from .metrics import auroc, expected_calibration_error
 
     def text(e: Example) -> str:
@@ -221,3 +308,6 @@ def tfidf_baseline(train_ex: list[Example], eval_ex: list[Example], bins: int) -
     probs = clf.predict_proba(vectorizer.transform([text(e) for e in eval_ex]))[:, 1].tolist()
     labels = [e.label for e in eval_ex]
     return {"baseline_tfidf_auroc": auroc(labels, probs), "baseline_tfidf_ece": expected_calibration_error(labels, probs, bins)}
+
+
+register_kind(PLoveReward.kind, PLoveReward.load, PLoveSettings, train, "P[Love]: a classifier of positive reactions (RLUF)")

@@ -36,7 +36,11 @@ def _comparison_table(evaluation: dict[str, Any]) -> str:
         return ""
     out = ["<table><tr><th>what</th><th>metric</th><th>model</th><th>baseline</th><th>baseline is</th></tr>"]
     for row in rows:
-        out.append("<tr>" + "".join(f"<td>{format_cell(row.get(k, ''))}</td>" for k in ("what", "metric", "model", "baseline", "baseline_name")) + "</tr>")
+        out.append(
+            "<tr>"
+            + "".join(f"<td>{format_cell(row.get(k, ''))}</td>" for k in ("what", "metric", "model", "baseline", "baseline_name"))
+            + "</tr>"
+        )
     out.append("</table>")
     return "".join(out)
 
@@ -44,11 +48,15 @@ def _comparison_table(evaluation: dict[str, Any]) -> str:
 def _bucket_table(buckets: list[dict[str, float]]) -> str:
     if not buckets:
         return ""
-    out = ["<p>P[Love] vs. observed positive rate, equal-count buckets of the held-out replies:</p>",
-           "<table><tr><th>P[Love] range</th><th>replies</th><th>mean P[Love]</th><th>observed positive rate</th></tr>"]
+    out = [
+        "<p>P[Love] vs. observed positive rate, equal-count buckets of the held-out replies:</p>",
+        "<table><tr><th>P[Love] range</th><th>replies</th><th>mean P[Love]</th><th>observed positive rate</th></tr>",
+    ]
     for b in buckets:
-        out.append(f"<tr><td>{b['min_prob']:.3f}–{b['max_prob']:.3f}</td><td>{b['count']}</td>"
-                   f"<td>{b['mean_prob']:.3f}</td><td>{b['positive_rate']:.3f}</td></tr>")
+        out.append(
+            f"<tr><td>{b['min_prob']:.3f}–{b['max_prob']:.3f}</td><td>{b['count']}</td>"
+            f"<td>{b['mean_prob']:.3f}</td><td>{b['positive_rate']:.3f}</td></tr>"
+        )
     out.append("</table>")
     return "".join(out)
 
@@ -76,5 +84,3 @@ def reliability_figure(bins: list[dict[str, float]], title: str) -> str:
     fig.suptitle(title)
     fig.tight_layout()
     return figure_html(fig)
-
-

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
+from pipeline.chat import prompt_text
 
 from .base import RewardBatch, Rewards, read_descriptor, register_kind, write_descriptor
 
@@ -31,13 +31,6 @@ _STOPWORDS = frozenset(
     "about into than then so such very more most some any each other answer two three sentences sentence "
     "explain describe give list name tell short has have had all one get got use used also just".split()
 )
-
-
-def prompt_text(prompt: Any) -> str:
-    """The user's words of a prompt (plain string or chat messages)."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(m.get("content", "") for m in prompt if m.get("role") != "assistant")
 
 
 def token_char_ends(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
@@ -75,6 +68,8 @@ class _Rule:
         raise NotImplementedError
 
     def score(self, batch: RewardBatch) -> Rewards:
+        import torch
+
         if batch.response_token_ids is None or batch.policy_tokenizer is None:
             raise ValueError(f"the {self.rule} rule needs response_token_ids and policy_tokenizer in the batch")
         rows = [self.dense_for(p, ids, batch.policy_tokenizer) for p, ids in zip(batch.prompts, batch.response_token_ids)]
@@ -90,8 +85,14 @@ class TokenClassReward(_Rule):
 
     rule = "token_class"
 
-    def __init__(self, token_ids: list[int] | None = None, pattern: str | None = None, value: float = 1.0,
-                 penalty: float = 0.0, name: str = "token_class"):
+    def __init__(
+        self,
+        token_ids: list[int] | None = None,
+        pattern: str | None = None,
+        value: float = 1.0,
+        penalty: float = 0.0,
+        name: str = "token_class",
+    ):
         if (token_ids is None) == (pattern is None):
             raise ValueError("token_class: give exactly one of token_ids or pattern")
         self.token_ids = sorted(set(token_ids)) if token_ids is not None else None
@@ -102,8 +103,13 @@ class TokenClassReward(_Rule):
         self._cache: dict[int, bool] = {}
 
     def params(self) -> dict[str, Any]:
-        return {"token_ids": self.token_ids, "pattern": self.pattern, "value": self.value, "penalty": self.penalty,
-                "name": self.name}
+        return {
+            "token_ids": self.token_ids,
+            "pattern": self.pattern,
+            "value": self.value,
+            "penalty": self.penalty,
+            "name": self.name,
+        }
 
     def member(self, token_id: int, tokenizer) -> bool:
         if self._regex is None:
@@ -122,13 +128,16 @@ class PromptOverlapReward(_Rule):
 
     rule = "prompt_overlap"
 
-    def __init__(self, value: float = 1.0, repeat_penalty: float = 0.5, min_word_length: int = 3,
-                 name: str = "prompt_overlap"):
+    def __init__(self, value: float = 1.0, repeat_penalty: float = 0.5, min_word_length: int = 3, name: str = "prompt_overlap"):
         self.value, self.repeat_penalty, self.min_word_length, self.name = value, repeat_penalty, min_word_length, name
 
     def params(self) -> dict[str, Any]:
-        return {"value": self.value, "repeat_penalty": self.repeat_penalty, "min_word_length": self.min_word_length,
-                "name": self.name}
+        return {
+            "value": self.value,
+            "repeat_penalty": self.repeat_penalty,
+            "min_word_length": self.min_word_length,
+            "name": self.name,
+        }
 
     def content_words(self, prompt: Any) -> set[str]:
         words = (w.lower() for w in _WORD.findall(prompt_text(prompt)))

@@ -9,13 +9,43 @@ from __future__ import annotations
 
 import bisect
 import re
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 
 Segment = tuple[int, int]  # [start, end) character offsets, no surrounding whitespace
 
 _ABBREVIATIONS = {
-    "mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "inc", "ltd", "co", "no", "vol", "fig",
-    "e.g", "i.e", "u.s", "u.k", "a.m", "p.m", "approx", "est", "gen", "col", "lt", "sgt", "rev", "mt", "ft",
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "prof",
+    "st",
+    "jr",
+    "sr",
+    "vs",
+    "etc",
+    "inc",
+    "ltd",
+    "co",
+    "no",
+    "vol",
+    "fig",
+    "e.g",
+    "i.e",
+    "u.s",
+    "u.k",
+    "a.m",
+    "p.m",
+    "approx",
+    "est",
+    "gen",
+    "col",
+    "lt",
+    "sgt",
+    "rev",
+    "mt",
+    "ft",
 }
 _SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s+|$)")
 _WORD = re.compile(r"\S+")
@@ -34,8 +64,8 @@ def split_sentences(text: str) -> list[Segment]:
     segments, start = [], 0
     for match in _SENTENCE_END.finditer(text):
         end = match.end()
-        word = text[:match.start()].rsplit(None, 1)[-1] if text[:match.start()].strip() else ""
-        token = (word + text[match.start():match.end()]).rstrip(".!?\"'”’)]").lower()
+        word = text[: match.start()].rsplit(None, 1)[-1] if text[: match.start()].strip() else ""
+        token = (word + text[match.start() : match.end()]).rstrip(".!?\"'”’)]").lower()
         nxt = text[end:].lstrip()[:1]
         if text[match.start()] == "." and (token in _ABBREVIATIONS or re.fullmatch(r"[a-z]", token)):
             continue  # "Dr. Smith", "J. K. Rowling"
@@ -58,7 +88,7 @@ def split_subsentences(text: str, min_words: int = 5) -> list[Segment]:
         words = [(m.start() + s_start, m.end() + s_start) for m in _WORD.finditer(text[s_start:s_end])]
         starts = [0]
         for i in range(1, len(words)):
-            prev_word = text[words[i - 1][0]:words[i - 1][1]]
+            prev_word = text[words[i - 1][0] : words[i - 1][1]]
             if prev_word[-1] not in ",;!?" or i + min_words >= len(words):
                 continue
             if i - starts[-1] >= min_words:
@@ -108,9 +138,9 @@ def segment_labels(
     segments: Sequence[Segment],
     spans: Iterable[tuple[int, int, str]],
     error_types: set[str],
-    ignore_types: set[str] = frozenset(),
+    ignore_types: AbstractSet[str] = frozenset(),
     min_span_words: int = 0,
-    short_span_types: set[str] = frozenset(),
+    short_span_types: AbstractSet[str] = frozenset(),
 ) -> list[int | None]:
     """1 = the segment overlaps an error span of `error_types`, 0 = clean, None = ignore.
 
@@ -154,9 +184,10 @@ def token_char_ends(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[int]
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         if list(enc["input_ids"]) == [ids[i] for i in content]:
-            ends, k = [], 0
+            ends: list[int] = []
+            k = 0
             offsets = enc["offset_mapping"]
-            for i, t in enumerate(ids):
+            for _i, t in enumerate(ids):
                 if t in special:
                     ends.append(ends[-1] if ends else 0)
                 else:

@@ -4,7 +4,8 @@ losses come from TRL (RewardTrainer, SFTTrainer)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def weighted_bce(pos_weight: float) -> Callable:
@@ -33,7 +34,9 @@ def weighted_token_ce(class_weights: list[float] | None) -> Callable:
         outputs = model(**inputs)
         logits = outputs.logits.float()
         weight = None if class_weights is None else torch.tensor(class_weights, dtype=logits.dtype, device=logits.device)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), weight=weight, ignore_index=-100), outputs
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), weight=weight, ignore_index=-100
+        ), outputs
 
     return loss
 

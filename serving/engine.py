@@ -1,15 +1,22 @@
-"""The served model: base + optional PEFT adapter, chat-templated generation, one request at a time.
+"""The served model: base + optional PEFT adapter, chat-templated generation, micro-batched.
 
-Generation is serialized with a lock: on CPU one request already uses every core, and it
-keeps `generate` state (seeds, streamer threads) from interleaving.
+Concurrent requests are batched: a request that can share a forward pass (no `seed`, no
+`stop` strings, the same sampling settings) waits up to `batch_window` seconds for others
+and they are generated together, left-padded, in one `generate` call (`MicroBatcher`).
+With 100 concurrent clients that is a handful of batched calls instead of 100 serialized
+ones. Requests with a seed (reproducible sampling) or stop strings, and streams, run alone.
+The model itself is used by one call at a time (a lock): on CPU one call already uses every
+core, and it keeps `generate` state (seeds, streamer threads) from interleaving.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 
 @dataclass
@@ -24,8 +31,82 @@ class PromptTooLong(ValueError):
     pass
 
 
+@dataclass
+class _Job:
+    messages: list[dict[str, str]]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    future: Future = field(default_factory=Future)
+
+    @property
+    def group(self) -> tuple:
+        return (self.temperature, self.top_p)
+
+
+class MicroBatcher:
+    """One worker thread: takes the first waiting job, collects compatible jobs for `window` seconds
+    (at most `max_batch`), and runs them as one batched `generate`."""
+
+    def __init__(self, engine: ChatEngine, max_batch: int, window: float):
+        self.engine, self.max_batch, self.window = engine, max_batch, window
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="heedful-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job) -> Generated:
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine was closed")
+        self._queue.put(job)
+        return job.future.result()
+
+    def stop(self) -> None:
+        """Let the worker finish what it has and exit (it holds the engine, and so the model, alive)."""
+        self._queue.put(None)
+        self._thread.join(60)
+
+    def _work(self) -> None:
+        import time
+
+        held: list[_Job] = []  # taken from the queue but incompatible with the batch that ran
+        stopping = False
+        while True:
+            first = held.pop(0) if held else (None if stopping else self._queue.get())
+            if first is None:
+                return
+            batch, deadline = [first], time.monotonic() + self.window
+            for job in list(held):
+                if len(batch) < self.max_batch and job.group == first.group:
+                    batch.append(job)
+                    held.remove(job)
+            while len(batch) < self.max_batch:
+                try:
+                    waiting = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if waiting is None:
+                    stopping = True
+                    break
+                (batch if waiting.group == first.group else held).append(waiting)
+            try:
+                results = self.engine._generate_batch(batch)
+            except BaseException as exc:  # every waiting request gets the error, none hangs
+                for job in batch:
+                    job.future.set_exception(exc)
+            else:
+                for job, result in zip(batch, results):
+                    job.future.set_result(result)
+
+
 class ChatEngine:
-    def __init__(self, model: str, adapter: str | Path | None = None, device: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        adapter: str | Path | None = None,
+        device: str | None = None,
+        max_batch: int = 16,
+        batch_window: float = 0.005,
+    ):
         from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
         self.model_name = model
@@ -43,6 +124,12 @@ class ChatEngine:
             elif source:
                 eos.update(source)
         self.eos_ids = sorted(eos)
+        self._batcher = MicroBatcher(self, max_batch, batch_window) if max_batch > 1 else None
+
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.stop()
+            self._batcher = None
 
     @property
     def special_tokens(self) -> list[str]:
@@ -53,8 +140,10 @@ class ChatEngine:
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         n = enc["input_ids"].shape[1]
         if n + max_tokens > self.context_length:
-            raise PromptTooLong(f"prompt is {n} tokens and max_tokens is {max_tokens}: together more than the "
-                                f"model's context of {self.context_length} tokens")
+            raise PromptTooLong(
+                f"prompt is {n} tokens and max_tokens is {max_tokens}: together more than the "
+                f"model's context of {self.context_length} tokens"
+            )
         return enc.to(self.policy.device), n
 
     def _kwargs(self, max_tokens: int, temperature: float, top_p: float, stop: list[str]):
@@ -67,18 +156,30 @@ class ChatEngine:
             kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
         return kwargs
 
-    def generate(self, messages: list[dict[str, str]], max_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> Generated:
+    def generate(
+        self,
+        messages: list[dict[str, str]],
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> Generated:
         import torch
         from transformers import set_seed
 
         stop = stop or []
-        enc, n_prompt = self._encode(messages, max_tokens)
+        enc, n_prompt = self._encode(messages, max_tokens)  # a prompt too long is refused here, before any queue
+        if self._batcher is not None and seed is None and not stop:
+            return self._batcher.submit(_Job(messages, max_tokens, temperature, top_p))
         with self._lock, torch.inference_mode():
             if seed is not None:
                 set_seed(seed)
             out = self.model.generate(**enc, **self._kwargs(max_tokens, temperature, top_p, stop))
-        tokens = out[0, n_prompt:].tolist()
+        return self._finish(out[0, n_prompt:].tolist(), n_prompt, max_tokens, stop)
+
+    def _finish(self, tokens: list[int], n_prompt: int, max_tokens: int, stop: list[str]) -> Generated:
+        tokens = tokens[:max_tokens]
         finish = "length"
         for i, tok in enumerate(tokens):
             if tok in self.eos_ids:
@@ -88,9 +189,29 @@ class ChatEngine:
         text, stopped = _cut_at_stop(text, stop)
         return Generated(text.strip(), n_prompt, len(tokens), "stop" if stopped else finish)
 
-    def stream(self, messages: list[dict[str, str]], max_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None
-               ) -> tuple[int, Iterator[str], dict]:
+    def _generate_batch(self, jobs: list[_Job]) -> list[Generated]:
+        """Jobs with the same sampling settings in one left-padded `generate`; each is cut to its own
+        max_tokens (greedy: the same tokens as alone, up to float rounding in padded attention)."""
+        import torch
+
+        texts = [self.tokenizer.apply_chat_template(j.messages, tokenize=False, add_generation_prompt=True) for j in jobs]
+        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.policy.device)
+        longest = max(j.max_tokens for j in jobs)
+        with self._lock, torch.inference_mode():
+            out = self.model.generate(**enc, **self._kwargs(longest, jobs[0].temperature, jobs[0].top_p, []))
+        width = enc["input_ids"].shape[1]
+        return [self._finish(out[i, width:].tolist(), lengths[i], j.max_tokens, []) for i, j in enumerate(jobs)]
+
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> tuple[int, Iterator[str], dict]:
         """(prompt_tokens, iterator of text deltas, info filled with completion_tokens/finish_reason at the end)."""
         import torch
         from transformers import TextIteratorStreamer, set_seed
@@ -106,8 +227,9 @@ class ChatEngine:
                 if seed is not None:
                     set_seed(seed)
                 try:
-                    result["out"] = self.model.generate(**enc, streamer=streamer,
-                                                        **self._kwargs(max_tokens, temperature, top_p, stop))
+                    result["out"] = self.model.generate(
+                        **enc, streamer=streamer, **self._kwargs(max_tokens, temperature, top_p, stop)
+                    )
                 except BaseException as exc:  # surface to the consumer, never hang it
                     result["error"] = exc
                     streamer.end()
@@ -123,7 +245,7 @@ class ChatEngine:
                 # hold back text that could be the start of a stop string
                 safe = cut if stopped else received[: len(received) - _partial_stop(received, stop)]
                 if len(safe) > len(emitted):
-                    yield safe[len(emitted):]
+                    yield safe[len(emitted) :]
                     emitted = safe
                 if stopped:
                     info["finish_reason"] = "stop"
@@ -135,7 +257,7 @@ class ChatEngine:
             if "error" in result:
                 raise result["error"]
             if not stopped and len(received) > len(emitted):
-                yield received[len(emitted):]
+                yield received[len(emitted) :]
             out = result.get("out")
             if out is not None:
                 tokens = out[0, n_prompt:].tolist()

@@ -9,9 +9,14 @@ Written under one folder (temp folder + rename, so a crash leaves nothing half-w
                        reply to the same request that used that clarification from memory and was
                        loved (chosen), with the *unedited* prompt, so the policy learns to answer
                        as if it had the clarification.
-  memory.jsonl       the memory entries
+  memory.jsonl       the memory entries (less those whose clarification was quarantined)
+  quarantine/        quarantine.jsonl: the feedback held back, each with its reason (see below)
   export.json        counts and where it came from
 A kind with no records is left out (an empty `datasets` folder cannot be loaded back).
+
+Every feedback record passes `feedback.quarantine` first (verified author, per-user rate
+and volume caps, instruction-like clarifications, injections, duplicates and floods); only
+what it keeps becomes reactions, verbal feedback and preference pairs.
 """
 
 from __future__ import annotations
@@ -21,25 +26,31 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+from feedback.quarantine import QuarantineSettings, candidate_from_record, quarantine
 from pipeline.records import save_rows, write_jsonl
 from pipeline.schema import Preference, Provenance, Reaction, VerbalFeedback, records_to_rows
 
 from .store import MemoryStore
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 
 def _norm(messages: list[dict[str, str]]) -> str:
     return json.dumps([[m.get("role"), " ".join(m.get("content", "").split()).lower()] for m in messages])
 
 
-def preference_pairs(store: MemoryStore) -> list[Preference]:
+def preference_pairs(store: MemoryStore, records: list[dict[str, Any]] | None = None) -> list[Preference]:
+    """Pairs from `records` (the feedback records that passed quarantine; default: all of them)."""
     convs = {c.id: c for c in store.conversations()}
     reactions: dict[str, str] = {}
     clarified: dict[str, int] = {}  # conversation id -> memory id of its clarification
-    for row in store.feedback("reaction"):
+    records = store.feedback() if records is None else records
+    for row in (r for r in records if r.get("kind") == "reaction"):
         reactions[row["provenance"]["record_id"]] = row["reaction"]  # the latest reaction wins
-    for row in store.feedback("verbal"):
+    for row in (r for r in records if r.get("kind") == "verbal"):
         extra = json.loads(row["provenance"].get("extra") or "{}")
         if extra.get("feedback") == "clarification":
             clarified[row["provenance"]["record_id"]] = extra.get("memory_id")
@@ -51,13 +62,24 @@ def preference_pairs(store: MemoryStore) -> list[Preference]:
         if key in seen or chosen_conv.response.strip() == rejected_conv.response.strip():
             return
         seen.add(key)
-        pairs.append(Preference(
-            id=f"pref:{chosen_conv.id}:{rejected_conv.id}", prompt=prompt_conv.messages,
-            chosen=[{"role": "assistant", "content": chosen_conv.response}],
-            rejected=[{"role": "assistant", "content": rejected_conv.response}], rationale=why,
-            provenance=Provenance(source="serving", annotator=chosen_conv.user, model=chosen_conv.model,
-                                  adapter=chosen_conv.adapter, dataset=str(store.path), record_id=chosen_conv.id,
-                                  extra=json.dumps({"rejected_conversation": rejected_conv.id}))))
+        pairs.append(
+            Preference(
+                id=f"pref:{chosen_conv.id}:{rejected_conv.id}",
+                prompt=prompt_conv.messages,
+                chosen=[{"role": "assistant", "content": chosen_conv.response}],
+                rejected=[{"role": "assistant", "content": rejected_conv.response}],
+                rationale=why,
+                provenance=Provenance(
+                    source="serving",
+                    annotator=chosen_conv.user,
+                    model=chosen_conv.model,
+                    adapter=chosen_conv.adapter,
+                    dataset=str(store.path),
+                    record_id=chosen_conv.id,
+                    extra=json.dumps({"rejected_conversation": rejected_conv.id}),
+                ),
+            )
+        )
 
     by_prompt: dict[str, list] = {}
     for conv in convs.values():
@@ -79,28 +101,46 @@ def preference_pairs(store: MemoryStore) -> list[Preference]:
     return pairs
 
 
-def export_memory(memory: str | Path, dest: str | Path) -> dict[str, Any]:
-    """Write every dataset under `dest` (replaced atomically); returns the counts."""
+def export_memory(memory: str | Path, dest: str | Path, screen: QuarantineSettings | None = None) -> dict[str, Any]:
+    """Write every dataset under `dest` (replaced atomically); returns the counts (quarantine's too)."""
     memory, dest = Path(memory), Path(dest)
     if not memory.is_file():
         raise FileNotFoundError(f"{memory}: no memory file")
     store = MemoryStore(memory)
-    reactions = [Reaction.model_validate(r) for r in store.feedback("reaction")]
-    verbal = [VerbalFeedback.model_validate(r) for r in store.feedback("verbal")]
-    prefs = preference_pairs(store)
-    entries = [e.public() for e in store.entries()]
+    screened = quarantine([candidate_from_record(record, created) for created, record in store.feedback_rows()], screen)
+    kept = [c.record for c in screened.kept]
+    reactions = [Reaction.model_validate(r) for r in kept if r.get("kind") == "reaction"]
+    verbal = [VerbalFeedback.model_validate(r) for r in kept if r.get("kind") == "verbal"]
+    prefs = preference_pairs(store, kept)
+    held_memory = {
+        json.loads(h.candidate.record["provenance"].get("extra") or "{}").get("memory_id")
+        for h in screened.quarantined
+        if h.candidate.kind == "clarification"
+    }
+    entries = [e.public() for e in store.entries() if e.id not in held_memory]
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    counts = {"reactions": len(reactions), "verbal_feedback": len(verbal), "preferences": len(prefs),
-              "memory": len(entries), "conversations": len(store.conversations())}
+    screen_counts = screened.counts()  # quarantined first: the report shows a stage's first metrics
+    counts = {
+        "reactions": len(reactions),
+        "verbal_feedback": len(verbal),
+        "preferences": len(prefs),
+        **{k: v for k, v in screen_counts.items() if k != "kept"},
+        "memory": len(entries),
+        "conversations": len(store.conversations()),
+        "kept": screen_counts["kept"],
+    }
     for name, records in (("reactions", reactions), ("verbal_feedback", verbal), ("preferences", prefs)):
-        rows = records_to_rows(records)
+        rows = records_to_rows(cast("list[BaseModel]", records))  # list is invariant; read-only use
         if rows:
             save_rows(rows, tmp / name)
     write_jsonl(entries, tmp / "memory.jsonl")
-    (tmp / "export.json").write_text(json.dumps({"memory": str(memory.resolve()), "exported": time.time(),
-                                                 "counts": counts}, indent=2))
+    (tmp / "quarantine").mkdir()
+    write_jsonl([h.row() for h in screened.quarantined], tmp / "quarantine" / "quarantine.jsonl")
+    (tmp / "export.json").write_text(
+        json.dumps({"memory": str(memory.resolve()), "exported": time.time(), "counts": counts}, indent=2)
+    )
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

@@ -12,8 +12,12 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 class VectorIndex:
@@ -22,8 +26,15 @@ class VectorIndex:
     `num_threads` is for building (-1: all cores); a query always uses one thread.
     """
 
-    def __init__(self, dim: int, ann_threshold: int = 5000, m: int = 16, ef_construction: int = 200,
-                 ef_search: int = 64, num_threads: int = -1):
+    def __init__(
+        self,
+        dim: int,
+        ann_threshold: int = 5000,
+        m: int = 16,
+        ef_construction: int = 200,
+        ef_search: int = 64,
+        num_threads: int = -1,
+    ):
         self.dim = dim
         self.ann_threshold = ann_threshold
         self.m, self.ef_construction, self.ef_search = m, ef_construction, ef_search
@@ -33,7 +44,7 @@ class VectorIndex:
         self._ids = np.zeros(0, dtype=np.int64)
         self._n = 0
         self._hnsw = None
-        self._torch_view = None
+        self._torch_view: torch.Tensor | None = None
         self.max_id = 0
 
     # ------------------------------------------------------------------ state
@@ -79,8 +90,9 @@ class VectorIndex:
         import hnswlib
 
         index = hnswlib.Index(space="ip", dim=self.dim)
-        index.init_index(max_elements=max(2 * capacity, 1024), ef_construction=self.ef_construction, M=self.m,
-                         allow_replace_deleted=False)
+        index.init_index(
+            max_elements=max(2 * capacity, 1024), ef_construction=self.ef_construction, M=self.m, allow_replace_deleted=False
+        )
         index.set_ef(self.ef_search)
         if self._n:
             index.add_items(self._matrix[: self._n], self._ids[: self._n], num_threads=self.num_threads)
@@ -142,11 +154,13 @@ class VectorIndex:
         tmp = path.with_name(path.name + ".tmp")
         with self._lock:
             self._hnsw.save_index(str(tmp))
+            os.chmod(tmp, 0o600)  # vectors of users' queries: as private as the memory file
             meta = {**fingerprint, "max_id": self.max_id, "count": self._hnsw.get_current_count(), "dim": self.dim}
         os.replace(tmp, path)
         side = path.with_name(path.name + ".json")
         side_tmp = side.with_name(side.name + ".tmp")
         side_tmp.write_text(json.dumps(meta))
+        os.chmod(side_tmp, 0o600)
         os.replace(side_tmp, side)
         return True
 

@@ -18,8 +18,13 @@ def free_port() -> int:
 class ServerThread:
     """`with ServerThread(settings) as srv: srv.url` — uvicorn on 127.0.0.1, stopped on exit."""
 
-    def __init__(self, settings: ServeSettings, service: MemPromptService | None = None, port: int | None = None,
-                 startup_timeout: float = 300):
+    def __init__(
+        self,
+        settings: ServeSettings,
+        service: MemPromptService | None = None,
+        port: int | None = None,
+        startup_timeout: float = 300,
+    ):
         import uvicorn
 
         from .app import build_app
@@ -31,7 +36,7 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         import httpx
 
         self.thread.start()

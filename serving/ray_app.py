@@ -28,8 +28,10 @@ class HeedfulServe:
 
 
 def application(settings: ServeSettings, replicas: int = 1, num_cpus: float = 1.0):
-    dep = serve.deployment(HeedfulServe, name="heedful", num_replicas=replicas,
-                           ray_actor_options={"num_cpus": num_cpus})
+    # the decorator form: same Deployment, and ray's annotation covers it
+    dep = serve.deployment(name="heedful", num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus})(HeedfulServe)
+    if replicas > 1:  # an admin deploy would reach one replica only: mixed versions behind one URL
+        settings = settings.model_copy(update={"hot_swap": False})
     return dep.bind(settings.model_dump_json())
 
 

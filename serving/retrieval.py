@@ -10,6 +10,10 @@ share words with the query, accepted when their word overlap (Jaccard) reaches
 `key_mask` (a regex) blanks parts of a key before embedding: with `<[^>]*>` the paper's
 "What is like < roomy > ?" and "What is like < bin > ?" become the same key, so a
 clarification about the *phrasing* transfers to new words instead of sticking to the word.
+
+Scope: with `scope="user"` (the default) a lookup sees only the asking user's own entries
+and the entries an admin shared; one user's clarification never steers another user's
+prompt. `scope="global"` (every entry for every request) is only for single-user servers.
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ class RetrievalSettings(BaseModel):
     lexical_fallback: bool = True
     lexical_threshold: float = Field(default=0.6, ge=0, le=1, description="minimum word Jaccard for the fallback")
     key_mask: str | None = Field(default=None, description="regex blanked out of keys before embedding")
-    scope: Literal["global", "user"] = Field(default="global", description="user: only the asking user's memories")
+    scope: Literal["global", "user"] = Field(
+        default="user",
+        description="user: the asking user's own entries and the shared ones; global: every entry (single-user servers only)",
+    )
     ann_threshold: int = Field(default=5000, ge=0, description="entries above which HNSW replaces brute force")
     ef_search: int = Field(default=64, ge=1)
 
@@ -47,9 +54,18 @@ class MemoryHit:
     score: float
     method: Literal["embedding", "lexical"]
 
-    def public(self) -> dict[str, Any]:
-        return {"id": self.entry.id, "key_query": self.entry.key_query, "clarification": self.entry.clarification,
-                "score": round(self.score, 4), "method": self.method}
+    def public(self, viewer: str | None = None, everything: bool = False) -> dict[str, Any]:
+        """What a response says about the hit. Its text only to its owner (or with `everything`, single-user
+        servers): a shared entry came from another user, so its key query and clarification are not echoed."""
+        out: dict[str, Any] = {
+            "id": self.entry.id,
+            "score": round(self.score, 4),
+            "method": self.method,
+            "shared": bool(self.entry.shared),
+        }
+        if everything or (viewer is not None and self.entry.user == viewer):
+            out.update(key_query=self.entry.key_query, clarification=self.entry.clarification)
+        return out
 
 
 def words(text: str) -> list[str]:
@@ -64,14 +80,14 @@ def jaccard(a: str, b: str) -> float:
 class Retriever:
     """Memory store + embedder + vector index, kept in sync with the store's rows."""
 
-    def __init__(self, store: MemoryStore, embedder, settings: RetrievalSettings | None = None,
-                 index_path: str | Path | None = None):
+    def __init__(
+        self, store: MemoryStore, embedder, settings: RetrievalSettings | None = None, index_path: str | Path | None = None
+    ):
         self.store = store
         self.embedder = embedder
         self.settings = settings or RetrievalSettings()
         self._mask = re.compile(self.settings.key_mask) if self.settings.key_mask else None
-        self.index = VectorIndex(embedder.dim, ann_threshold=self.settings.ann_threshold,
-                                 ef_search=self.settings.ef_search)
+        self.index = VectorIndex(embedder.dim, ann_threshold=self.settings.ann_threshold, ef_search=self.settings.ef_search)
         self.index_path = Path(index_path) if index_path else None
         self._sync_lock = threading.Lock()
         if self.index_path is not None and self.index.load(self.index_path, self._fingerprint()):
@@ -123,14 +139,17 @@ class Retriever:
     # ------------------------------------------------------------------ reads
 
     def lookup(self, query: str, user: str | None = None, vector: np.ndarray | None = None) -> list[MemoryHit]:
-        """Clarifications for `query`, best first; empty when nothing is similar enough."""
+        """Clarifications for `query`, best first; empty when nothing is similar enough.
+
+        With scope "user", only `user`'s own entries and shared ones qualify (`user=None`: shared ones only).
+        """
         s = self.settings
         self.sync()
         if len(self.index) == 0:
             return []
         allowed = None
         if s.scope == "user":
-            allowed = {e.id for e in self.store.entries(user=user)} if user else set()
+            allowed = self.store.visible_ids(user)
             if not allowed:
                 return []
         if vector is None:

@@ -63,8 +63,11 @@ class ChatRequest(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=0, le=0, description="not supported: only 0")
     logprobs: bool = Field(default=False, description="not supported")
     metadata: dict[str, str] | None = None
-    # heedful extension (send with the OpenAI client's `extra_body`): turn memory off for this request
+    # heedful extensions (send with the OpenAI client's `extra_body`): turn memory off for this request;
+    # continue a conversation (the `conversation_id` an earlier reply returned): this turn is then kept
+    # as the follow-up of that conversation's last reply
     memory: bool = True
+    conversation_id: str | None = Field(default=None, min_length=1, max_length=128)
 
     @field_validator("stop")
     @classmethod
@@ -93,26 +96,66 @@ class ChatRequest(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    """Feedback on one served reply. A clarification goes to memory; everything is logged as records."""
+    """Feedback on one served reply, named by its completion id. A clarification goes to memory;
+    everything is logged as heedful records (reaction, verbal feedback, preference from an edit).
+
+    `completion_id` is the `id` of the chat completion; `conversation_id` is its older name for the
+    same thing (kept so existing clients work): give one of them.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    conversation_id: str = Field(min_length=1, max_length=128, description="the `id` of the chat completion")
+    completion_id: str | None = Field(default=None, min_length=1, max_length=128, description="the `id` of the chat completion")
+    conversation_id: str | None = Field(default=None, min_length=1, max_length=128, description="older name of completion_id")
     clarification: str | None = Field(default=None, min_length=1, max_length=MAX_CLARIFICATION_CHARS)
     reaction: Literal["love", "neutral", "dislike"] | None = None
     critique: str | None = Field(default=None, min_length=1, max_length=MAX_CRITIQUE_CHARS)
     judgment: Literal["good", "needs_work"] | None = None
-    user: str | None = Field(default=None, max_length=256)
+    edit: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_MESSAGE_CHARS,
+        description="the reply as the user would have wanted it (a preference over the reply)",
+    )
+    user: str | None = Field(
+        default=None, max_length=256, description="with several users: must be the caller's own name (or left out)"
+    )
 
     @model_validator(mode="after")
     def _something(self):
-        if self.clarification is None and self.reaction is None and self.critique is None:
-            raise ValueError("give at least one of clarification, reaction, critique")
+        if self.completion_id is None and self.conversation_id is None:
+            raise ValueError("give completion_id (the `id` of the chat completion)")
+        if self.completion_id is not None and self.conversation_id is not None and self.completion_id != self.conversation_id:
+            raise ValueError("completion_id and conversation_id (its older name) differ; give one")
+        if all(v is None for v in (self.clarification, self.reaction, self.critique, self.edit)):
+            raise ValueError("give at least one of clarification, reaction, critique, edit")
         if self.clarification is not None and not self.clarification.strip():
             raise ValueError("clarification is blank")
+        if self.edit is not None and not self.edit.strip():
+            raise ValueError("edit is blank")
         return self
 
+    @property
+    def target(self) -> str:
+        return self.completion_id or self.conversation_id  # type: ignore[return-value]
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+
+class DeployRequest(BaseModel):
+    """Admin: load an adapter folder (on the server's machine) as a new version and switch to it."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=4096, description="absolute path of a PEFT adapter folder")
+
+
+class ShareRequest(BaseModel):
+    """Admin: share a memory entry with every user, or take it back."""
+
+    model_config = ConfigDict(extra="forbid")
+    shared: bool = True
+    force: bool = Field(default=False, description="share even what the quarantine's text check flags")
+
+
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error shape, which its client turns into a typed exception."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -6,25 +6,35 @@ Why SQLite: one file to back up, safe for several writers (the server's request 
 connection. Embeddings are stored next to their entry so an index can be rebuilt after a
 restart without re-encoding anything.
 
-Tables: `memory` (key query -> clarification, with user, time, hits, model/adapter),
+Tables: `memory` (key query -> clarification, with its owner (`user`), a `shared` flag an
+admin sets, time, hits, model/adapter),
 `conversations` (what was asked, what was sent to the model, the reply, which memory
 entries were used) and `feedback` (heedful feedback records, as JSON, for export).
+
+Every conversation and all feedback is in this file, so it is created 0600 before SQLite
+opens it (SQLite gives the -wal and -shm files the database file's mode), in a folder
+created 0700; an existing file readable by others is tightened (see `secure_memory_files`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
+import stat
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 SCHEMA_VERSION = "1"
+log = logging.getLogger("heedful.serving")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -40,7 +50,8 @@ CREATE TABLE IF NOT EXISTS memory (
     adapter TEXT,
     conversation_id TEXT,
     embedding BLOB,
-    active INTEGER NOT NULL DEFAULT 1
+    active INTEGER NOT NULL DEFAULT 1,
+    shared INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS memory_user ON memory(user);
 CREATE VIRTUAL TABLE IF NOT EXISTS memory_fts USING fts5(key_query, content='memory', content_rowid='id');
@@ -59,7 +70,10 @@ CREATE TABLE IF NOT EXISTS conversations (
     messages TEXT NOT NULL,
     sent_messages TEXT NOT NULL,
     response TEXT NOT NULL,
-    memory_ids TEXT NOT NULL DEFAULT '[]'
+    memory_ids TEXT NOT NULL DEFAULT '[]',
+    client_user TEXT,
+    conversation TEXT,
+    adapter_version TEXT
 );
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -70,6 +84,48 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 CREATE INDEX IF NOT EXISTS feedback_conversation ON feedback(conversation_id);
 """
+_INDEXES = "CREATE INDEX IF NOT EXISTS conversations_thread ON conversations(conversation, created);"
+
+
+#: columns added after schema 1 shipped, added to older files when they are opened: (table, column, declaration)
+_ADDED_COLUMNS = [("memory", "shared", "INTEGER NOT NULL DEFAULT 0"), ("conversations", "client_user", "TEXT")]
+#: columns added with completion/conversation ids and adapter versions (no owner rewrite: owners were verified)
+_ADDED_COLUMNS_V3 = [("conversations", "conversation", "TEXT"), ("conversations", "adapter_version", "TEXT")]
+_SIDE_SUFFIXES = ("-wal", "-shm", "-journal", ".hnsw", ".hnsw.json")
+UNVERIFIED_PREFIX = "unverified:"  # owners recorded before identities were checked (never a valid user name)
+
+
+def secure_memory_files(path: Path) -> None:
+    """Create the memory file 0600 (its folder 0700) before SQLite does; tighten existing ones.
+
+    A folder that exists already is tightened to 0700 only when it holds nothing but this
+    memory's files (a folder of its own); a folder shared with other files is left as it is,
+    with a warning, since the files in it are 0600 anyway.
+    """
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(parents=True, mode=0o700)
+        os.chmod(folder, 0o700)
+    else:
+        mode = stat.S_IMODE(folder.stat().st_mode)
+        if mode & 0o077:
+            own = all(p.name.startswith(path.name) for p in folder.iterdir())
+            if own and folder.stat().st_uid == os.getuid():
+                os.chmod(folder, 0o700)
+            else:
+                log.warning("memory folder %s is accessible by others (mode %04o); the memory files in it are 0600", folder, mode)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    for p in [path] + [path.with_name(path.name + s) for s in _SIDE_SUFFIXES]:
+        try:
+            if stat.S_IMODE(p.stat().st_mode) & 0o077:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            raise StoreError(f"{p} is readable by others and not ours to tighten; run: chmod 600 {p}") from None
 
 
 class StoreError(RuntimeError):
@@ -88,11 +144,21 @@ class MemoryEntry:
     model: str | None = None
     adapter: str | None = None
     conversation_id: str | None = None
+    shared: bool = False
 
     def public(self) -> dict[str, Any]:
-        return {"id": self.id, "key_query": self.key_query, "clarification": self.clarification, "user": self.user,
-                "created": self.created, "hits": self.hits, "model": self.model, "adapter": self.adapter,
-                "conversation_id": self.conversation_id}
+        return {
+            "id": self.id,
+            "key_query": self.key_query,
+            "clarification": self.clarification,
+            "user": self.user,
+            "created": self.created,
+            "hits": self.hits,
+            "model": self.model,
+            "adapter": self.adapter,
+            "conversation_id": self.conversation_id,
+            "shared": bool(self.shared),
+        }
 
 
 @dataclass
@@ -106,6 +172,9 @@ class Conversation:
     sent_messages: list[dict[str, str]]
     response: str
     memory_ids: list[int] = field(default_factory=list)
+    client_user: str | None = None  # the request's `user` field: a label, never an identity
+    conversation: str | None = None  # the conversation (thread of turns) this completion belongs to
+    adapter_version: str | None = None  # the adapter version that wrote `response` (serving.versions)
 
     @property
     def last_user_message(self) -> str:
@@ -115,7 +184,7 @@ class Conversation:
         return ""
 
 
-_ENTRY_COLUMNS = "id, key_query, clarification, user, created, hits, last_hit, model, adapter, conversation_id"
+_ENTRY_COLUMNS = "id, key_query, clarification, user, created, hits, last_hit, model, adapter, conversation_id, shared"
 
 
 class MemoryStore:
@@ -123,13 +192,29 @@ class MemoryStore:
 
     def __init__(self, path: str | Path, embedder_name: str | None = None, dim: int | None = None):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        secure_memory_files(self.path)
         self._local = threading.local()
         try:
             self._conn().executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            self._add_columns()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: not a heedful memory file ({exc})") from None
         self._check_meta(embedder_name, dim)
+
+    def _add_columns(self) -> None:
+        """Upgrade a file written before per-user memory. Its `user` values were whatever clients claimed,
+        so they are kept as `unverified:NAME`: no token's user owns them (an admin sees, shares or removes them)."""
+        with self.transaction() as conn:
+            for table, column, decl in _ADDED_COLUMNS:
+                have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                    conn.execute(f"UPDATE {table} SET user = '{UNVERIFIED_PREFIX}' || user WHERE user IS NOT NULL")
+            for table, column, decl in _ADDED_COLUMNS_V3:
+                have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            conn.execute(_INDEXES)
 
     # ------------------------------------------------------------------ connections
 
@@ -180,45 +265,87 @@ class MemoryStore:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             elif meta["schema"] != SCHEMA_VERSION:
                 raise StoreError(f"{self.path}: memory schema {meta['schema']}, this heedful reads {SCHEMA_VERSION}")
+            if "label_salt" not in meta:  # per memory file: the same label hashes differently elsewhere
+                import secrets
+
+                conn.execute("INSERT INTO meta VALUES ('label_salt', ?)", (secrets.token_hex(16),))
             for key, value in (("embedder", embedder_name), ("dim", None if dim is None else str(dim))):
                 if value is None:
                     continue
                 if key not in meta:
                     conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
                 elif meta[key] != value:
-                    raise StoreError(f"{self.path}: memory was built with {key}={meta[key]}, asked to use {value}; "
-                                     "use another --memory file or re-embed it (`heedful memory reindex`)")
+                    raise StoreError(
+                        f"{self.path}: memory was built with {key}={meta[key]}, asked to use {value}; "
+                        "use another --memory file or re-embed it (`heedful memory reindex`)"
+                    )
+
+    def hash_label(self, label: str | None) -> str | None:
+        """A client-chosen user label (OpenAI's `user`, often an e-mail or account id) as a salted hash:
+        the same label gives the same value in this file (so one end user's turns can be grouped), the
+        label itself is never stored, and another memory file (another salt) gives another value."""
+        if label is None:
+            return None
+        import hashlib
+        import hmac
+
+        salt = getattr(self, "_label_salt", None)
+        if salt is None:
+            salt = self._label_salt = self.meta()["label_salt"]
+        return "salted-sha256:" + hmac.new(salt.encode(), label.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
     def meta(self) -> dict[str, str]:
         return dict(self._conn().execute("SELECT key, value FROM meta").fetchall())
 
     # ------------------------------------------------------------------ memory
 
-    def add(self, key_query: str, clarification: str, embedding: np.ndarray | None = None, user: str | None = None,
-            model: str | None = None, adapter: str | None = None, conversation_id: str | None = None,
-            created: float | None = None) -> MemoryEntry:
+    def add(
+        self,
+        key_query: str,
+        clarification: str,
+        embedding: np.ndarray | None = None,
+        user: str | None = None,
+        model: str | None = None,
+        adapter: str | None = None,
+        conversation_id: str | None = None,
+        created: float | None = None,
+        shared: bool = False,
+    ) -> MemoryEntry:
         blob = None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes()
         created = time.time() if created is None else created
         with self.transaction() as conn:
             cur = conn.execute(
-                "INSERT INTO memory (key_query, clarification, user, created, model, adapter, conversation_id, embedding)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key_query, clarification, user, created, model, adapter, conversation_id, blob))
+                "INSERT INTO memory (key_query, clarification, user, created, model, adapter, conversation_id, embedding,"
+                " shared) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key_query, clarification, user, created, model, adapter, conversation_id, blob, int(shared)),
+            )
             new_id = cur.lastrowid
-        return MemoryEntry(new_id, key_query, clarification, user, created, 0, None, model, adapter, conversation_id)
+            assert new_id is not None  # always set after a successful INSERT
+        return MemoryEntry(new_id, key_query, clarification, user, created, 0, None, model, adapter, conversation_id, shared)
 
     def add_many(self, rows: list[dict[str, Any]], embeddings: np.ndarray | None = None) -> list[int]:
         """Bulk insert in one transaction (imports, benchmarks)."""
         now = time.time()
-        ids = []
+        ids: list[int] = []
         with self.transaction() as conn:
             for i, row in enumerate(rows):
                 blob = None if embeddings is None else np.asarray(embeddings[i], dtype=np.float32).tobytes()
                 cur = conn.execute(
                     "INSERT INTO memory (key_query, clarification, user, created, model, adapter, conversation_id,"
-                    " embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (row["key_query"], row["clarification"], row.get("user"), row.get("created", now), row.get("model"),
-                     row.get("adapter"), row.get("conversation_id"), blob))
+                    " embedding, shared) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        row["key_query"],
+                        row["clarification"],
+                        row.get("user"),
+                        row.get("created", now),
+                        row.get("model"),
+                        row.get("adapter"),
+                        row.get("conversation_id"),
+                        blob,
+                        int(bool(row.get("shared"))),
+                    ),
+                )
+                assert cur.lastrowid is not None  # always set after a successful INSERT
                 ids.append(cur.lastrowid)
         return ids
 
@@ -227,50 +354,77 @@ class MemoryStore:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        rows = self._conn().execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM memory WHERE active = 1 AND id IN ({marks})", list(ids)).fetchall()
+        rows = (
+            self._conn()
+            .execute(f"SELECT {_ENTRY_COLUMNS} FROM memory WHERE active = 1 AND id IN ({marks})", list(ids))
+            .fetchall()
+        )
         return {row[0]: MemoryEntry(*row) for row in rows}
 
+    @staticmethod
+    def _owner_filter(user: str | None) -> tuple[str, list[Any]]:
+        return (" AND user = ?", [user]) if user is not None else ("", [])
+
     def entries(self, limit: int | None = None, offset: int = 0, user: str | None = None) -> list[MemoryEntry]:
-        sql = f"SELECT {_ENTRY_COLUMNS} FROM memory WHERE active = 1"
-        args: list[Any] = []
-        if user is not None:
-            sql += " AND user = ?"
-            args.append(user)
-        sql += " ORDER BY id"
+        """Active entries, oldest first; with `user`, only the entries that user owns."""
+        where, args = self._owner_filter(user)
+        sql = f"SELECT {_ENTRY_COLUMNS} FROM memory WHERE active = 1{where} ORDER BY id"
         if limit is not None:
             sql += " LIMIT ? OFFSET ?"
             args += [limit, offset]
         return [MemoryEntry(*row) for row in self._conn().execute(sql, args).fetchall()]
 
-    def count(self) -> int:
-        return self._conn().execute("SELECT count(*) FROM memory WHERE active = 1").fetchone()[0]
+    def count(self, user: str | None = None) -> int:
+        where, args = self._owner_filter(user)
+        return self._conn().execute(f"SELECT count(*) FROM memory WHERE active = 1{where}", args).fetchone()[0]
+
+    def visible_ids(self, user: str | None) -> set[int]:
+        """Ids a user's requests may retrieve: their own active entries and the shared ones."""
+        rows = self._conn().execute("SELECT id FROM memory WHERE active = 1 AND (shared = 1 OR user = ?)", (user,)).fetchall()
+        return {r[0] for r in rows}
+
+    def share(self, entry_id: int, shared: bool = True) -> bool:
+        """Make an entry retrievable by every user (or only by its owner again). An admin's act."""
+        with self.transaction() as conn:
+            cur = conn.execute("UPDATE memory SET shared = ? WHERE id = ? AND active = 1", (int(shared), entry_id))
+            return cur.rowcount > 0
 
     def max_id(self) -> int:
         return self._conn().execute("SELECT coalesce(max(id), 0) FROM memory").fetchone()[0]
 
-    def embeddings_after(self, after_id: int, up_to: int, batch: int = 50_000
-                         ) -> Iterator[tuple[np.ndarray, np.ndarray, list[int]]]:
+    def embeddings_after(
+        self, after_id: int, up_to: int, batch: int = 50_000
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, list[int]]]:
         """(ids, vectors, ids_without_embedding) for after_id < id <= up_to, in id order."""
         last = after_id
         while True:
-            rows = self._conn().execute(
-                "SELECT id, embedding FROM memory WHERE id > ? AND id <= ? AND active = 1 ORDER BY id LIMIT ?",
-                (last, up_to, batch)).fetchall()
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT id, embedding FROM memory WHERE id > ? AND id <= ? AND active = 1 ORDER BY id LIMIT ?",
+                    (last, up_to, batch),
+                )
+                .fetchall()
+            )
             if not rows:
                 return
             last = rows[-1][0]
             with_vec = [(i, b) for i, b in rows if b is not None]
             missing = [i for i, b in rows if b is None]
             ids = np.fromiter((i for i, _ in with_vec), dtype=np.int64, count=len(with_vec))
-            vecs = (np.frombuffer(b"".join(b for _, b in with_vec), dtype=np.float32).reshape(len(with_vec), -1)
-                    if with_vec else np.zeros((0, 0), dtype=np.float32))
+            vecs = (
+                np.frombuffer(b"".join(b for _, b in with_vec), dtype=np.float32).reshape(len(with_vec), -1)
+                if with_vec
+                else np.zeros((0, 0), dtype=np.float32)
+            )
             yield ids, vecs, missing
 
     def set_embeddings(self, ids: list[int], vectors: np.ndarray) -> None:
         with self.transaction() as conn:
-            conn.executemany("UPDATE memory SET embedding = ? WHERE id = ?",
-                             [(np.asarray(v, dtype=np.float32).tobytes(), int(i)) for i, v in zip(ids, vectors)])
+            conn.executemany(
+                "UPDATE memory SET embedding = ? WHERE id = ?",
+                [(np.asarray(v, dtype=np.float32).tobytes(), int(i)) for i, v in zip(ids, vectors)],
+            )
 
     def record_hits(self, ids: list[int]) -> None:
         if not ids:
@@ -279,9 +433,11 @@ class MemoryStore:
         with self.transaction() as conn:
             conn.executemany("UPDATE memory SET hits = hits + 1, last_hit = ? WHERE id = ?", [(now, i) for i in ids])
 
-    def remove(self, entry_id: int) -> bool:
+    def remove(self, entry_id: int, owner: str | None = None) -> bool:
+        """Deactivate an entry; with `owner`, only if that user owns it (False otherwise)."""
+        where, args = self._owner_filter(owner)
         with self.transaction() as conn:
-            cur = conn.execute("UPDATE memory SET active = 0 WHERE id = ? AND active = 1", (entry_id,))
+            cur = conn.execute(f"UPDATE memory SET active = 0 WHERE id = ? AND active = 1{where}", [entry_id, *args])
             return cur.rowcount > 0
 
     def lexical_candidates(self, query_terms: list[str], limit: int = 20) -> list[MemoryEntry]:
@@ -289,11 +445,16 @@ class MemoryStore:
         terms = ['"' + t.replace('"', '""') + '"' for t in query_terms if t]
         if not terms:
             return []
-        rows = self._conn().execute(
-            f"SELECT m.id, m.key_query, m.clarification, m.user, m.created, m.hits, m.last_hit, m.model, m.adapter,"
-            f" m.conversation_id FROM memory_fts JOIN memory m ON m.id = memory_fts.rowid"
-            f" WHERE memory_fts MATCH ? AND m.active = 1 ORDER BY bm25(memory_fts) LIMIT ?",
-            (" OR ".join(terms), limit)).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT m.id, m.key_query, m.clarification, m.user, m.created, m.hits, m.last_hit, m.model, m.adapter,"
+                " m.conversation_id, m.shared FROM memory_fts JOIN memory m ON m.id = memory_fts.rowid"
+                " WHERE memory_fts MATCH ? AND m.active = 1 ORDER BY bm25(memory_fts) LIMIT ?",
+                (" OR ".join(terms), limit),
+            )
+            .fetchall()
+        )
         return [MemoryEntry(*row) for row in rows]
 
     # ------------------------------------------------------------------ conversations and feedback
@@ -302,18 +463,62 @@ class MemoryStore:
         with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO conversations (id, created, user, model, adapter, messages, sent_messages, response,"
-                " memory_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (conv.id, conv.created, conv.user, conv.model, conv.adapter, json.dumps(conv.messages),
-                 json.dumps(conv.sent_messages), conv.response, json.dumps(conv.memory_ids)))
+                " memory_ids, client_user, conversation, adapter_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    conv.id,
+                    conv.created,
+                    conv.user,
+                    conv.model,
+                    conv.adapter,
+                    json.dumps(conv.messages),
+                    json.dumps(conv.sent_messages),
+                    conv.response,
+                    json.dumps(conv.memory_ids),
+                    conv.client_user,
+                    conv.conversation,
+                    conv.adapter_version,
+                ),
+            )
+
+    _CONV_COLUMNS = (
+        "id, created, user, model, adapter, messages, sent_messages, response, memory_ids, client_user,"
+        " conversation, adapter_version"
+    )
+
+    @staticmethod
+    def _conv(row) -> Conversation:
+        return Conversation(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            json.loads(row[5]),
+            json.loads(row[6]),
+            row[7],
+            json.loads(row[8]),
+            row[9],
+            row[10],
+            row[11],
+        )
 
     def conversation(self, conv_id: str) -> Conversation | None:
-        row = self._conn().execute(
-            "SELECT id, created, user, model, adapter, messages, sent_messages, response, memory_ids"
-            " FROM conversations WHERE id = ?", (conv_id,)).fetchone()
-        if row is None:
-            return None
-        return Conversation(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), json.loads(row[6]), row[7],
-                            json.loads(row[8]))
+        """One completion, by its id."""
+        row = self._conn().execute(f"SELECT {self._CONV_COLUMNS} FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+        return None if row is None else self._conv(row)
+
+    def last_in_conversation(self, conversation: str) -> Conversation | None:
+        """The latest completion of a conversation (thread), or None."""
+        row = (
+            self._conn()
+            .execute(
+                f"SELECT {self._CONV_COLUMNS} FROM conversations WHERE conversation = ?"
+                " ORDER BY created DESC, rowid DESC LIMIT 1",
+                (conversation,),
+            )
+            .fetchone()
+        )
+        return None if row is None else self._conv(row)
 
     def conversations(self) -> list[Conversation]:
         rows = self._conn().execute("SELECT id FROM conversations ORDER BY created, id").fetchall()
@@ -321,16 +526,35 @@ class MemoryStore:
 
     def log_feedback(self, conversation_id: str | None, kind: str, record: dict[str, Any]) -> int:
         with self.transaction() as conn:
-            cur = conn.execute("INSERT INTO feedback (created, conversation_id, kind, record) VALUES (?, ?, ?, ?)",
-                               (time.time(), conversation_id, kind, json.dumps(record)))
+            cur = conn.execute(
+                "INSERT INTO feedback (created, conversation_id, kind, record) VALUES (?, ?, ?, ?)",
+                (time.time(), conversation_id, kind, json.dumps(record)),
+            )
+            assert cur.lastrowid is not None  # always set after a successful INSERT
             return cur.lastrowid
 
     def feedback(self, kind: str | None = None) -> list[dict[str, Any]]:
-        sql, args = "SELECT record FROM feedback", []
+        return [record for _, record in self.feedback_rows(kind)]
+
+    def feedback_rows(self, kind: str | None = None) -> list[tuple[float, dict[str, Any]]]:
+        """(time received, record) in the order received."""
+        sql, args = "SELECT created, record FROM feedback", []
         if kind:
             sql += " WHERE kind = ?"
             args.append(kind)
-        return [json.loads(r[0]) for r in self._conn().execute(sql + " ORDER BY id", args).fetchall()]
+        return [(r[0], json.loads(r[1])) for r in self._conn().execute(sql + " ORDER BY id", args).fetchall()]
+
+    def feedback_after(self, after: int, limit: int = 1000) -> list[dict[str, Any]]:
+        """Feedback rows with id > `after`, in id order: {id, created, completion_id, kind, record}.
+        The row id is the watermark an incremental reader keeps (ids only grow)."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT id, created, conversation_id, kind, record FROM feedback WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+            )
+            .fetchall()
+        )
+        return [{"id": r[0], "created": r[1], "completion_id": r[2], "kind": r[3], "record": json.loads(r[4])} for r in rows]
 
     def stats(self) -> dict[str, Any]:
         conn = self._conn()

@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,8 +43,10 @@ PHRASINGS: dict[str, list[str]] = {
     "hom": ["What rings like < {w} > ?", "What could one mishear as < {w} > ?", "Which word is an echo of < {w} > ?"],
 }
 
-SYSTEM = ("You answer questions about words. Always start your answer with 'the synonym for WORD is', "
-          "'the antonym for WORD is' or 'the homophone for WORD is', then give one word.")
+SYSTEM = (
+    "You answer questions about words. Always start your answer with 'the synonym for WORD is', "
+    "'the antonym for WORD is' or 'the homophone for WORD is', then give one word."
+)
 
 #: worked examples: explicit questions, and ambiguous ones carrying a clarification (in the serving template)
 FEWSHOT = [
@@ -54,6 +57,10 @@ FEWSHOT = [
     ("What is close to < {w} > ?", "provident", "the synonym for provident is prudent"),
     ("What stands against < {w} > ?", "citation", "the antonym for citation is award"),
 ]
+
+
+Condition = Literal["no_memory", "memory", "oracle"]
+_ALL_CONDITIONS: tuple[Condition, ...] = ("no_memory", "memory", "oracle")
 
 
 class StreamEvalSettings(BaseModel):
@@ -67,8 +74,7 @@ class StreamEvalSettings(BaseModel):
     key_mask: str | None = "<[^>]*>"
     template: str = PAPER_TEMPLATE
     max_tokens: int = 12
-    conditions: list[Literal["no_memory", "memory", "oracle"]] = Field(
-        default_factory=lambda: ["no_memory", "memory", "oracle"], min_length=1)
+    conditions: list[Condition] = Field(default_factory=lambda: list(_ALL_CONDITIONS), min_length=1)
 
 
 def clarification_for(phrasing: str, relation: str) -> str:
@@ -92,9 +98,16 @@ def make_stream(path: Path, n: int, seed: int) -> list[dict[str, Any]]:
     for row in usable[:n]:
         j = rng.randrange(len(PHRASINGS[row["type"]]))
         phrasing = PHRASINGS[row["type"]][j]
-        stream.append({"type": row["type"], "word1": row["meta"]["word1"], "word2": row["meta"]["word2"],
-                       "phrasing": f"{row['type']}{j}", "query": phrasing.replace("{w}", row["meta"]["word1"]),
-                       "clarification": clarification_for(phrasing, RELATIONS[row["type"]])})
+        stream.append(
+            {
+                "type": row["type"],
+                "word1": row["meta"]["word1"],
+                "word2": row["meta"]["word2"],
+                "phrasing": f"{row['type']}{j}",
+                "query": phrasing.replace("{w}", row["meta"]["word1"]),
+                "clarification": clarification_for(phrasing, RELATIONS[row["type"]]),
+            }
+        )
     return stream
 
 
@@ -123,8 +136,14 @@ def fewshot_messages(template: str) -> list[dict[str, str]]:
     return messages
 
 
-def run_stream_eval(path: Path, settings: StreamEvalSettings, out: Path | None = None,
-                    progress: Callable[[str], None] | None = None, engine=None, embedder=None) -> dict[str, Any]:
+def run_stream_eval(
+    path: Path,
+    settings: StreamEvalSettings,
+    out: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    engine=None,
+    embedder=None,
+) -> dict[str, Any]:
     import tempfile
 
     from .embedder import MiniLMEmbedder
@@ -145,10 +164,14 @@ def run_stream_eval(path: Path, settings: StreamEvalSettings, out: Path | None =
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for condition in settings.conditions:
-            serve = ServeSettings(model=settings.model, adapter=settings.adapter, memory=f"{tmp}/{condition}.db",
-                                  memory_enabled=condition == "memory", template=settings.template,
-                                  retrieval=RetrievalSettings(threshold=settings.threshold, key_mask=settings.key_mask,
-                                                              lexical_fallback=False))
+            serve = ServeSettings(
+                model=settings.model,
+                adapter=settings.adapter,
+                memory=f"{tmp}/{condition}.db",
+                memory_enabled=condition == "memory",
+                template=settings.template,
+                retrieval=RetrievalSettings(threshold=settings.threshold, key_mask=settings.key_mask, lexical_fallback=False),
+            )
             service = MemPromptService(serve, engine=engine, embedder=embedder)
             rows, correct, start = [], 0, time.perf_counter()
             for i, task in enumerate(stream):
@@ -156,8 +179,13 @@ def run_stream_eval(path: Path, settings: StreamEvalSettings, out: Path | None =
                 if condition == "oracle":
                     hit = MemoryHit(MemoryEntry(0, query, task["clarification"]), 1.0, "embedding")
                     query = render(settings.template, query, [hit], engine.special_tokens)
-                request = ChatRequest(model=serve.name, messages=prefix + [{"role": "user", "content": query}],
-                                      temperature=0, max_tokens=settings.max_tokens, user="simulated-user")
+                request = ChatRequest(
+                    model=serve.name,
+                    messages=prefix + [{"role": "user", "content": query}],
+                    temperature=0,
+                    max_tokens=settings.max_tokens,
+                    user="simulated-user",
+                )
                 reply = service.chat(request)
                 text = reply["choices"][0]["message"]["content"]
                 named = named_relation(text)
@@ -165,12 +193,21 @@ def run_stream_eval(path: Path, settings: StreamEvalSettings, out: Path | None =
                 correct += ok
                 clarified = False
                 if not ok and condition == "memory" and rng.random() < settings.clarify_prob:
-                    service.feedback(FeedbackRequest(conversation_id=reply["id"], clarification=task["clarification"],
-                                                     user="simulated-user"))
+                    service.feedback(
+                        FeedbackRequest(conversation_id=reply["id"], clarification=task["clarification"], user="simulated-user")
+                    )
                     clarified = True
-                rows.append({**task, "reply": text, "named": named, "correct": ok,
-                             "answer_match": task["word2"].lower() in text.lower(), "clarified": clarified,
-                             "memory": reply["memory"]})
+                rows.append(
+                    {
+                        **task,
+                        "reply": text,
+                        "named": named,
+                        "correct": ok,
+                        "answer_match": task["word2"].lower() in text.lower(),
+                        "clarified": clarified,
+                        "memory": reply["memory"],
+                    }
+                )
                 if (i + 1) % 25 == 0 or i + 1 == len(stream):
                     say(f"{condition}: {i + 1}/{len(stream)} accuracy so far {correct / (i + 1):.3f}")
             timings[condition] = time.perf_counter() - start
@@ -187,10 +224,16 @@ def run_stream_eval(path: Path, settings: StreamEvalSettings, out: Path | None =
     return report
 
 
-def summarize(results: dict[str, list[dict[str, Any]]], settings: StreamEvalSettings,
-              timings: dict[str, float]) -> dict[str, Any]:
-    out: dict[str, Any] = {"model": settings.model, "queries": settings.n, "threshold": settings.threshold,
-                           "key_mask": settings.key_mask, "clarify_prob": settings.clarify_prob}
+def summarize(
+    results: dict[str, list[dict[str, Any]]], settings: StreamEvalSettings, timings: dict[str, float]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "model": settings.model,
+        "queries": settings.n,
+        "threshold": settings.threshold,
+        "key_mask": settings.key_mask,
+        "clarify_prob": settings.clarify_prob,
+    }
     for condition, rows in results.items():
         n = len(rows)
         half = n // 2
@@ -201,11 +244,14 @@ def summarize(results: dict[str, list[dict[str, Any]]], settings: StreamEvalSett
             "accuracy_second_half": round(sum(r["correct"] for r in rows[half:]) / max(n - half, 1), 4),
             "answer_match": round(sum(r["answer_match"] for r in rows) / max(n, 1), 4),
             "no_relation_named": round(sum(r["named"] is None for r in rows) / max(n, 1), 4),
-            "by_type": {t: round(sum(r["correct"] for r in rows if r["type"] == t)
-                                 / max(sum(r["type"] == t for r in rows), 1), 4) for t in RELATIONS},
+            "by_type": {
+                t: round(sum(r["correct"] for r in rows if r["type"] == t) / max(sum(r["type"] == t for r in rows), 1), 4)
+                for t in RELATIONS
+            },
             "memory_used": sum(bool(r["memory"]) for r in rows),
             "memory_used_correct_clarification": sum(
-                bool(r["memory"]) and r["memory"][0]["clarification"] == r["clarification"] for r in rows),
+                bool(r["memory"]) and r["memory"][0]["clarification"] == r["clarification"] for r in rows
+            ),
             "clarifications_given": sum(r["clarified"] for r in rows),
             "seconds": round(timings.get(condition, 0.0), 1),
         }

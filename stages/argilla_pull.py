@@ -86,14 +86,25 @@ class ArgillaPullStage(Stage):
             cursor_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(cursor_path, state)
         if result.invalid:
-            self.ctx.log.warning("%d response(s) have spans that do not fit; see the `invalid` output",
-                                 len(result.invalid))
+            self.ctx.log.warning("%d response(s) have spans that do not fit; see the `invalid` output", len(result.invalid))
             save_rows(result.invalid, self.ctx.output("invalid"))
-        self.ctx.log.info("%s: %d new record(s), %d already pulled, %d tie(s), from %d annotator(s)", result.dataset,
-                          len(result.records), result.already_pulled, result.ties, len(result.annotators))
-        return {"new": len(result.records), "records": len(rows), "already_pulled": result.already_pulled,
-                "ties": result.ties, "invalid": len(result.invalid), "annotators": len(result.annotators),
-                "output": kind}
+        self.ctx.log.info(
+            "%s: %d new record(s), %d already pulled, %d tie(s), from %d annotator(s)",
+            result.dataset,
+            len(result.records),
+            result.already_pulled,
+            result.ties,
+            len(result.annotators),
+        )
+        return {
+            "new": len(result.records),
+            "records": len(rows),
+            "already_pulled": result.already_pulled,
+            "ties": result.ties,
+            "invalid": len(result.invalid),
+            "annotators": len(result.annotators),
+            "output": kind,
+        }
 
 
 def save_feedback(rows: list[dict], kind: str, path: Path) -> None:
@@ -111,10 +122,16 @@ def save_feedback(rows: list[dict], kind: str, path: Path) -> None:
         return
     prov = Provenance(source="argilla", annotator="", dataset="", record_id="")
     example = {
-        "span_feedback": SpanFeedback(id="", prompt="", response="x", spans=[Span(start=0, end=1, label="x", text="x")],
-                                      corrected_response="", missing_info="", provenance=prov),
-        "verbal_feedback": VerbalFeedback(id="", prompt="", response="", critique="", judgment="good", scope="",
-                                          provenance=prov),
+        "span_feedback": SpanFeedback(
+            id="",
+            prompt="",
+            response="x",
+            spans=[Span(start=0, end=1, label="x", text="x")],
+            corrected_response="",
+            missing_info="",
+            provenance=prov,
+        ),
+        "verbal_feedback": VerbalFeedback(id="", prompt="", response="", critique="", judgment="good", scope="", provenance=prov),
         "preferences": Preference(id="", prompt="", chosen="", rejected="", rationale="", provenance=prov),
         "reactions": Reaction(id="", prompt="", response="", reaction="love", user_id="", provenance=prov),
     }[kind]

@@ -30,8 +30,10 @@ class ArgillaPushStage(Stage):
     summary = "Upsert samples into an Argilla dataset (templates: fine_grained, verbal, preference, reaction)."
     Config = ArgillaPushConfig
     inputs = {
-        "records": Input(("responses", "preferences", "span_feedback", "verbal_feedback", "reactions", "qa_feedback"),
-                         doc="generate responses, preference pairs, feedback records (as suggestions), qa-feedback json"),
+        "records": Input(
+            ("responses", "preferences", "span_feedback", "verbal_feedback", "reactions", "qa_feedback"),
+            doc="generate responses, preference pairs, feedback records (as suggestions), qa-feedback json",
+        ),
     }
     outputs = {"pushed": Output("argilla_records", doc="one row per pushed record: id, dataset, workspace, url")}
     non_semantic_fields = frozenset({"batch_size"})
@@ -53,12 +55,20 @@ class ArgillaPushStage(Stage):
             items = items[: cfg.max_items]
         client = connect(cfg.argilla)
         ws = cfg.argilla.workspace
-        self.ctx.log.info("pushing %d %s items to %s/%s on %s", len(items), cfg.template.kind, ws, cfg.dataset,
-                          client.api_url)
+        self.ctx.log.info("pushing %d %s items to %s/%s on %s", len(items), cfg.template.kind, ws, cfg.dataset, client.api_url)
         result = push_items(client, cfg.dataset, ws, cfg.template, items, cfg.batch_size, desc=self.ctx.name)
         remember_users(client.api_url, result.new_users)
-        save_rows([{"id": i, "dataset": cfg.dataset, "workspace": ws, "template": cfg.template.kind,
-                    "url": result.url} for i in result.ids], self.ctx.output("pushed"))
+        save_rows(
+            [
+                {"id": i, "dataset": cfg.dataset, "workspace": ws, "template": cfg.template.kind, "url": result.url}
+                for i in result.ids
+            ],
+            self.ctx.output("pushed"),
+        )
         self.ctx.log.info("dataset: %s", result.url)
-        return {"records": len(items), "created": result.created, "updated": result.updated,
-                "records_per_s": round(result.records_per_s, 1)}
+        return {
+            "records": len(items),
+            "created": result.created,
+            "updated": result.updated,
+            "records_per_s": round(result.records_per_s, 1),
+        }

@@ -6,16 +6,18 @@
    Prompts can also come ready-made from the `prompts` input (columns prompt, scope[, split]).
 2. The current model (the pipeline's model, plus `adapter` if given) answers every prompt:
    the baseline replies.
+   A local generator (`generator.kind: local`, no other model or adapter named) is that same
+   current model by default: with `generator_adapter: false` it is the base model instead,
+   so the adapter being trained further does not write its own prompts and revisions.
 3. In-scope baselines are revised to apply the feedback, by the generator LLM or, for a
    feedback whose application is mechanical, by `revision_template` (e.g. "Chef's tip: {response}").
    With a programmatic metric, revisions that still fail it are dropped.
-A share of each scope is held out (`eval_prompts`) for `evaluate_feedback`.
+A share of each scope is held out (`eval_prompts`) for `evaluate_feedback`. The prompt
+templates and list parsing are C3PO's data library, trainers/c3po_data.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import re
 from typing import Any, Literal
@@ -23,82 +25,49 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.generation import SamplingSettings
+from pipeline.llm import LLMSettings
 from pipeline.records import load_rows, save_rows
 from pipeline.stage import Input, Output, Stage, StageConfig
+from trainers.c3po_data import (
+    CATEGORIES_PROMPT,
+    GENERAL_CATEGORIES,
+    IN_SCOPE_PROMPT,
+    NEAR_SCOPE_PROMPT,
+    OUT_OF_SCOPE_PROMPT,
+    REVISE_PROMPT,
+    TOPIC_PROMPT,
+    dedupe,
+    parse_list,
+    row_id,
+)
 from trainers.feedback_eval import SCOPES, MetricSpec
-from trainers.generators import GeneratorSettings
-
-TOPIC_PROMPT = (
-    "Here is a piece of feedback a user gave an AI assistant:\n\"{feedback}\"\n\n"
-    "In a few words, what kind of requests does this feedback apply to? Reply with the short phrase only."
-)
-CATEGORIES_PROMPT = (
-    "Topic: {topic}\n\nList {count} broad but distinct categories of situations in which a user asks an AI assistant "
-    "something that falls under this topic. Output a numbered list, one category per line, and nothing else."
-)
-IN_SCOPE_PROMPT = (
-    "Topic: {topic}\nCategory: {category}\n\nWrite {count} different requests a user could send to an AI assistant. "
-    "Each must clearly fall under the topic and the category, so that this feedback would apply to the reply: "
-    "\"{feedback}\". Make each request specific and self-contained, 1-2 sentences. "
-    "Output a numbered list, one request per line, and nothing else."
-)
-NEAR_SCOPE_PROMPT = (
-    "Topic: {topic}\nCategory: {category}\n\nWrite {count} different requests a user could send to an AI assistant "
-    "that are closely related to the category but fall OUTSIDE the topic, so that this feedback would NOT apply to the "
-    "reply: \"{feedback}\". Make each request specific and self-contained, 1-2 sentences. "
-    "Output a numbered list, one request per line, and nothing else."
-)
-OUT_OF_SCOPE_PROMPT = (
-    "Write {count} different everyday requests a user could send to an AI assistant about {category}. "
-    "Make each request specific and self-contained, 1-2 sentences. Output a numbered list, one request per line, and nothing else."
-)
-REVISE_PROMPT = (
-    "Rewrite the reply below so that it follows the feedback. Keep everything else as it is. "
-    "Output only the rewritten reply.\n\nFeedback: {feedback}\n\nRequest: {prompt}\n\nReply: {response}"
-)
-GENERAL_CATEGORIES = ["science", "history", "geography", "personal finance", "programming", "sports", "travel planning",
-                      "health and fitness", "music", "mathematics", "careers", "home repair"]
-_LIST_ITEM = re.compile(r"^\s*(?:\d+\s*[.):]|[-*\u2022])\s*(.+?)\s*$")
 
 
 class C3poDataConfig(StageConfig):
     feedback: str | None = Field(default=None, description="the verbal feedback; else from the `feedback` input")
     feedback_id: str | None = Field(default=None, description="which record of the `feedback` input (default: the only one)")
     topic: str | None = Field(default=None, description="where the feedback applies; else the record's scope, else asked")
-    metric: MetricSpec | None = Field(default=None, description="programmatic check or judge; filters revisions, used by evaluation")
-    generator: GeneratorSettings = Field(default_factory=GeneratorSettings)
+    metric: MetricSpec | None = Field(
+        default=None, description="programmatic check or judge; filters revisions, used by evaluation"
+    )
+    generator: LLMSettings = Field(default_factory=LLMSettings)
+    generator_adapter: bool = Field(
+        default=True,
+        description=(
+            "a local generator that is the pipeline's model runs with the `adapter` input (true: the current policy "
+            "writes prompts and revisions) or without it (false: the base model does)"
+        ),
+    )
     num_categories: int = Field(default=4, ge=1)
     prompts_per_category: int = Field(default=5, ge=1)
     out_of_scope_categories: list[str] = Field(default_factory=lambda: list(GENERAL_CATEGORIES[:4]))
     eval_fraction: float = Field(default=0.3, ge=0, lt=1, description="held out per scope when prompts have no split")
     baseline_sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=128, temperature=0.7))
     reviser: Literal["generator", "template"] = "generator"
-    revision_template: str | None = Field(default=None, description="reviser template: e.g. \"Chef's tip: {response}\"")
+    revision_template: str | None = Field(default=None, description='reviser template: e.g. "Chef\'s tip: {response}"')
     filter_revisions: bool = Field(default=True, description="drop revisions that fail a programmatic metric")
     batch_size: int = Field(default=8, ge=1)
     device: str | None = None
-
-
-def parse_list(text: str) -> list[str]:
-    """Items of a numbered or bulleted list, quotes stripped; plain lines when there is no list."""
-    items = [m.group(1) for line in text.splitlines() if (m := _LIST_ITEM.match(line))]
-    if not items:
-        items = [line.strip() for line in text.splitlines() if line.strip()]
-    return [item.strip().strip('"').strip() for item in items if len(item.strip().strip('"')) > 3]
-
-
-def dedupe(items: list[str]) -> list[str]:
-    seen, out = set(), []
-    for item in items:
-        key = re.sub(r"\W+", " ", item.lower()).strip()
-        if key and key not in seen:
-            seen.add(key)
-            out.append(item)
-    return out
-
-
-def row_id(scope: str, prompt: str) -> str:
-    return hashlib.sha1(f"{scope}\n{prompt}".encode()).hexdigest()[:12]
 
 
 def pick_feedback(cfg: C3poDataConfig, path) -> tuple[str, str | None]:
@@ -120,6 +89,12 @@ def pick_feedback(cfg: C3poDataConfig, path) -> tuple[str, str | None]:
     return texts.pop(), cfg.topic or next((r.get("scope") for r in rows if r.get("scope")), None)
 
 
+def local_generator_model(cfg: C3poDataConfig, adapter, policy_model):
+    """The loaded policy model a local generator may reuse, or None (it loads its own model:
+    the base when `generator_adapter` is false and an adapter is wired)."""
+    return policy_model if adapter is None or cfg.generator_adapter else None
+
+
 class C3poDataStage(Stage):
     uses = "c3po_data"
     summary = "C3PO data: scoped prompts, baseline replies, feedback-applying revisions."
@@ -135,10 +110,11 @@ class C3poDataStage(Stage):
     }
     default_num_cpus = float("inf")
     non_semantic_fields = frozenset({"device", "batch_size"})
+    config: C3poDataConfig
 
     def run(self):
+        from pipeline.llm import build_client
         from pipeline.models import device_policy, load_causal_lm, load_tokenizer
-        from trainers.generators import make_generator
 
         cfg: C3poDataConfig = self.config
         ctx = self.ctx
@@ -148,7 +124,8 @@ class C3poDataStage(Stage):
         tokenizer = load_tokenizer(ctx.model)
         model = load_causal_lm(ctx.model, policy, adapter=ctx.input("adapter")).eval()
         needs_generator = ctx.input("prompts") is None or cfg.reviser == "generator"
-        generator = make_generator(cfg.generator, ctx.model, cfg.device, model, tokenizer) if needs_generator else None
+        reuse = local_generator_model(cfg, ctx.input("adapter"), model)
+        generator = build_client(cfg.generator, ctx.model, cfg.device, reuse, tokenizer) if needs_generator else None
 
         if ctx.input("prompts") is not None:
             prompts = self.given_prompts()
@@ -163,9 +140,16 @@ class C3poDataStage(Stage):
         ctx.log.info("baseline replies for %d prompts from %s", len(train), ctx.model)
         from pipeline.generation import chat_generate
 
-        replies = chat_generate(model, tokenizer, [[{"role": "user", "content": p["prompt"]}] for p in train],
-                                cfg.baseline_sampling, 1, cfg.batch_size, ctx.seed,
-                                on_batch=lambda done, total: ctx.log.info("baselines: batch %d/%d", done, total))
+        replies = chat_generate(
+            model,
+            tokenizer,
+            [[{"role": "user", "content": p["prompt"]}] for p in train],
+            cfg.baseline_sampling,
+            1,
+            cfg.batch_size,
+            ctx.seed,
+            on_batch=lambda done, total: ctx.log.info("baselines: batch %d/%d", done, total),
+        )
         for row, reply in zip(train, replies):
             row["baseline"], row["baseline_finished"] = reply[0].text, reply[0].finished
 
@@ -181,7 +165,11 @@ class C3poDataStage(Stage):
         if cfg.filter_revisions and cfg.metric is not None and cfg.metric.kind != "judge":
             from trainers.feedback_eval import applies
 
-            keep = [r for r in train if r["scope"] != "in_scope" or (applies(cfg.metric, r["revised"]) and r["revised"] != r["baseline"])]
+            keep = [
+                r
+                for r in train
+                if r["scope"] != "in_scope" or (applies(cfg.metric, r["revised"]) and r["revised"] != r["baseline"])
+            ]
             dropped = len(train) - len(keep)
             train = keep
         if not any(r["scope"] == "in_scope" for r in train):
@@ -191,8 +179,10 @@ class C3poDataStage(Stage):
         for row in train + held_out:
             row["feedback"], row["metric"] = feedback, metric_json
         save_rows(train, ctx.output("train"))
-        save_rows([{k: r[k] for k in ("id", "prompt", "scope", "category", "feedback", "metric")} for r in held_out],
-                  ctx.output("eval_prompts"))
+        save_rows(
+            [{k: r[k] for k in ("id", "prompt", "scope", "category", "feedback", "metric")} for r in held_out],
+            ctx.output("eval_prompts"),
+        )
         counts = {f"train_{s}": sum(r["scope"] == s for r in train) for s in SCOPES}
         counts.update({f"eval_{s}": sum(r["scope"] == s for r in held_out) for s in SCOPES})
         return {**counts, "revisions_dropped": dropped}
@@ -200,7 +190,7 @@ class C3poDataStage(Stage):
     # ------------------------------------------------------------------ prompts
 
     def given_prompts(self) -> list[dict[str, Any]]:
-        path = self.ctx.input("prompts")
+        path = self.ctx.inputs["prompts"]
         rows = load_rows(path, required=["prompt", "scope"], what="scoped prompts")
         out = []
         for i, row in enumerate(rows):
@@ -209,8 +199,15 @@ class C3poDataStage(Stage):
             split = row.get("split")
             if split not in (None, "", "train", "eval"):
                 raise ValueError(f"{path} row {i}: field 'split': '{split}' is not train or eval")
-            out.append({"id": str(row.get("id") or row_id(row["scope"], row["prompt"])), "prompt": str(row["prompt"]),
-                        "scope": row["scope"], "category": str(row.get("category") or ""), "split": split or ""})
+            out.append(
+                {
+                    "id": str(row.get("id") or row_id(row["scope"], row["prompt"])),
+                    "prompt": str(row["prompt"]),
+                    "scope": row["scope"],
+                    "category": str(row.get("category") or ""),
+                    "split": split or "",
+                }
+            )
         return self.assign_splits(out)
 
     def assign_splits(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -229,7 +226,7 @@ class C3poDataStage(Stage):
         log, seed = self.ctx.log, self.ctx.seed
         if not topic:
             topic = generator.complete([[{"role": "user", "content": TOPIC_PROMPT.format(feedback=feedback)}]], seed)[0]
-            topic = topic.strip().splitlines()[0].strip(" .\"") if topic.strip() else feedback
+            topic = topic.strip().splitlines()[0].strip(' ."') if topic.strip() else feedback
         log.info("topic: %s", topic)
         ask = CATEGORIES_PROMPT.format(topic=topic, count=cfg.num_categories)
         categories = dedupe(parse_list(generator.complete([[{"role": "user", "content": ask}]], seed)[0]))[: cfg.num_categories]
@@ -238,8 +235,20 @@ class C3poDataStage(Stage):
         log.info("categories: %s", "; ".join(categories))
         jobs: list[tuple[str, str, str]] = []
         for category in categories:
-            jobs.append(("in_scope", category, IN_SCOPE_PROMPT.format(topic=topic, category=category, count=cfg.prompts_per_category, feedback=feedback)))
-            jobs.append(("near_scope", category, NEAR_SCOPE_PROMPT.format(topic=topic, category=category, count=cfg.prompts_per_category, feedback=feedback)))
+            jobs.append(
+                (
+                    "in_scope",
+                    category,
+                    IN_SCOPE_PROMPT.format(topic=topic, category=category, count=cfg.prompts_per_category, feedback=feedback),
+                )
+            )
+            jobs.append(
+                (
+                    "near_scope",
+                    category,
+                    NEAR_SCOPE_PROMPT.format(topic=topic, category=category, count=cfg.prompts_per_category, feedback=feedback),
+                )
+            )
         for category in cfg.out_of_scope_categories:
             jobs.append(("out_of_scope", category, OUT_OF_SCOPE_PROMPT.format(category=category, count=cfg.prompts_per_category)))
         answers = generator.complete([[{"role": "user", "content": j[2]}] for j in jobs], seed + 1)
@@ -262,15 +271,9 @@ class C3poDataStage(Stage):
             if not cfg.revision_template or "{response}" not in cfg.revision_template:
                 raise ValueError("reviser: template needs revision_template containing {response}")
             return [cfg.revision_template.format(response=r["baseline"], prompt=r["prompt"]) for r in rows]
-        asks = [[{"role": "user", "content": REVISE_PROMPT.format(feedback=feedback, prompt=r["prompt"], response=r["baseline"])}]
-                for r in rows]
+        asks = [
+            [{"role": "user", "content": REVISE_PROMPT.format(feedback=feedback, prompt=r["prompt"], response=r["baseline"])}]
+            for r in rows
+        ]
         self.ctx.log.info("revising %d in-scope replies with %s", len(rows), generator.name)
         return generator.complete(asks, self.ctx.seed + 2)
-
-
-def metric_from_rows(rows: list[dict[str, Any]]) -> MetricSpec | None:
-    """The metric c3po_data stored with its prompts (a JSON string column), if any."""
-    for row in rows:
-        if row.get("metric"):
-            return MetricSpec.model_validate(json.loads(row["metric"]))
-    return None

@@ -5,14 +5,15 @@ from __future__ import annotations
 from pydantic import Field
 
 from pipeline.records import load_rows
-from pipeline.stage import Input, Output, Stage
-from pipeline.training import NON_SEMANTIC_TRAIN_FIELDS, TrainSettings, fit
+from pipeline.stage import Input
+from pipeline.training import NON_SEMANTIC_TRAIN_FIELDS, TrainerStage, TrainSettings
+from trainers.dpo_config import DPOMethodConfig
 
 
-class DpoStageConfig(TrainSettings):
-    beta: float = Field(default=0.1, gt=0)
-    loss_type: str = "sigmoid"
-    learning_rate: float = Field(default=5e-5, gt=0)
+class DpoStageConfig(DPOMethodConfig, TrainSettings):
+    """DPO's settings (trainers/dpo_config.py) and the shared training settings."""
+
+    fast: bool = Field(default=True, description="heedful's exact packed DPO core (docs/speed.md); false: TRL's own step")
 
 
 def preference_dataset(path, log):
@@ -25,39 +26,36 @@ def preference_dataset(path, log):
     return Dataset.from_list(keep)
 
 
-class DpoStage(Stage):
+class DpoStage(TrainerStage):
     uses = "dpo"
     summary = "Direct Preference Optimization (TRL) with LoRA."
     Config = DpoStageConfig
-    inputs = {
-        "preferences": Input(("preferences",), doc="prompt/chosen/rejected pairs"),
-        "adapter": Input(("adapter",), required=False, doc="continue training this adapter"),
-    }
-    outputs = {"adapter": Output("adapter", doc="PEFT LoRA adapter folder")}
-    default_num_cpus = float("inf")
-    non_semantic_fields = NON_SEMANTIC_TRAIN_FIELDS
+    inputs = {"preferences": Input(("preferences",), doc="prompt/chosen/rejected pairs")}
+    config: DpoStageConfig
+    non_semantic_fields = NON_SEMANTIC_TRAIN_FIELDS | {"fast"}  # same numbers either way (tests/test_preference_core.py)
 
     def run(self):
         from trl import DPOConfig, DPOTrainer
 
-        from pipeline.models import load_causal_lm, load_tokenizer
+        from pipeline.models import load_causal_lm
 
-        cfg: DpoStageConfig = self.config
-        ctx = self.ctx
+        cfg, ctx, adapter = self.config, self.ctx, self.adapter
         dataset = preference_dataset(ctx.input("preferences"), ctx.log)
-        adapter = ctx.input("adapter")
 
         def build_trainer():
             model = load_causal_lm(ctx.model, cfg.policy(), adapter=adapter, qlora=cfg.lora.qlora, trainable_adapter=True)
-            args = DPOConfig(beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.max_length, **cfg.trainer_kwargs(ctx))
-            return DPOTrainer(
+            common = dict(
                 model=model,
-                args=args,
+                args=self.training_args(DPOConfig, max_length=cfg.max_length, **cfg.trl_kwargs()),
                 train_dataset=dataset,
-                processing_class=load_tokenizer(ctx.model, padding_side="right"),
+                processing_class=self.tokenizer(),
                 peft_config=None if adapter else cfg.lora.peft_config(),
             )
+            if not cfg.fast:
+                return DPOTrainer(**common)
+            from trainers.fastpref.trainer import FastDPOTrainer
 
-        metrics = fit(ctx, cfg, build_trainer)
-        metrics["pairs"] = len(dataset)
-        return metrics
+            # no explicit gradient_checkpointing: measured per host (trainers/grad_ckpt_probe.py)
+            return FastDPOTrainer(**common, probe_checkpointing=cfg.gradient_checkpointing is None, model_name=ctx.model)
+
+        return {**self.fit(build_trainer), "pairs": len(dataset)}

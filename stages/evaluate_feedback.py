@@ -39,7 +39,7 @@ class EvaluateFeedbackStage(Stage):
     non_semantic_fields = frozenset({"device", "batch_size"})
 
     def run(self):
-        from stages.c3po_data import metric_from_rows
+        from trainers.c3po_data import metric_from_rows
         from trainers.feedback_eval import evaluate
 
         cfg: EvaluateFeedbackConfig = self.config
@@ -50,15 +50,30 @@ class EvaluateFeedbackStage(Stage):
         if not feedback:
             raise ValueError(f"{path}: no `feedback` column; set feedback: in the stage config")
         if metric is None:
-            raise ValueError(f"{path}: no `metric` column; set metric: in the stage config (e.g. {{kind: starts_with, value: ...}})")
+            raise ValueError(
+                f"{path}: no `metric` column; set metric: in the stage config (e.g. {{kind: starts_with, value: ...}})"
+            )
         settings = EvalSettings(**{k: getattr(cfg, k) for k in EvalSettings.model_fields})
-        rows, summary = evaluate(self.ctx.model, self.ctx.input("adapter"), prompts, feedback, metric, settings,
-                                 self.ctx.seed, cfg.device, self.ctx.log)
+        rows, summary = evaluate(
+            self.ctx.model,
+            self.ctx.input("adapter"),
+            prompts,
+            feedback,
+            metric,
+            settings,
+            self.ctx.seed,
+            cfg.device,
+            self.ctx.log,
+        )
         save_rows(rows, self.ctx.output("evaluation"))
         return summary
 
+    @classmethod
+    def report_section(cls, run_root: Path, manifests: dict[str, dict[str, Any]]) -> str | None:
+        return adherence_section(manifests)
 
-def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
+
+def adherence_section(manifests: dict[str, dict[str, Any]]) -> str:
     """Bars of adherence / overgeneralization per condition for each evaluating stage."""
     parts = []
     for name, manifest in manifests.items():
@@ -66,7 +81,11 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
         if manifest.get("uses") not in EVALUATING_STAGES or not any(k.startswith("adherence/") for k in metrics):
             continue
         conditions = [c for c in ("base", "in_context", "trained") if f"adherence/{c}" in metrics]
-        groups = [("adherence", "adherence (in-scope) ↑"), ("overgen_near", "applied near-scope ↓"), ("overgen_out", "applied out-of-scope ↓")]
+        groups = [
+            ("adherence", "adherence (in-scope) ↑"),
+            ("overgen_near", "applied near-scope ↓"),
+            ("overgen_out", "applied out-of-scope ↓"),
+        ]
         import matplotlib
 
         matplotlib.use("Agg")
@@ -82,13 +101,16 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
         ax.legend(fontsize=8)
         ax.set_title(f"{name}: does the reply apply the feedback?")
         fig.tight_layout()
-        rows = "".join(f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{metrics.get(f'{g}/{c}', float('nan')):.2f}</td>" for g, _ in groups)
-                       + "</tr>" for c in conditions)
-        parts.append(f"<h2>{html.escape(name)}: feedback adherence</h2><table><tr><th>condition</th>"
-                     + "".join(f"<th>{html.escape(label)}</th>" for _, label in groups) + f"</tr>{rows}</table>"
-                     + report.figure_html(fig))
+        rows = "".join(
+            f"<tr><td>{html.escape(c)}</td>"
+            + "".join(f"<td>{metrics.get(f'{g}/{c}', float('nan')):.2f}</td>" for g, _ in groups)
+            + "</tr>"
+            for c in conditions
+        )
+        parts.append(
+            f"<h2>{html.escape(name)}: feedback adherence</h2><table><tr><th>condition</th>"
+            + "".join(f"<th>{html.escape(label)}</th>" for _, label in groups)
+            + f"</tr>{rows}</table>"
+            + report.figure_html(fig)
+        )
     return "\n".join(parts)
-
-
-if report_section not in report.SECTIONS:
-    report.SECTIONS.append(report_section)

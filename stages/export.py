@@ -23,9 +23,14 @@ class ExportStage(Stage):
     def run(self):
         cfg: ExportConfig = self.config
         adapter = self.ctx.input("adapter")
-        dest = export_adapter(adapter, self.ctx.output("package"), merge=cfg.merge,
-                              name=cfg.name or f"{self.ctx.run_name}-{adapter.parent.name}",
-                              description=cfg.description, license=cfg.license)
+        dest = export_adapter(
+            adapter,
+            self.ctx.output("package"),
+            merge=cfg.merge,
+            name=cfg.name or f"{self.ctx.run_name}-{adapter.parent.name}",
+            description=cfg.description,
+            license=cfg.license,
+        )
         files = sorted(p.name for p in dest.iterdir())
         self.ctx.log.info("exported %s", ", ".join(files))
         return {"files": len(files), "merged": cfg.merge}

@@ -9,11 +9,11 @@ preference pairs from real or simulated feedback instead.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from typing import Literal
 
 from pydantic import Field
 
+from pipeline.pairs import best_vs_worst
 from pipeline.records import load_rows, save_rows
 from pipeline.stage import Input, Output, Stage, StageConfig
 
@@ -42,11 +42,6 @@ def keyword_score(text: str, keywords: list[str], repetition_weight: float, trun
     return round(score, 6)
 
 
-def conversation(system_prompt: str, prompt: str) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return messages + [{"role": "user", "content": prompt}]
-
-
 class MakePairsStage(Stage):
     uses = "make_pairs"
     summary = "Heuristic preference pairs from sampled replies (keyword coverage)."
@@ -57,31 +52,18 @@ class MakePairsStage(Stage):
     def run(self):
         cfg: MakePairsConfig = self.config
         rows = load_rows(self.ctx.input("responses"), required=["prompt_id", "prompt", "response", "keywords"], what="responses")
-        groups: dict[str, list[dict]] = defaultdict(list)
         for row in rows:
-            row["score"] = keyword_score(row["response"], list(row["keywords"] or []), cfg.repetition_weight,
-                                         cfg.truncation_penalty, bool(row.get("finished", True)))
-            groups[row["prompt_id"]].append(row)
-        pairs = []
-        for pid, group in groups.items():
-            ranked = sorted(group, key=lambda r: (-r["score"], r.get("sample_index", 0)))
-            candidates = [(ranked[0], ranked[-1])] if cfg.strategy == "best_worst" else [
-                (a, b) for i, a in enumerate(ranked) for b in ranked[i + 1 :]
-            ]
-            for good, bad in candidates:
-                if good["score"] - bad["score"] < cfg.min_margin or good["response"] == bad["response"]:
-                    continue
-                pairs.append(
-                    {
-                        "prompt": conversation(good.get("system_prompt", ""), good["prompt"]),
-                        "chosen": [{"role": "assistant", "content": good["response"]}],
-                        "rejected": [{"role": "assistant", "content": bad["response"]}],
-                        "prompt_id": pid,
-                        "score_chosen": good["score"],
-                        "score_rejected": bad["score"],
-                        "source": f"heuristic:{cfg.scorer}",
-                    }
-                )
+            row["score"] = keyword_score(
+                row["response"],
+                list(row["keywords"] or []),
+                cfg.repetition_weight,
+                cfg.truncation_penalty,
+                bool(row.get("finished", True)),
+            )
+        pairs = best_vs_worst(
+            rows, "score", min_margin=cfg.min_margin, all_pairs=cfg.strategy == "all_pairs", source=f"heuristic:{cfg.scorer}"
+        )
+        groups = {row["prompt_id"] for row in rows}
         if not pairs:
             raise RuntimeError(
                 f"no pair reached min_margin={cfg.min_margin} across {len(groups)} prompts; "

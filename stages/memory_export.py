@@ -3,15 +3,24 @@
 The memory file is an input, so its content hash is part of the fingerprint: new feedback
 from serving reruns this stage and everything downstream (the server folds its write-ahead
 log into the .db file after each feedback, so the file itself changes).
+
+Served feedback is untrusted: every record passes the quarantine (`feedback.quarantine`)
+before it becomes training data; what it holds back is written to the `quarantine` output
+with the reason, and counted in the metrics (`quarantined`, `quarantined_<reason>`).
 """
 
 from __future__ import annotations
 
+from pydantic import Field
+
+from feedback.quarantine import QuarantineSettings
 from pipeline.stage import Input, Output, Stage, StageConfig
 
 
 class MemoryExportConfig(StageConfig):
-    pass
+    quarantine: QuarantineSettings = Field(
+        default_factory=QuarantineSettings, description="caps and checks applied before feedback becomes training data"
+    )
 
 
 class MemoryExportStage(Stage):
@@ -21,10 +30,11 @@ class MemoryExportStage(Stage):
     inputs = {"memory": Input(("memory",), doc="the SQLite memory file of `heedful serve --memory`")}
     outputs = {
         "reactions": Output("reactions", doc="Reaction records (P[Love])", required=False),
-        "verbal_feedback": Output("verbal_feedback", doc="critiques and clarifications (C3PO, CUT, CoH)",
-                                  required=False),
-        "preferences": Output("preferences", doc="loved vs. disliked / memory-distillation pairs (DPO)",
-                              required=False),
+        "verbal_feedback": Output("verbal_feedback", doc="critiques and clarifications (C3PO, CUT, CoH)", required=False),
+        "preferences": Output("preferences", doc="loved vs. disliked / memory-distillation pairs (DPO)", required=False),
+        "quarantine": Output(
+            "quarantine", doc="feedback held back from training (quarantine.jsonl, with reasons)", required=False
+        ),
     }
 
     def run(self):
@@ -33,7 +43,7 @@ class MemoryExportStage(Stage):
         from serving.export import export_memory
 
         tmp = self.ctx.work_dir / "export"
-        counts = export_memory(self.ctx.input("memory"), tmp)
+        counts = export_memory(self.ctx.input("memory"), tmp, self.config.quarantine)
         for name in self.outputs:  # a kind with no records is not written (its output is optional)
             if (tmp / name).exists():
                 shutil.move(str(tmp / name), str(self.ctx.output(name)))

@@ -9,10 +9,11 @@ reward model (or a `module:function`), keep `best_vs_worst` pairs for DPO or fil
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 
 from pydantic import Field, model_validator
 
+from pipeline.chat import row_messages
+from pipeline.pairs import best_vs_worst
 from pipeline.records import load_rows, save_rows
 from pipeline.stage import Input, Output, Stage, StageConfig
 
@@ -44,37 +45,13 @@ class ScoreConfig(StageConfig):
         return self
 
 
-def conversation(row: dict, prompt_field: str) -> list[dict[str, str]]:
-    system = row.get("system_prompt") or ""
-    messages = [{"role": "system", "content": system}] if system else []
-    prompt = row[prompt_field]
-    return messages + (list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}])
-
-
 def suggestion(reward: float, cfg: SuggestSettings, agent: str) -> dict:
     """{question: {value, score, agent}}; the score (Argilla wants [0, 1]) only for probabilities."""
     value = cfg.above if reward >= cfg.threshold else cfg.below
-    item = {"value": value, "agent": agent}
+    item: dict[str, str | float] = {"value": value, "agent": agent}
     if 0.0 <= reward <= 1.0:
         item["score"] = reward if value == cfg.above else 1.0 - reward
     return {cfg.question: item}
-
-
-def best_vs_worst(rows: list[dict], cfg: ScoreConfig) -> list[dict]:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        groups[str(row.get("prompt_id", row[cfg.prompt_field]))].append(row)
-    pairs = []
-    for pid, group in groups.items():
-        ranked = sorted(group, key=lambda r: -r[cfg.column])
-        best, worst = ranked[0], ranked[-1]
-        if len(group) < 2 or best[cfg.column] - worst[cfg.column] < cfg.min_margin or best[cfg.response_field] == worst[cfg.response_field]:
-            continue
-        pairs.append({"prompt": conversation(best, cfg.prompt_field),
-                      "chosen": [{"role": "assistant", "content": best[cfg.response_field]}],
-                      "rejected": [{"role": "assistant", "content": worst[cfg.response_field]}],
-                      "prompt_id": pid, "score_chosen": best[cfg.column], "score_rejected": worst[cfg.column]})
-    return pairs
 
 
 class ScoreStage(Stage):
@@ -102,20 +79,26 @@ class ScoreStage(Stage):
             raise ValueError("score needs exactly one of: a reward_model input, or `function: module:function`")
         rm = FunctionReward(cfg.function) if cfg.function else load_reward_model(path)
         rows = load_rows(self.ctx.input("responses"), required=[cfg.prompt_field, cfg.response_field], what="responses")
-        chunks = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+        chunks = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
         for chunk in track(chunks, desc=f"{self.ctx.name}: scoring"):
-            out = rm.score(RewardBatch([conversation(r, cfg.prompt_field) for r in chunk], [str(r[cfg.response_field]) for r in chunk]))
+            out = rm.score(
+                RewardBatch([row_messages(r, cfg.prompt_field) for r in chunk], [str(r[cfg.response_field]) for r in chunk])
+            )
             for i, row in enumerate(chunk):
                 row[cfg.column] = float(out.scalar[i])
                 for name, values in out.components.items():
                     row[f"{cfg.column}_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}"] = float(values[i])
                 if cfg.suggest is not None:
-                    row["suggestions"] = {**(row.get("suggestions") or {}),
-                                          **suggestion(row[cfg.column], cfg.suggest, f"heedful:{getattr(rm, 'kind', 'reward')}")}
+                    row["suggestions"] = {
+                        **(row.get("suggestions") or {}),
+                        **suggestion(row[cfg.column], cfg.suggest, f"heedful:{getattr(rm, 'kind', 'reward')}"),
+                    }
         save_rows(rows, self.ctx.output("responses"))
         metrics = {"responses": len(rows), f"mean_{cfg.column}": sum(r[cfg.column] for r in rows) / max(len(rows), 1)}
         if cfg.best_of_n:
-            pairs = best_vs_worst(rows, cfg)
+            pairs = best_vs_worst(
+                rows, cfg.column, response_field=cfg.response_field, prompt_field=cfg.prompt_field, min_margin=cfg.min_margin
+            )
             metrics["pairs"] = len(pairs)
             if pairs:
                 save_rows(pairs, self.ctx.output("preferences"))

@@ -13,31 +13,29 @@ from typing import Literal
 
 from pydantic import Field
 
-from feedback.simulator.backends import SimulatorLLMSettings
 from feedback.simulator.prompts import PROMPT_VERSION
 from feedback.simulator.protocol import ProtocolSettings
-from feedback.simulator.report_section import simulate_section
-from pipeline.report import SECTIONS
 from pipeline.stage import Input, Output, Stage, StageConfig
-
-if simulate_section not in SECTIONS:
-    SECTIONS.append(simulate_section)
 
 
 class SimulateConfig(StageConfig, ProtocolSettings):
-    simulator: SimulatorLLMSettings = Field(default_factory=SimulatorLLMSettings)
     need_field: str = Field(default="need", description="row field holding the information need")
     request_field: str = Field(default="prompt", description="row field holding the user's first turn")
     facts_field: str | None = Field(
-        default="keywords", description="row field listing facts a satisfying reply mentions ('a|b' = either); "
-                                        "the user is satisfied only when the LLM judge says yes and enough are mentioned")
+        default="keywords",
+        description="row field listing facts a satisfying reply mentions ('a|b' = either); "
+        "the user is satisfied only when the LLM judge says yes and enough are mentioned",
+    )
     personas: list[str] = Field(default_factory=list, description="assigned (seeded) to users whose row has none")
     styles: list[str] = Field(default_factory=list, description="e.g. terse, polite, casual")
     policy_system_prompt: str | None = Field(
-        default=None, description="the policy's system prompt; default: the row's (generate's), else none")
+        default=None, description="the policy's system prompt; default: the row's (generate's), else none"
+    )
     pair_rule: Literal["revised", "improved"] = Field(
-        default="revised", description="revised: every revision beats the reply that drew negative feedback; "
-                                       "improved: only when the simulator also scored the revision higher")
+        default="revised",
+        description="revised: every revision beats the reply that drew negative feedback; "
+        "improved: only when the simulator also scored the revision higher",
+    )
     max_conversations: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=16, ge=1, description="conversations per generate() call (hf backends)")
     device: str | None = None
@@ -51,8 +49,10 @@ class SimulateStage(Stage):
     summary = "ConvSim simulated users: clarifying answers, feedback, revisions -> feedback records."
     Config = SimulateConfig
     inputs = {
-        "conversations": Input(("responses", "prompts", "needs"),
-                               doc="information needs: rows with need + prompt (+ generate's response), or ClariQ TSV"),
+        "conversations": Input(
+            ("responses", "prompts", "needs"),
+            doc="information needs: rows with need + prompt (+ generate's response), or ClariQ TSV",
+        ),
         "adapter": Input(("adapter",), required=False, doc="LoRA adapter of the policy"),
     }
     outputs = {
@@ -65,47 +65,77 @@ class SimulateStage(Stage):
     default_num_cpus = float("inf")
     non_semantic_fields = frozenset({"batch_size", "device", "cache", "cache_path"})
 
+    @classmethod
+    def report_section(cls, run_root, manifests):
+        from feedback.simulator.report_section import simulate_section
+
+        return simulate_section(run_root, manifests)
+
     def run(self):
         import json
         import time
 
-        from feedback.simulator.backends import CachedLLM, HFBackend, build_backend
-        from feedback.simulator.cache import LLMCache
         from feedback.simulator.needs import load_users
         from feedback.simulator.protocol import Judge, run_conversations
         from feedback.simulator.records import ProvenanceInfo, save_dataset, transcript_records
+        from pipeline.llm import HFClient, build_client
+        from pipeline.llm_cache import CachedLLM, LLMCache
         from pipeline.paths import heedful_home
         from pipeline.records import save_rows
         from pipeline.schema import KINDS, records_to_rows
 
         cfg: SimulateConfig = self.config
         ctx = self.ctx
-        users = load_users(ctx.input("conversations"), cfg.need_field, cfg.request_field, cfg.personas, cfg.styles,
-                           ctx.seed, cfg.max_conversations, cfg.policy_system_prompt, cfg.facts_field)
+        users = load_users(
+            ctx.input("conversations"),
+            cfg.need_field,
+            cfg.request_field,
+            cfg.personas,
+            cfg.styles,
+            ctx.seed,
+            cfg.max_conversations,
+            cfg.policy_system_prompt,
+            cfg.facts_field,
+        )
         adapter = ctx.input("adapter")
         started = time.time()
-        policy_backend = HFBackend(ctx.model, device=cfg.device, batch_size=cfg.batch_size, adapter=adapter)
-        sim_backend = build_backend(cfg.simulator, cfg.device, cfg.batch_size,
-                                    shared=policy_backend if adapter is None else None)
+        policy_backend = HFClient(ctx.model, device=cfg.device, batch_size=cfg.batch_size, adapter=adapter)
+        shared = policy_backend if adapter is None else None  # the simulator may be the policy's own model
+        sim_backend = build_client(
+            cfg.simulator, ctx.model, cfg.device, shared and shared.model, shared and shared.tokenizer, batch_size=cfg.batch_size
+        )
         cache = None
         if cfg.cache:
             cache = LLMCache(cfg.cache_path or heedful_home() / "cache" / "convsim.sqlite")
         policy, simulator = CachedLLM(policy_backend, cache), CachedLLM(sim_backend, cache)
-        ctx.log.info("simulating %d users with %s against policy %s%s", len(users), simulator.identity, ctx.model,
-                     " + adapter" if adapter else "")
+        ctx.log.info(
+            "simulating %d users with %s against policy %s%s",
+            len(users),
+            simulator.identity,
+            ctx.model,
+            " + adapter" if adapter else "",
+        )
 
         judge = Judge(simulator, cfg.judge).calibrate()
-        ctx.log.info("judge (%s) calibrated: %.0f%% of calibration replies judged right", "+".join(judge.kinds),
-                     100 * judge.accuracy)
+        ctx.log.info(
+            "judge (%s) calibrated: %.0f%% of calibration replies judged right", "+".join(judge.kinds), 100 * judge.accuracy
+        )
 
         def on_round(rnd, open_, total):
             ctx.log.info("%s: round %d/%d, %d of %d conversations open", ctx.name, rnd, cfg.max_rounds, open_, total)
 
         transcripts = run_conversations(users, policy, simulator, cfg, ctx.seed, judge, on_round)
-        info = ProvenanceInfo(simulator=simulator.identity, policy_model=ctx.model,
-                              policy_adapter=str(adapter) if adapter else None, seed=ctx.seed,
-                              prompt_version=PROMPT_VERSION, threshold=cfg.satisfied_threshold, judge="+".join(judge.kinds),
-                              run=ctx.run_name, stage=ctx.name)
+        info = ProvenanceInfo(
+            simulator=simulator.identity,
+            policy_model=ctx.model,
+            policy_adapter=str(adapter) if adapter else None,
+            seed=ctx.seed,
+            prompt_version=PROMPT_VERSION,
+            threshold=cfg.satisfied_threshold,
+            judge="+".join(judge.kinds),
+            run=ctx.run_name,
+            stage=ctx.name,
+        )
         followups, verbal, reactions, prefs, rows = [], [], [], [], []
         for t in transcripts:
             f, v, r, p = transcript_records(t, info, cfg.neutral_band, cfg.pair_rule)
@@ -119,8 +149,12 @@ class SimulateStage(Stage):
         if cache is not None:
             cache.close()
         save_rows(rows, ctx.output("transcripts"))
-        for name, records in (("verbal_feedback", verbal), ("followups", followups), ("reactions", reactions),
-                              ("preferences", prefs)):
+        for name, records in (
+            ("verbal_feedback", verbal),
+            ("followups", followups),
+            ("reactions", reactions),
+            ("preferences", prefs),
+        ):
             save_dataset(records_to_rows(records), list(KINDS[name].model_fields), ctx.output(name))
         if not prefs:
             ctx.log.warning("no preference pairs: every first reply satisfied the simulator, or no revision differed")
@@ -128,8 +162,7 @@ class SimulateStage(Stage):
         def rate(values):
             return sum(values) / len(values) if values else float("nan")
 
-        first = [next((u for u in t.utterances if u.type == "response" and u.satisfied is not None), None)
-                 for t in transcripts]
+        first = [next((u for u in t.utterances if u.type == "response" and u.satisfied is not None), None) for t in transcripts]
         first = [u for u in first if u is not None]
         seconds = time.time() - started
         counts = {k: sum(r["satisfied"] for r in rows if r["rounds"] == k) for k in range(1, cfg.max_rounds + 1)}

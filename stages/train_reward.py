@@ -1,41 +1,60 @@
-"""train_reward: train and evaluate a reward model (plove | followup | fine_grained).
+"""train_reward: train and evaluate a reward model of any trainable kind.
 
-The work lives in `reward_models/<kind>.py` (`train(ctx, cfg) -> metrics`); this file is the
-stage contract. The output folder loads back with `reward_models.base.load_reward_model`.
+Kinds register themselves (`reward_models.base.register_kind`): each `reward_models/<kind>.py`
+holds its settings block and `train(ctx, cfg) -> metrics`, so `kind`'s choices and the
+per-kind blocks of the config come from that registry (plove, followup, fine_grained today).
+This file is the stage contract. The output folder loads back with
+`reward_models.base.load_reward_model`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal, cast
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
 
-from pipeline.report import SECTIONS
+from pipeline.schema import KINDS
 from pipeline.stage import Input, Output, Stage
 from pipeline.training import NON_SEMANTIC_TRAIN_FIELDS, TrainSettings
-from reward_models.report_section import reward_model_section
-from reward_models.settings import FineGrainedSettings, FollowupSettings, PLoveSettings
+from reward_models.base import trainable_kinds
 
-FEEDBACK_KINDS = ("reactions", "span_feedback", "preferences", "followups", "verbal_feedback", "feedback", "prompts")
+#: every feedback record kind, a mixed `feedback` file, or prompts that carry feedback (qa-feedback)
+FEEDBACK_KINDS = (*KINDS, "feedback", "prompts")
+REWARD_KINDS = trainable_kinds()
 
 
-class TrainRewardConfig(TrainSettings):
-    kind: Literal["plove", "followup", "fine_grained"]
-    base_model: str | None = Field(default=None, description="alias, folder or hub id ('minilm' = all-MiniLM-L6-v2); default: the stage's model")
+class _TrainRewardSettings(TrainSettings):
+    """What every kind shares; `kind` and one settings block per kind are added from the registry."""
+
+    base_model: str | None = Field(
+        default=None, description="alias, folder or hub id ('minilm' = all-MiniLM-L6-v2); default: the stage's model"
+    )
     eval_fraction: float = Field(default=0.2, ge=0, lt=1, description="held out when no `eval` input is given")
     split: Literal["random", "group", "time"] = Field(default="group", description="group: by prompt; time: latest held out")
     learning_rate: float = Field(default=2e-4, gt=0)
     full_finetune: bool = Field(default=False, description="train every weight instead of a LoRA adapter (small encoders)")
-    plove: PLoveSettings = Field(default_factory=PLoveSettings)
-    followup: FollowupSettings = Field(default_factory=FollowupSettings)
-    fine_grained: FineGrainedSettings = Field(default_factory=FineGrainedSettings)
 
     @model_validator(mode="after")
     def _only_own_block(self):
-        for other in ("plove", "followup", "fine_grained"):  # settings for another kind are a mistake
-            if other != self.kind and getattr(self, other) != type(getattr(self, other))():
-                raise ValueError(f"'{other}' settings given but kind is '{self.kind}'")
+        kind = self.kind
+        for other, spec in REWARD_KINDS.items():  # settings for another kind are a mistake
+            if other != kind and getattr(self, other) != spec.settings():
+                raise ValueError(f"'{other}' settings given but kind is '{kind}'")
         return self
+
+
+TrainRewardConfig = create_model(  # type: ignore[call-overload]
+    "TrainRewardConfig",
+    __base__=_TrainRewardSettings,
+    __module__=__name__,
+    kind=(Literal[tuple(REWARD_KINDS)], Field(description="; ".join(f"{n}: {k.summary}" for n, k in REWARD_KINDS.items()))),
+    # trainable kinds always have settings (trainable_kinds filters on it)
+    **{
+        name: (spec.settings, Field(default_factory=cast("type[BaseModel]", spec.settings)))
+        for name, spec in REWARD_KINDS.items()
+    },
+)
 
 
 class TrainRewardStage(Stage):
@@ -43,20 +62,23 @@ class TrainRewardStage(Stage):
     summary = "Train a reward model: P[Love], follow-up likelihood (FLR) or fine-grained (dense)."
     Config = TrainRewardConfig
     inputs = {
-        "feedback": Input(FEEDBACK_KINDS, doc="reactions (plove), preferences/follow-ups (followup), span feedback (fine_grained)"),
+        "feedback": Input(
+            FEEDBACK_KINDS, doc="reactions (plove), preferences/follow-ups (followup), span feedback (fine_grained)"
+        ),
         "eval": Input(FEEDBACK_KINDS, required=False, doc="held-out feedback in the same format (else eval_fraction)"),
-        "preferences": Input(("preferences",), required=False, doc="fine_grained completeness pairs (qa-feedback carries its own)"),
+        "preferences": Input(
+            ("preferences",), required=False, doc="fine_grained completeness pairs (qa-feedback carries its own)"
+        ),
     }
     outputs = {"reward_model": Output("reward_model", doc="folder with reward_model.json; load_reward_model() reads it")}
     default_num_cpus = float("inf")
     non_semantic_fields = NON_SEMANTIC_TRAIN_FIELDS
 
     def run(self):
-        import importlib
+        return REWARD_KINDS[self.config.kind].train(self.ctx, self.config)
 
-        module = importlib.import_module(f"reward_models.{self.config.kind}")
-        return module.train(self.ctx, self.config)
+    @classmethod
+    def report_section(cls, run_root: Path, manifests: dict[str, dict[str, Any]]) -> str | None:
+        from reward_models.report_section import reward_model_section
 
-
-if reward_model_section not in SECTIONS:
-    SECTIONS.append(reward_model_section)
+        return reward_model_section(run_root, manifests)

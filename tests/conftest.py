@@ -42,13 +42,30 @@ def write_yaml(path: Path, data) -> Path:
 def tiny_pipeline(prompts: Path | str = "data:quickstart/prompts.jsonl", **stage_overrides) -> dict:
     """The quickstart's shape, sized for the tiny model (seconds per run)."""
     stages = {
-        "sample": {"name": "sample", "uses": "generate", "inputs": {"prompts": str(prompts)},
-                   "with": {"num_samples": 2, "max_prompts": 6, "sampling": {"max_new_tokens": 8, "temperature": 1.0}}},
-        "pairs": {"name": "pairs", "uses": "make_pairs", "inputs": {"responses": "sample.responses"},
-                  "with": {"min_margin": 0.0}},
-        "align": {"name": "align", "uses": "dpo", "inputs": {"preferences": "pairs.preferences"},
-                  "with": {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 64, "save_steps": 1,
-                           "lora": {"r": 4, "alpha": 8}}},
+        "sample": {
+            "name": "sample",
+            "uses": "generate",
+            "inputs": {"prompts": str(prompts)},
+            "with": {"num_samples": 2, "max_prompts": 6, "sampling": {"max_new_tokens": 8, "temperature": 1.0}},
+        },
+        "pairs": {
+            "name": "pairs",
+            "uses": "make_pairs",
+            "inputs": {"responses": "sample.responses"},
+            "with": {"min_margin": 0.0},
+        },
+        "align": {
+            "name": "align",
+            "uses": "dpo",
+            "inputs": {"preferences": "pairs.preferences"},
+            "with": {
+                "max_steps": 2,
+                "per_device_train_batch_size": 2,
+                "max_length": 64,
+                "save_steps": 1,
+                "lora": {"r": 4, "alpha": 8},
+            },
+        },
         "ship": {"name": "ship", "uses": "export", "inputs": {"adapter": "align.adapter"}},
     }
     for name, override in stage_overrides.items():

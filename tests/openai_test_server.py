@@ -31,13 +31,14 @@ class ChatRequest(BaseModel):
 def build_app(model_name: str, api_key: str) -> tuple[FastAPI, dict]:
     import torch
 
-    from pipeline.generation import SamplingSettings, chat_generate, render_prompts
+    from pipeline.chat import render_many
+    from pipeline.generation import SamplingSettings, chat_generate
     from pipeline.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_name)
     model = load_causal_lm(model_name).eval()
     lock = threading.Lock()
-    stats = {"requests": 0, "logprob_requests": 0}
+    stats: dict = {"requests": 0, "logprob_requests": 0, "sampling": []}  # sampling: fields each request sent
     app = FastAPI()
 
     @app.post("/v1/chat/completions")
@@ -46,25 +47,41 @@ def build_app(model_name: str, api_key: str) -> tuple[FastAPI, dict]:
             raise HTTPException(status_code=401, detail="invalid api key")
         with lock:
             stats["requests"] += 1
+            stats["sampling"].append({k: getattr(req, k) for k in ("temperature", "top_p") if k in req.model_fields_set})
             logprobs = None
             if req.logprobs:
                 stats["logprob_requests"] += 1
-                enc = tokenizer(render_prompts(tokenizer, [req.messages]), return_tensors="pt", add_special_tokens=False)
+                enc = tokenizer(render_many(tokenizer, [req.messages]), return_tensors="pt", add_special_tokens=False)
                 with torch.no_grad():
                     lp = model(**enc).logits[0, -1].log_softmax(-1)
                 top = lp.topk(req.top_logprobs or 1)
                 # Yes/No are always reported so the caller's P(Yes) is defined even for a random model
-                ids = list(dict.fromkeys(top.indices.tolist() + [tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No")]))
+                ids = list(
+                    dict.fromkeys(
+                        top.indices.tolist() + [tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No")]
+                    )
+                )
                 cands = [{"token": tokenizer.decode([i]), "logprob": float(lp[i]), "bytes": None} for i in ids]
-                logprobs = {"content": [{"token": cands[0]["token"], "logprob": cands[0]["logprob"], "bytes": None,
-                                         "top_logprobs": cands}]}
+                logprobs = {
+                    "content": [
+                        {"token": cands[0]["token"], "logprob": cands[0]["logprob"], "bytes": None, "top_logprobs": cands}
+                    ]
+                }
             sampling = SamplingSettings(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p)
             reply = chat_generate(model, tokenizer, [req.messages], sampling, seed=req.seed or 0)[0][0]
         return {
-            "id": f"chatcmpl-test-{stats['requests']}", "object": "chat.completion", "created": int(time.time()),
+            "id": f"chatcmpl-test-{stats['requests']}",
+            "object": "chat.completion",
+            "created": int(time.time()),
             "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
-                         "finish_reason": "stop" if reply.finished else "length", "logprobs": logprobs}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.text},
+                    "finish_reason": "stop" if reply.finished else "length",
+                    "logprobs": logprobs,
+                }
+            ],
             "usage": {"prompt_tokens": 0, "completion_tokens": reply.num_tokens, "total_tokens": reply.num_tokens},
         }
 

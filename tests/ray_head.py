@@ -64,9 +64,17 @@ class RayHead:
 
 def head_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
-               RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_AUTH_MODE="token",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_DEDUP_LOGS="0",
+        PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # jobs run `python`
     env.update(extra or {})
     return env
@@ -80,11 +88,31 @@ def ray_head(num_cpus: int = 2, startup_timeout: float = 120.0):
     os.environ["RAY_AUTH_MODE"] = "token"  # this process talks to the head too
     log = (temp_dir / "ray-start.log").open("w")
     proc = subprocess.Popen(
-        [str(RAY_BIN), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-         "--ray-client-server-port", str(client_port), "--num-cpus", str(num_cpus), "--temp-dir", str(temp_dir),
-         "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(RAY_BIN),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard_port),
+            "--ray-client-server-port",
+            str(client_port),
+            "--num-cpus",
+            str(num_cpus),
+            "--temp-dir",
+            str(temp_dir),
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", proc.pid, env, temp_dir)
     try:

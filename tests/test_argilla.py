@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow
 BROWSER_DIR = ROOT / "tests" / "browser"
 
 if not shutil.which("redis-server"):
-    pytest.skip("redis-server is not installed (`make setup` installs it: apt-get install -y redis-server)",
-                allow_module_level=True)
+    pytest.skip(
+        "redis-server is not installed (`make setup` installs it: apt-get install -y redis-server)", allow_module_level=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +77,30 @@ def _push(owner, name, kind, rows, fmt="auto", **opts):
 
 
 RESPONSES = [
-    {"prompt_id": "p1", "sample_index": 0, "prompt": "What is the capital of France?",
-     "response": "Paris is the capital of France. Bananas are yellow.", "model": "tiny", "adapter": ""},
-    {"prompt_id": "p1", "sample_index": 1, "prompt": "What is the capital of France?",
-     "response": "It is Lyon.", "model": "tiny", "adapter": ""},
-    {"prompt_id": "p2", "sample_index": 0, "prompt": "Name a primary colour.",
-     "response": "  Red, with spaces kept.  ", "model": "tiny", "adapter": ""},
+    {
+        "prompt_id": "p1",
+        "sample_index": 0,
+        "prompt": "What is the capital of France?",
+        "response": "Paris is the capital of France. Bananas are yellow.",
+        "model": "tiny",
+        "adapter": "",
+    },
+    {
+        "prompt_id": "p1",
+        "sample_index": 1,
+        "prompt": "What is the capital of France?",
+        "response": "It is Lyon.",
+        "model": "tiny",
+        "adapter": "",
+    },
+    {
+        "prompt_id": "p2",
+        "sample_index": 0,
+        "prompt": "Name a primary colour.",
+        "response": "  Red, with spaces kept.  ",
+        "model": "tiny",
+        "adapter": "",
+    },
 ]
 
 
@@ -105,8 +124,12 @@ def test_up_twice_is_harmless_and_secrets_are_private(stack):
 def test_templates_build_valid_settings(owner):
     from feedback.argilla_templates import TemplateOptions, detect_kind, settings
 
-    for kind, marker in (("fine_grained", "spans"), ("verbal", "critique"), ("preference", "preference"),
-                         ("reaction", "reaction")):
+    for kind, marker in (
+        ("fine_grained", "spans"),
+        ("verbal", "critique"),
+        ("preference", "preference"),
+        ("reaction", "reaction"),
+    ):
         s = settings(TemplateOptions(kind=kind), owner)
         names = {q.name for q in s.questions}
         assert marker in names and detect_kind(names) == kind
@@ -119,8 +142,11 @@ def test_templates_build_valid_settings(owner):
 
 
 ANSWERS = {
-    "fine_grained": {"spans": [{"label": "irrelevant", "start": 32, "end": 51}],
-                     "corrected_response": "Paris is the capital of France. ", "missing_info": "the population"},
+    "fine_grained": {
+        "spans": [{"label": "irrelevant", "start": 32, "end": 51}],
+        "corrected_response": "Paris is the capital of France. ",
+        "missing_info": "the population",
+    },
     "verbal": {"critique": "Answer only the question.", "judgment": "needs_work", "scope": "geography questions"},
     "reaction": {"reaction": "love"},
 }
@@ -149,8 +175,14 @@ def test_roundtrip_single_reply_templates(owner, annotators, kind):
     rec = out.records[0].model_dump()
     assert rec["prompt"] == RESPONSES[0]["prompt"] and rec["response"] == RESPONSES[0]["response"]
     prov = rec["provenance"]
-    assert (prov["source"], prov["annotator"], prov["dataset"], prov["record_id"], prov["model"], prov["stage"]) == \
-        ("argilla", "ann-a", f"heedful/{name}", items[0].id, "tiny", "sample")
+    assert (prov["source"], prov["annotator"], prov["dataset"], prov["record_id"], prov["model"], prov["stage"]) == (
+        "argilla",
+        "ann-a",
+        f"heedful/{name}",
+        items[0].id,
+        "tiny",
+        "sample",
+    )
     assert prov["timestamp"].endswith("Z")
     if kind == "fine_grained":
         assert rec["spans"] == [{"start": 32, "end": 51, "label": "irrelevant", "text": "Bananas are yellow."}]
@@ -168,10 +200,15 @@ def test_roundtrip_preference_template(owner, annotators, question):
     from feedback.argilla_annotate import annotate
     from feedback.argilla_sync import pull
 
-    pairs = [{"prompt": [{"role": "user", "content": f"Q{i}?"}],
-              "chosen": [{"role": "assistant", "content": f"good {i}"}],
-              "rejected": [{"role": "assistant", "content": f"bad {i}"}], "source": "heuristic:keywords"}
-             for i in range(6)]
+    pairs = [
+        {
+            "prompt": [{"role": "user", "content": f"Q{i}?"}],
+            "chosen": [{"role": "assistant", "content": f"good {i}"}],
+            "rejected": [{"role": "assistant", "content": f"bad {i}"}],
+            "source": "heuristic:keywords",
+        }
+        for i in range(6)
+    ]
     name = f"rt-pref-{question}"
     _push(owner, name, "preference", pairs, preference_question=question)
 
@@ -181,8 +218,10 @@ def test_roundtrip_preference_template(owner, annotators, question):
             pick = "a" if task.fields["response_a"].startswith("good") else "b"
             if task.fields["prompt"] == "Q5?":
                 return {"preference": [{"value": "a", "rank": 1}, {"value": "b", "rank": 1}]}
-            return {"preference": [{"value": pick, "rank": 1}, {"value": "b" if pick == "a" else "a", "rank": 2}],
-                    "rationale": "more correct"}
+            return {
+                "preference": [{"value": pick, "rank": 1}, {"value": "b" if pick == "a" else "a", "rank": 2}],
+                "rationale": "more correct",
+            }
         if task.fields["prompt"] == "Q5?":
             return {"preference": "tie"}
         return {"preference": pick, "rationale": "more correct"}
@@ -206,8 +245,9 @@ def test_repush_creates_no_duplicates_and_keeps_responses(owner, annotators):
     second, _ = _push(owner, "repush", "reaction", RESPONSES)
     assert (first.created, first.updated) == (3, 0)
     assert (second.created, second.updated) == (0, 3)
-    found = api(owner, "POST", f"/api/v1/datasets/{first.dataset_id}/records/search", "count",
-                params={"include": ["responses"]}, json={})
+    found = api(
+        owner, "POST", f"/api/v1/datasets/{first.dataset_id}/records/search", "count", params={"include": ["responses"]}, json={}
+    )
     assert found["total"] == 3
     assert sum(len(i["record"].get("responses") or []) for i in found["items"]) == 1
 
@@ -220,11 +260,19 @@ def test_pull_stage_is_incremental_across_forced_reruns(owner, annotators, tmp_p
 
     data = tmp_path / "responses.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RESPONSES))
-    spec = {"run_name": "argilla", "model": "tiny", "stages": [
-        {"name": "push", "uses": "argilla_push", "inputs": {"records": str(data)},
-         "with": {"dataset": "incremental", "template": {"kind": "verbal"}}},
-        {"name": "pull", "uses": "argilla_pull", "inputs": {"pushed": "push.pushed"}, "with": {"accumulate": True}},
-    ]}
+    spec = {
+        "run_name": "argilla",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "push",
+                "uses": "argilla_push",
+                "inputs": {"records": str(data)},
+                "with": {"dataset": "incremental", "template": {"kind": "verbal"}},
+            },
+            {"name": "pull", "uses": "argilla_pull", "inputs": {"pushed": "push.pushed"}, "with": {"accumulate": True}},
+        ],
+    }
 
     def run(force=()):
         result = Runner(pipeline_from_dict(spec, tmp_path), tmp_path / "runs", use_ray=False, force=set(force)).execute()
@@ -260,9 +308,14 @@ def test_invalid_span_is_reported_with_the_record_id(owner, annotators):
     opts = TemplateOptions(kind="fine_grained")
     long = PushItem(id="changed-reply", prompt="Q?", response="A long answer that will be cut short later.")
     push_items(owner, "badspan", "heedful", opts, [long, PushItem(id="fine", prompt="Q2?", response="Fine.")])
-    annotate("badspan", lambda t: {"spans": [{"label": "redundant", "start": len(t.fields["response"]) - 5,
-                                              "end": len(t.fields["response"])}],
-                                   "corrected_response": "x"}, client=annotators["ann-a"]["client"])
+    annotate(
+        "badspan",
+        lambda t: {
+            "spans": [{"label": "redundant", "start": len(t.fields["response"]) - 5, "end": len(t.fields["response"])}],
+            "corrected_response": "x",
+        },
+        client=annotators["ann-a"]["client"],
+    )
     push_items(owner, "badspan", "heedful", opts, [long.model_copy(update={"response": "Cut short."})])
     with pytest.raises(DataError, match=r"record changed-reply: spans\[0\] \[38, 43\)") as err:
         pull(owner, "badspan", "heedful")
@@ -279,8 +332,14 @@ def test_annotator_on_owner_action_gets_a_clear_error(stack, annotators, tmp_pat
     env = dict(os.environ, ARGILLA_API_KEY=annotators["ann-a"]["key"], HEEDFUL_ARGILLA_HOME=str(stack.home))
     sample = tmp_path / "one.json"
     sample.write_text(json.dumps(json.loads((SHARED_DATA / "qa_feedback" / "feedback_400.json").read_text())[:1]))
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "argilla", "import-qa", str(sample)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "argilla", "import-qa", str(sample)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert "forbidden (403)" in out and "owner or admin" in out
@@ -291,17 +350,23 @@ def test_find_similar_works_on_osmem(owner):
     """osmem has no knn: the `osmem` engine computes cosine similarity itself."""
     import argilla as rg
 
-    ds = rg.Dataset(name="similar", workspace="heedful", client=owner, settings=rg.Settings(
-        fields=[rg.TextField(name="text", client=owner)],
-        questions=[rg.LabelQuestion(name="l", labels=["x", "y"], client=owner)],
-        vectors=[rg.VectorField(name="emb", dimensions=3, _client=owner)])).create()
+    ds = rg.Dataset(
+        name="similar",
+        workspace="heedful",
+        client=owner,
+        settings=rg.Settings(
+            fields=[rg.TextField(name="text", client=owner)],
+            questions=[rg.LabelQuestion(name="l", labels=["x", "y"], client=owner)],
+            vectors=[rg.VectorField(name="emb", dimensions=3, _client=owner)],
+        ),
+    ).create()
     vecs = {"east": [1.0, 0.0, 0.0], "north-east": [0.7, 0.7, 0.0], "north": [0.0, 1.0, 0.0], "west": [-1.0, 0.0, 0.0]}
     ds.records.log([rg.Record(id=k, fields={"text": k}, vectors={"emb": v}) for k, v in vecs.items()])
     hits = list(ds.records(query=rg.Query(similar=rg.Similar(name="emb", value=[1.0, 0.1, 0.0])), limit=4))
     order = [rec.id for rec, _score in hits]
     assert order == ["east", "north-east", "north", "west"]
     scores = [score for _rec, score in hits]
-    assert scores[0] == pytest.approx((1 + 1 / (1.01 ** 0.5)) / 2, abs=1e-4) and scores[-1] < 0.05
+    assert scores[0] == pytest.approx((1 + 1 / (1.01**0.5)) / 2, abs=1e-4) and scores[-1] < 0.05
 
 
 def test_qa_feedback_import_roundtrips_exactly(owner):
@@ -345,16 +410,25 @@ def test_browser_annotator_submits_a_span(stack, owner, annotators, tmp_path):
     from feedback.argilla_sync import pull
 
     res, _ = _push(owner, "browser", "fine_grained", RESPONSES[:1])
-    env = dict(os.environ, ARGILLA_URL=stack.url, ARGILLA_USER="ann-b", ARGILLA_PASSWORD=annotators["ann-b"]["password"],
-               DATASET_URL=res.url, LABEL="unverifiable", PHRASE="Bananas are yellow.",
-               SCREENSHOT=str(tmp_path / "submitted.png"))
-    proc = subprocess.run(["node", str(BROWSER_DIR / "annotate_span.js")], capture_output=True, text=True, env=env,
-                          cwd=BROWSER_DIR, timeout=180)
+    env = dict(
+        os.environ,
+        ARGILLA_URL=stack.url,
+        ARGILLA_USER="ann-b",
+        ARGILLA_PASSWORD=annotators["ann-b"]["password"],
+        DATASET_URL=res.url,
+        LABEL="unverifiable",
+        PHRASE="Bananas are yellow.",
+        SCREENSHOT=str(tmp_path / "submitted.png"),
+    )
+    proc = subprocess.run(
+        ["node", str(BROWSER_DIR / "annotate_span.js")], capture_output=True, text=True, env=env, cwd=BROWSER_DIR, timeout=180
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = pull(owner, "browser", "heedful")
     assert [r.provenance.annotator for r in out.records] == ["ann-b"]
     assert [s.model_dump() for s in out.records[0].spans] == [
-        {"start": 32, "end": 51, "label": "unverifiable", "text": "Bananas are yellow."}]
+        {"start": 32, "end": 51, "label": "unverifiable", "text": "Bananas are yellow."}
+    ]
     assert out.records[0].corrected_response == RESPONSES[0]["response"]  # the pre-filled suggestion, submitted
 
 

@@ -23,8 +23,9 @@ def test_qa_feedback_items_carry_human_feedback_as_responses():
     assert spans[0].context.startswith("**Bloom (Troye Sivan album)**")
     prefs = to_items(rows, "preference", "qa_feedback", {})
     assert len(prefs) == 18 and prefs[0].id == "qa0000-1v2"
-    assert [p.responses[0]["values"]["preference"] for p in prefs[:6]] == \
-        [{1: "a", 2: "b", 0: "tie"}[v] for v in rows[0]["preference"]]
+    assert [p.responses[0]["values"]["preference"] for p in prefs[:6]] == [
+        {1: "a", 2: "b", 0: "tie"}[v] for v in rows[0]["preference"]
+    ]
     assert prefs[1].response_a == rows[0]["prediction 1"] and prefs[1].response_b == rows[0]["prediction 3"]
 
 
@@ -66,10 +67,15 @@ def test_span_check_reports_the_record():
     from feedback.argilla_templates import InvalidSpan, check_spans
 
     text = "Paris is big."
-    assert check_spans([{"label": "redundant", "start": 9, "end": 12}, {"label": "irrelevant", "start": 0, "end": 5}],
-                       text, ["redundant", "irrelevant"], "r1") == [
+    assert check_spans(
+        [{"label": "redundant", "start": 9, "end": 12}, {"label": "irrelevant", "start": 0, "end": 5}],
+        text,
+        ["redundant", "irrelevant"],
+        "r1",
+    ) == [
         {"start": 0, "end": 5, "label": "irrelevant", "text": "Paris"},
-        {"start": 9, "end": 12, "label": "redundant", "text": "big"}]
+        {"start": 9, "end": 12, "label": "redundant", "text": "big"},
+    ]
     with pytest.raises(InvalidSpan, match=r"record r7: spans\[0\] \[10, 20\)"):
         check_spans([{"label": "redundant", "start": 10, "end": 20}], text, None, "r7")
     with pytest.raises(InvalidSpan, match="label 'typo' is not one of"):
@@ -115,8 +121,7 @@ def test_stage_configs_validate_and_reject_unknown_keys():
     from stages.argilla_pull import ArgillaPullConfig
     from stages.argilla_push import ArgillaPushConfig
 
-    cfg = ArgillaPushConfig.model_validate({"dataset": "d", "template": {"kind": "preference",
-                                                                        "preference_question": "ranking"}})
+    cfg = ArgillaPushConfig.model_validate({"dataset": "d", "template": {"kind": "preference", "preference_question": "ranking"}})
     assert cfg.template.kind == "preference" and cfg.argilla.workspace == "heedful"
     with pytest.raises(ValidationError):
         ArgillaPushConfig.model_validate({"dataset": "d", "template": {"kind": "stars"}})

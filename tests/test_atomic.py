@@ -18,8 +18,13 @@ def test_kill_mid_dpo_then_resume(tmp_path, tiny_model_path):
     data["run_name"] = "killed"
     config = write_yaml(tmp_path / "p.yaml", data)
     runs = tmp_path / "runs"
-    proc = subprocess.Popen(heedful_cmd() + ["run", str(config), "--no-ray", "--runs-dir", str(runs)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        heedful_cmd() + ["run", str(config), "--no-ray", "--runs-dir", str(runs)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     staging = runs / "killed" / ".staging" / "align" / "checkpoints"
     deadline = time.time() + 240
     try:
@@ -35,6 +40,18 @@ def test_kill_mid_dpo_then_resume(tmp_path, tiny_model_path):
     assert not (run_dir / "align").exists(), "a killed stage must not leave a committed output"
     assert not (run_dir / "ship").exists()
     assert (run_dir / "pairs" / "manifest.json").is_file()
+    # `heedful status` sees the driver is gone: the run and its stage read interrupted (not running), resumable
+    status = subprocess.run(
+        heedful_cmd() + ["status", "killed", "--runs-dir", str(runs)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+        timeout=120,
+    )
+    align = next(line for line in status.stdout.splitlines() if "│ align" in line)
+    assert "interrupted" in align and "running" not in align and "rerun resumes" in align, status.stdout
+    assert "run status: interrupted" in status.stdout and "pending" not in align, status.stdout
 
     result = Runner(pipeline_from_dict(data, tmp_path), runs, use_ray=False).execute()
     assert result.ok
@@ -60,8 +77,13 @@ def test_generation_resumes_after_kill_with_identical_output(tmp_path, tiny_mode
     assert clean.ok
 
     config = write_yaml(tmp_path / "g.yaml", sample_only("killed"))
-    proc = subprocess.Popen(heedful_cmd() + ["run", str(config), "--no-ray", "--runs-dir", str(tmp_path / "runs")],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        heedful_cmd() + ["run", str(config), "--no-ray", "--runs-dir", str(tmp_path / "runs")],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     partial = tmp_path / "runs" / "killed" / ".staging" / "sample" / "partial"
     deadline = time.time() + 120
     try:

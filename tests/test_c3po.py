@@ -13,14 +13,16 @@ from pipeline.config import pipeline_from_dict
 from pipeline.records import load_rows, write_jsonl
 from pipeline.runner import Runner
 from trainers.c3po import C3POCollator, build_examples, c3po_loss, completion_nll, dpo_loss, kl_to_reference
+from trainers.c3po_config import C3POConfig
 
-FEEDBACK = "When I ask about cooking, start your answer with \"Chef's tip:\"."
+FEEDBACK = 'When I ask about cooking, start your answer with "Chef\'s tip:".'
 METRIC = {"kind": "starts_with", "value": "Chef's tip:"}
 
 
 def test_dpo_term_by_hand():
-    losses, chosen, rejected = dpo_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0]),
-                                        torch.tensor([-1.5, -2.0]), torch.tensor([-2.5, -1.5]), beta=0.1)
+    losses, chosen, rejected = dpo_loss(
+        torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0]), torch.tensor([-1.5, -2.0]), torch.tensor([-2.5, -1.5]), beta=0.1
+    )
     # pair 1: rewards 0.1*0.5 = 0.05 and 0.1*(-0.5) = -0.05 -> -log sigmoid(0.1)
     # pair 2: rewards 0 and 0.1*0.5 = 0.05 -> -log sigmoid(-0.05)
     assert chosen.tolist() == pytest.approx([0.05, 0.0])
@@ -31,39 +33,61 @@ def test_dpo_term_by_hand():
 def test_nll_term_by_hand():
     logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -4.0, -9.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    assert completion_nll(logps, mask).item() == pytest.approx(((1 + 2) + 0.5) / 2)  # per reply, mean of replies
+    assert completion_nll(logps, mask, "sequence").item() == pytest.approx(((1 + 2) + 0.5) / 2)  # per reply, mean of replies
     assert completion_nll(logps, mask, "token").item() == pytest.approx((1 + 2 + 0.5) / 3)
 
 
 def test_kl_term_by_hand():
-    ref = torch.tensor([[[0.0, 0.0], [5.0, 1.0]]])            # position 0: p = (1/2, 1/2)
+    ref = torch.tensor([[[0.0, 0.0], [5.0, 1.0]]])  # position 0: p = (1/2, 1/2)
     pol = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])  # position 0: q = (3/4, 1/4)
-    mask = torch.tensor([[1.0, 0.0]])                         # position 1 is not a completion position
+    mask = torch.tensor([[1.0, 0.0]])  # position 1 is not a completion position
     expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
-    assert kl_to_reference(pol, ref, mask).item() == pytest.approx(expected, rel=1e-6)
-    two = kl_to_reference(pol.repeat(2, 1, 1), ref.repeat(2, 1, 1), torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    assert kl_to_reference(pol, ref, mask, 1.0, "sequence").item() == pytest.approx(expected, rel=1e-6)
+    two = kl_to_reference(pol.repeat(2, 1, 1), ref.repeat(2, 1, 1), torch.tensor([[1.0, 0.0], [1.0, 1.0]]), 1.0, "sequence")
     p1 = [math.exp(5) / (math.exp(5) + math.e), math.e / (math.exp(5) + math.e)]  # position 1 vs q = (1/2, 1/2)
     row2 = expected + sum(pi * math.log(pi / 0.5) for pi in p1)
     assert two.item() == pytest.approx((expected + row2) / 2, rel=1e-5)
-    assert kl_to_reference(pol.repeat(2, 1, 1), ref.repeat(2, 1, 1), torch.tensor([[1.0, 0.0], [1.0, 1.0]]), reduction="token").item() \
-        == pytest.approx((expected + row2) / 3, rel=1e-5)
+    assert kl_to_reference(
+        pol.repeat(2, 1, 1), ref.repeat(2, 1, 1), torch.tensor([[1.0, 0.0], [1.0, 1.0]]), 1.0, reduction="token"
+    ).item() == pytest.approx((expected + row2) / 3, rel=1e-5)
     q = [math.sqrt(3) / (1 + math.sqrt(3)), 1 / (1 + math.sqrt(3))]  # softmax of logits / 2
     expected_t2 = 4 * sum(0.5 * math.log(0.5 / qi) for qi in q)
-    assert kl_to_reference(pol, ref, mask, temperature=2.0).item() == pytest.approx(expected_t2, rel=1e-6)
-    assert kl_to_reference(ref, ref, torch.ones(1, 2)).item() == pytest.approx(0.0, abs=1e-7)
+    assert kl_to_reference(pol, ref, mask, temperature=2.0, reduction="sequence").item() == pytest.approx(expected_t2, rel=1e-6)
+    assert kl_to_reference(ref, ref, torch.ones(1, 2), 1.0, "sequence").item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_total_loss_by_hand():
-    total = c3po_loss(torch.tensor([0.6, 0.8]), out_of_scope=torch.tensor(2.0), near_scope=torch.tensor(3.0))
-    assert total.item() == pytest.approx(0.7 + 0.2 * 2.0 + 0.1 * 3.0)  # defaults sigma_soft 0.2, sigma_hard 0.1
+    defaults = C3POConfig()
+    total = c3po_loss(
+        torch.tensor([0.6, 0.8]),
+        out_of_scope=torch.tensor(2.0),
+        near_scope=torch.tensor(3.0),
+        sigma_soft=defaults.sigma_soft,
+        sigma_hard=defaults.sigma_hard,
+    )
+    assert total.item() == pytest.approx(0.7 + 0.2 * 2.0 + 0.1 * 3.0)  # the paper's sigma_soft 0.2, sigma_hard 0.1
 
 
 def _rows():
-    in_scope = [{"prompt": "How do I boil an egg?", "baseline": "Boil it for seven minutes.", "revised": "Chef's tip: boil it for seven minutes."},
-                {"prompt": "How do I cook rice?", "baseline": "Use two cups of water per cup.", "baseline_finished": False,
-                 "revised": "Chef's tip: use two cups of water.", "revised_finished": False}]
+    in_scope = [
+        {
+            "prompt": "How do I boil an egg?",
+            "baseline": "Boil it for seven minutes.",
+            "revised": "Chef's tip: boil it for seven minutes.",
+        },
+        {
+            "prompt": "How do I cook rice?",
+            "baseline": "Use two cups of water per cup.",
+            "baseline_finished": False,
+            "revised": "Chef's tip: use two cups of water.",
+            "revised_finished": False,
+        },
+    ]
     near = [{"prompt": "How many calories are in a banana?", "baseline": "About one hundred."}]
-    out = [{"prompt": "What is the capital of Peru?", "baseline": "Lima."}, {"prompt": "Why is the sky blue?", "baseline": "Scattering."}]
+    out = [
+        {"prompt": "What is the capital of Peru?", "baseline": "Lima."},
+        {"prompt": "Why is the sky blue?", "baseline": "Scattering."},
+    ]
     return in_scope, near, out
 
 
@@ -101,8 +125,13 @@ def test_trainer_loss_matches_unbatched_computation(tmp_path, tiny_model_path, r
     in_scope, near, out = _rows()
     examples = build_examples(tok, in_scope, near, out, max_length=64)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", **device_policy().trainer_kwargs())
-    trainer = C3POTrainer(model=model, args=args, train_dataset=examples, data_collator=C3POCollator(tok.pad_token_id),
-                          beta=0.1, sigma_soft=0.2, sigma_hard=0.1, regularizer=regularizer, reduction=reduction)
+    trainer = C3POTrainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        data_collator=C3POCollator(tok.pad_token_id),
+        method=C3POConfig(beta=0.1, sigma_soft=0.2, sigma_hard=0.1, regularizer=regularizer, reduction=reduction),
+    )
     model.eval()
     batch = C3POCollator(tok.pad_token_id)(examples)
     with torch.no_grad():
@@ -117,9 +146,15 @@ def test_trainer_loss_matches_unbatched_computation(tmp_path, tiny_model_path, r
     dpo, near_tokens, out_tokens, near_kl, out_kl = [], [], [], [], []  # one list of token values per reply
     with torch.no_grad():
         for ex in examples:
-            pc, pr = seq(model, ex["chosen_prompt"], ex["chosen_completion"])[0].sum(), seq(model, ex["rejected_prompt"], ex["rejected_completion"])[0].sum()
+            pc, pr = (
+                seq(model, ex["chosen_prompt"], ex["chosen_completion"])[0].sum(),
+                seq(model, ex["rejected_prompt"], ex["rejected_completion"])[0].sum(),
+            )
             with model.disable_adapter():
-                rc, rr = seq(model, ex["chosen_prompt"], ex["chosen_completion"])[0].sum(), seq(model, ex["rejected_prompt"], ex["rejected_completion"])[0].sum()
+                rc, rr = (
+                    seq(model, ex["chosen_prompt"], ex["chosen_completion"])[0].sum(),
+                    seq(model, ex["rejected_prompt"], ex["rejected_completion"])[0].sum(),
+                )
             dpo.append(-torch.nn.functional.logsigmoid(0.1 * ((pc - rc) - (pr - rr))))
             for role, tokens, kls in (("near", near_tokens, near_kl), ("out", out_tokens, out_kl)):
                 logp, logits = seq(model, ex[f"{role}_prompt"], ex[f"{role}_completion"])
@@ -134,7 +169,9 @@ def test_trainer_loss_matches_unbatched_computation(tmp_path, tiny_model_path, r
             return sum(map(sum, per_reply)) / sum(map(len, per_reply))
         return sum(map(sum, per_reply)) / len(per_reply)
 
-    near_term, out_term = (reduced(near_tokens), reduced(out_tokens)) if regularizer == "nll" else (reduced(near_kl), reduced(out_kl))
+    near_term, out_term = (
+        (reduced(near_tokens), reduced(out_tokens)) if regularizer == "nll" else (reduced(near_kl), reduced(out_kl))
+    )
     assert near_term > 0
     expected = torch.stack(dpo).mean().item() + 0.2 * out_term + 0.1 * near_term
     assert loss == pytest.approx(expected, rel=1e-4)
@@ -157,17 +194,43 @@ def path_to_demo_prompts():
 
 def test_c3po_stages_on_tiny(tmp_path, tiny_model_path):
     prompts = scoped_prompts(tmp_path / "prompts.jsonl")
-    train = {"max_steps": 6, "per_device_train_batch_size": 2, "max_length": 64, "learning_rate": 5e-3,
-             "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
-    pipe = {"run_name": "c3po-tiny", "model": "tiny", "stages": [
-        {"name": "data", "uses": "c3po_data", "inputs": {"prompts": str(prompts)},
-         "with": {"feedback": FEEDBACK, "metric": METRIC, "reviser": "template", "revision_template": "Chef's tip: {response}",
-                  "baseline_sampling": {"max_new_tokens": 8}}},
-        {"name": "align", "uses": "c3po", "inputs": {"data": "data.train", "eval_prompts": "data.eval_prompts"},
-         "with": {**train, "evaluation": {"sampling": {"max_new_tokens": 6, "temperature": 0.0}}}},
-        {"name": "check", "uses": "evaluate_feedback", "inputs": {"prompts": "data.eval_prompts", "adapter": "align.adapter"},
-         "with": {"conditions": ["trained"], "sampling": {"max_new_tokens": 6, "temperature": 0.0}}},
-    ]}
+    train = {
+        "max_steps": 6,
+        "per_device_train_batch_size": 2,
+        "max_length": 64,
+        "learning_rate": 5e-3,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    }
+    pipe = {
+        "run_name": "c3po-tiny",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "data",
+                "uses": "c3po_data",
+                "inputs": {"prompts": str(prompts)},
+                "with": {
+                    "feedback": FEEDBACK,
+                    "metric": METRIC,
+                    "reviser": "template",
+                    "revision_template": "Chef's tip: {response}",
+                    "baseline_sampling": {"max_new_tokens": 8},
+                },
+            },
+            {
+                "name": "align",
+                "uses": "c3po",
+                "inputs": {"data": "data.train", "eval_prompts": "data.eval_prompts"},
+                "with": {**train, "evaluation": {"sampling": {"max_new_tokens": 6, "temperature": 0.0}}},
+            },
+            {
+                "name": "check",
+                "uses": "evaluate_feedback",
+                "inputs": {"prompts": "data.eval_prompts", "adapter": "align.adapter"},
+                "with": {"conditions": ["trained"], "sampling": {"max_new_tokens": 6, "temperature": 0.0}},
+            },
+        ],
+    }
     result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
     run = result.run_dir
@@ -186,7 +249,13 @@ def test_c3po_stages_on_tiny(tmp_path, tiny_model_path):
     margins = [row["rewards/margins"] for row in curves if "rewards/margins" in row]
     assert margins[-1] > margins[0]
     metrics = json.loads((run / "align" / "manifest.json").read_text())["metrics"]
-    for key in ("adherence/base", "adherence/in_context", "adherence/trained", "overgen_near/trained", "overgen_out_vs_base/trained"):
+    for key in (
+        "adherence/base",
+        "adherence/in_context",
+        "adherence/trained",
+        "overgen_near/trained",
+        "overgen_out_vs_base/trained",
+    ):
         assert key in metrics
     evaluation = load_rows(run / "align" / "evaluation")
     assert {r["condition"] for r in evaluation} == {"base", "in_context", "trained"}
@@ -202,9 +271,18 @@ def test_c3po_stages_on_tiny(tmp_path, tiny_model_path):
 
 def test_c3po_data_rejects_bad_scope(tmp_path, tiny_model_path):
     write_jsonl([{"prompt": "hi", "scope": "in-scope"}], tmp_path / "bad.jsonl")
-    pipe = {"run_name": "bad", "model": "tiny", "stages": [
-        {"name": "data", "uses": "c3po_data", "inputs": {"prompts": str(tmp_path / "bad.jsonl")},
-         "with": {"feedback": FEEDBACK, "reviser": "template", "revision_template": "X {response}"}}]}
+    pipe = {
+        "run_name": "bad",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "data",
+                "uses": "c3po_data",
+                "inputs": {"prompts": str(tmp_path / "bad.jsonl")},
+                "with": {"feedback": FEEDBACK, "reviser": "template", "revision_template": "X {response}"},
+            }
+        ],
+    }
     result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert not result.ok
     assert "bad.jsonl row 0: field 'scope'" in result.records[0].error
@@ -214,10 +292,40 @@ def test_feedback_comes_from_config_or_one_verbal_record(tmp_path):
     from stages.c3po_data import C3poDataConfig, pick_feedback
 
     prov = {"source": "convsim", "timestamp": "2024-01-01T00:00:00Z"}
-    write_jsonl([{"id": "a", "prompt": "p", "response": "r", "critique": "Use British spelling.", "scope": "emails to UK customers",
-                  "kind": "verbal", "provenance": prov},
-                 {"id": "b", "prompt": "p", "response": "r", "critique": "Be brief.", "kind": "verbal", "provenance": prov}], tmp_path / "fb.jsonl")
+    write_jsonl(
+        [
+            {
+                "id": "a",
+                "prompt": "p",
+                "response": "r",
+                "critique": "Use British spelling.",
+                "scope": "emails to UK customers",
+                "kind": "verbal",
+                "provenance": prov,
+            },
+            {"id": "b", "prompt": "p", "response": "r", "critique": "Be brief.", "kind": "verbal", "provenance": prov},
+        ],
+        tmp_path / "fb.jsonl",
+    )
     assert pick_feedback(C3poDataConfig(feedback="Be kind."), None) == ("Be kind.", None)
-    assert pick_feedback(C3poDataConfig(feedback_id="a"), tmp_path / "fb.jsonl") == ("Use British spelling.", "emails to UK customers")
+    assert pick_feedback(C3poDataConfig(feedback_id="a"), tmp_path / "fb.jsonl") == (
+        "Use British spelling.",
+        "emails to UK customers",
+    )
     with pytest.raises(ValueError, match="2 different feedbacks; C3PO learns one at a time"):
         pick_feedback(C3poDataConfig(), tmp_path / "fb.jsonl")
+
+
+def test_local_generator_runs_with_or_without_the_adapter_as_configured(tiny_model_path):
+    """c3po_data's local generator is the current policy (base + `adapter`) by default; with
+    `generator_adapter: false` it loads the base model instead."""
+    from pipeline.llm import build_client
+    from stages.c3po_data import C3poDataConfig, local_generator_model
+
+    policy = object()  # stands for the loaded base + adapter model
+    assert local_generator_model(C3poDataConfig(), "adapter-dir", policy) is policy
+    assert local_generator_model(C3poDataConfig(generator_adapter=False), None, policy) is policy  # no adapter: same model
+    cfg = C3poDataConfig(generator_adapter=False)
+    assert local_generator_model(cfg, "adapter-dir", policy) is None
+    generator = build_client(cfg.generator, "tiny", "cpu", local_generator_model(cfg, "adapter-dir", policy))
+    assert generator.model is not policy and not hasattr(generator.model, "peft_config")  # the base, loaded afresh

@@ -11,8 +11,8 @@ import torch
 from pipeline.config import pipeline_from_dict
 from pipeline.records import load_rows, write_jsonl
 from pipeline.runner import Runner
-from trainers.coh import (CoHCollator, build_chain, build_examples, chains_from_feedback, cut_at_phrases,
-                          forgetful_causal_mask)
+from trainers.coh import CoHCollator, build_chain, build_examples, chains_from_feedback, cut_at_phrases, forgetful_causal_mask
+from trainers.coh_config import CoHConfig
 
 
 def test_chain_label_mask_by_hand():
@@ -43,18 +43,41 @@ def test_forgetful_causal_mask():
 
 
 def test_cut_at_phrases():
-    assert cut_at_phrases(" Paris is the capital.\nAn unhelpful answer: Rome", ["An unhelpful answer:"]) == "Paris is the capital."
+    assert (
+        cut_at_phrases(" Paris is the capital.\nAn unhelpful answer: Rome", ["An unhelpful answer:"]) == "Paris is the capital."
+    )
     assert cut_at_phrases(" Paris.", ["A bad answer:"]) == "Paris."
 
 
 def test_chains_from_feedback_use_critique_as_phrase():
     prov = {"source": "test"}
-    records = [{"prompt": "Capital of Peru?", "response": "Lima.", "critique": "Correct and short.", "judgment": "good", "provenance": prov},
-               {"prompt": "Capital of Peru?", "response": "Cusco.", "critique": "Wrong city.", "judgment": "needs_work", "provenance": prov},
-               {"prompt": "Why?", "response": "Because.", "critique": "Vague.", "judgment": None, "provenance": prov}]
+    records = [
+        {
+            "prompt": "Capital of Peru?",
+            "response": "Lima.",
+            "critique": "Correct and short.",
+            "judgment": "good",
+            "provenance": prov,
+        },
+        {
+            "prompt": "Capital of Peru?",
+            "response": "Cusco.",
+            "critique": "Wrong city.",
+            "judgment": "needs_work",
+            "provenance": prov,
+        },
+        {"prompt": "Why?", "response": "Because.", "critique": "Vague.", "judgment": None, "provenance": prov},
+    ]
     chains = chains_from_feedback(records, feedback_as_phrase=True)
-    assert chains == [{"prompt": "Capital of Peru?", "positive": "Lima.", "negative": "Cusco.",
-                       "positive_phrase": "Feedback: Correct and short.\nAnswer:", "negative_phrase": "Feedback: Wrong city.\nAnswer:"}]
+    assert chains == [
+        {
+            "prompt": "Capital of Peru?",
+            "positive": "Lima.",
+            "negative": "Cusco.",
+            "positive_phrase": "Feedback: Correct and short.\nAnswer:",
+            "negative_phrase": "Feedback: Wrong city.\nAnswer:",
+        }
+    ]
 
 
 def test_collator_orders_randomly_and_masks_replies_only(tiny_model_path):
@@ -76,7 +99,7 @@ def test_collator_orders_randomly_and_masks_replies_only(tiny_model_path):
         # only the two replies (and the closing end-of-turn) carry loss; phrases and prompt do not
         assert sorted(learned.replace(tok.eos_token, "").split()) == sorted("Lima is the capital. Bananas are yellow.".split())
         assert learned.endswith(tok.eos_token)
-        assert any(p in text for pair in collator.phrase_pairs for p in pair)
+        assert any(p in text for pair in collator.method.phrase_pairs for p in pair)
     assert orders == {"pn", "np"}
 
 
@@ -88,12 +111,18 @@ def test_trainer_loss_and_pretraining_term(tmp_path, tiny_model_path):
     from trainers.coh import CoHTrainer
 
     tok = load_tokenizer("tiny", padding_side="right")
-    model = get_peft_model(load_causal_lm("tiny"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")).eval()
-    chains = [{"prompt": "Capital of Peru?", "positive": "Lima.", "negative": "Cusco, I think."},
-              {"prompt": "Capital of Italy?", "positive": "Rome.", "negative": ""}]
+    model = get_peft_model(
+        load_causal_lm("tiny"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    ).eval()
+    chains = [
+        {"prompt": "Capital of Peru?", "positive": "Lima.", "negative": "Cusco, I think."},
+        {"prompt": "Capital of Italy?", "positive": "Rome.", "negative": ""},
+    ]
     examples = build_examples(tok, chains, pretraining=["The quick brown fox jumps over the lazy dog."])
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", **device_policy().trainer_kwargs())
-    trainer = CoHTrainer(model=model, args=args, train_dataset=examples, data_collator=CoHCollator(tok, 128), pretrain_weight=0.5)
+    trainer = CoHTrainer(
+        model=model, args=args, train_dataset=examples, data_collator=CoHCollator(tok, 128), method=CoHConfig(pretrain_weight=0.5)
+    )
     torch.manual_seed(1)
     batch = CoHCollator(tok, 128)(examples)
     with torch.no_grad():
@@ -110,22 +139,50 @@ def test_trainer_loss_and_pretraining_term(tmp_path, tiny_model_path):
 
 
 def test_coh_stage_on_tiny_and_inference_phrase(tmp_path, tiny_model_path):
-    prefs = [{"prompt": [{"role": "user", "content": f"What is the capital of {c}?"}],
-              "chosen": [{"role": "assistant", "content": f"The capital of {c} is {t}."}],
-              "rejected": [{"role": "assistant", "content": "I like trains."}]}
-             for c, t in [("France", "Paris"), ("Peru", "Lima"), ("Italy", "Rome"), ("Japan", "Tokyo")]]
+    prefs = [
+        {
+            "prompt": [{"role": "user", "content": f"What is the capital of {c}?"}],
+            "chosen": [{"role": "assistant", "content": f"The capital of {c} is {t}."}],
+            "rejected": [{"role": "assistant", "content": "I like trains."}],
+        }
+        for c, t in [("France", "Paris"), ("Peru", "Lima"), ("Italy", "Rome"), ("Japan", "Tokyo")]
+    ]
     write_jsonl(prefs, tmp_path / "prefs.jsonl")
     write_jsonl([{"text": "Water boils at one hundred degrees Celsius at sea level."}], tmp_path / "pt.jsonl")
-    write_jsonl([{"prompt": "What is the capital of Chile?", "scope": "in_scope"},
-                 {"prompt": "Name a fruit.", "scope": "out_of_scope"}], tmp_path / "eval.jsonl")
-    pipe = {"run_name": "coh-tiny", "model": "tiny", "stages": [
-        {"name": "hindsight", "uses": "coh", "inputs": {"preferences": str(tmp_path / "prefs.jsonl"), "pretraining": str(tmp_path / "pt.jsonl")},
-         "with": {"max_steps": 8, "per_device_train_batch_size": 2, "max_length": 96, "learning_rate": 5e-3,
-                  "fcm_max_ratio": 0.15, "pretrain_weight": 0.1, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}},
-        {"name": "check", "uses": "evaluate_feedback", "inputs": {"prompts": str(tmp_path / "eval.jsonl"), "adapter": "hindsight.adapter"},
-         "with": {"feedback": "Name the capital.", "metric": {"kind": "contains", "value": "capital"},
-                  "sampling": {"max_new_tokens": 8, "temperature": 0.0}}},
-    ]}
+    write_jsonl(
+        [{"prompt": "What is the capital of Chile?", "scope": "in_scope"}, {"prompt": "Name a fruit.", "scope": "out_of_scope"}],
+        tmp_path / "eval.jsonl",
+    )
+    pipe = {
+        "run_name": "coh-tiny",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "hindsight",
+                "uses": "coh",
+                "inputs": {"preferences": str(tmp_path / "prefs.jsonl"), "pretraining": str(tmp_path / "pt.jsonl")},
+                "with": {
+                    "max_steps": 8,
+                    "per_device_train_batch_size": 2,
+                    "max_length": 96,
+                    "learning_rate": 5e-3,
+                    "fcm_max_ratio": 0.15,
+                    "pretrain_weight": 0.1,
+                    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                },
+            },
+            {
+                "name": "check",
+                "uses": "evaluate_feedback",
+                "inputs": {"prompts": str(tmp_path / "eval.jsonl"), "adapter": "hindsight.adapter"},
+                "with": {
+                    "feedback": "Name the capital.",
+                    "metric": {"kind": "contains", "value": "capital"},
+                    "sampling": {"max_new_tokens": 8, "temperature": 0.0},
+                },
+            },
+        ],
+    }
     result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
     run = result.run_dir
@@ -164,19 +221,21 @@ def test_training_teaches_the_feedback_phrases(tmp_path, tiny_model_path):
     negative phrase does, and the other way round for the bad reply (it was not so before)."""
     from transformers import TrainingArguments
 
+    from pipeline.chat import render_ids
     from pipeline.models import device_policy, load_causal_lm, load_tokenizer
     from trainers.coh import CoHTrainer
-    from trainers.sequences import render_prompt_ids
 
     tok = load_tokenizer("tiny", padding_side="right")
-    chains = [{"prompt": f"What is the capital of {c}?", "positive": f"The capital of {c} is {t}.", "negative": "I like trains."}
-              for c, t in [("France", "Paris"), ("Peru", "Lima"), ("Italy", "Rome"), ("Japan", "Tokyo")]]
+    chains = [
+        {"prompt": f"What is the capital of {c}?", "positive": f"The capital of {c} is {t}.", "negative": "I like trains."}
+        for c, t in [("France", "Paris"), ("Peru", "Lima"), ("Italy", "Rome"), ("Japan", "Tokyo")]
+    ]
     torch.manual_seed(0)
     model = load_causal_lm("tiny")  # every weight trains: the random model learns in a few steps
     pairs = [("A helpful answer:", "An unhelpful answer:")]  # one pair, so the check below is the trained one
 
     def reply_logp(prompt, phrase, reply):
-        context = render_prompt_ids(tok, prompt) + tok(phrase, add_special_tokens=False)["input_ids"]
+        context = render_ids(tok, prompt) + tok(phrase, add_special_tokens=False)["input_ids"]
         target = tok(" " + reply, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([context + target])
         with torch.no_grad():
@@ -184,17 +243,37 @@ def test_training_teaches_the_feedback_phrases(tmp_path, tiny_model_path):
         return logp[len(context) - 1 :].sum().item()
 
     def preference_gaps():  # on a training prompt: does the phrase select the kind of reply?
-        example = {"prompt": "What is the capital of Peru?", "positive": "The capital of Peru is Lima.", "negative": "I like trains."}
-        good = reply_logp(example["prompt"], pairs[0][0], example["positive"]) - reply_logp(example["prompt"], pairs[0][1], example["positive"])
-        bad = reply_logp(example["prompt"], pairs[0][1], example["negative"]) - reply_logp(example["prompt"], pairs[0][0], example["negative"])
+        example = {
+            "prompt": "What is the capital of Peru?",
+            "positive": "The capital of Peru is Lima.",
+            "negative": "I like trains.",
+        }
+        good = reply_logp(example["prompt"], pairs[0][0], example["positive"]) - reply_logp(
+            example["prompt"], pairs[0][1], example["positive"]
+        )
+        bad = reply_logp(example["prompt"], pairs[0][1], example["negative"]) - reply_logp(
+            example["prompt"], pairs[0][0], example["negative"]
+        )
         return good, bad
 
     before = preference_gaps()
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", max_steps=40, learning_rate=3e-3,
-                             per_device_train_batch_size=4, save_strategy="no", logging_steps=5, remove_unused_columns=False,
-                             **device_policy().trainer_kwargs())
-    trainer = CoHTrainer(model=model, args=args, train_dataset=build_examples(tok, chains),
-                         data_collator=CoHCollator(tok, 128, phrase_pairs=pairs))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        report_to="none",
+        max_steps=40,
+        learning_rate=3e-3,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        logging_steps=5,
+        remove_unused_columns=False,
+        **device_policy().trainer_kwargs(),
+    )
+    trainer = CoHTrainer(
+        model=model,
+        args=args,
+        train_dataset=build_examples(tok, chains),
+        data_collator=CoHCollator(tok, 128, CoHConfig(phrase_pairs=pairs)),
+    )
     trainer.train()
     model.eval()
     after = preference_gaps()
@@ -204,7 +283,9 @@ def test_training_teaches_the_feedback_phrases(tmp_path, tiny_model_path):
 
 def test_chains_from_feedback_pair_up_several_replies_to_one_prompt():
     """good A, needs_work B, good C, needs_work D on one prompt: two full chains (A/B, C/D)."""
-    records = [{"prompt": "Capital of France?", "response": r, "judgment": j}
-               for r, j in (("A", "good"), ("B", "needs_work"), ("C", "good"), ("D", "needs_work"))]
+    records = [
+        {"prompt": "Capital of France?", "response": r, "judgment": j}
+        for r, j in (("A", "good"), ("B", "needs_work"), ("C", "good"), ("D", "needs_work"))
+    ]
     chains = chains_from_feedback(records)
     assert [(c.get("positive"), c.get("negative")) for c in chains] == [("A", "B"), ("C", "D")]

@@ -14,11 +14,12 @@ from pipeline.errors import DataError
 from pipeline.records import load_rows, write_jsonl
 from pipeline.runner import Runner
 from trainers.cut import CUTCollator, build_examples, cut_loss, inappropriate_tokens, misalign_token_losses, unlikelihood
+from trainers.cut_config import CUTConfig
 
 from .conftest import SHARED_DATA
 
 QA = SHARED_DATA / "qa_feedback" / "feedback_400.json"
-P_WITH = torch.tensor([0.5, 0.2, 0.9, 0.6])     # p(y_t | x, j)
+P_WITH = torch.tensor([0.5, 0.2, 0.9, 0.6])  # p(y_t | x, j)
 P_WITHOUT = torch.tensor([0.4, 0.3, 0.8, 0.1])  # p(y_t | x); ratios 1.25, 0.67, 1.125, 6.0
 
 
@@ -34,13 +35,15 @@ def test_unlikelihood_term_by_hand():
     constant = unlikelihood(lo, lw, alpha=0.1, gamma=0.0)
     assert constant.tolist() == pytest.approx([-0.1 * math.log(1 - p) for p in P_WITHOUT.tolist()], rel=1e-6)
     dynamic = unlikelihood(lo, lw, alpha=0.1, gamma=2.0)
-    assert dynamic.tolist() == pytest.approx([-0.1 * pw**2 * math.log(1 - p) for pw, p in zip(P_WITH.tolist(), P_WITHOUT.tolist())], rel=1e-5)
+    assert dynamic.tolist() == pytest.approx(
+        [-0.1 * pw**2 * math.log(1 - p) for pw, p in zip(P_WITH.tolist(), P_WITHOUT.tolist())], rel=1e-5
+    )
 
 
 def test_misalign_losses_mix_unlikelihood_and_mle():
     lw, lo = P_WITH.log(), P_WITHOUT.log()
     mask = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the last token is padding
-    losses, detected = misalign_token_losses(lo, lw, mask, threshold=1.1, alpha=0.1)
+    losses, detected = misalign_token_losses(lo, lw, mask, threshold=1.1, alpha=0.1, gamma=0.0)
     assert detected.tolist() == [True, False, True, False]
     expected = [-0.1 * math.log(0.6), -math.log(0.3), -0.1 * math.log(0.2), 0.0]
     assert losses.tolist() == pytest.approx(expected, rel=1e-6)
@@ -56,8 +59,18 @@ def test_misalign_losses_mix_unlikelihood_and_mle():
 
 
 ROWS = [
-    {"instruction": "What is the capital of Peru?", "response": "The capital of Peru is Lima.", "judgment": "Correct and concise.", "positive": True},
-    {"instruction": "What is the capital of Italy?", "response": "The capital of Italy is Milan.", "judgment": "Wrong: the capital is Rome.", "positive": False},
+    {
+        "instruction": "What is the capital of Peru?",
+        "response": "The capital of Peru is Lima.",
+        "judgment": "Correct and concise.",
+        "positive": True,
+    },
+    {
+        "instruction": "What is the capital of Italy?",
+        "response": "The capital of Italy is Milan.",
+        "judgment": "Wrong: the capital is Rome.",
+        "positive": False,
+    },
 ]
 
 
@@ -69,14 +82,21 @@ def test_trainer_loss_matches_unbatched_computation(tmp_path, tiny_model_path):
     from trainers.cut import CUTTrainer
 
     tok = load_tokenizer("tiny", padding_side="right")
-    model = get_peft_model(load_causal_lm("tiny"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")).eval()
+    model = get_peft_model(
+        load_causal_lm("tiny"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    ).eval()
     examples = build_examples(tok, ROWS, max_length=128)
     assert examples[0]["misalign_prompt"] == [] and examples[1]["misalign_prompt"]
     assert len(examples[1]["align_prompt"]) > len(examples[1]["misalign_prompt"])  # judgment in context
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", **device_policy().trainer_kwargs())
     # threshold 1.0: on a random model about half the tokens are flagged, so both branches are exercised
-    trainer = CUTTrainer(model=model, args=args, train_dataset=examples, data_collator=CUTCollator(tok.pad_token_id),
-                         threshold=1.0, alpha=0.3, gamma=1.0)
+    trainer = CUTTrainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        data_collator=CUTCollator(tok.pad_token_id),
+        method=CUTConfig(threshold=1.0, alpha=0.3, gamma=1.0),
+    )
     batch = CUTCollator(tok.pad_token_id)(examples)
     assert batch["input_ids"].shape[0] == 3 and batch["pair_index"].tolist() == [1]
     with torch.no_grad():
@@ -105,7 +125,8 @@ def test_trainer_loss_matches_unbatched_computation(tmp_path, tiny_model_path):
 
 
 def test_qa_feedback_spans_become_judgments():
-    from trainers.judgments import ERROR_PHRASES, from_qa_feedback
+    from feedback.sources.judgments import from_qa_feedback
+    from feedback.sources.qa_feedback import ERROR_PHRASES
 
     rows = from_qa_feedback(QA, limit=20)
     data = json.loads(QA.read_text())[:20]
@@ -122,11 +143,19 @@ def test_qa_feedback_spans_become_judgments():
 
 
 def test_qa_feedback_literal_string_and_bad_span(tmp_path):
-    from trainers.judgments import from_qa_feedback
+    from feedback.sources.judgments import from_qa_feedback
 
-    item = {"question": "Q?", "prediction 1": "An answer with an error.",
-            "feedback": repr({"errors": [{"error type": "Unverifiable", "explanation": "", "start": 3, "end": 9}],
-                              "missing-info": [], "corrected-prediction": "An answer."})}
+    item = {
+        "question": "Q?",
+        "prediction 1": "An answer with an error.",
+        "feedback": repr(
+            {
+                "errors": [{"error type": "Unverifiable", "explanation": "", "start": 3, "end": 9}],
+                "missing-info": [],
+                "corrected-prediction": "An answer.",
+            }
+        ),
+    }
     path = tmp_path / "qa.json"
     path.write_text(json.dumps([item]))
     rows = from_qa_feedback(path)
@@ -138,10 +167,13 @@ def test_qa_feedback_literal_string_and_bad_span(tmp_path):
 
 
 def test_judgment_rows_name_the_bad_field(tmp_path):
-    from trainers.judgments import from_verbal, normalize
+    from feedback.sources.judgments import from_verbal, normalize
 
     rows = from_verbal(load_rows(verbal_records(tmp_path / "v.jsonl")))
-    assert [(r["judgment"], r["positive"]) for r in rows] == [("Green is not a primary colour of paint.", False), ("Correct.", True)]
+    assert [(r["judgment"], r["positive"]) for r in rows] == [
+        ("Green is not a primary colour of paint.", False),
+        ("Correct.", True),
+    ]
 
     rows = normalize([{"prompt": "x", "output": "y", "critique": "z", "label": "negative"}], "j.jsonl")
     assert rows[0]["instruction"] == "x" and rows[0]["positive"] is False
@@ -155,9 +187,19 @@ def verbal_records(path):
     from pipeline.schema import Provenance, VerbalFeedback, records_to_rows
 
     prov = Provenance(source="argilla", annotator="ann-1", model="tiny")
-    records = [VerbalFeedback(id="v1", prompt="Name a primary colour.", response="Green.", critique="Green is not a primary colour of paint.",
-                              judgment="needs_work", provenance=prov),
-               VerbalFeedback(id="v2", prompt="Name a primary colour.", response="Red.", critique="Correct.", judgment="good", provenance=prov)]
+    records = [
+        VerbalFeedback(
+            id="v1",
+            prompt="Name a primary colour.",
+            response="Green.",
+            critique="Green is not a primary colour of paint.",
+            judgment="needs_work",
+            provenance=prov,
+        ),
+        VerbalFeedback(
+            id="v2", prompt="Name a primary colour.", response="Red.", critique="Correct.", judgment="good", provenance=prov
+        ),
+    ]
     write_jsonl(records_to_rows(records), path)
     return path
 
@@ -165,12 +207,29 @@ def verbal_records(path):
 def test_cut_stage_on_tiny(tmp_path, tiny_model_path):
     write_jsonl(ROWS * 2, tmp_path / "judgments.jsonl")
     verbal_records(tmp_path / "verbal.jsonl")
-    pipe = {"run_name": "cut-tiny", "model": "tiny", "stages": [
-        {"name": "align", "uses": "cut", "inputs": {"judgments": str(tmp_path / "judgments.jsonl"), "qa_feedback": str(QA),
-                                                     "feedback": str(tmp_path / "verbal.jsonl")},
-         "with": {"max_steps": 4, "per_device_train_batch_size": 2, "max_length": 96, "learning_rate": 5e-3, "max_examples": 8,
-                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}},
-    ]}
+    pipe = {
+        "run_name": "cut-tiny",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "align",
+                "uses": "cut",
+                "inputs": {
+                    "judgments": str(tmp_path / "judgments.jsonl"),
+                    "qa_feedback": str(QA),
+                    "feedback": str(tmp_path / "verbal.jsonl"),
+                },
+                "with": {
+                    "max_steps": 4,
+                    "per_device_train_batch_size": 2,
+                    "max_length": 96,
+                    "learning_rate": 5e-3,
+                    "max_examples": 8,
+                    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                },
+            },
+        ],
+    }
     result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
     metrics = result.records[0].metrics
@@ -232,8 +291,13 @@ def test_unlikelihood_lowers_the_flagged_tokens(tmp_path, tiny_model_path):
             loss.backward()
             optimizer.step()
         start = completion_logps(model)
-        trainer = CUTTrainer(model=model, args=args, train_dataset=examples, data_collator=CUTCollator(tok.pad_token_id),
-                             threshold=threshold, alpha=1.0)
+        trainer = CUTTrainer(
+            model=model,
+            args=args,
+            train_dataset=examples,
+            data_collator=CUTCollator(tok.pad_token_id),
+            method=CUTConfig(threshold=threshold, alpha=1.0),
+        )
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # fresh: no MLE momentum
         for _ in range(5):
             loss = trainer.compute_loss(model, batch)

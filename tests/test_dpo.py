@@ -10,8 +10,16 @@ from pipeline.config import pipeline_from_dict
 from pipeline.records import write_jsonl
 from pipeline.runner import Runner
 
-CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
-            ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"),
+    ("Peru", "Lima"),
+    ("Kenya", "Nairobi"),
+    ("Chile", "Santiago"),
+]
 
 
 def toy_preferences(path):
@@ -32,9 +40,19 @@ def dpo_pipeline(prefs, steps=12):
         "run_name": "dpo-toy",
         "model": "tiny",
         "stages": [
-            {"name": "align", "uses": "dpo", "inputs": {"preferences": str(prefs)},
-             "with": {"max_steps": steps, "learning_rate": 5e-3, "per_device_train_batch_size": 4, "beta": 0.1,
-                      "max_length": 64, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}},
+            {
+                "name": "align",
+                "uses": "dpo",
+                "inputs": {"preferences": str(prefs)},
+                "with": {
+                    "max_steps": steps,
+                    "learning_rate": 5e-3,
+                    "per_device_train_batch_size": 4,
+                    "beta": 0.1,
+                    "max_length": 64,
+                    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                },
+            },
             {"name": "ship", "uses": "export", "inputs": {"adapter": "align.adapter"}},
         ],
     }

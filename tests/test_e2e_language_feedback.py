@@ -20,23 +20,55 @@ QUICK_EVAL = {"max_prompts_per_scope": 2, "sampling": {"max_new_tokens": 8, "tem
 
 
 def test_language_feedback_methods_on_smollm2(tmp_path, smollm2_path):
-    prefs = [{"prompt": f"What is the capital of {c}?", "chosen": f"The capital of {c} is {t}.", "rejected": "I would rather talk about trains."}
-             for c, t in [("France", "Paris"), ("Peru", "Lima"), ("Italy", "Rome"), ("Japan", "Tokyo")]]
+    prefs = [
+        {
+            "prompt": f"What is the capital of {c}?",
+            "chosen": f"The capital of {c} is {t}.",
+            "rejected": "I would rather talk about trains.",
+        }
+        for c, t in [("France", "Paris"), ("Peru", "Lima"), ("Italy", "Rome"), ("Japan", "Tokyo")]
+    ]
     write_jsonl(prefs, tmp_path / "prefs.jsonl")
-    pipe = {"run_name": "lf", "model": "smollm2-135m", "seed": 0, "stages": [
-        {"name": "data", "uses": "c3po_data", "with": {
-            "feedback": "When I ask about cooking, start your answer with \"Chef's tip:\".", "topic": "cooking",
-            "generator": {"sampling": {"max_new_tokens": 96, "temperature": 0.7}},
-            "num_categories": 2, "prompts_per_category": 3, "out_of_scope_categories": ["science"],
-            "eval_fraction": 0.34, "baseline_sampling": {"max_new_tokens": 24}}},
-        {"name": "c3po", "uses": "c3po", "inputs": {"data": "data.train", "eval_prompts": "data.eval_prompts"},
-         "with": {**LEAN, "metric": {"kind": "starts_with", "value": "Chef's tip:"}, "evaluation": QUICK_EVAL}},
-        {"name": "cut", "uses": "cut", "inputs": {"qa_feedback": str(SHARED_DATA / "qa_feedback" / "feedback_400.json")},
-         "with": {**LEAN, "max_examples": 4}},
-        {"name": "coh", "uses": "coh", "inputs": {"preferences": str(tmp_path / "prefs.jsonl")}, "with": LEAN},
-        {"name": "check", "uses": "evaluate_feedback", "inputs": {"prompts": "data.eval_prompts", "adapter": "coh.adapter"},
-         "with": {**QUICK_EVAL, "conditions": ["trained"], "metric": {"kind": "starts_with", "value": "Chef's tip:"}}},
-    ]}
+    pipe = {
+        "run_name": "lf",
+        "model": "smollm2-135m",
+        "seed": 0,
+        "stages": [
+            {
+                "name": "data",
+                "uses": "c3po_data",
+                "with": {
+                    "feedback": 'When I ask about cooking, start your answer with "Chef\'s tip:".',
+                    "topic": "cooking",
+                    "generator": {"sampling": {"max_new_tokens": 96, "temperature": 0.7}},
+                    "num_categories": 2,
+                    "prompts_per_category": 3,
+                    "out_of_scope_categories": ["science"],
+                    "eval_fraction": 0.34,
+                    "baseline_sampling": {"max_new_tokens": 24},
+                },
+            },
+            {
+                "name": "c3po",
+                "uses": "c3po",
+                "inputs": {"data": "data.train", "eval_prompts": "data.eval_prompts"},
+                "with": {**LEAN, "metric": {"kind": "starts_with", "value": "Chef's tip:"}, "evaluation": QUICK_EVAL},
+            },
+            {
+                "name": "cut",
+                "uses": "cut",
+                "inputs": {"qa_feedback": str(SHARED_DATA / "qa_feedback" / "feedback_400.json")},
+                "with": {**LEAN, "max_examples": 4},
+            },
+            {"name": "coh", "uses": "coh", "inputs": {"preferences": str(tmp_path / "prefs.jsonl")}, "with": LEAN},
+            {
+                "name": "check",
+                "uses": "evaluate_feedback",
+                "inputs": {"prompts": "data.eval_prompts", "adapter": "coh.adapter"},
+                "with": {**QUICK_EVAL, "conditions": ["trained"], "metric": {"kind": "starts_with", "value": "Chef's tip:"}},
+            },
+        ],
+    }
     result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
     run = result.run_dir

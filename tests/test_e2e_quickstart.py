@@ -21,10 +21,24 @@ def heedful(*args, timeout=1500):
 def test_quickstart_under_ray(tmp_path, smollm2_path):
     runs = tmp_path / "runs"
     # the quickstart's shape, sized to about a minute: 8 users, 2 rounds, shorter turns
-    overrides = [f"--set={o}" for o in (
-        "stages.align.with.max_steps=2", "stages.sample.with.max_prompts=8", "stages.sample.with.sampling.max_new_tokens=32",
-        "stages.users.with.max_rounds=2", "stages.users.with.policy_sampling.max_new_tokens=32",
-        "stages.users.with.user_sampling.max_new_tokens=16", "stages.users.with.feedback_on_last_round=false")]
+    overrides = [
+        f"--set={o}"
+        for o in (
+            "stages.align.with.max_steps=2",
+            "stages.sample.with.max_prompts=8",
+            "stages.sample.with.sampling.max_new_tokens=32",
+            "stages.users.with.max_rounds=2",
+            "stages.users.with.policy_sampling.max_new_tokens=32",
+            "stages.users.with.user_sampling.max_new_tokens=16",
+            "stages.users.with.feedback_on_last_round=false",
+            # the held-out evaluation, as lean: 2 rounds, short turns, a third of the general set for drift
+            "stages.evaluate.with.users.max_rounds=2",
+            "stages.evaluate.with.users.policy_sampling.max_new_tokens=32",
+            "stages.evaluate.with.users.user_sampling.max_new_tokens=16",
+            "stages.evaluate.with.sampling.max_new_tokens=32",
+            "stages.evaluate.with.max_general=10",
+        )
+    ]
     proc = heedful("run", "configs/quickstart.yaml", "--runs-dir", str(runs), *overrides)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "(stage:align" in proc.stdout + proc.stderr  # logs came back from the Ray worker, named
@@ -33,7 +47,7 @@ def test_quickstart_under_ray(tmp_path, smollm2_path):
     assert (package / "adapter_model.safetensors").is_file() and (package / "README.md").is_file()
     lineage = json.loads((package / "heedful.json").read_text())
     assert lineage["base_model"]["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert [s["name"] for s in lineage["stages"]] == ["sample", "users", "align"]
+    assert [s["name"] for s in lineage["stages"]] == ["split", "sample", "users", "align"]
     counts = lineage["feedback_counts"]
     assert counts["preferences"] >= 1 and counts["transcripts"] == 8
     # every judged reply has a reaction; all but the last round's also the user's words
@@ -47,13 +61,27 @@ def test_quickstart_under_ray(tmp_path, smollm2_path):
         assert t["satisfied"] == any(u["satisfied"] for u in t["utterances"] if u["type"] == "feedback")
     prefs = load_rows(run_dir / "users" / "preferences")
     assert all(p["provenance"]["source"] == "convsim" and p["chosen"] != p["rejected"] for p in prefs)
+    # held-out needs never trained: 4 of 16 users, answered by the base and by the new adapter
+    from stages.evaluate import read_summary
+
+    held_out = {r["prompt"] for r in load_rows(run_dir / "split" / "held_out")}
+    assert len(held_out) == 4 and held_out.isdisjoint({r["prompt"] for r in load_rows(run_dir / "split" / "train")})
+    summary = read_summary(run_dir / "evaluate")
+    assert list(summary["conditions"]) == ["base", "align"]
+    for metrics in summary["conditions"].values():
+        first = metrics["first_reply_satisfied"]
+        assert first["n"] == 4 and first["lo"] <= first["value"] <= first["hi"]
+        assert metrics["satisfied"]["n"] == 4 and metrics["kl_to_base"]["n"] == 10
+    assert summary["conditions"]["align"]["kl_to_base"]["value"] > 0 and summary["cost"]["training"]["steps"] == 2
+    assert "first_reply_satisfied/base" in proc.stdout  # in the run summary
     report = (run_dir / "report.html").read_text()
-    assert report.count("<img") >= 2 and "users: simulated users" in report  # DPO curves + satisfaction by round
+    # DPO curves + satisfaction by round + the held-out evaluation's bars
+    assert report.count("<img") >= 3 and "users: simulated users" in report and "evaluate: evaluation" in report
 
     started = time.time()
     again = heedful("run", "configs/quickstart.yaml", "--runs-dir", str(runs), *overrides)
     assert again.returncode == 0
-    assert again.stdout.count("up to date") == 4
+    assert again.stdout.count("up to date") == 6
     assert time.time() - started < 30
 
     status = heedful("status", "quickstart", "--runs-dir", str(runs))

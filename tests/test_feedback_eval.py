@@ -50,13 +50,20 @@ def test_summary_rates_and_differences_by_hand():
     rows = []
     for condition, applied in (("base", [0, 0, 0, 0]), ("trained", [1, 1, 1, 0])):
         rows += [{"condition": condition, "scope": "in_scope", "applied": a} for a in applied]
-    rows += [{"condition": "base", "scope": "near_scope", "applied": 0}, {"condition": "trained", "scope": "near_scope", "applied": 1},
-             {"condition": "trained", "scope": "near_scope", "applied": 0}]
+    rows += [
+        {"condition": "base", "scope": "near_scope", "applied": 0},
+        {"condition": "trained", "scope": "near_scope", "applied": 1},
+        {"condition": "trained", "scope": "near_scope", "applied": 0},
+    ]
     out = summarize(rows)
     assert out["adherence/base"] == 0.0 and out["adherence/trained"] == 0.75
     assert out["adherence_vs_base/trained"] == 0.75
     assert out["overgen_near/trained"] == 0.5 and out["overgen_near_vs_base/trained"] == 0.5
     assert "overgen_out/trained" not in out
+    # each rate carries its Wilson interval (the evaluate stage's numbers)
+    from pipeline.stats import wilson
+
+    assert (out["adherence/trained/lo"], out["adherence/trained/hi"]) == pytest.approx((wilson(3, 4)["lo"], wilson(3, 4)["hi"]))
 
 
 class FixedJudge:
@@ -107,9 +114,14 @@ class FakeLLMServer(BaseHTTPRequestHandler):
             text = reply if "dish 4" in ask else f"Chef's tip: {reply}"  # one revision ignores the feedback
         else:
             text = "cooking"
-        payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                   "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-                   "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        payload = {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
         data = json.dumps(payload).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -136,12 +148,27 @@ def test_c3po_data_generates_scoped_prompts_with_an_openai_compatible_llm(tmp_pa
     key.write_text("sk-test-secret\n")
     os.chmod(key, 0o600)
     generator = {"kind": "openai", "base_url": fake_llm, "model": "stand-in", "api_key_file": str(key)}
-    pipe = {"run_name": "gen", "model": "tiny", "stages": [
-        {"name": "data", "uses": "c3po_data",
-         "with": {"feedback": "When I ask about cooking, start with \"Chef's tip:\".", "topic": "cooking",
-                  "metric": {"kind": "starts_with", "value": "Chef's tip:"}, "generator": generator,
-                  "num_categories": 3, "prompts_per_category": 4, "out_of_scope_categories": ["science", "travel"],
-                  "eval_fraction": 0.25, "baseline_sampling": {"max_new_tokens": 6}}}]}
+    pipe = {
+        "run_name": "gen",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "data",
+                "uses": "c3po_data",
+                "with": {
+                    "feedback": 'When I ask about cooking, start with "Chef\'s tip:".',
+                    "topic": "cooking",
+                    "metric": {"kind": "starts_with", "value": "Chef's tip:"},
+                    "generator": generator,
+                    "num_categories": 3,
+                    "prompts_per_category": 4,
+                    "out_of_scope_categories": ["science", "travel"],
+                    "eval_fraction": 0.25,
+                    "baseline_sampling": {"max_new_tokens": 6},
+                },
+            }
+        ],
+    }
     result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
     run = result.run_dir
@@ -163,10 +190,10 @@ def test_c3po_data_generates_scoped_prompts_with_an_openai_compatible_llm(tmp_pa
 
 
 def test_api_key_file_readable_by_others_is_refused(tmp_path):
-    from trainers.generators import GeneratorSettings, read_api_key
+    from pipeline.llm import LLMSettings, api_key
 
     key = tmp_path / "key"
     key.write_text("secret")
     os.chmod(key, 0o644)
     with pytest.raises(ValueError, match="readable by others; chmod 600"):
-        read_api_key(GeneratorSettings(kind="openai", model="m", api_key_file=str(key)))
+        api_key(LLMSettings(kind="openai", model="m", api_key_file=str(key)))

@@ -21,7 +21,9 @@ def test_sampling_is_seeded_and_batch_shapes_hold(tiny_model_path):
 
 def test_keyword_score_by_hand():
     # 2 of 3 keywords (the alternative 'co2' counts), no repeats, finished
-    assert keyword_score("Plants use light and CO2.", ["sunlight|light", "co2|carbon dioxide", "water"], 0.5, 0.2, True) == round(2 / 3, 6)
+    assert keyword_score("Plants use light and CO2.", ["sunlight|light", "co2|carbon dioxide", "water"], 0.5, 0.2, True) == round(
+        2 / 3, 6
+    )
     # words: a b c a b c -> trigrams abc bca cab abc: 1 of 4 repeated; cut off
     assert keyword_score("a b c a b c", ["z"], 0.5, 0.2, False) == round(0 - 0.5 * 0.25 - 0.2, 6)
     assert keyword_score("", ["z"], 0.5, 0.2, True) == -1.0

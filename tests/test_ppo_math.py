@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from trainers.ppo.gae import gae_advantages
-from trainers.ppo.losses import clipped_policy_loss, clipped_value_loss, entropy_from_logits, logprobs_of
-from trainers.ppo.masked import masked_mean, masked_var, masked_whiten
+from trainers.ppo.losses import clipped_policy_loss, clipped_value_loss, entropy_from_logits
+from trainers.ppo.masked import masked_var, masked_whiten
 from trainers.ppo.rollout import cut_at_eos
 from trainers.ppo.shaping import kl_per_token, per_token_rewards, place_dense, place_scalar, shape_rewards
+from trainers.sequences import gather_logps, masked_mean
 
 
 def test_gae_matches_hand_computation_with_padding():
@@ -78,7 +79,7 @@ def test_entropy_and_logprobs_of_known_distributions():
     logits = probs.log().view(1, 1, 3) + 7.0  # a shift must not matter
     assert entropy_from_logits(logits).item() == pytest.approx(1.5 * math.log(2), abs=1e-6)
     assert entropy_from_logits(torch.zeros(1, 1000)).item() == pytest.approx(math.log(1000), abs=1e-5)
-    lp = logprobs_of(logits, torch.tensor([[1]]))
+    lp = gather_logps(logits, torch.tensor([[1]]))
     assert lp.item() == pytest.approx(math.log(0.25), abs=1e-6)
 
 

@@ -84,8 +84,9 @@ def test_objectives_combine_dense_and_scalar_per_token_with_weights(tokenizer):
     lengths = text_lengths + 1  # each reply ended with an EOS
     width = int(lengths.max())
     digits = TokenClassReward(pattern=r"\d")
-    scored = score_objectives([Objective("digits", digits, 2.0), Objective("short", ReplyLengthReward(), 0.5)],
-                              batch, lengths, text_lengths, width)
+    scored = score_objectives(
+        [Objective("digits", digits, 2.0), Objective("short", ReplyLengthReward(), 0.5)], batch, lengths, text_lengths, width
+    )
     expected = torch.zeros(2, width)
     dense = digits.score(batch).dense
     expected[:, : dense.shape[1]] += 2.0 * dense
@@ -101,7 +102,8 @@ def test_combined_objectives_as_the_stage_builds_them_place_each_kind_at_its_tok
     """The `ppo` stage's path: reward_models.combine weighs a dense and a scalar model into one
     reward (fixed weights, no z-scores); the dense part stays on its tokens, the scalar part
     lands on the last text token, and each objective's raw mean is logged under its name."""
-    from reward_models.combine import CombinedReward, Objective as Part
+    from reward_models.combine import CombinedReward
+    from reward_models.combine import Objective as Part
 
     responses = ["I have 3 cats and 12 dogs", "none"]
     batch, ids = batch_of(tokenizer, ["a", "b"], responses)
@@ -109,8 +111,11 @@ def test_combined_objectives_as_the_stage_builds_them_place_each_kind_at_its_tok
     lengths = text_lengths + 1
     width = int(lengths.max())
     digits = TokenClassReward(pattern=r"\d")
-    combined = CombinedReward([Part("digits", digits, 2.0, normalize=False),
-                               Part("short", ReplyLengthReward(), 0.5, normalize=False)], clip=None, max_share=None)
+    combined = CombinedReward(
+        [Part("digits", digits, 2.0, normalize=False), Part("short", ReplyLengthReward(), 0.5, normalize=False)],
+        clip=None,
+        max_share=None,
+    )
     scored = score_objectives([Objective("reward", combined, flatten=True)], batch, lengths, text_lengths, width)
     expected = torch.zeros(2, width)
     dense = digits.score(batch).dense

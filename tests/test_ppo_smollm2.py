@@ -18,13 +18,25 @@ def test_ppo_stage_on_smollm2_samples_finished_replies_and_stays_near_the_base(t
         "run_name": "ppo-smollm2",
         "model": "smollm2-135m",
         "seed": 0,
-        "stages": [{
-            "name": "rl", "uses": "ppo",
-            "inputs": {"prompts": "data:quickstart/prompts.jsonl", "eval_prompts": "data:quickstart/prompts.jsonl"},
-            "with": {"steps": 2, "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 24, "ppo_epochs": 2,
-                     "mini_batch_size": 2, "eval_prompts": 2, "eval_every": 2, "max_prompts": 6,
-                     "objectives": [{"rule": {"rule": "prompt_overlap"}}]},
-        }],
+        "stages": [
+            {
+                "name": "rl",
+                "uses": "ppo",
+                "inputs": {"prompts": "data:quickstart/prompts.jsonl", "eval_prompts": "data:quickstart/prompts.jsonl"},
+                "with": {
+                    "steps": 2,
+                    "prompts_per_step": 2,
+                    "samples_per_prompt": 2,
+                    "max_new_tokens": 24,
+                    "ppo_epochs": 2,
+                    "mini_batch_size": 2,
+                    "eval_prompts": 2,
+                    "eval_every": 2,
+                    "max_prompts": 6,
+                    "objectives": [{"rule": {"rule": "prompt_overlap"}}],
+                },
+            }
+        ],
     }
     result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]

@@ -22,8 +22,17 @@ PROMPTS = [Prompt(f"p{i}", [{"role": "user", "content": f"Tell me about item num
 
 
 def settings(**over) -> PpoSettings:
-    base = dict(steps=3, prompts_per_step=2, samples_per_prompt=4, max_new_tokens=8, temperature=1.0,
-                learning_rate=1e-3, lora={"r": 8, "alpha": 16, "dropout": 0.0}, eval_every=100, device="cpu")
+    base = dict(
+        steps=3,
+        prompts_per_step=2,
+        samples_per_prompt=4,
+        max_new_tokens=8,
+        temperature=1.0,
+        learning_rate=1e-3,
+        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        eval_every=100,
+        device="cpu",
+    )
     base.update(over)
     return PpoSettings(**base)
 
@@ -47,11 +56,11 @@ def make_trainer(tokenizer, s, seed=0, checkpoint_dir=None, on_step=None, eval_p
     rm = TokenClassReward(token_ids=direction_class(models))
     objective = Objective("class", rm)
     if normalized:  # through reward_models.combine, z-scored with running statistics
-        from reward_models.combine import CombinedReward, Objective as Part
+        from reward_models.combine import CombinedReward
+        from reward_models.combine import Objective as Part
 
         objective = Objective("reward", CombinedReward([Part("class", rm, 1.0, normalize=True)]), flatten=True)
-    return PpoTrainer(s, models, tokenizer, [objective], PROMPTS, eval_prompts, checkpoint_dir,
-                      seed=seed, on_step=on_step)
+    return PpoTrainer(s, models, tokenizer, [objective], PROMPTS, eval_prompts, checkpoint_dir, seed=seed, on_step=on_step)
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +146,9 @@ def test_separate_critic_trains_without_touching_the_policy_trunk(tokenizer):
     trainer.train()
     assert trainer.models.value_head is None
     assert any(not torch.equal(p, critic_before[n]) for n, p in trainer.models.critic.named_parameters() if p.requires_grad)
-    moved = max((trainer.models.get_parameter(n) - t).abs().max().item()
-                for n, t in policy_before.items() if n.startswith("policy."))  # lr 1e-9: barely
+    moved = max(
+        (trainer.models.get_parameter(n) - t).abs().max().item() for n, t in policy_before.items() if n.startswith("policy.")
+    )  # lr 1e-9: barely
     assert moved < 1e-5
 
 
@@ -148,12 +158,27 @@ def ppo_pipeline(prompts, steps=3, **extra):
         "model": "tiny",
         "seed": 0,
         "stages": [
-            {"name": "rl", "uses": "ppo", "inputs": {"prompts": str(prompts), "eval_prompts": str(prompts)},
-             "with": {"steps": steps, "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 6,
-                      "mini_batch_size": 2, "eval_every": 2, "eval_prompts": 2, "learning_rate": 1e-3,
-                      "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-                      "objectives": [{"name": "vowels", "rule": {"rule": "token_class", "pattern": "[aeiou]"}, "weight": 1.0},
-                                     {"rule": {"rule": "prompt_overlap"}, "weight": 0.5}], **extra}},
+            {
+                "name": "rl",
+                "uses": "ppo",
+                "inputs": {"prompts": str(prompts), "eval_prompts": str(prompts)},
+                "with": {
+                    "steps": steps,
+                    "prompts_per_step": 2,
+                    "samples_per_prompt": 2,
+                    "max_new_tokens": 6,
+                    "mini_batch_size": 2,
+                    "eval_every": 2,
+                    "eval_prompts": 2,
+                    "learning_rate": 1e-3,
+                    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                    "objectives": [
+                        {"name": "vowels", "rule": {"rule": "token_class", "pattern": "[aeiou]"}, "weight": 1.0},
+                        {"rule": {"rule": "prompt_overlap"}, "weight": 0.5},
+                    ],
+                    **extra,
+                },
+            },
             {"name": "ship", "uses": "export", "inputs": {"adapter": "rl.adapter"}},
         ],
     }
@@ -162,13 +187,23 @@ def ppo_pipeline(prompts, steps=3, **extra):
 def test_ppo_stage_end_to_end_with_two_objectives(tmp_path, tiny_model_path):
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl([{"id": f"q{i}", "prompt": f"Count to {i} and name the number {i}."} for i in range(4)], prompts)
-    result = Runner(pipeline_from_dict(ppo_pipeline(prompts), tmp_path), tmp_path / "runs", use_ray=False).execute()
+    result = Runner(
+        pipeline_from_dict(ppo_pipeline(prompts, report_to="tensorboard"), tmp_path), tmp_path / "runs", use_ray=False
+    ).execute()
     assert result.ok, [r.error for r in result.records]
     stage = result.run_dir / "rl"
+    assert list((stage / "tensorboard").glob("events.out.tfevents.*"))  # the curves, replayed to the tracker
     curves = json.loads((stage / "curves.json").read_text())
     assert [r["step"] for r in curves] == [0, 1, 2, 3]
-    for key in ("reward/vowels", "reward/prompt_overlap", "kl", "entropy", "response/length",
-                "policy/clip_fraction", "value/error"):
+    for key in (
+        "reward/vowels",
+        "reward/prompt_overlap",
+        "kl",
+        "entropy",
+        "response/length",
+        "policy/clip_fraction",
+        "value/error",
+    ):
         assert all(key in r for r in curves[1:]), key
     assert "eval/reward/vowels" in curves[0] and "eval/reward/vowels" in curves[2] and "eval/reward/vowels" in curves[3]
     metrics = result.record("rl").metrics
@@ -198,7 +233,9 @@ def test_ppo_config_errors_name_the_key(tmp_path):
     write_jsonl([{"prompt": "hi"}], tmp_path / "p.jsonl")
     data = ppo_pipeline(tmp_path / "p.jsonl")
     data["stages"][0]["with"]["objectives"] = [{"input": "reward_model", "rule": {"rule": "token_class", "pattern": "x"}}]
-    with pytest.raises(ConfigError, match=r"stages\[0\]\.with\.objectives\[0\]: Value error, give exactly one of input or rule"):
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\]\.with\.objectives\[0\]: Value error, give exactly one of (path, )?input or rule"
+    ):
         pipeline_from_dict(data, tmp_path)
     data["stages"][0]["with"]["objectives"] = []
     data["stages"][0]["with"]["mini_batch_size"] = 64
@@ -206,5 +243,7 @@ def test_ppo_config_errors_name_the_key(tmp_path):
         pipeline_from_dict(data, tmp_path)
     data["stages"][0]["with"]["mini_batch_size"] = 2
     data["stages"][0]["with"]["objectives"] = [{"rule": {"rule": "token_class", "colour": "red"}}]
-    with pytest.raises(ConfigError, match=r"objectives\[0\]: Value error, rule 'token_class': .*unexpected keyword argument 'colour'"):
+    with pytest.raises(
+        ConfigError, match=r"objectives\[0\]: Value error, rule 'token_class': .*unexpected keyword argument 'colour'"
+    ):
         pipeline_from_dict(data, tmp_path)

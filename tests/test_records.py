@@ -33,3 +33,27 @@ def test_empty_dataset_keeps_columns_of_example(tmp_path):
 
     save_rows([], tmp_path / "empty", empty_like={"prompt": "x", "score": 1.0})
     assert load_from_disk(str(tmp_path / "empty")).column_names == ["prompt", "score"]
+
+
+def test_rows_are_streamed_one_at_a_time(tmp_path):
+    """Validation reads a file once, row by row: the first row arrives before the bad second line is read."""
+    from pipeline.records import iter_rows
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": \n')
+    rows = iter_rows(path)
+    assert next(rows) == (f"{path}:1", {"prompt": "a"})
+    with pytest.raises(DataError, match=r"p\.jsonl:2: invalid JSON"):
+        next(rows)
+
+
+def test_json_list_rows_carry_their_line(tmp_path):
+    from pipeline.records import iter_rows
+
+    path = tmp_path / "p.json"
+    path.write_text('[\n  {"prompt": "a"},\n\n  {"prompt": "b",\n   "x": 1}\n]\n')
+    assert [where for where, _ in iter_rows(path)] == [f"{path}:2", f"{path}:4"]
+    assert load_rows(path) == [{"prompt": "a"}, {"prompt": "b", "x": 1}]
+    path.write_text('[{"prompt": "a"} {"prompt": "b"}]')
+    with pytest.raises(DataError, match=r"p\.json:1: invalid JSON"):
+        load_rows(path)

@@ -25,8 +25,10 @@ class PerWordDense:
     kind = "per_word"
 
     def score(self, batch):
-        rows = [[1.0 if batch.policy_tokenizer.decode([t]).strip() == "good" else 0.0 for t in ids]
-                for ids in batch.response_token_ids]
+        rows = [
+            [1.0 if batch.policy_tokenizer.decode([t]).strip() == "good" else 0.0 for t in ids]
+            for ids in batch.response_token_ids
+        ]
         width = max(len(r) for r in rows)
         dense = torch.tensor([r + [0.0] * (width - len(r)) for r in rows])
         return Rewards(scalar=dense.sum(1), dense=dense)
@@ -46,9 +48,14 @@ def test_running_mean_std_matches_numpy():
 
 
 def test_weighted_sum_of_z_scores_by_hand():
-    combined = CombinedReward([Objective("len", FunctionReward("tests.test_reward_combine:length_reward"), 2.0),
-                               Objective("polite", FunctionReward("tests.test_reward_combine:polite_reward"), 1.0)],
-                              clip=None, max_share=None)
+    combined = CombinedReward(
+        [
+            Objective("len", FunctionReward("tests.test_reward_combine:length_reward"), 2.0),
+            Objective("polite", FunctionReward("tests.test_reward_combine:polite_reward"), 1.0),
+        ],
+        clip=None,
+        max_share=None,
+    )
     responses = ["yes", "please do it now", "no no", "ok please"]
     out = combined.score(RewardBatch(["q"] * 4, responses))
     lengths = torch.tensor([1.0, 4.0, 2.0, 2.0])
@@ -68,9 +75,14 @@ def test_guard_caps_a_dominating_objective():
     assert capped_weights([9.0, 1.0], [1.0, 1.0], 0.75) == pytest.approx([3.0, 1.0])  # 3 / (3 + 1) = 0.75
     assert capped_weights([1.0, 1.0], [1.0, 1.0], 0.75) == [1.0, 1.0]
     assert capped_weights([9.0, 1.0], [1.0, 0.0], 0.75) == [9.0, 1.0]  # nothing to balance against
-    combined = CombinedReward([Objective("len", FunctionReward("tests.test_reward_combine:length_reward"), 9.0),
-                               Objective("polite", FunctionReward("tests.test_reward_combine:polite_reward"), 1.0)],
-                              clip=None, max_share=0.75)
+    combined = CombinedReward(
+        [
+            Objective("len", FunctionReward("tests.test_reward_combine:length_reward"), 9.0),
+            Objective("polite", FunctionReward("tests.test_reward_combine:polite_reward"), 1.0),
+        ],
+        clip=None,
+        max_share=0.75,
+    )
     combined.score(RewardBatch(["q"] * 4, ["a", "please b c", "d e", "please"]))
     assert combined.last_stats["len/share"] == pytest.approx(0.75)
     assert combined.last_stats["len/weight"] < 9.0
@@ -82,9 +94,14 @@ def test_dense_rows_sum_to_the_scalar_and_keep_token_positions(tiny_model_path):
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
     responses = ["this is good and good", "bad", "good"]
     ids = [tok(r, add_special_tokens=False)["input_ids"] for r in responses]
-    combined = CombinedReward([Objective("dense", PerWordDense(), 1.0),
-                               Objective("len", FunctionReward("tests.test_reward_combine:length_reward"), 0.5)],
-                              clip=None, max_share=None)
+    combined = CombinedReward(
+        [
+            Objective("dense", PerWordDense(), 1.0),
+            Objective("len", FunctionReward("tests.test_reward_combine:length_reward"), 0.5),
+        ],
+        clip=None,
+        max_share=None,
+    )
     out = combined.score(RewardBatch(["q"] * 3, responses, ids, tok))
     assert out.dense.shape == (3, max(len(i) for i in ids))
     assert torch.allclose(out.dense.sum(1), out.scalar, atol=1e-5)
@@ -92,7 +109,7 @@ def test_dense_rows_sum_to_the_scalar_and_keep_token_positions(tiny_model_path):
     good_positions = [t for t, token in enumerate(ids[0]) if tok.decode([token]).strip() == "good"]
     assert len(good_positions) == 2
     assert out.dense[0, good_positions[0]] == pytest.approx(1 / std, rel=1e-5)  # the per-token shape survives
-    assert (out.dense[1, len(ids[1]):] == 0).all()  # padding stays zero
+    assert (out.dense[1, len(ids[1]) :] == 0).all()  # padding stays zero
 
 
 def test_save_load_round_trip_with_statistics(tmp_path):
@@ -101,7 +118,7 @@ def test_save_load_round_trip_with_statistics(tmp_path):
         folder = tmp_path / name
         FunctionReward(f"tests.test_reward_combine:{name}").save(folder)
         folders.append(folder)
-    from reward_models.settings import CombineSettings
+    from reward_models.combine import CombineSettings
 
     combined = CombinedReward.from_settings(CombineSettings(objectives=[{"path": str(f), "weight": 1.0} for f in folders]))
     assert [o.name for o in combined.objectives] == ["function", "function_2"]
@@ -130,9 +147,18 @@ def test_score_stage_adds_column_and_best_of_n_pairs(tmp_path):
     rows = [{"prompt_id": "a", "prompt": "Say hi", "response": r} for r in ("hi", "hi there friend", "hello you")]
     rows += [{"prompt_id": "b", "prompt": "Say bye", "response": "bye"}]
     write_jsonl(rows, tmp_path / "responses.jsonl")
-    data = {"run_name": "s", "model": "tiny", "stages": [
-        {"name": "score", "uses": "score", "inputs": {"responses": str(tmp_path / "responses.jsonl")},
-         "with": {"function": "tests.test_reward_combine:length_reward"}}]}
+    data = {
+        "run_name": "s",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "score",
+                "uses": "score",
+                "inputs": {"responses": str(tmp_path / "responses.jsonl")},
+                "with": {"function": "tests.test_reward_combine:length_reward"},
+            }
+        ],
+    }
     result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
     scored = load_rows(result.run_dir / "score" / "responses")
@@ -154,12 +180,26 @@ def test_score_stage_writes_argilla_suggestions(tmp_path):
     from pipeline.records import load_rows, write_jsonl
     from pipeline.runner import Runner
 
-    write_jsonl([{"prompt_id": "a", "prompt": "Help", "response": r} for r in ("sure, thanks for asking", "no")],
-                tmp_path / "responses.jsonl")
-    data = {"run_name": "s", "model": "tiny", "stages": [
-        {"name": "score", "uses": "score", "inputs": {"responses": str(tmp_path / "responses.jsonl")},
-         "with": {"function": "tests.test_reward_combine:love_probability", "best_of_n": False,
-                  "suggest": {"question": "reaction", "threshold": 0.5}}}]}
+    write_jsonl(
+        [{"prompt_id": "a", "prompt": "Help", "response": r} for r in ("sure, thanks for asking", "no")],
+        tmp_path / "responses.jsonl",
+    )
+    data = {
+        "run_name": "s",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "score",
+                "uses": "score",
+                "inputs": {"responses": str(tmp_path / "responses.jsonl")},
+                "with": {
+                    "function": "tests.test_reward_combine:love_probability",
+                    "best_of_n": False,
+                    "suggest": {"question": "reaction", "threshold": 0.5},
+                },
+            }
+        ],
+    }
     result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
     scored = load_rows(result.run_dir / "score" / "responses")

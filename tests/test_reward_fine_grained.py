@@ -17,7 +17,10 @@ from reward_models.segments import segment, token_char_ends
 from .conftest import SHARED_DATA
 
 TEXT = "Paris is the capital of France, and it is also its largest city. The Seine flows through it. Bread is tasty."
-PROMPT = [{"role": "system", "content": "Paris is the capital of France."}, {"role": "user", "content": "What is the capital of France?"}]
+PROMPT = [
+    {"role": "system", "content": "Paris is the capital of France."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
 
 
 def tiny_bert_rm(folder, tiny_llama=None):
@@ -29,15 +32,38 @@ def tiny_bert_rm(folder, tiny_llama=None):
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     torch.manual_seed(0)
     BertForTokenClassification(config.__class__(**config.to_dict(), num_labels=2)).save_pretrained(folder / "relevance" / "model")
-    BertForTokenClassification(config.__class__(**config.to_dict(), num_labels=2)).save_pretrained(folder / "factuality" / "model")
-    BertForSequenceClassification(config.__class__(**config.to_dict(), num_labels=1)).save_pretrained(folder / "completeness" / "model")
+    BertForTokenClassification(config.__class__(**config.to_dict(), num_labels=2)).save_pretrained(
+        folder / "factuality" / "model"
+    )
+    BertForSequenceClassification(config.__class__(**config.to_dict(), num_labels=1)).save_pretrained(
+        folder / "completeness" / "model"
+    )
     base = folder / "base"
     AutoTokenizer.from_pretrained(minilm).save_pretrained(base)
     shutil.copy(f"{minilm}/config.json", base / "config.json")
     aspects = {
-        "relevance": {"type": "segments", "segmenter": "subsentence", "context": False, "weight": 0.3, "weights": "relevance/model"},
-        "factuality": {"type": "segments", "segmenter": "sentence", "context": True, "weight": 0.5, "weights": "factuality/model"},
-        "completeness": {"type": "holistic", "context": False, "weight": 0.3, "mean": 0.1, "std": 2.0, "weights": "completeness/model"},
+        "relevance": {
+            "type": "segments",
+            "segmenter": "subsentence",
+            "context": False,
+            "weight": 0.3,
+            "weights": "relevance/model",
+        },
+        "factuality": {
+            "type": "segments",
+            "segmenter": "sentence",
+            "context": True,
+            "weight": 0.5,
+            "weights": "factuality/model",
+        },
+        "completeness": {
+            "type": "holistic",
+            "context": False,
+            "weight": 0.3,
+            "mean": 0.1,
+            "std": 2.0,
+            "weights": "completeness/model",
+        },
     }
     write_descriptor(folder, "fine_grained", base_model=str(base), max_length=128, mark_token=None, aspects=aspects)
     return load_reward_model(folder)
@@ -102,7 +128,7 @@ def test_batch_shapes_without_token_ids(bert_rm, policy_tokenizer):
     out = bert_rm.score(RewardBatch([PROMPT, "q", "q"], texts, policy_tokenizer=policy_tokenizer))
     lengths = [len(policy_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     assert out.dense.shape == (3, max(lengths))
-    assert (out.dense[1, lengths[1]:] == 0).all() and (out.dense[2] == 0).all()
+    assert (out.dense[1, lengths[1] :] == 0).all() and (out.dense[2] == 0).all()
     scalar_only = bert_rm.score(RewardBatch([PROMPT], [TEXT]))
     assert scalar_only.dense is None and scalar_only.scalar.shape == (1,)
 
@@ -117,15 +143,35 @@ def test_train_reward_stage_fine_grained_on_tiny(tmp_path, tiny_model_path):
 
     rows = json.loads((SHARED_DATA / "qa_feedback" / "feedback_400.json").read_text())[:40]
     (tmp_path / "qa.json").write_text(json.dumps(rows))
-    data = {"run_name": "fg", "model": "tiny", "stages": [
-        {"name": "fg", "uses": "train_reward", "inputs": {"feedback": str(tmp_path / "qa.json")},
-         "with": {"kind": "fine_grained", "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 192,
-                  "eval_fraction": 0.25, "lora": {"r": 4, "alpha": 8}}}]}
+    data = {
+        "run_name": "fg",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "fg",
+                "uses": "train_reward",
+                "inputs": {"feedback": str(tmp_path / "qa.json")},
+                "with": {
+                    "kind": "fine_grained",
+                    "max_steps": 2,
+                    "per_device_train_batch_size": 4,
+                    "max_length": 192,
+                    "eval_fraction": 0.25,
+                    "lora": {"r": 4, "alpha": 8},
+                },
+            }
+        ],
+    }
     result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
     metrics = result.record("fg").metrics
-    for key in ("relevance/accuracy", "relevance/baseline_accuracy", "factuality/f1_error",
-                "completeness/pairwise_accuracy", "completeness/baseline_length_accuracy"):
+    for key in (
+        "relevance/accuracy",
+        "relevance/baseline_accuracy",
+        "factuality/f1_error",
+        "completeness/pairwise_accuracy",
+        "completeness/baseline_length_accuracy",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key
     folder = result.run_dir / "fg" / "reward_model"
     rm = load_reward_model(folder)

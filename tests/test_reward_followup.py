@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from pipeline.chat import last_user_text
 from pipeline.errors import DataError
 from pipeline.paths import data_dir
 from reward_models.base import RewardBatch
@@ -16,11 +17,16 @@ from reward_models.followup import FollowupReward, Followups, naive_logprobs, pa
 
 from .conftest import SHARED_DATA
 
-PROMPTS = ["What is the capital of France?",
-           [{"role": "system", "content": "Passages: Paris is in France."}, {"role": "user", "content": "Tell me a cat joke."}],
-           "hi"]
-REPLIES = ["Paris is the capital of France.", "Why did the cat sit on the computer? To watch the mouse!",
-           "Hello! How can I help you today? Ask me anything at all."]
+PROMPTS = [
+    "What is the capital of France?",
+    [{"role": "system", "content": "Passages: Paris is in France."}, {"role": "user", "content": "Tell me a cat joke."}],
+    "hi",
+]
+REPLIES = [
+    "Paris is the capital of France.",
+    "Why did the cat sit on the computer? To watch the mouse!",
+    "Hello! How can I help you today? Ask me anything at all.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +63,7 @@ def test_tokens_match_the_full_conversation(flr):
             full_ids = tok(full, add_special_tokens=False)["input_ids"]
             joined = flr.prefix_ids(prompt, reply) + ids
             assert full_ids[: len(joined)] == joined
-            assert tok.decode(full_ids[len(joined):]).strip() == ""  # only the template's trailing newline is left
+            assert tok.decode(full_ids[len(joined) :]).strip() == ""  # only the template's trailing newline is left
 
 
 def test_mask_isolates_followups():
@@ -84,7 +90,9 @@ def test_save_and_load(flr, tmp_path):
     flr.save(tmp_path / "rm")
     again = load_reward_model(tmp_path / "rm")
     assert again.followups.texts == flr.followups.texts
-    assert torch.allclose(again.score(RewardBatch(PROMPTS, REPLIES)).scalar, flr.score(RewardBatch(PROMPTS, REPLIES)).scalar, atol=1e-5)
+    assert torch.allclose(
+        again.score(RewardBatch(PROMPTS, REPLIES)).scalar, flr.score(RewardBatch(PROMPTS, REPLIES)).scalar, atol=1e-5
+    )
 
 
 def test_followup_list_errors(tmp_path):
@@ -114,19 +122,35 @@ def test_train_reward_stage_flr_finetunes_on_feedback(tmp_path, tiny_model_path)
     """train_reward kind=followup on 30 qa-feedback rows: zero-shot and fine-tuned pairwise
     accuracy on held-out prompts next to the length baseline (recomputed here by hand), and
     fine-tuning on the follow-up turn makes the follow-ups likelier after training replies."""
+    from feedback.sources import readers
     from pipeline.config import pipeline_from_dict
     from pipeline.runner import Runner
-    from reward_models import feedback_data
     from reward_models.base import load_reward_model
     from reward_models.metrics import pairwise_accuracy
 
     rows = json.loads((SHARED_DATA / "qa_feedback" / "feedback_400.json").read_text())[:30]
     (tmp_path / "qa.json").write_text(json.dumps(rows))
-    data = {"run_name": "flr", "model": "tiny", "stages": [
-        {"name": "flr", "uses": "train_reward", "inputs": {"feedback": str(tmp_path / "qa.json")},
-         "with": {"kind": "followup", "max_steps": 12, "learning_rate": 3e-3, "per_device_train_batch_size": 8,
-                  "max_length": 128, "eval_fraction": 0.2, "lora": {"r": 8, "alpha": 16},
-                  "followup": {"per_aspect": 1, "max_eval_prompts": 10, "finetune": True}}}]}
+    data = {
+        "run_name": "flr",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "flr",
+                "uses": "train_reward",
+                "inputs": {"feedback": str(tmp_path / "qa.json")},
+                "with": {
+                    "kind": "followup",
+                    "max_steps": 12,
+                    "learning_rate": 3e-3,
+                    "per_device_train_batch_size": 8,
+                    "max_length": 128,
+                    "eval_fraction": 0.2,
+                    "lora": {"r": 8, "alpha": 16},
+                    "followup": {"per_aspect": 1, "max_eval_prompts": 10, "finetune": True},
+                },
+            }
+        ],
+    }
     result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
     metrics = result.record("flr").metrics
@@ -135,12 +159,13 @@ def test_train_reward_stage_flr_finetunes_on_feedback(tmp_path, tiny_model_path)
     evaluation = json.loads((folder / "eval.json").read_text())
     assert [row["what"] for row in evaluation["comparison"]] == ["FLR zero-shot", "FLR fine-tuned"]
     # the held-out pairs are the prompts the stage did not train on; the length baseline by hand
-    pairs = feedback_data.preferences(tmp_path / "qa.json")
-    train_prompts = {feedback_data.prompt_key(p) for p, _, _ in _train_triples(pairs)}
-    held = [p for p in pairs if feedback_data.prompt_key(p.prompt) not in train_prompts]
+    pairs = readers.preferences(tmp_path / "qa.json")
+    train_prompts = {last_user_text(p) for p, _, _ in _train_triples(pairs)}
+    held = [p for p in pairs if last_user_text(p.prompt) not in train_prompts]
     assert len(held) == metrics["eval_pairs"]
     assert metrics["baseline_length_accuracy"] == pytest.approx(
-        pairwise_accuracy([len(p.chosen) for p in held], [len(p.rejected) for p in held]))
+        pairwise_accuracy([len(p.chosen) for p in held], [len(p.rejected) for p in held])
+    )
     for key in ("pairwise_accuracy_zero_shot", "pairwise_accuracy_finetuned"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["pairwise_accuracy"] == metrics["pairwise_accuracy_finetuned"]
@@ -148,7 +173,7 @@ def test_train_reward_stage_flr_finetunes_on_feedback(tmp_path, tiny_model_path)
     tuned = load_reward_model(folder)
     assert tuned.adapter is not None
     zero = FollowupReward.from_pretrained("tiny", tuned.followups)
-    train_pairs = [p for p in pairs if feedback_data.prompt_key(p.prompt) in train_prompts][:4]
+    train_pairs = [p for p in pairs if last_user_text(p.prompt) in train_prompts][:4]
     prompts, replies = [p.prompt for p in train_pairs], [p.chosen for p in train_pairs]
     # (12 LoRA steps on the random tiny model: +0.25 nats/token measured here)
     assert tuned.logprobs(prompts, replies).mean() > zero.logprobs(prompts, replies).mean() + 0.1
@@ -156,8 +181,47 @@ def test_train_reward_stage_flr_finetunes_on_feedback(tmp_path, tiny_model_path)
 
 def _train_triples(pairs):
     """The prompts train_reward keeps for training (same split as the stage: group by prompt, seed 0)."""
-    from reward_models import feedback_data
     from reward_models.common import split_train_eval
 
-    train, _ = split_train_eval(pairs, 0.2, 0, "group", group=lambda p: feedback_data.prompt_key(p.prompt))
+    train, _ = split_train_eval(pairs, 0.2, 0, "group", group=lambda p: last_user_text(p.prompt))
     return [(p.prompt, p.chosen, None) for p in train]
+
+
+def test_evaluation_reload_honours_use_gpu_false(tmp_path, tiny_model_path, monkeypatch):
+    """`use_gpu: false` keeps the held-out evaluation on the CPU even where a GPU is visible:
+    the reloaded reward model follows the stage's device policy, not the bare `device` field
+    (which, unset, meant "cuda when available"). A visible GPU is simulated on this CPU-only
+    machine: any attempt to place a model on it fails."""
+    import torch
+
+    from pipeline.config import pipeline_from_dict
+    from pipeline.runner import Runner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    from pipeline.records import write_jsonl
+
+    write_jsonl(
+        [{"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": "No idea."} for i in range(10)],
+        tmp_path / "prefs.jsonl",
+    )
+    data = {
+        "run_name": "flr-cpu",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "flr",
+                "uses": "train_reward",
+                "inputs": {"feedback": str(tmp_path / "prefs.jsonl")},
+                "with": {
+                    "kind": "followup",
+                    "use_gpu": False,
+                    "eval_fraction": 0.2,
+                    "followup": {"per_aspect": 1, "max_eval_prompts": 3},
+                },
+            }
+        ],
+    }
+    result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert result.ok, [r.error for r in result.records]
+    assert 0.0 <= result.record("flr").metrics["pairwise_accuracy_zero_shot"] <= 1.0

@@ -9,8 +9,15 @@ import math
 import pytest
 import torch
 
-from reward_models.metrics import (auroc, classification_scores, expected_calibration_error, majority_baseline,
-                                   pairwise_accuracy, quantile_buckets, reliability_bins)
+from reward_models.metrics import (
+    auroc,
+    classification_scores,
+    expected_calibration_error,
+    majority_baseline,
+    pairwise_accuracy,
+    quantile_buckets,
+    reliability_bins,
+)
 from reward_models.plove import Example, cap_per_user, positive_weight
 from reward_models.segments import segment_labels, split_sentences, split_subsentences
 
@@ -91,10 +98,15 @@ def test_cap_per_user_limits_heavy_users_only():
 def test_segmenters():
     text = "Dr. Smith moved to the U.S. in 2001. He earned 3.5 million! Was it enough?"
     assert [text[s:e] for s, e in split_sentences(text)] == [
-        "Dr. Smith moved to the U.S. in 2001.", "He earned 3.5 million!", "Was it enough?"]
+        "Dr. Smith moved to the U.S. in 2001.",
+        "He earned 3.5 million!",
+        "Was it enough?",
+    ]
     long = "The title track, a song about queer desire, was released on 2 May as the third single."
     assert [long[s:e] for s, e in split_subsentences(long)] == [
-        "The title track, a song about queer desire,", "was released on 2 May as the third single."]
+        "The title track, a song about queer desire,",
+        "was released on 2 May as the third single.",
+    ]
 
 
 def test_span_labels_follow_the_paper():
@@ -109,11 +121,11 @@ def test_span_labels_follow_the_paper():
 
 @pytest.mark.skipif(not (SHARED_DATA / "qa_feedback" / "feedback_400.json").is_file(), reason="qa-feedback not available")
 def test_qa_feedback_spans_become_segment_labels():
-    from reward_models import feedback_data
+    from feedback.sources import readers
     from reward_models.fine_grained_data import segment_examples
 
     path = SHARED_DATA / "qa_feedback" / "feedback_400.json"
-    records = feedback_data.span_feedback(path)
+    records = readers.span_feedback(path)
     assert len(records) == 400
     first = records[0]
     relevance = segment_examples([first], "relevance", "subsentence", 5)[0]
@@ -121,6 +133,6 @@ def test_qa_feedback_spans_become_segment_labels():
     # annotated Irrelevant spans in row 0 cover the album history and the last sentence
     assert any("debut studio album" in f for f in flagged)
     assert not relevance.labels[0]  # the opening clause answers the question
-    prefs = feedback_data.preferences(path)
+    prefs = readers.preferences(path)
     raw = json.loads(path.read_text())[0]
     assert sum(p != 0 for p in raw["preference"]) == sum(p.id.startswith("qa-0-") for p in prefs)

@@ -28,20 +28,43 @@ def production_logs(path, n=96, seed=0):
         reply = rng.choice(GOOD if good else BAD)
         love = rng.random() < (0.7 if good else 0.05)
         user = "heavy" if i % 3 == 0 else f"user{i % 7}"
-        rows.append({"conversation": [{"role": "user", "content": f"How do I do task {i}?"}], "reply": reply,
-                     "reaction": "love" if love else rng.choice(["dislike", "neutral"]), "user_id": user,
-                     "time": f"2025-01-{1 + i // 4:02d}T{i % 24:02d}:00:00Z"})
+        rows.append(
+            {
+                "conversation": [{"role": "user", "content": f"How do I do task {i}?"}],
+                "reply": reply,
+                "reaction": "love" if love else rng.choice(["dislike", "neutral"]),
+                "user_id": user,
+                "time": f"2025-01-{1 + i // 4:02d}T{i % 24:02d}:00:00Z",
+            }
+        )
     write_jsonl(rows, path)
     return rows
 
 
 def test_plove_learns_reactions_and_reports_calibration(tmp_path, tiny_model_path):
     rows = production_logs(tmp_path / "logs.jsonl")
-    data = {"run_name": "plove", "model": "tiny", "stages": [
-        {"name": "plove", "uses": "train_reward", "inputs": {"feedback": str(tmp_path / "logs.jsonl")},
-         "with": {"kind": "plove", "split": "time", "eval_fraction": 0.25, "max_steps": 30, "learning_rate": 3e-3,
-                  "per_device_train_batch_size": 8, "max_length": 64, "full_finetune": True,
-                  "plove": {"max_per_user": 12, "bins": 5}}}]}
+    data = {
+        "run_name": "plove",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "plove",
+                "uses": "train_reward",
+                "inputs": {"feedback": str(tmp_path / "logs.jsonl")},
+                "with": {
+                    "kind": "plove",
+                    "split": "time",
+                    "eval_fraction": 0.25,
+                    "max_steps": 30,
+                    "learning_rate": 3e-3,
+                    "per_device_train_batch_size": 8,
+                    "max_length": 64,
+                    "full_finetune": True,
+                    "plove": {"max_per_user": 12, "bins": 5},
+                },
+            }
+        ],
+    }
     result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
     metrics = result.record("plove").metrics
@@ -58,8 +81,13 @@ def test_plove_learns_reactions_and_reports_calibration(tmp_path, tiny_model_pat
     assert out.scalar.shape == (4,) and ((out.scalar > 0) & (out.scalar < 1)).all()
     assert out.scalar[:2].min() > out.scalar[2:].max() + 0.2
     evaluation = json.loads((folder / "eval.json").read_text())
-    assert abs(metrics["ece"] - sum(b["count"] / 24 * abs(b["positive_rate"] - b["mean_prob"])
-                                    for b in evaluation["reliability"] if b["count"])) < 1e-9
+    assert (
+        abs(
+            metrics["ece"]
+            - sum(b["count"] / 24 * abs(b["positive_rate"] - b["mean_prob"]) for b in evaluation["reliability"] if b["count"])
+        )
+        < 1e-9
+    )
     assert sum(b["count"] for b in evaluation["buckets"]) == 24
     # the logit offset undoes the class weighting: mean P[Love] tracks the positive rate
     assert abs(metrics["mean_plove"] - metrics["eval_positive_rate"]) < 0.25
@@ -73,12 +101,14 @@ def test_plove_learns_reactions_and_reports_calibration(tmp_path, tiny_model_pat
 def test_custom_positive_words_in_logs_label_examples_positive(tmp_path):
     """`positive: [thumbs_up]` on production logs: those replies are the positives (logs map
     the configured words to 'love' on reading, so labelling must count 'love' as positive)."""
-    from reward_models import feedback_data
+    from feedback.sources import readers
     from reward_models.plove import examples_from_reactions
 
-    rows = [{"prompt": f"q{i}", "reply": f"a{i}", "reaction": word}
-            for i, word in enumerate(["thumbs_up", "thumbs_down", "thumbs_up", "meh"])]
+    rows = [
+        {"prompt": f"q{i}", "reply": f"a{i}", "reaction": word}
+        for i, word in enumerate(["thumbs_up", "thumbs_down", "thumbs_up", "meh"])
+    ]
     write_jsonl(rows, tmp_path / "logs.jsonl")
     positive = ["thumbs_up"]
-    examples = examples_from_reactions(feedback_data.reactions(tmp_path / "logs.jsonl", positive), positive)
+    examples = examples_from_reactions(readers.reactions(tmp_path / "logs.jsonl", positive), positive)
     assert [e.label for e in examples] == [1, 0, 1, 0]

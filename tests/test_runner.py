@@ -83,9 +83,78 @@ def test_status_command_shows_failed_and_blocked(tmp_path, tiny_model_path):
     from .conftest import ROOT, heedful_cmd
 
     run(tmp_path, tiny_pipeline(pairs={"min_margin": 99.0}))
-    proc = subprocess.run(heedful_cmd() + ["status", "t", "--runs-dir", str(tmp_path / "runs")], cwd=ROOT,
-                          capture_output=True, text=True, env={"COLUMNS": "200", **__import__("os").environ})
+    proc = subprocess.run(
+        heedful_cmd() + ["status", "t", "--runs-dir", str(tmp_path / "runs")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "200", **__import__("os").environ},
+    )
     assert proc.returncode == 0, proc.stderr
     lines = {line.split("│")[1].strip(): line for line in proc.stdout.splitlines() if line.count("│") > 3}
     assert "done" in lines["sample"] and "failed" in lines["pairs"] and "blocked" in lines["align"]
     assert "min_margin" in lines["pairs"]
+
+
+RAY_TOKEN_WATCH = """
+import json, os, stat, threading
+from pathlib import Path
+
+path, seen, stop = Path.home() / ".ray" / "auth_token", [], threading.Event()
+
+def watch():
+    while not stop.is_set():
+        try:
+            seen.append(stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            pass
+
+watcher = threading.Thread(target=watch, daemon=True)
+watcher.start()
+from pipeline import cluster
+
+cluster.connect(num_cpus=1)
+import ray
+
+answer = ray.get(ray.remote(lambda: 42).remote())
+cluster.shutdown()
+stop.set()
+watcher.join()
+print(json.dumps({"modes": sorted(set(seen)), "polls": len(seen), "answer": answer,
+                  "dir": stat.S_IMODE(os.stat(path.parent).st_mode)}))
+"""
+
+
+def test_ray_token_file_is_0600_from_creation(tmp_path):
+    """A fresh local cluster's auth token is never readable by others, not even during ray.init."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)  # a user without a token yet
+    proc = subprocess.run([sys.executable, "-c", RAY_TOKEN_WATCH], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["answer"] == 42 and seen["polls"] > 0  # the cluster ran, with the token file in place
+    assert seen["modes"] == [0o600], f"token file modes seen: {[oct(m) for m in seen['modes']]}"
+    assert seen["dir"] & 0o077 == 0
+
+
+def test_runner_checks_file_inputs_before_anything_is_written(tmp_path):
+    """The API path too: a bad data file stops the run before Ray, a model or the run folder."""
+    import pytest
+
+    from pipeline.errors import DataError
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n{"prompt": 3}\n')
+    pipeline = pipeline_from_dict(tiny_pipeline(prompts), tmp_path)
+    with pytest.raises(DataError) as err:
+        Runner(pipeline, tmp_path / "runs", use_ray=True, address="127.0.0.1:9").execute()
+    assert f"{prompts}:2: field 'prompt': expected a string or a list of messages, got 3" in str(err.value)
+    assert [p.file for p in err.value.problems] == ["stages.sample.inputs.prompts"]
+    assert not (tmp_path / "runs").exists()

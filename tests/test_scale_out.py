@@ -15,8 +15,16 @@ import torch
 
 from pipeline.config import pipeline_from_dict
 from pipeline.errors import HeedfulError
-from pipeline.generation import (Completion, SamplingSettings, chat_generate, completions_from_vllm, generate_chat,
-                                 pick_engine, vllm_sampling_kwargs, vllm_unavailable_reason)
+from pipeline.generation import (
+    Completion,
+    SamplingSettings,
+    chat_generate,
+    completions_from_vllm,
+    generate_chat,
+    pick_engine,
+    vllm_sampling_kwargs,
+    vllm_unavailable_reason,
+)
 from pipeline.records import write_jsonl
 from pipeline.runner import Runner, _stage_gpus, _train_workers
 from pipeline.stage import StageContext
@@ -29,8 +37,17 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
 def _ctx(tmp_path) -> StageContext:
-    return StageContext(name="align", uses="dpo", run_name="r", run_dir=tmp_path, work_dir=tmp_path, model="tiny",
-                        seed=0, inputs={}, log=logging.getLogger("test"))
+    return StageContext(
+        name="align",
+        uses="dpo",
+        run_name="r",
+        run_dir=tmp_path,
+        work_dir=tmp_path,
+        model="tiny",
+        seed=0,
+        inputs={},
+        log=logging.getLogger("test"),
+    )
 
 
 # ----------------------------------------------------------------------------- settings
@@ -91,13 +108,23 @@ def test_qlora_dpo_with_paged_8bit_optimizer_trains_on_cpu(tmp_path, tiny_model_
     from transformers import Trainer, TrainingArguments
 
     prefs = toy_preferences(tmp_path / "prefs.jsonl")
-    settings = {"max_steps": 8, "learning_rate": 5e-3, "per_device_train_batch_size": 4, "max_length": 64,
-                "optim": "paged_adamw_8bit", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "qlora": True}}
+    settings = {
+        "max_steps": 8,
+        "learning_rate": 5e-3,
+        "per_device_train_batch_size": 4,
+        "max_length": 64,
+        "optim": "paged_adamw_8bit",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "qlora": True},
+    }
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(
-        TrainingArguments(**TrainSettings(**settings).trainer_kwargs(_ctx(tmp_path))))
+        TrainingArguments(**TrainSettings(**settings).trainer_kwargs(_ctx(tmp_path)))
+    )
     assert optimizer_cls.__module__.startswith("bitsandbytes") and optimizer_kwargs.get("optim_bits") == 8
-    data = {"run_name": "qlora", "model": "tiny", "stages": [
-        {"name": "align", "uses": "dpo", "inputs": {"preferences": str(prefs)}, "with": settings}]}
+    data = {
+        "run_name": "qlora",
+        "model": "tiny",
+        "stages": [{"name": "align", "uses": "dpo", "inputs": {"preferences": str(prefs)}, "with": settings}],
+    }
     result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
     curves = json.loads((result.run_dir / "align" / "curves.json").read_text())
@@ -132,9 +159,13 @@ def test_generate_stage_engine_vllm_fails_clearly_where_it_cannot_run(tmp_path):
     if vllm_unavailable_reason() is None:
         pytest.skip("vLLM and a GPU are present")
     write_jsonl([{"prompt": "Hi"}], tmp_path / "p.jsonl")
-    data = {"run_name": "eng", "model": "tiny", "stages": [
-        {"name": "sample", "uses": "generate", "inputs": {"prompts": str(tmp_path / "p.jsonl")},
-         "with": {"engine": "vllm"}}]}
+    data = {
+        "run_name": "eng",
+        "model": "tiny",
+        "stages": [
+            {"name": "sample", "uses": "generate", "inputs": {"prompts": str(tmp_path / "p.jsonl")}, "with": {"engine": "vllm"}}
+        ],
+    }
     result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert not result.ok and "engine: vllm cannot run" in str(result.record("sample").error)
 
@@ -145,8 +176,12 @@ def test_vllm_sampling_and_outputs_map_like_hf():
     sampled = vllm_sampling_kwargs(SamplingSettings(temperature=0.7, top_k=0), 4, 3, [2, 5])
     assert sampled["n"] == 4 and sampled["top_k"] == -1 and sampled["stop_token_ids"] == [2, 5] and sampled["seed"] == 3
     # a stand-in shaped like vLLM's RequestOutput (vLLM itself needs a CUDA GPU)
-    fake_request = SimpleNamespace(outputs=[SimpleNamespace(text=" Paris. ", token_ids=[11, 12, 2], finish_reason="stop"),
-                                            SimpleNamespace(text="Par", token_ids=[11, 13], finish_reason="length")])
+    fake_request = SimpleNamespace(
+        outputs=[
+            SimpleNamespace(text=" Paris. ", token_ids=[11, 12, 2], finish_reason="stop"),
+            SimpleNamespace(text="Par", token_ids=[11, 13], finish_reason="length"),
+        ]
+    )
     assert completions_from_vllm([fake_request], [2]) == [[Completion("Paris.", 2, True), Completion("Par", 2, False)]]
 
 
@@ -173,8 +208,15 @@ def test_build_job_validates_and_uploads_the_project(tmp_path, monkeypatch):
 
     align = next(s.name for s in load_pipeline(QUICKSTART).stages if s.spec.uses == "dpo")  # names may change
     beta = f"stages.{align}.with.beta=0.2"
-    spec = build_job(QUICKSTART, ["model=tiny", beta], runs_dir=tmp_path / "runs", working_dir=ROOT,
-                     pip=["bitsandbytes"], env=["A=b=c"], force=[align])
+    spec = build_job(
+        QUICKSTART,
+        ["model=tiny", beta],
+        runs_dir=tmp_path / "runs",
+        working_dir=ROOT,
+        pip=["bitsandbytes"],
+        env=["A=b=c"],
+        force=[align],
+    )
     argv = shlex.split(spec.entrypoint)
     assert argv[:4] == ["python", "-m", "ray_jobs.entrypoint", "configs/quickstart.yaml"]
     assert argv[argv.index("--runs-dir") + 1] == str((tmp_path / "runs").resolve())
@@ -206,11 +248,19 @@ def test_build_job_refuses_what_would_fail_on_the_cluster(tmp_path):
 def test_submit_reports_config_errors_before_contacting_a_cluster(tmp_path):
     bad = tmp_path / "bad.yaml"
     write_jsonl([{"prompt": "x"}], tmp_path / "p.jsonl")
-    bad.write_text("run_name: x\nmodel: tiny\nstages:\n  - {name: s, uses: generate, inputs: {prompts: p.jsonl},"
-                   " with: {num_samples: many}}\n")
+    bad.write_text(
+        "run_name: x\nmodel: tiny\nstages:\n  - {name: s, uses: generate, inputs: {prompts: p.jsonl},"
+        " with: {num_samples: many}}\n"
+    )
     env = dict(os.environ, RAY_ADDRESS="http://127.0.0.1:9")  # nothing listens there
-    proc = subprocess.run(heedful_cmd() + ["submit", str(bad), "--working-dir", str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        heedful_cmd() + ["submit", str(bad), "--working-dir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "bad.yaml:4" in proc.stdout and "num_samples" in proc.stdout
 
@@ -221,3 +271,50 @@ def test_entrypoint_refuses_to_run_outside_a_ray_job(monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["configs/quickstart.yaml", "--runs-dir", "/tmp/x"]) == 2
     assert "RAY_ADDRESS is not set" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- experiment tracking
+
+
+def test_report_to_is_validated_and_checks_the_tracker_is_installed(tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from pipeline.models import ModelUnavailable
+    from pipeline.training import NON_SEMANTIC_TRAIN_FIELDS
+
+    assert TrainSettings().trainer_kwargs(_ctx(tmp_path))["report_to"] == "none"
+    assert TrainSettings(report_to="tensorboard").report_to == ["tensorboard"]
+    assert "report_to" in NON_SEMANTIC_TRAIN_FIELDS
+    with pytest.raises(ValidationError, match="report_to"):
+        TrainSettings(report_to="neptune")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ModelUnavailable, match="pip install wandb"):
+        TrainSettings(report_to=["wandb"]).trainer_kwargs(_ctx(tmp_path))
+
+
+def test_tensorboard_logs_land_in_the_stage_folder_and_do_not_change_the_fingerprint(tmp_path, tiny_model_path):
+    prefs = toy_preferences(tmp_path / "prefs.jsonl")
+
+    def data(report_to):
+        return {
+            "run_name": "tracked",
+            "model": "tiny",
+            "stages": [
+                {
+                    "name": "align",
+                    "uses": "dpo",
+                    "inputs": {"preferences": str(prefs)},
+                    "with": {"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 64, "report_to": report_to},
+                }
+            ],
+        }
+
+    result = Runner(pipeline_from_dict(data("tensorboard"), tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert result.ok, [r.error for r in result.records]
+    events = list((result.run_dir / "align" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    again = Runner(pipeline_from_dict(data("none"), tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert [r.status for r in again.records] == ["skipped"]

@@ -32,8 +32,7 @@ def head(tiny_model_path):
 
 
 def heedful(head, *args, timeout=300):
-    return subprocess.run(heedful_cmd() + list(args), cwd=ROOT, env=head.env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(heedful_cmd() + list(args), cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=timeout)
 
 
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -52,11 +51,29 @@ def quickstart_names() -> dict[str, str]:
 def quickstart_small(names: dict[str, str]) -> list[str]:
     """--set overrides sizing the quickstart for the tiny model (as tests/test_e2e_quickstart.py does for SmolLM2)."""
     sample, users, align = (f"stages.{names[k]}.with" for k in ("generate", "simulate", "dpo"))
-    return ["model=tiny", f"{sample}.max_prompts=4", f"{sample}.sampling.max_new_tokens=16",
-            f"{users}.max_rounds=2", f"{users}.policy_sampling.max_new_tokens=16",
-            f"{users}.user_sampling.max_new_tokens=8", f"{users}.simulator.model=tiny",
-            f"{users}.feedback_on_last_round=false", f"{users}.cache=false",
-            f"{align}.max_steps=2", f"{align}.max_length=64"]
+    return [
+        "model=tiny",
+        f"{sample}.max_prompts=4",
+        f"{sample}.sampling.max_new_tokens=16",
+        f"{users}.max_rounds=2",
+        f"{users}.policy_sampling.max_new_tokens=16",
+        f"{users}.user_sampling.max_new_tokens=8",
+        f"{users}.simulator.model=tiny",
+        f"{users}.feedback_on_last_round=false",
+        f"{users}.cache=false",
+        f"{align}.max_steps=2",
+        f"{align}.max_length=64",
+    ] + (
+        [
+            f"stages.{names['evaluate']}.with.users.max_rounds=1",
+            f"stages.{names['evaluate']}.with.users.policy_sampling.max_new_tokens=16",
+            f"stages.{names['evaluate']}.with.users.user_sampling.max_new_tokens=8",
+            f"stages.{names['evaluate']}.with.sampling.max_new_tokens=16",
+            f"stages.{names['evaluate']}.with.max_general=4",
+        ]
+        if "evaluate" in names
+        else []
+    )
 
 
 def test_submit_quickstart_as_ray_job(head, tmp_path):
@@ -84,7 +101,8 @@ def test_submit_quickstart_as_ray_job(head, tmp_path):
     assert (package / "adapter_model.safetensors").is_file()
     lineage = json.loads((package / "heedful.json").read_text())
     assert lineage["base_model"]["name"] == "tiny"
-    assert [s["name"] for s in lineage["stages"]] == [n for n in stages if n != ship]
+    # the adapter's lineage: every stage upstream of the export (the evaluation runs beside it)
+    assert [s["name"] for s in lineage["stages"]] == [n for n in stages if n not in (ship, names.get("evaluate"))]
     trained = json.loads((run_dir / align / "manifest.json").read_text())
     assert trained["metrics"]["steps"] == 2 and trained["config"]["max_steps"] == 2
     job = json.loads((run_dir / "job.json").read_text())
@@ -102,9 +120,13 @@ def test_submit_quickstart_as_ray_job(head, tmp_path):
 
 
 def _generate_stage(name, num_cpus, prompts):
-    return {"name": name, "uses": "generate", "inputs": {"prompts": str(prompts)},
-            "resources": {"num_cpus": num_cpus},
-            "with": {"num_samples": 2, "max_prompts": 4, "sampling": {"max_new_tokens": 16, "temperature": 1.0}}}
+    return {
+        "name": name,
+        "uses": "generate",
+        "inputs": {"prompts": str(prompts)},
+        "resources": {"num_cpus": num_cpus},
+        "with": {"num_samples": 2, "max_prompts": 4, "sampling": {"max_new_tokens": 16, "temperature": 1.0}},
+    }
 
 
 def _task_windows(names, timeout=20.0):
@@ -113,8 +135,11 @@ def _task_windows(names, timeout=20.0):
 
     deadline = time.time() + timeout
     while True:
-        tasks = {t.name: t for t in list_tasks(filters=[("state", "=", "FINISHED")], detail=True, limit=1000)
-                 if t.name in {f"stage:{n}" for n in names} and t.end_time_ms}
+        tasks = {
+            t.name: t
+            for t in list_tasks(filters=[("state", "=", "FINISHED")], detail=True, limit=1000)
+            if t.name in {f"stage:{n}" for n in names} and t.end_time_ms
+        }
         if len(tasks) == len(names) or time.time() > deadline:
             break
         time.sleep(0.5)
@@ -129,8 +154,7 @@ def test_independent_stages_run_concurrently_when_resources_allow(head, tmp_path
     spans = {}
     for cpus in (1, 2):
         names = [f"a{cpus}", f"b{cpus}"]
-        data = {"run_name": f"overlap{cpus}", "model": "tiny",
-                "stages": [_generate_stage(n, cpus, prompts) for n in names]}
+        data = {"run_name": f"overlap{cpus}", "model": "tiny", "stages": [_generate_stage(n, cpus, prompts) for n in names]}
         result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", address=head.gcs_address).execute()
         assert result.ok, [r.error for r in result.records]
         (s1, e1), (s2, e2) = _task_windows(names).values()
@@ -140,11 +164,27 @@ def test_independent_stages_run_concurrently_when_resources_allow(head, tmp_path
 
 
 def _dpo(prefs, workers, steps, save_steps=50, run_name=None):
-    return {"run_name": run_name or f"dpo-w{workers}", "model": "tiny", "stages": [
-        {"name": "align", "uses": "dpo", "inputs": {"preferences": str(prefs)},
-         "with": {"max_steps": steps, "learning_rate": 5e-3, "per_device_train_batch_size": 4 // workers, "beta": 0.1,
-                  "max_length": 64, "save_steps": save_steps, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                  "num_workers": workers}}]}
+    return {
+        "run_name": run_name or f"dpo-w{workers}",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "align",
+                "uses": "dpo",
+                "inputs": {"preferences": str(prefs)},
+                "with": {
+                    "max_steps": steps,
+                    "learning_rate": 5e-3,
+                    "per_device_train_batch_size": 4 // workers,
+                    "beta": 0.1,
+                    "max_length": 64,
+                    "save_steps": save_steps,
+                    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                    "num_workers": workers,
+                },
+            }
+        ],
+    }
 
 
 def _losses(run_dir):
@@ -170,8 +210,11 @@ def test_dpo_on_two_workers_matches_one_worker_and_survives_a_killed_worker(head
     from pipeline import cluster
 
     prefs = toy_preferences(tmp_path / "prefs.jsonl")
-    runner = Runner(pipeline_from_dict(_dpo(prefs, 2, 8, save_steps=2, run_name="dpo-kill"), tmp_path), tmp_path / "runs",
-                    address=head.gcs_address)
+    runner = Runner(
+        pipeline_from_dict(_dpo(prefs, 2, 8, save_steps=2, run_name="dpo-kill"), tmp_path),
+        tmp_path / "runs",
+        address=head.gcs_address,
+    )
     cluster.connect(head.gcs_address)  # the driver connects here; the run goes on in a thread
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("result", runner.execute()), daemon=True)

@@ -27,8 +27,13 @@ def live(tiny_model_path, tmp_path_factory):
     token_file = root / "token"
     token_file.write_text(TOKEN + "\n")
     os.chmod(token_file, 0o600)
-    settings = ServeSettings(model="tiny", memory=str(root / "memory.db"), token_file=str(token_file),
-                             retrieval=RetrievalSettings(threshold=0.9, key_mask="<[^>]*>"), max_tokens_default=8)
+    settings = ServeSettings(
+        model="tiny",
+        memory=str(root / "memory.db"),
+        token_file=str(token_file),
+        retrieval=RetrievalSettings(threshold=0.9, key_mask="<[^>]*>"),
+        max_tokens_default=8,
+    )
     with ServerThread(settings) as server:
         server.memory = root / "memory.db"
         yield server
@@ -69,37 +74,54 @@ def test_token_file_must_be_private(tmp_path):
 
 def test_openai_client_chat_stream_feedback_and_memory(live):
     c = client(live)
-    first = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is akin to < roomy > ?"}],
-                                      max_tokens=6, temperature=0)
+    first = c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "What is akin to < roomy > ?"}], max_tokens=6, temperature=0
+    )
     assert first.object == "chat.completion" and first.id.startswith("chatcmpl-")
     assert isinstance(first.choices[0].message.content, str) and first.choices[0].finish_reason in ("stop", "length")
     assert 0 < first.usage.completion_tokens <= 6 and first.usage.prompt_tokens > 5
     assert first.model_extra["memory"] == []
 
-    fb = httpx.post(live.url + "/v1/feedback", headers=auth(),
-                    json={"conversation_id": first.id, "clarification": "when I ask 'akin to', I want a synonym."})
+    fb = httpx.post(
+        live.url + "/v1/feedback",
+        headers=auth(),
+        json={"conversation_id": first.id, "clarification": "when I ask 'akin to', I want a synonym."},
+    )
     assert fb.status_code == 200 and fb.json()["memory_id"] is not None
 
     # same phrasing, another word: the clarification is attached and reported
-    second = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is akin to < bin > ?"}],
-                                       max_tokens=6, temperature=0, user="u2")
+    second = c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "What is akin to < bin > ?"}], max_tokens=6, temperature=0, user="u2"
+    )
     used = second.model_extra["memory"]
     assert [m["id"] for m in used] == [fb.json()["memory_id"]] and used[0]["score"] > 0.99
     # ... and can be switched off per request
-    off = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is akin to < bin > ?"}],
-                                    max_tokens=6, temperature=0, extra_body={"memory": False})
+    off = c.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "What is akin to < bin > ?"}],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"memory": False},
+    )
     assert off.model_extra["memory"] == []
 
-    stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is akin to < cup > ?"}],
-                                       max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True})
+    stream = c.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "What is akin to < cup > ?"}],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert chunks[0].model_extra["memory"][0]["id"] == fb.json()["memory_id"]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 6
     assert len({ch.id for ch in chunks}) == 1
     # greedy: the streamed text equals the non-streamed reply to the same request
-    same = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is akin to < cup > ?"}],
-                                     max_tokens=6, temperature=0)
+    same = c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "What is akin to < cup > ?"}], max_tokens=6, temperature=0
+    )
     assert text.strip() == same.choices[0].message.content
 
     listing = httpx.get(live.url + "/v1/memory", headers=auth()).json()
@@ -109,9 +131,14 @@ def test_openai_client_chat_stream_feedback_and_memory(live):
 
 def test_bad_payloads_get_4xx_with_a_clear_message(live):
     c = client(live)
-    post = lambda body, ctype="application/json": httpx.post(
-        live.url + "/v1/chat/completions", headers=auth({"content-type": ctype}),
-        content=body if isinstance(body, (bytes, str)) else json.dumps(body))
+
+    def post(body, ctype="application/json"):
+        return httpx.post(
+            live.url + "/v1/chat/completions",
+            headers=auth({"content-type": ctype}),
+            content=body if isinstance(body, (bytes, str)) else json.dumps(body),
+        )
+
     msg = [{"role": "user", "content": "hi"}]
     r = post(b"{not json")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
@@ -134,11 +161,13 @@ def test_bad_payloads_get_4xx_with_a_clear_message(live):
     r = post(b"x" * 2_000_000)
     assert r.status_code == 413
     chunks = (b"x" * 100_000 for _ in range(20))  # no Content-Length: counted while it streams in
-    r = httpx.post(live.url + "/v1/chat/completions", headers=auth({"content-type": "application/json"}),
-                   content=chunks)
+    r = httpx.post(live.url + "/v1/chat/completions", headers=auth({"content-type": "application/json"}), content=chunks)
     assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
     assert httpx.get(live.url + "/v1/nowhere", headers=auth()).json()["error"]["message"] == "Not Found"
-    fb = lambda body: httpx.post(live.url + "/v1/feedback", headers=auth(), json=body)
+
+    def fb(body):
+        return httpx.post(live.url + "/v1/feedback", headers=auth(), json=body)
+
     r = fb({"conversation_id": "chatcmpl-unknown", "reaction": "love"})
     assert r.status_code == 404 and "no conversation" in r.json()["error"]["message"]
     r = fb({"conversation_id": "chatcmpl-x"})
@@ -151,8 +180,17 @@ def test_bad_payloads_get_4xx_with_a_clear_message(live):
 
 def test_concurrent_feedback_then_export_for_training(live, tmp_path):
     c = client(live)
-    convs = [c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Tell me about < t{i} > ."}],
-                                       max_tokens=4, temperature=1.0, seed=i, user=f"user{i}") for i in range(4)]
+    convs = [
+        c.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": f"Tell me about < t{i} > ."}],
+            max_tokens=4,
+            temperature=1.0,
+            seed=i,
+            user=f"user{i}",
+        )
+        for i in range(4)
+    ]
     before = httpx.get(live.url + "/v1/memory", headers=auth()).json()["total"]
     jobs = []
     for i, conv in enumerate(convs):
@@ -160,8 +198,9 @@ def test_concurrent_feedback_then_export_for_training(live, tmp_path):
         jobs.append({"conversation_id": conv.id, "reaction": "love" if i % 2 else "dislike"})
         jobs.append({"conversation_id": conv.id, "critique": f"too short {i}", "judgment": "needs_work"})
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda body: httpx.post(live.url + "/v1/feedback", headers=auth(), json=body,
-                                                        timeout=60), jobs * 2))
+        results = list(
+            pool.map(lambda body: httpx.post(live.url + "/v1/feedback", headers=auth(), json=body, timeout=60), jobs * 2)
+        )
     assert [r.status_code for r in results] == [200] * len(results)
     memory_ids = [r.json()["memory_id"] for r in results if r.json()["memory_id"] is not None]
     assert len(set(memory_ids)) == 8
@@ -189,18 +228,34 @@ def test_memory_export_stage_feeds_dpo_pairs_from_serving(live, tmp_path):
     from pipeline.runner import Runner
 
     c = client(live)
-    ask = lambda seed: c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Name a colour."}],
-                                                 max_tokens=5, temperature=1.0, seed=seed)
+
+    def ask(seed):
+        return c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=5, temperature=1.0, seed=seed
+        )
+
     good, bad = ask(1), ask(2)
     assert good.choices[0].message.content != bad.choices[0].message.content
     for conv, reaction in ((good, "love"), (bad, "dislike")):
-        assert httpx.post(live.url + "/v1/feedback", headers=auth(),
-                          json={"conversation_id": conv.id, "reaction": reaction}).status_code == 200
-    data = {"run_name": "mem", "model": "tiny", "stages": [
-        {"name": "fb", "uses": "memory_export", "inputs": {"memory": str(live.memory)}}]}
-    run = lambda: Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
+        assert (
+            httpx.post(
+                live.url + "/v1/feedback", headers=auth(), json={"conversation_id": conv.id, "reaction": reaction}
+            ).status_code
+            == 200
+        )
+    data = {
+        "run_name": "mem",
+        "model": "tiny",
+        "stages": [{"name": "fb", "uses": "memory_export", "inputs": {"memory": str(live.memory)}}],
+    }
+
+    def run():
+        return Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
+
     result = run()
     assert result.ok and result.records[0].status == "done", result.records
+    held = (tmp_path / "runs" / "mem" / "fb" / "quarantine" / "quarantine.jsonl").read_text().splitlines()
+    assert result.records[0].metrics["quarantined"] == len(held)  # what was held back, counted for the report
     assert run().records[0].status == "skipped"
     prefs = load_rows(tmp_path / "runs" / "mem" / "fb" / "preferences", required=["prompt", "chosen", "rejected"])
     pair = [p for p in prefs if p["id"] == f"pref:{good.id}:{bad.id}"]
@@ -209,8 +264,10 @@ def test_memory_export_stage_feeds_dpo_pairs_from_serving(live, tmp_path):
     assert pair[0]["rejected"] == [{"role": "assistant", "content": bad.choices[0].message.content}]
     assert pair[0]["prompt"] == [{"role": "user", "content": "Name a colour."}]
     # new feedback from serving changes the memory file: the stage is no longer up to date
-    assert httpx.post(live.url + "/v1/feedback", headers=auth(),
-                      json={"conversation_id": good.id, "critique": "fine"}).status_code == 200
+    assert (
+        httpx.post(live.url + "/v1/feedback", headers=auth(), json={"conversation_id": good.id, "critique": "fine"}).status_code
+        == 200
+    )
     assert run().records[0].status == "done"
 
 
@@ -224,20 +281,29 @@ def test_ray_serve_deployment_speaks_the_same_api(tiny_model_path, tmp_path):
     from serving.ray_app import application
 
     port = free_port()
-    settings = ServeSettings(model="tiny", memory=str(tmp_path / "memory.db"), max_tokens_default=4,
-                             retrieval=RetrievalSettings(threshold=0.9, key_mask="<[^>]*>"))
+    settings = ServeSettings(
+        model="tiny",
+        memory=str(tmp_path / "memory.db"),
+        max_tokens_default=4,
+        retrieval=RetrievalSettings(threshold=0.9, key_mask="<[^>]*>"),
+    )
     connect(None, num_cpus=2)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(application(settings), name="heedful", route_prefix="/")
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        first = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What rings like < a > ?"}],
-                                          max_tokens=4, temperature=0)
-        fb = httpx.post(f"http://127.0.0.1:{port}/v1/feedback", timeout=60,
-                        json={"conversation_id": first.id, "clarification": "I mean a homophone"})
+        first = c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "What rings like < a > ?"}], max_tokens=4, temperature=0
+        )
+        fb = httpx.post(
+            f"http://127.0.0.1:{port}/v1/feedback",
+            timeout=60,
+            json={"conversation_id": first.id, "clarification": "I mean a homophone"},
+        )
         assert fb.status_code == 200
-        second = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What rings like < b > ?"}],
-                                           max_tokens=4, temperature=0)
+        second = c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "What rings like < b > ?"}], max_tokens=4, temperature=0
+        )
         assert [m["id"] for m in second.model_extra["memory"]] == [fb.json()["memory_id"]]
     finally:
         serve.shutdown()
@@ -249,8 +315,11 @@ def test_export_turns_a_used_clarification_into_a_distillation_pair(live, tmp_pa
     c = client(live)
     q = [{"role": "user", "content": "What could one mishear as < knight > ?"}]
     a = c.chat.completions.create(model="tiny", messages=q, max_tokens=5, temperature=1.0, seed=1)
-    fb = httpx.post(live.url + "/v1/feedback", headers=auth(),
-                    json={"conversation_id": a.id, "clarification": "I want a homophone of the word"}).json()
+    fb = httpx.post(
+        live.url + "/v1/feedback",
+        headers=auth(),
+        json={"conversation_id": a.id, "clarification": "I want a homophone of the word"},
+    ).json()
     b = c.chat.completions.create(model="tiny", messages=q, max_tokens=5, temperature=1.0, seed=2)
     assert [m["id"] for m in b.model_extra["memory"]] == [fb["memory_id"]]
     assert b.choices[0].message.content != a.choices[0].message.content  # identical replies make no pair

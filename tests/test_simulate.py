@@ -7,8 +7,7 @@ import json
 import pytest
 
 from feedback.simulator.needs import load_users
-from feedback.simulator.protocol import (best_threshold, clean_user_text, fact_coverage, is_clarifying_question,
-                                        reaction_for)
+from feedback.simulator.protocol import best_threshold, clean_user_text, fact_coverage, is_clarifying_question, reaction_for
 from pipeline.config import pipeline_from_dict
 from pipeline.errors import DataError
 from pipeline.records import load_rows, write_jsonl
@@ -26,11 +25,20 @@ OUTPUTS = ("transcripts", "verbal_feedback", "followups", "reactions", "preferen
 
 
 def simulate_pipeline(needs, tmp_path, seed=3, **with_):
-    cfg = {"max_rounds": 3, "simulator": {"model": "tiny"}, "cache_path": str(tmp_path / "cache.sqlite"),
-           "policy_sampling": {"max_new_tokens": 6, "temperature": 1.0},
-           "user_sampling": {"max_new_tokens": 6, "temperature": 1.0}, **with_}
-    return {"run_name": "sim", "model": "tiny", "seed": seed,
-            "stages": [{"name": "users", "uses": "simulate", "inputs": {"conversations": str(needs)}, "with": cfg}]}
+    cfg = {
+        "max_rounds": 3,
+        "simulator": {"model": "tiny"},
+        "cache_path": str(tmp_path / "cache.sqlite"),
+        "policy_sampling": {"max_new_tokens": 6, "temperature": 1.0},
+        "user_sampling": {"max_new_tokens": 6, "temperature": 1.0},
+        **with_,
+    }
+    return {
+        "run_name": "sim",
+        "model": "tiny",
+        "seed": seed,
+        "stages": [{"name": "users", "uses": "simulate", "inputs": {"conversations": str(needs)}, "with": cfg}],
+    }
 
 
 def run(tmp_path, needs_rows, force=False, seed=3, **with_):
@@ -53,8 +61,9 @@ def check_turn_order(utterances):
         if prev["type"] == "response":
             assert cur["type"] == "feedback"
     for u in utterances:
-        assert u["type"] in (("question", "answer", "feedback") if u["participant"] == "user"
-                             else ("clarifying_question", "response"))
+        assert u["type"] in (
+            ("question", "answer", "feedback") if u["participant"] == "user" else ("clarifying_question", "response")
+        )
 
 
 def test_never_satisfied_runs_max_rounds_and_pairs_each_revision(tmp_path, tiny_model_path):
@@ -70,9 +79,12 @@ def test_never_satisfied_runs_max_rounds_and_pairs_each_revision(tmp_path, tiny_
     assert all(v["judgment"] == "needs_work" for v in out["verbal_feedback"])
     assert all(r["reaction"] in ("neutral", "dislike") for r in out["reactions"])
     # revision k+1 beats reply k, unless the tiny model repeated itself
-    distinct = sum(t["utterances"][i]["text"].strip() != t["utterances"][i + 2]["text"].strip()
-                   and t["utterances"][i + 2]["text"].strip() != ""
-                   for t in out["transcripts"] for i in (1, 3))
+    distinct = sum(
+        t["utterances"][i]["text"].strip() != t["utterances"][i + 2]["text"].strip()
+        and t["utterances"][i + 2]["text"].strip() != ""
+        for t in out["transcripts"]
+        for i in (1, 3)
+    )
     assert len(out["preferences"]) == distinct > 0
     for pair in out["preferences"]:
         assert pair["prompt"][-1]["role"] == "user" and all(m["content"] != pair["rationale"] for m in pair["prompt"])
@@ -99,8 +111,10 @@ def test_satisfied_user_stops_after_first_reply_with_thanks(tmp_path, tiny_model
 
 
 def test_clarifying_question_is_answered_then_policy_answers(tmp_path, tiny_model_path):
-    rows = [dict(NEEDS[2], response="Do you mean the planet or the chocolate bar?", sample_index=0),
-            dict(NEEDS[0], response="Lima is the capital of Peru.", sample_index=0)]
+    rows = [
+        dict(NEEDS[2], response="Do you mean the planet or the chocolate bar?", sample_index=0),
+        dict(NEEDS[0], response="Lima is the capital of Peru.", sample_index=0),
+    ]
     out, _ = run(tmp_path, rows, satisfied_threshold=1.0, max_rounds=2)
     by_id = {t["id"]: t for t in out["transcripts"]}
     mars = by_id["n3:0"]["utterances"]
@@ -171,7 +185,9 @@ def test_helpers_by_hand():
     assert best_threshold([0.1, 0.3, 0.2, 0.4], [False, True, False, True]) == (0.25, 1.0)
     threshold, acc = best_threshold([0.2, 0.3, 0.25], [True, False, True])
     assert acc == pytest.approx(2 / 3)
-    assert fact_coverage("It takes 19 days. Plants need CO2 and light!", ["9|nine", "co2|carbon dioxide", "light", "water"]) == 0.5
+    assert (
+        fact_coverage("It takes 19 days. Plants need CO2 and light!", ["9|nine", "co2|carbon dioxide", "light", "water"]) == 0.5
+    )
     assert fact_coverage("anything", []) is None
     assert reaction_for(0.6, 0.5, 0.5) == "love"
     assert reaction_for(0.45, 0.5, 0.5) == "neutral"  # logit(0.45) = -0.2 > 0 - 0.5

@@ -14,16 +14,17 @@ pytestmark = pytest.mark.slow
 def test_simulated_annotator_submits_through_the_hook(owner, annotators, tmp_path, tiny_model_path, kind):  # noqa: F811
     from feedback.argilla_annotate import annotate
     from feedback.argilla_sync import pull
-    from feedback.simulator.backends import CachedLLM, HFBackend
-    from feedback.simulator.cache import LLMCache
     from feedback.simulator.cli import build_annotator
     from feedback.simulator.protocol import Judge
+    from pipeline.llm import HFClient
+    from pipeline.llm_cache import CachedLLM, LLMCache
     from pipeline.records import write_jsonl
 
     needs = tmp_path / "needs.jsonl"
-    write_jsonl([{"id": "p1", "prompt": RESPONSES[0]["prompt"], "need": "the capital city of France", "keywords": ["Paris"]}],
-                needs)
-    simulator = CachedLLM(HFBackend("tiny"), LLMCache(tmp_path / "cache.sqlite"))
+    write_jsonl(
+        [{"id": "p1", "prompt": RESPONSES[0]["prompt"], "need": "the capital city of France", "keywords": ["Paris"]}], needs
+    )
+    simulator = CachedLLM(HFClient("tiny"), LLMCache(tmp_path / "cache.sqlite"))
     annotator = build_annotator(simulator, Judge(simulator).calibrate(), kind, needs)
     submitted = {}
 

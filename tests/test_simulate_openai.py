@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from feedback.simulator.backends import OpenAIBackend, read_api_key
 from pipeline.config import pipeline_from_dict
+from pipeline.llm import LLMSettings, OpenAIClient
 from pipeline.records import load_rows, write_jsonl
 from pipeline.runner import Runner
 
@@ -28,12 +28,32 @@ def test_simulate_through_an_openai_compatible_server(tmp_path, tiny_model_path,
     needs = tmp_path / "needs.jsonl"
     write_jsonl(NEEDS, needs)
     with serve("tiny", "sk-test-123") as (base_url, stats):
-        spec = {"run_name": "sim-openai", "model": "tiny", "seed": 1, "stages": [{
-            "name": "users", "uses": "simulate", "inputs": {"conversations": str(needs)},
-            "with": {"max_rounds": 2, "satisfied_threshold": 1.0, "cache_path": str(tmp_path / "cache.sqlite"),
-                     "simulator": {"backend": "openai", "base_url": base_url, "model": "tiny",
-                                   "api_key_file": str(key), "concurrency": 3},
-                     "policy_sampling": {"max_new_tokens": 6}, "user_sampling": {"max_new_tokens": 6}}}]}
+        spec = {
+            "run_name": "sim-openai",
+            "model": "tiny",
+            "seed": 1,
+            "stages": [
+                {
+                    "name": "users",
+                    "uses": "simulate",
+                    "inputs": {"conversations": str(needs)},
+                    "with": {
+                        "max_rounds": 2,
+                        "satisfied_threshold": 1.0,
+                        "cache_path": str(tmp_path / "cache.sqlite"),
+                        "simulator": {
+                            "backend": "openai",
+                            "base_url": base_url,
+                            "model": "tiny",
+                            "api_key_file": str(key),
+                            "concurrency": 3,
+                        },
+                        "policy_sampling": {"max_new_tokens": 6},
+                        "user_sampling": {"max_new_tokens": 6},
+                    },
+                }
+            ],
+        }
         result = Runner(pipeline_from_dict(spec, tmp_path), tmp_path / "runs", use_ray=False).execute()
         assert result.ok, [r.error for r in result.records]
         # 10 calibration judgments, then 3 users x 2 rounds of one judgment (logprobs) and one
@@ -56,18 +76,8 @@ def test_simulate_through_an_openai_compatible_server(tmp_path, tiny_model_path,
 
         # the wrong key is refused by the server, and the error says so
         (tmp_path / "bad").mkdir()
-        bad = OpenAIBackend(base_url, "tiny", str(key_file(tmp_path / "bad", "sk-wrong")))
+        bad = OpenAIClient(
+            LLMSettings(kind="openai", base_url=base_url, model="tiny", api_key_file=str(key_file(tmp_path / "bad", "sk-wrong")))
+        )
         with pytest.raises(Exception, match="401|invalid api key"):
             bad.yes_probability([[{"role": "user", "content": "hi"}]])
-
-
-def test_api_key_file_checks(tmp_path, caplog):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        read_api_key(tmp_path / "missing.key")
-    loose = key_file(tmp_path, mode=0o644)
-    assert read_api_key(loose) == "sk-test-123"
-    assert "chmod 600" in caplog.text and "sk-test-123" not in caplog.text
-    with pytest.raises(ValueError, match="needs base_url"):
-        from feedback.simulator.backends import SimulatorLLMSettings
-
-        SimulatorLLMSettings(backend="openai")

@@ -7,7 +7,8 @@ the reply tokens only (and the final end-of-turn token); prompt and phrases are 
 Options: forgetful causal masking (each example drops a random share of past tokens from
 attention, the share drawn from U[min_ratio, max_ratio]; the first token stays visible) and a
 pretraining-data regulariser: L = L_feedback + pretrain_weight * L_LM(pretraining text).
-At inference the model is conditioned on the positive phrase.
+At inference the model is conditioned on the positive phrase. The defaults (phrases,
+separator, FCM ratios, pretraining weight) live in `CoHConfig` (trainers/coh_config.py) only.
 """
 
 from __future__ import annotations
@@ -19,24 +20,19 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from .sequences import FeedbackTrainer, masked_token_mean, pad_right, shift_mask, token_logps
-
-#: (positive, negative) paraphrase pairs; the first positive phrase is used at inference
-PHRASE_PAIRS: list[tuple[str, str]] = [
-    ("A helpful answer:", "An unhelpful answer:"),
-    ("A good answer:", "A bad answer:"),
-    ("A better answer:", "A worse answer:"),
-    ("The following is a helpful answer:", "The following is an unhelpful answer:"),
-    ("A more preferred answer:", "A less preferred answer:"),
-]
-FEEDBACK_PHRASE = "Feedback: {feedback}\nAnswer:"
-
+from .coh_config import FEEDBACK_PHRASE, CoHConfig
+from .sequences import FeedbackTrainer, masked_mean, pad_right, shift_mask, token_logps
 
 # ----------------------------------------------------------------------------- sequences
 
 
-def build_chain(prompt_ids: list[int], segments: list[tuple[list[int], list[int]]], separator_ids: list[int],
-                eos_id: int, max_length: int | None = None) -> tuple[list[int], list[int]]:
+def build_chain(
+    prompt_ids: list[int],
+    segments: list[tuple[list[int], list[int]]],
+    separator_ids: list[int],
+    eos_id: int,
+    max_length: int | None = None,
+) -> tuple[list[int], list[int]]:
     """prompt, then for each (phrase, reply): phrase + reply, joined by `separator_ids`, the
     last reply closed by `eos_id`. Returns input_ids and the loss mask (1 on reply tokens
     and the final eos only). `max_length` cuts the end (keep-start)."""
@@ -54,8 +50,9 @@ def build_chain(prompt_ids: list[int], segments: list[tuple[list[int], list[int]
     return ids, mask
 
 
-def forgetful_causal_mask(attention_mask: torch.Tensor, min_ratio: float, max_ratio: float,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+def forgetful_causal_mask(
+    attention_mask: torch.Tensor, min_ratio: float, max_ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Bool [B, 1, T, T] (True = may attend): causal, no padding keys, and each example
     hides a random share r ~ U[min_ratio, max_ratio] of past keys; key 0 always stays."""
     b, t = attention_mask.shape
@@ -77,20 +74,15 @@ def cut_at_phrases(text: str, phrases: list[str]) -> str:
     return text[:cut].strip()
 
 
-def all_phrases(pairs=PHRASE_PAIRS) -> list[str]:
-    """Every feedback phrase: where a reply generated after the positive one must stop."""
-    return [p for pair in pairs for p in pair]
-
-
 # ----------------------------------------------------------------------------- data
 
 
-def chains_from_preferences(rows: list[dict]) -> list[dict[str, Any]]:
+def chains_from_preferences(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """prompt/chosen/rejected rows (text or messages) -> chains with one positive and one negative."""
     return [{"prompt": row["prompt"], "positive": content(row["chosen"]), "negative": content(row["rejected"])} for row in rows]
 
 
-def chains_from_feedback(records: list[dict], feedback_as_phrase: bool = False) -> list[dict[str, Any]]:
+def chains_from_feedback(records: list[dict[str, Any]], feedback_as_phrase: bool = False) -> list[dict[str, Any]]:
     """VerbalFeedback rows grouped by prompt: a 'good' reply is positive, 'needs_work' negative.
 
     With `feedback_as_phrase` each reply is introduced by its own critique instead of a
@@ -115,24 +107,24 @@ def chains_from_feedback(records: list[dict], feedback_as_phrase: bool = False) 
     return chains
 
 
-def content(value) -> str:
+def content(value: Any) -> str:
     if isinstance(value, list):
         return "\n".join(m["content"] for m in value if m.get("role", "assistant") == "assistant")
     return str(value)
 
 
-def build_examples(tokenizer, chains: list[dict[str, Any]], pretraining: list[str] | None = None) -> list[dict[str, Any]]:
+def build_examples(tokenizer: Any, chains: list[dict[str, Any]], pretraining: list[str] | None = None) -> list[dict[str, Any]]:
     """Tokenize prompts, replies and custom phrases once; the collator assembles chains."""
-    from .sequences import render_prompt_ids
+    from pipeline.chat import render_ids
 
-    def ids(text):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     examples = []
     for i, chain in enumerate(chains):
         if not chain.get("positive") and not chain.get("negative"):
             continue
-        ex: dict[str, Any] = {"prompt": render_prompt_ids(tokenizer, chain["prompt"])}
+        ex: dict[str, Any] = {"prompt": render_ids(tokenizer, chain["prompt"])}
         for side in ("positive", "negative"):
             ex[side] = ids(" " + chain[side]) if chain.get(side) else []
             ex[f"{side}_phrase"] = ids(chain[f"{side}_phrase"]) if chain.get(f"{side}_phrase") else []
@@ -150,13 +142,14 @@ class CoHCollator:
 
     tokenizer: Any
     max_length: int
-    separator: str = "\n"
-    phrase_pairs: list[tuple[str, str]] = field(default_factory=lambda: list(PHRASE_PAIRS))
+    method: CoHConfig = field(default_factory=CoHConfig)
 
-    def __post_init__(self):
-        enc = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        self._pairs = [(enc(p), enc(n)) for p, n in self.phrase_pairs]
-        self._separator = enc(self.separator)
+    def __post_init__(self) -> None:
+        self._pairs = [(self._encode(p), self._encode(n)) for p, n in self.method.phrase_pairs]
+        self._separator = self._encode(self.method.separator)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,)).item()))
@@ -190,23 +183,26 @@ class CoHCollator:
 class CoHTrainer(FeedbackTrainer, Trainer):
     """NLL on reply tokens of hindsight chains (+ optional FCM and pretraining regulariser)."""
 
-    def __init__(self, *args, fcm_min_ratio: float = 0.0, fcm_max_ratio: float = 0.0, pretrain_weight: float = 0.0, **kwargs):
+    def __init__(self, *args: Any, method: CoHConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._init_feedback(None)
-        self.fcm_min_ratio, self.fcm_max_ratio, self.pretrain_weight = fcm_min_ratio, fcm_max_ratio, pretrain_weight
+        self.method = method or CoHConfig()
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         input_ids, attention = inputs["input_ids"], inputs["attention_mask"]
-        if model.training and self.fcm_max_ratio > 0:
-            attention = forgetful_causal_mask(attention, self.fcm_min_ratio, self.fcm_max_ratio)
+        cfg = self.method
+        if model.training and cfg.fcm_max_ratio > 0:
+            attention = forgetful_causal_mask(attention, cfg.fcm_min_ratio, cfg.fcm_max_ratio)
         logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-        feedback_loss = masked_token_mean(-token_logps(logits, input_ids), shift_mask(inputs["loss_mask"]))
+        feedback_loss = masked_mean(-token_logps(logits, input_ids), shift_mask(inputs["loss_mask"]))
         loss = feedback_loss
         self.store(**{"loss/feedback": feedback_loss})
-        if self.pretrain_weight > 0 and "pretrain_input_ids" in inputs:
+        if cfg.pretrain_weight > 0 and "pretrain_input_ids" in inputs:
             pt_ids, pt_mask = inputs["pretrain_input_ids"], inputs["pretrain_attention_mask"]
             pt_logits = model(input_ids=pt_ids, attention_mask=pt_mask, use_cache=False).logits
-            pretrain_loss = masked_token_mean(-token_logps(pt_logits, pt_ids), shift_mask(pt_mask))
-            loss = loss + self.pretrain_weight * pretrain_loss
+            pretrain_loss = masked_mean(-token_logps(pt_logits, pt_ids), shift_mask(pt_mask))
+            loss = loss + cfg.pretrain_weight * pretrain_loss
             self.store(**{"loss/pretrain": pretrain_loss})
         return (loss, {"logits": logits}) if return_outputs else loss

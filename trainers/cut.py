@@ -14,6 +14,7 @@ batch, so one forward pass gives both p(y_t | x, j) and p(y_t | x).
 
     L = (mean MLE over Align-P/Align-N tokens + mean Misalign token loss) / 2
 (the halving follows the authors' code; with no negative example in the batch L is the MLE.)
+The defaults live in `CUTConfig` (trainers/cut_config.py) only.
 """
 
 from __future__ import annotations
@@ -24,28 +25,28 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from .sequences import FeedbackTrainer, forward_logits, masked_token_mean, pad_right, shift_mask, token_logps
-
-DEFAULT_JUDGMENT_TEMPLATE = "{instruction}\n\nA judgment of the response to write: {judgment}"
-
+from .cut_config import DEFAULT_JUDGMENT_TEMPLATE, CUTConfig
+from .sequences import FeedbackTrainer, forward_logits, masked_mean, pad_right, shift_mask, token_logps
 
 # ----------------------------------------------------------------------------- math
 
 
-def inappropriate_tokens(logp_with_judgment: torch.Tensor, logp_without: torch.Tensor, threshold: float = 1.1) -> torch.Tensor:
+def inappropriate_tokens(logp_with_judgment: torch.Tensor, logp_without: torch.Tensor, threshold: float) -> torch.Tensor:
     """True where p(y_t|x,j) / p(y_t|x) > threshold (compared in log space)."""
     return (logp_with_judgment - logp_without) > torch.log(torch.tensor(threshold, dtype=logp_without.dtype))
 
 
-def unlikelihood(logp_without: torch.Tensor, logp_with_judgment: torch.Tensor, alpha: float, gamma: float = 0.0,
-                 eps: float = 1e-5) -> torch.Tensor:
+def unlikelihood(
+    logp_without: torch.Tensor, logp_with_judgment: torch.Tensor, alpha: float, gamma: float, eps: float = 1e-5
+) -> torch.Tensor:
     """Per-token -alpha * p(y_t|x,j)^gamma * log(1 - p(y_t|x)); the weight carries no gradient."""
     weight = alpha * torch.exp(gamma * logp_with_judgment.detach()) if gamma else torch.full_like(logp_without, alpha)
     return -weight * torch.log((1 - logp_without.exp()).clamp(min=eps))
 
 
-def misalign_token_losses(logp_without: torch.Tensor, logp_with_judgment: torch.Tensor, mask: torch.Tensor,
-                          threshold: float = 1.1, alpha: float = 0.1, gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def misalign_token_losses(
+    logp_without: torch.Tensor, logp_with_judgment: torch.Tensor, mask: torch.Tensor, threshold: float, alpha: float, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token Misalign loss (unlikelihood on detected tokens, MLE elsewhere), and the
     detected-token mask; both zero outside `mask`."""
     detected = inappropriate_tokens(logp_with_judgment.detach(), logp_without.detach(), threshold) & (mask > 0)
@@ -53,10 +54,11 @@ def misalign_token_losses(logp_without: torch.Tensor, logp_with_judgment: torch.
     return losses * mask, detected
 
 
-def cut_loss(align_logps: torch.Tensor, align_mask: torch.Tensor, misalign_losses: torch.Tensor | None,
-             misalign_mask: torch.Tensor | None) -> torch.Tensor:
+def cut_loss(
+    align_logps: torch.Tensor, align_mask: torch.Tensor, misalign_losses: torch.Tensor | None, misalign_mask: torch.Tensor | None
+) -> torch.Tensor:
     """(token-mean MLE on Align rows + token-mean Misalign loss) / 2, or the MLE alone."""
-    mle = masked_token_mean(-align_logps, align_mask)
+    mle = masked_mean(-align_logps, align_mask)
     if misalign_losses is None or misalign_mask is None or misalign_mask.sum() == 0:
         return mle
     return (mle + misalign_losses.sum() / misalign_mask.sum()) / 2
@@ -65,35 +67,41 @@ def cut_loss(align_logps: torch.Tensor, align_mask: torch.Tensor, misalign_losse
 # ----------------------------------------------------------------------------- data
 
 
-def build_examples(tokenizer, rows: list[dict], max_length: int, judgment_template: str = DEFAULT_JUDGMENT_TEMPLATE) -> list[dict[str, Any]]:
+def build_examples(
+    tokenizer: Any, rows: list[dict[str, Any]], max_length: int, judgment_template: str = DEFAULT_JUDGMENT_TEMPLATE
+) -> list[dict[str, Any]]:
     """Rows: instruction (str or messages), response, judgment, positive (bool).
 
     Positive rows give one Align-P sequence; negative rows give an Align-N sequence (the
     judgment added to the instruction) and a Misalign sequence with identical response
     tokens, trimmed to the same length so the two can be compared token by token.
     """
-    from .sequences import completion_ids, fit_length, render_prompt_ids
+    from pipeline.chat import render_ids
+
+    from .sequences import completion_ids, fit_length
 
     examples = []
     for row in rows:
         instruction = row["instruction"]
         response = completion_ids(tokenizer, str(row["response"]))
-        plain = render_prompt_ids(tokenizer, instruction)
+        plain = render_ids(tokenizer, instruction)
         if row["positive"]:
             prompt, completion = fit_length(plain, response, max_length)
             examples.append({"align_prompt": prompt, "completion": completion, "misalign_prompt": []})
             continue
-        judged = render_prompt_ids(tokenizer, with_judgment(instruction, str(row["judgment"]), judgment_template))
+        judged = render_ids(tokenizer, with_judgment(instruction, str(row["judgment"]), judgment_template))
         longest = max(len(judged), len(plain))
         if longest >= max_length:  # keep the end of each prompt (where the turn opens), room for 1/2 the budget
             keep = max_length // 2
             judged, plain = judged[-keep:], plain[-keep:]
             longest = max(len(judged), len(plain))
-        examples.append({"align_prompt": judged, "completion": response[: max(max_length - longest, 1)], "misalign_prompt": plain})
+        examples.append(
+            {"align_prompt": judged, "completion": response[: max(max_length - longest, 1)], "misalign_prompt": plain}
+        )
     return examples
 
 
-def with_judgment(instruction, judgment: str, template: str = DEFAULT_JUDGMENT_TEMPLATE):
+def with_judgment(instruction: Any, judgment: str, template: str = DEFAULT_JUDGMENT_TEMPLATE) -> Any:
     """The Align-N prompt: the judgment joins the (last) user turn."""
     if isinstance(instruction, list):
         messages = [dict(m) for m in instruction]
@@ -144,12 +152,14 @@ def completion_values(values: torch.Tensor, mask: torch.Tensor, rows: torch.Tens
 class CUTTrainer(FeedbackTrainer, Trainer):
     """MLE on Align-P / Align-N, unlikelihood on the inappropriate tokens of Misalign."""
 
-    def __init__(self, *args, threshold: float = 1.1, alpha: float = 0.1, gamma: float = 0.0, **kwargs):
+    def __init__(self, *args: Any, method: CUTConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._init_feedback(None)
-        self.threshold, self.alpha, self.gamma = threshold, alpha, gamma
+        self.method = method or CUTConfig()
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         input_ids = inputs["input_ids"]
         pairs = inputs["pair_index"]
         logits = forward_logits(model, input_ids, inputs["attention_mask"])
@@ -164,10 +174,17 @@ class CUTTrainer(FeedbackTrainer, Trainer):
             lp_without = completion_values(logps, mask, misalign_rows, width)
             lp_with = completion_values(logps, mask, pairs, width)
             misalign_mask = completion_values(mask, mask, misalign_rows, width)
-            misalign_losses, detected = misalign_token_losses(lp_without, lp_with, misalign_mask, self.threshold, self.alpha, self.gamma)
-            self.store(**{"cut/inappropriate_rate": detected.sum() / misalign_mask.sum().clamp(min=1),
-                          "loss/misalign": misalign_losses.sum() / misalign_mask.sum().clamp(min=1)})
+            misalign_losses, detected = misalign_token_losses(
+                lp_without, lp_with, misalign_mask, self.method.threshold, self.method.alpha, self.method.gamma
+            )
+            self.store(
+                **{
+                    "cut/inappropriate_rate": detected.sum() / misalign_mask.sum().clamp(min=1),
+                    "loss/misalign": misalign_losses.sum() / misalign_mask.sum().clamp(min=1),
+                }
+            )
         loss = cut_loss(align_logps, align_mask, misalign_losses, misalign_mask)
-        self.store(**{"loss/align_mle": masked_token_mean(-align_logps, align_mask),
-                      "cut/negative_share": len(pairs) / max(n_align, 1)})
+        self.store(
+            **{"loss/align_mle": masked_mean(-align_logps, align_mask), "cut/negative_share": len(pairs) / max(n_align, 1)}
+        )
         return (loss, {"logits": logits}) if return_outputs else loss

@@ -22,17 +22,21 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.generation import SamplingSettings
-
-from .generators import GeneratorSettings
+from pipeline.llm import LLMSettings
 
 SCOPES = ("in_scope", "near_scope", "out_of_scope")
 SCOPE_KEYS = {"in_scope": "adherence", "near_scope": "overgen_near", "out_of_scope": "overgen_out"}
 IN_CONTEXT_TEMPLATE = "Follow this feedback from the user whenever it applies: {feedback}"
+Condition = Literal["base", "in_context", "trained"]
 JUDGE_TEMPLATE = (
-    "A user gave an assistant this feedback: \"{feedback}\"\n\nThen a user wrote:\n{prompt}\n\n"
+    'A user gave an assistant this feedback: "{feedback}"\n\nThen a user wrote:\n{prompt}\n\n'
     "The assistant replied:\n{response}\n\nDoes the reply apply the feedback? Answer with one word: yes or no."
 )
 COH_FILE = "coh.json"
+
+
+def _all_conditions() -> list[Condition]:
+    return ["base", "in_context", "trained"]
 
 
 class MetricSpec(BaseModel):
@@ -42,10 +46,10 @@ class MetricSpec(BaseModel):
     kind: Literal["starts_with", "ends_with", "contains", "regex", "max_words", "min_words", "max_chars", "judge"]
     value: str | float | None = None
     case_sensitive: bool = False
-    judge: GeneratorSettings | None = Field(default=None, description="kind judge: the judge LLM")
+    judge: LLMSettings | None = Field(default=None, description="kind judge: the judge LLM")
 
     @model_validator(mode="after")
-    def _check(self) -> "MetricSpec":
+    def _check(self) -> MetricSpec:
         if self.kind == "judge":
             if self.judge is None:
                 raise ValueError("metric kind 'judge' needs a judge generator (judge: {kind: local|openai, ...})")
@@ -61,10 +65,10 @@ class MetricSpec(BaseModel):
         return self
 
     @classmethod
-    def parse(cls, text: str) -> "MetricSpec":
+    def parse(cls, text: str) -> MetricSpec:
         """'starts_with:Chef's tip:' -> MetricSpec(kind='starts_with', value="Chef's tip:") (CLI form)."""
         kind, _, value = text.partition(":")
-        return cls(kind=kind.strip(), value=value if value else None)  # type: ignore[arg-type]
+        return cls(kind=kind.strip(), value=value if value else None)
 
 
 def applies(metric: MetricSpec, response: str) -> bool:
@@ -93,25 +97,28 @@ def applies(metric: MetricSpec, response: str) -> bool:
 
 def judge_applies(generator, feedback: str, prompts: list[str], responses: list[str], seed: int = 0) -> list[bool]:
     """Ask a judge LLM, one yes/no per reply; anything but a leading 'yes' counts as no."""
-    asks = [[{"role": "user", "content": JUDGE_TEMPLATE.format(feedback=feedback, prompt=p, response=r)}]
-            for p, r in zip(prompts, responses)]
+    asks = [
+        [{"role": "user", "content": JUDGE_TEMPLATE.format(feedback=feedback, prompt=p, response=r)}]
+        for p, r in zip(prompts, responses)
+    ]
     verdicts = generator.complete(asks, seed=seed)
     return [bool(re.match(r"\W*yes\b", v.strip(), re.IGNORECASE)) for v in verdicts]
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Rates per condition and scope, and each condition's difference from `base`."""
-    counts: dict[tuple[str, str], list[int]] = {}
-    for row in rows:
-        counts.setdefault((row["condition"], row["scope"]), []).append(int(row["applied"]))
+    """Rates per condition and scope (`scope_estimates`, as the evaluate stage reports them),
+    each condition's difference from `base`, then each rate's 95% interval (`.../lo`, `.../hi`)."""
     out: dict[str, float] = {}
-    for (condition, scope), values in sorted(counts.items()):
-        out[f"{SCOPE_KEYS[scope]}/{condition}"] = sum(values) / len(values)
+    intervals: dict[str, float] = {}
+    for condition in sorted({row["condition"] for row in rows}):
+        for name, estimate in scope_estimates([r for r in rows if r["condition"] == condition]).items():
+            out[f"{name}/{condition}"] = estimate["value"]
+            intervals[f"{name}/{condition}/lo"], intervals[f"{name}/{condition}/hi"] = estimate["lo"], estimate["hi"]
     for key in list(out):
         name, condition = key.split("/")
         if condition != "base" and f"{name}/base" in out:
             out[f"{name}_vs_base/{condition}"] = out[key] - out[f"{name}/base"]
-    return out
+    return {**out, **intervals}
 
 
 def coh_prefix(adapter: str | Path | None) -> dict[str, Any] | None:
@@ -122,51 +129,106 @@ def coh_prefix(adapter: str | Path | None) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def sample_replies(model, tokenizer, conversations: list[list[dict[str, str]]], sampling: SamplingSettings,
-                   batch_size: int, seed: int, prefix: dict[str, Any] | None = None) -> list[str]:
-    """One reply per conversation; with a CoH `prefix` the assistant turn starts with its phrase."""
+def sample_completions(
+    model,
+    tokenizer,
+    conversations: list[list[dict[str, str]]],
+    sampling: SamplingSettings,
+    batch_size: int,
+    seed: int,
+    prefix: dict[str, Any] | None = None,
+):
+    """One `Completion` (text, tokens, finished) per conversation; with a CoH `prefix` the
+    assistant turn starts with its phrase and the reply is cut at the stop phrases."""
     from pipeline.generation import chat_generate
 
     if prefix is None:
-        return [r[0].text for r in chat_generate(model, tokenizer, conversations, sampling, 1, batch_size, seed)]
+        return [r[0] for r in chat_generate(model, tokenizer, conversations, sampling, 1, batch_size, seed)]
+    from dataclasses import replace
+
     from .coh import cut_at_phrases
 
     completions = chat_generate(model, tokenizer, conversations, sampling, 1, batch_size, seed, prompt_suffix=prefix["phrase"])
-    return [cut_at_phrases(r[0].text, prefix.get("stop", [])) for r in completions]
+    return [replace(r[0], text=cut_at_phrases(r[0].text, prefix.get("stop", []))) for r in completions]
+
+
+def sample_replies(
+    model,
+    tokenizer,
+    conversations: list[list[dict[str, str]]],
+    sampling: SamplingSettings,
+    batch_size: int,
+    seed: int,
+    prefix: dict[str, Any] | None = None,
+) -> list[str]:
+    """Reply texts only (see `sample_completions`)."""
+    return [c.text for c in sample_completions(model, tokenizer, conversations, sampling, batch_size, seed, prefix)]
+
+
+def choose_prompts(prompts: list[dict[str, Any]], max_per_scope: int | None) -> list[dict[str, Any]]:
+    """The held-out prompts to evaluate, in order, at most `max_per_scope` per scope; bad scopes are errors."""
+    chosen: list[dict[str, Any]] = []
+    per_scope: dict[str, int] = {}
+    for i, row in enumerate(prompts):
+        scope = row["scope"]
+        if scope not in SCOPES:
+            raise ValueError(f"prompt {i} ({str(row['prompt'])[:40]!r}): scope '{scope}' is not one of {', '.join(SCOPES)}")
+        if max_per_scope and per_scope.get(scope, 0) >= max_per_scope:
+            continue
+        per_scope[scope] = per_scope.get(scope, 0) + 1
+        chosen.append(row)
+    return chosen
+
+
+def verdicts(metric: MetricSpec, judge, feedback: str, prompts: list[str], replies: list[str], seed: int = 0) -> list[bool]:
+    """Does each reply apply the feedback? Programmatic metric, or the judge LLM when `judge` is given."""
+    if judge is not None:
+        return judge_applies(judge, feedback, prompts, replies, seed)
+    return [applies(metric, reply) for reply in replies]
+
+
+def scope_estimates(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """adherence / overgen_near / overgen_out of one condition's rows, each {value, n, lo, hi} (Wilson)."""
+    from pipeline.stats import rate
+
+    return {
+        key: rate(r["applied"] for r in rows if r["scope"] == scope)
+        for scope, key in SCOPE_KEYS.items()
+        if any(r["scope"] == scope for r in rows)
+    }
 
 
 class EvalSettings(BaseModel):
     """What `evaluate_feedback` (and the c3po stage's built-in evaluation) runs."""
 
     model_config = ConfigDict(extra="forbid")
-    conditions: list[Literal["base", "in_context", "trained"]] = Field(default_factory=lambda: ["base", "in_context", "trained"])
+    conditions: list[Condition] = Field(default_factory=_all_conditions)
     sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=48, temperature=0.0))
     batch_size: int = Field(default=8, ge=1)
     in_context_template: str = IN_CONTEXT_TEMPLATE
     max_prompts_per_scope: int | None = Field(default=None, ge=1)
 
 
-def evaluate(model_name: str, adapter: str | Path | None, prompts: list[dict[str, Any]], feedback: str,
-             metric: MetricSpec, settings: EvalSettings, seed: int = 0, device: str | None = None,
-             log=None, model=None) -> tuple[list[dict[str, Any]], dict[str, float]]:
+def evaluate(
+    model_name: str,
+    adapter: str | Path | None,
+    prompts: list[dict[str, Any]],
+    feedback: str,
+    metric: MetricSpec,
+    settings: EvalSettings,
+    seed: int = 0,
+    device: str | None = None,
+    log=None,
+    model=None,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Sample replies per condition on scoped prompts and score them. `model` may be a
     loaded PEFT model (its adapter is switched off for base/in_context)."""
     import contextlib
 
+    from pipeline.chat import as_messages
     from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
-    from .sequences import as_messages
-
-    chosen: list[dict[str, Any]] = []
-    per_scope: dict[str, int] = {}
-    for row in prompts:
-        scope = row["scope"]
-        if scope not in SCOPES:
-            raise ValueError(f"prompt scope '{scope}' is not one of {', '.join(SCOPES)}")
-        if settings.max_prompts_per_scope and per_scope.get(scope, 0) >= settings.max_prompts_per_scope:
-            continue
-        per_scope[scope] = per_scope.get(scope, 0) + 1
-        chosen.append(row)
+    chosen = choose_prompts(prompts, settings.max_prompts_per_scope)
     conditions = [c for c in settings.conditions if c != "trained" or adapter is not None or model is not None]
     tokenizer = load_tokenizer(model_name)
     if model is None:
@@ -174,9 +236,9 @@ def evaluate(model_name: str, adapter: str | Path | None, prompts: list[dict[str
         model = load_causal_lm(model_name, policy, adapter=adapter).eval()
     judge = None
     if metric.kind == "judge":
-        from .generators import make_generator
+        from pipeline.llm import build_client
 
-        judge = make_generator(metric.judge, model_name, device)  # type: ignore[arg-type]
+        judge = build_client(metric.judge, model_name, device)  # type: ignore[arg-type]
     prefix = coh_prefix(adapter)
     rows: list[dict[str, Any]] = []
     for condition in conditions:
@@ -186,16 +248,27 @@ def evaluate(model_name: str, adapter: str | Path | None, prompts: list[dict[str
         if condition != "trained" and hasattr(model, "disable_adapter"):
             off = model.disable_adapter()
         with off:
-            replies = sample_replies(model, tokenizer, conversations, settings.sampling, settings.batch_size, seed,
-                                     prefix if condition == "trained" else None)
-        if judge is not None:
-            verdicts = judge_applies(judge, feedback, [str(r["prompt"]) for r in chosen], replies, seed)
-        else:
-            verdicts = [applies(metric, reply) for reply in replies]
-        for row, reply, verdict in zip(chosen, replies, verdicts):
-            rows.append({"prompt": str(row["prompt"]), "scope": row["scope"], "condition": condition,
-                         "response": reply, "applied": bool(verdict)})
+            replies = sample_replies(
+                model,
+                tokenizer,
+                conversations,
+                settings.sampling,
+                settings.batch_size,
+                seed,
+                prefix if condition == "trained" else None,
+            )
+        applied = verdicts(metric, judge, feedback, [str(r["prompt"]) for r in chosen], replies, seed)
+        for row, reply, verdict in zip(chosen, replies, applied):
+            rows.append(
+                {
+                    "prompt": str(row["prompt"]),
+                    "scope": row["scope"],
+                    "condition": condition,
+                    "response": reply,
+                    "applied": bool(verdict),
+                }
+            )
         if log is not None:
             rates = summarize([r for r in rows if r["condition"] == condition])
-            log.info("%s: %s", condition, ", ".join(f"{k.split('/')[0]}={v:.2f}" for k, v in rates.items()))
+            log.info("%s: %s", condition, ", ".join(f"{k.split('/')[0]}={v:.2f}" for k, v in rates.items() if k.count("/") == 1))
     return rows, summarize(rows)

@@ -1,5 +1,5 @@
-"""What the language-feedback trainers (C3PO, CUT, CoH) share: encoding a prompt and a
-completion into token ids with a completion mask, right-padding, per-token log-probs, and a
+"""What the language-feedback trainers (C3PO, CUT, CoH) share: encoding a completion
+(prompts render through `pipeline.chat.render_ids`) into token ids with a completion mask, right-padding, per-token log-probs, and a
 transformers `Trainer` base that logs averaged loss terms the way TRL's trainers do.
 
 Completions are tokenized on their own and appended to the rendered prompt, so the same
@@ -11,30 +11,12 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from pipeline.schema import PromptLike
-
 IGNORE = -100
-
-
-def as_messages(prompt: PromptLike, system_prompt: str | None = None) -> list[dict[str, str]]:
-    """A plain-text prompt becomes one user turn; a conversation is kept as it is."""
-    messages = [dict(m) for m in prompt] if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
-    if system_prompt and not (messages and messages[0].get("role") == "system"):
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
-
-
-def render_prompt_ids(tokenizer, prompt: PromptLike, system_prompt: str | None = None) -> list[int]:
-    """Prompt token ids with the assistant turn opened (chat template), or raw text ids."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(as_messages(prompt, system_prompt), tokenize=False, add_generation_prompt=True)
-    else:
-        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def completion_ids(tokenizer, text: str, add_eos: bool = True) -> list[int]:
@@ -66,11 +48,15 @@ def pad_right(rows: Sequence[Sequence[int]], value: int, length: int | None = No
     return out
 
 
+def gather_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per position (logits already aligned with `tokens`), in the
+    logits' dtype and without keeping the full log-softmax tensor."""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(x_t | x_<t) for t >= 1: [B, T-1]. Position t-1 of the result scores token t."""
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    """log p(x_t | x_<t) for t >= 1, in float32: [B, T-1]. Position t-1 of the result scores token t."""
+    return gather_logps(logits[:, :-1].float(), input_ids[:, 1:])
 
 
 def shift_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -78,9 +64,12 @@ def shift_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask[:, 1:].to(torch.float32)
 
 
-def masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over all masked-in tokens of the batch (HF's labels loss convention)."""
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean over masked-in tokens: of the whole batch (HF's labels loss convention) or along
+    `dim`; 0 where there are none, instead of NaN."""
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 class FeedbackTrainer:
@@ -116,7 +105,7 @@ class FeedbackTrainer:
             with torch.no_grad():
                 yield self.ref_model
             return
-        unwrapped = self.accelerator.unwrap_model(model)  # type: ignore[attr-defined]
+        unwrapped = self.accelerator.unwrap_model(model)
         if not hasattr(unwrapped, "disable_adapter"):
             raise ValueError("a reference model is needed: train a PEFT adapter or pass ref_model")
         with torch.no_grad(), unwrapped.disable_adapter():

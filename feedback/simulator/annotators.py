@@ -14,18 +14,27 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pipeline.generation import SamplingSettings
+from pipeline.llm_cache import CachedLLM
 
 from . import prompts
-from .backends import CachedLLM
 from .protocol import _POSITIVE_OPENINGS, Judge, clean_user_text, fact_coverage, reaction_for
 
 
 class SimulatedAnnotator:
     """`fn(task) -> {question: value}` for the `reaction` and `verbal` templates."""
 
-    def __init__(self, simulator: CachedLLM, judge: Judge, kind: Literal["reaction", "verbal"],
-                 needs: dict[str, dict[str, Any]] | None = None, threshold: float = 0.5, neutral_band: float = 0.5,
-                 min_fact_coverage: float = 0.5, sampling: SamplingSettings | None = None, seed: int = 0):
+    def __init__(
+        self,
+        simulator: CachedLLM,
+        judge: Judge,
+        kind: Literal["reaction", "verbal"],
+        needs: dict[str, dict[str, Any]] | None = None,
+        threshold: float = 0.5,
+        neutral_band: float = 0.5,
+        min_fact_coverage: float = 0.5,
+        sampling: SamplingSettings | None = None,
+        seed: int = 0,
+    ):
         self.simulator, self.judge, self.kind = simulator, judge, kind
         self.needs = needs or {}
         self.threshold, self.neutral_band, self.min_fact_coverage = threshold, neutral_band, min_fact_coverage
@@ -46,14 +55,18 @@ class SimulatedAnnotator:
         sat = self.judge.satisfaction([(need, prompt, response)], salts=[salt])[0]
         coverage = fact_coverage(response, facts)
         satisfied = sat >= self.threshold and (coverage is None or coverage >= self.min_fact_coverage)
-        out = {"satisfaction": sat, "satisfied": satisfied,
-               "reaction": reaction_for(sat, self.threshold, self.neutral_band, satisfied)}
+        out = {
+            "satisfaction": sat,
+            "satisfied": satisfied,
+            "reaction": reaction_for(sat, self.threshold, self.neutral_band, satisfied),
+        }
         if self.kind == "verbal":
             if satisfied:
                 critique = prompts.THANKS[""]
             else:
-                note = self.simulator.generate([prompts.feedback_messages(need, prompt, response)], self.sampling,
-                                               seed=self.seed, salts=[f"{salt}:feedback"])[0]
+                note = self.simulator.generate(
+                    [prompts.feedback_messages(need, prompt, response)], self.sampling, seed=self.seed, salts=[f"{salt}:feedback"]
+                )[0]
                 critique = clean_user_text(note.text)
                 if not critique or critique.lower().startswith(_POSITIVE_OPENINGS):
                     critique = f"That is not what I need. I want {need.rstrip('.')}."

@@ -28,8 +28,9 @@ def clariq_users(rows: list[dict[str, Any]]) -> list[SimulatedUser]:
     for row in rows:
         fid = str(row.get("facet_id") or row["facet_desc"])
         if fid not in users and str(row["facet_desc"]).strip():
-            users[fid] = SimulatedUser(id=f"clariq:{fid}", need=str(row["facet_desc"]).strip(),
-                                       request=str(row["initial_request"]).strip())
+            users[fid] = SimulatedUser(
+                id=f"clariq:{fid}", need=str(row["facet_desc"]).strip(), request=str(row["initial_request"]).strip()
+            )
     return list(users.values())
 
 
@@ -40,9 +41,17 @@ def _pick(options: list[str], key: str, seed: int) -> str:
     return options[h % len(options)]
 
 
-def load_users(path: Path, need_field: str = "need", request_field: str = "prompt", personas: list[str] | None = None,
-               styles: list[str] | None = None, seed: int = 0, max_users: int | None = None,
-               system_prompt: str | None = None, facts_field: str | None = "keywords") -> list[SimulatedUser]:
+def load_users(
+    path: Path,
+    need_field: str = "need",
+    request_field: str = "prompt",
+    personas: list[str] | None = None,
+    styles: list[str] | None = None,
+    seed: int = 0,
+    max_users: int | None = None,
+    system_prompt: str | None = None,
+    facts_field: str | None = "keywords",
+) -> list[SimulatedUser]:
     """Users from `path`; persona/style come from the row, else a seeded pick from the lists.
 
     `system_prompt`: the policy's system prompt; None = the row's `system_prompt` (generate
@@ -60,19 +69,31 @@ def load_users(path: Path, need_field: str = "need", request_field: str = "promp
             need = row.get(need_field)
             if need is None or request is None:
                 missing = need_field if need is None else request_field
-                raise DataError(f"{path} row {i + 1}: field '{missing}' is missing (information needs need "
-                                f"'{need_field}' and '{request_field}', or ClariQ's facet_desc and initial_request)")
+                raise DataError(
+                    f"{path} row {i + 1}: field '{missing}' is missing (information needs need "
+                    f"'{need_field}' and '{request_field}', or ClariQ's facet_desc and initial_request)"
+                )
             base = str(row.get("prompt_id") or row.get("id") or f"row{i}")
             uid = f"{base}:{row['sample_index']}" if "sample_index" in row else base
             system = system_prompt if system_prompt is not None else (row.get("system_prompt") or None)
             facts = row.get(facts_field) if facts_field else None
             if facts is not None and not (isinstance(facts, list) and all(isinstance(f, str) for f in facts)):
-                raise DataError(f"{path} row {i + 1}: field '{facts_field}' must be a list of strings (facts a "
-                                f"satisfying reply mentions), got {type(facts).__name__}")
-            users.append(SimulatedUser(id=uid, need=str(need), request=str(request),
-                                       persona=str(row.get("persona") or ""), style=str(row.get("style") or ""),
-                                       system_prompt=system or None, facts=list(facts or []),
-                                       first_reply=str(row["response"]) if row.get("response") is not None else None))
+                raise DataError(
+                    f"{path} row {i + 1}: field '{facts_field}' must be a list of strings (facts a "
+                    f"satisfying reply mentions), got {type(facts).__name__}"
+                )
+            users.append(
+                SimulatedUser(
+                    id=uid,
+                    need=str(need),
+                    request=str(request),
+                    persona=str(row.get("persona") or ""),
+                    style=str(row.get("style") or ""),
+                    system_prompt=system or None,
+                    facts=list(facts or []),
+                    first_reply=str(row["response"]) if row.get("response") is not None else None,
+                )
+            )
     if not users:
         raise DataError(f"{path}: no information needs found")
     for u in users:

@@ -8,7 +8,7 @@ data does not test on the prompt.
 
 from __future__ import annotations
 
-Messages = list[dict[str, str]]
+from pipeline.chat import Messages
 
 PROMPT_VERSION = "convsim-small/2"
 
@@ -37,8 +37,7 @@ def persona_line(persona: str, style: str) -> str:
 # ----------------------------------------------------------------------------- judging a reply
 
 JUDGE_SYSTEM = (
-    "You are a user judging an assistant's answer. Reply Yes if the answer gives what you need, "
-    "No if it is wrong or off-topic."
+    "You are a user judging an assistant's answer. Reply Yes if the answer gives what you need, No if it is wrong or off-topic."
 )
 #: (need, request, answer, label)
 JUDGE_SHOTS = [
@@ -85,12 +84,24 @@ def judge_messages(need: str, request: str, answer: str) -> Messages:
 # ----------------------------------------------------------------------------- feedback on a reply
 
 FEEDBACK_SHOTS = [
-    ("the capital of Australia", "What is the capital of Australia?", "Sydney is the capital of Australia.",
-     "That's wrong. I want the capital of Australia."),
-    ("how long to boil an egg for a soft yolk", "How long should I boil an egg?", "Eggs are a good source of protein.",
-     "That doesn't answer my question. I need how long to boil an egg for a soft yolk."),
-    ("the names of the planets near the Sun", "Which planets are closest to the Sun?", "Mercury.",
-     "That's only part of it. I want the names of the planets near the Sun."),
+    (
+        "the capital of Australia",
+        "What is the capital of Australia?",
+        "Sydney is the capital of Australia.",
+        "That's wrong. I want the capital of Australia.",
+    ),
+    (
+        "how long to boil an egg for a soft yolk",
+        "How long should I boil an egg?",
+        "Eggs are a good source of protein.",
+        "That doesn't answer my question. I need how long to boil an egg for a soft yolk.",
+    ),
+    (
+        "the names of the planets near the Sun",
+        "Which planets are closest to the Sun?",
+        "Mercury.",
+        "That's only part of it. I want the names of the planets near the Sun.",
+    ),
 ]
 
 
@@ -114,12 +125,24 @@ def feedback_messages(need: str, request: str, answer: str, persona: str = "", s
 # ----------------------------------------------------------------------------- answering a clarifying question
 
 ANSWER_SHOTS = [
-    ("the opening hours of the Louvre museum in Paris", "Tell me about the Louvre.",
-     "Do you want to know when it is open?", "Yes, I want its opening hours."),
-    ("the opening hours of the Louvre museum in Paris", "Tell me about the Louvre.",
-     "Are you looking for the Louvre in Abu Dhabi?", "No, the one in Paris."),
-    ("cheap flights from London to Rome", "Find me flights to Rome.",
-     "Would you like to buy a new car?", "No, that's not what I'm asking. I want cheap flights from London to Rome."),
+    (
+        "the opening hours of the Louvre museum in Paris",
+        "Tell me about the Louvre.",
+        "Do you want to know when it is open?",
+        "Yes, I want its opening hours.",
+    ),
+    (
+        "the opening hours of the Louvre museum in Paris",
+        "Tell me about the Louvre.",
+        "Are you looking for the Louvre in Abu Dhabi?",
+        "No, the one in Paris.",
+    ),
+    (
+        "cheap flights from London to Rome",
+        "Find me flights to Rome.",
+        "Would you like to buy a new car?",
+        "No, that's not what I'm asking. I want cheap flights from London to Rome.",
+    ),
 ]
 
 
@@ -129,8 +152,10 @@ def _answer_turn(need: str, request: str, question: str) -> str:
 
 def answer_messages(need: str, request: str, question: str, persona: str = "", style: str = "") -> Messages:
     """Answer a clarifying question from the need only; refuse questions unrelated to it."""
-    system = ("You are a user answering the assistant's question in one short sentence, using only what you want. "
-              "If the question is unrelated to what you want, say so.")
+    system = (
+        "You are a user answering the assistant's question in one short sentence, using only what you want. "
+        "If the question is unrelated to what you want, say so."
+    )
     if extra := persona_line(persona, style):
         system += " " + extra
     messages = [{"role": "system", "content": system}]

@@ -13,34 +13,54 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.generation import SamplingSettings
+from pipeline.llm import LLMSettings
+from pipeline.llm_cache import CachedLLM
 
 from . import prompts
-from .backends import CachedLLM
 
 Participant = Literal["user", "system"]
 UtteranceType = Literal["question", "answer", "clarifying_question", "feedback", "response"]
 
 
+#: the simulated users' LLM when `simulator.model` is not given
+SIMULATOR_MODEL = "smollm2-135m"
+
+
 class ProtocolSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    simulator: LLMSettings = Field(
+        default_factory=lambda: LLMSettings(model=SIMULATOR_MODEL),
+        description=f"the users' LLM (pipeline.llm: kind hf or openai); model default {SIMULATOR_MODEL}",
+    )
     max_rounds: int = Field(default=3, ge=1, description="system turns per conversation at most")
-    max_clarifications: int = Field(default=1, ge=0, description="clarifying questions the user answers; later ones are judged as replies")
+    max_clarifications: int = Field(
+        default=1, ge=0, description="clarifying questions the user answers; later ones are judged as replies"
+    )
     judge: Literal["both", "verbal", "likelihood"] = Field(
-        default="both", description="signals of satisfaction: the simulator's Yes/No, its likelihood of the reply, or both")
+        default="both", description="signals of satisfaction: the simulator's Yes/No, its likelihood of the reply, or both"
+    )
     satisfied_threshold: float = Field(
-        default=0.5, ge=0, le=1, description="calibrated satisfaction at which the user is satisfied (0.5 = the calibrated cut)")
+        default=0.5, ge=0, le=1, description="calibrated satisfaction at which the user is satisfied (0.5 = the calibrated cut)"
+    )
     neutral_band: float = Field(default=0.5, ge=0, description="logits below the threshold still counted neutral, not dislike")
     min_fact_coverage: float = Field(
-        default=0.5, ge=0, le=1, description="share of the need's known facts a reply must mention (when the need lists facts)")
+        default=0.5, ge=0, le=1, description="share of the need's known facts a reply must mention (when the need lists facts)"
+    )
     feedback_on_last_round: bool = Field(default=True, description="also give feedback on the final reply (no revision follows)")
     policy_sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=96, temperature=0.7))
     user_sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=40, temperature=0.7))
+
+    @field_validator("simulator")
+    @classmethod
+    def _default_model(cls, value: LLMSettings) -> LLMSettings:
+        return value if value.model else value.model_copy(update={"model": SIMULATOR_MODEL})
 
 
 @dataclass
@@ -81,12 +101,21 @@ class Transcript:
         return sum(u.participant == "system" for u in self.utterances)
 
     def to_row(self) -> dict:
-        return {"conversation_id": self.user.id, "need": self.user.need, "request": self.user.request,
-                "persona": self.user.persona, "style": self.user.style,
-                "utterances": [asdict(u) for u in self.utterances], "satisfied": self.satisfied, "rounds": self.rounds}
+        return {
+            "conversation_id": self.user.id,
+            "need": self.user.need,
+            "request": self.user.request,
+            "persona": self.user.persona,
+            "style": self.user.style,
+            "utterances": [asdict(u) for u in self.utterances],
+            "satisfied": self.satisfied,
+            "rounds": self.rounds,
+        }
 
 
-_GENERIC_OFFER = re.compile(r"^(is there anything|anything else|do you have any other|can i help|would you like (any|more) help)", re.I)
+_GENERIC_OFFER = re.compile(
+    r"^(is there anything|anything else|do you have any other|can i help|would you like (any|more) help)", re.I
+)
 
 
 def is_clarifying_question(text: str) -> bool:
@@ -148,20 +177,23 @@ class Judge:
         """items: (need, request, reply)."""
         out: dict[str, list[float]] = {}
         if "verbal" in self.kinds:
-            probs = self.simulator.yes_probability([prompts.judge_messages(*item) for item in items],
-                                                   salts=[f"{s}:verbal" for s in salts])
+            probs = self.simulator.yes_probability(
+                [prompts.judge_messages(*item) for item in items], salts=[f"{s}:verbal" for s in salts]
+            )
             out["verbal"] = [_logit(p) for p in probs]
         if "likelihood" in self.kinds:
             out["likelihood"] = self.simulator.reply_logprob(
-                [prompts.expectation_context(need, request) for need, request, _ in items], [r for *_, r in items],
-                salts=[f"{s}:likelihood" for s in salts])
+                [prompts.expectation_context(need, request) for need, request, _ in items],
+                [r for *_, r in items],
+                salts=[f"{s}:likelihood" for s in salts],
+            )
         return out
 
     def _scores(self, feats: dict[str, list[float]]) -> list[float]:
         n = len(next(iter(feats.values())))
         return [sum((feats[k][i] - self.stats[k][0]) / self.stats[k][1] for k in self.kinds) for i in range(n)]
 
-    def calibrate(self) -> "Judge":
+    def calibrate(self) -> Judge:
         items = [(n, r, a) for n, r, a, _ in prompts.CALIBRATION]
         labels = [label for *_, label in prompts.CALIBRATION]
         feats = self.features(items, [f"calibration:{i}" for i in range(len(items))])
@@ -217,8 +249,19 @@ def clean_user_text(text: str, limit_words: int = 40) -> str:
 
 
 #: a small model sometimes words its negative feedback as approval; the judgment decides, so those are replaced
-_POSITIVE_OPENINGS = ("thank", "great", "perfect", "that's correct", "that is correct", "that's right", "that is right",
-                      "that's exactly", "that is exactly", "correct", "yes")
+_POSITIVE_OPENINGS = (
+    "thank",
+    "great",
+    "perfect",
+    "that's correct",
+    "that is correct",
+    "that's right",
+    "that is right",
+    "that's exactly",
+    "that is exactly",
+    "correct",
+    "yes",
+)
 
 
 def _fallback_feedback(need: str) -> str:
@@ -247,8 +290,12 @@ def run_conversations(
         todo = [t for t in open_ if not (rnd == 1 and t.user.first_reply is not None)]
         texts = {id(t): t.user.first_reply or "" for t in given}
         if todo:
-            replies = policy.generate([policy_messages(t) for t in todo], settings.policy_sampling,
-                                      seed=seed + 1000 * rnd, salts=[f"{t.user.id}:policy:{rnd}" for t in todo])
+            replies = policy.generate(
+                [policy_messages(t) for t in todo],
+                settings.policy_sampling,
+                seed=seed + 1000 * rnd,
+                salts=[f"{t.user.id}:policy:{rnd}" for t in todo],
+            )
             texts.update({id(t): r.text for t, r in zip(todo, replies)})
         for t in open_:
             text = texts[id(t)]
@@ -259,10 +306,13 @@ def run_conversations(
         # -- user turn: answer clarifying questions from the need
         asked = [t for t in open_ if t.utterances[-1].type == "clarifying_question"]
         if asked:
-            msgs = [prompts.answer_messages(t.user.need, t.user.request, t.utterances[-1].text, t.user.persona, t.user.style)
-                    for t in asked]
-            answers = simulator.generate(msgs, settings.user_sampling, seed=seed + 1000 * rnd + 1,
-                                         salts=[f"{t.user.id}:answer:{rnd}" for t in asked])
+            msgs = [
+                prompts.answer_messages(t.user.need, t.user.request, t.utterances[-1].text, t.user.persona, t.user.style)
+                for t in asked
+            ]
+            answers = simulator.generate(
+                msgs, settings.user_sampling, seed=seed + 1000 * rnd + 1, salts=[f"{t.user.id}:answer:{rnd}" for t in asked]
+            )
             for t, a in zip(asked, answers):
                 text = clean_user_text(a.text) or f"I want {t.user.need.rstrip('.')}."
                 t.utterances.append(Utterance("user", "answer", text, rnd))
@@ -270,8 +320,10 @@ def run_conversations(
         # -- user turn: judge responses; thanks when satisfied, else specific feedback
         judged = [t for t in open_ if t.utterances[-1].type == "response"]
         if judged:
-            scores = judge.satisfaction([(t.user.need, t.user.request, t.utterances[-1].text) for t in judged],
-                                        salts=[f"{t.user.id}:judge:{rnd}" for t in judged])
+            scores = judge.satisfaction(
+                [(t.user.need, t.user.request, t.utterances[-1].text) for t in judged],
+                salts=[f"{t.user.id}:judge:{rnd}" for t in judged],
+            )
             threshold = settings.satisfied_threshold
             unhappy = []
             for t, p in zip(judged, scores):
@@ -286,16 +338,22 @@ def run_conversations(
                 elif rnd < settings.max_rounds or settings.feedback_on_last_round:
                     unhappy.append(t)
             if unhappy:
-                msgs = [prompts.feedback_messages(t.user.need, t.user.request, t.utterances[-1].text, t.user.persona,
-                                                  t.user.style) for t in unhappy]
-                notes = simulator.generate(msgs, settings.user_sampling, seed=seed + 1000 * rnd + 2,
-                                           salts=[f"{t.user.id}:feedback:{rnd}" for t in unhappy])
+                msgs = [
+                    prompts.feedback_messages(t.user.need, t.user.request, t.utterances[-1].text, t.user.persona, t.user.style)
+                    for t in unhappy
+                ]
+                notes = simulator.generate(
+                    msgs,
+                    settings.user_sampling,
+                    seed=seed + 1000 * rnd + 2,
+                    salts=[f"{t.user.id}:feedback:{rnd}" for t in unhappy],
+                )
                 for t, note in zip(unhappy, notes):
                     text = clean_user_text(note.text)
                     if not text or text.lower().startswith(_POSITIVE_OPENINGS):
                         text = _fallback_feedback(t.user.need)  # the judgment decides satisfaction, not the wording
-                    p = t.utterances[-1].satisfaction
-                    t.utterances.append(Utterance("user", "feedback", text, rnd, p, False))
+                    judged_p = t.utterances[-1].satisfaction
+                    t.utterances.append(Utterance("user", "feedback", text, rnd, judged_p, False))
         if rnd == settings.max_rounds:
             for t in open_:
                 t.done = True

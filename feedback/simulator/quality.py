@@ -17,10 +17,10 @@ from typing import Any
 
 from pipeline.errors import DataError
 from pipeline.generation import SamplingSettings
+from pipeline.llm_cache import CachedLLM
 from pipeline.records import load_rows
 
 from . import prompts
-from .backends import CachedLLM
 from .protocol import clean_user_text
 
 _POLARITY = re.compile(r"^\W*(yes|yeah|yep|sure|correct|no|nope|not)\b", re.I)
@@ -49,8 +49,9 @@ def _mean_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / len(values))
 
 
-def evaluate_clarifying_answers(rows: list[dict[str, Any]], simulator: CachedLLM, embedder, seed: int = 0,
-                                sampling: SamplingSettings | None = None) -> dict[str, Any]:
+def evaluate_clarifying_answers(
+    rows: list[dict[str, Any]], simulator: CachedLLM, embedder, seed: int = 0, sampling: SamplingSettings | None = None
+) -> dict[str, Any]:
     sampling = sampling or SamplingSettings(max_new_tokens=32, temperature=0.0)
     msgs = [prompts.answer_messages(str(r["facet_desc"]), str(r["initial_request"]), str(r["question"])) for r in rows]
     salts = [f"clariq-eval:{r.get('facet_id', '')}:{r.get('question_id', i)}" for i, r in enumerate(rows)]
@@ -76,7 +77,11 @@ def evaluate_clarifying_answers(rows: list[dict[str, Any]], simulator: CachedLLM
         "simulator_wins": sum(s > b for s, b in zip(sim, base)) / len(rows),
         "polarity_rows": len(with_polarity),
         "polarity_agreement": (sum(a == b for a, b in with_polarity) / len(with_polarity)) if with_polarity else None,
-        "polarity_majority_baseline": (max(real_yes, len(with_polarity) - real_yes) / len(with_polarity)) if with_polarity else None,
-        "examples": [{"need": n, "question": str(r["question"]), "real": b, "simulator": a, "sim": round(s, 4),
-                      "need_sim": round(x, 4)} for n, r, b, a, s, x in list(zip(needs, rows, real, answers, sim, base))[:8]],
+        "polarity_majority_baseline": (max(real_yes, len(with_polarity) - real_yes) / len(with_polarity))
+        if with_polarity
+        else None,
+        "examples": [
+            {"need": n, "question": str(r["question"]), "real": b, "simulator": a, "sim": round(s, 4), "need_sim": round(x, 4)}
+            for n, r, b, a, s, x in list(zip(needs, rows, real, answers, sim, base))[:8]
+        ],
     }

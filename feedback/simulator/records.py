@@ -33,12 +33,29 @@ class ProvenanceInfo:
     stage: str | None = None
 
     def for_(self, transcript: Transcript, round_: int, record_id: str) -> Provenance:
-        extra = {"simulator_model": self.simulator, "seed": self.seed, "prompt_version": self.prompt_version,
-                 "persona": transcript.user.persona, "style": transcript.user.style, "need": transcript.user.need,
-                 "round": round_, "satisfied_threshold": self.threshold, "judge": self.judge, "facts_known": bool(transcript.user.facts)}
-        return Provenance(source="convsim", annotator=f"convsim:{self.simulator}", model=self.policy_model,
-                          adapter=self.policy_adapter, record_id=record_id, run=self.run, stage=self.stage,
-                          dataset=transcript.user.id, extra=json.dumps(extra, sort_keys=True))
+        extra = {
+            "simulator_model": self.simulator,
+            "seed": self.seed,
+            "prompt_version": self.prompt_version,
+            "persona": transcript.user.persona,
+            "style": transcript.user.style,
+            "need": transcript.user.need,
+            "round": round_,
+            "satisfied_threshold": self.threshold,
+            "judge": self.judge,
+            "facts_known": bool(transcript.user.facts),
+        }
+        return Provenance(
+            source="convsim",
+            annotator=f"convsim:{self.simulator}",
+            model=self.policy_model,
+            adapter=self.policy_adapter,
+            record_id=record_id,
+            run=self.run,
+            stage=self.stage,
+            dataset=transcript.user.id,
+            extra=json.dumps(extra, sort_keys=True),
+        )
 
 
 def _messages(utterances) -> list[dict[str, str]]:
@@ -55,8 +72,9 @@ def _score(u) -> tuple[float, float]:
     return (u.fact_coverage if u.fact_coverage is not None else 0.0, u.satisfaction or 0.0)
 
 
-def transcript_records(t: Transcript, info: ProvenanceInfo, neutral_band: float,
-                       pair_rule: Literal["revised", "improved"] = "revised"):
+def transcript_records(
+    t: Transcript, info: ProvenanceInfo, neutral_band: float, pair_rule: Literal["revised", "improved"] = "revised"
+):
     """-> (followups, verbal, reactions, preferences) for one transcript."""
     followups, verbal, reactions, prefs = [], [], [], []
     cid = t.user.id
@@ -73,19 +91,38 @@ def transcript_records(t: Transcript, info: ProvenanceInfo, neutral_band: float,
         prov = info.for_(t, u.round, rid)
         satisfied = nxt.satisfied if nxt.type == "feedback" else None
         aspect = "answer" if nxt.type == "answer" else ("thanks" if nxt.satisfied else "feedback")
-        followups.append(FollowUp(id=rid, prompt=prompt, response=u.text, followup=nxt.text, satisfied=satisfied,
-                                  aspect=aspect, provenance=prov))
+        followups.append(
+            FollowUp(
+                id=rid, prompt=prompt, response=u.text, followup=nxt.text, satisfied=satisfied, aspect=aspect, provenance=prov
+            )
+        )
         if u.type == "response" and u.satisfaction is not None:
             responses.append(i)
-            verbal.append(VerbalFeedback(id=rid, prompt=prompt, response=u.text, critique=nxt.text,
-                                         judgment="good" if u.satisfied else "needs_work", scope=t.user.need,
-                                         provenance=prov))
+            verbal.append(
+                VerbalFeedback(
+                    id=rid,
+                    prompt=prompt,
+                    response=u.text,
+                    critique=nxt.text,
+                    judgment="good" if u.satisfied else "needs_work",
+                    scope=t.user.need,
+                    provenance=prov,
+                )
+            )
     for i in responses:
         u = utts[i]
+        assert u.satisfaction is not None  # `responses` holds scored responses only
         rid = f"{cid}:t{i}"
-        reactions.append(Reaction(id=rid, prompt=_with_system(t, _messages(utts[:i])), response=u.text,
-                                  reaction=reaction_for(u.satisfaction, info.threshold, neutral_band, bool(u.satisfied)),
-                                  user_id=f"convsim:{cid}", provenance=info.for_(t, u.round, rid)))
+        reactions.append(
+            Reaction(
+                id=rid,
+                prompt=_with_system(t, _messages(utts[:i])),
+                response=u.text,
+                reaction=reaction_for(u.satisfaction, info.threshold, neutral_band, bool(u.satisfied)),
+                user_id=f"convsim:{cid}",
+                provenance=info.for_(t, u.round, rid),
+            )
+        )
     for a, b in zip(responses, responses[1:]):
         bad, good = utts[a], utts[b]
         drew_negative = a + 1 < len(utts) and utts[a + 1].type == "feedback" and not utts[a + 1].satisfied
@@ -96,10 +133,16 @@ def transcript_records(t: Transcript, info: ProvenanceInfo, neutral_band: float,
         # the task as posed: the question and any clarifying exchanges before the revision, no feedback turns
         context = [x for x in utts[:b] if x.type in ("question", "clarifying_question", "answer")]
         rid = f"{cid}:pair{a}-{b}"
-        prefs.append(Preference(id=rid, prompt=_with_system(t, _messages(context)),
-                                chosen=[{"role": "assistant", "content": good.text}],
-                                rejected=[{"role": "assistant", "content": bad.text}],
-                                rationale=utts[a + 1].text, provenance=info.for_(t, good.round, rid)))
+        prefs.append(
+            Preference(
+                id=rid,
+                prompt=_with_system(t, _messages(context)),
+                chosen=[{"role": "assistant", "content": good.text}],
+                rejected=[{"role": "assistant", "content": bad.text}],
+                rationale=utts[a + 1].text,
+                provenance=info.for_(t, good.round, rid),
+            )
+        )
     return followups, verbal, reactions, prefs
 
 

@@ -20,10 +20,22 @@ def simulate_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> st
         transcripts = load_rows(path)
         metrics = manifest.get("metrics", {})
         parts.append(f"<h2>{html.escape(name)}: simulated users</h2>")
-        keys = ("conversations", "satisfied_rate", "first_reply_satisfied_rate", "mean_rounds", "clarifying_questions",
-                "pairs", "calibration_accuracy")
-        parts.append("<table><tr>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr><tr>"
-                     + "".join(f"<td>{_fmt(metrics.get(k, ''))}</td>" for k in keys) + "</tr></table>")
+        keys = (
+            "conversations",
+            "satisfied_rate",
+            "first_reply_satisfied_rate",
+            "mean_rounds",
+            "clarifying_questions",
+            "pairs",
+            "calibration_accuracy",
+        )
+        parts.append(
+            "<table><tr>"
+            + "".join(f"<th>{k}</th>" for k in keys)
+            + "</tr><tr>"
+            + "".join(f"<td>{_fmt(metrics.get(k, ''))}</td>" for k in keys)
+            + "</tr></table>"
+        )
         figure = satisfaction_figure(transcripts, f"{name}: satisfaction by round")
         if figure:
             parts.append(figure)
@@ -31,8 +43,10 @@ def simulate_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> st
             parts.append(f"<p><b>need:</b> {html.escape(str(t['need']))}</p><table>")
             for u in t["utterances"]:
                 sat = "" if u.get("satisfaction") is None else f"{u['satisfaction']:.2f}"
-                parts.append(f"<tr><td>{u['round']}</td><td>{html.escape(u['participant'])}</td>"
-                             f"<td>{html.escape(u['type'])}</td><td>{html.escape(u['text'])}</td><td>{sat}</td></tr>")
+                parts.append(
+                    f"<tr><td>{u['round']}</td><td>{html.escape(u['participant'])}</td>"
+                    f"<td>{html.escape(u['type'])}</td><td>{html.escape(u['text'])}</td><td>{sat}</td></tr>"
+                )
             parts.append("</table>")
     return "\n".join(parts)
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from pipeline.models import LoraSettings
+from pipeline.training import TrackingSettings
 
 
 def _ppo_lora() -> LoraSettings:
@@ -23,8 +24,8 @@ def _ppo_lora() -> LoraSettings:
     return LoraSettings(dropout=0.0)
 
 
-class PpoSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+class PpoSettings(TrackingSettings):
+    """PPO's own settings and their defaults, written once (`report_to` replays the curves to trackers)."""
 
     # --- schedule
     steps: int = Field(default=20, ge=1, description="rollouts (PPO iterations)")
@@ -38,7 +39,8 @@ class PpoSettings(BaseModel):
     top_k: int = Field(default=20, ge=0, description="0 = off")
     top_p: float = Field(default=1.0, gt=0, le=1)
     rollout_engine: Literal["hf", "vllm", "auto"] = Field(
-        default="hf", description="hf: batched HF generate; vllm: vLLM on a GPU; auto: vLLM when installed with a GPU, else hf")
+        default="hf", description="hf: batched HF generate; vllm: vLLM on a GPU; auto: vLLM when installed with a GPU, else hf"
+    )
     rollout_batch_size: int | None = Field(default=None, ge=1, description="prompts per generate call (default: all)")
     missing_eos_penalty: float | None = Field(default=None, description="subtracted from the score of replies cut off")
     system_prompt: str | None = None
@@ -64,13 +66,17 @@ class PpoSettings(BaseModel):
     warmup_steps: int = Field(default=0, ge=0, description="optimizer steps of linear warm-up")
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
-    target_kl: float | None = Field(default=None, gt=0, description="stop this rollout's epochs when the update moved further (per-token approx KL)")
+    target_kl: float | None = Field(
+        default=None, gt=0, description="stop this rollout's epochs when the update moved further (per-token approx KL)"
+    )
     kl_threshold: float | None = Field(default=10.0, gt=0, description="sequence KL to the reference counted as too high")
     kl_patience: int = Field(default=5, ge=1, description="stop training after this many rollouts over kl_threshold")
 
     # --- models
     lora: LoraSettings = Field(default_factory=_ppo_lora)
-    value_model: str = Field(default="head", description="'head' (linear head on the policy trunk) or a model (alias/path) used as a separate critic")
+    value_model: str = Field(
+        default="head", description="'head' (linear head on the policy trunk) or a model (alias/path) used as a separate critic"
+    )
 
     # --- evaluation, checkpoints
     eval_every: int = Field(default=5, ge=1, description="rollouts between held-out evaluations (also at start and end)")
@@ -81,13 +87,17 @@ class PpoSettings(BaseModel):
     device: str | None = None
 
     @model_validator(mode="after")
-    def _batches_fit(self) -> "PpoSettings":
+    def _batches_fit(self) -> PpoSettings:
         rollout = self.rollout_size
         if self.mini_batch_size > rollout:
-            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) exceeds the rollout size "
-                             f"prompts_per_step * samples_per_prompt = {rollout}")
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) exceeds the rollout size "
+                f"prompts_per_step * samples_per_prompt = {rollout}"
+            )
         if self.micro_batch_size and self.mini_batch_size % self.micro_batch_size:
-            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
         return self
 
     def device_policy(self):
@@ -101,4 +111,4 @@ class PpoSettings(BaseModel):
 
 
 #: settings that cannot change results (left out of the stage fingerprint)
-NON_SEMANTIC_PPO_FIELDS = frozenset({"device", "save_steps", "save_total_limit", "micro_batch_size"})
+NON_SEMANTIC_PPO_FIELDS = frozenset({"device", "save_steps", "save_total_limit", "micro_batch_size", "report_to"})

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .masked import masked_mean
+from trainers.sequences import masked_mean
 
 
 @dataclass
@@ -57,12 +57,6 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-token entropy of softmax(logits) over the last axis: logsumexp(l) - sum(p * l)."""
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
-
-
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per position, without keeping the full log-softmax tensor."""
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

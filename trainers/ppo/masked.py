@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    return (values * mask).sum() if dim is None else (values * mask).sum(dim)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean over valid tokens (0 where there are none, instead of NaN)."""
-    return masked_sum(values, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp(min=1)
+from trainers.sequences import masked_mean
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:

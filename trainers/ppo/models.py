@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .losses import entropy_from_logits, logprobs_of
+from trainers.sequences import gather_logps
+
+from .losses import entropy_from_logits
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -28,8 +30,16 @@ class ResponseOutputs:
     hidden: torch.Tensor | None  # [B, R, H] last-layer states at the positions predicting each token
 
 
-def response_forward(model, query_ids, query_mask, response_ids, response_mask, temperature: float,
-                     want_hidden: bool = False, want_entropy: bool = False) -> ResponseOutputs:
+def response_forward(
+    model,
+    query_ids,
+    query_mask,
+    response_ids,
+    response_mask,
+    temperature: float,
+    want_hidden: bool = False,
+    want_entropy: bool = False,
+) -> ResponseOutputs:
     """One forward of prompt+response; log-probs of the response tokens under logits / temperature
     (the distribution that was sampled, so the PPO ratio and KL compare like with like)."""
     Q, R = query_ids.shape[1], response_ids.shape[1]
@@ -44,7 +54,7 @@ def response_forward(model, query_ids, query_mask, response_ids, response_mask, 
         use_cache=False,
     )
     logits = out.logits[:, :-1].float() / temperature  # positions Q-1 .. Q+R-2
-    logprobs = logprobs_of(logits, response_ids)
+    logprobs = gather_logps(logits, response_ids)
     entropy = entropy_from_logits(logits) if want_entropy else None  # differentiable when grads are on
     hidden = out.hidden_states[-1][:, Q - 1 : Q - 1 + R] if want_hidden else None
     return ResponseOutputs(logprobs, entropy, hidden)
@@ -76,8 +86,9 @@ class SeparateCritic(nn.Module):
         Q, R = query_ids.shape[1], response_ids.shape[1]
         input_ids = torch.cat([query_ids, response_ids], dim=1)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)
-        out = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids_for(attention_mask), use_cache=False)
+        out = self.trunk(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask), use_cache=False
+        )
         return self.head(out.last_hidden_state[:, Q - 1 : Q - 1 + R])
 
 
@@ -103,17 +114,28 @@ class PpoModels(nn.Module):
 
     def value_parameters(self) -> list[nn.Parameter]:
         module = self.value_head if self.value_head is not None else self.critic
+        assert module is not None  # __init__ requires exactly one of value_head / critic
         return [p for p in module.parameters() if p.requires_grad]
 
-    def evaluate(self, query_ids, query_mask, response_ids, response_mask, temperature: float,
-                 want_entropy: bool = False) -> tuple[ResponseOutputs, torch.Tensor]:
+    def evaluate(
+        self, query_ids, query_mask, response_ids, response_mask, temperature: float, want_entropy: bool = False
+    ) -> tuple[ResponseOutputs, torch.Tensor]:
         """Policy log-probs (+ entropy) and values for a batch; gradients flow if enabled."""
         shared = self.value_head is not None
-        out = response_forward(self.policy, query_ids, query_mask, response_ids, response_mask, temperature,
-                               want_hidden=shared, want_entropy=want_entropy)
-        if shared:
+        out = response_forward(
+            self.policy,
+            query_ids,
+            query_mask,
+            response_ids,
+            response_mask,
+            temperature,
+            want_hidden=shared,
+            want_entropy=want_entropy,
+        )
+        if self.value_head is not None:  # == shared
             values = self.value_head(out.hidden)
         else:
+            assert self.critic is not None  # __init__ requires exactly one of value_head / critic
             values = self.critic(query_ids, query_mask, response_ids, response_mask)
         return out, values
 
@@ -153,12 +175,12 @@ def build_models(model_name: str, lora, value_model: str, policy_settings, adapt
     config = AutoConfig.from_pretrained(path)
     vocab = policy.get_base_model().config.vocab_size
     if config.vocab_size < vocab:
-        raise ValueError(f"value_model '{value_model}' has a vocabulary of {config.vocab_size} < the policy's {vocab}: "
-                         "a separate critic must share the policy's tokenizer")
+        raise ValueError(
+            f"value_model '{value_model}' has a vocabulary of {config.vocab_size} < the policy's {vocab}: "
+            "a separate critic must share the policy's tokenizer"
+        )
     trunk = AutoModel.from_pretrained(path, dtype=policy_settings.dtype).to(policy_settings.device)
     trunk = get_peft_model(trunk, lora.model_copy(update={"dropout": 0.0}).peft_config("FEATURE_EXTRACTION"))
     trunk.eval()
     critic = SeparateCritic(trunk, ValueHead(config.hidden_size).to(policy_settings.device))
     return PpoModels(policy, None, critic)
-
-

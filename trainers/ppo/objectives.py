@@ -32,8 +32,9 @@ class ObjectiveScores:
     per_reply: dict[str, list[float]]  # objective -> per-reply score, unweighted (for sample logs)
 
 
-def score_objectives(objectives: list[Objective], batch: RewardBatch, lengths: torch.Tensor,
-                     text_lengths: torch.Tensor, width: int) -> ObjectiveScores:
+def score_objectives(
+    objectives: list[Objective], batch: RewardBatch, lengths: torch.Tensor, text_lengths: torch.Tensor, width: int
+) -> ObjectiveScores:
     device = lengths.device
     total = torch.zeros(len(batch), width, device=device)
     means: dict[str, float] = {}
@@ -42,7 +43,9 @@ def score_objectives(objectives: list[Objective], batch: RewardBatch, lengths: t
         rewards = objective.model.score(batch)
         scalar = rewards.scalar.detach().float().to(device)
         if scalar.shape != (len(batch),):
-            raise ValueError(f"reward model '{objective.name}' returned scalar of shape {tuple(scalar.shape)}, expected ({len(batch)},)")
+            raise ValueError(
+                f"reward model '{objective.name}' returned scalar of shape {tuple(scalar.shape)}, expected ({len(batch)},)"
+            )
         dense = rewards.dense.detach().to(device) if rewards.dense is not None else None
         tokens = per_token_rewards(scalar, dense, lengths, text_lengths, width)
         total += objective.weight * tokens

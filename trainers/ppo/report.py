@@ -30,7 +30,7 @@ def objective_names(curves: list[dict[str, Any]]) -> list[str]:
         for key in row:
             for prefix in ("reward/", "eval/reward/"):
                 if key.startswith(prefix):
-                    name = key[len(prefix):]
+                    name = key[len(prefix) :]
                     if name not in ("total", "shaped") and "/" not in name and name not in names:
                         names.append(name)
     return names
@@ -99,7 +99,7 @@ def samples_table(samples: list[dict[str, Any]], limit: int = 5) -> str:
 
 
 def report_section(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
-    """`pipeline.report.SECTIONS` hook: one block per ppo stage of the run."""
+    """`PpoStage.report_section`: one block per ppo stage of the run."""
     import json
 
     from pipeline.report import figure_html

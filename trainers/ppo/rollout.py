@@ -44,7 +44,7 @@ class Rollout:
         """The tokens reward models align dense rewards to (EOS excluded)."""
         return [self.response_ids[i, : int(self.text_lengths[i])].tolist() for i in range(len(self))]
 
-    def select(self, index: torch.Tensor) -> "Rollout":
+    def select(self, index: torch.Tensor) -> Rollout:
         """Rows `index`, trimmed to the padding they need (fewer wasted FLOPs per micro-batch)."""
         index = index.to(self.query_ids.device)
         picked: dict[str, Any] = {}
@@ -59,8 +59,19 @@ class Rollout:
         sub = Rollout(**picked)
         width = int(sub.lengths.max())
         first = int((sub.query_mask.sum(0) > 0).float().argmax())  # first column any row uses
-        for name in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values", "entropy", "scores",
-                     "rewards", "kl", "advantages", "returns"):
+        for name in (
+            "response_ids",
+            "response_mask",
+            "logprobs",
+            "ref_logprobs",
+            "values",
+            "entropy",
+            "scores",
+            "rewards",
+            "kl",
+            "advantages",
+            "returns",
+        ):
             value = getattr(sub, name)
             if value is not None:
                 setattr(sub, name, value[:, :width])
@@ -68,12 +79,14 @@ class Rollout:
         return sub
 
 
-def encode_prompts(tokenizer, conversations: list[list[dict[str, str]]], max_prompt_length: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+def encode_prompts(
+    tokenizer, conversations: list[list[dict[str, str]]], max_prompt_length: int, device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Chat-template the prompts, left-pad, keep the last `max_prompt_length` tokens.
     Returns ids, mask and how many prompts were cut."""
-    from pipeline.generation import render_prompts
+    from pipeline.chat import render_many
 
-    texts = render_prompts(tokenizer, conversations)
+    texts = render_many(tokenizer, conversations)
     tokenizer.padding_side = "left"
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     cut = sum(len(ids) > max_prompt_length for ids in encoded)
@@ -85,7 +98,9 @@ def encode_prompts(tokenizer, conversations: list[list[dict[str, str]]], max_pro
     return query_ids, query_mask, cut
 
 
-def cut_at_eos(generated: torch.Tensor, eos_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def cut_at_eos(
+    generated: torch.Tensor, eos_ids: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """[N, G] sampled tokens -> (response_ids, mask, lengths, finished) with everything after
     the first EOS replaced by pad and masked out; width trimmed to the longest response."""
     N, G = generated.shape
@@ -109,8 +124,19 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def hf_sample(policy, tokenizer, query_ids, query_mask, num_samples: int, max_new_tokens: int,
-              temperature: float, top_k: int, top_p: float, eos_ids: list[int], batch_size: int | None = None) -> torch.Tensor:
+def hf_sample(
+    policy,
+    tokenizer,
+    query_ids,
+    query_mask,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    eos_ids: list[int],
+    batch_size: int | None = None,
+) -> torch.Tensor:
     """Batched HF generation (greedy when temperature is 0); returns [N * num_samples, G] new tokens.
     Samples of one prompt are adjacent (row i * num_samples + j)."""
     from pipeline.generation import SamplingSettings, hf_sampling_kwargs
@@ -136,8 +162,9 @@ def hf_sample(policy, tokenizer, query_ids, query_mask, num_samples: int, max_ne
     return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad) for c in chunks])
 
 
-def build_rollout(tokenizer, query_ids, query_mask, generated, num_samples: int, eos_ids: list[int],
-                  prompts: list[Any]) -> Rollout:
+def build_rollout(
+    tokenizer, query_ids, query_mask, generated, num_samples: int, eos_ids: list[int], prompts: list[Any]
+) -> Rollout:
     """Assemble a Rollout from prompts and their sampled continuations."""
     response_ids, response_mask, lengths, finished = cut_at_eos(generated, eos_ids, tokenizer.pad_token_id)
     text_lengths = lengths - finished.long()

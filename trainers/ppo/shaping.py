@@ -47,8 +47,9 @@ def place_dense(dense: torch.Tensor, text_lengths: torch.Tensor, width: int) -> 
     return out
 
 
-def per_token_rewards(scalar: torch.Tensor, dense: torch.Tensor | None, lengths: torch.Tensor,
-                      text_lengths: torch.Tensor, width: int) -> torch.Tensor:
+def per_token_rewards(
+    scalar: torch.Tensor, dense: torch.Tensor | None, lengths: torch.Tensor, text_lengths: torch.Tensor, width: int
+) -> torch.Tensor:
     """Dense rewards where the model gives them, else the scalar at the last token.
 
     A reply with no text tokens (EOS first) cannot carry dense rewards; it gets its scalar

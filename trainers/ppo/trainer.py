@@ -11,19 +11,22 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import torch
 
+from pipeline.chat import as_messages
 from reward_models.base import RewardBatch
+from trainers.sequences import masked_mean
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import PpoSettings
 from .gae import gae_advantages
 from .losses import clipped_policy_loss, clipped_value_loss, explained_variance
-from .masked import masked_mean, masked_whiten
+from .masked import masked_whiten
 from .models import PpoModels
 from .objectives import Objective, score_objectives
 from .rollout import Rollout, build_rollout, encode_prompts, eos_token_ids, hf_sample
@@ -80,13 +83,13 @@ class PpoTrainer:
         policy_params, value_params = models.policy_parameters(), models.value_parameters()
         self.trainable = policy_params + value_params
         self.optimizer = torch.optim.AdamW(
-            [{"params": policy_params, "lr": settings.learning_rate},
-             {"params": value_params, "lr": value_lr}],
+            [{"params": policy_params, "lr": settings.learning_rate}, {"params": value_params, "lr": value_lr}],
             weight_decay=settings.weight_decay,
         )
         warmup = settings.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda n: min(1.0, (n + 1) / warmup) if warmup else 1.0)
+            self.optimizer, lambda n: min(1.0, (n + 1) / warmup) if warmup else 1.0
+        )
         self.sampler = None
         if settings.rollout_engine != "hf":
             from pipeline.generation import pick_engine
@@ -107,7 +110,7 @@ class PpoTrainer:
 
     def next_prompts(self) -> list[Prompt]:
         """The step's prompts: passes over the data in a seeded order, wrapping across passes."""
-        picked = []
+        picked: list[Prompt] = []
         order = self._order(self.state.epoch)
         while len(picked) < self.s.prompts_per_step:
             picked.append(self.prompts[order[self.state.position]])
@@ -118,9 +121,7 @@ class PpoTrainer:
         return picked
 
     def conversation(self, prompt: Prompt) -> list[dict[str, str]]:
-        if self.s.system_prompt and not any(m.get("role") == "system" for m in prompt.conversation):
-            return [{"role": "system", "content": self.s.system_prompt}] + prompt.conversation
-        return prompt.conversation
+        return as_messages(prompt.conversation, self.s.system_prompt)
 
     # ------------------------------------------------------------------ rollout
 
@@ -131,20 +132,42 @@ class PpoTrainer:
     @torch.no_grad()
     def sample(self, prompts: list[Prompt], num_samples: int, temperature: float) -> Rollout:
         s = self.s
-        query_ids, query_mask, cut = encode_prompts(self.tokenizer, [self.conversation(p) for p in prompts],
-                                                    s.max_prompt_length, self.device)
+        query_ids, query_mask, cut = encode_prompts(
+            self.tokenizer, [self.conversation(p) for p in prompts], s.max_prompt_length, self.device
+        )
         if cut:
             self.log.warning("%d prompt(s) longer than max_prompt_length=%d kept their last tokens", cut, s.max_prompt_length)
         if self.sampler is not None and temperature > 0:
             self.sampler.sync(self.models.policy)
-            generated = self.sampler.sample(query_ids, query_mask, num_samples, s.max_new_tokens, temperature, s.top_k,
-                                            s.top_p, self.eos_ids, self.tokenizer.pad_token_id,
-                                            seed=int(torch.randint(0, 2**31 - 1, (1,))))
+            generated = self.sampler.sample(
+                query_ids,
+                query_mask,
+                num_samples,
+                s.max_new_tokens,
+                temperature,
+                s.top_k,
+                s.top_p,
+                self.eos_ids,
+                self.tokenizer.pad_token_id,
+                seed=int(torch.randint(0, 2**31 - 1, (1,))),
+            )
         else:
-            generated = hf_sample(self.models.policy, self.tokenizer, query_ids, query_mask, num_samples, s.max_new_tokens,
-                                  temperature, s.top_k, s.top_p, self.eos_ids, s.rollout_batch_size)
-        return build_rollout(self.tokenizer, query_ids, query_mask, generated, num_samples, self.eos_ids,
-                             [p.reward_prompt for p in prompts])
+            generated = hf_sample(
+                self.models.policy,
+                self.tokenizer,
+                query_ids,
+                query_mask,
+                num_samples,
+                s.max_new_tokens,
+                temperature,
+                s.top_k,
+                s.top_p,
+                self.eos_ids,
+                s.rollout_batch_size,
+            )
+        return build_rollout(
+            self.tokenizer, query_ids, query_mask, generated, num_samples, self.eos_ids, [p.reward_prompt for p in prompts]
+        )
 
     @torch.no_grad()
     def annotate(self, rollout: Rollout, temperature: float) -> None:
@@ -155,6 +178,7 @@ class PpoTrainer:
             args = (rollout.query_ids[sl], rollout.query_mask[sl], rollout.response_ids[sl], rollout.response_mask[sl])
             out, values = self.models.evaluate(*args, temperature=temperature, want_entropy=True)
             parts["logprobs"].append(out.logprobs)
+            assert out.entropy is not None  # want_entropy=True
             parts["entropy"].append(out.entropy)
             parts["values"].append(values.float())
             parts["ref_logprobs"].append(self.models.reference_logprobs(*args, temperature=temperature))
@@ -165,8 +189,12 @@ class PpoTrainer:
             setattr(rollout, name, tensor.float() * mask)
 
     def score(self, rollout: Rollout) -> dict[str, Any]:
-        batch = RewardBatch(prompts=rollout.prompts, responses=rollout.texts,
-                            response_token_ids=rollout.response_token_ids(), policy_tokenizer=self.tokenizer)
+        batch = RewardBatch(
+            prompts=rollout.prompts,
+            responses=rollout.texts,
+            response_token_ids=rollout.response_token_ids(),
+            policy_tokenizer=self.tokenizer,
+        )
         width = rollout.response_ids.shape[1]
         scored = score_objectives(self.objectives, batch, rollout.lengths, rollout.text_lengths, width)
         scores = scored.per_token
@@ -179,8 +207,12 @@ class PpoTrainer:
     def advantages(self, rollout: Rollout) -> None:
         s = self.s
         mask = rollout.response_mask.float()
-        rollout.rewards, rollout.kl = shape_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask,
-                                                    s.kl_coef, s.kl_estimator, s.whiten_rewards)
+        # filled by annotate() and score()
+        assert rollout.scores is not None and rollout.logprobs is not None and rollout.ref_logprobs is not None
+        assert rollout.values is not None
+        rollout.rewards, rollout.kl = shape_rewards(
+            rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, s.kl_coef, s.kl_estimator, s.whiten_rewards
+        )
         advantages, returns = gae_advantages(rollout.rewards, rollout.values, mask, s.gamma, s.lam)
         rollout.advantages = masked_whiten(advantages, mask) if s.whiten_advantages else advantages
         rollout.returns = returns
@@ -192,7 +224,7 @@ class PpoTrainer:
         totals: dict[str, float] = {}
         count = 0
         epochs_run = 0
-        for epoch in range(s.ppo_epochs):
+        for _epoch in range(s.ppo_epochs):
             epochs_run += 1
             order = torch.randperm(len(rollout))
             epoch_kl = []
@@ -200,41 +232,67 @@ class PpoTrainer:
                 mini = rollout.select(order[start : start + s.mini_batch_size])
                 mini_tokens = mini.response_mask.sum().clamp(min=1)
                 self.optimizer.zero_grad(set_to_none=True)
-                stats = {"loss/policy": 0.0, "loss/value": 0.0, "policy/clip_fraction": 0.0, "value/clip_fraction": 0.0,
-                         "policy/approx_kl": 0.0, "policy/ratio": 0.0}
+                stats = {
+                    "loss/policy": 0.0,
+                    "loss/value": 0.0,
+                    "policy/clip_fraction": 0.0,
+                    "value/clip_fraction": 0.0,
+                    "policy/approx_kl": 0.0,
+                    "policy/ratio": 0.0,
+                }
                 for sl in self._micro_slices(len(mini)):
                     micro = mini.select(torch.arange(len(mini))[sl])
                     weight = micro.response_mask.sum() / mini_tokens
-                    out, values = self.models.evaluate(micro.query_ids, micro.query_mask, micro.response_ids,
-                                                       micro.response_mask, s.temperature, want_entropy=bool(s.entropy_coef))
+                    out, values = self.models.evaluate(
+                        micro.query_ids,
+                        micro.query_mask,
+                        micro.response_ids,
+                        micro.response_mask,
+                        s.temperature,
+                        want_entropy=bool(s.entropy_coef),
+                    )
                     mask = micro.response_mask.float()
+                    # filled by annotate() and advantages()
+                    assert micro.logprobs is not None and micro.advantages is not None
+                    assert micro.values is not None and micro.returns is not None
                     pl = clipped_policy_loss(out.logprobs, micro.logprobs, micro.advantages, mask, s.clip_range)
                     vl = clipped_value_loss(values, micro.values, micro.returns, mask, s.clip_range_value)
                     loss = pl.loss + s.vf_coef * vl.loss
                     if s.entropy_coef:
+                        assert out.entropy is not None  # want_entropy=bool(s.entropy_coef)
                         loss = loss - s.entropy_coef * masked_mean(out.entropy, mask)
                     (loss * weight).backward()
                     w = float(weight)
-                    for key, value in (("loss/policy", pl.loss), ("loss/value", vl.loss),
-                                       ("policy/clip_fraction", pl.clip_fraction), ("value/clip_fraction", vl.clip_fraction),
-                                       ("policy/approx_kl", pl.approx_kl), ("policy/ratio", pl.ratio_mean)):
+                    for key, value in (
+                        ("loss/policy", pl.loss),
+                        ("loss/value", vl.loss),
+                        ("policy/clip_fraction", pl.clip_fraction),
+                        ("value/clip_fraction", vl.clip_fraction),
+                        ("policy/approx_kl", pl.approx_kl),
+                        ("policy/ratio", pl.ratio_mean),
+                    ):
                         stats[key] += w * float(value.detach())
                 if s.max_grad_norm:
                     stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.trainable, s.max_grad_norm))
                 self.optimizer.step()
                 self.scheduler.step()
                 epoch_kl.append(stats["policy/approx_kl"])
-                for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + value
+                for key, amount in stats.items():
+                    totals[key] = totals.get(key, 0.0) + amount
                 count += 1
             if s.target_kl and sum(epoch_kl) / len(epoch_kl) > s.target_kl:
-                self.log.info("step %d: update moved %.4f > target_kl %.4f after %d epoch(s); next rollout",
-                              self.state.step + 1, sum(epoch_kl) / len(epoch_kl), s.target_kl, epochs_run)
+                self.log.info(
+                    "step %d: update moved %.4f > target_kl %.4f after %d epoch(s); next rollout",
+                    self.state.step + 1,
+                    sum(epoch_kl) / len(epoch_kl),
+                    s.target_kl,
+                    epochs_run,
+                )
                 break
-        out = {k: v / max(count, 1) for k, v in totals.items()}
-        out["ppo_epochs_run"] = epochs_run
-        out["learning_rate"] = self.scheduler.get_last_lr()[0]
-        return out
+        result = {k: v / max(count, 1) for k, v in totals.items()}
+        result["ppo_epochs_run"] = epochs_run
+        result["learning_rate"] = cast(float, self.scheduler.get_last_lr()[0])  # lrs here are floats, not tensors
+        return result
 
     # ------------------------------------------------------------------ evaluation
 
@@ -247,7 +305,9 @@ class PpoTrainer:
         rollout = self.sample(self.eval_prompts, 1, self.s.eval_temperature)
         temperature = self.s.eval_temperature or 1.0
         self.annotate(rollout, temperature)
-        frozen = [o.model for o in self.objectives if getattr(o.model, "update_stats", False)]
+        # reward models with running statistics (reward_models.combine) have `update_stats`;
+        # the RewardModel protocol does not declare it
+        frozen: list[Any] = [o.model for o in self.objectives if getattr(o.model, "update_stats", False)]
         for model in frozen:  # held-out replies must not move the running reward statistics
             model.update_stats = False
         try:
@@ -256,15 +316,23 @@ class PpoTrainer:
             for model in frozen:
                 model.update_stats = True
         mask = rollout.response_mask.float()
+        # filled by annotate() and score()
+        assert rollout.logprobs is not None and rollout.ref_logprobs is not None and rollout.scores is not None
         log_ratio = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(1)
         row = {f"eval/reward/{k}": v for k, v in scored["means"].items()}
         row["eval/reward/total"] = float(rollout.scores.sum(1).mean())
         row["eval/kl"] = float(log_ratio.mean())
         row["eval/response_length"] = float(rollout.lengths.float().mean())
         for i, prompt in enumerate(self.eval_prompts):
-            sample = {"step": self.state.step, "prompt_id": prompt.id, "prompt": prompt.reward_prompt,
-                      "response": rollout.texts[i], "num_tokens": int(rollout.lengths[i]),
-                      "finished": bool(rollout.finished[i]), "log_ratio": float(log_ratio[i])}
+            sample = {
+                "step": self.state.step,
+                "prompt_id": prompt.id,
+                "prompt": prompt.reward_prompt,
+                "response": rollout.texts[i],
+                "num_tokens": int(rollout.lengths[i]),
+                "finished": bool(rollout.finished[i]),
+                "log_ratio": float(log_ratio[i]),
+            }
             sample.update({f"reward/{k}": v[i] for k, v in scored["per_reply"].items()})
             self.state.samples.append(sample)
         return row
@@ -290,10 +358,20 @@ class PpoTrainer:
     def checkpoint(self) -> None:
         if self.checkpoint_dir is not None:
             # reward models with running statistics (reward_models.combine) resume with them
-            reward_states = {o.name: o.model.state_dict() for o in self.objectives
-                             if hasattr(o.model, "state_dict") and not isinstance(o.model, torch.nn.Module)}
-            save_checkpoint(self.checkpoint_dir, self.state.step, self.models, self.optimizer, self.scheduler,
-                            {**self.state.__dict__, "reward_states": reward_states}, keep=self.s.save_total_limit)
+            reward_states = {
+                o.name: o.model.state_dict()
+                for o in self.objectives
+                if hasattr(o.model, "state_dict") and not isinstance(o.model, torch.nn.Module)
+            }
+            save_checkpoint(
+                self.checkpoint_dir,
+                self.state.step,
+                self.models,
+                self.optimizer,
+                self.scheduler,
+                {**self.state.__dict__, "reward_states": reward_states},
+                keep=self.s.save_total_limit,
+            )
 
     def step(self) -> dict[str, Any]:
         """One PPO iteration; returns its curve row."""
@@ -307,6 +385,10 @@ class PpoTrainer:
         self.advantages(rollout)
         prepared = time.perf_counter()
         mask = rollout.response_mask.float()
+        # filled by annotate(), score() and advantages()
+        assert rollout.logprobs is not None and rollout.ref_logprobs is not None and rollout.entropy is not None
+        assert rollout.scores is not None and rollout.rewards is not None and rollout.kl is not None
+        assert rollout.values is not None and rollout.returns is not None
         k1 = kl_per_token(rollout.logprobs, rollout.ref_logprobs, "k1") * mask
         row: dict[str, Any] = {"step": self.state.step + 1}
         row.update({f"reward/{k}": v for k, v in scored["means"].items()})
@@ -344,13 +426,29 @@ class PpoTrainer:
             self.state.curves.append(row)
             done = self.state.step - first_step
             eta = (time.time() - started) / done * (s.steps - self.state.step)
-            self.log.info("ppo step %d/%d reward=%.4g kl=%.4g entropy=%.3g len=%.1f clip=%.3f value_err=%.3g %.1fs eta %.0fs",
-                          self.state.step, s.steps, row["reward/total"], row["kl"], row["entropy"], row["response/length"],
-                          row["policy/clip_fraction"], row["value/error"], row["time/step_s"], eta)
+            self.log.info(
+                "ppo step %d/%d reward=%.4g kl=%.4g entropy=%.3g len=%.1f clip=%.3f value_err=%.3g %.1fs eta %.0fs",
+                self.state.step,
+                s.steps,
+                row["reward/total"],
+                row["kl"],
+                row["entropy"],
+                row["response/length"],
+                row["policy/clip_fraction"],
+                row["value/error"],
+                row["time/step_s"],
+                eta,
+            )
             if s.kl_threshold is not None and row["kl"] > s.kl_threshold:
                 self.state.kl_over_threshold += 1
-                self.log.warning("step %d: KL to the reference %.3g > kl_threshold %.3g (%d/%d)", self.state.step, row["kl"],
-                                 s.kl_threshold, self.state.kl_over_threshold, s.kl_patience)
+                self.log.warning(
+                    "step %d: KL to the reference %.3g > kl_threshold %.3g (%d/%d)",
+                    self.state.step,
+                    row["kl"],
+                    s.kl_threshold,
+                    self.state.kl_over_threshold,
+                    s.kl_patience,
+                )
                 if self.state.kl_over_threshold >= s.kl_patience:
                     self.state.stopped = f"kl_threshold exceeded {s.kl_patience} times"
                     self.log.warning("stopping early: %s", self.state.stopped)

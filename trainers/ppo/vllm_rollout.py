@@ -17,16 +17,30 @@ _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM can ser
 
 
 class VllmSampler:
-    def __init__(self, model_path: str, lora_rank: int, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.35,
-                 max_model_len: int = 2048, seed: int = 0):
+    def __init__(
+        self,
+        model_path: str,
+        lora_rank: int,
+        dtype: str = "bfloat16",
+        gpu_memory_utilization: float = 0.35,
+        max_model_len: int = 2048,
+        seed: int = 0,
+    ):
         try:
             from vllm import LLM
         except ImportError:
             raise RuntimeError("rollout_engine: vllm needs vLLM on a GPU machine: pip install vllm") from None
         rank = next((r for r in _VLLM_LORA_RANKS if r >= lora_rank), lora_rank)
-        self.llm = LLM(model=model_path, enable_lora=True, max_lora_rank=rank, dtype=dtype,
-                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
-                       enable_prefix_caching=True)
+        self.llm = LLM(
+            model=model_path,
+            enable_lora=True,
+            max_lora_rank=rank,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            seed=seed,
+            enable_prefix_caching=True,
+        )
         self._dir = Path(tempfile.mkdtemp(prefix="heedful-ppo-lora-"))
         self._version = 0
 
@@ -37,13 +51,31 @@ class VllmSampler:
         policy.save_pretrained(str(path))
 
     @torch.no_grad()
-    def sample(self, query_ids: torch.Tensor, query_mask: torch.Tensor, num_samples: int, max_new_tokens: int,
-               temperature: float, top_k: int, top_p: float, eos_ids: list[int], pad_id: int, seed: int) -> torch.Tensor:
+    def sample(
+        self,
+        query_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        num_samples: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        eos_ids: list[int],
+        pad_id: int,
+        seed: int,
+    ) -> torch.Tensor:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
-        params = SamplingParams(n=num_samples, temperature=temperature, top_k=top_k or -1, top_p=top_p,
-                                max_tokens=max_new_tokens, stop_token_ids=eos_ids, seed=seed)
+        params = SamplingParams(
+            n=num_samples,
+            temperature=temperature,
+            top_k=top_k or -1,
+            top_p=top_p,
+            max_tokens=max_new_tokens,
+            stop_token_ids=eos_ids,
+            seed=seed,
+        )
         prompts = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(query_ids, query_mask)]
         lora = LoRARequest(f"policy-v{self._version}", self._version, str(self._dir / f"v{self._version}"))
         outputs = self.llm.generate(prompts, params, lora_request=lora if self._version else None, use_tqdm=False)

@@ -1,4 +1,4 @@
-"""Judgment rows for CUT: instruction, response, judgment (text), positive (bool).
+"""Judgment rows for CUT and KTO: instruction, response, judgment (text), positive (bool).
 
 Sources: heedful VerbalFeedback records, any JSONL with those columns (a few common
 aliases accepted), and qa-feedback (FineGrainedRLHF), whose human error spans on
@@ -8,33 +8,35 @@ a positive example.
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DataError
 
-#: how each qa-feedback error type reads in a judgment
-ERROR_PHRASES = {
-    "Irrelevant": "is irrelevant to the question",
-    "Redundant": "repeats information already given",
-    "Incoherent": "is incoherent",
-    "Wrong-Grounding": "contradicts the passages",
-    "Unverifiable": "cannot be verified from the passages",
-}
-POSITIVE_JUDGMENT = "The answer is relevant, accurate and complete."
-MISSING_INFO = "It also leaves out important information from the passages."
+from .formats import literal
+from .qa_feedback import POSITIVE_JUDGMENT, qa_feedback_judgment
 
 
 def from_verbal(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """VerbalFeedback rows: 'good' -> positive, 'needs_work' (or no judgment) -> negative."""
-    return [{"id": r["id"], "instruction": r["prompt"], "response": r["response"], "judgment": r["critique"],
-             "positive": r.get("judgment") == "good"} for r in records]
+    return [
+        {
+            "id": r["id"],
+            "instruction": r["prompt"],
+            "response": r["response"],
+            "judgment": r["critique"],
+            "positive": r.get("judgment") == "good",
+        }
+        for r in records
+    ]
 
 
-_ALIASES = {"instruction": ("instruction", "prompt", "input"), "response": ("response", "output", "completion"),
-            "judgment": ("judgment", "critique", "feedback")}
+_ALIASES = {
+    "instruction": ("instruction", "prompt", "input"),
+    "response": ("response", "output", "completion"),
+    "judgment": ("judgment", "critique", "feedback"),
+}
 
 
 def normalize(rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
@@ -69,22 +71,9 @@ def _positive(row: dict[str, Any], where: str) -> bool:
     raise DataError(f"{where}: field 'positive' is missing (true/false, or label: positive/negative)")
 
 
-def qa_feedback_judgment(response: str, feedback: dict[str, Any], max_quote: int = 80) -> str | None:
-    """A written judgment from error spans on `response`; None when the annotator found nothing."""
-    sentences = []
-    for error in sorted(feedback.get("errors", []), key=lambda e: e["start"]):
-        quote = " ".join(response[error["start"] : error["end"]].split())
-        if len(quote) > max_quote:
-            quote = quote[: max_quote - 3].rstrip() + "..."
-        phrase = ERROR_PHRASES.get(error["error type"], f"has a problem ({error['error type']})")
-        sentences.append(f'"{quote}" {phrase}.')
-    if feedback.get("missing-info"):
-        sentences.append(MISSING_INFO)
-    return " ".join(["The answer has problems."] + sentences) if sentences else None
-
-
-def from_qa_feedback(path: Path, with_passages: bool = False, limit: int | None = None,
-                     positives: bool = True) -> list[dict[str, Any]]:
+def from_qa_feedback(
+    path: Path, with_passages: bool = False, limit: int | None = None, positives: bool = True
+) -> list[dict[str, Any]]:
     """qa-feedback rows -> judgments: prediction 1 with its span judgment (negative), and the
     corrected prediction (positive) when `positives`. `feedback` may be a Python-literal
     string (the released format) or already a dict."""
@@ -99,12 +88,7 @@ def from_qa_feedback(path: Path, with_passages: bool = False, limit: int | None 
         for key in ("question", "prediction 1", "feedback"):
             if key not in row:
                 raise DataError(f"{where}: field '{key}' is missing")
-        feedback = row["feedback"]
-        if isinstance(feedback, str):
-            try:
-                feedback = ast.literal_eval(feedback)
-            except (ValueError, SyntaxError) as exc:
-                raise DataError(f"{where}: field 'feedback': not a Python literal ({exc})") from None
+        feedback = literal(row["feedback"], where, "feedback")
         response = row["prediction 1"]
         for k, err in enumerate(feedback.get("errors", [])):
             if not (0 <= err["start"] < err["end"] <= len(response)):
@@ -115,11 +99,28 @@ def from_qa_feedback(path: Path, with_passages: bool = False, limit: int | None 
             instruction = f"{instruction}\n\nPassages:\n{context}"
         judgment = qa_feedback_judgment(response, feedback)
         if judgment is None:
-            out.append({"id": f"qa{i}", "instruction": instruction, "response": response, "judgment": POSITIVE_JUDGMENT, "positive": True})
+            out.append(
+                {
+                    "id": f"qa{i}",
+                    "instruction": instruction,
+                    "response": response,
+                    "judgment": POSITIVE_JUDGMENT,
+                    "positive": True,
+                }
+            )
         else:
-            out.append({"id": f"qa{i}", "instruction": instruction, "response": response, "judgment": judgment, "positive": False})
+            out.append(
+                {"id": f"qa{i}", "instruction": instruction, "response": response, "judgment": judgment, "positive": False}
+            )
         corrected = feedback.get("corrected-prediction")
         if positives and corrected and corrected.strip() and corrected.strip() != response.strip():
-            out.append({"id": f"qa{i}-corrected", "instruction": instruction, "response": corrected.strip(),
-                        "judgment": POSITIVE_JUDGMENT, "positive": True})
+            out.append(
+                {
+                    "id": f"qa{i}-corrected",
+                    "instruction": instruction,
+                    "response": corrected.strip(),
+                    "judgment": POSITIVE_JUDGMENT,
+                    "positive": True,
+                }
+            )
     return out

@@ -1,0 +1,141 @@
+"""Serving latency under concurrency: micro-batched generation vs. one request at a time.
+
+Two live servers (uvicorn on 127.0.0.1, memory on, no match) run side by side in one
+process: `max_batch=1` (generation serialized, the previous behaviour) and the default
+micro-batcher (`max_batch` 16, 5 ms window). For 1, 16 and 100 concurrent clients, each
+client sends `--requests` greedy chat requests back to back over HTTP; the two servers take
+turns, `--rounds` times, in alternating order, so a change in the machine's load hits both
+alike. Per-request latency p50 / p99 (over all rounds) and throughput are reported side by side.
+
+    python bench/serve_latency.py [--model tiny] [--clients 1,16,100] [--requests 2] [--rounds 3]
+Results: bench/results/serve_latency.json. Timings depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+from common import RESULTS, save_results
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    a = np.asarray(samples) * 1000
+    return {
+        "p50_ms": round(float(np.percentile(a, 50)), 1),
+        "p99_ms": round(float(np.percentile(a, 99)), 1),
+        "mean_ms": round(float(a.mean()), 1),
+    }
+
+
+def run_clients(url: str, model: str, clients: int, requests: int, max_tokens: int) -> tuple[list[float], float]:
+    """(latency of every request, wall time of the whole run)."""
+    import httpx
+
+    def client(i: int) -> list[float]:
+        out = []
+        with httpx.Client(timeout=600) as http:
+            for j in range(requests):
+                body = {
+                    "model": model,
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "messages": [{"role": "user", "content": f"Client {i} asks question {j}: name a colour."}],
+                }
+                t = time.perf_counter()
+                r = http.post(url + "/v1/chat/completions", json=body)
+                r.raise_for_status()
+                out.append(time.perf_counter() - t)
+        return out
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        samples = [s for per_client in pool.map(client, range(clients)) for s in per_client]
+    return samples, time.perf_counter() - start
+
+
+def bench(model: str, clients: list[int], requests: int, max_tokens: int, rounds: int) -> dict:
+    import os
+
+    import torch
+
+    from serving.local import ServerThread
+    from serving.service import ServeSettings
+
+    result: dict = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "requests_per_client": requests,
+        "rounds": rounds,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg()[0],
+        "results": {},
+    }
+    modes = {"serialized": 1, "batched": 16}
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        servers = {
+            mode: stack.enter_context(
+                ServerThread(ServeSettings(model=model, memory=str(Path(tmp) / f"{mode}.db"), max_batch=max_batch))
+            )
+            for mode, max_batch in modes.items()
+        }
+        for server in servers.values():
+            run_clients(server.url, model, 2, 1, max_tokens)  # warm up
+        for n in clients:
+            samples: dict[str, list[float]] = {m: [] for m in modes}
+            wall = dict.fromkeys(modes, 0.0)
+            for r in range(rounds):
+                for mode in list(modes) if r % 2 == 0 else list(modes)[::-1]:
+                    got, seconds = run_clients(servers[mode].url, model, n, requests, max_tokens)
+                    samples[mode] += got
+                    wall[mode] += seconds
+            row = {
+                m: {**percentiles(samples[m]), "requests": len(samples[m]), "requests_per_s": round(len(samples[m]) / wall[m], 2)}
+                for m in modes
+            }
+            row["p50_speedup"] = round(row["serialized"]["p50_ms"] / row["batched"]["p50_ms"], 2)
+            row["p99_speedup"] = round(row["serialized"]["p99_ms"] / row["batched"]["p99_ms"], 2)
+            row["load_average"] = round(os.getloadavg()[0], 1)
+            result["results"][str(n)] = row
+            print(n, json.dumps(row), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--clients", default="1,16,100")
+    parser.add_argument("--requests", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (1 avoids OpenMP spin-waiting on a machine shared with other jobs)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "serve_latency.json")
+    args = parser.parse_args()
+    if args.model == "tiny":
+        from pipeline.models import prepare_tiny
+
+        prepare_tiny()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    save_results(bench(args.model, clients, args.requests, args.max_tokens, args.rounds), args.out)
+
+
+if __name__ == "__main__":
+    main()

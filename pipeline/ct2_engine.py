@@ -1,0 +1,233 @@
+"""CTranslate2 as heedful's CPU generation engine (optional: `pip install ctranslate2`).
+
+Why: on CPU, HF `generate` spends most of a small model's decoding step in Python and
+framework overhead; CTranslate2 runs the same weights (converted once, fp32 by default so
+greedy replies match HF's) in a C++ decoder with a KV cache and batch-level scheduling.
+`bench/generate.py` measures the ratio against plain HF `generate` in one run.
+
+A LoRA adapter is merged into the base before conversion (PEFT `merge_and_unload`), so the
+converted model writes exactly what base+adapter writes. Conversions are cached under
+`$HEEDFUL_HOME/ct2/<key>`, keyed by the model's and the adapter's file fingerprints, the
+quantization and the CTranslate2 version; a lock and an atomic rename keep concurrent
+stages from converting twice or reading half a folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .chat import Messages, render_many
+from .generation import Completion, SamplingSettings
+
+QUANTIZATIONS = ("float32", "int8_float32", "int8")
+
+
+def ct2_unavailable_reason() -> str | None:
+    """None when the CTranslate2 engine can run here; otherwise why not."""
+    if importlib.util.find_spec("ctranslate2") is None:
+        return "ctranslate2 is not installed (pip install ctranslate2)"
+    return None
+
+
+def _fingerprint_files(folder: Path, patterns: tuple[str, ...]) -> str:
+    """Hash of names, sizes and mtimes of the weight/config files (cheap; rewrites change it)."""
+    h = hashlib.sha256()
+    for pattern in patterns:
+        for path in sorted(folder.glob(pattern)):
+            st = path.stat()
+            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def converted_model_dir(model_name: str, adapter: str | Path | None = None, quantization: str = "float32") -> Path:
+    """Folder of the CTranslate2 model for `model_name` (+ merged `adapter`); converts once."""
+    import ctranslate2
+    from filelock import FileLock
+
+    from .models import resolve_model
+    from .paths import heedful_home
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"ct2 quantization must be one of {', '.join(QUANTIZATIONS)} (got {quantization!r})")
+    source = Path(resolve_model(model_name))
+    if not source.is_dir():
+        raise ValueError(f"the ct2 engine needs a local model folder; '{model_name}' resolved to {source}")
+    key_parts = [
+        str(source),
+        _fingerprint_files(source, ("*.safetensors", "*.bin", "config.json")),
+        quantization,
+        ctranslate2.__version__,
+    ]
+    if adapter is not None:
+        adapter = Path(adapter)
+        key_parts += [str(adapter.resolve()), _fingerprint_files(adapter, ("adapter_model.*", "adapter_config.json"))]
+    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:20]
+    target = heedful_home() / "ct2" / key
+    if (target / "model.bin").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "model.bin").is_file():
+            return target
+        staging = target.with_name(target.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        merged = None
+        try:
+            convert_from = source
+            if adapter is not None:
+                merged = target.with_name(target.name + ".merged")
+                _merge_adapter(model_name, adapter, merged)
+                convert_from = merged
+            converter = ctranslate2.converters.TransformersConverter(str(convert_from))
+            converter.convert(str(staging), quantization=quantization, force=True)
+            (staging / "heedful_ct2.json").write_text(
+                json.dumps(
+                    {
+                        "model": model_name,
+                        "source": str(source),
+                        "adapter": str(adapter) if adapter else None,
+                        "quantization": quantization,
+                        "ctranslate2": ctranslate2.__version__,
+                    },
+                    indent=2,
+                )
+            )
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if merged is not None:
+                shutil.rmtree(merged, ignore_errors=True)
+    return target
+
+
+def _merge_adapter(model_name: str, adapter: Path, out: Path) -> None:
+    """base + LoRA -> one fp32 HF folder with the tokenizer (the converter reads both)."""
+    from .models import device_policy, load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(model_name, device_policy("cpu"), adapter=adapter)
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    shutil.rmtree(out, ignore_errors=True)
+    merged.save_pretrained(str(out), safe_serialization=True)
+    load_tokenizer(model_name).save_pretrained(str(out))
+
+
+class Ct2Generator:
+    """A loaded CTranslate2 generator with heedful's sampling settings and Completion records."""
+
+    def __init__(
+        self, model_name: str, adapter: str | Path | None = None, *, quantization: str = "float32", threads: int | None = None
+    ):
+
+        from .models import load_tokenizer, resolve_model
+
+        self.tokenizer = load_tokenizer(model_name)
+        self.source = Path(resolve_model(model_name))
+        self.model_dir = converted_model_dir(model_name, adapter, quantization)
+        self.quantization = quantization
+        self.threads = threads or int(os.environ.get("HEEDFUL_NUM_THREADS", 0)) or (os.cpu_count() or 1)
+        self.eos_tokens = self._eos_tokens()
+        self.generator: Any = None
+
+    def _seeded(self, seed: int | None) -> Any:
+        """The generator, its sampling RNG freshly seeded to `seed` (None: greedy, no RNG).
+
+        CTranslate2 seeds a worker thread's RNG when the generator starts, not per call, so a
+        sampling call starts a new generator (a fraction of a second, from the page cache).
+        Per-call seeds make a rerun -- or a run resumed at batch k -- sample the same replies.
+        """
+        import ctranslate2
+
+        if self.generator is None or seed is not None:
+            self.generator = None
+            ctranslate2.set_random_seed(seed or 0)
+            self.generator = ctranslate2.Generator(
+                str(self.model_dir), device="cpu", compute_type=self.quantization, intra_threads=self.threads, inter_threads=1
+            )
+        return self.generator
+
+    def _eos_tokens(self) -> list[str]:
+        from transformers import GenerationConfig
+
+        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        try:
+            extra = GenerationConfig.from_pretrained(str(self.source)).eos_token_id
+        except (OSError, ValueError):
+            extra = None
+        ids.update([extra] if isinstance(extra, int) else (extra or []))
+        return self.tokenizer.convert_ids_to_tokens(sorted(i for i in ids if i is not None))
+
+    def generate_ids(
+        self, prompts: list[str], sampling: SamplingSettings, *, num_samples: int = 1, seed: int = 0, max_batch_size: int = 64
+    ) -> list[list[list[int]]]:
+        """Reply token ids (stop token excluded) for rendered prompts, `num_samples` per prompt."""
+        token_lists = [
+            self.tokenizer.convert_ids_to_tokens(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts
+        ]
+        kwargs: dict[str, Any] = dict(
+            max_length=sampling.max_new_tokens,
+            include_prompt_in_result=False,
+            end_token=self.eos_tokens,
+            repetition_penalty=sampling.repetition_penalty,
+            max_batch_size=max_batch_size,
+            num_hypotheses=num_samples,
+            return_end_token=False,
+        )
+        if sampling.temperature == 0:
+            if num_samples > 1:
+                raise ValueError("temperature 0 (greedy) gives one reply per prompt; set num_samples: 1")
+            kwargs.update(sampling_topk=1)
+        else:
+            kwargs.update(
+                sampling_topk=sampling.top_k or 0, sampling_topp=sampling.top_p, sampling_temperature=sampling.temperature
+            )
+        generator = self._seeded(None if sampling.temperature == 0 else seed)
+        results = generator.generate_batch(token_lists, **kwargs)
+        return [[list(ids) for ids in result.sequences_ids] for result in results]
+
+    def generate_texts(
+        self, prompts: list[str], sampling: SamplingSettings, *, num_samples: int = 1, seed: int = 0, max_batch_size: int = 64
+    ) -> list[list[Completion]]:
+        """Replies for already-rendered prompts (chat template applied, assistant turn open)."""
+        out = []
+        for samples in self.generate_ids(prompts, sampling, num_samples=num_samples, seed=seed, max_batch_size=max_batch_size):
+            out.append(
+                [
+                    Completion(
+                        self.tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids), len(ids) < sampling.max_new_tokens
+                    )
+                    for ids in samples
+                ]
+            )
+        return out
+
+    def generate(
+        self,
+        conversations: list[Messages],
+        sampling: SamplingSettings,
+        *,
+        num_samples: int = 1,
+        seed: int = 0,
+        batch_size: int = 64,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> list[list[Completion]]:
+        """Chat conversations -> replies, `batch_size` conversations per call (progress per call)."""
+        prompts = render_many(self.tokenizer, conversations)
+        out: list[list[Completion]] = []
+        n_batches = max(1, (len(prompts) + batch_size - 1) // batch_size)
+        for b in range(n_batches):
+            chunk = prompts[b * batch_size : (b + 1) * batch_size]
+            if chunk:
+                out.extend(
+                    self.generate_texts(chunk, sampling, num_samples=num_samples, seed=seed + b, max_batch_size=batch_size)
+                )
+            if on_batch is not None:
+                on_batch(b + 1, n_batches)
+        return out

@@ -1,0 +1,141 @@
+"""Numbers a reader can tell from noise: every metric as {value, n, lo, hi} with a 95% interval.
+
+- rates (a share of n yes/no outcomes): the Wilson score interval, which stays inside [0, 1]
+  and is honest at 0/n and n/n, where the normal approximation collapses to a point;
+- means (KL, log-likelihood, rounds, lengths): a seeded percentile bootstrap over the items;
+- distributions: KL(p || q) in nats; per-token KL between two models' logits.
+
+Pure Python + numpy (torch only inside `token_kl`), so the spine and the report can use it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def estimate(value: float, n: int, lo: float, hi: float) -> dict[str, Any]:
+    """The one shape of a reported metric."""
+    return {"value": float(value), "n": int(n), "lo": float(lo), "hi": float(hi)}
+
+
+def empty(n: int = 0) -> dict[str, Any]:
+    """No data: a NaN value (JSON-safe as null via `clean`)."""
+    return estimate(math.nan, n, math.nan, math.nan)
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> dict[str, Any]:
+    """Share `successes / n` with its Wilson score interval (Wilson 1927)."""
+    if n < 0 or successes < 0 or successes > n:
+        raise ValueError(f"wilson: need 0 <= successes <= n (got {successes}/{n})")
+    if n == 0:
+        return empty(0)
+    p = successes / n
+    z2 = z * z
+    denom = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return estimate(p, n, max(0.0, centre - half), min(1.0, centre + half))
+
+
+def rate(outcomes: Iterable[bool]) -> dict[str, Any]:
+    values = [bool(v) for v in outcomes]
+    return wilson(sum(values), len(values))
+
+
+def bootstrap_mean(values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Mean with a seeded percentile-bootstrap interval (NaNs dropped). One value: a point interval."""
+    import numpy as np
+
+    data = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if data.size == 0:
+        return empty(0)
+    mean = float(data.mean())
+    if data.size == 1:
+        return estimate(mean, 1, mean, mean)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return estimate(mean, int(data.size), float(lo), float(hi))
+
+
+def difference(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """a - b of two estimates' values (NaN if either is missing)."""
+    return float(a.get("value", math.nan)) - float(b.get("value", math.nan))
+
+
+def kl_divergence(p: Sequence[float], q: Sequence[float]) -> float:
+    """KL(p || q) in nats between two discrete distributions (normalised here); inf where q=0<p."""
+    if len(p) != len(q):
+        raise ValueError(f"kl_divergence: distributions differ in length ({len(p)} vs {len(q)})")
+    sp, sq = float(sum(p)), float(sum(q))
+    if sp <= 0 or sq <= 0 or any(x < 0 for x in p) or any(x < 0 for x in q):
+        raise ValueError("kl_divergence: probabilities must be non-negative with a positive sum")
+    total = 0.0
+    for pi, qi in zip(p, q):
+        pi, qi = pi / sp, qi / sq
+        if pi == 0:
+            continue
+        if qi == 0:
+            return math.inf
+        total += pi * math.log(pi / qi)
+    return total
+
+
+def token_kl(logits_p, logits_q, mask=None):
+    """Per-position KL(softmax(p) || softmax(q)) over the vocabulary: [B, T] -> [B, T] (torch).
+    `mask` (same [B, T], 1 = count) zeroes positions that are not scored."""
+    import torch
+
+    logp = torch.log_softmax(logits_p.float(), dim=-1)
+    logq = torch.log_softmax(logits_q.float(), dim=-1)
+    kl = (logp.exp() * (logp - logq)).sum(dim=-1)
+    return kl if mask is None else kl * mask
+
+
+# ----------------------------------------------------------------------------- text degeneration
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def repeated_ngram_share(text: str, n: int = 3) -> float:
+    """Share of a reply's word n-grams that repeat an earlier one (0 = none; a loop -> near 1)."""
+    tokens = _TOKEN.findall(text.lower())
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(Counter(grams)) / len(grams)
+
+
+def peak_memory_mb() -> float:
+    """Cost: this process's peak resident memory (and the GPU's peak allocation when there is one)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mb = rss / 1024 / (1024 if sys.platform == "darwin" else 1)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            mb = max(mb, torch.cuda.max_memory_allocated() / 2**20)
+    except ImportError:  # pragma: no cover
+        pass
+    return round(mb, 1)
+
+
+def clean(obj: Any) -> Any:
+    """NaN/inf -> None recursively, so JSON stays standard."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    return obj

@@ -1,0 +1,317 @@
+"""Server side of the closed loop (issue 14) against a real server: completion and conversation ids,
+follow-ups, feedback tied to completions, adapter versions hot-swapped under load, rollback, the
+admin guard, `--no-log`, the feedback export, and `heedful deploy` as a subprocess.
+
+A real uvicorn server on 127.0.0.1 with the `tiny` model and MiniLM memory; users file with
+alice (user) and root (admin). The adapters are real PEFT LoRA folders on the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from serving.identity import UserEntry, hash_token, write_users
+from serving.local import ServerThread
+from serving.service import ServeSettings
+from serving.store import MemoryStore
+
+TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef", "root": "root-token-0123456789abcdef"}
+
+
+def make_adapter(dest: Path, seed: int) -> Path:
+    """A tiny LoRA with non-zero B (PEFT's default init would be a no-op), saved as a PEFT folder."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.models import device_policy, load_causal_lm
+
+    model = load_causal_lm("tiny", device_policy("cpu"))
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft.save_pretrained(str(dest))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_path, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    a, b = make_adapter(root / "a", 1), make_adapter(root / "b", 2)
+    broken = root / "broken"
+    shutil.copytree(a, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors at all")
+    not_json = root / "not_json"
+    not_json.mkdir()
+    (not_json / "adapter_config.json").write_text("{oops")
+    return {"a": a, "b": b, "broken": broken, "not_json": not_json, "empty": root}
+
+
+@pytest.fixture(scope="module")
+def live(tiny_model_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    users = root / "users.yaml"
+    write_users(users, [UserEntry(n, "admin" if n == "root" else "user", hash_token(t)) for n, t in TOKENS.items()])
+    settings = ServeSettings(model="tiny", memory=str(root / "memory.db"), users_file=str(users), max_tokens_default=6)
+    with ServerThread(settings) as server:
+        server.memory = root / "memory.db"
+        server.root = root
+        yield server
+
+
+def as_(name: str) -> dict:
+    return {"Authorization": f"Bearer {TOKENS[name]}"}
+
+
+def ask(live, name: str, content: str, **extra_body) -> openai.types.chat.ChatCompletion:
+    c = openai.OpenAI(base_url=live.url + "/v1", api_key=TOKENS[name], max_retries=0)
+    return c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0, extra_body=extra_body or None
+    )
+
+
+def store(live) -> MemoryStore:
+    return MemoryStore(live.memory)
+
+
+def active(live) -> str:
+    return httpx.get(live.url + "/v1/models", headers=as_("alice")).json()["active_version"]
+
+
+def test_completion_and_conversation_ids_version_and_followups(live):
+    first = ask(live, "alice", "Name a fruit.")
+    extra = first.model_extra
+    assert first.id.startswith("chatcmpl-") and extra["conversation_id"].startswith("conv-")
+    assert extra["adapter_version"] == active(live)
+    second = ask(live, "alice", "A red one, please.", conversation_id=extra["conversation_id"], user="alice")
+    assert second.model_extra["conversation_id"] == extra["conversation_id"] and second.id != first.id
+    s = store(live)
+    stored = s.conversation(first.id)
+    assert stored.conversation == extra["conversation_id"] and stored.adapter_version == extra["adapter_version"]
+    followups = [r for r in s.feedback("followup") if r["id"].startswith(first.id)]
+    assert len(followups) == 1
+    assert followups[0]["followup"] == "A red one, please." and followups[0]["response"] == stored.response
+    prov = json.loads(followups[0]["provenance"]["extra"])
+    # the client's `user` label is kept only as a salted hash (stable within this memory file)
+    label = s.conversation(second.id).client_user
+    assert label.startswith("salted-sha256:") and "alice" not in label and label == s.hash_label("alice")
+    assert prov["completion_id"] == first.id and prov["next_completion_id"] == second.id
+    assert followups[0]["provenance"]["annotator"] == "alice" and prov["author_verified"] is True
+    # a stream says the same in its first chunk
+    c = openai.OpenAI(base_url=live.url + "/v1", api_key=TOKENS["alice"], max_retries=0)
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "more"}],
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            extra_body={"conversation_id": extra["conversation_id"]},
+        )
+    )
+    assert chunks[0].model_extra["conversation_id"] == extra["conversation_id"]
+    assert chunks[0].model_extra["adapter_version"] == extra["adapter_version"]
+    assert store(live).conversation(chunks[0].id).conversation == extra["conversation_id"]
+    assert len([r for r in store(live).feedback("followup") if r["id"].startswith(second.id)]) == 1
+    # another user cannot continue (or learn of) alice's conversation
+    with pytest.raises(openai.NotFoundError, match="no conversation"):
+        ask(live, "bob", "hijack", conversation_id=extra["conversation_id"])
+
+
+def test_feedback_is_tied_to_a_completion_and_bad_feedback_is_not_stored(live):
+    reply = ask(live, "alice", "Say hello.")
+    r = httpx.post(
+        live.url + "/v1/feedback",
+        headers=as_("alice"),
+        json={
+            "completion_id": reply.id,
+            "reaction": "dislike",
+            "critique": "too curt",
+            "edit": "Hello! How can I help you today?",
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["completion_id"] == reply.id and body["adapter_version"] == reply.model_extra["adapter_version"]
+    rows = {row["kind"]: row for row in store(live).feedback() if row["id"].startswith(reply.id)}
+    assert set(rows) == {"reaction", "verbal", "preference"}
+    assert rows["preference"]["chosen"] == "Hello! How can I help you today?"
+    assert rows["preference"]["rejected"] == store(live).conversation(reply.id).response
+    assert json.loads(rows["reaction"]["provenance"]["extra"])["adapter_version"] == body["adapter_version"]
+
+    before = len(store(live).feedback())
+    unknown = httpx.post(
+        live.url + "/v1/feedback", headers=as_("alice"), json={"completion_id": "chatcmpl-nope", "reaction": "love"}
+    )
+    assert unknown.status_code == 404 and "chatcmpl-nope" in unknown.json()["error"]["message"]
+    other = httpx.post(live.url + "/v1/feedback", headers=as_("bob"), json={"completion_id": reply.id, "reaction": "love"})
+    assert other.status_code == 404  # bob's view: alice's completion does not exist
+    wrong = httpx.post(live.url + "/v1/feedback", headers=as_("alice"), json={"completion_id": reply.id, "reaction": 5})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "reaction"
+    huge = httpx.post(
+        live.url + "/v1/feedback", headers=as_("alice"), json={"completion_id": reply.id, "critique": "x" * 2_000_000}
+    )
+    assert huge.status_code == 413
+    assert len(store(live).feedback()) == before
+
+
+def test_admin_endpoints_refuse_non_admins(live, adapters):
+    for path, body in [("/v1/admin/adapters", {"path": str(adapters["a"])}), ("/v1/admin/adapters/rollback", {})]:
+        r = httpx.post(live.url + path, headers=as_("alice"), json=body)
+        assert r.status_code == 403 and "only an admin" in r.json()["error"]["message"]
+    assert httpx.get(live.url + "/v1/feedback/export", headers=as_("alice")).status_code == 403
+    assert httpx.post(live.url + "/v1/admin/adapters", json={"path": str(adapters["a"])}).status_code == 401
+
+
+def test_broken_adapter_folders_are_refused_and_the_old_version_stays(live, adapters):
+    before = active(live)
+    cases = [
+        (adapters["broken"], "could not be loaded"),
+        (adapters["not_json"], "not valid JSON"),
+        (adapters["empty"], "no adapter_config.json"),
+        (adapters["empty"] / "missing", "does not exist"),
+        (Path("relative/adapter"), "must be absolute"),
+    ]
+    for folder, message in cases:
+        r = httpx.post(live.url + "/v1/admin/adapters", headers=as_("root"), json={"path": str(folder)}, timeout=300)
+        assert r.status_code == 422 and message in r.json()["error"]["message"], (folder, r.text)
+        assert active(live) == before
+    assert ask(live, "alice", "still there?").model_extra["adapter_version"] == before
+
+
+def test_hot_swap_under_concurrent_requests_then_rollback(live, adapters):
+    old = active(live)
+    base_reply = ask(live, "alice", "Tell me a story.").choices[0].message.content
+    results, errors = [], []
+    stop = threading.Event()
+
+    def client_loop(i: int) -> None:
+        while not stop.is_set():
+            try:
+                r = ask(live, "alice", f"Question {i}: tell me a story.")
+                results.append((r.id, r.model_extra["adapter_version"]))
+            except Exception as exc:  # noqa: BLE001 - every failure is recorded and fails the test
+                errors.append(exc)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client_loop, i) for i in range(4)]
+        r = httpx.post(live.url + "/v1/admin/adapters", headers=as_("root"), json={"path": str(adapters["a"])}, timeout=300)
+        # keep asking until some replies come from the new version
+        deadline = 200
+        while deadline and not any(v == r.json()["active"]["id"] for _, v in results):
+            threading.Event().wait(0.1)
+            deadline -= 1
+        stop.set()
+        for f in futures:
+            f.result()
+    assert r.status_code == 200, r.text
+    new = r.json()["active"]["id"]
+    assert r.json()["previous"] == old and new.startswith("adp-") and new != old
+    assert not errors, errors
+    versions = {v for _, v in results}
+    assert versions == {old, new}  # replies from both sides of the swap, none failed
+    s = store(live)
+    assert all(s.conversation(cid).adapter_version == v for cid, v in results)
+    assert {s.conversation(cid).adapter for cid, v in results if v == new} == {str(adapters["a"].resolve())}
+
+    listed = httpx.get(live.url + "/v1/models", headers=as_("alice")).json()["data"][0]["versions"]
+    assert [(v["id"], v["active"]) for v in listed][:2] == [(new, True), (old, False)]
+    assert listed[0]["adapter"] == str(adapters["a"].resolve()) and listed[0]["loaded_at"] > 0
+    assert ask(live, "alice", "Tell me a story.").choices[0].message.content != base_reply  # the LoRA is in use
+
+    back = httpx.post(live.url + "/v1/admin/adapters/rollback", headers=as_("root"), json={}, timeout=300)
+    assert back.status_code == 200 and back.json()["active"]["id"] == old and active(live) == old
+    assert ask(live, "alice", "Tell me a story.").choices[0].message.content == base_reply
+
+
+def test_feedback_export_by_watermark(live):
+    reply = ask(live, "alice", "Export me.")
+    httpx.post(live.url + "/v1/feedback", headers=as_("alice"), json={"completion_id": reply.id, "reaction": "love"})
+    everything = httpx.get(live.url + "/v1/feedback/export", headers=as_("root")).json()
+    ids = [row["id"] for row in everything["data"]]
+    assert ids == sorted(ids) and everything["watermark"] == ids[-1]
+    assert everything["data"][-1]["completion_id"] == reply.id and everything["data"][-1]["kind"] == "reaction"
+    again = httpx.get(live.url + "/v1/feedback/export", headers=as_("root"), params={"after": everything["watermark"]}).json()
+    assert again["data"] == [] and again["watermark"] == everything["watermark"]
+    page = httpx.get(live.url + "/v1/feedback/export", headers=as_("root"), params={"after": ids[0], "limit": 1}).json()
+    assert [row["id"] for row in page["data"]] == ids[1:2]
+
+
+def heedful(*args: str, token: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HEEDFUL_TOKEN"}
+    if token:
+        env["HEEDFUL_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def test_deploy_cli_against_a_live_server(live, adapters, tmp_path):
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(TOKENS["root"])
+    os.chmod(token_file, 0o600)
+    # a run folder whose export stage holds the adapter (the layout `heedful run` writes)
+    run = tmp_path / "runs" / "demo"
+    shutil.copytree(adapters["b"], run / "export" / "export")
+    (run / "export" / "manifest.json").write_text(
+        json.dumps({"stage": "export", "uses": "export", "outputs": {"package": {"kind": "export", "path": "export"}}})
+    )
+    first = httpx.post(live.url + "/v1/admin/adapters", headers=as_("root"), json={"path": str(adapters["a"])}, timeout=300)
+    assert first.status_code == 200, first.text
+    before = active(live)
+    done = heedful("deploy", str(run), "--to", live.url, "--token-file", str(token_file))
+    assert done.returncode == 0, done.stdout + done.stderr
+    new = active(live)
+    assert new != before and new in done.stdout and TOKENS["root"] not in done.stdout + done.stderr
+    listed = httpx.get(live.url + "/v1/models", headers=as_("alice")).json()["data"][0]["versions"]
+    assert len(listed) >= 3  # base, a, b: only the active and the previous one stay loaded
+    assert [v["loaded"] for v in listed] == [True, True] + [False] * (len(listed) - 2)
+
+    refused = heedful("deploy", str(adapters["broken"]), "--to", live.url, "--token-file", str(token_file))
+    assert refused.returncode != 0 and "refused (422)" in refused.stdout and "could not be loaded" in refused.stdout
+    assert active(live) == new
+    not_admin = heedful("deploy", "rollback", "--to", live.url, token=TOKENS["alice"])
+    assert not_admin.returncode != 0 and "refused (403)" in not_admin.stdout
+    nothing = heedful("deploy", str(tmp_path), "--to", live.url, token=TOKENS["root"])
+    assert nothing.returncode != 0 and "export stage" in nothing.stdout
+
+    back = heedful("deploy", "rollback", "--to", live.url, token=TOKENS["root"])
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert active(live) == before and before in back.stdout
+
+
+def test_no_log_answers_but_stores_nothing(tiny_model_path, adapters, tmp_path):
+    memory = tmp_path / "memory.db"
+    settings = ServeSettings(
+        model="tiny", memory=str(memory), max_tokens_default=4, log=False, memory_enabled=False, hot_swap=False
+    )  # as `heedful serve --ray-address --replicas 2` sets it
+    with ServerThread(settings) as server:
+        swap = httpx.post(server.url + "/v1/admin/adapters", json={"path": str(adapters["a"])})
+        assert swap.status_code == 400 and "several Ray Serve replicas" in swap.json()["error"]["message"]
+        reply = ask(server, "alice", "Private question.")  # one user, no token: any bearer is accepted
+        assert reply.model_extra["logged"] is False and reply.choices[0].message.content is not None
+        follow = ask(server, "alice", "And another.", conversation_id=reply.model_extra["conversation_id"])
+        assert follow.model_extra["conversation_id"] == reply.model_extra["conversation_id"]
+        r = httpx.post(server.url + "/v1/feedback", json={"completion_id": reply.id, "reaction": "love"})
+        assert r.status_code == 400 and "--no-log" in r.json()["error"]["message"]
+    s = MemoryStore(memory)
+    assert s.conversations() == [] and s.feedback() == []
+    assert "Private question" not in memory.read_bytes().decode("latin-1")

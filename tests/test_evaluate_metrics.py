@@ -1,0 +1,320 @@
+"""The evaluate stage's numbers against hand computation: Wilson and bootstrap intervals, KL,
+degeneration measures, and the stage itself on `tiny` with fixed replies (adherence, firing
+rates, unfinished replies, KL of the base to itself)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pipeline.config import pipeline_from_dict
+from pipeline.records import save_rows, write_jsonl
+from pipeline.runner import Runner
+from pipeline.stats import bootstrap_mean, kl_divergence, repeated_ngram_share, token_kl, wilson
+
+FEEDBACK = 'When I ask about cooking, start your answer with "Chef\'s tip:".'
+METRIC = {"kind": "starts_with", "value": "Chef's tip:"}
+
+
+def test_wilson_by_hand():
+    # 5/10: centre (0.5 + z²/20) / (1 + z²/10) = 0.5; half-width z*sqrt(0.025 + z²/400) / (1 + z²/10)
+    z2 = 1.959963984540054**2
+    half = math.sqrt(z2) * math.sqrt(0.025 + z2 / 400) / (1 + z2 / 10)
+    e = wilson(5, 10)
+    assert e == pytest.approx({"value": 0.5, "n": 10, "lo": 0.5 - half, "hi": 0.5 + half})
+    assert e["lo"] == pytest.approx(0.2366, abs=1e-4) and e["hi"] == pytest.approx(0.7634, abs=1e-4)
+    # 0/20: the interval is not a point at 0 (the normal approximation's failure): upper = z²/n / (1 + z²/n)
+    zero = wilson(0, 20)
+    assert zero["value"] == 0 and zero["lo"] == pytest.approx(0.0, abs=1e-12)
+    assert zero["hi"] == pytest.approx((z2 / 20) / (1 + z2 / 20))
+    full = wilson(20, 20)
+    assert full["hi"] == pytest.approx(1.0) and full["lo"] == pytest.approx(1 - zero["hi"])
+    assert math.isnan(wilson(0, 0)["value"]) and wilson(0, 0)["n"] == 0
+    with pytest.raises(ValueError):
+        wilson(3, 2)
+
+
+def test_bootstrap_mean():
+    constant = bootstrap_mean([2.0, 2.0, 2.0])
+    assert constant == {"value": 2.0, "n": 3, "lo": 2.0, "hi": 2.0}
+    values = [0.0] * 10 + [1.0] * 10
+    e = bootstrap_mean(values, seed=3)
+    assert e["value"] == 0.5 and e["n"] == 20
+    assert 0.2 < e["lo"] < 0.5 < e["hi"] < 0.8
+    assert bootstrap_mean(values, seed=3) == e  # seeded: reproducible
+    assert bootstrap_mean([1.0, float("nan")])["n"] == 1
+    assert bootstrap_mean([])["n"] == 0
+
+
+def test_kl_on_a_known_pair():
+    # KL((.5,.5) || (.9,.1)) = .5 ln(.5/.9) + .5 ln(.5/.1)
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert kl_divergence([0.5, 0.5], [0.9, 0.1]) == pytest.approx(expected)
+    assert expected == pytest.approx(0.5108, abs=1e-4)
+    assert kl_divergence([1, 1], [1, 1]) == 0
+    assert kl_divergence([0.5, 0.5], [1.0, 0.0]) == math.inf
+    logits_p = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1]]]))
+    logits_q = torch.log(torch.tensor([[[0.9, 0.1], [0.9, 0.1]]])) + 3.0  # logits up to a constant
+    per_token = token_kl(logits_p, logits_q)
+    assert per_token.shape == (1, 2)
+    assert per_token[0].tolist() == pytest.approx([expected, 0.0], abs=1e-6)
+    assert token_kl(logits_p, logits_q, torch.tensor([[0.0, 1.0]]))[0, 0].item() == 0.0
+
+
+def test_repeated_ngrams_and_judge_scores():
+    from stages.evaluate import win_score
+
+    assert repeated_ngram_share("a b c a b c", 3) == pytest.approx(0.25)  # abc bca cab abc: 1 of 4 repeats
+    assert repeated_ngram_share("one two three four", 3) == 0.0
+    assert repeated_ngram_share("Chef's tip: Chef's tip: Chef's tip: Chef's tip:", 3) > 0.5
+    assert win_score("A", flipped=False) == 1.0 and win_score("B.", flipped=False) == 0.0
+    assert win_score("Reply B", flipped=True) == 1.0 and win_score("no idea", flipped=False) == 0.5
+
+
+SCOPED = [
+    ("How do I boil an egg?", "in_scope"),
+    ("How do I roast potatoes?", "in_scope"),
+    ("How do I cook rice?", "in_scope"),
+    ("Is a tomato a fruit?", "near_scope"),
+    ("Where is coffee grown?", "near_scope"),
+    ("What is the capital of France?", "out_of_scope"),
+    ("How many legs has a spider?", "out_of_scope"),
+]
+# base: 1 of 3 in-scope applies; in_context: 3/3 in-scope, 1/2 near, 1/2 out
+FIXED = {
+    "base": ["Chef's tip: salt the water.", "Roast them.", "Rinse it.", "Yes.", "Brazil.", "Paris.", "Eight."],
+    "in_context": [
+        "Chef's tip: boil 9 min.",
+        "chef's tip: hot oven.",
+        "Chef's tip: rinse.",
+        "Chef's tip: yes.",
+        "Brazil.",
+        "Paris.",
+        "Chef's tip: eight.",
+    ],
+}
+UNFINISHED = {("base", "Roast them."), ("in_context", "Brazil.")}
+
+
+def fixed_reference(path):
+    rows = []
+    for condition, replies in FIXED.items():
+        for (prompt, scope), reply in zip(SCOPED, replies):
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "scope": scope,
+                    "condition": condition,
+                    "response": reply,
+                    "applied": False,
+                    "finished": (condition, reply) not in UNFINISHED,
+                    "tokens": len(reply.split()),
+                }
+            )
+    save_rows(rows, path)
+    return path
+
+
+def word_count_reward(prompts, responses):
+    """A reward model for the test: the number of words of each reply."""
+    return [float(len(r.split())) for r in responses]
+
+
+def test_evaluate_stage_on_fixed_replies(tmp_path, tiny_model_path):
+    from reward_models.function import FunctionReward
+
+    FunctionReward("tests.test_evaluate_metrics:word_count_reward").save(tmp_path / "words_rm")
+    prompts = tmp_path / "held_out.jsonl"
+    write_jsonl([{"prompt": p, "scope": s, "feedback": FEEDBACK, "metric": json.dumps(METRIC)} for p, s in SCOPED], prompts)
+    general = tmp_path / "general.jsonl"
+    write_jsonl([{"prompt": "What is 2+2?", "answer": "4."}, {"prompt": "Name a colour.", "answer": "Blue."}], general)
+    reference = fixed_reference(tmp_path / "reference")
+    pipe = {
+        "run_name": "ev",
+        "model": "tiny",
+        "seed": 0,
+        "stages": [
+            {
+                "name": "check",
+                "uses": "evaluate",
+                "inputs": {
+                    "prompts": str(prompts),
+                    "general": str(general),
+                    "reference": str(reference),
+                    "reward_model": str(tmp_path / "words_rm"),
+                },
+                "with": {"conditions": ["base", "in_context"], "resamples": 200},
+            }
+        ],
+    }
+    result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert result.ok, result.records[0].error
+    from stages.evaluate import read_summary
+
+    summary = read_summary(result.run_dir / "check")
+    base, ctx = summary["conditions"]["base"], summary["conditions"]["in_context"]
+    assert base["adherence"] == pytest.approx(wilson(1, 3))
+    assert base["overgen_near"] == pytest.approx(wilson(0, 2)) and base["overgen_out"] == pytest.approx(wilson(0, 2))
+    assert ctx["adherence"] == pytest.approx(wilson(3, 3))  # starts_with is case-insensitive by default
+    assert ctx["overgen_near"] == pytest.approx(wilson(1, 2)) and ctx["overgen_out"] == pytest.approx(wilson(1, 2))
+    assert base["unfinished"] == pytest.approx(wilson(1, 7)) and ctx["unfinished"] == pytest.approx(wilson(1, 7))
+    assert base["length"]["value"] == pytest.approx(sum(len(r.split()) for r in FIXED["base"]) / 7)
+    ratio = sum(len(r.split()) for r in FIXED["in_context"]) / sum(len(r.split()) for r in FIXED["base"])
+    assert ctx["length_vs_base"] == pytest.approx(ratio)
+    # the reward model's mean score per condition: here the mean word count of its replies
+    for name, replies in FIXED.items():
+        assert summary["conditions"][name]["reward/function"]["value"] == pytest.approx(sum(len(r.split()) for r in replies) / 7)
+    # drift: the base against itself is exactly 0; the feedback in the prompt moves the distribution
+    assert base["kl_to_base"] == {"value": 0.0, "n": 2, "lo": 0.0, "hi": 0.0}
+    assert ctx["kl_to_base"]["value"] > 0 and ctx["ref_loglik"]["value"] < 0
+    assert ctx["ref_loglik"]["n"] == 2
+    metrics = result.records[0].metrics
+    assert metrics["adherence/in_context"] == 1.0 and metrics["adherence/base/n"] == 3
+    from pipeline.records import load_rows
+
+    rows = load_rows(result.run_dir / "check" / "evaluation")
+    assert len(rows) == 14 and sum(r["applied"] for r in rows if r["condition"] == "in_context") == 5
+
+
+def test_evaluate_stage_needs_feedback_for_scoped_prompts(tmp_path, tiny_model_path):
+    prompts = tmp_path / "held_out.jsonl"
+    write_jsonl([{"prompt": p, "scope": s} for p, s in SCOPED], prompts)
+    pipe = {
+        "run_name": "ev",
+        "model": "tiny",
+        "seed": 0,
+        "stages": [{"name": "check", "uses": "evaluate", "inputs": {"prompts": str(prompts)}, "with": {"drift": False}}],
+    }
+    result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert not result.ok and "no `feedback` column" in result.records[0].error
+    assert not (result.run_dir / "check" / "summary").exists()  # nothing half-written
+
+
+def random_adapter(stage_dir, tiny_model_path):
+    """A LoRA adapter whose B matrices are not zero (so it changes the model), saved where a stage
+    would write it, with a manifest recording its training cost."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(stage_dir / "adapter")
+    (stage_dir / "manifest.json").write_text(
+        json.dumps(
+            {
+                "stage": stage_dir.name,
+                "uses": "dpo",
+                "timings": {"seconds": 12.5},
+                "metrics": {"train_runtime": 10.0, "steps": 4, "train_samples_per_second": 1.6, "peak_memory_mb": 900.0},
+            }
+        )
+    )
+    return stage_dir / "adapter"
+
+
+def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path):
+    from pipeline.records import load_rows
+    from stages.evaluate import read_summary
+
+    from .openai_test_server import serve
+
+    adapter = random_adapter(tmp_path / "dpo_s0", tiny_model_path)
+    prompts = tmp_path / "held_out.jsonl"
+    write_jsonl([{"prompt": p, "scope": s, "feedback": FEEDBACK, "metric": json.dumps(METRIC)} for p, s in SCOPED], prompts)
+    memory = tmp_path / "memory.jsonl"
+    write_jsonl(
+        [{"prompt": "How do I boil an egg?", "scope": "in_scope"}, {"prompt": "Is a tomato a fruit?", "scope": "near_scope"}],
+        memory,
+    )
+    needs = tmp_path / "needs.jsonl"
+    write_jsonl(
+        [
+            {"id": "n1", "prompt": "What is the capital of France?", "need": "the capital of France", "keywords": ["Paris"]},
+            {"id": "n2", "prompt": "How many legs has a spider?", "need": "the number of legs", "keywords": ["eight|8"]},
+        ],
+        needs,
+    )
+    general = tmp_path / "general.jsonl"
+    write_jsonl([{"prompt": "What is 2+2?", "answer": "4."}, {"prompt": "Name a colour.", "answer": "Blue."}], general)
+    with serve("tiny", "sk-judge") as (base_url, stats):
+        key = tmp_path / "judge.key"
+        key.write_text("sk-judge\n")
+        key.chmod(0o600)
+        pipe = {
+            "run_name": "ev",
+            "model": "tiny",
+            "seed": 0,
+            "stages": [
+                {
+                    "name": "check",
+                    "uses": "evaluate",
+                    "inputs": {
+                        "prompts": str(prompts),
+                        "adapter": str(adapter),
+                        "memory": str(memory),
+                        "needs": str(needs),
+                        "general": str(general),
+                    },
+                    "with": {
+                        "sampling": {"max_new_tokens": 6, "temperature": 0.0},
+                        "resamples": 200,
+                        "memory": {"embedder": "lexical", "threshold": 0.99},
+                        "users": {
+                            "max_rounds": 1,
+                            "simulator": {"model": "tiny"},
+                            "policy_sampling": {"max_new_tokens": 6},
+                            "user_sampling": {"max_new_tokens": 4},
+                        },
+                        "judge": {
+                            "kind": "openai",
+                            "base_url": base_url,
+                            "model": "tiny",
+                            "api_key_file": str(key),
+                            "sampling": {"max_new_tokens": 2, "temperature": 0.0},
+                        },
+                    },
+                }
+            ],
+        }
+        result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
+        assert result.ok, result.records[0].error
+        judge_requests = stats["requests"]
+    summary = read_summary(result.run_dir / "check")
+    conditions = summary["conditions"]
+    assert list(conditions) == ["base", "in_context", "memory", "dpo_s0"]
+    rows = load_rows(result.run_dir / "check" / "evaluation")
+    assert len(rows) == 4 * len(SCOPED)
+    for name, metrics in conditions.items():
+        mine = [r for r in rows if r["condition"] == name]
+        assert metrics["unfinished"]["value"] == pytest.approx(sum(not r["finished"] for r in mine) / len(mine))
+        assert metrics["adherence"]["n"] == 3 and metrics["overgen_near"]["n"] == 2
+        assert metrics["satisfied"]["n"] == 2 and metrics["first_reply_satisfied"]["n"] == 2
+    # memory recalls the feedback only for the remembered prompt itself (threshold 0.99): 1 of 3 in-scope;
+    # the near-scope memory row is no key (the feedback was not given on it)
+    assert conditions["memory"]["memory_retrieved"]["in_scope"] == pytest.approx(wilson(1, 3))
+    assert conditions["memory"]["memory_retrieved"]["near_scope"] == pytest.approx(wilson(0, 2))
+    assert conditions["memory"]["memory_retrieved"]["out_of_scope"] == pytest.approx(wilson(0, 2))
+    assert conditions["dpo_s0"]["kl_to_base"]["value"] > 0 and conditions["base"]["kl_to_base"]["value"] == 0
+    # the judge saw every prompt once per non-base condition
+    assert judge_requests == 3 * len(SCOPED)
+    for name in ("in_context", "memory", "dpo_s0"):
+        assert conditions[name]["judge_win_rate"]["n"] == len(SCOPED)
+    assert "judge_win_rate" not in conditions["base"]
+    cost = summary["cost"]
+    assert cost["training"] == {
+        "stage": "dpo_s0",
+        "uses": "dpo",
+        "seconds": 12.5,
+        "train_runtime": 10.0,
+        "steps": 4,
+        "samples_per_second": 1.6,
+        "tokens_per_second": None,
+        "peak_memory_mb": 900.0,
+    }
+    assert cost["evaluation_seconds"] > 0
+    report_html = __import__("pipeline.report", fromlist=["build_report"]).build_report(result.run_dir).read_text()
+    assert "check: evaluation" in report_html and "dpo_s0" in report_html

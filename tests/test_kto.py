@@ -1,0 +1,222 @@
+"""KTO on the tiny model from binary feedback: the loss falls, and desirable replies gain
+log-probability relative to undesirable ones (measured with a forward pass, base vs adapter).
+The readers turn reactions, labelled rows and judgments into TRL's unpaired rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.config import pipeline_from_dict
+from pipeline.errors import DataError
+from pipeline.records import write_jsonl
+from pipeline.runner import Runner
+from trainers.kto import trl_format, unpaired_rows
+
+CAPITALS = [
+    ("France", "Paris"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"),
+    ("Peru", "Lima"),
+    ("Kenya", "Nairobi"),
+    ("Chile", "Santiago"),
+]
+GOOD, BAD = "The capital of {country} is {city}.", "Banana banana banana banana."
+
+
+def reactions(path):
+    """Reaction records as simulate / serving export write them: love the right answer,
+    dislike the nonsense, and a neutral one that KTO leaves out."""
+    rows = []
+    for i, (country, city) in enumerate(CAPITALS):
+        prompt = [{"role": "user", "content": f"What is the capital of {country}?"}]
+        rows.append(
+            {
+                "id": f"g{i}",
+                "kind": "reaction",
+                "prompt": prompt,
+                "response": GOOD.format(country=country, city=city),
+                "reaction": "love",
+                "provenance": {"source": "convsim"},
+            }
+        )
+        rows.append(
+            {
+                "id": f"b{i}",
+                "kind": "reaction",
+                "prompt": prompt,
+                "response": BAD,
+                "reaction": "dislike",
+                "provenance": {"source": "convsim"},
+            }
+        )
+    rows.append(
+        {
+            "id": "n",
+            "kind": "reaction",
+            "prompt": "Hi?",
+            "response": "Hello.",
+            "reaction": "neutral",
+            "provenance": {"source": "convsim"},
+        }
+    )
+    write_jsonl(rows, path)
+    return path
+
+
+def test_readers_map_every_binary_shape():
+    rows = unpaired_rows(
+        [
+            {"prompt": "a", "response": "x", "reaction": "love"},
+            {"prompt": "a", "response": "y", "reaction": "thumbs_down"},
+            {"prompt": "a", "response": "z", "reaction": "neutral"},
+            {"prompt": "b", "completion": "w", "label": "undesirable"},
+            {"prompt": "b", "completion": "v", "label": True},
+            {"id": "c", "prompt": "c", "response": "u", "critique": "Nice.", "judgment": "good"},
+            {"id": "d", "prompt": "d", "response": "t", "critique": "Too long.", "judgment": "needs_work"},
+            {"instruction": "e", "response": "s", "judgment": "Wrong.", "positive": False},
+        ],
+        "fb.jsonl",
+    )
+    assert [(r["prompt"], r["completion"], r["label"]) for r in rows] == [
+        ("a", "x", True),
+        ("a", "y", False),
+        ("b", "w", False),
+        ("b", "v", True),
+        ("c", "u", True),
+        ("d", "t", False),
+        ("e", "s", False),
+    ]
+    chat = trl_format(rows[:1], conversational=True)[0]
+    assert chat == {
+        "prompt": [{"role": "user", "content": "a"}],
+        "completion": [{"role": "assistant", "content": "x"}],
+        "label": True,
+    }
+    assert (
+        trl_format([{"prompt": [{"role": "user", "content": "q"}], "completion": "r", "label": False}], False)[0]["prompt"] == "q"
+    )
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"prompt": "a", "response": "x", "reaction": "meh"}, "fb.jsonl row 0: field 'reaction': 'meh'"),
+        ({"prompt": "a", "completion": "x", "label": "maybe"}, "fb.jsonl row 0: field 'label'"),
+        ({"response": "x", "reaction": "love"}, "fb.jsonl row 0: field 'prompt' is missing"),
+        ({"prompt": "a", "response": "x", "critique": "c", "judgment": "great"}, "fb.jsonl row 0: field 'judgment'"),
+    ],
+)
+def test_readers_name_the_bad_field(row, message):
+    with pytest.raises(DataError, match=message):
+        unpaired_rows([row], "fb.jsonl")
+
+
+def test_config_needs_a_batch_of_two(tmp_path):
+    from pipeline.errors import ConfigError
+
+    spec = {
+        "run_name": "k",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "align",
+                "uses": "kto",
+                "inputs": {"feedback": str(tmp_path / "r.jsonl")},
+                "with": {"per_device_train_batch_size": 1},
+            }
+        ],
+    }
+    with pytest.raises(ConfigError, match="per_device_train_batch_size"):
+        pipeline_from_dict(spec, tmp_path)
+
+
+def test_simulate_reactions_wire_to_kto(tmp_path):
+    write_jsonl([{"need": "a recipe", "prompt": "Any dinner ideas?"}], tmp_path / "needs.jsonl")
+    spec = {
+        "run_name": "k",
+        "model": "tiny",
+        "stages": [
+            {"name": "users", "uses": "simulate", "inputs": {"conversations": str(tmp_path / "needs.jsonl")}},
+            {"name": "align", "uses": "kto", "inputs": {"feedback": "users.reactions"}},
+        ],
+    }
+    pipeline = pipeline_from_dict(spec, tmp_path)
+    assert pipeline.stage("align").inputs["feedback"].stage == "users"
+
+
+def test_kto_loss_falls_and_desirable_replies_gain(tmp_path, tiny_model_path):
+    feedback = reactions(tmp_path / "reactions.jsonl")
+    spec = {
+        "run_name": "kto-toy",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "align",
+                "uses": "kto",
+                "inputs": {"feedback": str(feedback)},
+                "with": {
+                    "max_steps": 12,
+                    "learning_rate": 5e-3,
+                    "per_device_train_batch_size": 4,
+                    "max_length": 64,
+                    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                },
+            }
+        ],
+    }
+    result = Runner(pipeline_from_dict(spec, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert result.ok, [r.error for r in result.records]
+    metrics = json.loads((result.run_dir / "align" / "manifest.json").read_text()).get("metrics", {})
+    assert metrics.get("desirable") == len(CAPITALS) and metrics.get("undesirable") == len(CAPITALS)  # neutral left out
+    curves = json.loads((result.run_dir / "align" / "curves.json").read_text())
+    losses = [row["loss"] for row in curves if "loss" in row]
+    assert len(losses) == 12
+    assert abs(losses[0] - 0.5) < 0.01  # policy == reference (base, adapter off) at step 0: 1 - sigmoid(0)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.05
+
+    from peft import PeftModel
+
+    from pipeline.chat import as_messages, assistant
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer("tiny")
+
+    def reply_logp(model, country, reply):
+        prompt = tok.apply_chat_template(
+            as_messages(f"What is the capital of {country}?"), tokenize=False, add_generation_prompt=True
+        )
+        full = tok.apply_chat_template(as_messages(f"What is the capital of {country}?") + assistant(reply), tokenize=False)
+        n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        ids = torch.tensor([tok(full, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
+        return logps[n - 1 :].sum().item()
+
+    def gap(model):  # mean log p(desirable) - log p(undesirable) over the prompts
+        return sum(reply_logp(model, c, GOOD.format(country=c, city=y)) - reply_logp(model, c, BAD) for c, y in CAPITALS) / len(
+            CAPITALS
+        )
+
+    base = load_causal_lm("tiny").eval()
+    before = gap(base)
+    tuned = PeftModel.from_pretrained(base, str(result.run_dir / "align" / "adapter")).eval()
+    after = gap(tuned)
+    assert after > before + 1.0, (before, after)
+
+
+def test_feedback_with_one_kind_of_signal_is_refused(tmp_path):
+    import logging
+
+    from trainers.kto import read_feedback
+
+    write_jsonl(
+        [{"prompt": "a", "response": "x", "reaction": "love"}, {"prompt": "b", "response": "y", "reaction": "neutral"}],
+        tmp_path / "r.jsonl",
+    )
+    with pytest.raises(DataError, match=r"r.jsonl: KTO needs desirable and undesirable replies, got 1 of 1 desirable"):
+        read_feedback(tmp_path / "r.jsonl", logging.getLogger("t"))

@@ -1,0 +1,389 @@
+"""The fast DPO core (trainers/fastpref) is exact: packed log-probs equal separate forward
+passes, and the loss and LoRA gradients equal TRL's DPOTrainer's on the same batch; the
+reference log-probs are cached, reused and keyed by the data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+PLAIN = [
+    {"prompt": "The capital of France is", "chosen": " Paris, a city on the Seine.", "rejected": " Banana."},
+    {
+        "prompt": "Q: what is two plus two, written out in words, please?\nA:",
+        "chosen": " Four.",
+        "rejected": " It is five, or maybe seven, nobody can tell.",
+    },
+    {"prompt": "Hi", "chosen": " Hello there! How can I help you today?", "rejected": " Go away."},
+    {"prompt": "List three colours:", "chosen": " red, green, blue", "rejected": " dog"},
+]
+CONVERSATIONAL = [
+    {
+        "prompt": [{"role": "user", "content": row["prompt"]}],
+        "chosen": [{"role": "assistant", "content": row["chosen"].strip()}],
+        "rejected": [{"role": "assistant", "content": row["rejected"].strip()}],
+    }
+    for row in PLAIN
+]
+
+
+def make_trainer(cls, rows, tmp_path, perturb=True, **kwargs):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig
+
+    from pipeline.models import prepare_tiny
+
+    path = prepare_tiny()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    settings = {
+        "per_device_train_batch_size": len(rows),
+        "max_length": kwargs.pop("max_length", 48),
+        "beta": 0.2,
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "seed": 7,
+        **kwargs.pop("dpo", {}),
+    }
+    args = DPOConfig(output_dir=str(tmp_path / "out"), **settings)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = cls(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(path),
+        peft_config=lora,
+        **kwargs,
+    )
+    if not perturb:
+        return trainer
+    # LoRA's B starts at zero (policy == reference): move it so the loss and both factors' gradients are non-trivial
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in sorted(trainer.model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    return trainer
+
+
+def loss_and_grads(trainer, batch):
+    model = trainer.model
+    model.train()
+    model.zero_grad()
+    loss = trainer.compute_loss(model, trainer._prepare_inputs(batch))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+# plain text with sigmoid DPO, conversational with DPO + NLL (RPO): each data kind and loss term once
+@pytest.mark.parametrize(
+    ("rows", "max_length", "loss_types"),
+    [(PLAIN, 24, ["sigmoid"]), (CONVERSATIONAL, 56, ["sigmoid", "sft"])],
+    ids=["plain-dpo", "conversational-rpo"],
+)
+def test_loss_and_lora_gradients_equal_trl(rows, max_length, loss_types, tmp_path, tiny_model_path):
+    from trl import DPOTrainer
+
+    from trainers.fastpref.trainer import FastDPOTrainer
+
+    dpo = {"loss_type": loss_types, "loss_weights": [1.0, 0.7][: len(loss_types)]}
+    trl = make_trainer(DPOTrainer, rows, tmp_path / "trl", dpo=dpo, max_length=max_length)
+    fast = make_trainer(FastDPOTrainer, rows, tmp_path / "fast", dpo=dpo, max_length=max_length, ref_cache_dir=tmp_path / "cache")
+    assert fast.fast, fast.fast_off_reason
+    examples = [fast.train_dataset[i] for i in range(len(rows))]
+    assert {len(e["prompt_ids"]) for e in examples} != 1  # mixed prompt lengths
+    assert len(examples) == len(rows)
+    longest = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
+    assert longest > max_length  # truncation is exercised
+
+    trl_loss, trl_grads = loss_and_grads(trl, trl.data_collator([trl.train_dataset[i] for i in range(len(rows))]))
+    fast_loss, fast_grads = loss_and_grads(fast, fast.data_collator(examples))
+
+    assert abs(trl_loss.item() - 0.6931) > 1e-3  # the policy differs from the reference
+    assert fast_loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
+    assert trl_grads.keys() == fast_grads.keys() and len(fast_grads) > 0
+    for name, grad in trl_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "entropy",
+        "logits/chosen",
+        "mean_token_accuracy",
+        "num_tokens",
+    ):
+        assert fast._metrics["train"][key][-1] == pytest.approx(trl._metrics["train"][key][-1], abs=1e-4), key
+
+
+def test_packed_logps_equal_separate_forward_passes(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    from trainers.fastpref.logps import packed_logps
+    from trainers.fastpref.packing import pack, truncate
+
+    gen = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(5, 40000, (n,), generator=gen).tolist()
+
+    units = [
+        truncate(ids(p), ids(c), ids(r), None)
+        for p, c, r in [(7, 5, 9), (3, 12, 4), (15, 6, 6), (2, 2, 3), (4, 1, 1), (0, 4, 3), (3, 0, 2)]
+    ]
+    for attn in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation=attn).eval()
+        batch = pack(units, pad_token_id=0)
+        assert batch["input_ids"].shape[0] < len(units)  # short pairs share a row (block-diagonal)
+        with torch.no_grad():
+            packed = packed_logps(model, batch, tile_elements=3 * 49152).seq_logps  # several tiles
+            expected = []
+            for side in ("chosen", "rejected"):
+                for u in units:
+                    seq = torch.tensor([u.prompt + getattr(u, side)])
+                    logp = torch.log_softmax(model(seq).logits[0, :-1].float(), -1).gather(1, seq[0, 1:, None])[:, 0]
+                    expected.append(logp[max(len(u.prompt) - 1, 0) :].sum())  # an empty prompt: token 0 unscored
+        torch.testing.assert_close(packed, torch.stack(expected), atol=1e-5, rtol=1e-6)
+
+
+def test_chunked_logps_gradient_matches_full_log_softmax():
+    from trainers.fastpref.logps import ChunkedLogps
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(101, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(101, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 101, (37,), generator=gen)
+    upstream = torch.randn(37, generator=gen, dtype=torch.float64)
+    logp, entropy, mean_logit, top1 = ChunkedLogps.apply(hidden, weight, bias, targets, 5 * 101, True)
+    (logp * upstream).sum().backward()
+    got = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    logits = hidden @ weight.t() + bias
+    full = torch.log_softmax(logits, -1)
+    (full.gather(1, targets[:, None])[:, 0] * upstream).sum().backward()
+    torch.testing.assert_close(logp.double(), full.gather(1, targets[:, None])[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), -(full.exp() * full).sum(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean_logit.double(), logits.mean(-1), atol=1e-5, rtol=1e-5)
+    assert torch.equal(top1, logits.argmax(-1) == targets)
+    for g, t in zip(got, (hidden, weight, bias)):
+        torch.testing.assert_close(g, t.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_logps_are_cached_reused_and_keyed(tmp_path, tiny_model_path):
+    from trainers.fastpref.trainer import FastDPOTrainer
+
+    cache = tmp_path / "cache"
+    first = make_trainer(FastDPOTrainer, PLAIN, tmp_path / "a", ref_cache_dir=cache)
+    assert first.ref_forward_calls == 1  # 4 pairs, one packed batch
+    assert (cache / f"{first.ref_cache_key}.npz").is_file()
+    ref = torch.tensor(first.train_dataset["ref_chosen_logps"])
+
+    again = make_trainer(FastDPOTrainer, PLAIN, tmp_path / "b", ref_cache_dir=cache)
+    assert again.ref_forward_calls == 0 and again.ref_cache_key == first.ref_cache_key
+    assert torch.equal(torch.tensor(again.train_dataset["ref_chosen_logps"]), ref)
+
+    # the cached numbers are the reference's: equal to an on-the-fly reference forward of the batch
+    batch = again._prepare_inputs(again.data_collator([again.train_dataset[i] for i in range(len(PLAIN))]))
+    chosen, _ = again.reference_logps(again.model, batch)
+    torch.testing.assert_close(chosen.double(), ref.double(), atol=1e-5, rtol=0)
+
+    changed = [dict(PLAIN[0], chosen=" Lyon."), *PLAIN[1:]]
+    other = make_trainer(FastDPOTrainer, changed, tmp_path / "c", ref_cache_dir=cache)
+    assert other.ref_cache_key != first.ref_cache_key and other.ref_forward_calls == 1
+    shorter = make_trainer(FastDPOTrainer, PLAIN, tmp_path / "d", ref_cache_dir=cache, max_length=16)
+    assert shorter.ref_cache_key != first.ref_cache_key
+
+    from trainers.fastpref.ref_cache import base_model_identity
+
+    before = base_model_identity(first.model)
+    with torch.no_grad():  # a base changed in memory (e.g. an adapter merged in) is another reference
+        first.model.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight[0, 0] += 1e-3
+    assert base_model_identity(first.model) != before
+
+
+def test_unsupported_settings_run_trls_own_path(tmp_path, tiny_model_path):
+    from trainers.fastpref.trainer import FastDPOTrainer
+
+    trainer = make_trainer(FastDPOTrainer, PLAIN, tmp_path, dpo={"loss_type": ["ipo"]}, ref_cache_dir=tmp_path / "cache")
+    assert not trainer.fast and "ipo" in trainer.fast_off_reason
+    assert "pair_mask" not in trainer.data_collator([trainer.train_dataset[0]])
+
+
+def test_checkpointing_probe_picks_the_faster_setting_once_per_host_and_shape(tmp_path):
+    import time
+
+    from trainers.grad_ckpt_probe import choose_gradient_checkpointing, probe_key, shape_bucket
+
+    calls = []
+
+    def step(on):  # checkpointing on is the slower setting here
+        calls.append(on)
+        time.sleep(0.03 if on else 0.005)
+
+    cache = tmp_path / "probe.json"
+    bucket = shape_bucket("cpu", "torch.float32", 4, 300)
+    assert bucket.endswith("len<=512")
+    assert choose_gradient_checkpointing("m", bucket, step, cache_path=cache) is False
+    assert calls.count(True) >= 2 and calls.count(False) >= 2
+    calls.clear()
+    assert choose_gradient_checkpointing("m", bucket, step, cache_path=cache) is False and calls == []  # cached
+    assert probe_key("m", bucket) in cache.read_text()
+    assert (
+        choose_gradient_checkpointing(
+            "m", bucket, lambda on: time.sleep(0.005 if on else 0.03), cache_path=cache.with_name("other.json")
+        )
+        is True
+    )
+
+
+def test_trainer_probe_measures_the_real_step_and_sets_the_flag(tmp_path, tiny_model_path):
+    import json
+
+    from trainers.fastpref.trainer import FastDPOTrainer
+
+    probe = tmp_path / "probe.json"
+    trainer = make_trainer(
+        FastDPOTrainer,
+        PLAIN,
+        tmp_path,
+        ref_cache_dir=tmp_path / "cache",
+        probe_checkpointing=True,
+        probe_cache_path=probe,
+        model_name="tiny",
+    )
+    (entry,) = json.loads(probe.read_text()).values()
+    assert entry["seconds_off"] > 0 and entry["seconds_on"] > 0
+    assert trainer.args.gradient_checkpointing is entry["checkpointing"] is trainer.checkpointing_chosen
+    base = trainer.model.get_base_model()
+    assert base.is_gradient_checkpointing is entry["checkpointing"]
+
+
+def test_training_run_matches_trl_step_by_step(tmp_path, tiny_model_path):
+    """trainer.train() end to end (TRL's loop, sampler, optimizer, logging, checkpoints): the
+    logged losses and rewards of the fast core follow TRL's."""
+    from trl import DPOTrainer
+
+    from trainers.fastpref.trainer import FastDPOTrainer
+
+    rows = PLAIN + [dict(r, prompt=r["prompt"] + " Answer briefly.") for r in PLAIN]
+    common = {
+        "max_steps": 4,
+        "learning_rate": 2e-3,
+        "logging_steps": 1,
+        "save_steps": 2,
+        "save_strategy": "steps",
+        "per_device_train_batch_size": 3,
+        "disable_tqdm": True,
+    }
+    histories = []
+    for cls, extra in ((DPOTrainer, {}), (FastDPOTrainer, {"ref_cache_dir": tmp_path / "cache"})):
+        trainer = make_trainer(cls, rows, tmp_path / cls.__name__, perturb=False, dpo=common, **extra)
+        trainer.train()
+        histories.append([row for row in trainer.state.log_history if "loss" in row])
+        assert (tmp_path / cls.__name__ / "out" / "checkpoint-4" / "adapter_model.safetensors").is_file()
+    trl, fast = histories
+    assert len(trl) == len(fast) == 4
+    assert trl[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 0
+    for a, b in zip(trl, fast):
+        for key in ("loss", "rewards/margins", "rewards/chosen", "logps/rejected", "num_tokens"):
+            assert b[key] == pytest.approx(a[key], abs=2e-4, rel=1e-3), key
+    assert fast[-1]["rewards/margins"] != 0
+
+
+def test_dpo_stage_runs_the_fast_core_and_matches_trls_path(tmp_path, tiny_model_path):
+    """The `dpo` stage with `fast: true` (default) trains on the core: it caches the reference
+    and logs the same losses as `fast: false` (TRL's own step)."""
+    import json
+    import uuid
+
+    from pipeline.config import pipeline_from_dict
+    from pipeline.records import write_jsonl
+    from pipeline.runner import Runner
+    from trainers.fastpref.ref_cache import default_root
+
+    tag = uuid.uuid4().hex[:8]  # data no earlier run has cached
+    write_jsonl([dict(r, prompt=f"[{tag}] {r['prompt']}") for r in PLAIN], tmp_path / "prefs.jsonl")
+    before = set(default_root().glob("*.npz")) if default_root().is_dir() else set()
+    losses = {}
+    for fast in (True, False):
+        stage = {
+            "name": "align",
+            "uses": "dpo",
+            "inputs": {"preferences": str(tmp_path / "prefs.jsonl")},
+            "with": {
+                "max_steps": 3,
+                "learning_rate": 5e-3,
+                "per_device_train_batch_size": 2,
+                "max_length": 48,
+                "fast": fast,
+                "gradient_checkpointing": False,
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            },
+        }
+        data = {"run_name": f"fast-{fast}", "model": "tiny", "stages": [stage]}
+        result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / f"runs-{fast}", use_ray=False).execute()
+        assert result.ok, [r.error for r in result.records]
+        curves = json.loads((result.run_dir / "align" / "curves.json").read_text())
+        losses[fast] = [row["loss"] for row in curves if "loss" in row]
+        if fast:
+            assert len(set(default_root().glob("*.npz")) - before) == 1  # the reference of these pairs, cached
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], abs=1e-3)
+
+
+def test_continuing_an_adapter_uses_it_as_the_reference_like_trl(tmp_path, tiny_model_path):
+    """A run that continues an adapter: TRL copies it as the "ref" adapter; the core uses the
+    same reference (and keys its cache by that adapter), so loss and gradients still agree."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from trainers.fastpref.trainer import FastDPOTrainer
+
+    def build(cls, out, **extra):
+        torch.manual_seed(5)
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32),
+            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+        )
+        gen = torch.Generator().manual_seed(11)
+        with torch.no_grad():  # the adapter being continued: not the identity
+            for name, param in sorted(model.named_parameters()):
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+        args = DPOConfig(output_dir=str(out), per_device_train_batch_size=4, max_length=48, beta=0.2, use_cpu=True, bf16=False)
+        trainer = cls(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(PLAIN),
+            processing_class=AutoTokenizer.from_pretrained(tiny_model_path),
+            **extra,
+        )
+        gen = torch.Generator().manual_seed(12)
+        with torch.no_grad():  # one training step's worth of change to the trained adapter only
+            for name, param in sorted(trainer.model.named_parameters()):
+                if ".default." in name:
+                    param.add_(torch.randn(param.shape, generator=gen) * 0.02)
+        return trainer
+
+    trl = build(DPOTrainer, tmp_path / "trl")
+    fast = build(FastDPOTrainer, tmp_path / "fast", ref_cache_dir=tmp_path / "cache")
+    assert fast.fast and "ref" in fast.model.peft_config and fast._reference_adapter() == "ref"
+    trl_loss, trl_grads = loss_and_grads(trl, trl.data_collator([trl.train_dataset[i] for i in range(4)]))
+    fast_loss, fast_grads = loss_and_grads(fast, fast.data_collator([fast.train_dataset[i] for i in range(4)]))
+    assert abs(trl_loss.item() - 0.6931) > 1e-3
+    assert fast_loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
+    assert trl_grads.keys() == fast_grads.keys() and not any(".ref." in name for name in fast_grads)
+    for name, grad in trl_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)

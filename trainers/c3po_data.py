@@ -1,0 +1,89 @@
+"""C3PO's data library: the generator prompts that ask for scoped prompts and revisions,
+list parsing, prompt ids, and the evaluation metric stored with c3po_data's rows.
+
+Used by the `c3po_data` stage (which writes the rows), the `c3po` stage and
+`evaluate_feedback` (which read the metric back). Imports no heavy library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from trainers.feedback_eval import MetricSpec
+
+TOPIC_PROMPT = (
+    'Here is a piece of feedback a user gave an AI assistant:\n"{feedback}"\n\n'
+    "In a few words, what kind of requests does this feedback apply to? Reply with the short phrase only."
+)
+CATEGORIES_PROMPT = (
+    "Topic: {topic}\n\nList {count} broad but distinct categories of situations in which a user asks an AI assistant "
+    "something that falls under this topic. Output a numbered list, one category per line, and nothing else."
+)
+IN_SCOPE_PROMPT = (
+    "Topic: {topic}\nCategory: {category}\n\nWrite {count} different requests a user could send to an AI assistant. "
+    "Each must clearly fall under the topic and the category, so that this feedback would apply to the reply: "
+    '"{feedback}". Make each request specific and self-contained, 1-2 sentences. '
+    "Output a numbered list, one request per line, and nothing else."
+)
+NEAR_SCOPE_PROMPT = (
+    "Topic: {topic}\nCategory: {category}\n\nWrite {count} different requests a user could send to an AI assistant "
+    "that are closely related to the category but fall OUTSIDE the topic, so that this feedback would NOT apply to the "
+    'reply: "{feedback}". Make each request specific and self-contained, 1-2 sentences. '
+    "Output a numbered list, one request per line, and nothing else."
+)
+OUT_OF_SCOPE_PROMPT = (
+    "Write {count} different everyday requests a user could send to an AI assistant about {category}. "
+    "Make each request specific and self-contained, 1-2 sentences. Output a numbered list, one request per line, and nothing else."
+)
+REVISE_PROMPT = (
+    "Rewrite the reply below so that it follows the feedback. Keep everything else as it is. "
+    "Output only the rewritten reply.\n\nFeedback: {feedback}\n\nRequest: {prompt}\n\nReply: {response}"
+)
+GENERAL_CATEGORIES = [
+    "science",
+    "history",
+    "geography",
+    "personal finance",
+    "programming",
+    "sports",
+    "travel planning",
+    "health and fitness",
+    "music",
+    "mathematics",
+    "careers",
+    "home repair",
+]
+_LIST_ITEM = re.compile(r"^\s*(?:\d+\s*[.):]|[-*\u2022])\s*(.+?)\s*$")
+
+
+def parse_list(text: str) -> list[str]:
+    """Items of a numbered or bulleted list, quotes stripped; plain lines when there is no list."""
+    items = [m.group(1) for line in text.splitlines() if (m := _LIST_ITEM.match(line))]
+    if not items:
+        items = [line.strip() for line in text.splitlines() if line.strip()]
+    return [item.strip().strip('"').strip() for item in items if len(item.strip().strip('"')) > 3]
+
+
+def dedupe(items: list[str]) -> list[str]:
+    seen, out = set(), []
+    for item in items:
+        key = re.sub(r"\W+", " ", item.lower()).strip()
+        if key and key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
+
+
+def row_id(scope: str, prompt: str) -> str:
+    return hashlib.sha1(f"{scope}\n{prompt}".encode()).hexdigest()[:12]
+
+
+def metric_from_rows(rows: list[dict[str, Any]]) -> MetricSpec | None:
+    """The metric c3po_data stored with its prompts (a JSON string column), if any."""
+    for row in rows:
+        if row.get("metric"):
+            return MetricSpec.model_validate(json.loads(row["metric"]))
+    return None

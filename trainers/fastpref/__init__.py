@@ -1,0 +1,17 @@
+"""fastpref: an exact, faster DPO core on top of TRL's DPOTrainer.
+
+Same loss, gradients and logged metrics as TRL's sigmoid DPO (and its "sft" RPO term), by
+doing less work per step:
+
+- packing.py   one row per pair as [prompt | chosen | rejected]: the prompt runs once, the
+               rejected reply restarts its position ids at the prompt length and a 4D mask
+               hides the chosen reply from it; short pairs share a row block-diagonally.
+- logps.py     log-probabilities of the completion tokens only, in token chunks over the
+               49k vocabulary (no [tokens, vocab] log-softmax kept for backward).
+- loss.py      TRL's sigmoid DPO loss, its rewards/metrics, and the optional NLL (RPO) term.
+- ref_cache.py reference log-probs computed once per (model, adapter, data, max_length,
+               tokenizer) and reused from disk across epochs, reruns and methods.
+- trainer.py   `FastDPOTrainer(DPOTrainer)`: TRL's checkpointing/resume/logging, this core.
+
+Imports nothing heavy at package import; the modules import torch.
+"""

@@ -1,0 +1,148 @@
+"""Per-token log-probabilities of chosen tokens, chunked over tokens, from hidden states.
+
+Why: the full [tokens, 49k vocab] logits and their log-softmax, kept for backward, are the
+largest tensors of a DPO step on a small model, and TRL on CPU projects every position
+(prompt and padding included). `ChunkedLogps` projects only the scored positions, a few
+hundred tokens at a time: the forward keeps one [chunk, vocab] tile alive and saves only the
+log-normaliser per token; the backward recomputes each tile and turns it into the gradient
+in place (softmax minus one-hot), so memory is O(chunk x vocab) and the result is exact.
+
+It also returns, without gradient, what TRL logs per token: the entropy of the next-token
+distribution, the mean logit and whether the target is the top-1 token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: elements of one [chunk, vocab] fp32 tile (32 MiB): ~170 tokens for a 49k vocabulary
+TILE_ELEMENTS = 1 << 23
+
+
+def _chunks(n: int, vocab: int, tile_elements: int):
+    step = max(1, tile_elements // max(vocab, 1))
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """One tile of logits, projected in `dtype` (the autocast dtype under mixed precision), reduced in fp32."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        z = hidden.to(dtype) @ weight.to(dtype).t()
+        if bias is not None:
+            z = z + bias.to(dtype)
+    return z.float()
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+class ChunkedLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias)[target] per row, and (no grad) entropy, mean logit, is-top-1."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, tile_elements: int = TILE_ELEMENTS, with_metrics: bool = True):
+        ctx.set_materialize_grads(False)
+        n, vocab = hidden.shape[0], weight.shape[0]
+        ctx.compute_dtype = dtype = _compute_dtype(hidden)
+        logp = hidden.new_empty(n, dtype=torch.float32)
+        log_z = hidden.new_empty(n, dtype=torch.float32)
+        entropy = hidden.new_zeros(n, dtype=torch.float32)
+        mean_logit = hidden.new_zeros(n, dtype=torch.float32)
+        top1 = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+        for s, e in _chunks(n, vocab, tile_elements):
+            z = _logits(hidden[s:e], weight, bias, dtype)
+            peak, argmax = z.max(dim=-1)
+            target_logit = z.gather(1, targets[s:e, None]).squeeze(1)
+            if with_metrics:
+                mean_logit[s:e] = z.mean(dim=-1)
+                top1[s:e] = argmax == targets[s:e]
+            z.sub_(peak[:, None])
+            expz = z.exp()
+            total = expz.sum(dim=-1)
+            if with_metrics:
+                # H = log Z - E_p[z] with both shifted by the peak
+                entropy[s:e] = total.log() - (expz * z).sum(dim=-1) / total
+            log_z[s:e] = peak + total.log()
+            logp[s:e] = target_logit - log_z[s:e]
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z)
+        ctx.tile_elements = tile_elements
+        ctx.mark_non_differentiable(entropy, mean_logit, top1)
+        return logp, entropy, mean_logit, top1
+
+    @staticmethod
+    def backward(ctx, grad_logp, *_):
+        hidden, weight, bias, targets, log_z = ctx.saved_tensors
+        if grad_logp is None:
+            return None, None, None, None, None, None
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        g = grad_logp.float()
+        for s, e in _chunks(hidden.shape[0], weight.shape[0], ctx.tile_elements):
+            # d logp / dz = onehot(target) - softmax(z), scaled by the incoming gradient
+            tile = _logits(hidden[s:e], weight, bias, ctx.compute_dtype).sub_(log_z[s:e, None]).exp_().mul_(-g[s:e, None])
+            tile.scatter_add_(1, targets[s:e, None], g[s:e, None])
+            if need_h:
+                grad_h[s:e] = tile @ weight.float()
+            if need_w:
+                grad_w.addmm_(tile.t(), hidden[s:e].float())
+            if need_b:
+                grad_b += tile.sum(dim=0)
+        return (
+            None if grad_h is None else grad_h.to(hidden.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+@dataclass
+class PackedLogps:
+    """Log-probs of a packed batch: per sequence (chosen first, then rejected) and per scored token."""
+
+    seq_logps: torch.Tensor  # [2n]: chosen_0..chosen_{n-1}, rejected_0..rejected_{n-1}
+    token_logps: torch.Tensor  # [N]
+    token_seq: torch.Tensor  # [N]: the sequence each scored token belongs to
+    entropy: torch.Tensor  # [N], no grad
+    mean_logit: torch.Tensor  # [N], no grad
+    top1: torch.Tensor  # [N] bool
+
+    @property
+    def n_pairs(self) -> int:
+        return self.seq_logps.shape[0] // 2
+
+    def chosen_rejected(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.n_pairs
+        return self.seq_logps[:n], self.seq_logps[n:]
+
+
+def backbone_and_head(model):
+    """The transformer body and the LM head of a (PEFT-wrapped) causal LM: the body's hidden
+    states go to `ChunkedLogps` instead of the model's full-vocabulary head."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+
+
+def packed_logps(model, batch: dict, tile_elements: int = TILE_ELEMENTS, with_metrics: bool = True) -> PackedLogps:
+    """Run a packed batch (packing.pack) through `model` and score its reply tokens."""
+    from .packing import attention_mask_for
+
+    body, head = backbone_and_head(model)
+    mask = attention_mask_for(batch["pair_mask"], getattr(body.config, "_attn_implementation", None), head.weight.dtype)
+    hidden = body(
+        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
+    ).last_hidden_state
+    scored = hidden[batch["score_row"], batch["score_pos"]]
+    logp, entropy, mean_logit, top1 = ChunkedLogps.apply(
+        scored, head.weight, head.bias, batch["score_target"], tile_elements, with_metrics
+    )
+    seq = batch["score_seq"]
+    seq_logps = logp.new_zeros(2 * batch["n_pairs"]).index_add(0, seq, logp)
+    return PackedLogps(seq_logps, logp, seq, entropy, mean_logit, top1)

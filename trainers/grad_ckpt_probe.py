@@ -1,0 +1,143 @@
+"""Choose gradient checkpointing per machine by measuring it, not by a fixed policy.
+
+Why: recomputing activations in backward trades compute for memory. On one CPU it made a
+DPO step 1.44x slower, on another 10% faster (cache effects of the smaller working set), and
+on a GPU it is usually what lets the batch fit. So at stage start we time a couple of
+forward+backward steps of the actual model on a batch of the actual shape, with and without
+checkpointing, keep the faster, and remember the answer per host: the key is hostname + CPU
+model + model name + shape bucket (device, dtype, rows, length rounded up to a power of 2),
+stored in `<heedful cache>/cache/grad_ckpt_probe.json`. Later stages on the same host and
+shape read it instead of measuring again.
+
+`choose_gradient_checkpointing(model_name, shape, step)` is the generic entry: `step(on)`
+runs one forward+backward with checkpointing on/off. `packed_dpo_step(model, batch)` builds
+that step for the fast DPO core (trainers/fastpref); `FastDPOTrainer(probe_checkpointing=True)`
+runs it on the longest pairs of its training set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+CACHE_NAME = "grad_ckpt_probe.json"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def shape_bucket(device: str, dtype: str, rows: int, length: int) -> str:
+    """Nearby shapes share one measurement: lengths round up to a power of two."""
+    return f"{device}|{dtype}|rows={rows}|len<={2 ** max(0, math.ceil(math.log2(max(length, 1))))}"
+
+
+def probe_key(model_name: str, bucket: str) -> str:
+    return f"{socket.gethostname()}|{cpu_model()}|{model_name}|{bucket}"
+
+
+def default_cache_path() -> Path:
+    from pipeline.paths import heedful_home
+
+    return heedful_home() / "cache" / CACHE_NAME
+
+
+def measure(step: Callable[[bool], None], repeats: int = 2) -> dict[bool, float]:
+    """Best seconds per step for checkpointing off/on: one warm-up each, then alternating
+    (off, on, on, off, ...) so a drift in machine speed hits both settings alike."""
+    best = {False: math.inf, True: math.inf}
+    step(False)
+    step(True)
+    for i in range(repeats):
+        for on in (False, True) if i % 2 == 0 else (True, False):
+            start = time.perf_counter()
+            step(on)
+            best[on] = min(best[on], time.perf_counter() - start)
+    return best
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def choose_gradient_checkpointing(
+    model_name: str, bucket: str, step: Callable[[bool], None], *, cache_path: Path | None = None, repeats: int = 2, log=None
+) -> bool:
+    """True when checkpointing was faster for (this host, model, shape bucket); measured once, then cached."""
+    path = cache_path or default_cache_path()
+    key = probe_key(model_name, bucket)
+    entry = _read(path).get(key)
+    if entry is not None:
+        return bool(entry["checkpointing"])
+    import torch
+
+    try:
+        times = measure(step, repeats)
+    except (MemoryError, torch.OutOfMemoryError):  # the batch only fits with checkpointing (not cached: memory varies)
+        return True
+    choice = times[True] < times[False]
+    data = _read(path)  # re-read: another stage may have written meanwhile
+    data[key] = {
+        "checkpointing": choice,
+        "seconds_off": round(times[False], 4),
+        "seconds_on": round(times[True], 4),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    _write(path, data)
+    if log is not None:
+        log.info(
+            "gradient checkpointing %s (probe: %.3fs off, %.3fs on per step)",
+            "on" if choice else "off",
+            times[False],
+            times[True],
+        )
+    return choice
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Switch checkpointing on the (PEFT-wrapped) model; inputs need grads for it under PEFT."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if on and not base.is_gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    elif not on and base.is_gradient_checkpointing:
+        base.gradient_checkpointing_disable()
+
+
+def packed_dpo_step(model, batch: dict) -> Callable[[bool], None]:
+    """One forward+backward of the fast DPO core on `batch` (a packed batch on the model's device)."""
+    from trainers.fastpref.logps import packed_logps
+
+    def step(on: bool) -> None:
+        was_training = model.training
+        model.train()
+        set_checkpointing(model, on)
+        packed_logps(model, batch).seq_logps.sum().backward()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+    return step
