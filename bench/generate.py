@@ -99,21 +99,13 @@ def main() -> None:
 
     from pipeline.chat import render_many
     from pipeline.ct2_engine import Ct2Generator
+    from pipeline.generation import eos_ids_from_tokenizer
     from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model, padding_side="left")
     model = load_causal_lm(args.model, device_policy("cpu")).eval()
-    eos_ids = sorted(
-        {
-            tokenizer.eos_token_id,
-            *(
-                [model.generation_config.eos_token_id]
-                if isinstance(model.generation_config.eos_token_id, int)
-                else (model.generation_config.eos_token_id or [])
-            ),
-        }
-    )
+    eos_ids = eos_ids_from_tokenizer(tokenizer)  # what the engines stop on
     engines = {"ct2_fp32": Ct2Generator(args.model, threads=args.threads)}
     if args.int8:
         engines["ct2_int8"] = Ct2Generator(args.model, quantization="int8", threads=args.threads)

@@ -125,15 +125,15 @@ class Ct2Generator:
     def __init__(
         self, model_name: str, adapter: str | Path | None = None, *, quantization: str = "float32", threads: int | None = None
     ):
-
-        from .models import load_tokenizer, resolve_model
+        from .generation import eos_ids_from_tokenizer
+        from .models import load_tokenizer
 
         self.tokenizer = load_tokenizer(model_name)
-        self.source = Path(resolve_model(model_name))
         self.model_dir = converted_model_dir(model_name, adapter, quantization)
         self.quantization = quantization
         self.threads = threads or int(os.environ.get("HEEDFUL_NUM_THREADS", 0)) or (os.cpu_count() or 1)
-        self.eos_tokens = self._eos_tokens()
+        # the same end-of-turn ids the vLLM path stops on (tokenizer + the model's generation config)
+        self.eos_tokens = self.tokenizer.convert_ids_to_tokens(eos_ids_from_tokenizer(self.tokenizer))
         self.generator: Any = None
 
     def _seeded(self, seed: int | None) -> Any:
@@ -152,17 +152,6 @@ class Ct2Generator:
                 str(self.model_dir), device="cpu", compute_type=self.quantization, intra_threads=self.threads, inter_threads=1
             )
         return self.generator
-
-    def _eos_tokens(self) -> list[str]:
-        from transformers import GenerationConfig
-
-        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        try:
-            extra = GenerationConfig.from_pretrained(str(self.source)).eos_token_id
-        except (OSError, ValueError):
-            extra = None
-        ids.update([extra] if isinstance(extra, int) else (extra or []))
-        return self.tokenizer.convert_ids_to_tokens(sorted(i for i in ids if i is not None))
 
     def generate_ids(
         self, prompts: list[str], sampling: SamplingSettings, *, num_samples: int = 1, seed: int = 0, max_batch_size: int = 64

@@ -230,7 +230,7 @@ def vllm_generate(
 
     tokenizer = load_tokenizer(model_name)
     prompts = render_many(tokenizer, conversations)
-    eos_ids = _eos_ids_from_tokenizer(tokenizer)
+    eos_ids = eos_ids_from_tokenizer(tokenizer)
     llm_kwargs: dict[str, Any] = dict(
         model=resolve_model(model_name), seed=seed, dtype="auto", gpu_memory_utilization=gpu_memory_utilization
     )
@@ -280,7 +280,8 @@ def completions_from_vllm(request_outputs, eos_ids: list[int]) -> list[list[Comp
     return out
 
 
-def _eos_ids_from_tokenizer(tokenizer) -> list[int]:
+def eos_ids_from_tokenizer(tokenizer) -> list[int]:
+    """End-of-turn ids: the tokenizer's EOS plus those in the model's generation config (when it has one)."""
     from transformers import GenerationConfig
 
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
