@@ -122,7 +122,6 @@ def main() -> None:
         texts = all_texts[:bs]
         best: dict[str, float] = {}
         tokens: dict[str, int] = {}
-        agreement = None
         for rep in range(args.reps):
             order = ["hf", *engines] if rep % 2 == 0 else [*engines, "hf"]
             for arm in order:

@@ -255,9 +255,10 @@ def collect(run_root: Path) -> dict[str, Any] | None:
         state = record.get("status", "not run")
         return ("done" if state == "skipped" else state), record.get("error")
 
+    from stages.evaluate import read_summary
+
     def summary(name: str) -> dict[str, Any] | None:
-        path = run_root / name / "summary"
-        return json.loads(path.read_text()) if path.is_file() and run.manifest(name) else None
+        return read_summary(run_root / name) if run.manifest(name) else None
 
     rows = []
     base_state, base_error = status(plan["baseline"])

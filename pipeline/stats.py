@@ -65,11 +65,6 @@ def bootstrap_mean(values: Sequence[float], level: float = 0.95, resamples: int 
     return estimate(mean, int(data.size), float(lo), float(hi))
 
 
-def difference(a: dict[str, Any], b: dict[str, Any]) -> float:
-    """a - b of two estimates' values (NaN if either is missing)."""
-    return float(a.get("value", math.nan)) - float(b.get("value", math.nan))
-
-
 def kl_divergence(p: Sequence[float], q: Sequence[float]) -> float:
     """KL(p || q) in nats between two discrete distributions (normalised here); inf where q=0<p."""
     if len(p) != len(q):

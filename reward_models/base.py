@@ -43,6 +43,15 @@ class RewardBatch:
     def __len__(self) -> int:
         return len(self.responses)
 
+    def token_ids(self) -> list[list[int]] | None:
+        """The policy's token ids of each response: as given, else re-tokenized with
+        `policy_tokenizer`; None when the batch has neither."""
+        if self.response_token_ids is not None:
+            return self.response_token_ids
+        if self.policy_tokenizer is None:
+            return None
+        return [list(self.policy_tokenizer(r, add_special_tokens=False)["input_ids"]) for r in self.responses]
+
 
 @dataclass
 class Rewards:

@@ -188,7 +188,8 @@ class CombinedReward:
         import torch
 
         results = {o.name: o.model.score(batch) for o in self.objectives}
-        lengths = _response_lengths(batch)
+        ids = batch.token_ids()
+        lengths = None if ids is None else [len(row) for row in ids]
         width = max(lengths) if lengths is not None and lengths else 0
         dense = torch.zeros(len(batch), width) if lengths is not None else None
         zs, raw_std = {}, {}
@@ -265,14 +266,6 @@ def _dense_z(dense, z, std: float, lengths: list[int], width: int):
         if n:
             out[b, n - 1] += rest[b]
     return out
-
-
-def _response_lengths(batch: RewardBatch) -> list[int] | None:
-    if batch.response_token_ids is not None:
-        return [len(ids) for ids in batch.response_token_ids]
-    if batch.policy_tokenizer is not None:
-        return [len(batch.policy_tokenizer(r, add_special_tokens=False)["input_ids"]) for r in batch.responses]
-    return None
 
 
 def _default_name(path: str, existing: list[Objective]) -> str:

@@ -179,9 +179,7 @@ class FineGrainedReward:
 
         texts, ends = list(batch.responses), None
         if batch.policy_tokenizer is not None:
-            ids = batch.response_token_ids or [
-                batch.policy_tokenizer(r, add_special_tokens=False)["input_ids"] for r in batch.responses
-            ]
+            ids = batch.token_ids() or []
             decoded = [token_char_ends(batch.policy_tokenizer, row) for row in ids]
             texts, ends = [d[0] for d in decoded], [d[1] for d in decoded]
         width = max((len(e) for e in ends), default=0) if ends is not None else 0

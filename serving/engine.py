@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -33,7 +34,8 @@ class PromptTooLong(ValueError):
 
 @dataclass
 class _Job:
-    messages: list[dict[str, str]]
+    text: str  # the prompt with the chat template applied (rendered once, when the request came in)
+    n_prompt: int
     max_tokens: int
     temperature: float
     top_p: float
@@ -107,6 +109,7 @@ class ChatEngine:
         max_batch: int = 16,
         batch_window: float = 0.005,
     ):
+        from pipeline.generation import _eos_ids
         from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
         self.model_name = model
@@ -117,13 +120,7 @@ class ChatEngine:
         config = getattr(self.model, "config", None)
         self.context_length = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         self._lock = threading.Lock()
-        eos = set()
-        for source in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(source, int):
-                eos.add(source)
-            elif source:
-                eos.update(source)
-        self.eos_ids = sorted(eos)
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self._batcher = MicroBatcher(self, max_batch, batch_window) if max_batch > 1 else None
 
     def close(self) -> None:
@@ -135,7 +132,8 @@ class ChatEngine:
     def special_tokens(self) -> list[str]:
         return list(getattr(self.tokenizer, "all_special_tokens", []) or [])
 
-    def _encode(self, messages: list[dict[str, str]], max_tokens: int):
+    def _render(self, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, Any]:
+        """(the prompt text, its token ids); a prompt too long for the context is refused here."""
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         n = enc["input_ids"].shape[1]
@@ -144,7 +142,11 @@ class ChatEngine:
                 f"prompt is {n} tokens and max_tokens is {max_tokens}: together more than the "
                 f"model's context of {self.context_length} tokens"
             )
-        return enc.to(self.policy.device), n
+        return text, enc
+
+    def _encode(self, messages: list[dict[str, str]], max_tokens: int):
+        _, enc = self._render(messages, max_tokens)
+        return enc.to(self.policy.device), enc["input_ids"].shape[1]
 
     def _kwargs(self, max_tokens: int, temperature: float, top_p: float, stop: list[str]):
         kwargs = dict(max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids)
@@ -169,9 +171,11 @@ class ChatEngine:
         from transformers import set_seed
 
         stop = stop or []
-        enc, n_prompt = self._encode(messages, max_tokens)  # a prompt too long is refused here, before any queue
+        text, enc = self._render(messages, max_tokens)  # a prompt too long is refused here, before any queue
+        n_prompt = enc["input_ids"].shape[1]
         if self._batcher is not None and seed is None and not stop:
-            return self._batcher.submit(_Job(messages, max_tokens, temperature, top_p))
+            return self._batcher.submit(_Job(text, n_prompt, max_tokens, temperature, top_p))
+        enc = enc.to(self.policy.device)
         with self._lock, torch.inference_mode():
             if seed is not None:
                 set_seed(seed)
@@ -179,29 +183,31 @@ class ChatEngine:
         return self._finish(out[0, n_prompt:].tolist(), n_prompt, max_tokens, stop)
 
     def _finish(self, tokens: list[int], n_prompt: int, max_tokens: int, stop: list[str]) -> Generated:
-        tokens = tokens[:max_tokens]
-        finish = "length"
-        for i, tok in enumerate(tokens):
-            if tok in self.eos_ids:
-                tokens, finish = tokens[:i], "stop"
-                break
+        tokens, ended = self._cut_eos(tokens[:max_tokens])
+        finish = "stop" if ended else "length"
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         text, stopped = _cut_at_stop(text, stop)
         return Generated(text.strip(), n_prompt, len(tokens), "stop" if stopped else finish)
+
+    def _cut_eos(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """The reply up to its first end-of-turn token, and whether it had one."""
+        for i, tok in enumerate(tokens):
+            if tok in self.eos_ids:
+                return tokens[:i], True
+        return tokens, False
 
     def _generate_batch(self, jobs: list[_Job]) -> list[Generated]:
         """Jobs with the same sampling settings in one left-padded `generate`; each is cut to its own
         max_tokens (greedy: the same tokens as alone, up to float rounding in padded attention)."""
         import torch
 
-        texts = [self.tokenizer.apply_chat_template(j.messages, tokenize=False, add_generation_prompt=True) for j in jobs]
-        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        texts = [j.text for j in jobs]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.policy.device)
         longest = max(j.max_tokens for j in jobs)
         with self._lock, torch.inference_mode():
             out = self.model.generate(**enc, **self._kwargs(longest, jobs[0].temperature, jobs[0].top_p, []))
         width = enc["input_ids"].shape[1]
-        return [self._finish(out[i, width:].tolist(), lengths[i], j.max_tokens, []) for i, j in enumerate(jobs)]
+        return [self._finish(out[i, width:].tolist(), j.n_prompt, j.max_tokens, []) for i, j in enumerate(jobs)]
 
     def stream(
         self,
@@ -260,12 +266,9 @@ class ChatEngine:
                 yield received[len(emitted) :]
             out = result.get("out")
             if out is not None:
-                tokens = out[0, n_prompt:].tolist()
-                for i, tok in enumerate(tokens):
-                    if tok in self.eos_ids:
-                        tokens = tokens[:i]
-                        info["finish_reason"] = "stop"
-                        break
+                tokens, ended = self._cut_eos(out[0, n_prompt:].tolist())
+                if ended:
+                    info["finish_reason"] = "stop"
                 info["completion_tokens"] = len(tokens)
 
         return n_prompt, deltas(), info

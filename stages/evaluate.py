@@ -468,20 +468,20 @@ class EvaluateStage(Stage):
         )
         judge = Judge(simulator, settings.judge).calibrate()
         self.ctx.log.info("simulated users' judge calibrated: %.0f%%", 100 * judge.accuracy)
+        needs = self.ctx.input("needs")
+        assert needs is not None  # run() calls this only with a `needs` input
+        users = load_users(
+            needs,
+            settings.need_field,
+            settings.request_field,
+            [],
+            [],
+            self.ctx.seed,
+            settings.max_users,
+            None,
+            settings.facts_field,
+        )  # read once: each condition resets what it changes on them
         for condition in conditions:
-            needs = self.ctx.input("needs")
-            assert needs is not None  # run() calls this only with a `needs` input
-            users = load_users(
-                needs,
-                settings.need_field,
-                settings.request_field,
-                [],
-                [],
-                self.ctx.seed,
-                settings.max_users,
-                None,
-                settings.facts_field,
-            )
             for user in users:
                 user.first_reply = None  # the condition answers itself
                 user.system_prompt = system_for(condition, user.request)

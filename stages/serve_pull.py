@@ -18,7 +18,6 @@ the same run: `heedful run P.yaml --force pull`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +127,7 @@ class ServePullStage(Stage):
             loaded = json.loads(cursor_path.read_text(encoding="utf-8"))
             if loaded.get("url") == cfg.url:
                 state = loaded
-        token = read_token(Path(cfg.token_file) if cfg.token_file else None) or os.environ.get("HEEDFUL_TOKEN")
+        token = read_token(Path(cfg.token_file) if cfg.token_file else None)  # falls back to $HEEDFUL_TOKEN
         seen = set(state["ids"])
         rows, watermark = fetch_new(cfg.url, token, int(state["watermark"]), seen, cfg.page)
         records = check_records(rows, cfg.url)
@@ -143,7 +142,8 @@ class ServePullStage(Stage):
             save_rows(kind_rows, self.ctx.output(kind))
         if result.quarantined:
             save_rows(
-                [{**h.row(), "record": json.dumps(h.row()["record"])} for h in result.quarantined], self.ctx.output("quarantine")
+                [{**(row := h.row()), "record": json.dumps(row["record"])} for h in result.quarantined],
+                self.ctx.output("quarantine"),
             )
         new_state = {"url": cfg.url, "watermark": watermark, "ids": sorted(seen)}
         out = self.ctx.output("cursor")

@@ -120,7 +120,9 @@ def choose_gradient_checkpointing(
 
 def set_checkpointing(model, on: bool) -> None:
     """Switch checkpointing on the (PEFT-wrapped) model; inputs need grads for it under PEFT."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from trainers.fastpref.logps import unwrap_peft
+
+    base = unwrap_peft(model)
     if on and not base.is_gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()

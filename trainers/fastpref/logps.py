@@ -123,10 +123,15 @@ class PackedLogps:
         return self.seq_logps[:n], self.seq_logps[n:]
 
 
+def unwrap_peft(model):
+    """The underlying transformers model of a PEFT-wrapped one (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def backbone_and_head(model):
     """The transformer body and the LM head of a (PEFT-wrapped) causal LM: the body's hidden
     states go to `ChunkedLogps` instead of the model's full-vocabulary head."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 

@@ -66,7 +66,9 @@ def _digest_parameters(named: Iterable[tuple[str, Any]]) -> str:
 def base_model_identity(model) -> str:
     """The base weights' identity: config, dtype, weight files (path, size, mtime) of a local
     checkpoint folder, and a digest of the in-memory base parameters (LoRA excluded)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from .logps import unwrap_peft
+
+    base = unwrap_peft(model)
     config = base.config
     h = hashlib.sha256(config.to_json_string(use_diff=False).encode())
     h.update(str(base.dtype).encode())

@@ -23,7 +23,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import hash_module, use_adapter
 
-from .logps import TILE_ELEMENTS, packed_logps
+from .logps import TILE_ELEMENTS, packed_logps, unwrap_peft
 from .loss import SUPPORTED_LOSS_TYPES, dpo_loss, trl_metrics
 from .packing import PackedPreferenceCollator, pack, truncate
 from .ref_cache import RefLogpCache, base_model_identity, cache_key, data_fingerprint, reference_adapter_identity
@@ -108,7 +108,7 @@ class FastDPOTrainer(DPOTrainer):
 
     def _attn_implementation(self) -> str:
         model = self.accelerator.unwrap_model(self.model)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap_peft(model)
         return getattr(base.config, "_attn_implementation", None) or "sdpa"
 
     # ------------------------------------------------------------------ reference
@@ -192,7 +192,7 @@ class FastDPOTrainer(DPOTrainer):
         device = self.accelerator.device
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in pack(units, self._tokenizer.pad_token_id).items()}
         model = self.accelerator.unwrap_model(self.model).to(device)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap_peft(model)
         bucket = shape_bucket(device.type, str(base.dtype), *batch["input_ids"].shape)
         name = model_name or str(getattr(base.config, "_name_or_path", "") or type(base).__name__)
         on = choose_gradient_checkpointing(
