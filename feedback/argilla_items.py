@@ -57,21 +57,40 @@ def to_items(
     """Items for template `kind`; `defaults` fills metadata (run, stage) rows do not carry."""
     if not rows:
         return []
+    fmt = _checked_format(rows, kind, fmt, where)
+    if fmt == "qa_feedback":
+        return qa_items(rows, kind, import_user, where)
+    return [item for item, _ in sourced_items(rows, kind, fmt, defaults, where)]
+
+
+def sourced_items(
+    rows: list[dict[str, Any]], kind: TemplateKind, fmt: str, defaults: dict[str, Any], where: str = "input"
+) -> list[tuple[PushItem, tuple[int, ...]]]:
+    """Each item with the indices of the rows it came from (one reply or pair row, or the two
+    replies a preference item pairs up), so a review selection can read their scores.
+    qa-feedback imports are excluded: they already carry human answers."""
+    if not rows:
+        return []
+    fmt = _checked_format(rows, kind, fmt, where)
+    if fmt == "qa_feedback":
+        raise DataError(f"{where}: qa-feedback rows are human feedback already; push them without `select`")
+    if fmt == "preferences":
+        return [(_preference_item(row, i, defaults, where), (i,)) for i, row in enumerate(rows)]
+    if fmt == "responses" and kind == "preference":
+        return _paired_items(rows, defaults, where)
+    if fmt == "responses":
+        return [(_reply_item(row, i, defaults, where), (i,)) for i, row in enumerate(rows)]
+    return [(_feedback_item(row, i, fmt, defaults, where), (i,)) for i, row in enumerate(rows)]
+
+
+def _checked_format(rows: list[dict[str, Any]], kind: TemplateKind, fmt: str, where: str) -> str:
     if fmt == "auto":
         fmt = detect_format(rows[0])
     if kind not in ACCEPTS[fmt]:
         raise DataError(
             f"{where}: input format '{fmt}' cannot fill the '{kind}' template (it fits: {', '.join(sorted(ACCEPTS[fmt]))})"
         )
-    if fmt == "qa_feedback":
-        return qa_items(rows, kind, import_user, where)
-    if fmt == "preferences":
-        return [_preference_item(row, i, defaults, where) for i, row in enumerate(rows)]
-    if fmt == "responses" and kind == "preference":
-        return _paired_items(rows, defaults, where)
-    if fmt == "responses":
-        return [_reply_item(row, i, defaults, where) for i, row in enumerate(rows)]
-    return [_feedback_item(row, i, fmt, defaults, where) for i, row in enumerate(rows)]
+    return fmt
 
 
 def _need(row: dict[str, Any], i: int, where: str, *names: str) -> None:
@@ -150,26 +169,26 @@ def _preference_item(row: dict[str, Any], i: int, defaults: dict[str, Any], wher
     )
 
 
-def _paired_items(rows: list[dict[str, Any]], defaults: dict[str, Any], where: str) -> list[PushItem]:
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+def _paired_items(rows: list[dict[str, Any]], defaults: dict[str, Any], where: str) -> list[tuple[PushItem, tuple[int, ...]]]:
+    groups: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
         _need(row, i, where, "prompt", "response")
-        groups[str(row.get("prompt_id") or prompt_id(row["prompt"]))].append(row)
-    items = []
+        groups[str(row.get("prompt_id") or prompt_id(row["prompt"]))].append(i)
+    items: list[tuple[PushItem, tuple[int, ...]]] = []
     for pid, group in groups.items():
-        group.sort(key=lambda r: r.get("sample_index", 0))
-        for first, second in zip(group[0::2], group[1::2]):
+        group.sort(key=lambda i: rows[i].get("sample_index", 0))
+        for i, j in zip(group[0::2], group[1::2]):
+            first, second = rows[i], rows[j]
             prompt = _prompt_of(first)
             rid = stable_id(prompt, first["response"], second["response"])
-            items.append(
-                PushItem(
-                    id=rid,
-                    prompt=prompt,
-                    response_a=first["response"],
-                    response_b=second["response"],
-                    metadata=_metadata(first, defaults, f"{pid}:{first.get('sample_index', 0)}v{second.get('sample_index', 1)}"),
-                )
+            item = PushItem(
+                id=rid,
+                prompt=prompt,
+                response_a=first["response"],
+                response_b=second["response"],
+                metadata=_metadata(first, defaults, f"{pid}:{first.get('sample_index', 0)}v{second.get('sample_index', 1)}"),
             )
+            items.append((item, (i, j)))
     return items
 
 

@@ -293,8 +293,18 @@ def _value(response: dict[str, Any], question: str) -> Any:
 
 
 def provenance(record: dict[str, Any], response: dict[str, Any], annotator: str, dataset: str) -> Provenance:
+    """Where a pulled answer came from; items pushed for review (argilla_push `select:`) say so and why."""
+    extra: dict[str, Any] = {
+        "status": response.get("status"),
+        "response_id": str(response.get("id")),
+        "argilla_record_id": str(record["id"]),
+        "sample_id": _meta(record, "sample_id"),
+    }
+    reviewed = _meta(record, "review_reason") is not None
+    if reviewed:
+        extra["review"] = {k: _meta(record, f"review_{k}") for k in ("reason", "score", "detail")}
     return Provenance(
-        source="argilla",
+        source="argilla review" if reviewed else "argilla",
         annotator=annotator,
         timestamp=_iso(response.get("updated_at") or response.get("inserted_at")),
         model=_meta(record, "model"),
@@ -303,14 +313,7 @@ def provenance(record: dict[str, Any], response: dict[str, Any], annotator: str,
         stage=_meta(record, "stage"),
         dataset=dataset,
         record_id=str(record.get("external_id") or record["id"]),
-        extra=json.dumps(
-            {
-                "status": response.get("status"),
-                "response_id": str(response.get("id")),
-                "argilla_record_id": str(record["id"]),
-                "sample_id": _meta(record, "sample_id"),
-            }
-        ),
+        extra=json.dumps(extra),
     )
 
 

@@ -103,3 +103,14 @@ def render_ids(tokenizer, prompt: Any, system_prompt: str | None = None) -> list
 def assistant(text: str) -> Messages:
     """A reply as TRL's conversational completion (one assistant message)."""
     return [{"role": "assistant", "content": text}]
+
+
+def matched_pair(prompt: Any, chosen: Any, rejected: Any) -> dict[str, Any]:
+    """A preference row whose replies have the prompt's shape: TRL joins them by concatenation.
+
+    Served edits store the prompt as messages and the replies as text; a conversational prompt
+    gets each text reply as one assistant message (and a text prompt keeps text replies)."""
+    if isinstance(prompt, list):
+        chosen = assistant(chosen) if isinstance(chosen, str) else chosen
+        rejected = assistant(rejected) if isinstance(rejected, str) else rejected
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}

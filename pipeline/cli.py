@@ -27,10 +27,12 @@ SUBCOMMANDS = [
     ("serving.cli", "serve", "serve"),
     ("serving.memory_cli", "app", "memory"),
     ("serving.users_cli", "app", "users"),
-    ("serving.deploy_cli", "deploy", "deploy"),
+    ("serving.deploy_cli", "deploy_command", "deploy"),
+    ("pipeline.loop_cli", "loop", "loop"),
     ("ray_jobs.cli", "submit_app", "submit"),
     ("ray_jobs.cli", "jobs_app", "jobs"),
     ("feedback.simulator.cli", "app", "simulate"),
+    ("pipeline.trace", "trace", "trace"),
 ]
 
 ICONS = {

@@ -1,4 +1,11 @@
-"""Package an adapter for shipping: PEFT files + model card + `heedful.json` lineage (+ merged model)."""
+"""Package an adapter for shipping: PEFT files + model card + `heedful.json` lineage (+ merged model).
+
+heedful.json also records the package's version id (`version_id`: the content-addressed id a
+server reports for every completion this folder writes, `serving.versions.adapter_version_id`)
+and the id of the run's adapter it was copied from (`source_version_id`; they differ when the
+export points the config at the hub's base model). So a completion's version leads back to
+this export, its run and the feedback records that shaped it (`heedful trace`).
+"""
 
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ def export_adapter(
             shutil.copy2(item, tmp / item.name)
     base = lineage.get("base_model") or {}
     _portable_base(tmp / "adapter_config.json", base)
+    lineage = {**lineage, **version_ids(tmp, adapter)}
     atomic_write_json(tmp / "heedful.json", lineage)
     (tmp / "README.md").write_text(model_card(lineage, name or adapter.parent.name, description, license), encoding="utf-8")
     if merge:
@@ -46,6 +54,13 @@ def export_adapter(
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, dest)
     return dest
+
+
+def version_ids(package: Path, adapter: Path) -> dict[str, str]:
+    """The served version id of the package and of the run's adapter it came from."""
+    from serving.versions import adapter_version_id
+
+    return {"version_id": adapter_version_id(package), "source_version_id": adapter_version_id(adapter)}
 
 
 def _shippable(item: Path) -> bool:
@@ -115,11 +130,46 @@ def model_card(lineage: dict[str, Any], name: str, description: str, license: st
     for stage in lineage.get("stages", []):
         metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in list(stage.get("metrics", {}).items())[:5])
         lines.append(f"| {stage['name']} | {stage['uses']} | {metrics} |")
-    counts = lineage.get("feedback_counts", {})
-    lines += ["", "## Feedback used", ""]
-    lines += [f"- {kind}: {n}" for kind, n in sorted(counts.items())] or ["- none recorded"]
+    lines += ["", *feedback_section(lineage)]
     lines += ["", f"Run `{lineage.get('run_name')}`; full lineage in `heedful.json`.", ""]
     return "\n".join(lines)
+
+
+def feedback_section(lineage: dict[str, Any]) -> list[str]:
+    """Counts per kind and where they came from; the ids stay in heedful.json (there may be 10k)."""
+    version = lineage.get("version_id")
+    lines = ["## Feedback that shaped this adapter", ""]
+    if version:
+        lines += [f"Version id `{version}` (what `heedful serve` reports for each completion it writes).", ""]
+    counts = lineage.get("feedback_record_counts") or {}
+    if not counts:
+        return [*lines, "No feedback records upstream of this adapter."]
+    sources = lineage.get("feedback_sources", [])
+    lines += ["| kind | records | from |", "|---|---|---|"]
+    lines += [f"| {kind} | {n} | {', '.join(_origins(sources, kind))} |" for kind, n in counts.items()]
+    notes = [
+        f"- includes the records of the adapter it continued, `{s['inherited_from']}`" for s in sources if s.get("inherited_from")
+    ]
+    notes += [f"- could not read `{s.get('path') or s.get('inherited_from')}`: {s['error']}" for s in sources if s.get("error")]
+    lines += ["", *notes] if notes else []
+    trace = f"`heedful trace --version {version}`" if version else "`heedful trace`"
+    lines += [
+        "",
+        f"Every record (id, kind, time given, source stage) is in `feedback_records` in `heedful.json`; {trace} shows them.",
+    ]
+    return lines
+
+
+def _origins(sources: list[dict[str, Any]], kind: str) -> list[str]:
+    """Where the records of `kind` came from: stages, files given directly, adapters continued."""
+    out = []
+    for source in sources:
+        if (source.get("counts") or {}).get(kind):
+            if source.get("inherited_from"):
+                out.append(f"run {source.get('run') or '?'} (inherited)")
+            else:
+                out.append(source.get("source_stage") or Path(str(source.get("path"))).name)
+    return sorted(set(out))
 
 
 def _fmt(value: Any) -> str:

@@ -23,7 +23,7 @@ from .identity import Authenticator, Principal, load_token
 from .identity import IdentityError as TokenFileError
 from .schemas import ChatRequest, DeployRequest, FeedbackRequest, ShareRequest, error_body
 from .service import BadRequest, MemPromptService, NotFound, PermissionDenied, ServeSettings
-from .versions import AdapterRefused
+from .versions import AdapterRefused, VersionConflict
 
 __all__ = ["build_app", "load_token", "TokenFileError"]  # the last two: the names callers and tests know
 log = logging.getLogger("heedful.serving")
@@ -163,7 +163,11 @@ def build_app(settings: ServeSettings, service: MemPromptService | None = None) 
 
     @app.exception_handler(AdapterRefused)
     async def refused(request: Request, exc: AdapterRefused):
-        return JSONResponse(error_body(str(exc), code="adapter_refused", param="path"), status_code=422)
+        return JSONResponse(error_body(str(exc), code="adapter_refused", param="adapter"), status_code=422)
+
+    @app.exception_handler(VersionConflict)
+    async def conflict(request: Request, exc: VersionConflict):
+        return JSONResponse(error_body(str(exc), code="version_conflict"), status_code=409)
 
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound):
@@ -184,50 +188,75 @@ def build_app(settings: ServeSettings, service: MemPromptService | None = None) 
             raise BadRequest(
                 "this server runs several Ray Serve replicas, and an adapter deploy would reach only "
                 "one of them; restart it with --adapter, or serve one replica",
-                "path",
+                "adapter",
             )
 
     @app.get("/v1/models")
     def models():
-        """The served model; `versions`: its adapter versions (id, adapter path, loaded_at, active), newest first."""
+        """The served model; `versions`: its adapter versions (id, adapter path, loaded_at, active, loaded,
+        canary: the share of users a canary serves, else 0), newest first."""
         versions = svc().versions.list() if state["service"] is not None else []
         active = next((v["id"] for v in versions if v["active"]), None)
+        canary = next((v for v in versions if v["canary"]), None)
+        summary = {
+            "active_version": active,
+            "canary_version": canary["id"] if canary else None,
+            "canary": canary["canary"] if canary else 0.0,
+        }
         return {
             "object": "list",
-            "active_version": active,
+            **summary,
             "data": [
-                {
-                    "id": settings.name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "heedful",
-                    "active_version": active,
-                    "versions": versions,
-                }
+                {"id": settings.name, "object": "model", "created": 0, "owned_by": "heedful", **summary, "versions": versions}
             ],
+        }
+
+    async def switch(request: Request, what: str, act, *args) -> dict[str, Any]:
+        """Run a version change for an admin; the answer says what serves now and what served before."""
+        admin = admin_only(request, what)
+        swappable()
+        versions = svc().versions
+        before = versions.active.id
+        await run_in_threadpool(act, *args)
+        running = versions.canary
+        after = versions.active
+        log.info(
+            "%s by %s: active %s (was %s), canary %s", what, admin.name, after.id, before, running[0].id if running else None
+        )
+        return {
+            "active": after.public(True),
+            "canary": running[0].public(False, running[1]) if running else None,
+            "previous": before,
+            "changed": after.id != before,
         }
 
     @app.post("/v1/admin/adapters")
     async def deploy_adapter(body: DeployRequest, request: Request):
-        """Admin: load an adapter folder beside the active version, then switch to it (requests keep flowing)."""
-        admin = admin_only(request, "deploy adapters")
-        swappable()
-        service = svc()
-        before = service.versions.active.id
-        version = await run_in_threadpool(service.versions.deploy, body.path)
-        log.info("adapter version %s (%s) deployed by %s; previous %s", version.id, version.adapter, admin.name, before)
-        return {"active": version.public(True), "previous": before, "changed": version.id != before}
+        """Admin: load an adapter folder beside the active version, then switch to it (requests keep
+        flowing), or with `canary` serve it to that share of users."""
+        return await switch(request, "deploy adapters", svc().versions.deploy, body.folder, body.canary)
+
+    @app.post("/v1/admin/adapters/promote")
+    async def promote_adapter(request: Request):
+        """Admin: make the canary the active version for every user."""
+        return await switch(request, "promote adapters", svc().versions.promote)
 
     @app.post("/v1/admin/adapters/rollback")
     async def rollback_adapter(request: Request):
-        """Admin: switch back to the version that was active before the current one."""
-        admin = admin_only(request, "roll back adapters")
-        swappable()
-        service = svc()
-        before = service.versions.active.id
-        version = await run_in_threadpool(service.versions.rollback)
-        log.info("adapter rolled back from %s to %s by %s", before, version.id, admin.name)
-        return {"active": version.public(True), "previous": before, "changed": version.id != before}
+        """Admin: drop the canary if one runs, else switch back to the version active before the current one."""
+        return await switch(request, "roll back adapters", svc().versions.rollback)
+
+    @app.get("/v1/admin/versions/stats")
+    def version_stats(request: Request, since: float | None = None):
+        """Admin: per version, completions and their reactions (love_rate), since `since` (unix seconds)."""
+        admin_only(request, "read version statistics")
+        return {"object": "list", "data": svc().version_stats(since), "logged": settings.log}
+
+    @app.get("/v1/admin/completions/{completion_id}")
+    def completion(completion_id: str, request: Request):
+        """Admin: the version (and adapter) that wrote a completion, its conversation, time, user hash."""
+        admin_only(request, "look up completions")
+        return svc().completion(completion_id)
 
     @app.get("/v1/feedback/export")
     def feedback_export(request: Request, after: int = 0, limit: int = 1000):

@@ -1,10 +1,16 @@
-"""`heedful deploy RUN_OR_ADAPTER_DIR --to URL` and `heedful deploy rollback --to URL`.
+"""`heedful deploy RUN_OR_ADAPTER_DIR --to URL [--canary SHARE]`, `heedful deploy promote|rollback|stats --to URL`.
 
 Why a client command and not a server restart: the server loads the adapter as a new
 version beside the one it serves and switches without dropping a request
-(`serving.versions`). The folder is given to the server by path, so it must be readable
-on the server's machine (the same machine, or a shared file system). The admin token
-comes from `--token-file` (mode 0600) or `HEEDFUL_TOKEN`; it is never printed.
+(`serving.versions`); with `--canary` it serves the new version to that share of users
+only, until `promote` (everyone) or `rollback` (nobody). `stats` shows the live reaction
+counts per version that decide it. The folder is given to the server by path, so it must
+be readable on the server's machine (the same machine, or a shared file system). The
+admin token comes from `--token-file` (mode 0600) or `HEEDFUL_TOKEN`; it is never printed.
+
+The same acts for Python callers (the loop): `deploy`, `promote`, `rollback`,
+`version_stats`, `completion`; each raises a HeedfulError with the server's message when
+the server refuses.
 """
 
 from __future__ import annotations
@@ -65,14 +71,17 @@ def read_token(token_file: Path | None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
-def call(url: str, path: str, token: str | None, body: dict | None = None, timeout: float = 600) -> dict:
-    """POST to the server; a refusal becomes a HeedfulError with the server's message and status."""
+def call(url: str, path: str, token: str | None, body: dict | None = None, timeout: float = 600, method: str = "POST") -> dict:
+    """Ask the server; a refusal becomes a HeedfulError with the server's message and status."""
     import httpx
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     endpoint = url.rstrip("/").removesuffix("/v1") + path
     try:
-        response = httpx.post(endpoint, json=body or {}, headers=headers, timeout=timeout)
+        if method == "GET":
+            response = httpx.get(endpoint, params=body, headers=headers, timeout=timeout)
+        else:
+            response = httpx.post(endpoint, json=body or {}, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
         raise HeedfulError(f"cannot reach the server at {url}: {exc}") from None
     try:
@@ -88,22 +97,94 @@ def call(url: str, path: str, token: str | None, body: dict | None = None, timeo
     return data
 
 
-def deploy(
-    target: str = typer.Argument(..., help="exported adapter folder, a run folder with an export stage, or 'rollback'"),
+def deploy(url: str, adapter: str | Path, token: str | None, canary: float | None = None) -> dict:
+    """Load `adapter` (a PEFT folder, or a run folder with one export output) on the server and switch
+    to it, or with `canary` (0..1) serve it to that share of users. The server's answer:
+    `{"active", "canary", "previous", "changed"}`."""
+    body: dict = {"adapter": str(resolve_adapter(Path(adapter)))}
+    if canary is not None:
+        body["canary"] = canary
+    return call(url, "/v1/admin/adapters", token, body)
+
+
+def promote(url: str, token: str | None) -> dict:
+    """Make the running canary the active version for every user."""
+    return call(url, "/v1/admin/adapters/promote", token)
+
+
+def rollback(url: str, token: str | None) -> dict:
+    """Drop the running canary, or (with none) switch back to the previously active version."""
+    return call(url, "/v1/admin/adapters/rollback", token)
+
+
+def version_stats(url: str, token: str | None, since: float | None = None) -> list[dict]:
+    """Per version: completions, reactions, love, dislike, neutral, love_rate, serving, share."""
+    params = {"since": since} if since is not None else None
+    return call(url, "/v1/admin/versions/stats", token, params, method="GET")["data"]
+
+
+def completion(url: str, token: str | None, completion_id: str) -> dict:
+    """The version, adapter, conversation, time and user hash of one served completion."""
+    from urllib.parse import quote
+
+    return call(url, f"/v1/admin/completions/{quote(completion_id, safe='')}", token, method="GET")
+
+
+ACTIONS = ("promote", "rollback", "stats")
+
+
+def deploy_command(
+    target: str = typer.Argument(
+        ..., help="exported adapter folder, a run folder with an export stage, or 'promote', 'rollback', 'stats'"
+    ),
     to: str = typer.Option(..., "--to", help="server URL, e.g. http://127.0.0.1:8000"),
     token_file: Path | None = typer.Option(None, "--token-file", help=f"admin token file, mode 0600 (else ${TOKEN_ENV})"),
+    canary: float | None = typer.Option(None, "--canary", help="serve the adapter to this share of users only (0..1)"),
 ):
-    """Hot-deploy an adapter to a running `heedful serve` (or roll back to the previous version)."""
+    """Hot-deploy an adapter to a running `heedful serve` (optionally as a canary); promote, roll back, stats."""
     token = read_token(token_file)
-    if target == "rollback" and not Path(target).is_dir():
-        result = call(to, "/v1/admin/adapters/rollback", token)
-        action = "rolled back to"
+    action = target if target in ACTIONS and not Path(target).is_dir() else "deploy"
+    if canary is not None and action != "deploy":
+        raise HeedfulError(f"--canary goes with an adapter to deploy, not with '{action}'")
+    if action == "stats":
+        show_stats(version_stats(to, token))
+        return
+    if action == "deploy":
+        result = deploy(to, Path(target), token, canary)
+        action = "canary" if canary is not None else ("deployed" if result.get("changed") else "already active:")
     else:
-        adapter = resolve_adapter(Path(target))
-        result = call(to, "/v1/admin/adapters", token, {"path": str(adapter)})
-        action = "deployed" if result.get("changed") else "already active:"
-    active = result.get("active") or {}
+        result = {"promote": promote, "rollback": rollback}[action](to, token)
+        action = {"promote": "promoted", "rollback": "rolled back; active"}[action]
+    show_result(action, result)
+
+
+def show_result(action: str, result: dict) -> None:
+    active, running = result.get("active") or {}, result.get("canary")
+    if action == "canary" and running:
+        console.print(
+            f"canary version [bold]{running.get('id')}[/] ({running.get('adapter')}) for {running.get('canary'):.0%} of users"
+        )
+    else:
+        console.print(f"{action} version [bold]{active.get('id')}[/] ({active.get('adapter') or 'base model'})")
     console.print(
-        f"{action} version [bold]{active.get('id')}[/] ({active.get('adapter') or 'base model'}); "
-        f"previous: {result.get('previous')}"
+        f"active: {active.get('id')}; previous: {result.get('previous')}; canary: {running.get('id') if running else 'none'}"
     )
+
+
+def show_stats(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title="versions: live reactions", title_justify="left")
+    table.add_column("version", no_wrap=True)
+    for column in ("serving", "share", "completions", "reactions", "love", "dislike", "love_rate"):
+        table.add_column(column)
+    for row in rows:
+        rate = row.get("love_rate")
+        table.add_row(
+            str(row["version"]),
+            row.get("serving") or "",
+            f"{row.get('share', 0):.0%}",
+            *(str(row[k]) for k in ("completions", "reactions", "love", "dislike")),
+            "" if rate is None else f"{rate:.2f}",
+        )
+    console.print(table)

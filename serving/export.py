@@ -4,19 +4,23 @@ Written under one folder (temp folder + rename, so a crash leaves nothing half-w
   reactions/         Reaction records (P[Love] reward model)
   verbal_feedback/   VerbalFeedback records: critiques and clarifications (C3PO, CUT, CoH)
   preferences/       Preference pairs in TRL's conversational columns (DPO):
+                     - a user's edit: their text (chosen) over the reply (rejected);
                      - same prompt, a loved reply vs. a disliked one;
                      - memory distillation: a reply the user had to clarify (rejected) vs. a later
                        reply to the same request that used that clarification from memory and was
                        loved (chosen), with the *unedited* prompt, so the policy learns to answer
                        as if it had the clarification.
+  followups/         FollowUp records: the user's next turn after a reply (FLR)
   memory.jsonl       the memory entries (less those whose clarification was quarantined)
   quarantine/        quarantine.jsonl: the feedback held back, each with its reason (see below)
   export.json        counts and where it came from
 A kind with no records is left out (an empty `datasets` folder cannot be loaded back).
+Which stored record becomes which dataset is `feedback.served_kinds.OUTPUT_OF`, the table
+`serve_pull` reads too, so the two ways out of the server keep the same feedback.
 
 Every feedback record passes `feedback.quarantine` first (verified author, per-user rate
 and volume caps, instruction-like clarifications, injections, duplicates and floods); only
-what it keeps becomes reactions, verbal feedback and preference pairs.
+what it keeps becomes reactions, verbal feedback, preference pairs and follow-ups.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from feedback.quarantine import QuarantineSettings, candidate_from_record, quarantine
+from feedback.served_kinds import OUTPUT_OF, artifact_kind, conversational_preference
 from pipeline.records import save_rows, write_jsonl
-from pipeline.schema import Preference, Provenance, Reaction, VerbalFeedback, records_to_rows
+from pipeline.schema import Preference, Provenance, records_to_rows, rows_to_records
 
 from .store import MemoryStore
 
@@ -101,6 +106,19 @@ def preference_pairs(store: MemoryStore, records: list[dict[str, Any]] | None = 
     return pairs
 
 
+def kept_datasets(records: list[dict[str, Any]], where: str) -> dict[str, list[BaseModel]]:
+    """Artifact kind -> the validated records of that kind (every kind of `OUTPUT_OF`, in its order).
+
+    Edits are stored with plain-text chosen/rejected; here they take the conversational shape
+    of the pairs `preference_pairs` adds to the same dataset."""
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in dict.fromkeys(OUTPUT_OF.values())}
+    for record in records:
+        name = artifact_kind(record.get("kind"))
+        if name is not None:
+            rows[name].append(conversational_preference(record) if name == "preferences" else record)
+    return {name: rows_to_records(name, kind_rows, f"{where} ({name})") for name, kind_rows in rows.items()}
+
+
 def export_memory(memory: str | Path, dest: str | Path, screen: QuarantineSettings | None = None) -> dict[str, Any]:
     """Write every dataset under `dest` (replaced atomically); returns the counts (quarantine's too)."""
     memory, dest = Path(memory), Path(dest)
@@ -109,9 +127,8 @@ def export_memory(memory: str | Path, dest: str | Path, screen: QuarantineSettin
     store = MemoryStore(memory)
     screened = quarantine([candidate_from_record(record, created) for created, record in store.feedback_rows()], screen)
     kept = [c.record for c in screened.kept]
-    reactions = [Reaction.model_validate(r) for r in kept if r.get("kind") == "reaction"]
-    verbal = [VerbalFeedback.model_validate(r) for r in kept if r.get("kind") == "verbal"]
-    prefs = preference_pairs(store, kept)
+    datasets = kept_datasets(kept, f"{memory} feedback")
+    datasets["preferences"] += preference_pairs(store, kept)
     held_memory = {
         json.loads(h.candidate.record["provenance"].get("extra") or "{}").get("memory_id")
         for h in screened.quarantined
@@ -123,16 +140,14 @@ def export_memory(memory: str | Path, dest: str | Path, screen: QuarantineSettin
     tmp.mkdir(parents=True)
     screen_counts = screened.counts()  # quarantined first: the report shows a stage's first metrics
     counts = {
-        "reactions": len(reactions),
-        "verbal_feedback": len(verbal),
-        "preferences": len(prefs),
+        **{name: len(records) for name, records in datasets.items()},
         **{k: v for k, v in screen_counts.items() if k != "kept"},
         "memory": len(entries),
         "conversations": len(store.conversations()),
         "kept": screen_counts["kept"],
     }
-    for name, records in (("reactions", reactions), ("verbal_feedback", verbal), ("preferences", prefs)):
-        rows = records_to_rows(cast("list[BaseModel]", records))  # list is invariant; read-only use
+    for name, records in datasets.items():
+        rows = records_to_rows(records)
         if rows:
             save_rows(rows, tmp / name)
     write_jsonl(entries, tmp / "memory.jsonl")

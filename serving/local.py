@@ -1,10 +1,12 @@
-"""Run the server in a background thread of this process (tests, benchmarks, notebooks)."""
+"""Run the server in a background thread of this process, and make stand-in adapters for it (tests,
+benchmarks, notebooks)."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from pathlib import Path
 
 from .service import MemPromptService, ServeSettings
 
@@ -55,3 +57,23 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def random_lora_adapter(dest: Path, seed: int, model: str = "tiny", rank: int = 4) -> Path:
+    """A PEFT LoRA folder on `model` with random non-zero B (PEFT's default init would change nothing),
+    so replies visibly differ by version: a stand-in for a trained adapter in deploy tests and benchmarks."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.models import device_policy, load_causal_lm
+
+    base = load_causal_lm(model, device_policy("cpu"))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft = get_peft_model(base, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft.save_pretrained(str(dest))
+    return dest

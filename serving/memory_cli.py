@@ -160,7 +160,7 @@ def export(
         False, "--allow-unverified", help="keep feedback from a server that ran without a token"
     ),
 ):
-    """Write reactions / verbal_feedback / preferences datasets for the next training round.
+    """Write reactions / verbal_feedback / preferences / followups datasets for the next training round.
 
     Feedback passes the quarantine first; what it holds back is in TO/quarantine/quarantine.jsonl.
     """

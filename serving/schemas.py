@@ -140,10 +140,28 @@ class FeedbackRequest(BaseModel):
 
 
 class DeployRequest(BaseModel):
-    """Admin: load an adapter folder (on the server's machine) as a new version and switch to it."""
+    """Admin: load an adapter folder (on the server's machine) as a new version and switch to it, or,
+    with `canary`, serve it to that share of users beside the active version.
+
+    `adapter` is the folder; `path` is its older name (kept so existing clients work): give one.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    path: str = Field(min_length=1, max_length=4096, description="absolute path of a PEFT adapter folder")
+    adapter: str | None = Field(default=None, min_length=1, max_length=4096, description="absolute path of a PEFT adapter folder")
+    path: str | None = Field(default=None, min_length=1, max_length=4096, description="older name of adapter")
+    canary: float | None = Field(default=None, gt=0, lt=1, description="share of users who get it (0..1, exclusive)")
+
+    @model_validator(mode="after")
+    def _one_folder(self):
+        if self.adapter is None and self.path is None:
+            raise ValueError("give adapter (the absolute path of a PEFT adapter folder)")
+        if self.adapter is not None and self.path is not None:
+            raise ValueError("give adapter or path (its older name), not both")
+        return self
+
+    @property
+    def folder(self) -> str:
+        return self.adapter or self.path  # type: ignore[return-value]
 
 
 class ShareRequest(BaseModel):

@@ -124,11 +124,12 @@ class MemPromptService:
                 batch_window=settings.batch_window_ms / 1000,
             )
 
-        # the adapter versions: `engine` is always the active version's (see serving.versions)
-        self.versions = AdapterVersions(load_engine, settings.adapter, engine)
         embedder = embedder if embedder is not None else MiniLMEmbedder()
         memory = Path(settings.memory).expanduser()
         self.store = MemoryStore(memory, embedder_name=embedder.name, dim=embedder.dim)
+        # the adapter versions: `engine` is always the active version's; canary buckets are keyed by a
+        # secret salt kept in the memory file, so a user stays on the same side across restarts
+        self.versions = AdapterVersions(load_engine, settings.adapter, engine, salt=self.store.salt("canary_salt"))
         # one user: the whole memory is theirs (scope global); several: own entries + shared ones
         retrieval = settings.retrieval if settings.multi_user else settings.retrieval.model_copy(update={"scope": "global"})
         self.retriever = Retriever(self.store, embedder, retrieval, index_path=memory.with_name(memory.name + ".hnsw"))
@@ -147,6 +148,14 @@ class MemPromptService:
                 f"user ('{principal.name}'); leave it out or send your own name"
             )
         return principal
+
+    @staticmethod
+    def user_key(request: ChatRequest, principal: Principal) -> str:
+        """Whom a request is for, for canary buckets and `user_hash`: the authenticated user with several
+        users (their `user` field, if any, must be that name); with one user (every caller is the same
+        principal) the request's `user` label, as an app fronting many end users sends it, else the
+        principal's name, so unlabelled traffic to a single-user server all falls on one side."""
+        return request.user or principal.name
 
     def _shown(self, hits: list[MemoryHit], principal: Principal) -> list[dict[str, Any]]:
         return [h.public(principal.name, everything=not self.settings.multi_user) for h in hits]
@@ -272,7 +281,7 @@ class MemPromptService:
         principal = self._who(principal, request.user)
         thread, previous = self._thread(request, principal)
         messages, sent, hits = self.prepare(request, principal)
-        with self.versions.acquire() as version:
+        with self.versions.acquire(self.user_key(request, principal)) as version:
             try:
                 out = version.engine.generate(sent, **self._gen_args(request))
             except PromptTooLong as exc:
@@ -309,7 +318,7 @@ class MemPromptService:
         principal = self._who(principal, request.user)
         thread, previous = self._thread(request, principal)
         messages, sent, hits = self.prepare(request, principal)
-        held = self.versions.acquire()
+        held = self.versions.acquire(self.user_key(request, principal))
         version = held.__enter__()  # released when the events end (or are abandoned)
         try:
             n_prompt, deltas, info = version.engine.stream(sent, **self._gen_args(request))
@@ -458,6 +467,42 @@ class MemPromptService:
             "memory_id": memory_id,
             "records": [r.id for r in records],
         }
+
+    # ------------------------------------------------------------------ admin views
+
+    def completion(self, completion_id: str) -> dict[str, Any]:
+        """Which version wrote a completion, for whom (a salted hash), when: what `heedful trace` starts from."""
+        if not self.settings.log:
+            raise NotFound(f"no completion '{completion_id}': this server runs with logging off (--no-log)")
+        conv = self.store.conversation(completion_id)
+        if conv is None:
+            raise NotFound(f"no completion '{completion_id}' was served here (give the `id` of a chat completion)")
+        return {
+            "id": conv.id,
+            "conversation_id": conv.conversation,
+            "version": conv.adapter_version,
+            "adapter": conv.adapter,
+            "created": conv.created,
+            "user_hash": conv.client_user or self.store.hash_label(conv.user),
+        }
+
+    def version_stats(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Live counts per version (`MemoryStore.version_stats`), with the versions serving now even
+        before their first completion; `serving`: active / canary / None, `share`: of users served now."""
+        rows = {row["version"]: row for row in self.store.version_stats(since)}
+        running = self.versions.canary
+        share = running[1] if running else 0.0
+        serving: dict[str, tuple[str | None, float]] = {self.versions.active.id: ("active", round(1.0 - share, 6))}
+        if running is not None:
+            serving[running[0].id] = ("canary", share)
+        empty = {"completions": 0, "reactions": 0, "love": 0, "dislike": 0, "neutral": 0, "love_rate": None}
+        for vid in serving:
+            rows.setdefault(vid, {"version": vid, **empty, "first": None, "last": None})
+        out = []
+        for vid, row in rows.items():
+            role, now = serving.get(vid, (None, 0.0))
+            out.append({**row, "serving": role, "share": now})
+        return out
 
     def close(self) -> None:
         try:

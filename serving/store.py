@@ -265,10 +265,6 @@ class MemoryStore:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             elif meta["schema"] != SCHEMA_VERSION:
                 raise StoreError(f"{self.path}: memory schema {meta['schema']}, this heedful reads {SCHEMA_VERSION}")
-            if "label_salt" not in meta:  # per memory file: the same label hashes differently elsewhere
-                import secrets
-
-                conn.execute("INSERT INTO meta VALUES ('label_salt', ?)", (secrets.token_hex(16),))
             for key, value in (("embedder", embedder_name), ("dim", None if dim is None else str(dim))):
                 if value is None:
                     continue
@@ -290,9 +286,18 @@ class MemoryStore:
         import hmac
 
         salt = getattr(self, "_label_salt", None)
-        if salt is None:
-            salt = self._label_salt = self.meta()["label_salt"]
+        if salt is None:  # per memory file: the same label hashes differently elsewhere
+            salt = self._label_salt = self.salt("label_salt")
         return "salted-sha256:" + hmac.new(salt.encode(), label.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+    def salt(self, key: str) -> str:
+        """A random secret kept in the meta table under `key` (made on first use): fixed for this memory
+        file, so hashes keyed by it stay the same across restarts (labels, canary buckets)."""
+        import secrets
+
+        with self.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, secrets.token_hex(16)))
+            return conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
 
     def meta(self) -> dict[str, str]:
         return dict(self._conn().execute("SELECT key, value FROM meta").fetchall())
@@ -556,6 +561,48 @@ class MemoryStore:
         )
         return [{"id": r[0], "created": r[1], "completion_id": r[2], "kind": r[3], "record": json.loads(r[4])} for r in rows]
 
+    def version_stats(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Per adapter version: completions served (since `since`, unix seconds) and their reactions.
+
+        A completion counts once, with its latest reaction (a user who reacts twice, or changes
+        their mind, is one vote), so `love_rate` = completions whose reaction is love / completions
+        with a reaction. Completions logged before versions were recorded are left out.
+        """
+        rows = (
+            self._conn()
+            .execute(
+                """
+                WITH last AS (SELECT max(id) AS id FROM feedback WHERE kind = 'reaction' GROUP BY conversation_id),
+                latest AS (
+                    SELECT f.conversation_id, json_extract(f.record, '$.reaction') AS reaction
+                    FROM feedback f JOIN last ON f.id = last.id
+                )
+                SELECT c.adapter_version, count(*), count(l.reaction),
+                       coalesce(sum(l.reaction = 'love'), 0), coalesce(sum(l.reaction = 'dislike'), 0),
+                       coalesce(sum(l.reaction = 'neutral'), 0), min(c.created), max(c.created)
+                FROM conversations c LEFT JOIN latest l ON l.conversation_id = c.id
+                WHERE c.adapter_version IS NOT NULL AND c.created >= ?
+                GROUP BY c.adapter_version ORDER BY min(c.created)
+                """,
+                (since if since is not None else float("-inf"),),
+            )
+            .fetchall()
+        )
+        return [
+            {
+                "version": version,
+                "completions": completions,
+                "reactions": reactions,
+                "love": love,
+                "dislike": dislike,
+                "neutral": neutral,
+                "love_rate": round(love / reactions, 4) if reactions else None,
+                "first": first,
+                "last": last,
+            }
+            for version, completions, reactions, love, dislike, neutral, first, last in rows
+        ]
+
     def stats(self) -> dict[str, Any]:
         conn = self._conn()
         kinds = dict(conn.execute("SELECT kind, count(*) FROM feedback GROUP BY kind").fetchall())
@@ -565,5 +612,5 @@ class MemoryStore:
             "hits": conn.execute("SELECT coalesce(sum(hits), 0) FROM memory WHERE active = 1").fetchone()[0],
             "conversations": conn.execute("SELECT count(*) FROM conversations").fetchone()[0],
             "feedback": kinds,
-            **{f"meta.{k}": v for k, v in self.meta().items()},
+            **{f"meta.{k}": v for k, v in self.meta().items() if not k.endswith("_salt")},  # secrets stay in the file
         }

@@ -1,4 +1,8 @@
-"""dpo: TRL DPOTrainer with a PEFT LoRA adapter; the reference is the base with the adapter off."""
+"""dpo: TRL DPOTrainer with a PEFT LoRA adapter; the reference is the base with the adapter off.
+
+`rpo_alpha` (RPO) adds the chosen replies' NLL to the loss, on both paths: TRL's own step and
+heedful's fast core compute the same term (tests/test_preference_core.py).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ def preference_dataset(path, log):
     from datasets import Dataset
 
     rows = load_rows(path, required=["prompt", "chosen", "rejected"], what="preferences")
-    keep = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+    from pipeline.chat import matched_pair
+
+    keep = [matched_pair(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
     log.info("%d preference pairs", len(keep))
     return Dataset.from_list(keep)
 
@@ -41,6 +47,8 @@ class DpoStage(TrainerStage):
 
         cfg, ctx, adapter = self.config, self.ctx, self.adapter
         dataset = preference_dataset(ctx.input("preferences"), ctx.log)
+        if cfg.rpo_alpha is not None:
+            ctx.log.info("RPO: DPO loss + %g x NLL per token of the chosen replies", cfg.rpo_alpha)
 
         def build_trainer():
             model = load_causal_lm(ctx.model, cfg.policy(), adapter=adapter, qlora=cfg.lora.qlora, trainable_adapter=True)

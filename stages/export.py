@@ -1,7 +1,13 @@
-"""export: the adapter as a standard PEFT folder + model card + heedful.json lineage."""
+"""export: the adapter as a standard PEFT folder + model card + heedful.json lineage.
+
+The package's version id (what a server reports for each completion it writes) and the
+feedback records that shaped the adapter are in heedful.json; the stage's metrics repeat
+the id and the record count so `heedful status` and the run report show them.
+"""
 
 from __future__ import annotations
 
+from pipeline.artifacts import read_json
 from pipeline.export import export_adapter
 from pipeline.stage import Input, Output, Stage, StageConfig
 
@@ -32,5 +38,7 @@ class ExportStage(Stage):
             license=cfg.license,
         )
         files = sorted(p.name for p in dest.iterdir())
-        self.ctx.log.info("exported %s", ", ".join(files))
-        return {"files": len(files), "merged": cfg.merge}
+        lineage = read_json(dest / "heedful.json")
+        records = len(lineage.get("feedback_records", []))
+        self.ctx.log.info("exported %s as version %s (%d feedback records)", ", ".join(files), lineage["version_id"], records)
+        return {"files": len(files), "merged": cfg.merge, "version": lineage["version_id"], "feedback_records": records}

@@ -31,7 +31,10 @@ class MemoryExportStage(Stage):
     outputs = {
         "reactions": Output("reactions", doc="Reaction records (P[Love])", required=False),
         "verbal_feedback": Output("verbal_feedback", doc="critiques and clarifications (C3PO, CUT, CoH)", required=False),
-        "preferences": Output("preferences", doc="loved vs. disliked / memory-distillation pairs (DPO)", required=False),
+        "preferences": Output(
+            "preferences", doc="user edits, loved vs. disliked / memory-distillation pairs (DPO)", required=False
+        ),
+        "followups": Output("followups", doc="the user's next turn after a reply (FLR)", required=False),
         "quarantine": Output(
             "quarantine", doc="feedback held back from training (quarantine.jsonl, with reasons)", required=False
         ),

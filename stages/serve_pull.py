@@ -24,10 +24,8 @@ from typing import Any
 from pydantic import Field
 
 from feedback.quarantine import QuarantineSettings
+from feedback.served_kinds import OUTPUT_OF, conversational_preference
 from pipeline.stage import Output, Stage, StageConfig
-
-#: record kind (as the server stores it) -> heedful artifact kind
-OUTPUT_OF = {"reaction": "reactions", "verbal": "verbal_feedback", "preference": "preferences", "followup": "followups"}
 
 
 class ServePullConfig(StageConfig):
@@ -137,7 +135,8 @@ class ServePullStage(Stage):
         by_kind: dict[str, list[dict]] = {}
         for rec in records:
             if rec["id"] in kept:
-                by_kind.setdefault(OUTPUT_OF[rec["kind"]], []).append(rec)
+                kind = OUTPUT_OF[rec["kind"]]
+                by_kind.setdefault(kind, []).append(conversational_preference(rec) if kind == "preferences" else rec)
         for kind, kind_rows in by_kind.items():
             save_rows(kind_rows, self.ctx.output(kind))
         if result.quarantined:

@@ -176,3 +176,230 @@ def test_arena_on_simulated_users(tmp_path):
         assert row["status"] == "done"
         assert row["metrics"]["first_reply_satisfied"]["n"] == 4  # the 4 held-out needs (of 16)
         assert row["metrics"]["unfinished"]["n"] == 4
+
+
+# ----------------------------------------------------------------------------- tuning grid, variants, span feedback
+
+
+def run_in_process(config, tmp_path, overrides=None):
+    """Expand and run an arena file in this process (the Ray path is tested above); the run folder and table."""
+    from pipeline.arena import load_arena, save_plan, write_outputs
+    from pipeline.runner import Runner
+
+    pipeline, plan = load_arena(config, overrides=overrides)
+    runner = Runner(pipeline, tmp_path / "runs", use_ray=False)
+    save_plan(runner.run.root, plan)
+    result = runner.execute()
+    assert result.ok, [(r.name, r.error) for r in result.records if r.error]
+    return pipeline, result.run_dir, write_outputs(result.run_dir)
+
+
+def input_texts(pipeline, run_dir, stage: str) -> set[str]:
+    """Every string in the rows (or JSON) a stage read from upstream stages; adapters are weights, not text."""
+    from pipeline.records import iter_rows
+
+    texts: set[str] = set()
+    for ref in pipeline.stage(stage).inputs.values():
+        path = run_dir / ref.stage / ref.output if ref.stage else ref.path
+        if (path / "adapter_config.json").is_file():
+            continue
+        if path.is_file() and not path.suffix:
+            texts.add(path.read_text())  # a JSON summary: its whole text
+            continue
+        for _, row in iter_rows(path):
+            texts.update(str(v) for v in row.values())
+    return texts
+
+
+def test_selection_rule():
+    """Best validation metric; ties: lower overgeneralization, then fewer unfinished, then the first listed."""
+    from stages.arena_select import choose
+
+    def point(adherence=None, near=0.0, out=0.0, unfinished=0.0, **more):
+        metrics = {"overgen_near": {"value": near}, "overgen_out": {"value": out}, "unfinished": {"value": unfinished}}
+        if adherence is not None:
+            metrics["adherence"] = {"value": adherence, "n": 10, "lo": 0.0, "hi": 1.0}
+        return {**metrics, **{k: {"value": v} for k, v in more.items()}}
+
+    assert choose([point(0.2), point(0.6), point(0.4)], "adherence") == 1
+    assert choose([point(0.6, near=0.3), point(0.6, near=0.1, out=0.1)], "adherence") == 1  # mean overgen 0.15 < 0.3
+    assert choose([point(0.6, unfinished=0.5), point(0.6, unfinished=0.2)], "adherence") == 1
+    assert choose([point(0.6), point(0.6)], "adherence") == 0  # all equal: the first listed
+    assert choose([point(None), point(0.0)], "adherence") == 1  # not measured ranks last
+    assert choose([point(kl_to_base=0.3), point(kl_to_base=0.1)], "kl_to_base") == 1  # lower is better
+    assert choose([point(ref_loglik=-2.0), point(ref_loglik=-1.5)], "ref_loglik") == 1
+    with pytest.raises(ValueError, match="measured for no grid point"):
+        choose([point(None)], "adherence")
+
+
+def test_grid_and_variants_expand(tmp_path):
+    from pipeline.arena import expand
+
+    data = tiny_arena(tmp_path)
+    data["arena"].update(
+        grid={"dpo": {"learning_rate": [1e-3, 1e-2], "beta": [0.1, 0.3]}},
+        variants={"dpo_b3": {"method": "dpo", "settings": {"beta": 0.3}}},
+    )
+    pipeline, plan = expand(data, methods=["dpo", "dpo_b3", "c3po"])
+    stage = {s["name"]: s for s in pipeline["stages"]}
+    points = [f"dpo_g{k}_s0" for k in range(4)]
+    assert [stage[p]["with"]["learning_rate"] for p in points] == [1e-3, 1e-3, 1e-2, 1e-2]
+    assert [stage[p]["with"]["beta"] for p in points] == [0.1, 0.3, 0.1, 0.3]
+    assert stage["validation"]["inputs"] == {"data": "data.train"}  # validation comes from the training rows only
+    # every method, tuned or not, trains on the same fit part
+    assert stage["views"]["inputs"] == {"data": "validation.fit"} and stage["c3po_s0"]["inputs"] == {"data": "validation.fit"}
+    assert stage["dpo_b3_s0"]["inputs"] == stage["dpo_g0_s0"]["inputs"] == {"preferences": "views.preferences"}
+    assert stage["val_dpo_g2_s0"]["inputs"] == {"prompts": "validation.validation", "adapter": "dpo_g2_s0.adapter"}
+    assert stage["select_dpo_s0"]["inputs"]["adapter_3"] == "dpo_g3_s0.adapter"
+    assert stage["eval_dpo_s0"]["inputs"]["adapter"] == "select_dpo_s0.adapter"
+    assert stage["dpo_b3_s0"]["uses"] == "dpo" and stage["dpo_b3_s0"]["with"]["beta"] == 0.3
+    assert stage["eval_dpo_b3_s0"]["with"]["label"] == "dpo_b3_s0"
+    sft = {s["name"]: s for s in expand(data, methods=["sft"])[0]["stages"]}["sft_s0"]
+    assert sft["inputs"] == {"data": "validation.fit"}  # c3po_data rows: in-scope revisions, other scopes' baselines
+    untuned = {s["name"]: s for s in expand({**data, "arena": {**data["arena"], "grid": {}}}, methods=["sft"])[0]["stages"]}
+    assert untuned["sft_s0"]["inputs"] == {"data": "data.train"} and "validation" not in untuned
+    users = {**data, "arena": {**data["arena"], "grid": {}, "source": "users", "users": "data"}}
+    assert {s["name"]: s for s in expand(users, methods=["sft"])[0]["stages"]}["sft_s0"]["inputs"] == {
+        "preferences": "data.preferences"
+    }
+    assert [(m["method"], m["uses"]) for m in plan["methods"]] == [("dpo", "dpo"), ("dpo_b3", "dpo"), ("c3po", "c3po")]
+    held_out_readers = {s["name"] for s in pipeline["stages"] if "data.eval_prompts" in s["inputs"].values()}
+    assert held_out_readers == {"eval_base", "eval_dpo_s0", "eval_dpo_b3_s0", "eval_c3po_s0"}  # the chosen point only
+    with pytest.raises(ConfigError, match=r"arena.grid.dpo.no_such"):
+        expand({**data, "arena": {**data["arena"], "grid": {"dpo": {"no_such": [1]}}}})
+    with pytest.raises(ConfigError, match=r"arena.select_by: unknown metric 'adherance'"):
+        expand({**data, "arena": {**data["arena"], "select_by": "adherance"}})
+    with pytest.raises(ConfigError, match="a method's own name"):
+        expand({**data, "arena": {**data["arena"], "variants": {"kto": {"method": "dpo"}}}})
+    with pytest.raises(ConfigError, match="source 'users' has none"):
+        expand({**data, "arena": {**data["arena"], "source": "users", "users": "data"}}, methods=["dpo"])
+
+
+def test_grid_selects_on_validation_only(tmp_path):
+    """dpo tuned over two learning rates beside an untuned variant: the grid never reads a held-out
+    prompt, the chosen point is the rule's choice on the validation scores arena.json lists, and
+    only that point is evaluated on the held-out prompts (as the row dpo_s0)."""
+    from stages.arena_select import choose
+
+    data = tiny_arena(tmp_path)
+    data["arena"].update(
+        methods=["dpo", "dpo_b3"],
+        variants={"dpo_b3": {"method": "dpo", "settings": {"beta": 0.3}}},
+        grid={"dpo": {"learning_rate": [1e-3, 5e-2]}},
+        validation=0.34,
+        conditions=["base"],
+    )
+    data["arena"]["evaluate"]["drift"] = False
+    pipeline, run_dir, table = run_in_process(write_yaml(tmp_path / "arena.yaml", data), tmp_path)
+
+    from pipeline.records import load_rows
+
+    held_out = {r["prompt"] for r in load_rows(run_dir / "data" / "eval_prompts")}
+    validation = {r["prompt"] for r in load_rows(run_dir / "validation" / "validation")}
+    trained = {r["prompt"] for r in load_rows(run_dir / "views" / "unpaired")}
+    assert len(held_out) == 6 and len(validation) == 3  # one per scope of the three training rows each
+    assert validation <= {r["prompt"] for r in load_rows(run_dir / "data" / "train")}
+    assert not validation & trained and not held_out & validation
+    for stage in ("validation", "views", "dpo_g0_s0", "dpo_g1_s0", "val_dpo_g0_s0", "val_dpo_g1_s0", "select_dpo_s0"):
+        seen = input_texts(pipeline, run_dir, stage)
+        assert not any(prompt in text for prompt in held_out for text in seen), stage
+
+    assert [row["condition"] for row in table["rows"]] == ["base", "dpo_s0", "dpo_b3_s0"]  # one row per arm
+    (grid,) = table["grid"]
+    assert grid["condition"] == "dpo_s0" and [p["settings"] for p in grid["points"]] == [
+        {"learning_rate": 1e-3},
+        {"learning_rate": 5e-2},
+    ]
+    for point in grid["points"]:
+        assert point["status"] == "done" and point["validation"]["adherence"]["n"] == 1  # the in-scope validation prompt
+    assert grid["chosen"] == choose([p["validation"] for p in grid["points"]], "adherence")
+    rows = {row["condition"]: row for row in table["rows"]}
+    chosen = grid["points"][grid["chosen"]]
+    assert rows["dpo_s0"]["chosen"]["settings"] == chosen["settings"] and rows["dpo_b3_s0"]["chosen"] is None
+    assert rows["dpo_s0"]["metrics"]["adherence"]["n"] == 2  # held-out in-scope prompts, for the chosen point only
+    assert rows["dpo_s0"]["cost"]["steps"] == 2 and rows["dpo_s0"]["cost"]["tuning_seconds"] > 0
+    copied = (run_dir / "select_dpo_s0" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert copied == (run_dir / chosen["stage"] / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert json.loads((run_dir / "dpo_b3_s0" / "manifest.json").read_text())["config"]["beta"] == 0.3
+    with (run_dir / "arena.csv").open() as f:
+        assert json.loads(list(csv.DictReader(f))[1]["chosen"]) == chosen["settings"]
+
+    # a grid point that fails blocks its method's choice (no silent choice among the rest); its row says why
+    from pipeline.arena import load_arena, save_plan, write_outputs
+    from pipeline.runner import Runner
+
+    data["arena"]["grid"] = {"dpo": {"learning_rate": [1e-3], "loss_type": ["sigmoid", "no_such_loss"]}}
+    pipeline, plan = load_arena(write_yaml(tmp_path / "broken.yaml", data))
+    runner = Runner(pipeline, tmp_path / "runs", use_ray=False)
+    save_plan(runner.run.root, plan)
+    result = runner.execute()
+    assert not result.ok and result.record("dpo_g0_s0").status == "skipped"  # sigmoid is the default: same point
+    table = write_outputs(result.run_dir)
+    rows = {row["condition"]: row for row in table["rows"]}
+    assert rows["dpo_s0"]["status"] == "failed" and "no_such_loss" in rows["dpo_s0"]["error"]
+    assert rows["dpo_s0"]["metrics"] == {} and rows["dpo_s0"]["chosen"] is None
+    assert rows["dpo_b3_s0"]["status"] == rows["base"]["status"] == "done"
+    (grid,) = table["grid"]
+    assert [p["status"] for p in grid["points"]] == ["done", "failed"] and grid["chosen"] is None
+
+
+@pytest.fixture
+def qa_sample(tmp_path):
+    """The first 8 questions of FineGrainedRLHF's qa-feedback (the shared copy)."""
+    from .conftest import SHARED_DATA
+
+    source = SHARED_DATA / "qa_feedback" / "feedback_400.json"
+    if not source.is_file():
+        pytest.skip(f"{source} is not here")
+    path = tmp_path / "qa_feedback.json"
+    path.write_text(json.dumps(json.loads(source.read_text())[:8]))
+    return path
+
+
+def test_arena_on_span_feedback(tmp_path, qa_sample):
+    """Feedback source (c): configs/arena_spans.yaml on `tiny` through --set, kto tuned by the corrected
+    answers' log-likelihood on validation questions, sft (on the corrections) untuned."""
+    from pipeline.arena import expand
+
+    data = yaml.safe_load((ROOT / "configs" / "arena_spans.yaml").read_text())
+    wiring = {s["name"]: s["inputs"] for s in expand(data)[0]["stages"]}
+    assert wiring["dpo_s0"] == {"preferences": "views.preferences"} and wiring["cut_s0"] == {"judgments": "views.judgments"}
+    assert wiring["kto_s0"] == {"feedback": "views.unpaired"}
+    assert wiring["sft_s0"] == {"preferences": "views.preferences"}  # SFT on the corrections
+
+    overrides = [
+        "model=tiny",
+        f"arena.spans={qa_sample}",
+        "arena.methods=[kto, sft]",
+        "arena.views={held_out_fraction: 0.25}",
+        "arena.grid={kto: {beta: [0.1, 0.5]}}",
+        "arena.validation=0.34",
+        "arena.budget={max_steps: 2, per_device_train_batch_size: 2, max_length: 64, lora: {r: 4, alpha: 8}}",
+        "arena.evaluate={sampling: {max_new_tokens: 6, temperature: 0.0}, max_general: 2, resamples: 200, feedback: Be brief.}",
+    ]
+    pipeline, run_dir, table = run_in_process(ROOT / "configs" / "arena_spans.yaml", tmp_path, overrides)
+    from pipeline.records import load_rows
+
+    held_out = {r["prompt"] for r in load_rows(run_dir / "views" / "eval_prompts")}
+    validation = {r["prompt"] for r in load_rows(run_dir / "views" / "validation_prompts")}
+    trained = {r["prompt"] for r in load_rows(run_dir / "views" / "unpaired")}
+    assert (len(held_out), len(validation), len(trained)) == (2, 2, 4)  # 8 questions: 2 held out, 2 of the rest validate
+    assert not held_out & trained and not validation & trained
+    answers = load_rows(run_dir / "views" / "eval_answers")  # a question annotators left uncorrected has none
+    assert {r["prompt"] for r in answers} <= held_out and answers
+    assert [row["condition"] for row in table["rows"]] == ["base", "in_context", "kto_s0", "sft_s0"]
+    for row in table["rows"]:
+        assert row["status"] == "done", row
+        assert row["metrics"]["unfinished"]["n"] == 2
+        assert row["metrics"]["ref_loglik"]["n"] == len(answers)  # log-likelihood of the held-out corrections
+        assert "adherence" not in row["metrics"]  # no scoped prompts: nothing to adhere to
+    (grid,) = table["grid"]
+    assert table["tuning"]["select_by"] == "ref_loglik" and grid["metric"] == "ref_loglik"
+    assert grid["chosen"] == [p["validation"]["ref_loglik"]["value"] for p in grid["points"]].index(
+        max(p["validation"]["ref_loglik"]["value"] for p in grid["points"])
+    )
+    from pipeline.report import build_report
+
+    build_report(run_dir)
+    report = (run_dir / "report.html").read_text()
+    assert "Arena (spans feedback)" in report and "Tuning grid" in report and "(chosen)" in report

@@ -22,35 +22,17 @@ import openai
 import pytest
 
 from serving.identity import UserEntry, hash_token, write_users
-from serving.local import ServerThread
+from serving.local import ServerThread, random_lora_adapter
 from serving.service import ServeSettings
 from serving.store import MemoryStore
 
 TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef", "root": "root-token-0123456789abcdef"}
 
 
-def make_adapter(dest: Path, seed: int) -> Path:
-    """A tiny LoRA with non-zero B (PEFT's default init would be a no-op), saved as a PEFT folder."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from pipeline.models import device_policy, load_causal_lm
-
-    model = load_causal_lm("tiny", device_policy("cpu"))
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    peft.save_pretrained(str(dest))
-    return dest
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_model_path, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    a, b = make_adapter(root / "a", 1), make_adapter(root / "b", 2)
+    a, b = random_lora_adapter(root / "a", 1), random_lora_adapter(root / "b", 2)
     broken = root / "broken"
     shutil.copytree(a, broken)
     (broken / "adapter_model.safetensors").write_bytes(b"not safetensors at all")
@@ -168,11 +150,61 @@ def test_feedback_is_tied_to_a_completion_and_bad_feedback_is_not_stored(live):
     assert len(store(live).feedback()) == before
 
 
+def malformed_feedback(completion_id: str) -> list[tuple[bytes | dict | list, int, str]]:
+    """(body, status, words the error message must hold): each on an existing completion of the caller's."""
+    return [
+        ({"completion_id": 12345, "reaction": "love"}, 400, "completion_id: Input should be a valid string"),
+        ({"completion_id": "c" * 200, "reaction": "love"}, 400, "completion_id: String should have at most 128"),
+        ({"completion_id": completion_id, "reaction": ["love"]}, 400, "reaction: Input should be"),
+        ({"completion_id": completion_id, "critique": {"text": "bad"}}, 400, "critique: Input should be a valid string"),
+        ({"completion_id": completion_id, "reaction": "love", "judgment": "awful"}, 400, "judgment: Input should be"),
+        ({"completion_id": completion_id, "reactoin": "love"}, 400, "unrecognized request argument supplied: reactoin"),
+        ({"completion_id": completion_id, "edit": "   "}, 400, "edit is blank"),
+        ({"completion_id": completion_id, "conversation_id": "chatcmpl-other", "reaction": "love"}, 400, "differ"),
+        ({"completion_id": completion_id}, 400, "at least one of clarification, reaction, critique, edit"),
+        ({"reaction": "love"}, 400, "give completion_id"),
+        ([{"completion_id": completion_id, "reaction": "love"}], 400, "must be a JSON object"),
+        (b'{"completion_id": "' + completion_id.encode() + b'", "reaction": ', 400, "not valid JSON"),
+        ({"completion_id": completion_id, "reaction": "love", "edit": "e" * 20_000}, 400, "edit: String should have at most"),
+        ({"completion_id": "chatcmpl-" + "0" * 24, "reaction": "love"}, 404, "no conversation 'chatcmpl-000"),
+    ]
+
+
+def test_malformed_feedback_is_refused_with_a_clear_message_and_never_stored(live):
+    """Every way feedback can be wrong: a 4xx in OpenAI's shape naming the field, and nothing stored
+    (no feedback row, no memory entry), even when a valid part (a reaction) came in the same body."""
+    reply = ask(live, "alice", "Malformed feedback target.")
+    s = store(live)
+    before = (len(s.feedback()), s.count())
+    for body, status, words in malformed_feedback(reply.id):
+        if isinstance(body, bytes):
+            r = httpx.post(live.url + "/v1/feedback", headers={**as_("alice"), "content-type": "application/json"}, content=body)
+        else:
+            r = httpx.post(live.url + "/v1/feedback", headers=as_("alice"), json=body)
+        assert r.status_code == status and words in r.json()["error"]["message"], (body, r.text)
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    streamed = (b"x" * 100_000 for _ in range(20))  # no Content-Length: counted while it streams in
+    r = httpx.post(live.url + "/v1/feedback", headers={**as_("alice"), "content-type": "application/json"}, content=streamed)
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
+    assert (len(s.feedback()), s.count()) == before
+    # the same completion still takes well-formed feedback: the refusals were about the bodies
+    ok = httpx.post(live.url + "/v1/feedback", headers=as_("alice"), json={"completion_id": reply.id, "reaction": "love"})
+    assert ok.status_code == 200 and len(s.feedback()) == before[0] + 1
+
+
 def test_admin_endpoints_refuse_non_admins(live, adapters):
-    for path, body in [("/v1/admin/adapters", {"path": str(adapters["a"])}), ("/v1/admin/adapters/rollback", {})]:
+    posts = [
+        ("/v1/admin/adapters", {"path": str(adapters["a"])}),
+        ("/v1/admin/adapters", {"adapter": str(adapters["a"]), "canary": 0.5}),
+        ("/v1/admin/adapters/promote", {}),
+        ("/v1/admin/adapters/rollback", {}),
+    ]
+    for path, body in posts:
         r = httpx.post(live.url + path, headers=as_("alice"), json=body)
         assert r.status_code == 403 and "only an admin" in r.json()["error"]["message"]
-    assert httpx.get(live.url + "/v1/feedback/export", headers=as_("alice")).status_code == 403
+    for path in ("/v1/feedback/export", "/v1/admin/versions/stats", "/v1/admin/completions/chatcmpl-x"):
+        r = httpx.get(live.url + path, headers=as_("alice"))
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error", path
     assert httpx.post(live.url + "/v1/admin/adapters", json={"path": str(adapters["a"])}).status_code == 401
 
 
@@ -202,7 +234,7 @@ def test_hot_swap_under_concurrent_requests_then_rollback(live, adapters):
         while not stop.is_set():
             try:
                 r = ask(live, "alice", f"Question {i}: tell me a story.")
-                results.append((r.id, r.model_extra["adapter_version"]))
+                results.append((r.id, (r.model_extra or {})["adapter_version"]))
             except Exception as exc:  # noqa: BLE001 - every failure is recorded and fails the test
                 errors.append(exc)
 
@@ -235,6 +267,10 @@ def test_hot_swap_under_concurrent_requests_then_rollback(live, adapters):
     back = httpx.post(live.url + "/v1/admin/adapters/rollback", headers=as_("root"), json={}, timeout=300)
     assert back.status_code == 200 and back.json()["active"]["id"] == old and active(live) == old
     assert ask(live, "alice", "Tell me a story.").choices[0].message.content == base_reply
+    # deployed again after the rollback: still loaded, so switched to at once (the same load time), not loaded anew
+    again = httpx.post(live.url + "/v1/admin/adapters", headers=as_("root"), json={"adapter": str(adapters["a"])}, timeout=300)
+    assert again.status_code == 200 and again.json()["active"]["id"] == new and again.json()["previous"] == old
+    assert again.json()["active"]["loaded_at"] == listed[0]["loaded_at"]
 
 
 def test_feedback_export_by_watermark(live):

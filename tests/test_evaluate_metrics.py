@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import pipeline_from_dict
+from pipeline.evaluation.summary import metric_value
 from pipeline.records import save_rows, write_jsonl
 from pipeline.runner import Runner
 from pipeline.stats import bootstrap_mean, kl_divergence, repeated_ngram_share, token_kl, wilson
@@ -65,13 +66,48 @@ def test_kl_on_a_known_pair():
 
 
 def test_repeated_ngrams_and_judge_scores():
-    from stages.evaluate import win_score
+    from pipeline.evaluation.metrics import win_score
 
     assert repeated_ngram_share("a b c a b c", 3) == pytest.approx(0.25)  # abc bca cab abc: 1 of 4 repeats
     assert repeated_ngram_share("one two three four", 3) == 0.0
     assert repeated_ngram_share("Chef's tip: Chef's tip: Chef's tip: Chef's tip:", 3) > 0.5
     assert win_score("A", flipped=False) == 1.0 and win_score("B.", flipped=False) == 0.0
     assert win_score("Reply B", flipped=True) == 1.0 and win_score("no idea", flipped=False) == 0.5
+
+
+def test_evaluation_modules_import_light():
+    """The stage's parts load torch and transformers only inside the functions that measure."""
+    from .test_import_light import BLOCKER, run_python
+
+    code = BLOCKER + (
+        "import importlib, pkgutil\nimport pipeline.evaluation as package\n"
+        "names = [i.name for i in pkgutil.iter_modules(package.__path__)]\n"
+        "[importlib.import_module('pipeline.evaluation.' + n) for n in names]\nprint(sorted(names))"
+    )
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(["conditions", "drift", "metrics", "report", "summary", "users"])
+
+
+def test_metric_value_reads_one_estimate():
+    estimate = {"value": 0.5, "n": 10, "lo": 0.24, "hi": 0.76}
+    summary = {
+        "conditions": {
+            "base": {"adherence": estimate, "length_vs_base": 1, "satisfied": {"value": None, "n": 0, "lo": None, "hi": None}},
+            "memory": {"memory_retrieved": {"in_scope": estimate}, "reward/plove": estimate},
+        }
+    }
+    assert metric_value(summary, "base", "adherence") == estimate
+    assert metric_value(summary, "base", "adherence") is not estimate  # a copy: the caller may change it
+    assert metric_value(summary, "base", "length_vs_base") == {"value": 1, "n": None, "lo": None, "hi": None}
+    assert metric_value(summary, "base", "satisfied") == {"value": None, "n": 0, "lo": None, "hi": None}  # measured on nobody
+    assert metric_value(summary, "memory", "reward/plove") == estimate  # a metric name with a slash
+    assert metric_value(summary, "memory", "memory_retrieved/in_scope") == estimate  # one estimate per scope
+    assert metric_value(summary, "memory", "memory_retrieved") is None  # a group, not an estimate
+    assert metric_value(summary, "memory", "memory_retrieved/out_of_scope") is None
+    assert metric_value(summary, "base", "kl_to_base") is None and metric_value(summary, "adapter", "adherence") is None
+    with pytest.raises(ValueError, match="not an evaluate summary"):
+        metric_value({"cost": {}}, "base", "adherence")
 
 
 SCOPED = [
@@ -152,7 +188,7 @@ def test_evaluate_stage_on_fixed_replies(tmp_path, tiny_model_path):
     }
     result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, result.records[0].error
-    from stages.evaluate import read_summary
+    from pipeline.evaluation.summary import read_summary
 
     summary = read_summary(result.run_dir / "check")
     base, ctx = summary["conditions"]["base"], summary["conditions"]["in_context"]
@@ -173,6 +209,17 @@ def test_evaluate_stage_on_fixed_replies(tmp_path, tiny_model_path):
     assert ctx["ref_loglik"]["n"] == 2
     metrics = result.records[0].metrics
     assert metrics["adherence/in_context"] == 1.0 and metrics["adherence/base/n"] == 3
+    # what a deploy gate reads: the same estimates, one shape whatever the metric
+    assert metric_value(summary, "in_context", "adherence") == pytest.approx(wilson(3, 3))
+    assert metric_value(summary, "in_context", "length_vs_base") == {
+        "value": pytest.approx(ratio),
+        "n": None,
+        "lo": None,
+        "hi": None,
+    }
+    assert metric_value(summary, "base", "reward/function")["n"] == 7
+    assert metric_value(summary, "base", "judge_win_rate") is None  # no judge: not measured
+    assert metric_value(summary, "dpo_s0", "adherence") is None  # no such condition
     from pipeline.records import load_rows
 
     rows = load_rows(result.run_dir / "check" / "evaluation")
@@ -217,8 +264,8 @@ def random_adapter(stage_dir, tiny_model_path):
 
 
 def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path):
+    from pipeline.evaluation.summary import read_summary
     from pipeline.records import load_rows
-    from stages.evaluate import read_summary
 
     from .openai_test_server import serve
 

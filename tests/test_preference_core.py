@@ -124,6 +124,48 @@ def test_loss_and_lora_gradients_equal_trl(rows, max_length, loss_types, tmp_pat
         assert fast._metrics["train"][key][-1] == pytest.approx(trl._metrics["train"][key][-1], abs=1e-4), key
 
 
+def test_rpo_alpha_loss_and_gradients_equal_trl_and_add_the_chosen_nll(tmp_path, tiny_model_path):
+    """`rpo_alpha` (trainers/dpo_config.py) as TRL runs it: loss and LoRA gradients of the fast
+    core equal TRL DPOTrainer's within 1e-4, and the term added to DPO is alpha x the mean NLL
+    per chosen-reply token (TRL's former rpo_alpha), checked against separate forward passes."""
+    from trl import DPOTrainer
+
+    from trainers.dpo_config import DPOMethodConfig
+    from trainers.fastpref.trainer import FastDPOTrainer
+
+    alpha, max_length = 0.5, 24
+    rpo = DPOMethodConfig(beta=0.2, rpo_alpha=alpha).trl_kwargs()
+    assert rpo["loss_type"] == ["sigmoid", "sft"] and rpo["loss_weights"] == [1.0, alpha]
+    trl = make_trainer(DPOTrainer, PLAIN, tmp_path / "trl", dpo=rpo, max_length=max_length)
+    fast = make_trainer(FastDPOTrainer, PLAIN, tmp_path / "fast", dpo=rpo, max_length=max_length, ref_cache_dir=tmp_path / "c")
+    dpo_only = make_trainer(
+        DPOTrainer, PLAIN, tmp_path / "dpo", dpo=DPOMethodConfig(beta=0.2).trl_kwargs(), max_length=max_length
+    )
+    assert fast.fast, fast.fast_off_reason
+
+    examples = [trl.train_dataset[i] for i in range(len(PLAIN))]
+    trl_loss, trl_grads = loss_and_grads(trl, trl.data_collator(examples))
+    fast_loss, fast_grads = loss_and_grads(fast, fast.data_collator([fast.train_dataset[i] for i in range(len(PLAIN))]))
+    dpo_loss, dpo_grads = loss_and_grads(dpo_only, dpo_only.data_collator(examples))
+
+    assert fast_loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
+    assert trl_grads.keys() == fast_grads.keys() and len(fast_grads) > 0
+    for name, grad in trl_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+    model = trl.model.eval()  # the same (perturbed) policy in all three trainers
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            seq = (e["prompt_ids"] + e["chosen_ids"])[:max_length]  # TRL's keep_start truncation
+            ids = torch.tensor([seq])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+            nll -= logp[len(e["prompt_ids"]) - 1 :].sum().item()
+            tokens += len(seq) - len(e["prompt_ids"])
+    assert fast_loss.item() - dpo_loss.item() == pytest.approx(alpha * nll / tokens, abs=1e-4)
+    assert any((fast_grads[n] - dpo_grads[n]).abs().max() > 1e-4 for n in dpo_grads)  # the NLL term moves the adapter
+
+
 def test_packed_logps_equal_separate_forward_passes(tiny_model_path):
     from transformers import AutoModelForCausalLM
 

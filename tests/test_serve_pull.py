@@ -102,7 +102,9 @@ def test_pull_is_incremental_idempotent_and_quarantined(live, tmp_path):
     assert [(r.reaction, r.provenance.annotator) for r in reactions] == [("love", "alice")]
     assert json.loads(reactions[0].provenance.extra)["completion_id"] == first.id
     assert [v.critique for v in rows_to_records("verbal_feedback", load_rows(work / "verbal_feedback"))] == ["short and sweet"]
-    assert rows_to_records("preferences", load_rows(work / "preferences"))[0].chosen == "Blue, like the sky."
+    assert rows_to_records("preferences", load_rows(work / "preferences"))[0].chosen == [
+        {"role": "assistant", "content": "Blue, like the sky."}
+    ]  # the same conversational shape `memory export` writes (feedback/served_kinds.py)
     assert rows_to_records("followups", load_rows(work / "followups"))[0].followup == "Another one."
     held = load_rows(work / "quarantine")
     assert [(h["author"], h["reason"]) for h in held] == [("mallory", "injection")]

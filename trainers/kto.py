@@ -37,6 +37,8 @@ def unpaired_rows(rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]
         at = f"{where} row {i}"
         if "reaction" in row:
             label = reaction_label(row["reaction"], at)
+            if label is not None and row.get("response") == "":
+                continue  # a reaction to an empty reply: no completion tokens to learn from (read_feedback counts it)
             if label is not None:
                 out.append({"prompt": _field(row, "prompt", at), "completion": str(_field(row, "response", at)), "label": label})
         elif "label" in row and "completion" in row:
@@ -58,7 +60,13 @@ def read_feedback(path, log) -> list[dict[str, Any]]:
     """The `feedback` file as unpaired rows; KTO needs both desirable and undesirable ones."""
     from pipeline.records import load_rows
 
-    rows = unpaired_rows(load_rows(path, what="binary feedback"), str(path))
+    raw = load_rows(path, what="binary feedback")
+    rows = unpaired_rows(raw, str(path))
+    empty = sum(
+        1 for r in raw if "reaction" in r and r.get("response") == "" and str(r["reaction"]).lower() not in IGNORED_REACTIONS
+    )
+    if empty:
+        log.warning("%d reaction(s) to an empty reply skipped (no completion tokens to learn from)", empty)
     desirable = sum(r["label"] for r in rows)
     if not desirable or desirable == len(rows):
         raise DataError(f"{path}: KTO needs desirable and undesirable replies, got {desirable} of {len(rows)} desirable")

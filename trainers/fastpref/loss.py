@@ -4,8 +4,9 @@ Exactly TRL 1.x DPOTrainer (loss_type "sigmoid", f-divergence "reverse_kl"):
     loss = mean_i -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
 with sequence log-probs summed over reply tokens; rewards = beta * (pi - ref).
 The NLL term is TRL's "sft" loss type (RPO, Pang et al. 2024): the mean negative
-log-probability of the chosen replies' tokens, weighted by `alpha` (issue 13: it makes the
-preferred reply what the model writes, not only relatively likelier).
+log-probability of the chosen replies' tokens, weighted by `alpha` (`rpo_alpha` in
+trainers/dpo_config.py; issue 13: it makes the preferred reply what the model writes, not
+only relatively likelier).
 """
 
 from __future__ import annotations

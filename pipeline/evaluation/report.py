@@ -1,0 +1,87 @@
+"""The run report's part for evaluate stages: a table of every metric per condition, and bars.
+
+Why intervals everywhere: with tens of held-out prompts a difference of a few points is
+noise; the table prints each value with its 95% interval and n, and the bars carry whiskers,
+so a reader does not mistake noise for progress (docs/evaluation.md, "Reading intervals").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .summary import arrow, fmt_estimate, read_summary
+
+#: the rates drawn as bars (when measured)
+BAR_METRICS = ["first_reply_satisfied", "satisfied", "adherence", "overgen_near", "overgen_out"]
+
+
+def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
+    """Per evaluate stage: the table of every metric per condition, and bars with intervals."""
+    import html
+
+    parts = []
+    for name, manifest in manifests.items():
+        if manifest.get("uses") != "evaluate":
+            continue
+        summary = read_summary(Path(run_root) / name)
+        if not summary:
+            continue
+        conditions = summary["conditions"]
+        metrics = sorted(
+            {
+                m
+                for c in conditions.values()
+                for m, v in c.items()
+                if isinstance(v, (dict, float, int)) and m != "memory_retrieved"
+            }
+        )
+        head = "".join(f"<th>{html.escape(m)}{arrow(m)}</th>" for m in metrics)
+        body = "".join(
+            f"<tr><td>{html.escape(c)}</td>"
+            + "".join(f"<td>{html.escape(fmt_estimate(v.get(m)))}</td>" for m in metrics)
+            + "</tr>"
+            for c, v in conditions.items()
+        )
+        cost = summary.get("cost", {})
+        parts.append(
+            f"<h2>{html.escape(name)}: evaluation</h2><p>value [95% interval] n; evaluation took "
+            f"{cost.get('evaluation_seconds', 0):.0f}s</p><table><tr><th>condition</th>{head}</tr>{body}</table>"
+        )
+        figure = bars_figure(name, conditions, BAR_METRICS)
+        if figure:
+            parts.append(figure)
+    return "\n".join(parts)
+
+
+def bars_figure(title: str, conditions: dict[str, dict[str, Any]], metric_names: list[str]) -> str:
+    """Grouped bars (one group per rate metric, one bar per condition) with interval whiskers."""
+    shown = [
+        m for m in metric_names if any(isinstance(c.get(m), dict) and c[m].get("value") is not None for c in conditions.values())
+    ]
+    if not shown:
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline import report
+
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(shown), 3.2))
+    width = 0.8 / max(len(conditions), 1)
+    for i, (condition, metrics) in enumerate(conditions.items()):
+        values, lows, highs = [], [], []
+        for m in shown:
+            e: dict[str, Any] = metrics.get(m) or {}
+            v, lo, hi = e.get("value"), e.get("lo"), e.get("hi")
+            values.append(v if v is not None else 0.0)
+            lows.append(max(0.0, (v or 0) - (lo if lo is not None else (v or 0))))
+            highs.append(max(0.0, (hi if hi is not None else (v or 0)) - (v or 0)))
+        ax.bar([x + i * width for x in range(len(shown))], values, width, yerr=[lows, highs], capsize=3, label=condition)
+    ax.set_xticks([x + width * (len(conditions) - 1) / 2 for x in range(len(shown))], [m + arrow(m) for m in shown], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{title}: rates with 95% intervals")
+    fig.tight_layout()
+    return report.figure_html(fig)

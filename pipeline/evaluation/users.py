@@ -1,0 +1,80 @@
+"""Simulated users on held-out information needs: is each condition's answer what they needed?
+
+Why simulated users on top of adherence: adherence checks the feedback was applied; it does
+not say the reply still served the person. The `simulate` stage's ConvSim protocol (a user
+with a need, a judge calibrated before use) runs here unchanged, one conversation per
+held-out need and condition, giving first_reply_satisfied / satisfied / rounds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from feedback.simulator.protocol import ProtocolSettings
+
+from .conditions import Answering
+
+
+class UsersSettings(ProtocolSettings):
+    """Simulated users on held-out needs (the `needs` input): the simulate stage's protocol."""
+
+    max_users: int | None = Field(default=None, ge=1)
+    need_field: str = "need"
+    request_field: str = "prompt"
+    facts_field: str | None = "keywords"
+
+
+def satisfaction(ans: Answering, needs: Path, settings: UsersSettings, results: dict[str, dict[str, Any]]) -> None:
+    """first_reply_satisfied, satisfied (within max_rounds) and rounds, per condition."""
+    from feedback.simulator.needs import load_users
+    from feedback.simulator.protocol import Judge, run_conversations
+    from pipeline.llm import HFClient, build_client
+    from pipeline.llm_cache import CachedLLM
+    from pipeline.stats import bootstrap_mean, rate
+
+    policy_backend = HFClient(ans.model_name, batch_size=ans.batch_size, model=ans.model, tokenizer=ans.tokenizer)
+    shared = policy_backend if ans.adapter is None else None  # the simulator may share the base model only
+    simulator = CachedLLM(
+        build_client(
+            settings.simulator,
+            ans.model_name,
+            ans.device,
+            shared and shared.model,
+            shared and shared.tokenizer,
+            batch_size=ans.batch_size,
+        ),
+        None,
+    )
+    judge = Judge(simulator, settings.judge).calibrate()
+    ans.log.info("simulated users' judge calibrated: %.0f%%", 100 * judge.accuracy)
+    users = load_users(
+        needs,
+        settings.need_field,
+        settings.request_field,
+        [],
+        [],
+        ans.seed,
+        settings.max_users,
+        None,
+        settings.facts_field,
+    )  # read once: each condition resets what it changes on them
+    for condition in ans.conditions:
+        for user in users:
+            user.first_reply = None  # the condition answers itself
+            user.system_prompt = ans.system_for(condition, user.request)
+        with ans.weights(condition):
+            transcripts = run_conversations(users, CachedLLM(policy_backend, None), simulator, settings, ans.seed, judge)
+        first = [next((u for u in t.utterances if u.type == "response" and u.satisfied is not None), None) for t in transcripts]
+        metrics = results[condition.name]
+        metrics["first_reply_satisfied"] = rate(bool(u.satisfied) for u in first if u is not None)
+        metrics["satisfied"] = rate(t.satisfied for t in transcripts)
+        metrics["rounds"] = bootstrap_mean([t.rounds for t in transcripts if t.satisfied], resamples=ans.resamples, seed=ans.seed)
+        ans.log.info(
+            "%s: %d users, first reply satisfied %.2f",
+            condition.name,
+            len(transcripts),
+            metrics["first_reply_satisfied"]["value"],
+        )

@@ -1,0 +1,428 @@
+"""The closed loop: a deployed model's feedback becomes its next adapter, gated and hot-deployed.
+
+`heedful loop configs/loop.yaml` runs rounds beside a running `heedful serve`. A round is an
+ordinary heedful pipeline run (`runs/<loop>/round-NNN`), run phase by phase so the state file
+can say where it is:
+
+    pull      serve_pull from the previous round's cursor (quarantined, exactly once)
+    train     one stage per `train:` step whose signal brought enough records, chained:
+              the deployed adapter -> step 1 -> step 2 ... (the candidate)
+    evaluate  evaluate the deployed version and the candidate on the held-out set; gate
+    deploy    export the candidate; deploy it only if the gate passed (optionally as a canary)
+
+Each phase is the same pipeline extended by that phase's stages, so the stages already done
+are skipped by fingerprint; a loop killed in any phase resumes the same round on rerun: the
+pull is committed with its cursor or not at all (no record lost or taken twice), training
+resumes from its checkpoints, and the server is on the old or the new version (it swaps only
+after loading). The loop's own state (rounds, cursor, deployed versions, gate results) is one
+JSON file written atomically after every phase: `runs/<loop>/loop.json`.
+
+Why train from the deployed adapter on the new records only: each record then trains exactly
+one adapter version, and `heedful trace` can name the records that shaped a version (its
+lineage plus its ancestors'). Why the server is asked which version is active rather than
+trusting the state file: a human may have rolled back or deployed by hand between rounds.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import HeedfulError
+
+STATE_FILE = "loop.json"
+PHASES = ("pull", "train", "evaluate", "deploy")
+#: which input of each method reads which pulled signal
+SIGNAL_INPUTS: dict[str, dict[str, str]] = {
+    "kto": {"reactions": "feedback", "verbal_feedback": "feedback"},
+    "dpo": {"preferences": "preferences"},
+    "coh": {"preferences": "preferences", "verbal_feedback": "feedback"},
+    "cut": {"verbal_feedback": "feedback"},
+    "sft": {"preferences": "preferences"},
+}
+
+
+class TrainStep(BaseModel):
+    """Train `method` on the round's new `signal` records, when at least `min_records` arrived."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    method: str
+    signal: str = Field(alias="from", description="reactions, preferences, verbal_feedback")
+    min_records: int = Field(default=1, ge=1)
+    settings: dict[str, Any] = Field(default_factory=dict, alias="with")
+
+
+class LoopSpec(BaseModel):
+    """The `loop:` block of a loop file."""
+
+    model_config = ConfigDict(extra="forbid")
+    server: str = Field(description="the heedful serve URL, e.g. http://127.0.0.1:8000")
+    token_file: str | None = Field(default=None, description="admin token file, mode 0600 (else $HEEDFUL_TOKEN)")
+    rounds: int | None = Field(default=None, ge=1, description="stop after this many rounds (default: 1 without --every)")
+    min_new_feedback: int = Field(default=1, ge=1, description="a round starts when this many new records arrived")
+    every: str | None = Field(default=None, description="wait between checks for new feedback, e.g. 30s, 10m, 1h")
+    pull: dict[str, Any] = Field(default_factory=dict, description="serve_pull settings (quarantine, page)")
+    train: list[TrainStep] = Field(min_length=1)
+    evaluate: dict[str, Any] = Field(default_factory=dict, description="{inputs: {prompts, needs, ...}, with: {...}}")
+    gate: dict[str, Any] = Field(default_factory=dict, description="gate settings: rules")
+    canary: dict[str, Any] | None = Field(default=None, description="deploy as a canary first: share, min_reactions, ...")
+    export: dict[str, Any] = Field(default_factory=dict, description="export settings")
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'90', '30s', '10m', '1h' -> seconds."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if not match:
+        raise HeedfulError(f"every: {text!r} is not a duration (e.g. 30s, 10m, 1h)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+class LoopFile:
+    """A loop file: `run_name`, `model`, `seed` and the other pipeline keys, plus `loop:`."""
+
+    def __init__(self, path: Path, overrides: list[str] | None = None):
+        from .config import apply_override
+        from .yaml_source import YamlSource
+
+        self.path = Path(path).resolve()
+        source = YamlSource.load(self.path)
+        data = source.data
+        if not isinstance(data, dict) or "loop" not in data:
+            raise HeedfulError(f"{self.path}: expected a mapping with run_name, model and a `loop:` block")
+        for assignment in overrides or []:
+            apply_override(data, assignment)
+        self.base = {k: v for k, v in data.items() if k not in ("loop", "stages")}
+        self.name = str(data.get("run_name") or self.path.stem)
+        try:
+            self.spec = LoopSpec.model_validate(data["loop"])
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            line = source.lines.get(("loop", *first["loc"][:1])) if hasattr(source, "lines") else None
+            where = f"{self.path}:{line}" if line else str(self.path)
+            raise HeedfulError(f"{where}: field 'loop.{field}': {first['msg']}") from None
+        for step in self.spec.train:
+            if step.signal not in SIGNAL_INPUTS.get(step.method, {}):
+                known = ", ".join(f"{m} from {'/'.join(s)}" for m, s in SIGNAL_INPUTS.items())
+                raise HeedfulError(f"{self.path}: loop.train: {step.method} cannot train from {step.signal} (known: {known})")
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def load_state(root: Path) -> dict[str, Any]:
+    import json
+
+    path = root / STATE_FILE
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {"rounds": []}
+
+
+def save_state(root: Path, state: dict[str, Any]) -> None:
+    from .artifacts import atomic_write_json
+
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / STATE_FILE, state)
+
+
+# ----------------------------------------------------------------------------- one round as a pipeline
+
+
+def round_stages(loop: LoopFile, phase: str, cursor: str | None, current: str | None, counts: dict[str, int]) -> list[dict]:
+    """The round's stages up to and including `phase`. `current`: the deployed adapter folder
+    (None: the base model); `counts`: new records per signal (decides the train steps)."""
+    spec = loop.spec
+    stages: list[dict] = [
+        {
+            "name": "pull",
+            "uses": "serve_pull",
+            "with": {"url": spec.server, "token_file": spec.token_file, "cursor_file": cursor, **spec.pull},
+        }
+    ]
+    if phase == "pull":
+        return stages
+    previous = current
+    for i, step in enumerate(spec.train):
+        if counts.get(step.signal, 0) < step.min_records:
+            continue
+        name = f"train_{i + 1}_{step.method}"
+        inputs = {SIGNAL_INPUTS[step.method][step.signal]: f"pull.{step.signal}"}
+        if previous is not None:
+            inputs["adapter"] = previous
+        stages.append({"name": name, "uses": step.method, "inputs": inputs, "with": copy.deepcopy(step.settings)})
+        previous = f"{name}.adapter"
+    if len(stages) == 1 or phase == "train":
+        return stages
+    candidate = previous
+    ev = spec.evaluate
+    current_inputs = {**ev.get("inputs", {}), **({"adapter": current} if current else {})}
+    stages += [
+        {
+            "name": "eval_current",
+            "uses": "evaluate",
+            "inputs": current_inputs,
+            "with": {**ev.get("with", {}), "conditions": ["adapter" if current else "base"], "label": "current"},
+        },
+        {
+            "name": "eval_candidate",
+            "uses": "evaluate",
+            "inputs": {**ev.get("inputs", {}), "adapter": candidate},
+            "with": {**ev.get("with", {}), "conditions": ["adapter"], "label": "candidate"},
+        },
+        {
+            "name": "gate",
+            "uses": "gate",
+            "inputs": {"candidate": "eval_candidate.summary", "current": "eval_current.summary"},
+            "with": {**spec.gate, "current_condition": "current" if current else "base"},
+        },
+    ]
+    if phase == "evaluate":
+        return stages
+    deploy_with: dict[str, Any] = {"url": spec.server, "token_file": spec.token_file}
+    if spec.canary:
+        deploy_with["canary"] = spec.canary
+    return stages + [
+        {"name": "export", "uses": "export", "inputs": {"adapter": candidate}, "with": copy.deepcopy(spec.export)},
+        {
+            "name": "deploy",
+            "uses": "deploy",
+            "inputs": {"package": "export.package", "decision": "gate.decision"},
+            "with": deploy_with,
+        },
+    ]
+
+
+def round_pipeline(loop: LoopFile, run_name: str, stages: list[dict]):
+    from .config import pipeline_from_dict
+
+    data = {**copy.deepcopy(loop.base), "run_name": run_name, "stages": stages}
+    return pipeline_from_dict(data, loop.path.parent, str(loop.path))
+
+
+# ----------------------------------------------------------------------------- the server side
+
+
+def served(spec: LoopSpec, token: str | None) -> tuple[str | None, str | None]:
+    """(active version id, its adapter folder or None for the base model), asked of the server."""
+    from serving.deploy_cli import call
+
+    data = call(spec.server, "/v1/models", token, method="GET")
+    active = data.get("active_version")
+    for model in data.get("data", []):
+        for version in model.get("versions", []):
+            if version.get("id") == active:
+                return active, version.get("adapter")
+    return active, None
+
+
+def live_stats(spec: LoopSpec, token: str | None) -> dict[str, dict]:
+    """The server's live per-version counts (completions, reactions, love rate); {} if it cannot say."""
+    from serving.deploy_cli import version_stats
+
+    try:
+        return {row["version"]: row for row in version_stats(spec.server, token)}
+    except (HeedfulError, KeyError, TypeError):
+        return {}
+
+
+def count_new(spec: LoopSpec, token: str | None, cursor_file: str | None) -> dict[str, int]:
+    """New feedback rows on the server after the cursor, per heedful signal (read only: nothing is taken)."""
+    import json
+
+    from stages.serve_pull import OUTPUT_OF, fetch_new
+
+    watermark, seen = 0, set()
+    if cursor_file and Path(cursor_file).is_file():
+        cursor = json.loads(Path(cursor_file).read_text(encoding="utf-8"))
+        watermark, seen = int(cursor.get("watermark", 0)), set(cursor.get("ids", []))
+    rows, _ = fetch_new(spec.server, token, watermark, seen, page=int(spec.pull.get("page", 1000)))
+    counts: dict[str, int] = {}
+    for row in rows:
+        signal = OUTPUT_OF.get(row.get("kind", ""), "other")
+        counts[signal] = counts.get(signal, 0) + 1
+    return counts
+
+
+def trainable(spec: LoopSpec, counts: dict[str, int]) -> bool:
+    """Would at least one train step run on these counts?"""
+    return any(counts.get(step.signal, 0) >= step.min_records for step in spec.train)
+
+
+# ----------------------------------------------------------------------------- driving rounds
+
+
+def fault_point(point: str) -> None:
+    """Fault injection for the kill -9 tests: with HEEDFUL_FAULT_PAUSE naming this point (e.g.
+    `train`, `after-pull`; comma-separated), print `PAUSED <point>` and wait to be killed."""
+    import os
+    import sys
+
+    if point in os.environ.get("HEEDFUL_FAULT_PAUSE", "").split(","):
+        print(f"PAUSED {point}", flush=True)
+        sys.stdout.flush()
+        time.sleep(3600)
+
+
+class Loop:
+    """Runs rounds of a loop file; `runs_dir/<name>/` holds the rounds and `loop.json`."""
+
+    def __init__(self, loop: LoopFile, runs_dir: Path, use_ray: bool = True, address: str | None = None, on_event=None):
+        self.loop = loop
+        self.root = Path(runs_dir).resolve() / loop.name
+        self.use_ray, self.address = use_ray, address
+        self.on_event = on_event or (lambda kind, record, text: None)
+        self.state = load_state(self.root)
+        self.state.setdefault("loop", loop.name)
+        self.state.setdefault("server", loop.spec.server)
+
+    def token(self) -> str | None:
+        from serving.deploy_cli import read_token
+
+        return read_token(Path(self.loop.spec.token_file).expanduser() if self.loop.spec.token_file else None)
+
+    def cursor(self) -> str | None:
+        """The cursor of the last round whose pull committed (None before the first)."""
+        for entry in reversed(self.state["rounds"]):
+            if entry.get("cursor"):
+                return entry["cursor"]
+        return None
+
+    def save(self) -> None:
+        save_state(self.root, self.state)
+
+    def execute(self, run_name: str, stages: list[dict]):
+        from .runner import Runner
+
+        pipeline = round_pipeline(self.loop, run_name, stages)
+        result = Runner(pipeline, self.root, use_ray=self.use_ray, address=self.address, on_event=self.on_event).execute()
+        if not result.ok:
+            failed = [f"{r.name}: {r.error or r.status}" for r in result.records if r.status not in ("done", "skipped")]
+            raise HeedfulError(f"loop round {run_name} failed in " + "; ".join(failed) + " (rerun to resume)")
+        return result
+
+    def pending_round(self) -> dict[str, Any] | None:
+        last = self.state["rounds"][-1] if self.state["rounds"] else None
+        return last if last is not None and last.get("phase") != "done" else None
+
+    def run_round(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Run (or resume) one round through its phases; `entry` is its record in the state."""
+        import json
+
+        run_name, token = entry["run"], self.token()
+        if entry.get("current_version") is None:
+            entry["current_version"], entry["current_adapter"] = served(self.loop.spec, token)
+            entry["live"] = live_stats(self.loop.spec, token)
+        current = entry.get("current_adapter")
+        cursor = entry.get("cursor_in")
+        for phase in PHASES:
+            if PHASES.index(phase) < PHASES.index(entry.get("phase", "pull")):
+                continue
+            entry["phase"] = phase
+            self.save()
+            fault_point(phase)
+            stages = round_stages(self.loop, phase, cursor, current, entry.get("counts", {}))
+            if phase != "pull" and not any(s["name"].startswith("train_") for s in stages):
+                entry.pop("cursor", None)  # not trained on: the next round pulls these records again
+                entry.update(
+                    phase="done", finished=now(), outcome="nothing to train (too few records per signal after quarantine)"
+                )
+                break
+            result = self.execute(run_name, stages)
+            fault_point("after-" + phase)
+            if phase == "pull":
+                metrics = result.record("pull").metrics
+                entry["counts"] = {
+                    k: int(metrics.get(k, 0)) for k in ("reactions", "verbal_feedback", "preferences", "followups")
+                }
+                entry["quarantined"] = int(metrics.get("quarantined", 0) or 0)
+                entry["cursor"] = str(self.root / run_name / "pull" / "cursor" / "cursor.json")
+            elif phase == "evaluate":
+                entry["gate"] = json.loads((self.root / run_name / "gate" / "decision").read_text(encoding="utf-8"))
+            elif phase == "deploy":
+                deployment = json.loads((self.root / run_name / "deploy" / "deployment" / "deployment.json").read_text())
+                entry.update(deployed=deployment["deployed"], version_after=deployment.get("version"), why=deployment["why"])
+                entry["candidate_adapter"] = str(self.root / run_name / "export" / "package")
+                entry.update(phase="done", finished=now(), outcome=deployment["why"])
+        self.save()
+        from .report import build_report
+
+        if (self.root / run_name / "pipeline.json").is_file():
+            build_report(self.root / run_name)
+        return entry
+
+    def run(self, rounds: int | None, min_new: int, every: float | None, log=print) -> list[dict[str, Any]]:
+        """Resume an unfinished round, then start rounds while enough new feedback arrives.
+
+        A round starts when at least `min_new` new records wait on the server and one train
+        step has its `min_records`. When quarantine leaves too few to train, the round ends
+        without advancing the cursor (the records wait for the next round, nothing is lost);
+        the loop then waits `every` (or stops without it), so it never spins on the same rows.
+        """
+        done: list[dict[str, Any]] = []
+        pending = self.pending_round()
+        if pending is not None:
+            log(f"resuming {pending['run']} at phase {pending.get('phase')}")
+            done.append(self.run_round(pending))
+            if str(pending.get("outcome", "")).startswith("nothing to train") and every is None:
+                return done
+        while rounds is None or len(done) < rounds:
+            counts = count_new(self.loop.spec, self.token(), self.cursor())
+            new = sum(counts.values())
+            if new < min_new or not trainable(self.loop.spec, counts):
+                if every is None:
+                    log(
+                        f"{new} new feedback record(s) on the server {counts}; a round needs {min_new} and one train step's min_records: stopping"
+                    )
+                    break
+                log(f"{new} new feedback record(s); waiting {every:g}s")
+                time.sleep(every)
+                continue
+            number = len(self.state["rounds"]) + 1
+            entry = {"round": number, "run": f"round-{number:03d}", "started": now(), "phase": "pull", "new": new}
+            entry["cursor_in"] = self.cursor()
+            self.state["rounds"].append(entry)
+            self.save()
+            log(f"round {number}: {new} new feedback record(s) {counts}")
+            done.append(self.run_round(entry))
+            if str(entry.get("outcome", "")).startswith("nothing to train"):
+                if every is None:
+                    break
+                time.sleep(every)
+        return done
+
+
+def status_rows(root: Path) -> list[dict[str, Any]]:
+    """One row per round from `loop.json`: what a user asks `heedful loop status`."""
+    rows = []
+    for entry in load_state(root)["rounds"]:
+        gate = entry.get("gate") or {}
+        rows.append(
+            {
+                "round": entry["round"],
+                "run": entry["run"],
+                "phase": entry.get("phase"),
+                "records": sum((entry.get("counts") or {}).values()),
+                "quarantined": entry.get("quarantined", 0),
+                "version_before": entry.get("current_version"),
+                "gate": None
+                if not gate
+                else ("passed" if gate.get("passed") else "failed: " + "; ".join(gate.get("reasons", []))),
+                "deployed": entry.get("deployed"),
+                "version_after": entry.get("version_after"),
+                "outcome": entry.get("outcome"),
+            }
+        )
+    return rows

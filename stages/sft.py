@@ -1,0 +1,56 @@
+"""sft: TRL's SFTTrainer with a LoRA adapter, on the improved replies; loss on reply tokens only.
+
+The simplest way to make a reply the one the model writes: maximise its likelihood. Reads
+exactly one of `preferences` (each pair's chosen reply) or `data` (c3po_data: in-scope
+revisions, and near/out-of-scope baselines so the adapter keeps its behaviour there);
+trainers/sft.py builds and tokenizes the examples.
+"""
+
+from __future__ import annotations
+
+from pipeline.stage import Input
+from pipeline.training import TrainerStage, TrainSettings
+from trainers.sft_config import SFTMethodConfig
+
+
+class SftStageConfig(SFTMethodConfig, TrainSettings):
+    """SFT's settings (trainers/sft_config.py) and the shared training settings."""
+
+
+class SftStage(TrainerStage):
+    uses = "sft"
+    summary = "Supervised fine-tuning (TRL) with LoRA on the preferred / revised replies, loss on replies only."
+    Config = SftStageConfig
+    inputs = {
+        "preferences": Input(("preferences",), required=False, doc="prompt/chosen/rejected pairs: learn the chosen reply"),
+        "data": Input(("c3po_data",), required=False, doc="c3po_data rows: in-scope revisions + near/out-of-scope baselines"),
+    }
+    config: SftStageConfig
+
+    def run(self):
+        from collections import Counter
+
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        from pipeline.models import load_causal_lm
+        from trainers.sft import encode, read_examples
+
+        cfg, ctx, adapter = self.config, self.ctx, self.adapter
+        examples = read_examples(ctx.input("preferences"), ctx.input("data"), cfg.finished_only, cfg.other_scopes)
+        tokenizer = self.tokenizer()
+        dataset = Dataset.from_list(encode(tokenizer, examples, cfg.max_length))
+        counts = {f"{scope}_rows": n for scope, n in Counter(e["scope"] or "preference" for e in examples).items()}
+        ctx.log.info("%d replies to learn (%s)", len(examples), ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+        def build_trainer():
+            model = load_causal_lm(ctx.model, cfg.policy(), adapter=adapter, qlora=cfg.lora.qlora, trainable_adapter=True)
+            return SFTTrainer(
+                model=model,
+                args=self.training_args(SFTConfig, max_length=cfg.max_length, **cfg.trl_kwargs()),
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=None if adapter else cfg.lora.peft_config(),
+            )
+
+        return {**self.fit(build_trainer), "examples": len(examples), **counts}

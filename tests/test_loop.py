@@ -1,0 +1,194 @@
+"""The closed loop (issue 14) on the `tiny` model against a real `heedful serve`: rounds that
+pull served feedback, train from the deployed adapter, evaluate, gate and hot-deploy; a gate
+that rejects; a hostile user who cannot move the deployed adapter; nothing lost or trained
+twice across rounds.
+
+A real uvicorn server on 127.0.0.1 (users file: alice, bob, root), a scripted user who talks to
+it through the `openai` client and posts reactions and edits over HTTP. Stages run in-process
+here; tests/test_loop_kill.py drives the same loop as a subprocess on a real Ray head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from pipeline.loop import Loop, LoopFile, load_state, status_rows
+from pipeline.loop_report import write_loop_report
+from serving.identity import UserEntry, hash_token, write_users
+from serving.local import ServerThread
+from serving.service import ServeSettings
+from serving.store import MemoryStore
+
+TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef", "root": "root-token-0123456789abcdef"}
+QUESTIONS = ["Name a fruit.", "Say hello.", "Count to three.", "Name a color.", "Give a greeting.", "Name an animal."]
+HELD_OUT = ["Name a city.", "Say goodbye.", "Name a tree."]
+
+
+@contextmanager
+def server(root: Path):
+    root.mkdir(parents=True, exist_ok=True)
+    users = root / "users.yaml"
+    write_users(users, [UserEntry(n, "admin" if n == "root" else "user", hash_token(t)) for n, t in TOKENS.items()])
+    token_file = root / "admin.token"
+    token_file.write_text(TOKENS["root"])
+    os.chmod(token_file, 0o600)
+    settings = ServeSettings(model="tiny", memory=str(root / "memory.db"), users_file=str(users), max_tokens_default=6)
+    with ServerThread(settings) as srv:
+        srv.memory = root / "memory.db"
+        srv.token_file = token_file
+        yield srv
+
+
+@pytest.fixture
+def live(tiny_model_path, tmp_path):
+    """A fresh server per test: each loop starts from an empty feedback log."""
+    with server(tmp_path / "server") as srv:
+        yield srv
+
+
+def converse(
+    live, user: str, questions: list[str], edits: int = 2, reaction=lambda i: "love" if i % 2 else "dislike"
+) -> list[str]:
+    """A scripted user: asks through the openai client, reacts to every reply, edits the first `edits`."""
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key=TOKENS[user], max_retries=0)
+    ids = []
+    for i, question in enumerate(questions):
+        reply = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": question}], max_tokens=6, temperature=1.0
+        )
+        body = {"completion_id": reply.id, "reaction": reaction(i)}
+        if i < edits:
+            body["edit"] = f"Here is a short, friendly answer to: {question}"
+        r = httpx.post(live.url + "/v1/feedback", headers={"Authorization": f"Bearer {TOKENS[user]}"}, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        ids.append(reply.id)
+    return ids
+
+
+def loop_file(tmp_path: Path, live, name: str, rules: list[dict], **loop_extra) -> Path:
+    prompts = tmp_path / "held_out.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HELD_OUT))
+    small = {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 64, "save_steps": 1, "lora": {"r": 4, "alpha": 8}}
+    spec = {
+        "run_name": name,
+        "model": "tiny",
+        "seed": 0,
+        "loop": {
+            "server": live.url,
+            "token_file": str(live.token_file),
+            "min_new_feedback": 4,
+            "train": [
+                {"method": "kto", "from": "reactions", "min_records": 4, "with": small},
+                {"method": "dpo", "from": "preferences", "min_records": 2, "with": small},
+            ],
+            "evaluate": {
+                "inputs": {"prompts": str(prompts)},
+                "with": {"sampling": {"max_new_tokens": 6, "temperature": 0.0}, "max_general": 3, "resamples": 200},
+            },
+            "gate": {"rules": rules},
+            **loop_extra,
+        },
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def active(live) -> str:
+    return httpx.get(live.url + "/v1/models", headers={"Authorization": f"Bearer {TOKENS['alice']}"}).json()["active_version"]
+
+
+def pulled_ids(root: Path) -> list[str]:
+    """Every record id a round's pull kept, over all rounds (with repeats, if any)."""
+    from pipeline.records import load_rows
+
+    ids = []
+    for folder in sorted(root.glob("round-*/pull/*")):
+        if folder.is_dir() and folder.name in ("reactions", "preferences", "verbal_feedback", "followups"):
+            ids += [row["id"] for row in load_rows(folder)]
+    return ids
+
+
+def test_rounds_train_from_the_deployed_adapter_and_the_gate_decides(live, tmp_path):
+    runs = tmp_path / "runs"
+    first = converse(live, "alice", QUESTIONS)
+    base_version = active(live)
+    lenient = loop_file(tmp_path, live, "loop_a", [{"metric": "kl_to_base", "max": 1000.0}, {"metric": "unfinished", "max": 1.0}])
+    done = Loop(LoopFile(lenient), runs, use_ray=False).run(rounds=None, min_new=4, every=None, log=lambda *_: None)
+    assert len(done) == 1 and done[0]["deployed"] is True, done
+    round1 = done[0]
+    assert round1["counts"]["reactions"] == len(QUESTIONS) and round1["counts"]["preferences"] == 2
+    assert round1["gate"]["passed"] is True and round1["current_version"] == base_version
+    assert active(live) == round1["version_after"] != base_version  # hot-deployed, no restart
+    reply = openai.OpenAI(base_url=live.url + "/v1", api_key=TOKENS["alice"], max_retries=0).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert reply.model_extra["adapter_version"] == round1["version_after"]
+
+    # round 2 on new feedback: trains from round 1's adapter; a strict gate rejects the candidate
+    converse(live, "alice", [q + " Again." for q in QUESTIONS])
+    strict = loop_file(tmp_path, live, "loop_a", [{"metric": "kl_to_base", "max": 0.0}])
+    done = Loop(LoopFile(strict), runs, use_ray=False).run(rounds=None, min_new=4, every=None, log=lambda *_: None)
+    assert len(done) == 1
+    round2 = done[0]
+    assert round2["round"] == 2 and round2["current_version"] == round1["version_after"]
+    assert round2["gate"]["passed"] is False and "kl_to_base" in round2["gate"]["reasons"][0]
+    assert round2["deployed"] is False and active(live) == round1["version_after"]  # never deployed
+    assert Path(round2["candidate_adapter"], "adapter_config.json").is_file()  # kept for inspection
+    pipeline = json.loads((runs / "loop_a" / "round-002" / "pipeline.json").read_text())
+    assert round1["current_adapter"] is None
+    trained_from = json.dumps(pipeline)
+    served_adapter = next(
+        v["adapter"]
+        for v in httpx.get(live.url + "/v1/models", headers={"Authorization": f"Bearer {TOKENS['root']}"}).json()["data"][0][
+            "versions"
+        ]
+        if v["id"] == round1["version_after"]
+    )
+    assert served_adapter in trained_from  # round 2's first train stage continued the deployed adapter
+
+    # every record alice gave was pulled exactly once over the two rounds
+    stored = {r["id"] for r in MemoryStore(live.memory).feedback() if r["kind"] in ("reaction", "preference")}
+    ids = pulled_ids(runs / "loop_a")
+    kept = [i for i in ids if i in stored]
+    assert len(kept) == len(set(kept)) and set(kept) == stored
+    assert all(any(i.startswith(c) for i in stored) for c in first)
+
+    rows = status_rows(runs / "loop_a")
+    assert [r["deployed"] for r in rows] == [True, False] and rows[1]["gate"].startswith("failed: kl_to_base")
+    # nothing new on the server: no round starts
+    assert Loop(LoopFile(strict), runs, use_ray=False).run(rounds=None, min_new=4, every=None, log=lambda *_: None) == []
+    assert len(load_state(runs / "loop_a")["rounds"]) == 2
+    page = write_loop_report(runs / "loop_a").read_text()
+    assert "failed: kl_to_base" in page and "<img" in page  # the table and the per-round gate plot
+    assert (runs / "loop_a" / "round-002" / "report.html").is_file()
+
+
+def test_one_hostile_user_cannot_move_the_deployed_adapter(live, tmp_path):
+    """bob floods the server; the quarantine's per-user cap keeps fewer of his records than a
+    train step needs, so no round trains and the deployed version stays. His records wait,
+    unconsumed (the cursor does not advance past records nothing trained on)."""
+    runs = tmp_path / "runs"
+    before = active(live)
+    converse(live, "bob", [f"Question {i}?" for i in range(12)], edits=0, reaction=lambda i: "dislike")
+    capped = loop_file(
+        tmp_path,
+        live,
+        "loop_b",
+        [{"metric": "kl_to_base", "max": 1000.0}],
+        pull={"quarantine": {"max_per_user": 3}},
+    )
+    spec = LoopFile(capped)
+    done = Loop(spec, runs, use_ray=False).run(rounds=None, min_new=4, every=None, log=lambda *_: None)
+    assert len(done) == 1 and done[0]["outcome"].startswith("nothing to train")
+    assert done[0]["counts"]["reactions"] <= 3 and done[0]["quarantined"] >= 9
+    assert active(live) == before
+    assert "cursor" not in done[0]  # the next round pulls the same records again
