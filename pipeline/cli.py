@@ -147,20 +147,24 @@ def arena(
 
 @app.command()
 def validate(pipeline_file: Path, set_: list[str] = typer.Option([], "--set")):
-    """Check a pipeline (or an arena file, expanded) and its input files without running anything."""
+    """Check a pipeline (or an arena or loop file, expanded) and its input files without running anything."""
     import yaml
 
     from .config import load_pipeline
     from .record_schemas import check_pipeline_inputs
 
     try:
-        is_arena = isinstance(data := yaml.safe_load(Path(pipeline_file).read_text()), dict) and "arena" in data
+        data = yaml.safe_load(Path(pipeline_file).read_text())
     except (OSError, yaml.YAMLError):
-        is_arena = False  # load_pipeline reports the problem with file and line
-    if is_arena:
+        data = None  # load_pipeline reports the problem with file and line
+    if isinstance(data, dict) and "arena" in data:
         from .arena import load_arena
 
         pipeline, _ = load_arena(pipeline_file, overrides=set_)
+    elif isinstance(data, dict) and "loop" in data:
+        from .loop import LoopFile, full_round
+
+        pipeline = full_round(LoopFile(pipeline_file, set_))
     else:
         pipeline = load_pipeline(pipeline_file, set_)
     check_pipeline_inputs(pipeline)

@@ -100,6 +100,9 @@ class LoopFile:
         for assignment in overrides or []:
             apply_override(data, assignment)
         self.base = {k: v for k, v in data.items() if k not in ("loop", "stages")}
+        #: the file's own `stages:` run in every round after the pull (they may read pull.<signal>),
+        #: e.g. score + argilla_push with `select:` to send what the reward models are unsure about to people
+        self.extra: list[dict[str, Any]] = list(data.get("stages") or [])
         self.name = str(data.get("run_name") or self.path.stem)
         try:
             self.spec = LoopSpec.model_validate(data["loop"])
@@ -154,6 +157,7 @@ def round_stages(loop: LoopFile, phase: str, cursor: str | None, current: str | 
     ]
     if phase == "pull":
         return stages
+    stages += copy.deepcopy(loop.extra)
     previous = current
     for i, step in enumerate(spec.train):
         if counts.get(step.signal, 0) < step.min_records:
@@ -164,7 +168,7 @@ def round_stages(loop: LoopFile, phase: str, cursor: str | None, current: str | 
             inputs["adapter"] = previous
         stages.append({"name": name, "uses": step.method, "inputs": inputs, "with": copy.deepcopy(step.settings)})
         previous = f"{name}.adapter"
-    if len(stages) == 1 or phase == "train":
+    if not any(s["name"].startswith("train_") for s in stages) or phase == "train":
         return stages
     candidate = previous
     ev = spec.evaluate
@@ -210,6 +214,13 @@ def round_pipeline(loop: LoopFile, run_name: str, stages: list[dict]):
 
     data = {**copy.deepcopy(loop.base), "run_name": run_name, "stages": stages}
     return pipeline_from_dict(data, loop.path.parent, str(loop.path))
+
+
+def full_round(loop: LoopFile):
+    """A first round as it runs when every train step has its records (for `heedful validate`:
+    every stage, input and setting checked without a server)."""
+    counts = {step.signal: step.min_records for step in loop.spec.train}
+    return round_pipeline(loop, "round-000", round_stages(loop, "deploy", None, None, counts))
 
 
 # ----------------------------------------------------------------------------- the server side

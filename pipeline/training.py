@@ -175,6 +175,23 @@ class TrainerStage(Stage):
             from transformers import TrainingArguments as args_class
         return args_class(**method_kwargs, **self.config.trainer_kwargs(self.ctx))
 
+    def trl_trainer(self, trainer_class, args_class, dataset, processing_class=None, **extra: Any):
+        """A TRL trainer (DPO, KTO, SFT, ...) on the policy: the wired adapter continued (trainable)
+        or a new LoRA; `args_class` built from TrainSettings + the method's `trl_kwargs()`."""
+        from .models import load_causal_lm
+
+        cfg, adapter = self.config, self.adapter
+        method_kwargs = cfg.trl_kwargs() if hasattr(cfg, "trl_kwargs") else {}
+        model = load_causal_lm(self.ctx.model, cfg.policy(), adapter=adapter, qlora=cfg.lora.qlora, trainable_adapter=True)
+        return trainer_class(
+            model=model,
+            args=self.training_args(args_class, max_length=cfg.max_length, **method_kwargs),
+            train_dataset=dataset,
+            processing_class=processing_class if processing_class is not None else self.tokenizer(),
+            peft_config=None if adapter else cfg.lora.peft_config(),
+            **extra,
+        )
+
     def fit(self, build_trainer) -> dict[str, Any]:
         return fit(self.ctx, self.config, build_trainer)
 

@@ -43,27 +43,19 @@ class DpoStage(TrainerStage):
     def run(self):
         from trl import DPOConfig, DPOTrainer
 
-        from pipeline.models import load_causal_lm
-
-        cfg, ctx, adapter = self.config, self.ctx, self.adapter
+        cfg, ctx = self.config, self.ctx
         dataset = preference_dataset(ctx.input("preferences"), ctx.log)
         if cfg.rpo_alpha is not None:
             ctx.log.info("RPO: DPO loss + %g x NLL per token of the chosen replies", cfg.rpo_alpha)
 
         def build_trainer():
-            model = load_causal_lm(ctx.model, cfg.policy(), adapter=adapter, qlora=cfg.lora.qlora, trainable_adapter=True)
-            common = dict(
-                model=model,
-                args=self.training_args(DPOConfig, max_length=cfg.max_length, **cfg.trl_kwargs()),
-                train_dataset=dataset,
-                processing_class=self.tokenizer(),
-                peft_config=None if adapter else cfg.lora.peft_config(),
-            )
             if not cfg.fast:
-                return DPOTrainer(**common)
+                return self.trl_trainer(DPOTrainer, DPOConfig, dataset)
             from trainers.fastpref.trainer import FastDPOTrainer
 
             # no explicit gradient_checkpointing: measured per host (trainers/grad_ckpt_probe.py)
-            return FastDPOTrainer(**common, probe_checkpointing=cfg.gradient_checkpointing is None, model_name=ctx.model)
+            return self.trl_trainer(
+                FastDPOTrainer, DPOConfig, dataset, probe_checkpointing=cfg.gradient_checkpointing is None, model_name=ctx.model
+            )
 
         return {**self.fit(build_trainer), "pairs": len(dataset)}

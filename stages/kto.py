@@ -42,23 +42,15 @@ class KtoStage(TrainerStage):
         from datasets import Dataset
         from trl import KTOConfig, KTOTrainer
 
-        from pipeline.models import load_causal_lm
         from trainers.kto import read_feedback, trl_format
 
-        cfg, ctx, adapter = self.config, self.ctx, self.adapter
+        ctx = self.ctx
         rows = read_feedback(ctx.input("feedback"), ctx.log)
         tokenizer = self.tokenizer()
         dataset = Dataset.from_list(trl_format(rows, conversational=bool(getattr(tokenizer, "chat_template", None))))
 
         def build_trainer():
-            model = load_causal_lm(ctx.model, cfg.policy(), adapter=adapter, qlora=cfg.lora.qlora, trainable_adapter=True)
-            return KTOTrainer(
-                model=model,
-                args=self.training_args(KTOConfig, max_length=cfg.max_length, **cfg.trl_kwargs()),
-                train_dataset=dataset,
-                processing_class=tokenizer,
-                peft_config=None if adapter else cfg.lora.peft_config(),
-            )
+            return self.trl_trainer(KTOTrainer, KTOConfig, dataset, tokenizer)
 
         desirable = sum(r["label"] for r in rows)
         return {**self.fit(build_trainer), "desirable": desirable, "undesirable": len(rows) - desirable}

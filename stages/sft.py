@@ -33,24 +33,14 @@ class SftStage(TrainerStage):
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
-        from pipeline.models import load_causal_lm
         from trainers.sft import encode, read_examples
 
-        cfg, ctx, adapter = self.config, self.ctx, self.adapter
+        cfg, ctx = self.config, self.ctx
         examples = read_examples(ctx.input("preferences"), ctx.input("data"), cfg.finished_only, cfg.other_scopes)
         tokenizer = self.tokenizer()
         dataset = Dataset.from_list(encode(tokenizer, examples, cfg.max_length))
         counts = {f"{scope}_rows": n for scope, n in Counter(e["scope"] or "preference" for e in examples).items()}
         ctx.log.info("%d replies to learn (%s)", len(examples), ", ".join(f"{k}={v}" for k, v in counts.items()))
 
-        def build_trainer():
-            model = load_causal_lm(ctx.model, cfg.policy(), adapter=adapter, qlora=cfg.lora.qlora, trainable_adapter=True)
-            return SFTTrainer(
-                model=model,
-                args=self.training_args(SFTConfig, max_length=cfg.max_length, **cfg.trl_kwargs()),
-                train_dataset=dataset,
-                processing_class=tokenizer,
-                peft_config=None if adapter else cfg.lora.peft_config(),
-            )
-
-        return {**self.fit(build_trainer), "examples": len(examples), **counts}
+        result = self.fit(lambda: self.trl_trainer(SFTTrainer, SFTConfig, dataset, tokenizer))
+        return {**result, "examples": len(examples), **counts}

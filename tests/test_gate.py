@@ -56,7 +56,8 @@ def test_a_rule_needs_a_bound():
 def write_loop(tmp_path, **loop) -> LoopFile:
     path = tmp_path / "loop.yaml"
     body = {"server": "http://127.0.0.1:9", "train": [{"method": "kto", "from": "reactions", "min_records": 3}], **loop}
-    path.write_text(yaml.safe_dump({"run_name": "l", "model": "tiny", "loop": body}))
+    extra = [{"name": "review", "uses": "argilla_push", "inputs": {"records": "pull.reactions"}}]
+    path.write_text(yaml.safe_dump({"run_name": "l", "model": "tiny", "loop": body, "stages": extra}))
     return LoopFile(path)
 
 
@@ -76,10 +77,11 @@ def test_loop_file_errors_name_the_field_and_train_steps_follow_the_counts(tmp_p
     assert trainable(loop.spec, {"reactions": 3})
     stages = round_stages(loop, "deploy", None, "/srv/adapter", {"reactions": 1, "preferences": 5})
     names = [s["name"] for s in stages]
-    assert names == ["pull", "train_2_dpo", "eval_current", "eval_candidate", "gate", "export", "deploy"]
-    assert stages[1]["inputs"] == {"preferences": "pull.preferences", "adapter": "/srv/adapter"}  # continues the deployed one
-    assert stages[2]["inputs"]["adapter"] == "/srv/adapter" and stages[3]["inputs"]["adapter"] == "train_2_dpo.adapter"
-    assert [s["name"] for s in round_stages(loop, "train", "c.json", None, {"reactions": 3})] == ["pull", "train_1_kto"]
+    assert names == ["pull", "review", "train_2_dpo", "eval_current", "eval_candidate", "gate", "export", "deploy"]
+    assert stages[2]["inputs"] == {"preferences": "pull.preferences", "adapter": "/srv/adapter"}  # continues the deployed one
+    assert stages[3]["inputs"]["adapter"] == "/srv/adapter" and stages[4]["inputs"]["adapter"] == "train_2_dpo.adapter"
+    assert [s["name"] for s in round_stages(loop, "train", "c.json", None, {"reactions": 3})] == ["pull", "review", "train_1_kto"]
+    assert [s["name"] for s in round_stages(loop, "deploy", "c.json", None, {})] == ["pull", "review"]  # nothing to train
     assert parse_duration("10m") == 600 and parse_duration("1.5h") == 5400 and parse_duration("30") == 30
     with pytest.raises(HeedfulError, match="not a duration"):
         parse_duration("soon")

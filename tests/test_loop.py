@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from serving.service import ServeSettings
 from serving.store import MemoryStore
 
 TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef", "root": "root-token-0123456789abcdef"}
+TOKENS.update({f"u{i}": f"u{i}-token-0123456789abcdef" for i in range(12)})  # canary: users on both sides
 QUESTIONS = ["Name a fruit.", "Say hello.", "Count to three.", "Name a color.", "Give a greeting.", "Name an animal."]
 HELD_OUT = ["Name a city.", "Say goodbye.", "Name a tree."]
 
@@ -192,3 +194,51 @@ def test_one_hostile_user_cannot_move_the_deployed_adapter(live, tmp_path):
     assert done[0]["counts"]["reactions"] <= 3 and done[0]["quarantined"] >= 9
     assert active(live) == before
     assert "cursor" not in done[0]  # the next round pulls the same records again
+
+
+def test_a_canary_is_promoted_on_good_live_reactions_and_dropped_on_bad_ones(live, tmp_path):
+    """The deploy stage serves a passed candidate to half the users (by hash), then decides on the
+    reactions both versions get after the canary loaded: promoted when users like it as much,
+    dropped when they dislike it."""
+    runs = tmp_path / "runs"
+    canary = {"share": 0.5, "min_reactions": 3, "timeout_s": 240, "poll_s": 0.5}
+
+    def run_round_with_users(likes_candidate: bool) -> dict:
+        before, stop = active(live), threading.Event()
+
+        def users():
+            i = 0
+            while not stop.is_set():
+                name = f"u{i % 12}"
+                i += 1
+                reply = openai.OpenAI(base_url=live.url + "/v1", api_key=TOKENS[name], max_retries=0).chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=3, temperature=1.0
+                )
+                on_candidate = reply.model_extra["adapter_version"] != before
+                reaction = "love" if (likes_candidate or not on_candidate) else "dislike"
+                httpx.post(
+                    live.url + "/v1/feedback",
+                    headers={"Authorization": f"Bearer {TOKENS[name]}"},
+                    json={"completion_id": reply.id, "reaction": reaction},
+                    timeout=60,
+                )
+
+        path = loop_file(tmp_path, live, "loop_c", [{"metric": "kl_to_base", "max": 1000.0}], canary=canary)
+        thread = threading.Thread(target=users, daemon=True)
+        thread.start()
+        try:
+            done = Loop(LoopFile(path), runs, use_ray=False).run(rounds=1, min_new=4, every=None, log=lambda *_: None)
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        return done[0]
+
+    converse(live, "alice", QUESTIONS)
+    base = active(live)
+    promoted = run_round_with_users(likes_candidate=True)
+    assert promoted["deployed"] is True and promoted["why"].startswith("canary promoted"), promoted["why"]
+    assert active(live) == promoted["version_after"] != base
+    converse(live, "alice", [q + " More." for q in QUESTIONS])
+    dropped = run_round_with_users(likes_candidate=False)
+    assert dropped["deployed"] is False and dropped["why"].startswith("canary dropped"), dropped["why"]
+    assert active(live) == promoted["version_after"]  # the promoted version stays; the dropped one serves nobody

@@ -378,7 +378,8 @@ def test_dpo_stage_runs_the_fast_core_and_matches_trls_path(tmp_path, tiny_model
         curves = json.loads((result.run_dir / "align" / "curves.json").read_text())
         losses[fast] = [row["loss"] for row in curves if "loss" in row]
         if fast:
-            assert len(set(default_root().glob("*.npz")) - before) == 1  # the reference of these pairs, cached
+            # the reference of these pairs, cached (>= 1: other test processes may write theirs meanwhile)
+            assert len(set(default_root().glob("*.npz")) - before) >= 1
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], abs=1e-3)
 
