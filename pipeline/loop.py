@@ -267,6 +267,21 @@ def count_new(spec: LoopSpec, token: str | None, cursor_file: str | None) -> dic
     return counts
 
 
+def trainable_counts(pull_dir: Path, counts: dict[str, int]) -> dict[str, int]:
+    """`counts` as the train steps may use them: reactions that are all love (or all dislike) cannot
+    train KTO, which needs both labels; they count as 0, so the step is skipped, not failed."""
+    out = dict(counts)
+    if counts.get("reactions") and (pull_dir / "reactions").exists():
+        from trainers.kto import reaction_label
+
+        from .records import load_rows
+
+        labels = {reaction_label(r.get("reaction"), "pulled reaction") for r in load_rows(pull_dir / "reactions")}
+        if not {True, False} <= labels:
+            out["reactions"] = 0
+    return out
+
+
 def trainable(spec: LoopSpec, counts: dict[str, int]) -> bool:
     """Would at least one train step run on these counts?"""
     return any(counts.get(step.signal, 0) >= step.min_records for step in spec.train)
@@ -344,7 +359,7 @@ class Loop:
             entry["phase"] = phase
             self.save()
             fault_point(phase)
-            stages = round_stages(self.loop, phase, cursor, current, entry.get("counts", {}))
+            stages = round_stages(self.loop, phase, cursor, current, entry.get("trainable", entry.get("counts", {})))
             if phase != "pull" and not any(s["name"].startswith("train_") for s in stages):
                 entry.pop("cursor", None)  # not trained on: the next round pulls these records again
                 entry.update(
@@ -360,6 +375,7 @@ class Loop:
                 }
                 entry["quarantined"] = int(metrics.get("quarantined", 0) or 0)
                 entry["cursor"] = str(self.root / run_name / "pull" / "cursor" / "cursor.json")
+                entry["trainable"] = trainable_counts(self.root / run_name / "pull", entry["counts"])
             elif phase == "evaluate":
                 entry["gate"] = json.loads((self.root / run_name / "gate" / "decision").read_text(encoding="utf-8"))
             elif phase == "deploy":

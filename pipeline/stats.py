@@ -40,7 +40,8 @@ def wilson(successes: int, n: int, z: float = Z95) -> dict[str, Any]:
     denom = 1 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return estimate(p, n, max(0.0, centre - half), min(1.0, centre + half))
+    # clamped so lo <= p <= hi also where rounding leaves e.g. lo = 5e-17 above p = 0
+    return estimate(p, n, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def rate(outcomes: Iterable[bool]) -> dict[str, Any]:

@@ -120,6 +120,9 @@ class ChatEngine:
         config = getattr(self.model, "config", None)
         self.context_length = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         self._lock = threading.Lock()
+        # encoding with padding flips shared state of the Rust tokenizer: a request thread encoding
+        # while the batch thread pads got ragged tensors ("expected sequence of length 295, got 298")
+        self._tokenize_lock = threading.Lock()
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self._batcher = MicroBatcher(self, max_batch, batch_window) if max_batch > 1 else None
 
@@ -134,8 +137,9 @@ class ChatEngine:
 
     def _render(self, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, Any]:
         """(the prompt text, its token ids); a prompt too long for the context is refused here."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with self._tokenize_lock:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         n = enc["input_ids"].shape[1]
         if n + max_tokens > self.context_length:
             raise PromptTooLong(
@@ -202,7 +206,9 @@ class ChatEngine:
         import torch
 
         texts = [j.text for j in jobs]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.policy.device)
+        with self._tokenize_lock:
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(self.policy.device)
         longest = max(j.max_tokens for j in jobs)
         with self._lock, torch.inference_mode():
             out = self.model.generate(**enc, **self._kwargs(longest, jobs[0].temperature, jobs[0].top_p, []))

@@ -52,18 +52,41 @@ def canary_bucket(salt: str, user: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def canonical_config(raw: bytes) -> bytes:
+    """adapter_config.json as canonical JSON (sorted keys, lists of names sorted): PEFT writes
+    `target_modules` (a set) in a different order from run to run, which must not change the id."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw  # not JSON: hash it as it is (check_adapter_folder refuses it anyway)
+
+    def canon(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: canon(v) for k, v in value.items()}
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return sorted(value)
+        return [canon(v) for v in value] if isinstance(value, list) else value
+
+    return json.dumps(canon(data), sort_keys=True, separators=(",", ":")).encode()
+
+
 def adapter_version_id(adapter: str | Path | None) -> str:
+    """`adp-` + 12 hex digits of SHA-256 over the canonical config and the weight files; `base` for None."""
     if adapter is None:
         return "base"
     folder = Path(adapter)
     digest = hashlib.sha256()
     for name in ("adapter_config.json", *WEIGHT_FILES):
         path = folder / name
-        if path.is_file():
-            digest.update(name.encode())
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+        if not path.is_file():
+            continue
+        digest.update(name.encode())
+        if name == "adapter_config.json":
+            digest.update(canonical_config(path.read_bytes()))
+            continue
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return "adp-" + digest.hexdigest()[:12]
 
 

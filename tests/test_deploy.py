@@ -351,3 +351,26 @@ def test_no_log_answers_but_stores_nothing(tiny_model_path, adapters, tmp_path):
     s = MemoryStore(memory)
     assert s.conversations() == [] and s.feedback() == []
     assert "Private question" not in memory.read_bytes().decode("latin-1")
+
+
+def test_version_id_ignores_the_order_peft_writes_target_modules_in(tmp_path):
+    """PEFT writes `target_modules` (a set) in a different order from run to run: the same weights
+    must get the same version id, and other weights another one."""
+    from serving.versions import adapter_version_id
+
+    config = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj", "v_proj", "k_proj"]}
+    folders = []
+    for i, (modules, weights) in enumerate(
+        [
+            (["q_proj", "v_proj", "k_proj"], b"w1"),
+            (["v_proj", "k_proj", "q_proj"], b"w1"),
+            (["q_proj"], b"w1"),
+            (["q_proj", "v_proj", "k_proj"], b"w2"),
+        ]
+    ):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "target_modules": modules}, indent=i))
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+        folders.append(adapter_version_id(folder))
+    assert folders[0] == folders[1] and len({folders[0], folders[2], folders[3]}) == 3

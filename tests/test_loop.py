@@ -180,7 +180,7 @@ def test_one_hostile_user_cannot_move_the_deployed_adapter(live, tmp_path):
     unconsumed (the cursor does not advance past records nothing trained on)."""
     runs = tmp_path / "runs"
     before = active(live)
-    converse(live, "bob", [f"Question {i}?" for i in range(12)], edits=0, reaction=lambda i: "dislike")
+    converse(live, "bob", [f"Question {i}?" for i in range(12)], edits=0)  # love and dislike: only the cap stops him
     capped = loop_file(
         tmp_path,
         live,
