@@ -63,8 +63,12 @@ demo: $(DEMO_STAMP)
 demo-c3po: $(DEMO_STAMP)
 	$(BIN)/heedful run configs/c3po_demo.yaml
 
+# The modules that start their own Ray head run in pytest processes of their own: in one process
+# after the rest of the suite, test_scale_out_ray failed once and then hung (it passes alone).
+RAY_HEAD_TESTS := tests/test_loop_kill.py tests/test_scale_out_ray.py
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests $(addprefix --ignore=,$(RAY_HEAD_TESTS))
+	for t in $(RAY_HEAD_TESTS); do $(BIN)/python -m pytest -q $$t || exit 1; done
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests -m "not slow"
