@@ -12,7 +12,8 @@ sequence (prompt + reply), fp32 on CPU. Arms, each in a fresh process, order rot
   heedful     the `dpo` stage end to end, as configured (uses the fast core once it is wired)
 
 Per-step time = median step (warm-up dropped) + the reference precompute/cache time divided
-by the number of steps, so a cold cache's cost is amortized over the run as it happens.
+by the number of steps, so a cold cache's cost is amortized over the run as it happens. The same
+is recorded in process CPU seconds (both threads), which a shared machine disturbs less than wall time.
 Also prints achieved FLOP/s against a measured fp32 matmul peak of this machine.
 
     python bench/dpo_step.py [--steps 6] [--rounds 2] [--model tiny --tokens 64] [--arms fast,plain]
@@ -33,6 +34,11 @@ from pathlib import Path
 from common import QA, ROOT, matmul_peak_flops, save_results
 
 
+def chat_tokens(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> int:
+    """Tokens of `messages` under the model's chat template."""
+    return len(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)["input_ids"])
+
+
 def make_pairs(tokenizer, n_pairs: int, target_tokens: int) -> list[dict]:
     """Real text (qa-feedback questions and answers) trimmed so each sequence is ~target_tokens."""
     rows = json.loads(QA.read_text())
@@ -41,7 +47,7 @@ def make_pairs(tokenizer, n_pairs: int, target_tokens: int) -> list[dict]:
         prompt = row["question"]
         preds = [row["prediction 1"], row["prediction 2"]]
         prompt_msgs = [{"role": "user", "content": prompt}]
-        prompt_len = len(tokenizer.apply_chat_template(prompt_msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
+        prompt_len = chat_tokens(tokenizer, prompt_msgs, add_generation_prompt=True)
         budget = target_tokens - prompt_len - 2
         replies = []
         for text in preds:
@@ -83,30 +89,37 @@ def step_times_trl(
     checkpointing: bool = True,
     precompute: bool = False,
     fast: bool = False,
-) -> tuple[list[float], float]:
+) -> tuple[list[float], float, list[float], float]:
     """Step times of a TRL-style script (DPOTrainer, or heedful's FastDPOTrainer with `fast`) and
-    the seconds it spent computing reference log-probs up front (precompute or cache)."""
+    the seconds it spent computing reference log-probs up front (precompute or cache); wall, then CPU."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     times: list[float] = []
+    cpu_times: list[float] = []
     precomputed: list[float] = []
+    precomputed_cpu: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t)
+            cpu_times.append(time.process_time() - self.c)
+
+    def timed(compute):
+        start, cpu = time.perf_counter(), time.process_time()
+        result = compute()
+        precomputed.append(time.perf_counter() - start)
+        precomputed_cpu.append(time.process_time() - cpu)
+        return result
 
     class TimedDPOTrainer(DPOTrainer):
         def _precompute_ref_logps(self, *a, **k):
-            start = time.perf_counter()
-            result = super()._precompute_ref_logps(*a, **k)
-            precomputed.append(time.perf_counter() - start)
-            return result
+            return timed(lambda: super(TimedDPOTrainer, self)._precompute_ref_logps(*a, **k))
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path)
@@ -134,16 +147,19 @@ def step_times_trl(
     if fast:
         from trainers.fastpref.trainer import FastDPOTrainer
 
-        trainer = FastDPOTrainer(
+        class TimedFastDPOTrainer(FastDPOTrainer):
+            def _compute_ref_logps(self, *a, **k):
+                return timed(lambda: super(TimedFastDPOTrainer, self)._compute_ref_logps(*a, **k))
+
+        trainer: DPOTrainer = TimedFastDPOTrainer(
             **kwargs, ref_cache_dir=out / "ref_cache", probe_checkpointing=True, model_name=Path(model_path).name
         )
-        assert trainer.fast, trainer.fast_off_reason
+        assert isinstance(trainer, FastDPOTrainer) and trainer.fast, getattr(trainer, "fast_off_reason", None)
         print("FAST_CHECKPOINTING", trainer.checkpointing_chosen, flush=True)
-        precomputed.append(trainer.ref_cache_seconds)
     else:
         trainer = TimedDPOTrainer(**kwargs)
     trainer.train()
-    return times, sum(precomputed)
+    return times, sum(precomputed), cpu_times, sum(precomputed_cpu)
 
 
 def step_times_heedful(pairs: list[dict], steps: int, work: Path, model: str) -> list[float]:
@@ -178,8 +194,8 @@ def step_times_heedful(pairs: list[dict], steps: int, work: Path, model: str) ->
 ARMS = ("heedful", "plain", "tuned", "precompute", "fast")
 
 
-def run_arm(arm: str, args) -> float:
-    """One arm in this (fresh) process: its median seconds per step, reference cost amortized."""
+def run_arm(arm: str, args) -> tuple[float, float | None]:
+    """One arm in this (fresh) process: its median seconds per step, reference cost amortized; wall and CPU."""
     import torch
     from transformers import AutoTokenizer
 
@@ -190,8 +206,8 @@ def run_arm(arm: str, args) -> float:
     pairs = make_pairs(AutoTokenizer.from_pretrained(path), args.pairs, args.tokens)
     with tempfile.TemporaryDirectory() as tmp:
         if arm == "heedful":
-            return step_times_heedful(pairs, args.steps, Path(tmp), args.model)[0]  # already a median
-        times, ref_seconds = step_times_trl(
+            return step_times_heedful(pairs, args.steps, Path(tmp), args.model)[0], None  # already a median
+        times, ref_seconds, cpu_times, ref_cpu = step_times_trl(
             path,
             pairs,
             args.steps,
@@ -200,7 +216,10 @@ def run_arm(arm: str, args) -> float:
             precompute=arm == "precompute",
             fast=arm == "fast",
         )
-        return statistics.median(times[1:] or times) + ref_seconds / max(len(times), 1)  # drop the warm-up step
+        n = max(len(times), 1)  # drop the warm-up step, amortize the reference over every step
+        return statistics.median(times[1:] or times) + ref_seconds / n, statistics.median(
+            cpu_times[1:] or cpu_times
+        ) + ref_cpu / n
 
 
 def main() -> None:
@@ -215,7 +234,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "dpo_step.json")
     args = parser.parse_args()
     if args.arm:
-        print("ARM_SECONDS_PER_STEP", run_arm(args.arm, args))
+        wall, cpu = run_arm(args.arm, args)
+        print("ARM_SECONDS_PER_STEP", wall)
+        if cpu is not None:
+            print("ARM_CPU_SECONDS_PER_STEP", cpu)
         return
 
     import subprocess
@@ -234,15 +256,17 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     pairs = make_pairs(tokenizer, args.pairs, args.tokens)
     lengths = []
-    for p in pairs:
+    for pair in pairs:
         for side in ("chosen", "rejected"):
-            lengths.append(len(tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=True)["input_ids"]))
+            lengths.append(chat_tokens(tokenizer, pair["prompt"] + pair[side]))
     peak = matmul_peak_flops()
     flops = dpo_step_flops(AutoConfig.from_pretrained(path), lengths)
 
     # Each arm in its own process, order rotated each round: this shared 2-core machine's
     # speed drifts by tens of percent over minutes, so one pass in one order is not a comparison.
     per_arm: dict[str, list[float]] = {arm: [] for arm in arms}
+    per_arm_cpu: dict[str, list[float]] = {arm: [] for arm in arms}
+    loads: list[float] = []
     for r in range(args.rounds):
         for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:
             cmd = [
@@ -264,10 +288,16 @@ def main() -> None:
                 sys.exit(f"arm {arm} failed:\n{run.stderr[-4000:]}")
             lines = run.stdout.splitlines()
             seconds = float(next(line.split()[1] for line in lines if line.startswith("ARM_SECONDS_PER_STEP")))
+            cpu = next((float(line.split()[1]) for line in lines if line.startswith("ARM_CPU_SECONDS_PER_STEP")), None)
             extra = next((f" (checkpointing {line.split()[1]})" for line in lines if line.startswith("FAST_CHECKPOINTING")), "")
             per_arm[arm].append(seconds)
-            print(f"round {r + 1}: {arm}: {seconds:.3f} s/step{extra}", flush=True)
+            if cpu is not None:
+                per_arm_cpu[arm].append(cpu)
+            loads.append(os.getloadavg()[0])
+            cpu_text = f", {cpu:.3f} CPU s/step" if cpu is not None else ""
+            print(f"round {r + 1}: {arm}: {seconds:.3f} s/step{cpu_text}{extra} (load {loads[-1]:.1f})", flush=True)
     median = {arm: statistics.median(v) for arm, v in per_arm.items()}
+    median_cpu = {arm: statistics.median(v) for arm, v in per_arm_cpu.items() if v}
     names = {
         "plain": "plain_trl",
         "tuned": "plain_trl_no_checkpointing",
@@ -284,6 +314,9 @@ def main() -> None:
         "tokens_per_sequence": lengths,
         **{f"{names[a]}_seconds_per_step": round(v, 4) for a, v in median.items()},
         "rounds_seconds_per_step": per_arm,
+        **{f"{names[a]}_cpu_seconds_per_step": round(v, 4) for a, v in median_cpu.items()},
+        "rounds_cpu_seconds_per_step": {a: v for a, v in per_arm_cpu.items() if v},
+        "load_average_after_each_arm": [round(x, 1) for x in loads],
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "step_gflop": round(flops / 1e9, 2),
         **{f"{names[a]}_gflops": round(flops / v / 1e9, 2) for a, v in median.items()},
@@ -292,6 +325,8 @@ def main() -> None:
         for base in ("plain", "tuned", "precompute"):
             if ours in median and base in median:
                 result[f"speedup_{names[ours]}_vs_{names[base]}"] = round(median[base] / median[ours], 3)
+            if ours in median_cpu and base in median_cpu:
+                result[f"cpu_speedup_{names[ours]}_vs_{names[base]}"] = round(median_cpu[base] / median_cpu[ours], 3)
     save_results(result, args.json)
 
 

@@ -1,18 +1,26 @@
-"""Benchmark: generation tokens/s, heedful's CPU engine (CTranslate2) vs plain HF `generate`.
+"""Benchmark: generation tokens/s, heedful's engine vs plain HF `generate`, in one run.
 
-SmolLM2-135M-Instruct, fp32 on both sides (the ct2 engine also int8 when `--int8`), greedy
-decoding, the chat template applied the same way. Each batch size (1, 8, 32, 64) runs both
-arms on the same prompts in the same process, alternating which arm goes first per
-repetition; the figure kept per arm is the best of `--reps` (the least disturbed by other
-work on a shared machine). A mixed-length workload (prompts of 5-80 words asking for
-replies of different lengths, max_new_tokens 16-128 by request) is served in arrival order in
-batches of `--mixed-batch` by both arms; only the tokens each request asked for count
-(a batch runs to its longest budget on both sides). Greedy replies are compared token for token between the arms (`agreement`).
+SmolLM2-135M-Instruct, greedy decoding, the chat template applied the same way. The heedful
+arm is what `engine: auto` picks on this machine (`pick_engine`: on CPU the CTranslate2
+engine, fp32, the shared chat-template prefix cached); `--int8` adds the opt-in int8 engine,
+whose replies differ. Each batch size runs every arm on the same prompts in the same
+process, alternating which arm goes first per repetition; the figure kept per arm is the
+best of `--reps` (the least disturbed by other work on a shared machine), with the CPU
+seconds the process spent in that repetition beside it (threads included).
+
+A mixed-length workload (prompts of 5-80 words, each request its own budget of 16-128 new
+tokens): plain HF serves it as a user would, in arrival order in batches of `--mixed-batch`,
+each batch run to its longest budget; heedful's engine gets the whole queue at once, at most
+`--mixed-batch` wide, each request leaving the batch at its own budget (CTranslate2 sorts the
+queue by length). Only the tokens each request asked for count on both sides.
+Greedy replies are compared token for token with HF's (`agreement`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import random
 import time
 
@@ -49,11 +57,18 @@ def prompts(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+def timed(fn, *args):
+    """(fn(*args), wall seconds, CPU seconds of this process, all threads)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
 def hf_arm(model, tokenizer, texts, max_new_tokens, eos_ids):
+    """Plain HF `generate` on one left-padded batch, as a user writes it; replies cut at EOS."""
     import torch
 
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
             **enc,
@@ -65,22 +80,38 @@ def hf_arm(model, tokenizer, texts, max_new_tokens, eos_ids):
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos_ids,
         )
-    seconds = time.perf_counter() - start
     replies = []
     for row in out[:, enc["input_ids"].shape[1] :].tolist():
         cut = next((k for k, t in enumerate(row) if t in eos_ids), len(row))
         replies.append(row[:cut])
-    return seconds, replies
+    return replies
 
 
-def ct2_arm(engine, texts, max_new_tokens):
+def engine_arm(engine, texts, max_new_tokens, max_batch_size=None):
+    """heedful's engine: `max_new_tokens` one budget for all or one per request."""
     from pipeline.generation import SamplingSettings
 
-    sampling = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0)
-    start = time.perf_counter()
-    replies = [samples[0] for samples in engine.generate_ids(texts, sampling, max_batch_size=max(1, len(texts)))]
-    seconds = time.perf_counter() - start
-    return seconds, replies, [len(r) for r in replies]
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else None
+    sampling = SamplingSettings(max_new_tokens=max(budgets) if budgets else max_new_tokens, temperature=0)
+    width = max_batch_size or max(1, len(texts))
+    return [s[0] for s in engine.generate_ids(texts, sampling, max_batch_size=width, max_new_tokens=budgets)]
+
+
+def machine() -> dict:
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        text = open("/proc/cpuinfo").read()
+        flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+        name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    else:
+        name = platform.processor()
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f" {f}" in flags]
+    return {
+        "cpu": name,
+        "isa": isa,
+        "cores": os.cpu_count(),
+        "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
 
 
 def main() -> None:
@@ -89,9 +120,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--mixed", type=int, default=64, help="requests in the mixed-length workload")
+    parser.add_argument("--mixed", type=int, default=64, help="requests in the mixed-length workload (0: skip it)")
     parser.add_argument("--mixed-batch", type=int, default=16)
-    parser.add_argument("--int8", action="store_true", help="also time the engine with int8 weights")
+    parser.add_argument("--int8", action="store_true", help="also time the opt-in int8 engine (replies differ)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -99,79 +130,91 @@ def main() -> None:
 
     from pipeline.chat import render_many
     from pipeline.ct2_engine import Ct2Generator
-    from pipeline.generation import eos_ids_from_tokenizer
+    from pipeline.generation import eos_ids_from_tokenizer, pick_engine
     from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model, padding_side="left")
     model = load_causal_lm(args.model, device_policy("cpu")).eval()
     eos_ids = eos_ids_from_tokenizer(tokenizer)  # what the engines stop on
-    engines = {"ct2_fp32": Ct2Generator(args.model, threads=args.threads)}
+    chosen = pick_engine("auto", "cpu")
+    if chosen != "ct2":
+        raise SystemExit(f"engine: auto picks {chosen!r} here; this benchmark times the CPU engine (pip install ctranslate2)")
+    engines = {"heedful": Ct2Generator(args.model, threads=args.threads)}
     if args.int8:
-        engines["ct2_int8"] = Ct2Generator(args.model, quantization="int8", threads=args.threads)
-    all_texts = render_many(tokenizer, [[{"role": "user", "content": p}] for p in prompts(max(64, args.mixed))])
+        engines["heedful_int8"] = Ct2Generator(args.model, quantization="int8", threads=args.threads)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    all_texts = render_many(tokenizer, [[{"role": "user", "content": p}] for p in prompts(max([*sizes, args.mixed]))])
 
     result: dict = {
         "model": args.model,
         "threads": args.threads,
         "max_new_tokens": args.max_new_tokens,
+        "machine": machine(),
         "matmul_peak_gflops": round(matmul_peak_flops() / 1e9, 1),
         "batches": [],
     }
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+    # warm-up: first calls pay one-off costs (allocator, thread pools, the engine's prefix cache)
+    hf_arm(model, tokenizer, all_texts[:2], 4, eos_ids)
+    for engine in engines.values():
+        engine_arm(engine, all_texts[:2], 4)
+    for bs in sizes:
         texts = all_texts[:bs]
-        best: dict[str, float] = {}
+        best: dict[str, tuple[float, float]] = {}
         tokens: dict[str, int] = {}
+        replies: dict[str, list] = {}
         for rep in range(args.reps):
             order = ["hf", *engines] if rep % 2 == 0 else [*engines, "hf"]
             for arm in order:
                 if arm == "hf":
-                    seconds, replies = hf_arm(model, tokenizer, texts, args.max_new_tokens, eos_ids)
-                    n = sum(len(r) for r in replies)
-                    hf_replies = replies
+                    out, wall, cpu = timed(hf_arm, model, tokenizer, texts, args.max_new_tokens, eos_ids)
                 else:
-                    seconds, ct_replies, counts = ct2_arm(engines[arm], texts, args.max_new_tokens)
-                    n = sum(counts)
-                    if arm == "ct2_fp32":
-                        fp32_replies = ct_replies
-                tokens[arm] = n
-                best[arm] = min(best.get(arm, float("inf")), seconds)
-        agreement = sum(a == b for a, b in zip(hf_replies, fp32_replies)) / len(texts)
-        row = {"batch": bs, "agreement_greedy_fp32": agreement}
-        for arm in best:
-            row[f"{arm}_tokens_per_s"] = round(tokens[arm] / best[arm], 1)
+                    out, wall, cpu = timed(engine_arm, engines[arm], texts, args.max_new_tokens)
+                replies[arm], tokens[arm] = out, sum(len(r) for r in out)
+                if wall < best.get(arm, (float("inf"), 0.0))[0]:
+                    best[arm] = (wall, cpu)
+        row: dict = {"batch": bs, "agreement_greedy": sum(a == b for a, b in zip(replies["hf"], replies["heedful"])) / bs}
+        for arm, (wall, cpu) in best.items():
+            row[f"{arm}_tokens"] = tokens[arm]
+            row[f"{arm}_tokens_per_s"] = round(tokens[arm] / wall, 1)
+            row[f"{arm}_tokens_per_cpu_s"] = round(tokens[arm] / cpu, 1)
         for arm in engines:
             row[f"{arm}_vs_hf"] = round(row[f"{arm}_tokens_per_s"] / row["hf_tokens_per_s"], 2)
+            row[f"{arm}_vs_hf_cpu"] = round(row[f"{arm}_tokens_per_cpu_s"] / row["hf_tokens_per_cpu_s"], 2)
         print(row, flush=True)
         result["batches"].append(row)
 
-    # mixed-length workload: every request its own length budget, served in arrival order
-    rng = random.Random(1)
-    budgets = [rng.choice([16, 32, 64, 128]) for _ in range(args.mixed)]
-    texts = all_texts[: args.mixed]
-    mixed: dict[str, dict] = {}
-    for arm in ["hf", *engines]:
-        total_tokens, total_seconds = 0, 0.0
-        for start in range(0, args.mixed, args.mixed_batch):
-            chunk = texts[start : start + args.mixed_batch]
-            budget = max(budgets[start : start + args.mixed_batch])
-            if arm == "hf":
-                seconds, replies = hf_arm(model, tokenizer, chunk, budget, eos_ids)
-                n = sum(min(len(r), b) for r, b in zip(replies, budgets[start : start + args.mixed_batch]))
-            else:
-                seconds, _, counts = ct2_arm(engines[arm], chunk, budget)
-                n = sum(min(c, b) for c, b in zip(counts, budgets[start : start + args.mixed_batch]))
-            total_tokens += n
-            total_seconds += seconds
-        mixed[arm] = {
-            "tokens": total_tokens,
-            "seconds": round(total_seconds, 2),
-            "tokens_per_s": round(total_tokens / total_seconds, 1),
-        }
-    for arm in engines:
-        mixed[arm]["vs_hf"] = round(mixed[arm]["tokens_per_s"] / mixed["hf"]["tokens_per_s"], 2)
-    result["mixed"] = {"requests": args.mixed, "batch": args.mixed_batch, **mixed}
+    if args.mixed:
+        result["mixed"] = mixed_workload(args, model, tokenizer, eos_ids, engines, all_texts[: args.mixed])
+    result["machine"]["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     save_results(result, RESULTS / "generate.json")
+
+
+def mixed_workload(args, model, tokenizer, eos_ids, engines, texts) -> dict:
+    """Every request its own budget; HF in arrival-order batches, heedful's engine on the queue."""
+    rng = random.Random(1)
+    budgets = [rng.choice([16, 32, 64, 128]) for _ in texts]
+    out: dict = {"requests": len(texts), "batch": args.mixed_batch}
+
+    def hf_serve():
+        n = 0
+        for start in range(0, len(texts), args.mixed_batch):
+            chunk, asked = texts[start : start + args.mixed_batch], budgets[start : start + args.mixed_batch]
+            replies = hf_arm(model, tokenizer, chunk, max(asked), eos_ids)
+            n += sum(min(len(r), b) for r, b in zip(replies, asked))
+        return n
+
+    for arm in ["hf", *engines]:
+        if arm == "hf":
+            n, wall, cpu = timed(hf_serve)
+        else:
+            replies, wall, cpu = timed(engine_arm, engines[arm], texts, budgets, args.mixed_batch)
+            n = sum(len(r) for r in replies)
+        out[arm] = {"tokens": n, "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "tokens_per_s": round(n / wall, 1)}
+        print(arm, out[arm], flush=True)
+    for arm in engines:
+        out[arm]["vs_hf"] = round(out[arm]["tokens_per_s"] / out["hf"]["tokens_per_s"], 2)
+    return out
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ def loop_round(loop, stage_seconds: dict[str, float], say) -> dict[str, Any]:
     entry = dict(done[0])
     phases: dict[str, float] = {}
     for name, seconds in stage_seconds.items():
-        phase = "train" if name.startswith("train_") else PHASE_OF.get(name, "other")
+        phase = "train" if name.startswith(("train_", "critique_", "c3po_data_")) else PHASE_OF.get(name, "other")
         phases[phase] = phases.get(phase, 0.0) + seconds
     phases["overhead"] = total - sum(phases.values())  # model loads outside stages, manifests, the server calls
     entry["seconds"] = {**phases, "total": total}

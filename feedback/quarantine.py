@@ -19,10 +19,16 @@ a record it passes these checks, in this order (the first that fails names the r
    "always cite sources" is legitimate critique (C3PO trains on exactly that) and gets
    checks 3, 5 and 6 only.
 5. ``duplicate`` — the same author sent the same or nearly the same feedback on the same
-   or nearly the same request before (request + text normalised, character 5-shingles,
-   Jaccard >= `near_duplicate`; candidates found with MinHash LSH, then the Jaccard is
-   computed exactly). The request is part of it because one clarification legitimately
-   recurs on different requests ("I want a synonym"): each is a different training example.
+   or nearly the same request before: the feedback texts (what the user wrote in this
+   record) AND the requests are each near-identical (normalised, character 5-shingles,
+   Jaccard >= `near_duplicate`; candidates found with MinHash LSH on the text, then both
+   Jaccards are computed exactly). The request is part of it because one clarification
+   legitimately recurs on different requests ("I want a synonym"): each is a different
+   training example. The two are compared separately, not as one concatenated string,
+   because a request can be longer than the feedback and even contain the user's earlier
+   feedback (a second turn's request is their critique): "Thanks, that is what I needed."
+   after the critique "you missed the question: ..." shares most shingles with it when
+   joined to its request, yet is a different text.
 6. ``flood`` — more than `max_copies` near-identical feedbacks on a near-identical request
    across authors (a campaign): the first `max_copies` are kept, the rest held back.
 7. ``volume_cap`` — an author already has `max_per_user` records kept in this batch.
@@ -279,7 +285,7 @@ def quarantine(candidates: Iterable[Candidate], settings: QuarantineSettings | N
     recent: dict[str | None, list[float]] = {}
     kept_by_author: dict[str | None, int] = {}
     lsh = MinHashLSH()
-    texts: list[tuple[set[str], str | None, int]] = []  # (shingles, author, cluster) of every text seen
+    texts: list[tuple[set[str], set[str], str | None, int]] = []  # (text, request shingles, author, cluster) of every text seen
     cluster_size: dict[int, int] = {}
 
     def hold(c: Candidate, reason: str, detail: str) -> None:
@@ -305,11 +311,15 @@ def quarantine(candidates: Iterable[Candidate], settings: QuarantineSettings | N
                     hold(c, "instruction", "; ".join(found))
                     continue
         if c.text is not None:
-            items = shingles(c.context + " || " + c.text)
-            matches = [texts[j] for j in lsh.query_and_add(len(texts), items) if jaccard(items, texts[j][0]) >= s.near_duplicate]
-            cluster = min((m[2] for m in matches), default=len(texts))
-            texts.append((items, c.author, cluster))
-            if any(m[1] == c.author for m in matches):
+            items, request = shingles(c.text), shingles(c.context)
+            matches = [
+                texts[j]
+                for j in lsh.query_and_add(len(texts), items)
+                if jaccard(items, texts[j][0]) >= s.near_duplicate and jaccard(request, texts[j][1]) >= s.near_duplicate
+            ]
+            cluster = min((m[3] for m in matches), default=len(texts))
+            texts.append((items, request, c.author, cluster))
+            if any(m[2] == c.author for m in matches):
                 hold(c, "duplicate", f"{c.author!r} sent the same or nearly the same text before")
                 continue
             cluster_size[cluster] = cluster_size.get(cluster, 0) + 1

@@ -25,24 +25,36 @@ graph: skipping, resuming, Ray scheduling, `heedful status` and lineage work unc
 choice is on disk beside the adapter (stages/arena_select.py has the rule). With a grid every
 method, tuned or not, trains on the same fit part (the same examples). A failing method (or grid
 point) blocks only its own evaluation. `collect` reads the finished run into the arena table
-(`arena.json`, `arena.csv`; with a grid, `grid` lists every point's validation scores);
-`report_section` draws it in report.html.
+(`arena.json`, `arena.csv`; with a grid, `grid` lists every point's validation scores; with
+several seeds, `aggregates` has each method's mean over seeds): pipeline/arena_table.py.
+`report_section` draws it in report.html: pipeline/arena_report.py.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import html
-import io
-import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-PLAN_FILE = "arena_plan.json"
+# the table and its views live apart (module docstring); re-exported for callers of pipeline.arena
+from .arena_report import print_table, report_section
+from .arena_table import PLAN_FILE, collect, write_outputs
+from .evaluation.summary import FLAT_ORDER
+
+__all__ = [
+    "PLAN_FILE",
+    "ArenaSpec",
+    "collect",
+    "expand",
+    "load_arena",
+    "report_section",
+    "run_arena",
+    "save_plan",
+    "write_outputs",
+]
+
 SOURCES = ("verbal", "users", "spans", "custom")
 #: how each method reads each feedback source: input name -> reference ({train}/{views}/{users} filled in;
 #: {train} is the c3po_data rows trained on: `<data>.train`, or its fit part when a grid is tuned)
@@ -82,30 +94,6 @@ DEFAULT_METHODS = {
 SELECT_BY = {"verbal": "adherence", "spans": "ref_loglik"}
 #: metrics the evaluate stage measures only with drift on (teacher-forced on reference answers)
 DRIFT_METRICS = ("kl_to_base", "ref_loglik")
-#: the table's metrics, in order (each a {value, n, lo, hi} estimate or a number)
-TABLE_METRICS = [
-    "adherence",
-    "overgen_near",
-    "overgen_out",
-    "first_reply_satisfied",
-    "satisfied",
-    "rounds",
-    "kl_to_base",
-    "ref_loglik",
-    "unfinished",
-    "repeated_ngrams",
-    "length_vs_base",
-    "judge_win_rate",
-]
-COST_FIELDS = [
-    "train_seconds",
-    "steps",
-    "samples_per_second",
-    "tokens_per_second",
-    "peak_memory_mb",
-    "eval_seconds",
-    "tuning_seconds",
-]
 
 
 class Variant(BaseModel):
@@ -207,8 +195,8 @@ def expand(
             f"{' and '.join(SELECT_BY)}; source '{spec.source}' has none yet (drop arena.grid)",
         )
     select_by = spec.select_by or SELECT_BY.get(spec.source, "adherence")
-    if select_by not in TABLE_METRICS and not select_by.startswith("reward/"):
-        raise problem("select_by", f"unknown metric '{select_by}': one of {', '.join(TABLE_METRICS)} or reward/<kind>")
+    if select_by not in FLAT_ORDER and not select_by.startswith("reward/"):
+        raise problem("select_by", f"unknown metric '{select_by}': one of {', '.join(FLAT_ORDER)} or reward/<kind>")
     fill: dict[str, str | None] = {}  # None only when some stage has no name (None is then in `names`)
     validation_inputs: dict[str, str] = {}
     added: list[dict[str, Any]] = []
@@ -419,355 +407,6 @@ def save_plan(run_root: Path, plan: dict[str, Any]) -> None:
     atomic_write_json(run_root / PLAN_FILE, plan)
 
 
-# ----------------------------------------------------------------------------- the table
-
-
-def collect(run_root: Path) -> dict[str, Any] | None:
-    """The arena table of a run: one row per no-training condition and per method (or variant) and
-    seed; with a grid, each row is the chosen point and `grid` lists every point's validation scores."""
-    from .artifacts import RunDir, read_json
-
-    run_root = Path(run_root)
-    if not (run_root / PLAN_FILE).is_file():
-        return None
-    plan = read_json(run_root / PLAN_FILE)
-    run = RunDir(run_root)
-    last = {s["name"]: s for s in (run.last_invocation() or {}).get("stages", [])}
-
-    def status(name: str) -> tuple[str, str | None]:
-        record = last.get(name)
-        if record is None:
-            return ("done" if run.manifest(name) else "not run"), None
-        state = record.get("status", "not run")
-        return ("done" if state == "skipped" else state), record.get("error")
-
-    from stages.evaluate import read_summary
-
-    def summary(name: str) -> dict[str, Any] | None:
-        return read_summary(run_root / name) if run.manifest(name) else None
-
-    rows = []
-    base_state, base_error = status(plan["baseline"])
-    base = summary(plan["baseline"]) if base_state == "done" else None
-    for condition in plan["conditions"]:
-        metrics = (base or {}).get("conditions", {}).get(condition)
-        if base is not None and metrics is None:
-            continue  # skipped by the evaluate stage (e.g. memory without remembered prompts)
-        rows.append(
-            {
-                "condition": condition,
-                "method": None,
-                "seed": None,
-                "status": base_state if base is None else "done",
-                "error": base_error,
-                "chosen": None,
-                "metrics": metrics or {},
-                "cost": {"eval_seconds": (base or {}).get("cost", {}).get("evaluation_seconds")},
-            }
-        )
-    grids = []
-    for arm in plan["methods"]:
-        label = arm.get("label", arm["stage"])
-        points = arm.get("grid") or []
-        train_state, train_error = chain_status([p["stage"] for p in points] + [p["validation"] for p in points], status)
-        if train_state == "done":
-            train_state, train_error = status(arm["stage"])
-        eval_state, eval_error = status(arm["evaluation"])
-        # a failed or blocked stage's folder may hold an older run's results: those are not this run's
-        result = summary(arm["evaluation"]) if train_state == "done" and eval_state == "done" else None
-        state = train_state if train_state != "done" else ("done" if result else f"evaluation {eval_state}")
-        metrics = (result or {}).get("conditions", {}).get(label, {})
-        training = (result or {}).get("cost", {}).get("training") or {}
-        cost = {
-            "train_seconds": training.get("seconds"),
-            "steps": training.get("steps"),
-            "samples_per_second": training.get("samples_per_second"),
-            "tokens_per_second": training.get("tokens_per_second"),
-            "peak_memory_mb": training.get("peak_memory_mb"),
-            "eval_seconds": (result or {}).get("cost", {}).get("evaluation_seconds"),
-            "tuning_seconds": None,
-        }
-        chosen = None
-        if points:
-            grid = grid_entry(run, arm, label, status, summary)
-            grids.append(grid)
-            if grid["chosen"] is not None and state == "done":
-                point = points[grid["chosen"]]
-                chosen = {"point": point["point"], "settings": point["settings"], "stage": point["stage"]}
-                cost.update(training_cost(run.manifest(point["stage"]) or {}))
-            cost["tuning_seconds"] = grid["tuning_seconds"]
-        rows.append(
-            {
-                "condition": label,
-                "method": arm["method"],
-                "seed": arm["seed"],
-                "status": state,
-                "error": train_error or eval_error,
-                "chosen": chosen,
-                "metrics": metrics,
-                "cost": cost,
-            }
-        )
-    table: dict[str, Any] = {"source": plan["source"], "budget": plan.get("budget", {}), "rows": rows}
-    if plan.get("tuning"):
-        table["tuning"] = plan["tuning"]
-        table["grid"] = grids
-    return table
-
-
-def chain_status(names: list[str], status) -> tuple[str, str | None]:
-    """The first failure among `names` (with its error), else the first that is not done, else done."""
-    states = [(name, *status(name)) for name in names]
-    for _, state, error in states:
-        if state == "failed":
-            return state, error
-    for name, state, error in states:
-        if state != "done":
-            return state, error or f"{name}: {state}"
-    return "done", None
-
-
-def training_cost(manifest: dict[str, Any]) -> dict[str, Any]:
-    """A training stage's cost from its manifest (the fields the evaluate stage reports)."""
-    metrics = manifest.get("metrics", {})
-    return {
-        "train_seconds": manifest.get("timings", {}).get("seconds"),
-        "steps": metrics.get("steps"),
-        "samples_per_second": metrics.get("train_samples_per_second"),
-        "tokens_per_second": metrics.get("train_tokens_per_second"),
-        "peak_memory_mb": metrics.get("peak_memory_mb"),
-    }
-
-
-def grid_entry(run, arm: dict[str, Any], label: str, status, summary) -> dict[str, Any]:
-    """One arm's grid: every point's settings, status and validation metrics, and the chosen point
-    (as the select stage recorded it: None until it ran)."""
-    from .artifacts import read_json
-
-    select = run.stage_dir(arm["stage"]) / "selection"
-    selection = read_json(select) if status(arm["stage"])[0] == "done" and select.is_file() else None
-    points, tuning = [], 0.0
-    for point in arm["grid"]:
-        state, error = chain_status([point["stage"], point["validation"]], status)
-        validation = summary(point["validation"]) if state == "done" else None
-        for stage in (point["stage"], point["validation"]):
-            tuning += ((run.manifest(stage) or {}).get("timings") or {}).get("seconds") or 0.0
-        points.append(
-            {
-                "point": point["point"],
-                "settings": point["settings"],
-                "stage": point["stage"],
-                "status": state,
-                "error": error,
-                "validation": (validation or {}).get("conditions", {}).get(point["stage"], {}),
-            }
-        )
-    return {
-        "condition": label,
-        "method": arm["method"],
-        "seed": arm["seed"],
-        "metric": (selection or {}).get("metric"),
-        "rule": (selection or {}).get("rule"),
-        "chosen": (selection or {}).get("chosen"),
-        "tuning_seconds": round(tuning, 3),
-        "points": points,
-    }
-
-
-def metric_names(table: dict[str, Any]) -> list[str]:
-    present = {m for row in table["rows"] for m in row["metrics"] if m != "memory_retrieved"}
-    ordered = [m for m in TABLE_METRICS if m in present]
-    return ordered + sorted(present - set(ordered))
-
-
-def write_outputs(run_root: Path) -> dict[str, Any] | None:
-    """arena.json and arena.csv (one column per metric, its lo/hi/n beside it, then cost)."""
-    from .artifacts import atomic_write_json, atomic_write_text
-    from .stats import clean
-
-    table = collect(run_root)
-    if table is None:
-        return None
-    atomic_write_json(Path(run_root) / "arena.json", clean(table))
-    names = metric_names(table)
-    out = io.StringIO()
-    writer = csv.writer(out)
-    header = ["condition", "method", "seed", "status", "chosen"]
-    for m in names:
-        header += [m, f"{m}_lo", f"{m}_hi", f"{m}_n"]
-    writer.writerow(header + COST_FIELDS + ["error"])
-    for row in table["rows"]:
-        line = [row["condition"], row["method"] or "", "" if row["seed"] is None else row["seed"], row["status"]]
-        line.append(json.dumps(row["chosen"]["settings"]) if row.get("chosen") else "")
-        for m in names:
-            value = row["metrics"].get(m)
-            if isinstance(value, dict):
-                line += [_num(value.get("value")), _num(value.get("lo")), _num(value.get("hi")), value.get("n", "")]
-            else:
-                line += [_num(value), "", "", ""]
-        line += [_num(row["cost"].get(f)) for f in COST_FIELDS]
-        writer.writerow(line + [(row["error"] or "")[:300]])
-    atomic_write_text(Path(run_root) / "arena.csv", out.getvalue())
-    return table
-
-
-def _num(value: Any) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
-    table = collect(run_root)
-    if table is None:
-        return ""
-    from stages.evaluate import arrow, fmt_estimate
-
-    names = metric_names(table)
-    head = "".join(f"<th>{html.escape(m)}{arrow(m)}</th>" for m in names)
-    head += "<th>train s</th><th>steps</th><th>samples/s</th><th>peak MB</th><th>eval s</th>"
-    body = []
-    for row in table["rows"]:
-        cells = "".join(f"<td>{html.escape(fmt_estimate(row['metrics'].get(m)))}</td>" for m in names)
-        cost = row["cost"]
-        cells += "".join(
-            f"<td>{html.escape(_num(cost.get(f)) or '–')}</td>"
-            for f in ("train_seconds", "steps", "samples_per_second", "peak_memory_mb", "eval_seconds")
-        )
-        state = row["status"]
-        note = f' title="{html.escape(row["error"] or "")}"' if row["error"] else ""
-        body.append(
-            f"<tr><td>{html.escape(row['condition'])}{chosen_note(row)}</td>"
-            f"<td class={state.split()[0]}{note}>{html.escape(state)}</td>{cells}</tr>"
-        )
-    parts = [
-        f"<h2>Arena ({html.escape(table['source'])} feedback)</h2>"
-        f"<p>value [95% interval] n per method and condition; ↑ higher is better, ↓ lower. Budget: "
-        f"<code>{html.escape(json.dumps(table['budget']))}</code>. A failed method's row shows its status "
-        f"(hover for the error); the others are unaffected.</p>",
-        f"<table><tr><th>condition</th><th>status</th>{head}</tr>{''.join(body)}</table>",
-    ]
-    if table.get("grid"):
-        parts.append(grid_section(table))
-    for x, y, title in (
-        ("overgen_out", "adherence", "adherence vs out-of-scope firing (up and left is better)"),
-        ("overgen_near", "adherence", "adherence vs near-scope firing (up and left is better)"),
-        ("kl_to_base", "first_reply_satisfied", "satisfaction vs drift (up and left is better)"),
-        ("kl_to_base", "ref_loglik", "reference (corrected) answers' log-likelihood vs drift (up and left is better)"),
-    ):
-        figure = pareto_figure(table, x, y, title)
-        if figure:
-            parts.append(figure)
-    parts.append(side_by_side(Path(run_root)))
-    return "\n".join(parts)
-
-
-def chosen_note(row: dict[str, Any]) -> str:
-    """Under a tuned row's name: the grid setting it was chosen with."""
-    if not row.get("chosen"):
-        return ""
-    text = ", ".join(f"{k}={v}" for k, v in row["chosen"]["settings"].items())
-    return f"<br><small>chosen: {html.escape(text)}</small>"
-
-
-def grid_section(table: dict[str, Any]) -> str:
-    """Every grid point's validation scores; the chosen one in bold. Held-out numbers are in the table above only."""
-    from stages.evaluate import arrow, fmt_estimate
-
-    tuning = table["tuning"]
-    parts = [
-        f"<h3>Tuning grid</h3><p>Each method's grid points were trained on the training prompts less a validation "
-        f"share of {tuning['validation']:.0%} and scored on that share only; the point with the best validation "
-        f"<code>{html.escape(tuning['select_by'])}</code> is the row above (ties: lower overgeneralization, then fewer "
-        f"unfinished replies, then the first listed). The held-out prompts were used for the chosen point only.</p>"
-    ]
-    for grid in table["grid"]:
-        names = [m for m in TABLE_METRICS if any(m in p["validation"] for p in grid["points"])]
-        head = "".join(f"<th>{html.escape(m)}{arrow(m)}</th>" for m in names)
-        body = []
-        for point in grid["points"]:
-            settings = html.escape(", ".join(f"{k}={v}" for k, v in point["settings"].items()))
-            if point["point"] == grid["chosen"]:
-                settings = f"<b>{settings} (chosen)</b>"
-            cells = "".join(f"<td>{html.escape(fmt_estimate(point['validation'].get(m)))}</td>" for m in names)
-            body.append(f"<tr><td>{settings}</td><td>{html.escape(point['status'])}</td>{cells}</tr>")
-        parts.append(
-            f"<p><b>{html.escape(grid['condition'])}</b> (tuning took {_num(grid['tuning_seconds']) or '–'} s)</p>"
-            f"<table><tr><th>setting</th><th>status</th>{head}</tr>{''.join(body)}</table>"
-        )
-    return "\n".join(parts)
-
-
-def pareto_figure(table: dict[str, Any], x: str, y: str, title: str) -> str:
-    points = []
-    for row in table["rows"]:
-        ex, ey = row["metrics"].get(x), row["metrics"].get(y)
-        if isinstance(ex, dict) and isinstance(ey, dict) and ex.get("value") is not None and ey.get("value") is not None:
-            points.append((row["condition"], ex, ey))
-    if len(points) < 2:
-        return ""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .report import figure_html
-
-    def err(e):
-        v = e["value"]
-        lo = e["lo"] if e.get("lo") is not None else v
-        hi = e["hi"] if e.get("hi") is not None else v
-        return [[max(0.0, v - lo)], [max(0.0, hi - v)]]
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for label, ex, ey in points:
-        ax.errorbar([ex["value"]], [ey["value"]], xerr=err(ex), yerr=err(ey), fmt="o", capsize=3, label=label)
-        ax.annotate(label, (ex["value"], ey["value"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel(f"{x} ↓")
-    ax.set_ylabel(f"{y} ↑")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    return figure_html(fig)
-
-
-def side_by_side(run_root: Path, per_scope: int = 2) -> str:
-    """A few held-out prompts (in-scope first) with every condition's reply."""
-    from .artifacts import read_json
-    from .records import load_rows
-
-    plan = read_json(run_root / PLAN_FILE)
-    replies: dict[str, dict[str, str]] = {}
-    order: list[str] = []
-    prompts: list[tuple[str, str]] = []
-    for stage in [plan["baseline"]] + [arm["evaluation"] for arm in plan["methods"]]:
-        path = run_root / stage / "evaluation"
-        if not path.exists():
-            continue
-        for row in load_rows(path):
-            if row["condition"] not in order:
-                order.append(row["condition"])
-            replies.setdefault(row["prompt"], {})[row["condition"]] = row["response"]
-            if (row["prompt"], row["scope"]) not in prompts:
-                prompts.append((row["prompt"], row["scope"]))
-    if not prompts:
-        return ""
-    shown = []
-    for scope in ("in_scope", "near_scope", "out_of_scope", "general"):
-        shown += [p for p in prompts if p[1] == scope][:per_scope]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in order)
-    body = "".join(
-        f"<tr><td><b>{html.escape(scope)}</b>: {html.escape(prompt)}</td>"
-        + "".join(f"<td>{html.escape(replies[prompt].get(c, '–'))}</td>" for c in order)
-        + "</tr>"
-        for prompt, scope in shown
-    )
-    return f"<h3>Held-out prompts, side by side</h3><table><tr><th>prompt</th>{head}</tr>{body}</table>"
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -809,28 +448,3 @@ def run_arena(
         if table is not None:
             print_table(console, table)
             console.print(f"arena:   {run_root / 'arena.csv'} and arena.json")
-
-
-def print_table(console, table: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    from stages.evaluate import fmt_estimate
-
-    names = [
-        m
-        for m in metric_names(table)
-        if m
-        in ("adherence", "overgen_near", "overgen_out", "first_reply_satisfied", "kl_to_base", "unfinished", "judge_win_rate")
-    ]
-    out = Table(title=f"arena ({table['source']} feedback): value [95% interval] n", title_justify="left")
-    for col in ["condition", "status", *names, "train s"]:
-        out.add_column(col)
-    for row in table["rows"]:
-        chosen = row.get("chosen")
-        out.add_row(
-            row["condition"] + (" (" + ", ".join(f"{k}={v}" for k, v in chosen["settings"].items()) + ")" if chosen else ""),
-            row["status"],
-            *[fmt_estimate(row["metrics"].get(m)) for m in names],
-            _num(row["cost"].get("train_seconds")) or "-",
-        )
-    console.print(out)

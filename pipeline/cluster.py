@@ -41,6 +41,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> dict:
         _tighten_token_file()
         return {"address": target, "local": False}
     ensure_token_file()  # before ray.init: Ray itself would write the token world-readable
+    # Ray starts workers at nice +15 (worker_niceness): on a busy host the stages then starve
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=False,

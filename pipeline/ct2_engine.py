@@ -3,7 +3,10 @@
 Why: on CPU, HF `generate` spends most of a small model's decoding step in Python and
 framework overhead; CTranslate2 runs the same weights (converted once, fp32 by default so
 greedy replies match HF's) in a C++ decoder with a KV cache and batch-level scheduling.
-`bench/generate.py` measures the ratio against plain HF `generate` in one run.
+On top of it: the token prefix all prompts of a call share (the chat template's system
+turn) is computed once and cached, and each request may have its own length budget inside
+one call. `engine: auto` picks this engine on CPU; `bench/generate.py` measures it against
+plain HF `generate` in one run (docs/generation.md).
 
 A LoRA adapter is merged into the base before conversion (PEFT `merge_and_unload`), so the
 converted model writes exactly what base+adapter writes. Conversions are cached under
@@ -27,6 +30,35 @@ from .chat import Messages, render_many
 from .generation import Completion, SamplingSettings
 
 QUANTIZATIONS = ("float32", "int8_float32", "int8")
+#: a token prefix shared by every prompt of a call (the chat template's system turn) at least
+#: this long is run once and its KV state reused (CTranslate2's static prompt cache)
+MIN_CACHED_PREFIX = 8
+
+
+def _shared_prefix(token_lists: list[list[str]]) -> int:
+    """Length of the token prefix all prompts share, leaving each at least one token of its own
+    (CTranslate2 needs a non-empty start for every prompt)."""
+    if not token_lists:
+        return 0
+    first, limit = token_lists[0], min(len(tokens) for tokens in token_lists) - 1
+    n = 0
+    while n < limit and all(tokens[n] == first[n] for tokens in token_lists):
+        n += 1
+    return n
+
+
+def _budget_callback(budgets: list[int]) -> Callable[[Any], bool]:
+    """A CTranslate2 step callback that ends request i after budgets[i] generated tokens.
+
+    Counts calls per request rather than reading `step`: steps also count the prompt tokens
+    that ragged batches decode one by one, so they are offset per request."""
+    counts = [0] * len(budgets)
+
+    def on_step(step: Any) -> bool:
+        counts[step.batch_id] += 1
+        return counts[step.batch_id] >= budgets[step.batch_id]
+
+    return on_step
 
 
 def ct2_unavailable_reason() -> str | None:
@@ -123,7 +155,13 @@ class Ct2Generator:
     """A loaded CTranslate2 generator with heedful's sampling settings and Completion records."""
 
     def __init__(
-        self, model_name: str, adapter: str | Path | None = None, *, quantization: str = "float32", threads: int | None = None
+        self,
+        model_name: str,
+        adapter: str | Path | None = None,
+        *,
+        quantization: str = "float32",
+        threads: int | None = None,
+        prefix_cache: bool = True,
     ):
         from .generation import eos_ids_from_tokenizer
         from .models import load_tokenizer
@@ -132,6 +170,7 @@ class Ct2Generator:
         self.model_dir = converted_model_dir(model_name, adapter, quantization)
         self.quantization = quantization
         self.threads = threads or int(os.environ.get("HEEDFUL_NUM_THREADS", 0)) or (os.cpu_count() or 1)
+        self.prefix_cache = prefix_cache
         # the same end-of-turn ids the vLLM path stops on (tokenizer + the model's generation config)
         self.eos_tokens = self.tokenizer.convert_ids_to_tokens(eos_ids_from_tokenizer(self.tokenizer))
         self.generator: Any = None
@@ -154,14 +193,29 @@ class Ct2Generator:
         return self.generator
 
     def generate_ids(
-        self, prompts: list[str], sampling: SamplingSettings, *, num_samples: int = 1, seed: int = 0, max_batch_size: int = 64
+        self,
+        prompts: list[str],
+        sampling: SamplingSettings,
+        *,
+        num_samples: int = 1,
+        seed: int = 0,
+        max_batch_size: int = 64,
+        max_new_tokens: list[int] | None = None,
     ) -> list[list[list[int]]]:
-        """Reply token ids (stop token excluded) for rendered prompts, `num_samples` per prompt."""
-        token_lists = [
-            self.tokenizer.convert_ids_to_tokens(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts
-        ]
+        """Reply token ids (stop token excluded) for rendered prompts, `num_samples` per prompt.
+
+        `max_new_tokens`, one per prompt, gives each request its own budget inside one call
+        (a request that reaches it leaves the batch; the others go on); by default every
+        prompt gets `sampling.max_new_tokens`. With more prompts than `max_batch_size`,
+        CTranslate2 sorts them by length and runs them in chunks (less padding).
+        """
+        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        token_lists = [self.tokenizer.convert_ids_to_tokens(ids) for ids in encoded]
+        budgets = max_new_tokens or [sampling.max_new_tokens] * len(prompts)
+        if len(budgets) != len(prompts) or min(budgets, default=1) < 1:
+            raise ValueError(f"max_new_tokens needs one budget >= 1 per prompt ({len(budgets)} for {len(prompts)} prompts)")
         kwargs: dict[str, Any] = dict(
-            max_length=sampling.max_new_tokens,
+            max_length=max(budgets, default=1),
             include_prompt_in_result=False,
             end_token=self.eos_tokens,
             repetition_penalty=sampling.repetition_penalty,
@@ -169,6 +223,10 @@ class Ct2Generator:
             num_hypotheses=num_samples,
             return_end_token=False,
         )
+        if len(set(budgets)) > 1:
+            if num_samples > 1:
+                raise ValueError("per-request max_new_tokens needs num_samples: 1")
+            kwargs["callback"] = _budget_callback(budgets)
         if sampling.temperature == 0:
             if num_samples > 1:
                 raise ValueError("temperature 0 (greedy) gives one reply per prompt; set num_samples: 1")
@@ -177,9 +235,13 @@ class Ct2Generator:
             kwargs.update(
                 sampling_topk=sampling.top_k or 0, sampling_topp=sampling.top_p, sampling_temperature=sampling.temperature
             )
+        prefix = _shared_prefix(token_lists) if self.prefix_cache else 0
+        if prefix >= MIN_CACHED_PREFIX:
+            kwargs.update(static_prompt=token_lists[0][:prefix], cache_static_prompt=True)
+            token_lists = [tokens[prefix:] for tokens in token_lists]
         generator = self._seeded(None if sampling.temperature == 0 else seed)
         results = generator.generate_batch(token_lists, **kwargs)
-        return [[list(ids) for ids in result.sequences_ids] for result in results]
+        return [[list(ids)[:budget] for ids in result.sequences_ids] for result, budget in zip(results, budgets)]
 
     def generate_texts(
         self, prompts: list[str], sampling: SamplingSettings, *, num_samples: int = 1, seed: int = 0, max_batch_size: int = 64

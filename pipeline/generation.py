@@ -1,9 +1,10 @@
 """Batched chat sampling: shared by generate, simulate, rollout and data-generation stages.
 
 `chat_generate` samples with HF `generate` from a loaded model. `generate_chat` takes a
-model name instead and picks the engine: vLLM (optional dependency) when it is installed
-and a GPU is present, batched HF generation otherwise -- same prompts (the tokenizer's
-chat template), same sampling settings, same `Completion` records.
+model name instead and picks the engine (`pick_engine`): vLLM (optional dependency) when it
+is installed and a GPU is present, CTranslate2 on CPU (pipeline/ct2_engine.py, the same
+greedy replies as HF, faster), batched HF generation otherwise -- same prompts (the
+tokenizer's chat template), same sampling settings, same `Completion` records.
 """
 
 from __future__ import annotations
@@ -135,9 +136,11 @@ def vllm_unavailable_reason(device: str | None = None) -> str | None:
 
 
 def pick_engine(engine: str = "auto", device: str | None = None) -> str:
-    """'auto' -> 'vllm' when possible, else 'hf'; 'vllm' and 'ct2' insist (clear error when impossible).
+    """'auto' -> 'vllm' on a CUDA machine that has it, else 'ct2' on CPU when CTranslate2 is
+    installed, else 'hf'; 'hf', 'vllm' and 'ct2' insist (clear error when impossible).
 
-    'ct2' is the CPU engine (pipeline/ct2_engine.py: CTranslate2, greedy replies equal to HF's).
+    'ct2' is the CPU engine (pipeline/ct2_engine.py: CTranslate2, fp32, greedy replies equal to
+    HF's); bench/generate.py measures it against HF `generate` (docs/generation.md).
     """
     if engine == "hf":
         return "hf"
@@ -153,7 +156,18 @@ def pick_engine(engine: str = "auto", device: str | None = None) -> str:
     reason = vllm_unavailable_reason(device)
     if engine == "vllm" and reason:
         raise RuntimeError(f"engine: vllm cannot run: {reason}; use engine: auto to fall back to HF generate")
-    return "hf" if reason else "vllm"
+    if not reason:
+        return "vllm"
+    return "ct2" if _on_cpu(device) and importlib.util.find_spec("ctranslate2") is not None else "hf"
+
+
+def _on_cpu(device: str | None) -> bool:
+    """Whether local generation would run on the CPU (no device asked for and no GPU, or 'cpu')."""
+    if device is not None:
+        return device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available() and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
 
 
 class LocalEngine:

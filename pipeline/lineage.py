@@ -10,7 +10,9 @@ an adapter are those in the record artifacts that some stage upstream of it actu
 (`feedback_records`: id, kind, created, source_stage), so `heedful trace` can answer "which
 feedback made this version" exactly. The walk also follows an adapter handed over as a file
 (a previous round's export): through its run's manifests when they are there, else through
-the `heedful.json` inside it.
+the `heedful.json` inside it. A stage that picks some of the records it reads and writes
+them, ids kept, as its own record output (`selects_records = True`, e.g. `recurring_critique`)
+is not read through: its consumers collect its output, so the records it left out do not count.
 """
 
 from __future__ import annotations
@@ -169,12 +171,13 @@ class _FeedbackWalk:
             return
         self._stages.add(stage_dir)
         consumer = self._stage_label(manifest)
+        selecting = selects_records(manifest)
         for inp in (manifest.get("inputs") or {}).values():
             path = _input_path(inp, stage_dir)
             upstream = producing_manifest(path)
             if upstream is not None and not _produced_by(upstream, path):
                 upstream = None
-            if inp.get("kind") in RECORD_KINDS:
+            if inp.get("kind") in RECORD_KINDS and not selecting:
                 self.collect(path, str(inp["kind"]), upstream, consumer)
             if upstream is not None:
                 self.visit(upstream, path.parent)
@@ -237,6 +240,15 @@ class _FeedbackWalk:
     def _stage_label(self, manifest: dict[str, Any]) -> str:
         run = manifest.get("run_name")
         return manifest["stage"] if run == self.home_run else f"{run}/{manifest['stage']}"
+
+
+def selects_records(manifest: dict[str, Any]) -> bool:
+    """True when the manifest's stage writes the records it used (a subset of its record inputs,
+    ids kept) as its own output: the lineage of what it feeds is that output, not all it read."""
+    from .registry import get
+
+    cls = get(str(manifest.get("uses") or ""))
+    return bool(getattr(cls, "selects_records", False))
 
 
 def _input_path(inp: dict[str, Any], stage_dir: Path) -> Path:

@@ -6,8 +6,10 @@ can say where it is:
 
     pull      serve_pull from the previous round's cursor (quarantined, exactly once)
     train     one stage per `train:` step whose signal brought enough records, chained:
-              the deployed adapter -> step 1 -> step 2 ... (the candidate)
-    evaluate  evaluate the deployed version and the candidate on the held-out set; gate
+              the deployed adapter -> step 1 -> step 2 ... (the candidate); a `c3po from
+              critiques` step is three: recurring_critique -> c3po_data -> c3po
+    evaluate  evaluate the deployed version (unless an earlier round already did, with the
+              same settings: `reusable_evaluation`) and the candidate on the held-out set; gate
     deploy    export the candidate; deploy it only if the gate passed (optionally as a canary)
 
 Each phase is the same pipeline extended by that phase's stages, so the stages already done
@@ -45,7 +47,11 @@ SIGNAL_INPUTS: dict[str, dict[str, str]] = {
     "coh": {"preferences": "preferences", "verbal_feedback": "feedback"},
     "cut": {"verbal_feedback": "feedback"},
     "sft": {"preferences": "preferences"},
+    # C3PO learns one feedback: the critique most distinct users gave (stages/recurring_critique.py)
+    "c3po": {"critiques": "feedback"},
 }
+#: the pulled signals whose requests a recurring critique uses as out-of-scope prompts
+SERVED_SIGNALS = ("reactions", "preferences", "followups")
 
 
 class TrainStep(BaseModel):
@@ -53,9 +59,23 @@ class TrainStep(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     method: str
-    signal: str = Field(alias="from", description="reactions, preferences, verbal_feedback")
-    min_records: int = Field(default=1, ge=1)
+    signal: str = Field(alias="from", description="reactions, preferences, verbal_feedback, critiques")
+    min_records: int = Field(
+        default=1, ge=1, description="records of the signal; for critiques: distinct users who gave the same critique"
+    )
     settings: dict[str, Any] = Field(default_factory=dict, alias="with")
+    data: dict[str, Any] = Field(
+        default_factory=dict, description="c3po only: c3po_data settings (generator, reviser, revision_template, ...)"
+    )
+    critique: dict[str, Any] = Field(
+        default_factory=dict, description="c3po only: recurring_critique settings (grouping, generator, near_scope_prompts)"
+    )
+
+    def grouping(self):
+        """How this step groups critiques (the same settings in the loop's count and in the stage)."""
+        from feedback.critiques import CritiqueGrouping
+
+        return CritiqueGrouping.model_validate(self.critique.get("grouping") or {})
 
 
 class LoopSpec(BaseModel):
@@ -116,6 +136,14 @@ class LoopFile:
             if step.signal not in SIGNAL_INPUTS.get(step.method, {}):
                 known = ", ".join(f"{m} from {'/'.join(s)}" for m, s in SIGNAL_INPUTS.items())
                 raise HeedfulError(f"{self.path}: loop.train: {step.method} cannot train from {step.signal} (known: {known})")
+            if (step.data or step.critique) and step.signal != "critiques":
+                raise HeedfulError(f"{self.path}: loop.train: `data:` and `critique:` belong to a c3po step from critiques")
+            try:
+                step.grouping()
+            except ValidationError as exc:
+                raise HeedfulError(
+                    f"{self.path}: loop.train: {step.method}: critique.grouping: {exc.errors()[0]['msg']}"
+                ) from None
 
 
 # ----------------------------------------------------------------------------- state
@@ -144,9 +172,18 @@ def save_state(root: Path, state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- one round as a pipeline
 
 
-def round_stages(loop: LoopFile, phase: str, cursor: str | None, current: str | None, counts: dict[str, int]) -> list[dict]:
+def round_stages(
+    loop: LoopFile,
+    phase: str,
+    cursor: str | None,
+    current: str | None,
+    counts: dict[str, int],
+    reuse_current: dict[str, str] | None = None,
+) -> list[dict]:
     """The round's stages up to and including `phase`. `current`: the deployed adapter folder
-    (None: the base model); `counts`: new records per signal (decides the train steps)."""
+    (None: the base model); `counts`: new records per signal (decides the train steps);
+    `reuse_current`: an earlier evaluation summary of the deployed version (see `reusable_evaluation`)
+    that the gate reads instead of evaluating it again."""
     spec = loop.spec
     stages: list[dict] = [
         {
@@ -163,7 +200,11 @@ def round_stages(loop: LoopFile, phase: str, cursor: str | None, current: str | 
         if counts.get(step.signal, 0) < step.min_records:
             continue
         name = f"train_{i + 1}_{step.method}"
-        inputs = {SIGNAL_INPUTS[step.method][step.signal]: f"pull.{step.signal}"}
+        if step.signal == "critiques":
+            stages += critique_stages(i + 1, step, previous, counts)
+            inputs = {"data": f"c3po_data_{i + 1}.train"}
+        else:
+            inputs = {SIGNAL_INPUTS[step.method][step.signal]: f"pull.{step.signal}"}
         if previous is not None:
             inputs["adapter"] = previous
         stages.append({"name": name, "uses": step.method, "inputs": inputs, "with": copy.deepcopy(step.settings)})
@@ -173,13 +214,19 @@ def round_stages(loop: LoopFile, phase: str, cursor: str | None, current: str | 
     candidate = previous
     ev = spec.evaluate
     current_inputs = {**ev.get("inputs", {}), **({"adapter": current} if current else {})}
+    current_summary, current_condition = "eval_current.summary", ("current" if current else "base")
+    if reuse_current is not None:  # an earlier round evaluated this very version with these settings
+        current_summary, current_condition = reuse_current["summary"], reuse_current["condition"]
+    else:
+        stages.append(
+            {
+                "name": "eval_current",
+                "uses": "evaluate",
+                "inputs": current_inputs,
+                "with": {**ev.get("with", {}), "conditions": ["adapter" if current else "base"], "label": "current"},
+            }
+        )
     stages += [
-        {
-            "name": "eval_current",
-            "uses": "evaluate",
-            "inputs": current_inputs,
-            "with": {**ev.get("with", {}), "conditions": ["adapter" if current else "base"], "label": "current"},
-        },
         {
             "name": "eval_candidate",
             "uses": "evaluate",
@@ -189,8 +236,8 @@ def round_stages(loop: LoopFile, phase: str, cursor: str | None, current: str | 
         {
             "name": "gate",
             "uses": "gate",
-            "inputs": {"candidate": "eval_candidate.summary", "current": "eval_current.summary"},
-            "with": {**spec.gate, "current_condition": "current" if current else "base"},
+            "inputs": {"candidate": "eval_candidate.summary", "current": current_summary},
+            "with": {**spec.gate, "current_condition": current_condition},
         },
     ]
     if phase == "evaluate":
@@ -209,6 +256,24 @@ def round_stages(loop: LoopFile, phase: str, cursor: str | None, current: str | 
     ]
 
 
+def critique_stages(number: int, step: TrainStep, adapter: str | None, counts: dict[str, int]) -> list[dict]:
+    """A `c3po from critiques` step's data stages: the recurring critique of the pull, then c3po_data
+    (baselines from the adapter the step continues, revisions by the step's `data:` settings)."""
+    served = {name: f"pull.{name}" for name in SERVED_SIGNALS if counts.get(name, 0) > 0}
+    data_inputs = {"feedback": f"critique_{number}.feedback", "prompts": f"critique_{number}.prompts"}
+    if adapter is not None:
+        data_inputs["adapter"] = adapter
+    return [
+        {
+            "name": f"critique_{number}",
+            "uses": "recurring_critique",
+            "inputs": {"feedback": "pull.verbal_feedback", **served},
+            "with": {**copy.deepcopy(step.critique), "min_users": step.min_records},
+        },
+        {"name": f"c3po_data_{number}", "uses": "c3po_data", "inputs": data_inputs, "with": copy.deepcopy(step.data)},
+    ]
+
+
 def round_pipeline(loop: LoopFile, run_name: str, stages: list[dict]):
     from .config import pipeline_from_dict
 
@@ -223,20 +288,55 @@ def full_round(loop: LoopFile):
     return round_pipeline(loop, "round-000", round_stages(loop, "deploy", None, None, counts))
 
 
+def evaluation_key(loop: LoopFile) -> str:
+    """What an evaluation's result depends on besides the adapter: the `evaluate:` block, the model,
+    the seed and the content of its local input files. Equal keys: the same version scores the same."""
+    import hashlib
+    import json
+
+    files = {}
+    for name, ref in sorted((loop.spec.evaluate.get("inputs") or {}).items()):
+        path = (loop.path.parent / str(ref)).expanduser()
+        if ":" not in str(ref) and path.is_file():
+            files[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    body = {"evaluate": loop.spec.evaluate, "model": loop.base.get("model"), "seed": loop.base.get("seed"), "files": files}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def reusable_evaluation(root: Path, earlier: list[dict[str, Any]], version: str | None, key: str) -> dict[str, str] | None:
+    """An earlier round's evaluation of the deployed `version` under the same `evaluation_key`, or None.
+
+    Why: a round evaluates the deployed version as `eval_current`, and that version is, after a
+    deploy, the previous round's candidate, which that round already evaluated as
+    `eval_candidate`: the same adapter, settings and seed give the same summary, so the gate reads
+    that one (condition `candidate`) instead of spending an evaluation on it again. A round whose
+    candidate was rejected left the deployed version's own evaluation (`eval_current`, or what it
+    reused), which the next round reuses the same way.
+    """
+    for entry in reversed(earlier):
+        if version is None or entry.get("evaluation_key") != key or entry.get("phase") != "done":
+            continue
+        if entry.get("deployed") and entry.get("version_after") == version:
+            found = {"summary": str(root / entry["run"] / "eval_candidate" / "summary"), "condition": "candidate"}
+        elif entry.get("current_version") == version and entry.get("gate"):
+            found = entry.get("reuse_current") or {
+                "summary": str(root / entry["run"] / "eval_current" / "summary"),
+                "condition": "current" if entry.get("current_adapter") else "base",
+            }
+        else:
+            continue
+        return found if Path(found["summary"]).is_file() else None
+    return None
+
+
 # ----------------------------------------------------------------------------- the server side
 
 
 def served(spec: LoopSpec, token: str | None) -> tuple[str | None, str | None]:
     """(active version id, its adapter folder or None for the base model), asked of the server."""
-    from serving.deploy_cli import call
+    from serving.deploy_cli import active_version
 
-    data = call(spec.server, "/v1/models", token, method="GET")
-    active = data.get("active_version")
-    for model in data.get("data", []):
-        for version in model.get("versions", []):
-            if version.get("id") == active:
-                return active, version.get("adapter")
-    return active, None
+    return active_version(spec.server, token)
 
 
 def live_stats(spec: LoopSpec, token: str | None) -> dict[str, dict]:
@@ -250,7 +350,8 @@ def live_stats(spec: LoopSpec, token: str | None) -> dict[str, dict]:
 
 
 def count_new(spec: LoopSpec, token: str | None, cursor_file: str | None) -> dict[str, int]:
-    """New feedback rows on the server after the cursor, per heedful signal (read only: nothing is taken)."""
+    """New feedback rows on the server after the cursor, per heedful signal (read only: nothing is taken).
+    `critiques`: distinct users behind the most recurrent critique (before quarantine: an upper bound)."""
     import json
 
     from stages.serve_pull import OUTPUT_OF, fetch_new
@@ -264,21 +365,37 @@ def count_new(spec: LoopSpec, token: str | None, cursor_file: str | None) -> dic
     for row in rows:
         signal = OUTPUT_OF.get(row.get("kind", ""), "other")
         counts[signal] = counts.get(signal, 0) + 1
+    verbal = [row.get("record") or {} for row in rows if OUTPUT_OF.get(row.get("kind", "")) == "verbal_feedback"]
+    counts.update(critique_counts(spec, verbal))
     return counts
 
 
-def trainable_counts(pull_dir: Path, counts: dict[str, int]) -> dict[str, int]:
+def critique_counts(spec: LoopSpec, verbal: list[dict[str, Any]]) -> dict[str, int]:
+    """`{"critiques": distinct users of the most recurrent critique}` when a step trains from critiques
+    (grouped as that step's recurring_critique stage will group them), else {}."""
+    from feedback.critiques import recurring_users
+
+    step = next((s for s in spec.train if s.signal == "critiques"), None)
+    return {} if step is None else {"critiques": recurring_users(verbal, step.grouping())}
+
+
+def trainable_counts(pull_dir: Path, counts: dict[str, int], spec: LoopSpec | None = None) -> dict[str, int]:
     """`counts` as the train steps may use them: reactions that are all love (or all dislike) cannot
-    train KTO, which needs both labels; they count as 0, so the step is skipped, not failed."""
+    train KTO, which needs both labels; they count as 0, so the step is skipped, not failed.
+    `critiques` (with `spec`): distinct users behind the most recurrent pulled critique, counted by
+    the function the recurring_critique stage groups with, so the decision is made before training."""
+    from .records import load_rows
+
     out = dict(counts)
     if counts.get("reactions") and (pull_dir / "reactions").exists():
         from trainers.kto import reaction_label
 
-        from .records import load_rows
-
         labels = {reaction_label(r.get("reaction"), "pulled reaction") for r in load_rows(pull_dir / "reactions")}
         if not {True, False} <= labels:
             out["reactions"] = 0
+    if spec is not None:
+        verbal = load_rows(pull_dir / "verbal_feedback") if (pull_dir / "verbal_feedback").exists() else []
+        out.update(critique_counts(spec, verbal))
     return out
 
 
@@ -351,6 +468,10 @@ class Loop:
         if entry.get("current_version") is None:
             entry["current_version"], entry["current_adapter"] = served(self.loop.spec, token)
             entry["live"] = live_stats(self.loop.spec, token)
+        if "evaluation_key" not in entry:  # decided once per round, so a resumed round runs the same stages
+            entry["evaluation_key"] = evaluation_key(self.loop)
+            earlier = [e for e in self.state["rounds"] if e["round"] < entry["round"]]
+            entry["reuse_current"] = reusable_evaluation(self.root, earlier, entry["current_version"], entry["evaluation_key"])
         current = entry.get("current_adapter")
         cursor = entry.get("cursor_in")
         for phase in PHASES:
@@ -359,7 +480,8 @@ class Loop:
             entry["phase"] = phase
             self.save()
             fault_point(phase)
-            stages = round_stages(self.loop, phase, cursor, current, entry.get("trainable", entry.get("counts", {})))
+            counts = entry.get("trainable", entry.get("counts", {}))
+            stages = round_stages(self.loop, phase, cursor, current, counts, entry.get("reuse_current"))
             if phase != "pull" and not any(s["name"].startswith("train_") for s in stages):
                 entry.pop("cursor", None)  # not trained on: the next round pulls these records again
                 entry.update(
@@ -375,7 +497,10 @@ class Loop:
                 }
                 entry["quarantined"] = int(metrics.get("quarantined", 0) or 0)
                 entry["cursor"] = str(self.root / run_name / "pull" / "cursor" / "cursor.json")
-                entry["trainable"] = trainable_counts(self.root / run_name / "pull", entry["counts"])
+                entry["trainable"] = trainable_counts(self.root / run_name / "pull", entry["counts"], self.loop.spec)
+            elif phase == "train":
+                entry["trained"] = [s["name"].split("_", 2)[2] for s in stages if s["name"].startswith("train_")]
+                entry["critique"] = critique_summary(self.root / run_name)
             elif phase == "evaluate":
                 entry["gate"] = json.loads((self.root / run_name / "gate" / "decision").read_text(encoding="utf-8"))
             elif phase == "deploy":
@@ -431,6 +556,16 @@ class Loop:
         return done
 
 
+def critique_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The recurring critique a C3PO step of this round trained on (feedback, users, records), if any."""
+    import json
+
+    for path in sorted(run_dir.glob("critique_*/critique/critique.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {k: data.get(k) for k in ("feedback", "users", "records")}
+    return None
+
+
 def status_rows(root: Path) -> list[dict[str, Any]]:
     """One row per round from `loop.json`: what a user asks `heedful loop status`."""
     rows = []
@@ -444,6 +579,11 @@ def status_rows(root: Path) -> list[dict[str, Any]]:
                 "records": sum((entry.get("counts") or {}).values()),
                 "quarantined": entry.get("quarantined", 0),
                 "version_before": entry.get("current_version"),
+                "trained": ", ".join(entry.get("trained") or []) or None,
+                "critique": (entry.get("critique") or {}).get("feedback"),
+                "current_eval": None
+                if not gate
+                else ("reused " + Path(entry["reuse_current"]["summary"]).parts[-3] if entry.get("reuse_current") else "ran"),
                 "gate": None
                 if not gate
                 else ("passed" if gate.get("passed") else "failed: " + "; ".join(gate.get("reasons", []))),

@@ -67,7 +67,7 @@ def print_status(target: Path, runs_dir: Path) -> None:
         console.print(f"no loop state at {root / STATE_FILE}: no round has started")
         return
     table = Table(title=f"loop {root.name}", title_justify="left")
-    for col in ("round", "phase", "records", "quarantined", "before", "gate", "deployed", "after"):
+    for col in ("round", "phase", "records", "quarantined", "before", "trained", "gate", "deployed", "after"):
         table.add_column(col)
     for row in status_rows(root):
         table.add_row(
@@ -76,6 +76,7 @@ def print_status(target: Path, runs_dir: Path) -> None:
             str(row["records"]),
             str(row["quarantined"]),
             str(row["version_before"] or "-"),
+            str(row["trained"] or "-"),
             str(row["gate"] or "-"),
             {True: "yes", False: "no", None: "-"}[row["deployed"]],
             str(row["version_after"] or "-"),

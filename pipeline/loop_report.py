@@ -84,7 +84,8 @@ def write_loop_report(root: Path) -> Path | None:
     state = load_state(root)
     if not state["rounds"]:
         return None
-    cols = ["round", "phase", "records", "quarantined", "version_before", "gate", "deployed", "version_after", "outcome"]
+    cols = ["round", "phase", "records", "quarantined", "version_before", "trained", "critique", "current_eval", "gate"]
+    cols += ["deployed", "version_after", "outcome"]
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(r.get(c) if r.get(c) is not None else '-'))}</td>" for c in cols) + "</tr>"
         for r in status_rows(root)

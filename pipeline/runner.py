@@ -1,8 +1,10 @@
 """Plan a pipeline, skip up-to-date stages, dispatch the rest as Ray tasks.
 
-A stage's fingerprint = hash(stage type + version, resolved config, model, seed, input
-fingerprints); an upstream fingerprint flows into its consumers, so changing one stage's
-config reruns exactly that stage and what depends on it.
+A stage's fingerprint = hash(stage type + version, the config's non-default fields, model,
+seed, input fingerprints); an upstream fingerprint flows into its consumers, so changing one
+stage's config reruns exactly that stage and what depends on it. Only non-default fields, so
+that a field added to a config with a default leaves existing fingerprints alone; a changed
+default must come with a bump of the stage's `version` (pipeline/fingerprint.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from .artifacts import RunDir, atomic_write_json, hash_json, hash_path, this_process
 from .config import Pipeline, ResolvedStage
 from .executor import StageOutcome, StageTask, execute_stage
+from .fingerprint import semantic_config
 from .record_schemas import check_pipeline_inputs
 
 
@@ -75,7 +78,7 @@ def fingerprints(pipeline: Pipeline) -> dict[str, str]:
 
 
 def _semantic_config(stage: ResolvedStage) -> dict[str, Any]:
-    return stage.config.model_dump(mode="json", exclude=set(stage.cls.non_semantic_fields))
+    return semantic_config(stage.config, exclude=stage.cls.non_semantic_fields)
 
 
 def _train_workers(stage: ResolvedStage) -> int:

@@ -88,6 +88,9 @@ class Stage:
     """Base class: subclasses set `uses`, `Config`, `inputs`, `outputs` and implement `run`."""
 
     uses: ClassVar[str] = ""
+    #: part of the fingerprint: bump it when the stage's results change for an unchanged
+    #: config, including when a config DEFAULT changes (only non-default fields are hashed;
+    #: tests/test_fingerprint_defaults.py catches a default changed without a bump)
     version: ClassVar[str] = "1"
     summary: ClassVar[str] = ""
     Config: ClassVar[type[StageConfig]] = StageConfig

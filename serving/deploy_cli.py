@@ -8,7 +8,7 @@ counts per version that decide it. The folder is given to the server by path, so
 be readable on the server's machine (the same machine, or a shared file system). The
 admin token comes from `--token-file` (mode 0600) or `HEEDFUL_TOKEN`; it is never printed.
 
-The same acts for Python callers (the loop): `deploy`, `promote`, `rollback`,
+The same acts for Python callers (the loop): `active_version`, `deploy`, `promote`, `rollback`,
 `version_stats`, `completion`; each raises a HeedfulError with the server's message when
 the server refuses.
 """
@@ -95,6 +95,18 @@ def call(url: str, path: str, token: str | None, body: dict | None = None, timeo
         )
         raise HeedfulError(f"the server refused ({response.status_code}): {message or response.text[:300]}{hint}")
     return data
+
+
+def active_version(url: str, token: str | None) -> tuple[str | None, str | None]:
+    """(id, adapter folder) of the version the server serves to everyone now, from `/v1/models`;
+    the folder is None for the base model. One reader for the loop and the deploy stage."""
+    data = call(url, "/v1/models", token, method="GET")
+    active = data.get("active_version")
+    for model in data.get("data") or []:
+        for version in model.get("versions") or []:
+            if version.get("id") == active:
+                return active, version.get("adapter")
+    return active, None
 
 
 def deploy(url: str, adapter: str | Path, token: str | None, canary: float | None = None) -> dict:

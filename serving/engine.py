@@ -46,6 +46,18 @@ class _Job:
         return (self.temperature, self.top_p)
 
 
+@dataclass
+class _Prepared:
+    """A request ready to generate: rendered, encoded (on the model's device), its keywords built."""
+
+    text: str
+    enc: Any
+    n_prompt: int
+    stop: list[str]
+    seed: int | None
+    kwargs: dict[str, Any]
+
+
 class MicroBatcher:
     """One worker thread: takes the first waiting job, collects compatible jobs for `window` seconds
     (at most `max_batch`), and runs them as one batched `generate`."""
@@ -148,10 +160,6 @@ class ChatEngine:
             )
         return text, enc
 
-    def _encode(self, messages: list[dict[str, str]], max_tokens: int):
-        _, enc = self._render(messages, max_tokens)
-        return enc.to(self.policy.device), enc["input_ids"].shape[1]
-
     def _kwargs(self, max_tokens: int, temperature: float, top_p: float, stop: list[str]):
         kwargs = dict(max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids)
         if temperature > 0:
@@ -171,20 +179,37 @@ class ChatEngine:
         stop: list[str] | None = None,
         seed: int | None = None,
     ) -> Generated:
+        req = self._prepare(messages, max_tokens, temperature, top_p, stop, seed)  # too long: refused before any queue
+        if self._batcher is not None and seed is None and not req.stop:
+            return self._batcher.submit(_Job(req.text, req.n_prompt, max_tokens, temperature, top_p))
+        out = self._run(req)
+        return self._finish(out[0, req.n_prompt :].tolist(), req.n_prompt, max_tokens, req.stop)
+
+    def _prepare(
+        self,
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: list[str] | None,
+        seed: int | None,
+    ) -> _Prepared:
+        """What `generate` and `stream` both do before generating: render and encode the prompt
+        (refusing one too long for the context), and build the `generate` keywords."""
+        stop = list(stop or [])
+        text, enc = self._render(messages, max_tokens)
+        kwargs = self._kwargs(max_tokens, temperature, top_p, stop)
+        return _Prepared(text, enc.to(self.policy.device), enc["input_ids"].shape[1], stop, seed, kwargs)
+
+    def _run(self, req: _Prepared, **extra: Any):
+        """One `generate` call on the model, alone (the lock), seeded when the request asked."""
         import torch
         from transformers import set_seed
 
-        stop = stop or []
-        text, enc = self._render(messages, max_tokens)  # a prompt too long is refused here, before any queue
-        n_prompt = enc["input_ids"].shape[1]
-        if self._batcher is not None and seed is None and not stop:
-            return self._batcher.submit(_Job(text, n_prompt, max_tokens, temperature, top_p))
-        enc = enc.to(self.policy.device)
         with self._lock, torch.inference_mode():
-            if seed is not None:
-                set_seed(seed)
-            out = self.model.generate(**enc, **self._kwargs(max_tokens, temperature, top_p, stop))
-        return self._finish(out[0, n_prompt:].tolist(), n_prompt, max_tokens, stop)
+            if req.seed is not None:
+                set_seed(req.seed)
+            return self.model.generate(**req.enc, **req.kwargs, **extra)
 
     def _finish(self, tokens: list[int], n_prompt: int, max_tokens: int, stop: list[str]) -> Generated:
         tokens, ended = self._cut_eos(tokens[:max_tokens])
@@ -225,26 +250,20 @@ class ChatEngine:
         seed: int | None = None,
     ) -> tuple[int, Iterator[str], dict]:
         """(prompt_tokens, iterator of text deltas, info filled with completion_tokens/finish_reason at the end)."""
-        import torch
-        from transformers import TextIteratorStreamer, set_seed
+        from transformers import TextIteratorStreamer
 
-        stop = stop or []
-        enc, n_prompt = self._encode(messages, max_tokens)
+        req = self._prepare(messages, max_tokens, temperature, top_p, stop, seed)
+        stop, n_prompt = req.stop, req.n_prompt
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         info: dict = {"completion_tokens": 0, "finish_reason": "length"}
         result: dict = {}
 
         def work():
-            with self._lock, torch.inference_mode():
-                if seed is not None:
-                    set_seed(seed)
-                try:
-                    result["out"] = self.model.generate(
-                        **enc, streamer=streamer, **self._kwargs(max_tokens, temperature, top_p, stop)
-                    )
-                except BaseException as exc:  # surface to the consumer, never hang it
-                    result["error"] = exc
-                    streamer.end()
+            try:
+                result["out"] = self._run(req, streamer=streamer)
+            except BaseException as exc:  # surface to the consumer, never hang it
+                result["error"] = exc
+                streamer.end()
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()

@@ -64,10 +64,10 @@ class DeployStage(Stage):
         return {"deployed": result["deployed"], "version": result.get("version")}
 
     def act(self, cfg: DeployConfig, adapter: Path, decision: dict) -> dict:
-        from serving.deploy_cli import deploy, read_token
+        from serving.deploy_cli import active_version, deploy, read_token
 
         token = read_token(Path(cfg.token_file).expanduser() if cfg.token_file else None)
-        before = active_version(cfg.url, token)
+        before = active_version(cfg.url, token)[0]
         if not decision.get("passed"):
             why = "not deployed: the gate failed: " + "; ".join(decision.get("reasons") or [])
             return {"deployed": False, "why": why, "before": before, "version": before, "adapter": str(adapter)}
@@ -101,10 +101,3 @@ class DeployStage(Stage):
         rollback(cfg.url, token)
         why = f"canary dropped: {rates}" if enough else f"canary dropped: too few reactions by the timeout ({rates})"
         return {"deployed": False, "why": why, "before": before, "version": before, "canary": stats}
-
-
-def active_version(url: str, token: str | None) -> str | None:
-    """The id of the version the server is serving to everyone now."""
-    from serving.deploy_cli import call
-
-    return call(url, "/v1/models", token, method="GET").get("active_version")

@@ -88,7 +88,7 @@ class EvaluateStage(Stage):
     @classmethod
     def report_section(cls, run_root, manifests):
         """The evaluate stages' tables and bars, then the arena's leaderboard."""
-        from pipeline.arena import report_section as arena_report_section
+        from pipeline.arena_report import report_section as arena_report_section
 
         parts = (report_section(run_root, manifests), arena_report_section(run_root, manifests))
         return "\n".join(part for part in parts if part)

@@ -3,8 +3,9 @@
 Batches are written to the staging folder as they finish, so an interrupted run resumes
 at the first unfinished batch and reproduces exactly what an uninterrupted run would
 (each batch is seeded by its index). With `engine: auto` (default) and vLLM installed on a
-CUDA machine, all prompts go to vLLM in one call instead; `engine: ct2` samples on CPU with
-CTranslate2 (pipeline/ct2_engine.py), batch by batch like HF (pipeline/generation.py).
+CUDA machine, all prompts go to vLLM in one call instead; on CPU, `auto` samples with
+CTranslate2 (pipeline/ct2_engine.py: greedy replies equal to HF's, faster; docs/generation.md)
+when it is installed, batch by batch like HF (pipeline/generation.py); `engine: hf` forces HF.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class GenerateConfig(StageConfig):
     device: str | None = Field(default=None, description="cuda / cpu; default: cuda when available")
     engine: Literal["auto", "hf", "ct2", "vllm"] = Field(
         default="auto",
-        description="auto: vLLM when installed and on a GPU, else batched HF generate; "
-        "ct2: CTranslate2 on CPU (same greedy replies as HF, several times faster)",
+        description="auto: vLLM when installed and on a GPU, CTranslate2 on CPU when installed, else batched "
+        "HF generate; hf: HF generate; ct2: CTranslate2 on CPU (same greedy replies as HF, faster)",
     )
 
 

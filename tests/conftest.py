@@ -34,6 +34,21 @@ def smollm2_path() -> Path:
     return prepare_smollm2()
 
 
+def isolated_home(path: Path) -> Path:
+    """A fresh HEEDFUL_HOME (its own logs, LLM cache, Argilla state) that shares the prepared models.
+
+    Why share them: a CLI process in an empty home converts SmolLM2's GGUF and builds `tiny`
+    again before it does anything (~20 s of CPU each time, issue 15), which is not what the
+    tests that isolate their home are about. Idempotent: a test may call it per command."""
+    from pipeline.paths import heedful_home
+
+    path.mkdir(parents=True, exist_ok=True)
+    models = path / "models"
+    if not models.exists():
+        models.symlink_to(heedful_home() / "models", target_is_directory=True)
+    return path
+
+
 def write_yaml(path: Path, data) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

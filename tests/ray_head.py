@@ -82,7 +82,7 @@ def head_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 @contextmanager
 def ray_head(num_cpus: int = 2, startup_timeout: float = 120.0):
-    port, dashboard_port, client_port = free_port(), free_port(), free_port()
+    port, dashboard_port, client_port, agent_port = free_port(), free_port(), free_port(), free_port()
     temp_dir = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     env = head_env()
     os.environ["RAY_AUTH_MODE"] = "token"  # this process talks to the head too
@@ -103,6 +103,10 @@ def ray_head(num_cpus: int = 2, startup_timeout: float = 120.0):
             str(dashboard_port),
             "--ray-client-server-port",
             str(client_port),
+            # the job agent's HTTP port is otherwise a fixed 52365: with another Ray on the machine
+            # (the rest of the suite runs beside these tests) it cannot bind and no job can be submitted
+            "--dashboard-agent-listen-port",
+            str(agent_port),
             "--num-cpus",
             str(num_cpus),
             "--temp-dir",
@@ -116,7 +120,9 @@ def ray_head(num_cpus: int = 2, startup_timeout: float = 120.0):
     )
     head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", proc.pid, env, temp_dir)
     try:
-        _wait_for_dashboard(head, proc, startup_timeout)
+        deadline = time.time() + startup_timeout
+        _wait_for_dashboard(head, proc, deadline)
+        _wait_for_job_agent(head, proc, deadline)
         yield head
     finally:
         _stop(head, proc)
@@ -124,11 +130,10 @@ def ray_head(num_cpus: int = 2, startup_timeout: float = 120.0):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _wait_for_dashboard(head: RayHead, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_for_dashboard(head: RayHead, proc: subprocess.Popen, deadline: float) -> None:
     import urllib.error
     import urllib.request
 
-    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"ray start exited with {proc.returncode}: see {head.temp_dir / 'ray-start.log'}")
@@ -140,7 +145,32 @@ def _wait_for_dashboard(head: RayHead, proc: subprocess.Popen, timeout: float) -
         except OSError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"Ray dashboard at {head.dashboard} did not come up in {timeout:.0f}s")
+    raise TimeoutError(f"Ray dashboard at {head.dashboard} did not come up; see {head.temp_dir / 'ray-start.log'}")
+
+
+def _wait_for_job_agent(head: RayHead, proc: subprocess.Popen, deadline: float) -> None:
+    """Wait until the head node's job agent has registered (its address in the GCS's KV store).
+
+    The dashboard answers before that; a job submitted in between waits 10 s for an agent and
+    then fails with "No available agent to submit job" -- which happened on a loaded machine
+    (the Ray-head modules run beside the rest of the suite, issue 15)."""
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # compiled; its stub omits it
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+
+    client = GcsClient(address=head.gcs_address)
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}: see {head.temp_dir / 'ray-start.log'}")
+        try:
+            if client.internal_kv_keys(DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX.encode(), namespace=KV_NAMESPACE_DASHBOARD):
+                return
+        except Exception:  # the GCS is still starting: ask again
+            pass
+        time.sleep(0.5)
+    logs = sorted(head.temp_dir.glob("session_*/logs/dashboard_agent.log"))
+    tail = logs[-1].read_text(errors="replace")[-2000:] if logs else "(no dashboard_agent.log)"
+    raise TimeoutError(f"the job agent of the Ray head at {head.gcs_address} did not register:\n{tail}")
 
 
 def _stop(head: RayHead, proc: subprocess.Popen, grace: float = 8.0) -> None:

@@ -403,3 +403,87 @@ def test_arena_on_span_feedback(tmp_path, qa_sample):
     build_report(run_dir)
     report = (run_dir / "report.html").read_text()
     assert "Arena (spans feedback)" in report and "Tuning grid" in report and "(chosen)" in report
+
+
+# ----------------------------------------------------------------------------- seeds aggregated
+
+
+def test_aggregate_metric_by_hand():
+    """Rates pool their counts (Wilson on the pooled share); means weight by n and take the envelope
+    of the seeds' intervals; bare numbers average; a metric no seed measured is left out."""
+    from pipeline.arena_table import aggregate_metric
+    from pipeline.stats import wilson
+
+    rate = aggregate_metric("adherence", [wilson(3, 5), wilson(4, 5)])
+    assert rate["value"] == 0.7 and rate["n"] == 10
+    assert (rate["lo"], rate["hi"]) == (wilson(7, 10)["lo"], wilson(7, 10)["hi"])
+    assert rate["per_seed"] == [0.6, 0.8] and (rate["seed_min"], rate["seed_max"]) == (0.6, 0.8) and rate["seeds"] == 2
+    kl = aggregate_metric(
+        "kl_to_base",
+        [{"value": 0.1, "n": 10, "lo": 0.05, "hi": 0.2}, {"value": 0.4, "n": 30, "lo": 0.3, "hi": 0.5}],
+    )
+    assert kl["value"] == pytest.approx((0.1 * 10 + 0.4 * 30) / 40) and kl["n"] == 40
+    assert (kl["lo"], kl["hi"]) == (0.05, 0.5)
+    assert aggregate_metric("length_vs_base", [1.0, 1.2]) == pytest.approx(1.1)
+    assert aggregate_metric("judge_win_rate", [None, None]) is None
+    nan = {"value": None, "n": 0, "lo": None, "hi": None}  # an estimate over no items does not count
+    assert aggregate_metric("adherence", [nan, wilson(1, 4)])["n"] == 4
+
+
+def test_two_seeds_aggregated(tmp_path):
+    """dpo with seeds 0 and 1 on `tiny`: arena.json keeps one row per seed and adds the method's mean
+    over seeds (pooled counts with Wilson for rates, n-weighted means), arena.csv and the report show
+    it above the seeds' rows; a seed that fails leaves an aggregate of the other, marked 1/2."""
+    from pipeline.arena_table import aggregate_metric
+    from pipeline.stats import wilson
+
+    data = tiny_arena(tmp_path)
+    data["arena"].update(methods=["dpo"], seeds=[0, 1], conditions=["base"])
+    config = write_yaml(tmp_path / "arena.yaml", data)
+    _, run_dir, table = run_in_process(config, tmp_path)
+    assert [row["condition"] for row in table["rows"]] == ["base", "dpo_s0", "dpo_s1"]
+    (mean,) = table["aggregates"]
+    seeds = [table["rows"][1]["metrics"], table["rows"][2]["metrics"]]
+    assert mean["condition"] == "dpo (mean over seeds 0, 1)" and mean["seeds"] == [0, 1] and mean["status"] == "done"
+    pooled = sum(round(s["adherence"]["value"] * s["adherence"]["n"]) for s in seeds)
+    assert mean["metrics"]["adherence"]["n"] == 4  # 2 held-out in-scope prompts per seed
+    assert mean["metrics"]["adherence"]["hi"] == wilson(pooled, 4)["hi"]
+    assert mean["metrics"]["adherence"]["per_seed"] == [s["adherence"]["value"] for s in seeds]
+    kl = mean["metrics"]["kl_to_base"]
+    assert kl["n"] == 6 and kl["value"] == pytest.approx(sum(s["kl_to_base"]["value"] for s in seeds) / 2)
+    assert kl["lo"] == min(s["kl_to_base"]["lo"] for s in seeds) and kl["hi"] == max(s["kl_to_base"]["hi"] for s in seeds)
+    assert mean["cost"]["steps"] == 2
+    assert mean["metrics"]["unfinished"] == aggregate_metric("unfinished", [s["unfinished"] for s in seeds])
+    with (run_dir / "arena.csv").open() as f:
+        lines = list(csv.DictReader(f))
+    assert [(line["condition"], line["seed"]) for line in lines] == [
+        ("base", ""),
+        ("dpo (mean over seeds 0, 1)", "0+1"),
+        ("dpo_s0", "0"),
+        ("dpo_s1", "1"),
+    ]
+    assert lines[1]["adherence_n"] == "4"
+    from pipeline.report import build_report
+
+    build_report(run_dir)
+    assert "<b>dpo (mean over seeds 0, 1)</b>" in (run_dir / "report.html").read_text()
+    from rich.console import Console
+
+    from pipeline.arena_report import print_table
+
+    console = Console(record=True, width=240)
+    print_table(console, table)  # what `heedful arena` prints at the end
+    printed = [line.split("│")[1].strip() for line in console.export_text().splitlines() if line.startswith("│")]
+    assert printed == ["base", "dpo (mean over seeds 0, 1)", "dpo_s0", "dpo_s1"]
+
+    # seed 1 fails at run time: the mean is seed 0's alone, and says so
+    from pipeline.arena import load_arena, save_plan, write_outputs
+    from pipeline.runner import Runner
+
+    pipeline, plan = load_arena(config, overrides=["stages.dpo_s1.with.loss_type=no_such_loss"])
+    runner = Runner(pipeline, tmp_path / "runs", use_ray=False)
+    save_plan(runner.run.root, plan)
+    assert not runner.execute().ok
+    (mean,) = write_outputs(run_dir)["aggregates"]
+    assert mean["status"] == "1/2 seeds done" and mean["seeds"] == [0] and "seed 1" in mean["error"]
+    assert mean["metrics"]["adherence"]["n"] == 2 and mean["metrics"]["adherence"]["per_seed"] == [seeds[0]["adherence"]["value"]]

@@ -22,15 +22,17 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from serving import deploy_cli
-from serving.identity import Principal, UserEntry, hash_token, write_users
-from serving.local import ServerThread, random_lora_adapter
+from serving.identity import Principal
+from serving.local import random_lora_adapter
 from serving.schemas import ChatRequest
-from serving.service import MemPromptService, ServeSettings
+from serving.service import MemPromptService
 from serving.store import MemoryStore
 from serving.versions import canary_bucket
 
+from .serve_fixture import bearer, serve, tokens_for
+
 USERS = [f"u{i:02d}" for i in range(24)]
-TOKENS = {**{u: f"{u}-token-0123456789abcdef" for u in USERS}, "root": "root-token-0123456789abcdef"}
+TOKENS = tokens_for(*USERS)
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +43,12 @@ def adapters(tiny_model_path, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def live(tiny_model_path, tmp_path_factory):
-    root = tmp_path_factory.mktemp("canary")
-    users = root / "users.yaml"
-    write_users(users, [UserEntry(n, "admin" if n == "root" else "user", hash_token(t)) for n, t in TOKENS.items()])
-    settings = ServeSettings(model="tiny", memory=str(root / "memory.db"), users_file=str(users), max_tokens_default=2)
-    with ServerThread(settings) as server:
-        server.memory = root / "memory.db"
+    with serve(tmp_path_factory.mktemp("canary"), TOKENS, max_tokens_default=2) as server:
         yield server
 
 
 def as_(name: str) -> dict:
-    return {"Authorization": f"Bearer {TOKENS[name]}"}
+    return bearer(TOKENS, name)
 
 
 def ask(live, name: str, content: str = "Hi.", stream: bool = False) -> tuple[str, str]:

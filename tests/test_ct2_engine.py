@@ -1,5 +1,7 @@
-"""The CTranslate2 engine writes what HF `generate` writes (greedy, same weights), with and
-without a merged LoRA adapter, converts once per (model, adapter) and samples reproducibly."""
+"""The CTranslate2 engine -- what `engine: auto` picks on CPU -- writes what HF `generate` writes
+(greedy, same weights), with and without a merged LoRA adapter, with the shared chat-template
+prefix cached and with a budget per request; converts once per (model, adapter) and samples
+reproducibly."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import pytest
 pytest.importorskip("ctranslate2")
 
 from pipeline.chat import render_many  # noqa: E402
-from pipeline.ct2_engine import Ct2Generator, converted_model_dir  # noqa: E402
+from pipeline.ct2_engine import MIN_CACHED_PREFIX, Ct2Generator, _shared_prefix, converted_model_dir  # noqa: E402
 from pipeline.generation import SamplingSettings  # noqa: E402
 from pipeline.models import device_policy, load_causal_lm, load_tokenizer  # noqa: E402
 
@@ -48,8 +50,8 @@ def lora_adapter(tmp_path_factory, tiny_model_path):
     from peft import LoraConfig, get_peft_model
 
     model = load_causal_lm("tiny", device_policy("cpu"))
+    torch.manual_seed(0)  # before PEFT draws A: the same adapter every run
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    torch.manual_seed(0)
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
@@ -62,10 +64,40 @@ def lora_adapter(tmp_path_factory, tiny_model_path):
 def test_greedy_equals_hf_generate(tiny_model_path):
     tokenizer = load_tokenizer("tiny")
     prompts = render_many(tokenizer, CONVERSATIONS)
+    # the chat template's system turn is shared: the engine runs it once (static prompt cache)
+    tokens = [tokenizer.convert_ids_to_tokens(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert _shared_prefix(tokens) >= MIN_CACHED_PREFIX
     expected = hf_greedy_ids(load_causal_lm("tiny", device_policy("cpu")).eval(), tokenizer, prompts, 20)
-    engine = Ct2Generator("tiny", threads=1)
-    got = [s[0] for s in engine.generate_ids(prompts, SamplingSettings(max_new_tokens=20, temperature=0))]
-    assert got == expected
+    greedy = SamplingSettings(max_new_tokens=20, temperature=0)
+    cached = Ct2Generator("tiny", threads=1)
+    assert [s[0] for s in cached.generate_ids(prompts, greedy)] == expected
+    assert [s[0] for s in cached.generate_ids(prompts, greedy)] == expected  # the cached prefix reused
+    uncached = Ct2Generator("tiny", threads=1, prefix_cache=False)
+    assert [s[0] for s in uncached.generate_ids(prompts, greedy)] == expected
+
+
+def test_shared_prefix_leaves_every_prompt_a_token():
+    assert _shared_prefix([["a", "b", "c"], ["a", "b", "d", "e"]]) == 2
+    assert _shared_prefix([["a", "b"], ["a", "b", "c"]]) == 1  # "b" stays for the first prompt
+    assert _shared_prefix([["x"], ["y"]]) == 0 and _shared_prefix([]) == 0
+
+
+def test_a_budget_per_request_in_one_call_equals_each_alone(tiny_model_path, lora_adapter):
+    """Requests of different lengths share a call and leave it at their own budget: each reply is
+    HF's greedy reply under that request's max_new_tokens (the adapter makes replies vary)."""
+    tokenizer = load_tokenizer("tiny")
+    prompts = render_many(tokenizer, CONVERSATIONS)
+    budgets = [3, 12, 1, 7]
+    model = load_causal_lm("tiny", device_policy("cpu"), adapter=lora_adapter).eval()
+    expected = [hf_greedy_ids(model, tokenizer, [p], b)[0] for p, b in zip(prompts, budgets)]
+    assert len({len(e) for e in expected}) > 1
+    engine = Ct2Generator("tiny", adapter=lora_adapter, threads=1)
+    greedy = SamplingSettings(max_new_tokens=max(budgets), temperature=0)
+    for width in (4, 2):  # one batch; and sorted by length into chunks of 2
+        got = [s[0] for s in engine.generate_ids(prompts, greedy, max_new_tokens=budgets, max_batch_size=width)]
+        assert got == expected
+    with pytest.raises(ValueError, match="one budget"):
+        engine.generate_ids(prompts, greedy, max_new_tokens=[4, 4])
 
 
 def test_merged_adapter_equals_hf_with_adapter(tiny_model_path, lora_adapter):
@@ -103,14 +135,16 @@ def test_sampling_is_seeded_and_completions_are_marked(tiny_model_path):
     assert all(r.finished == (r.num_tokens < 8) for x in a for r in x)
 
 
-def test_engine_switch_gives_hf_greedy_replies(tiny_model_path):
+def test_auto_engine_on_cpu_is_ct2_and_gives_hf_greedy_replies(tiny_model_path, lora_adapter):
     from pipeline.generation import generate_chat, pick_engine
 
+    assert pick_engine("auto", device="cpu") == "ct2" and pick_engine("hf", device="cpu") == "hf"
     sampling = SamplingSettings(max_new_tokens=12, temperature=0)
-    hf = generate_chat("tiny", CONVERSATIONS, sampling, engine="hf", device="cpu", batch_size=2)
-    ct2 = generate_chat("tiny", CONVERSATIONS, sampling, engine="ct2", device="cpu", batch_size=2)
-    assert [[(c.text, c.num_tokens, c.finished) for c in x] for x in ct2] == [
+    hf = generate_chat("tiny", CONVERSATIONS, sampling, adapter=lora_adapter, engine="hf", device="cpu", batch_size=2)
+    auto = generate_chat("tiny", CONVERSATIONS, sampling, adapter=lora_adapter, engine="auto", device="cpu", batch_size=2)
+    assert [[(c.text, c.num_tokens, c.finished) for c in x] for x in auto] == [
         [(c.text, c.num_tokens, c.finished) for c in x] for x in hf
     ]
+    assert all(c[0].num_tokens > 0 for c in hf)  # real replies, so equality means something
     with pytest.raises(ValueError, match="auto, hf, ct2 or vllm"):
         pick_engine("llamacpp")

@@ -21,12 +21,13 @@ import httpx
 import openai
 import pytest
 
-from serving.identity import UserEntry, hash_token, write_users
 from serving.local import ServerThread, random_lora_adapter
 from serving.service import ServeSettings
 from serving.store import MemoryStore
 
-TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef", "root": "root-token-0123456789abcdef"}
+from .serve_fixture import active_version, bearer, serve, tokens_for
+
+TOKENS = tokens_for("alice", "bob")
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +45,12 @@ def adapters(tiny_model_path, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def live(tiny_model_path, tmp_path_factory):
-    root = tmp_path_factory.mktemp("deploy")
-    users = root / "users.yaml"
-    write_users(users, [UserEntry(n, "admin" if n == "root" else "user", hash_token(t)) for n, t in TOKENS.items()])
-    settings = ServeSettings(model="tiny", memory=str(root / "memory.db"), users_file=str(users), max_tokens_default=6)
-    with ServerThread(settings) as server:
-        server.memory = root / "memory.db"
-        server.root = root
+    with serve(tmp_path_factory.mktemp("deploy"), TOKENS, max_tokens_default=6) as server:
         yield server
 
 
 def as_(name: str) -> dict:
-    return {"Authorization": f"Bearer {TOKENS[name]}"}
+    return bearer(TOKENS, name)
 
 
 def ask(live, name: str, content: str, **extra_body) -> openai.types.chat.ChatCompletion:
@@ -70,7 +65,7 @@ def store(live) -> MemoryStore:
 
 
 def active(live) -> str:
-    return httpx.get(live.url + "/v1/models", headers=as_("alice")).json()["active_version"]
+    return active_version(live, TOKENS, "alice")
 
 
 def test_completion_and_conversation_ids_version_and_followups(live):

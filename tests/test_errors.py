@@ -10,11 +10,11 @@ import subprocess
 from pipeline.errors import ConfigError, DataError, UserError, is_user_error
 from pipeline.models import ModelUnavailable
 
-from .conftest import ROOT, heedful_cmd, tiny_pipeline, write_yaml
+from .conftest import ROOT, heedful_cmd, isolated_home, tiny_pipeline, write_yaml
 
 
 def _heedful(args, tmp_path):
-    env = {**os.environ, "COLUMNS": "300", "HEEDFUL_HOME": str(tmp_path / "home")}
+    env = {**os.environ, "COLUMNS": "300", "HEEDFUL_HOME": str(isolated_home(tmp_path / "home"))}
     proc = subprocess.run(heedful_cmd() + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return proc, proc.stdout + proc.stderr
 

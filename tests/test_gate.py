@@ -8,7 +8,7 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline.errors import HeedfulError
-from pipeline.loop import LoopFile, parse_duration, round_stages, trainable
+from pipeline.loop import LoopFile, evaluation_key, parse_duration, reusable_evaluation, round_stages, trainable
 from stages.gate import GateRule, decide
 
 
@@ -85,3 +85,73 @@ def test_loop_file_errors_name_the_field_and_train_steps_follow_the_counts(tmp_p
     assert parse_duration("10m") == 600 and parse_duration("1.5h") == 5400 and parse_duration("30") == 30
     with pytest.raises(HeedfulError, match="not a duration"):
         parse_duration("soon")
+
+
+def test_a_c3po_step_from_critiques_is_three_stages_and_its_settings_are_checked(tmp_path):
+    critique = {"grouping": {"threshold": 0.6}, "near_scope_prompts": 3}
+    step = {"method": "c3po", "from": "critiques", "min_records": 3, "critique": critique, "data": {"reviser": "template"}}
+    loop = write_loop(tmp_path, train=[{"method": "kto", "from": "reactions", "min_records": 3}, step])
+    assert not trainable(loop.spec, {"critiques": 2}) and trainable(loop.spec, {"critiques": 3})
+    stages = round_stages(loop, "train", None, "/srv/adapter", {"critiques": 3, "reactions": 0, "followups": 2})
+    assert [s["name"] for s in stages] == ["pull", "review", "critique_2", "c3po_data_2", "train_2_c3po"]
+    assert stages[2]["inputs"] == {"feedback": "pull.verbal_feedback", "followups": "pull.followups"}
+    assert stages[2]["with"] == {**critique, "min_users": 3}  # the step's min_records: distinct users
+    assert stages[3]["inputs"] == {"feedback": "critique_2.feedback", "prompts": "critique_2.prompts", "adapter": "/srv/adapter"}
+    assert stages[3]["with"] == {"reviser": "template"}
+    assert stages[4]["inputs"] == {"data": "c3po_data_2.train", "adapter": "/srv/adapter"}
+    with pytest.raises(HeedfulError, match="c3po cannot train from reactions"):
+        write_loop(tmp_path, train=[{"method": "c3po", "from": "reactions"}])
+    with pytest.raises(HeedfulError, match="belong to a c3po step from critiques"):
+        write_loop(tmp_path, train=[{"method": "kto", "from": "reactions", "data": {"reviser": "template"}}])
+    with pytest.raises(HeedfulError, match="critique.grouping"):
+        write_loop(tmp_path, train=[{**step, "critique": {"grouping": {"similarity": "words"}}}])
+
+
+def test_an_earlier_evaluation_of_the_deployed_version_is_reused_only_with_the_same_settings(tmp_path):
+    loop = write_loop(tmp_path)
+    key = evaluation_key(loop)
+    assert evaluation_key(write_loop(tmp_path, evaluate={"with": {"max_general": 2}})) != key
+    root = tmp_path / "runs"
+    for run, stage in (("round-001", "eval_candidate"), ("round-002", "eval_current")):
+        (root / run / stage).mkdir(parents=True)
+        (root / run / stage / "summary").write_text("{}")
+    deployed = {
+        "round": 1,
+        "run": "round-001",
+        "phase": "done",
+        "evaluation_key": key,
+        "deployed": True,
+        "version_after": "adp-1",
+    }
+    rejected = {"round": 2, "run": "round-002", "phase": "done", "evaluation_key": key, "deployed": False}
+    rejected.update(current_version="adp-1", current_adapter="/srv/a", gate={"passed": False})
+    found = reusable_evaluation(root, [deployed], "adp-1", key)
+    assert found == {"summary": str(root / "round-001" / "eval_candidate" / "summary"), "condition": "candidate"}
+    again = reusable_evaluation(root, [deployed, rejected], "adp-1", key)  # the latest evaluation of adp-1
+    assert again == {"summary": str(root / "round-002" / "eval_current" / "summary"), "condition": "current"}
+    assert reusable_evaluation(root, [deployed], "adp-1", "other-settings") is None
+    assert reusable_evaluation(root, [deployed], "adp-2", key) is None  # another version is deployed now
+    assert reusable_evaluation(root, [{**deployed, "run": "round-009"}], "adp-1", key) is None  # its summary is gone
+    stages = round_stages(loop, "evaluate", None, "/srv/a", {"reactions": 3}, found)
+    names = [s["name"] for s in stages]
+    assert "eval_current" not in names and names[-2:] == ["eval_candidate", "gate"]
+    assert stages[-1]["inputs"]["current"] == found["summary"] and stages[-1]["with"]["current_condition"] == "candidate"
+
+
+def test_the_commented_c3po_step_of_configs_loop_yaml_validates(tmp_path):
+    """`heedful validate` on configs/loop.yaml with its commented C3PO step switched on: every
+    stage of a full round (critique_3, c3po_data_3, train_3_c3po included) and its settings check."""
+    import re
+    from pathlib import Path
+
+    from pipeline.loop import full_round
+
+    text = (Path(__file__).resolve().parent.parent / "configs" / "loop.yaml").read_text()
+    text = re.sub(r"^    # - method: c3po", "    - method: c3po", text, flags=re.M)
+    text = re.sub(r"^    #   ", "      ", text, flags=re.M)
+    path = tmp_path / "loop.yaml"
+    path.write_text(text)
+    pipeline = full_round(LoopFile(path))
+    names = [s.name for s in pipeline.stages]
+    assert names[3:6] == ["critique_3", "c3po_data_3", "train_3_c3po"] and names[-1] == "deploy"
+    assert pipeline.stage("critique_3").spec.with_["generator"]["kind"] == "openai"

@@ -27,3 +27,28 @@ def test_keyword_score_by_hand():
     # words: a b c a b c -> trigrams abc bca cab abc: 1 of 4 repeated; cut off
     assert keyword_score("a b c a b c", ["z"], 0.5, 0.2, False) == round(0 - 0.5 * 0.25 - 0.2, 6)
     assert keyword_score("", ["z"], 0.5, 0.2, True) == -1.0
+
+
+def test_generate_stage_default_engine_writes_hf_greedy_replies(tmp_path, tiny_model_path):
+    """`engine: auto` (the default: CTranslate2 on CPU when installed) and `engine: hf` write the
+    same greedy replies, token counts and finished flags, batch by batch."""
+    from pipeline.config import pipeline_from_dict
+    from pipeline.generation import pick_engine
+    from pipeline.records import load_rows, write_jsonl
+    from pipeline.runner import Runner
+
+    write_jsonl([{"prompt": p} for p in ("Name a colour.", "Why is the sea salty?", "x", "Count to five.")], tmp_path / "p.jsonl")
+    greedy = {"num_samples": 1, "batch_size": 3, "device": "cpu", "sampling": {"max_new_tokens": 10, "temperature": 0}}
+    stages = [
+        {"name": name, "uses": "generate", "inputs": {"prompts": str(tmp_path / "p.jsonl")}, "with": {**greedy, "engine": engine}}
+        for name, engine in (("auto", "auto"), ("hf", "hf"))
+    ]
+    result = Runner(
+        pipeline_from_dict({"run_name": "g", "model": "tiny", "stages": stages}, tmp_path), tmp_path / "runs", use_ray=False
+    ).execute()
+    assert result.ok, [r.error for r in result.records]
+    assert [r.status for r in result.records] == ["done", "done"]  # both sampled, neither reused
+    keep = ("prompt", "response", "num_tokens", "finished")
+    auto, hf = ([{k: r[k] for k in keep} for r in load_rows(result.run_dir / name / "responses")] for name in ("auto", "hf"))
+    assert auto == hf and len(hf) == 4
+    assert pick_engine("auto", "cpu") == "ct2"  # so the comparison above is ct2 against HF

@@ -11,9 +11,7 @@ here; tests/test_loop_kill.py drives the same loop as a subprocess on a real Ray
 from __future__ import annotations
 
 import json
-import os
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,30 +21,19 @@ import yaml
 
 from pipeline.loop import Loop, LoopFile, load_state, status_rows
 from pipeline.loop_report import write_loop_report
-from serving.identity import UserEntry, hash_token, write_users
-from serving.local import ServerThread
-from serving.service import ServeSettings
 from serving.store import MemoryStore
+from stages.gate import value_of
 
-TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef", "root": "root-token-0123456789abcdef"}
-TOKENS.update({f"u{i}": f"u{i}-token-0123456789abcdef" for i in range(12)})  # canary: users on both sides
+from .serve_fixture import active_version, serve, tokens_for
+
+TOKENS = tokens_for("alice", "bob", *(f"u{i}" for i in range(12)))  # u0..u11, canary: users on both sides
 QUESTIONS = ["Name a fruit.", "Say hello.", "Count to three.", "Name a color.", "Give a greeting.", "Name an animal."]
 HELD_OUT = ["Name a city.", "Say goodbye.", "Name a tree."]
 
 
-@contextmanager
 def server(root: Path):
-    root.mkdir(parents=True, exist_ok=True)
-    users = root / "users.yaml"
-    write_users(users, [UserEntry(n, "admin" if n == "root" else "user", hash_token(t)) for n, t in TOKENS.items()])
-    token_file = root / "admin.token"
-    token_file.write_text(TOKENS["root"])
-    os.chmod(token_file, 0o600)
-    settings = ServeSettings(model="tiny", memory=str(root / "memory.db"), users_file=str(users), max_tokens_default=6)
-    with ServerThread(settings) as srv:
-        srv.memory = root / "memory.db"
-        srv.token_file = token_file
-        yield srv
+    """The loop tests' server: alice, bob, u0..u11 and root (admin); replies of 6 tokens at most."""
+    return serve(root, TOKENS, max_tokens_default=6)
 
 
 @pytest.fixture
@@ -75,7 +62,7 @@ def converse(
     return ids
 
 
-def loop_file(tmp_path: Path, live, name: str, rules: list[dict], **loop_extra) -> Path:
+def loop_file(tmp_path: Path, live, name: str, rules: list[dict], evaluate_with: dict | None = None, **loop_extra) -> Path:
     prompts = tmp_path / "held_out.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HELD_OUT))
     small = {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 64, "save_steps": 1, "lora": {"r": 4, "alpha": 8}}
@@ -93,7 +80,12 @@ def loop_file(tmp_path: Path, live, name: str, rules: list[dict], **loop_extra) 
             ],
             "evaluate": {
                 "inputs": {"prompts": str(prompts)},
-                "with": {"sampling": {"max_new_tokens": 6, "temperature": 0.0}, "max_general": 3, "resamples": 200},
+                "with": {
+                    "sampling": {"max_new_tokens": 6, "temperature": 0.0},
+                    "max_general": 3,
+                    "resamples": 200,
+                    **(evaluate_with or {}),
+                },
             },
             "gate": {"rules": rules},
             **loop_extra,
@@ -105,7 +97,7 @@ def loop_file(tmp_path: Path, live, name: str, rules: list[dict], **loop_extra) 
 
 
 def active(live) -> str:
-    return httpx.get(live.url + "/v1/models", headers={"Authorization": f"Bearer {TOKENS['alice']}"}).json()["active_version"]
+    return active_version(live, TOKENS, "alice")
 
 
 def pulled_ids(root: Path) -> list[str]:
@@ -137,7 +129,9 @@ def test_rounds_train_from_the_deployed_adapter_and_the_gate_decides(live, tmp_p
 
     # round 2 on new feedback: trains from round 1's adapter; a strict gate rejects the candidate
     converse(live, "alice", [q + " Again." for q in QUESTIONS])
-    strict = loop_file(tmp_path, live, "loop_a", [{"metric": "kl_to_base", "max": 0.0}])
+    strict = loop_file(
+        tmp_path, live, "loop_a", [{"metric": "kl_to_base", "max": 0.0}, {"metric": "unfinished", "max_rise": 1.0}]
+    )
     done = Loop(LoopFile(strict), runs, use_ray=False).run(rounds=None, min_new=4, every=None, log=lambda *_: None)
     assert len(done) == 1
     round2 = done[0]
@@ -145,6 +139,13 @@ def test_rounds_train_from_the_deployed_adapter_and_the_gate_decides(live, tmp_p
     assert round2["gate"]["passed"] is False and "kl_to_base" in round2["gate"]["reasons"][0]
     assert round2["deployed"] is False and active(live) == round1["version_after"]  # never deployed
     assert Path(round2["candidate_adapter"], "adapter_config.json").is_file()  # kept for inspection
+    # the deployed version is round 1's candidate, evaluated then with the same settings: not evaluated again
+    order = json.loads((runs / "loop_a" / "round-002" / "pipeline.json").read_text())["order"]
+    assert "eval_current" not in order and "eval_candidate" in order
+    assert round2["reuse_current"]["summary"] == str(runs / "loop_a" / "round-001" / "eval_candidate" / "summary")
+    earlier = json.loads((runs / "loop_a" / "round-001" / "eval_candidate" / "summary").read_text())
+    unfinished = next(rule for rule in round2["gate"]["rules"] if rule["metric"] == "unfinished")
+    assert unfinished["current"] == value_of(earlier, "candidate", "unfinished") is not None  # the gate read it
     pipeline = json.loads((runs / "loop_a" / "round-002" / "pipeline.json").read_text())
     assert round1["current_adapter"] is None
     trained_from = json.dumps(pipeline)
@@ -166,6 +167,7 @@ def test_rounds_train_from_the_deployed_adapter_and_the_gate_decides(live, tmp_p
 
     rows = status_rows(runs / "loop_a")
     assert [r["deployed"] for r in rows] == [True, False] and rows[1]["gate"].startswith("failed: kl_to_base")
+    assert [r["current_eval"] for r in rows] == ["ran", "reused round-001"] and rows[0]["trained"] == "kto, dpo"
     # nothing new on the server: no round starts
     assert Loop(LoopFile(strict), runs, use_ray=False).run(rounds=None, min_new=4, every=None, log=lambda *_: None) == []
     assert len(load_state(runs / "loop_a")["rounds"]) == 2
@@ -203,7 +205,7 @@ def test_a_canary_is_promoted_on_good_live_reactions_and_dropped_on_bad_ones(liv
     runs = tmp_path / "runs"
     canary = {"share": 0.5, "min_reactions": 3, "timeout_s": 240, "poll_s": 0.5}
 
-    def run_round_with_users(likes_candidate: bool) -> dict:
+    def run_round_with_users(likes_candidate: bool, evaluate_with: dict | None = None) -> dict:
         before, stop = active(live), threading.Event()
 
         def users():
@@ -223,7 +225,8 @@ def test_a_canary_is_promoted_on_good_live_reactions_and_dropped_on_bad_ones(liv
                     timeout=60,
                 )
 
-        path = loop_file(tmp_path, live, "loop_c", [{"metric": "kl_to_base", "max": 1000.0}], canary=canary)
+        rules = [{"metric": "kl_to_base", "max": 1000.0}]
+        path = loop_file(tmp_path, live, "loop_c", rules, evaluate_with=evaluate_with, canary=canary)
         thread = threading.Thread(target=users, daemon=True)
         thread.start()
         try:
@@ -239,6 +242,9 @@ def test_a_canary_is_promoted_on_good_live_reactions_and_dropped_on_bad_ones(liv
     assert promoted["deployed"] is True and promoted["why"].startswith("canary promoted"), promoted["why"]
     assert active(live) == promoted["version_after"] != base
     converse(live, "alice", [q + " More." for q in QUESTIONS])
-    dropped = run_round_with_users(likes_candidate=False)
+    dropped = run_round_with_users(likes_candidate=False, evaluate_with={"max_general": 2})
+    # the deployed version is round 1's promoted candidate, but the evaluate settings changed: evaluated again
+    assert dropped["reuse_current"] is None
+    assert "eval_current" in json.loads((runs / "loop_c" / "round-002" / "pipeline.json").read_text())["order"]
     assert dropped["deployed"] is False and dropped["why"].startswith("canary dropped"), dropped["why"]
     assert active(live) == promoted["version_after"]  # the promoted version stays; the dropped one serves nobody

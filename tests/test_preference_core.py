@@ -196,19 +196,23 @@ def test_packed_logps_equal_separate_forward_passes(tiny_model_path):
         torch.testing.assert_close(packed, torch.stack(expected), atol=1e-5, rtol=1e-6)
 
 
-def test_chunked_logps_gradient_matches_full_log_softmax():
+# a trainable head: the backward re-projects each tile; a frozen one (LoRA): the forward builds
+# d logp / d hidden tile by tile and the backward only scales it
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable-head", "frozen-head"])
+def test_chunked_logps_gradient_matches_full_log_softmax(trainable_head):
     from trainers.fastpref.logps import ChunkedLogps
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(101, 16, generator=gen, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(101, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(101, 16, generator=gen, dtype=torch.float64, requires_grad=trainable_head)
+    bias = torch.randn(101, generator=gen, dtype=torch.float64, requires_grad=trainable_head)
     targets = torch.randint(0, 101, (37,), generator=gen)
     upstream = torch.randn(37, generator=gen, dtype=torch.float64)
     logp, entropy, mean_logit, top1 = ChunkedLogps.apply(hidden, weight, bias, targets, 5 * 101, True)
     (logp * upstream).sum().backward()
-    got = [t.grad.clone() for t in (hidden, weight, bias)]
-    for t in (hidden, weight, bias):
+    params = (hidden, weight, bias) if trainable_head else (hidden,)
+    got = [t.grad.clone() for t in params]
+    for t in params:
         t.grad = None
     logits = hidden @ weight.t() + bias
     full = torch.log_softmax(logits, -1)
@@ -217,7 +221,7 @@ def test_chunked_logps_gradient_matches_full_log_softmax():
     torch.testing.assert_close(entropy.double(), -(full.exp() * full).sum(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mean_logit.double(), logits.mean(-1), atol=1e-5, rtol=1e-5)
     assert torch.equal(top1, logits.argmax(-1) == targets)
-    for g, t in zip(got, (hidden, weight, bias)):
+    for g, t in zip(got, params, strict=True):
         torch.testing.assert_close(g, t.grad, atol=1e-5, rtol=1e-5)
 
 
@@ -275,10 +279,14 @@ def test_checkpointing_probe_picks_the_faster_setting_once_per_host_and_shape(tm
     cache = tmp_path / "probe.json"
     bucket = shape_bucket("cpu", "torch.float32", 4, 300)
     assert bucket.endswith("len<=512")
+    # a run too short for ~6 probe steps to pay off: the default, nothing measured or cached
+    assert choose_gradient_checkpointing("m", bucket, step, cache_path=cache, run_steps=6, default=True) is True
+    assert calls == [] and not cache.exists()
     assert choose_gradient_checkpointing("m", bucket, step, cache_path=cache) is False
     assert calls.count(True) >= 2 and calls.count(False) >= 2
     calls.clear()
     assert choose_gradient_checkpointing("m", bucket, step, cache_path=cache) is False and calls == []  # cached
+    assert choose_gradient_checkpointing("m", bucket, step, cache_path=cache, run_steps=6, default=True) is False
     assert probe_key("m", bucket) in cache.read_text()
     assert (
         choose_gradient_checkpointing(
@@ -294,6 +302,19 @@ def test_trainer_probe_measures_the_real_step_and_sets_the_flag(tmp_path, tiny_m
     from trainers.fastpref.trainer import FastDPOTrainer
 
     probe = tmp_path / "probe.json"
+    short = make_trainer(  # 4 pairs, batch 4, 3 epochs: 3 steps, too short to probe
+        FastDPOTrainer,
+        PLAIN,
+        tmp_path / "short",
+        ref_cache_dir=tmp_path / "cache",
+        probe_checkpointing=True,
+        probe_cache_path=probe,
+        model_name="tiny",
+        dpo={"gradient_checkpointing": False},
+    )
+    assert short.planned_steps() == 3 and not probe.exists()
+    assert short.checkpointing_chosen is False and short.model.get_base_model().is_gradient_checkpointing is False
+
     trainer = make_trainer(
         FastDPOTrainer,
         PLAIN,
@@ -302,6 +323,7 @@ def test_trainer_probe_measures_the_real_step_and_sets_the_flag(tmp_path, tiny_m
         probe_checkpointing=True,
         probe_cache_path=probe,
         model_name="tiny",
+        dpo={"max_steps": 50},
     )
     (entry,) = json.loads(probe.read_text()).values()
     assert entry["seconds_off"] > 0 and entry["seconds_on"] > 0

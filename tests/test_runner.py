@@ -88,7 +88,7 @@ def test_status_command_shows_failed_and_blocked(tmp_path, tiny_model_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={"COLUMNS": "200", **__import__("os").environ},
+        env={**__import__("os").environ, "COLUMNS": "200"},
     )
     assert proc.returncode == 0, proc.stderr
     lines = {line.split("│")[1].strip(): line for line in proc.stdout.splitlines() if line.count("│") > 3}

@@ -3,6 +3,7 @@ backend, tiny model), the vLLM/HF generation switch, and building Ray jobs from 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -149,10 +150,11 @@ def test_engine_switch_falls_back_to_hf_without_vllm_or_gpu():
     reason = vllm_unavailable_reason()
     if reason is None:
         pytest.skip("vLLM and a GPU are present: the fallback is not exercised here")
-    assert pick_engine("auto") == "hf" and pick_engine("hf") == "hf"
+    assert pick_engine("hf") == "hf" and pick_engine("hf", device="cpu") == "hf"
     with pytest.raises(RuntimeError, match="engine: vllm cannot run"):
         pick_engine("vllm")
-    assert pick_engine("auto", device="cpu") == "hf"
+    # on CPU, auto is the CTranslate2 engine when it is installed (a core dependency), else HF
+    assert pick_engine("auto", device="cpu") == ("ct2" if importlib.util.find_spec("ctranslate2") else "hf")
 
 
 def test_generate_stage_engine_vllm_fails_clearly_where_it_cannot_run(tmp_path):
@@ -190,7 +192,7 @@ def test_generate_chat_hf_engine_matches_chat_generate(tiny_model_path):
 
     conversations = [[{"role": "user", "content": "Name a capital."}], [{"role": "user", "content": "Hi"}]]
     sampling = SamplingSettings(max_new_tokens=6, temperature=1.0)
-    via_switch = generate_chat("tiny", conversations, sampling, num_samples=2, seed=7, engine="auto", device="cpu")
+    via_switch = generate_chat("tiny", conversations, sampling, num_samples=2, seed=7, engine="hf", device="cpu")
     model = load_causal_lm("tiny", device_policy("cpu")).eval()
     direct = chat_generate(model, load_tokenizer("tiny"), conversations, sampling, num_samples=2, seed=7)
     assert via_switch == direct and len(direct) == 2 and len(direct[0]) == 2

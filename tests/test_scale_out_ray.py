@@ -129,15 +129,17 @@ def _generate_stage(name, num_cpus, prompts):
     }
 
 
-def _task_windows(names, timeout=20.0):
-    """(start, end) of each stage's Ray task from Ray's state API (task events arrive with a delay)."""
+def _task_windows(head, names, timeout=20.0):
+    """(start, end) of each stage's Ray task from Ray's state API (task events arrive with a delay).
+    Asks `head` by address: with no address the state API looks for a local cluster and fails when
+    it finds several (the rest of the suite, or anyone else on the machine, may run one too)."""
     from ray.util.state import list_tasks
 
     deadline = time.time() + timeout
     while True:
         tasks = {
             t.name: t
-            for t in list_tasks(filters=[("state", "=", "FINISHED")], detail=True, limit=1000)
+            for t in list_tasks(address=head.gcs_address, filters=[("state", "=", "FINISHED")], detail=True, limit=1000)
             if t.name in {f"stage:{n}" for n in names} and t.end_time_ms
         }
         if len(tasks) == len(names) or time.time() > deadline:
@@ -157,7 +159,7 @@ def test_independent_stages_run_concurrently_when_resources_allow(head, tmp_path
         data = {"run_name": f"overlap{cpus}", "model": "tiny", "stages": [_generate_stage(n, cpus, prompts) for n in names]}
         result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", address=head.gcs_address).execute()
         assert result.ok, [r.error for r in result.records]
-        (s1, e1), (s2, e2) = _task_windows(names).values()
+        (s1, e1), (s2, e2) = _task_windows(head, names).values()
         spans[cpus] = min(e1, e2) - max(s1, s2)  # > 0: the two ran at the same time
     assert spans[1] > 0.5, spans
     assert spans[2] <= 0.05, spans

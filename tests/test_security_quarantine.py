@@ -177,3 +177,53 @@ def test_users_cli_adds_a_user_and_prints_the_token_once(tmp_path):
     assert token not in path.read_text() and stat.S_IMODE(path.stat().st_mode) == 0o600
     again = CliRunner().invoke(cli.app, ["users", "add", "alice", "--users-file", str(path)])
     assert again.exit_code != 0 and "exists" in str(again.exception)
+
+
+def _served(i: int, author: str, request: str, text: str, feedback: str = "critique") -> dict:
+    """A verbal feedback record as the server stores it (request = the turn's last user message)."""
+    return {
+        "id": f"c{i}:{feedback}",
+        "kind": "verbal",
+        "prompt": [{"role": "user", "content": request}],
+        "response": "r",
+        "critique": text,
+        "judgment": "needs_work",
+        "provenance": {
+            "source": "serving",
+            "annotator": author,
+            "timestamp": f"2026-01-01T00:00:0{i}+00:00",
+            "extra": json.dumps({"feedback": feedback, "author_verified": True}),
+        },
+    }
+
+
+QUESTION = "Which word is akin to < roomy > in meaning, and which one rhymes with it?"
+CRITIQUE = (
+    f'You answered only half of my question "{QUESTION}": I asked for a word akin to roomy '
+    "in meaning, such as spacious, and also for a rhyme, such as gloomy."
+)
+
+
+def test_thanks_after_a_critique_is_not_a_duplicate_of_it():
+    """The second turn's request is the user's own critique (which quotes the question), so
+    request + text of the thanks looked like request + text of the critique."""
+    records = [
+        _served(0, "alice", QUESTION, CRITIQUE),
+        _served(1, "alice", CRITIQUE, "Thanks, that is what I needed."),
+    ]
+    result = quarantine([candidate_from_record(r) for r in records])
+    assert reasons(result) == {} and len(result.kept) == 2
+
+
+def test_the_same_text_posted_again_is_still_caught_also_across_accounts():
+    again = [
+        _served(0, "alice", QUESTION, CRITIQUE),
+        _served(1, "alice", CRITIQUE, "Thanks, that is what I needed."),
+        _served(2, "alice", QUESTION, CRITIQUE + " "),  # the critique posted again
+        _served(3, "alice", CRITIQUE, "thanks -- that is what I needed!"),  # the thanks again, on the same request
+    ]
+    result = quarantine([candidate_from_record(r) for r in again])
+    assert reasons(result) == {"c2:critique": "duplicate", "c3:critique": "duplicate"}
+    flood = [_served(i, f"sock{i}", CRITIQUE, "Thanks, that is what I needed.") for i in range(6)]
+    result = quarantine([candidate_from_record(r) for r in flood], QuarantineSettings(max_copies=2))
+    assert len(result.kept) == 2 and set(reasons(result).values()) == {"flood"}

@@ -192,3 +192,30 @@ def test_helpers_by_hand():
     assert reaction_for(0.6, 0.5, 0.5) == "love"
     assert reaction_for(0.45, 0.5, 0.5) == "neutral"  # logit(0.45) = -0.2 > 0 - 0.5
     assert reaction_for(0.3, 0.5, 0.5) == "dislike"  # logit(0.3) = -0.85
+
+
+@pytest.mark.parametrize(
+    ("text", "fact", "covered"),
+    [
+        ("It boils at 100.2 degrees.", "100", False),  # a different number, not a mention of 100
+        ("It boils at 1000 degrees.", "100", False),
+        ("It was built in 2100.", "100", False),
+        ("Roughly 0.100 of it.", "100", False),
+        ("It boils at 100.", "100", True),  # sentence end
+        ("It boils at 100, at sea level.", "100", True),  # clause end
+        ("(100) degrees; 100% sure", "100", True),
+        ("It costs 1,000 dollars.", "1000", True),  # thousands separators do not count
+        ("It costs 1000 dollars.", "1,000", True),
+        ("It costs 1,000 dollars.", "1", False),
+        ("It costs 1,000 dollars.", "000", False),
+        ("Pi is 3.14159.", "3.14", False),
+        ("Pi is about 3.14.", "3.14", True),
+        ("Counting 1, 2, 3 goes on.", "2", True),
+        ("It is 1,5 times as much.", "5", False),  # digits joined by a comma are one number (1,5 may be a decimal)
+        ("PLANTS NEED Carbon Dioxide.", "carbon dioxide", True),  # words stay case-insensitive
+        ("Plants need CO2, light.", "co2", True),
+        ("Plants need CO2 and light.", "CO", False),
+    ],
+)
+def test_fact_coverage_matches_numbers_as_whole_numbers(text, fact, covered):
+    assert fact_coverage(text, [fact]) == (1.0 if covered else 0.0)

@@ -9,6 +9,11 @@ model + model name + shape bucket (device, dtype, rows, length rounded up to a p
 stored in `<heedful cache>/cache/grad_ckpt_probe.json`. Later stages on the same host and
 shape read it instead of measuring again.
 
+The probe itself costs about six forward+backward steps (a warm-up and two timed steps per
+setting), so a run shorter than `PROBE_MIN_STEPS` optimizer steps (the quickstart trains
+six) does not probe: it uses a cached answer if there is one, else the device policy's
+setting (pipeline/models.py: off on CPU), and caches nothing.
+
 `choose_gradient_checkpointing(model_name, shape, step)` is the generic entry: `step(on)`
 runs one forward+backward with checkpointing on/off. `packed_dpo_step(model, batch)` builds
 that step for the fast DPO core (trainers/fastpref); `FastDPOTrainer(probe_checkpointing=True)`
@@ -28,6 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 CACHE_NAME = "grad_ckpt_probe.json"
+#: runs shorter than this many optimizer steps skip the probe (~6 steps: it would cost >= 1/4 of the run)
+PROBE_MIN_STEPS = 24
 
 
 def cpu_model() -> str:
@@ -85,14 +92,32 @@ def _write(path: Path, data: dict) -> None:
 
 
 def choose_gradient_checkpointing(
-    model_name: str, bucket: str, step: Callable[[bool], None], *, cache_path: Path | None = None, repeats: int = 2, log=None
+    model_name: str,
+    bucket: str,
+    step: Callable[[bool], None],
+    *,
+    cache_path: Path | None = None,
+    repeats: int = 2,
+    log=None,
+    run_steps: int | None = None,
+    default: bool = False,
 ) -> bool:
-    """True when checkpointing was faster for (this host, model, shape bucket); measured once, then cached."""
+    """True when checkpointing was faster for (this host, model, shape bucket); measured once, then cached.
+    A run of fewer than PROBE_MIN_STEPS `run_steps` without a cached answer gets `default`, unmeasured."""
     path = cache_path or default_cache_path()
     key = probe_key(model_name, bucket)
     entry = _read(path).get(key)
     if entry is not None:
         return bool(entry["checkpointing"])
+    if run_steps is not None and run_steps < PROBE_MIN_STEPS:
+        if log is not None:
+            log.info(
+                "gradient checkpointing %s: a %d-step run is too short for the probe to pay off (< %d steps)",
+                "on" if default else "off",
+                run_steps,
+                PROBE_MIN_STEPS,
+            )
+        return default
     import torch
 
     try:

@@ -214,15 +214,27 @@ class Judge:
         return [min(max(1 / (1 + math.exp(-(x - self.cut) / self.spread)), 1e-6), 1 - 1e-6) for x in scores]
 
 
+#: a thousands separator: a comma between digits with exactly three digits after it ("1,000,000")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
 def fact_coverage(text: str, facts: list[str]) -> float | None:
-    """Share of facts mentioned as whole words (case-insensitive; 'a|b' = either; '9' is not in '19');
-    None when the need lists none."""
+    """Share of facts mentioned as whole words (case-insensitive; 'a|b' = either); None when the
+    need lists none.
+
+    Numbers match as whole numbers: '9' is not in '19', '100' is not in '1000', '2100', '100.2'
+    or '0.100' (nor '5' in '1,5'), but is in '100.' and '100,' at the end of a sentence or
+    clause. Thousands separators do not count ('1,000' is '1000', in the text and in the
+    fact), so a reply that writes 1,000 covers the fact 1000 and not the fact 1 or 000."""
     if not facts:
         return None
-    lower = text.lower()
+    lower = _THOUSANDS.sub("", text.lower())
 
     def mentioned(alt: str) -> bool:
-        return re.search(r"(?<!\w)" + re.escape(alt.strip().lower()) + r"(?!\w)", lower) is not None
+        alt = _THOUSANDS.sub("", alt.strip().lower())
+        before = r"(?<!\w)" + (r"(?<!\d[.,])" if alt[:1].isdigit() else "")
+        after = r"(?!\w)" + (r"(?![.,]\d)" if alt[-1:].isdigit() else "")
+        return re.search(before + re.escape(alt) + after, lower) is not None
 
     return sum(any(mentioned(alt) for alt in fact.split("|") if alt.strip()) for fact in facts) / len(facts)
 

@@ -3,9 +3,15 @@
 Why: the full [tokens, 49k vocab] logits and their log-softmax, kept for backward, are the
 largest tensors of a DPO step on a small model, and TRL on CPU projects every position
 (prompt and padding included). `ChunkedLogps` projects only the scored positions, a few
-hundred tokens at a time: the forward keeps one [chunk, vocab] tile alive and saves only the
-log-normaliser per token; the backward recomputes each tile and turns it into the gradient
-in place (softmax minus one-hot), so memory is O(chunk x vocab) and the result is exact.
+hundred tokens at a time: the forward keeps one [chunk, vocab] tile alive, so memory is
+O(chunk x vocab) and the result is exact.
+
+The gradient: d logp / d hidden = W[target] - softmax(z) @ W does not depend on the loss, so
+when only the hidden states need a gradient (a frozen head: LoRA, the usual case) the forward
+computes it per tile while the tile is in hand and saves that [tokens, hidden] matrix; the
+backward is then one multiply. That saves re-projecting every tile in backward (a third of
+the head's arithmetic). A trainable head (or bias) keeps the other path: the forward saves the
+log-normaliser per token and the backward recomputes each tile into softmax minus one-hot.
 
 It also returns, without gradient, what TRL logs per token: the entropy of the next-token
 distribution, the mean logit and whether the target is the top-1 token.
@@ -44,10 +50,24 @@ class ChunkedLogps(torch.autograd.Function):
     """log softmax(hidden @ weight.T + bias)[target] per row, and (no grad) entropy, mean logit, is-top-1."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, tile_elements: int = TILE_ELEMENTS, with_metrics: bool = True):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        targets,
+        tile_elements: int = TILE_ELEMENTS,
+        with_metrics: bool = True,
+        grad_enabled: bool = True,
+    ):
+        """`grad_enabled`: torch.is_grad_enabled() at the call (off inside forward); False skips the gradient work."""
         ctx.set_materialize_grads(False)
         n, vocab = hidden.shape[0], weight.shape[0]
         ctx.compute_dtype = dtype = _compute_dtype(hidden)
+        need_h, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:3])
+        # frozen head: the hidden states' gradient per unit of upstream gradient, built tile by tile
+        ctx.grad_in_forward = need_h and not need_w and not need_b
+        d_logp_d_h = torch.empty_like(hidden, dtype=torch.float32) if ctx.grad_in_forward else None
         logp = hidden.new_empty(n, dtype=torch.float32)
         log_z = hidden.new_empty(n, dtype=torch.float32)
         entropy = hidden.new_zeros(n, dtype=torch.float32)
@@ -68,16 +88,28 @@ class ChunkedLogps(torch.autograd.Function):
                 entropy[s:e] = total.log() - (expz * z).sum(dim=-1) / total
             log_z[s:e] = peak + total.log()
             logp[s:e] = target_logit - log_z[s:e]
-        ctx.save_for_backward(hidden, weight, bias, targets, log_z)
+            if d_logp_d_h is not None:  # W[target] - softmax @ W, in fp32 as the backward path computes it
+                with torch.autocast(hidden.device.type, enabled=False):
+                    probs = expz.div_(total[:, None])
+                    d_logp_d_h[s:e] = torch.index_select(weight, 0, targets[s:e]).float() - probs @ weight.float()
+        if d_logp_d_h is not None:
+            ctx.save_for_backward(d_logp_d_h)
+            ctx.hidden_dtype = hidden.dtype
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, log_z)
         ctx.tile_elements = tile_elements
         ctx.mark_non_differentiable(entropy, mean_logit, top1)
         return logp, entropy, mean_logit, top1
 
     @staticmethod
     def backward(ctx, grad_logp, *_):
-        hidden, weight, bias, targets, log_z = ctx.saved_tensors
+        none = (None,) * 4  # targets, tile_elements, with_metrics, grad_enabled
         if grad_logp is None:
-            return None, None, None, None, None, None
+            return None, None, None, *none
+        if ctx.grad_in_forward:
+            (d_logp_d_h,) = ctx.saved_tensors
+            return (d_logp_d_h * grad_logp.float()[:, None]).to(ctx.hidden_dtype), None, None, *none
+        hidden, weight, bias, targets, log_z = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
@@ -97,9 +129,7 @@ class ChunkedLogps(torch.autograd.Function):
             None if grad_h is None else grad_h.to(hidden.dtype),
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
-            None,
-            None,
-            None,
+            *none,
         )
 
 
@@ -146,7 +176,7 @@ def packed_logps(model, batch: dict, tile_elements: int = TILE_ELEMENTS, with_me
     ).last_hidden_state
     scored = hidden[batch["score_row"], batch["score_pos"]]
     logp, entropy, mean_logit, top1 = ChunkedLogps.apply(
-        scored, head.weight, head.bias, batch["score_target"], tile_elements, with_metrics
+        scored, head.weight, head.bias, batch["score_target"], tile_elements, with_metrics, torch.is_grad_enabled()
     )
     seq = batch["score_seq"]
     seq_logps = logp.new_zeros(2 * batch["n_pairs"]).index_add(0, seq, logp)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,8 @@ class FastDPOTrainer(DPOTrainer):
 
     def probe_checkpointing(self, model_name: str | None = None, cache_path: str | Path | None = None) -> bool:
         """Measure (once per host, model and shape; trainers/grad_ckpt_probe.py) whether checkpointing makes a
-        step of the longest batch of the training set faster, and train with the faster setting."""
+        step of the longest batch of the training set faster, and train with the faster setting. A run too
+        short for the probe to pay off keeps the current setting unless the answer is cached."""
         from trainers.grad_ckpt_probe import choose_gradient_checkpointing, packed_dpo_step, set_checkpointing, shape_bucket
 
         ds = self.train_dataset
@@ -196,7 +198,13 @@ class FastDPOTrainer(DPOTrainer):
         bucket = shape_bucket(device.type, str(base.dtype), *batch["input_ids"].shape)
         name = model_name or str(getattr(base.config, "_name_or_path", "") or type(base).__name__)
         on = choose_gradient_checkpointing(
-            name, bucket, packed_dpo_step(model, batch), cache_path=Path(cache_path) if cache_path else None, log=log
+            name,
+            bucket,
+            packed_dpo_step(model, batch),
+            cache_path=Path(cache_path) if cache_path else None,
+            log=log,
+            run_steps=self.planned_steps(),
+            default=self._args_checkpointing(),
         )
         set_checkpointing(model, on)
         for field in ("activation_checkpointing", "gradient_checkpointing"):
@@ -204,6 +212,20 @@ class FastDPOTrainer(DPOTrainer):
                 setattr(self.args, field, on)
         self.checkpointing_chosen = on
         return on
+
+    def _args_checkpointing(self) -> bool:
+        """The checkpointing setting in `args` (transformers 5 renamed the field)."""
+        for field in ("activation_checkpointing", "gradient_checkpointing"):
+            if hasattr(self.args, field):
+                return bool(getattr(self.args, field))
+        return False
+
+    def planned_steps(self) -> int:
+        """Optimizer steps this run will take (max_steps, else epochs x batches per epoch)."""
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        return math.ceil(math.ceil(len(self.train_dataset) / per_step) * self.args.num_train_epochs)
 
     # ------------------------------------------------------------------ the step
 

@@ -1,0 +1,339 @@
+"""The arena table: a finished (or partly finished) arena run read into rows, `arena.json` and `arena.csv`.
+
+Why apart from the plan (pipeline/arena.py): the plan decides which stages run, the table only
+reads what they left on disk (the plan file, manifests, evaluate summaries), so it can be
+rebuilt at any time, from any run folder, without the arena file.
+
+Rows: one per no-training condition (base, in_context, memory) and per method (or variant) and
+seed. With several seeds a method also gets an **aggregate** row (`table["aggregates"]`):
+    rates (a share of yes/no outcomes: adherence, firing, unfinished, satisfaction)
+        pooled over the seeds (successes and n summed) with the Wilson interval of the pooled share;
+    means (KL, log-likelihood, repeated n-grams, length, win rate, rewards)
+        the n-weighted mean of the seeds' means, with the envelope of their 95% intervals (lowest
+        lo, highest hi): wider than either seed's, so seed-to-seed spread is not hidden;
+    bare numbers (length_vs_base) the mean over seeds.
+Each aggregate estimate also lists `per_seed` values and their `seed_min`/`seed_max`, because a
+pooled interval counts replies, not seeds: with two seeds, the spread is the honest check.
+Single-seed runs have no aggregates (their table is unchanged).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .evaluation.summary import FLAT_ORDER
+
+PLAN_FILE = "arena_plan.json"
+#: metrics built with `pipeline.stats.rate` (Wilson): their counts can be pooled over seeds
+RATES = {"adherence", "overgen_near", "overgen_out", "first_reply_satisfied", "satisfied", "unfinished"}
+COST_FIELDS = [
+    "train_seconds",
+    "steps",
+    "samples_per_second",
+    "tokens_per_second",
+    "peak_memory_mb",
+    "eval_seconds",
+    "tuning_seconds",
+]
+
+
+def collect(run_root: Path) -> dict[str, Any] | None:
+    """The arena table of a run: one row per no-training condition and per method (or variant) and
+    seed; with a grid, each row is the chosen point and `grid` lists every point's validation scores;
+    with several seeds, `aggregates` has one row per method (module docstring)."""
+    from .artifacts import RunDir, read_json
+    from .evaluation.summary import read_summary
+
+    run_root = Path(run_root)
+    if not (run_root / PLAN_FILE).is_file():
+        return None
+    plan = read_json(run_root / PLAN_FILE)
+    run = RunDir(run_root)
+    last = {s["name"]: s for s in (run.last_invocation() or {}).get("stages", [])}
+
+    def status(name: str) -> tuple[str, str | None]:
+        record = last.get(name)
+        if record is None:
+            return ("done" if run.manifest(name) else "not run"), None
+        state = record.get("status", "not run")
+        return ("done" if state == "skipped" else state), record.get("error")
+
+    def summary(name: str) -> dict[str, Any] | None:
+        return read_summary(run_root / name) if run.manifest(name) else None
+
+    rows = []
+    base_state, base_error = status(plan["baseline"])
+    base = summary(plan["baseline"]) if base_state == "done" else None
+    for condition in plan["conditions"]:
+        metrics = (base or {}).get("conditions", {}).get(condition)
+        if base is not None and metrics is None:
+            continue  # skipped by the evaluate stage (e.g. memory without remembered prompts)
+        rows.append(
+            {
+                "condition": condition,
+                "method": None,
+                "seed": None,
+                "status": base_state if base is None else "done",
+                "error": base_error,
+                "chosen": None,
+                "metrics": metrics or {},
+                "cost": {"eval_seconds": (base or {}).get("cost", {}).get("evaluation_seconds")},
+            }
+        )
+    grids = []
+    for arm in plan["methods"]:
+        label = arm.get("label", arm["stage"])
+        points = arm.get("grid") or []
+        train_state, train_error = chain_status([p["stage"] for p in points] + [p["validation"] for p in points], status)
+        if train_state == "done":
+            train_state, train_error = status(arm["stage"])
+        eval_state, eval_error = status(arm["evaluation"])
+        # a failed or blocked stage's folder may hold an older run's results: those are not this run's
+        result = summary(arm["evaluation"]) if train_state == "done" and eval_state == "done" else None
+        state = train_state if train_state != "done" else ("done" if result else f"evaluation {eval_state}")
+        metrics = (result or {}).get("conditions", {}).get(label, {})
+        training = (result or {}).get("cost", {}).get("training") or {}
+        cost = {
+            "train_seconds": training.get("seconds"),
+            "steps": training.get("steps"),
+            "samples_per_second": training.get("samples_per_second"),
+            "tokens_per_second": training.get("tokens_per_second"),
+            "peak_memory_mb": training.get("peak_memory_mb"),
+            "eval_seconds": (result or {}).get("cost", {}).get("evaluation_seconds"),
+            "tuning_seconds": None,
+        }
+        chosen = None
+        if points:
+            grid = grid_entry(run, arm, label, status, summary)
+            grids.append(grid)
+            if grid["chosen"] is not None and state == "done":
+                point = points[grid["chosen"]]
+                chosen = {"point": point["point"], "settings": point["settings"], "stage": point["stage"]}
+                cost.update(training_cost(run.manifest(point["stage"]) or {}))
+            cost["tuning_seconds"] = grid["tuning_seconds"]
+        rows.append(
+            {
+                "condition": label,
+                "method": arm["method"],
+                "seed": arm["seed"],
+                "status": state,
+                "error": train_error or eval_error,
+                "chosen": chosen,
+                "metrics": metrics,
+                "cost": cost,
+            }
+        )
+    table: dict[str, Any] = {"source": plan["source"], "budget": plan.get("budget", {}), "rows": rows}
+    if plan.get("tuning"):
+        table["tuning"] = plan["tuning"]
+        table["grid"] = grids
+    aggregates = aggregate_seeds(rows)
+    if aggregates:
+        table["aggregates"] = aggregates
+    return table
+
+
+def chain_status(names: list[str], status) -> tuple[str, str | None]:
+    """The first failure among `names` (with its error), else the first that is not done, else done."""
+    states = [(name, *status(name)) for name in names]
+    for _, state, error in states:
+        if state == "failed":
+            return state, error
+    for name, state, error in states:
+        if state != "done":
+            return state, error or f"{name}: {state}"
+    return "done", None
+
+
+def training_cost(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A training stage's cost from its manifest (the fields the evaluate stage reports)."""
+    metrics = manifest.get("metrics", {})
+    return {
+        "train_seconds": manifest.get("timings", {}).get("seconds"),
+        "steps": metrics.get("steps"),
+        "samples_per_second": metrics.get("train_samples_per_second"),
+        "tokens_per_second": metrics.get("train_tokens_per_second"),
+        "peak_memory_mb": metrics.get("peak_memory_mb"),
+    }
+
+
+def grid_entry(run, arm: dict[str, Any], label: str, status, summary) -> dict[str, Any]:
+    """One arm's grid: every point's settings, status and validation metrics, and the chosen point
+    (as the select stage recorded it: None until it ran)."""
+    from .artifacts import read_json
+
+    select = run.stage_dir(arm["stage"]) / "selection"
+    selection = read_json(select) if status(arm["stage"])[0] == "done" and select.is_file() else None
+    points, tuning = [], 0.0
+    for point in arm["grid"]:
+        state, error = chain_status([point["stage"], point["validation"]], status)
+        validation = summary(point["validation"]) if state == "done" else None
+        for stage in (point["stage"], point["validation"]):
+            tuning += ((run.manifest(stage) or {}).get("timings") or {}).get("seconds") or 0.0
+        points.append(
+            {
+                "point": point["point"],
+                "settings": point["settings"],
+                "stage": point["stage"],
+                "status": state,
+                "error": error,
+                "validation": (validation or {}).get("conditions", {}).get(point["stage"], {}),
+            }
+        )
+    return {
+        "condition": label,
+        "method": arm["method"],
+        "seed": arm["seed"],
+        "metric": (selection or {}).get("metric"),
+        "rule": (selection or {}).get("rule"),
+        "chosen": (selection or {}).get("chosen"),
+        "tuning_seconds": round(tuning, 3),
+        "points": points,
+    }
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One aggregate row per method (or variant) run with two seeds or more, over its finished seeds
+    (status `done` when all are, else `k/n seeds done`); none for single-seed methods."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["method"] is not None:
+            by_method.setdefault(row["method"], []).append(row)
+    out = []
+    for method, seed_rows in by_method.items():
+        if len(seed_rows) < 2:
+            continue
+        done = [r for r in seed_rows if r["status"] == "done"]
+        names = [m for m in metric_order({m for r in done for m in r["metrics"]}) if m != "memory_retrieved"]
+        metrics = {}
+        for name in names:
+            merged = aggregate_metric(name, [r["metrics"].get(name) for r in done])
+            if merged is not None:
+                metrics[name] = merged
+        cost = {}
+        for field in COST_FIELDS:
+            values = [r["cost"].get(field) for r in done if isinstance(r["cost"].get(field), (int, float))]
+            cost[field] = sum(values) / len(values) if values else None
+        errors = [f"seed {r['seed']}: {r['error']}" for r in seed_rows if r.get("error")]
+        out.append(
+            {
+                "condition": f"{method} (mean over seeds {', '.join(str(r['seed']) for r in done) or 'none done'})",
+                "method": method,
+                "seeds": [r["seed"] for r in done],
+                "seed": None,
+                "status": "done" if len(done) == len(seed_rows) else f"{len(done)}/{len(seed_rows)} seeds done",
+                "error": "; ".join(errors) or None,
+                "chosen": None,
+                "metrics": metrics,
+                "cost": cost,
+            }
+        )
+    return out
+
+
+def aggregate_metric(name: str, values: list[Any]) -> dict[str, Any] | float | None:
+    """One metric over seeds (module docstring): pooled Wilson for rates, n-weighted mean and the
+    envelope of the seeds' intervals for means, the mean for bare numbers; None if no seed has it."""
+    from .stats import wilson
+
+    estimates = [v for v in values if isinstance(v, dict) and _finite(v.get("value")) and v.get("n")]
+    if not estimates:
+        numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)]
+        return sum(numbers) / len(numbers) if numbers else None
+    per_seed = [e["value"] for e in estimates]
+    n = sum(int(e["n"]) for e in estimates)
+    if name in RATES:
+        successes = sum(round(e["value"] * e["n"]) for e in estimates)
+        out = {**wilson(successes, n), "interval": "wilson, pooled over seeds"}
+    else:
+        mean = sum(e["value"] * e["n"] for e in estimates) / n
+        los = [e["lo"] for e in estimates if _finite(e.get("lo"))]
+        his = [e["hi"] for e in estimates if _finite(e.get("hi"))]
+        out = {
+            "value": mean,
+            "n": n,
+            "lo": min(los + [mean]),
+            "hi": max(his + [mean]),
+            "interval": "envelope of the seeds' 95% intervals",
+        }
+    return {**out, "seeds": len(estimates), "per_seed": per_seed, "seed_min": min(per_seed), "seed_max": max(per_seed)}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def metric_order(present: set[str]) -> list[str]:
+    """`present` in the evaluate summary's order (pipeline/evaluation/summary.py), the rest sorted after."""
+    ordered = [m for m in FLAT_ORDER if m in present]
+    return ordered + sorted(present - set(ordered))
+
+
+def metric_names(table: dict[str, Any]) -> list[str]:
+    """The table's metric columns (memory_retrieved, a per-scope diagnostic, left out)."""
+    return metric_order({m for row in table["rows"] for m in row["metrics"] if m != "memory_retrieved"})
+
+
+def display_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows in the order every view shows them: conditions, then per method its aggregate (when it
+    has several seeds) followed by its seeds' rows."""
+    aggregates = {a["method"]: a for a in table.get("aggregates") or []}
+    out, shown = [], set()
+    for row in table["rows"]:
+        method = row["method"]
+        if method in aggregates and method not in shown:
+            out.append(aggregates[method])
+            shown.add(method)
+        out.append(row)
+    return out
+
+
+def write_outputs(run_root: Path) -> dict[str, Any] | None:
+    """arena.json and arena.csv (one column per metric, its lo/hi/n beside it, then cost). An
+    aggregate row has the seeds it pooled in the `seed` column (e.g. `0+1`)."""
+    from .artifacts import atomic_write_json, atomic_write_text
+    from .stats import clean
+
+    table = collect(run_root)
+    if table is None:
+        return None
+    atomic_write_json(Path(run_root) / "arena.json", clean(table))
+    names = metric_names(table)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    header = ["condition", "method", "seed", "status", "chosen"]
+    for m in names:
+        header += [m, f"{m}_lo", f"{m}_hi", f"{m}_n"]
+    writer.writerow(header + COST_FIELDS + ["error"])
+    for row in display_rows(table):
+        seed = "+".join(map(str, row["seeds"])) if "seeds" in row else ("" if row["seed"] is None else row["seed"])
+        line = [row["condition"], row["method"] or "", seed, row["status"]]
+        line.append(json.dumps(row["chosen"]["settings"]) if row.get("chosen") else "")
+        for m in names:
+            value = row["metrics"].get(m)
+            if isinstance(value, dict):
+                line += [num(value.get("value")), num(value.get("lo")), num(value.get("hi")), value.get("n", "")]
+            else:
+                line += [num(value), "", "", ""]
+        line += [num(row["cost"].get(f)) for f in COST_FIELDS]
+        writer.writerow(line + [(row["error"] or "")[:300]])
+    atomic_write_text(Path(run_root) / "arena.csv", out.getvalue())
+    return table
+
+
+def num(value: Any) -> str:
+    """A cell: 6 significant digits for floats, '' for nothing (or NaN)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)

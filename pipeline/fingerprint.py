@@ -1,0 +1,102 @@
+"""What of a stage's config goes into its fingerprint: the fields that differ from their defaults.
+
+Why not the whole config: hashing every field meant that adding a field to a stage config
+(even one defaulting to None, e.g. `rpo_alpha` on dpo) changed the fingerprint of every run
+of that stage type, and a user's finished runs redid their stages after an upgrade.
+
+The rule (`semantic_config`):
+
+- a field whose value equals its default is left out, at every level: a nested pydantic
+  model (`lora`, `sampling`, a list of reward specs, ...) is itself reduced to its own
+  non-default fields, so a field added anywhere with a default leaves fingerprints as they
+  were;
+- a field set to anything but its default is in (a required field always is), so changing
+  any value the user chose reruns the stage; a value spelled out but equal to the default
+  is the same config as leaving it out, and fingerprints the same;
+- changing a DEFAULT changes what an unchanged config does, which this diff cannot see:
+  it is a change of the stage's behaviour, so the stage's `version` (hashed beside the
+  config, as for any code change) must be bumped with it. `default_paths` lists every
+  default a stage's config reaches; tests/test_fingerprint_defaults.py compares them with
+  a recorded snapshot and fails when a default changed without a version bump.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+
+
+def semantic_config(config: BaseModel, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The fingerprinted form of `config`: its non-default fields (recursively), JSON-ready.
+    `exclude` names top-level fields that cannot change results (`non_semantic_fields`)."""
+    return _diff(config, frozenset(exclude))
+
+
+def _diff(model: BaseModel, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        if name in exclude:
+            continue
+        tagged = len(_model_classes(field.annotation)) > 1
+        value = _canon(getattr(model, name), tagged)
+        if not field.is_required() and value == _canon(field.get_default(call_default_factory=True), tagged):
+            continue
+        out[name] = value
+    for name, value in (model.__pydantic_extra__ or {}).items():  # a model that allows extra keys
+        out[name] = _canon(value)
+    return out
+
+
+def _canon(value: Any, tagged: bool = False) -> Any:
+    """A JSON-ready value in which every pydantic model is reduced to its non-default fields.
+    `tagged`: the field admits several model classes (a union), so each model also keeps its
+    class name; otherwise two all-default members of the union would fingerprint alike."""
+    if isinstance(value, BaseModel):
+        return {"__model__": type(value).__name__, **_diff(value)} if tagged else _diff(value)
+    if isinstance(value, dict):
+        return {str(k): _canon(v, tagged) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canon(v, tagged) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((_canon(v, tagged) for v in value), key=repr)
+    return to_jsonable_python(value)
+
+
+def default_paths(model_cls: type[BaseModel], prefix: str = "", _seen: frozenset[type] = frozenset()) -> dict[str, Any]:
+    """Every default reachable from `model_cls`, by dotted path (`lora.r`, `sampling.top_p`):
+    the field's own default (models reduced as in the fingerprint) and, for fields typed as
+    pydantic models (also inside lists, dicts, unions and Optional), their classes' defaults.
+    Required fields map to "<required>". Used to detect a default that changed."""
+    out: dict[str, Any] = {}
+    for name, field in model_cls.model_fields.items():
+        path = f"{prefix}{name}"
+        classes = _model_classes(field.annotation)
+        if field.is_required():
+            out[path] = "<required>"
+        else:
+            out[path] = _canon(field.get_default(call_default_factory=True), len(classes) > 1)
+        nested = [c for c in classes if c not in _seen]
+        for cls in nested:
+            sub = f"{path}[{cls.__name__}]." if len(nested) > 1 else f"{path}."
+            out.update(default_paths(cls, sub, _seen | {model_cls}))
+    return out
+
+
+def _model_classes(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic model classes an annotation mentions (through Optional/Union/list/dict/...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    args = typing.get_args(annotation)
+    if not args and isinstance(annotation, types.GenericAlias):
+        args = annotation.__args__
+    found: list[type[BaseModel]] = []
+    for arg in args:
+        for cls in _model_classes(arg):
+            if cls not in found:
+                found.append(cls)
+    return found

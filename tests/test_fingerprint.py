@@ -1,0 +1,158 @@
+"""Fingerprints hash a config's non-default fields: adding a defaulted field (top level or
+in a nested model) leaves them alone; any value that differs from its default changes them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.config import pipeline_from_dict
+from pipeline.fingerprint import default_paths, semantic_config
+from pipeline.generation import SamplingSettings
+from pipeline.models import LoraSettings
+from pipeline.runner import fingerprints
+from stages.dpo import DpoStageConfig
+from stages.generate import GenerateConfig
+
+from .conftest import tiny_pipeline
+
+
+class LoraWithNewKnob(LoraSettings):
+    rank_pattern: dict[str, int] | None = None  # a field added to a nested model in a later version
+
+
+class DpoWithNewFields(DpoStageConfig):
+    """The dpo config as a later version might define it: two more defaulted fields."""
+
+    new_alpha: float | None = Field(default=None)
+    new_flag: bool = False
+    lora: LoraWithNewKnob = Field(default_factory=LoraWithNewKnob)
+
+
+class SamplingWithNewKnob(SamplingSettings):
+    min_p: float | None = None
+
+
+class GenerateWithNewSampling(GenerateConfig):
+    sampling: SamplingWithNewKnob = Field(default_factory=SamplingWithNewKnob)
+
+
+def _pipeline(tmp_path, **overrides):
+    return pipeline_from_dict(tiny_pipeline(**overrides), tmp_path)
+
+
+def _swap(pipeline, stage: str, cls: type[BaseModel], **update: Any) -> dict[str, str]:
+    """Fingerprints after replacing `stage`'s config by `cls` with the same values (+ `update`)."""
+    resolved = pipeline.stage(stage)
+    old = resolved.config
+    values = {name: getattr(old, name) for name in type(old).model_fields}
+    for name, field in cls.model_fields.items():  # nested models: re-validate into the new classes
+        if name in values and isinstance(values[name], BaseModel):
+            values[name] = field.annotation.model_validate(values[name].model_dump())  # type: ignore[union-attr]
+    resolved.config = cls.model_validate({**values, **update})
+    try:
+        return fingerprints(pipeline)
+    finally:
+        resolved.config = old
+
+
+def test_added_defaulted_fields_leave_fingerprints_unchanged(tmp_path, tiny_model_path):
+    pipeline = _pipeline(tmp_path)
+    before = fingerprints(pipeline)
+    assert _swap(pipeline, "align", DpoWithNewFields) == before
+    assert _swap(pipeline, "sample", GenerateWithNewSampling) == before
+
+
+@pytest.mark.parametrize(
+    ("stage", "cls", "update"),
+    [
+        ("align", DpoWithNewFields, {"new_alpha": 1.0}),
+        ("align", DpoWithNewFields, {"new_flag": True}),
+        ("align", DpoWithNewFields, {"lora": {"r": 4, "alpha": 8, "rank_pattern": {"q_proj": 2}}}),
+        ("sample", GenerateWithNewSampling, {"sampling": {"max_new_tokens": 8, "temperature": 1.0, "min_p": 0.1}}),
+    ],
+)
+def test_new_field_set_to_a_non_default_changes_the_stage_and_its_dependents(tmp_path, tiny_model_path, stage, cls, update):
+    pipeline = _pipeline(tmp_path)
+    before = fingerprints(pipeline)
+    after = _swap(pipeline, stage, cls, **update)
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {stage} | pipeline.downstream(stage)
+
+
+def _altered(value: Any) -> Any:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, str):
+        return value + "-x"
+    if value is None:
+        return 7
+    if isinstance(value, list):
+        return [*value, "x"]
+    if isinstance(value, dict):
+        return {**value, "x": 1}
+    raise AssertionError(f"no alteration for {value!r}")
+
+
+def _with(config: BaseModel, path: str, value: Any) -> BaseModel:
+    head, _, rest = path.partition(".")
+    if rest:
+        return config.model_copy(update={head: _with(getattr(config, head), rest, value)})
+    return config.model_copy(update={head: value})
+
+
+@pytest.mark.parametrize("cls", [DpoStageConfig, GenerateConfig])
+def test_changing_any_existing_field_changes_the_fingerprinted_config(cls):
+    base = cls()
+    seen = {repr(semantic_config(base))}
+    for path, default in default_paths(cls).items():
+        if isinstance(default, dict) and default == {} and any(p.startswith(path + ".") for p in default_paths(cls)):
+            continue  # a nested model: its fields are checked one by one
+        changed = semantic_config(_with(base, path, _altered(default)))
+        assert repr(changed) not in seen, path
+        seen.add(repr(changed))
+
+
+def test_a_default_spelled_out_is_the_same_config(tmp_path, tiny_model_path):
+    plain = fingerprints(_pipeline(tmp_path))
+    spelled = fingerprints(
+        _pipeline(tmp_path, align={"beta": 0.1, "rpo_alpha": None, "lora": {"r": 4, "alpha": 8, "qlora": False}})
+    )
+    assert spelled == plain
+
+
+def test_only_non_default_fields_are_hashed_and_non_semantic_ones_never():
+    config = DpoStageConfig(beta=0.2, logging_steps=7, lora=LoraSettings(r=4))
+    assert semantic_config(config, exclude={"logging_steps"}) == {"beta": 0.2, "lora": {"r": 4}}
+
+
+class _Exact(BaseModel):
+    kind: Literal["exact"] = "exact"
+
+
+class _Fuzzy(BaseModel):
+    kind: Literal["fuzzy"] = "fuzzy"
+
+
+class _Rules(BaseModel):
+    rule: _Exact | _Fuzzy | None = None
+    rules: list[_Exact | _Fuzzy] = Field(default_factory=list)
+
+
+def test_all_default_members_of_a_union_do_not_fingerprint_alike():
+    assert semantic_config(_Rules(rule=_Exact())) != semantic_config(_Rules(rule=_Fuzzy()))
+    assert semantic_config(_Rules(rules=[_Exact()])) != semantic_config(_Rules(rules=[_Fuzzy()]))
+    assert semantic_config(_Rules()) == {}
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    known: int = 1
+
+
+def test_extra_keys_of_an_open_model_are_fingerprinted():
+    assert semantic_config(_Open.model_validate({"known": 1, "other": 2})) == {"other": 2}
