@@ -84,6 +84,10 @@ PYTEST_XDIST   := -n $(TEST_WORKERS) --dist loadscope
 # Ray runs its workers at nice +15 by default: beside a busy xdist worker the Ray tests' stages
 # would get almost no CPU and become the long pole (as DEMO_RUN above, for the same reason).
 test test-fast: export RAY_worker_niceness := 0
+# One OpenMP thread per process: two xdist workers (and the Ray-head modules beside them) each
+# running torch's 2 threads on 2 cores oversubscribe them, and OpenMP's spinning threads then
+# wait on each other (a PPO test took 141 s beside the other worker vs 21 s alone).
+test test-fast: export OMP_NUM_THREADS ?= 1
 test: setup
 	@ray_log=$$(mktemp); \
 	( for t in $(RAY_HEAD_TESTS); do $(BIN)/python -m pytest -q $$t || exit 1; done ) >"$$ray_log" 2>&1 & ray_pid=$$!; \

@@ -154,18 +154,25 @@ def _wait_for_job_agent(head: RayHead, proc: subprocess.Popen, deadline: float) 
     The dashboard answers before that; a job submitted in between waits 10 s for an agent and
     then fails with "No available agent to submit job" -- which happened on a loaded machine
     (the Ray-head modules run beside the rest of the suite, issue 15)."""
-    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
-    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # compiled; its stub omits it
-    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
-
-    client = GcsClient(address=head.gcs_address)
+    # Asked from a child process: a GCS client opened in the test process (the job agent's key is
+    # only in the GCS's KV store) made a later `ray.init` in it hang in GetClusterId (seen in CI).
+    probe = (
+        "import sys\n"
+        "from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD\n"
+        "from ray._raylet import GcsClient\n"
+        "from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX\n"
+        "keys = GcsClient(address=sys.argv[1]).internal_kv_keys(\n"
+        "    DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX.encode(), namespace=KV_NAMESPACE_DASHBOARD)\n"
+        "sys.exit(0 if keys else 1)\n"
+    )
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"ray start exited with {proc.returncode}: see {head.temp_dir / 'ray-start.log'}")
         try:
-            if client.internal_kv_keys(DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX.encode(), namespace=KV_NAMESPACE_DASHBOARD):
+            found = subprocess.run([sys.executable, "-c", probe, head.gcs_address], env=head.env, timeout=60, capture_output=True)
+            if found.returncode == 0:
                 return
-        except Exception:  # the GCS is still starting: ask again
+        except subprocess.TimeoutExpired:  # the GCS is still starting: ask again
             pass
         time.sleep(0.5)
     logs = sorted(head.temp_dir.glob("session_*/logs/dashboard_agent.log"))

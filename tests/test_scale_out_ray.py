@@ -131,15 +131,17 @@ def _generate_stage(name, num_cpus, prompts):
 
 def _task_windows(head, names, timeout=20.0):
     """(start, end) of each stage's Ray task from Ray's state API (task events arrive with a delay).
-    Asks `head` by address: with no address the state API looks for a local cluster and fails when
-    it finds several (the rest of the suite, or anyone else on the machine, may run one too)."""
+    Asks `head`'s dashboard over HTTP: with no address the state API looks for a local cluster and
+    fails when it finds several (the rest of the suite, or anyone else on the machine, may run one
+    too); with the GCS address it opens a GCS client in this process, and a later `ray.init` here
+    then hung in GetClusterId (seen in CI). The drivers' own `ray.init` stays the only GCS client."""
     from ray.util.state import list_tasks
 
     deadline = time.time() + timeout
     while True:
         tasks = {
             t.name: t
-            for t in list_tasks(address=head.gcs_address, filters=[("state", "=", "FINISHED")], detail=True, limit=1000)
+            for t in list_tasks(address=head.dashboard, filters=[("state", "=", "FINISHED")], detail=True, limit=1000)
             if t.name in {f"stage:{n}" for n in names} and t.end_time_ms
         }
         if len(tasks) == len(names) or time.time() > deadline:
