@@ -358,8 +358,19 @@ def _register_subcommands() -> None:
             app.command(name)(sub)
 
 
+def _stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a long run (or a
+    hung one) is without stopping it."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _stacks_on_sigusr1()
     _register_subcommands()
     try:
         app()

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -36,27 +38,43 @@ def head(tiny_model_path):
 
 
 def loop_once(head, path, runs, pause: str | None, timeout: float = 300) -> str:
-    """Run `heedful loop`; with `pause`, kill -9 it once it reports the pause. Its output."""
+    """Run `heedful loop`; with `pause`, kill -9 it once it reports the pause. Its output.
+
+    Lines are read on a thread so the deadline holds even when the loop prints nothing; past it,
+    the loop is asked for its threads' stacks (SIGUSR1, see pipeline/cli.py) before the kill, so a
+    hang says where it was.
+    """
     env = {**head.env, "HEEDFUL_FAULT_PAUSE": pause or ""}
     cmd = heedful_cmd() + ["loop", str(path), "--runs-dir", str(runs), "--address", head.gcs_address]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    lines, deadline = [], time.time() + timeout
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, proc.stdout or []), lines.put(None)], daemon=True).start()
+    seen: list[str] = []
+    deadline = time.time() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.time()))
+        except queue.Empty:
+            os.kill(proc.pid, signal.SIGUSR1)
+            time.sleep(3)
+            while not lines.empty():
+                seen.append(lines.get() or "")
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"heedful loop (pause {pause}) took over {timeout}s:\n" + "".join(seen[-150:]))
+        if line is None:
+            break
+        seen.append(line)
         if pause and line.strip() == f"PAUSED {pause}":
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return "".join(lines)
-        if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"heedful loop took over {timeout}s:\n" + "".join(lines[-40:]))
+            return "".join(seen)
     proc.wait()
-    assert pause is None, f"never paused at {pause}:\n" + "".join(lines[-40:])
-    assert proc.returncode == 0, "".join(lines[-60:])
-    return "".join(lines)
+    assert pause is None, f"never paused at {pause}:\n" + "".join(seen[-40:])
+    assert proc.returncode == 0, "".join(seen[-60:])
+    return "".join(seen)
 
 
 def test_kill_9_in_every_phase_resumes_without_losing_or_repeating_records(head, tmp_path):
