@@ -1,5 +1,9 @@
 """What every benchmark shares: the repo on sys.path, offline hub settings, the real data
-path, and the machine's measured matmul peak that FLOP/s figures are reported against."""
+path, and the machine's measured matmul peak that FLOP/s figures are reported against.
+
+Importing it is the bootstrap: a script run as `python bench/x.py` has bench/ on sys.path,
+not the repo root, and must not reach the network for a model; both are settled here, once,
+before the script imports heedful's packages."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ QA = SHARED_DATA / "qa_feedback" / "feedback_400.json"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -46,3 +51,30 @@ def save_results(result: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+
+
+def percentiles(samples: list[float], digits: int = 1) -> dict[str, float]:
+    """p50, p99 and mean of latencies in seconds, as milliseconds rounded to `digits`: the one
+    latency summary the serving and memory benchmarks report (memory's sub-ms retrievals use 4)."""
+    import numpy as np
+
+    a = np.asarray(samples) * 1000
+    return {
+        "p50_ms": round(float(np.percentile(a, 50)), digits),
+        "p99_ms": round(float(np.percentile(a, 99)), digits),
+        "mean_ms": round(float(a.mean()), digits),
+    }
+
+
+def prepare_serving(model: str, threads: int | None) -> None:
+    """What the serving benchmarks do before they start a server: build the `tiny` model once (so
+    its first build is not timed) and set torch's CPU threads when asked (1 avoids OpenMP
+    spin-waiting on a machine shared with other jobs)."""
+    if model == "tiny":
+        from pipeline.models import prepare_tiny
+
+        prepare_tiny()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)

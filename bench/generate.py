@@ -64,29 +64,6 @@ def timed(fn, *args):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def hf_arm(model, tokenizer, texts, max_new_tokens, eos_ids):
-    """Plain HF `generate` on one left-padded batch, as a user writes it; replies cut at EOS."""
-    import torch
-
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos_ids,
-        )
-    replies = []
-    for row in out[:, enc["input_ids"].shape[1] :].tolist():
-        cut = next((k for k, t in enumerate(row) if t in eos_ids), len(row))
-        replies.append(row[:cut])
-    return replies
-
-
 def engine_arm(engine, texts, max_new_tokens, max_batch_size=None):
     """heedful's engine: `max_new_tokens` one budget for all or one per request."""
     from pipeline.generation import SamplingSettings
@@ -129,7 +106,7 @@ def main() -> None:
     import torch
 
     from pipeline.chat import render_many
-    from pipeline.ct2_engine import Ct2Generator
+    from pipeline.ct2_engine import Ct2Generator, hf_greedy_reference
     from pipeline.generation import eos_ids_from_tokenizer, pick_engine
     from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
@@ -155,7 +132,7 @@ def main() -> None:
         "batches": [],
     }
     # warm-up: first calls pay one-off costs (allocator, thread pools, the engine's prefix cache)
-    hf_arm(model, tokenizer, all_texts[:2], 4, eos_ids)
+    hf_greedy_reference(model, tokenizer, all_texts[:2], 4, eos_ids)
     for engine in engines.values():
         engine_arm(engine, all_texts[:2], 4)
     for bs in sizes:
@@ -167,7 +144,7 @@ def main() -> None:
             order = ["hf", *engines] if rep % 2 == 0 else [*engines, "hf"]
             for arm in order:
                 if arm == "hf":
-                    out, wall, cpu = timed(hf_arm, model, tokenizer, texts, args.max_new_tokens, eos_ids)
+                    out, wall, cpu = timed(hf_greedy_reference, model, tokenizer, texts, args.max_new_tokens, eos_ids)
                 else:
                     out, wall, cpu = timed(engine_arm, engines[arm], texts, args.max_new_tokens)
                 replies[arm], tokens[arm] = out, sum(len(r) for r in out)
@@ -192,6 +169,8 @@ def main() -> None:
 
 def mixed_workload(args, model, tokenizer, eos_ids, engines, texts) -> dict:
     """Every request its own budget; HF in arrival-order batches, heedful's engine on the queue."""
+    from pipeline.ct2_engine import hf_greedy_reference
+
     rng = random.Random(1)
     budgets = [rng.choice([16, 32, 64, 128]) for _ in texts]
     out: dict = {"requests": len(texts), "batch": args.mixed_batch}
@@ -200,7 +179,7 @@ def mixed_workload(args, model, tokenizer, eos_ids, engines, texts) -> dict:
         n = 0
         for start in range(0, len(texts), args.mixed_batch):
             chunk, asked = texts[start : start + args.mixed_batch], budgets[start : start + args.mixed_batch]
-            replies = hf_arm(model, tokenizer, chunk, max(asked), eos_ids)
+            replies = hf_greedy_reference(model, tokenizer, chunk, max(asked), eos_ids)
             n += sum(min(len(r), b) for r, b in zip(replies, asked))
         return n
 

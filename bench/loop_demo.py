@@ -34,7 +34,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,12 +41,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the bootstrap (repo root on sys.path, offline settings): bench.common when imported as
+# bench.loop_demo (the tests), common when run as `python bench/loop_demo.py` (bench/ on sys.path)
+if __package__:
+    from bench.common import ROOT, save_results
+else:
+    from common import ROOT, save_results
 
 from pipeline.llm import LLMSettings  # noqa: E402 - after the offline settings above
 
@@ -507,7 +506,6 @@ def main() -> None:
     )
     import tempfile
 
-    from bench.common import save_results
     from pipeline.stats import clean
 
     with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None) as tmp:

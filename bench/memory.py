@@ -20,19 +20,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import RESULTS, ROOT, percentiles
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-RESULTS = ROOT / "bench" / "results"
 PREFIXES = [
     "",
     "Quick question: ",
@@ -84,12 +78,8 @@ def embeddings(embedder, texts: list[str], name: str) -> np.ndarray:
 
 
 def pct(samples: list[float]) -> dict[str, float]:
-    a = np.asarray(samples) * 1000
-    return {
-        "p50_ms": round(float(np.percentile(a, 50)), 4),
-        "p99_ms": round(float(np.percentile(a, 99)), 4),
-        "mean_ms": round(float(a.mean()), 4),
-    }
+    """Retrieval latencies are sub-millisecond: 4 digits."""
+    return percentiles(samples, digits=4)
 
 
 def bench_retrieval(sizes: list[int], n_queries: int) -> list[dict]:

@@ -33,21 +33,19 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the bootstrap (repo root on sys.path, offline settings, the shared data folder): bench.common when
+# imported as bench.memprompt_adapter (the tests), common when run as `python bench/memprompt_adapter.py`
+if __package__:
+    from bench.common import ROOT, SHARED_DATA
+else:
+    from common import ROOT, SHARED_DATA
 
-SHARED_DATA = Path(os.environ.get("HEEDFUL_SHARED_DATA") or ROOT.parent / "shared" / "data")
 TASKS = SHARED_DATA / "memprompt" / "wordnet_raw.jsonl"
 RESULTS = ROOT / "bench" / "results" / "memprompt_adapter.json"
 FIGURE = ROOT / "docs" / "figures" / "memprompt_adapter.png"

@@ -22,17 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
-from common import RESULTS, save_results
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    a = np.asarray(samples) * 1000
-    return {
-        "p50_ms": round(float(np.percentile(a, 50)), 1),
-        "p99_ms": round(float(np.percentile(a, 99)), 1),
-        "mean_ms": round(float(a.mean()), 1),
-    }
+from common import RESULTS, percentiles, prepare_serving, save_results
 
 
 def run_clients(url: str, model: str, clients: int, requests: int, max_tokens: int) -> tuple[list[float], float]:
@@ -125,14 +115,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_latency.json")
     args = parser.parse_args()
-    if args.model == "tiny":
-        from pipeline.models import prepare_tiny
-
-        prepare_tiny()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    prepare_serving(args.model, args.threads)
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
     save_results(bench(args.model, clients, args.requests, args.max_tokens, args.rounds), args.out)
 

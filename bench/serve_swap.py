@@ -29,8 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import RESULTS, save_results
-from serve_latency import percentiles
+from common import RESULTS, percentiles, prepare_serving, save_results
 
 PHASES = ("before", "deploy", "after_deploy", "rollback", "after_rollback")
 
@@ -185,14 +184,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_swap.json")
     args = parser.parse_args()
-    if args.model == "tiny":
-        from pipeline.models import prepare_tiny
-
-        prepare_tiny()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    prepare_serving(args.model, args.threads)
     result = bench(args.model, args.clients, args.phase_s, args.max_tokens, args.rounds)
     save_results(result, args.out)
     print_table(result)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .chat import Messages, render_many
-from .generation import Completion, SamplingSettings
+from .generation import Completion, SamplingSettings, hf_sampling_kwargs
 
 QUANTIZATIONS = ("float32", "int8_float32", "int8")
 #: a token prefix shared by every prompt of a call (the chat template's system turn) at least
@@ -81,9 +81,8 @@ def _fingerprint_files(folder: Path, patterns: tuple[str, ...]) -> str:
 def converted_model_dir(model_name: str, adapter: str | Path | None = None, quantization: str = "float32") -> Path:
     """Folder of the CTranslate2 model for `model_name` (+ merged `adapter`); converts once."""
     import ctranslate2
-    from filelock import FileLock
 
-    from .models import resolve_model
+    from .models import _build_once, resolve_model
     from .paths import heedful_home
 
     if quantization not in QUANTIZATIONS:
@@ -102,42 +101,33 @@ def converted_model_dir(model_name: str, adapter: str | Path | None = None, quan
         key_parts += [str(adapter.resolve()), _fingerprint_files(adapter, ("adapter_model.*", "adapter_config.json"))]
     key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:20]
     target = heedful_home() / "ct2" / key
-    if (target / "model.bin").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "model.bin").is_file():
-            return target
-        staging = target.with_name(target.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        merged = None
+
+    def build(staging: Path) -> None:
+        convert_from, merged = source, None
         try:
-            convert_from = source
             if adapter is not None:
                 merged = target.with_name(target.name + ".merged")
                 _merge_adapter(model_name, adapter, merged)
                 convert_from = merged
             converter = ctranslate2.converters.TransformersConverter(str(convert_from))
             converter.convert(str(staging), quantization=quantization, force=True)
-            (staging / "heedful_ct2.json").write_text(
-                json.dumps(
-                    {
-                        "model": model_name,
-                        "source": str(source),
-                        "adapter": str(adapter) if adapter else None,
-                        "quantization": quantization,
-                        "ctranslate2": ctranslate2.__version__,
-                    },
-                    indent=2,
-                )
-            )
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
             if merged is not None:
                 shutil.rmtree(merged, ignore_errors=True)
-    return target
+        (staging / "heedful_ct2.json").write_text(
+            json.dumps(
+                {
+                    "model": model_name,
+                    "source": str(source),
+                    "adapter": str(adapter) if adapter else None,
+                    "quantization": quantization,
+                    "ctranslate2": ctranslate2.__version__,
+                },
+                indent=2,
+            )
+        )
+
+    return _build_once(target, build, marker="model.bin")
 
 
 def _merge_adapter(model_name: str, adapter: Path, out: Path) -> None:
@@ -149,6 +139,33 @@ def _merge_adapter(model_name: str, adapter: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     merged.save_pretrained(str(out), safe_serialization=True)
     load_tokenizer(model_name).save_pretrained(str(out))
+
+
+def hf_greedy_reference(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, eos_ids: list[int]
+) -> list[list[int]]:
+    """What this engine must write: plain HF greedy `generate` on one left-padded batch of
+    rendered prompts, each reply's token ids cut before its first stop token.
+
+    Why here: the engine's claim is "the same greedy replies as HF" (the module docstring);
+    the parity tests (tests/test_ct2_engine.py) check it against this and `bench/generate.py`
+    times it as the HF arm and counts agreement with it, so both hold the engine to one
+    reference, written as a user writes HF generation.
+    """
+    import torch
+
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    greedy = hf_sampling_kwargs(SamplingSettings(max_new_tokens=max_new_tokens, temperature=0))
+    with torch.no_grad():
+        out = model.generate(
+            **enc, **greedy, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids
+        )
+    replies = []
+    for row in out[:, enc["input_ids"].shape[1] :].tolist():
+        cut = next((k for k, t in enumerate(row) if t in eos_ids), len(row))
+        replies.append(row[:cut])
+    return replies
 
 
 class Ct2Generator:

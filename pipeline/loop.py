@@ -7,9 +7,12 @@ can say where it is:
     pull      serve_pull from the previous round's cursor (quarantined, exactly once)
     train     one stage per `train:` step whose signal brought enough records, chained:
               the deployed adapter -> step 1 -> step 2 ... (the candidate); a `c3po from
-              critiques` step is three: recurring_critique -> c3po_data -> c3po
+              critiques` step is three: recurring_critique -> c3po_data -> c3po; beside them
+              one train_reward stage per `rewards:` entry whose signal brought enough records,
+              refreshing that reward model on all its records so far (pipeline/loop_rewards.py)
     evaluate  evaluate the deployed version (unless an earlier round already did, with the
-              same settings: `reusable_evaluation`) and the candidate on the held-out set; gate
+              same settings: `reusable_evaluation`) and the candidate on the held-out set,
+              scored by the reward models in use; gate
     deploy    export the candidate; deploy it only if the gate passed (optionally as a canary)
 
 Each phase is the same pipeline extended by that phase's stages, so the stages already done
@@ -37,6 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import HeedfulError
+from .loop_rewards import RewardStep
 
 STATE_FILE = "loop.json"
 PHASES = ("pull", "train", "evaluate", "deploy")
@@ -89,6 +93,9 @@ class LoopSpec(BaseModel):
     every: str | None = Field(default=None, description="wait between checks for new feedback, e.g. 30s, 10m, 1h")
     pull: dict[str, Any] = Field(default_factory=dict, description="serve_pull settings (quarantine, page)")
     train: list[TrainStep] = Field(min_length=1)
+    rewards: list[RewardStep] = Field(
+        default_factory=list, description="reward models refreshed on all feedback so far (docs/loop.md)"
+    )
     evaluate: dict[str, Any] = Field(default_factory=dict, description="{inputs: {prompts, needs, ...}, with: {...}}")
     gate: dict[str, Any] = Field(default_factory=dict, description="gate settings: rules")
     canary: dict[str, Any] | None = Field(default=None, description="deploy as a canary first: share, min_reactions, ...")
@@ -144,6 +151,9 @@ class LoopFile:
                 raise HeedfulError(
                     f"{self.path}: loop.train: {step.method}: critique.grouping: {exc.errors()[0]['msg']}"
                 ) from None
+        from .loop_rewards import check_rewards
+
+        check_rewards(self.path, self.spec.rewards, self.spec.evaluate.get("inputs") or {})
 
 
 # ----------------------------------------------------------------------------- state
@@ -179,12 +189,17 @@ def round_stages(
     current: str | None,
     counts: dict[str, int],
     reuse_current: dict[str, str] | None = None,
+    rewards: list[dict[str, Any]] | None = None,
 ) -> list[dict]:
     """The round's stages up to and including `phase`. `current`: the deployed adapter folder
     (None: the base model); `counts`: new records per signal (decides the train steps);
     `reuse_current`: an earlier evaluation summary of the deployed version (see `reusable_evaluation`)
-    that the gate reads instead of evaluating it again."""
+    that the gate reads instead of evaluating it again; `rewards`: the round's reward-model plan
+    (`loop_rewards.plan`): its trained entries' stages, and the models that score the evaluations."""
+    from .loop_rewards import reward_stages, scoring_inputs
+
     spec = loop.spec
+    rewards = rewards or []
     stages: list[dict] = [
         {
             "name": "pull",
@@ -209,11 +224,13 @@ def round_stages(
             inputs["adapter"] = previous
         stages.append({"name": name, "uses": step.method, "inputs": inputs, "with": copy.deepcopy(step.settings)})
         previous = f"{name}.adapter"
+    stages += reward_stages(spec.rewards, rewards)  # independent of the policy steps, in the same phase
     if not any(s["name"].startswith("train_") for s in stages) or phase == "train":
         return stages
     candidate = previous
     ev = spec.evaluate
-    current_inputs = {**ev.get("inputs", {}), **({"adapter": current} if current else {})}
+    scorers = scoring_inputs(rewards, ev.get("inputs", {}))
+    current_inputs = {**ev.get("inputs", {}), **scorers, **({"adapter": current} if current else {})}
     current_summary, current_condition = "eval_current.summary", ("current" if current else "base")
     if reuse_current is not None:  # an earlier round evaluated this very version with these settings
         current_summary, current_condition = reuse_current["summary"], reuse_current["condition"]
@@ -230,7 +247,7 @@ def round_stages(
         {
             "name": "eval_candidate",
             "uses": "evaluate",
-            "inputs": {**ev.get("inputs", {}), "adapter": candidate},
+            "inputs": {**ev.get("inputs", {}), **scorers, "adapter": candidate},
             "with": {**ev.get("with", {}), "conditions": ["adapter"], "label": "candidate"},
         },
         {
@@ -284,13 +301,18 @@ def round_pipeline(loop: LoopFile, run_name: str, stages: list[dict]):
 def full_round(loop: LoopFile):
     """A first round as it runs when every train step has its records (for `heedful validate`:
     every stage, input and setting checked without a server)."""
+    from .loop_rewards import validation_plan
+
     counts = {step.signal: step.min_records for step in loop.spec.train}
-    return round_pipeline(loop, "round-000", round_stages(loop, "deploy", None, None, counts))
+    rewards = validation_plan(loop.spec.rewards)
+    return round_pipeline(loop, "round-000", round_stages(loop, "deploy", None, None, counts, rewards=rewards))
 
 
-def evaluation_key(loop: LoopFile) -> str:
+def evaluation_key(loop: LoopFile, reward_models: list[str] | None = None) -> str:
     """What an evaluation's result depends on besides the adapter: the `evaluate:` block, the model,
-    the seed and the content of its local input files. Equal keys: the same version scores the same."""
+    the seed, the content of its local input files and the refreshed reward models that score it
+    (`reward_models`: their folders; each round's refresh is a new folder, so an evaluation scored by
+    an older model is not reused). Equal keys: the same version scores the same."""
     import hashlib
     import json
 
@@ -300,6 +322,8 @@ def evaluation_key(loop: LoopFile) -> str:
         if ":" not in str(ref) and path.is_file():
             files[name] = hashlib.sha256(path.read_bytes()).hexdigest()
     body = {"evaluate": loop.spec.evaluate, "model": loop.base.get("model"), "seed": loop.base.get("seed"), "files": files}
+    if reward_models:
+        body["reward_models"] = sorted(reward_models)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -468,20 +492,20 @@ class Loop:
         if entry.get("current_version") is None:
             entry["current_version"], entry["current_adapter"] = served(self.loop.spec, token)
             entry["live"] = live_stats(self.loop.spec, token)
-        if "evaluation_key" not in entry:  # decided once per round, so a resumed round runs the same stages
-            entry["evaluation_key"] = evaluation_key(self.loop)
-            earlier = [e for e in self.state["rounds"] if e["round"] < entry["round"]]
-            entry["reuse_current"] = reusable_evaluation(self.root, earlier, entry["current_version"], entry["evaluation_key"])
         current = entry.get("current_adapter")
         cursor = entry.get("cursor_in")
         for phase in PHASES:
             if PHASES.index(phase) < PHASES.index(entry.get("phase", "pull")):
                 continue
             entry["phase"] = phase
+            counts = entry.get("trainable", entry.get("counts", {}))
+            if phase != "pull":
+                self.decide(entry, counts)
             self.save()
             fault_point(phase)
-            counts = entry.get("trainable", entry.get("counts", {}))
-            stages = round_stages(self.loop, phase, cursor, current, counts, entry.get("reuse_current"))
+            stages = round_stages(
+                self.loop, phase, cursor, current, counts, entry.get("reuse_current"), rewards=entry.get("rewards")
+            )
             if phase != "pull" and not any(s["name"].startswith("train_") for s in stages):
                 entry.pop("cursor", None)  # not trained on: the next round pulls these records again
                 entry.update(
@@ -499,8 +523,11 @@ class Loop:
                 entry["cursor"] = str(self.root / run_name / "pull" / "cursor" / "cursor.json")
                 entry["trainable"] = trainable_counts(self.root / run_name / "pull", entry["counts"], self.loop.spec)
             elif phase == "train":
+                from .loop_rewards import record_metrics
+
                 entry["trained"] = [s["name"].split("_", 2)[2] for s in stages if s["name"].startswith("train_")]
                 entry["critique"] = critique_summary(self.root / run_name)
+                record_metrics(entry.get("rewards") or [])
             elif phase == "evaluate":
                 entry["gate"] = json.loads((self.root / run_name / "gate" / "decision").read_text(encoding="utf-8"))
             elif phase == "deploy":
@@ -514,6 +541,19 @@ class Loop:
         if (self.root / run_name / "pipeline.json").is_file():
             build_report(self.root / run_name)
         return entry
+
+    def decide(self, entry: dict[str, Any], counts: dict[str, int]) -> None:
+        """After the pull, once per round (saved, so a resumed round runs the same stages): what
+        each `rewards:` entry does, then the evaluation key (which includes the models that score)
+        and whether an earlier evaluation of the deployed version can be reused under it."""
+        from .loop_rewards import plan, scoring_models
+
+        if "rewards" not in entry and self.loop.spec.rewards and trainable(self.loop.spec, counts):
+            entry["rewards"] = plan(self.loop.spec.rewards, self.root, self.state["rounds"], entry)
+        if "evaluation_key" not in entry:
+            entry["evaluation_key"] = evaluation_key(self.loop, scoring_models(entry.get("rewards")))
+            earlier = [e for e in self.state["rounds"] if e["round"] < entry["round"]]
+            entry["reuse_current"] = reusable_evaluation(self.root, earlier, entry["current_version"], entry["evaluation_key"])
 
     def run(self, rounds: int | None, min_new: int, every: float | None, log=print) -> list[dict[str, Any]]:
         """Resume an unfinished round, then start rounds while enough new feedback arrives.
@@ -568,6 +608,8 @@ def critique_summary(run_dir: Path) -> dict[str, Any] | None:
 
 def status_rows(root: Path) -> list[dict[str, Any]]:
     """One row per round from `loop.json`: what a user asks `heedful loop status`."""
+    from .loop_rewards import summary as reward_summary
+
     rows = []
     for entry in load_state(root)["rounds"]:
         gate = entry.get("gate") or {}
@@ -581,6 +623,7 @@ def status_rows(root: Path) -> list[dict[str, Any]]:
                 "version_before": entry.get("current_version"),
                 "trained": ", ".join(entry.get("trained") or []) or None,
                 "critique": (entry.get("critique") or {}).get("feedback"),
+                "rewards": reward_summary(entry.get("rewards")),
                 "current_eval": None
                 if not gate
                 else ("reused " + Path(entry["reuse_current"]["summary"]).parts[-3] if entry.get("reuse_current") else "ran"),

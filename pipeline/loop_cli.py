@@ -67,9 +67,12 @@ def print_status(target: Path, runs_dir: Path) -> None:
         console.print(f"no loop state at {root / STATE_FILE}: no round has started")
         return
     table = Table(title=f"loop {root.name}", title_justify="left")
-    for col in ("round", "phase", "records", "quarantined", "before", "trained", "gate", "deployed", "after"):
+    rows = status_rows(root)
+    rewards = any(row["rewards"] for row in rows)  # a column only for loops that refresh reward models
+    cols = ("round", "phase", "records", "quarantined", "before", "trained", *(("rewards",) if rewards else ()))
+    for col in (*cols, "gate", "deployed", "after"):
         table.add_column(col)
-    for row in status_rows(root):
+    for row in rows:
         table.add_row(
             str(row["round"]),
             str(row["phase"]),
@@ -77,6 +80,7 @@ def print_status(target: Path, runs_dir: Path) -> None:
             str(row["quarantined"]),
             str(row["version_before"] or "-"),
             str(row["trained"] or "-"),
+            *((str(row["rewards"] or "-"),) if rewards else ()),
             str(row["gate"] or "-"),
             {True: "yes", False: "no", None: "-"}[row["deployed"]],
             str(row["version_after"] or "-"),

@@ -4,7 +4,9 @@ Why a page of its own and not a section of one run's report: the question it ans
 rounds ("did each deployed version make users happier, and what did the gate stop?"), while
 each round's own report.html answers for one round. It plots, per round, every gate metric for
 the deployed version and the candidate (with intervals), marks rejected candidates, and the live
-love rate of each adapter version as the server counted it when the round started.
+love rate of each adapter version as the server counted it when the round started. The table's
+`rewards` column says what each round did with the refreshed reward models (refreshed on how
+many records, with its held-out metric, or kept).
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def write_loop_report(root: Path) -> Path | None:
     state = load_state(root)
     if not state["rounds"]:
         return None
-    cols = ["round", "phase", "records", "quarantined", "version_before", "trained", "critique", "current_eval", "gate"]
+    cols = ["round", "phase", "records", "quarantined", "version_before", "trained", "critique", "rewards", "current_eval"]
+    cols += ["gate"]
     cols += ["deployed", "version_after", "outcome"]
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(r.get(c) if r.get(c) is not None else '-'))}</td>" for c in cols) + "</tr>"

@@ -84,21 +84,28 @@ def _gguf_location() -> Path:
     return path
 
 
-def _build_once(target: Path, build) -> Path:
-    """Build `target` with `build(tmp_dir)` under a file lock; atomic rename when complete."""
+def _build_once(target: Path, build, marker: str = "config.json") -> Path:
+    """Build `target` with `build(tmp_dir)` under a file lock; atomic rename when complete.
+
+    `target / marker` existing means built: concurrent stages never build twice, and none reads
+    a half-written folder (the build happens in `<target>.tmp`, removed if it fails)."""
     from filelock import FileLock
 
-    if (target / "config.json").is_file():
+    if (target / marker).is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / "config.json").is_file():
+        if (target / marker).is_file():
             return target
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        build(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        try:
+            build(tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -128,6 +128,53 @@ def read_descriptor(path: str | Path) -> dict[str, Any]:
     return info
 
 
+def check_init(path: str | Path, kind: str, base: str) -> dict[str, Any]:
+    """The descriptor of `path`, a reward model that `train_reward` continues (its `init`
+    input), after checking it can be continued: the same kind and the same base model.
+
+    Why refuse rather than adapt: another kind's weights are another network (a token
+    classifier is not a sequence classifier), and another base's adapter does not fit the
+    base it would be loaded on; a silent fresh start would hide that the refresh did not happen.
+    """
+    from pipeline.errors import HeedfulError
+
+    path = Path(path)
+    if not (path / DESCRIPTOR).is_file():
+        raise HeedfulError(f"train_reward: input 'init' {path}: not a reward model folder ({DESCRIPTOR} missing)")
+    info = read_descriptor(path)
+    if info.get("kind") != kind:
+        raise HeedfulError(
+            f"train_reward: input 'init' {path}: a '{info.get('kind')}' reward model cannot initialise a '{kind}' one "
+            "(the init's kind must be the stage's `kind`)"
+        )
+    if not same_base(str(info.get("base_model")), base):
+        raise HeedfulError(
+            f"train_reward: input 'init' {path}: trained on base model '{info.get('base_model')}', this stage trains "
+            f"on '{base}' (set `base_model` to the init's, or start without `init`)"
+        )
+    return info
+
+
+def same_base(a: str, b: str) -> bool:
+    """Two base-model names for the same model (an alias and its folder count as one)."""
+    if a == b:
+        return True
+    from pipeline.errors import HeedfulError
+
+    from .common import resolve_base
+
+    try:
+        return Path(resolve_base(a)).resolve() == Path(resolve_base(b)).resolve()
+    except (HeedfulError, OSError, RuntimeError, ValueError):  # an unresolvable name is not the same model as anything else
+        return False
+
+
+def record_init(path: Path, init: Path) -> None:
+    """Note in the trained model's descriptor which reward model it continued (provenance)."""
+    info = read_descriptor(path)
+    write_descriptor(path, info.pop("kind"), **info, init=str(init))
+
+
 def load_reward_model(path: str | Path) -> RewardModel:
     path = Path(path)
     descriptor = path / DESCRIPTOR

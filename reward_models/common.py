@@ -85,24 +85,52 @@ def load_classifier(
     return model.to(policy.device, dtype=policy.dtype).eval(), tokenizer
 
 
-def new_classifier(base: str, task: str, num_labels: int, lora, seed: int, full: bool = False):
+def new_classifier(base: str, task: str, num_labels: int, lora, seed: int, full: bool = False, init: Path | None = None):
     """Fresh classifier + LoRA (the head is trained in full via PEFT's modules_to_save), or
-    the whole model when `full` (small encoders such as MiniLM learn faster that way)."""
+    the whole model when `full` (small encoders such as MiniLM learn faster that way).
+    `init` (from `init_weights`): continue those weights instead of a fresh head and LoRA: the
+    adapter (with its head) loaded trainable, or the full weights when `full`."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, set_seed
 
     set_seed(seed)  # the head is initialised randomly
     cls = AutoModelForSequenceClassification if task == "seq" else AutoModelForTokenClassification
-    model = cls.from_pretrained(resolve_base(base), num_labels=num_labels, dtype=torch.float32)
+    source = str(init) if full and init is not None else resolve_base(base)
+    model = cls.from_pretrained(source, num_labels=num_labels, dtype=torch.float32)
     tokenizer = load_tokenizer(base)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if full:
         return model, tokenizer
+    if init is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(init), is_trainable=True), tokenizer
     config = lora.peft_config("SEQ_CLS" if task == "seq" else "TOKEN_CLS")
     config.exclude_modules = ["classifier", "score"]  # the head is trained in full, never LoRA-wrapped
     return get_peft_model(model, config), tokenizer
+
+
+def init_weights(init: Path | None, adapter: str | None, weights: str | None, full: bool, what: str = "") -> Path | None:
+    """The folder a warm start loads (`new_classifier`'s `init`): the init reward model's LoRA
+    `adapter` or its full `weights` (paths inside `init`), whichever `full_finetune` trains.
+    None without an init. An init trained the other way is an error: an adapter cannot become
+    full weights mid-refresh, nor the reverse, without silently dropping what it learned."""
+    if init is None:
+        return None
+    if full and weights:
+        return Path(init) / weights
+    if not full and adapter:
+        return Path(init) / adapter
+    from pipeline.errors import HeedfulError
+
+    has = "full weights" if weights else "a LoRA adapter" if adapter else "no trained weights"
+    wants = "full weights" if full else "a LoRA adapter"
+    raise HeedfulError(
+        f"train_reward: input 'init' {init}{' (' + what + ')' if what else ''}: has {has}, but full_finetune: "
+        f"{str(full).lower()} continues {wants} (train the refresh as the init was trained)"
+    )
 
 
 def split_train_eval(

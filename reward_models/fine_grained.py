@@ -306,8 +306,10 @@ def _train_segments(ctx, cfg, base: str, aspect: str, records) -> tuple[dict[str
         "%s: %d replies, %d %s segments, error rate %.3f", aspect, len(rows), len(labels), segmenter, sum(labels) / len(labels)
     )
 
+    start = _aspect_init(ctx, cfg, aspect)
+
     def build_trainer():
-        model, tok = new_classifier(base, "token", 2, cfg.lora, ctx.seed, cfg.full_finetune)
+        model, tok = new_classifier(base, "token", 2, cfg.lora, ctx.seed, cfg.full_finetune, start)
         return loss_trainer(
             model,
             tok,
@@ -343,8 +345,10 @@ def _train_completeness(ctx, cfg, base: str, held: set[str], pairs) -> tuple[dic
     train_pairs = [p for p in pairs if last_user_text(p.prompt) not in held]
     ctx.log.info("completeness: %d training pairs", len(train_pairs))
 
+    start = _aspect_init(ctx, cfg, "completeness")
+
     def build_trainer():
-        model, tokenizer = new_classifier(base, "seq", 1, cfg.lora, ctx.seed, cfg.full_finetune)
+        model, tokenizer = new_classifier(base, "seq", 1, cfg.lora, ctx.seed, cfg.full_finetune, start)
         rows = [
             {
                 "chosen_ids": encode_reply(tokenizer, p.prompt, p.chosen, cfg.max_length, context),
@@ -374,6 +378,21 @@ def _train_completeness(ctx, cfg, base: str, held: set[str], pairs) -> tuple[dic
     spec.update(mean=float(raw.mean()), std=float(raw.std().clamp_min(1e-6)) if len(raw) > 1 else 1.0)
     m.update(train_pairs=len(train_pairs))
     return spec, m
+
+
+def _aspect_init(ctx, cfg, aspect: str) -> Path | None:
+    """The weights of `aspect` in the `init` reward model to continue (train_reward checked its
+    kind and base); None without an init, or when the init has no such aspect (trained fresh)."""
+    from .common import init_weights
+
+    init = ctx.input("init")
+    if init is None:
+        return None
+    spec = read_descriptor(init).get("aspects", {}).get(aspect)
+    if spec is None:
+        ctx.log.info("%s: not in the init %s, trained from scratch", aspect, init)
+        return None
+    return init_weights(init, spec.get("adapter"), spec.get("weights"), cfg.full_finetune, aspect)
 
 
 def _weights_folder(aspect: str, cfg) -> str:

@@ -389,6 +389,14 @@ def train(ctx, cfg) -> dict[str, Any]:
 
     settings = cfg.followup
     base = cfg.base_model or ctx.model
+    init = ctx.input("init")
+    if init is not None and read_descriptor(init).get("adapter") and not settings.finetune:
+        from pipeline.errors import HeedfulError
+
+        raise HeedfulError(
+            f"train_reward: input 'init' {init} is a fine-tuned FLR model; followup.finetune: false would drop "
+            "what it learned (set followup.finetune: true to continue it)"
+        )
     source = settings.followups
     followups = Followups.load(
         resolve_data_ref(source) if source.startswith("data:") else Path(source), settings.aspects, settings.per_aspect
@@ -496,17 +504,20 @@ def finetune(ctx, cfg, base: str, followups: Followups, triples: list[tuple[Any,
     tokenizer = load_tokenizer(base, padding_side="right")
     fmt = ConversationFormat(tokenizer, cfg.followup.include_context)
     rows = [{"prompt": fmt.prefix(p, r), "completion": fmt.followup(f)} for p, r, f in triples]
-    ctx.log.info("fine-tuning the follow-up LM on %d feedback turns", len(rows))
+    # `init` (train_reward checked its kind and base): continue its adapter; a zero-shot init has none
+    init = ctx.input("init")
+    start = init / read_descriptor(init)["adapter"] if init is not None and read_descriptor(init).get("adapter") else None
+    ctx.log.info("fine-tuning the follow-up LM on %d feedback turns%s", len(rows), f", continuing {start}" if start else "")
 
     def build_trainer():
-        model = load_causal_lm(base, cfg.policy(), qlora=cfg.lora.qlora)
+        model = load_causal_lm(base, cfg.policy(), adapter=start, qlora=cfg.lora.qlora, trainable_adapter=start is not None)
         args = SFTConfig(max_length=cfg.max_length, completion_only_loss=True, **cfg.trainer_kwargs(ctx))
         return SFTTrainer(
             model=model,
             args=args,
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
-            peft_config=cfg.lora.peft_config(),
+            peft_config=None if start is not None else cfg.lora.peft_config(),
         )
 
     metrics = fit(ctx, cfg, build_trainer, output_name="reward_model/adapter")

@@ -170,7 +170,7 @@ def train(ctx, cfg) -> dict[str, Any]:
     from feedback.sources import readers
     from pipeline.training import fit
 
-    from .common import new_classifier
+    from .common import init_weights, new_classifier
     from .trainers import loss_trainer, weighted_bce
 
     settings = cfg.plove
@@ -203,8 +203,16 @@ def train(ctx, cfg) -> dict[str, Any]:
         pos_weight,
     )
 
+    init = ctx.input("init")  # continue this P[Love] model (train_reward checked its kind and base)
+    start = init_weights(
+        init,
+        "adapter" if init is not None and (init / "adapter").is_dir() else None,
+        "model" if init is not None and (init / "model").is_dir() else None,
+        cfg.full_finetune,
+    )
+
     def build_trainer():
-        model, tokenizer = new_classifier(base, "seq", 1, cfg.lora, ctx.seed, cfg.full_finetune)
+        model, tokenizer = new_classifier(base, "seq", 1, cfg.lora, ctx.seed, cfg.full_finetune, start)
         rows = [
             {"input_ids": encode_reply(tokenizer, e.prompt, e.response, cfg.max_length), "labels": float(e.label)}
             for e in train_ex

@@ -5,6 +5,11 @@ holds its settings block and `train(ctx, cfg) -> metrics`, so `kind`'s choices a
 per-kind blocks of the config come from that registry (plove, followup, fine_grained today).
 This file is the stage contract. The output folder loads back with
 `reward_models.base.load_reward_model`.
+
+`init` (optional): a reward model folder to continue instead of a fresh start (its LoRA
+adapter and head, or its full weights; per aspect for fine_grained). It must be of the same
+kind and base model (checked here, once, for every kind); the closed loop uses it to refresh
+a reward model round after round on all feedback so far (docs/loop.md#reward-models-refreshed).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pydantic import BaseModel, Field, create_model, model_validator
 from pipeline.schema import KINDS
 from pipeline.stage import Input, Output, Stage
 from pipeline.training import NON_SEMANTIC_TRAIN_FIELDS, TrainSettings
-from reward_models.base import trainable_kinds
+from reward_models.base import check_init, record_init, trainable_kinds
 
 #: every feedback record kind, a mixed `feedback` file, or prompts that carry feedback (qa-feedback)
 FEEDBACK_KINDS = (*KINDS, "feedback", "prompts")
@@ -69,13 +74,23 @@ class TrainRewardStage(Stage):
         "preferences": Input(
             ("preferences",), required=False, doc="fine_grained completeness pairs (qa-feedback carries its own)"
         ),
+        "init": Input(
+            ("reward_model",), required=False, doc="continue this reward model (same kind and base) instead of a fresh one"
+        ),
     }
     outputs = {"reward_model": Output("reward_model", doc="folder with reward_model.json; load_reward_model() reads it")}
     default_num_cpus = float("inf")
     non_semantic_fields = NON_SEMANTIC_TRAIN_FIELDS
 
     def run(self):
-        return REWARD_KINDS[self.config.kind].train(self.ctx, self.config)
+        init = self.ctx.input("init")
+        if init is not None:
+            check_init(init, self.config.kind, self.config.base_model or self.ctx.model)
+            self.ctx.log.info("continuing the reward model %s", init)
+        metrics = REWARD_KINDS[self.config.kind].train(self.ctx, self.config)
+        if init is not None:
+            record_init(self.ctx.output("reward_model"), init)
+        return metrics
 
     @classmethod
     def report_section(cls, run_root: Path, manifests: dict[str, dict[str, Any]]) -> str | None:

@@ -9,15 +9,11 @@ Tests run in file order and each starts from "no canary" (`no_canary`).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -29,7 +25,7 @@ from serving.service import MemPromptService
 from serving.store import MemoryStore
 from serving.versions import canary_bucket
 
-from .serve_fixture import bearer, serve, tokens_for
+from .serve_fixture import bearer, heedful, module_server, openai_client, tokens_for
 
 USERS = [f"u{i:02d}" for i in range(24)]
 TOKENS = tokens_for(*USERS)
@@ -41,10 +37,7 @@ def adapters(tiny_model_path, tmp_path_factory) -> dict[str, Path]:
     return {name: random_lora_adapter(root / name, seed) for name, seed in (("a", 11), ("b", 12), ("c", 13))}
 
 
-@pytest.fixture(scope="module")
-def live(tiny_model_path, tmp_path_factory):
-    with serve(tmp_path_factory.mktemp("canary"), TOKENS, max_tokens_default=2) as server:
-        yield server
+live = module_server("canary", TOKENS, max_tokens_default=2)
 
 
 def as_(name: str) -> dict:
@@ -53,7 +46,7 @@ def as_(name: str) -> dict:
 
 def ask(live, name: str, content: str = "Hi.", stream: bool = False) -> tuple[str, str]:
     """(completion id, version that wrote it) of one chat request by `name`."""
-    c = openai.OpenAI(base_url=live.url + "/v1", api_key=TOKENS[name], max_retries=0)
+    c = openai_client(live, TOKENS, name)
     messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": content}]
     if stream:
         chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0, stream=True))
@@ -229,7 +222,7 @@ def test_version_stats_count_reactions_by_version(no_canary, adapters):
 
 def test_completion_lookup_and_unknown_ids(no_canary, adapters):
     live = no_canary
-    c = openai.OpenAI(base_url=live.url + "/v1", api_key=TOKENS["u03"], max_retries=0)
+    c = openai_client(live, TOKENS, "u03")
     reply = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Trace me."}], max_tokens=2)
     found = deploy_cli.completion(live.url, TOKENS["root"], reply.id)
     assert set(found) == {"id", "conversation_id", "version", "adapter", "created", "user_hash"}
@@ -259,29 +252,17 @@ def test_single_user_requests_are_bucketed_by_their_user_label():
     assert MemPromptService.user_key(request(None), Principal("u05")) == "u05"
 
 
-def heedful(*args: str) -> subprocess.CompletedProcess:
-    env = {**{k: v for k, v in os.environ.items() if k != "HEEDFUL_TOKEN"}, "HEEDFUL_TOKEN": TOKENS["root"]}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-
-
 def test_deploy_cli_canary_stats_promote(no_canary, adapters):
     live = no_canary
-    done = heedful("deploy", str(adapters["c"]), "--to", live.url, "--canary", "0.2")
+    done = heedful("deploy", str(adapters["c"]), "--to", live.url, "--canary", "0.2", token=TOKENS["root"])
     assert done.returncode == 0, done.stdout + done.stderr
     canary = models(live)["canary_version"]
     assert canary in done.stdout and "20% of users" in done.stdout
-    stats = heedful("deploy", "stats", "--to", live.url)
+    stats = heedful("deploy", "stats", "--to", live.url, token=TOKENS["root"])
     assert stats.returncode == 0 and canary in stats.stdout and "canary" in stats.stdout, stats.stdout + stats.stderr
-    wrong = heedful("deploy", "promote", "--to", live.url, "--canary", "0.5")
+    wrong = heedful("deploy", "promote", "--to", live.url, "--canary", "0.5", token=TOKENS["root"])
     assert wrong.returncode != 0 and "--canary goes with an adapter" in wrong.stdout
-    promoted = heedful("deploy", "promote", "--to", live.url)
+    promoted = heedful("deploy", "promote", "--to", live.url, token=TOKENS["root"])
     assert promoted.returncode == 0 and models(live)["active_version"] == canary, promoted.stdout + promoted.stderr
     assert TOKENS["root"] not in done.stdout + stats.stdout + promoted.stdout
-    assert heedful("deploy", "rollback", "--to", live.url).returncode == 0
+    assert heedful("deploy", "rollback", "--to", live.url, token=TOKENS["root"]).returncode == 0

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("ctranslate2")
 
 from pipeline.chat import render_many  # noqa: E402
-from pipeline.ct2_engine import MIN_CACHED_PREFIX, Ct2Generator, _shared_prefix, converted_model_dir  # noqa: E402
+from pipeline.ct2_engine import MIN_CACHED_PREFIX, Ct2Generator, _shared_prefix, converted_model_dir, hf_greedy_reference  # noqa: E402
 from pipeline.generation import SamplingSettings  # noqa: E402
 from pipeline.models import device_policy, load_causal_lm, load_tokenizer  # noqa: E402
 
@@ -21,26 +21,8 @@ CONVERSATIONS = [
 
 
 def hf_greedy_ids(model, tokenizer, prompts, max_new_tokens):
-    import torch
-
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    eos = tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos,
-        )
-    rows = []
-    for row in out[:, enc["input_ids"].shape[1] :].tolist():
-        rows.append(row[: row.index(eos)] if eos in row else row)
-    return rows
+    """HF's greedy replies (the engine's reference), stopped at the tokenizer's own EOS."""
+    return hf_greedy_reference(model, tokenizer, prompts, max_new_tokens, [tokenizer.eos_token_id])
 
 
 @pytest.fixture(scope="module")

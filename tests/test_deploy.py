@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +23,7 @@ from serving.local import ServerThread, random_lora_adapter
 from serving.service import ServeSettings
 from serving.store import MemoryStore
 
-from .serve_fixture import active_version, bearer, serve, tokens_for
+from .serve_fixture import active_version, bearer, heedful, module_server, openai_client, tokens_for
 
 TOKENS = tokens_for("alice", "bob")
 
@@ -43,10 +41,7 @@ def adapters(tiny_model_path, tmp_path_factory) -> dict[str, Path]:
     return {"a": a, "b": b, "broken": broken, "not_json": not_json, "empty": root}
 
 
-@pytest.fixture(scope="module")
-def live(tiny_model_path, tmp_path_factory):
-    with serve(tmp_path_factory.mktemp("deploy"), TOKENS, max_tokens_default=6) as server:
-        yield server
+live = module_server("deploy", TOKENS, max_tokens_default=6)
 
 
 def as_(name: str) -> dict:
@@ -54,7 +49,7 @@ def as_(name: str) -> dict:
 
 
 def ask(live, name: str, content: str, **extra_body) -> openai.types.chat.ChatCompletion:
-    c = openai.OpenAI(base_url=live.url + "/v1", api_key=TOKENS[name], max_retries=0)
+    c = openai_client(live, TOKENS, name)
     return c.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0, extra_body=extra_body or None
     )
@@ -88,7 +83,7 @@ def test_completion_and_conversation_ids_version_and_followups(live):
     assert prov["completion_id"] == first.id and prov["next_completion_id"] == second.id
     assert followups[0]["provenance"]["annotator"] == "alice" and prov["author_verified"] is True
     # a stream says the same in its first chunk
-    c = openai.OpenAI(base_url=live.url + "/v1", api_key=TOKENS["alice"], max_retries=0)
+    c = openai_client(live, TOKENS, "alice")
     chunks = list(
         c.chat.completions.create(
             model="tiny",
@@ -279,20 +274,6 @@ def test_feedback_export_by_watermark(live):
     assert again["data"] == [] and again["watermark"] == everything["watermark"]
     page = httpx.get(live.url + "/v1/feedback/export", headers=as_("root"), params={"after": ids[0], "limit": 1}).json()
     assert [row["id"] for row in page["data"]] == ids[1:2]
-
-
-def heedful(*args: str, token: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HEEDFUL_TOKEN"}
-    if token:
-        env["HEEDFUL_TOKEN"] = token
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=Path(__file__).resolve().parents[1],
-    )
 
 
 def test_deploy_cli_against_a_live_server(live, adapters, tmp_path):

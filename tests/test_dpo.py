@@ -10,6 +10,7 @@ from pipeline.config import pipeline_from_dict
 from pipeline.records import write_jsonl
 from pipeline.runner import Runner
 
+#: toy facts with one right answer each; test_kto and test_scale_out* train on them too
 CAPITALS = [
     ("France", "Paris"),
     ("Italy", "Rome"),

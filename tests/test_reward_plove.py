@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
+import pytest
 import torch
 
 from pipeline.config import pipeline_from_dict
@@ -112,3 +114,75 @@ def test_custom_positive_words_in_logs_label_examples_positive(tmp_path):
     positive = ["thumbs_up"]
     examples = examples_from_reactions(readers.reactions(tmp_path / "logs.jsonl", positive), positive)
     assert [e.label for e in examples] == [1, 0, 1, 0]
+
+
+def train_reward(tmp_path, name: str, feedback, settings: dict, init=None):
+    """One train_reward stage `name` on the tiny model, in-process; `init`: a reward model to continue.
+    (Shared by the init tests of every kind.)"""
+    inputs = {"feedback": str(feedback), **({"init": str(init)} if init else {})}
+    stage = {"name": name, "uses": "train_reward", "inputs": inputs, "with": settings}
+    data = {"run_name": "init", "model": "tiny", "stages": [stage]}
+    return Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    """The LoRA adapter (with the head PEFT saves beside it) in `folder`, or its full weights."""
+    from safetensors.torch import load_file
+
+    adapter = folder / "adapter" / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.is_file() else folder / "model" / "model.safetensors"))
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def trained_then_continued(train) -> tuple[Path, Path]:
+    """`train(name, init=None, learning_rate=...)` twice: `first` as set, then `again` from it at a
+    learning rate of 1e-12 (so a warm start ends where it began). Their reward model folders."""
+    first = train("first")
+    assert first.ok, [r.error for r in first.records]
+    again = train("again", init=first.run_dir / "first" / "reward_model", learning_rate=1e-12)
+    assert again.ok, [r.error for r in again.records]
+    return first.run_dir / "first" / "reward_model", again.run_dir / "again" / "reward_model"
+
+
+def _train_plove(tmp_path, name: str, init=None, learning_rate: float = 3e-3, full: bool = False):
+    """A small P[Love] run on the production logs (LoRA, or every weight with `full`)."""
+    if not (tmp_path / "logs.jsonl").exists():
+        production_logs(tmp_path / "logs.jsonl", n=24)
+    settings = {"kind": "plove", "max_steps": 3, "learning_rate": learning_rate, "max_length": 48, "full_finetune": full}
+    settings["lora"] = {"r": 4, "alpha": 8}
+    return train_reward(tmp_path, name, tmp_path / "logs.jsonl", settings, init)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full_finetune"])
+def test_init_continues_the_given_plove_model(tmp_path, tiny_model_path, full):
+    """With `init`, training starts from the init's adapter and head (or its full weights): at a
+    learning rate of 1e-12 the result equals the init (a fresh start has a new random head)."""
+    first_dir, again_dir = trained_then_continued(lambda *a, **k: _train_plove(tmp_path, *a, full=full, **k))
+    fresh = _train_plove(tmp_path, "fresh", learning_rate=1e-12, full=full)
+    trained = weights(first_dir)
+    assert same_weights(weights(again_dir), trained)  # continued: the init's weights
+    assert not same_weights(weights(fresh.run_dir / "fresh" / "reward_model"), trained)  # a fresh start is not
+    assert json.loads((again_dir / "reward_model.json").read_text())["init"] == str(first_dir)
+
+
+def test_init_of_another_kind_or_base_is_refused_with_a_clear_error(tmp_path, tiny_model_path):
+    from pipeline.errors import HeedfulError
+    from pipeline.paths import data_dir
+    from reward_models.base import check_init
+    from reward_models.followup import FollowupReward, Followups
+
+    flr = tmp_path / "flr"
+    FollowupReward.from_pretrained("tiny", Followups.load(data_dir() / "followups" / "flr_followups.json", per_aspect=1)).save(
+        flr
+    )
+    result = _train_plove(tmp_path, "wrong", init=flr)
+    error = result.record("wrong").error or ""
+    assert not result.ok and "input 'init'" in error and "a 'followup' reward model cannot initialise a 'plove' one" in error
+    assert not (result.run_dir / "wrong" / "reward_model").exists()  # nothing was trained
+    with pytest.raises(HeedfulError, match="trained on base model 'tiny', this stage trains on '/no/such/model'"):
+        check_init(flr, "followup", "/no/such/model")
+    with pytest.raises(HeedfulError, match="not a reward model folder"):
+        check_init(tmp_path, "plove", "tiny")

@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 from feedback.quarantine import Candidate, QuarantineSettings, candidate_from_record, instruction_findings, quarantine
 from serving.identity import Authenticator, IdentityError, UserEntry, hash_token, read_users, write_users
 
+from .serve_fixture import served_verbal
+
 
 def fb(
     i: int,
@@ -180,21 +182,8 @@ def test_users_cli_adds_a_user_and_prints_the_token_once(tmp_path):
 
 
 def _served(i: int, author: str, request: str, text: str, feedback: str = "critique") -> dict:
-    """A verbal feedback record as the server stores it (request = the turn's last user message)."""
-    return {
-        "id": f"c{i}:{feedback}",
-        "kind": "verbal",
-        "prompt": [{"role": "user", "content": request}],
-        "response": "r",
-        "critique": text,
-        "judgment": "needs_work",
-        "provenance": {
-            "source": "serving",
-            "annotator": author,
-            "timestamp": f"2026-01-01T00:00:0{i}+00:00",
-            "extra": json.dumps({"feedback": feedback, "author_verified": True}),
-        },
-    }
+    """The i-th served verbal record, i seconds into 2026 (request = the turn's last user message)."""
+    return served_verbal(f"c{i}:{feedback}", author, request, text, feedback=feedback, timestamp=f"2026-01-01T00:00:0{i}+00:00")
 
 
 QUESTION = "Which word is akin to < roomy > in meaning, and which one rhymes with it?"
