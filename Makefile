@@ -74,13 +74,14 @@ demo-c3po: $(DEMO_STAMP)
 # The suite runs on $(TEST_WORKERS) pytest-xdist workers, a whole module per worker at a time
 # (`--dist loadscope`: a module's fixtures -- an Argilla stack, a server, a model -- start once and
 # its tests keep their file order); much of a test's time is spent waiting on a subprocess's
-# imports, a server or Ray, which the other worker fills (issue 15).
+# imports, a server or Ray, which the other worker fills (issue 15). Modules are handed out
+# longest first, by their last measured time (tests/module_order.py), not by test count.
 # The modules that start their own Ray head run beside it, each in a pytest process of its own: in
 # one process after the rest of the suite, test_scale_out_ray failed once and then hung (it passes
 # alone). Their output follows the main run's; the target fails if either failed.
 RAY_HEAD_TESTS := tests/test_loop_kill.py tests/test_scale_out_ray.py
 TEST_WORKERS   ?= 2
-PYTEST_XDIST   := -n $(TEST_WORKERS) --dist loadscope
+PYTEST_XDIST   := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 # Ray runs its workers at nice +15 by default: beside a busy xdist worker the Ray tests' stages
 # would get almost no CPU and become the long pole (as DEMO_RUN above, for the same reason).
 test test-fast: export RAY_worker_niceness := 0

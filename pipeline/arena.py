@@ -27,7 +27,10 @@ method, tuned or not, trains on the same fit part (the same examples). A failing
 point) blocks only its own evaluation. `collect` reads the finished run into the arena table
 (`arena.json`, `arena.csv`; with a grid, `grid` lists every point's validation scores; with
 several seeds, `aggregates` has each method's mean over seeds): pipeline/arena_table.py.
-`report_section` draws it in report.html: pipeline/arena_report.py.
+`report_section` draws it in report.html: pipeline/arena_report.py. With `arena.report_to`
+(tensorboard, wandb, mlflow) every training and evaluate stage reports to those trackers (unless
+its own settings say otherwise) and `heedful arena` logs the table and its Pareto plots there at
+the end (pipeline/tracking.py; TensorBoard: `runs/<run>/arena/tensorboard`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .arena_report import print_table, report_section
 from .arena_table import PLAN_FILE, collect, write_outputs
 from .evaluation.summary import FLAT_ORDER
+from .tracking import Trackers, installed, report_to_field
 
 __all__ = [
     "PLAN_FILE",
@@ -137,6 +141,7 @@ class ArenaSpec(BaseModel):
     evaluate_inputs: dict[str, str] = Field(
         default_factory=dict, description="extra evaluate inputs (reward models, general set)"
     )
+    report_to: Trackers = report_to_field("<stage>/tensorboard; the arena table and plots under arena/tensorboard")
 
 
 def stage_name(method: str, seed: int) -> str:
@@ -230,6 +235,11 @@ def expand(
         added.append({"name": "views", "uses": "span_views", "inputs": {"qa_feedback": spec.spans}, "with": views_with})
         fill = {"views": "views"}
         validation_inputs = {"prompts": "views.validation_prompts", "general": "views.validation_answers"}
+    tracked = [t for t in spec.report_to if t != "none"]
+    if tracked and "arena" in names:
+        raise problem("report_to", "the arena logs its table under the folder `arena`: rename your stage of that name")
+    # report_to reaches every evaluate and training stage unless their own settings set it
+    evaluate_with = {"report_to": tracked, **spec.evaluate} if tracked else spec.evaluate
     for stage in added:
         if stage["name"] in names:
             raise problem("source", f"the arena adds a stage named '{stage['name']}': rename your stage of that name")
@@ -294,12 +304,12 @@ def expand(
             "name": "eval_base",
             "uses": "evaluate",
             "inputs": base_inputs,
-            "with": {**spec.evaluate, "conditions": list(spec.conditions)},
+            "with": {**evaluate_with, "conditions": list(spec.conditions)},
         }
     )
     # a grid point is scored on the validation prompts only: the held-out ones are not among its inputs
     rm_inputs = {k: v for k, v in spec.evaluate_inputs.items() if k not in ("prompts", "needs", "general", "memory")}
-    validation_with = {**spec.evaluate, "conditions": ["adapter"], "drift": select_by in DRIFT_METRICS}
+    validation_with = {**evaluate_with, "conditions": ["adapter"], "drift": select_by in DRIFT_METRICS}
     plan_methods = []
     for arm in chosen:
         method = uses_of(arm)
@@ -308,7 +318,8 @@ def expand(
         fields = set(cls.Config.model_fields)
         wiring = {k: v.format(**fill) for k, v in WIRING[spec.source].get(method, {}).items()}
         wiring.update(spec.inputs.get(method, {}))
-        base_settings = {k: copy.deepcopy(v) for k, v in spec.budget.items() if k in fields}
+        base_settings: dict[str, Any] = {"report_to": tracked} if tracked and "report_to" in fields else {}
+        base_settings.update({k: copy.deepcopy(v) for k, v in spec.budget.items() if k in fields})
         base_settings.update(copy.deepcopy(spec.method_settings.get(method, {})))
         if arm in spec.variants:
             base_settings.update(copy.deepcopy(spec.variants[arm].settings))
@@ -355,7 +366,7 @@ def expand(
                     "name": f"eval_{name}",
                     "uses": "evaluate",
                     "inputs": {**eval_inputs, "adapter": adapter, "reference": "eval_base.evaluation"},
-                    "with": {**spec.evaluate, "conditions": ["adapter"], "label": name},
+                    "with": {**evaluate_with, "conditions": ["adapter"], "label": name},
                 }
             )
             arm_plan["evaluation"] = f"eval_{name}"
@@ -370,6 +381,7 @@ def expand(
         "seeds": spec.seeds,
         "variants": {k: v.model_dump() for k, v in spec.variants.items()},
         "tuning": {"validation": spec.validation, "select_by": select_by} if tuned else None,
+        "report_to": tracked,
     }
     return data, plan
 
@@ -435,10 +447,12 @@ def run_arena(
     force: list[str],
 ) -> None:
     """`heedful arena`: expand, run as an ordinary pipeline, then write and print the arena table
-    (also when a method failed: its row says so, the exit status is 1)."""
+    (also when a method failed: its row says so, the exit status is 1) and log it to `arena.report_to`."""
     from .cli import _run, console
+    from .tracking import log_arena
 
     pipeline, plan = load_arena(arena_file, parse_list(methods, "methods"), parse_list(seeds, "seeds", as_int=True), overrides)
+    trackers = installed(plan["report_to"])  # a tracker that is not installed fails before any stage runs
     run_root = Path(runs_dir).resolve() / pipeline.config.run_name
     save_plan(run_root, plan)
     try:
@@ -448,3 +462,4 @@ def run_arena(
         if table is not None:
             print_table(console, table)
             console.print(f"arena:   {run_root / 'arena.csv'} and arena.json")
+            log_arena(trackers, run_root / "arena" / "tensorboard", f"{pipeline.config.run_name}/arena", table)

@@ -77,12 +77,9 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
     ]
     if table.get("grid"):
         parts.append(grid_section(table))
-    for x, y, title in PARETO:
-        figure = pareto_figure(table, x, y, title)
-        if figure is not None:
-            from .report import figure_html
+    from .report import figure_html
 
-            parts.append(figure_html(figure))
+    parts += [figure_html(figure) for _, figure in pareto_figures(table)]
     parts.append(side_by_side(Path(run_root)))
     return "\n".join(parts)
 
@@ -162,6 +159,12 @@ def pareto_figure(table: dict[str, Any], x: str, y: str, title: str):
     return fig
 
 
+def pareto_figures(table: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The Pareto plots that have two points or more, as (`<y>_vs_<x>`, figure); the caller closes them."""
+    drawn = [(f"{y}_vs_{x}", pareto_figure(table, x, y, title)) for x, y, title in PARETO]
+    return [(name, figure) for name, figure in drawn if figure is not None]
+
+
 def save_pareto_pngs(run_root: Path, folder: Path, prefix: str) -> list[Path]:
     """The report's Pareto plots of a run as `folder/<prefix>_<k>.png` (k counts the plots drawn),
     e.g. docs/figures/arena_demo_0.png: `python -c "from pipeline.arena_report import save_pareto_pngs;
@@ -172,11 +175,8 @@ def save_pareto_pngs(run_root: Path, folder: Path, prefix: str) -> list[Path]:
     if table is None:
         raise FileNotFoundError(f"{run_root}: no {PLAN_FILE} (not an arena run)")
     written: list[Path] = []
-    for x, y, title in PARETO:
-        fig = pareto_figure(table, x, y, title)
-        if fig is None:
-            continue
-        path = Path(folder) / f"{prefix}_{len(written)}.png"
+    for k, (_, fig) in enumerate(pareto_figures(table)):
+        path = Path(folder) / f"{prefix}_{k}.png"
         fig.savefig(path, format="png", dpi=90)
         plt.close(fig)
         written.append(path)

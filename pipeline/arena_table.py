@@ -309,27 +309,36 @@ def write_outputs(run_root: Path) -> dict[str, Any] | None:
     if table is None:
         return None
     atomic_write_json(Path(run_root) / "arena.json", clean(table))
-    names = metric_names(table)
+    header, rows = table_rows(table)
     out = io.StringIO()
     writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows([num(cell) for cell in row] for row in rows)
+    atomic_write_text(Path(run_root) / "arena.csv", out.getvalue())
+    return table
+
+
+def table_rows(table: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """(header, rows) of arena.csv, cells unformatted (numbers stay numbers, for trackers): per
+    metric its value, lo, hi and n; an aggregate row has the seeds it pooled as `seed` (`0+1`)."""
+    names = metric_names(table)
     header = ["condition", "method", "seed", "status", "chosen"]
     for m in names:
         header += [m, f"{m}_lo", f"{m}_hi", f"{m}_n"]
-    writer.writerow(header + COST_FIELDS + ["error"])
+    rows = []
     for row in display_rows(table):
-        seed = "+".join(map(str, row["seeds"])) if "seeds" in row else ("" if row["seed"] is None else row["seed"])
+        seed = "+".join(map(str, row["seeds"])) if "seeds" in row else row["seed"]
         line = [row["condition"], row["method"] or "", seed, row["status"]]
         line.append(json.dumps(row["chosen"]["settings"]) if row.get("chosen") else "")
         for m in names:
             value = row["metrics"].get(m)
             if isinstance(value, dict):
-                line += [num(value.get("value")), num(value.get("lo")), num(value.get("hi")), value.get("n", "")]
+                line += [value.get("value"), value.get("lo"), value.get("hi"), value.get("n")]
             else:
-                line += [num(value), "", "", ""]
-        line += [num(row["cost"].get(f)) for f in COST_FIELDS]
-        writer.writerow(line + [(row["error"] or "")[:300]])
-    atomic_write_text(Path(run_root) / "arena.csv", out.getvalue())
-    return table
+                line += [value, None, None, None]
+        line += [row["cost"].get(f) for f in COST_FIELDS]
+        rows.append(line + [(row["error"] or "")[:300]])
+    return header + COST_FIELDS + ["error"], rows
 
 
 def num(value: Any) -> str:

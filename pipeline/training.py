@@ -15,42 +15,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from .distributed import DistributedSettings
 from .models import DevicePolicy, LoraSettings, ModelUnavailable, device_policy
 from .stage import Input, Output, Stage, StageConfig, StageContext
-
-Tracker = Literal["none", "tensorboard", "wandb", "mlflow"]
-#: the Python package each tracker needs (tensorboard: either writer works)
-TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
-
-
-class TrackingSettings(StageConfig):
-    """Where a training stage also reports its curves (not part of the fingerprint)."""
-
-    report_to: list[Tracker] = Field(
-        default_factory=lambda: list[Tracker](["none"]),
-        description=("experiment trackers: none, tensorboard (logs under <stage>/tensorboard), wandb, mlflow (a name or a list)"),
-    )
-
-    @field_validator("report_to", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    def trackers(self) -> list[Tracker]:
-        """The configured trackers, each checked to be installed (a clear error if not)."""
-        chosen: list[Tracker] = [t for t in self.report_to if t != "none"]
-        for tracker in chosen:
-            if not any(importlib.util.find_spec(pkg) for pkg in TRACKER_PACKAGES[tracker]):
-                raise ModelUnavailable(
-                    f"report_to: {tracker} needs the '{TRACKER_PACKAGES[tracker][0]}' package: "
-                    f"pip install {TRACKER_PACKAGES[tracker][0]}"
-                )
-        return chosen
+from .tracking import TrackingSettings  # report_to: shared with evaluate and the arena (pipeline/tracking.py)
 
 
 class TrainSettings(TrackingSettings):
@@ -199,8 +171,8 @@ class TrainerStage(Stage):
 def log_curves(ctx: StageContext, trackers: list[str], rows: list[dict[str, Any]], step_key: str = "step") -> None:
     """Replay curve rows (one dict per step) to the trackers, for stages with their own
     training loop (ppo); HF-Trainer stages report live through `report_to` instead."""
-    if not trackers:
-        return
+    from . import tracking
+
     series = [
         (
             int(row.get(step_key, i)),
@@ -208,29 +180,7 @@ def log_curves(ctx: StageContext, trackers: list[str], rows: list[dict[str, Any]
         )
         for i, row in enumerate(rows)
     ]
-    if "tensorboard" in trackers:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # no tensorboard package: tensorboardX writes the same event files
-            from tensorboardX import SummaryWriter  # type: ignore[no-redef]
-        writer = SummaryWriter(log_dir=str(ctx.work_dir / "tensorboard"))
-        for step, values in series:
-            for key, value in values.items():
-                writer.add_scalar(key, value, step)
-        writer.close()
-    if "wandb" in trackers:
-        import wandb
-
-        run = wandb.init(name=f"{ctx.run_name}/{ctx.name}", reinit=True)
-        for step, values in series:
-            run.log(values, step=step)
-        run.finish()
-    if "mlflow" in trackers:
-        import mlflow
-
-        with mlflow.start_run(run_name=f"{ctx.run_name}/{ctx.name}"):
-            for step, values in series:
-                mlflow.log_metrics(values, step=step)
+    tracking.log_curves(trackers, ctx.work_dir / "tensorboard", f"{ctx.run_name}/{ctx.name}", series)
 
 
 def last_checkpoint(ctx: StageContext) -> str | None:

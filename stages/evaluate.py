@@ -22,7 +22,8 @@ from pipeline.evaluation.summary import LOWER_IS_BETTER, NEUTRAL, SUMMARY_FILE, 
 from pipeline.evaluation.users import UsersSettings
 from pipeline.generation import SamplingSettings
 from pipeline.llm import LLMSettings
-from pipeline.stage import Input, Output, Stage, StageConfig
+from pipeline.stage import Input, Output, Stage
+from pipeline.tracking import TrackingSettings
 from trainers.feedback_eval import IN_CONTEXT_TEMPLATE, MetricSpec
 
 #: what other code imports from here (pipeline/arena.py, stages/arena_select.py, tests)
@@ -32,7 +33,9 @@ GENERAL_SET = "data:evaluate/general.jsonl"
 RM_INPUTS = ("reward_model", "reward_model_2", "reward_model_3")
 
 
-class EvaluateConfig(StageConfig):
+class EvaluateConfig(TrackingSettings):
+    """What to compare and how; `report_to` also logs the summary to experiment trackers (pipeline/tracking.py)."""
+
     conditions: list[str] = Field(
         default_factory=lambda: ["base", "in_context", "memory", "adapter"],
         description="base, in_context, memory, adapter; those whose inputs are missing are skipped",
@@ -83,7 +86,7 @@ class EvaluateStage(Stage):
         "summary": Output("evaluation_summary", doc="JSON: every metric per condition as {value, n, lo, hi}, cost"),
     }
     default_num_cpus = float("inf")
-    non_semantic_fields = frozenset({"device", "batch_size"})
+    non_semantic_fields = frozenset({"device", "batch_size", "report_to"})
 
     @classmethod
     def report_section(cls, run_root, manifests):
@@ -98,8 +101,10 @@ class EvaluateStage(Stage):
         from pipeline.evaluation import drift, metrics, summary, users
         from pipeline.models import device_policy, load_causal_lm, load_tokenizer
         from pipeline.records import load_rows, save_rows
+        from pipeline.tracking import log_evaluation
 
         cfg, ctx, started = self.config, self.ctx, time.time()
+        trackers = cfg.trackers()  # a tracker that is not installed fails before any work
         prompts_path, adapter = ctx.input("prompts"), ctx.input("adapter")
         prompts = load_rows(prompts_path, required=["prompt"], what="evaluation prompts") if prompts_path else []
         feedback, metric = metrics.feedback_and_metric(prompts, cfg.feedback, cfg.metric, prompts_path)
@@ -153,4 +158,5 @@ class EvaluateStage(Stage):
         empty = {"prompt": "", "scope": "", "condition": "", "response": "", "applied": False, "finished": True, "tokens": 0}
         save_rows(rows, ctx.output("evaluation"), empty_like=empty)
         summary.write_summary(out, ctx.output(SUMMARY_FILE))
+        log_evaluation(trackers, ctx.work_dir / "tensorboard", f"{ctx.run_name}/{ctx.name}", out)
         return summary.flat_metrics(out)

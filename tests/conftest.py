@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# longest modules first under xdist (see tests/module_order.py)
+pytest_plugins = ["tests.module_order"]
+
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

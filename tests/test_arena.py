@@ -93,7 +93,9 @@ def test_arena_expands_into_an_ordinary_pipeline(tmp_path):
 
 
 def test_arena_under_ray(tmp_path):
-    config = write_yaml(tmp_path / "arena.yaml", tiny_arena(tmp_path))
+    data = tiny_arena(tmp_path)
+    data["arena"]["report_to"] = "tensorboard"  # the table and plots go to the tracker too (tests/test_tracking.py)
+    config = write_yaml(tmp_path / "arena.yaml", data)
     runs = tmp_path / "runs"
     proc = heedful("arena", str(config), "--runs-dir", str(runs))
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
@@ -114,6 +116,8 @@ def test_arena_under_ray(tmp_path):
     assert [line["condition"] for line in lines] == conditions and "adherence_lo" in lines[0]
     report = (run_dir / "report.html").read_text()
     assert "Arena (verbal feedback)" in report and "side by side" in report and report.count("<img") >= 2
+    assert list((run_dir / "arena" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "eval_dpo_s0" / "tensorboard").glob("events.out.tfevents.*"))
 
     again = heedful("arena", str(config), "--runs-dir", str(runs))
     assert again.returncode == 0, again.stdout[-3000:]

@@ -174,6 +174,22 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
+def summary_table(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """(header, rows) of the summary for a tracker's table: one row per condition and metric with
+    value, lo, hi, n (None where a metric has no interval); per-scope metrics as `metric/scope`."""
+    rows: list[list[Any]] = []
+    for condition, metrics in summary["conditions"].items():
+        for metric, value in metrics.items():
+            nested = value if isinstance(value, dict) and "value" not in value else {"": value}
+            for scope, estimate in nested.items():
+                name = f"{metric}/{scope}" if scope else metric
+                if isinstance(estimate, dict) and "value" in estimate:
+                    rows.append([condition, name, estimate["value"], estimate.get("lo"), estimate.get("hi"), estimate.get("n")])
+                elif isinstance(estimate, (int, float)) and not isinstance(estimate, bool):
+                    rows.append([condition, name, estimate, None, None, None])
+    return ["condition", "metric", "value", "lo", "hi", "n"], rows
+
+
 def fmt_estimate(value: Any) -> str:
     """'0.45 [0.26, 0.66] n=20' for an estimate, the number for a float, '–' for nothing."""
     if isinstance(value, dict) and "value" in value:
