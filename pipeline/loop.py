@@ -4,7 +4,10 @@
 ordinary heedful pipeline run (`runs/<loop>/round-NNN`), run phase by phase so the state file
 can say where it is:
 
-    pull      serve_pull from the previous round's cursor (quarantined, exactly once)
+    pull      serve_pull from the previous round's cursor (quarantined, exactly once); with
+              `argilla:` also argilla_pull (`human`): what annotators submitted in Argilla since
+              the previous round's own cursor, as the signals human_reactions, human_preferences,
+              human_verbal_feedback
     train     one stage per `train:` step whose signal brought enough records, chained:
               the deployed adapter -> step 1 -> step 2 ... (the candidate); a `c3po from
               critiques` step is three: recurring_critique -> c3po_data -> c3po; beside them
@@ -46,16 +49,37 @@ STATE_FILE = "loop.json"
 PHASES = ("pull", "train", "evaluate", "deploy")
 #: which input of each method reads which pulled signal
 SIGNAL_INPUTS: dict[str, dict[str, str]] = {
-    "kto": {"reactions": "feedback", "verbal_feedback": "feedback"},
-    "dpo": {"preferences": "preferences"},
-    "coh": {"preferences": "preferences", "verbal_feedback": "feedback"},
-    "cut": {"verbal_feedback": "feedback"},
-    "sft": {"preferences": "preferences"},
+    "kto": {
+        "reactions": "feedback",
+        "verbal_feedback": "feedback",
+        "human_reactions": "feedback",
+        "human_verbal_feedback": "feedback",
+    },
+    "dpo": {"preferences": "preferences", "human_preferences": "preferences"},
+    "coh": {
+        "preferences": "preferences",
+        "verbal_feedback": "feedback",
+        "human_preferences": "preferences",
+        "human_verbal_feedback": "feedback",
+    },
+    "cut": {"verbal_feedback": "feedback", "human_verbal_feedback": "feedback"},
+    "sft": {"preferences": "preferences", "human_preferences": "preferences"},
     # C3PO learns one feedback: the critique most distinct users gave (stages/recurring_critique.py)
     "c3po": {"critiques": "feedback"},
 }
 #: the pulled signals whose requests a recurring critique uses as out-of-scope prompts
 SERVED_SIGNALS = ("reactions", "preferences", "followups")
+#: the signals people gave in Argilla (`loop.argilla:`) -> the `human` stage's output they are read from
+HUMAN_SIGNALS = {"human_reactions": "reactions", "human_preferences": "preferences", "human_verbal_feedback": "verbal_feedback"}
+#: the stage that pulls them (argilla_pull), beside `pull` (serve_pull)
+HUMAN_STAGE = "human"
+
+
+def signal_output(signal: str) -> tuple[str, str]:
+    """(stage, output) a signal's records come from in a round: ("pull", "reactions"), ("human", "preferences")."""
+    if signal in HUMAN_SIGNALS:
+        return HUMAN_STAGE, HUMAN_SIGNALS[signal]
+    return "pull", signal
 
 
 class TrainStep(BaseModel):
@@ -63,7 +87,9 @@ class TrainStep(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     method: str
-    signal: str = Field(alias="from", description="reactions, preferences, verbal_feedback, critiques")
+    signal: str = Field(
+        alias="from", description="reactions, preferences, verbal_feedback, critiques; human_<kind> with `argilla:`"
+    )
     min_records: int = Field(
         default=1, ge=1, description="records of the signal; for critiques: distinct users who gave the same critique"
     )
@@ -92,6 +118,9 @@ class LoopSpec(BaseModel):
     min_new_feedback: int = Field(default=1, ge=1, description="a round starts when this many new records arrived")
     every: str | None = Field(default=None, description="wait between checks for new feedback, e.g. 30s, 10m, 1h")
     pull: dict[str, Any] = Field(default_factory=dict, description="serve_pull settings (quarantine, page)")
+    argilla: dict[str, Any] | None = Field(
+        default=None, description="argilla_pull settings (dataset, argilla, include_drafts): people's reviews each round"
+    )
     train: list[TrainStep] = Field(min_length=1)
     rewards: list[RewardStep] = Field(
         default_factory=list, description="reward models refreshed on all feedback so far (docs/loop.md)"
@@ -154,6 +183,33 @@ class LoopFile:
         from .loop_rewards import check_rewards
 
         check_rewards(self.path, self.spec.rewards, self.spec.evaluate.get("inputs") or {})
+        self.check_argilla()
+
+    def check_argilla(self) -> None:
+        """`argilla:` must be a dataset's argilla_pull settings minus what the loop sets itself
+        (the cursor); a human_<kind> signal needs it."""
+        spec = self.spec
+        human = [f"loop.train: {s.method}" for s in spec.train if s.signal in HUMAN_SIGNALS]
+        human += [f"loop.rewards: {r.kind}" for r in spec.rewards if r.signal in HUMAN_SIGNALS]
+        if spec.argilla is None:
+            if human:
+                raise HeedfulError(f"{self.path}: {human[0]} learns from Argilla: set `loop.argilla: {{dataset: ...}}`")
+            return
+        from stages.argilla_pull import ArgillaPullConfig
+
+        owned = sorted(set(spec.argilla) & {"cursor_file", "write_cursor_file", "incremental", "accumulate", "if_missing"})
+        if owned:
+            raise HeedfulError(
+                f"{self.path}: field 'loop.argilla.{owned[0]}': the loop sets it (it chains the cursor across rounds)"
+            )
+        try:
+            config = ArgillaPullConfig.model_validate(spec.argilla)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise HeedfulError(f"{self.path}: field 'loop.argilla.{field}': {first['msg']}") from None
+        if not config.dataset:
+            raise HeedfulError(f"{self.path}: field 'loop.argilla.dataset': the Argilla dataset to pull is required")
 
 
 # ----------------------------------------------------------------------------- state
@@ -190,12 +246,14 @@ def round_stages(
     counts: dict[str, int],
     reuse_current: dict[str, str] | None = None,
     rewards: list[dict[str, Any]] | None = None,
+    human_cursor: str | None = None,
 ) -> list[dict]:
     """The round's stages up to and including `phase`. `current`: the deployed adapter folder
     (None: the base model); `counts`: new records per signal (decides the train steps);
     `reuse_current`: an earlier evaluation summary of the deployed version (see `reusable_evaluation`)
     that the gate reads instead of evaluating it again; `rewards`: the round's reward-model plan
-    (`loop_rewards.plan`): its trained entries' stages, and the models that score the evaluations."""
+    (`loop_rewards.plan`): its trained entries' stages, and the models that score the evaluations;
+    `human_cursor`: the `human` (argilla_pull) stage's previous cursor, as `cursor` is serve_pull's."""
     from .loop_rewards import reward_stages, scoring_inputs
 
     spec = loop.spec
@@ -207,6 +265,10 @@ def round_stages(
             "with": {"url": spec.server, "token_file": spec.token_file, "cursor_file": cursor, **spec.pull},
         }
     ]
+    if spec.argilla is not None:
+        # read the previous round's committed cursor, never write it: the new one is this stage's output
+        human = {**spec.argilla, "cursor_file": human_cursor, "write_cursor_file": False, "if_missing": "empty"}
+        stages.append({"name": HUMAN_STAGE, "uses": "argilla_pull", "with": human})
     if phase == "pull":
         return stages
     stages += copy.deepcopy(loop.extra)
@@ -219,7 +281,7 @@ def round_stages(
             stages += critique_stages(i + 1, step, previous, counts)
             inputs = {"data": f"c3po_data_{i + 1}.train"}
         else:
-            inputs = {SIGNAL_INPUTS[step.method][step.signal]: f"pull.{step.signal}"}
+            inputs = {SIGNAL_INPUTS[step.method][step.signal]: ".".join(signal_output(step.signal))}
         if previous is not None:
             inputs["adapter"] = previous
         stages.append({"name": name, "uses": step.method, "inputs": inputs, "with": copy.deepcopy(step.settings)})
@@ -321,7 +383,12 @@ def evaluation_key(loop: LoopFile, reward_models: list[str] | None = None) -> st
         path = (loop.path.parent / str(ref)).expanduser()
         if ":" not in str(ref) and path.is_file():
             files[name] = hashlib.sha256(path.read_bytes()).hexdigest()
-    body = {"evaluate": loop.spec.evaluate, "model": loop.base.get("model"), "seed": loop.base.get("seed"), "files": files}
+    evaluate = dict(loop.spec.evaluate)
+    if isinstance(evaluate.get("with"), dict):  # settings that do not change the result (report_to, device) are left out
+        from stages.evaluate import EvaluateStage
+
+        evaluate["with"] = {k: v for k, v in evaluate["with"].items() if k not in EvaluateStage.non_semantic_fields}
+    body = {"evaluate": evaluate, "model": loop.base.get("model"), "seed": loop.base.get("seed"), "files": files}
     if reward_models:
         body["reward_models"] = sorted(reward_models)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -373,9 +440,10 @@ def live_stats(spec: LoopSpec, token: str | None) -> dict[str, dict]:
         return {}
 
 
-def count_new(spec: LoopSpec, token: str | None, cursor_file: str | None) -> dict[str, int]:
+def count_new(spec: LoopSpec, token: str | None, cursor_file: str | None, human_cursor: str | None = None) -> dict[str, int]:
     """New feedback rows on the server after the cursor, per heedful signal (read only: nothing is taken).
-    `critiques`: distinct users behind the most recurrent critique (before quarantine: an upper bound)."""
+    `critiques`: distinct users behind the most recurrent critique (before quarantine: an upper bound).
+    With `argilla:`, also the records annotators submitted after `human_cursor` (`human_<kind>`)."""
     import json
 
     from stages.serve_pull import OUTPUT_OF, fetch_new
@@ -391,7 +459,20 @@ def count_new(spec: LoopSpec, token: str | None, cursor_file: str | None) -> dic
         counts[signal] = counts.get(signal, 0) + 1
     verbal = [row.get("record") or {} for row in rows if OUTPUT_OF.get(row.get("kind", "")) == "verbal_feedback"]
     counts.update(critique_counts(spec, verbal))
+    counts.update(count_human(spec, human_cursor))
     return counts
+
+
+def count_human(spec: LoopSpec, cursor_file: str | None) -> dict[str, int]:
+    """`{"human_<kind>": n}`: what the round's `human` stage would pull now (read only; one pass
+    over the dataset's submitted responses, as the pull itself makes); {} without `argilla:`."""
+    if spec.argilla is None:
+        return {}
+    from stages.argilla_pull import ArgillaPullConfig
+    from stages.argilla_pull import count_new as count_argilla
+
+    found = count_argilla(ArgillaPullConfig.model_validate(spec.argilla), cursor_file)
+    return {f"human_{kind}": n for kind, n in found.items()}
 
 
 def critique_counts(spec: LoopSpec, verbal: list[dict[str, Any]]) -> dict[str, int]:
@@ -411,12 +492,14 @@ def trainable_counts(pull_dir: Path, counts: dict[str, int], spec: LoopSpec | No
     from .records import load_rows
 
     out = dict(counts)
-    if counts.get("reactions") and (pull_dir / "reactions").exists():
-        from trainers.kto import reaction_label
+    for signal in ("reactions", "human_reactions"):  # the human stage's folder is beside the pull's
+        folder = pull_dir.parent.joinpath(*signal_output(signal))
+        if counts.get(signal) and folder.exists():
+            from trainers.kto import reaction_label
 
-        labels = {reaction_label(r.get("reaction"), "pulled reaction") for r in load_rows(pull_dir / "reactions")}
-        if not {True, False} <= labels:
-            out["reactions"] = 0
+            labels = {reaction_label(r.get("reaction"), f"pulled reaction ({signal})") for r in load_rows(folder)}
+            if not {True, False} <= labels:
+                out[signal] = 0
     if spec is not None:
         verbal = load_rows(pull_dir / "verbal_feedback") if (pull_dir / "verbal_feedback").exists() else []
         out.update(critique_counts(spec, verbal))
@@ -460,11 +543,12 @@ class Loop:
 
         return read_token(Path(self.loop.spec.token_file).expanduser() if self.loop.spec.token_file else None)
 
-    def cursor(self) -> str | None:
-        """The cursor of the last round whose pull committed (None before the first)."""
+    def cursor(self, key: str = "cursor") -> str | None:
+        """The cursor of the last round whose pull committed and trained (None before the first);
+        `human_cursor`: the `human` (Argilla) stage's."""
         for entry in reversed(self.state["rounds"]):
-            if entry.get("cursor"):
-                return entry["cursor"]
+            if entry.get(key):
+                return entry[key]
         return None
 
     def save(self) -> None:
@@ -504,10 +588,18 @@ class Loop:
             self.save()
             fault_point(phase)
             stages = round_stages(
-                self.loop, phase, cursor, current, counts, entry.get("reuse_current"), rewards=entry.get("rewards")
+                self.loop,
+                phase,
+                cursor,
+                current,
+                counts,
+                entry.get("reuse_current"),
+                rewards=entry.get("rewards"),
+                human_cursor=entry.get("human_cursor_in"),
             )
             if phase != "pull" and not any(s["name"].startswith("train_") for s in stages):
                 entry.pop("cursor", None)  # not trained on: the next round pulls these records again
+                entry.pop("human_cursor", None)
                 entry.update(
                     phase="done", finished=now(), outcome="nothing to train (too few records per signal after quarantine)"
                 )
@@ -521,6 +613,11 @@ class Loop:
                 }
                 entry["quarantined"] = int(metrics.get("quarantined", 0) or 0)
                 entry["cursor"] = str(self.root / run_name / "pull" / "cursor" / "cursor.json")
+                if self.loop.spec.argilla is not None:  # committed with its records by the runner, like pull's
+                    human = result.record(HUMAN_STAGE).metrics
+                    if human.get("output"):
+                        entry["counts"][f"human_{human['output']}"] = int(human.get("records", 0))
+                    entry["human_cursor"] = str(self.root / run_name / HUMAN_STAGE / "cursor" / "cursor.json")
                 entry["trainable"] = trainable_counts(self.root / run_name / "pull", entry["counts"], self.loop.spec)
             elif phase == "train":
                 from .loop_rewards import record_metrics
@@ -571,7 +668,7 @@ class Loop:
             if str(pending.get("outcome", "")).startswith("nothing to train") and every is None:
                 return done
         while rounds is None or len(done) < rounds:
-            counts = count_new(self.loop.spec, self.token(), self.cursor())
+            counts = count_new(self.loop.spec, self.token(), self.cursor(), self.cursor("human_cursor"))
             new = sum(counts.values())
             if new < min_new or not trainable(self.loop.spec, counts):
                 if every is None:
@@ -585,6 +682,7 @@ class Loop:
             number = len(self.state["rounds"]) + 1
             entry = {"round": number, "run": f"round-{number:03d}", "started": now(), "phase": "pull", "new": new}
             entry["cursor_in"] = self.cursor()
+            entry["human_cursor_in"] = self.cursor("human_cursor")
             self.state["rounds"].append(entry)
             self.save()
             log(f"round {number}: {new} new feedback record(s) {counts}")

@@ -32,10 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import HeedfulError
 
 #: the pulled signals each trainable kind learns from (fine_grained needs span annotations,
-#: which `heedful serve` does not collect)
+#: which `heedful serve` does not collect); human_<kind>: what annotators said in Argilla (`loop.argilla:`)
 REWARD_SIGNALS: dict[str, tuple[str, ...]] = {
-    "plove": ("reactions",),
-    "followup": ("preferences", "followups", "verbal_feedback"),
+    "plove": ("reactions", "human_reactions"),
+    "followup": ("preferences", "followups", "verbal_feedback", "human_preferences"),
 }
 DATA_FOLDER = "reward_data"
 
@@ -44,7 +44,10 @@ class RewardStep(BaseModel):
     """Refresh a `kind` reward model on all `signal` records so far, when `min_records` new ones arrived."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    kind: str = Field(description="a train_reward kind: plove (reactions) or followup (preferences, followups, verbal_feedback)")
+    kind: str = Field(
+        description="a train_reward kind: plove (reactions, human_reactions) or followup (preferences, followups, "
+        "verbal_feedback, human_preferences)"
+    )
     signal: str = Field(alias="from", description="the pulled signal it learns from")
     min_records: int = Field(default=1, ge=1, description="new records of the signal in this round (after quarantine)")
     settings: dict[str, Any] = Field(default_factory=dict, alias="with", description="train_reward settings (kind is set)")
@@ -112,7 +115,9 @@ def plan(steps: list[RewardStep], root: Path, rounds: list[dict[str, Any]], entr
         why = f"{new} new {step.signal} record(s) < min_records {step.min_records}" if new < step.min_records else None
         rows: list[dict[str, Any]] = []
         if why is None:
-            rows = pooled_rows([root / e["run"] / "pull" / step.signal for e in [*earlier, entry]])
+            from .loop import signal_output
+
+            rows = pooled_rows([root.joinpath(e["run"], *signal_output(step.signal)) for e in [*earlier, entry]])
             why = untrainable(step, rows)
         if why is not None:
             out.append({**item, "init": None, "trained": False, "path": previous, "why": why})
@@ -129,9 +134,11 @@ def plan(steps: list[RewardStep], root: Path, rounds: list[dict[str, Any]], entr
 
 def validation_plan(steps: list[RewardStep]) -> list[dict[str, Any]]:
     """Every entry trained from this round's pull, no init: what `heedful validate` checks."""
+    from .loop import signal_output
+
     return [
         {"step": n, "kind": s.kind, "stage": f"reward_{n}_{s.kind}", "trained": True, "score": s.score, "init": None}
-        | {"data": f"pull.{s.signal}", "path": None}
+        | {"data": ".".join(signal_output(s.signal)), "path": None}
         for n, s in enumerate(steps, 1)
     ]
 
@@ -147,20 +154,17 @@ def previous_model(earlier: list[dict[str, Any]], stage: str) -> str | None:
 
 def pooled_rows(folders: list[Path]) -> list[dict[str, Any]]:
     """The records of these pulls, oldest first, each id once (a round that trained nothing did not
-    advance the cursor, so the next round pulled its records again)."""
+    advance the cursor, so the next round pulled its records again); a record pulled again with
+    other content (an annotator who changed an answer in Argilla) counts in its newest version."""
     from .records import load_rows
 
-    seen: set[str] = set()
-    rows = []
+    rows: dict[str, dict[str, Any]] = {}
     for folder in folders:
         if not folder.exists():
             continue
         for row in load_rows(folder):
-            key = str(row.get("id"))
-            if key not in seen:
-                seen.add(key)
-                rows.append(row)
-    return rows
+            rows[str(row.get("id"))] = row  # a dict keeps the first insertion's place
+    return list(rows.values())
 
 
 def untrainable(step: RewardStep, rows: list[dict[str, Any]]) -> str | None:

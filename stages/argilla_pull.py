@@ -5,6 +5,12 @@ a cursor (response id -> updated_at) as an output; a forced rerun reads the prev
 cursor of the same stage (or `cursor_file`, shared across runs) and writes only responses
 that are new or changed since. To fetch new annotations: `heedful run P.yaml --force pull`.
 To start over: `incremental: false` (or a `since:` timestamp).
+
+`heedful loop` (`loop.argilla:`) chains rounds by this cursor the way it chains serve_pull's:
+it names the previous round's committed cursor as `cursor_file` with `write_cursor_file: false`,
+so the new cursor exists only as this stage's output, committed with its records (a kill before
+that commit leaves the previous cursor as it was: nothing lost, nothing pulled twice), and with
+`if_missing: empty`, because the loop's own stages may push the dataset only in a later round.
 """
 
 from __future__ import annotations
@@ -26,6 +32,12 @@ class ArgillaPullConfig(StageConfig):
     incremental: bool = Field(default=True, description="skip responses the previous pull already wrote")
     since: str | None = Field(default=None, description="only responses updated at/after this UTC time (ISO 8601)")
     cursor_file: str | None = Field(default=None, description="cursor shared across runs (default: this stage's last output)")
+    write_cursor_file: bool = Field(
+        default=True, description="also write the new cursor to cursor_file (false: only read it; the loop's way)"
+    )
+    if_missing: Literal["error", "empty"] = Field(
+        default="error", description="a dataset not pushed yet: fail, or pull nothing (the loop's way)"
+    )
     accumulate: bool = Field(default=False, description="output = previous output + new (newer versions replace older)")
     on_invalid_span: Literal["error", "report"] = "error"
 
@@ -46,7 +58,7 @@ class ArgillaPullStage(Stage):
 
     def run(self):
         from feedback.argilla_client import connect
-        from feedback.argilla_sync import pull
+        from feedback.argilla_sync import find_dataset, pull
         from feedback.argilla_templates import OUTPUT_KIND
         from pipeline.artifacts import atomic_write_json
         from pipeline.errors import DataError
@@ -64,25 +76,26 @@ class ArgillaPullStage(Stage):
             raise DataError("argilla_pull: set `dataset:` or wire a `pushed` input from argilla_push")
         previous = self.ctx.run_dir / self.ctx.name
         cursor_path = Path(cfg.cursor_file).expanduser() if cfg.cursor_file else previous / "cursor" / "cursor.json"
-        cursor = {}
-        if cfg.incremental and cursor_path.is_file():
-            state = json.loads(cursor_path.read_text())
-            if state.get("dataset") == f"{workspace}/{name}":
-                cursor = state.get("responses", {})
-        statuses = ["submitted", "draft"] if cfg.include_drafts else ["submitted"]
+        cursor = read_cursor(cursor_path, f"{workspace}/{name}") if cfg.incremental else {}
         client = connect(cfg.argilla)
-        result = pull(client, name, workspace, statuses, cursor, cfg.since, cfg.on_invalid_span)
+        out = self.ctx.output("cursor")
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.if_missing == "empty" and find_dataset(client, name, workspace) is None:
+            self.ctx.log.info("%s/%s does not exist yet: nothing to pull", workspace, name)
+            atomic_write_json(
+                out / "cursor.json", {"dataset": f"{workspace}/{name}", "statuses": statuses(cfg), "responses": cursor}
+            )
+            return {"new": 0, "records": 0, "already_pulled": 0, "ties": 0, "invalid": 0, "annotators": 0, "output": None}
+        result = pull(client, name, workspace, statuses(cfg), cursor, cfg.since, cfg.on_invalid_span)
         kind = OUTPUT_KIND[result.kind]
         rows = records_to_rows(result.records)
         if cfg.accumulate and (previous / kind).exists():
             new_ids = {r["id"] for r in rows}
             rows = [r for r in load_rows(previous / kind) if r["id"] not in new_ids] + rows
         save_feedback(rows, kind, self.ctx.output(kind))
-        state = {"dataset": result.dataset, "statuses": statuses, "responses": result.cursor}
-        out = self.ctx.output("cursor")
-        out.mkdir(parents=True, exist_ok=True)
+        state = {"dataset": result.dataset, "statuses": statuses(cfg), "responses": result.cursor}
         atomic_write_json(out / "cursor.json", state)
-        if cfg.cursor_file:
+        if cfg.cursor_file and cfg.write_cursor_file:
             cursor_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(cursor_path, state)
         if result.invalid:
@@ -105,6 +118,39 @@ class ArgillaPullStage(Stage):
             "annotators": len(result.annotators),
             "output": kind,
         }
+
+
+def statuses(cfg: ArgillaPullConfig) -> list[str]:
+    """The response statuses a pull takes."""
+    return ["submitted", "draft"] if cfg.include_drafts else ["submitted"]
+
+
+def read_cursor(path: Path | None, dataset: str) -> dict[str, str]:
+    """The responses (id -> updated_at) a cursor file lists for `dataset` ("workspace/name");
+    {} without the file, or for another dataset's cursor."""
+    if path is None or not path.is_file():
+        return {}
+    state = json.loads(path.read_text(encoding="utf-8"))
+    return dict(state.get("responses", {})) if state.get("dataset") == dataset else {}
+
+
+def count_new(cfg: ArgillaPullConfig, cursor_file: str | None) -> dict[str, int]:
+    """New records a pull with `cfg` would write after `cursor_file`, as `{kind: n}` (read only:
+    nothing is written, the cursor does not move; {} while the dataset does not exist).
+    It reads every responded record of the dataset, as the pull does."""
+    from feedback.argilla_client import connect
+    from feedback.argilla_sync import find_dataset, pull
+    from feedback.argilla_templates import OUTPUT_KIND
+
+    if not cfg.dataset:
+        raise ValueError("count_new needs `dataset:`")
+    client = connect(cfg.argilla)
+    workspace = cfg.argilla.workspace
+    if find_dataset(client, cfg.dataset, workspace) is None:
+        return {}
+    cursor = read_cursor(Path(cursor_file).expanduser() if cursor_file else None, f"{workspace}/{cfg.dataset}")
+    result = pull(client, cfg.dataset, workspace, statuses(cfg), cursor, cfg.since, "report")
+    return {OUTPUT_KIND[result.kind]: len(result.records)} if result.records else {}
 
 
 def save_feedback(rows: list[dict], kind: str, path: Path) -> None:

@@ -248,3 +248,25 @@ def test_a_canary_is_promoted_on_good_live_reactions_and_dropped_on_bad_ones(liv
     assert "eval_current" in json.loads((runs / "loop_c" / "round-002" / "pipeline.json").read_text())["order"]
     assert dropped["deployed"] is False and dropped["why"].startswith("canary dropped"), dropped["why"]
     assert active(live) == promoted["version_after"]  # the promoted version stays; the dropped one serves nobody
+
+
+def test_evaluation_key_ignores_settings_that_do_not_change_the_result(tmp_path):
+    from pipeline.loop import evaluation_key
+
+    def key(with_: dict) -> str:
+        spec = {
+            "run_name": "k",
+            "model": "tiny",
+            "loop": {
+                "server": "http://127.0.0.1:9",
+                "train": [{"method": "kto", "from": "reactions"}],
+                "evaluate": {"with": with_},
+            },
+        }
+        path = tmp_path / "k.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return evaluation_key(LoopFile(path))
+
+    plain = key({"max_general": 3})
+    assert key({"max_general": 3, "report_to": "tensorboard", "device": "cpu"}) == plain  # reuse survives tracking
+    assert key({"max_general": 2}) != plain
