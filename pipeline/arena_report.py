@@ -175,6 +175,7 @@ def save_pareto_pngs(run_root: Path, folder: Path, prefix: str) -> list[Path]:
     if table is None:
         raise FileNotFoundError(f"{run_root}: no {PLAN_FILE} (not an arena run)")
     written: list[Path] = []
+    Path(folder).mkdir(parents=True, exist_ok=True)
     for k, (_, fig) in enumerate(pareto_figures(table)):
         path = Path(folder) / f"{prefix}_{k}.png"
         fig.savefig(path, format="png", dpi=90)
