@@ -9,7 +9,8 @@ worker idle for minutes. This plugin sorts modules by their last measured durati
 Durations come from `.pytest_cache/heedful/module_times.json`, written at the end of every run
 (the sum of each module's setup, call and teardown times as the controller saw them), else from
 the checked-in `tests/module_times.json` (a clean checkout, as in CI). A module in neither counts
-as `UNKNOWN_S`. Test order inside a module is unchanged.
+as `UNKNOWN_S`; among equal times, modules with more tests go first (xdist's own reorder). Test
+order inside a module is unchanged.
 """
 
 from __future__ import annotations
@@ -41,10 +42,18 @@ def _known_times(config: pytest.Config) -> dict[str, float]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     times = _known_times(config)
     first_seen: dict[str, int] = {}
+    count: dict[str, int] = defaultdict(int)
     for i, item in enumerate(items):
-        first_seen.setdefault(item.nodeid.split("::")[0], i)
-    # a stable key: the same order on every xdist worker (the controller checks the collections match)
-    items.sort(key=lambda it: (-times.get(m := it.nodeid.split("::")[0], UNKNOWN_S), first_seen[m]))
+        module = item.nodeid.split("::")[0]
+        first_seen.setdefault(module, i)
+        count[module] += 1
+
+    def key(item: pytest.Item) -> tuple[float, int, int]:
+        module = item.nodeid.split("::")[0]
+        # unknown modules by test count, as xdist's own reorder did; a stable key gives every worker the same order
+        return (-times.get(module, UNKNOWN_S), -count[module], first_seen[module])
+
+    items.sort(key=key)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
