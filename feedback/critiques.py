@@ -3,10 +3,11 @@
 Why: C3PO learns one feedback at a time, and a critique only one user gave is one person's
 taste (or an attack). A critique that *recurs*, worded a little differently by several
 distinct users ("too long, be concise" / "Way too long. Be more concise!"), is a need of the
-deployment. This module groups near-identical critiques and names the largest group's
-representative wording; the `recurring_critique` stage writes it for `c3po_data`, and the
-loop (pipeline/loop.py) calls the same `recurring` on the pulled rows to decide, before its
-train phase, whether a `c3po from critiques` step runs.
+deployment. This module groups near-identical critiques, ranks the groups by distinct users and
+names each group's representative wording; the `recurring_critique` stage of rank k writes the
+k-th for `c3po_data`, and the loop (pipeline/loop.py) calls the same `group_critiques` and `ranked` on
+the pulled rows to decide, before its train phase, how many critiques a `c3po from critiques` step
+learns that round (each its own C3PO adapter, chained).
 
 Similarity is lexical by default: normalised content words (case, punctuation, a few
 stopwords and plural/adverb endings dropped), Jaccard of the word sets. It needs no model, so
@@ -188,6 +189,15 @@ def recurring_users(rows: list[dict[str, Any]], grouping: CritiqueGrouping | Non
     """Distinct users behind the most recurrent critique: what a `c3po from critiques` step counts."""
     group = recurring(rows, grouping)
     return len(group.users) if group else 0
+
+
+def ranked(groups: list[CritiqueGroup], min_users: int, limit: int | None = None) -> list[CritiqueGroup]:
+    """The groups (of `group_critiques`, largest first) that at least `min_users` distinct users
+    gave, most users first (then most records, then first given), at most `limit`. The loop counts
+    them and the `recurring_critique` stage of rank k takes the k-th, both through this function,
+    so the stages a round plans are the groups its stages find."""
+    found = [g for g in groups if len(g.users) >= min_users]
+    return found if limit is None else found[:limit]
 
 
 # ----------------------------------------------------------------------------- scoped prompts for C3PO

@@ -10,7 +10,9 @@ can say where it is:
               human_verbal_feedback
     train     one stage per `train:` step whose signal brought enough records, chained:
               the deployed adapter -> step 1 -> step 2 ... (the candidate); a `c3po from
-              critiques` step is three: recurring_critique -> c3po_data -> c3po; beside them
+              critiques` step is three per critique it learns that round (every one that
+              `min_records` users gave, up to `critique.max_per_round`, most users first):
+              recurring_critique -> c3po_data -> c3po, the critiques' adapters chained; beside them
               one train_reward stage per `rewards:` entry whose signal brought enough records,
               refreshing that reward model on all its records so far (pipeline/loop_rewards.py)
     evaluate  evaluate the deployed version (unless an earlier round already did, with the
@@ -64,9 +66,11 @@ SIGNAL_INPUTS: dict[str, dict[str, str]] = {
     },
     "cut": {"verbal_feedback": "feedback", "human_verbal_feedback": "feedback"},
     "sft": {"preferences": "preferences", "human_preferences": "preferences"},
-    # C3PO learns one feedback: the critique most distinct users gave (stages/recurring_critique.py)
+    # C3PO learns one feedback per adapter: each recurring critique of the round (stages/recurring_critique.py)
     "c3po": {"critiques": "feedback"},
 }
+#: the most critiques a `c3po from critiques` step learns in one round (`critique.max_per_round`)
+MAX_CRITIQUES_PER_ROUND = 3
 #: the pulled signals whose requests a recurring critique uses as out-of-scope prompts
 SERVED_SIGNALS = ("reactions", "preferences", "followups")
 #: the signals people gave in Argilla (`loop.argilla:`) -> the `human` stage's output they are read from
@@ -98,7 +102,9 @@ class TrainStep(BaseModel):
         default_factory=dict, description="c3po only: c3po_data settings (generator, reviser, revision_template, ...)"
     )
     critique: dict[str, Any] = Field(
-        default_factory=dict, description="c3po only: recurring_critique settings (grouping, generator, near_scope_prompts)"
+        default_factory=dict,
+        description="c3po only: recurring_critique settings (grouping, generator, near_scope_prompts) and "
+        f"max_per_round (critiques learned per round, default {MAX_CRITIQUES_PER_ROUND})",
     )
 
     def grouping(self):
@@ -106,6 +112,14 @@ class TrainStep(BaseModel):
         from feedback.critiques import CritiqueGrouping
 
         return CritiqueGrouping.model_validate(self.critique.get("grouping") or {})
+
+    def max_per_round(self) -> int:
+        """`critique.max_per_round`: the most critiques this step learns in one round (the loop's
+        setting, not the stage's: it decides how many recurring_critique stages the round has)."""
+        value = self.critique.get("max_per_round", MAX_CRITIQUES_PER_ROUND)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"max_per_round must be an integer >= 1, got {value!r}")
+        return value
 
 
 class LoopSpec(BaseModel):
@@ -180,6 +194,10 @@ class LoopFile:
                 raise HeedfulError(
                     f"{self.path}: loop.train: {step.method}: critique.grouping: {exc.errors()[0]['msg']}"
                 ) from None
+            try:
+                step.max_per_round()
+            except ValueError as exc:
+                raise HeedfulError(f"{self.path}: field 'loop.train: {step.method}: critique.max_per_round': {exc}") from None
         from .loop_rewards import check_rewards
 
         check_rewards(self.path, self.spec.rewards, self.spec.evaluate.get("inputs") or {})
@@ -276,15 +294,18 @@ def round_stages(
     for i, step in enumerate(spec.train):
         if counts.get(step.signal, 0) < step.min_records:
             continue
+        if step.signal == "critiques":  # one C3PO adapter per critique learned, chained in rank order
+            for rank in range(1, counts.get("critique_groups", 1) + 1):
+                stages += critique_stages(i + 1, step, previous, counts, rank)
+                # rank 1 keeps the one-critique names (train_2_c3po), rank 2 is train_2_c3po_2
+                name = f"train_{i + 1}_{step.method}" + (f"_{rank}" if rank > 1 else "")
+                inputs = {"data": f"c3po_data_{critique_suffix(i + 1, rank)}.train"}
+                stages.append(train_stage(name, step, inputs, previous))
+                previous = f"{name}.adapter"
+            continue
         name = f"train_{i + 1}_{step.method}"
-        if step.signal == "critiques":
-            stages += critique_stages(i + 1, step, previous, counts)
-            inputs = {"data": f"c3po_data_{i + 1}.train"}
-        else:
-            inputs = {SIGNAL_INPUTS[step.method][step.signal]: ".".join(signal_output(step.signal))}
-        if previous is not None:
-            inputs["adapter"] = previous
-        stages.append({"name": name, "uses": step.method, "inputs": inputs, "with": copy.deepcopy(step.settings)})
+        inputs = {SIGNAL_INPUTS[step.method][step.signal]: ".".join(signal_output(step.signal))}
+        stages.append(train_stage(name, step, inputs, previous))
         previous = f"{name}.adapter"
     stages += reward_stages(spec.rewards, rewards)  # independent of the policy steps, in the same phase
     if not any(s["name"].startswith("train_") for s in stages) or phase == "train":
@@ -335,21 +356,36 @@ def round_stages(
     ]
 
 
-def critique_stages(number: int, step: TrainStep, adapter: str | None, counts: dict[str, int]) -> list[dict]:
-    """A `c3po from critiques` step's data stages: the recurring critique of the pull, then c3po_data
-    (baselines from the adapter the step continues, revisions by the step's `data:` settings)."""
+def train_stage(name: str, step: TrainStep, inputs: dict[str, str], adapter: str | None) -> dict:
+    """A train step's stage, continuing `adapter` (None: from the base model)."""
+    inputs = {**inputs, **({"adapter": adapter} if adapter is not None else {})}
+    return {"name": name, "uses": step.method, "inputs": inputs, "with": copy.deepcopy(step.settings)}
+
+
+def critique_suffix(number: int, rank: int) -> str:
+    """`2` for step 2's first critique (critique_2, c3po_data_2), `2_3` for its third (critique_2_3)."""
+    return str(number) if rank == 1 else f"{number}_{rank}"
+
+
+def critique_stages(number: int, step: TrainStep, adapter: str | None, counts: dict[str, int], rank: int = 1) -> list[dict]:
+    """A `c3po from critiques` step's data stages for the round's critique of rank `rank`: that
+    recurring critique of the pull, then c3po_data (baselines from the adapter this C3PO continues,
+    the previous critique's for rank > 1; revisions by the step's `data:` settings)."""
     served = {name: f"pull.{name}" for name in SERVED_SIGNALS if counts.get(name, 0) > 0}
-    data_inputs = {"feedback": f"critique_{number}.feedback", "prompts": f"critique_{number}.prompts"}
+    suffix = critique_suffix(number, rank)
+    data_inputs = {"feedback": f"critique_{suffix}.feedback", "prompts": f"critique_{suffix}.prompts"}
     if adapter is not None:
         data_inputs["adapter"] = adapter
+    settings = {k: v for k, v in copy.deepcopy(step.critique).items() if k != "max_per_round"}
+    settings = {**settings, "min_users": step.min_records, **({"rank": rank} if rank > 1 else {})}
     return [
         {
-            "name": f"critique_{number}",
+            "name": f"critique_{suffix}",
             "uses": "recurring_critique",
             "inputs": {"feedback": "pull.verbal_feedback", **served},
-            "with": {**copy.deepcopy(step.critique), "min_users": step.min_records},
+            "with": settings,
         },
-        {"name": f"c3po_data_{number}", "uses": "c3po_data", "inputs": data_inputs, "with": copy.deepcopy(step.data)},
+        {"name": f"c3po_data_{suffix}", "uses": "c3po_data", "inputs": data_inputs, "with": copy.deepcopy(step.data)},
     ]
 
 
@@ -442,7 +478,8 @@ def live_stats(spec: LoopSpec, token: str | None) -> dict[str, dict]:
 
 def count_new(spec: LoopSpec, token: str | None, cursor_file: str | None, human_cursor: str | None = None) -> dict[str, int]:
     """New feedback rows on the server after the cursor, per heedful signal (read only: nothing is taken).
-    `critiques`: distinct users behind the most recurrent critique (before quarantine: an upper bound).
+    `critiques`: distinct users behind the most recurrent critique (before quarantine: an upper bound;
+    how many critiques the round learns is counted after the pull, `trainable_counts`).
     With `argilla:`, also the records annotators submitted after `human_cursor` (`human_<kind>`)."""
     import json
 
@@ -458,7 +495,7 @@ def count_new(spec: LoopSpec, token: str | None, cursor_file: str | None, human_
         signal = OUTPUT_OF.get(row.get("kind", ""), "other")
         counts[signal] = counts.get(signal, 0) + 1
     verbal = [row.get("record") or {} for row in rows if OUTPUT_OF.get(row.get("kind", "")) == "verbal_feedback"]
-    counts.update(critique_counts(spec, verbal))
+    counts.update({k: v for k, v in critique_counts(spec, verbal).items() if k == "critiques"})
     counts.update(count_human(spec, human_cursor))
     return counts
 
@@ -476,19 +513,26 @@ def count_human(spec: LoopSpec, cursor_file: str | None) -> dict[str, int]:
 
 
 def critique_counts(spec: LoopSpec, verbal: list[dict[str, Any]]) -> dict[str, int]:
-    """`{"critiques": distinct users of the most recurrent critique}` when a step trains from critiques
-    (grouped as that step's recurring_critique stage will group them), else {}."""
-    from feedback.critiques import recurring_users
+    """When a step trains from critiques, `{"critiques": distinct users of the most recurrent
+    critique, "critique_groups": how many critiques the step learns}` (the groups `min_records`
+    users gave, at most `critique.max_per_round`), grouped and ranked by the function that step's
+    recurring_critique stages pick with (`feedback.critiques.ranked`); else {}."""
+    from feedback.critiques import critique_rows, group_critiques, ranked
 
     step = next((s for s in spec.train if s.signal == "critiques"), None)
-    return {} if step is None else {"critiques": recurring_users(verbal, step.grouping())}
+    if step is None:
+        return {}
+    groups = group_critiques(critique_rows(verbal), step.grouping())
+    learned = ranked(groups, step.min_records, step.max_per_round())
+    return {"critiques": len(groups[0].users) if groups else 0, "critique_groups": len(learned)}
 
 
 def trainable_counts(pull_dir: Path, counts: dict[str, int], spec: LoopSpec | None = None) -> dict[str, int]:
     """`counts` as the train steps may use them: reactions that are all love (or all dislike) cannot
     train KTO, which needs both labels; they count as 0, so the step is skipped, not failed.
-    `critiques` (with `spec`): distinct users behind the most recurrent pulled critique, counted by
-    the function the recurring_critique stage groups with, so the decision is made before training."""
+    `critiques` and `critique_groups` (with `spec`): distinct users behind the most recurrent pulled
+    critique and how many critiques the step learns, counted by the functions the recurring_critique
+    stages group and rank with, so the decision (and each stage's rank) is made before training."""
     from .records import load_rows
 
     out = dict(counts)
@@ -623,7 +667,7 @@ class Loop:
                 from .loop_rewards import record_metrics
 
                 entry["trained"] = [s["name"].split("_", 2)[2] for s in stages if s["name"].startswith("train_")]
-                entry["critique"] = critique_summary(self.root / run_name)
+                entry["critiques"] = critique_summary(self.root / run_name)
                 record_metrics(entry.get("rewards") or [])
             elif phase == "evaluate":
                 entry["gate"] = json.loads((self.root / run_name / "gate" / "decision").read_text(encoding="utf-8"))
@@ -694,14 +738,33 @@ class Loop:
         return done
 
 
-def critique_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The recurring critique a C3PO step of this round trained on (feedback, users, records), if any."""
+def critique_summary(run_dir: Path) -> list[dict[str, Any]]:
+    """Every recurring critique a C3PO step of this round learned, in chain order: `{stage, rank,
+    feedback, users, records}` each (empty without one)."""
     import json
 
-    for path in sorted(run_dir.glob("critique_*/critique/critique.json")):
+    found = []
+    for path in run_dir.glob("critique_*/critique/critique.json"):
+        stage = path.parent.parent.name
+        number = re.fullmatch(r"critique_(\d+)(?:_\d+)?", stage)
+        if number is None:  # not one the loop planned (critique_stages names them)
+            continue
         data = json.loads(path.read_text(encoding="utf-8"))
-        return {k: data.get(k) for k in ("feedback", "users", "records")}
-    return None
+        rank = int(data.get("rank", 1))
+        found.append(
+            (
+                int(number.group(1)),
+                rank,
+                {"stage": stage, "rank": rank, **{k: data.get(k) for k in ("feedback", "users", "records")}},
+            )
+        )
+    return [entry for *_, entry in sorted(found, key=lambda f: f[:2])]
+
+
+def learned_critiques(entry: dict[str, Any]) -> list[str]:
+    """The critiques a round's entry in loop.json says it learned (`critique`: one, before several)."""
+    found = entry.get("critiques") or ([entry["critique"]] if entry.get("critique") else [])
+    return [str(c.get("feedback")) for c in found]
 
 
 def status_rows(root: Path) -> list[dict[str, Any]]:
@@ -720,7 +783,7 @@ def status_rows(root: Path) -> list[dict[str, Any]]:
                 "quarantined": entry.get("quarantined", 0),
                 "version_before": entry.get("current_version"),
                 "trained": ", ".join(entry.get("trained") or []) or None,
-                "critique": (entry.get("critique") or {}).get("feedback"),
+                "critique": " | ".join(learned_critiques(entry)) or None,
                 "rewards": reward_summary(entry.get("rewards")),
                 "current_eval": None
                 if not gate

@@ -1,15 +1,18 @@
 """C3PO from a recurring critique as a loop signal (issue 14), on the `tiny` model against a real
-`heedful serve`: a critique that several distinct users gave, each in their own words, becomes the
-feedback of the next adapter; one user repeating a critique does not.
+`heedful serve`: every critique that several distinct users gave, each in their own words,
+becomes the feedback of an adapter of the round (chained); one user repeating a critique does not.
 
 Round 1: hank gives the same critique on five replies (and reacts to them): one user, so the
-`c3po from critiques` step is skipped and only the KTO step trains. Round 2: carol, dave and erin
-each say their replies are too long, worded differently; gus asks for metric units. The round
-groups the critiques, picks the concise one (3 users), writes its records and scoped prompts
-(in scope: the three critiqued requests; near scope: written by a generator LLM behind a real
-OpenAI-compatible endpoint, tests/openai_test_server.py; out of scope: the other served
-requests), revises with a template, trains C3PO from the deployed adapter, gates and deploys it.
-The adapter's feedback lineage is exactly the three critique records.
+`c3po from critiques` step is skipped and only the KTO step trains. Round 2: carol, dave, erin and
+hank each say their replies are too long, worded differently; gus, hank and dave ask for metric
+units; erin and carol ask for French (2 users, below min_records 3). The round groups the
+critiques and learns the two that recur, most users first: the concise one (4 users) as
+critique_2 -> c3po_data_2 -> train_2_c3po from the deployed adapter, then the metric one as
+critique_2_2 -> c3po_data_2_2 -> train_2_c3po_2 from train_2_c3po (the candidate). Each stage
+writes its group's records and scoped prompts (in scope: its critiqued requests; near scope:
+written by a generator LLM behind a real OpenAI-compatible endpoint, tests/openai_test_server.py;
+out of scope: the other served requests), revises with a template; the round gates and deploys.
+Each adapter's critique lineage is exactly its group's records (plus its ancestors').
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ CONCISE = {
     "erin": ("Count to three.", "too long - keep it concise"),
 }
 METRIC = ("How far is Paris from Rome?", "Use metric units, not miles.")
+#: round 2: (user, request, critique); concise from 4 users, metric from 3, French from 2 (< min_records)
+CONCISE_2 = [(user, q, text) for user, (q, text) in CONCISE.items()] + [
+    ("hank", "Name a colour.", "Too long; be concise please.")
+]
+METRIC_2 = [
+    ("gus", *METRIC),
+    ("hank", "How tall is Everest?", "Please use metric units, not feet."),
+    ("dave", "How heavy is a car?", "Use metric units."),
+]
+FRENCH_2 = [("erin", "Say thanks.", "Answer in French."), ("carol", "Say yes.", "Please answer in French!")]
 GENERATOR_KEY = "critique-test-key"
 
 
@@ -126,67 +139,90 @@ def test_a_critique_recurring_across_users_trains_c3po_and_one_users_repeats_do_
         assert round1["trainable"]["critiques"] == 1 and round1["trainable"]["reactions"] == 5
         names = stage_names(runs / "loop_crit" / "round-001")
         assert "train_1_kto" in names and not any(n.startswith(("critique_", "c3po_data_", "train_2")) for n in names)
-        assert round1["deployed"] is True and round1["trained"] == ["kto"] and round1["critique"] is None
+        assert round1["deployed"] is True and round1["trained"] == ["kto"] and round1["critiques"] == []
 
-        # round 2: three users, three wordings of one critique; one user with another critique
-        for user, (question, text) in CONCISE.items():
+        # round 2: two critiques that recur (4 and 3 users, each in their own words), one that does not (2 users)
+        for user, question, text in CONCISE_2 + METRIC_2 + FRENCH_2:
             give(live, user, question, critique=text)
-        give(live, "gus", METRIC[0], critique=METRIC[1])
         (round2,) = run_loop(path, runs)
-        assert generator_stats["requests"] >= 1  # near-scope requests came from the OpenAI-compatible endpoint
+        assert generator_stats["requests"] >= 2  # near-scope requests for each critique came from the endpoint
 
-    assert round2["trainable"]["critiques"] == 3 and round2["deployed"] is True and round2["gate"]["passed"] is True
+    assert round2["trainable"]["critiques"] == 4 and round2["trainable"]["critique_groups"] == 2
+    assert round2["deployed"] is True and round2["gate"]["passed"] is True
     here = runs / "loop_crit" / "round-002"
     names = stage_names(here)
-    assert {"critique_2", "c3po_data_2", "train_2_c3po", "export", "deploy"} <= set(names) and "train_1_kto" not in names
+    chain = ["critique_2", "c3po_data_2", "train_2_c3po", "critique_2_2", "c3po_data_2_2", "train_2_c3po_2"]
+    assert [n for n in names if n in chain] == chain and {"export", "deploy"} <= set(names)
+    assert "train_1_kto" not in names and not any(n.endswith("_3") for n in names)  # French: 2 users, not learned
     assert "eval_current" not in names  # the deployed version is round 1's candidate: its evaluation is reused
-    summary = json.loads((here / "critique_2" / "critique" / "critique.json").read_text())
     stored = {r["id"]: r for r in MemoryStore(live.memory).feedback("verbal")}
-    group_ids = {rid for rid, r in stored.items() if r["provenance"]["annotator"] in CONCISE}
-    metric_id = next(rid for rid, r in stored.items() if r["provenance"]["annotator"] == "gus")
-    assert summary["users"] == 3 and set(summary["source_ids"]) == group_ids and metric_id not in summary["source_ids"]
-    assert summary["feedback"] in {text for _, text in CONCISE.values()} and "concise" in summary["feedback"]
-    assert [g["feedback"] for g in summary["other_groups"]] == [METRIC[1]]
+
+    def ids_of(given: list[tuple[str, str, str]]) -> set[str]:
+        return {rid for rid, r in stored.items() if r["critique"] in {text for _, _, text in given}}
+
+    concise_ids, metric_ids, french_ids = ids_of(CONCISE_2), ids_of(METRIC_2), ids_of(FRENCH_2)
+    assert (len(concise_ids), len(metric_ids), len(french_ids)) == (4, 3, 2)
+    summary = json.loads((here / "critique_2" / "critique" / "critique.json").read_text())
+    second = json.loads((here / "critique_2_2" / "critique" / "critique.json").read_text())
+    assert (summary["rank"], summary["users"], set(summary["source_ids"])) == (1, 4, concise_ids)
+    assert summary["feedback"] in {text for _, _, text in CONCISE_2} and "concise" in summary["feedback"]
+    assert (second["rank"], second["users"], set(second["source_ids"])) == (2, 3, metric_ids)
+    assert second["feedback"] == METRIC[1]  # the most central wording of the three
+    assert [g["feedback"] for g in summary["other_groups"]] == [METRIC[1], FRENCH_2[0][2]]
 
     prompts = load_rows(here / "critique_2" / "prompts")
     by_scope = {s: {p["prompt"] for p in prompts if p["scope"] == s} for s in ("in_scope", "near_scope", "out_of_scope")}
-    assert by_scope["in_scope"] == {question for question, _ in CONCISE.values()}
+    assert by_scope["in_scope"] == {question for _, question, _ in CONCISE_2}
     assert METRIC[0] in by_scope["out_of_scope"]  # another critique's request: the concise feedback was not about it
     assert by_scope["near_scope"] and all(p["category"] == "generated" for p in prompts if p["scope"] == "near_scope")
+    second_prompts = load_rows(here / "critique_2_2" / "prompts")
+    assert {p["prompt"] for p in second_prompts if p["scope"] == "in_scope"} == {q for _, q, _ in METRIC_2}
     train = load_rows(here / "c3po_data_2" / "train")
     assert {r["feedback"] for r in train} == {summary["feedback"]}
     assert all(r["revised"].startswith("In short: ") for r in train if r["scope"] == "in_scope")
+    assert {r["feedback"] for r in load_rows(here / "c3po_data_2_2" / "train")} == {METRIC[1]}
     records = load_rows(here / "critique_2" / "feedback")
-    assert {r["id"] for r in records} == group_ids and {r["critique"] for r in records} == {summary["feedback"]}
+    assert {r["id"] for r in records} == concise_ids and {r["critique"] for r in records} == {summary["feedback"]}
     originals = {json.loads(r["provenance"]["extra"])["original_critique"] for r in records}
-    assert originals == {text for _, text in CONCISE.values()}  # each user's own words are kept
+    assert originals == {text for _, _, text in CONCISE_2}  # each user's own words are kept
+    assert {r["id"] for r in load_rows(here / "critique_2_2" / "feedback")} == metric_ids
 
-    adapter = here / "train_2_c3po" / "adapter"
-    assert (adapter / "adapter_config.json").is_file()
+    assert (here / "train_2_c3po" / "adapter" / "adapter_config.json").is_file()
+    assert (here / "train_2_c3po_2" / "adapter" / "adapter_config.json").is_file()
     assert round2["current_version"] == round1["version_after"]  # C3PO continued the deployed (KTO) adapter
-    config = json.loads((here / "pipeline.json").read_text())["config"]
-    data_stage = next(s for s in config["stages"] if s["name"] == "c3po_data_2")
-    c3po = next(s for s in config["stages"] if s["name"] == "train_2_c3po")
-    assert round2["current_adapter"] and round2["current_adapter"] in json.dumps(c3po)
-    assert round2["current_adapter"] in json.dumps(data_stage)  # baselines from the deployed adapter too
+    config = {s["name"]: s for s in json.loads((here / "pipeline.json").read_text())["config"]["stages"]}
+    assert round2["current_adapter"] and round2["current_adapter"] in json.dumps(config["train_2_c3po"])
+    assert round2["current_adapter"] in json.dumps(config["c3po_data_2"])  # baselines from the deployed adapter too
+    # the second critique's C3PO continues the first's (baselines from it too); the candidate is the last
+    assert config["train_2_c3po_2"]["inputs"]["adapter"] == config["c3po_data_2_2"]["inputs"]["adapter"] == "train_2_c3po.adapter"
+    assert config["critique_2_2"]["with"]["rank"] == 2 and "max_per_round" not in config["critique_2_2"]["with"]
+    assert config["export"]["inputs"]["adapter"] == "train_2_c3po_2.adapter"
     assert load_state(runs / "loop_crit")["rounds"][1]["gate"]["passed"] is True
+
+    def critiques_in(adapter: Path) -> dict[str, set[str]]:
+        found = lineage.feedback_lineage(adapter)["feedback_records"]
+        out: dict[str, set[str]] = {}
+        for r in found:
+            if r["kind"] == "verbal_feedback":
+                out.setdefault(r["source_stage"], set()).add(r["id"])
+        return out
+
+    # each C3PO reads only its group's records; the candidate descends from both, not from the French ones
+    assert critiques_in(here / "train_2_c3po" / "adapter") == {"critique_2": concise_ids}
+    assert critiques_in(here / "train_2_c3po_2" / "adapter") == {"critique_2": concise_ids, "critique_2_2": metric_ids}
     # what `heedful trace` reads for the deployed version: the export's lineage
-    card = json.loads((here / "export" / "package" / "heedful.json").read_text())
-    traced = card["feedback_records"]
-    assert {r["id"] for r in traced if r["source_stage"] == "critique_2"} == group_ids
+    traced = json.loads((here / "export" / "package" / "heedful.json").read_text())["feedback_records"]
+    verbal = [r for r in traced if r["kind"] == "verbal_feedback"]
+    assert {r["id"] for r in verbal} == concise_ids | metric_ids and not french_ids & {r["id"] for r in traced}
+    assert {r["source_stage"] for r in verbal} == {"critique_2", "critique_2_2"}
     assert any(r["kind"] == "reactions" for r in traced)  # the ancestor (round 1's KTO adapter) too
-    if hasattr(lineage, "selects_records"):  # with pipeline/lineage.py's selects_records rule: exactly these critiques
-        assert [r for r in traced if r["kind"] == "verbal_feedback"] == [r for r in traced if r["source_stage"] == "critique_2"]
-        assert metric_id not in {r["id"] for r in traced}
+    assert [(c["stage"], c["rank"], c["users"]) for c in round2["critiques"]] == [("critique_2", 1, 4), ("critique_2_2", 2, 3)]
+    assert round2["trained"] == ["c3po", "c3po_2"]
     row = status_rows(runs / "loop_crit")[1]
-    assert row["trained"] == "c3po" and row["critique"] == summary["feedback"] and row["current_eval"] == "reused round-001"
+    assert row["trained"] == "c3po, c3po_2" and row["current_eval"] == "reused round-001"
+    assert row["critique"] == f"{summary['feedback']} | {METRIC[1]}"
 
 
-@pytest.mark.xfail(
-    not hasattr(lineage, "selects_records"),
-    reason="needs the pipeline/lineage.py change in the LOOP helper's report (selects_records)",
-    strict=True,
-)
 def test_recurring_critique_lineage_is_exactly_the_critique_records(tmp_path):
     """The lineage of a C3PO adapter trained on a recurring critique names the group's records
     only: not the other critiques nor the reactions the critique stage read for prompts."""
@@ -251,3 +287,98 @@ def test_critiques_group_by_wording_and_count_distinct_users(similarity):
     given = scoped_prompts(groups[0], rows[3:8], near_scope=["Name a vegetable.", "Name a fruit."])
     assert [p["prompt"] for p in given if p["scope"] == "near_scope"] == ["Name a vegetable."]  # in scope wins
     assert all(p["scope"] != "near_scope" or p["category"] == "generated" for p in given)
+
+
+def test_recurring_critiques_rank_by_users_and_the_cap_keeps_the_most_given():
+    from feedback.critiques import critique_rows, group_critiques, ranked
+
+    given = CONCISE_2 + METRIC_2 + FRENCH_2 + [("ivy", "Say no.", "Answer in French, please.")]
+    rows = [served(i, user, text, question) for i, (user, question, text) in enumerate(given)]
+    groups = group_critiques(critique_rows(rows))
+    assert [len(g.users) for g in groups] == [4, 3, 3]  # concise, metric, French (now 3 users: erin, carol, ivy)
+    assert [g.representative for g in ranked(groups, 3)] == [CONCISE_2[0][2], METRIC[1], FRENCH_2[0][2]]
+    assert [len(g.users) for g in ranked(groups, 4)] == [4]  # below min_users: not learned
+    assert [g.representative for g in ranked(groups, 3, limit=2)] == [CONCISE_2[0][2], METRIC[1]]  # the cap
+    assert ranked(groups, 5) == [] and ranked([], 1) == []
+    # a tie on users and records (metric and French: 3 and 3): the critique given first ranks first
+    assert [g.ids for g in ranked(groups, 3)][1:] == [["r4", "r5", "r6"], ["r7", "r8", "r9"]]
+
+
+def critique_loop(tmp_path: Path, **critique) -> LoopFile:
+    """A loop file whose only step is c3po from critiques (min_records 2); nothing is served."""
+    spec = {
+        "run_name": "crit",
+        "model": "tiny",
+        "loop": {
+            "server": "http://127.0.0.1:9",
+            "train": [{"method": "c3po", "from": "critiques", "min_records": 2, "critique": critique}],
+            "evaluate": {"inputs": {"prompts": "held_out.jsonl"}},
+        },
+    }
+    path = tmp_path / "crit.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return LoopFile(path)
+
+
+def test_the_round_plans_one_chained_c3po_per_recurring_critique_up_to_the_cap(tmp_path):
+    from pipeline.errors import HeedfulError
+    from pipeline.loop import critique_counts, learned_critiques, round_stages
+
+    given = CONCISE_2 + METRIC_2 + FRENCH_2
+    rows = [served(i, user, text, question) for i, (user, question, text) in enumerate(given)]
+    loop = critique_loop(tmp_path, max_per_round=2, grouping={"threshold": 0.5})
+    # concise 4 users, metric 3, French 2: all reach min_records 2, the cap keeps the first two
+    assert critique_counts(loop.spec, rows) == {"critiques": 4, "critique_groups": 2}
+    assert critique_counts(critique_loop(tmp_path).spec, rows) == {"critiques": 4, "critique_groups": 3}  # default cap 3
+    assert critique_counts(loop.spec, rows[:3]) == {"critiques": 3, "critique_groups": 1}
+
+    stages = {s["name"]: s for s in round_stages(loop, "train", None, "deployed/adapter", {"critiques": 4, "critique_groups": 2})}
+    assert [n for n in stages if n != "pull"] == [
+        "critique_1",
+        "c3po_data_1",
+        "train_1_c3po",
+        "critique_1_2",
+        "c3po_data_1_2",
+        "train_1_c3po_2",
+    ]
+    assert stages["critique_1"]["with"] == {"grouping": {"threshold": 0.5}, "min_users": 2}  # rank 1 by default
+    assert stages["critique_1_2"]["with"] == {"grouping": {"threshold": 0.5}, "min_users": 2, "rank": 2}
+    assert stages["c3po_data_1"]["inputs"]["adapter"] == stages["train_1_c3po"]["inputs"]["adapter"] == "deployed/adapter"
+    assert stages["c3po_data_1_2"]["inputs"]["adapter"] == stages["train_1_c3po_2"]["inputs"]["adapter"] == "train_1_c3po.adapter"
+    assert stages["train_1_c3po_2"]["inputs"]["data"] == "c3po_data_1_2.train"
+    # a round planned before critique_groups was counted (loop.json of an older round) learns one
+    assert [n for n in (s["name"] for s in round_stages(loop, "train", None, None, {"critiques": 4})) if n != "pull"] == [
+        "critique_1",
+        "c3po_data_1",
+        "train_1_c3po",
+    ]
+    # loop.json of a round from before several critiques per round: `critique`, one
+    assert learned_critiques({"critique": {"feedback": METRIC[1]}}) == [METRIC[1]] and learned_critiques({}) == []
+    for bad in (0, "two", True):
+        with pytest.raises(HeedfulError, match=r"critique\.max_per_round.*integer >= 1"):
+            critique_loop(tmp_path, max_per_round=bad)
+
+
+def test_the_stage_of_rank_k_picks_the_kth_recurring_critique_and_fails_beyond(tmp_path):
+    """The stage's own choice (through the same ranking the loop counts with), without the loop."""
+    from pipeline.config import pipeline_from_dict
+    from pipeline.runner import Runner
+
+    given = CONCISE_2 + METRIC_2 + FRENCH_2
+    source = tmp_path / "verbal.jsonl"
+    source.write_text("".join(json.dumps(served(i, u, t, q)) + "\n" for i, (u, q, t) in enumerate(given)))
+
+    def run(rank: int):
+        stage = {"name": "critique", "uses": "recurring_critique", "inputs": {"feedback": str(source)}}
+        stage["with"] = {"min_users": 3, "rank": rank}
+        pipeline = pipeline_from_dict({"run_name": f"r{rank}", "model": "tiny", "stages": [stage]}, tmp_path, "r")
+        return Runner(pipeline, tmp_path / "runs", use_ray=False).execute()
+
+    assert run(2).ok
+    out = tmp_path / "runs" / "r2" / "critique"
+    assert {r["id"] for r in load_rows(out / "feedback")} == {"r4", "r5", "r6"}  # the metric critique's records only
+    summary = json.loads((out / "critique" / "critique.json").read_text())
+    assert (summary["rank"], summary["feedback"], summary["users"]) == (2, METRIC[1], 3)
+    assert [g["feedback"] for g in summary["other_groups"]] == [CONCISE_2[0][2], FRENCH_2[0][2]]
+    failed = run(3)  # French: 2 users < min_users 3
+    assert not failed.ok and "rank 3: only 2 critique(s) recur across 3 distinct users" in str(failed.records[-1].error)
