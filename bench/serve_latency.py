@@ -1,13 +1,15 @@
-"""Serving latency under concurrency: micro-batched generation vs. one request at a time.
+"""Serving latency under concurrency: micro-batched generation vs. one request at a time, per engine.
 
-Two live servers (uvicorn on 127.0.0.1, memory on, no match) run side by side in one
-process: `max_batch=1` (generation serialized, the previous behaviour) and the default
-micro-batcher (`max_batch` 16, 5 ms window). For 1, 16 and 100 concurrent clients, each
-client sends `--requests` greedy chat requests back to back over HTTP; the two servers take
-turns, `--rounds` times, in alternating order, so a change in the machine's load hits both
-alike. Per-request latency p50 / p99 (over all rounds) and throughput are reported side by side.
+Live servers (uvicorn on 127.0.0.1, memory on, no match) run side by side in one process,
+for each engine of `--engine` (hf: HF `generate`; ct2: CTranslate2, what `engine: auto`
+picks on CPU): `max_batch=1` (generation serialized) and the default micro-batcher
+(`max_batch` 16, 5 ms window). For 1, 16 and 100 concurrent clients, each client sends
+`--requests` greedy chat requests back to back over HTTP; the servers take turns,
+`--rounds` times, in alternating order, so a change in the machine's load hits all alike.
+Per-request latency p50 / p99 (over all rounds) and throughput are reported side by side,
+with the batched speed-up per engine and, with both engines, ct2's over hf's.
 
-    python bench/serve_latency.py [--model tiny] [--clients 1,16,100] [--requests 2] [--rounds 3]
+    python bench/serve_latency.py [--model tiny] [--engine hf,ct2] [--clients 1,16,100] [--requests 2] [--rounds 3]
 Results: bench/results/serve_latency.json. Timings depend on the machine and its load.
 """
 
@@ -23,6 +25,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from common import RESULTS, percentiles, prepare_serving, save_results
+
+BATCHING = {"serialized": 1, "batched": 16}  # max_batch of the two servers per engine
 
 
 def run_clients(url: str, model: str, clients: int, requests: int, max_tokens: int) -> tuple[list[float], float]:
@@ -51,7 +55,7 @@ def run_clients(url: str, model: str, clients: int, requests: int, max_tokens: i
     return samples, time.perf_counter() - start
 
 
-def bench(model: str, clients: list[int], requests: int, max_tokens: int, rounds: int) -> dict:
+def bench(model: str, clients: list[int], requests: int, max_tokens: int, rounds: int, engines: list[str]) -> dict:
     import os
 
     import torch
@@ -64,19 +68,20 @@ def bench(model: str, clients: list[int], requests: int, max_tokens: int, rounds
         "max_tokens": max_tokens,
         "requests_per_client": requests,
         "rounds": rounds,
+        "engines": engines,
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": os.getloadavg()[0],
         "results": {},
     }
-    modes = {"serialized": 1, "batched": 16}
+    modes = {f"{engine}-{kind}": (engine, max_batch) for engine in engines for kind, max_batch in BATCHING.items()}
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         servers = {
             mode: stack.enter_context(
-                ServerThread(ServeSettings(model=model, memory=str(Path(tmp) / f"{mode}.db"), max_batch=max_batch))
+                ServerThread(ServeSettings(model=model, memory=str(Path(tmp) / f"{mode}.db"), max_batch=max_batch, engine=engine))
             )
-            for mode, max_batch in modes.items()
+            for mode, (engine, max_batch) in modes.items()
         }
         for server in servers.values():
             run_clients(server.url, model, 2, 1, max_tokens)  # warm up
@@ -92,8 +97,12 @@ def bench(model: str, clients: list[int], requests: int, max_tokens: int, rounds
                 m: {**percentiles(samples[m]), "requests": len(samples[m]), "requests_per_s": round(len(samples[m]) / wall[m], 2)}
                 for m in modes
             }
-            row["p50_speedup"] = round(row["serialized"]["p50_ms"] / row["batched"]["p50_ms"], 2)
-            row["p99_speedup"] = round(row["serialized"]["p99_ms"] / row["batched"]["p99_ms"], 2)
+            for engine in engines:
+                serialized, batched = row[f"{engine}-serialized"], row[f"{engine}-batched"]
+                row[f"{engine}_p50_speedup"] = round(serialized["p50_ms"] / batched["p50_ms"], 2)
+                row[f"{engine}_p99_speedup"] = round(serialized["p99_ms"] / batched["p99_ms"], 2)
+            if {"hf", "ct2"} <= set(engines):
+                row["ct2_over_hf_batched_p50"] = round(row["hf-batched"]["p50_ms"] / row["ct2-batched"]["p50_ms"], 2)
             row["load_average"] = round(os.getloadavg()[0], 1)
             result["results"][str(n)] = row
             print(n, json.dumps(row), flush=True)
@@ -113,11 +122,21 @@ def main() -> None:
         default=None,
         help="torch CPU threads (1 avoids OpenMP spin-waiting on a machine shared with other jobs)",
     )
+    parser.add_argument(
+        "--engine", default="hf", help="comma-separated serve engines to compare: hf, ct2 (e.g. hf,ct2; auto is one of them)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_latency.json")
     args = parser.parse_args()
+    engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    if not engines or any(e not in ("hf", "ct2") for e in engines):
+        parser.error(f"--engine: a comma-separated list of hf and ct2 (got {args.engine!r})")
     prepare_serving(args.model, args.threads)
+    if args.threads:
+        import os
+
+        os.environ["HEEDFUL_NUM_THREADS"] = str(args.threads)  # the ct2 engine's threads, as torch's
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
-    save_results(bench(args.model, clients, args.requests, args.max_tokens, args.rounds), args.out)
+    save_results(bench(args.model, clients, args.requests, args.max_tokens, args.rounds, engines), args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -215,11 +215,14 @@ class Ct2Generator:
         sampling: SamplingSettings,
         *,
         num_samples: int = 1,
-        seed: int = 0,
+        seed: int | None = 0,
         max_batch_size: int = 64,
         max_new_tokens: list[int] | None = None,
     ) -> list[list[list[int]]]:
         """Reply token ids (stop token excluded) for rendered prompts, `num_samples` per prompt.
+
+        `seed` None samples on from the generator's current RNG state instead of reseeding it
+        (a server's unseeded requests: no generator restart per call).
 
         `max_new_tokens`, one per prompt, gives each request its own budget inside one call
         (a request that reaches it leaves the batch; the others go on); by default every
@@ -235,23 +238,17 @@ class Ct2Generator:
             max_length=max(budgets, default=1),
             include_prompt_in_result=False,
             end_token=self.eos_tokens,
-            repetition_penalty=sampling.repetition_penalty,
             max_batch_size=max_batch_size,
             num_hypotheses=num_samples,
             return_end_token=False,
+            **self._sampling_kwargs(sampling),
         )
         if len(set(budgets)) > 1:
             if num_samples > 1:
                 raise ValueError("per-request max_new_tokens needs num_samples: 1")
             kwargs["callback"] = _budget_callback(budgets)
-        if sampling.temperature == 0:
-            if num_samples > 1:
-                raise ValueError("temperature 0 (greedy) gives one reply per prompt; set num_samples: 1")
-            kwargs.update(sampling_topk=1)
-        else:
-            kwargs.update(
-                sampling_topk=sampling.top_k or 0, sampling_topp=sampling.top_p, sampling_temperature=sampling.temperature
-            )
+        if sampling.temperature == 0 and num_samples > 1:
+            raise ValueError("temperature 0 (greedy) gives one reply per prompt; set num_samples: 1")
         prefix = _shared_prefix(token_lists) if self.prefix_cache else 0
         if prefix >= MIN_CACHED_PREFIX:
             kwargs.update(static_prompt=token_lists[0][:prefix], cache_static_prompt=True)
@@ -259,6 +256,40 @@ class Ct2Generator:
         generator = self._seeded(None if sampling.temperature == 0 else seed)
         results = generator.generate_batch(token_lists, **kwargs)
         return [[list(ids)[:budget] for ids in result.sequences_ids] for result, budget in zip(results, budgets)]
+
+    @staticmethod
+    def _sampling_kwargs(sampling: SamplingSettings) -> dict[str, Any]:
+        """CTranslate2's decoding keywords for `sampling` (top_k 0: the whole distribution, as in HF)."""
+        if sampling.temperature == 0:
+            return {"sampling_topk": 1, "repetition_penalty": sampling.repetition_penalty}
+        return {
+            "sampling_topk": sampling.top_k or 0,
+            "sampling_topp": sampling.top_p,
+            "sampling_temperature": sampling.temperature,
+            "repetition_penalty": sampling.repetition_penalty,
+        }
+
+    def stream_ids(self, prompt: str, sampling: SamplingSettings, *, seed: int | None = None) -> Iterator[int]:
+        """Reply token ids of one rendered prompt as they are decoded (CTranslate2's
+        `generate_tokens`), up to `sampling.max_new_tokens`, ending before a stop token.
+
+        For streams and stop strings: the caller may stop iterating at any token (closing the
+        iterator stops the decoding). `seed` None: no reseed (see `generate_ids`). No prefix
+        cache: one prompt shares nothing worth caching with the next.
+        """
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        tokens = self.tokenizer.convert_ids_to_tokens(ids)
+        steps = self._seeded(None if sampling.temperature == 0 else seed).generate_tokens(
+            tokens, max_length=sampling.max_new_tokens, end_token=self.eos_tokens, **self._sampling_kwargs(sampling)
+        )
+        stop_ids = set(self.tokenizer.convert_tokens_to_ids(self.eos_tokens))
+        try:
+            for step in steps:
+                if step.token_id in stop_ids:
+                    return
+                yield step.token_id
+        finally:
+            steps.close()
 
     def generate_texts(
         self, prompts: list[str], sampling: SamplingSettings, *, num_samples: int = 1, seed: int = 0, max_batch_size: int = 64

@@ -5,6 +5,8 @@ model name instead and picks the engine (`pick_engine`): vLLM (optional dependen
 is installed and a GPU is present, CTranslate2 on CPU (pipeline/ct2_engine.py, the same
 greedy replies as HF, faster), batched HF generation otherwise -- same prompts (the
 tokenizer's chat template), same sampling settings, same `Completion` records.
+`heedful serve` (serving/engine.py) and the LLM client (pipeline/llm.py) choose between
+CTranslate2 and HF the same way (`pick_local_engine`), from the same `engine` setting.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -118,6 +120,15 @@ def _eos_ids(model, tokenizer) -> list[int]:
 # ----------------------------------------------------------------------------- engine switch
 
 Engine = Literal["auto", "hf", "ct2", "vllm"]
+#: the `engine` setting of every config that samples from a local model (stages, the LLM client,
+#: `heedful serve`): one field, one help text; `pick_engine` / `pick_local_engine` resolve it
+EngineSetting = Annotated[
+    Engine,
+    Field(
+        description="auto: vLLM when installed and on a GPU (batch stages only), CTranslate2 on CPU when "
+        "installed, else HF generate; hf: HF generate; ct2: CTranslate2 on CPU (same greedy replies as HF, faster)"
+    ),
+]
 #: vLLM only serves LoRA adapters up to one of these ranks
 _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -159,6 +170,28 @@ def pick_engine(engine: str = "auto", device: str | None = None) -> str:
     if not reason:
         return "vllm"
     return "ct2" if _on_cpu(device) and importlib.util.find_spec("ctranslate2") is not None else "hf"
+
+
+def check_local_engine(engine: str) -> str:
+    """The `engine` of a model held in-process (`heedful serve`, the LLM client), or a clear error:
+    vLLM -- one engine per batch job, which owns the GPU -- is no choice there (config validators
+    call this, so the refusal comes when the config is read)."""
+    if engine == "vllm":
+        raise ValueError(
+            "engine: vllm is for the batch stages (generate); a model held in-process (serve, the LLM "
+            "client) takes auto, hf or ct2 -- for vLLM, run vLLM's own server and use kind: openai"
+        )
+    return engine
+
+
+def pick_local_engine(engine: str = "auto", device: str | None = None) -> str:
+    """'ct2' or 'hf' for a model held in this process and called many times (`heedful serve`, the
+    LLM client): like `pick_engine` without vLLM (`check_local_engine`): 'auto' means CTranslate2
+    on CPU when installed, else HF generate."""
+    check_local_engine(engine)
+    if engine == "auto":
+        return "ct2" if _on_cpu(device) and importlib.util.find_spec("ctranslate2") is not None else "hf"
+    return pick_engine(engine, device)
 
 
 def _on_cpu(device: str | None) -> bool:

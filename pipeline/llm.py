@@ -18,6 +18,10 @@ Sampling: temperature 0 means greedy decoding on both kinds; the endpoint then g
 `temperature: 0` and no `top_p` (HF generate does not sample, so `top_p` would be ignored
 there too).
 
+Engine (hf kind, `engine:`): as the stages pick theirs (docs/generation.md) -- `auto` samples
+with CTranslate2 on CPU (greedy replies equal to HF's), HF generate elsewhere; `hf` insists on
+HF. The identity does not name the engine: like the device, it is how, not what, is sampled.
+
 `CachedLLM` (pipeline/llm_cache.py) wraps either client with the persistent call cache.
 """
 
@@ -31,10 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .chat import Messages, render_many
-from .generation import Completion, SamplingSettings
+from .generation import Completion, EngineSetting, SamplingSettings, check_local_engine
 
 log = logging.getLogger("heedful.llm")
 
@@ -53,6 +57,7 @@ class LLMSettings(BaseModel):
     )
     model: str | None = Field(default=None, description="alias/folder/hub id (hf) or the served model's name (openai)")
     adapter: str | None = Field(default=None, description="hf only: a LoRA adapter folder")
+    engine: EngineSetting = "auto"
     base_url: str | None = Field(default=None, description="openai: e.g. http://127.0.0.1:8000/v1 (default: OpenAI's API)")
     api_key_file: str | None = Field(default=None, description="openai: file holding the key (chmod 600)")
     api_key_env: str = Field(default=API_KEY_ENV, description="openai: environment variable holding the key")
@@ -63,6 +68,11 @@ class LLMSettings(BaseModel):
     batch_size: int = Field(default=8, ge=1, description="hf: conversations per generate() call")
     concurrency: int = Field(default=8, ge=1, description="openai: parallel requests")
     timeout_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, value: str) -> str:
+        return check_local_engine(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -150,7 +160,14 @@ def openai_sampling(sampling: SamplingSettings) -> dict[str, Any]:
 
 
 class HFClient:
-    """A causal LM through pipeline.models / pipeline.generation (batched, seeded)."""
+    """A local causal LM: replies from the engine `engine` picks (pipeline.generation's
+    `pick_local_engine`: CTranslate2 on CPU, HF generate otherwise), batched and seeded; the
+    scores (`yes_probability`, `reply_logprob`) are forward passes of the HF model.
+
+    A `model` passed in is used as it is, on HF: its weights may be ones no file holds (a policy
+    being trained), so a converted copy could be stale. Otherwise, with ct2, the HF model is only
+    loaded when a score is first asked for, and the CTranslate2 copy when a reply is.
+    """
 
     def __init__(
         self,
@@ -161,14 +178,21 @@ class HFClient:
         model=None,
         tokenizer=None,
         sampling: SamplingSettings | None = None,
+        engine: str = "hf",
     ):
-        from .models import device_policy, load_causal_lm, load_tokenizer
+        from .generation import pick_local_engine
+        from .models import load_tokenizer
 
         self.name = name
         self.batch_size = batch_size
         self.sampling = sampling or LLMSettings().sampling
         self.tokenizer = tokenizer or load_tokenizer(name)
-        self.model = model if model is not None else load_causal_lm(name, device_policy(device), adapter=adapter).eval()
+        self._device, self._adapter = device, adapter
+        self.engine = "hf" if model is not None else pick_local_engine(engine, device)
+        self._model = model
+        self._ct2: Any = None
+        if self.engine == "hf":
+            self._model = self.model  # load now: a wrong name or adapter fails here, not mid-stage
         self.identity = f"hf:{name}"
         if adapter is not None:
             from .artifacts import hash_path
@@ -176,12 +200,34 @@ class HFClient:
             self.identity += f"+adapter:{hash_path(Path(adapter))[:16]}"
         self._yes_no: list[int] | None = None
 
+    @property
+    def model(self):
+        """The HF model (base + adapter), loaded on first use."""
+        if self._model is None:
+            from .models import device_policy, load_causal_lm
+
+            self._model = load_causal_lm(self.name, device_policy(self._device), adapter=self._adapter).eval()
+        return self._model
+
+    @property
+    def ct2(self) -> Any:
+        """The CTranslate2 generator (engine ct2), built -- converted, once per model and adapter --
+        on the first reply asked for: a judge that only scores never converts."""
+        if self._ct2 is None and self.engine == "ct2":
+            from .ct2_engine import Ct2Generator
+
+            self._ct2 = Ct2Generator(self.name, self._adapter)
+        return self._ct2
+
     def generate(self, conversations: list[Messages], sampling: SamplingSettings, seed: int = 0) -> list[Completion]:
         from .generation import chat_generate
 
-        replies = chat_generate(
-            self.model, self.tokenizer, conversations, sampling, num_samples=1, batch_size=self.batch_size, seed=seed
-        )
+        if self.engine == "ct2":
+            replies = self.ct2.generate(conversations, sampling, seed=seed, batch_size=self.batch_size)
+        else:
+            replies = chat_generate(
+                self.model, self.tokenizer, conversations, sampling, num_samples=1, batch_size=self.batch_size, seed=seed
+            )
         return [r[0] for r in replies]
 
     def complete(self, conversations: list[Messages], seed: int = 0) -> list[str]:
@@ -323,4 +369,5 @@ def build_client(
         model if reuse else None,
         tokenizer if reuse else None,
         settings.sampling,
+        settings.engine,
     )

@@ -193,8 +193,9 @@ def build_app(settings: ServeSettings, service: MemPromptService | None = None) 
 
     @app.get("/v1/models")
     def models():
-        """The served model; `versions`: its adapter versions (id, adapter path, loaded_at, active, loaded,
-        canary: the share of users a canary serves, else 0), newest first."""
+        """The served model; `engine`: what generates (hf or ct2, `engine` resolved); `versions`: its adapter
+        versions (id, adapter path, loaded_at, active, loaded, canary: the share of users a canary serves,
+        else 0), newest first."""
         versions = svc().versions.list() if state["service"] is not None else []
         active = next((v["id"] for v in versions if v["active"]), None)
         canary = next((v for v in versions if v["canary"]), None)
@@ -202,6 +203,7 @@ def build_app(settings: ServeSettings, service: MemPromptService | None = None) 
             "active_version": active,
             "canary_version": canary["id"] if canary else None,
             "canary": canary["canary"] if canary else 0.0,
+            "engine": getattr(svc().engine, "engine", None) if state["service"] is not None else None,
         }
         return {
             "object": "list",

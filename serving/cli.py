@@ -35,6 +35,9 @@ def serve(
     no_memory: bool = typer.Option(False, "--no-memory", help="serve without memory (feedback is still logged)"),
     no_log: bool = typer.Option(False, "--no-log", help="store no conversations and no feedback (answers only)"),
     device: str | None = typer.Option(None, "--device", help="cpu / cuda (default: cuda when available)"),
+    engine: str = typer.Option(
+        "auto", "--engine", help="auto: CTranslate2 on CPU when installed, else HF generate; hf; ct2 (docs/serving.md)"
+    ),
     max_batch: int = typer.Option(16, "--max-batch", help="concurrent requests generated together (1: serialized)"),
     batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", help="how long a request waits for others"),
     ray_address: str | None = typer.Option(None, "--ray-address", help="deploy on this Ray cluster with Ray Serve"),
@@ -60,6 +63,7 @@ def serve(
                 threshold=threshold, k=k, key_mask=key_mask, scope=scope, lexical_fallback=not no_lexical
             ),
             device=device,
+            engine=engine,
             max_batch=max_batch,
             batch_window_ms=batch_window_ms,
             token_file=str(token_file.expanduser().resolve()) if token_file else None,

@@ -7,13 +7,22 @@ With 100 concurrent clients that is a handful of batched calls instead of 100 se
 ones. Requests with a seed (reproducible sampling) or stop strings, and streams, run alone.
 The model itself is used by one call at a time (a lock): on CPU one call already uses every
 core, and it keeps `generate` state (seeds, streamer threads) from interleaving.
+
+Two engines behind the same requests (`engine`, resolved by pipeline.generation's
+`pick_local_engine`, as the stages resolve theirs): HF `generate` on the loaded model, or
+CTranslate2 on CPU (pipeline/ct2_engine.py: the weights converted once, the adapter merged in,
+greedy replies equal to HF's). With ct2 the conversion runs when the engine is built -- for a
+hot-swapped version, while it loads off to the side, before the switch. Batches go through one
+`generate_batch` with a budget per request; seeded requests, stop strings and streams through
+CTranslate2's token streaming (`Ct2Generator.stream_ids`), stopped at the token that completes a
+stop string as HF's `stop_strings` stops.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +65,7 @@ class _Prepared:
     stop: list[str]
     seed: int | None
     kwargs: dict[str, Any]
+    sampling: Any  # pipeline.generation.SamplingSettings: the same request for the ct2 engine
 
 
 class MicroBatcher:
@@ -120,28 +130,47 @@ class ChatEngine:
         device: str | None = None,
         max_batch: int = 16,
         batch_window: float = 0.005,
+        engine: str = "hf",
     ):
-        from pipeline.generation import _eos_ids
+        from pipeline.generation import _eos_ids, pick_local_engine
         from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
         self.model_name = model
         self.adapter = str(adapter) if adapter else None
-        self.policy = device_policy(device)
+        self.engine = pick_local_engine(engine, device)
+        self.policy = device_policy("cpu" if self.engine == "ct2" else device)
         self.tokenizer = load_tokenizer(model, padding_side="left")
-        self.model = load_causal_lm(model, self.policy, adapter=adapter).eval()
-        config = getattr(self.model, "config", None)
+        self.model: Any = None
+        self.ct2: Any = None
+        if self.engine == "ct2":
+            from transformers import AutoConfig
+
+            from pipeline.ct2_engine import Ct2Generator
+            from pipeline.models import resolve_model
+
+            # converts (adapter merged) here, so a version is ready before it is switched to; no
+            # prefix cache: a server's prompts share little, and each cached prefix stays in memory
+            self.ct2 = Ct2Generator(model, adapter, prefix_cache=False)
+            config = AutoConfig.from_pretrained(resolve_model(model))
+            self.eos_ids = sorted(self.tokenizer.convert_tokens_to_ids(self.ct2.eos_tokens))
+        else:
+            self.model = load_causal_lm(model, self.policy, adapter=adapter).eval()
+            config = getattr(self.model, "config", None)
+            self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.context_length = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         self._lock = threading.Lock()
         # encoding with padding flips shared state of the Rust tokenizer: a request thread encoding
         # while the batch thread pads got ragged tensors ("expected sequence of length 295, got 298")
         self._tokenize_lock = threading.Lock()
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self._batcher = MicroBatcher(self, max_batch, batch_window) if max_batch > 1 else None
 
     def close(self) -> None:
         if self._batcher is not None:
             self._batcher.stop()
             self._batcher = None
+        if self.ct2 is not None:  # free the converted model's memory now, not when the last reference goes
+            with self._lock:
+                self.ct2.generator = None
 
     @property
     def special_tokens(self) -> list[str]:
@@ -170,6 +199,13 @@ class ChatEngine:
             kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
         return kwargs
 
+    @staticmethod
+    def _sampling(max_tokens: int, temperature: float, top_p: float):
+        """The request as SamplingSettings for the ct2 engine: no top-k, no repetition penalty (as `_kwargs`)."""
+        from pipeline.generation import SamplingSettings
+
+        return SamplingSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=0)
+
     def generate(
         self,
         messages: list[dict[str, str]],
@@ -182,6 +218,9 @@ class ChatEngine:
         req = self._prepare(messages, max_tokens, temperature, top_p, stop, seed)  # too long: refused before any queue
         if self._batcher is not None and seed is None and not req.stop:
             return self._batcher.submit(_Job(req.text, req.n_prompt, max_tokens, temperature, top_p))
+        if self.ct2 is not None:
+            tokens, ended = self._ct2_reply(req)
+            return self._finish(tokens, req.n_prompt, max_tokens, req.stop, ended)
         out = self._run(req)
         return self._finish(out[0, req.n_prompt :].tolist(), req.n_prompt, max_tokens, req.stop)
 
@@ -199,7 +238,8 @@ class ChatEngine:
         stop = list(stop or [])
         text, enc = self._render(messages, max_tokens)
         kwargs = self._kwargs(max_tokens, temperature, top_p, stop)
-        return _Prepared(text, enc.to(self.policy.device), enc["input_ids"].shape[1], stop, seed, kwargs)
+        sampling = self._sampling(max_tokens, temperature, top_p)
+        return _Prepared(text, enc.to(self.policy.device), enc["input_ids"].shape[1], stop, seed, kwargs, sampling)
 
     def _run(self, req: _Prepared, **extra: Any):
         """One `generate` call on the model, alone (the lock), seeded when the request asked."""
@@ -211,8 +251,27 @@ class ChatEngine:
                 set_seed(req.seed)
             return self.model.generate(**req.enc, **req.kwargs, **extra)
 
-    def _finish(self, tokens: list[int], n_prompt: int, max_tokens: int, stop: list[str]) -> Generated:
-        tokens, ended = self._cut_eos(tokens[:max_tokens])
+    def _ct2_reply(self, req: _Prepared, on_text: Callable[[str], bool] | None = None) -> tuple[list[int], bool]:
+        """One request on the ct2 engine, token by token, alone (the lock): (reply ids, ended by a
+        stop token). Stops after the token that completes a stop string (as HF's `stop_strings`),
+        or when `on_text(reply so far)` returns False (a stream nobody reads any more)."""
+        tokens: list[int] = []
+        with self._lock:
+            for token in self.ct2.stream_ids(req.text, req.sampling, seed=req.seed):
+                tokens.append(token)
+                if not req.stop and on_text is None:
+                    continue
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if on_text is not None and not on_text(text):
+                    break
+                if _cut_at_stop(text, req.stop)[1]:
+                    break
+        return tokens, len(tokens) < req.sampling.max_new_tokens
+
+    def _finish(self, tokens: list[int], n_prompt: int, max_tokens: int, stop: list[str], ended: bool | None = None) -> Generated:
+        """`tokens`: the reply (cut at its first stop token here), or with `ended` given, already cut."""
+        if ended is None:
+            tokens, ended = self._cut_eos(tokens[:max_tokens])
         finish = "stop" if ended else "length"
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         text, stopped = _cut_at_stop(text, stop)
@@ -226,8 +285,11 @@ class ChatEngine:
         return tokens, False
 
     def _generate_batch(self, jobs: list[_Job]) -> list[Generated]:
-        """Jobs with the same sampling settings in one left-padded `generate`; each is cut to its own
-        max_tokens (greedy: the same tokens as alone, up to float rounding in padded attention)."""
+        """Jobs with the same sampling settings in one left-padded `generate` (ct2: one `generate_batch`
+        with a budget per job); each is cut to its own max_tokens (greedy: the same tokens as alone, up
+        to float rounding in padded attention)."""
+        if self.ct2 is not None:
+            return self._ct2_batch(jobs)
         import torch
 
         texts = [j.text for j in jobs]
@@ -240,6 +302,15 @@ class ChatEngine:
         width = enc["input_ids"].shape[1]
         return [self._finish(out[i, width:].tolist(), j.n_prompt, j.max_tokens, []) for i, j in enumerate(jobs)]
 
+    def _ct2_batch(self, jobs: list[_Job]) -> list[Generated]:
+        budgets = [j.max_tokens for j in jobs]
+        sampling = self._sampling(max(budgets), jobs[0].temperature, jobs[0].top_p)
+        with self._lock:  # seed None: unseeded requests sample on, without a generator restart
+            replies = self.ct2.generate_ids(
+                [j.text for j in jobs], sampling, seed=None, max_batch_size=len(jobs), max_new_tokens=budgets
+            )
+        return [self._finish(ids, j.n_prompt, j.max_tokens, [], len(ids) < j.max_tokens) for (ids,), j in zip(replies, jobs)]
+
     def stream(
         self,
         messages: list[dict[str, str]],
@@ -250,12 +321,42 @@ class ChatEngine:
         seed: int | None = None,
     ) -> tuple[int, Iterator[str], dict]:
         """(prompt_tokens, iterator of text deltas, info filled with completion_tokens/finish_reason at the end)."""
-        from transformers import TextIteratorStreamer
-
         req = self._prepare(messages, max_tokens, temperature, top_p, stop, seed)
         stop, n_prompt = req.stop, req.n_prompt
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         info: dict = {"completion_tokens": 0, "finish_reason": "length"}
+        done: dict = {}  # the pieces' source fills `tokens` and `ended` once it has finished
+        pieces = self._ct2_pieces(req, done) if self.ct2 is not None else self._hf_pieces(req, done)
+
+        def deltas() -> Iterator[str]:
+            received, emitted, stopped = "", "", False
+            for piece in pieces:
+                received += piece
+                cut, stopped = _cut_at_stop(received, stop)
+                # hold back text that could be the start of a stop string
+                safe = cut if stopped else received[: len(received) - _partial_stop(received, stop)]
+                if len(safe) > len(emitted):
+                    yield safe[len(emitted) :]
+                    emitted = safe
+                if stopped:
+                    info["finish_reason"] = "stop"
+                    break
+            if stopped:  # we left the loop early: drain it, so the generation can finish
+                for _ in pieces:
+                    pass
+            if not stopped and len(received) > len(emitted):
+                yield received[len(emitted) :]
+            if done:
+                if done["ended"]:
+                    info["finish_reason"] = "stop"
+                info["completion_tokens"] = done["tokens"]
+
+        return n_prompt, deltas(), info
+
+    def _hf_pieces(self, req: _Prepared, done: dict) -> Iterator[str]:
+        """Text pieces from HF `generate` in a thread through a `TextIteratorStreamer`."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         result: dict = {}
 
         def work():
@@ -267,36 +368,51 @@ class ChatEngine:
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
+        yield from streamer
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        out = result.get("out")
+        if out is not None:
+            tokens, ended = self._cut_eos(out[0, req.n_prompt :].tolist())
+            done.update(tokens=len(tokens), ended=ended)
 
-        def deltas() -> Iterator[str]:
-            received, emitted, stopped = "", "", False
-            for piece in streamer:
-                received += piece
-                cut, stopped = _cut_at_stop(received, stop)
-                # hold back text that could be the start of a stop string
-                safe = cut if stopped else received[: len(received) - _partial_stop(received, stop)]
-                if len(safe) > len(emitted):
-                    yield safe[len(emitted) :]
-                    emitted = safe
-                if stopped:
-                    info["finish_reason"] = "stop"
-                    break
-            if stopped:  # we left the loop early: drain it, so generate() can finish
-                for _ in streamer:
-                    pass
-            thread.join()
-            if "error" in result:
-                raise result["error"]
-            if not stopped and len(received) > len(emitted):
-                yield received[len(emitted) :]
-            out = result.get("out")
-            if out is not None:
-                tokens, ended = self._cut_eos(out[0, n_prompt:].tolist())
-                if ended:
-                    info["finish_reason"] = "stop"
-                info["completion_tokens"] = len(tokens)
+    def _ct2_pieces(self, req: _Prepared, done: dict) -> Iterator[str]:
+        """Text pieces from CTranslate2's token streaming in a thread: each new token's text (held
+        back while it ends in an incomplete character); a stream left unread stops the decoding."""
+        pending: queue.Queue[str | None] = queue.Queue()
+        abandoned = threading.Event()
+        result: dict = {}
 
-        return n_prompt, deltas(), info
+        def on_text(text: str) -> bool:
+            pending.put(text)
+            return not abandoned.is_set()
+
+        def work():
+            try:
+                result["tokens"], result["ended"] = self._ct2_reply(req, on_text)
+            except BaseException as exc:  # surface to the consumer, never hang it
+                result["error"] = exc
+            finally:
+                pending.put(None)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        emitted = ""
+        try:
+            while (text := pending.get(timeout=600)) is not None:
+                if not text.endswith("\ufffd") and len(text) > len(emitted) and text.startswith(emitted):
+                    yield text[len(emitted) :]
+                    emitted = text
+        finally:
+            abandoned.set()
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        final = self.tokenizer.decode(result["tokens"], skip_special_tokens=True)
+        if final.startswith(emitted) and len(final) > len(emitted):
+            yield final[len(emitted) :]
+        done.update(tokens=len(result["tokens"]), ended=result["ended"])
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.generation import EngineSetting, check_local_engine
 from pipeline.schema import FollowUp, Preference, Provenance, Reaction, VerbalFeedback
 
 from .identity import SINGLE_USER, Principal
@@ -58,6 +59,7 @@ class ServeSettings(BaseModel):
     max_batch: int = Field(default=16, ge=1, description="concurrent requests generated together (1: one at a time)")
     batch_window_ms: float = Field(default=5.0, ge=0, le=1000, description="how long a request waits for company")
     device: str | None = None
+    engine: EngineSetting = "auto"
     token_file: str | None = None
     users_file: str | None = Field(default=None, description="several users: tokens (hashed), names, roles")
 
@@ -65,6 +67,11 @@ class ServeSettings(BaseModel):
     @classmethod
     def _template(cls, value: str) -> str:
         return check_template(value)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, value: str) -> str:
+        return check_local_engine(value)
 
     @model_validator(mode="after")
     def _one_auth_mode(self):
@@ -122,6 +129,7 @@ class MemPromptService:
                 settings.device,
                 max_batch=settings.max_batch,
                 batch_window=settings.batch_window_ms / 1000,
+                engine=settings.engine,
             )
 
         embedder = embedder if embedder is not None else MiniLMEmbedder()

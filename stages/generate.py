@@ -11,12 +11,11 @@ when it is installed, batch by batch like HF (pipeline/generation.py); `engine: 
 from __future__ import annotations
 
 import json
-from typing import Literal
 
 from pydantic import Field
 
 from pipeline.chat import as_messages, row_prompt_id
-from pipeline.generation import SamplingSettings, pick_engine
+from pipeline.generation import EngineSetting, SamplingSettings, pick_engine
 from pipeline.progress import track
 from pipeline.records import load_rows, save_rows
 from pipeline.stage import Input, Output, Stage, StageConfig
@@ -30,11 +29,7 @@ class GenerateConfig(StageConfig):
     prompt_field: str = "prompt"
     max_prompts: int | None = Field(default=None, ge=1)
     device: str | None = Field(default=None, description="cuda / cpu; default: cuda when available")
-    engine: Literal["auto", "hf", "ct2", "vllm"] = Field(
-        default="auto",
-        description="auto: vLLM when installed and on a GPU, CTranslate2 on CPU when installed, else batched "
-        "HF generate; hf: HF generate; ct2: CTranslate2 on CPU (same greedy replies as HF, faster)",
-    )
+    engine: EngineSetting = "auto"
 
 
 class GenerateStage(Stage):

@@ -1,0 +1,142 @@
+"""`heedful serve` on the stages' engine selection: a real server on `tiny` answers with HF's
+greedy replies whichever engine generates (`engine: ct2` -- what `auto` picks on CPU -- and
+`engine: hf`), with an adapter version loaded and after a hot swap to another; on ct2, stop
+strings, streams and seeds behave as on HF; and the local LLM client (pipeline/llm.py) picks
+the same engine and writes the same greedy replies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("ctranslate2")
+
+from pipeline.generation import SamplingSettings  # noqa: E402
+from serving.local import random_lora_adapter  # noqa: E402
+
+from .serve_fixture import ADMIN, bearer, openai_client, serve, tokens_for  # noqa: E402
+
+TOKENS = tokens_for("alice")
+PROMPTS = ("hello there", "why is the sky blue?")
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_path, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("engine-adapters")
+    broken = root / "broken"
+    broken.mkdir()
+    a = random_lora_adapter(root / "a", 1)
+    (broken / "adapter_config.json").write_bytes((a / "adapter_config.json").read_bytes())
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors at all")
+    return {"a": a, "b": random_lora_adapter(root / "b", 2), "broken": broken}
+
+
+def hf_greedy(adapter: Path | None, prompts=PROMPTS, max_new_tokens: int = MAX_TOKENS) -> list[str]:
+    """What HF greedy `generate` writes on base + adapter, each prompt alone (no padding)."""
+    from pipeline.chat import render_many
+    from pipeline.ct2_engine import hf_greedy_reference
+    from pipeline.generation import eos_ids_from_tokenizer
+    from pipeline.models import device_policy, load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer("tiny")
+    model = load_causal_lm("tiny", device_policy("cpu"), adapter=adapter).eval()
+    eos = eos_ids_from_tokenizer(tokenizer)
+    out = []
+    for prompt in render_many(tokenizer, [[{"role": "user", "content": p}] for p in prompts]):
+        (ids,) = hf_greedy_reference(model, tokenizer, [prompt], max_new_tokens, eos)
+        out.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return out
+
+
+def replies(server, stream: bool = False) -> list[str]:
+    client = openai_client(server, TOKENS, "alice")
+    out = []
+    for prompt in PROMPTS:
+        kwargs = dict(model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=MAX_TOKENS, temperature=0)
+        if stream:
+            chunks = client.chat.completions.create(**kwargs, stream=True)  # type: ignore[call-overload]
+            out.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip())
+        else:
+            out.append(client.chat.completions.create(**kwargs).choices[0].message.content)  # type: ignore[call-overload]
+    return out
+
+
+def models(server) -> dict:
+    return httpx.get(server.url + "/v1/models", headers=bearer(TOKENS, "alice"), timeout=60).json()
+
+
+@pytest.mark.parametrize("engine", ["ct2", "hf"])
+def test_served_greedy_replies_equal_hf_generate_before_and_after_a_swap(engine, adapters, tmp_path):
+    expected_a, expected_b = hf_greedy(adapters["a"]), hf_greedy(adapters["b"])
+    assert expected_a != expected_b  # the swap is visible in the replies
+    settings = dict(adapter=str(adapters["a"]), served_name="tiny", engine=engine, memory_enabled=False)
+    with serve(tmp_path, TOKENS, **settings) as server:
+        assert models(server)["engine"] == engine
+        assert replies(server) == expected_a
+        assert replies(server, stream=True) == expected_a  # streaming: the same text, piece by piece
+        admin = bearer(TOKENS, ADMIN)
+        deployed = httpx.post(server.url + "/v1/admin/adapters", json={"path": str(adapters["b"])}, headers=admin, timeout=600)
+        assert deployed.status_code == 200, deployed.text
+        assert replies(server) == expected_b
+        refused = httpx.post(
+            server.url + "/v1/admin/adapters", json={"path": str(adapters["broken"])}, headers=admin, timeout=600
+        )
+        assert refused.status_code == 422 and "could not be loaded" in refused.text
+        assert replies(server) == expected_b  # the refused version changed nothing
+
+
+def test_ct2_stop_strings_seeds_and_streams_match_the_hf_engine(adapters):
+    from serving.engine import ChatEngine
+
+    hf = ChatEngine("tiny", adapters["a"], max_batch=1, engine="hf")
+    ct2 = ChatEngine("tiny", adapters["a"], max_batch=1, engine="ct2")
+    assert (hf.engine, ct2.engine) == ("hf", "ct2") and ct2.model is None
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    full = hf.generate(messages, max_tokens=MAX_TOKENS)
+    stop = full.text[3:6]  # inside the reply: both must stop at the token that completes it
+    stopped = hf.generate(messages, max_tokens=MAX_TOKENS, stop=[stop])
+    assert stopped.finish_reason == "stop" and stopped.text == full.text[:3].strip()
+    assert ct2.generate(messages, max_tokens=MAX_TOKENS, stop=[stop]) == stopped
+    n_prompt, deltas, info = ct2.stream(messages, max_tokens=MAX_TOKENS, stop=[stop])
+    assert ("".join(deltas).strip(), n_prompt, info) == (
+        stopped.text,
+        full.prompt_tokens,
+        {"completion_tokens": stopped.completion_tokens, "finish_reason": "stop"},
+    )
+    # per-request sampling is honoured: a seed reproduces its reply, and sampling is not greedy
+    sampled = [ct2.generate(messages, max_tokens=MAX_TOKENS, temperature=1.5, top_p=1.0, seed=s).text for s in (7, 7, 8, 9)]
+    assert sampled[0] == sampled[1] and len({full.text, *sampled}) > 2
+
+
+def test_batched_ct2_requests_each_keep_their_own_budget(adapters):
+    from serving.engine import ChatEngine, _Job
+
+    ct2 = ChatEngine("tiny", adapters["a"], max_batch=1, engine="ct2")
+    texts = [ct2._render([{"role": "user", "content": p}], MAX_TOKENS)[0] for p in PROMPTS]
+    jobs = [_Job(texts[0], 1, 3, 0.0, 1.0), _Job(texts[1], 1, MAX_TOKENS, 0.0, 1.0)]
+    short, long = ct2._generate_batch(jobs)
+    assert (short.completion_tokens, short.finish_reason, long.completion_tokens) == (3, "length", MAX_TOKENS)
+    assert [short.text, long.text] == [hf_greedy(adapters["a"], PROMPTS[:1], 3)[0], hf_greedy(adapters["a"])[1]]
+
+
+def test_llm_local_client_picks_the_engine_and_writes_hf_greedy_replies(adapters):
+    from pipeline.llm import LLMSettings, build_client
+
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+    greedy = SamplingSettings(max_new_tokens=MAX_TOKENS, temperature=0)
+    clients = {
+        engine: build_client(LLMSettings(model="tiny", adapter=str(adapters["a"]), engine=engine), device="cpu")
+        for engine in ("auto", "hf")
+    }
+    assert (clients["auto"].engine, clients["hf"].engine) == ("ct2", "hf")  # auto on CPU: CTranslate2
+    expected = hf_greedy(adapters["a"])
+    for client in clients.values():
+        assert [c.text for c in client.generate(conversations, greedy)] == expected
+    # scores stay HF forward passes (the model loaded on first use): the same on both
+    assert clients["auto"].yes_probability(conversations) == pytest.approx(clients["hf"].yes_probability(conversations))
+    with pytest.raises(ValueError, match="engine: vllm is for the batch stages"):
+        LLMSettings(engine="vllm")
