@@ -78,6 +78,19 @@ def _fingerprint_files(folder: Path, patterns: tuple[str, ...]) -> str:
     return h.hexdigest()[:16]
 
 
+def default_threads() -> int:
+    """CTranslate2's intra-op threads: HEEDFUL_NUM_THREADS, else OMP_NUM_THREADS (what torch follows,
+    and what Ray sets for a task's CPUs), else every core. Why OMP_NUM_THREADS: beside another
+    process (two pytest-xdist workers, two Ray tasks) a decoder spinning one OpenMP thread per core
+    waits on the other's threads (the suite's quickstart test went from ~100 s to 275 s when the
+    simulator moved onto this engine with one thread per core)."""
+    for name in ("HEEDFUL_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.strip().isdigit() and int(value) > 0:
+            return int(value)
+    return os.cpu_count() or 1
+
+
 def converted_model_dir(model_name: str, adapter: str | Path | None = None, quantization: str = "float32") -> Path:
     """Folder of the CTranslate2 model for `model_name` (+ merged `adapter`); converts once."""
     import ctranslate2
@@ -186,7 +199,7 @@ class Ct2Generator:
         self.tokenizer = load_tokenizer(model_name)
         self.model_dir = converted_model_dir(model_name, adapter, quantization)
         self.quantization = quantization
-        self.threads = threads or int(os.environ.get("HEEDFUL_NUM_THREADS", 0)) or (os.cpu_count() or 1)
+        self.threads = threads or default_threads()
         self.prefix_cache = prefix_cache
         # the same end-of-turn ids the vLLM path stops on (tokenizer + the model's generation config)
         self.eos_tokens = self.tokenizer.convert_ids_to_tokens(eos_ids_from_tokenizer(self.tokenizer))
