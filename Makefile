@@ -88,7 +88,11 @@ test test-fast: export RAY_worker_niceness := 0
 # One OpenMP thread per process: two xdist workers (and the Ray-head modules beside them) each
 # running torch's 2 threads on 2 cores oversubscribe them, and OpenMP's spinning threads then
 # wait on each other (a PPO test took 141 s beside the other worker vs 21 s alone).
+# HEEDFUL_NUM_THREADS caps the Ray stages too (pipeline/threads.py): a training or evaluation
+# stage otherwise takes a thread per CPU of the node (the quickstart test beside one busy
+# process: 366 s uncapped, 126 s capped).
 test test-fast: export OMP_NUM_THREADS ?= 1
+test test-fast: export HEEDFUL_NUM_THREADS ?= 1
 test: setup
 	@ray_log=$$(mktemp); \
 	( for t in $(RAY_HEAD_TESTS); do $(BIN)/python -m pytest -q $$t || exit 1; done ) >"$$ray_log" 2>&1 & ray_pid=$$!; \

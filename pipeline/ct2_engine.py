@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 from .chat import Messages, render_many
 from .generation import Completion, SamplingSettings, hf_sampling_kwargs
+from .threads import engine_threads
 
 QUANTIZATIONS = ("float32", "int8_float32", "int8")
 #: a token prefix shared by every prompt of a call (the chat template's system turn) at least
@@ -76,19 +76,6 @@ def _fingerprint_files(folder: Path, patterns: tuple[str, ...]) -> str:
             st = path.stat()
             h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
-
-
-def default_threads() -> int:
-    """CTranslate2's intra-op threads: HEEDFUL_NUM_THREADS, else OMP_NUM_THREADS (what torch follows,
-    and what Ray sets for a task's CPUs), else every core. Why OMP_NUM_THREADS: beside another
-    process (two pytest-xdist workers, two Ray tasks) a decoder spinning one OpenMP thread per core
-    waits on the other's threads (12 simulated users' turns on SmolLM2: 49.6 s with 2 threads,
-    31.3 s with 1, beside a one-thread matmul loop; docs/generation.md)."""
-    for name in ("HEEDFUL_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(name, "")
-        if value.strip().isdigit() and int(value) > 0:
-            return int(value)
-    return os.cpu_count() or 1
 
 
 def converted_model_dir(model_name: str, adapter: str | Path | None = None, quantization: str = "float32") -> Path:
@@ -199,7 +186,7 @@ class Ct2Generator:
         self.tokenizer = load_tokenizer(model_name)
         self.model_dir = converted_model_dir(model_name, adapter, quantization)
         self.quantization = quantization
-        self.threads = threads or default_threads()
+        self.threads = threads or engine_threads()
         self.prefix_cache = prefix_cache
         # the same end-of-turn ids the vLLM path stops on (tokenizer + the model's generation config)
         self.eos_tokens = self.tokenizer.convert_ids_to_tokens(eos_ids_from_tokenizer(self.tokenizer))

@@ -195,17 +195,17 @@ def _torch_trainer(ctx, settings, build_trainer, output_name: str):
 def _train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: build the trainer, resume from Ray Train's checkpoint, train."""
     import ray.train
-    import torch
     from ray import cloudpickle
     from transformers.trainer_callback import PrinterCallback
 
+    from .threads import set_torch_threads
     from .training import last_checkpoint, progress_callback, summarize
 
     job: WorkerJob = cloudpickle.loads(config["job"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     ctx = dataclasses.replace(job.ctx, log=_worker_logger(job.ctx, rank), extra={})
-    torch.set_num_threads(max(1, int(job.cpus_per_worker)))
+    set_torch_threads(job.cpus_per_worker)
     _quiet_progress_bars()
 
     trainer = job.build_trainer()

@@ -181,9 +181,9 @@ def _stage_logger(name: str) -> logging.Logger:
 
 
 def _set_threads(n: int) -> None:
-    import torch
+    from .threads import set_torch_threads
 
-    torch.set_num_threads(max(1, n))
+    set_torch_threads(n)
     if not sys.stdout.isatty():  # carriage-return bars turn forwarded logs into noise
         import datasets
         import transformers
