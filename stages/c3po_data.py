@@ -11,7 +11,9 @@
    so the adapter being trained further does not write its own prompts and revisions.
 3. In-scope baselines are revised to apply the feedback, by the generator LLM or, for a
    feedback whose application is mechanical, by `revision_template` (e.g. "Chef's tip: {response}").
-   With a programmatic metric, revisions that still fail it are dropped.
+   With a programmatic metric, revisions that still fail it are dropped. With `trim_cut_off`,
+   a baseline cut off at the sampling limit is cut back to its last whole sentence before the
+   template applies, so the revision is a reply that ends (what a suffix feedback needs).
 A share of each scope is held out (`eval_prompts`) for `evaluate_feedback`. The prompt
 templates and list parsing are C3PO's data library, trainers/c3po_data.py.
 """
@@ -39,6 +41,7 @@ from trainers.c3po_data import (
     dedupe,
     parse_list,
     row_id,
+    template_revision,
 )
 from trainers.feedback_eval import SCOPES, MetricSpec
 
@@ -65,6 +68,14 @@ class C3poDataConfig(StageConfig):
     baseline_sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=128, temperature=0.7))
     reviser: Literal["generator", "template"] = "generator"
     revision_template: str | None = Field(default=None, description='reviser template: e.g. "Chef\'s tip: {response}"')
+    trim_cut_off: bool = Field(
+        default=False,
+        description=(
+            "template reviser: a baseline cut off at the sampling limit is cut back to its last complete sentence "
+            "before the template applies, so the revision is a reply that ends (a suffix then closes it); a "
+            "baseline with no complete sentence stays cut off"
+        ),
+    )
     filter_revisions: bool = Field(default=True, description="drop revisions that fail a programmatic metric")
     batch_size: int = Field(default=8, ge=1)
     device: str | None = None
@@ -156,9 +167,8 @@ class C3poDataStage(Stage):
         in_scope = [p for p in train if p["scope"] == "in_scope"]
         revised = self.revise(generator, feedback, in_scope)
         dropped = 0
-        for row, text in zip(in_scope, revised):
-            # a template revision of a cut-off reply is cut off too: no end-of-turn for either
-            row["revised"], row["revised_finished"] = text, row["baseline_finished"] if cfg.reviser == "template" else True
+        for row, (text, ended) in zip(in_scope, revised):
+            row["revised"], row["revised_finished"] = text, ended
         for row in train:
             row.setdefault("revised", "")
             row.setdefault("revised_finished", True)
@@ -265,15 +275,25 @@ class C3poDataStage(Stage):
 
     # ------------------------------------------------------------------ revisions
 
-    def revise(self, generator, feedback: str, rows: list[dict[str, Any]]) -> list[str]:
+    def revise(self, generator, feedback: str, rows: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+        """(revision, whether it ends) per in-scope row."""
         cfg: C3poDataConfig = self.config
         if cfg.reviser == "template":
             if not cfg.revision_template or "{response}" not in cfg.revision_template:
                 raise ValueError("reviser: template needs revision_template containing {response}")
-            return [cfg.revision_template.format(response=r["baseline"], prompt=r["prompt"]) for r in rows]
+            out = [
+                template_revision(
+                    cfg.revision_template, r["prompt"], r["baseline"], bool(r["baseline_finished"]), cfg.trim_cut_off
+                )
+                for r in rows
+            ]
+            if cfg.trim_cut_off:
+                trimmed = sum(ended and not r["baseline_finished"] for r, (_, ended) in zip(rows, out))
+                self.ctx.log.info("trim_cut_off: %d of %d in-scope baselines cut back to a whole sentence", trimmed, len(rows))
+            return out
         asks = [
             [{"role": "user", "content": REVISE_PROMPT.format(feedback=feedback, prompt=r["prompt"], response=r["baseline"])}]
             for r in rows
         ]
         self.ctx.log.info("revising %d in-scope replies with %s", len(rows), generator.name)
-        return generator.complete(asks, self.ctx.seed + 2)
+        return [(text, True) for text in generator.complete(asks, self.ctx.seed + 2)]

@@ -20,7 +20,7 @@ from pipeline.evaluation.conditions import MemorySettings
 from pipeline.evaluation.report import report_section
 from pipeline.evaluation.summary import LOWER_IS_BETTER, NEUTRAL, SUMMARY_FILE, arrow, fmt_estimate, read_summary
 from pipeline.evaluation.users import UsersSettings
-from pipeline.generation import SamplingSettings
+from pipeline.generation import EngineSetting, SamplingSettings, pick_engine
 from pipeline.llm import LLMSettings
 from pipeline.stage import Input, Output, Stage
 from pipeline.tracking import TrackingSettings
@@ -54,7 +54,8 @@ class EvaluateConfig(TrackingSettings):
     users: UsersSettings = Field(default_factory=UsersSettings)
     judge: LLMSettings | None = Field(default=None, description="LLM judge for win rate vs base (e.g. kind: openai)")
     resamples: int = Field(default=2000, ge=100, description="bootstrap resamples for intervals of means")
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="HF generate / forward passes: rows at a time")
+    engine: EngineSetting = "auto"
     device: str | None = None
 
 
@@ -86,7 +87,7 @@ class EvaluateStage(Stage):
         "summary": Output("evaluation_summary", doc="JSON: every metric per condition as {value, n, lo, hi}, cost"),
     }
     default_num_cpus = float("inf")
-    non_semantic_fields = frozenset({"device", "batch_size", "report_to"})
+    non_semantic_fields = frozenset({"device", "batch_size", "report_to", "engine"})  # how, not what
 
     @classmethod
     def report_section(cls, run_root, manifests):
@@ -129,7 +130,9 @@ class EvaluateStage(Stage):
             batch_size=cfg.batch_size,
             resamples=cfg.resamples,
             log=ctx.log,
+            engine=pick_engine(cfg.engine, cfg.device),
         )
+        ctx.log.info("replies from %s", {"hf": "HF generate", "ct2": "CTranslate2", "vllm": "vLLM"}[ans.engine])
         reference = cond.reference_replies(ctx.input("reference"))
         rows = cond.generate_replies(
             ans, prompts, feedback, metric, reference, cfg.sampling, cfg.max_prompts_per_scope, cfg.ngram

@@ -10,7 +10,9 @@ arena learns from the *same examples*, this stage writes them as
     unpaired_preferences   revision desirable, in-scope baseline undesirable, and (with
                            `other_scopes`) near/out-of-scope baselines desirable (kto)
 Revisions built on replies cut off at the sampling limit teach a model never to stop; with
-`finished_only` (default) those rows are left out of every view.
+`finished_only` (default) a row is left out of every view when the reply a method learns to
+write from it was cut off: the revision in scope, the baseline near and out of scope. An
+in-scope baseline that was cut off stays: it is the rejected, undesirable side.
 """
 
 from __future__ import annotations
@@ -18,18 +20,22 @@ from __future__ import annotations
 from pydantic import Field
 
 from pipeline.stage import Input, Output, Stage, StageConfig
+from trainers.c3po_data import learned_reply_finished
 
 POSITIVE_JUDGMENT = "This reply follows the feedback: {feedback}"
 
 
 class FeedbackViewsConfig(StageConfig):
-    finished_only: bool = Field(default=True, description="leave out rows whose baseline or revision never finished")
+    finished_only: bool = Field(
+        default=True, description="leave out rows whose reply to learn (revision; near/out-of-scope baseline) was cut off"
+    )
     other_scopes: bool = Field(default=True, description="kto: near/out-of-scope baselines as desirable replies")
     positive_judgment: str = Field(default=POSITIVE_JUDGMENT, description="cut: the judgment of a revision ({feedback})")
 
 
 class FeedbackViewsStage(Stage):
     uses = "feedback_views"
+    version = "2"  # 2: an in-scope row whose baseline was cut off but whose revision ends is kept
     summary = "C3PO data as preferences, judgments and unpaired labels: the same examples for every method."
     Config = FeedbackViewsConfig
     inputs = {"data": Input(("c3po_data",), doc="c3po_data rows: scope, prompt, baseline, revised, feedback")}
@@ -57,8 +63,7 @@ def build_views(rows: list[dict], cfg: FeedbackViewsConfig, where: str = "c3po d
     """The three views of `rows` (see the module docstring)."""
     prefs, judgments, unpaired = [], [], []
     for i, row in enumerate(rows):
-        finished = bool(row.get("baseline_finished", True)) and bool(row.get("revised_finished", True))
-        if cfg.finished_only and not finished:
+        if cfg.finished_only and not learned_reply_finished(row):
             continue
         prompt, baseline, scope = str(row["prompt"]), str(row["baseline"]), row["scope"]
         feedback = str(row.get("feedback") or "")
@@ -85,6 +90,6 @@ def build_views(rows: list[dict], cfg: FeedbackViewsConfig, where: str = "c3po d
     if not prefs:
         raise ValueError(
             f"{where}: no in-scope row left: every baseline or revision was cut off at the sampling limit "
-            f"(raise c3po_data's baseline_sampling.max_new_tokens, or set finished_only: false)"
+            f"(raise c3po_data's baseline_sampling.max_new_tokens, set its trim_cut_off: true, or set finished_only: false)"
         )
     return {"preferences": prefs, "judgments": judgments, "unpaired": unpaired}

@@ -19,6 +19,7 @@ class SftStageConfig(SFTMethodConfig, TrainSettings):
 
 class SftStage(TrainerStage):
     uses = "sft"
+    version = "2"  # 2: c3po data: only the reply learned (revision in scope) must have ended
     summary = "Supervised fine-tuning (TRL) with LoRA on the preferred / revised replies, loss on replies only."
     Config = SftStageConfig
     inputs = {

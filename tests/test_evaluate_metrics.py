@@ -354,3 +354,24 @@ def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path):
     assert cost["evaluation_seconds"] > 0
     report_html = __import__("pipeline.report", fromlist=["build_report"]).build_report(result.run_dir).read_text()
     assert "check: evaluation" in report_html and "dpo_s0" in report_html
+
+
+def test_engine_replies_equal_hf_replies(tmp_path, tiny_model_path):
+    """The held-out replies come from the generation engine (CTranslate2 on CPU, the adapter
+    merged) unless `engine: hf`; greedy, both write the same replies under every condition."""
+    from pipeline.records import load_rows
+
+    adapter = random_adapter(tmp_path / "dpo_s0", tiny_model_path)
+    inputs = {"prompts": str(write_scoped_prompts(tmp_path)), "adapter": str(adapter)}
+    replies = {}
+    for engine in ("hf", "ct2"):
+        with_ = {"conditions": ["base", "in_context", "adapter"], "drift": False, "engine": engine, "resamples": 100}
+        with_["sampling"] = {"max_new_tokens": 12, "temperature": 0.0}
+        result = run_evaluate(tmp_path / engine, inputs, with_)
+        assert result.ok, result.records[0].error
+        log = (result.run_dir / "check" / "stage.log").read_text()
+        assert ("replies from CTranslate2" if engine == "ct2" else "replies from HF generate") in log
+        rows = load_rows(result.run_dir / "check" / "evaluation")
+        replies[engine] = {(r["condition"], r["prompt"]): (r["response"], r["tokens"], r["finished"]) for r in rows}
+    assert len(replies["hf"]) == 3 * len(SCOPED) and replies["ct2"] == replies["hf"]
+    assert replies["hf"][("dpo_s0", SCOPED[0][0])] != replies["hf"][("base", SCOPED[0][0])]  # the adapter changes them

@@ -87,3 +87,46 @@ def metric_from_rows(rows: list[dict[str, Any]]) -> MetricSpec | None:
         if row.get("metric"):
             return MetricSpec.model_validate(json.loads(row["metric"]))
     return None
+
+
+#: where a sentence ends: ., ! or ? (closing quotes/brackets allowed) before whitespace or the end,
+#: or a line break (a list item or a heading is a whole unit too)
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)|\n")
+#: "3." at the start of a line numbers a list item: no sentence ends there
+_LIST_MARKER = re.compile(r"\s*\d+\.")
+
+
+def _line_before(text: str, end: int) -> str:
+    return text[text.rfind("\n", 0, end - 1) + 1 : end]
+
+
+def trim_to_last_sentence(text: str) -> str | None:
+    """`text` cut back to its last complete sentence, or None when it has none.
+
+    Why: a reply cut off at the sampling limit ends mid-sentence; a template revision of it (a
+    suffix, a prefix) would teach a model to write replies that never end. Cut back to the last
+    full sentence, the revision is a reply that ends, and the model can learn to stop after it.
+    """
+    ends = [m.end() for m in _SENTENCE_END.finditer(text) if not _LIST_MARKER.fullmatch(_line_before(text, m.end()))]
+    trimmed = text[: ends[-1]].rstrip() if ends else ""
+    return trimmed or None
+
+
+def learned_reply_finished(row: dict[str, Any]) -> bool:
+    """Whether the reply a method learns to write from a c3po_data row ended within the sampling limit.
+
+    In scope that is the revision (the baseline there is the rejected, undesirable side: a cut-off
+    one teaches nothing about stopping); near and out of scope it is the baseline (C3PO's
+    regularizer rows, KTO's desirable replies, SFT's targets)."""
+    key = "revised_finished" if row.get("scope") == "in_scope" else "baseline_finished"
+    return bool(row.get(key, True))
+
+
+def template_revision(template: str, prompt: str, baseline: str, finished: bool, trim_cut_off: bool) -> tuple[str, bool]:
+    """(revision, whether it ends): `template` ({response}, {prompt}) applied to the baseline.
+
+    A template revision of a cut-off baseline is cut off too; with `trim_cut_off` the baseline is
+    first cut back to its last whole sentence (`trim_to_last_sentence`), and then it ends."""
+    if not finished and trim_cut_off and (whole := trim_to_last_sentence(baseline)) is not None:
+        baseline, finished = whole, True
+    return template.format(response=baseline, prompt=prompt), finished

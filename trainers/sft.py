@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DataError, UserError
+from trainers.c3po_data import learned_reply_finished
 
 SCOPES = ("in_scope", "near_scope", "out_of_scope")
 
@@ -45,7 +46,7 @@ def from_c3po_data(rows: list[dict[str, Any]], finished_only: bool, other_scopes
         if scope not in SCOPES:
             raise DataError(f"{where} row {i}: field 'scope': {scope!r} is not one of {', '.join(SCOPES)}")
         baseline_done, revised_done = bool(row.get("baseline_finished", True)), bool(row.get("revised_finished", True))
-        if finished_only and not (baseline_done and revised_done):
+        if finished_only and not learned_reply_finished(row):
             continue
         if scope == "in_scope":
             if not row.get("revised"):

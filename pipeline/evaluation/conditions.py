@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 BASE_CONDITIONS = ("base", "in_context", "memory")
 SYSTEM_OF: dict[str, Literal["none", "feedback", "retrieved"]] = {"base": "none", "in_context": "feedback", "memory": "retrieved"}
+#: prompts per engine call: CTranslate2 sorts them by length and decodes up to this many at once
+ENGINE_BATCH = 64
 
 
 class MemorySettings(BaseModel):
@@ -165,12 +167,44 @@ class Answering:
     batch_size: int
     resamples: int  # bootstrap resamples of every interval of a mean
     log: logging.Logger
+    engine: str = "hf"  # what writes the replies: hf (the loaded model) or a resolved engine (ct2, vllm)
 
     def weights(self, condition: Condition) -> contextlib.AbstractContextManager[Any]:
         """The adapter switched off for a condition without it (a no-op when none is loaded)."""
         if not condition.adapter_on and hasattr(self.model, "disable_adapter"):
             return self.model.disable_adapter()
         return contextlib.nullcontext()
+
+    def replies(
+        self, condition: Condition, conversations: list[Any], sampling: SamplingSettings, prefix: dict[str, Any] | None
+    ) -> list[Any]:
+        """One `Completion` per conversation under `condition`'s weights.
+
+        Why the engine: held-out replies are most of an evaluation's time, and the generation
+        engine (CTranslate2 on CPU, the adapter merged; vLLM on a GPU) writes the same greedy
+        replies as HF `generate` faster, a whole condition's prompts in one length-sorted queue.
+        The loaded HF model stays for what needs its logits (drift, rewards) and for a
+        Chain-of-Hindsight adapter, whose replies open with its phrase (HF only)."""
+        from trainers.feedback_eval import sample_completions
+
+        coh = prefix if condition.adapter_on else None
+        if self.engine == "hf" or coh is not None:
+            with self.weights(condition):
+                return sample_completions(self.model, self.tokenizer, conversations, sampling, self.batch_size, self.seed, coh)
+        from pipeline.generation import generate_chat
+
+        adapter = self.adapter if condition.adapter_on else None
+        found = generate_chat(
+            self.model_name,
+            conversations,
+            sampling,
+            adapter=adapter,
+            batch_size=ENGINE_BATCH,
+            seed=self.seed,
+            engine=self.engine,
+            device=self.device,
+        )
+        return [samples[0] for samples in found]
 
 
 def generate_replies(
@@ -188,7 +222,7 @@ def generate_replies(
     from pipeline.chat import as_messages
     from pipeline.llm import build_client
     from pipeline.stats import repeated_ngram_share
-    from trainers.feedback_eval import SCOPES, choose_prompts, coh_prefix, sample_completions, verdicts
+    from trainers.feedback_eval import SCOPES, choose_prompts, coh_prefix, verdicts
 
     chosen = choose_prompts([p for p in prompts if p.get("scope") in SCOPES], max_prompts_per_scope)
     chosen += [p for p in prompts if p.get("scope") not in SCOPES]  # unscoped: degeneration and reward only
@@ -207,16 +241,7 @@ def generate_replies(
             tokens = [int(r.get("tokens", 0)) for r in reused if r is not None]
         else:
             conversations = [as_messages(str(p["prompt"]), ans.system_for(condition, str(p["prompt"]))) for p in chosen]
-            with ans.weights(condition):
-                completions = sample_completions(
-                    ans.model,
-                    ans.tokenizer,
-                    conversations,
-                    sampling,
-                    ans.batch_size,
-                    ans.seed,
-                    prefix if condition.adapter_on else None,
-                )
+            completions = ans.replies(condition, conversations, sampling, prefix)
             texts = [c.text for c in completions]
             finished = [c.finished for c in completions]
             tokens = [c.num_tokens for c in completions]
