@@ -75,7 +75,9 @@ WIRING: dict[str, dict[str, dict[str, str]]] = {
         "dpo": {"preferences": "{users}.preferences"},
         "coh": {"preferences": "{users}.preferences"},
         "cut": {"feedback": "{users}.verbal_feedback"},
-        "kto": {"feedback": "{users}.reactions"},
+        # the users' good / needs-work judgments of each reply: both labels whenever a user was unsatisfied
+        # (their reactions hold loves and neutrals unless the judge was sure a reply was bad)
+        "kto": {"feedback": "{users}.verbal_feedback"},
         "sft": {"preferences": "{users}.preferences"},
     },
     "spans": {

@@ -147,6 +147,9 @@ def test_arena_on_simulated_users(tmp_path):
 
     data = yaml.safe_load((ROOT / "configs" / "arena_users.yaml").read_text())
     data["model"] = "tiny"
+    shipped, _ = load_arena(write_yaml(tmp_path / "shipped.yaml", data))
+    # kto reads the users' good / needs-work judgments (both labels), not their reactions (can be all loves)
+    assert shipped.stage("kto_s0").inputs["feedback"].raw == "users.verbal_feedback"
     stages = {s["name"]: s for s in data["stages"]}
     stages["sample"]["with"].update(max_prompts=4, sampling={"max_new_tokens": 8, "temperature": 1.0})
     lean_users = {
