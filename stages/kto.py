@@ -28,6 +28,7 @@ class KtoStageConfig(KTOMethodConfig, TrainSettings):
 
 class KtoStage(TrainerStage):
     uses = "kto"
+    version = "2"  # 2: class weights balanced for the counts (balance_classes)
     summary = "KTO (TRL) with LoRA from binary feedback: reactions, judgments, labelled replies."
     Config = KtoStageConfig
     inputs = {
@@ -48,9 +49,12 @@ class KtoStage(TrainerStage):
         rows = read_feedback(ctx.input("feedback"), ctx.log)
         tokenizer = self.tokenizer()
         dataset = Dataset.from_list(trl_format(rows, conversational=bool(getattr(tokenizer, "chat_template", None))))
+        desirable = sum(r["label"] for r in rows)
+        self.config = self.config.balanced(desirable, len(rows) - desirable)
+        weights = {"desirable_weight": self.config.desirable_weight, "undesirable_weight": self.config.undesirable_weight}
+        ctx.log.info("class weights: desirable %.3g, undesirable %.3g", *weights.values())
 
         def build_trainer():
             return self.trl_trainer(KTOTrainer, KTOConfig, dataset, tokenizer)
 
-        desirable = sum(r["label"] for r in rows)
-        return {**self.fit(build_trainer), "desirable": desirable, "undesirable": len(rows) - desirable}
+        return {**self.fit(build_trainer), "desirable": desirable, "undesirable": len(rows) - desirable, **weights}

@@ -212,3 +212,18 @@ def test_feedback_with_one_kind_of_signal_is_refused(tmp_path):
     )
     with pytest.raises(DataError, match=r"r.jsonl: KTO needs desirable and undesirable replies, got 1 of 1 desirable"):
         read_feedback(tmp_path / "r.jsonl", logging.getLogger("t"))
+
+
+def test_class_weights_balanced_by_the_papers_rule():
+    """desirable_weight * n_D == undesirable_weight * n_U, by raising the rarer class; hand-set weights stay."""
+    from trainers.kto_config import KTOMethodConfig
+
+    cfg = KTOMethodConfig()
+    assert (cfg.balanced(8, 12).desirable_weight, cfg.balanced(8, 12).undesirable_weight) == (1.5, 1.0)
+    assert (cfg.balanced(120, 40).desirable_weight, cfg.balanced(120, 40).undesirable_weight) == (1.0, 3.0)
+    assert cfg.balanced(10, 10) == cfg
+    assert KTOMethodConfig(desirable_weight=2.0).balanced(8, 12).desirable_weight == 2.0  # set by hand: kept
+    assert KTOMethodConfig(balance_classes=False).balanced(8, 12).desirable_weight == 1.0
+    for d, u in [(8, 12), (120, 40), (7, 1)]:
+        b = cfg.balanced(d, u)
+        assert b.desirable_weight * d == pytest.approx(b.undesirable_weight * u)

@@ -2,19 +2,22 @@
 `kto` stage's config subclasses it and turns it into TRL's `KTOConfig` (`trl_kwargs`).
 Imports pydantic only.
 
-Defaults are TRL's (Ethayarajh et al., 2024): beta 0.1, desirable and undesirable weights 1
-(TRL warns when the class balance calls for other weights); learning rate 5e-5 for LoRA
+Defaults are TRL's (Ethayarajh et al., 2024): beta 0.1, desirable and undesirable weights 1,
+except that `balance_classes` (on) raises the rarer class's weight to the paper's recommended
+ratio where TRL only warns; learning rate 5e-5 for LoRA
 (TRL's 1e-6 is meant for full fine-tuning). KTO estimates its KL term from mismatched
 pairs inside a batch, so the per-device batch must hold at least two rows.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
 from pipeline.stage import StageConfig
+
+_Config = TypeVar("_Config", bound="KTOMethodConfig")
 
 
 class KTOMethodConfig(StageConfig):
@@ -23,6 +26,13 @@ class KTOMethodConfig(StageConfig):
     desirable_weight: float = Field(default=1.0, gt=0, description="weight of desirable rows (raise when they are rarer)")
     undesirable_weight: float = Field(default=1.0, gt=0, description="weight of undesirable rows")
     learning_rate: float = Field(default=5e-5, gt=0)
+    balance_classes: bool = Field(
+        default=True,
+        description=(
+            "with both weights left at 1: raise the rarer class's weight so that desirable_weight * n_desirable "
+            "= undesirable_weight * n_undesirable (the KTO paper's rule; TRL only warns)"
+        ),
+    )
 
     def trl_kwargs(self) -> dict[str, Any]:
         """The method's keys of TRL's KTOConfig (the training keys come from TrainSettings)."""
@@ -32,3 +42,18 @@ class KTOMethodConfig(StageConfig):
             "desirable_weight": self.desirable_weight,
             "undesirable_weight": self.undesirable_weight,
         }
+
+    def balanced(self: _Config, desirable: int, undesirable: int) -> _Config:
+        """These settings with the class weights balanced for the counts (see `balance_classes`).
+
+        Why: KTO's loss sums over desirable and undesirable rows separately; with many more of one
+        kind, the other barely moves the adapter. Ethayarajh et al. (2024) recommend
+        desirable_weight * n_D / (undesirable_weight * n_U) in [1, 4/3]; this sets it to 1 by
+        raising the rarer class's weight. Weights set by hand are kept."""
+        if not self.balance_classes or (self.desirable_weight, self.undesirable_weight) != (1.0, 1.0):
+            return self
+        if 0 < desirable < undesirable:
+            return self.model_copy(update={"desirable_weight": undesirable / desirable})
+        if 0 < undesirable < desirable:
+            return self.model_copy(update={"undesirable_weight": desirable / undesirable})
+        return self
