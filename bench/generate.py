@@ -1,8 +1,9 @@
 """Benchmark: generation tokens/s, heedful's engine vs plain HF `generate`, in one run.
 
 SmolLM2-135M-Instruct, greedy decoding, the chat template applied the same way. The heedful
-arm is what `engine: auto` picks on this machine (`pick_engine`: on CPU the CTranslate2
-engine, fp32, the shared chat-template prefix cached); `--int8` adds the opt-in int8 engine,
+arm is the CPU engine (CTranslate2, fp32, the shared chat-template prefix cached), which
+`engine: auto` uses on a machine where its probe finds it faster than HF (pipeline/engine_probe.py);
+`--int8` adds the opt-in int8 engine,
 whose replies differ. Each batch size runs every arm on the same prompts in the same
 process, alternating which arm goes first per repetition; the figure kept per arm is the
 best of `--reps` (the least disturbed by other work on a shared machine), with the CPU
@@ -106,17 +107,16 @@ def main() -> None:
     import torch
 
     from pipeline.chat import render_many
-    from pipeline.ct2_engine import Ct2Generator, hf_greedy_reference
-    from pipeline.generation import eos_ids_from_tokenizer, pick_engine
+    from pipeline.ct2_engine import Ct2Generator, ct2_unavailable_reason, hf_greedy_reference
+    from pipeline.generation import eos_ids_from_tokenizer
     from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model, padding_side="left")
     model = load_causal_lm(args.model, device_policy("cpu")).eval()
     eos_ids = eos_ids_from_tokenizer(tokenizer)  # what the engines stop on
-    chosen = pick_engine("auto", "cpu")
-    if chosen != "ct2":
-        raise SystemExit(f"engine: auto picks {chosen!r} here; this benchmark times the CPU engine (pip install ctranslate2)")
+    if reason := ct2_unavailable_reason():
+        raise SystemExit(f"this benchmark times the CPU engine (CTranslate2) against HF generate: {reason}")
     engines = {"heedful": Ct2Generator(args.model, threads=args.threads)}
     if args.int8:
         engines["heedful_int8"] = Ct2Generator(args.model, quantization="int8", threads=args.threads)

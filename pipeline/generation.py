@@ -2,8 +2,9 @@
 
 `chat_generate` samples with HF `generate` from a loaded model. `generate_chat` takes a
 model name instead and picks the engine (`pick_engine`): vLLM (optional dependency) when it
-is installed and a GPU is present, CTranslate2 on CPU (pipeline/ct2_engine.py, the same
-greedy replies as HF, faster), batched HF generation otherwise -- same prompts (the
+is installed and a GPU is present, on CPU CTranslate2 (pipeline/ct2_engine.py, the same
+greedy replies as HF) where the engine probe found it faster for the model on this host
+(pipeline/engine_probe.py), batched HF generation otherwise -- same prompts (the
 tokenizer's chat template), same sampling settings, same `Completion` records.
 `heedful serve` (serving/engine.py) and the LLM client (pipeline/llm.py) choose between
 CTranslate2 and HF the same way (`pick_local_engine`), from the same `engine` setting.
@@ -125,8 +126,9 @@ Engine = Literal["auto", "hf", "ct2", "vllm"]
 EngineSetting = Annotated[
     Engine,
     Field(
-        description="auto: vLLM when installed and on a GPU (batch stages only), CTranslate2 on CPU when "
-        "installed, else HF generate; hf: HF generate; ct2: CTranslate2 on CPU (same greedy replies as HF, faster)"
+        description="auto: vLLM when installed and on a GPU (batch stages only), on CPU the faster of CTranslate2 "
+        "and HF generate (measured once per host and model), else HF generate; hf: HF generate; ct2: CTranslate2 "
+        "on CPU (same greedy replies as HF)"
     ),
 ]
 #: vLLM only serves LoRA adapters up to one of these ranks
@@ -146,9 +148,11 @@ def vllm_unavailable_reason(device: str | None = None) -> str | None:
     return None
 
 
-def pick_engine(engine: str = "auto", device: str | None = None) -> str:
-    """'auto' -> 'vllm' on a CUDA machine that has it, else 'ct2' on CPU when CTranslate2 is
-    installed, else 'hf'; 'hf', 'vllm' and 'ct2' insist (clear error when impossible).
+def pick_engine(engine: str = "auto", device: str | None = None, model_name: str | None = None) -> str:
+    """'auto' -> 'vllm' on a CUDA machine that has it; on CPU, with CTranslate2 installed, the
+    faster of 'ct2' and 'hf' for `model_name` on this host (pipeline/engine_probe.py: measured
+    once, cached; 'ct2' when no model is named); else 'hf'. 'hf', 'vllm' and 'ct2' insist
+    (clear error when impossible).
 
     'ct2' is the CPU engine (pipeline/ct2_engine.py: CTranslate2, fp32, greedy replies equal to
     HF's); bench/generate.py measures it against HF `generate` (docs/generation.md).
@@ -169,7 +173,18 @@ def pick_engine(engine: str = "auto", device: str | None = None) -> str:
         raise RuntimeError(f"engine: vllm cannot run: {reason}; use engine: auto to fall back to HF generate")
     if not reason:
         return "vllm"
-    return "ct2" if _on_cpu(device) and importlib.util.find_spec("ctranslate2") is not None else "hf"
+    return _cpu_choice(device, model_name)
+
+
+def _cpu_choice(device: str | None, model_name: str | None) -> str:
+    """`auto` without vLLM: on CPU with CTranslate2 installed, the engine the probe found faster."""
+    if not _on_cpu(device) or importlib.util.find_spec("ctranslate2") is None:
+        return "hf"
+    from .engine_probe import faster_cpu_engine, forced_engine
+
+    if model_name is None:
+        return forced_engine() or "ct2"
+    return faster_cpu_engine(model_name)
 
 
 def check_local_engine(engine: str) -> str:
@@ -184,13 +199,13 @@ def check_local_engine(engine: str) -> str:
     return engine
 
 
-def pick_local_engine(engine: str = "auto", device: str | None = None) -> str:
+def pick_local_engine(engine: str = "auto", device: str | None = None, model_name: str | None = None) -> str:
     """'ct2' or 'hf' for a model held in this process and called many times (`heedful serve`, the
-    LLM client): like `pick_engine` without vLLM (`check_local_engine`): 'auto' means CTranslate2
-    on CPU when installed, else HF generate."""
+    LLM client): like `pick_engine` without vLLM (`check_local_engine`): 'auto' means the faster
+    of CTranslate2 and HF generate on this CPU (measured once per host and model), else HF."""
     check_local_engine(engine)
     if engine == "auto":
-        return "ct2" if _on_cpu(device) and importlib.util.find_spec("ctranslate2") is not None else "hf"
+        return _cpu_choice(device, model_name)
     return pick_engine(engine, device)
 
 
@@ -250,7 +265,7 @@ def generate_chat(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[list[Completion]]:
     """Sample `num_samples` replies per conversation with vLLM, CTranslate2 or HF generate (see `pick_engine`)."""
-    chosen = pick_engine(engine, device)
+    chosen = pick_engine(engine, device, model_name)
     if chosen == "vllm":
         return vllm_generate(
             model_name, conversations, sampling, num_samples=num_samples, seed=seed, adapter=adapter, on_batch=on_batch

@@ -19,7 +19,8 @@ Sampling: temperature 0 means greedy decoding on both kinds; the endpoint then g
 there too).
 
 Engine (hf kind, `engine:`): as the stages pick theirs (docs/generation.md) -- `auto` samples
-with CTranslate2 on CPU (greedy replies equal to HF's), HF generate elsewhere; `hf` insists on
+with the faster of CTranslate2 (greedy replies equal to HF's) and HF generate on a CPU (measured
+once per host and model: pipeline/engine_probe.py), HF generate elsewhere; `hf` insists on
 HF. The identity does not name the engine: like the device, it is how, not what, is sampled.
 
 `CachedLLM` (pipeline/llm_cache.py) wraps either client with the persistent call cache.
@@ -161,7 +162,7 @@ def openai_sampling(sampling: SamplingSettings) -> dict[str, Any]:
 
 class HFClient:
     """A local causal LM: replies from the engine `engine` picks (pipeline.generation's
-    `pick_local_engine`: CTranslate2 on CPU, HF generate otherwise), batched and seeded; the
+    `pick_local_engine`: the faster CPU engine, HF generate otherwise), batched and seeded; the
     scores (`yes_probability`, `reply_logprob`) are forward passes of the HF model.
 
     A `model` passed in is used as it is, on HF: its weights may be ones no file holds (a policy
@@ -188,7 +189,7 @@ class HFClient:
         self.sampling = sampling or LLMSettings().sampling
         self.tokenizer = tokenizer or load_tokenizer(name)
         self._device, self._adapter = device, adapter
-        self.engine = "hf" if model is not None else pick_local_engine(engine, device)
+        self.engine = "hf" if model is not None else pick_local_engine(engine, device, name)
         self._model = model
         self._ct2: Any = None
         if self.engine == "hf":

@@ -36,7 +36,9 @@ def serve(
     no_log: bool = typer.Option(False, "--no-log", help="store no conversations and no feedback (answers only)"),
     device: str | None = typer.Option(None, "--device", help="cpu / cuda (default: cuda when available)"),
     engine: str = typer.Option(
-        "auto", "--engine", help="auto: CTranslate2 on CPU when installed, else HF generate; hf; ct2 (docs/serving.md)"
+        "auto",
+        "--engine",
+        help="auto: the faster of CTranslate2 and HF generate on this CPU (measured once), else HF; hf; ct2 (docs/serving.md)",
     ),
     max_batch: int = typer.Option(16, "--max-batch", help="concurrent requests generated together (1: serialized)"),
     batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", help="how long a request waits for others"),

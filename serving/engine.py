@@ -9,8 +9,8 @@ The model itself is used by one call at a time (a lock): on CPU one call already
 core, and it keeps `generate` state (seeds, streamer threads) from interleaving.
 
 Two engines behind the same requests (`engine`, resolved by pipeline.generation's
-`pick_local_engine`, as the stages resolve theirs): HF `generate` on the loaded model, or
-CTranslate2 on CPU (pipeline/ct2_engine.py: the weights converted once, the adapter merged in,
+`pick_local_engine`, as the stages resolve theirs; `auto` measures which is faster on this
+CPU): HF `generate` on the loaded model, or CTranslate2 on CPU (pipeline/ct2_engine.py: the weights converted once, the adapter merged in,
 greedy replies equal to HF's). With ct2 the conversion runs when the engine is built -- for a
 hot-swapped version, while it loads off to the side, before the switch. Batches go through one
 `generate_batch` with a budget per request; seeded requests, stop strings and streams through
@@ -137,7 +137,7 @@ class ChatEngine:
 
         self.model_name = model
         self.adapter = str(adapter) if adapter else None
-        self.engine = pick_local_engine(engine, device)
+        self.engine = pick_local_engine(engine, device, model)
         self.policy = device_policy("cpu" if self.engine == "ct2" else device)
         self.tokenizer = load_tokenizer(model, padding_side="left")
         self.model: Any = None

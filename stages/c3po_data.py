@@ -5,7 +5,8 @@
    *near-scope* prompts (related, it must not apply), plus *out-of-scope* general prompts.
    Prompts can also come ready-made from the `prompts` input (columns prompt, scope[, split]).
 2. The current model (the pipeline's model, plus `adapter` if given) answers every prompt:
-   the baseline replies.
+   the baseline replies, written by the generation engine (`engine: auto`: CTranslate2 with the
+   adapter merged on a CPU where it is faster, else HF generate; `engine: hf` insists on HF).
    A local generator (`generator.kind: local`, no other model or adapter named) is that same
    current model by default: with `generator_adapter: false` it is the base model instead,
    so the adapter being trained further does not write its own prompts and revisions.
@@ -26,7 +27,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipeline.generation import SamplingSettings
+from pipeline.chat import as_messages
+from pipeline.generation import EngineSetting, SamplingSettings, pick_engine
 from pipeline.llm import LLMSettings
 from pipeline.records import load_rows, save_rows
 from pipeline.stage import Input, Output, Stage, StageConfig
@@ -77,7 +79,8 @@ class C3poDataConfig(StageConfig):
         ),
     )
     filter_revisions: bool = Field(default=True, description="drop revisions that fail a programmatic metric")
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="HF generate: baselines at a time (the engine takes 64)")
+    engine: EngineSetting = "auto"
     device: str | None = None
 
 
@@ -120,7 +123,8 @@ class C3poDataStage(Stage):
         "eval_prompts": Output("prompts", doc="held-out prompts with scope, feedback and metric"),
     }
     default_num_cpus = float("inf")
-    non_semantic_fields = frozenset({"device", "batch_size"})
+    non_semantic_fields = frozenset({"device", "batch_size", "engine"})
+    version = "2"  # 2: baselines from the generation engine (CTranslate2 where faster): samples can differ from HF's
     config: C3poDataConfig
 
     def run(self):
@@ -131,10 +135,11 @@ class C3poDataStage(Stage):
         ctx = self.ctx
         feedback, topic = pick_feedback(cfg, ctx.input("feedback"))
         ctx.log.info("feedback: %s", feedback)
-        policy = device_policy(cfg.device)
-        tokenizer = load_tokenizer(ctx.model)
-        model = load_causal_lm(ctx.model, policy, adapter=ctx.input("adapter")).eval()
+        engine = pick_engine(cfg.engine, cfg.device, ctx.model)
         needs_generator = ctx.input("prompts") is None or cfg.reviser == "generator"
+        tokenizer, model = load_tokenizer(ctx.model), None
+        if engine == "hf" or needs_generator:  # HF baselines, or a local generator that may share the weights
+            model = load_causal_lm(ctx.model, device_policy(cfg.device), adapter=ctx.input("adapter")).eval()
         reuse = local_generator_model(cfg, ctx.input("adapter"), model)
         generator = build_client(cfg.generator, ctx.model, cfg.device, reuse, tokenizer) if needs_generator else None
 
@@ -148,19 +153,8 @@ class C3poDataStage(Stage):
             if not any(p["scope"] == scope for p in train):
                 raise ValueError(f"no training prompts of scope {scope}; give more prompts or lower eval_fraction")
 
-        ctx.log.info("baseline replies for %d prompts from %s", len(train), ctx.model)
-        from pipeline.generation import chat_generate
-
-        replies = chat_generate(
-            model,
-            tokenizer,
-            [[{"role": "user", "content": p["prompt"]}] for p in train],
-            cfg.baseline_sampling,
-            1,
-            cfg.batch_size,
-            ctx.seed,
-            on_batch=lambda done, total: ctx.log.info("baselines: batch %d/%d", done, total),
-        )
+        ctx.log.info("baseline replies for %d prompts from %s (%s)", len(train), ctx.model, engine)
+        replies = self.baselines(engine, model, tokenizer, [as_messages(p["prompt"]) for p in train])
         for row, reply in zip(train, replies):
             row["baseline"], row["baseline_finished"] = reply[0].text, reply[0].finished
 
@@ -272,6 +266,32 @@ class C3poDataStage(Stage):
                 rows.append({"id": row_id(scope, prompt), "prompt": prompt, "scope": scope, "category": category, "split": ""})
         log.info("generated prompts: %s", ", ".join(f"{s}={sum(r['scope'] == s for r in rows)}" for s in SCOPES))
         return self.assign_splits(rows)
+
+    def baselines(self, engine: str, model, tokenizer, conversations) -> list[list[Any]]:
+        """The current model's replies: HF generate on the loaded model, or the generation engine
+        on the same weights (the adapter merged; 64 prompts per call, where it is fastest)."""
+        from pipeline.generation import chat_generate, generate_chat
+
+        cfg, ctx = self.config, self.ctx
+
+        def progress(done: int, total: int) -> None:
+            ctx.log.info("baselines: batch %d/%d", done, total)
+
+        if engine == "hf":
+            return chat_generate(
+                model, tokenizer, conversations, cfg.baseline_sampling, 1, cfg.batch_size, ctx.seed, on_batch=progress
+            )
+        return generate_chat(
+            ctx.model,
+            conversations,
+            cfg.baseline_sampling,
+            adapter=ctx.input("adapter"),
+            batch_size=64,
+            seed=ctx.seed,
+            engine=engine,
+            device=cfg.device,
+            on_batch=progress,
+        )
 
     # ------------------------------------------------------------------ revisions
 

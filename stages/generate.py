@@ -53,7 +53,7 @@ class GenerateStage(Stage):
         if cfg.max_prompts:
             rows = rows[: cfg.max_prompts]
         adapter = self.ctx.input("adapter")
-        engine = pick_engine(cfg.engine, cfg.device)
+        engine = pick_engine(cfg.engine, cfg.device, self.ctx.model)
         if engine == "vllm":
             return self._run_vllm(rows, adapter)
         local = LocalEngine(self.ctx.model, adapter, engine, cfg.device)

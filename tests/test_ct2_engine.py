@@ -1,9 +1,11 @@
-"""The CTranslate2 engine -- what `engine: auto` picks on CPU -- writes what HF `generate` writes
+"""The CTranslate2 engine -- what `engine: auto` picks on a CPU where it is faster -- writes what HF `generate` writes
 (greedy, same weights), with and without a merged LoRA adapter, with the shared chat-template
 prefix cached and with a budget per request; converts once per (model, adapter) and samples
 reproducibly."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -117,10 +119,12 @@ def test_sampling_is_seeded_and_completions_are_marked(tiny_model_path):
     assert all(r.finished == (r.num_tokens < 8) for x in a for r in x)
 
 
-def test_auto_engine_on_cpu_is_ct2_and_gives_hf_greedy_replies(tiny_model_path, lora_adapter):
+def test_auto_engine_on_cpu_follows_the_probe_and_gives_hf_greedy_replies(tiny_model_path, lora_adapter):
+    from pipeline.engine_probe import faster_cpu_engine
     from pipeline.generation import generate_chat, pick_engine
 
-    assert pick_engine("auto", device="cpu") == "ct2" and pick_engine("hf", device="cpu") == "hf"
+    assert pick_engine("auto", device="cpu", model_name="tiny") == faster_cpu_engine("tiny")
+    assert pick_engine("ct2", device="cpu") == "ct2" and pick_engine("hf", device="cpu") == "hf"
     sampling = SamplingSettings(max_new_tokens=12, temperature=0)
     hf = generate_chat("tiny", CONVERSATIONS, sampling, adapter=lora_adapter, engine="hf", device="cpu", batch_size=2)
     auto = generate_chat("tiny", CONVERSATIONS, sampling, adapter=lora_adapter, engine="auto", device="cpu", batch_size=2)
@@ -130,3 +134,31 @@ def test_auto_engine_on_cpu_is_ct2_and_gives_hf_greedy_replies(tiny_model_path, 
     assert all(c[0].num_tokens > 0 for c in hf)  # real replies, so equality means something
     with pytest.raises(ValueError, match="auto, hf, ct2 or vllm"):
         pick_engine("llamacpp")
+
+
+def test_engine_probe_measures_once_keeps_ct2_only_past_the_margin_and_obeys_the_variable(tmp_path, monkeypatch):
+    from pipeline import engine_probe
+
+    timings = iter([{"hf": 1.0, "ct2": 0.95}, {"hf": 1.0, "ct2": 0.5}])
+    monkeypatch.setattr(engine_probe, "_measure", lambda model: next(timings))
+    monkeypatch.delenv(engine_probe.ENV, raising=False)
+    cache = tmp_path / "engine_probe.json"
+    assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"  # 1.05x: under the 1.1x margin
+    assert engine_probe.faster_cpu_engine("model-b", cache_path=cache) == "ct2"  # 2x
+    # remembered per host and model: no third measurement (the iterator is spent)
+    assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"
+    assert engine_probe.faster_cpu_engine("model-b", cache_path=cache) == "ct2"
+    recorded = json.loads(cache.read_text())
+    assert sorted(v["ct2_vs_hf"] for v in recorded.values()) == [1.053, 2.0]
+    monkeypatch.setenv(engine_probe.ENV, "hf")
+    assert engine_probe.faster_cpu_engine("model-b", cache_path=cache) == "hf"  # the variable answers first
+    monkeypatch.setenv(engine_probe.ENV, "fast")
+    with pytest.raises(ValueError, match="HEEDFUL_CPU_ENGINE='fast'"):
+        engine_probe.faster_cpu_engine("model-b", cache_path=cache)
+
+
+def test_engine_probe_on_tiny_times_both_engines(tiny_model_path):
+    from pipeline import engine_probe
+
+    seconds = engine_probe._measure("tiny")
+    assert set(seconds) == {"hf", "ct2"} and all(0 < s < 60 for s in seconds.values())

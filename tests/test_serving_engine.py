@@ -140,9 +140,12 @@ def test_llm_local_client_picks_the_engine_and_writes_hf_greedy_replies(adapters
     greedy = SamplingSettings(max_new_tokens=MAX_TOKENS, temperature=0)
     clients = {
         engine: build_client(LLMSettings(model="tiny", adapter=str(adapters["a"]), engine=engine), device="cpu")
-        for engine in ("auto", "hf")
+        for engine in ("auto", "ct2", "hf")
     }
-    assert (clients["auto"].engine, clients["hf"].engine) == ("ct2", "hf")  # auto on CPU: CTranslate2
+    from pipeline.engine_probe import faster_cpu_engine
+
+    assert (clients["ct2"].engine, clients["hf"].engine) == ("ct2", "hf")
+    assert clients["auto"].engine == faster_cpu_engine("tiny")  # auto on CPU: the faster engine here
     expected = hf_greedy(adapters["a"])
     for client in clients.values():
         assert [c.text for c in client.generate(conversations, greedy)] == expected

@@ -1,0 +1,115 @@
+"""Which CPU engine writes replies faster on this machine: measured once per host and model.
+
+Why not a fixed choice: on the same SmolLM2-135M, 2 threads, greedy, CTranslate2 was 1.0-1.3x
+HF `generate` on an AMD EPYC (AVX-512) and 0.64-0.89x on a Xeon with AMX (batches 8 to 64,
+bench/generate.py, docs/generation.md): PyTorch's kernels won there. So `engine: auto` on a
+CPU times both engines on a small fixed batch the first time a model is used on a host, keeps
+CTranslate2 only if it is at least `MARGIN` faster (it costs a conversion and a second copy of
+the weights), and remembers the answer in `<heedful cache>/cache/engine_probe.json`, keyed by
+hostname + CPU model + model name (as trainers/grad_ckpt_probe.py keys its answers). Both
+engines write the same greedy replies (tests/test_ct2_engine.py), so the choice changes speed,
+not results; sampled replies differ between engines as between machines.
+
+`HEEDFUL_CPU_ENGINE=ct2|hf` answers without measuring (a fleet that knows its machines, or
+tests that need one engine); `engine: ct2|hf` in a config insists regardless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from trainers.grad_ckpt_probe import _read, _write, measure, probe_key
+
+CACHE_NAME = "engine_probe.json"
+ENV = "HEEDFUL_CPU_ENGINE"
+#: CTranslate2 is chosen only when it writes at least this many times HF's tokens per second
+MARGIN = 1.1
+#: the probe's workload: a batch of short chat prompts, greedy, this many new tokens each
+PROBE_PROMPTS = (
+    "What is the capital of France?",
+    "Give me three tips for a job interview.",
+    "How do I boil an egg?",
+    "Explain what a prime number is.",
+    "Name a good book for a long flight.",
+    "Why is the sky blue?",
+    "How can I save money on groceries?",
+    "What should I pack for a weekend hike?",
+)
+PROBE_TOKENS = 24
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_path() -> Path:
+    from pipeline.paths import heedful_home
+
+    return heedful_home() / "cache" / CACHE_NAME
+
+
+def forced_engine() -> str | None:
+    """HEEDFUL_CPU_ENGINE's answer, or None when it is unset (a bad value is an error naming it)."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in ("ct2", "hf"):
+        raise ValueError(f"{ENV}={value!r}: expected ct2, hf or auto")
+    return value
+
+
+def faster_cpu_engine(model_name: str, *, cache_path: Path | None = None) -> str:
+    """'ct2' or 'hf' for `model_name` on this host: HEEDFUL_CPU_ENGINE, else the cached answer,
+    else measured now (both engines, the same prompts, alternating; best of two) and cached."""
+    if (forced := forced_engine()) is not None:
+        return forced
+    from filelock import FileLock
+
+    path = cache_path or default_cache_path()
+    key = probe_key(model_name, "generate")
+    if (known := _read(path).get(key)) is not None:
+        return str(known["engine"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # two processes starting at once measure once
+        if (known := _read(path).get(key)) is not None:
+            return str(known["engine"])
+        seconds = _measure(model_name)
+        speedup = seconds["hf"] / seconds["ct2"]
+        engine = "ct2" if speedup >= MARGIN else "hf"
+        log.info(
+            "engine probe (%s): HF %.2f s, CTranslate2 %.2f s for %d x %d tokens -> %s",
+            model_name,
+            seconds["hf"],
+            seconds["ct2"],
+            len(PROBE_PROMPTS),
+            PROBE_TOKENS,
+            engine,
+        )
+        data = _read(path)
+        data[key] = {"engine": engine, "ct2_vs_hf": round(speedup, 3), "seconds": seconds, "measured": time.time()}
+        _write(path, data)
+    return engine
+
+
+def _measure(model_name: str) -> dict[str, float]:
+    """Seconds per batch for HF generate and CTranslate2 on the probe's workload."""
+    from pipeline.chat import as_messages
+    from pipeline.ct2_engine import Ct2Generator
+    from pipeline.generation import SamplingSettings, chat_generate
+    from pipeline.models import device_policy, load_causal_lm, load_tokenizer
+
+    sampling = SamplingSettings(max_new_tokens=PROBE_TOKENS, temperature=0.0)
+    conversations = [as_messages(p) for p in PROBE_PROMPTS]
+    tokenizer = load_tokenizer(model_name)
+    model = load_causal_lm(model_name, device_policy("cpu")).eval()
+    ct2 = Ct2Generator(model_name)  # converts once (cached): not part of the timing
+
+    def step(use_ct2: bool) -> None:
+        if use_ct2:
+            ct2.generate(conversations, sampling, batch_size=len(conversations))
+        else:
+            chat_generate(model, tokenizer, conversations, sampling, 1, len(conversations))
+
+    best = measure(step, repeats=1)  # a warm-up and one timed batch each: about ten seconds on SmolLM2-135M
+    return {"hf": round(best[False], 4), "ct2": round(best[True], 4)}
