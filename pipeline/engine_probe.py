@@ -6,7 +6,7 @@ bench/generate.py, docs/generation.md): PyTorch's kernels won there. So `engine:
 CPU times both engines on a small fixed batch the first time a model is used on a host, keeps
 CTranslate2 only if it is at least `MARGIN` faster (it costs a conversion and a second copy of
 the weights), and remembers the answer in `<heedful cache>/cache/engine_probe.json`, keyed by
-hostname + CPU model + model name (as trainers/grad_ckpt_probe.py keys its answers). Both
+hostname + CPU model + model name + thread count (as trainers/grad_ckpt_probe.py keys its answers). Both
 engines write the same greedy replies (tests/test_ct2_engine.py), so the choice changes speed,
 not results; sampled replies differ between engines as between machines.
 
@@ -64,10 +64,13 @@ def faster_cpu_engine(model_name: str, *, cache_path: Path | None = None) -> str
     else measured now (both engines, the same prompts, alternating; best of two) and cached."""
     if (forced := forced_engine()) is not None:
         return forced
+    import torch
     from filelock import FileLock
 
     path = cache_path or default_cache_path()
-    key = probe_key(model_name, "generate")
+    # the threads each engine gets (pipeline/threads.py) change the answer: one thread beside a busy
+    # process is not two on an idle machine
+    key = probe_key(model_name, f"generate|threads={torch.get_num_threads()}")
     if (known := _read(path).get(key)) is not None:
         return str(known["engine"])
     path.parent.mkdir(parents=True, exist_ok=True)
