@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import pytest
 import torch
@@ -78,11 +77,14 @@ def test_quickstart_under_ray(tmp_path, smollm2_path):
     # DPO curves + satisfaction by round + the held-out evaluation's bars
     assert report.count("<img") >= 3 and "users: simulated users" in report and "evaluate: evaluation" in report
 
-    started = time.time()
+    # a rerun skips every stage: nothing is rewritten (a wall-clock bound here failed on a loaded CI
+    # machine at 35 s; speed belongs in bench/, the files say whether work was redone)
+    outputs = sorted(p for p in run_dir.rglob("*") if p.is_file() and p.parent.name != "logs" and p.name != "run.json")
+    written = {p: p.stat().st_mtime_ns for p in outputs if "manifest" in p.name or p.suffix in (".safetensors", ".arrow")}
     again = heedful("run", "configs/quickstart.yaml", "--runs-dir", str(runs), *overrides)
     assert again.returncode == 0
     assert again.stdout.count("up to date") == 6
-    assert time.time() - started < 30
+    assert written and {p: p.stat().st_mtime_ns for p in written} == written
 
     status = heedful("status", "quickstart", "--runs-dir", str(runs))
     assert status.returncode == 0 and "skipped" in status.stdout and "align" in status.stdout
