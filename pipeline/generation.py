@@ -121,6 +121,8 @@ def _eos_ids(model, tokenizer) -> list[int]:
 # ----------------------------------------------------------------------------- engine switch
 
 Engine = Literal["auto", "hf", "ct2", "vllm"]
+#: prompts per call when a stage hands a whole queue to the engine (CTranslate2 sorts them by length)
+ENGINE_BATCH = 64
 #: the `engine` setting of every config that samples from a local model (stages, the LLM client,
 #: `heedful serve`): one field, one help text; `pick_engine` / `pick_local_engine` resolve it
 EngineSetting = Annotated[

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.chat import as_messages
-from pipeline.generation import EngineSetting, SamplingSettings, pick_engine
+from pipeline.generation import ENGINE_BATCH, EngineSetting, SamplingSettings, pick_engine
 from pipeline.llm import LLMSettings
 from pipeline.records import load_rows, save_rows
 from pipeline.stage import Input, Output, Stage, StageConfig
@@ -79,7 +79,9 @@ class C3poDataConfig(StageConfig):
         ),
     )
     filter_revisions: bool = Field(default=True, description="drop revisions that fail a programmatic metric")
-    batch_size: int = Field(default=8, ge=1, description="HF generate: baselines at a time (the engine takes 64)")
+    batch_size: int = Field(
+        default=8, ge=1, description=f"HF generate: baselines at a time (the engine takes {ENGINE_BATCH} per call)"
+    )
     engine: EngineSetting = "auto"
     device: str | None = None
 
@@ -269,7 +271,7 @@ class C3poDataStage(Stage):
 
     def baselines(self, engine: str, model, tokenizer, conversations) -> list[list[Any]]:
         """The current model's replies: HF generate on the loaded model, or the generation engine
-        on the same weights (the adapter merged; 64 prompts per call, where it is fastest)."""
+        on the same weights (the adapter merged; ENGINE_BATCH prompts per call)."""
         from pipeline.generation import chat_generate, generate_chat
 
         cfg, ctx = self.config, self.ctx
@@ -286,7 +288,7 @@ class C3poDataStage(Stage):
             conversations,
             cfg.baseline_sampling,
             adapter=ctx.input("adapter"),
-            batch_size=64,
+            batch_size=ENGINE_BATCH,
             seed=ctx.seed,
             engine=engine,
             device=cfg.device,

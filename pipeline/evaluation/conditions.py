@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
 BASE_CONDITIONS = ("base", "in_context", "memory")
 SYSTEM_OF: dict[str, Literal["none", "feedback", "retrieved"]] = {"base": "none", "in_context": "feedback", "memory": "retrieved"}
-#: prompts per engine call: CTranslate2 sorts them by length and decodes up to this many at once
-ENGINE_BATCH = 64
 
 
 class MemorySettings(BaseModel):
@@ -181,8 +179,9 @@ class Answering:
         """One `Completion` per conversation under `condition`'s weights.
 
         Why the engine: held-out replies are most of an evaluation's time, and the generation
-        engine (CTranslate2 on CPU, the adapter merged; vLLM on a GPU) writes the same greedy
-        replies as HF `generate` faster, a whole condition's prompts in one length-sorted queue.
+        engine (`engine: auto`: CTranslate2 with the adapter merged where the engine probe found
+        it faster on this CPU, vLLM on a GPU) writes the same greedy replies as HF `generate`, a
+        whole condition's prompts in one length-sorted queue.
         The loaded HF model stays for what needs its logits (drift, rewards) and for a
         Chain-of-Hindsight adapter, whose replies open with its phrase (HF only)."""
         from trainers.feedback_eval import sample_completions
@@ -191,7 +190,7 @@ class Answering:
         if self.engine == "hf" or coh is not None:
             with self.weights(condition):
                 return sample_completions(self.model, self.tokenizer, conversations, sampling, self.batch_size, self.seed, coh)
-        from pipeline.generation import generate_chat
+        from pipeline.generation import ENGINE_BATCH, generate_chat
 
         adapter = self.adapter if condition.adapter_on else None
         found = generate_chat(
