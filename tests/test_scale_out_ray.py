@@ -142,7 +142,8 @@ def _task_windows(head, names, timeout=20.0):
         tasks = {
             t.name: t
             for t in list_tasks(address=head.dashboard, filters=[("state", "=", "FINISHED")], detail=True, limit=1000)
-            if t.name in {f"stage:{n}" for n in names} and t.end_time_ms
+            # a FINISHED task's times can lag behind its state in Ray's task events: wait for both
+            if t.name in {f"stage:{n}" for n in names} and t.start_time_ms and t.end_time_ms
         }
         if len(tasks) == len(names) or time.time() > deadline:
             break
