@@ -11,7 +11,9 @@
    current model by default: with `generator_adapter: false` it is the base model instead,
    so the adapter being trained further does not write its own prompts and revisions.
 3. In-scope baselines are revised to apply the feedback, by the generator LLM or, for a
-   feedback whose application is mechanical, by `revision_template` (e.g. "Chef's tip: {response}").
+   feedback whose application is mechanical, by `revision_template` (e.g. "Chef's tip: {response}"),
+   or for a length feedback (`metric: max_words`) by `reviser: shorten`: the baseline's leading whole
+   sentences within the limit (offline; a generator LLM writes better short answers).
    With a programmatic metric, revisions that still fail it are dropped. With `trim_cut_off`,
    a baseline cut off at the sampling limit is cut back to its last whole sentence before the
    template applies, so the revision is a reply that ends (what a suffix feedback needs).
@@ -41,6 +43,7 @@ from trainers.c3po_data import (
     REVISE_PROMPT,
     TOPIC_PROMPT,
     dedupe,
+    leading_sentences,
     parse_list,
     row_id,
     template_revision,
@@ -68,7 +71,13 @@ class C3poDataConfig(StageConfig):
     out_of_scope_categories: list[str] = Field(default_factory=lambda: list(GENERAL_CATEGORIES[:4]))
     eval_fraction: float = Field(default=0.3, ge=0, lt=1, description="held out per scope when prompts have no split")
     baseline_sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=128, temperature=0.7))
-    reviser: Literal["generator", "template"] = "generator"
+    reviser: Literal["generator", "template", "shorten"] = Field(
+        default="generator",
+        description=(
+            "generator: an LLM rewrites the reply; template: `revision_template` around it; shorten (a max_words "
+            "metric): the reply's leading whole sentences within the limit"
+        ),
+    )
     revision_template: str | None = Field(default=None, description='reviser template: e.g. "Chef\'s tip: {response}"')
     trim_cut_off: bool = Field(
         default=False,
@@ -300,6 +309,13 @@ class C3poDataStage(Stage):
     def revise(self, generator, feedback: str, rows: list[dict[str, Any]]) -> list[tuple[str, bool]]:
         """(revision, whether it ends) per in-scope row."""
         cfg: C3poDataConfig = self.config
+        if cfg.reviser == "shorten":
+            if cfg.metric is None or cfg.metric.kind != "max_words":
+                raise ValueError("reviser: shorten needs a length metric: metric: {kind: max_words, value: N}")
+            heads = [leading_sentences(r["baseline"], float(cfg.metric.value or 0)) for r in rows]
+            kept = sum(h is not None for h in heads)
+            self.ctx.log.info("shorten: %d of %d in-scope baselines open with whole sentences within the limit", kept, len(rows))
+            return [(h, True) if h is not None else (r["baseline"], bool(r["baseline_finished"])) for r, h in zip(rows, heads)]
         if cfg.reviser == "template":
             if not cfg.revision_template or "{response}" not in cfg.revision_template:
                 raise ValueError("reviser: template needs revision_template containing {response}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from stages.feedback_views import FeedbackViewsConfig, build_views
-from trainers.c3po_data import learned_reply_finished, template_revision, trim_to_last_sentence
+from trainers.c3po_data import leading_sentences, learned_reply_finished, template_revision, trim_to_last_sentence
 from trainers.sft import from_c3po_data
 
 
@@ -34,6 +34,21 @@ def test_template_revision_of_a_cut_off_reply():
     assert template_revision(template, "p", "Go in May. Avoid Aug", False, trim_cut_off=True) == ("Go in May. Bon voyage!", True)
     assert template_revision(template, "p", "no end here", False, trim_cut_off=True) == ("no end here Bon voyage!", False)
     assert template_revision(template, "p", "Done.", True, trim_cut_off=True) == ("Done. Bon voyage!", True)
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (11, "Save a fifth of your income."),  # 6 + 6 words: the second sentence is one word too many
+        (12, "Save a fifth of your income. Put it in an index fund."),
+        (6, "Save a fifth of your income."),
+        (5, None),  # the first sentence alone is over the limit: no revision
+    ],
+)
+def test_leading_sentences_within_a_word_limit(limit, expected):
+    reply = "Save a fifth of your income. Put it in an index fund. Review it each year when your goals chan"
+    assert leading_sentences(reply, limit) == expected
+    assert leading_sentences("1. Budget first.\n2. Save next.\n3. Invest the rest", 6) == "1. Budget first.\n2. Save next."
 
 
 def rows():

@@ -112,6 +112,25 @@ def trim_to_last_sentence(text: str) -> str | None:
     return trimmed or None
 
 
+def leading_sentences(text: str, max_words: float) -> str | None:
+    """The longest run of `text`'s leading whole sentences within `max_words` words, or None when
+    even its first sentence is longer.
+
+    Why: a length feedback ("answer in at most 30 words") has a mechanical revision a model can
+    learn from without a generator LLM: the reply's own opening, cut at a sentence end. It ends,
+    it is the model's own wording, and it keeps what a reply usually leads with: the answer.
+    """
+    best = None
+    for m in _SENTENCE_END.finditer(text):
+        if _LIST_MARKER.fullmatch(_line_before(text, m.end())):
+            continue
+        head = text[: m.end()].rstrip()
+        if len(re.findall(r"\S+", head)) > max_words:
+            break
+        best = head or best
+    return best
+
+
 def learned_reply_finished(row: dict[str, Any]) -> bool:
     """Whether the reply a method learns to write from a c3po_data row ended within the sampling limit.
 
