@@ -38,22 +38,21 @@ def test_nll_term_by_hand():
 
 
 def test_kl_term_by_hand():
-    ref = torch.tensor([[[0.0, 0.0], [5.0, 1.0]]])  # position 0: p = (1/2, 1/2)
-    pol = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])  # position 0: q = (3/4, 1/4)
-    mask = torch.tensor([[1.0, 0.0]])  # position 1 is not a completion position
+    # next-token logits at the completion positions of the replies, stacked: [positions, vocab]
+    ref = torch.tensor([[0.0, 0.0]])  # p = (1/2, 1/2)
+    pol = torch.tensor([[math.log(3.0), 0.0]])  # q = (3/4, 1/4)
     expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
-    assert kl_to_reference(pol, ref, mask, 1.0, "sequence").item() == pytest.approx(expected, rel=1e-6)
-    two = kl_to_reference(pol.repeat(2, 1, 1), ref.repeat(2, 1, 1), torch.tensor([[1.0, 0.0], [1.0, 1.0]]), 1.0, "sequence")
-    p1 = [math.exp(5) / (math.exp(5) + math.e), math.e / (math.exp(5) + math.e)]  # position 1 vs q = (1/2, 1/2)
+    assert kl_to_reference(pol, ref, 1, 1.0, "sequence").item() == pytest.approx(expected, rel=1e-6)
+    # two replies: the first has that one position, the second that one and a second position
+    ref2, pol2 = torch.tensor([[0.0, 0.0], [0.0, 0.0], [5.0, 1.0]]), torch.tensor([[math.log(3.0), 0.0]] * 2 + [[0.0, 0.0]])
+    p1 = [math.exp(5) / (math.exp(5) + math.e), math.e / (math.exp(5) + math.e)]  # the second position vs q = (1/2, 1/2)
     row2 = expected + sum(pi * math.log(pi / 0.5) for pi in p1)
-    assert two.item() == pytest.approx((expected + row2) / 2, rel=1e-5)
-    assert kl_to_reference(
-        pol.repeat(2, 1, 1), ref.repeat(2, 1, 1), torch.tensor([[1.0, 0.0], [1.0, 1.0]]), 1.0, reduction="token"
-    ).item() == pytest.approx((expected + row2) / 3, rel=1e-5)
+    assert kl_to_reference(pol2, ref2, 2, 1.0, "sequence").item() == pytest.approx((expected + row2) / 2, rel=1e-5)
+    assert kl_to_reference(pol2, ref2, 2, 1.0, reduction="token").item() == pytest.approx((expected + row2) / 3, rel=1e-5)
     q = [math.sqrt(3) / (1 + math.sqrt(3)), 1 / (1 + math.sqrt(3))]  # softmax of logits / 2
     expected_t2 = 4 * sum(0.5 * math.log(0.5 / qi) for qi in q)
-    assert kl_to_reference(pol, ref, mask, temperature=2.0, reduction="sequence").item() == pytest.approx(expected_t2, rel=1e-6)
-    assert kl_to_reference(ref, ref, torch.ones(1, 2), 1.0, "sequence").item() == pytest.approx(0.0, abs=1e-7)
+    assert kl_to_reference(pol, ref, 1, temperature=2.0, reduction="sequence").item() == pytest.approx(expected_t2, rel=1e-6)
+    assert kl_to_reference(ref2, ref2, 2, 1.0, "sequence").item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_total_loss_by_hand():
@@ -175,6 +174,74 @@ def test_trainer_loss_matches_unbatched_computation(tmp_path, tiny_model_path, r
     assert near_term > 0
     expected = torch.stack(dpo).mean().item() + 0.2 * out_term + 0.1 * near_term
     assert loss == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("regularizer", ["nll", "kl"])
+def test_completion_positions_only_give_the_full_forwards_loss_and_gradients(tmp_path, tiny_model_path, regularizer):
+    """Scoring only completion positions through the head (the default) and reusing the cached
+    reference change no number: the loss and every LoRA gradient equal the full forward's (all
+    positions' logits, the reference run every step) within 1e-4."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from pipeline.models import device_policy, load_causal_lm, load_tokenizer
+    from trainers.c3po import C3POTrainer
+
+    tok = load_tokenizer("tiny", padding_side="right")
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm("tiny"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    examples = build_examples(tok, *_rows(), max_length=64)
+    trainer = C3POTrainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), report_to="none", **device_policy().trainer_kwargs()),
+        train_dataset=examples,
+        data_collator=C3POCollator(tok.pad_token_id),
+        method=C3POConfig(regularizer=regularizer),
+    )
+    batch = C3POCollator(tok.pad_token_id)(examples)
+    results = {}
+    # full forward; projected with the reference computed (cache empty); projected from the cache
+    for arm in ("full", "computed", "cached"):
+        trainer.full_forward = arm == "full"
+        if arm == "cached":
+            assert sorted(trainer._ref_cache) == [ex["index"] for ex in examples]
+            trainer.reference = None  # any reference forward now would fail
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[arm] = (loss.item(), grads)
+    full_loss, full_grads = results["full"]
+    assert max(g.abs().max().item() for g in full_grads.values()) > 1e-3  # the gradients are not all zero
+    for arm in ("computed", "cached"):
+        loss, grads = results[arm]
+        assert loss == pytest.approx(full_loss, abs=1e-4), arm
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, full_grads[name], atol=1e-4, rtol=1e-4, msg=f"{arm}: {name}")
+
+
+def test_chunked_kl_equals_the_kl_of_full_logits():
+    """Value and hidden-state gradient of the tiled KL against `kl_per_position` on full logits."""
+    from trainers.c3po import kl_per_position
+    from trainers.fastpref.logps import ChunkedKL
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(50, 8), torch.randn(50)
+    hidden, ref_hidden = torch.randn(7, 8, requires_grad=True), torch.randn(7, 8)
+    upstream = torch.rand(7)
+    for temperature in (1.0, 2.0):
+        expected = kl_per_position(hidden @ weight.t() + bias, ref_hidden @ weight.t() + bias, temperature)
+        (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), hidden)
+        got = ChunkedKL.apply(hidden, ref_hidden, weight, bias, temperature, 3 * 50, True)  # tiles of 3 rows
+        (got_grad,) = torch.autograd.grad((got * upstream).sum(), hidden)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_grad, expected_grad, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="frozen head"):
+        ChunkedKL.apply(hidden, ref_hidden, weight.requires_grad_(), bias, 1.0, 3 * 50, True)
 
 
 def scoped_prompts(path, per_scope=5):

@@ -8,7 +8,11 @@ One verbal feedback, three kinds of prompts:
     L = L_DPO(in) + sigma_soft * R(out-of-scope) + sigma_hard * R(near-scope)
 
 R is the NLL of the original model's reply or the KL from the reference (the original
-model) to the policy on those replies' tokens. `reduction="sequence"` sums R over a reply's
+model) to the policy on those replies' tokens. Only completion positions go through the LM
+head (`sequences.score_completions`): full-vocabulary logits are kept only where the KL needs
+them, at the near- and out-of-scope replies' positions, and there the KL runs in tiles from
+hidden states (`fastpref.logps.ChunkedKL`). The reference is frozen: its numbers per example
+(sequence log-probs, hidden states at the KL positions) are computed once and reused. `reduction="sequence"` sums R over a reply's
 tokens and averages over replies (the paper's -log pi(y|x), in the same units as DPO's
 sequence log-probs); `reduction="token"` averages over tokens instead, as the authors' code
 does through the HF loss, which makes the constraint about reply-length times weaker. The
@@ -27,7 +31,8 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from .c3po_config import C3POConfig, Reduction
-from .sequences import FeedbackTrainer, forward_logits, masked_mean, pad_right, shift_mask, token_logps
+from .fastpref.logps import chunked_kl
+from .sequences import FeedbackTrainer, masked_mean, pad_right, projects_hidden_states, score_completions, shift_mask
 
 ROLES = ("chosen", "rejected", "near", "out")
 
@@ -57,16 +62,27 @@ def completion_nll(logps: torch.Tensor, mask: torch.Tensor, reduction: Reduction
     return reduce(-logps, mask, reduction)
 
 
-def kl_to_reference(
-    policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor, temperature: float, reduction: Reduction
-) -> torch.Tensor:
-    """KL(reference || policy) of the next-token distributions at masked positions, softened
-    by `temperature` and scaled by T^2 (knowledge-distillation form). `mask` is aligned with
-    the logits (1 where the position predicts a completion token)."""
+def kl_per_position(policy_logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(reference || policy) of the next-token distributions at each position ([M, V] logits
+    -> [M]), softened by `temperature` and scaled by T^2 (knowledge-distillation form)."""
     ref = torch.log_softmax(ref_logits.float() / temperature, dim=-1)
     pol = torch.log_softmax(policy_logits.float() / temperature, dim=-1)
-    per_token = (ref.exp() * (ref - pol)).sum(-1)
-    return reduce(per_token, mask, reduction) * temperature**2
+    return (ref.exp() * (ref - pol)).sum(-1) * temperature**2
+
+
+def reduce_positions(per_position: torch.Tensor, n_replies: int, reduction: Reduction) -> torch.Tensor:
+    """Values at the completion positions of `n_replies` replies, stacked ([M]): 'sequence' sums per
+    reply and averages over replies; 'token' averages over positions."""
+    if reduction == "token":
+        return per_position.sum() / max(per_position.shape[0], 1)
+    return per_position.sum() / max(n_replies, 1)
+
+
+def kl_to_reference(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, n_replies: int, temperature: float, reduction: Reduction
+) -> torch.Tensor:
+    """The KL regulariser of `n_replies` replies from their positions' logits ([M, V] each)."""
+    return reduce_positions(kl_per_position(policy_logits, ref_logits, temperature), n_replies, reduction)
 
 
 def c3po_loss(
@@ -83,7 +99,8 @@ def c3po_loss(
 class C3POCollator:
     """Examples hold token ids per role: `{role}_prompt` and `{role}_completion` for role in
     chosen/rejected/near/out (chosen and rejected share the in-scope prompt). Returns one
-    right-padded batch with rows ordered [chosen..., rejected..., near..., out...]."""
+    right-padded batch with rows ordered [chosen..., rejected..., near..., out...], and each
+    example's `index` as `example_index` (the trainer's reference cache is keyed by it)."""
 
     pad_token_id: int
 
@@ -95,11 +112,14 @@ class C3POCollator:
                 ids.append(list(prompt) + list(completion))
                 masks.append([0] * len(prompt) + [1] * len(completion))
         input_ids = pad_right(ids, self.pad_token_id)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": pad_right([[1] * len(r) for r in ids], 0, input_ids.shape[1]),
             "completion_mask": pad_right(masks, 0, input_ids.shape[1]),
         }
+        if all("index" in ex for ex in examples):  # keys the trainer's reference cache
+            batch["example_index"] = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
+        return batch
 
 
 def build_examples(
@@ -108,7 +128,7 @@ def build_examples(
     near_scope: list[dict[str, Any]],
     out_of_scope: list[dict[str, Any]],
     max_length: int,
-) -> list[dict[str, list[int]]]:
+) -> list[dict[str, Any]]:
     """Token examples, one per row of the largest scope (smaller scopes are cycled).
 
     in_scope rows: prompt, revised (chosen), baseline (rejected); near/out rows: prompt,
@@ -129,7 +149,7 @@ def build_examples(
     examples = []
     for i in range(n):
         row, near, out = in_scope[i % len(in_scope)], near_scope[i % len(near_scope)], out_of_scope[i % len(out_of_scope)]
-        example: dict[str, list[int]] = {}
+        example: dict[str, Any] = {"index": i}
         example["chosen_prompt"], example["chosen_completion"] = encode(
             row["prompt"], row["revised"], row.get("revised_finished", True)
         )
@@ -156,38 +176,46 @@ def split_roles(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
 class C3POTrainer(FeedbackTrainer, Trainer):
     """DPO on in-scope pairs plus a constraint that keeps near- and out-of-scope replies."""
 
-    def __init__(self, *args: Any, method: C3POConfig | None = None, ref_model: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        method: C3POConfig | None = None,
+        ref_model: Any = None,
+        ref_cache_bytes: int = 1 << 30,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._init_feedback(ref_model)
         self.method = method or C3POConfig()
+        #: bytes of reference numbers kept per example across steps (see `reference_scores`)
+        self.ref_cache_bytes = ref_cache_bytes
+        self._ref_cache: dict[int, ReferenceEntry] = {}
+        self._ref_cache_used = 0
 
     def compute_loss(
         self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         cfg = self.method
         input_ids, attention, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
-        logits = forward_logits(model, input_ids, attention)
-        logps = token_logps(logits, input_ids)
-        mask = shift_mask(completion)
-        sequence = (logps * mask).sum(-1)
         n = input_ids.shape[0] // len(ROLES)
-        # The reference sees chosen+rejected (DPO); with the KL regulariser also near+out.
-        ref_rows = slice(0, 4 * n) if cfg.regularizer == "kl" else slice(0, 2 * n)
-        with self.reference(model) as ref:
-            ref_logits = forward_logits(ref, input_ids[ref_rows], attention[ref_rows])
-        ref_sequence = (token_logps(ref_logits, input_ids[ref_rows]) * mask[ref_rows]).sum(-1)
-
-        seq, ref_seq, m, lp = (
-            split_roles(sequence),
-            ref_sequence.chunk(ref_sequence.shape[0] // n),
-            split_roles(mask),
-            split_roles(logps),
-        )
-        losses, chosen_r, rejected_r = dpo_loss(seq["chosen"], seq["rejected"], ref_seq[0], ref_seq[1], cfg.beta)
-        if cfg.regularizer == "kl":
-            pol, refl = split_roles(logits[:, :-1]), ref_logits[:, :-1].chunk(4)
-            near = kl_to_reference(pol["near"], refl[2], m["near"], cfg.kl_temperature, cfg.reduction)
-            out = kl_to_reference(pol["out"], refl[3], m["out"], cfg.kl_temperature, cfg.reduction)
+        # With the KL regulariser the near and out rows (2n onward) keep what the KL needs at their
+        # completion positions: full logits, or (projecting only completion positions) hidden states.
+        kl_rows = slice(2 * n, 4 * n) if cfg.regularizer == "kl" else None
+        full = self.full_forward or not projects_hidden_states(model) or (kl_rows is not None and head_trains(model))
+        policy = score_completions(model, input_ids, attention, completion, kl_rows, full)
+        logps, mask = policy.logps, shift_mask(completion)
+        seq, m, lp = split_roles(logps.sum(-1)), split_roles(mask), split_roles(logps)
+        ref_chosen, ref_rejected, ref_kl = self.reference_scores(model, inputs, n, kl_rows, full)
+        losses, chosen_r, rejected_r = dpo_loss(seq["chosen"], seq["rejected"], ref_chosen, ref_rejected, cfg.beta)
+        if kl_rows is not None:
+            if policy.logits is not None:
+                per_position = kl_per_position(policy.logits, ref_kl, cfg.kl_temperature)
+            else:
+                assert policy.hidden is not None
+                per_position = chunked_kl(policy.hidden, ref_kl, policy.head.weight, policy.head.bias, cfg.kl_temperature)
+            near_positions = int(m["near"].sum().item())  # row-major: near's positions come before out's
+            near = reduce_positions(per_position[:near_positions], n, cfg.reduction)
+            out = reduce_positions(per_position[near_positions:], n, cfg.reduction)
         else:
             near = completion_nll(lp["near"], m["near"], cfg.reduction)
             out = completion_nll(lp["out"], m["out"], cfg.reduction)
@@ -203,4 +231,83 @@ class C3POTrainer(FeedbackTrainer, Trainer):
                 "rewards/accuracies": (chosen_r > rejected_r).float().mean(),
             }
         )
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, {"logps": logps}) if return_outputs else loss
+
+    def reference_scores(
+        self, model: Any, inputs: dict[str, torch.Tensor], n: int, kl_rows: slice | None, full: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """The reference's chosen and rejected sequence log-probs [n] each and, with the KL, what the
+        KL needs at the near and out replies' positions (logits on the full forward, else hidden states).
+
+        The reference is frozen, so on the projected path its numbers per example are computed the
+        first time the example is seen and kept (`ref_cache_bytes` at most; a cache miss computes
+        again): later epochs run no reference forward. The full forward's [positions, vocab] logits
+        are too large to keep; that path computes them every step."""
+        input_ids, attention, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+        roles = 4 if kl_rows is not None else 2
+        index = inputs.get("example_index")
+        if full or index is None:
+            rows = slice(0, roles * n)
+            with self.reference(model) as ref:
+                scores = score_completions(ref, input_ids[rows], attention[rows], completion[rows], kl_rows, full)
+            sequence = scores.logps.sum(-1)
+            return sequence[:n], sequence[n : 2 * n], scores.logits if full else scores.hidden
+        keys = index.tolist()
+        found = {k: self._ref_cache[key] for k, key in enumerate(keys) if key in self._ref_cache}
+        missing = [k for k in range(n) if k not in found]
+        if missing:
+            found.update(self._reference_entries(model, inputs, n, missing, kl_rows, keys))
+        entries = [found[k] for k in range(n)]
+        chosen = torch.stack([e.chosen for e in entries])
+        rejected = torch.stack([e.rejected for e in entries])
+        if kl_rows is None:
+            return chosen, rejected, None
+        near = [e.near for e in entries if e.near is not None]
+        out = [e.out for e in entries if e.out is not None]
+        return chosen, rejected, torch.cat(near + out)
+
+    def _reference_entries(
+        self, model: Any, inputs: dict[str, torch.Tensor], n: int, missing: list[int], kl_rows: slice | None, keys: list[int]
+    ) -> dict[int, ReferenceEntry]:
+        """Reference numbers for the batch's examples at positions `missing`, kept in the cache while it has room."""
+        roles = 4 if kl_rows is not None else 2
+        k = len(missing)
+        rows = [role * n + i for role in range(roles) for i in missing]
+        ids, attention, completion = inputs["input_ids"][rows], inputs["attention_mask"][rows], inputs["completion_mask"][rows]
+        with self.reference(model) as ref:
+            scores = score_completions(ref, ids, attention, completion, slice(2 * k, 4 * k) if kl_rows is not None else None)
+        sequence = scores.logps.sum(-1)
+        hidden: list[Any] = [None] * (2 * k)
+        if kl_rows is not None and scores.hidden is not None:
+            counts = shift_mask(completion)[2 * k :].sum(-1).long().tolist()
+            hidden = list(scores.hidden.split(counts))  # type: ignore[no-untyped-call]
+        entries = {}
+        for j, i in enumerate(missing):
+            entry = ReferenceEntry(sequence[j], sequence[k + j], hidden[j], hidden[k + j])
+            entries[i] = entry
+            if self._ref_cache_used + entry.nbytes() <= self.ref_cache_bytes:
+                self._ref_cache[keys[i]] = entry
+                self._ref_cache_used += entry.nbytes()
+        return entries
+
+
+@dataclass
+class ReferenceEntry:
+    """One example's reference numbers: chosen and rejected sequence log-probs, and (KL) the
+    reference's hidden states at its near and out replies' completion positions."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    near: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.chosen, self.rejected, self.near, self.out) if t is not None)
+
+
+def head_trains(model: Any) -> bool:
+    """Whether the LM head has trainable weights (the KL then takes the full logits: ChunkedKL needs it frozen)."""
+    from .fastpref.logps import unwrap_peft
+
+    head = unwrap_peft(model).get_output_embeddings()
+    return head is None or any(p.requires_grad for p in head.parameters())

@@ -21,7 +21,7 @@ import torch
 from transformers import Trainer
 
 from .coh_config import FEEDBACK_PHRASE, CoHConfig
-from .sequences import FeedbackTrainer, masked_mean, pad_right, shift_mask, token_logps
+from .sequences import FeedbackTrainer, masked_mean, pad_right, score_completions, shift_mask
 
 # ----------------------------------------------------------------------------- sequences
 
@@ -195,14 +195,14 @@ class CoHTrainer(FeedbackTrainer, Trainer):
         cfg = self.method
         if model.training and cfg.fcm_max_ratio > 0:
             attention = forgetful_causal_mask(attention, cfg.fcm_min_ratio, cfg.fcm_max_ratio)
-        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-        feedback_loss = masked_mean(-token_logps(logits, input_ids), shift_mask(inputs["loss_mask"]))
+        logps = score_completions(model, input_ids, attention, inputs["loss_mask"], full_forward=self.full_forward).logps
+        feedback_loss = masked_mean(-logps, shift_mask(inputs["loss_mask"]))
         loss = feedback_loss
         self.store(**{"loss/feedback": feedback_loss})
         if cfg.pretrain_weight > 0 and "pretrain_input_ids" in inputs:
             pt_ids, pt_mask = inputs["pretrain_input_ids"], inputs["pretrain_attention_mask"]
-            pt_logits = model(input_ids=pt_ids, attention_mask=pt_mask, use_cache=False).logits
-            pretrain_loss = masked_mean(-token_logps(pt_logits, pt_ids), shift_mask(pt_mask))
+            pt_logps = score_completions(model, pt_ids, pt_mask, pt_mask, full_forward=self.full_forward).logps
+            pretrain_loss = masked_mean(-pt_logps, shift_mask(pt_mask))
             loss = loss + cfg.pretrain_weight * pretrain_loss
             self.store(**{"loss/pretrain": pretrain_loss})
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, {"logps": logps}) if return_outputs else loss

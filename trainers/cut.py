@@ -26,7 +26,7 @@ import torch
 from transformers import Trainer
 
 from .cut_config import DEFAULT_JUDGMENT_TEMPLATE, CUTConfig
-from .sequences import FeedbackTrainer, forward_logits, masked_mean, pad_right, shift_mask, token_logps
+from .sequences import FeedbackTrainer, masked_mean, pad_right, score_completions, shift_mask
 
 # ----------------------------------------------------------------------------- math
 
@@ -162,8 +162,9 @@ class CUTTrainer(FeedbackTrainer, Trainer):
     ) -> Any:
         input_ids = inputs["input_ids"]
         pairs = inputs["pair_index"]
-        logits = forward_logits(model, input_ids, inputs["attention_mask"])
-        logps = token_logps(logits, input_ids)
+        logps = score_completions(
+            model, input_ids, inputs["attention_mask"], inputs["completion_mask"], full_forward=self.full_forward
+        ).logps
         mask = shift_mask(inputs["completion_mask"])
         n_align = input_ids.shape[0] - len(pairs)
         align_logps, align_mask = logps[:n_align], mask[:n_align]
@@ -187,4 +188,4 @@ class CUTTrainer(FeedbackTrainer, Trainer):
         self.store(
             **{"loss/align_mle": masked_mean(-align_logps, align_mask), "cut/negative_share": len(pairs) / max(n_align, 1)}
         )
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, {"logps": logps}) if return_outputs else loss

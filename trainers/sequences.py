@@ -2,6 +2,11 @@
 (prompts render through `pipeline.chat.render_ids`) into token ids with a completion mask, right-padding, per-token log-probs, and a
 transformers `Trainer` base that logs averaged loss terms the way TRL's trainers do.
 
+`score_completions` is the forward pass they share: the model's body runs on the padded batch,
+and only the positions that predict a completion token go through the 49k-vocabulary head (in
+tiles, `trainers/fastpref/logps.ChunkedLogps`), instead of the model's full logits for every
+prompt and padding position and their log-softmax (most of a step's memory traffic on a CPU).
+
 Completions are tokenized on their own and appended to the rendered prompt, so the same
 response has the same tokens under different prompts (CUT compares a response under two
 prompts token by token) and the same tokens the model emits when sampling.
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -85,6 +91,9 @@ class FeedbackTrainer:
         self.ref_model = ref_model
         # Our losses are means over the batch: let the Trainer divide by accumulation steps.
         self.model_accepts_loss_kwargs = False
+        #: score with the model's full forward and logits at every position (the path before
+        #: `score_completions`; models it cannot take use it anyway; bench/c3po_step.py's baseline)
+        self.full_forward = False
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
 
@@ -114,3 +123,72 @@ class FeedbackTrainer:
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def projects_hidden_states(model) -> bool:
+    """Whether a completion's scores can come from the body's hidden states and the LM head alone.
+
+    True for a (PEFT-wrapped) transformers causal LM whose logits are the head applied to the last
+    hidden states. False for a wrapper whose own forward must run (DDP, FSDP: gradient
+    synchronisation hooks on it) and for models that transform the logits after the head
+    (soft-capping, a logit scale): those take the full forward."""
+    from .fastpref.logps import unwrap_peft
+
+    if not (hasattr(model, "get_base_model") or hasattr(model, "base_model_prefix")):
+        return False
+    config = unwrap_peft(model).config
+    return getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) in (None, 1, 1.0)
+
+
+@dataclass
+class CompletionScores:
+    """A padded batch's completion tokens, scored.
+
+    logps: [B, T-1] log p(x_t | x_<t) where `shift_mask(completion_mask)` is 1, 0 elsewhere
+        (aligned with `token_logps`); also 0 on the `distribution_rows`, scored as below instead.
+    For the `distribution_rows` (a KL needs the whole next-token distribution, not one token's
+    log-prob), at their completion positions in row-major order: `logits` [M, V] on the full
+    forward, or `hidden` [M, H] (the body's last hidden states) and `head` when only completion
+    positions are projected.
+    """
+
+    logps: torch.Tensor
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    head: Any = None
+
+
+def score_completions(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    distribution_rows: slice | None = None,
+    full_forward: bool = False,
+) -> CompletionScores:
+    """Log-probs of the completion tokens; for `distribution_rows`, what a KL over the vocabulary needs.
+
+    Only completion positions reach the head; the others' logits are never computed. Equal to
+    `token_logps(forward_logits(...))` at those positions (a test). `full_forward` (or a model
+    `projects_hidden_states` rejects) takes the model's own forward and full logits instead."""
+    from .fastpref.logps import TILE_ELEMENTS, ChunkedLogps, backbone_and_head
+
+    scored = completion_mask[:, 1:].bool()
+    whole = torch.zeros_like(scored)
+    if distribution_rows is not None:
+        whole[distribution_rows] = scored[distribution_rows]
+    tiled = scored & ~whole
+    targets = input_ids[:, 1:]
+    if full_forward or not projects_hidden_states(model):
+        all_logits = forward_logits(model, input_ids, attention_mask)[:, :-1]
+        tiled_logps = gather_logps(all_logits[tiled].float(), targets[tiled])
+        out = CompletionScores(tiled_logps, logits=all_logits[whole] if distribution_rows is not None else None)
+    else:
+        body, head = backbone_and_head(model)
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
+        tiled_logps = ChunkedLogps.apply(
+            hidden[tiled], head.weight, head.bias, targets[tiled], TILE_ELEMENTS, False, torch.is_grad_enabled()
+        )[0]
+        out = CompletionScores(tiled_logps, hidden=hidden[whole] if distribution_rows is not None else None, head=head)
+    out.logps = tiled_logps.new_zeros(scored.shape).index_put(tiled.nonzero(as_tuple=True), tiled_logps)
+    return out

@@ -20,6 +20,7 @@ distribution, the mean logit and whether the target is the top-1 token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -133,6 +134,52 @@ class ChunkedLogps(torch.autograd.Function):
         )
 
 
+class ChunkedKL(torch.autograd.Function):
+    """T^2 * KL(softmax(ref_hidden W^T / T) || softmax(hidden W^T / T)) per row, through a frozen head, in tiles.
+
+    Why: a KL to the reference over the whole vocabulary (C3PO's regulariser) otherwise keeps the
+    policy's and the reference's [positions, 49k] logits and log-softmaxes for backward. Here one
+    tile of each is alive at a time, and since the head is frozen the hidden states' gradient,
+    T (q - p) @ W per row (q the policy's, p the reference's softened distribution), is built in
+    the forward while the tile is in hand, as `ChunkedLogps` does. The reference enters as its
+    hidden states (no gradient), which a trainer can cache: they are [positions, hidden] only.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, ref_hidden, weight, bias, temperature: float, tile_elements: int = TILE_ELEMENTS, grad_enabled=True):
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            raise ValueError("ChunkedKL needs a frozen head (LoRA leaves it frozen); a trainable head takes the full logits")
+        n, vocab = hidden.shape[0], weight.shape[0]
+        dtype = _compute_dtype(hidden)
+        kl = hidden.new_empty(n, dtype=torch.float32)
+        grad = torch.empty_like(hidden, dtype=torch.float32) if grad_enabled and ctx.needs_input_grad[0] else None
+        for s, e in _chunks(n, vocab, tile_elements):
+            log_q = _logits(hidden[s:e], weight, bias, dtype).div_(temperature).log_softmax(-1)
+            log_p = _logits(ref_hidden[s:e], weight, bias, dtype).div_(temperature).log_softmax(-1)
+            p = log_p.exp()
+            kl[s:e] = (p * (log_p - log_q)).sum(-1) * temperature**2
+            if grad is not None:  # d(T^2 KL)/dz = T (q - p), z = W h
+                with torch.autocast(hidden.device.type, enabled=False):
+                    grad[s:e] = log_q.exp_().sub_(p).mul_(temperature) @ weight.float()
+        ctx.hidden_dtype = hidden.dtype
+        ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        (grad,) = ctx.saved_tensors
+        grad_h = None if grad_kl is None or grad.numel() == 0 else (grad * grad_kl.float()[:, None]).to(ctx.hidden_dtype)
+        return grad_h, None, None, None, None, None, None
+
+
+def chunked_kl(
+    hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    """`ChunkedKL` per row, with the default tiles (typed entry point)."""
+    kl: torch.Tensor = ChunkedKL.apply(hidden, ref_hidden, weight, bias, temperature, TILE_ELEMENTS, torch.is_grad_enabled())
+    return kl
+
+
 @dataclass
 class PackedLogps:
     """Log-probs of a packed batch: per sequence (chosen first, then rejected) and per scored token."""
@@ -153,7 +200,7 @@ class PackedLogps:
         return self.seq_logps[:n], self.seq_logps[n:]
 
 
-def unwrap_peft(model):
+def unwrap_peft(model: Any) -> Any:
     """The underlying transformers model of a PEFT-wrapped one (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
