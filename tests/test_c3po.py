@@ -65,6 +65,9 @@ def test_total_loss_by_hand():
         sigma_hard=defaults.sigma_hard,
     )
     assert total.item() == pytest.approx(0.7 + 0.2 * 2.0 + 0.1 * 3.0)  # the paper's sigma_soft 0.2, sigma_hard 0.1
+    assert defaults.rpo_alpha is None  # the NLL on the revision is opt-in
+    with_nll = c3po_loss(torch.tensor([0.6, 0.8]), torch.tensor(2.0), torch.tensor(3.0), 0.2, 0.1, torch.tensor(1.5), 0.5)
+    assert with_nll.item() == pytest.approx(0.7 + 0.2 * 2.0 + 0.1 * 3.0 + 0.5 * 1.5)
 
 
 def _rows():
@@ -105,8 +108,11 @@ def test_examples_cycle_scopes_and_mark_unfinished(tiny_model_path):
         build_examples(tok, in_scope, [], out, max_length=64)
 
 
-@pytest.mark.parametrize("regularizer,reduction", [("nll", "sequence"), ("kl", "sequence"), ("nll", "token"), ("kl", "token")])
-def test_trainer_loss_matches_unbatched_computation(tmp_path, tiny_model_path, regularizer, reduction):
+@pytest.mark.parametrize(
+    "regularizer,reduction,rpo_alpha",
+    [("nll", "sequence", None), ("kl", "sequence", None), ("nll", "token", None), ("kl", "token", None), ("kl", "sequence", 0.5)],
+)
+def test_trainer_loss_matches_unbatched_computation(tmp_path, tiny_model_path, regularizer, reduction, rpo_alpha):
     """The padded 4-role batch gives the same loss as separate forward passes per sequence."""
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
@@ -129,7 +135,9 @@ def test_trainer_loss_matches_unbatched_computation(tmp_path, tiny_model_path, r
         args=args,
         train_dataset=examples,
         data_collator=C3POCollator(tok.pad_token_id),
-        method=C3POConfig(beta=0.1, sigma_soft=0.2, sigma_hard=0.1, regularizer=regularizer, reduction=reduction),
+        method=C3POConfig(
+            beta=0.1, sigma_soft=0.2, sigma_hard=0.1, regularizer=regularizer, reduction=reduction, rpo_alpha=rpo_alpha
+        ),
     )
     model.eval()
     batch = C3POCollator(tok.pad_token_id)(examples)
@@ -142,9 +150,10 @@ def test_trainer_loss_matches_unbatched_computation(tmp_path, tiny_model_path, r
         logp = torch.log_softmax(logits, -1)[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
         return logp[len(prompt) - 1 :], logits[len(prompt) - 1 :]
 
-    dpo, near_tokens, out_tokens, near_kl, out_kl = [], [], [], [], []  # one list of token values per reply
+    dpo, near_tokens, out_tokens, near_kl, out_kl, chosen_tokens = [], [], [], [], [], []  # token values per reply
     with torch.no_grad():
         for ex in examples:
+            chosen_tokens.append((-seq(model, ex["chosen_prompt"], ex["chosen_completion"])[0]).tolist())
             pc, pr = (
                 seq(model, ex["chosen_prompt"], ex["chosen_completion"])[0].sum(),
                 seq(model, ex["rejected_prompt"], ex["rejected_completion"])[0].sum(),
@@ -173,6 +182,8 @@ def test_trainer_loss_matches_unbatched_computation(tmp_path, tiny_model_path, r
     )
     assert near_term > 0
     expected = torch.stack(dpo).mean().item() + 0.2 * out_term + 0.1 * near_term
+    if rpo_alpha:  # the revisions' NLL, a mean over all their tokens
+        expected += rpo_alpha * sum(map(sum, chosen_tokens)) / sum(map(len, chosen_tokens))
     assert loss == pytest.approx(expected, rel=1e-4)
 
 

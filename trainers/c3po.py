@@ -5,8 +5,11 @@ One verbal feedback, three kinds of prompts:
   near-scope    related, the feedback must NOT apply: keep the original model's own reply;
   out-of-scope  unrelated: keep the original model's own reply.
 
-    L = L_DPO(in) + sigma_soft * R(out-of-scope) + sigma_hard * R(near-scope)
+    L = L_DPO(in) + sigma_soft * R(out-of-scope) + sigma_hard * R(near-scope)  [+ rpo_alpha * NLL(revision)]
 
+The optional last term (`rpo_alpha`, off by default: not in the paper) is RPO's remedy: the
+DPO term can make the revision preferred over the baseline without making it the reply the
+model writes (measured on a length feedback, docs/arena.md); an NLL on the revision does.
 R is the NLL of the original model's reply or the KL from the reference (the original
 model) to the policy on those replies' tokens. Only completion positions go through the LM
 head (`sequences.score_completions`): full-vocabulary logits are kept only where the KL needs
@@ -86,10 +89,20 @@ def kl_to_reference(
 
 
 def c3po_loss(
-    dpo_losses: torch.Tensor, out_of_scope: torch.Tensor, near_scope: torch.Tensor, sigma_soft: float, sigma_hard: float
+    dpo_losses: torch.Tensor,
+    out_of_scope: torch.Tensor,
+    near_scope: torch.Tensor,
+    sigma_soft: float,
+    sigma_hard: float,
+    chosen_nll: torch.Tensor | None = None,
+    rpo_alpha: float | None = None,
 ) -> torch.Tensor:
-    """L_DPO (mean over pairs) + sigma_soft * out-of-scope term + sigma_hard * near-scope term."""
-    return dpo_losses.mean() + sigma_soft * out_of_scope + sigma_hard * near_scope
+    """L_DPO (mean over pairs) + sigma_soft * out-of-scope term + sigma_hard * near-scope term
+    (+ rpo_alpha * the revisions' per-token NLL, when set)."""
+    loss = dpo_losses.mean() + sigma_soft * out_of_scope + sigma_hard * near_scope
+    if rpo_alpha and chosen_nll is not None:
+        loss = loss + rpo_alpha * chosen_nll
+    return loss
 
 
 # ----------------------------------------------------------------------------- data
@@ -219,7 +232,10 @@ class C3POTrainer(FeedbackTrainer, Trainer):
         else:
             near = completion_nll(lp["near"], m["near"], cfg.reduction)
             out = completion_nll(lp["out"], m["out"], cfg.reduction)
-        loss = c3po_loss(losses, out, near, cfg.sigma_soft, cfg.sigma_hard)
+        chosen_nll = completion_nll(lp["chosen"], m["chosen"], "token")
+        loss = c3po_loss(losses, out, near, cfg.sigma_soft, cfg.sigma_hard, chosen_nll, cfg.rpo_alpha)
+        if cfg.rpo_alpha:
+            self.store(**{"loss/chosen_nll": chosen_nll})
         self.store(
             **{
                 "loss/dpo": losses.mean(),

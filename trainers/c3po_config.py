@@ -28,3 +28,11 @@ class C3POConfig(StageConfig):
     kl_temperature: float = Field(default=1.0, gt=0)
     reduction: Reduction = Field(default="sequence", description="constraint summed per reply (paper) or token mean")
     learning_rate: float = Field(default=1e-4, gt=0)
+    rpo_alpha: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "weight of an NLL term on the in-scope revision (RPO's remedy, per-token mean as TRL's rpo_alpha): DPO can "
+            "make the revision preferred without making it the reply the model writes; this pulls its likelihood up"
+        ),
+    )
