@@ -34,6 +34,7 @@ def scoped_rows(path, log):
 
 class C3poStage(TrainerStage):
     uses = "c3po"
+    version = "2"  # 2: rpo_alpha 1.0 by default (RPO's NLL term on the revisions; 0 is the paper's loss)
     summary = "C3PO: DPO on in-scope + NLL/KL constraints on near- and out-of-scope (LoRA)."
     Config = C3poConfig
     inputs = {

@@ -65,7 +65,7 @@ def test_total_loss_by_hand():
         sigma_hard=defaults.sigma_hard,
     )
     assert total.item() == pytest.approx(0.7 + 0.2 * 2.0 + 0.1 * 3.0)  # the paper's sigma_soft 0.2, sigma_hard 0.1
-    assert defaults.rpo_alpha is None  # the NLL on the revision is opt-in
+    assert defaults.rpo_alpha == 1.0  # RPO's NLL on the revisions, chosen on three feedbacks (docs/arena.md)
     with_nll = c3po_loss(torch.tensor([0.6, 0.8]), torch.tensor(2.0), torch.tensor(3.0), 0.2, 0.1, torch.tensor(1.5), 0.5)
     assert with_nll.item() == pytest.approx(0.7 + 0.2 * 2.0 + 0.1 * 3.0 + 0.5 * 1.5)
 

@@ -7,7 +7,7 @@ One verbal feedback, three kinds of prompts:
 
     L = L_DPO(in) + sigma_soft * R(out-of-scope) + sigma_hard * R(near-scope)  [+ rpo_alpha * NLL(revision)]
 
-The optional last term (`rpo_alpha`, off by default: not in the paper) is RPO's remedy: the
+The last term (`rpo_alpha`, 1.0 by default; not in the paper, 0 drops it) is RPO's remedy: the
 DPO term can make the revision preferred over the baseline without making it the reply the
 model writes (measured on a length feedback, docs/arena.md); an NLL on the revision does.
 R is the NLL of the original model's reply or the KL from the reference (the original
