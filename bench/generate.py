@@ -15,6 +15,8 @@ each batch run to its longest budget; heedful's engine gets the whole queue at o
 `--mixed-batch` wide, each request leaving the batch at its own budget (CTranslate2 sorts the
 queue by length). Only the tokens each request asked for count on both sides.
 Greedy replies are compared token for token with HF's (`agreement`).
+`--llama-cpp f32,q8_0` adds llama.cpp arms on the embedded GGUF (bench/llama_cpp_arm.py; needs
+llama-cpp-python, a source build): measured to decide whether it should be an engine.
 """
 
 from __future__ import annotations
@@ -102,6 +104,11 @@ def main() -> None:
     parser.add_argument("--mixed-batch", type=int, default=16)
     parser.add_argument("--int8", action="store_true", help="also time the opt-in int8 engine (replies differ)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--llama-cpp",
+        default="",
+        help="also time llama.cpp on the embedded GGUF, comma-separated weight kinds: f32, q8_0 (bench/llama_cpp_arm.py)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -121,6 +128,8 @@ def main() -> None:
     if args.int8:
         engines["heedful_int8"] = Ct2Generator(args.model, quantization="int8", threads=args.threads)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if args.llama_cpp:
+        engines.update(llama_cpp_engines(args, tokenizer, eos_ids, max([*sizes, args.mixed_batch])))
     all_texts = render_many(tokenizer, [[{"role": "user", "content": p}] for p in prompts(max([*sizes, args.mixed]))])
 
     result: dict = {
@@ -151,6 +160,9 @@ def main() -> None:
                 if wall < best.get(arm, (float("inf"), 0.0))[0]:
                     best[arm] = (wall, cpu)
         row: dict = {"batch": bs, "agreement_greedy": sum(a == b for a, b in zip(replies["hf"], replies["heedful"])) / bs}
+        for arm in engines:
+            if arm.startswith("llama_cpp"):
+                row[f"{arm}_agreement"] = sum(a == b for a, b in zip(replies["hf"], replies[arm])) / bs
         for arm, (wall, cpu) in best.items():
             row[f"{arm}_tokens"] = tokens[arm]
             row[f"{arm}_tokens_per_s"] = round(tokens[arm] / wall, 1)
@@ -165,6 +177,23 @@ def main() -> None:
         result["mixed"] = mixed_workload(args, model, tokenizer, eos_ids, engines, all_texts[: args.mixed])
     result["machine"]["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     save_results(result, RESULTS / "generate.json")
+
+
+def llama_cpp_engines(args, tokenizer, eos_ids, slots: int) -> dict:
+    """llama.cpp arms on the embedded GGUF rewritten as each asked weight kind."""
+    from llama_cpp_arm import LlamaCppGreedy, gguf_copy, unavailable_reason
+
+    from pipeline.models import _gguf_location
+
+    if args.model != "smollm2-135m":
+        raise SystemExit("--llama-cpp needs --model smollm2-135m (the one model shipped as a GGUF)")
+    if reason := unavailable_reason():
+        raise SystemExit(f"--llama-cpp: {reason}")
+    out = {}
+    for kind in args.llama_cpp.split(","):
+        gguf = gguf_copy(_gguf_location(), kind, RESULTS / "gguf")
+        out[f"llama_cpp_{kind}"] = LlamaCppGreedy(gguf, tokenizer, eos_ids, args.threads, slots=slots)
+    return out
 
 
 def mixed_workload(args, model, tokenizer, eos_ids, engines, texts) -> dict:
