@@ -7,11 +7,13 @@ weights, same batches), warm-up step dropped:
 
   full      the trainer's scoring before `sequences.score_completions`: the model's forward,
             logits and log-softmax at every position of the padded batch (prompt, padding),
-            the reference's forward every step
+            the reference's forward every step, torch's LoRA dropout
   cold      heedful's: the body's hidden states, only completion positions through the head
             (chunked log-probs; the KL in tiles from hidden states), the reference computed
             (its per-example cache emptied before each step: an example's first visit)
   warm      the same with the reference's numbers from the cache (every later visit)
+  warm_torch_dropout  warm with torch's LoRA dropout instead of heedful's CPU mask
+            (trainers/lora_dropout.py), which `full`, `cold` and `warm` use as the stage does
 
 The run's figure is `amortized`: cold for each example's first visit, warm after, over
 --run-steps steps of --examples-per-step on a dataset of --dataset examples (the arena's
@@ -34,7 +36,7 @@ from pathlib import Path
 
 from common import QA, ROOT, matmul_peak_flops, save_results
 
-ARMS = ("full", "cold", "warm")
+ARMS = ("full", "cold", "warm", "warm_torch_dropout")
 
 
 def c3po_rows(n: int, reply_words: int) -> tuple[list[dict], list[dict], list[dict]]:
@@ -116,6 +118,7 @@ def main() -> None:
         model.train()
 
         def step(arm: str) -> tuple[float, float]:
+            set_lora_dropout(model, cpu_mask=arm in ("cold", "warm"))
             if arm == "cold":
                 trainer._ref_cache.clear()
                 trainer._ref_cache_used = 0
@@ -139,7 +142,12 @@ def main() -> None:
 
     peak = matmul_peak_flops()
     policy_flops, reference_flops = step_flops(unwrap_config(model), batch, args.regularizer)
-    flops = {"full": policy_flops + reference_flops, "cold": policy_flops + reference_flops, "warm": policy_flops}
+    flops = {
+        "full": policy_flops + reference_flops,
+        "cold": policy_flops + reference_flops,
+        "warm": policy_flops,
+        "warm_torch_dropout": policy_flops,
+    }
     median = {arm: statistics.median(v) for arm, v in per_arm.items()}
     median_cpu = {arm: statistics.median(v) for arm, v in per_arm_cpu.items()}
     first_visits = min(1.0, args.dataset / (args.run_steps * args.examples))  # share of steps whose examples are new
@@ -158,6 +166,7 @@ def main() -> None:
         **{f"{arm}_cpu_seconds_per_step": round(v, 3) for arm, v in median_cpu.items()},
         "run": f"{args.run_steps} steps x {args.examples} examples on {args.dataset}: {first_visits:.0%} first visits",
         **{f"{arm}_time_vs_full": round(median[arm] / median["full"], 3) for arm in ("cold", "warm", "amortized")},
+        "warm_time_vs_warm_torch_dropout": round(median["warm"] / median["warm_torch_dropout"], 3),
         **{f"cpu_{arm}_time_vs_full": round(median_cpu[arm] / median_cpu["full"], 3) for arm in ("cold", "warm", "amortized")},
         "steps": per_arm,
         "matmul_peak_gflops": round(peak / 1e9, 1),
@@ -166,6 +175,22 @@ def main() -> None:
         "load_average": round(os.getloadavg()[0], 1),
     }
     save_results(result, args.json)
+
+
+def set_lora_dropout(model, cpu_mask: bool) -> None:
+    """heedful's CPU-mask LoRA dropout (as the training stages install it) or torch's nn.Dropout."""
+    import torch
+
+    from trainers.lora_dropout import use_cpu_lora_dropout
+
+    if cpu_mask:
+        use_cpu_lora_dropout(model)
+        return
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        for name, dropout in (dropouts or {}).items():
+            if isinstance(dropout, torch.nn.Dropout):
+                dropouts[name] = torch.nn.Dropout(dropout.p).train(dropout.training)
 
 
 def unwrap_config(model):

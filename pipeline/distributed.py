@@ -199,7 +199,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     from transformers.trainer_callback import PrinterCallback
 
     from .threads import set_torch_threads
-    from .training import last_checkpoint, progress_callback, summarize
+    from .training import last_checkpoint, progress_callback, summarize, use_cpu_lora_dropout
 
     job: WorkerJob = cloudpickle.loads(config["job"])
     context = ray.train.get_context()
@@ -209,6 +209,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     _quiet_progress_bars()
 
     trainer = job.build_trainer()
+    use_cpu_lora_dropout(trainer.model)
     trainer.remove_callback(PrinterCallback)
     if rank == 0:
         trainer.add_callback(progress_callback(ctx))

@@ -197,6 +197,7 @@ def test_completion_positions_only_give_the_full_forwards_loss_and_gradients(tmp
 
     from pipeline.models import device_policy, load_causal_lm, load_tokenizer
     from trainers.c3po import C3POTrainer
+    from trainers.sequences import right_padded
 
     tok = load_tokenizer("tiny", padding_side="right")
     torch.manual_seed(0)
@@ -214,6 +215,8 @@ def test_completion_positions_only_give_the_full_forwards_loss_and_gradients(tmp
         method=C3POConfig(regularizer=regularizer),
     )
     batch = C3POCollator(tok.pad_token_id)(examples)
+    # rows of different lengths, right-padded: the projected arms run causal attention without the padding mask
+    assert right_padded(batch["attention_mask"]) and not batch["attention_mask"].bool().all()
     results = {}
     # full forward; projected with the reference computed (cache empty); projected from the cache
     for arm in ("full", "computed", "cached"):
@@ -233,6 +236,14 @@ def test_completion_positions_only_give_the_full_forwards_loss_and_gradients(tmp
         assert loss == pytest.approx(full_loss, abs=1e-4), arm
         for name, grad in grads.items():
             torch.testing.assert_close(grad, full_grads[name], atol=1e-4, rtol=1e-4, msg=f"{arm}: {name}")
+
+
+def test_right_padded_recognises_only_tokens_then_padding():
+    from trainers.sequences import right_padded
+
+    assert right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding keeps its mask
+    assert not right_padded(torch.tensor([[1, 0, 1]]))  # a hole (packed rows) keeps its mask
 
 
 def test_chunked_kl_equals_the_kl_of_full_logits():

@@ -452,3 +452,49 @@ def test_continuing_an_adapter_uses_it_as_the_reference_like_trl(tmp_path, tiny_
     assert trl_grads.keys() == fast_grads.keys() and not any(".ref." in name for name in fast_grads)
     for name, grad in trl_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_pair_attention_pieces_equal_the_masked_square_in_values_and_gradients(tiny_model_path, monkeypatch):
+    """attention.py: two causal pieces per unit give the 4D mask's logps and LoRA gradients
+    (rows shared by several units, padding, an empty prompt and an empty chosen reply included)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainers.fastpref import attention
+    from trainers.fastpref.logps import packed_logps
+    from trainers.fastpref.packing import pack, truncate
+
+    gen = torch.Generator().manual_seed(4)
+
+    def ids(n):
+        return torch.randint(5, 40000, (n,), generator=gen).tolist()
+
+    units = [truncate(ids(p), ids(c), ids(r), None) for p, c, r in [(9, 14, 11), (3, 5, 4), (0, 4, 3), (3, 0, 2), (6, 2, 8)]]
+    batch = pack(units, pad_token_id=0)
+    assert batch["input_ids"].shape[0] < len(units) and batch["segments"][0][0] == (0, 9, 14, 11)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation="sdpa", dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=gen)
+    calls = []
+    piece = attention._piece
+    monkeypatch.setattr(attention, "_piece", lambda *a: calls.append(1) or piece(*a))
+
+    def run(b):
+        model.zero_grad()
+        logps = packed_logps(model, b).seq_logps
+        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    split, split_grads = run(batch)
+    assert len(calls) > 0  # the pieces ran
+    calls.clear()
+    masked, masked_grads = run({k: v for k, v in batch.items() if k != "segments"})
+    assert not calls  # without the layout: transformers' SDPA with the 4D mask
+    torch.testing.assert_close(split, masked, atol=1e-5, rtol=1e-6)
+    for name, grad in masked_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, atol=1e-6, rtol=1e-4)

@@ -158,6 +158,16 @@ class CompletionScores:
     head: Any = None
 
 
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row is its tokens then padding. Then causal attention alone gives every real position
+    exactly what the padding mask gives it (a real token never looks right, at the padding), and
+    SDPA without a mask runs its causal kernel, which skips the blocks above the diagonal instead
+    of scoring the full [length, length] square; the padding positions' own states change, and
+    nothing reads them."""
+    keep = attention_mask.bool()
+    return bool((keep[:, 1:] <= keep[:, :-1]).all())
+
+
 def score_completions(
     model,
     input_ids: torch.Tensor,
@@ -185,7 +195,8 @@ def score_completions(
         out = CompletionScores(tiled_logps, logits=all_logits[whole] if distribution_rows is not None else None)
     else:
         body, head = backbone_and_head(model)
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
+        mask = None if right_padded(attention_mask) else attention_mask
+        hidden = body(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
         tiled_logps = ChunkedLogps.apply(
             hidden[tiled], head.weight, head.bias, targets[tiled], TILE_ELEMENTS, False, torch.is_grad_enabled()
         )[0]

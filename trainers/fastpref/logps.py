@@ -214,12 +214,18 @@ def backbone_and_head(model):
 
 def packed_logps(model, batch: dict, tile_elements: int = TILE_ELEMENTS, with_metrics: bool = True) -> PackedLogps:
     """Run a packed batch (packing.pack) through `model` and score its reply tokens."""
+    from .attention import install
     from .packing import attention_mask_for
 
     body, head = backbone_and_head(model)
-    mask = attention_mask_for(batch["pair_mask"], getattr(body.config, "_attn_implementation", None), head.weight.dtype)
+    implementation = getattr(body.config, "_attn_implementation", None)
+    mask = attention_mask_for(batch["pair_mask"], implementation, head.weight.dtype)
+    layout = {}
+    if (implementation or "sdpa") == "sdpa" and "segments" in batch:  # two causal pieces per unit, not the masked square
+        install()
+        layout["pair_segments"] = batch["segments"]
     hidden = body(
-        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
+        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False, **layout
     ).last_hidden_state
     scored = hidden[batch["score_row"], batch["score_pos"]]
     logp, entropy, mean_logit, top1 = ChunkedLogps.apply(

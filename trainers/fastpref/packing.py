@@ -72,7 +72,8 @@ def pack(
     """Tensors for one packed batch of `units` (see the module docstring).
 
     Returns input_ids, position_ids [rows, L]; pair_mask [rows, 1, L, L] bool (True: may
-    attend); score_row, score_pos, score_target, score_seq [N] for the N scored tokens;
+    attend); segments: per row, (start, prompt, chosen, rejected) of each unit (attention.py
+    computes the same attention from these without the mask); score_row, score_pos, score_target, score_seq [N] for the N scored tokens;
     n_pairs; num_tokens (the tokens TRL's unpacked batch would hold, for its metric).
     """
     n = len(units)
@@ -93,11 +94,14 @@ def pack(
     score_pos: list[int] = []
     score_target: list[int] = []
     score_seq: list[int] = []
+    segments: list[list[tuple[int, int, int, int]]] = []
     for r, members in enumerate(rows):
+        segments.append([])
         start = 0
         for i in members:
             u = units[i]
             p, c, k = len(u.prompt), len(u.chosen), len(u.rejected)
+            segments[r].append((start, p, c, k))
             end = start + p + c + k
             input_ids[r, start:end] = torch.tensor(u.prompt + u.chosen + u.rejected)
             position_ids[r, start:end] = torch.cat([torch.arange(p + c), torch.arange(p, p + k)])
@@ -130,6 +134,7 @@ def pack(
         "score_pos": torch.tensor(score_pos, dtype=torch.long),
         "score_target": torch.tensor(score_target, dtype=torch.long),
         "score_seq": torch.tensor(score_seq, dtype=torch.long),
+        "segments": segments,
         "n_pairs": n,
         "num_tokens": sum(2 * len(u.prompt) + len(u.chosen) + len(u.rejected) for u in units),
     }

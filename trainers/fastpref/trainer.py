@@ -24,6 +24,8 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import hash_module, use_adapter
 
+from trainers.lora_dropout import use_cpu_lora_dropout
+
 from .logps import TILE_ELEMENTS, packed_logps, unwrap_peft
 from .loss import SUPPORTED_LOSS_TYPES, dpo_loss, trl_metrics
 from .packing import PackedPreferenceCollator, pack, truncate
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 class FastDPOTrainer(DPOTrainer):
     """`DPOTrainer(...)` plus keyword-only options:
 
-    fast                 the packed core (default True); False is exactly TRL's DPOTrainer
+    fast                 the packed core and the fast CPU LoRA-dropout mask (default True);
+                         False is exactly TRL's DPOTrainer
     ref_cache            cache the training set's reference log-probs under `ref_cache_dir`
                          (default `<heedful cache>/cache/ref_logps`); False: a reference forward per step
     tile_elements        elements of one [tokens, vocab] log-prob tile
@@ -83,6 +86,7 @@ class FastDPOTrainer(DPOTrainer):
                     self.train_dataset, "train", self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
                 )
             return
+        use_cpu_lora_dropout(self.model)  # the same dropout, its mask drawn fast (trainers/lora_dropout.py)
         self.data_collator = PackedPreferenceCollator(self._tokenizer.pad_token_id, self.args.max_length)
         if ref_cache or self._trl_precompute:  # precompute_ref_log_probs=True asks for what the cache does
             self.train_dataset = self._with_cached_ref_logps(self.train_dataset, RefLogpCache(ref_cache_dir))
