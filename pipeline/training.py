@@ -243,7 +243,7 @@ def train_with_resume(trainer, ctx: StageContext) -> Any:
 
 def use_cpu_lora_dropout(model) -> int:
     """Swap PEFT's LoRA dropout for the same dropout with a fast CPU mask (trainers/lora_dropout.py:
-    torch's Bernoulli sampler was 16% of a CPU DPO step); a no-op off CPU and without dropout."""
+    torch's Bernoulli sampler was 16% of a CPU LoRA step with dropout on); a no-op off CPU and at p = 0."""
     from trainers.lora_dropout import use_cpu_lora_dropout as swap
 
     return swap(model)

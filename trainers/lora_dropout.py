@@ -18,6 +18,7 @@ is already fast), in eval mode, or at p = 0 or 1 it is `nn.Dropout`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ def keep_mask(
     """A bool mask of `shape`, each element True (kept) with probability 1 - p', and the scale
     1 / (1 - p'), where p' is p rounded to a multiple of 1/65536."""
     threshold = round(p * LEVELS)
-    n = int(np.prod(shape)) if len(shape) else 1
+    n = math.prod(shape)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     words = np.random.SFC64(seed).random_raw((n + 3) // 4)  # 4 x 16 random bits per 64-bit word
     bits = words.view(np.uint16)[:n]
@@ -49,8 +50,7 @@ class CpuDropout(nn.Dropout):
         if not self.training or x.device.type != "cpu" or not 0.0 < self.p < 1.0:
             return super().forward(x)
         keep, scale = keep_mask(x.shape, self.p)
-        out = torch.where(keep, x, 0.0).mul_(scale)  # autograd keeps the bool mask only
-        return out
+        return torch.where(keep, x, 0.0).mul_(scale)  # autograd keeps the bool mask only
 
 
 def use_cpu_lora_dropout(model: Any) -> int:

@@ -73,8 +73,8 @@ def pack(
 
     Returns input_ids, position_ids [rows, L]; pair_mask [rows, 1, L, L] bool (True: may
     attend); segments: per row, (start, prompt, chosen, rejected) of each unit (attention.py
-    computes the same attention from these without the mask); score_row, score_pos, score_target, score_seq [N] for the N scored tokens;
-    n_pairs; num_tokens (the tokens TRL's unpacked batch would hold, for its metric).
+    computes the same attention from these without the mask); score_row, score_pos,
+    score_target, score_seq [N] for the N scored tokens; n_pairs; num_tokens (the tokens TRL's unpacked batch would hold, for its metric).
     """
     n = len(units)
     lengths = [len(u) for u in units]
