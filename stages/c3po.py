@@ -56,13 +56,12 @@ class C3poStage(TrainerStage):
         scopes = scoped_rows(ctx.input("data"), ctx.log)
         tokenizer = self.tokenizer()
         examples = build_examples(tokenizer, scopes["in_scope"], scopes["near_scope"], scopes["out_of_scope"], cfg.max_length)
-        trainers = []
 
         def build_trainer():
             ref_model = (
                 None if adapter is None else load_causal_lm(ctx.model, cfg.policy(), adapter=adapter, qlora=cfg.lora.qlora)
             )
-            trainer = C3POTrainer(
+            return C3POTrainer(
                 model=self.lora_policy(),
                 args=self.training_args(),
                 train_dataset=examples,
@@ -71,17 +70,17 @@ class C3poStage(TrainerStage):
                 method=cfg,
                 ref_model=ref_model,
             )
-            trainers.append(trainer)
-            return trainer
 
         metrics = self.fit(build_trainer)
         metrics.update({f"{k}_rows": len(v) for k, v in scopes.items()})
         if ctx.input("eval_prompts") is not None:
-            # multi-worker training builds its trainers elsewhere: evaluate the saved adapter then
-            metrics.update(self.evaluate(trainers[-1].model if trainers else None))
+            metrics.update(self.evaluate())
         return metrics
 
-    def evaluate(self, model=None) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
+        """The saved adapter against the base and in-context baselines; its replies come from the
+        generation engine (CTranslate2 with the adapter merged where faster), so the adapter is
+        read from disk rather than taken from the trainer (also what multi-worker training needs)."""
         from trainers.c3po_data import metric_from_rows
         from trainers.feedback_eval import evaluate
 
@@ -91,14 +90,9 @@ class C3poStage(TrainerStage):
         feedback = next((r["feedback"] for r in prompts if r.get("feedback")), None)
         if metric is None or not feedback:
             raise ValueError("evaluation needs the feedback and a metric: use c3po_data's eval_prompts or set metric")
-        adapter = None
-        if model is None:
-            adapter = self.ctx.output("adapter")
-        else:
-            model.eval()
         rows, summary = evaluate(
             self.ctx.model,
-            adapter,
+            self.ctx.output("adapter"),
             prompts,
             feedback,
             metric,
@@ -106,7 +100,6 @@ class C3poStage(TrainerStage):
             self.ctx.seed,
             cfg.device,
             self.ctx.log,
-            model=model,
         )
         save_rows(rows, self.ctx.output("evaluation"))
         return summary

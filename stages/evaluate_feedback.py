@@ -36,7 +36,7 @@ class EvaluateFeedbackStage(Stage):
     }
     outputs = {"evaluation": Output("evaluation", doc="one row per prompt and condition: reply, applied")}
     default_num_cpus = float("inf")
-    non_semantic_fields = frozenset({"device", "batch_size"})
+    non_semantic_fields = frozenset({"device", "batch_size", "engine"})  # how, not what
 
     def run(self):
         from trainers.c3po_data import metric_from_rows

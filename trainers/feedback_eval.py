@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.generation import SamplingSettings
+from pipeline.generation import EngineSetting, SamplingSettings
 from pipeline.llm import LLMSettings
 
 SCOPES = ("in_scope", "near_scope", "out_of_scope")
@@ -207,6 +207,7 @@ class EvalSettings(BaseModel):
     batch_size: int = Field(default=8, ge=1)
     in_context_template: str = IN_CONTEXT_TEMPLATE
     max_prompts_per_scope: int | None = Field(default=None, ge=1)
+    engine: EngineSetting = "auto"
 
 
 def evaluate(
@@ -222,53 +223,41 @@ def evaluate(
     model=None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Sample replies per condition on scoped prompts and score them. `model` may be a
-    loaded PEFT model (its adapter is switched off for base/in_context)."""
-    import contextlib
+    loaded PEFT model (its adapter is switched off for base/in_context; HF generate writes
+    its replies). Without one the replies come from the generation engine `settings.engine`
+    picks (the `evaluate` stage's path, pipeline/evaluation/conditions.py: CTranslate2 with
+    the adapter merged where it is faster on this CPU; the same greedy replies as HF), and
+    the HF model is loaded only when HF writes them."""
+    import logging
 
-    from pipeline.chat import as_messages
+    from pipeline.evaluation.conditions import Answering, Condition, generate_replies, system_prompts
+    from pipeline.generation import pick_engine
     from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
-    chosen = choose_prompts(prompts, settings.max_prompts_per_scope)
-    conditions = [c for c in settings.conditions if c != "trained" or adapter is not None or model is not None]
-    tokenizer = load_tokenizer(model_name)
-    if model is None:
-        policy = device_policy(device)
-        model = load_causal_lm(model_name, policy, adapter=adapter).eval()
-    judge = None
-    if metric.kind == "judge":
-        from pipeline.llm import build_client
-
-        judge = build_client(metric.judge, model_name, device)  # type: ignore[arg-type]
-    prefix = coh_prefix(adapter)
-    rows: list[dict[str, Any]] = []
-    for condition in conditions:
-        system = settings.in_context_template.format(feedback=feedback) if condition == "in_context" else None
-        conversations = [as_messages(str(r["prompt"]), system) for r in chosen]
-        off = contextlib.nullcontext()
-        if condition != "trained" and hasattr(model, "disable_adapter"):
-            off = model.disable_adapter()
-        with off:
-            replies = sample_replies(
-                model,
-                tokenizer,
-                conversations,
-                settings.sampling,
-                settings.batch_size,
-                seed,
-                prefix if condition == "trained" else None,
-            )
-        applied = verdicts(metric, judge, feedback, [str(r["prompt"]) for r in chosen], replies, seed)
-        for row, reply, verdict in zip(chosen, replies, applied):
-            rows.append(
-                {
-                    "prompt": str(row["prompt"]),
-                    "scope": row["scope"],
-                    "condition": condition,
-                    "response": reply,
-                    "applied": bool(verdict),
-                }
-            )
-        if log is not None:
-            rates = summarize([r for r in rows if r["condition"] == condition])
-            log.info("%s: %s", condition, ", ".join(f"{k.split('/')[0]}={v:.2f}" for k, v in rates.items() if k.count("/") == 1))
+    logger = log or logging.getLogger(__name__)
+    chosen = choose_prompts(prompts, settings.max_prompts_per_scope)  # a bad scope is an error here
+    names = [c for c in settings.conditions if c != "trained" or adapter is not None or model is not None]
+    engine = "hf" if model is not None else pick_engine(settings.engine, device, model_name)
+    if model is None and (engine == "hf" or coh_prefix(adapter) is not None):
+        model = load_causal_lm(model_name, device_policy(device), adapter=adapter).eval()
+    ans = Answering(
+        model=model,
+        tokenizer=load_tokenizer(model_name),
+        conditions=[
+            Condition(name=c, adapter_on=c == "trained", system="feedback" if c == "in_context" else "none") for c in names
+        ],
+        system_for=system_prompts(settings.in_context_template, feedback, None),
+        model_name=model_name,
+        adapter=Path(adapter) if adapter is not None else None,
+        device=device,
+        seed=seed,
+        batch_size=settings.batch_size,
+        resamples=0,  # no interval of a mean here: rates get Wilson intervals
+        log=logger,
+        engine=engine,
+    )
+    rows = generate_replies(ans, chosen, feedback, metric, {}, settings.sampling, None, ngram=3)
+    for condition in names:
+        rates = summarize([r for r in rows if r["condition"] == condition])
+        logger.info("%s: %s", condition, ", ".join(f"{k.split('/')[0]}={v:.2f}" for k, v in rates.items() if k.count("/") == 1))
     return rows, summarize(rows)
