@@ -28,24 +28,13 @@ from typing import Any
 
 from .chat import Messages, render_many
 from .generation import Completion, SamplingSettings, hf_sampling_kwargs
+from .prefix_logits import shared_prefix_length
 from .threads import engine_threads
 
 QUANTIZATIONS = ("float32", "int8_float32", "int8")
 #: a token prefix shared by every prompt of a call (the chat template's system turn) at least
 #: this long is run once and its KV state reused (CTranslate2's static prompt cache)
 MIN_CACHED_PREFIX = 8
-
-
-def _shared_prefix(token_lists: list[list[str]]) -> int:
-    """Length of the token prefix all prompts share, leaving each at least one token of its own
-    (CTranslate2 needs a non-empty start for every prompt)."""
-    if not token_lists:
-        return 0
-    first, limit = token_lists[0], min(len(tokens) for tokens in token_lists) - 1
-    n = 0
-    while n < limit and all(tokens[n] == first[n] for tokens in token_lists):
-        n += 1
-    return n
 
 
 def _budget_callback(budgets: list[int]) -> Callable[[Any], bool]:
@@ -266,7 +255,7 @@ class Ct2Generator:
             kwargs["callback"] = _budget_callback(budgets)
         if sampling.temperature == 0 and num_samples > 1:
             raise ValueError("temperature 0 (greedy) gives one reply per prompt; set num_samples: 1")
-        prefix = _shared_prefix(token_lists) if self.prefix_cache else 0
+        prefix = shared_prefix_length(token_lists) if self.prefix_cache else 0
         if prefix >= MIN_CACHED_PREFIX:
             kwargs.update(static_prompt=token_lists[0][:prefix], cache_static_prompt=True)
             token_lists = [tokens[prefix:] for tokens in token_lists]

@@ -235,25 +235,16 @@ class HFClient:
         return [c.text for c in self.generate(conversations, self.sampling, seed)]
 
     def yes_probability(self, conversations: list[Messages]) -> list[float]:
-        """One forward pass per batch: softmax over the first tokens of 'Yes' and 'No'."""
-        import torch
+        """Softmax over the first tokens of 'Yes' and 'No' as the next token; the prompts' shared
+        start (a judge's instructions and examples) is computed once (pipeline/prefix_logits.py)."""
+        from .prefix_logits import last_token_logits
 
         if self._yes_no is None:
             self._yes_no = [self.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No")]
         yes, no = self._yes_no
-        self.tokenizer.padding_side = "left"
-        texts = render_many(self.tokenizer, conversations)
-        device = next(self.model.parameters()).device
-        out: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[start : start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(device)
-            with torch.no_grad():
-                logits = self.model(**enc).logits[:, -1].float()
-            pair = torch.stack([logits[:, yes], logits[:, no]], dim=-1).softmax(-1)
-            out.extend(pair[:, 0].tolist())
-        return out
+        token_lists = [self.tokenizer.encode(t, add_special_tokens=False) for t in render_many(self.tokenizer, conversations)]
+        logits = last_token_logits(self.model, token_lists, self.batch_size, self.tokenizer.pad_token_id or 0)
+        return logits[:, [yes, no]].softmax(-1)[:, 0].tolist()
 
     def reply_logprob(self, contexts: list[Messages], replies: list[str], max_reply_tokens: int = 128) -> list[float]:
         """Mean log-probability per token of each reply after its context (right-padded batches)."""

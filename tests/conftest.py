@@ -37,6 +37,26 @@ def smollm2_path() -> Path:
     return prepare_smollm2()
 
 
+@pytest.fixture(scope="module")
+def lora_adapter(tmp_path_factory, tiny_model_path):
+    """A tiny LoRA adapter with non-zero B (PEFT's default init would make it a no-op)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.models import device_policy, load_causal_lm
+
+    model = load_causal_lm("tiny", device_policy("cpu"))
+    torch.manual_seed(0)  # before PEFT draws A: the same adapter every run
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter")
+    peft.save_pretrained(str(out))
+    return out
+
+
 def isolated_home(path: Path) -> Path:
     """A fresh HEEDFUL_HOME (its own logs, LLM cache, Argilla state) that shares the prepared models.
 

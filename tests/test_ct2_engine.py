@@ -12,9 +12,10 @@ import pytest
 pytest.importorskip("ctranslate2")
 
 from pipeline.chat import render_many  # noqa: E402
-from pipeline.ct2_engine import MIN_CACHED_PREFIX, Ct2Generator, _shared_prefix, converted_model_dir, hf_greedy_reference  # noqa: E402
+from pipeline.ct2_engine import MIN_CACHED_PREFIX, Ct2Generator, converted_model_dir, hf_greedy_reference  # noqa: E402
 from pipeline.generation import SamplingSettings  # noqa: E402
 from pipeline.models import device_policy, load_causal_lm, load_tokenizer  # noqa: E402
+from pipeline.prefix_logits import shared_prefix_length  # noqa: E402
 
 CONVERSATIONS = [
     [{"role": "user", "content": text}]
@@ -27,30 +28,12 @@ def hf_greedy_ids(model, tokenizer, prompts, max_new_tokens):
     return hf_greedy_reference(model, tokenizer, prompts, max_new_tokens, [tokenizer.eos_token_id])
 
 
-@pytest.fixture(scope="module")
-def lora_adapter(tmp_path_factory, tiny_model_path):
-    """A tiny LoRA adapter with non-zero B (PEFT's default init would make it a no-op)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    model = load_causal_lm("tiny", device_policy("cpu"))
-    torch.manual_seed(0)  # before PEFT draws A: the same adapter every run
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    out = tmp_path_factory.mktemp("adapter")
-    peft.save_pretrained(str(out))
-    return out
-
-
 def test_greedy_equals_hf_generate(tiny_model_path):
     tokenizer = load_tokenizer("tiny")
     prompts = render_many(tokenizer, CONVERSATIONS)
     # the chat template's system turn is shared: the engine runs it once (static prompt cache)
     tokens = [tokenizer.convert_ids_to_tokens(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    assert _shared_prefix(tokens) >= MIN_CACHED_PREFIX
+    assert shared_prefix_length(tokens) >= MIN_CACHED_PREFIX
     expected = hf_greedy_ids(load_causal_lm("tiny", device_policy("cpu")).eval(), tokenizer, prompts, 20)
     greedy = SamplingSettings(max_new_tokens=20, temperature=0)
     cached = Ct2Generator("tiny", threads=1)
@@ -61,9 +44,9 @@ def test_greedy_equals_hf_generate(tiny_model_path):
 
 
 def test_shared_prefix_leaves_every_prompt_a_token():
-    assert _shared_prefix([["a", "b", "c"], ["a", "b", "d", "e"]]) == 2
-    assert _shared_prefix([["a", "b"], ["a", "b", "c"]]) == 1  # "b" stays for the first prompt
-    assert _shared_prefix([["x"], ["y"]]) == 0 and _shared_prefix([]) == 0
+    assert shared_prefix_length([["a", "b", "c"], ["a", "b", "d", "e"]]) == 2
+    assert shared_prefix_length([["a", "b"], ["a", "b", "c"]]) == 1  # "b" stays for the first prompt
+    assert shared_prefix_length([["x"], ["y"]]) == 0 and shared_prefix_length([]) == 0
 
 
 def test_a_budget_per_request_in_one_call_equals_each_alone(tiny_model_path, lora_adapter):

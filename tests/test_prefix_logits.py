@@ -1,0 +1,58 @@
+"""Next-token logits with the prompts' shared start computed once equal a plain forward of each
+whole prompt (the judge's P(Yes) rests on them), with and without a LoRA adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from feedback.simulator import prompts
+from pipeline.chat import render_many
+from pipeline.llm import HFClient
+from pipeline.models import device_policy, load_causal_lm, load_tokenizer
+from pipeline.prefix_logits import MIN_SHARED_TOKENS, last_token_logits, shared_prefix_length
+
+
+def plain_last_logits(model, token_lists: list[list[int]]) -> torch.Tensor:
+    """Each prompt alone, no padding, no cache: what the shared-prefix path must reproduce."""
+    with torch.no_grad():
+        return torch.cat([model(input_ids=torch.tensor([t])).logits[:, -1].float() for t in token_lists])
+
+
+def judge_token_lists(tokenizer) -> list[list[int]]:
+    items = [(n, r, a) for n, r, a, _ in prompts.CALIBRATION[:5]]
+    texts = render_many(tokenizer, [prompts.judge_messages(*item) for item in items])
+    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_shared_prefix_logits_equal_each_prompt_alone(tiny_model_path, lora_adapter, with_adapter):
+    tokenizer = load_tokenizer("tiny")
+    model = load_causal_lm("tiny", device_policy("cpu"), adapter=lora_adapter if with_adapter else None).eval()
+    token_lists = judge_token_lists(tokenizer)
+    shared = shared_prefix_length(token_lists)
+    assert shared >= MIN_SHARED_TOKENS and len({len(t) for t in token_lists}) > 1  # a real shared start, ragged tails
+    expected = plain_last_logits(model, token_lists)
+    for batch_size in (1, 2, 5):  # one row, a ragged last batch, all at once
+        got = last_token_logits(model, token_lists, batch_size, tokenizer.pad_token_id or 0)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_prompts_without_a_shared_start_are_left_padded_alone(tiny_model_path):
+    tokenizer = load_tokenizer("tiny")
+    model = load_causal_lm("tiny", device_policy("cpu")).eval()
+    token_lists = [tokenizer.encode(t, add_special_tokens=False) for t in ("Hello there", "Why is the sky blue at noon?")]
+    assert shared_prefix_length(token_lists) < MIN_SHARED_TOKENS
+    got = last_token_logits(model, token_lists, 2, tokenizer.pad_token_id or 0)
+    torch.testing.assert_close(got, plain_last_logits(model, token_lists), atol=1e-4, rtol=1e-4)
+
+
+def test_judge_yes_probability_matches_the_plain_forward(tiny_model_path):
+    client = HFClient("tiny", batch_size=3, engine="hf")
+    items = [(n, r, a) for n, r, a, _ in prompts.CALIBRATION[:5]]
+    conversations = [prompts.judge_messages(*item) for item in items]
+    yes, no = (client.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No"))
+    logits = plain_last_logits(client.model, judge_token_lists(client.tokenizer))
+    expected = logits[:, [yes, no]].softmax(-1)[:, 0].tolist()
+    assert client.yes_probability(conversations) == pytest.approx(expected, abs=1e-5)
