@@ -138,7 +138,11 @@ def _collections_skip_what_exists() -> Iterator[None]:
     Why: CTranslate2's converter runs `gc.collect()` after every layer; with torch,
     transformers and a run's objects alive each full collection walks millions of objects --
     on SmolLM2-135M 30 collections were 7 s of a 9 s conversion. Frozen (`gc.freeze`), they
-    walk only what the conversion itself made, which is still freed."""
+    walk only what the conversion itself made, which is still freed. Skipped where the process
+    already froze its objects (Ray Serve replicas do at start-up): unfreezing would undo that."""
+    if gc.get_freeze_count():
+        yield
+        return
     gc.collect()
     gc.freeze()
     try:

@@ -37,6 +37,8 @@ def last_token_logits(model: Any, token_lists: list[list[int]], batch_size: int,
     import torch
 
     device = next(model.parameters()).device
+    if not token_lists:
+        return torch.zeros((0, model.get_output_embeddings().weight.shape[0]), device=device)
     shared = shared_prefix_length(token_lists) if len(token_lists) > 1 else 0
     if shared < MIN_SHARED_TOKENS:
         shared = 0
@@ -45,7 +47,9 @@ def last_token_logits(model: Any, token_lists: list[list[int]], batch_size: int,
         if shared:
             prefix = torch.tensor([token_lists[0][:shared]], device=device)
             prefix_out = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
-            prefix_cache = getattr(prefix_out, "cache", None) or prefix_out.past_key_values
+            prefix_cache = getattr(prefix_out, "cache", None)
+            if prefix_cache is None:
+                prefix_cache = prefix_out.past_key_values
         out = []
         for start in range(0, len(token_lists), batch_size):
             tails = [tokens[shared:] for tokens in token_lists[start : start + batch_size]]

@@ -78,13 +78,26 @@ class C3poStage(TrainerStage):
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        """The saved adapter against the base and in-context baselines; its replies come from the
-        generation engine (CTranslate2 with the adapter merged where faster), so the adapter is
-        read from disk rather than taken from the trainer (also what multi-worker training needs)."""
+        """The saved adapter against the base and in-context baselines. On CPU its replies come
+        from the generation engine (CTranslate2 with the adapter merged where faster). With QLoRA
+        or on a GPU the adapter is loaded back as it trained (4-bit base when QLoRA) and HF writes
+        the replies: a vLLM engine started inside the training process could find the GPU's
+        memory still held by the trainer."""
+        import gc
+
+        from pipeline.models import load_causal_lm
         from trainers.c3po_data import metric_from_rows
         from trainers.feedback_eval import evaluate
 
         cfg = self.config
+        gc.collect()  # the finished trainer's cycles (and, on a GPU, its cached blocks below)
+        model = None
+        if cfg.lora.qlora or cfg.policy().device != "cpu":
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            model = load_causal_lm(self.ctx.model, cfg.policy(), adapter=self.ctx.output("adapter"), qlora=cfg.lora.qlora).eval()
         prompts = load_rows(self.ctx.inputs["eval_prompts"], required=["prompt", "scope"], what="eval prompts")
         metric = cfg.metric or metric_from_rows(prompts)
         feedback = next((r["feedback"] for r in prompts if r.get("feedback")), None)
@@ -100,6 +113,7 @@ class C3poStage(TrainerStage):
             self.ctx.seed,
             cfg.device,
             self.ctx.log,
+            model=model,
         )
         save_rows(rows, self.ctx.output("evaluation"))
         return summary

@@ -145,3 +145,24 @@ def test_engine_probe_on_tiny_times_both_engines(tiny_model_path):
 
     seconds = engine_probe._measure("tiny")
     assert set(seconds) == {"hf", "ct2"} and all(0 < s < 60 for s in seconds.values())
+
+
+def test_conversion_freezes_live_objects_only_when_nobody_else_did():
+    """The converter's per-layer gc.collect() skips the objects alive before it; a process that froze its
+    own (Ray Serve replicas do) keeps them frozen afterwards."""
+    import gc
+
+    from pipeline.ct2_engine import _collections_skip_what_exists
+
+    assert gc.get_freeze_count() == 0
+    with _collections_skip_what_exists():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with _collections_skip_what_exists():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

@@ -46,6 +46,7 @@ def test_prompts_without_a_shared_start_are_left_padded_alone(tiny_model_path):
     assert shared_prefix_length(token_lists) < MIN_SHARED_TOKENS
     got = last_token_logits(model, token_lists, 2, tokenizer.pad_token_id or 0)
     torch.testing.assert_close(got, plain_last_logits(model, token_lists), atol=1e-4, rtol=1e-4)
+    assert last_token_logits(model, [], 2, 0).shape == (0, got.shape[1])  # nothing asked, nothing computed
 
 
 def test_judge_yes_probability_matches_the_plain_forward(tiny_model_path):

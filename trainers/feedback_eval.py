@@ -152,19 +152,6 @@ def sample_completions(
     return [replace(r[0], text=cut_at_phrases(r[0].text, prefix.get("stop", []))) for r in completions]
 
 
-def sample_replies(
-    model,
-    tokenizer,
-    conversations: list[list[dict[str, str]]],
-    sampling: SamplingSettings,
-    batch_size: int,
-    seed: int,
-    prefix: dict[str, Any] | None = None,
-) -> list[str]:
-    """Reply texts only (see `sample_completions`)."""
-    return [c.text for c in sample_completions(model, tokenizer, conversations, sampling, batch_size, seed, prefix)]
-
-
 def choose_prompts(prompts: list[dict[str, Any]], max_per_scope: int | None) -> list[dict[str, Any]]:
     """The held-out prompts to evaluate, in order, at most `max_per_scope` per scope; bad scopes are errors."""
     chosen: list[dict[str, Any]] = []
@@ -230,7 +217,7 @@ def evaluate(
     the HF model is loaded only when HF writes them."""
     import logging
 
-    from pipeline.evaluation.conditions import Answering, Condition, generate_replies, system_prompts
+    from pipeline.evaluation import conditions as answering
     from pipeline.generation import pick_engine
     from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
@@ -240,13 +227,14 @@ def evaluate(
     engine = "hf" if model is not None else pick_engine(settings.engine, device, model_name)
     if model is None and (engine == "hf" or coh_prefix(adapter) is not None):
         model = load_causal_lm(model_name, device_policy(device), adapter=adapter).eval()
-    ans = Answering(
+    ans = answering.Answering(
         model=model,
         tokenizer=load_tokenizer(model_name),
         conditions=[
-            Condition(name=c, adapter_on=c == "trained", system="feedback" if c == "in_context" else "none") for c in names
+            answering.Condition(name=c, adapter_on=c == "trained", system="feedback" if c == "in_context" else "none")
+            for c in names
         ],
-        system_for=system_prompts(settings.in_context_template, feedback, None),
+        system_for=answering.system_prompts(settings.in_context_template, feedback, None),
         model_name=model_name,
         adapter=Path(adapter) if adapter is not None else None,
         device=device,
@@ -256,7 +244,7 @@ def evaluate(
         log=logger,
         engine=engine,
     )
-    rows = generate_replies(ans, chosen, feedback, metric, {}, settings.sampling, None, ngram=3)
+    rows = answering.generate_replies(ans, chosen, feedback, metric, {}, settings.sampling, None, ngram=3)
     for condition in names:
         rates = summarize([r for r in rows if r["condition"] == condition])
         logger.info("%s: %s", condition, ", ".join(f"{k.split('/')[0]}={v:.2f}" for k, v in rates.items() if k.count("/") == 1))
