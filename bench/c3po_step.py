@@ -13,9 +13,11 @@ weights, same batches), warm-up step dropped:
             (its per-example cache emptied before each step: an example's first visit)
   warm      the same with the reference's numbers from the cache (every later visit)
   warm_torch_dropout  warm with torch's LoRA dropout instead of heedful's CPU mask
-            (trainers/lora_dropout.py), which `full`, `cold` and `warm` use as the stage does
+            (trainers/lora_dropout.py), which the other arms use as the stage does
+  packed_cold, packed_warm  cold and warm on the packed batch the stage trains on
+            (`c3po.pack_examples`: each in-scope prompt once for both replies, no padding)
 
-The run's figure is `amortized`: cold for each example's first visit, warm after, over
+The run's figures are `amortized` and `packed_amortized`: cold for each example's first visit, warm after, over
 --run-steps steps of --examples-per-step on a dataset of --dataset examples (the arena's
 budget: 30 steps of 4 on ~40 C3PO examples). Prints seconds and CPU seconds per step, the
 ratios, and achieved FLOP/s of the useful work against a measured fp32 matmul peak.
@@ -36,7 +38,7 @@ from pathlib import Path
 
 from common import QA, ROOT, matmul_peak_flops, save_results
 
-ARMS = ("full", "cold", "warm", "warm_torch_dropout")
+ARMS = ("full", "cold", "warm", "warm_torch_dropout", "packed_cold", "packed_warm")
 
 
 def c3po_rows(n: int, reply_words: int) -> tuple[list[dict], list[dict], list[dict]]:
@@ -59,9 +61,11 @@ def c3po_rows(n: int, reply_words: int) -> tuple[list[dict], list[dict], list[di
 
 
 def step_flops(config, batch, regularizer: str) -> tuple[float, float]:
-    """Useful FLOPs of one step, (policy, reference): the policy's body fwd+bwd (input gradients)
-    on every token and the head on completion positions (fwd+bwd); the reference's body and
-    head forward on its rows (chosen and rejected; near and out too with the KL)."""
+    """Useful FLOPs of one step, (policy, reference): the policy's body fwd+bwd on every token and
+    the head on completion positions (fwd+bwd); the reference's body and head forward on its rows
+    (chosen and rejected; near and out too with the KL). With LoRA the base weights are frozen, so
+    a linear layer's backward is the input gradient only: 2x its forward's FLOPs in all (LoRA's
+    own rank-16 products are ~1.5% and left out); attention's backward is 2x its forward (3x in all)."""
     d, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     kv = config.num_key_value_heads * (d // config.num_attention_heads)
     body = 2 * layers * (2 * d * d + 2 * d * kv + 3 * d * ff)
@@ -70,7 +74,7 @@ def step_flops(config, batch, regularizer: str) -> tuple[float, float]:
     scored = batch["completion_mask"][:, 1:].sum(-1).tolist()
     n = len(tokens) // 4
     ref_rows = range(len(tokens)) if regularizer == "kl" else range(2 * n)
-    policy = sum(3 * (t * body + 2 * layers * 2 * t * t * d) for t in tokens) + 3 * head * sum(scored)
+    policy = sum(2 * t * body + 3 * 2 * layers * 2 * t * t * d for t in tokens) + 2 * head * sum(scored)
     reference = sum(tokens[i] * body + 2 * layers * 2 * tokens[i] ** 2 * d + head * scored[i] for i in ref_rows)
     return float(policy), float(reference)
 
@@ -94,7 +98,7 @@ def main() -> None:
     from transformers import TrainingArguments
 
     from pipeline.models import device_policy, load_causal_lm, load_tokenizer
-    from trainers.c3po import C3POCollator, C3POTrainer, build_examples
+    from trainers.c3po import C3POCollator, C3POTrainer, build_examples, pack_examples
     from trainers.c3po_config import C3POConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -103,8 +107,9 @@ def main() -> None:
         load_causal_lm(args.model), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
     )
     examples = build_examples(tokenizer, *c3po_rows(args.examples, args.reply_words), max_length=args.max_length)
-    collator = C3POCollator(tokenizer.pad_token_id)
+    collator = C3POCollator(tokenizer.pad_token_id, packed=False)
     batch = collator(examples[: args.examples])
+    packed = pack_examples(examples[: args.examples], tokenizer.pad_token_id)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = C3POTrainer(
             model=model,
@@ -118,12 +123,12 @@ def main() -> None:
         model.train()
 
         def step(arm: str) -> tuple[float, float]:
-            set_lora_dropout(model, cpu_mask=arm in ("cold", "warm"))
-            if arm == "cold":
+            set_lora_dropout(model, cpu_mask=arm not in ("full", "warm_torch_dropout"))
+            if arm.endswith("cold"):
                 trainer._ref_cache.clear()
                 trainer._ref_cache_used = 0
             wall, cpu = time.perf_counter(), time.process_time()
-            trainer.training_step(model, dict(batch))
+            trainer.training_step(model, dict(packed if arm.startswith("packed") else batch))
             trainer.optimizer.step()
             trainer.optimizer.zero_grad()
             return time.perf_counter() - wall, time.process_time() - cpu
@@ -142,17 +147,21 @@ def main() -> None:
 
     peak = matmul_peak_flops()
     policy_flops, reference_flops = step_flops(unwrap_config(model), batch, args.regularizer)
+    packed_policy, packed_reference = packed_step_flops(unwrap_config(model), packed, args.regularizer)
     flops = {
         "full": policy_flops + reference_flops,
         "cold": policy_flops + reference_flops,
         "warm": policy_flops,
         "warm_torch_dropout": policy_flops,
+        "packed_cold": packed_policy + packed_reference,
+        "packed_warm": packed_policy,
     }
     median = {arm: statistics.median(v) for arm, v in per_arm.items()}
     median_cpu = {arm: statistics.median(v) for arm, v in per_arm_cpu.items()}
     first_visits = min(1.0, args.dataset / (args.run_steps * args.examples))  # share of steps whose examples are new
     for table in (median, median_cpu):
         table["amortized"] = first_visits * table["cold"] + (1 - first_visits) * table["warm"]
+        table["packed_amortized"] = first_visits * table["packed_cold"] + (1 - first_visits) * table["packed_warm"]
     result = {
         "model": f"{args.model} (fp32, CPU), LoRA r16",
         "threads": torch.get_num_threads(),
@@ -161,11 +170,19 @@ def main() -> None:
         "padded_length": int(batch["input_ids"].shape[1]),
         "completion_tokens": int(batch["completion_mask"].sum()),
         "tokens": int(batch["attention_mask"].sum()),
+        "packed_rows_x_length": list(packed["input_ids"].shape),
+        "packed_tokens": sum(
+            start_p_c_k[1] + start_p_c_k[2] + start_p_c_k[3] for row in packed["segments"] for start_p_c_k in row
+        ),
         "regularizer": args.regularizer,
         **{f"{arm}_seconds_per_step": round(v, 3) for arm, v in median.items()},
         **{f"{arm}_cpu_seconds_per_step": round(v, 3) for arm, v in median_cpu.items()},
         "run": f"{args.run_steps} steps x {args.examples} examples on {args.dataset}: {first_visits:.0%} first visits",
         **{f"{arm}_time_vs_full": round(median[arm] / median["full"], 3) for arm in ("cold", "warm", "amortized")},
+        **{
+            f"packed_{arm}_time_vs_{arm}": round(median[f"packed_{arm}"] / median[arm], 3)
+            for arm in ("cold", "warm", "amortized")
+        },
         "warm_time_vs_warm_torch_dropout": round(median["warm"] / median["warm_torch_dropout"], 3),
         **{f"cpu_{arm}_time_vs_full": round(median_cpu[arm] / median_cpu["full"], 3) for arm in ("cold", "warm", "amortized")},
         "steps": per_arm,
@@ -191,6 +208,22 @@ def set_lora_dropout(model, cpu_mask: bool) -> None:
         for name, dropout in (dropouts or {}).items():
             if isinstance(dropout, torch.nn.Dropout):
                 dropouts[name] = torch.nn.Dropout(dropout.p).train(dropout.training)
+
+
+def packed_step_flops(config, packed, regularizer: str) -> tuple[float, float]:
+    """`step_flops` of the packed batch: the body on each unit's tokens once (the in-scope prompt
+    once for both replies), attention per unit's two causal pieces, the head on the scored positions."""
+    d, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    body = 2 * layers * (2 * d * d + 2 * d * kv + 3 * d * ff)
+    head = 2 * d * config.vocab_size
+    units = [(p, c, k) for row in packed["segments"] for _, p, c, k in row]
+    policy = sum(2 * (p + c + k) * body + 3 * 2 * layers * 2 * ((p + c) ** 2 + k * (p + k)) * d for p, c, k in units)
+    policy += 2 * head * len(packed["score_seq"])
+    kl_units = units if regularizer == "kl" else [u for u in units if u[2]]  # in-scope units hold the DPO pair
+    reference = sum((p + c + k) * body + 2 * layers * 2 * ((p + c) ** 2 + k * (p + k)) * d for p, c, k in kl_units)
+    reference += head * len(packed["score_seq"])
+    return float(policy), float(reference)
 
 
 def unwrap_config(model):

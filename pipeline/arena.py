@@ -14,7 +14,9 @@ An arena file is an ordinary pipeline file (its `stages:` produce the feedback) 
 and, when `arena.grid` tunes a method, in place of its `<method>_s<seed>`:
 
     validation           (verbal) validation_split: c3po_data's training rows into fit + validation;
-                         (spans) span_views keeps the validation questions out of the views itself
+                         (users) needs_validation: the simulated users' records of the fit needs,
+                         and validation needs; (spans) span_views keeps the validation questions
+                         out of the views itself
     <m>_g<k>_s<seed>     grid point k trained on the fit part
     val_<m>_g<k>_s<seed> evaluate: point k on the validation prompts only
     select_<m>_s<seed>   arena_select: the best point by validation score; its adapter goes on to
@@ -97,7 +99,7 @@ DEFAULT_METHODS = {
     "custom": [],
 }
 #: the validation metric a grid is tuned on, per source (arena.select_by changes it)
-SELECT_BY = {"verbal": "adherence", "spans": "ref_loglik"}
+SELECT_BY = {"verbal": "adherence", "users": "first_reply_satisfied", "spans": "ref_loglik"}
 #: metrics the evaluate stage measures only with drift on (teacher-forced on reference answers)
 DRIFT_METRICS = ("kl_to_base", "ref_loglik")
 
@@ -199,7 +201,7 @@ def expand(
         raise problem(
             "grid",
             f"a grid is tuned on a validation split of the training prompts, which the arena makes for sources "
-            f"{' and '.join(SELECT_BY)}; source '{spec.source}' has none yet (drop arena.grid)",
+            f"{', '.join(SELECT_BY)}; source '{spec.source}' has none (drop arena.grid)",
         )
     select_by = spec.select_by or SELECT_BY.get(spec.source, "adherence")
     if select_by not in FLAT_ORDER and not select_by.startswith("reward/"):
@@ -228,6 +230,22 @@ def expand(
         if spec.users not in names:
             raise problem("users", f"source users needs `users:` naming the simulate stage (stages: {listed})")
         fill = {"users": spec.users}
+        if tuned:  # the needs the users talked about (never the held-out ones), a share kept for validation
+            simulate = next(s for s in stages if isinstance(s, dict) and s.get("name") == spec.users)
+            conversations = (simulate.get("inputs") or {}).get("conversations")
+            if not conversations:
+                raise problem("users", f"a grid needs the simulate stage '{spec.users}' to name its `conversations` input")
+            records = {name: f"{spec.users}.{name}" for name in ("preferences", "verbal_feedback", "reactions")}
+            added.append(
+                {
+                    "name": "validation",
+                    "uses": "needs_validation",
+                    "inputs": {"conversations": conversations, **records},
+                    "with": {"fraction": spec.validation},
+                }
+            )
+            fill = {"users": "validation"}
+            validation_inputs = {"needs": "validation.validation", "prompts": "validation.validation"}
     elif spec.source == "spans":
         if not spec.spans:
             raise problem("spans", "source spans needs `spans:` naming the qa-feedback file (e.g. data/qa_feedback.json)")

@@ -162,6 +162,7 @@ def test_arena_on_simulated_users(tmp_path):
     data["arena"].update(
         methods=["dpo", "cut"],
         budget={"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 64, "lora": {"r": 4, "alpha": 8}},
+        grid={"dpo": {"learning_rate": [5e-5, 1e-3]}},  # tuned on validation needs (of the 4 sampled, 1)
     )
     data["arena"]["evaluate"] = {
         "sampling": {"max_new_tokens": 6, "temperature": 0.0},
@@ -171,8 +172,11 @@ def test_arena_on_simulated_users(tmp_path):
     }
     config = write_yaml(tmp_path / "arena_users.yaml", data)
     pipeline, plan = load_arena(config)
-    assert pipeline.stage("cut_s0").inputs["feedback"].raw == "users.verbal_feedback"
-    assert pipeline.stage("dpo_s0").inputs["preferences"].raw == "users.preferences"
+    # with a grid every method trains on the records of the fit needs only
+    assert pipeline.stage("cut_s0").inputs["feedback"].raw == "validation.verbal_feedback"
+    assert pipeline.stage("dpo_g1_s0").inputs["preferences"].raw == "validation.preferences"
+    assert pipeline.stage("validation").inputs["conversations"].raw == "sample.responses"  # the training needs only
+    assert pipeline.stage("val_dpo_g1_s0").inputs["needs"].raw == "validation.validation"
     runner = Runner(pipeline, tmp_path / "runs", use_ray=False)
     save_plan(runner.run.root, plan)
     result = runner.execute()
@@ -183,6 +187,22 @@ def test_arena_on_simulated_users(tmp_path):
         assert row["status"] == "done"
         assert row["metrics"]["first_reply_satisfied"]["n"] == 4  # the 4 held-out needs (of 16)
         assert row["metrics"]["unfinished"]["n"] == 4
+    # the validation need: scored by each grid point, and none of its records reach training
+    from pipeline.records import load_rows
+
+    run_dir = result.run_dir
+    validation = load_rows(run_dir / "validation" / "validation")
+    assert len(validation) == 1 and "response" not in validation[0]
+    held_out = {r["id"] for r in load_rows(run_dir / "split" / "held_out")}
+    assert validation[0]["id"] not in held_out
+    for name in ("preferences", "verbal_feedback", "reactions"):
+        everything = load_rows(run_dir / "users" / name)
+        fit = load_rows(run_dir / "validation" / name)
+        kept = [r["id"] for r in everything if not r["id"].startswith(validation[0]["id"] + ":")]
+        assert kept and [r["id"] for r in fit] == kept, name
+    (grid,) = table["grid"]
+    assert grid["metric"] == "first_reply_satisfied" and grid["chosen"] in (0, 1)
+    assert [p["validation"]["first_reply_satisfied"]["n"] for p in grid["points"]] == [1, 1]  # the validation need
 
 
 # ----------------------------------------------------------------------------- tuning grid, variants, span feedback
@@ -278,8 +298,10 @@ def test_grid_and_variants_expand(tmp_path):
         expand({**data, "arena": {**data["arena"], "select_by": "adherance"}})
     with pytest.raises(ConfigError, match="a method's own name"):
         expand({**data, "arena": {**data["arena"], "variants": {"kto": {"method": "dpo"}}}})
-    with pytest.raises(ConfigError, match="source 'users' has none"):
+    with pytest.raises(ConfigError, match="the simulate stage 'data' to name its `conversations`"):
         expand({**data, "arena": {**data["arena"], "source": "users", "users": "data"}}, methods=["dpo"])
+    with pytest.raises(ConfigError, match="source 'custom' has none"):
+        expand({**data, "arena": {**data["arena"], "source": "custom"}}, methods=["dpo"])
 
 
 def test_grid_selects_on_validation_only(tmp_path):
@@ -494,3 +516,22 @@ def test_two_seeds_aggregated(tmp_path):
     (mean,) = write_outputs(run_dir)["aggregates"]
     assert mean["status"] == "1/2 seeds done" and mean["seeds"] == [0] and "seed 1" in mean["error"]
     assert mean["metrics"]["adherence"]["n"] == 2 and mean["metrics"]["adherence"]["per_seed"] == [seeds[0]["adherence"]["value"]]
+
+
+def test_needs_validation_keeps_a_needs_samples_together_and_names_stray_records():
+    """The users' validation split is by need: a need's samples land on one side, records find
+    their need by provenance or id, and a record of no listed need is an error naming it."""
+    from stages.needs_validation import need_key, need_of_record, pick_validation, user_id
+
+    rows = [{"prompt_id": f"n{k}", "sample_index": s, "need": "x"} for k in range(8) for s in range(2)]
+    need_of = {user_id(r, i): need_key(r, i) for i, r in enumerate(rows)}
+    assert need_of["n3:1"] == "n3" and len(set(need_of.values())) == 8
+    chosen = pick_validation(sorted(set(need_of.values())), 0.25, seed=0, where="needs")
+    assert len(chosen) == 2 and chosen == pick_validation(sorted(set(need_of.values())), 0.25, seed=0, where="needs")
+    assert need_of_record({"id": "x", "provenance": {"dataset": "n5:0"}}, need_of, "r") == "n5"
+    assert need_of_record({"id": "n6:1:pair2-4"}, need_of, "r") == "n6"
+    assert need_of_record({"id": "n7:0:t3"}, need_of, "r") == "n7"
+    with pytest.raises(ValueError, match=r"reactions row 4: field 'id' 'other:0:t1' names no need"):
+        need_of_record({"id": "other:0:t1"}, need_of, "reactions row 4")
+    with pytest.raises(ValueError, match="at least 2"):
+        pick_validation(["only"], 0.25, seed=0, where="needs")

@@ -108,25 +108,35 @@ def test_examples_cycle_scopes_and_mark_unfinished(tiny_model_path):
         build_examples(tok, in_scope, [], out, max_length=64)
 
 
+def perturbed_lora_tiny():
+    """`tiny`'s tokenizer (right padding) and the model with a LoRA adapter whose B matrices are
+    random, so the policy differs from the reference (LoRA B starts at zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer("tiny", padding_side="right")
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm("tiny"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return tok, model
+
+
 @pytest.mark.parametrize(
     "regularizer,reduction,rpo_alpha",
     [("nll", "sequence", None), ("kl", "sequence", None), ("nll", "token", None), ("kl", "token", None), ("kl", "sequence", 0.5)],
 )
 def test_trainer_loss_matches_unbatched_computation(tmp_path, tiny_model_path, regularizer, reduction, rpo_alpha):
     """The padded 4-role batch gives the same loss as separate forward passes per sequence."""
-    from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
-    from pipeline.models import device_policy, load_causal_lm, load_tokenizer
+    from pipeline.models import device_policy
     from trainers.c3po import C3POTrainer
 
-    tok = load_tokenizer("tiny", padding_side="right")
-    torch.manual_seed(0)
-    model = get_peft_model(load_causal_lm("tiny"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-    with torch.no_grad():  # make the policy differ from the reference (LoRA B starts at zero)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    tok, model = perturbed_lora_tiny()
     in_scope, near, out = _rows()
     examples = build_examples(tok, in_scope, near, out, max_length=64)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", **device_policy().trainer_kwargs())
@@ -192,20 +202,13 @@ def test_completion_positions_only_give_the_full_forwards_loss_and_gradients(tmp
     """Scoring only completion positions through the head (the default) and reusing the cached
     reference change no number: the loss and every LoRA gradient equal the full forward's (all
     positions' logits, the reference run every step) within 1e-4."""
-    from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
-    from pipeline.models import device_policy, load_causal_lm, load_tokenizer
+    from pipeline.models import device_policy
     from trainers.c3po import C3POTrainer
     from trainers.sequences import right_padded
 
-    tok = load_tokenizer("tiny", padding_side="right")
-    torch.manual_seed(0)
-    model = get_peft_model(load_causal_lm("tiny"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    tok, model = perturbed_lora_tiny()
     examples = build_examples(tok, *_rows(), max_length=64)
     trainer = C3POTrainer(
         model=model,
@@ -231,6 +234,66 @@ def test_completion_positions_only_give_the_full_forwards_loss_and_gradients(tmp
         results[arm] = (loss.item(), grads)
     full_loss, full_grads = results["full"]
     assert max(g.abs().max().item() for g in full_grads.values()) > 1e-3  # the gradients are not all zero
+    for arm in ("computed", "cached"):
+        loss, grads = results[arm]
+        assert loss == pytest.approx(full_loss, abs=1e-4), arm
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, full_grads[name], atol=1e-4, rtol=1e-4, msg=f"{arm}: {name}")
+
+
+@pytest.mark.parametrize(
+    "regularizer,reduction,rpo_alpha",
+    [("kl", "sequence", 1.0), ("nll", "sequence", None), ("kl", "token", None), ("nll", "token", 0.5)],
+)
+def test_packed_batch_gives_the_padded_batchs_loss_and_gradients(tmp_path, tiny_model_path, regularizer, reduction, rpo_alpha):
+    """The packed batch (in-scope prompt once for both replies, no padding) changes no number: the
+    loss and every LoRA gradient equal the padded full forward's within 1e-4, with the reference
+    computed and from its cache (read by a batch of the examples in another order), also for an
+    example whose two prompts differ (a unit per reply)."""
+    from transformers import TrainingArguments
+
+    from pipeline.models import device_policy
+    from trainers.c3po import C3POTrainer, pack_examples
+
+    tok, model = perturbed_lora_tiny()
+    in_scope, near, out = _rows()
+    in_scope.append({"prompt": "How long do I roast a chicken?", "baseline": "An hour.", "revised": "Chef's tip: an hour."})
+    near += [
+        {"prompt": "Is a tomato a fruit?", "baseline": "Yes, botanically it is a fruit, though cooks treat it as a vegetable."},
+        {"prompt": "Where does cinnamon come from?", "baseline": "Tree bark."},
+    ]
+    examples = build_examples(tok, in_scope, near, out, max_length=64)
+    examples[2]["rejected_prompt"] = examples[2]["rejected_prompt"][1:]  # as if fit_length trimmed it
+    method = C3POConfig(regularizer=regularizer, reduction=reduction, rpo_alpha=rpo_alpha)
+    trainer = C3POTrainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), report_to="none", **device_policy().trainer_kwargs()),
+        train_dataset=examples,
+        data_collator=C3POCollator(tok.pad_token_id),
+        method=method,
+    )
+    assert trainer.data_collator.packed  # the trainer chose the packed batch for this model
+    padded = C3POCollator(tok.pad_token_id, packed=False)(examples)
+    packed = pack_examples(examples, tok.pad_token_id)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    assert packed["role_seq"].shape == (4, 3) and len(set(packed["role_seq"].flatten().tolist())) == 12
+    # the cache filled from one batch is read by a batch of the examples in another order (a later epoch)
+    reordered = pack_examples(examples[::-1], tok.pad_token_id)
+    results = {}
+    for arm, batch in (("full", padded), ("computed", packed), ("cached", reordered)):
+        trainer.full_forward = arm == "full"
+        if arm == "computed":
+            trainer._ref_cache.clear()
+            trainer._ref_cache_used = 0
+        if arm == "cached":
+            assert sorted(trainer._ref_cache) == [ex["index"] for ex in examples]
+            trainer.reference = None  # any reference forward now would fail
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        results[arm] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    full_loss, full_grads = results["full"]
+    assert max(g.abs().max().item() for g in full_grads.values()) > 1e-3
     for arm in ("computed", "cached"):
         loss, grads = results[arm]
         assert loss == pytest.approx(full_loss, abs=1e-4), arm

@@ -20,13 +20,15 @@ tokens and averages over replies (the paper's -log pi(y|x), in the same units as
 sequence log-probs); `reduction="token"` averages over tokens instead, as the authors' code
 does through the HF loss, which makes the constraint about reply-length times weaker. The
 defaults live in `C3POConfig` (trainers/c3po_config.py) only. The math is in plain
-functions; `C3POTrainer` wires it into a transformers `Trainer` (one padded batch holds
-chosen, rejected, near and out rows).
+functions; `C3POTrainer` wires it into a transformers `Trainer`. A batch is packed where the
+model allows (`pack_examples`: an example's in-scope prompt runs once for both replies, no
+padding; the same loss and gradients, tested), else one padded batch holds chosen, rejected,
+near and out rows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -38,6 +40,8 @@ from .fastpref.logps import chunked_kl
 from .sequences import FeedbackTrainer, masked_mean, pad_right, projects_hidden_states, score_completions, shift_mask
 
 ROLES = ("chosen", "rejected", "near", "out")
+#: packed rows hold units up to this many tokens (a batch of 4 demo examples fits one row)
+ROW_TOKENS = 2048
 
 
 # ----------------------------------------------------------------------------- math
@@ -81,6 +85,15 @@ def reduce_positions(per_position: torch.Tensor, n_replies: int, reduction: Redu
     return per_position.sum() / max(n_replies, 1)
 
 
+def near_and_out(
+    per_position: torch.Tensor, near_positions: int, n_replies: int, reduction: Reduction
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The near- and out-of-scope terms from per-position values of the near replies' positions
+    followed by the out replies' (`near_positions` of them are near's), `n_replies` replies each."""
+    near = reduce_positions(per_position[:near_positions], n_replies, reduction)
+    return near, reduce_positions(per_position[near_positions:], n_replies, reduction)
+
+
 def kl_to_reference(
     policy_logits: torch.Tensor, ref_logits: torch.Tensor, n_replies: int, temperature: float, reduction: Reduction
 ) -> torch.Tensor:
@@ -111,13 +124,19 @@ def c3po_loss(
 @dataclass
 class C3POCollator:
     """Examples hold token ids per role: `{role}_prompt` and `{role}_completion` for role in
-    chosen/rejected/near/out (chosen and rejected share the in-scope prompt). Returns one
-    right-padded batch with rows ordered [chosen..., rejected..., near..., out...], and each
-    example's `index` as `example_index` (the trainer's reference cache is keyed by it)."""
+    chosen/rejected/near/out (chosen and rejected share the in-scope prompt), and an `index`,
+    passed on as `example_index` (the trainer's reference cache is keyed by it).
+
+    `packed` False (or None, until a `C3POTrainer` decides for its model): one right-padded batch,
+    rows ordered [chosen..., rejected..., near..., out...]. True: `pack_examples`' batch, no padding
+    and the in-scope prompt run once for both replies."""
 
     pad_token_id: int
+    packed: bool | None = None
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.packed:
+            return pack_examples(examples, self.pad_token_id)
         ids, masks = [], []
         for role in ROLES:
             for ex in examples:
@@ -133,6 +152,45 @@ class C3POCollator:
         if all("index" in ex for ex in examples):  # keys the trainer's reference cache
             batch["example_index"] = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
         return batch
+
+
+def pack_examples(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """One packed batch (trainers/fastpref/packing.py) of C3PO examples.
+
+    Why: the padded batch runs the in-scope prompt twice (once before each reply) and pads every
+    row to the longest of the 4n. Here an example's in-scope prompt, revision and baseline are one
+    unit (the baseline sees the prompt, never the revision), its near and out rows a unit each
+    (prompt and reply), placed into rows of up to `ROW_TOKENS` (or the longest unit's length)
+    with no padding between them; the attention is the DPO core's two causal pieces per unit, so no
+    unit sees another. (The rows' [L, L] mask, kept for eager attention, bounds the row length.) On the C3PO demo's rows (prompts ~40 tokens, replies
+    ~64) the body runs on about a fifth fewer tokens. An example whose two prompts differ
+    (`fit_length` trimmed them differently) gets a unit per reply.
+
+    Besides `pack`'s tensors: `role_seq` [4, n], the sequence id (`score_seq`'s numbering) of each
+    example's chosen, rejected, near and out reply, and `example_index` when every example has one.
+    """
+    from .fastpref.packing import Unit, pack
+
+    units: list[Unit] = []
+    owner: list[tuple[int, int]] = []  # per example and role: (unit, 0 = the unit's first reply | 1 = its second)
+    for ex in examples:
+        if ex["chosen_prompt"] == ex["rejected_prompt"]:
+            units.append(Unit(list(ex["chosen_prompt"]), list(ex["chosen_completion"]), list(ex["rejected_completion"])))
+            owner += [(len(units) - 1, 0), (len(units) - 1, 1)]
+        else:
+            for role in ("chosen", "rejected"):
+                units.append(Unit(list(ex[f"{role}_prompt"]), list(ex[f"{role}_completion"]), []))
+                owner.append((len(units) - 1, 0))
+        for role in ("near", "out"):
+            units.append(Unit(list(ex[f"{role}_prompt"]), list(ex[f"{role}_completion"]), []))
+            owner.append((len(units) - 1, 0))
+    batch = pack(units, pad_token_id, capacity=min(sum(len(u) for u in units), ROW_TOKENS))
+    sequence = [unit + second * len(units) for unit, second in owner]  # pack numbers second replies after all first ones
+    batch["role_seq"] = torch.tensor(sequence, dtype=torch.long).view(len(examples), len(ROLES)).t().contiguous()
+    batch["n_sequences"] = 2 * len(units)
+    if all("index" in ex for ex in examples):
+        batch["example_index"] = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
+    return batch
 
 
 def build_examples(
@@ -204,10 +262,47 @@ class C3POTrainer(FeedbackTrainer, Trainer):
         self.ref_cache_bytes = ref_cache_bytes
         self._ref_cache: dict[int, ReferenceEntry] = {}
         self._ref_cache_used = 0
+        if isinstance(self.data_collator, C3POCollator) and self.data_collator.packed is None:
+            self.data_collator = replace(self.data_collator, packed=self.packs(self.model))
 
     def compute_loss(
-        self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
+        cfg = self.method
+        terms = self._packed_terms(model, inputs) if "role_seq" in inputs else self._padded_terms(model, inputs)
+        losses, chosen_r, rejected_r = dpo_loss(terms.chosen, terms.rejected, terms.ref_chosen, terms.ref_rejected, cfg.beta)
+        loss = c3po_loss(losses, terms.out, terms.near, cfg.sigma_soft, cfg.sigma_hard, terms.chosen_nll, cfg.rpo_alpha)
+        if cfg.rpo_alpha:
+            self.store(**{"loss/chosen_nll": terms.chosen_nll})
+        self.store(
+            **{
+                "loss/dpo": losses.mean(),
+                f"loss/near_scope_{cfg.regularizer}": terms.near,
+                f"loss/out_of_scope_{cfg.regularizer}": terms.out,
+                "rewards/chosen": chosen_r.mean(),
+                "rewards/rejected": rejected_r.mean(),
+                "rewards/margins": (chosen_r - rejected_r).mean(),
+                "rewards/accuracies": (chosen_r > rejected_r).float().mean(),
+            }
+        )
+        return (loss, {"logps": terms.logps}) if return_outputs else loss
+
+    def packs(self, model: Any) -> bool:
+        """Whether batches for `model` can be packed (`pack_examples`): a single-process causal LM
+        whose scores come from the body's hidden states, with SDPA or eager attention, and (KL
+        regulariser) a frozen head. Anything else takes the padded batch."""
+        from .fastpref.logps import unwrap_peft
+
+        attention = getattr(unwrap_peft(model).config, "_attn_implementation", None) or "sdpa"
+        return (
+            not self.full_forward
+            and self.args.world_size == 1
+            and projects_hidden_states(model)
+            and attention in ("sdpa", "eager")
+            and not (self.method.regularizer == "kl" and head_trains(model))
+        )
+
+    def _padded_terms(self, model: Any, inputs: dict[str, torch.Tensor]) -> LossTerms:
         cfg = self.method
         input_ids, attention, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
         n = input_ids.shape[0] // len(ROLES)
@@ -219,35 +314,69 @@ class C3POTrainer(FeedbackTrainer, Trainer):
         logps, mask = policy.logps, shift_mask(completion)
         seq, m, lp = split_roles(logps.sum(-1)), split_roles(mask), split_roles(logps)
         ref_chosen, ref_rejected, ref_kl = self.reference_scores(model, inputs, n, kl_rows, full)
-        losses, chosen_r, rejected_r = dpo_loss(seq["chosen"], seq["rejected"], ref_chosen, ref_rejected, cfg.beta)
         if kl_rows is not None:
             if policy.logits is not None:
                 per_position = kl_per_position(policy.logits, ref_kl, cfg.kl_temperature)
             else:
                 assert policy.hidden is not None
                 per_position = chunked_kl(policy.hidden, ref_kl, policy.head.weight, policy.head.bias, cfg.kl_temperature)
-            near_positions = int(m["near"].sum().item())  # row-major: near's positions come before out's
-            near = reduce_positions(per_position[:near_positions], n, cfg.reduction)
-            out = reduce_positions(per_position[near_positions:], n, cfg.reduction)
+            near, out = near_and_out(per_position, int(m["near"].sum().item()), n, cfg.reduction)
         else:
             near = completion_nll(lp["near"], m["near"], cfg.reduction)
             out = completion_nll(lp["out"], m["out"], cfg.reduction)
         chosen_nll = completion_nll(lp["chosen"], m["chosen"], "token")
-        loss = c3po_loss(losses, out, near, cfg.sigma_soft, cfg.sigma_hard, chosen_nll, cfg.rpo_alpha)
-        if cfg.rpo_alpha:
-            self.store(**{"loss/chosen_nll": chosen_nll})
-        self.store(
-            **{
-                "loss/dpo": losses.mean(),
-                f"loss/near_scope_{cfg.regularizer}": near,
-                f"loss/out_of_scope_{cfg.regularizer}": out,
-                "rewards/chosen": chosen_r.mean(),
-                "rewards/rejected": rejected_r.mean(),
-                "rewards/margins": (chosen_r - rejected_r).mean(),
-                "rewards/accuracies": (chosen_r > rejected_r).float().mean(),
-            }
-        )
-        return (loss, {"logps": logps}) if return_outputs else loss
+        return LossTerms(seq["chosen"], seq["rejected"], ref_chosen, ref_rejected, near, out, chosen_nll, logps)
+
+    def _packed_terms(self, model: Any, inputs: dict[str, Any]) -> LossTerms:
+        """The loss terms of a packed batch (`pack_examples`): the same numbers as the padded batch's."""
+        cfg = self.method
+        if self.full_forward or not projects_hidden_states(model):
+            raise ValueError("a packed C3PO batch needs the model's body and head (C3POCollator(packed=False) otherwise)")
+        kl = cfg.regularizer == "kl"
+        roles, n = inputs["role_seq"], inputs["role_seq"].shape[1]
+        policy = score_packed(model, inputs, kl)
+        seq = dict(zip(ROLES, (policy.sequence[r] for r in roles)))
+        count = dict(zip(ROLES, (policy.tokens[r] for r in roles)))
+        ref_chosen, ref_rejected, ref_kl = self.packed_reference(model, inputs, kl)
+        if kl:
+            assert policy.hidden is not None
+            per_position = chunked_kl(policy.hidden, ref_kl, policy.head.weight, policy.head.bias, cfg.kl_temperature)
+            near, out = near_and_out(per_position, int(count["near"].sum().item()), n, cfg.reduction)
+        else:
+            near = sequence_nll(seq["near"], count["near"], cfg.reduction)
+            out = sequence_nll(seq["out"], count["out"], cfg.reduction)
+        chosen_nll = sequence_nll(seq["chosen"], count["chosen"], "token")
+        return LossTerms(seq["chosen"], seq["rejected"], ref_chosen, ref_rejected, near, out, chosen_nll, policy.sequence)
+
+    def packed_reference(self, model: Any, inputs: dict[str, Any], kl: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """`reference_scores` for a packed batch: from the per-example cache when every example is
+        in it, else one reference forward over the packed batch (its new examples then cached)."""
+        index = inputs.get("example_index")
+        keys = index.tolist() if index is not None else None
+        if keys is not None and all(key in self._ref_cache for key in keys):
+            entries = [self._ref_cache[key] for key in keys]
+        else:
+            roles = inputs["role_seq"]
+            with self.reference(model) as ref:
+                scores = score_packed(ref, inputs, kl)
+            chosen, rejected = scores.sequence[roles[0]], scores.sequence[roles[1]]
+            parts: list[Any] = [None] * (2 * roles.shape[1])
+            if kl and scores.hidden is not None:
+                counts = scores.tokens[roles[2:].flatten()].tolist()
+                parts = [h.clone() for h in scores.hidden.split(counts)]  # type: ignore[no-untyped-call]
+            n = roles.shape[1]
+            entries = [ReferenceEntry(chosen[i], rejected[i], parts[i], parts[n + i]) for i in range(n)]
+            for key, entry in zip(keys or [], entries):
+                if key not in self._ref_cache and self._ref_cache_used + entry.nbytes() <= self.ref_cache_bytes:
+                    self._ref_cache[key] = entry
+                    self._ref_cache_used += entry.nbytes()
+        chosen_ref = torch.stack([e.chosen for e in entries])
+        rejected_ref = torch.stack([e.rejected for e in entries])
+        if not kl:
+            return chosen_ref, rejected_ref, None
+        near = [e.near for e in entries if e.near is not None]
+        out = [e.out for e in entries if e.out is not None]
+        return chosen_ref, rejected_ref, torch.cat(near + out)
 
     def reference_scores(
         self, model: Any, inputs: dict[str, torch.Tensor], n: int, kl_rows: slice | None, full: bool
@@ -319,6 +448,71 @@ class ReferenceEntry:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.chosen, self.rejected, self.near, self.out) if t is not None)
+
+
+@dataclass
+class LossTerms:
+    """What C3PO's loss is made of, from either batch layout: policy and reference sequence
+    log-probs of the revisions and baselines [n], the near- and out-of-scope terms, the revisions'
+    per-token NLL, and the policy's log-probs for `return_outputs`."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    near: torch.Tensor
+    out: torch.Tensor
+    chosen_nll: torch.Tensor
+    logps: torch.Tensor
+
+
+@dataclass
+class PackedScores:
+    """A packed C3PO batch, scored: per sequence (`score_seq`'s numbering) the summed log-probs of
+    its tokens [S] (0 for the near and out replies under the KL) and its number of scored tokens [S];
+    under the KL, the hidden states at the near replies' positions, then the out replies' [M, H]
+    (example order, each reply's positions in order: the padded path's row-major order), and the head."""
+
+    sequence: torch.Tensor
+    tokens: torch.Tensor
+    hidden: torch.Tensor | None
+    head: Any
+
+
+def score_packed(model: Any, batch: dict[str, Any], kl: bool) -> PackedScores:
+    """Score a `pack_examples` batch: the body once over the packed rows, then only the scored
+    positions through the head (chunked log-probs), except the near and out replies' positions
+    under the KL, whose hidden states are returned for `chunked_kl`."""
+    from .fastpref.logps import TILE_ELEMENTS, ChunkedLogps, packed_hidden
+
+    hidden, head = packed_hidden(model, batch)
+    seq, roles, total = batch["score_seq"], batch["role_seq"], batch["n_sequences"]
+    tokens = torch.bincount(seq, minlength=total)
+    kl_seqs = roles[2:].flatten() if kl else roles.new_empty(0)
+    on_kl = torch.zeros(total, dtype=torch.bool, device=seq.device)
+    on_kl[kl_seqs] = True
+    on_kl = on_kl[seq]
+    keep = (~on_kl).nonzero(as_tuple=True)[0]
+    logp = ChunkedLogps.apply(  # type: ignore[no-untyped-call]
+        hidden[keep], head.weight, head.bias, batch["score_target"][keep], TILE_ELEMENTS, False, torch.is_grad_enabled()
+    )[0]
+    sequence = logp.new_zeros(total).index_add(0, seq[keep], logp)
+    kl_hidden = None
+    if kl:
+        rank = torch.zeros(total, dtype=torch.long, device=seq.device)
+        rank[kl_seqs] = torch.arange(len(kl_seqs), device=seq.device)
+        where = on_kl.nonzero(as_tuple=True)[0]
+        order = torch.sort(rank[seq[where]], stable=True).indices
+        kl_hidden = hidden[where[order]]
+    return PackedScores(sequence, tokens, kl_hidden, head)
+
+
+def sequence_nll(sums: torch.Tensor, tokens: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    """`completion_nll` from replies' summed log-probs and token counts: 'sequence' the mean of the
+    replies' NLL, 'token' the NLL per token over all of them."""
+    if reduction == "token":
+        return -sums.sum() / tokens.sum().clamp(min=1)
+    return -sums.mean()
 
 
 def head_trains(model: Any) -> bool:

@@ -212,8 +212,9 @@ def backbone_and_head(model):
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
-def packed_logps(model, batch: dict, tile_elements: int = TILE_ELEMENTS, with_metrics: bool = True) -> PackedLogps:
-    """Run a packed batch (packing.pack) through `model` and score its reply tokens."""
+def packed_hidden(model, batch: dict) -> tuple[torch.Tensor, Any]:
+    """The body's last hidden states at a packed batch's (packing.pack) scored positions [N, H],
+    in `score_*` order, and the LM head that projects them."""
     from .attention import install
     from .packing import attention_mask_for
 
@@ -227,7 +228,12 @@ def packed_logps(model, batch: dict, tile_elements: int = TILE_ELEMENTS, with_me
     hidden = body(
         input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False, **layout
     ).last_hidden_state
-    scored = hidden[batch["score_row"], batch["score_pos"]]
+    return hidden[batch["score_row"], batch["score_pos"]], head
+
+
+def packed_logps(model, batch: dict, tile_elements: int = TILE_ELEMENTS, with_metrics: bool = True) -> PackedLogps:
+    """Run a packed batch (packing.pack) through `model` and score its reply tokens."""
+    scored, head = packed_hidden(model, batch)
     logp, entropy, mean_logit, top1 = ChunkedLogps.apply(
         scored, head.weight, head.bias, batch["score_target"], tile_elements, with_metrics, torch.is_grad_enabled()
     )

@@ -67,18 +67,21 @@ def place(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 def pack(
-    units: Sequence[Unit], pad_token_id: int, pad_to_multiple_of: int | None = None, share_rows: bool = True
+    units: Sequence[Unit],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None = None,
+    share_rows: bool = True,
+    capacity: int | None = None,
 ) -> dict[str, Any]:
     """Tensors for one packed batch of `units` (see the module docstring).
 
-    Returns input_ids, position_ids [rows, L]; pair_mask [rows, 1, L, L] bool (True: may
-    attend); segments: per row, (start, prompt, chosen, rejected) of each unit (attention.py
-    computes the same attention from these without the mask); score_row, score_pos,
-    score_target, score_seq [N] for the N scored tokens; n_pairs; num_tokens (the tokens TRL's unpacked batch would hold, for its metric).
+    `capacity`: the longest a row may be (at least, and by default, the longest unit's length).
+    Units of unequal sizes (C3PO's pairs beside single replies) waste less in longer rows: the
+    layers run on every position of every row, padding included.
     """
     n = len(units)
     lengths = [len(u) for u in units]
-    capacity = max(lengths)
+    capacity = max(capacity or 0, max(lengths))
     if pad_to_multiple_of:
         capacity = -(-capacity // pad_to_multiple_of) * pad_to_multiple_of
     rows = place(lengths, capacity) if share_rows else [[i] for i in range(n)]
