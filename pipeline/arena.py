@@ -241,7 +241,7 @@ def expand(
                     "name": "validation",
                     "uses": "needs_validation",
                     "inputs": {"conversations": conversations, **records},
-                    "with": {"fraction": spec.validation},
+                    "with": {"fraction": spec.validation, "need_field": (simulate.get("with") or {}).get("need_field", "need")},
                 }
             )
             fill = {"users": "validation"}

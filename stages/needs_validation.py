@@ -9,6 +9,7 @@ validation, and passes on only the records of the rest.
 
     preferences, verbal_feedback, reactions   the simulate stage's records of the fit needs
     validation                                the validation needs' rows, as evaluate's `needs`
+                                              (one row per need, without generate's fields)
 
 A need's samples (generate's `sample_index`) stay together. Records find their need through
 their provenance (`dataset`: the simulated user's id, as `feedback.simulator.needs.load_users`
@@ -27,10 +28,13 @@ from pipeline.stage import Input, Output, Stage, StageConfig
 
 #: the simulate stage's record outputs this stage filters (and passes on under the same names)
 RECORDS = ("preferences", "verbal_feedback", "reactions")
+#: fields the generate stage adds to a need's row (a validation need is the need, not a sample of it)
+GENERATED = ("prompt_id", "system_prompt", "sample_index", "response", "num_tokens", "finished", "model", "adapter", "seed")
 
 
 class NeedsValidationConfig(StageConfig):
     fraction: float = Field(default=0.25, gt=0, lt=1, description="share of the needs kept for validation")
+    need_field: str = Field(default="need", description="row field holding the information need (as the simulate stage's)")
 
 
 class NeedsValidationStage(Stage):
@@ -48,13 +52,16 @@ class NeedsValidationStage(Stage):
     config: NeedsValidationConfig
 
     def run(self):
+        from feedback.simulator.needs import is_clariq
         from feedback.simulator.records import save_dataset
         from pipeline.records import load_rows, save_rows
         from pipeline.schema import KINDS
 
         ctx = self.ctx
         path = ctx.input("conversations")
-        rows = load_rows(path, required=["need"], what="information needs")
+        rows = load_rows(path, required=[self.config.need_field], what="information needs")
+        if is_clariq(rows):
+            raise ValueError(f"{path}: ClariQ rows; a validation split of needs reads need + prompt rows (not yet ClariQ's)")
         need_of = {user_id(row, i): need_key(row, i) for i, row in enumerate(rows)}
         validation_needs = pick_validation(sorted(set(need_of.values())), self.config.fraction, ctx.seed, str(path))
         counts: dict[str, int] = {}
@@ -68,8 +75,7 @@ class NeedsValidationStage(Stage):
             save_dataset(fit, list(KINDS[name].model_fields), ctx.output(name))
             counts[f"fit_{name}"] = len(fit)
             counts[f"validation_{name}_left_out"] = len(records) - len(fit)
-        chosen = [row for i, row in enumerate(rows) if need_key(row, i) in validation_needs]
-        save_rows([{k: v for k, v in row.items() if k != "response"} for row in chosen], ctx.output("validation"))
+        save_rows(validation_rows(rows, validation_needs), ctx.output("validation"))
         counts.update(fit_needs=len(set(need_of.values())) - len(validation_needs), validation_needs=len(validation_needs))
         ctx.log.info("%s", ", ".join(f"{k}={v}" for k, v in counts.items()))
         return counts
@@ -101,6 +107,16 @@ def need_of_record(record: dict[str, Any], need_of: dict[str, str], where: str) 
         f"{where}: field 'id' {record_id!r} names no need of the conversations input (its provenance "
         f"dataset: {candidates[0]!r}); give needs_validation the simulate stage's own conversations"
     )
+
+
+def validation_rows(rows: list[dict[str, Any]], needs: set[str]) -> list[dict[str, Any]]:
+    """One row per validation need (its first sample's), without what generate added, named by the need."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for i, row in enumerate(rows):
+        key = need_key(row, i)
+        if key in needs and key not in chosen:
+            chosen[key] = {"id": key, **{k: v for k, v in row.items() if k not in GENERATED and k != "id"}}
+    return list(chosen.values())
 
 
 def pick_validation(needs: list[str], fraction: float, seed: int, where: str) -> set[str]:

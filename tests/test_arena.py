@@ -521,13 +521,21 @@ def test_two_seeds_aggregated(tmp_path):
 def test_needs_validation_keeps_a_needs_samples_together_and_names_stray_records():
     """The users' validation split is by need: a need's samples land on one side, records find
     their need by provenance or id, and a record of no listed need is an error naming it."""
-    from stages.needs_validation import need_key, need_of_record, pick_validation, user_id
+    from stages.needs_validation import need_key, need_of_record, pick_validation, user_id, validation_rows
 
-    rows = [{"prompt_id": f"n{k}", "sample_index": s, "need": "x"} for k in range(8) for s in range(2)]
+    rows = [
+        {"id": f"r{k}", "prompt_id": f"n{k}", "sample_index": s, "need": f"need {k}", "prompt": "q", "response": "a"}
+        for k in range(8)
+        for s in range(2)
+    ]
     need_of = {user_id(r, i): need_key(r, i) for i, r in enumerate(rows)}
     assert need_of["n3:1"] == "n3" and len(set(need_of.values())) == 8
     chosen = pick_validation(sorted(set(need_of.values())), 0.25, seed=0, where="needs")
     assert len(chosen) == 2 and chosen == pick_validation(sorted(set(need_of.values())), 0.25, seed=0, where="needs")
+    # one row per validation need, named by it, without generate's fields (evaluate answers it afresh)
+    picked = validation_rows(rows, chosen)
+    assert sorted(r["id"] for r in picked) == sorted(chosen)
+    assert all(set(r) == {"id", "need", "prompt"} for r in picked)
     assert need_of_record({"id": "x", "provenance": {"dataset": "n5:0"}}, need_of, "r") == "n5"
     assert need_of_record({"id": "n6:1:pair2-4"}, need_of, "r") == "n6"
     assert need_of_record({"id": "n7:0:t3"}, need_of, "r") == "n7"

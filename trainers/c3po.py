@@ -288,17 +288,23 @@ class C3POTrainer(FeedbackTrainer, Trainer):
         return (loss, {"logps": terms.logps}) if return_outputs else loss
 
     def packs(self, model: Any) -> bool:
-        """Whether batches for `model` can be packed (`pack_examples`): a single-process causal LM
-        whose scores come from the body's hidden states, with SDPA or eager attention, and (KL
-        regulariser) a frozen head. Anything else takes the padded batch."""
+        """Whether batches for `model` can be packed (`pack_examples`): one process on at most one
+        device (DDP and DataParallel wrap the model's forward), a causal LM whose scores come from
+        the body's hidden states, SDPA attention without attention dropout (eager attention, or SDPA
+        with dropout, would score each packed row's whole [L, L] square), and (KL regulariser) a frozen
+        head. Anything else takes the padded batch. Decided once, when the trainer is built: set
+        `full_forward` before that (a packed batch with `full_forward` on is an error)."""
         from .fastpref.logps import unwrap_peft
 
-        attention = getattr(unwrap_peft(model).config, "_attn_implementation", None) or "sdpa"
+        config = unwrap_peft(model).config
+        attention = getattr(config, "_attn_implementation", None) or "sdpa"
         return (
             not self.full_forward
             and self.args.world_size == 1
+            and self.args.n_gpu <= 1
             and projects_hidden_states(model)
-            and attention in ("sdpa", "eager")
+            and attention == "sdpa"
+            and not getattr(config, "attention_dropout", 0.0)
             and not (self.method.regularizer == "kl" and head_trains(model))
         )
 
