@@ -247,8 +247,14 @@ class HFClient:
         return logits[:, [yes, no]].softmax(-1)[:, 0].tolist()
 
     def reply_logprob(self, contexts: list[Messages], replies: list[str], max_reply_tokens: int = 128) -> list[float]:
-        """Mean log-probability per token of each reply after its context (right-padded batches)."""
+        """Mean log-probability per token of each reply after its context (right-padded batches).
+
+        Only the reply's positions go through the 49k-vocabulary head, in tiles
+        (`trainers.sequences.score_completions`): the context's logits and the full log-softmax
+        over [rows, length, vocab] are never made (a simulated user's judge calls this every round)."""
         import torch
+
+        from trainers.sequences import score_completions
 
         seqs = []
         for prompt, reply in zip(render_many(self.tokenizer, contexts), replies):
@@ -263,17 +269,15 @@ class HFClient:
             width = max(len(p) + len(r) for p, r in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            reply_mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for i, (p, r) in enumerate(chunk):
                 ids[i, : len(p) + len(r)] = torch.tensor(p + r)
                 mask[i, : len(p) + len(r)] = 1
+                reply_mask[i, len(p) : len(p) + len(r)] = 1 if p else 0
             with torch.no_grad():
-                logp = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
-            for i, (p, r) in enumerate(chunk):
-                if not r:
-                    out.append(-20.0)  # an empty reply is as unlikely as it gets
-                    continue
-                positions = torch.arange(len(p) - 1, len(p) + len(r) - 1)
-                out.append(logp[i, positions, ids[i, len(p) : len(p) + len(r)]].mean().item())
+                logps = score_completions(self.model, ids.to(device), mask.to(device), reply_mask.to(device)).logps.cpu()
+            # an empty reply (or one with no context to score it after) is as unlikely as it gets
+            out += [float(row.sum() / n) if n else -20.0 for row, n in zip(logps, reply_mask[:, 1:].sum(-1).tolist())]
         return out
 
 

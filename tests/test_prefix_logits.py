@@ -57,3 +57,25 @@ def test_judge_yes_probability_matches_the_plain_forward(tiny_model_path):
     logits = plain_last_logits(client.model, judge_token_lists(client.tokenizer))
     expected = logits[:, [yes, no]].softmax(-1)[:, 0].tolist()
     assert client.yes_probability(conversations) == pytest.approx(expected, abs=1e-5)
+
+
+def test_judge_reply_likelihood_matches_the_plain_forward(tiny_model_path):
+    """The judge's other signal, a reply's mean token log-probability after its context, scored
+    from the reply's positions only, equals each (context, reply) alone through the full
+    log-softmax; replies of different lengths share batches; an empty reply scores -20."""
+    client = HFClient("tiny", batch_size=2, engine="hf")
+    items = [(n, r, a) for n, r, a, _ in prompts.CALIBRATION[:4]]
+    contexts = [prompts.expectation_context(need, request) for need, request, _ in items]
+    replies = [a for *_, a in items[:3]] + [""]
+    assert len({len(r) for r in replies}) == 4
+    expected = []
+    for context, reply in zip(render_many(client.tokenizer, contexts), replies):
+        p = client.tokenizer.encode(context, add_special_tokens=False)
+        r = client.tokenizer.encode(reply, add_special_tokens=False)
+        if not r:
+            expected.append(-20.0)
+            continue
+        with torch.no_grad():
+            logp = client.model(input_ids=torch.tensor([p + r])).logits[0].float().log_softmax(-1)
+        expected.append(logp[torch.arange(len(p) - 1, len(p) + len(r) - 1), torch.tensor(r)].mean().item())
+    assert client.reply_logprob(contexts, replies) == pytest.approx(expected, abs=1e-5)
