@@ -33,23 +33,39 @@ from pydantic_core import to_jsonable_python
 
 def semantic_config(config: BaseModel, exclude: Iterable[str] = ()) -> dict[str, Any]:
     """The fingerprinted form of `config`: its non-default fields (recursively), JSON-ready.
-    `exclude` names top-level fields that cannot change results (`non_semantic_fields`)."""
+    `exclude` names fields that cannot change results (`non_semantic_fields`): top-level names,
+    or dotted paths into a nested model's fields (`evaluation.engine`)."""
     return _diff(config, frozenset(exclude))
 
 
 def _diff(model: BaseModel, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    nested: dict[str, set[str]] = {}
+    for path in exclude:
+        head, _, rest = path.partition(".")
+        if rest:
+            nested.setdefault(head, set()).add(rest)
     for name, field in type(model).model_fields.items():
         if name in exclude:
             continue
         tagged = len(_model_classes(field.annotation)) > 1
-        value = _canon(getattr(model, name), tagged)
-        if not field.is_required() and value == _canon(field.get_default(call_default_factory=True), tagged):
+        inner = frozenset(nested.get(name, ()))
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        value = _reduced(getattr(model, name), tagged, inner)
+        if not field.is_required() and value == _reduced(default, tagged, inner):
             continue
         out[name] = value
     for name, value in (model.__pydantic_extra__ or {}).items():  # a model that allows extra keys
         out[name] = _canon(value)
     return out
+
+
+def _reduced(value: Any, tagged: bool, exclude: frozenset[str]) -> Any:
+    """`_canon(value)`, leaving out the `exclude`d fields when `value` is a model (a nested model's
+    non-semantic fields)."""
+    if exclude and isinstance(value, BaseModel):
+        return {"__model__": type(value).__name__, **_diff(value, exclude)} if tagged else _diff(value, exclude)
+    return _canon(value, tagged)
 
 
 def _canon(value: Any, tagged: bool = False) -> Any:

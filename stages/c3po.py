@@ -37,6 +37,8 @@ class C3poStage(TrainerStage):
     version = "2"  # 2: rpo_alpha 1.0 by default (RPO's NLL term on the revisions; 0 is the paper's loss)
     summary = "C3PO: DPO on in-scope + NLL/KL constraints on near- and out-of-scope (LoRA)."
     Config = C3poConfig
+    #: how the built-in evaluation writes its replies, not what it measures (as evaluate_feedback's)
+    non_semantic_fields = TrainerStage.non_semantic_fields | {"evaluation.engine", "evaluation.batch_size"}
     inputs = {
         "data": Input(("c3po_data",), doc="output of c3po_data (or rows with scope/prompt/baseline/revised)"),
         "adapter": Input(("adapter",), required=False, doc="continue training this adapter (reference = it, frozen)"),

@@ -156,3 +156,17 @@ class _Open(BaseModel):
 
 def test_extra_keys_of_an_open_model_are_fingerprinted():
     assert semantic_config(_Open.model_validate({"known": 1, "other": 2})) == {"other": 2}
+
+
+def test_a_nested_non_semantic_field_is_left_out_of_the_fingerprint():
+    """c3po's built-in evaluation may write its replies with another engine or batch size without
+    retraining (as evaluate_feedback's `engine`), while what it measures still counts."""
+    from stages.c3po import C3poConfig, C3poStage
+
+    exclude = C3poStage.non_semantic_fields
+    assert "evaluation.engine" in exclude
+    base = semantic_config(C3poConfig(), exclude)
+    assert semantic_config(C3poConfig(evaluation={"engine": "hf", "batch_size": 2}), exclude) == base == {}
+    changed = semantic_config(C3poConfig(evaluation={"engine": "hf", "max_prompts_per_scope": 5}), exclude)
+    assert changed == {"evaluation": {"max_prompts_per_scope": 5}}
+    assert semantic_config(C3poConfig(evaluation={"engine": "hf"})) == {"evaluation": {"engine": "hf"}}  # without the exclusion
