@@ -24,7 +24,7 @@ import importlib.util
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .chat import Messages, render_many
 from .generation import Completion, SamplingSettings, hf_sampling_kwargs
@@ -35,6 +35,13 @@ QUANTIZATIONS = ("float32", "int8_float32", "int8")
 #: a token prefix shared by every prompt of a call (the chat template's system turn) at least
 #: this long is run once and its KV state reused (CTranslate2's static prompt cache)
 MIN_CACHED_PREFIX = 8
+#: across calls (a server's requests, `prefix_cache="across_calls"`): a prefix shared with the
+#: previous request is cached in whole blocks of this many tokens, so requests that share a long
+#: start (a system prompt, few-shot examples) and differ after it reuse one cached state
+PREFIX_BLOCK = 64
+#: at most this many distinct prefixes are cached across calls; then the generator is reloaded
+#: (CTranslate2 keeps every cached prompt's state for the generator's lifetime)
+MAX_CACHED_PREFIXES = 8
 
 
 def _budget_callback(budgets: list[int]) -> Callable[[Any], bool]:
@@ -188,7 +195,7 @@ class Ct2Generator:
         *,
         quantization: str = "float32",
         threads: int | None = None,
-        prefix_cache: bool = True,
+        prefix_cache: bool | Literal["across_calls"] = True,
     ):
         from .generation import eos_ids_from_tokenizer
         from .models import load_tokenizer
@@ -197,7 +204,11 @@ class Ct2Generator:
         self.model_dir = converted_model_dir(model_name, adapter, quantization)
         self.quantization = quantization
         self.threads = threads or engine_threads()
+        #: True: a call's prompts' shared start runs once (a job's batch); "across_calls": also the start a
+        #: request shares with the previous one (a server's requests, one or a few per call); False: none
         self.prefix_cache = prefix_cache
+        self._previous: list[str] | None = None
+        self._cached_prefixes: set[tuple[str, ...]] = set()
         # the same end-of-turn ids the vLLM path stops on (tokenizer + the model's generation config)
         self.eos_tokens = self.tokenizer.convert_ids_to_tokens(eos_ids_from_tokenizer(self.tokenizer))
         self.generator: Any = None
@@ -214,9 +225,7 @@ class Ct2Generator:
         if self.generator is None or seed is not None:
             self.generator = None
             ctranslate2.set_random_seed(seed or 0)
-            self.generator = ctranslate2.Generator(
-                str(self.model_dir), device="cpu", compute_type=self.quantization, intra_threads=self.threads, inter_threads=1
-            )
+            self.reload()
         return self.generator
 
     def generate_ids(
@@ -259,13 +268,47 @@ class Ct2Generator:
             kwargs["callback"] = _budget_callback(budgets)
         if sampling.temperature == 0 and num_samples > 1:
             raise ValueError("temperature 0 (greedy) gives one reply per prompt; set num_samples: 1")
-        prefix = shared_prefix_length(token_lists) if self.prefix_cache else 0
+        generator = self._seeded(None if sampling.temperature == 0 else seed)
+        prefix = self._static_prefix(token_lists)
         if prefix >= MIN_CACHED_PREFIX:
+            generator = self.generator  # reloaded when the cross-call cache was full
             kwargs.update(static_prompt=token_lists[0][:prefix], cache_static_prompt=True)
             token_lists = [tokens[prefix:] for tokens in token_lists]
-        generator = self._seeded(None if sampling.temperature == 0 else seed)
         results = generator.generate_batch(token_lists, **kwargs)
         return [[list(ids)[:budget] for ids in result.sequences_ids] for result, budget in zip(results, budgets)]
+
+    def _static_prefix(self, token_lists: list[list[str]]) -> int:
+        """How many leading tokens of this call's prompts run as CTranslate2's cached static prompt.
+
+        Within a call, the prompts' shared start. Across calls (`prefix_cache="across_calls"`), the
+        start shared with the previous call's first prompt too, cut to whole `PREFIX_BLOCK`s so
+        that requests differing only after a long common start hit one cache entry; at most
+        `MAX_CACHED_PREFIXES` distinct entries, then the generator reloads with an empty cache.
+        The cached state is the model's on exactly those tokens, so a reply is the same with or
+        without it (tested), whoever's request put it there."""
+        if not self.prefix_cache:
+            return 0
+        if self.prefix_cache != "across_calls":
+            return shared_prefix_length(token_lists)
+        previous, self._previous = self._previous, token_lists[0]
+        if previous is None:
+            return 0
+        prefix = shared_prefix_length([*token_lists, previous]) // PREFIX_BLOCK * PREFIX_BLOCK
+        key = tuple(token_lists[0][:prefix])
+        if prefix >= MIN_CACHED_PREFIX and key not in self._cached_prefixes:
+            if len(self._cached_prefixes) >= MAX_CACHED_PREFIXES:
+                self.reload()
+            self._cached_prefixes.add(key)
+        return prefix
+
+    def reload(self) -> None:
+        """A fresh generator (the same weights, from the page cache): frees every cached prefix."""
+        import ctranslate2
+
+        self.generator = ctranslate2.Generator(
+            str(self.model_dir), device="cpu", compute_type=self.quantization, intra_threads=self.threads, inter_threads=1
+        )
+        self._cached_prefixes.clear()
 
     @staticmethod
     def _sampling_kwargs(sampling: SamplingSettings) -> dict[str, Any]:

@@ -148,9 +148,10 @@ class ChatEngine:
             from pipeline.ct2_engine import Ct2Generator
             from pipeline.models import resolve_model
 
-            # converts (adapter merged) here, so a version is ready before it is switched to; no
-            # prefix cache: a server's prompts share little, and each cached prefix stays in memory
-            self.ct2 = Ct2Generator(model, adapter, prefix_cache=False)
+            # converts (adapter merged) here, so a version is ready before it is switched to; the start a
+            # request shares with the previous one (system prompt, few-shot examples) is computed once
+            # and kept, a few such starts at most (pipeline/ct2_engine.py `_static_prefix`)
+            self.ct2 = Ct2Generator(model, adapter, prefix_cache="across_calls")
             config = AutoConfig.from_pretrained(resolve_model(model))
             self.eos_ids = sorted(self.tokenizer.convert_tokens_to_ids(self.ct2.eos_tokens))
         else:

@@ -166,3 +166,34 @@ def test_conversion_freezes_live_objects_only_when_nobody_else_did():
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+def test_a_start_shared_across_calls_is_cached_in_blocks_and_changes_no_reply(tiny_model_path, monkeypatch):
+    """A server's requests come one per call: the start a request shares with the previous one
+    (here a long system prompt) runs once, in whole blocks, and replies equal the uncached
+    engine's; the number of cached starts is bounded (the generator reloads)."""
+    from pipeline import ct2_engine
+
+    tokenizer = load_tokenizer("tiny")
+    system = "You answer briefly. " * 40
+    conversations = [
+        [{"role": "system", "content": system}, {"role": "user", "content": q}]
+        for q in ("Name a colour.", "Count to three.", "Say hi.", "Name a fruit.")
+    ]
+    prompts = render_many(tokenizer, conversations)
+    greedy = SamplingSettings(max_new_tokens=8, temperature=0)
+    plain = Ct2Generator("tiny", threads=1, prefix_cache=False)
+    expected = [plain.generate_ids([p], greedy)[0][0] for p in prompts]
+    engine = Ct2Generator("tiny", threads=1, prefix_cache="across_calls")
+    prefixes = []
+    real = engine._static_prefix
+    monkeypatch.setattr(engine, "_static_prefix", lambda tokens: prefixes.append(real(tokens)) or prefixes[-1])
+    assert [engine.generate_ids([p], greedy)[0][0] for p in prompts] == expected
+    assert prefixes[0] == 0 and all(n > 0 and n % ct2_engine.PREFIX_BLOCK == 0 for n in prefixes[1:])
+    assert len(set(prefixes[1:])) == 1 and len(engine._cached_prefixes) == 1  # one cached start for all
+    monkeypatch.setattr(ct2_engine, "MAX_CACHED_PREFIXES", 1)
+    other = render_many(tokenizer, [[{"role": "system", "content": "Be kind. " * 60}, {"role": "user", "content": "Hi."}]] * 2)
+    first = engine.generator
+    assert engine.generate_ids(other[:1], greedy)[0][0] == plain.generate_ids(other[:1], greedy)[0][0]
+    assert engine.generate_ids(other[1:], greedy)[0][0] == plain.generate_ids(other[1:], greedy)[0][0]
+    assert engine.generator is not first and len(engine._cached_prefixes) == 1  # reloaded: a full cache is emptied
