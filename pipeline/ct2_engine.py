@@ -39,9 +39,11 @@ MIN_CACHED_PREFIX = 8
 #: previous request is cached in whole blocks of this many tokens, so requests that share a long
 #: start (a system prompt, few-shot examples) and differ after it reuse one cached state
 PREFIX_BLOCK = 64
-#: at most this many distinct prefixes are cached across calls; then the generator is reloaded
-#: (CTranslate2 keeps every cached prompt's state for the generator's lifetime)
+#: at most this many distinct prefixes, and this many of their tokens in all, are cached across
+#: calls; then the generator is reloaded (CTranslate2 keeps every cached prompt's state for the
+#: generator's lifetime): a multi-turn chat, whose shared start grows every turn, cannot pile up
 MAX_CACHED_PREFIXES = 8
+MAX_CACHED_TOKENS = 4096
 
 
 def _budget_callback(budgets: list[int]) -> Callable[[Any], bool]:
@@ -204,8 +206,9 @@ class Ct2Generator:
         self.model_dir = converted_model_dir(model_name, adapter, quantization)
         self.quantization = quantization
         self.threads = threads or engine_threads()
-        #: True: a call's prompts' shared start runs once (a job's batch); "across_calls": also the start a
-        #: request shares with the previous one (a server's requests, one or a few per call); False: none
+        #: True: a call's prompts' shared start runs once (a job's batch); "across_calls": instead, the start
+        #: shared by a call's prompts and the previous call's first prompt (a server's requests, one or a
+        #: few per call); False: none
         self.prefix_cache = prefix_cache
         self._previous: list[str] | None = None
         self._cached_prefixes: set[tuple[str, ...]] = set()
@@ -268,13 +271,12 @@ class Ct2Generator:
             kwargs["callback"] = _budget_callback(budgets)
         if sampling.temperature == 0 and num_samples > 1:
             raise ValueError("temperature 0 (greedy) gives one reply per prompt; set num_samples: 1")
-        generator = self._seeded(None if sampling.temperature == 0 else seed)
-        prefix = self._static_prefix(token_lists)
+        self._seeded(None if sampling.temperature == 0 else seed)
+        prefix = self._static_prefix(token_lists)  # may reload the generator: no reference to the old one here
         if prefix >= MIN_CACHED_PREFIX:
-            generator = self.generator  # reloaded when the cross-call cache was full
             kwargs.update(static_prompt=token_lists[0][:prefix], cache_static_prompt=True)
             token_lists = [tokens[prefix:] for tokens in token_lists]
-        results = generator.generate_batch(token_lists, **kwargs)
+        results = self.generator.generate_batch(token_lists, **kwargs)
         return [[list(ids)[:budget] for ids in result.sequences_ids] for result, budget in zip(results, budgets)]
 
     def _static_prefix(self, token_lists: list[list[str]]) -> int:
@@ -283,10 +285,10 @@ class Ct2Generator:
         Within a call, the prompts' shared start. Across calls (`prefix_cache="across_calls"`), the
         start shared with the previous call's first prompt too, cut to whole `PREFIX_BLOCK`s so
         that requests differing only after a long common start hit one cache entry; at most
-        `MAX_CACHED_PREFIXES` distinct entries, then the generator reloads with an empty cache.
-        The cached state is the model's on exactly those tokens, so a reply is the same with or
-        without it (tested), whoever's request put it there."""
-        if not self.prefix_cache:
+        `MAX_CACHED_PREFIXES` distinct entries and `MAX_CACHED_TOKENS` of theirs, then the generator
+        reloads with an empty cache. The cached state is the model's on exactly those tokens, so a
+        reply is the same with or without it (tested), whoever's request put it there."""
+        if not self.prefix_cache or not token_lists:
             return 0
         if self.prefix_cache != "across_calls":
             return shared_prefix_length(token_lists)
@@ -294,17 +296,29 @@ class Ct2Generator:
         if previous is None:
             return 0
         prefix = shared_prefix_length([*token_lists, previous]) // PREFIX_BLOCK * PREFIX_BLOCK
+        if prefix < MIN_CACHED_PREFIX or prefix > MAX_CACHED_TOKENS:
+            return 0
         key = tuple(token_lists[0][:prefix])
-        if prefix >= MIN_CACHED_PREFIX and key not in self._cached_prefixes:
-            if len(self._cached_prefixes) >= MAX_CACHED_PREFIXES:
-                self.reload()
+        if key not in self._cached_prefixes:
+            held = sum(len(k) for k in self._cached_prefixes)
+            if len(self._cached_prefixes) >= MAX_CACHED_PREFIXES or held + prefix > MAX_CACHED_TOKENS:
+                self.reload(reseed=True)
             self._cached_prefixes.add(key)
         return prefix
 
-    def reload(self) -> None:
-        """A fresh generator (the same weights, from the page cache): frees every cached prefix."""
+    def reload(self, reseed: bool = False) -> None:
+        """A fresh generator (the same weights, from the page cache): frees every cached prefix.
+
+        The old one is dropped first (never two models in memory). `reseed`: its sampling RNG from
+        a fresh random seed: CTranslate2 seeds a new generator's threads from the last
+        `set_random_seed`, so an unseeded server that reloads would otherwise replay old samples."""
+        import random
+
         import ctranslate2
 
+        self.generator = None
+        if reseed:
+            ctranslate2.set_random_seed(random.SystemRandom().randrange(1 << 31))
         self.generator = ctranslate2.Generator(
             str(self.model_dir), device="cpu", compute_type=self.quantization, intra_threads=self.threads, inter_threads=1
         )
@@ -328,7 +342,8 @@ class Ct2Generator:
 
         For streams and stop strings: the caller may stop iterating at any token (closing the
         iterator stops the decoding). `seed` None: no reseed (see `generate_ids`). No prefix
-        cache: one prompt shares nothing worth caching with the next.
+        cache here (a server's streamed, seeded and stop-string requests): only `generate_ids`
+        reuses a start shared with the previous request.
         """
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         tokens = self.tokenizer.convert_ids_to_tokens(ids)

@@ -197,3 +197,7 @@ def test_a_start_shared_across_calls_is_cached_in_blocks_and_changes_no_reply(ti
     assert engine.generate_ids(other[:1], greedy)[0][0] == plain.generate_ids(other[:1], greedy)[0][0]
     assert engine.generate_ids(other[1:], greedy)[0][0] == plain.generate_ids(other[1:], greedy)[0][0]
     assert engine.generator is not first and len(engine._cached_prefixes) == 1  # reloaded: a full cache is emptied
+    assert engine._static_prefix([]) == 0
+    monkeypatch.setattr(ct2_engine, "MAX_CACHED_TOKENS", ct2_engine.PREFIX_BLOCK - 1)  # a start longer than the cap: uncached
+    assert engine.generate_ids(other[1:], greedy)[0][0] == plain.generate_ids(other[1:], greedy)[0][0]
+    assert prefixes[-1] == 0

@@ -170,3 +170,22 @@ def test_a_nested_non_semantic_field_is_left_out_of_the_fingerprint():
     changed = semantic_config(C3poConfig(evaluation={"engine": "hf", "max_prompts_per_scope": 5}), exclude)
     assert changed == {"evaluation": {"max_prompts_per_scope": 5}}
     assert semantic_config(C3poConfig(evaluation={"engine": "hf"})) == {"evaluation": {"engine": "hf"}}  # without the exclusion
+
+
+def test_every_nested_non_semantic_path_names_a_field():
+    """A misspelled dotted path would silently fingerprint the field it meant to leave out."""
+    from pydantic import BaseModel
+
+    from pipeline import registry
+
+    for name in registry.names():
+        cls = registry.get(name)
+        for path in cls.non_semantic_fields:
+            model: type[BaseModel] = cls.Config
+            *heads, last = path.split(".")
+            for head in heads:
+                annotation = model.model_fields[head].annotation
+                assert isinstance(annotation, type) and issubclass(annotation, BaseModel), f"{name}: {path}"
+                model = annotation
+            if heads:
+                assert last in model.model_fields, f"{name}: {path}"
