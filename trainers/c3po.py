@@ -373,16 +373,9 @@ class C3POTrainer(FeedbackTrainer, Trainer):
             n = roles.shape[1]
             entries = [ReferenceEntry(chosen[i], rejected[i], parts[i], parts[n + i]) for i in range(n)]
             for key, entry in zip(keys or [], entries):
-                if key not in self._ref_cache and self._ref_cache_used + entry.nbytes() <= self.ref_cache_bytes:
-                    self._ref_cache[key] = entry
-                    self._ref_cache_used += entry.nbytes()
-        chosen_ref = torch.stack([e.chosen for e in entries])
-        rejected_ref = torch.stack([e.rejected for e in entries])
-        if not kl:
-            return chosen_ref, rejected_ref, None
-        near = [e.near for e in entries if e.near is not None]
-        out = [e.out for e in entries if e.out is not None]
-        return chosen_ref, rejected_ref, torch.cat(near + out)
+                if key not in self._ref_cache:
+                    self._keep(key, entry)
+        return stacked(entries, kl)
 
     def reference_scores(
         self, model: Any, inputs: dict[str, torch.Tensor], n: int, kl_rows: slice | None, full: bool
@@ -408,14 +401,7 @@ class C3POTrainer(FeedbackTrainer, Trainer):
         missing = [k for k in range(n) if k not in found]
         if missing:
             found.update(self._reference_entries(model, inputs, n, missing, kl_rows, keys))
-        entries = [found[k] for k in range(n)]
-        chosen = torch.stack([e.chosen for e in entries])
-        rejected = torch.stack([e.rejected for e in entries])
-        if kl_rows is None:
-            return chosen, rejected, None
-        near = [e.near for e in entries if e.near is not None]
-        out = [e.out for e in entries if e.out is not None]
-        return chosen, rejected, torch.cat(near + out)
+        return stacked([found[k] for k in range(n)], kl_rows is not None)
 
     def _reference_entries(
         self, model: Any, inputs: dict[str, torch.Tensor], n: int, missing: list[int], kl_rows: slice | None, keys: list[int]
@@ -436,10 +422,14 @@ class C3POTrainer(FeedbackTrainer, Trainer):
         for j, i in enumerate(missing):
             entry = ReferenceEntry(sequence[j], sequence[k + j], hidden[j], hidden[k + j])
             entries[i] = entry
-            if self._ref_cache_used + entry.nbytes() <= self.ref_cache_bytes:
-                self._ref_cache[keys[i]] = entry
-                self._ref_cache_used += entry.nbytes()
+            self._keep(keys[i], entry)
         return entries
+
+    def _keep(self, key: int, entry: ReferenceEntry) -> None:
+        """Cache one example's reference numbers while `ref_cache_bytes` has room."""
+        if self._ref_cache_used + entry.nbytes() <= self.ref_cache_bytes:
+            self._ref_cache[key] = entry
+            self._ref_cache_used += entry.nbytes()
 
 
 @dataclass
@@ -519,6 +509,18 @@ def sequence_nll(sums: torch.Tensor, tokens: torch.Tensor, reduction: Reduction)
     if reduction == "token":
         return -sums.sum() / tokens.sum().clamp(min=1)
     return -sums.mean()
+
+
+def stacked(entries: list[ReferenceEntry], kl: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """A batch's reference numbers from its examples' entries: chosen and rejected log-probs [n] and,
+    with the KL, the near replies' hidden states then the out replies' (example order)."""
+    chosen = torch.stack([e.chosen for e in entries])
+    rejected = torch.stack([e.rejected for e in entries])
+    if not kl:
+        return chosen, rejected, None
+    near = [e.near for e in entries if e.near is not None]
+    out = [e.out for e in entries if e.out is not None]
+    return chosen, rejected, torch.cat(near + out)
 
 
 def head_trains(model: Any) -> bool:
