@@ -165,7 +165,9 @@ def test_independent_stages_run_concurrently_when_resources_allow(head, tmp_path
         (s1, e1), (s2, e2) = _task_windows(head, names).values()
         spans[cpus] = min(e1, e2) - max(s1, s2)  # > 0: the two ran at the same time
     assert spans[1] > 0.5, spans
-    assert spans[2] <= 0.05, spans
+    # Ray's task events are stamped as the worker reports them: one worker running the two 2-CPU
+    # stages back to back was once seen to "overlap" by 0.11 s (CI, 2026-12-04); far below spans[1]
+    assert spans[2] <= 0.25, spans
 
 
 def _dpo(prefs, workers, steps, save_steps=50, run_name=None):
