@@ -15,6 +15,8 @@ each batch run to its longest budget; heedful's engine gets the whole queue at o
 `--mixed-batch` wide, each request leaving the batch at its own budget (CTranslate2 sorts the
 queue by length). Only the tokens each request asked for count on both sides.
 Greedy replies are compared token for token with HF's (`agreement`).
+`--hf-packed` adds heedful's HF path as `chat_generate` runs it on a CPU: the same HF `generate`
+with the decode steps' linear layers on oneDNN's packed weights (pipeline/cpu_linear.py).
 `--llama-cpp f32,q8_0` adds llama.cpp arms on the embedded GGUF (bench/llama_cpp_arm.py; needs
 llama-cpp-python, a source build): measured to decide whether it should be an engine.
 """
@@ -104,6 +106,8 @@ def main() -> None:
     parser.add_argument("--mixed-batch", type=int, default=16)
     parser.add_argument("--int8", action="store_true", help="also time the opt-in int8 engine (replies differ)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hf-packed", action="store_true", help="also time HF generate with packed linear weights")
+    parser.add_argument("--out", default="generate.json", help="results file name under bench/results")
     parser.add_argument(
         "--llama-cpp",
         default="",
@@ -142,6 +146,8 @@ def main() -> None:
     }
     # warm-up: first calls pay one-off costs (allocator, thread pools, the engine's prefix cache)
     hf_greedy_reference(model, tokenizer, all_texts[:2], 4, eos_ids)
+    if args.hf_packed:
+        hf_packed(model, tokenizer, all_texts[:2], 4, eos_ids)
     for engine in engines.values():
         engine_arm(engine, all_texts[:2], 4)
     for bs in sizes:
@@ -149,25 +155,28 @@ def main() -> None:
         best: dict[str, tuple[float, float]] = {}
         tokens: dict[str, int] = {}
         replies: dict[str, list] = {}
+        hf_arms = ["hf", "hf_packed"] if args.hf_packed else ["hf"]
         for rep in range(args.reps):
-            order = ["hf", *engines] if rep % 2 == 0 else [*engines, "hf"]
+            order = [*hf_arms, *engines] if rep % 2 == 0 else [*engines, *hf_arms[::-1]]
             for arm in order:
                 if arm == "hf":
                     out, wall, cpu = timed(hf_greedy_reference, model, tokenizer, texts, args.max_new_tokens, eos_ids)
+                elif arm == "hf_packed":
+                    out, wall, cpu = timed(hf_packed, model, tokenizer, texts, args.max_new_tokens, eos_ids)
                 else:
                     out, wall, cpu = timed(engine_arm, engines[arm], texts, args.max_new_tokens)
                 replies[arm], tokens[arm] = out, sum(len(r) for r in out)
                 if wall < best.get(arm, (float("inf"), 0.0))[0]:
                     best[arm] = (wall, cpu)
         row: dict = {"batch": bs, "agreement_greedy": sum(a == b for a, b in zip(replies["hf"], replies["heedful"])) / bs}
-        for arm in engines:
-            if arm.startswith("llama_cpp"):
+        for arm in [*engines, *hf_arms[1:]]:
+            if arm.startswith("llama_cpp") or arm == "hf_packed":
                 row[f"{arm}_agreement"] = sum(a == b for a, b in zip(replies["hf"], replies[arm])) / bs
         for arm, (wall, cpu) in best.items():
             row[f"{arm}_tokens"] = tokens[arm]
             row[f"{arm}_tokens_per_s"] = round(tokens[arm] / wall, 1)
             row[f"{arm}_tokens_per_cpu_s"] = round(tokens[arm] / cpu, 1)
-        for arm in engines:
+        for arm in [*engines, *hf_arms[1:]]:
             row[f"{arm}_vs_hf"] = round(row[f"{arm}_tokens_per_s"] / row["hf_tokens_per_s"], 2)
             row[f"{arm}_vs_hf_cpu"] = round(row[f"{arm}_tokens_per_cpu_s"] / row["hf_tokens_per_cpu_s"], 2)
         print(row, flush=True)
@@ -176,7 +185,16 @@ def main() -> None:
     if args.mixed:
         result["mixed"] = mixed_workload(args, model, tokenizer, eos_ids, engines, all_texts[: args.mixed])
     result["machine"]["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    save_results(result, RESULTS / "generate.json")
+    save_results(result, RESULTS / args.out)
+
+
+def hf_packed(model, tokenizer, texts, max_new_tokens, eos_ids):
+    """HF greedy generate, the decode steps' linear layers on packed weights."""
+    from pipeline.cpu_linear import packed_linears
+    from pipeline.ct2_engine import hf_greedy_reference
+
+    with packed_linears(model):
+        return hf_greedy_reference(model, tokenizer, texts, max_new_tokens, eos_ids)
 
 
 def llama_cpp_engines(args, tokenizer, eos_ids, slots: int) -> dict:

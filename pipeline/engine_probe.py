@@ -10,6 +10,11 @@ hostname + CPU model + model name + thread count (as trainers/grad_ckpt_probe.py
 engines write the same greedy replies (tests/test_ct2_engine.py), so the choice changes speed,
 not results; sampled replies differ between engines as between machines.
 
+A job too small to repay the probe (fewer than `PROBE_PAYS_FROM` new tokens: the quickstart's 12
+replies) is not a reason to measure: it takes the answer already known, else HF generate
+(`known_cpu_engine`; the probe's conversion and four timed batches cost about as much as 1,000
+tokens from HF generate, and CTranslate2 was at most ~1.5x faster where it won).
+
 `HEEDFUL_CPU_ENGINE=ct2|hf` answers without measuring (a fleet that knows its machines, or
 tests that need one engine); `engine: ct2|hf` in a config insists regardless.
 """
@@ -39,6 +44,8 @@ PROBE_PROMPTS = (
     "What should I pack for a weekend hike?",
 )
 PROBE_TOKENS = 24
+#: a job asking for fewer new tokens than this does not start a probe (see above)
+PROBE_PAYS_FROM = 4096
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +66,32 @@ def forced_engine() -> str | None:
     return value
 
 
+def known_cpu_engine(model_name: str, *, cache_path: Path | None = None) -> str | None:
+    """HEEDFUL_CPU_ENGINE's answer or the probe's cached one for `model_name` on this host; None
+    when neither exists (nothing is measured)."""
+    if (forced := forced_engine()) is not None:
+        return forced
+    known = _read(cache_path or default_cache_path()).get(_key(model_name))
+    return None if known is None else str(known["engine"])
+
+
+def _key(model_name: str) -> str:
+    import torch
+
+    # the threads each engine gets (pipeline/threads.py) change the answer: one thread beside a busy
+    # process is not two on an idle machine
+    return probe_key(model_name, f"generate|threads={torch.get_num_threads()}")
+
+
 def faster_cpu_engine(model_name: str, *, cache_path: Path | None = None) -> str:
     """'ct2' or 'hf' for `model_name` on this host: HEEDFUL_CPU_ENGINE, else the cached answer,
     else measured now (both engines, the same prompts, alternating; best of two) and cached."""
-    if (forced := forced_engine()) is not None:
-        return forced
-    import torch
+    if (known := known_cpu_engine(model_name, cache_path=cache_path)) is not None:
+        return known
     from filelock import FileLock
 
     path = cache_path or default_cache_path()
-    # the threads each engine gets (pipeline/threads.py) change the answer: one thread beside a busy
-    # process is not two on an idle machine
-    key = probe_key(model_name, f"generate|threads={torch.get_num_threads()}")
-    if (known := _read(path).get(key)) is not None:
-        return str(known["engine"])
+    key = _key(model_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # two processes starting at once measure once
         if (known := _read(path).get(key)) is not None:

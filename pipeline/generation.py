@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .chat import Messages, render_many
+from .cpu_linear import packed_linears
 
 
 class SamplingSettings(BaseModel):
@@ -52,14 +53,39 @@ def chat_generate(
     seed: int = 0,
     on_batch: Callable[[int, int], None] | None = None,
     prompt_suffix: str = "",
+    share_prefix: bool = True,
 ) -> list[list[Completion]]:
     """Sample `num_samples` replies per conversation, `batch_size` conversations at a time.
 
     Seeded per batch, so a rerun with the same config reproduces the same replies.
     `prompt_suffix` opens the assistant turn with fixed text (e.g. a Chain-of-Hindsight phrase).
+    `share_prefix`: a batch's common start (a system turn and few-shot examples, as every simulated
+    user's feedback and answer prompt has) runs through the model once and each row continues from
+    its cache (pipeline/prefix_logits.py `prefixed_batch`); the same replies up to float rounding.
+    On a CPU the decode steps' linear layers run on packed weights (pipeline/cpu_linear.py).
     """
+    with packed_linears(model):
+        return _chat_generate(
+            model, tokenizer, conversations, sampling, num_samples, batch_size, seed, on_batch, prompt_suffix, share_prefix
+        )
+
+
+def _chat_generate(
+    model,
+    tokenizer,
+    conversations: list[Messages],
+    sampling: SamplingSettings,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    on_batch: Callable[[int, int], None] | None,
+    prompt_suffix: str,
+    share_prefix: bool,
+) -> list[list[Completion]]:
     import torch
     from transformers import set_seed
+
+    from .prefix_logits import prefixed_batch
 
     tokenizer.padding_side = "left"
     texts = [text + prompt_suffix for text in render_many(tokenizer, conversations)]
@@ -69,11 +95,18 @@ def chat_generate(
     n_batches = (len(texts) + batch_size - 1) // batch_size
     for b in range(n_batches):
         chunk = texts[b * batch_size : (b + 1) * batch_size]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         set_seed(seed + b)
+        enc: Any = None
+        if share_prefix:
+            token_lists = [tokenizer.encode(text, add_special_tokens=False) for text in chunk]
+            enc = prefixed_batch(model, token_lists, tokenizer.pad_token_id or 0, repeat=num_samples)
+        # a prefixed batch holds every sample's row already; generate cannot repeat a given cache
+        repeats = 1 if enc is not None else num_samples
+        if enc is None:
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         kwargs: dict[str, Any] = dict(
             max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=num_samples,
+            num_return_sequences=repeats,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos_ids,
             repetition_penalty=sampling.repetition_penalty,
@@ -150,11 +183,14 @@ def vllm_unavailable_reason(device: str | None = None) -> str | None:
     return None
 
 
-def pick_engine(engine: str = "auto", device: str | None = None, model_name: str | None = None) -> str:
+def pick_engine(
+    engine: str = "auto", device: str | None = None, model_name: str | None = None, new_tokens: int | None = None
+) -> str:
     """'auto' -> 'vllm' on a CUDA machine that has it; on CPU, with CTranslate2 installed, the
     faster of 'ct2' and 'hf' for `model_name` on this host (pipeline/engine_probe.py: measured
     once, cached; 'ct2' when no model is named); else 'hf'. 'hf', 'vllm' and 'ct2' insist
-    (clear error when impossible).
+    (clear error when impossible). `new_tokens`: about how many tokens the job will write; one
+    too small to repay the probe takes the known answer or HF (engine_probe.PROBE_PAYS_FROM).
 
     'ct2' is the CPU engine (pipeline/ct2_engine.py: CTranslate2, fp32, greedy replies equal to
     HF's); bench/generate.py measures it against HF `generate` (docs/generation.md).
@@ -175,17 +211,20 @@ def pick_engine(engine: str = "auto", device: str | None = None, model_name: str
         raise RuntimeError(f"engine: vllm cannot run: {reason}; use engine: auto to fall back to HF generate")
     if not reason:
         return "vllm"
-    return _cpu_choice(device, model_name)
+    return _cpu_choice(device, model_name, new_tokens)
 
 
-def _cpu_choice(device: str | None, model_name: str | None) -> str:
-    """`auto` without vLLM: on CPU with CTranslate2 installed, the engine the probe found faster."""
+def _cpu_choice(device: str | None, model_name: str | None, new_tokens: int | None = None) -> str:
+    """`auto` without vLLM: on CPU with CTranslate2 installed, the engine the probe found faster
+    (for a small job: the answer already known, else HF, without probing)."""
     if not _on_cpu(device) or importlib.util.find_spec("ctranslate2") is None:
         return "hf"
-    from .engine_probe import faster_cpu_engine, forced_engine
+    from .engine_probe import PROBE_PAYS_FROM, faster_cpu_engine, forced_engine, known_cpu_engine
 
     if model_name is None:
         return forced_engine() or "ct2"
+    if new_tokens is not None and new_tokens < PROBE_PAYS_FROM:
+        return known_cpu_engine(model_name) or "hf"
     return faster_cpu_engine(model_name)
 
 

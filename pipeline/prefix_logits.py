@@ -1,4 +1,5 @@
-"""Next-token logits after many prompts that start alike, their common start computed once.
+"""Prompts that start alike, their common start computed once: next-token logits, and the inputs
+HF `generate` continues from a prefix cache (`pipeline.generation.chat_generate`).
 
 Why: the simulated user's judge asks "Satisfied? Yes/No" with the same system turn and few-shot
 examples before every reply (feedback/simulator/prompts.py): about 220 of each prompt's 260
@@ -6,7 +7,8 @@ tokens are that shared start. Run once and its keys/values reused (a KV-cache pr
 CTranslate2 engine does for generation), a batch only computes each prompt's own tail; and
 only the last position goes through the 49k-vocabulary head (`logits_to_keep=1`), not every
 position as a plain forward does. The numbers are the plain forward's up to float rounding
-(tests/test_prefix_logits.py).
+(tests/test_prefix_logits.py). Sampling reuses the same cache: a simulated user's feedback and
+answers are generated behind that same kind of shared start (`prefixed_batch`).
 """
 
 from __future__ import annotations
@@ -40,16 +42,10 @@ def last_token_logits(model: Any, token_lists: list[list[int]], batch_size: int,
     if not token_lists:
         return torch.zeros((0, model.get_output_embeddings().weight.shape[0]), device=device)
     shared = shared_prefix_length(token_lists) if len(token_lists) > 1 else 0
-    if shared < MIN_SHARED_TOKENS:
+    if shared < MIN_SHARED_TOKENS or not shares_prefixes(model):
         shared = 0
-    prefix_cache = None
     with torch.no_grad():
-        if shared:
-            prefix = torch.tensor([token_lists[0][:shared]], device=device)
-            prefix_out = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
-            prefix_cache = getattr(prefix_out, "cache", None)
-            if prefix_cache is None:
-                prefix_cache = prefix_out.past_key_values
+        prefix_cache = run_prefix(model, token_lists[0][:shared]) if shared else None
         out = []
         for start in range(0, len(token_lists), batch_size):
             tails = [tokens[shared:] for tokens in token_lists[start : start + batch_size]]
@@ -65,12 +61,70 @@ def last_token_logits(model: Any, token_lists: list[list[int]], batch_size: int,
                 positions[i, pad:] = torch.arange(shared, shared + len(tail))
             kwargs: dict[str, Any] = {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
             if prefix_cache is not None:
-                past = copy.deepcopy(prefix_cache)
-                past.batch_repeat_interleave(rows)
-                kwargs.update({_cache_keyword(model): past, "use_cache": True})
+                kwargs.update({_cache_keyword(model): repeated(prefix_cache, rows), "use_cache": True})
             logits = model(input_ids=ids.to(device), logits_to_keep=1, **kwargs).logits[:, -1].float()
             out.append(logits)
     return torch.cat(out)
+
+
+def run_prefix(model: Any, prefix: list[int]) -> Any:
+    """The key/value cache of one forward over `prefix` (batch of one); only its last position goes
+    through the head."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
+def repeated(cache: Any, rows: int) -> Any:
+    """A copy of a batch-of-one cache for `rows` rows (the original stays as it was: generation
+    appends to the cache it is given)."""
+    past = copy.deepcopy(cache)
+    past.batch_repeat_interleave(rows)
+    return past
+
+
+def shares_prefixes(model: Any) -> bool:
+    """Whether a prefix cache can be repeated across rows and padding may sit between the shared
+    start and a row's own tokens: not with a sliding attention window (the padding would take
+    window slots the row's own tokens should have)."""
+    config = getattr(model, "config", None)
+    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
+
+
+def prefixed_batch(model: Any, token_lists: list[list[int]], pad_id: int, repeat: int = 1) -> dict[str, Any] | None:
+    """`generate` inputs for prompts that share a start of at least MIN_SHARED_TOKENS tokens, each
+    repeated `repeat` times (samples per prompt), else None: input_ids and attention_mask of the
+    full rows, laid out [shared start | left padding | the row's own tokens], and the shared start's
+    cache repeated for every row. `generate` derives each real token's position from the mask, so
+    every token has the position it has in its own unpadded prompt, and it feeds only the rows' own
+    tokens to the model; the shared start is computed once."""
+    import torch
+
+    if (len(token_lists) < 2 and repeat < 2) or not shares_prefixes(model):
+        return None
+    shared = shared_prefix_length(token_lists)
+    if shared < MIN_SHARED_TOKENS:
+        return None
+    tails = [tokens[shared:] for tokens in token_lists]
+    width = max(len(t) for t in tails)
+    ids = torch.full((len(tails), shared + width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[:, :shared] = torch.tensor(token_lists[0][:shared])
+    mask[:, :shared] = 1
+    for i, tail in enumerate(tails):
+        ids[i, shared + width - len(tail) :] = torch.tensor(tail)
+        mask[i, shared + width - len(tail) :] = 1
+    device = next(model.parameters()).device
+    rows = len(tails) * repeat
+    return {
+        "input_ids": ids.repeat_interleave(repeat, dim=0).to(device),
+        "attention_mask": mask.repeat_interleave(repeat, dim=0).to(device),
+        _cache_keyword(model): repeated(run_prefix(model, token_lists[0][:shared]), rows),
+    }
 
 
 def _cache_keyword(model: Any) -> str:

@@ -130,7 +130,7 @@ class EvaluateStage(Stage):
             batch_size=cfg.batch_size,
             resamples=cfg.resamples,
             log=ctx.log,
-            engine=pick_engine(cfg.engine, cfg.device, ctx.model),
+            engine=pick_engine(cfg.engine, cfg.device, ctx.model, len(prompts) * len(conditions) * cfg.sampling.max_new_tokens),
         )
         ctx.log.info("replies from %s", {"hf": "HF generate", "ct2": "CTranslate2", "vllm": "vLLM"}[ans.engine])
         reference = cond.reference_replies(ctx.input("reference"))

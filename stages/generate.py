@@ -53,7 +53,7 @@ class GenerateStage(Stage):
         if cfg.max_prompts:
             rows = rows[: cfg.max_prompts]
         adapter = self.ctx.input("adapter")
-        engine = pick_engine(cfg.engine, cfg.device, self.ctx.model)
+        engine = pick_engine(cfg.engine, cfg.device, self.ctx.model, len(rows) * cfg.num_samples * cfg.sampling.max_new_tokens)
         if engine == "vllm":
             return self._run_vllm(rows, adapter)
         local = LocalEngine(self.ctx.model, adapter, engine, cfg.device)

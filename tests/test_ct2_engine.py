@@ -140,6 +140,22 @@ def test_engine_probe_measures_once_keeps_ct2_only_past_the_margin_and_obeys_the
         engine_probe.faster_cpu_engine("model-b", cache_path=cache)
 
 
+def test_a_job_too_small_to_repay_the_probe_takes_the_known_answer_or_hf(tmp_path, monkeypatch):
+    from pipeline import engine_probe
+    from pipeline.generation import pick_engine
+
+    measured: list[str] = []
+    monkeypatch.setattr(engine_probe, "_measure", lambda model: measured.append(model) or {"hf": 1.0, "ct2": 0.5})
+    monkeypatch.setattr(engine_probe, "default_cache_path", lambda: tmp_path / "engine_probe.json")
+    monkeypatch.delenv(engine_probe.ENV, raising=False)
+    small, large = engine_probe.PROBE_PAYS_FROM - 1, engine_probe.PROBE_PAYS_FROM
+    assert pick_engine("auto", "cpu", "model-c", new_tokens=small) == "hf"  # nothing known: HF, no probe
+    assert measured == [] and not (tmp_path / "engine_probe.json").exists()
+    assert pick_engine("auto", "cpu", "model-c", new_tokens=large) == "ct2"  # worth measuring: 2x
+    assert pick_engine("auto", "cpu", "model-c", new_tokens=small) == "ct2"  # now known
+    assert pick_engine("auto", "cpu", "model-c") == "ct2" and measured == ["model-c"]
+
+
 def test_engine_probe_on_tiny_times_both_engines(tiny_model_path):
     from pipeline import engine_probe
 

@@ -1,5 +1,6 @@
 """Next-token logits with the prompts' shared start computed once equal a plain forward of each
-whole prompt (the judge's P(Yes) rests on them), with and without a LoRA adapter."""
+whole prompt (the judge's P(Yes) rests on them), with and without a LoRA adapter; generation that
+continues from the shared start's cache equals left-padded generation of the whole prompts."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import torch
 
 from feedback.simulator import prompts
 from pipeline.chat import render_many
+from pipeline.generation import SamplingSettings, chat_generate
 from pipeline.llm import HFClient
 from pipeline.models import device_policy, load_causal_lm, load_tokenizer
-from pipeline.prefix_logits import MIN_SHARED_TOKENS, last_token_logits, shared_prefix_length
+from pipeline.prefix_logits import MIN_SHARED_TOKENS, last_token_logits, prefixed_batch, shared_prefix_length
 
 
 def plain_last_logits(model, token_lists: list[list[int]]) -> torch.Tensor:
@@ -79,3 +81,72 @@ def test_judge_reply_likelihood_matches_the_plain_forward(tiny_model_path):
             logp = client.model(input_ids=torch.tensor([p + r])).logits[0].float().log_softmax(-1)
         expected.append(logp[torch.arange(len(p) - 1, len(p) + len(r) - 1), torch.tensor(r)].mean().item())
     assert client.reply_logprob(contexts, replies) == pytest.approx(expected, abs=1e-5)
+
+
+def feedback_prompt_ids(tokenizer, n: int = 4) -> list[list[int]]:
+    """A simulated user's feedback prompts: one system turn and few-shot examples, then each reply."""
+    items = [(need, request, answer) for need, request, answer, _ in prompts.CALIBRATION[:n]]
+    texts = render_many(tokenizer, [prompts.feedback_messages(*item) for item in items])
+    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
+def test_generation_from_the_shared_start_cache_matches_left_padded_generation(tiny_model_path):
+    tokenizer = load_tokenizer("tiny")
+    model = load_causal_lm("tiny", device_policy("cpu")).eval()
+    token_lists = feedback_prompt_ids(tokenizer)
+    pad = tokenizer.pad_token_id or 0
+    prefixed = prefixed_batch(model, token_lists, pad, repeat=2)
+    assert prefixed is not None and prefixed["input_ids"].shape[0] == 8  # two rows per prompt
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.decode(t) for t in token_lists]
+    plain = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    plain = {k: v.repeat_interleave(2, dim=0) for k, v in plain.items()}
+    greedy = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=pad)
+    with torch.no_grad():
+        a = model.generate(**plain, **greedy)
+        b = model.generate(**prefixed, **greedy)
+    assert torch.equal(a.sequences[:, plain["input_ids"].shape[1] :], b.sequences[:, prefixed["input_ids"].shape[1] :])
+    for step_a, step_b in zip(a.logits, b.logits, strict=True):
+        torch.testing.assert_close(step_b, step_a, atol=1e-4, rtol=1e-4)
+
+
+def test_chat_generate_runs_the_shared_start_once(tiny_model_path):
+    tokenizer = load_tokenizer("tiny")
+    model = load_causal_lm("tiny", device_policy("cpu")).eval()
+    items = [(need, request, answer) for need, request, answer, _ in prompts.CALIBRATION[:4]]
+    conversations = [prompts.feedback_messages(*item) for item in items]
+    token_lists = feedback_prompt_ids(tokenizer)
+    shared = shared_prefix_length(token_lists)
+    widths: list[tuple[int, int]] = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    greedy = SamplingSettings(max_new_tokens=5, temperature=0.0)
+    try:
+        shared_run = chat_generate(model, tokenizer, conversations, greedy, batch_size=4)
+        calls_shared, widths[:] = list(widths), []
+        plain_run = chat_generate(model, tokenizer, conversations, greedy, batch_size=4, share_prefix=False)
+        calls_plain = list(widths)
+    finally:
+        hook.remove()
+    assert [[c.text for c in r] for r in shared_run] == [[c.text for c in r] for r in plain_run]
+    longest = max(len(t) for t in token_lists)
+    assert calls_plain[0] == (4, longest)  # every prompt in full
+    assert calls_shared[0] == (1, shared)  # the shared start, once
+    assert calls_shared[1] == (4, longest - shared)  # then only the rows' own tokens
+    assert len(calls_shared) == len(calls_plain) + 1
+
+
+def test_a_sliding_window_model_is_left_padded_as_before(tiny_model_path):
+    tokenizer = load_tokenizer("tiny")
+    model = load_causal_lm("tiny", device_policy("cpu")).eval()
+    token_lists = feedback_prompt_ids(tokenizer)
+    assert prefixed_batch(model, token_lists, 0) is not None
+    model.config.sliding_window = 64  # padding between the start and a row would take window slots
+    assert prefixed_batch(model, token_lists, 0) is None
+
+
+def test_one_prompt_once_has_nothing_to_share(tiny_model_path):
+    tokenizer = load_tokenizer("tiny")
+    model = load_causal_lm("tiny", device_policy("cpu")).eval()
+    one = feedback_prompt_ids(tokenizer, 1)
+    assert prefixed_batch(model, one, 0) is None
+    assert prefixed_batch(model, one, 0, repeat=3)["input_ids"].shape[0] == 3  # three samples of it share it all

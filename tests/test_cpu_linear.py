@@ -1,0 +1,75 @@
+"""Decode-sized linear calls through oneDNN's packed weights: the same numbers as the layer's own
+forward within float rounding, the same greedy replies from `chat_generate`, nothing left on the
+model after the block, and training untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipeline import cpu_linear
+from pipeline.generation import SamplingSettings, chat_generate
+from pipeline.models import device_policy, load_causal_lm, load_tokenizer
+
+pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this PyTorch has no oneDNN packed linear")
+
+
+def test_small_no_grad_calls_take_the_packed_weight_and_match_the_layer():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80)
+    x = torch.randn(3, 5, 48)  # 15 rows: a decode step's shape
+    expected = layer(x)
+    with cpu_linear.packed_linears(layer) as routed, torch.no_grad():
+        assert routed == 1
+        with torch.profiler.profile() as small:
+            got = layer(x)
+        with torch.profiler.profile() as large:
+            big = layer(torch.randn(cpu_linear.MAX_ROWS + 1, 48))  # a prefill: the layer's own forward
+        with torch.profiler.profile() as one:
+            layer(torch.randn(1, 48))  # one row: a matrix-vector product, the layer's own forward
+    assert any(e.key == "mkldnn::_linear_pointwise" for e in small.key_averages())
+    assert not any(e.key == "mkldnn::_linear_pointwise" for e in [*large.key_averages(), *one.key_averages()])
+    assert big.shape == (cpu_linear.MAX_ROWS + 1, 80)
+    torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert "forward" not in layer.__dict__  # restored when the block ends
+
+
+def test_a_weight_changed_in_place_is_packed_again_and_gradients_use_the_layer():
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    with cpu_linear.packed_linears(layer):
+        with torch.no_grad():
+            before = layer(x)
+            layer.weight.add_(1.0)  # a training step or a merged adapter
+            after = layer(x)
+        torch.testing.assert_close(after, before + x.sum(-1, keepdim=True), atol=1e-4, rtol=1e-4)
+        out = layer(x)  # gradients on: the layer's own forward, so backward works
+        out.sum().backward()
+        assert layer.weight.grad is not None
+        clone = copy.deepcopy(layer)  # a copy made inside the block computes with its own weights
+    with torch.no_grad():
+        clone.weight.mul_(2.0)
+        torch.testing.assert_close(clone(x), torch.nn.functional.linear(x, clone.weight, clone.bias), atol=1e-4, rtol=1e-4)
+
+
+def test_nested_blocks_restore_only_when_the_last_one_leaves():
+    layer = torch.nn.Linear(4, 4)
+    with cpu_linear.packed_linears(layer):
+        with cpu_linear.packed_linears(layer):
+            assert "forward" in layer.__dict__
+        assert "forward" in layer.__dict__
+    assert "forward" not in layer.__dict__
+
+
+def test_greedy_replies_equal_with_and_without_packed_weights(tiny_model_path, monkeypatch):
+    tokenizer = load_tokenizer("tiny")
+    model = load_causal_lm("tiny", device_policy("cpu")).eval()
+    conversations = [[{"role": "user", "content": f"Name {n} things you like about rivers."}] for n in range(2, 7)]
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0.0)
+    packed = chat_generate(model, tokenizer, conversations, greedy, batch_size=5)
+    monkeypatch.setenv(cpu_linear.ENV, "0")
+    plain = chat_generate(model, tokenizer, conversations, greedy, batch_size=5)
+    assert [[(c.text, c.num_tokens) for c in r] for r in packed] == [[(c.text, c.num_tokens) for c in r] for r in plain]
+    assert any(c.num_tokens for r in plain for c in r)
