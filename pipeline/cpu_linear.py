@@ -10,11 +10,14 @@ uses for CPU inference (`torch._inductor` freezing), here without compiling anyt
 
 The math is the same; float rounding differs (~1e-6 on a layer's output), so a greedy reply can
 in principle differ at a near-tie, as between two machines. Only inference uses it: a call with
-gradients enabled, a non-fp32 or non-CPU weight, a single row (a matrix-vector product, as fast
-on MKL) or more than `MAX_ROWS` rows (a prompt's prefill, where MKL is as fast) runs the layer's
-own forward. A packed weight is remembered with
-the weight's storage and version, so a weight that changed in place (a training step, merging
-an adapter) is packed again on its next use.
+gradients enabled, a single row (a matrix-vector product, as fast on MKL) or more than
+`MAX_ROWS` rows (a long prefill, where MKL is as fast) runs the layer's own forward. Only plain
+`nn.Linear` layers with fp32 CPU weights are routed: a subclass with its own forward (a
+bitsandbytes 4-bit layer, whose fp32 "weight" is packed 4-bit storage; PEFT's VB-LoRA and the
+like) keeps it. The packed copies live only while a block is open (one `chat_generate` call):
+packing SmolLM2-135M's layers takes about 0.3 s, and a copy kept across calls would hold a
+second set of weights and go stale when PEFT merges an adapter through `weight.data`, which
+changes neither the storage nor the version a cache could key on.
 
 `HEEDFUL_PACKED_LINEAR=0` turns it off (the benchmark's comparison arm).
 """
@@ -52,11 +55,11 @@ def available() -> bool:
 
 @contextlib.contextmanager
 def packed_linears(model: Any) -> Iterator[int]:
-    """Within the block, `model`'s fp32 CPU `nn.Linear` layers take small no-grad calls through
-    packed weights; yields how many layers are routed. Nothing stays on the model afterwards
-    but the packed copies, kept (per layer, by its weight's storage and version) for the next block: a
-    deep copy or a pickle of the model never carries a routed forward. Blocks may nest or run
-    on several threads at once; the last to leave restores the layers."""
+    """Within the block, `model`'s plain fp32 CPU `nn.Linear` layers take small no-grad calls
+    through packed weights; yields how many layers are routed. Blocks may nest or run on several
+    threads at once; the last to leave restores the layers and drops their packed copies, so
+    nothing stays on the model. (A deep copy made inside a block keeps a routed forward bound to
+    the copy: it computes with the copy's own weights, packed on first use.)"""
     import torch
 
     layers = []
@@ -64,13 +67,16 @@ def packed_linears(model: Any) -> Iterator[int]:
         layers = [
             m
             for m in model.modules()
-            if isinstance(m, torch.nn.Linear) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+            if type(m).forward is torch.nn.Linear.forward
+            and type(m.weight) is torch.nn.Parameter
+            and m.weight.device.type == "cpu"
+            and m.weight.dtype == torch.float32
         ]
     with _LOCK:
         for layer in layers:
             count = _ROUTED.get(layer, 0)
             if count == 0:
-                layer.forward = functools.partial(_forward, layer)  # type: ignore[method-assign]
+                layer.forward = functools.partial(_forward, layer)
             _ROUTED[layer] = count + 1
     try:
         yield len(layers)
@@ -81,11 +87,12 @@ def packed_linears(model: Any) -> Iterator[int]:
                 if _ROUTED[layer] == 0:
                     del _ROUTED[layer]
                     layer.__dict__.pop("forward", None)
+                    _PACKED.pop(layer, None)
 
 
 _LOCK = threading.Lock()
 _ROUTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> blocks using it
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> ((storage, version), packed weight)
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # open layer -> ((storage, version), packed)
 
 
 def _forward(layer: Any, x: Any) -> Any:

@@ -90,9 +90,12 @@ def repeated(cache: Any, rows: int) -> Any:
 def shares_prefixes(model: Any) -> bool:
     """Whether a prefix cache can be repeated across rows and padding may sit between the shared
     start and a row's own tokens: not with a sliding attention window (the padding would take
-    window slots the row's own tokens should have)."""
+    window slots the row's own tokens should have), nor when the model's generation config names
+    a cache implementation of its own (`generate` refuses a cache passed beside one)."""
     config = getattr(model, "config", None)
-    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    return getattr(getattr(model, "generation_config", None), "cache_implementation", None) is None
 
 
 def prefixed_batch(model: Any, token_lists: list[list[int]], pad_id: int, repeat: int = 1) -> dict[str, Any] | None:
@@ -118,12 +121,14 @@ def prefixed_batch(model: Any, token_lists: list[list[int]], pad_id: int, repeat
     for i, tail in enumerate(tails):
         ids[i, shared + width - len(tail) :] = torch.tensor(tail)
         mask[i, shared + width - len(tail) :] = 1
+    cache = run_prefix(model, token_lists[0][:shared])
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return None  # a cache that cannot be repeated across rows: generate the whole prompts
     device = next(model.parameters()).device
-    rows = len(tails) * repeat
     return {
         "input_ids": ids.repeat_interleave(repeat, dim=0).to(device),
         "attention_mask": mask.repeat_interleave(repeat, dim=0).to(device),
-        _cache_keyword(model): repeated(run_prefix(model, token_lists[0][:shared]), rows),
+        _cache_keyword(model): repeated(cache, len(tails) * repeat),
     }
 
 

@@ -119,20 +119,35 @@ def test_chat_generate_runs_the_shared_start_once(tiny_model_path):
     shared = shared_prefix_length(token_lists)
     widths: list[tuple[int, int]] = []
     hook = model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
-    greedy = SamplingSettings(max_new_tokens=5, temperature=0.0)
+    sampled = SamplingSettings(max_new_tokens=5, temperature=1.0)  # tiny's greedy replies are blank
     try:
-        shared_run = chat_generate(model, tokenizer, conversations, greedy, batch_size=4)
+        shared_run = chat_generate(model, tokenizer, conversations, sampled, batch_size=4, seed=1)
         calls_shared, widths[:] = list(widths), []
-        plain_run = chat_generate(model, tokenizer, conversations, greedy, batch_size=4, share_prefix=False)
+        plain_run = chat_generate(model, tokenizer, conversations, sampled, batch_size=4, seed=1, share_prefix=False)
         calls_plain = list(widths)
     finally:
         hook.remove()
     assert [[c.text for c in r] for r in shared_run] == [[c.text for c in r] for r in plain_run]
+    assert all(r[0].text for r in plain_run)
     longest = max(len(t) for t in token_lists)
     assert calls_plain[0] == (4, longest)  # every prompt in full
     assert calls_shared[0] == (1, shared)  # the shared start, once
     assert calls_shared[1] == (4, longest - shared)  # then only the rows' own tokens
     assert len(calls_shared) == len(calls_plain) + 1
+
+
+def test_several_samples_of_each_prompt_come_back_in_order(tiny_model_path):
+    """The prefixed batch repeats each prompt's row itself (generate cannot repeat a given cache):
+    sampled replies, seeded, equal the plain path's, sample for sample."""
+    tokenizer = load_tokenizer("tiny")
+    model = load_causal_lm("tiny", device_policy("cpu")).eval()
+    system = {"role": "system", "content": "You are a patient guide who answers questions about rivers and lakes."}
+    conversations = [[system, {"role": "user", "content": f"Name {n} things you like about rivers."}] for n in (2, 5, 9)]
+    sampled = SamplingSettings(max_new_tokens=8, temperature=1.0)
+    shared = chat_generate(model, tokenizer, conversations, sampled, num_samples=2, batch_size=3, seed=3)
+    plain = chat_generate(model, tokenizer, conversations, sampled, num_samples=2, batch_size=3, seed=3, share_prefix=False)
+    assert [[c.text for c in r] for r in shared] == [[c.text for c in r] for r in plain]
+    assert len({c.text for r in shared for c in r}) == 6  # six different replies, so a misordering would show
 
 
 def test_a_sliding_window_model_is_left_padded_as_before(tiny_model_path):
@@ -141,6 +156,9 @@ def test_a_sliding_window_model_is_left_padded_as_before(tiny_model_path):
     token_lists = feedback_prompt_ids(tokenizer)
     assert prefixed_batch(model, token_lists, 0) is not None
     model.config.sliding_window = 64  # padding between the start and a row would take window slots
+    assert prefixed_batch(model, token_lists, 0) is None
+    model.config.sliding_window = None
+    model.generation_config.cache_implementation = "static"  # generate refuses a cache beside its own
     assert prefixed_batch(model, token_lists, 0) is None
 
 
