@@ -49,22 +49,33 @@ def last_token_logits(model: Any, token_lists: list[list[int]], batch_size: int,
         out = []
         for start in range(0, len(token_lists), batch_size):
             tails = [tokens[shared:] for tokens in token_lists[start : start + batch_size]]
-            rows, width = len(tails), max(len(t) for t in tails)
-            ids = torch.full((rows, width), pad_id, dtype=torch.long)
-            mask = torch.zeros((rows, shared + width), dtype=torch.long)
-            positions = torch.full((rows, width), shared, dtype=torch.long)
-            mask[:, :shared] = 1
-            for i, tail in enumerate(tails):
-                pad = width - len(tail)
-                ids[i, pad:] = torch.tensor(tail)
-                mask[i, shared + pad :] = 1
-                positions[i, pad:] = torch.arange(shared, shared + len(tail))
+            rows = len(tails)
+            ids, mask = padded_tails(tails, shared, pad_id)
+            # each real token's position in its own prompt (padding: any, it is masked)
+            tail_mask = mask[:, shared:]
+            positions = torch.where(tail_mask == 1, mask.cumsum(-1)[:, shared:] - 1, shared)
             kwargs: dict[str, Any] = {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
             if prefix_cache is not None:
                 kwargs.update({_cache_keyword(model): repeated(prefix_cache, rows), "use_cache": True})
             logits = model(input_ids=ids.to(device), logits_to_keep=1, **kwargs).logits[:, -1].float()
             out.append(logits)
     return torch.cat(out)
+
+
+def padded_tails(tails: list[list[int]], shared: int, pad_id: int) -> tuple[Any, Any]:
+    """The layout both paths share: each row's own tokens left-padded to the longest ([rows,
+    width] ids) and the attention mask over [shared start | padding | own tokens] ([rows,
+    shared + width])."""
+    import torch
+
+    width = max(len(t) for t in tails)
+    ids = torch.full((len(tails), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(tails), shared + width), dtype=torch.long)
+    mask[:, :shared] = 1
+    for i, tail in enumerate(tails):
+        ids[i, width - len(tail) :] = torch.tensor(tail, dtype=torch.long)
+        mask[i, shared + width - len(tail) :] = 1
+    return ids, mask
 
 
 def run_prefix(model: Any, prefix: list[int]) -> Any:
@@ -113,14 +124,8 @@ def prefixed_batch(model: Any, token_lists: list[list[int]], pad_id: int, repeat
     if shared < MIN_SHARED_TOKENS:
         return None
     tails = [tokens[shared:] for tokens in token_lists]
-    width = max(len(t) for t in tails)
-    ids = torch.full((len(tails), shared + width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    ids[:, :shared] = torch.tensor(token_lists[0][:shared])
-    mask[:, :shared] = 1
-    for i, tail in enumerate(tails):
-        ids[i, shared + width - len(tail) :] = torch.tensor(tail)
-        mask[i, shared + width - len(tail) :] = 1
+    tail_ids, mask = padded_tails(tails, shared, pad_id)
+    ids = torch.cat([torch.tensor([token_lists[0][:shared]]).expand(len(tails), shared), tail_ids], dim=1)
     cache = run_prefix(model, token_lists[0][:shared])
     if not hasattr(cache, "batch_repeat_interleave"):
         return None  # a cache that cannot be repeated across rows: generate the whole prompts
