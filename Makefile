@@ -133,6 +133,8 @@ bench: setup
 	$(BIN)/python bench/ppo_step.py
 	$(BIN)/python bench/simulate.py
 	$(BIN)/python bench/rewards.py
+	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/sample.py --ct2
 
 clean:
 	rm -rf runs exports bench/results

@@ -12,6 +12,7 @@ CTranslate2 and HF the same way (`pick_local_engine`), from the same `engine` se
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .chat import Messages, render_many
+from .cpu_linear import MIN_ROWS as PACKED_MIN_ROWS
 from .cpu_linear import packed_linears
 
 
@@ -64,7 +66,9 @@ def chat_generate(
     its cache (pipeline/prefix_logits.py `prefixed_batch`); the same replies up to float rounding.
     On a CPU the decode steps' linear layers run on packed weights (pipeline/cpu_linear.py).
     """
-    with packed_linears(model):
+    # one row at a time decodes matrix-vector products (MKL is as fast): packing would only cost
+    decode_rows = min(len(conversations), batch_size) * num_samples
+    with packed_linears(model) if decode_rows >= PACKED_MIN_ROWS else contextlib.nullcontext():
         return _chat_generate(
             model, tokenizer, conversations, sampling, num_samples, batch_size, seed, on_batch, prompt_suffix, share_prefix
         )
@@ -100,13 +104,13 @@ def _chat_generate(
         if share_prefix:
             token_lists = [tokenizer.encode(text, add_special_tokens=False) for text in chunk]
             enc = prefixed_batch(model, token_lists, tokenizer.pad_token_id or 0, repeat=num_samples)
-        # a prefixed batch holds every sample's row already; generate cannot repeat a given cache
-        repeats = 1 if enc is not None else num_samples
         if enc is None:
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            # one row per sample, as a prefixed batch has (HF's num_return_sequences refuses the greedy
+            # call that top-k sampling runs in)
+            enc = {key: value.repeat_interleave(num_samples, dim=0) for key, value in enc.items()}
         kwargs: dict[str, Any] = dict(
             max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=repeats,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos_ids,
             repetition_penalty=sampling.repetition_penalty,
@@ -135,10 +139,12 @@ def _chat_generate(
 
 
 def hf_sampling_kwargs(sampling: SamplingSettings) -> dict[str, Any]:
-    """HF `generate` arguments for sampling (temperature > 0) or greedy decoding."""
-    if sampling.temperature > 0:
-        return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
-    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    """HF `generate` arguments for sampling (temperature > 0) or greedy decoding. Sampling draws
+    from the top k tokens only (pipeline/top_k_sampler.py: HF's distribution, without a
+    multinomial over the whole vocabulary every step)."""
+    from .top_k_sampler import hf_generate_sampling
+
+    return hf_generate_sampling(sampling.temperature, sampling.top_k, sampling.top_p)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -146,13 +146,15 @@ def hf_sample(
     chunks = []
     step = batch_size or query_ids.shape[0]
     for start in range(0, query_ids.shape[0], step):
-        ids, mask = query_ids[start : start + step], query_mask[start : start + step]
+        # one row per sample (what num_return_sequences does; HF refuses it for the greedy call
+        # that top-k sampling runs in, pipeline/top_k_sampler.py)
+        ids = query_ids[start : start + step].repeat_interleave(num_samples, dim=0)
+        mask = query_mask[start : start + step].repeat_interleave(num_samples, dim=0)
         out = policy.generate(
             input_ids=ids,
             attention_mask=mask,
             **sampling,
             max_new_tokens=max_new_tokens,
-            num_return_sequences=num_samples,
             eos_token_id=eos_ids,
             pad_token_id=tokenizer.pad_token_id,
         )
