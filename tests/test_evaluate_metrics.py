@@ -375,3 +375,63 @@ def test_engine_replies_equal_hf_replies(tmp_path, tiny_model_path):
         replies[engine] = {(r["condition"], r["prompt"]): (r["response"], r["tokens"], r["finished"]) for r in rows}
     assert len(replies["hf"]) == 3 * len(SCOPED) and replies["ct2"] == replies["hf"]
     assert replies["hf"][("dpo_s0", SCOPED[0][0])] != replies["hf"][("base", SCOPED[0][0])]  # the adapter changes them
+
+
+def test_drift_batched_equals_one_full_forward_per_item(tiny_model_path, lora_adapter):
+    """drift() scores items in right-padded batches with only the answer positions through the
+    head; each item's KL and log-likelihood equal one full forward of that item alone."""
+    import logging
+
+    from pipeline.chat import render_ids
+    from pipeline.evaluation import conditions as cond
+    from pipeline.evaluation.drift import answer_token_ids, drift
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer("tiny")
+    model = load_causal_lm("tiny", adapter=lora_adapter).eval()
+    conditions = [
+        cond.Condition(name="base"),
+        cond.Condition(name="in_context", system="feedback"),
+        cond.Condition(name="a", adapter_on=True),
+    ]
+    ans = cond.Answering(
+        model=model,
+        tokenizer=tok,
+        conditions=conditions,
+        system_for=cond.system_prompts("Follow this feedback: {feedback}", FEEDBACK, None),
+        model_name="tiny",
+        adapter=lora_adapter,
+        device="cpu",
+        seed=0,
+        batch_size=3,  # 5 items: a full batch and a short one, rows of different lengths
+        resamples=50,
+        log=logging.getLogger("drift-test"),
+    )
+    items = [
+        {"prompt": "Boiling point of water?", "answer": "100 degrees Celsius at sea level."},
+        {"prompt": "Who wrote Hamlet, the long tragedy about a Danish prince?", "answer": "Shakespeare."},
+        {"prompt": "Continents?", "answer": "Seven: Africa, Antarctica, Asia, Australia, Europe and the two Americas."},
+        {"prompt": "Name a primary colour.", "answer": "Red."},
+        {"prompt": "What does a thermometer measure, and how?", "answer": "Temperature, by the expansion of a liquid."},
+    ]
+    results: dict = {c.name: {} for c in conditions}
+    drift(ans, items, results)
+
+    def alone(condition, item):
+        answer = answer_token_ids(tok, item["prompt"], item["answer"])
+        prompt = render_ids(tok, item["prompt"], ans.system_for(condition, item["prompt"]))
+        with ans.weights(condition), torch.no_grad():
+            logits = model(torch.tensor([list(prompt) + answer])).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(answer)]
+        return logits, torch.tensor(answer)
+
+    for condition in conditions:
+        kls, lls = [], []
+        for item in items:
+            logits, target = alone(condition, item)
+            base, _ = alone(conditions[0], item)
+            lls.append(float(torch.log_softmax(logits, -1).gather(-1, target[:, None]).mean()))
+            kls.append(float(token_kl(logits, base).mean()))
+        assert results[condition.name]["ref_loglik"]["value"] == pytest.approx(sum(lls) / 5, abs=1e-4)
+        assert results[condition.name]["kl_to_base"]["value"] == pytest.approx(sum(kls) / 5, abs=1e-5)
+        assert results[condition.name]["ref_loglik"]["n"] == 5
+    assert results["a"]["kl_to_base"]["value"] > 1e-4 and results["in_context"]["kl_to_base"]["value"] > 1e-4

@@ -36,38 +36,59 @@ def answer_token_ids(tokenizer, prompt: str, answer: str) -> list[int]:
 
 
 def drift(ans: Answering, items: list[dict[str, Any]], results: dict[str, dict[str, Any]]) -> None:
-    """Teacher-forced on reference answers: per-token KL(condition || base) and log-likelihood."""
-    import torch
+    """Teacher-forced on reference answers: per-token KL(condition || base) and log-likelihood.
 
-    from pipeline.chat import render_ids
+    `ans.batch_size` items at a time, right-padded, through the body once per condition; only the
+    positions that predict an answer token reach the vocabulary head (trainers/sequences.py
+    `score_completions`), so the prompt and padding positions' 49k-wide logits are never built.
+    The same numbers as one full forward per item, to float rounding (tests/test_evaluate_metrics.py)."""
     from pipeline.stats import bootstrap_mean, token_kl
-
-    model, tokenizer = ans.model, ans.tokenizer
-    device = next(model.parameters()).device
-
-    def logits_for(condition: Condition, prompt: str, answer_ids: list[int]):
-        prompt_ids = render_ids(tokenizer, prompt, ans.system_for(condition, prompt))
-        ids = torch.tensor([list(prompt_ids) + answer_ids], device=device)
-        with ans.weights(condition), torch.no_grad():
-            logits = model(ids).logits[0]
-        start = len(prompt_ids) - 1
-        return logits[start : start + len(answer_ids)]
 
     kl: dict[str, list[float]] = {c.name: [] for c in ans.conditions}
     loglik: dict[str, list[float]] = {c.name: [] for c in ans.conditions}
-    base = Condition(name="base")
-    for item in items:
-        answer_ids = answer_token_ids(tokenizer, str(item["prompt"]), str(item["answer"]))
-        if not answer_ids:
-            continue
-        target = torch.tensor(answer_ids, device=device)
-        base_logits = logits_for(base, str(item["prompt"]), answer_ids)
+    pairs = [(str(item["prompt"]), answer_token_ids(ans.tokenizer, str(item["prompt"]), str(item["answer"]))) for item in items]
+    pairs = [(prompt, answer) for prompt, answer in pairs if answer]
+    for start in range(0, len(pairs), ans.batch_size):
+        chunk = pairs[start : start + ans.batch_size]
+        base_logits = _answer_logits(ans, Condition(name="base"), chunk)
         for condition in ans.conditions:
-            logits = base_logits if condition.name == "base" else logits_for(condition, str(item["prompt"]), answer_ids)
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target[:, None])[:, 0]
-            loglik[condition.name].append(float(logp.mean()))
-            kl[condition.name].append(0.0 if condition.name == "base" else float(token_kl(logits, base_logits).mean()))
+            same = condition.name == "base"
+            logits = base_logits if same else _answer_logits(ans, condition, chunk)
+            for (_, answer), mine, base in zip(chunk, logits, base_logits):
+                loglik[condition.name].append(_mean_loglik(mine, answer))
+                kl[condition.name].append(0.0 if same else float(token_kl(mine, base).mean()))
     for condition in ans.conditions:
         results[condition.name]["kl_to_base"] = bootstrap_mean(kl[condition.name], resamples=ans.resamples, seed=ans.seed)
         results[condition.name]["ref_loglik"] = bootstrap_mean(loglik[condition.name], resamples=ans.resamples, seed=ans.seed)
     ans.log.info("drift measured on %d general prompt/answer pairs", len(kl[ans.conditions[0].name]))
+
+
+def _answer_logits(ans: Answering, condition: Condition, chunk: list[tuple[str, list[int]]]) -> list[Any]:
+    """Per item, the logits [answer tokens, vocabulary] that predict its answer's tokens under
+    `condition` (its system prompt, its weights)."""
+    import torch
+
+    from pipeline.chat import render_ids
+    from trainers.sequences import pad_right, score_completions
+
+    rows, scored = [], []
+    for prompt, answer in chunk:
+        prompt_ids = list(render_ids(ans.tokenizer, prompt, ans.system_for(condition, prompt)))
+        rows.append(prompt_ids + answer)
+        scored.append([0] * len(prompt_ids) + [1] * len(answer))
+    device = next(ans.model.parameters()).device
+    ids = pad_right(rows, ans.tokenizer.pad_token_id or 0).to(device)
+    mask = pad_right([[1] * len(r) for r in rows], 0).to(device)
+    with ans.weights(condition), torch.no_grad():
+        out = score_completions(ans.model, ids, mask, pad_right(scored, 0).to(device), distribution_rows=slice(None))
+        flat = out.logits if out.logits is not None else out.hidden @ out.head.weight.T
+        if out.logits is None and out.head.bias is not None:
+            flat = flat + out.head.bias
+    return list(flat.float().split([len(answer) for _, answer in chunk]))
+
+
+def _mean_loglik(logits: Any, answer: list[int]) -> float:
+    import torch
+
+    target = torch.tensor(answer, device=logits.device)
+    return float(torch.log_softmax(logits, dim=-1).gather(-1, target[:, None]).mean())
