@@ -12,9 +12,9 @@ logits processor of a *greedy* `generate` call and returns scores where only the
 finite, so HF's `argmax` picks it. Everything else stays HF's loop (processors such as the
 repetition penalty run first, as they do before HF's own warpers; caches, stopping, padding).
 The draws come from torch's default generator, so `set_seed` repeats them; they are not the draws
-HF's own sampler makes for the same seed (another number of random values per step). Ties at the
-k-th score: HF keeps every token tied with it, `topk` keeps k; otherwise the distribution is HF's
-(tests/test_top_k_sampler.py compares it with HF's warpers).
+HF's own sampler makes for the same seed (another number of random values per step). Tokens tied
+with the k-th score are all kept, as HF keeps them (frequent with bf16 logits). The distribution
+is HF's (tests/test_top_k_sampler.py compares it with HF's warpers, ties included).
 """
 
 from __future__ import annotations
@@ -42,6 +42,13 @@ class TopKSampler(LogitsProcessor):
         vocab = scores.shape[-1]
         k = self.top_k if 0 < self.top_k < vocab else vocab
         top, ids = scores.topk(k, dim=-1)
+        if k < vocab:
+            # HF keeps every token tied with the k-th score (common with bf16/fp16 logits): widen
+            kth = top[..., -1:]
+            widest = int((scores >= kth).sum(-1).max())
+            if widest > k:
+                top, ids = scores.topk(widest, dim=-1)
+                top = top.masked_fill(top < kth, float("-inf"))
         probs = torch.softmax(top.float() / self.temperature, dim=-1)
         if self.top_p < 1.0:
             # HF's TopPLogitsWarper: in ascending order, drop tokens whose cumulative probability is

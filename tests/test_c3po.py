@@ -309,6 +309,36 @@ def test_right_padded_recognises_only_tokens_then_padding():
     assert not right_padded(torch.tensor([[1, 0, 1]]))  # a hole (packed rows) keeps its mask
 
 
+@pytest.mark.parametrize("adapter", ["lm_head", "prompt"])
+def test_adapters_the_bare_body_and_head_would_miss_take_the_full_forward(tiny_model_path, adapter):
+    """A LoRA adapter on the LM head (PEFT's wrapper hands out the base layer's weight) or a
+    prompt-learning adapter (virtual tokens): completion scores must still equal the model's own
+    forward, so such models take the full forward (and the DPO core says why it is off)."""
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    from pipeline.models import load_causal_lm
+    from trainers.fastpref.logps import body_then_head
+    from trainers.sequences import projects_hidden_states, score_completions, token_logps
+
+    torch.manual_seed(0)
+    base = load_causal_lm("tiny")
+    if adapter == "lm_head":
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    else:
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    model = get_peft_model(base, config).eval()
+    assert body_then_head(model) is not None and not projects_hidden_states(model)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    completion = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0]])
+    with torch.no_grad():
+        scores = score_completions(model, ids, mask, completion).logps
+        full = token_logps(model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :], ids)
+    keep = completion[:, 1:].bool()
+    assert torch.allclose(scores[keep], full[keep], atol=1e-5)
+    assert body_then_head(load_causal_lm("tiny")) is None
+
+
 def test_chunked_kl_equals_the_kl_of_full_logits():
     """Value and hidden-state gradient of the tiled KL against `kl_per_position` on full logits."""
     from trainers.c3po import kl_per_position

@@ -122,7 +122,9 @@ class FeedbackTrainer:
 
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    """[B, T, V] logits at the input's positions (a prompt-learning adapter's virtual tokens,
+    which PEFT puts before them, left out)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, -input_ids.shape[1] :]
 
 
 def projects_hidden_states(model) -> bool:
@@ -130,11 +132,14 @@ def projects_hidden_states(model) -> bool:
 
     True for a (PEFT-wrapped) transformers causal LM whose logits are the head applied to the last
     hidden states. False for a wrapper whose own forward must run (DDP, FSDP: gradient
-    synchronisation hooks on it) and for models that transform the logits after the head
-    (soft-capping, a logit scale): those take the full forward."""
-    from .fastpref.logps import unwrap_peft
+    synchronisation hooks on it), for models that transform the logits after the head
+    (soft-capping, a logit scale), and for an adapter on the LM head or a prompt-learning adapter
+    (fastpref.logps.body_then_head): those take the full forward."""
+    from .fastpref.logps import body_then_head, unwrap_peft
 
     if not (hasattr(model, "get_base_model") or hasattr(model, "base_model_prefix")):
+        return False
+    if body_then_head(model) is not None:
         return False
     config = unwrap_peft(model).config
     return getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) in (None, 1, 1.0)

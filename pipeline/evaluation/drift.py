@@ -40,32 +40,39 @@ def drift(ans: Answering, items: list[dict[str, Any]], results: dict[str, dict[s
 
     `ans.batch_size` items at a time, right-padded, through the body once per condition; only the
     positions that predict an answer token reach the vocabulary head (trainers/sequences.py
-    `score_completions`), so the prompt and padding positions' 49k-wide logits are never built.
-    The same numbers as one full forward per item, to float rounding (tests/test_evaluate_metrics.py)."""
+    `score_completions`), one item at a time, so no prompt or padding position's 49k-wide logits
+    are built and at most two items' answer logits exist at once. The same numbers as one full
+    forward per item, to float rounding (tests/test_evaluate_metrics.py)."""
     from pipeline.stats import bootstrap_mean, token_kl
+    from trainers.sequences import projects_hidden_states
 
     kl: dict[str, list[float]] = {c.name: [] for c in ans.conditions}
     loglik: dict[str, list[float]] = {c.name: [] for c in ans.conditions}
     pairs = [(str(item["prompt"]), answer_token_ids(ans.tokenizer, str(item["prompt"]), str(item["answer"]))) for item in items]
     pairs = [(prompt, answer) for prompt, answer in pairs if answer]
-    for start in range(0, len(pairs), ans.batch_size):
-        chunk = pairs[start : start + ans.batch_size]
-        base_logits = _answer_logits(ans, Condition(name="base"), chunk)
-        for condition in ans.conditions:
-            same = condition.name == "base"
-            logits = base_logits if same else _answer_logits(ans, condition, chunk)
-            for (_, answer), mine, base in zip(chunk, logits, base_logits):
-                loglik[condition.name].append(_mean_loglik(mine, answer))
-                kl[condition.name].append(0.0 if same else float(token_kl(mine, base).mean()))
+    # a model scored by its full forward (fastpref.logps.body_then_head) has [rows, length, vocab] logits: one row
+    step = ans.batch_size if projects_hidden_states(ans.model) else 1
+    base = Condition(name="base")
+    for start in range(0, len(pairs), step):
+        chunk = pairs[start : start + step]
+        states = {c.name: _answer_states(ans, c, chunk) for c in [base, *(c for c in ans.conditions if c.name != "base")]}
+        for i, (_, answer) in enumerate(chunk):
+            base_logits = _logits(states["base"][i])
+            for condition in ans.conditions:
+                same = condition.name == "base"
+                logits = base_logits if same else _logits(states[condition.name][i])
+                loglik[condition.name].append(_mean_loglik(logits, answer))
+                kl[condition.name].append(0.0 if same else float(token_kl(logits, base_logits).mean()))
     for condition in ans.conditions:
         results[condition.name]["kl_to_base"] = bootstrap_mean(kl[condition.name], resamples=ans.resamples, seed=ans.seed)
         results[condition.name]["ref_loglik"] = bootstrap_mean(loglik[condition.name], resamples=ans.resamples, seed=ans.seed)
     ans.log.info("drift measured on %d general prompt/answer pairs", len(kl[ans.conditions[0].name]))
 
 
-def _answer_logits(ans: Answering, condition: Condition, chunk: list[tuple[str, list[int]]]) -> list[Any]:
-    """Per item, the logits [answer tokens, vocabulary] that predict its answer's tokens under
-    `condition` (its system prompt, its weights)."""
+def _answer_states(ans: Answering, condition: Condition, chunk: list[tuple[str, list[int]]]) -> list[tuple[Any, Any]]:
+    """Per item, under `condition` (its system prompt, its weights): (the body's hidden states at
+    the positions that predict its answer's tokens, the head that projects them), or (those
+    positions' logits, None) for a model scored by its full forward."""
     import torch
 
     from pipeline.chat import render_ids
@@ -81,10 +88,19 @@ def _answer_logits(ans: Answering, condition: Condition, chunk: list[tuple[str, 
     mask = pad_right([[1] * len(r) for r in rows], 0).to(device)
     with ans.weights(condition), torch.no_grad():
         out = score_completions(ans.model, ids, mask, pad_right(scored, 0).to(device), distribution_rows=slice(None))
-        flat = out.logits if out.logits is not None else out.hidden @ out.head.weight.T
-        if out.logits is None and out.head.bias is not None:
-            flat = flat + out.head.bias
-    return list(flat.float().split([len(answer) for _, answer in chunk]))
+    states, head = (out.logits, None) if out.logits is not None else (out.hidden, out.head)
+    assert states is not None  # distribution_rows asked for one of the two
+    return [(item, head) for item in states.split([len(answer) for _, answer in chunk])]
+
+
+def _logits(state: tuple[Any, Any]) -> Any:
+    import torch
+
+    values, head = state
+    if head is None:
+        return values.float()
+    with torch.no_grad():
+        return torch.nn.functional.linear(values, head.weight, head.bias).float()
 
 
 def _mean_loglik(logits: Any, answer: list[int]) -> float:

@@ -205,6 +205,23 @@ def unwrap_peft(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def body_then_head(model: Any) -> str | None:
+    """None when the model's logits are its body's last hidden states times the head's own
+    `weight` (what projecting only some positions relies on); otherwise why not: an adapter on
+    the LM head (PEFT wraps it, and `weight` is then the base layer's, without the adapter's
+    change) or a prompt-learning adapter (virtual tokens the bare body would not see)."""
+    base = unwrap_peft(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "base_layer"):
+        return "an adapter on the LM head"
+    configs = getattr(model, "peft_config", None) or {}
+    active = getattr(model, "active_adapter", None)
+    config = configs.get(active) if isinstance(active, str) else None
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        return "a prompt-learning adapter"
+    return None
+
+
 def backbone_and_head(model):
     """The transformer body and the LM head of a (PEFT-wrapped) causal LM: the body's hidden
     states go to `ChunkedLogps` instead of the model's full-vocabulary head."""

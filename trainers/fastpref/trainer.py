@@ -26,7 +26,7 @@ from trl.trainer.utils import hash_module, use_adapter
 
 from trainers.lora_dropout import use_cpu_lora_dropout
 
-from .logps import TILE_ELEMENTS, packed_logps, unwrap_peft
+from .logps import TILE_ELEMENTS, body_then_head, packed_logps, unwrap_peft
 from .loss import SUPPORTED_LOSS_TYPES, dpo_loss, trl_metrics
 from .packing import PackedPreferenceCollator, pack, truncate
 from .ref_cache import RefLogpCache, base_model_identity, cache_key, data_fingerprint, reference_adapter_identity
@@ -109,7 +109,9 @@ class FastDPOTrainer(DPOTrainer):
             "several processes": self.accelerator.num_processes > 1,
             "padding-free/other attention": self._attn_implementation() not in ("sdpa", "eager"),
         }
-        return next((why for why, bad in checks.items() if bad), None)
+        return next((why for why, bad in checks.items() if bad), None) or body_then_head(
+            self.accelerator.unwrap_model(self.model)
+        )
 
     def _attn_implementation(self) -> str:
         model = self.accelerator.unwrap_model(self.model)
