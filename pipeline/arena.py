@@ -134,7 +134,11 @@ class ArenaSpec(BaseModel):
     validation: float = Field(
         default=0.25, gt=0, lt=1, description="with a grid: share of the training prompts kept out of training to tune on"
     )
-    select_by: str | None = Field(default=None, description="validation metric a grid is tuned on (verbal: adherence)")
+    select_by: str | None = Field(
+        default=None,
+        description="validation metric a grid is tuned on (verbal: adherence; scoped_adherence also penalises firing "
+        "near and out of scope)",
+    )
     inputs: dict[str, dict[str, str]] = Field(default_factory=dict, description="per method: extra or replaced inputs")
     prompts: str | None = Field(default=None, description="held-out prompts (verbal default: <data>.eval_prompts)")
     needs: str | None = Field(default=None, description="held-out information needs for simulated users")
@@ -204,8 +208,11 @@ def expand(
             f"{', '.join(SELECT_BY)}; source '{spec.source}' has none (drop arena.grid)",
         )
     select_by = spec.select_by or SELECT_BY.get(spec.source, "adherence")
-    if select_by not in FLAT_ORDER and not select_by.startswith("reward/"):
-        raise problem("select_by", f"unknown metric '{select_by}': one of {', '.join(FLAT_ORDER)} or reward/<kind>")
+    from stages.arena_select import DERIVED
+
+    if select_by not in FLAT_ORDER and select_by not in DERIVED and not select_by.startswith("reward/"):
+        known = ", ".join([*FLAT_ORDER, *DERIVED])
+        raise problem("select_by", f"unknown metric '{select_by}': one of {known} or reward/<kind>")
     fill: dict[str, str | None] = {}  # None only when some stage has no name (None is then in `names`)
     validation_inputs: dict[str, str] = {}
     added: list[dict[str, Any]] = []

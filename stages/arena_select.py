@@ -13,7 +13,9 @@ evaluated on them, once.
 
 The rule (`rank`), applied to the point estimates on the validation prompts:
   1. the best `metric` (default adherence; higher is better unless the metric is one where
-     lower is, e.g. kl_to_base, see stages/evaluate.py LOWER_IS_BETTER);
+     lower is, e.g. kl_to_base, see stages/evaluate.py LOWER_IS_BETTER; `scoped_adherence`,
+     adherence less the mean firing rate near and out of scope, penalises overgeneralization
+     instead of only breaking ties with it);
   2. ties: the lower overgeneralization (mean of overgen_near and overgen_out);
   3. still tied: the fewer unfinished replies;
   4. still tied: the first point in grid order (list the default or cheaper setting first).
@@ -47,7 +49,19 @@ class ArenaSelectConfig(StageConfig):
     )
 
 
+#: selection metrics computed from the evaluate stage's own: higher is better
+DERIVED = {
+    # adherence in scope less the mean rate the feedback fires near and out of scope: a point that
+    # adheres by applying the feedback everywhere (C3PO's overgeneralization) does not win on it
+    "scoped_adherence": "adherence minus the mean of overgen_near and overgen_out",
+}
+
+
 def _value(metrics: dict[str, Any], name: str) -> float | None:
+    if name == "scoped_adherence":
+        adherence, near, out = (_value(metrics, m) for m in ("adherence", "overgen_near", "overgen_out"))
+        fired = [v for v in (near, out) if v is not None]
+        return None if adherence is None or not fired else adherence - sum(fired) / len(fired)
     value = metrics.get(name)
     if isinstance(value, dict):
         value = value.get("value")

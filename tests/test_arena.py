@@ -257,6 +257,12 @@ def test_selection_rule():
     assert choose([point(ref_loglik=-2.0), point(ref_loglik=-1.5)], "ref_loglik") == 1
     with pytest.raises(ValueError, match="measured for no grid point"):
         choose([point(None)], "adherence")
+    # scoped_adherence = adherence - mean(near, out): the suffix arena's DPO grid (docs/arena.md) chose
+    # 3/5 adherence firing 5/5 near and out by adherence; in scope, 1/5 firing nowhere wins
+    leaky, scoped = point(0.6, near=1.0, out=1.0), point(0.2)
+    assert choose([scoped, leaky], "adherence") == 1 and choose([scoped, leaky], "scoped_adherence") == 0
+    assert choose([point(0.8, near=0.2), point(0.6)], "scoped_adherence") == 0  # 0.8 - 0.1 = 0.7 beats 0.6
+    assert choose([point(None), point(0.1)], "scoped_adherence") == 1  # not measured ranks last
 
 
 def test_grid_and_variants_expand(tmp_path):
