@@ -116,6 +116,10 @@ def _chat_generate(
             repetition_penalty=sampling.repetition_penalty,
         )
         kwargs.update(hf_sampling_kwargs(sampling))
+        if "logits_processor" in kwargs:
+            from .top_k_sampler import warn_unapplied
+
+            warn_unapplied(model.generation_config)
         with torch.no_grad():
             generated = model.generate(**enc, **kwargs)
         new = generated[:, enc["input_ids"].shape[1] :]

@@ -19,10 +19,26 @@ is HF's (tests/test_top_k_sampler.py compares it with HF's warpers, ties include
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+
+log = logging.getLogger(__name__)
+#: sampling knobs HF's do_sample path reads from a model's generation_config, with their "off" values
+_UNAPPLIED = {"min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+_warned: set[tuple[str, Any]] = set()
+
+
+def warn_unapplied(generation_config: Any) -> None:
+    """Log once per knob and value: a model whose generation_config sets a sampling filter that the
+    greedy call running TopKSampler does not apply (heedful samples with temperature, top-k, top-p)."""
+    for name, off in _UNAPPLIED.items():
+        value = getattr(generation_config, name, off)
+        if value not in (off, None) and (name, value) not in _warned:
+            _warned.add((name, value))
+            log.warning("the model's generation_config sets %s=%s; heedful's sampling does not apply it", name, value)
 
 
 class TopKSampler(LogitsProcessor):

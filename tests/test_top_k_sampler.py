@@ -87,3 +87,21 @@ def test_generate_samples_through_it(tiny_model_path):
     assert [[c.text for c in r] for r in greedy_two] == [[g, g] for g in greedy]
     assert "logits_processor" not in hf_sampling_kwargs(SamplingSettings(temperature=0))
     assert isinstance(hf_sampling_kwargs(sampled)["logits_processor"][0], TopKSampler)
+
+
+def test_generation_config_filters_it_does_not_apply_are_named(caplog):
+    from transformers import GenerationConfig
+
+    from pipeline.top_k_sampler import warn_unapplied
+
+    def said():
+        return sorted(
+            r.getMessage().split(" sets ")[1].split(";")[0] for r in caplog.records if r.name == "pipeline.top_k_sampler"
+        )
+
+    with caplog.at_level("WARNING", logger="pipeline.top_k_sampler"):
+        warn_unapplied(GenerationConfig())  # nothing set: nothing said
+        assert said() == []
+        warn_unapplied(GenerationConfig(min_p=0.05, typical_p=0.9))
+        warn_unapplied(GenerationConfig(min_p=0.05))  # said once per value
+    assert said() == ["min_p=0.05", "typical_p=0.9"]
