@@ -177,9 +177,11 @@ def test_conversion_freezes_live_objects_only_when_nobody_else_did():
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
+        fresh = [[] for _ in range(1000)]  # alive, not frozen: a second freeze would take them in
         with _collections_skip_what_exists():
             pass
-        assert gc.get_freeze_count() == frozen
+        # still frozen, nothing added; frozen objects another thread frees meanwhile (CI saw 2) leave the count
+        assert 0 < gc.get_freeze_count() <= frozen, (gc.get_freeze_count(), frozen, len(fresh))
     finally:
         gc.unfreeze()
 
