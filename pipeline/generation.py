@@ -115,11 +115,7 @@ def _chat_generate(
             eos_token_id=eos_ids,
             repetition_penalty=sampling.repetition_penalty,
         )
-        kwargs.update(hf_sampling_kwargs(sampling))
-        if "logits_processor" in kwargs:
-            from .top_k_sampler import warn_unapplied
-
-            warn_unapplied(model.generation_config)
+        kwargs.update(hf_sampling_kwargs(sampling, model.generation_config))
         with torch.no_grad():
             generated = model.generate(**enc, **kwargs)
         new = generated[:, enc["input_ids"].shape[1] :]
@@ -142,12 +138,15 @@ def _chat_generate(
     return out
 
 
-def hf_sampling_kwargs(sampling: SamplingSettings) -> dict[str, Any]:
+def hf_sampling_kwargs(sampling: SamplingSettings, generation_config: Any = None) -> dict[str, Any]:
     """HF `generate` arguments for sampling (temperature > 0) or greedy decoding. Sampling draws
     from the top k tokens only (pipeline/top_k_sampler.py: HF's distribution, without a
-    multinomial over the whole vocabulary every step)."""
-    from .top_k_sampler import hf_generate_sampling
+    multinomial over the whole vocabulary every step); given the model's `generation_config`,
+    the log names sampling filters it sets that this does not apply."""
+    from .top_k_sampler import hf_generate_sampling, warn_unapplied
 
+    if sampling.temperature > 0 and generation_config is not None:
+        warn_unapplied(generation_config)
     return hf_generate_sampling(sampling.temperature, sampling.top_k, sampling.top_p)
 
 

@@ -142,7 +142,8 @@ def hf_sample(
     from pipeline.generation import SamplingSettings, hf_sampling_kwargs
 
     # top_k=0 / top_p=1 switch the filters off; None would fall back to generation_config (top_k 50)
-    sampling = hf_sampling_kwargs(SamplingSettings.model_construct(temperature=temperature, top_k=top_k, top_p=top_p))
+    settings = SamplingSettings.model_construct(temperature=temperature, top_k=top_k, top_p=top_p)
+    sampling = hf_sampling_kwargs(settings, getattr(policy, "generation_config", None))
     chunks = []
     step = batch_size or query_ids.shape[0]
     for start in range(0, query_ids.shape[0], step):
