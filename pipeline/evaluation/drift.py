@@ -106,5 +106,6 @@ def _logits(state: tuple[Any, Any]) -> Any:
 def _mean_loglik(logits: Any, answer: list[int]) -> float:
     import torch
 
-    target = torch.tensor(answer, device=logits.device)
-    return float(torch.log_softmax(logits, dim=-1).gather(-1, target[:, None]).mean())
+    from trainers.sequences import gather_logps
+
+    return float(gather_logps(logits, torch.tensor(answer, device=logits.device)).mean())
