@@ -343,6 +343,28 @@ def models_list():
         console.print(f"{name:14s} {'ready' if ready else 'not prepared':13s} {what}")
 
 
+@models_app.command("conversions")
+def models_conversions(
+    prune: bool = typer.Option(False, "--prune", help="cut the cache back to the budget now (orphans first)"),
+    budget_gb: float = typer.Option(None, "--budget-gb", help="the budget for --prune (default HEEDFUL_CT2_CACHE_GB, 16)"),
+):
+    """The CTranslate2 conversions cached for the ct2 engine: count, size, budget; --prune to reclaim space."""
+    from .ct2_cache import budget_bytes, entries, evict
+    from .paths import heedful_home
+
+    root = heedful_home() / "ct2"
+    budget = int(budget_gb * 1e9) if budget_gb is not None else budget_bytes()
+    if prune:
+        removed = evict(root, budget)
+        console.print(f"removed {len(removed)} conversion(s)")
+    found = entries(root)
+    orphans = sum(e.orphaned for e in found)
+    console.print(
+        f"{root}: {len(found)} conversion(s), {sum(e.size for e in found) / 1e9:.2f} GB "
+        f"(budget {budget / 1e9:.2f} GB; {orphans} orphaned: their adapter is gone)"
+    )
+
+
 def _register_subcommands() -> None:
     for module_name, attr, name in SUBCOMMANDS:
         try:

@@ -12,7 +12,8 @@ A LoRA adapter is merged into the base before conversion (PEFT `merge_and_unload
 converted model writes exactly what base+adapter writes. Conversions are cached under
 `$HEEDFUL_HOME/ct2/<key>`, keyed by the model's and the adapter's file fingerprints, the
 quantization and the CTranslate2 version; a lock and an atomic rename keep concurrent
-stages from converting twice or reading half a folder.
+stages from converting twice or reading half a folder. The cache is bounded
+(`HEEDFUL_CT2_CACHE_GB`, least recently used out, never a conversion in use: `ct2_cache.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .chat import Messages, render_many
+from .ct2_cache import MARKER, InUse, evict, mark_used
 from .generation import Completion, SamplingSettings, hf_sampling_kwargs
 from .prefix_logits import shared_prefix_length
 from .threads import engine_threads
@@ -77,8 +79,11 @@ def _fingerprint_files(folder: Path, patterns: tuple[str, ...]) -> str:
     return h.hexdigest()[:16]
 
 
-def converted_model_dir(model_name: str, adapter: str | Path | None = None, quantization: str = "float32") -> Path:
-    """Folder of the CTranslate2 model for `model_name` (+ merged `adapter`); converts once."""
+def converted_model(model_name: str, adapter: str | Path | None = None, quantization: str = "float32") -> InUse:
+    """The CTranslate2 model for `model_name` (+ merged `adapter`), converted once, held in use.
+
+    Its folder is `.folder`; the cache keeps it while the returned handle lives (or until
+    `.release()`), and cuts older conversions back to the budget (`pipeline/ct2_cache.py`)."""
     import ctranslate2
 
     from .models import _build_once, resolve_model
@@ -108,7 +113,7 @@ def converted_model_dir(model_name: str, adapter: str | Path | None = None, quan
                 {
                     "model": model_name,
                     "source": str(source),
-                    "adapter": str(adapter) if adapter else None,
+                    "adapter": str(adapter.resolve()) if adapter else None,
                     "quantization": quantization,
                     "ctranslate2": ctranslate2.__version__,
                 },
@@ -116,7 +121,11 @@ def converted_model_dir(model_name: str, adapter: str | Path | None = None, quan
             )
         )
 
-    return _build_once(target, build, marker="model.bin")
+    held = InUse(target)
+    _build_once(target, build, marker=MARKER)
+    mark_used(target)
+    evict(target.parent, keep=target)
+    return held
 
 
 def _merged_model(model_name: str, adapter: Path) -> Any:
@@ -203,7 +212,9 @@ class Ct2Generator:
         from .models import load_tokenizer
 
         self.tokenizer = load_tokenizer(model_name)
-        self.model_dir = converted_model_dir(model_name, adapter, quantization)
+        #: the conversion, held in use while this generator lives (it reloads from the folder)
+        self.conversion = converted_model(model_name, adapter, quantization)
+        self.model_dir = self.conversion.folder
         self.quantization = quantization
         self.threads = threads or engine_threads()
         #: True: a call's prompts' shared start runs once (a job's batch); "across_calls": instead, the start

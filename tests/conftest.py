@@ -23,6 +23,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 SHARED_DATA = Path(os.environ.get("HEEDFUL_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def conversions_of_this_session_removed(tmp_path_factory):
+    """After the session, the CTranslate2 conversions of adapters it trained in its temporary
+    folders go (SmolLM2: ~0.5 GB each); they could never be hit again. The base models'
+    conversions stay for the next session. Conversions in isolated homes go with the folders."""
+    yield
+    from pipeline.ct2_cache import discard, entries
+    from pipeline.paths import heedful_home
+
+    ours = tmp_path_factory.getbasetemp().resolve()
+    for entry in entries(heedful_home() / "ct2"):
+        if entry.adapter is not None and entry.adapter.is_relative_to(ours):
+            discard(entry.folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
     from pipeline.models import prepare_tiny

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("ctranslate2")
 
 from pipeline.chat import render_many  # noqa: E402
-from pipeline.ct2_engine import MIN_CACHED_PREFIX, Ct2Generator, converted_model_dir, hf_greedy_reference  # noqa: E402
+from pipeline.ct2_engine import MIN_CACHED_PREFIX, Ct2Generator, converted_model, hf_greedy_reference  # noqa: E402
 from pipeline.generation import SamplingSettings  # noqa: E402
 from pipeline.models import device_policy, load_causal_lm, load_tokenizer  # noqa: E402
 from pipeline.prefix_logits import shared_prefix_length  # noqa: E402
@@ -81,12 +81,12 @@ def test_merged_adapter_equals_hf_with_adapter(tiny_model_path, lora_adapter):
 
 
 def test_conversion_is_cached_and_keyed_by_adapter(tiny_model_path, lora_adapter):
-    plain = converted_model_dir("tiny")
+    plain = converted_model("tiny").folder
     stamp = (plain / "model.bin").stat().st_mtime_ns
-    assert converted_model_dir("tiny") == plain and (plain / "model.bin").stat().st_mtime_ns == stamp
-    assert converted_model_dir("tiny", lora_adapter) != plain
+    assert converted_model("tiny").folder == plain and (plain / "model.bin").stat().st_mtime_ns == stamp
+    assert converted_model("tiny", lora_adapter).folder != plain
     with pytest.raises(ValueError, match="quantization"):
-        converted_model_dir("tiny", quantization="int3")
+        converted_model("tiny", quantization="int3")
 
 
 def test_sampling_is_seeded_and_completions_are_marked(tiny_model_path):
