@@ -72,6 +72,7 @@ WIRING: dict[str, dict[str, dict[str, str]]] = {
         "kto": {"feedback": "{views}.unpaired"},
         "c3po": {"data": "{train}"},
         "sft": {"data": "{train}"},
+        "ppo": {"prompts": "{views}.preferences", "reward_model": "reward.reward_model"},
     },
     "users": {
         "dpo": {"preferences": "{users}.preferences"},
@@ -81,6 +82,7 @@ WIRING: dict[str, dict[str, dict[str, str]]] = {
         # (their reactions hold loves and neutrals unless the judge was sure a reply was bad)
         "kto": {"feedback": "{users}.verbal_feedback"},
         "sft": {"preferences": "{users}.preferences"},
+        "ppo": {"prompts": "{users}.preferences", "reward_model": "reward.reward_model"},
     },
     "spans": {
         "dpo": {"preferences": "{views}.preferences"},
@@ -88,16 +90,26 @@ WIRING: dict[str, dict[str, dict[str, str]]] = {
         "cut": {"judgments": "{views}.judgments"},
         "kto": {"feedback": "{views}.unpaired"},
         "sft": {"preferences": "{views}.preferences"},
+        "ppo": {"prompts": "{views}.preferences", "reward_model": "reward.reward_model"},
     },
     "custom": {},
 }
 #: every method that can use the source (those whose stage is not installed are left out)
 DEFAULT_METHODS = {
-    "verbal": ["dpo", "kto", "c3po", "cut", "coh", "sft"],
-    "users": ["dpo", "kto", "cut", "coh", "sft"],
-    "spans": ["dpo", "kto", "cut", "coh", "sft"],
+    "verbal": ["dpo", "kto", "c3po", "cut", "coh", "sft", "ppo"],
+    "users": ["dpo", "kto", "cut", "coh", "sft", "ppo"],
+    "spans": ["dpo", "kto", "cut", "coh", "sft", "ppo"],
     "custom": [],
 }
+#: PPO learns from a reward model: the arena trains one on the same preferences the pairwise methods
+#: read (FLR, fine-tuned: a preferred reply followed by a satisfied user, the other by a complaint),
+#: in a stage of this name; `arena.reward` changes its settings, `arena.inputs.ppo.reward_model` replaces it
+REWARD_STAGE = "reward"
+REWARD_FEEDBACK = {"verbal": "{views}.preferences", "users": "{users}.preferences", "spans": "{views}.preferences"}
+DEFAULT_REWARD_KIND = "followup"
+DEFAULT_REWARD: dict[str, Any] = {"kind": DEFAULT_REWARD_KIND, DEFAULT_REWARD_KIND: {"finetune": True}}
+#: budget keys a method spells otherwise: PPO's unit of training is a rollout of `prompts_per_step` prompts
+BUDGET_ALIASES = {"ppo": {"max_steps": "steps", "per_device_train_batch_size": "prompts_per_step"}}
 #: the validation metric a grid is tuned on, per source (arena.select_by changes it)
 SELECT_BY = {"verbal": "adherence", "users": "first_reply_satisfied", "spans": "ref_loglik"}
 #: metrics the evaluate stage measures only with drift on (teacher-forced on reference answers)
@@ -146,6 +158,10 @@ class ArenaSpec(BaseModel):
     views: dict[str, Any] = Field(default_factory=dict, description="verbal/spans: the views stage's `with`")
     conditions: list[str] = Field(default_factory=lambda: ["base", "in_context", "memory"])
     evaluate: dict[str, Any] = Field(default_factory=dict, description="every evaluate stage's `with`")
+    reward: dict[str, Any] = Field(
+        default_factory=dict,
+        description="ppo: the `with` of the reward model stage it trains against (default FLR fine-tuned on the preferences)",
+    )
     evaluate_inputs: dict[str, str] = Field(
         default_factory=dict, description="extra evaluate inputs (reward models, general set)"
     )
@@ -317,6 +333,23 @@ def expand(
         if len(points_of[arm]) > MAX_POINTS:
             raise problem(f"grid.{arm}", f"{len(points_of[arm])} points; at most {MAX_POINTS} per method")
 
+    ppo_arms = [arm for arm in chosen if uses_of(arm) == "ppo" and "reward_model" not in spec.inputs.get("ppo", {})]
+    if ppo_arms and spec.source in REWARD_FEEDBACK:
+        if REWARD_STAGE in names:
+            raise problem("methods", f"ppo's reward model is trained in a stage named '{REWARD_STAGE}': rename your stage")
+        reward_cls = registry.get("train_reward")
+        if reward_cls is None:
+            raise problem("methods", "ppo's reward model needs the train_reward stage, which is not installed")
+        # the reward model gets the arena's training budget too (steps, batch, LoRA), then its own settings;
+        # not the policy's max_length: FLR reads the whole conversation before the follow-up it scores
+        trained_alike = {
+            k: copy.deepcopy(v) for k, v in spec.budget.items() if k in reward_cls.Config.model_fields and k != "max_length"
+        }
+        reward_with = {**DEFAULT_REWARD, **trained_alike, **copy.deepcopy(spec.reward)}
+        if spec.reward.get("kind", DEFAULT_REWARD_KIND) != DEFAULT_REWARD_KIND:
+            reward_with.pop(DEFAULT_REWARD_KIND, None)  # the default kind's settings block belongs to it alone
+        feedback = REWARD_FEEDBACK[spec.source].format(**fill)
+        stages.append({"name": REWARD_STAGE, "uses": "train_reward", "inputs": {"feedback": feedback}, "with": reward_with})
     prompts = spec.prompts or {"verbal": f"{spec.data}.eval_prompts", "spans": "views.eval_prompts"}.get(spec.source)
     memory = spec.memory or (f"{spec.data}.train" if spec.source == "verbal" else None)
     eval_inputs = {k: v for k, v in {"prompts": prompts, "needs": spec.needs}.items() if v}
@@ -346,7 +379,9 @@ def expand(
         wiring = {k: v.format(**fill) for k, v in WIRING[spec.source].get(method, {}).items()}
         wiring.update(spec.inputs.get(method, {}))
         base_settings: dict[str, Any] = {"report_to": tracked} if tracked and "report_to" in fields else {}
-        base_settings.update({k: copy.deepcopy(v) for k, v in spec.budget.items() if k in fields})
+        aliases = BUDGET_ALIASES.get(method, {})
+        budget = {aliases.get(k, k): v for k, v in spec.budget.items()}
+        base_settings.update({k: copy.deepcopy(v) for k, v in budget.items() if k in fields})
         base_settings.update(copy.deepcopy(spec.method_settings.get(method, {})))
         if arm in spec.variants:
             base_settings.update(copy.deepcopy(spec.variants[arm].settings))
@@ -355,6 +390,8 @@ def expand(
             settings = copy.deepcopy(base_settings)
             if "trainer_args" in fields:  # the seed of this arm (initialisation, data order)
                 settings["trainer_args"] = {**settings.get("trainer_args", {}), "seed": seed, "data_seed": seed}
+            elif "seed" in fields:  # a method with a seed of its own (ppo)
+                settings["seed"] = seed
             arm_plan: dict[str, Any] = {"method": arm, "uses": method, "seed": seed, "label": name}
             if arm in points_of:
                 select = f"select_{name}"

@@ -8,10 +8,10 @@ Rows: one per no-training condition (base, in_context, memory) and per method (o
 seed. With several seeds a method also gets an **aggregate** row (`table["aggregates"]`):
     rates (a share of yes/no outcomes: adherence, firing, unfinished, satisfaction)
         pooled over the seeds (successes and n summed) with the Wilson interval of the pooled share;
-    means (KL, log-likelihood, repeated n-grams, length, win rate, rewards)
+    means (KL, log-likelihood, repeated n-grams, length and length vs the base, win rate, rewards)
         the n-weighted mean of the seeds' means, with the envelope of their 95% intervals (lowest
         lo, highest hi): wider than either seed's, so seed-to-seed spread is not hidden;
-    bare numbers (length_vs_base) the mean over seeds.
+    bare numbers (length_vs_base of older runs) the mean over seeds.
 Each aggregate estimate also lists `per_seed` values and their `seed_min`/`seed_max`, because a
 pooled interval counts replies, not seeds: with two seeds, the spread is the honest check.
 Single-seed runs have no aggregates (their table is unchanged).

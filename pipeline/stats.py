@@ -66,6 +66,29 @@ def bootstrap_mean(values: Sequence[float], level: float = 0.95, resamples: int 
     return estimate(mean, int(data.size), float(lo), float(hi))
 
 
+def bootstrap_ratio(
+    numerators: Sequence[float], denominators: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """sum(numerators) / sum(denominators) over paired items (a ratio of means), with a seeded
+    percentile-bootstrap interval that resamples the pairs together. No pairs or a zero
+    denominator: an empty estimate."""
+    import numpy as np
+
+    num, den = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
+    if num.size == 0 or num.size != den.size or den.sum() <= 0:
+        return empty(int(num.size))
+    ratio = float(num.sum() / den.sum())
+    if num.size == 1:
+        return estimate(ratio, 1, ratio, ratio)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, num.size, size=(resamples, num.size))
+    sums = den[idx].sum(axis=1)
+    ratios = num[idx].sum(axis=1)[sums > 0] / sums[sums > 0]
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(ratios, [alpha, 1 - alpha])
+    return estimate(ratio, int(num.size), float(lo), float(hi))
+
+
 def kl_divergence(p: Sequence[float], q: Sequence[float]) -> float:
     """KL(p || q) in nats between two discrete distributions (normalised here); inf where q=0<p."""
     if len(p) != len(q):

@@ -193,17 +193,28 @@ def log_curves(trackers: Sequence[str], log_dir: Path, run_name: str, series: li
 
 def log_evaluation(trackers: Sequence[str], log_dir: Path, run_name: str, summary: dict[str, Any]) -> None:
     """An evaluate summary: `<metric>/<condition>` and its `/lo`, `/hi`, `/n` as scalars (the
-    manifest's metric names), and `evaluation/summary`, one row per condition and metric."""
+    manifest's metric names), `evaluation/summary`, one row per condition and metric, and
+    `evaluation/rates`, the report's bars of every rate with its interval."""
     if not trackers:
         return
+    import matplotlib.pyplot as plt
+
+    from .evaluation.report import bars_plot
     from .evaluation.summary import flat_metrics, summary_table
 
     values = {k: float(v) for k, v in flat_metrics(summary).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     header, rows = summary_table(summary)
-    with writers(trackers, log_dir, run_name) as out:
-        for writer in out:
-            writer.scalars(values)
-            writer.table("evaluation/summary", header, rows)
+    figure = bars_plot(run_name, summary["conditions"])
+    try:
+        with writers(trackers, log_dir, run_name) as out:
+            for writer in out:
+                writer.scalars(values)
+                writer.table("evaluation/summary", header, rows)
+                if figure is not None:
+                    writer.figure("evaluation/rates", figure)
+    finally:
+        if figure is not None:
+            plt.close(figure)
 
 
 def log_arena(trackers: Sequence[str], log_dir: Path, run_name: str, table: dict[str, Any]) -> None:

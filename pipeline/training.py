@@ -298,7 +298,22 @@ def summarize(trainer, ctx: StageContext, train_output) -> dict[str, Any]:
     steps = sorted(ctx.extra.get("step_seconds", []))
     if steps:
         metrics["seconds_per_step"] = steps[len(steps) // 2]  # median: robust to the warm-up step
+    tokens = mean_example_tokens(trainer.train_dataset)
+    if tokens and metrics.get("train_samples_per_second"):
+        metrics["train_tokens_per_second"] = round(tokens * metrics["train_samples_per_second"], 3)
     from .stats import peak_memory_mb
 
     metrics["peak_memory_mb"] = peak_memory_mb()  # the arena's cost column
     return metrics
+
+
+def mean_example_tokens(dataset, sample: int = 1000) -> float | None:
+    """Mean tokens per training example: every tokenized column (`*input_ids`: a pair's prompt,
+    chosen and rejected, an SFT row's text) of up to `sample` rows, as tokenized (before the
+    collator truncates). With samples/s, the arena's tokens/s cost column; None when the dataset
+    is not tokenized up front."""
+    columns = [c for c in (getattr(dataset, "column_names", None) or []) if c.endswith("input_ids")]
+    if not columns or not len(dataset):
+        return None
+    rows = dataset.select(range(min(sample, len(dataset)))).select_columns(columns)
+    return sum(sum(len(row[c] or []) for c in columns) for row in rows) / len(rows)

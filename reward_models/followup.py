@@ -493,6 +493,24 @@ def baselines(pairs: list) -> dict[str, float]:
     }
 
 
+def fit_rows(pairs: list[tuple[str, str]], tokenizer, max_length: int) -> list[dict[str, str]]:
+    """(conversation so far, follow-up) as prompt-completion rows within `max_length` tokens: a long
+    conversation keeps its last tokens (those next to the reply and the follow-up), since a row cut
+    on the right would lose the follow-up, the only tokens trained on (TRL then drops the row)."""
+    from pipeline.errors import HeedfulError
+
+    rows = []
+    for prefix, followup in pairs:
+        room = max_length - len(tokenizer(followup, add_special_tokens=False)["input_ids"])
+        if room < 1:
+            continue
+        ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        rows.append({"prompt": tokenizer.decode(ids[-room:]) if len(ids) > room else prefix, "completion": followup})
+    if pairs and not rows:
+        raise HeedfulError(f"train_reward (followup): max_length={max_length} leaves no room for a follow-up turn; raise it")
+    return rows
+
+
 def finetune(ctx, cfg, base: str, followups: Followups, triples: list[tuple[Any, Any, str]]) -> dict[str, Any]:
     """LoRA SFT of the follow-up LM: loss on the follow-up turn only (TRL prompt-completion)."""
     from datasets import Dataset
@@ -503,7 +521,7 @@ def finetune(ctx, cfg, base: str, followups: Followups, triples: list[tuple[Any,
 
     tokenizer = load_tokenizer(base, padding_side="right")
     fmt = ConversationFormat(tokenizer, cfg.followup.include_context)
-    rows = [{"prompt": fmt.prefix(p, r), "completion": fmt.followup(f)} for p, r, f in triples]
+    rows = fit_rows([(fmt.prefix(p, r), fmt.followup(f)) for p, r, f in triples], tokenizer, cfg.max_length)
     # `init` (train_reward checked its kind and base): continue its adapter; a zero-shot init has none
     init = ctx.input("init")
     start = init / read_descriptor(init)["adapter"] if init is not None and read_descriptor(init).get("adapter") else None

@@ -140,7 +140,7 @@ class EvaluateStage(Stage):
         results = metrics.reply_metrics(rows, [c.name for c in conditions], ans.resamples, ans.seed)
         if memory is not None and prompts:
             results["memory"]["memory_retrieved"] = metrics.retrieval_rates(prompts, memory)
-        metrics.length_vs_base(rows, results, reference)
+        metrics.length_vs_base(rows, results, reference, ans.resamples, ans.seed)
         metrics.reward_scores(ans, rows, results, [(name, path) for name in RM_INPUTS if (path := ctx.input(name)) is not None])
         if cfg.judge is not None:
             metrics.judge_win_rates(ans, rows, results, reference, cfg.judge)

@@ -20,6 +20,7 @@ running statistics) into one per-token reward. The math is in `trainers/ppo/`.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -49,6 +50,10 @@ class PpoStageConfig(PpoSettings, StageConfig):
     max_share: float | None = Field(
         default=None, gt=0, le=1, description="cap on one objective's share of the total |reward| (combine.py)"
     )
+    seed: int | None = Field(
+        default=None,
+        description="initialisation, prompt order and sampling (default: the pipeline's seed; the arena sets one per arm)",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> PpoStageConfig:
@@ -58,6 +63,20 @@ class PpoStageConfig(PpoSettings, StageConfig):
         if len(set(labels)) != len(labels):
             raise ValueError(f"objective names must be unique, got {labels}")
         return self
+
+
+def training_speed(curves: list[dict], samples_per_rollout: int, seconds: float) -> dict[str, float]:
+    """The arena's cost columns for a PPO run: replies sampled and trained on per second, their
+    tokens per second (each rollout's mean reply length), and the peak memory."""
+    from pipeline.stats import peak_memory_mb
+
+    rollouts = [r for r in curves if "response/length" in r]
+    out = {"peak_memory_mb": peak_memory_mb()}
+    if rollouts and seconds > 0:
+        out["train_samples_per_second"] = round(samples_per_rollout * len(rollouts) / seconds, 4)
+        tokens = sum(samples_per_rollout * r["response/length"] for r in rollouts)
+        out["train_tokens_per_second"] = round(tokens / seconds, 3)
+    return out
 
 
 def load_prompts(path: Path, field: str, limit: int | None, what: str):
@@ -77,7 +96,9 @@ class PpoStage(Stage):
     summary = "PPO with dense, multi-objective rewards (LoRA policy, KL to the base)."
     Config = PpoStageConfig
     inputs = {
-        "prompts": Input(("prompts",), doc="rows with a prompt field (string or chat messages)"),
+        "prompts": Input(
+            ("prompts", "preferences"), doc="rows with a prompt field (string or chat messages); preferences: their prompts"
+        ),
         "eval_prompts": Input(("prompts",), required=False, doc="held-out prompts scored during training"),
         **{name: Input(("reward_model",), required=False, doc="a reward model folder (reward_model.json)") for name in RM_INPUTS},
         "adapter": Input(("adapter",), required=False, doc="continue this LoRA adapter (the reference stays the base)"),
@@ -136,7 +157,8 @@ class PpoStage(Stage):
                 raise ValueError(f"holdout_prompts={cfg.holdout_prompts} leaves no training prompts (there are {len(prompts)})")
             prompts, eval_prompts = prompts[: -cfg.holdout_prompts], prompts[-cfg.holdout_prompts :]
         reward, parts = self.reward()
-        torch.manual_seed(ctx.seed)  # a resumed run restores the RNG from its checkpoint instead
+        seed = ctx.seed if cfg.seed is None else cfg.seed
+        torch.manual_seed(seed)  # a resumed run restores the RNG from its checkpoint instead
         policy = cfg.device_policy()
         tokenizer = load_tokenizer(ctx.model)
         models = build_models(ctx.model, cfg.lora, cfg.value_model, policy, adapter=ctx.input("adapter"))
@@ -146,10 +168,10 @@ class PpoStage(Stage):
             len(eval_prompts or []),
             ", ".join(f"{o.name} x{o.weight:g}" for o in parts),
         )
-        trainer = PpoTrainer(
-            cfg, models, tokenizer, [reward], prompts, eval_prompts, ctx.checkpoint_dir, seed=ctx.seed, log=ctx.log
-        )
+        trainer = PpoTrainer(cfg, models, tokenizer, [reward], prompts, eval_prompts, ctx.checkpoint_dir, seed=seed, log=ctx.log)
+        started = time.perf_counter()
         state = trainer.train()
+        seconds = time.perf_counter() - started
         models.policy.save_pretrained(str(ctx.output("adapter")))
         if state.samples:
             save_rows(state.samples, ctx.output("samples"))
@@ -158,6 +180,7 @@ class PpoStage(Stage):
         trainer.cleanup_checkpoints()
         metrics = summary(state)
         metrics["prompts"] = len(prompts)
+        metrics.update(training_speed(state.curves, cfg.samples_per_prompt * cfg.prompts_per_step, seconds))
         if trainer.resumed_from:
             metrics["resumed_from"] = trainer.resumed_from
         return metrics

@@ -110,6 +110,7 @@ def test_arena_under_ray(tmp_path):
         assert row["metrics"]["kl_to_base"]["n"] == 3
     for row in table["rows"][3:]:
         assert row["cost"]["steps"] == 2 and row["cost"]["train_seconds"] > 0  # the matched budget, read from manifests
+        assert row["cost"]["tokens_per_second"] > 0 and row["cost"]["peak_memory_mb"] > 0
         assert row["metrics"]["kl_to_base"]["value"] > 0
     with (run_dir / "arena.csv").open() as f:
         lines = list(csv.DictReader(f))
@@ -123,6 +124,12 @@ def test_arena_under_ray(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:]
     n_stages = 3 + 2 * len(METHODS)
     assert again.stdout.count("up to date") == n_stages
+
+    # --methods / --seeds on the command line choose the arms (here: one, already trained)
+    one = heedful("arena", str(config), "--runs-dir", str(runs), "--methods", "kto", "--seeds", "0", "--no-ray")
+    assert one.returncode == 0 and one.stdout.count("up to date") == 3 + 2, one.stdout[-3000:]
+    kto_only = json.loads((run_dir / "arena.json").read_text())
+    assert [row["condition"] for row in kto_only["rows"]] == ["base", "in_context", "memory", "kto_s0"]
 
     status = heedful("status", "arena_demo", "--runs-dir", str(runs))
     assert status.returncode == 0 and "eval_kto_s0" in status.stdout
@@ -405,7 +412,8 @@ def test_arena_on_span_feedback(tmp_path, qa_sample):
     overrides = [
         "model=tiny",
         f"arena.spans={qa_sample}",
-        "arena.methods=[kto, sft]",
+        "arena.methods=[kto, sft, ppo]",
+        "arena.method_settings.ppo={samples_per_prompt: 2, max_new_tokens: 8, ppo_epochs: 1}",
         "arena.views={held_out_fraction: 0.25}",
         "arena.grid={kto: {beta: [0.1, 0.5]}}",
         "arena.validation=0.34",
@@ -422,12 +430,18 @@ def test_arena_on_span_feedback(tmp_path, qa_sample):
     assert not held_out & trained and not validation & trained
     answers = load_rows(run_dir / "views" / "eval_answers")  # a question annotators left uncorrected has none
     assert {r["prompt"] for r in answers} <= held_out and answers
-    assert [row["condition"] for row in table["rows"]] == ["base", "in_context", "kto_s0", "sft_s0"]
+    assert [row["condition"] for row in table["rows"]] == ["base", "in_context", "kto_s0", "sft_s0", "ppo_s0"]
     for row in table["rows"]:
         assert row["status"] == "done", row
         assert row["metrics"]["unfinished"]["n"] == 2
         assert row["metrics"]["ref_loglik"]["n"] == len(answers)  # log-likelihood of the held-out corrections
         assert "adherence" not in row["metrics"]  # no scoped prompts: nothing to adhere to
+    # ppo: a reward model fine-tuned on the corrections (FLR), then rollouts against it; a training cost of its own
+    ppo = table["rows"][-1]
+    assert ppo["metrics"]["kl_to_base"]["value"] > 0 and ppo["cost"]["steps"] == 2
+    assert ppo["cost"]["tokens_per_second"] > 0 and ppo["cost"]["peak_memory_mb"] > 0
+    reward = json.loads((run_dir / "reward" / "reward_model" / "reward_model.json").read_text())
+    assert reward["kind"] == "followup" and reward["adapter"]
     (grid,) = table["grid"]
     assert table["tuning"]["select_by"] == "ref_loglik" and grid["metric"] == "ref_loglik"
     assert grid["chosen"] == [p["validation"]["ref_loglik"]["value"] for p in grid["points"]].index(
@@ -438,6 +452,29 @@ def test_arena_on_span_feedback(tmp_path, qa_sample):
     build_report(run_dir)
     report = (run_dir / "report.html").read_text()
     assert "Arena (spans feedback)" in report and "Tuning grid" in report and "(chosen)" in report
+
+
+def test_ppo_arm_trains_against_a_reward_model_of_the_same_preferences(tmp_path):
+    """PPO as an arena arm: a `reward` stage fine-tunes FLR on the preferences the pairwise methods
+    read, PPO samples the same prompts against it, and the budget maps onto PPO's own settings
+    (rollouts of `prompts_per_step` prompts) with the arm's seed. (It runs in the span arena below.)"""
+    from pipeline.arena import expand
+
+    data = tiny_arena(tmp_path)
+    data["arena"].update(methods=["ppo"], seeds=[1], conditions=["base"])
+    stages = {s["name"]: s for s in expand(data)[0]["stages"]}
+    assert stages["reward"]["uses"] == "train_reward" and stages["reward"]["inputs"] == {"feedback": "views.preferences"}
+    assert stages["reward"]["with"]["kind"] == "followup" and stages["reward"]["with"]["max_steps"] == 2
+    ppo = stages["ppo_s1"]
+    assert ppo["inputs"] == {"prompts": "views.preferences", "reward_model": "reward.reward_model"}
+    assert (ppo["with"]["steps"], ppo["with"]["prompts_per_step"], ppo["with"]["seed"]) == (2, 2, 1)
+    assert "max_steps" not in ppo["with"] and "max_length" not in ppo["with"]
+    # a reward model of the user's own replaces the arena's; another kind drops the default kind's settings
+    mine = {**data, "arena": {**data["arena"], "inputs": {"ppo": {"reward_model": "rm.reward_model"}}}}
+    assert "reward" not in {s["name"] for s in expand(mine)[0]["stages"]}
+    plove = {**data, "arena": {**data["arena"], "reward": {"kind": "plove"}}}
+    reward = {s["name"]: s for s in expand(plove)[0]["stages"]}["reward"]["with"]
+    assert reward["kind"] == "plove" and "followup" not in reward
 
 
 # ----------------------------------------------------------------------------- seeds aggregated

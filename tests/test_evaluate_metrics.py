@@ -50,6 +50,17 @@ def test_bootstrap_mean():
     assert bootstrap_mean([])["n"] == 0
 
 
+def test_bootstrap_ratio_resamples_pairs_together():
+    from pipeline.stats import bootstrap_ratio
+
+    # every reply exactly twice the base's, whatever the prompt: the ratio is 2 in every resample
+    assert bootstrap_ratio([2.0, 10.0, 40.0], [1.0, 5.0, 20.0]) == {"value": 2.0, "n": 3, "lo": 2.0, "hi": 2.0}
+    # half the prompts twice as long, half the same: 1.5 on equal bases, an interval around it
+    e = bootstrap_ratio([2.0] * 10 + [1.0] * 10, [1.0] * 20, seed=3)
+    assert e["value"] == 1.5 and e["n"] == 20 and 1.2 < e["lo"] < 1.5 < e["hi"] < 1.8
+    assert bootstrap_ratio([], [])["n"] == 0 and math.isnan(bootstrap_ratio([1.0], [0.0])["value"])  # null in JSON
+
+
 def test_kl_on_a_known_pair():
     # KL((.5,.5) || (.9,.1)) = .5 ln(.5/.9) + .5 ln(.5/.1)
     expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
@@ -207,7 +218,8 @@ def test_evaluate_stage_on_fixed_replies(tmp_path, tiny_model_path):
     assert base["unfinished"] == pytest.approx(wilson(1, 7)) and ctx["unfinished"] == pytest.approx(wilson(1, 7))
     assert base["length"]["value"] == pytest.approx(sum(len(r.split()) for r in FIXED["base"]) / 7)
     ratio = sum(len(r.split()) for r in FIXED["in_context"]) / sum(len(r.split()) for r in FIXED["base"])
-    assert ctx["length_vs_base"] == pytest.approx(ratio)
+    assert ctx["length_vs_base"]["value"] == pytest.approx(ratio) and ctx["length_vs_base"]["n"] == 7
+    assert ctx["length_vs_base"]["lo"] <= ratio <= ctx["length_vs_base"]["hi"] and base["length_vs_base"]["value"] == 1
     # the reward model's mean score per condition: here the mean word count of its replies
     for name, replies in FIXED.items():
         assert summary["conditions"][name]["reward/function"]["value"] == pytest.approx(sum(len(r.split()) for r in replies) / 7)
@@ -219,12 +231,7 @@ def test_evaluate_stage_on_fixed_replies(tmp_path, tiny_model_path):
     assert metrics["adherence/in_context"] == 1.0 and metrics["adherence/base/n"] == 3
     # what a deploy gate reads: the same estimates, one shape whatever the metric
     assert metric_value(summary, "in_context", "adherence") == pytest.approx(wilson(3, 3))
-    assert metric_value(summary, "in_context", "length_vs_base") == {
-        "value": pytest.approx(ratio),
-        "n": None,
-        "lo": None,
-        "hi": None,
-    }
+    assert metric_value(summary, "in_context", "length_vs_base") == ctx["length_vs_base"]
     assert metric_value(summary, "base", "reward/function")["n"] == 7
     assert metric_value(summary, "base", "judge_win_rate") is None  # no judge: not measured
     assert metric_value(summary, "dpo_s0", "adherence") is None  # no such condition

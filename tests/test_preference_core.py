@@ -197,20 +197,23 @@ def test_packed_logps_equal_separate_forward_passes(tiny_model_path):
 
 
 # a trainable head: the backward re-projects each tile; a frozen one (LoRA): the forward builds
-# d logp / d hidden tile by tile and the backward only scales it
-@pytest.mark.parametrize("trainable_head", [True, False], ids=["trainable-head", "frozen-head"])
-def test_chunked_logps_gradient_matches_full_log_softmax(trainable_head):
+# d logp / d hidden tile by tile (and the entropy from it) and the backward only scales it; no
+# gradient (a reference pass): the entropy from the tile itself
+@pytest.mark.parametrize("head", ["trainable", "frozen", "no-grad"])
+def test_chunked_logps_gradient_matches_full_log_softmax(head):
     from trainers.fastpref.logps import ChunkedLogps
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(101, 16, generator=gen, dtype=torch.float64, requires_grad=trainable_head)
-    bias = torch.randn(101, generator=gen, dtype=torch.float64, requires_grad=trainable_head)
+    weight = torch.randn(101, 16, generator=gen, dtype=torch.float64, requires_grad=head == "trainable")
+    bias = torch.randn(101, generator=gen, dtype=torch.float64, requires_grad=head == "trainable")
     targets = torch.randint(0, 101, (37,), generator=gen)
     upstream = torch.randn(37, generator=gen, dtype=torch.float64)
-    logp, entropy, mean_logit, top1 = ChunkedLogps.apply(hidden, weight, bias, targets, 5 * 101, True)
-    (logp * upstream).sum().backward()
-    params = (hidden, weight, bias) if trainable_head else (hidden,)
+    grad = head != "no-grad"
+    logp, entropy, mean_logit, top1 = ChunkedLogps.apply(hidden, weight, bias, targets, 5 * 101, True, grad)
+    params = {"trainable": (hidden, weight, bias), "frozen": (hidden,), "no-grad": ()}[head]
+    if grad:
+        (logp * upstream).sum().backward()
     got = [t.grad.clone() for t in params]
     for t in params:
         t.grad = None

@@ -187,6 +187,24 @@ def _train_triples(pairs):
     return [(p.prompt, p.chosen, None) for p in train]
 
 
+def test_finetune_rows_keep_the_follow_up_and_the_conversations_end(tiny_model_path):
+    """A conversation longer than max_length keeps its last tokens (next to the reply), never the
+    follow-up's: cut on the right, TRL would drop the row and a run of long rows failed obscurely."""
+    from pipeline.errors import HeedfulError
+    from pipeline.models import load_tokenizer
+    from reward_models.followup import fit_rows
+
+    tokenizer = load_tokenizer("tiny")
+    long = "Passage: " + "the river runs to the sea " * 40 + "Question: where? Answer: to the sea."
+    rows = fit_rows([(long, "Thanks!"), ("hi", "Thanks!")], tokenizer, 32)
+    assert [r["completion"] for r in rows] == ["Thanks!", "Thanks!"] and rows[1]["prompt"] == "hi"
+    kept = rows[0]["prompt"]
+    assert long.endswith(kept) and len(kept) < len(long) / 4
+    assert len(tokenizer(kept + "Thanks!", add_special_tokens=False)["input_ids"]) <= 32 + 2  # re-tokenised at the cut
+    with pytest.raises(HeedfulError, match="max_length=2"):
+        fit_rows([(long, "Thanks a lot, that was useful!")], tokenizer, 2)
+
+
 def test_evaluation_reload_honours_use_gpu_false(tmp_path, tiny_model_path, monkeypatch):
     """`use_gpu: false` keeps the held-out evaluation on the CPU even where a GPU is visible:
     the reloaded reward model follows the stage's device policy, not the bare `device` field

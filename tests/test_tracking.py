@@ -76,7 +76,10 @@ def test_evaluate_logs_its_summary_to_tensorboard_beside_the_training_curves(tmp
     # hand-checked (tests/test_evaluate_metrics.py's fixed replies): base adheres on 1 of 3, in_context on 3 of 3
     assert scalars["adherence/base"] == pytest.approx(1 / 3) and scalars["adherence/base/n"] == 3
     assert scalars["adherence/in_context"] == 1.0 and scalars["kl_to_base/base"] == 0.0
-    assert scalars["length_vs_base/in_context"] == pytest.approx(summary["conditions"]["in_context"]["length_vs_base"])
+    assert scalars["length_vs_base/in_context"] == pytest.approx(summary["conditions"]["in_context"]["length_vs_base"]["value"])
+
+    # the report's bars of every rate with its interval, as an image
+    assert set(events["images"]) == {"evaluation/rates"} and events["images"]["evaluation/rates"].startswith(b"\x89PNG")
 
     table = events["texts"]["evaluation/summary"]
     assert table.splitlines()[0] == "| condition | metric | value | lo | hi | n |"

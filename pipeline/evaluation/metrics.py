@@ -7,7 +7,7 @@ rates, a seeded percentile bootstrap for means.
 
     adherence / overgen_near / overgen_out   share of in-/near-/out-of-scope replies applying the
                                              feedback (trainers/feedback_eval.py, as c3po uses)
-    unfinished / repeated_ngrams / length    degeneration (+ length_vs_base, a ratio)
+    unfinished / repeated_ngrams / length    degeneration (+ length_vs_base, a ratio of means by prompt)
     reward/<name>                            mean score of each given reward model on the replies
     judge_win_rate                           an LLM judge's preference over the base's reply
 """
@@ -83,18 +83,23 @@ def retrieval_rates(prompts: Rows, memory: Callable[[str], bool]) -> dict[str, A
     }
 
 
-def length_vs_base(rows: Rows, results: Results, reference: dict[tuple[str, str], dict[str, Any]]) -> None:
-    """Mean reply length relative to the base's on the same prompts (1.0 = same)."""
+def length_vs_base(
+    rows: Rows, results: Results, reference: dict[tuple[str, str], dict[str, Any]], resamples: int = 2000, seed: int = 0
+) -> None:
+    """Mean reply length relative to the base's on the same prompts (1.0 = same), paired by prompt,
+    with a bootstrap interval over the prompts (a longer or shorter model shows it beyond noise)."""
+    from pipeline.stats import bootstrap_ratio
+
     base = {r["prompt"]: r["tokens"] for r in rows if r["condition"] == "base"}
     if not base:
         base = {p: r.get("tokens", 0) for (c, p), r in reference.items() if c == "base"}
     if not base:
         return
-    mean_base = sum(base.values()) / len(base)
     for name, metrics in results.items():
-        lengths = [r["tokens"] for r in rows if r["condition"] == name and r["prompt"] in base]
-        if lengths and mean_base > 0:
-            metrics["length_vs_base"] = (sum(lengths) / len(lengths)) / mean_base
+        mine = [r for r in rows if r["condition"] == name and r["prompt"] in base]
+        if mine and sum(base[r["prompt"]] for r in mine) > 0:
+            lengths, base_lengths = [r["tokens"] for r in mine], [base[r["prompt"]] for r in mine]
+            metrics["length_vs_base"] = bootstrap_ratio(lengths, base_lengths, resamples=resamples, seed=seed)
 
 
 def reward_scores(ans: Answering, rows: Rows, results: Results, models: list[tuple[str, Path]]) -> None:

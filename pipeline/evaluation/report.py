@@ -55,18 +55,25 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
 
 
 def bars_figure(title: str, conditions: dict[str, dict[str, Any]], metric_names: list[str]) -> str:
-    """Grouped bars (one group per rate metric, one bar per condition) with interval whiskers."""
+    """`bars_plot` as an HTML image ("" when no rate was measured)."""
+    from pipeline import report
+
+    fig = bars_plot(title, conditions, metric_names)
+    return report.figure_html(fig) if fig is not None else ""
+
+
+def bars_plot(title: str, conditions: dict[str, dict[str, Any]], metric_names: list[str] = BAR_METRICS) -> Any:
+    """Grouped bars (one group per rate metric, one bar per condition) with interval whiskers: a
+    matplotlib figure for the report and the trackers (the caller closes it); None without rates."""
     shown = [
         m for m in metric_names if any(isinstance(c.get(m), dict) and c[m].get("value") is not None for c in conditions.values())
     ]
     if not shown:
-        return ""
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pipeline import report
 
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(shown), 3.2))
     width = 0.8 / max(len(conditions), 1)
@@ -84,4 +91,4 @@ def bars_figure(title: str, conditions: dict[str, dict[str, Any]], metric_names:
     ax.legend(fontsize=7)
     ax.set_title(f"{title}: rates with 95% intervals")
     fig.tight_layout()
-    return report.figure_html(fig)
+    return fig

@@ -125,8 +125,8 @@ def metric_value(summary: dict[str, Any], condition: str, metric: str) -> dict[s
 
     - `metric` is a summary key ("adherence", "kl_to_base", "reward/plove", ...); a metric
       with one estimate per scope is read as "memory_retrieved/in_scope".
-    - A metric stored as a bare number (`length_vs_base`) comes back as
-      {"value": x, "n": None, "lo": None, "hi": None}, so a caller reads one shape.
+    - A metric stored as a bare number (`length_vs_base` in summaries written before it had an
+      interval) comes back as {"value": x, "n": None, "lo": None, "hi": None}, so a caller reads one shape.
     - An estimate over no items has "value": None (and n 0): there is a row, but nothing to
       compare; a gate should treat it as missing evidence.
     - None when the condition was not evaluated (e.g. skipped for a missing input) or the

@@ -74,25 +74,33 @@ class ChunkedLogps(torch.autograd.Function):
         entropy = hidden.new_zeros(n, dtype=torch.float32)
         mean_logit = hidden.new_zeros(n, dtype=torch.float32)
         top1 = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+        if with_metrics:  # mean_z = h . mean(W) (+ mean(b)): a matrix-vector product, no pass over the tile
+            mean_row = weight.float().mean(0)
+            mean_logit.copy_(hidden.float() @ mean_row + (bias.float().mean() if bias is not None else 0.0))
         for s, e in _chunks(n, vocab, tile_elements):
             z = _logits(hidden[s:e], weight, bias, dtype)
             peak, argmax = z.max(dim=-1)
             target_logit = z.gather(1, targets[s:e, None]).squeeze(1)
             if with_metrics:
-                mean_logit[s:e] = z.mean(dim=-1)
                 top1[s:e] = argmax == targets[s:e]
             z.sub_(peak[:, None])
-            expz = z.exp()
+            # the tile's passes are memory-bound: the softmax's numerator in place when nothing reads z after
+            keep_z = with_metrics and d_logp_d_h is None
+            expz = z.exp() if keep_z else z.exp_()
             total = expz.sum(dim=-1)
-            if with_metrics:
-                # H = log Z - E_p[z] with both shifted by the peak
-                entropy[s:e] = total.log() - (expz * z).sum(dim=-1) / total
             log_z[s:e] = peak + total.log()
             logp[s:e] = target_logit - log_z[s:e]
             if d_logp_d_h is not None:  # W[target] - softmax @ W, in fp32 as the backward path computes it
                 with torch.autocast(hidden.device.type, enabled=False):
-                    probs = expz.div_(total[:, None])
-                    d_logp_d_h[s:e] = torch.index_select(weight, 0, targets[s:e]).float() - probs @ weight.float()
+                    expected_w = (expz @ weight.float()).div_(total[:, None])  # E_p[W]: 1/Z folded in after
+                    d_logp_d_h[s:e] = torch.index_select(weight, 0, targets[s:e]).float() - expected_w
+                if with_metrics:  # H = log Z - E_p[z], and E_p[z] = E_p[W] . h + E_p[b]: no pass over the tile
+                    expected_z = (expected_w * hidden[s:e].float()).sum(-1)
+                    if bias is not None:
+                        expected_z += (expz @ bias.float()) / total
+                    entropy[s:e] = log_z[s:e] - expected_z
+            elif with_metrics:  # H = log Z - E_p[z], both shifted by the peak
+                entropy[s:e] = total.log() - torch.linalg.vecdot(expz, z) / total
         if d_logp_d_h is not None:
             ctx.save_for_backward(d_logp_d_h)
             ctx.hidden_dtype = hidden.dtype
@@ -157,10 +165,11 @@ class ChunkedKL(torch.autograd.Function):
             log_q = _logits(hidden[s:e], weight, bias, dtype).div_(temperature).log_softmax(-1)
             log_p = _logits(ref_hidden[s:e], weight, bias, dtype).div_(temperature).log_softmax(-1)
             p = log_p.exp()
-            kl[s:e] = (p * (log_p - log_q)).sum(-1) * temperature**2
-            if grad is not None:  # d(T^2 KL)/dz = T (q - p), z = W h
+            # log_p is not read again: the difference in place, no [chunk, vocab] temporary
+            kl[s:e] = torch.linalg.vecdot(p, log_p.sub_(log_q)) * temperature**2
+            if grad is not None:  # d(T^2 KL)/dz = T (q - p), z = W h; T applied to the [chunk, hidden] product
                 with torch.autocast(hidden.device.type, enabled=False):
-                    grad[s:e] = log_q.exp_().sub_(p).mul_(temperature) @ weight.float()
+                    grad[s:e] = (log_q.exp_().sub_(p) @ weight.float()).mul_(temperature)
         ctx.hidden_dtype = hidden.dtype
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
         return kl
