@@ -340,14 +340,22 @@ def expand(
         reward_cls = registry.get("train_reward")
         if reward_cls is None:
             raise problem("methods", "ppo's reward model needs the train_reward stage, which is not installed")
+        if spec.reward.get("kind", DEFAULT_REWARD_KIND) != DEFAULT_REWARD_KIND:
+            raise problem(
+                "reward.kind",
+                f"the arena trains ppo's reward model on the preferences, which only FLR (kind: {DEFAULT_REWARD_KIND}) "
+                "reads; train another kind in a stage of your own and give it as arena.inputs.ppo.reward_model",
+            )
         # the reward model gets the arena's training budget too (steps, batch, LoRA), then its own settings;
         # not the policy's max_length: FLR reads the whole conversation before the follow-up it scores
         trained_alike = {
             k: copy.deepcopy(v) for k, v in spec.budget.items() if k in reward_cls.Config.model_fields and k != "max_length"
         }
-        reward_with = {**DEFAULT_REWARD, **trained_alike, **copy.deepcopy(spec.reward)}
-        if spec.reward.get("kind", DEFAULT_REWARD_KIND) != DEFAULT_REWARD_KIND:
-            reward_with.pop(DEFAULT_REWARD_KIND, None)  # the default kind's settings block belongs to it alone
+        reward_with = {**copy.deepcopy(DEFAULT_REWARD), **trained_alike, **copy.deepcopy(spec.reward)}
+        reward_with[DEFAULT_REWARD_KIND] = {  # FLR's own block merged key by key: fine-tuning stays on unless turned off
+            **DEFAULT_REWARD[DEFAULT_REWARD_KIND],
+            **(spec.reward.get(DEFAULT_REWARD_KIND) or {}),
+        }
         feedback = REWARD_FEEDBACK[spec.source].format(**fill)
         stages.append({"name": REWARD_STAGE, "uses": "train_reward", "inputs": {"feedback": feedback}, "with": reward_with})
     prompts = spec.prompts or {"verbal": f"{spec.data}.eval_prompts", "spans": "views.eval_prompts"}.get(spec.source)

@@ -44,14 +44,14 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
 
     names = metric_names(table)
     head = "".join(f"<th>{html.escape(m)}{arrow(m)}</th>" for m in names)
-    head += "<th>train s</th><th>steps</th><th>samples/s</th><th>peak MB</th><th>eval s</th>"
+    head += "<th>train s</th><th>steps</th><th>samples/s</th><th>tokens/s</th><th>peak MB</th><th>eval s</th>"
     body = []
     for row in display_rows(table):
         cells = "".join(f"<td>{html.escape(fmt_estimate(row['metrics'].get(m)))}</td>" for m in names)
         cost = row["cost"]
         cells += "".join(
             f"<td>{html.escape(num(cost.get(f)) or '–')}</td>"
-            for f in ("train_seconds", "steps", "samples_per_second", "peak_memory_mb", "eval_seconds")
+            for f in ("train_seconds", "steps", "samples_per_second", "tokens_per_second", "peak_memory_mb", "eval_seconds")
         )
         state = row["status"]
         note = f' title="{html.escape(row["error"] or "")}"' if row["error"] else ""

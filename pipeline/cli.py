@@ -349,11 +349,14 @@ def models_conversions(
     budget_gb: float = typer.Option(None, "--budget-gb", help="the budget for --prune (default HEEDFUL_CT2_CACHE_GB, 16)"),
 ):
     """The CTranslate2 conversions cached for the ct2 engine: count, size, budget; --prune to reclaim space."""
-    from .ct2_cache import budget_bytes, entries, evict
+    from .ct2_cache import budget_bytes, entries, evict, gb_to_bytes
     from .paths import heedful_home
 
     root = heedful_home() / "ct2"
-    budget = int(budget_gb * 1e9) if budget_gb is not None else budget_bytes()
+    try:
+        budget = gb_to_bytes(budget_gb, "--budget-gb") if budget_gb is not None else budget_bytes()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     if prune:
         removed = evict(root, budget)
         console.print(f"removed {len(removed)} conversion(s)")
@@ -361,7 +364,8 @@ def models_conversions(
     orphans = sum(e.orphaned for e in found)
     console.print(
         f"{root}: {len(found)} conversion(s), {sum(e.size for e in found) / 1e9:.2f} GB "
-        f"(budget {budget / 1e9:.2f} GB; {orphans} orphaned: their adapter is gone)"
+        f"(budget {budget / 1e9:.2f} GB; {orphans} orphaned: their adapter is gone)",
+        soft_wrap=True,
     )
 
 

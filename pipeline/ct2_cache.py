@@ -3,7 +3,7 @@
 Why: every adapter the ct2 engine runs is converted once (base + adapter merged) and kept
 under `$HEEDFUL_HOME/ct2/<key>`, so reruns and other stages reuse it. Unbounded, that
 filled a disk (SmolLM2-135M: ~540 MB a conversion; an arena of ten methods converts ten
-adapters per run; one machine collected 53 GB). After each new conversion the cache is cut
+adapters per run; one machine collected 53 GB). Each time a conversion is loaded the cache is cut
 back to `HEEDFUL_CT2_CACHE_GB` (default 16), oldest use first.
 
 A conversion in use is never removed: whoever loads one holds a shared `flock` on its
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import shutil
 import time
@@ -29,6 +31,8 @@ try:  # POSIX; elsewhere conversions are not protected while in use (documented)
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 #: the default budget, in GB (10^9 bytes), for all conversions together
 DEFAULT_BUDGET_GB = 16.0
@@ -43,29 +47,68 @@ def budget_bytes() -> int:
         gb = float(raw) if raw else DEFAULT_BUDGET_GB
     except ValueError:
         raise ValueError(f"HEEDFUL_CT2_CACHE_GB must be a number of GB (got {raw!r})") from None
-    if gb < 0:
-        raise ValueError(f"HEEDFUL_CT2_CACHE_GB must be >= 0 (got {raw!r})")
+    return gb_to_bytes(gb, "HEEDFUL_CT2_CACHE_GB")
+
+
+def gb_to_bytes(gb: float, what: str) -> int:
+    if not math.isfinite(gb) or gb < 0:
+        raise ValueError(f"{what} must be a finite number of GB >= 0 (got {gb})")
     return int(gb * 1e9)
 
 
+#: conversions this process holds (folder -> number of holders): eviction in this process skips
+#: them whatever the file system's `flock` does (over NFS it is per process, so a process's own
+#: exclusive probe would succeed against its own shared lock, and closing the probe would drop it)
+_HELD: dict[Path, int] = {}
+
+
 class InUse:
-    """A shared lock on one conversion: eviction leaves it alone until `release()` (or garbage collection)."""
+    """A shared lock on one conversion: eviction leaves it alone until `release()` (or garbage collection).
+
+    A cache another user owns, or a read-only one, is still usable: the lock file is opened
+    read-only there (`flock` works on it); where it cannot be opened at all the conversion is
+    used unprotected (the owner's evictions could remove it), and that is logged."""
 
     def __init__(self, folder: Path):
-        self.folder = folder
+        self.folder = folder.resolve()
         self._fd: int | None = None
+        _HELD[self.folder] = _HELD.get(self.folder, 0) + 1
+        self._finalizer = weakref.finalize(self, _let_go, self.folder, None)
         if fcntl is None:
             return
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(_use_file(folder), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(_use_file(folder))
+        if fd is None:
+            log.warning("cannot open %s: this conversion is used without protection from eviction", _use_file(folder))
+            return
         fcntl.flock(fd, fcntl.LOCK_SH)
         self._fd = fd
-        self._finalizer = weakref.finalize(self, os.close, fd)
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _let_go, self.folder, fd)
 
     def release(self) -> None:
-        if self._fd is not None:
-            self._finalizer()
-            self._fd = None
+        self._finalizer()
+
+
+def _let_go(folder: Path, fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+    count = _HELD.get(folder, 0) - 1
+    if count > 0:
+        _HELD[folder] = count
+    else:
+        _HELD.pop(folder, None)
+
+
+def _open_lock_file(path: Path) -> int | None:
+    """The lock file for reading and writing, created if missing; read-only where that is all we may do."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        try:
+            return os.open(path, flags, 0o644)
+        except OSError:
+            continue
+    return None
 
 
 def _use_file(folder: Path) -> Path:
@@ -78,7 +121,7 @@ def mark_used(folder: Path) -> None:
     The clock's own nanoseconds: `utime` without a time stamps the kernel's coarse clock (a few
     ms), so two uses close together would tie."""
     now = time.time_ns()
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):  # gone meanwhile, or another user's (only the owner may set times)
         os.utime(folder, ns=(now, now))
 
 
@@ -130,14 +173,20 @@ def _exclusive(folder: Path) -> Iterator[bool]:
     build = FileLock(str(folder) + ".lock")
     try:
         build.acquire(timeout=0)
-    except Timeout:
+    except (Timeout, OSError):  # being built, or not ours to lock (a read-only or another user's cache)
         yield False
         return
     try:
+        if folder.resolve() in _HELD:  # this process uses it
+            yield False
+            return
         if fcntl is None:
             yield True
             return
-        fd = os.open(_use_file(folder), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(_use_file(folder))
+        if fd is None:
+            yield False
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

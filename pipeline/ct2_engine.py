@@ -23,6 +23,7 @@ import gc
 import hashlib
 import importlib.util
 import json
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,8 @@ from .ct2_cache import MARKER, InUse, evict, mark_used
 from .generation import Completion, SamplingSettings, hf_sampling_kwargs
 from .prefix_logits import shared_prefix_length
 from .threads import engine_threads
+
+log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("float32", "int8_float32", "int8")
 #: a token prefix shared by every prompt of a call (the chat template's system turn) at least
@@ -124,7 +127,10 @@ def converted_model(model_name: str, adapter: str | Path | None = None, quantiza
     held = InUse(target)
     _build_once(target, build, marker=MARKER)
     mark_used(target)
-    evict(target.parent, keep=target)
+    try:
+        evict(target.parent, keep=target)
+    except OSError as exc:  # a cache we may read but not prune (another user's): the conversion is fine
+        log.warning("could not prune the CTranslate2 cache %s: %s", target.parent, exc)
     return held
 
 

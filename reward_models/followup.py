@@ -18,6 +18,7 @@ column, so only the follow-up positions go through the LM head (`logits_to_keep`
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ from .common import batched
 
 if TYPE_CHECKING:
     from pipeline.schema import Preference
+
+log = logging.getLogger(__name__)
 
 FLR_ASPECTS = ("understanding", "relevance", "correctness", "engagingness", "informativeness", "instruction_following")
 
@@ -499,15 +502,27 @@ def fit_rows(pairs: list[tuple[str, str]], tokenizer, max_length: int) -> list[d
     on the right would lose the follow-up, the only tokens trained on (TRL then drops the row)."""
     from pipeline.errors import HeedfulError
 
+    def tokens(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     rows = []
     for prefix, followup in pairs:
-        room = max_length - len(tokenizer(followup, add_special_tokens=False)["input_ids"])
-        if room < 1:
-            continue
-        ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        rows.append({"prompt": tokenizer.decode(ids[-room:]) if len(ids) > room else prefix, "completion": followup})
+        room = max_length - len(tokens(followup))
+        ids = tokens(prefix)
+        kept, take = prefix, room
+        while take >= 1 and len(tokens(kept)) > room:  # decoded at a cut and encoded again, tokens can differ
+            kept, take = tokenizer.decode(ids[-take:]), take - 1
+        if room >= 1 and len(tokens(kept)) <= room:
+            rows.append({"prompt": kept, "completion": followup})
     if pairs and not rows:
         raise HeedfulError(f"train_reward (followup): max_length={max_length} leaves no room for a follow-up turn; raise it")
+    if len(rows) < len(pairs):
+        log.warning(
+            "FLR fine-tuning: %d of %d follow-ups are longer than max_length=%d alone; left out",
+            len(pairs) - len(rows),
+            len(pairs),
+            max_length,
+        )
     return rows
 
 

@@ -20,7 +20,6 @@ running statistics) into one per-token reward. The math is in `trainers/ppo/`.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -65,17 +64,18 @@ class PpoStageConfig(PpoSettings, StageConfig):
         return self
 
 
-def training_speed(curves: list[dict], samples_per_rollout: int, seconds: float) -> dict[str, float]:
-    """The arena's cost columns for a PPO run: replies sampled and trained on per second, their
-    tokens per second (each rollout's mean reply length), and the peak memory."""
+def training_speed(curves: list[dict], samples_per_rollout: int) -> dict[str, float]:
+    """The arena's cost columns for a PPO run: replies sampled and trained on per second of the
+    rollouts' own step times (`time/step_s`: so a resumed run counts its earlier rollouts with
+    their own time), their tokens per second (each rollout's mean reply length), peak memory."""
     from pipeline.stats import peak_memory_mb
 
-    rollouts = [r for r in curves if "response/length" in r]
+    rollouts = [r for r in curves if "response/length" in r and r.get("time/step_s")]
     out = {"peak_memory_mb": peak_memory_mb()}
-    if rollouts and seconds > 0:
+    seconds = sum(r["time/step_s"] for r in rollouts)
+    if seconds > 0:
         out["train_samples_per_second"] = round(samples_per_rollout * len(rollouts) / seconds, 4)
-        tokens = sum(samples_per_rollout * r["response/length"] for r in rollouts)
-        out["train_tokens_per_second"] = round(tokens / seconds, 3)
+        out["train_tokens_per_second"] = round(sum(samples_per_rollout * r["response/length"] for r in rollouts) / seconds, 3)
     return out
 
 
@@ -169,9 +169,7 @@ class PpoStage(Stage):
             ", ".join(f"{o.name} x{o.weight:g}" for o in parts),
         )
         trainer = PpoTrainer(cfg, models, tokenizer, [reward], prompts, eval_prompts, ctx.checkpoint_dir, seed=seed, log=ctx.log)
-        started = time.perf_counter()
         state = trainer.train()
-        seconds = time.perf_counter() - started
         models.policy.save_pretrained(str(ctx.output("adapter")))
         if state.samples:
             save_rows(state.samples, ctx.output("samples"))
@@ -180,7 +178,7 @@ class PpoStage(Stage):
         trainer.cleanup_checkpoints()
         metrics = summary(state)
         metrics["prompts"] = len(prompts)
-        metrics.update(training_speed(state.curves, cfg.samples_per_prompt * cfg.prompts_per_step, seconds))
+        metrics.update(training_speed(state.curves, cfg.samples_per_prompt * cfg.prompts_per_step))
         if trainer.resumed_from:
             metrics["resumed_from"] = trainer.resumed_from
         return metrics

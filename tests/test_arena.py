@@ -469,12 +469,15 @@ def test_ppo_arm_trains_against_a_reward_model_of_the_same_preferences(tmp_path)
     assert ppo["inputs"] == {"prompts": "views.preferences", "reward_model": "reward.reward_model"}
     assert (ppo["with"]["steps"], ppo["with"]["prompts_per_step"], ppo["with"]["seed"]) == (2, 2, 1)
     assert "max_steps" not in ppo["with"] and "max_length" not in ppo["with"]
-    # a reward model of the user's own replaces the arena's; another kind drops the default kind's settings
+    # FLR's settings merge key by key (fine-tuning stays on); a reward model of the user's own replaces the
+    # arena's; a kind that cannot read preferences is refused, naming the way to wire one
+    context = {**data, "arena": {**data["arena"], "reward": {"followup": {"include_context": True}}}}
+    reward = {s["name"]: s for s in expand(context)[0]["stages"]}["reward"]["with"]
+    assert reward["followup"] == {"finetune": True, "include_context": True}
     mine = {**data, "arena": {**data["arena"], "inputs": {"ppo": {"reward_model": "rm.reward_model"}}}}
     assert "reward" not in {s["name"] for s in expand(mine)[0]["stages"]}
-    plove = {**data, "arena": {**data["arena"], "reward": {"kind": "plove"}}}
-    reward = {s["name"]: s for s in expand(plove)[0]["stages"]}["reward"]["with"]
-    assert reward["kind"] == "plove" and "followup" not in reward
+    with pytest.raises(ConfigError, match="arena.inputs.ppo.reward_model"):
+        expand({**data, "arena": {**data["arena"], "reward": {"kind": "plove"}}})
 
 
 # ----------------------------------------------------------------------------- seeds aggregated

@@ -109,9 +109,10 @@ def test_a_bad_budget_is_named(monkeypatch):
     monkeypatch.setenv("HEEDFUL_CT2_CACHE_GB", "lots")
     with pytest.raises(ValueError, match="HEEDFUL_CT2_CACHE_GB"):
         budget_bytes()
-    monkeypatch.setenv("HEEDFUL_CT2_CACHE_GB", "-1")
-    with pytest.raises(ValueError, match=">= 0"):
-        budget_bytes()
+    for bad in ("-1", "inf", "nan"):
+        monkeypatch.setenv("HEEDFUL_CT2_CACHE_GB", bad)
+        with pytest.raises(ValueError, match="finite number of GB >= 0"):
+            budget_bytes()
 
 
 def test_the_cli_shows_and_prunes_the_cache(home):
@@ -122,5 +123,8 @@ def test_the_cli_shows_and_prunes_the_cache(home):
     converted_model("tiny").release()
     shown = CliRunner().invoke(app, ["models", "conversions"])
     assert shown.exit_code == 0 and "1 conversion(s)" in shown.output and "0 orphaned" in shown.output
+    negative = CliRunner().invoke(app, ["models", "conversions", "--prune", "--budget-gb", "-1"])
+    message = " ".join(negative.output.replace("│", " ").split())  # typer's box wraps the message
+    assert negative.exit_code == 2 and "--budget-gb must be a finite number" in message and cached(home)
     pruned = CliRunner().invoke(app, ["models", "conversions", "--prune", "--budget-gb", "0"])
     assert pruned.exit_code == 0 and "removed 1 conversion(s)" in pruned.output and cached(home) == set()

@@ -212,6 +212,8 @@ def test_chunked_logps_gradient_matches_full_log_softmax(head):
     grad = head != "no-grad"
     logp, entropy, mean_logit, top1 = ChunkedLogps.apply(hidden, weight, bias, targets, 5 * 101, True, grad)
     params = {"trainable": (hidden, weight, bias), "frozen": (hidden,), "no-grad": ()}[head]
+    # the path taken: a frozen head keeps only d logp / d hidden; the others what the backward re-projects
+    assert len(logp.grad_fn.saved_tensors) == (1 if head == "frozen" else 5)
     if grad:
         (logp * upstream).sum().backward()
     got = [t.grad.clone() for t in params]
@@ -226,6 +228,27 @@ def test_chunked_logps_gradient_matches_full_log_softmax(head):
     assert torch.equal(top1, logits.argmax(-1) == targets)
     for g, t in zip(got, params, strict=True):
         torch.testing.assert_close(g, t.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_logps_metrics_under_bf16_autocast_follow_the_rounded_logits():
+    """Under autocast the logits are projected in bf16: the entropy is that distribution's (taken from
+    the tile, not from the fp32 gradient product, which would mix the two and can go negative)."""
+    from trainers.fastpref.logps import ChunkedLogps
+
+    gen = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(23, 16, generator=gen) * 3).requires_grad_(True)
+    weight = torch.randn(101, 16, generator=gen)
+    targets = torch.randint(0, 101, (23,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, entropy, mean_logit, _ = ChunkedLogps.apply(hidden, weight, None, targets, 5 * 101, True, True)
+    logits = (hidden.detach().bfloat16() @ weight.bfloat16().t()).float()
+    full = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(logp.detach(), full.gather(1, targets[:, None])[:, 0], atol=1e-2, rtol=0)
+    # bf16 rounds each logit (~0.05 here); tiles of 5 rows round a little differently from one matmul, so
+    # 1e-2; the fp32 product E_p[W].h would be off by up to 0.18 here, and negative on a confident row
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1), atol=1e-2, rtol=0)
+    assert (entropy >= 0).all()
+    torch.testing.assert_close(mean_logit, hidden.detach() @ weight.mean(0), atol=1e-4, rtol=1e-4)
 
 
 def test_reference_logps_are_cached_reused_and_keyed(tmp_path, tiny_model_path):

@@ -200,7 +200,10 @@ def test_finetune_rows_keep_the_follow_up_and_the_conversations_end(tiny_model_p
     assert [r["completion"] for r in rows] == ["Thanks!", "Thanks!"] and rows[1]["prompt"] == "hi"
     kept = rows[0]["prompt"]
     assert long.endswith(kept) and len(kept) < len(long) / 4
-    assert len(tokenizer(kept + "Thanks!", add_special_tokens=False)["input_ids"]) <= 32 + 2  # re-tokenised at the cut
+    tokens = len(tokenizer(kept, add_special_tokens=False)["input_ids"]) + len(
+        tokenizer("Thanks!", add_special_tokens=False)["input_ids"]
+    )
+    assert tokens <= 32  # re-tokenised at the cut, and still within max_length
     with pytest.raises(HeedfulError, match="max_length=2"):
         fit_rows([(long, "Thanks a lot, that was useful!")], tokenizer, 2)
 

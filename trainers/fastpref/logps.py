@@ -75,8 +75,12 @@ class ChunkedLogps(torch.autograd.Function):
         mean_logit = hidden.new_zeros(n, dtype=torch.float32)
         top1 = torch.zeros(n, dtype=torch.bool, device=hidden.device)
         if with_metrics:  # mean_z = h . mean(W) (+ mean(b)): a matrix-vector product, no pass over the tile
-            mean_row = weight.float().mean(0)
-            mean_logit.copy_(hidden.float() @ mean_row + (bias.float().mean() if bias is not None else 0.0))
+            with torch.autocast(hidden.device.type, enabled=False):
+                mean_row = weight.float().mean(0)
+                mean_logit.copy_(hidden.float() @ mean_row + (bias.float().mean() if bias is not None else 0.0))
+        # with a frozen head in fp32 the entropy comes from the gradient's E_p[W] (below); under autocast the
+        # logits are rounded to bf16/fp16, so it is taken from the tile itself, as the logits were computed
+        entropy_from_product = d_logp_d_h is not None and dtype == torch.float32
         for s, e in _chunks(n, vocab, tile_elements):
             z = _logits(hidden[s:e], weight, bias, dtype)
             peak, argmax = z.max(dim=-1)
@@ -85,7 +89,7 @@ class ChunkedLogps(torch.autograd.Function):
                 top1[s:e] = argmax == targets[s:e]
             z.sub_(peak[:, None])
             # the tile's passes are memory-bound: the softmax's numerator in place when nothing reads z after
-            keep_z = with_metrics and d_logp_d_h is None
+            keep_z = with_metrics and not entropy_from_product
             expz = z.exp() if keep_z else z.exp_()
             total = expz.sum(dim=-1)
             log_z[s:e] = peak + total.log()
@@ -94,12 +98,12 @@ class ChunkedLogps(torch.autograd.Function):
                 with torch.autocast(hidden.device.type, enabled=False):
                     expected_w = (expz @ weight.float()).div_(total[:, None])  # E_p[W]: 1/Z folded in after
                     d_logp_d_h[s:e] = torch.index_select(weight, 0, targets[s:e]).float() - expected_w
-                if with_metrics:  # H = log Z - E_p[z], and E_p[z] = E_p[W] . h + E_p[b]: no pass over the tile
-                    expected_z = (expected_w * hidden[s:e].float()).sum(-1)
-                    if bias is not None:
-                        expected_z += (expz @ bias.float()) / total
-                    entropy[s:e] = log_z[s:e] - expected_z
-            elif with_metrics:  # H = log Z - E_p[z], both shifted by the peak
+                    if with_metrics and entropy_from_product:  # H = log Z - E_p[z], E_p[z] = E_p[W] . h + E_p[b]
+                        expected_z = (expected_w * hidden[s:e].float()).sum(-1)
+                        if bias is not None:
+                            expected_z += (expz @ bias.float()) / total
+                        entropy[s:e] = log_z[s:e] - expected_z
+            if with_metrics and not entropy_from_product:  # H = log Z - E_p[z], both shifted by the peak
                 entropy[s:e] = total.log() - torch.linalg.vecdot(expz, z) / total
         if d_logp_d_h is not None:
             ctx.save_for_backward(d_logp_d_h)
