@@ -308,12 +308,19 @@ def summarize(trainer, ctx: StageContext, train_output) -> dict[str, Any]:
 
 
 def mean_example_tokens(dataset, sample: int = 1000) -> float | None:
-    """Mean tokens per training example: every tokenized column (`*input_ids`: a pair's prompt,
-    chosen and rejected, an SFT row's text) of up to `sample` rows, as tokenized (before the
-    collator truncates). With samples/s, the arena's tokens/s cost column; None when the dataset
-    is not tokenized up front."""
-    columns = [c for c in (getattr(dataset, "column_names", None) or []) if c.endswith("input_ids")]
-    if not columns or not len(dataset):
+    """Mean tokens per training example: every token-id list of up to `sample` examples (a pair's
+    prompt, chosen and rejected; C3PO's four prompt/completion pairs; an SFT row's `input_ids`),
+    as tokenized before the collator truncates, masks left out. With samples/s, the arena's
+    tokens/s cost column; None when the examples are not tokenized up front (TRL tokenizes its
+    datasets at construction; heedful's own trainers build token examples)."""
+    try:
+        n = min(sample, len(dataset))
+        rows = dataset.select(range(n)) if hasattr(dataset, "select") else dataset[:n]
+    except TypeError:  # an iterable dataset: no length
         return None
-    rows = dataset.select(range(min(sample, len(dataset)))).select_columns(columns)
-    return sum(sum(len(row[c] or []) for c in columns) for row in rows) / len(rows)
+    counts = [sum(len(v) for k, v in dict(row).items() if "mask" not in k and _token_ids(v)) for row in rows]
+    return sum(counts) / len(counts) if counts and sum(counts) else None
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], int) and not isinstance(value[0], bool)

@@ -50,6 +50,26 @@ def test_bootstrap_mean():
     assert bootstrap_mean([])["n"] == 0
 
 
+def test_mean_example_tokens_counts_every_token_list_but_masks():
+    """The arena's tokens/s: a TRL pair's three id lists, heedful's own token examples (C3PO's
+    prompt/completion pairs), an SFT row without its completion mask; nothing tokenized: None."""
+    from datasets import Dataset
+
+    from pipeline.training import mean_example_tokens
+
+    pairs = Dataset.from_list(
+        [{"prompt_input_ids": [1, 2], "chosen_input_ids": [3], "rejected_input_ids": [4, 5, 6], "label": True}]
+    )
+    assert mean_example_tokens(pairs) == 6
+    own = [
+        {"index": 0, "chosen_prompt": [1, 2], "chosen_completion": [3]},
+        {"index": 1, "chosen_prompt": [1], "chosen_completion": [3, 4, 5]},
+    ]
+    assert mean_example_tokens(own) == 3.5
+    assert mean_example_tokens(Dataset.from_list([{"input_ids": [1, 2, 3], "completion_mask": [0, 1, 1]}])) == 3
+    assert mean_example_tokens(Dataset.from_list([{"prompt": "hi", "completion": "there"}])) is None
+
+
 def test_bootstrap_ratio_resamples_pairs_together():
     from pipeline.stats import bootstrap_ratio
 
