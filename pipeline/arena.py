@@ -101,11 +101,11 @@ DEFAULT_METHODS = {
     "spans": ["dpo", "kto", "cut", "coh", "sft", "ppo"],
     "custom": [],
 }
-#: PPO learns from a reward model: the arena trains one on the same preferences the pairwise methods
-#: read (FLR, fine-tuned: a preferred reply followed by a satisfied user, the other by a complaint),
-#: in a stage of this name; `arena.reward` changes its settings, `arena.inputs.ppo.reward_model` replaces it
+#: PPO learns from a reward model: the arena trains one on the preferences PPO takes its prompts from
+#: (WIRING's ppo.prompts, those the pairwise methods read; FLR, fine-tuned: a preferred reply followed by
+#: a satisfied user, the other by a complaint), in a stage of this name; `arena.reward` changes its
+#: settings, `arena.inputs.ppo.reward_model` replaces it
 REWARD_STAGE = "reward"
-REWARD_FEEDBACK = {"verbal": "{views}.preferences", "users": "{users}.preferences", "spans": "{views}.preferences"}
 DEFAULT_REWARD_KIND = "followup"
 DEFAULT_REWARD: dict[str, Any] = {"kind": DEFAULT_REWARD_KIND, DEFAULT_REWARD_KIND: {"finetune": True}}
 #: budget keys a method spells otherwise: PPO's unit of training is a rollout of `prompts_per_step` prompts
@@ -334,7 +334,7 @@ def expand(
             raise problem(f"grid.{arm}", f"{len(points_of[arm])} points; at most {MAX_POINTS} per method")
 
     ppo_arms = [arm for arm in chosen if uses_of(arm) == "ppo" and "reward_model" not in spec.inputs.get("ppo", {})]
-    if ppo_arms and spec.source in REWARD_FEEDBACK:
+    if ppo_arms and "ppo" in WIRING[spec.source]:
         if REWARD_STAGE in names:
             raise problem("methods", f"ppo's reward model is trained in a stage named '{REWARD_STAGE}': rename your stage")
         reward_cls = registry.get("train_reward")
@@ -356,7 +356,7 @@ def expand(
             **DEFAULT_REWARD[DEFAULT_REWARD_KIND],
             **(spec.reward.get(DEFAULT_REWARD_KIND) or {}),
         }
-        feedback = REWARD_FEEDBACK[spec.source].format(**fill)
+        feedback = WIRING[spec.source]["ppo"]["prompts"].format(**fill)
         stages.append({"name": REWARD_STAGE, "uses": "train_reward", "inputs": {"feedback": feedback}, "with": reward_with})
     prompts = spec.prompts or {"verbal": f"{spec.data}.eval_prompts", "spans": "views.eval_prompts"}.get(spec.source)
     memory = spec.memory or (f"{spec.data}.train" if spec.source == "verbal" else None)

@@ -71,18 +71,12 @@ class InUse:
 
     def __init__(self, folder: Path):
         self.folder = folder.resolve()
-        self._fd: int | None = None
-        _HELD[self.folder] = _HELD.get(self.folder, 0) + 1
-        self._finalizer = weakref.finalize(self, _let_go, self.folder, None)
-        if fcntl is None:
-            return
-        fd = _open_lock_file(_use_file(folder))
-        if fd is None:
+        fd = _open_lock_file(_use_file(folder)) if fcntl is not None else None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        elif fcntl is not None:
             log.warning("cannot open %s: this conversion is used without protection from eviction", _use_file(folder))
-            return
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        self._fd = fd
-        self._finalizer.detach()
+        _HELD[self.folder] = _HELD.get(self.folder, 0) + 1
         self._finalizer = weakref.finalize(self, _let_go, self.folder, fd)
 
     def release(self) -> None:
