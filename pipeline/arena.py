@@ -154,7 +154,10 @@ class ArenaSpec(BaseModel):
     inputs: dict[str, dict[str, str]] = Field(default_factory=dict, description="per method: extra or replaced inputs")
     prompts: str | None = Field(default=None, description="held-out prompts (verbal default: <data>.eval_prompts)")
     needs: str | None = Field(default=None, description="held-out information needs for simulated users")
-    memory: str | None = Field(default=None, description="prompts the feedback was given on (verbal default: <data>.train)")
+    memory: str | None = Field(
+        default=None,
+        description="prompts the feedback was given on, or critiques (default: verbal <data>.train, users <users>.verbal_feedback)",
+    )
     views: dict[str, Any] = Field(default_factory=dict, description="verbal/spans: the views stage's `with`")
     conditions: list[str] = Field(default_factory=lambda: ["base", "in_context", "memory"])
     evaluate: dict[str, Any] = Field(default_factory=dict, description="every evaluate stage's `with`")
@@ -359,7 +362,8 @@ def expand(
         feedback = WIRING[spec.source]["ppo"]["prompts"].format(**fill)
         stages.append({"name": REWARD_STAGE, "uses": "train_reward", "inputs": {"feedback": feedback}, "with": reward_with})
     prompts = spec.prompts or {"verbal": f"{spec.data}.eval_prompts", "spans": "views.eval_prompts"}.get(spec.source)
-    memory = spec.memory or (f"{spec.data}.train" if spec.source == "verbal" else None)
+    # MemPrompt's memory: the prompts the verbal feedback was given on, or the critiques the methods train on
+    memory = spec.memory or {"verbal": f"{spec.data}.train", "users": f"{fill.get('users')}.verbal_feedback"}.get(spec.source)
     eval_inputs = {k: v for k, v in {"prompts": prompts, "needs": spec.needs}.items() if v}
     if spec.source == "spans":
         eval_inputs["general"] = "views.eval_answers"  # ref_loglik: the corrected answers to held-out questions

@@ -74,7 +74,9 @@ class EvaluateStage(Stage):
             ("prompts", "needs", "responses"), required=False, doc="held-out information needs: simulated users' satisfaction"
         ),
         "memory": Input(
-            ("c3po_data", "prompts"), required=False, doc="prompts the feedback was given on (in-scope rows): memory's keys"
+            ("c3po_data", "prompts", "verbal_feedback"),
+            required=False,
+            doc="prompts the feedback was given on (in-scope rows), or critiques (each recalled on a similar request)",
         ),
         "general": Input(("prompts",), required=False, doc="prompt/answer pairs for drift (default: general_set)"),
         "reference": Input(
@@ -109,15 +111,16 @@ class EvaluateStage(Stage):
         prompts_path, adapter = ctx.input("prompts"), ctx.input("adapter")
         prompts = load_rows(prompts_path, required=["prompt"], what="evaluation prompts") if prompts_path else []
         feedback, metric = metrics.feedback_and_metric(prompts, cfg.feedback, cfg.metric, prompts_path)
+        memory_path = ctx.input("memory")
+        feedback = feedback or cond.memory_feedback(memory_path, cfg.memory)  # a memory of critiques: the top ones
         conditions = cond.choose_conditions(
-            cfg.conditions, feedback, has_memory=ctx.input("memory") is not None, adapter=adapter, label=cfg.label, log=ctx.log
+            cfg.conditions, feedback, has_memory=memory_path is not None, adapter=adapter, label=cfg.label, log=ctx.log
         )
         ctx.log.info("conditions: %s", ", ".join(c.name for c in conditions))
         tokenizer = load_tokenizer(ctx.model)
         model = load_causal_lm(ctx.model, device_policy(cfg.device), adapter=adapter).eval()
-        memory_path = ctx.input("memory")
         retrieving = any(c.system == "retrieved" for c in conditions)  # only with a `memory` input
-        memory = cond.memory_lookup(memory_path, cfg.memory, ctx.log) if memory_path is not None and retrieving else None
+        memory = cond.memory_lookup(memory_path, cfg.memory, feedback, ctx.log) if memory_path and retrieving else None
         ans = cond.Answering(
             model=model,
             tokenizer=tokenizer,
@@ -138,8 +141,8 @@ class EvaluateStage(Stage):
             ans, prompts, feedback, metric, reference, cfg.sampling, cfg.max_prompts_per_scope, cfg.ngram
         )
         results = metrics.reply_metrics(rows, [c.name for c in conditions], ans.resamples, ans.seed)
-        if memory is not None and prompts:
-            results["memory"]["memory_retrieved"] = metrics.retrieval_rates(prompts, memory)
+        if memory is not None and (rates := metrics.retrieval_rates(prompts, memory)):
+            results["memory"]["memory_retrieved"] = rates
         metrics.length_vs_base(rows, results, reference, ans.resamples, ans.seed)
         metrics.reward_scores(ans, rows, results, [(name, path) for name in RM_INPUTS if (path := ctx.input(name)) is not None])
         if cfg.judge is not None:

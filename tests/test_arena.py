@@ -183,12 +183,16 @@ def test_arena_on_simulated_users(tmp_path):
     assert pipeline.stage("dpo_g1_s0").inputs["preferences"].raw == "validation.preferences"
     assert pipeline.stage("validation").inputs["conversations"].raw == "sample.responses"  # the training needs only
     assert pipeline.stage("val_dpo_g1_s0").inputs["needs"].raw == "validation.validation"
+    # MemPrompt's memory: the critiques the methods train on (never the validation or held-out needs')
+    assert pipeline.stage("eval_base").inputs["memory"].raw == "validation.verbal_feedback"
     runner = Runner(pipeline, tmp_path / "runs", use_ray=False)
     save_plan(runner.run.root, plan)
     result = runner.execute()
     assert result.ok, [(r.name, r.error) for r in result.records if r.error]
     table = write_outputs(result.run_dir)
-    assert [row["condition"] for row in table["rows"]] == ["base", "dpo_s0", "cut_s0"]
+    assert [row["condition"] for row in table["rows"]] == ["base", "in_context", "memory", "dpo_s0", "cut_s0"]
+    memory = next(row for row in table["rows"] if row["condition"] == "memory")
+    assert memory["metrics"]["memory_retrieved"]["needs"]["n"] == 4  # recalled or not, for each held-out need
     for row in table["rows"]:
         assert row["status"] == "done"
         assert row["metrics"]["first_reply_satisfied"]["n"] == 4  # the 4 held-out needs (of 16)

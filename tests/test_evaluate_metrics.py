@@ -462,3 +462,103 @@ def test_drift_batched_equals_one_full_forward_per_item(tiny_model_path, lora_ad
         assert results[condition.name]["kl_to_base"]["value"] == pytest.approx(sum(kls) / 5, abs=1e-5)
         assert results[condition.name]["ref_loglik"]["n"] == 5
     assert results["a"]["kl_to_base"]["value"] > 1e-4 and results["in_context"]["kl_to_base"]["value"] > 1e-4
+
+
+def critique_record(rid, request, critique, judgment="needs_work", rounds=0):
+    """A simulated user's verbal feedback record on a reply to `request` (after `rounds` earlier exchanges)."""
+    prompt = [{"role": "user", "content": request}]
+    for i in range(rounds):
+        prompt += [{"role": "assistant", "content": f"reply {i}"}, {"role": "user", "content": f"follow-up {i}"}]
+    return {
+        "id": rid,
+        "kind": "verbal",
+        "prompt": prompt,
+        "response": "a reply",
+        "critique": critique,
+        "judgment": judgment,
+        "provenance": {"source": "convsim", "annotator": "convsim:tiny"},
+    }
+
+
+CRITIQUES = [
+    critique_record("a1", "How do I boil an egg quickly?", "Give me the minutes, not a story."),
+    critique_record("a2", "How do I boil an egg quickly?", "Still no minutes.", rounds=1),  # keyed by the first turn
+    critique_record("a3", "How do I boil an egg quickly?", "Thanks, that helps.", judgment="good"),  # thanks: not kept
+    critique_record("b1", "Which train goes to Lyon?", "Give me the minutes, not a story!"),  # recurs on another request
+    critique_record("c1", "What is a good name for a cat?", "Too long."),
+]
+
+
+def test_memory_of_critiques_recalls_each_requests_own_critique(tmp_path):
+    from pipeline.evaluation import conditions as cond
+
+    memory = tmp_path / "verbal_feedback.jsonl"
+    write_jsonl(CRITIQUES, memory)
+    settings = cond.MemorySettings(embedder="lexical", threshold=0.5, max_critiques=2)
+    found = cond.critiques_of(CRITIQUES)
+    assert found == {
+        "How do I boil an egg quickly?": ["Give me the minutes, not a story.", "Still no minutes."],
+        "Which train goes to Lyon?": ["Give me the minutes, not a story!"],
+        "What is a good name for a cat?": ["Too long."],
+    }
+    recall = cond.memory_lookup(memory, settings, None, __import__("logging").getLogger("t"))
+    assert recall("How do I boil an egg quickly") == "Give me the minutes, not a story. Still no minutes."
+    assert recall("Which train goes to Lyon today?") == "Give me the minutes, not a story!"
+    assert recall("What is the capital of France?") is None
+    # in context: the critiques that recur over most requests first, at most max_critiques
+    assert cond.memory_feedback(memory, settings) == "(1) Give me the minutes, not a story. (2) Still no minutes."
+    system_for = cond.system_prompts("Feedback: {feedback}", cond.memory_feedback(memory, settings), recall)
+    memory_condition, in_context = (
+        cond.Condition(name="memory", system="retrieved"),
+        cond.Condition(name="in_context", system="feedback"),
+    )
+    assert system_for(memory_condition, "What is a good name for a cat?") == "Feedback: Too long."
+    assert system_for(memory_condition, "What is the capital of France?") is None
+    assert system_for(in_context, "What is the capital of France?").startswith("Feedback: (1) Give me the minutes")
+    # a memory of prompts recalls the one feedback; without one it says so
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl([{"prompt": "How do I boil an egg?", "scope": "in_scope"}], prompts)
+    assert cond.memory_feedback(prompts, settings) is None
+    assert (
+        cond.memory_lookup(prompts, settings, "Say chef.", __import__("logging").getLogger("t"))("How do I boil an egg?")
+        == "Say chef."
+    )
+    with pytest.raises(ValueError, match="recalls one feedback"):
+        cond.memory_lookup(prompts, settings, None, __import__("logging").getLogger("t"))
+    write_jsonl([critique_record("g", "Hi?", "Thanks!", judgment="good")], memory)
+    with pytest.raises(ValueError, match="no critique"):
+        cond.memory_lookup(memory, settings, None, __import__("logging").getLogger("t"))
+
+
+def test_evaluate_users_source_in_context_and_memory_of_critiques(tmp_path, tiny_model_path):
+    """Held-out needs with the training users' critiques as memory: the in-context condition is told
+    the most recurring ones, the memory condition the critique of a similar remembered request."""
+    from pipeline.evaluation.summary import read_summary
+
+    memory = tmp_path / "verbal_feedback.jsonl"
+    write_jsonl(CRITIQUES, memory)
+    needs = tmp_path / "needs.jsonl"
+    write_jsonl(
+        [
+            {"id": "n1", "prompt": "Which train goes to Lyon?", "need": "the train to Lyon", "keywords": ["TGV"]},
+            {"id": "n2", "prompt": "How many legs has a spider?", "need": "the number of legs", "keywords": ["eight|8"]},
+        ],
+        needs,
+    )
+    with_ = {
+        "conditions": ["base", "in_context", "memory"],
+        "sampling": {"max_new_tokens": 4, "temperature": 0.0},
+        "resamples": 200,
+        "drift": False,
+        "memory": {"embedder": "lexical", "threshold": 0.8, "max_critiques": 1},
+        "users": {"max_rounds": 1, "simulator": {"model": "tiny"}, "policy_sampling": {"max_new_tokens": 4}},
+    }
+    result = run_evaluate(tmp_path, {"prompts": str(needs), "needs": str(needs), "memory": str(memory)}, with_)
+    assert result.ok, result.records[0].error
+    summary = read_summary(result.run_dir / "check")
+    assert summary["feedback"] == "(1) Give me the minutes, not a story."
+    conditions = summary["conditions"]
+    assert list(conditions) == ["base", "in_context", "memory"]
+    assert conditions["memory"]["memory_retrieved"] == {"needs": pytest.approx(wilson(1, 2))}  # the Lyon need only
+    for metrics in conditions.values():
+        assert metrics["first_reply_satisfied"]["n"] == 2

