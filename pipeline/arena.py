@@ -336,7 +336,18 @@ def expand(
         if len(points_of[arm]) > MAX_POINTS:
             raise problem(f"grid.{arm}", f"{len(points_of[arm])} points; at most {MAX_POINTS} per method")
 
-    ppo_arms = [arm for arm in chosen if uses_of(arm) == "ppo" and "reward_model" not in spec.inputs.get("ppo", {})]
+    def rule_rewarded(arm: str) -> bool:
+        """A ppo arm whose objectives are all inline rules (e.g. the feedback's own metric,
+        reward_models/rules.py `feedback_metric`) reads no reward model: none is trained for it."""
+        settings = {**spec.method_settings.get("ppo", {}), **(spec.variants[arm].settings if arm in spec.variants else {})}
+        objectives = settings.get("objectives") or []
+        return bool(objectives) and all(isinstance(o, dict) and o.get("rule") is not None for o in objectives)
+
+    ppo_arms = [
+        arm
+        for arm in chosen
+        if uses_of(arm) == "ppo" and "reward_model" not in spec.inputs.get("ppo", {}) and not rule_rewarded(arm)
+    ]
     if ppo_arms and "ppo" in WIRING[spec.source]:
         if REWARD_STAGE in names:
             raise problem("methods", f"ppo's reward model is trained in a stage named '{REWARD_STAGE}': rename your stage")
@@ -390,6 +401,8 @@ def expand(
         fields = set(cls.Config.model_fields)
         wiring = {k: v.format(**fill) for k, v in WIRING[spec.source].get(method, {}).items()}
         wiring.update(spec.inputs.get(method, {}))
+        if method == "ppo" and rule_rewarded(arm):
+            wiring.pop("reward_model", None)
         base_settings: dict[str, Any] = {"report_to": tracked} if tracked and "report_to" in fields else {}
         aliases = BUDGET_ALIASES.get(method, {})
         budget = {aliases.get(k, k): v for k, v in spec.budget.items()}

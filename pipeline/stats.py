@@ -56,14 +56,7 @@ def bootstrap_mean(values: Sequence[float], level: float = 0.95, resamples: int 
     data = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if data.size == 0:
         return empty(0)
-    mean = float(data.mean())
-    if data.size == 1:
-        return estimate(mean, 1, mean, mean)
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(means, [alpha, 1 - alpha])
-    return estimate(mean, int(data.size), float(lo), float(hi))
+    return _bootstrap(float(data.mean()), int(data.size), lambda idx: data[idx].mean(axis=1), level, resamples, seed)
 
 
 def bootstrap_ratio(
@@ -77,16 +70,26 @@ def bootstrap_ratio(
     num, den = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
     if num.size == 0 or num.size != den.size or den.sum() <= 0:
         return empty(int(num.size))
-    ratio = float(num.sum() / den.sum())
-    if num.size == 1:
-        return estimate(ratio, 1, ratio, ratio)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, num.size, size=(resamples, num.size))
-    sums = den[idx].sum(axis=1)
-    ratios = num[idx].sum(axis=1)[sums > 0] / sums[sums > 0]
+
+    def ratios(idx):
+        sums = den[idx].sum(axis=1)
+        return np.where(sums > 0, num[idx].sum(axis=1) / np.where(sums > 0, sums, 1.0), np.nan)
+
+    return _bootstrap(float(num.sum() / den.sum()), int(num.size), ratios, level, resamples, seed)
+
+
+def _bootstrap(point: float, n: int, statistic, level: float, resamples: int, seed: int) -> dict[str, Any]:
+    """`point` with a seeded percentile-bootstrap interval over `n` items: `statistic` maps a
+    [resamples, n] matrix of resampled item indices to one value per resample (NaN: left out,
+    e.g. a resample whose denominator is 0). One item: a point interval."""
+    import numpy as np
+
+    if n == 1:
+        return estimate(point, 1, point, point)
+    values = statistic(np.random.default_rng(seed).integers(0, n, size=(resamples, n)))
     alpha = (1 - level) / 2
-    lo, hi = np.quantile(ratios, [alpha, 1 - alpha])
-    return estimate(ratio, int(num.size), float(lo), float(hi))
+    lo, hi = np.quantile(values[~np.isnan(values)], [alpha, 1 - alpha])
+    return estimate(point, n, float(lo), float(hi))
 
 
 def kl_divergence(p: Sequence[float], q: Sequence[float]) -> float:

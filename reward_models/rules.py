@@ -11,6 +11,10 @@ objective on data without a trained model.
                   first mentioned, -repeat_penalty where a word trigram repeats; rewards
                   land on the token that completes the word, like fine-grained segment
                   rewards land on segment ends
+  feedback_metric a feedback's own check (c3po_data's `metric`: starts_with, ends_with,
+                  contains, regex, max_words, ...) as the reward, with partial credit for
+                  the leading characters of a fixed phrase: for a feedback whose adherence
+                  is a rule, the strongest reward PPO can have
 """
 
 from __future__ import annotations
@@ -163,7 +167,93 @@ class PromptOverlapReward(_Rule):
         return rewards
 
 
-RULES: dict[str, type[_Rule]] = {cls.rule: cls for cls in (TokenClassReward, PromptOverlapReward)}
+class FeedbackMetricReward(_Rule):
+    """`value` for a reply the feedback's metric accepts (trainers/feedback_eval.py `applies`, the
+    check the evaluation counts as adherence), `-penalty` for one it does not.
+
+    Why partial credit: a small model almost never samples a whole fixed phrase it was not
+    trained on, so an all-or-nothing reward is 0 on every rollout and PPO's advantages have
+    nothing to follow. For a phrase (starts_with, ends_with, contains) a reply that has its
+    first k characters (at the very start for starts_with, anywhere for the others; at least
+    `min_chars`) earns `partial` x value x k / len(phrase) instead, on the token that completes
+    them, so "Chef" at the start already pays a little toward "Chef's tip:". Only a reply the
+    metric accepts earns the full value: on the token completing the phrase for starts_with and
+    contains, on the last token otherwise."""
+
+    rule = "feedback_metric"
+
+    def __init__(
+        self,
+        metric: dict[str, Any] | str,
+        value: float = 1.0,
+        penalty: float = 0.0,
+        partial: float = 0.5,
+        min_chars: int = 3,
+        name: str = "feedback_metric",
+    ):
+        from trainers.feedback_eval import MetricSpec
+
+        spec = MetricSpec.parse(metric) if isinstance(metric, str) else MetricSpec.model_validate(metric)
+        if spec.kind == "judge":
+            raise ValueError("feedback_metric: a judge metric is not a rule; train a reward model on its verdicts instead")
+        if not 0 <= partial < 1:
+            raise ValueError(f"feedback_metric: partial must be in [0, 1), got {partial}")
+        self.metric, self.value, self.penalty, self.partial, self.min_chars, self.name = (
+            spec,
+            value,
+            penalty,
+            partial,
+            min_chars,
+            name,
+        )
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric.model_dump(mode="json", exclude_none=True),
+            "value": self.value,
+            "penalty": self.penalty,
+            "partial": self.partial,
+            "min_chars": self.min_chars,
+            "name": self.name,
+        }
+
+    def dense_for(self, prompt, ids, tokenizer) -> list[float]:
+        from trainers.feedback_eval import applies
+
+        rewards = [0.0] * len(ids)
+        if not ids:
+            return rewards
+        text, ends = token_char_ends(tokenizer, ids)
+        kind = self.metric.kind
+        phrase = str(self.metric.value).strip() if kind in ("starts_with", "ends_with", "contains") else ""
+        folded = text if self.metric.case_sensitive else text.lower()
+        target = phrase if self.metric.case_sensitive else phrase.lower()
+        start, length = self.phrase_match(folded, target) if phrase else (0, 0)
+        if applies(self.metric, text):
+            at = len(ids) - 1 if kind not in ("starts_with", "contains") else token_at_char(ends, start + len(target) - 1)
+            rewards[at] += self.value
+        elif length >= min(self.min_chars, len(target)) and length > 0 and self.partial > 0:
+            rewards[token_at_char(ends, start + length - 1)] += self.partial * self.value * length / len(target)
+        else:
+            rewards[-1] -= self.penalty
+        return rewards
+
+    def phrase_match(self, text: str, phrase: str) -> tuple[int, int]:
+        """(where, how many) of the phrase's leading characters the reply has: at its start for
+        starts_with (after leading spaces), else the longest leading part found anywhere."""
+        if self.metric.kind == "starts_with":
+            lead = len(text) - len(text.lstrip())
+            k = 0
+            while k < min(len(phrase), len(text) - lead) and text[lead + k] == phrase[k]:
+                k += 1
+            return lead, k
+        for k in range(len(phrase), 0, -1):
+            if (where := text.find(phrase[:k])) >= 0:
+                return where, k
+        return 0, 0
+
+
+RULES: dict[str, type[_Rule]] = {cls.rule: cls for cls in (TokenClassReward, PromptOverlapReward, FeedbackMetricReward)}
 
 
 def build_rule(spec: dict[str, Any]) -> _Rule:

@@ -482,6 +482,23 @@ def test_ppo_arm_trains_against_a_reward_model_of_the_same_preferences(tmp_path)
     assert "reward" not in {s["name"] for s in expand(mine)[0]["stages"]}
     with pytest.raises(ConfigError, match="arena.inputs.ppo.reward_model"):
         expand({**data, "arena": {**data["arena"], "reward": {"kind": "plove"}}})
+    # an arm rewarded by rules only (the feedback's own metric) reads no reward model: none is trained for it,
+    # while an arm beside it that reads one still gets the reward stage
+    rule = {"rule": "feedback_metric", "metric": {"kind": "starts_with", "value": "Chef's tip:"}}
+    ruled = {
+        **data,
+        "arena": {
+            **data["arena"],
+            "methods": ["ppo_rule"],
+            "variants": {"ppo_rule": {"method": "ppo", "settings": {"objectives": [{"rule": rule}]}}},
+        },
+    }
+    stages = {s["name"]: s for s in expand(ruled)[0]["stages"]}
+    assert "reward" not in stages and stages["ppo_rule_s1"]["inputs"] == {"prompts": "views.preferences"}
+    ruled["arena"]["methods"] = ["ppo", "ppo_rule"]
+    stages = {s["name"]: s for s in expand(ruled)[0]["stages"]}
+    assert "reward" in stages and stages["ppo_s1"]["inputs"]["reward_model"] == "reward.reward_model"
+    assert "reward_model" not in stages["ppo_rule_s1"]["inputs"]
 
 
 # ----------------------------------------------------------------------------- seeds aggregated

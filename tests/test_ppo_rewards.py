@@ -64,6 +64,50 @@ def test_rules_round_trip_through_a_reward_model_folder(tmp_path: Path, tokenize
         build_rule({"rule": "token_class"})
 
 
+def completing_token(tokenizer, ids, text, char):
+    """The index of the token whose text covers character `char` of the decoded reply."""
+    decoded, ends = token_char_ends(tokenizer, ids)
+    assert decoded == text
+    return next(k for k, end in enumerate(ends) if end > char)
+
+
+def test_feedback_metric_pays_the_phrase_in_full_and_its_leading_characters_in_part(tokenizer, tmp_path):
+    rule = build_rule({"rule": "feedback_metric", "metric": {"kind": "starts_with", "value": "Chef's tip:"}, "penalty": 0.1})
+    replies = ["chef's tip: salt the water.", "Chef says salt it.", "Boil it.", " Chef's tip:"]
+    batch, ids = batch_of(tokenizer, ["q"] * 4, replies)
+    rewards = rule.score(batch)
+    dense = [rewards.dense[b, : len(ids[b])].tolist() for b in range(4)]
+    # applied (case-insensitive, as the evaluation counts it): the full value on the token completing "chef's tip:"
+    at = completing_token(tokenizer, ids[0], replies[0], len("chef's tip:") - 1)
+    assert dense[0][at] == pytest.approx(1.0) and sum(map(abs, dense[0])) == pytest.approx(1.0)
+    # "Chef" of "Chef's tip:" (4 of 11 characters) at the start: partial 0.5 x 4/11 on the token completing it
+    at = completing_token(tokenizer, ids[1], replies[1], 3)
+    assert dense[1][at] == pytest.approx(0.5 * 4 / 11) and sum(map(abs, dense[1])) == pytest.approx(0.5 * 4 / 11)
+    assert dense[2] == [0.0] * (len(ids[2]) - 1) + [pytest.approx(-0.1)]  # not applied, nothing of it: the penalty
+    assert rewards.scalar[3].item() == pytest.approx(1.0)  # leading spaces do not matter (the metric strips them)
+
+    suffix = build_rule({"rule": "feedback_metric", "metric": "ends_with:Bon voyage!"})
+    replies = ["Pack light. Bon voyage!", "Bon voyage! Pack light.", "Pack light."]
+    batch, ids = batch_of(tokenizer, ["q"] * 3, replies)
+    rewards = suffix.score(batch)
+    assert rewards.dense[0, len(ids[0]) - 1].item() == pytest.approx(1.0)  # at the end: the full value, last token
+    # the whole phrase but not at the end: partial credit where it is, never the full value
+    at = completing_token(tokenizer, ids[1], replies[1], len("Bon voyage!") - 1)
+    assert rewards.dense[1, at].item() == pytest.approx(0.5) and rewards.scalar[1].item() == pytest.approx(0.5)
+    assert rewards.scalar[2].item() == 0.0
+
+    words = build_rule({"rule": "feedback_metric", "metric": {"kind": "max_words", "value": 3}, "penalty": 1.0})
+    batch, ids = batch_of(tokenizer, ["q", "q"], ["Pack light.", "Pack light and go early."])
+    assert words.score(batch).scalar.tolist() == [pytest.approx(1.0), pytest.approx(-1.0)]
+
+    rule.save(tmp_path / "rm")  # a reward model folder like any other
+    assert load_reward_model(tmp_path / "rm").score(batch_of(tokenizer, ["q"], ["Chef's tip: go"])[0]).scalar.item() == 1.0
+    with pytest.raises(ValueError, match="not a rule"):
+        build_rule({"rule": "feedback_metric", "metric": {"kind": "judge", "judge": {"kind": "local"}}})
+    with pytest.raises(ValueError, match="needs a value"):
+        build_rule({"rule": "feedback_metric", "metric": {"kind": "starts_with"}})
+
+
 class ReplyLengthReward:
     """A scalar reward model (no dense rewards): -0.1 per response token."""
 
