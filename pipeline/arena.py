@@ -380,7 +380,8 @@ def expand(
         eval_inputs["general"] = "views.eval_answers"  # ref_loglik: the corrected answers to held-out questions
     eval_inputs.update(spec.evaluate_inputs)
     base_inputs = dict(eval_inputs)
-    if memory and "memory" in spec.conditions:
+    # the users source's in-context feedback is the most recurring of the remembered critiques
+    if memory and ("memory" in spec.conditions or (spec.source == "users" and "in_context" in spec.conditions)):
         base_inputs["memory"] = memory
     stages.append(
         {

@@ -174,9 +174,10 @@ class FeedbackMetricReward(_Rule):
     Why partial credit: a small model almost never samples a whole fixed phrase it was not
     trained on, so an all-or-nothing reward is 0 on every rollout and PPO's advantages have
     nothing to follow. For a phrase (starts_with, ends_with, contains) a reply that has its
-    first k characters (at the very start for starts_with, anywhere for the others; at least
-    `min_chars`) earns `partial` x value x k / len(phrase) instead, on the token that completes
-    them, so "Chef" at the start already pays a little toward "Chef's tip:". Only a reply the
+    first k characters, whole words of it (at the very start for starts_with, anywhere a word
+    starts for the others; at least `min_chars`), earns `partial` x value x k / len(phrase)
+    instead, on the token that completes them, so "Chef" at the start already pays a little
+    toward "Chef's tip:" and "Cheese" nothing. Only a reply the
     metric accepts earns the full value: on the token completing the phrase for starts_with and
     contains, on the last token otherwise."""
 
@@ -225,30 +226,46 @@ class FeedbackMetricReward(_Rule):
             return rewards
         text, ends = token_char_ends(tokenizer, ids)
         kind = self.metric.kind
-        phrase = str(self.metric.value).strip() if kind in ("starts_with", "ends_with", "contains") else ""
-        folded = text if self.metric.case_sensitive else text.lower()
-        target = phrase if self.metric.case_sensitive else phrase.lower()
-        start, length = self.phrase_match(folded, target) if phrase else (0, 0)
+        phrase = str(self.metric.value) if kind in ("starts_with", "ends_with", "contains") else ""
+        phrase = phrase if kind == "contains" else phrase.strip()  # as `applies` reads the value
+        start, length = self.phrase_match(self.fold(text), self.fold(phrase)) if phrase else (0, 0)
         if applies(self.metric, text):
-            at = len(ids) - 1 if kind not in ("starts_with", "contains") else token_at_char(ends, start + len(target) - 1)
-            rewards[at] += self.value
-        elif length >= min(self.min_chars, len(target)) and length > 0 and self.partial > 0:
-            rewards[token_at_char(ends, start + length - 1)] += self.partial * self.value * length / len(target)
+            if kind == "contains":  # the first occurrence, inside a word or not, as `applies` finds it
+                start = self.fold(text).find(self.fold(phrase))
+            found = kind in ("starts_with", "contains") and start >= 0
+            rewards[token_at_char(ends, start + len(phrase) - 1) if found else len(ids) - 1] += self.value
+        elif length >= min(self.min_chars, len(phrase)) and length > 0 and self.partial > 0:
+            rewards[token_at_char(ends, start + length - 1)] += self.partial * self.value * length / len(phrase)
         else:
             rewards[-1] -= self.penalty
         return rewards
 
+    def fold(self, text: str) -> str:
+        """Lower case unless case-sensitive, one character for one (a few characters lower to two,
+        which would shift every offset after them off the token ends)."""
+        return text if self.metric.case_sensitive else "".join(c.lower()[:1] for c in text)
+
     def phrase_match(self, text: str, phrase: str) -> tuple[int, int]:
-        """(where, how many) of the phrase's leading characters the reply has: at its start for
-        starts_with (after leading spaces), else the longest leading part found anywhere."""
+        """(where, how many) of the phrase's leading characters the reply has, in whole words of the
+        phrase: at its start for starts_with (after leading spaces), else the longest leading part
+        found anywhere a word starts (so "Che" of "Cheese" pays nothing toward "Chef's tip:")."""
+
+        def word_end(k: int) -> bool:
+            return k == len(phrase) or not (phrase[k].isalnum() and phrase[k - 1].isalnum())
+
         if self.metric.kind == "starts_with":
             lead = len(text) - len(text.lstrip())
             k = 0
             while k < min(len(phrase), len(text) - lead) and text[lead + k] == phrase[k]:
                 k += 1
+            while k > 0 and not word_end(k):
+                k -= 1
             return lead, k
-        for k in range(len(phrase), 0, -1):
-            if (where := text.find(phrase[:k])) >= 0:
+        for k in (k for k in range(len(phrase), 0, -1) if word_end(k)):
+            where = text.find(phrase[:k])
+            while where > 0 and text[where - 1].isalnum() and phrase[0].isalnum():
+                where = text.find(phrase[:k], where + 1)
+            if where >= 0:
                 return where, k
         return 0, 0
 

@@ -112,15 +112,17 @@ class EvaluateStage(Stage):
         prompts = load_rows(prompts_path, required=["prompt"], what="evaluation prompts") if prompts_path else []
         feedback, metric = metrics.feedback_and_metric(prompts, cfg.feedback, cfg.metric, prompts_path)
         memory_path = ctx.input("memory")
-        feedback = feedback or cond.memory_feedback(memory_path, cfg.memory)  # a memory of critiques: the top ones
+        remembered = cond.load_memory(memory_path) if memory_path is not None else None
+        if not feedback and remembered is not None and remembered.critiques and "in_context" in cfg.conditions:
+            feedback = cond.critiques_feedback(remembered.critiques, cfg.memory.max_critiques)  # the most recurring
         conditions = cond.choose_conditions(
-            cfg.conditions, feedback, has_memory=memory_path is not None, adapter=adapter, label=cfg.label, log=ctx.log
+            cfg.conditions, feedback, memory=remembered, adapter=adapter, label=cfg.label, log=ctx.log
         )
         ctx.log.info("conditions: %s", ", ".join(c.name for c in conditions))
         tokenizer = load_tokenizer(ctx.model)
         model = load_causal_lm(ctx.model, device_policy(cfg.device), adapter=adapter).eval()
-        retrieving = any(c.system == "retrieved" for c in conditions)  # only with a `memory` input
-        memory = cond.memory_lookup(memory_path, cfg.memory, feedback, ctx.log) if memory_path and retrieving else None
+        retrieving = any(c.system == "retrieved" for c in conditions)  # only with something to recall
+        memory = cond.memory_lookup(remembered, cfg.memory, feedback, ctx.log) if remembered and retrieving else None
         ans = cond.Answering(
             model=model,
             tokenizer=tokenizer,

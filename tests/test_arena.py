@@ -302,6 +302,11 @@ def test_grid_and_variants_expand(tmp_path):
     untuned = {s["name"]: s for s in expand({**data, "arena": {**data["arena"], "grid": {}}}, methods=["sft"])[0]["stages"]}
     assert untuned["sft_s0"]["inputs"] == {"data": "data.train"} and "validation" not in untuned
     users = {**data, "arena": {**data["arena"], "grid": {}, "source": "users", "users": "data"}}
+    # the users source's in-context feedback comes from the critiques: wired without the memory condition too
+    told = {**users, "arena": {**users["arena"], "conditions": ["base", "in_context"]}}
+    assert {s["name"]: s for s in expand(told, methods=["sft"])[0]["stages"]}["eval_base"]["inputs"]["memory"] == (
+        "data.verbal_feedback"
+    )
     assert {s["name"]: s for s in expand(users, methods=["sft"])[0]["stages"]}["sft_s0"]["inputs"] == {
         "preferences": "data.preferences"
     }

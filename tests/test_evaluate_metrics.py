@@ -464,8 +464,8 @@ def test_drift_batched_equals_one_full_forward_per_item(tiny_model_path, lora_ad
     assert results["a"]["kl_to_base"]["value"] > 1e-4 and results["in_context"]["kl_to_base"]["value"] > 1e-4
 
 
-def critique_record(rid, request, critique, judgment="needs_work", rounds=0):
-    """A simulated user's verbal feedback record on a reply to `request` (after `rounds` earlier exchanges)."""
+def critique_record(rid, request, critique, judgment="needs_work", rounds=0, kind="critique"):
+    """A user's verbal feedback record on a reply to `request` (after `rounds` earlier exchanges)."""
     prompt = [{"role": "user", "content": request}]
     for i in range(rounds):
         prompt += [{"role": "assistant", "content": f"reply {i}"}, {"role": "user", "content": f"follow-up {i}"}]
@@ -476,7 +476,7 @@ def critique_record(rid, request, critique, judgment="needs_work", rounds=0):
         "response": "a reply",
         "critique": critique,
         "judgment": judgment,
-        "provenance": {"source": "convsim", "annotator": "convsim:tiny"},
+        "provenance": {"source": "convsim", "annotator": "convsim:tiny", "extra": json.dumps({"feedback": kind})},
     }
 
 
@@ -485,29 +485,33 @@ CRITIQUES = [
     critique_record("a2", "How do I boil an egg quickly?", "Still no minutes.", rounds=1),  # keyed by the first turn
     critique_record("a3", "How do I boil an egg quickly?", "Thanks, that helps.", judgment="good"),  # thanks: not kept
     critique_record("b1", "Which train goes to Lyon?", "Give me the minutes, not a story!"),  # recurs on another request
-    critique_record("c1", "What is a good name for a cat?", "Too long."),
+    critique_record("c1", "What is a good name for a cat?", "Too long.", judgment=None),  # no judgment: a critique
+    critique_record("d1", "Where is the station?", "I meant the bus station.", kind="clarification"),  # not feedback
 ]
 
 
 def test_memory_of_critiques_recalls_each_requests_own_critique(tmp_path):
     from pipeline.evaluation import conditions as cond
 
-    memory = tmp_path / "verbal_feedback.jsonl"
-    write_jsonl(CRITIQUES, memory)
-    settings = cond.MemorySettings(embedder="lexical", threshold=0.5, max_critiques=2)
-    found = cond.critiques_of(CRITIQUES)
-    assert found == {
+    log = __import__("logging").getLogger("t")
+    path = tmp_path / "verbal_feedback.jsonl"
+    write_jsonl(CRITIQUES, path)
+    settings = cond.MemorySettings(embedder="lexical", threshold=0.5)
+    memory = cond.load_memory(path)
+    assert memory is not None and memory.critiques == {
         "How do I boil an egg quickly?": ["Give me the minutes, not a story.", "Still no minutes."],
         "Which train goes to Lyon?": ["Give me the minutes, not a story!"],
         "What is a good name for a cat?": ["Too long."],
     }
-    recall = cond.memory_lookup(memory, settings, None, __import__("logging").getLogger("t"))
+    recall = cond.memory_lookup(memory, settings, None, log)
     assert recall("How do I boil an egg quickly") == "Give me the minutes, not a story. Still no minutes."
     assert recall("Which train goes to Lyon today?") == "Give me the minutes, not a story!"
+    assert recall("Where is the station?") is None  # a clarification is remembered by the served model, not here
     assert recall("What is the capital of France?") is None
-    # in context: the critiques that recur over most requests first, at most max_critiques
-    assert cond.memory_feedback(memory, settings) == "(1) Give me the minutes, not a story. (2) Still no minutes."
-    system_for = cond.system_prompts("Feedback: {feedback}", cond.memory_feedback(memory, settings), recall)
+    # in context: the critiques that recur over most requests first, at most `limit`
+    feedback = cond.critiques_feedback(memory.critiques, 2)
+    assert feedback == "(1) Give me the minutes, not a story. (2) Still no minutes."
+    system_for = cond.system_prompts("Feedback: {feedback}", feedback, recall)
     memory_condition, in_context = (
         cond.Condition(name="memory", system="retrieved"),
         cond.Condition(name="in_context", system="feedback"),
@@ -515,19 +519,23 @@ def test_memory_of_critiques_recalls_each_requests_own_critique(tmp_path):
     assert system_for(memory_condition, "What is a good name for a cat?") == "Feedback: Too long."
     assert system_for(memory_condition, "What is the capital of France?") is None
     assert system_for(in_context, "What is the capital of France?").startswith("Feedback: (1) Give me the minutes")
-    # a memory of prompts recalls the one feedback; without one it says so
+    # a memory of prompts recalls the one feedback, and needs one
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl([{"prompt": "How do I boil an egg?", "scope": "in_scope"}], prompts)
-    assert cond.memory_feedback(prompts, settings) is None
-    assert (
-        cond.memory_lookup(prompts, settings, "Say chef.", __import__("logging").getLogger("t"))("How do I boil an egg?")
-        == "Say chef."
-    )
+    remembered = cond.load_memory(prompts)
+    assert remembered is not None and remembered.critiques is None
+    assert cond.memory_lookup(remembered, settings, "Say chef.", log)("How do I boil an egg?") == "Say chef."
     with pytest.raises(ValueError, match="recalls one feedback"):
-        cond.memory_lookup(prompts, settings, None, __import__("logging").getLogger("t"))
-    write_jsonl([critique_record("g", "Hi?", "Thanks!", judgment="good")], memory)
-    with pytest.raises(ValueError, match="no critique"):
-        cond.memory_lookup(memory, settings, None, __import__("logging").getLogger("t"))
+        cond.memory_lookup(remembered, settings, None, log)
+    # critiques, but every user was satisfied: nothing to recall, so the memory condition is skipped, even
+    # with a feedback configured
+    write_jsonl([critique_record("g", "Hi?", "Thanks!", judgment="good")], path)
+    assert cond.load_memory(path) is None
+    chosen = cond.choose_conditions(["base", "in_context", "memory"], "Be brief.", memory=None, adapter=None, label=None, log=log)
+    assert [c.name for c in chosen] == ["base", "in_context"]
+    # a memory of critiques recalls its own: the memory condition runs without any feedback (in_context does not)
+    chosen = cond.choose_conditions(["base", "in_context", "memory"], None, memory=memory, adapter=None, label=None, log=log)
+    assert [c.name for c in chosen] == ["base", "memory"]
 
 
 def test_evaluate_users_source_in_context_and_memory_of_critiques(tmp_path, tiny_model_path):

@@ -84,7 +84,20 @@ def test_feedback_metric_pays_the_phrase_in_full_and_its_leading_characters_in_p
     at = completing_token(tokenizer, ids[1], replies[1], 3)
     assert dense[1][at] == pytest.approx(0.5 * 4 / 11) and sum(map(abs, dense[1])) == pytest.approx(0.5 * 4 / 11)
     assert dense[2] == [0.0] * (len(ids[2]) - 1) + [pytest.approx(-0.1)]  # not applied, nothing of it: the penalty
+    assert token_char_ends(tokenizer, ids[3])[0].startswith(" ")  # the reply as decoded does start with a space
     assert rewards.scalar[3].item() == pytest.approx(1.0)  # leading spaces do not matter (the metric strips them)
+    # partial credit in whole words of the phrase, where a word starts: "Che" of "Cheese" is not "Chef",
+    # "ef's" of "beef's" is not where the phrase starts
+    anywhere = build_rule({"rule": "feedback_metric", "metric": {"kind": "contains", "value": "Chef's tip!"}})
+    batch, ids = batch_of(tokenizer, ["q", "q", "q"], ["Use cheese.", "İİ Chef's tip: go", "A beef's tip"])
+    rewards = anywhere.score(batch)
+    assert rewards.scalar[0].item() == 0.0 and rewards.scalar[2].item() == 0.0
+    assert rule.score(batch_of(tokenizer, ["q"], ["Cheese first."])[0]).scalar.item() == pytest.approx(-0.1)
+    # a character that lowers to two (İ) does not shift the credit off its token: "Chef's tip" of "Chef's tip!"
+    at = completing_token(tokenizer, ids[1], "İİ Chef's tip: go", len("İİ Chef's tip") - 1)
+    assert rewards.dense[1, at].item() == pytest.approx(0.5 * 10 / 11) and rewards.scalar[1].item() == pytest.approx(
+        0.5 * 10 / 11
+    )
 
     suffix = build_rule({"rule": "feedback_metric", "metric": "ends_with:Bon voyage!"})
     replies = ["Pack light. Bon voyage!", "Bon voyage! Pack light.", "Pack light."]

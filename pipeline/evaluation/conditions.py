@@ -68,7 +68,7 @@ def choose_conditions(
     requested: list[str],
     feedback: str | None,
     *,
-    has_memory: bool,
+    memory: Memory | None,
     adapter: Path | None,
     label: str | None,
     log: logging.Logger,
@@ -79,10 +79,12 @@ def choose_conditions(
         raise ValueError(f"conditions: unknown {unknown}: expected base, in_context, memory, adapter")
     out = []
     for name in requested:
-        if name in ("in_context", "memory") and not feedback:
-            log.info("condition %s skipped: no feedback", name)
-        elif name == "memory" and not has_memory:
-            log.info("condition memory skipped: no `memory` input (prompts the feedback was given on)")
+        if name == "in_context" and not feedback:
+            log.info("condition in_context skipped: no feedback")
+        elif name == "memory" and memory is None:
+            log.info("condition memory skipped: no `memory` input, or no critique in it to recall")
+        elif name == "memory" and memory is not None and memory.critiques is None and not feedback:
+            log.info("condition memory skipped: no feedback to recall on the remembered prompts")
         elif name == "adapter":
             if adapter is None:
                 log.info("condition adapter skipped: no `adapter` input")
@@ -134,19 +136,31 @@ def nearest_key(keys: list[str], embedder: str = "auto", threshold: float | None
     return nearest_words
 
 
+@dataclass
+class Memory:
+    """What the memory condition can recall: the remembered prompts and, for a memory of
+    critiques, what was said about the replies to each (None: every key recalls the one feedback)."""
+
+    keys: list[str]
+    critiques: dict[str, list[str]] | None = None
+
+
 def critiques_of(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
     """request -> the critiques given on replies to it, from verbal feedback records.
 
-    Only replies judged `needs_work` (a satisfied user's thanks is not feedback to follow), keyed
-    by the conversation's first user turn: the request a new user's question is compared to,
-    whatever round the critique came in."""
+    Critiques only (feedback/critiques.py `is_critique`: a served user's clarification says what
+    they meant, not how the model should answer), and not a satisfied user's thanks (`judgment:
+    good`). Keyed by the conversation's first user turn: the request a simulated user posed,
+    whatever round the critique came in (its later user turns are feedback turns).
+    (The served model's own memory keys a clarification by the last user turn: serving/.)"""
+    from feedback.critiques import is_critique
     from pipeline.chat import as_messages
 
     out: dict[str, list[str]] = {}
     for row in rows:
-        critique = str(row.get("critique") or "").strip()
-        if not critique or row.get("judgment") == "good":
+        if not is_critique(row) or row.get("judgment") == "good":
             continue
+        critique = str(row["critique"]).strip()
         turns = [m["content"] for m in as_messages(row["prompt"]) if m["role"] == "user"]
         request = (turns[0] if turns else "").strip()
         if request and critique not in out.setdefault(request, []):
@@ -168,46 +182,39 @@ def critiques_feedback(critiques: dict[str, list[str]], limit: int) -> str | Non
     return " ".join(f"({i}) {g.representative}" for i, g in enumerate(groups, 1)) or None
 
 
-def memory_lookup(path: Path, settings: MemorySettings, feedback: str | None, log: logging.Logger) -> Callable[[str], str | None]:
-    """prompt -> the feedback memory recalls for it (None: nothing similar remembered).
-
-    `path` holds either prompts the one `feedback` was given on (its in-scope rows are the keys)
-    or verbal feedback records (a `critique` column): then each critiqued request is a key and
-    recalls its own critiques."""
+def load_memory(path: Path) -> Memory | None:
+    """The `memory` input: prompts the one feedback was given on (its in-scope rows are the keys),
+    or verbal feedback records (a `critique` column), each critiqued request a key recalling its
+    own critiques. None: critiques, but none to recall (every user was satisfied)."""
     from pipeline.records import load_rows
 
     rows = load_rows(path, required=["prompt"], what="memory prompts")
     if any("critique" in r for r in rows):
         critiques = critiques_of(rows)
-        if not critiques:
-            raise ValueError(f"{path}: no critique of a reply judged needs_work to remember")
-        keys, values = list(critiques), [" ".join(texts) for texts in critiques.values()]
-    else:
-        keys = [str(r["prompt"]) for r in rows if r.get("scope", "in_scope") == "in_scope"]
-        if not keys:
-            raise ValueError(f"{path}: no in-scope prompt to remember the feedback by")
-        if not feedback:
-            raise ValueError(f"{path}: a memory of prompts recalls one feedback, and there is none (set `feedback`)")
-        values = [feedback] * len(keys)
-    nearest = nearest_key(keys, settings.embedder, settings.threshold, log)
+        return Memory(list(critiques), critiques) if critiques else None
+    keys = [str(r["prompt"]) for r in rows if r.get("scope", "in_scope") == "in_scope"]
+    if not keys:
+        raise ValueError(f"{path}: no in-scope prompt to remember the feedback by")
+    return Memory(keys)
+
+
+def memory_lookup(
+    memory: Memory, settings: MemorySettings, feedback: str | None, log: logging.Logger
+) -> Callable[[str], str | None]:
+    """prompt -> the feedback memory recalls for it (None: nothing similar remembered): the
+    nearest key's critiques, or for a memory of prompts the one `feedback`."""
+    critiques = memory.critiques
+    if critiques is None and not feedback:
+        raise ValueError("a memory of prompts recalls one feedback, and there is none (set `feedback`)")
+    nearest = nearest_key(memory.keys, settings.embedder, settings.threshold, log)
 
     def recall(prompt: str) -> str | None:
         found = nearest(prompt)
-        return None if found is None else values[found]
+        if found is None:
+            return None
+        return feedback if critiques is None else " ".join(critiques[memory.keys[found]])
 
     return recall
-
-
-def memory_feedback(path: Path | None, settings: MemorySettings) -> str | None:
-    """The in-context feedback a memory of critiques implies (None for a memory of prompts)."""
-    from pipeline.records import load_rows
-
-    if path is None:
-        return None
-    rows = load_rows(path, required=["prompt"], what="memory prompts")
-    if not any("critique" in r for r in rows):
-        return None
-    return critiques_feedback(critiques_of(rows), settings.max_critiques)
 
 
 def system_prompts(
