@@ -340,8 +340,11 @@ def expand(
         """A ppo arm whose objectives are all inline rules (e.g. the feedback's own metric,
         reward_models/rules.py `feedback_metric`) reads no reward model: none is trained for it."""
         settings = {**spec.method_settings.get("ppo", {}), **(spec.variants[arm].settings if arm in spec.variants else {})}
-        objectives = settings.get("objectives") or []
-        return bool(objectives) and all(isinstance(o, dict) and o.get("rule") is not None for o in objectives)
+        tried = spec.grid.get(arm, {}).get("objectives") or [settings.get("objectives")]  # every grid point's
+        return all(
+            bool(objectives) and all(isinstance(o, dict) and o.get("rule") is not None for o in objectives)
+            for objectives in tried
+        )
 
     ppo_arms = [
         arm

@@ -504,6 +504,12 @@ def test_ppo_arm_trains_against_a_reward_model_of_the_same_preferences(tmp_path)
     stages = {s["name"]: s for s in expand(ruled)[0]["stages"]}
     assert "reward" in stages and stages["ppo_s1"]["inputs"]["reward_model"] == "reward.reward_model"
     assert "reward_model" not in stages["ppo_rule_s1"]["inputs"]
+    # a grid over the objectives: the reward stage is there as soon as one point reads the reward model
+    ruled["arena"].update(
+        methods=["ppo_rule"], grid={"ppo_rule": {"objectives": [[{"rule": rule}], [{"input": "reward_model"}]]}}
+    )
+    stages = {s["name"]: s for s in expand(ruled)[0]["stages"]}
+    assert "reward" in stages and stages["ppo_rule_g1_s1"]["inputs"]["reward_model"] == "reward.reward_model"
 
 
 # ----------------------------------------------------------------------------- seeds aggregated
