@@ -177,9 +177,9 @@ class FeedbackMetricReward(_Rule):
     first k characters, whole words of it (at the very start for starts_with, anywhere a word
     starts for the others; at least `min_chars`), earns `partial` x value x k / len(phrase)
     instead, on the token that completes them, so "Chef" at the start already pays a little
-    toward "Chef's tip:" and "Cheese" nothing. Only a reply the
-    metric accepts earns the full value: on the token completing the phrase for starts_with and
-    contains, on the last token otherwise."""
+    toward "Chef's tip:" and "Cheese" nothing. Only a reply the metric accepts earns the full
+    value: on the token completing the phrase for starts_with and contains, on the last token
+    otherwise."""
 
     rule = "feedback_metric"
 
@@ -199,14 +199,8 @@ class FeedbackMetricReward(_Rule):
             raise ValueError("feedback_metric: a judge metric is not a rule; train a reward model on its verdicts instead")
         if not 0 <= partial < 1:
             raise ValueError(f"feedback_metric: partial must be in [0, 1), got {partial}")
-        self.metric, self.value, self.penalty, self.partial, self.min_chars, self.name = (
-            spec,
-            value,
-            penalty,
-            partial,
-            min_chars,
-            name,
-        )
+        self.metric, self.value, self.penalty, self.name = spec, value, penalty, name
+        self.partial, self.min_chars = partial, min_chars
 
     def params(self) -> dict[str, Any]:
         return {
