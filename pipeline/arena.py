@@ -11,6 +11,9 @@ An arena file is an ordinary pipeline file (its `stages:` produce the feedback) 
     eval_base            evaluate: base / in_context / memory (their replies are reused below)
     eval_<method>_s<seed>  evaluate: that adapter, on the held-out prompts
 
+A variant with `after: <arm>` trains on from that arm's adapter of the same seed (SFT then PPO,
+InstructGPT's recipe: `sft_ppo: {method: ppo, after: sft}`); its row's cost is its own stage's.
+
 and, when `arena.grid` tunes a method, in place of its `<method>_s<seed>`:
 
     validation           (verbal) validation_split: c3po_data's training rows into fit + validation;
@@ -117,11 +120,20 @@ DRIFT_METRICS = ("kl_to_base", "ref_loglik")
 
 
 class Variant(BaseModel):
-    """A method under its own name with settings of its own, e.g. dpo_rpo: {method: dpo, settings: {rpo_alpha: 1.0}}."""
+    """A method under its own name with settings of its own, e.g. dpo_rpo: {method: dpo, settings: {rpo_alpha: 1.0}};
+    with `after`, trained on from another arm's adapter of the same seed (sft_ppo: {method: ppo, after: sft})."""
 
     model_config = ConfigDict(extra="forbid")
     method: str = Field(description="the stage type it trains with")
     settings: dict[str, Any] = Field(default_factory=dict, description="on top of the budget and the method's settings")
+    after: str | None = Field(
+        default=None,
+        description="start from this arm's adapter, same seed (its `adapter` input; the arm must be in the run too)",
+    )
+    inputs: dict[str, str] = Field(
+        default_factory=dict,
+        description="its own inputs, over arena.inputs and the source's wiring: {seed}, {train}, {views}, {users}, {data} filled in",
+    )
 
 
 class ArenaSpec(BaseModel):
@@ -294,6 +306,9 @@ def expand(
     def uses_of(arm: str) -> str:
         return spec.variants[arm].method if arm in spec.variants else arm
 
+    def after_of(arm: str) -> str | None:
+        return spec.variants[arm].after if arm in spec.variants else None
+
     for name, variant in spec.variants.items():
         if registry.get(name) is not None:
             raise problem(f"variants.{name}", f"'{name}' is a method's own name: give the variant another (e.g. {name}_v2)")
@@ -319,6 +334,23 @@ def expand(
                 "methods",
                 f"method '{method}' cannot use source '{spec.source}' on its own: give its inputs under arena.inputs.{method}",
             )
+    for arm in chosen:  # a chained arm: its predecessor runs too, takes no adapter of its own, and no cycle
+        first, seen = after_of(arm), [arm]
+        if first is None:
+            continue
+        method_cls = registry.get(uses_of(arm))
+        if method_cls is None or "adapter" not in method_cls.inputs:
+            raise problem(
+                f"variants.{arm}.after", f"method '{uses_of(arm)}' cannot continue an adapter (it has no adapter input)"
+            )
+        if first not in chosen:
+            raise problem(f"variants.{arm}.after", f"{arm} starts from {first}'s adapter: list {first} among the methods too")
+        link: str | None = first
+        while link is not None:
+            if link in seen:
+                raise problem(f"variants.{arm}.after", f"a loop: {' -> '.join([*seen, link])}")
+            seen.append(link)
+            link = after_of(link)
     for method in list(spec.method_settings) + list(spec.inputs):  # settings of methods left out by --methods are kept idle
         if registry.get(method) is None:
             raise problem(f"method_settings.{method}", f"unknown method '{method}'")
@@ -346,10 +378,15 @@ def expand(
             for objectives in tried
         )
 
+    def own_inputs(arm: str) -> dict[str, str]:
+        return spec.variants[arm].inputs if arm in spec.variants else {}
+
     ppo_arms = [
         arm
         for arm in chosen
-        if uses_of(arm) == "ppo" and "reward_model" not in spec.inputs.get("ppo", {}) and not rule_rewarded(arm)
+        if uses_of(arm) == "ppo"
+        and "reward_model" not in {**spec.inputs.get("ppo", {}), **own_inputs(arm)}
+        and not rule_rewarded(arm)
     ]
     if ppo_arms and "ppo" in WIRING[spec.source]:
         if REWARD_STAGE in names:
@@ -397,6 +434,24 @@ def expand(
     # a grid point is scored on the validation prompts only: the held-out ones are not among its inputs
     rm_inputs = {k: v for k, v in spec.evaluate_inputs.items() if k not in ("prompts", "needs", "general", "memory")}
     validation_with = {**evaluate_with, "conditions": ["adapter"], "drift": select_by in DRIFT_METRICS}
+
+    def adapter_of(arm: str, seed: int) -> str:
+        """The adapter an arm's evaluation reads: its own stage's, or its selected grid point's."""
+        name = stage_name(arm, seed)
+        return f"select_{name}.adapter" if arm in points_of else f"{name}.adapter"
+
+    def fill_inputs(arm: str, inputs: dict[str, str], values: dict[str, str | None]) -> dict[str, str]:
+        out = {}
+        for key, reference in inputs.items():
+            try:
+                out[key] = reference.format(**values)
+            except (KeyError, IndexError, ValueError) as exc:
+                known = ", ".join("{" + k + "}" for k, v in values.items() if v is not None)
+                raise problem(
+                    f"variants.{arm}.inputs.{key}", f"cannot fill {reference!r} ({exc}): placeholders {known}"
+                ) from None
+        return out
+
     plan_methods = []
     for arm in chosen:
         method = uses_of(arm)
@@ -405,7 +460,7 @@ def expand(
         fields = set(cls.Config.model_fields)
         wiring = {k: v.format(**fill) for k, v in WIRING[spec.source].get(method, {}).items()}
         wiring.update(spec.inputs.get(method, {}))
-        if method == "ppo" and rule_rewarded(arm):
+        if method == "ppo" and rule_rewarded(arm) and "reward_model" not in own_inputs(arm):
             wiring.pop("reward_model", None)
         base_settings: dict[str, Any] = {"report_to": tracked} if tracked and "report_to" in fields else {}
         aliases = BUDGET_ALIASES.get(method, {})
@@ -416,19 +471,24 @@ def expand(
             base_settings.update(copy.deepcopy(spec.variants[arm].settings))
         for seed in spec.seeds:
             name = stage_name(arm, seed)
+            seed_wiring = {**wiring, **fill_inputs(arm, own_inputs(arm), {**fill, "seed": str(seed)})}
+            if after_of(arm) is not None:
+                seed_wiring["adapter"] = adapter_of(str(after_of(arm)), seed)
             settings = copy.deepcopy(base_settings)
             if "trainer_args" in fields:  # the seed of this arm (initialisation, data order)
                 settings["trainer_args"] = {**settings.get("trainer_args", {}), "seed": seed, "data_seed": seed}
             elif "seed" in fields:  # a method with a seed of its own (ppo)
                 settings["seed"] = seed
             arm_plan: dict[str, Any] = {"method": arm, "uses": method, "seed": seed, "label": name}
+            if after_of(arm) is not None:
+                arm_plan["after"] = stage_name(str(after_of(arm)), seed)
             if arm in points_of:
                 select = f"select_{name}"
                 select_inputs: dict[str, str] = {}
                 grid_plan = []
                 for k, point in enumerate(points_of[arm]):
                     point_name = f"{arm}_g{k}_s{seed}"
-                    stages.append({"name": point_name, "uses": method, "inputs": wiring, "with": {**settings, **point}})
+                    stages.append({"name": point_name, "uses": method, "inputs": seed_wiring, "with": {**settings, **point}})
                     stages.append(
                         {
                             "name": f"val_{point_name}",
@@ -451,7 +511,7 @@ def expand(
                 adapter = f"{select}.adapter"
                 arm_plan.update(stage=select, grid=grid_plan)
             else:
-                stages.append({"name": name, "uses": method, "inputs": wiring, "with": settings})
+                stages.append({"name": name, "uses": method, "inputs": seed_wiring, "with": settings})
                 adapter = f"{name}.adapter"
                 arm_plan["stage"] = name
             stages.append(

@@ -125,7 +125,8 @@ def collect(run_root: Path) -> dict[str, Any] | None:
                 "error": train_error or eval_error,
                 "chosen": chosen,
                 "metrics": metrics,
-                "cost": cost,
+                "cost": cost,  # a chained arm's (variant `after`) is its own stage's; the arm it started from has a row
+                **({"after": arm["after"]} if arm.get("after") else {}),
             }
         )
     table: dict[str, Any] = {"source": plan["source"], "budget": plan.get("budget", {}), "rows": rows}

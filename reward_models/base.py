@@ -39,6 +39,7 @@ class RewardBatch:
     responses: list[str]
     response_token_ids: list[list[int]] | None = None
     policy_tokenizer: Any = None
+    scopes: list[str | None] | None = None  # per reply: its prompt's scope (in_scope, near_scope, ...), if known
 
     def __len__(self) -> int:
         return len(self.responses)

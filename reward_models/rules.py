@@ -14,7 +14,8 @@ objective on data without a trained model.
   feedback_metric a feedback's own check (c3po_data's `metric`: starts_with, ends_with,
                   contains, regex, max_words, ...) as the reward, with partial credit for
                   the leading characters of a fixed phrase: for a feedback whose adherence
-                  is a rule, the strongest reward PPO can have
+                  is a rule, the strongest reward PPO can have; on prompts the feedback is
+                  not about (a c3po_data row's near/out-of-scope) following it costs instead
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class _Rule:
     def save(self, path: Path) -> None:
         write_descriptor(Path(path), self.kind, rule=self.rule, **self.params())
 
-    def dense_for(self, prompt: Any, ids: list[int], tokenizer) -> list[float]:
+    def dense_for(self, prompt: Any, ids: list[int], tokenizer, scope: str | None = None) -> list[float]:
+        """Per-token rewards of one reply; `scope` is its prompt's (RewardBatch.scopes), if known."""
         raise NotImplementedError
 
     def score(self, batch: RewardBatch) -> Rewards:
@@ -76,7 +78,11 @@ class _Rule:
 
         if batch.response_token_ids is None or batch.policy_tokenizer is None:
             raise ValueError(f"the {self.rule} rule needs response_token_ids and policy_tokenizer in the batch")
-        rows = [self.dense_for(p, ids, batch.policy_tokenizer) for p, ids in zip(batch.prompts, batch.response_token_ids)]
+        scopes = batch.scopes or [None] * len(batch.prompts)
+        rows = [
+            self.dense_for(p, ids, batch.policy_tokenizer, scope)
+            for p, ids, scope in zip(batch.prompts, batch.response_token_ids, scopes)
+        ]
         width = max((len(r) for r in rows), default=0)
         dense = torch.zeros(len(rows), width)
         for b, row in enumerate(rows):
@@ -122,7 +128,7 @@ class TokenClassReward(_Rule):
             self._cache[token_id] = bool(self._regex.search(tokenizer.decode([token_id])))
         return self._cache[token_id]
 
-    def dense_for(self, prompt, ids, tokenizer) -> list[float]:
+    def dense_for(self, prompt, ids, tokenizer, scope=None) -> list[float]:
         return [self.value if self.member(t, tokenizer) else -self.penalty for t in ids]
 
 
@@ -147,7 +153,7 @@ class PromptOverlapReward(_Rule):
         words = (w.lower() for w in _WORD.findall(prompt_text(prompt)))
         return {w for w in words if len(w) >= self.min_word_length and w not in _STOPWORDS}
 
-    def dense_for(self, prompt, ids, tokenizer) -> list[float]:
+    def dense_for(self, prompt, ids, tokenizer, scope=None) -> list[float]:
         rewards = [0.0] * len(ids)
         if not ids:
             return rewards
@@ -179,7 +185,13 @@ class FeedbackMetricReward(_Rule):
     instead, on the token that completes them, so "Chef" at the start already pays a little
     toward "Chef's tip:" and "Cheese" nothing. Only a reply the metric accepts earns the full
     value: on the token completing the phrase for starts_with and contains, on the last token
-    otherwise."""
+    otherwise.
+
+    Scoped (the default): on a prompt whose scope is known and is not `in_scope` (a c3po_data
+    row's near_scope / out_of_scope, where the feedback does not apply) a reply the metric
+    accepts costs `value` instead, at the same token, and any other reply earns 0: PPO on every
+    scope's prompts then learns where the feedback applies, the overgeneralization C3PO is
+    about. Prompts without a scope are in scope."""
 
     rule = "feedback_metric"
 
@@ -190,6 +202,7 @@ class FeedbackMetricReward(_Rule):
         penalty: float = 0.0,
         partial: float = 0.5,
         min_chars: int = 3,
+        scoped: bool = True,
         name: str = "feedback_metric",
     ):
         from trainers.feedback_eval import MetricSpec
@@ -200,7 +213,7 @@ class FeedbackMetricReward(_Rule):
         if not 0 <= partial < 1:
             raise ValueError(f"feedback_metric: partial must be in [0, 1), got {partial}")
         self.metric, self.value, self.penalty, self.name = spec, value, penalty, name
-        self.partial, self.min_chars = partial, min_chars
+        self.partial, self.min_chars, self.scoped = partial, min_chars, scoped
 
     def params(self) -> dict[str, Any]:
         return {
@@ -209,10 +222,11 @@ class FeedbackMetricReward(_Rule):
             "penalty": self.penalty,
             "partial": self.partial,
             "min_chars": self.min_chars,
+            "scoped": self.scoped,
             "name": self.name,
         }
 
-    def dense_for(self, prompt, ids, tokenizer) -> list[float]:
+    def dense_for(self, prompt, ids, tokenizer, scope=None) -> list[float]:
         from trainers.feedback_eval import applies
 
         rewards = [0.0] * len(ids)
@@ -223,11 +237,15 @@ class FeedbackMetricReward(_Rule):
         phrase = str(self.metric.value) if kind in ("starts_with", "ends_with", "contains") else ""
         phrase = phrase if kind == "contains" else phrase.strip()  # as `applies` reads the value
         start, length = self.phrase_match(self.fold(text), self.fold(phrase)) if phrase else (0, 0)
+        elsewhere = self.scoped and scope is not None and scope != "in_scope"
         if applies(self.metric, text):
             if kind == "contains":  # the first occurrence, inside a word or not, as `applies` finds it
                 start = self.fold(text).find(self.fold(phrase))
             found = kind in ("starts_with", "contains") and start >= 0
-            rewards[token_at_char(ends, start + len(phrase) - 1) if found else len(ids) - 1] += self.value
+            at = token_at_char(ends, start + len(phrase) - 1) if found else len(ids) - 1
+            rewards[at] += -self.value if elsewhere else self.value
+        elif elsewhere:  # not following a feedback that does not apply is the reply wanted: no partial credit
+            pass
         elif length >= min(self.min_chars, len(phrase)) and length > 0 and self.partial > 0:
             rewards[token_at_char(ends, start + length - 1)] += self.partial * self.value * length / len(phrase)
         else:

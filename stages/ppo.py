@@ -21,6 +21,7 @@ running statistics) into one per-token reward. The math is in `trainers/ppo/`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -52,6 +53,11 @@ class PpoStageConfig(PpoSettings, StageConfig):
     seed: int | None = Field(
         default=None,
         description="initialisation, prompt order and sampling (default: the pipeline's seed; the arena sets one per arm)",
+    )
+    reference: Literal["adapter", "base"] = Field(
+        default="adapter",
+        description="with an adapter input: the KL reference is that adapter as it starts (PPO after SFT, as in "
+        "InstructGPT; as c3po continues one) or the base with the adapter off",
     )
 
     @model_validator(mode="after")
@@ -86,22 +92,26 @@ def load_prompts(path: Path, field: str, limit: int | None, what: str):
     if limit:
         rows = rows[:limit]
     prompts = []
-    for row in rows:
-        prompts.append(Prompt(row_prompt_id(row, field), as_messages(row[field]), row[field]))
+    for row in rows:  # c3po_data rows carry their scope: scoped rules (feedback_metric) read it
+        scope = row.get("scope") if isinstance(row.get("scope"), str) else None
+        prompts.append(Prompt(row_prompt_id(row, field), as_messages(row[field]), row[field], scope))
     return prompts
 
 
 class PpoStage(Stage):
     uses = "ppo"
-    summary = "PPO with dense, multi-objective rewards (LoRA policy, KL to the base)."
+    summary = "PPO with dense, multi-objective rewards (LoRA policy, KL to the base or the adapter it continues)."
+    version = "2"  # 2: a continued adapter is the KL reference (reference: adapter); the base was before
     Config = PpoStageConfig
     inputs = {
         "prompts": Input(
-            ("prompts", "preferences"), doc="rows with a prompt field (string or chat messages); preferences: their prompts"
+            ("prompts", "preferences", "c3po_data"),
+            doc="rows with a prompt field (string or chat messages); preferences: their prompts; c3po_data: every "
+            "scope's prompts, each with its scope",
         ),
         "eval_prompts": Input(("prompts",), required=False, doc="held-out prompts scored during training"),
         **{name: Input(("reward_model",), required=False, doc="a reward model folder (reward_model.json)") for name in RM_INPUTS},
-        "adapter": Input(("adapter",), required=False, doc="continue this LoRA adapter (the reference stays the base)"),
+        "adapter": Input(("adapter",), required=False, doc="continue this LoRA adapter (the KL reference: `reference`)"),
     }
     outputs = {
         "adapter": Output("adapter", doc="PEFT LoRA adapter of the policy"),
@@ -161,11 +171,12 @@ class PpoStage(Stage):
         torch.manual_seed(seed)  # a resumed run restores the RNG from its checkpoint instead
         policy = cfg.device_policy()
         tokenizer = load_tokenizer(ctx.model)
-        models = build_models(ctx.model, cfg.lora, cfg.value_model, policy, adapter=ctx.input("adapter"))
+        models = build_models(ctx.model, cfg.lora, cfg.value_model, policy, adapter=ctx.input("adapter"), reference=cfg.reference)
         ctx.log.info(
-            "PPO on %d prompts (%d held out), objectives: %s",
+            "PPO on %d prompts (%d held out), KL to the %s, objectives: %s",
             len(prompts),
             len(eval_prompts or []),
+            "continued adapter" if models.reference_weights is not None else "base",
             ", ".join(f"{o.name} x{o.weight:g}" for o in parts),
         )
         trainer = PpoTrainer(cfg, models, tokenizer, [reward], prompts, eval_prompts, ctx.checkpoint_dir, seed=seed, log=ctx.log)

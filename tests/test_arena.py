@@ -512,6 +512,61 @@ def test_ppo_arm_trains_against_a_reward_model_of_the_same_preferences(tmp_path)
     assert "reward" in stages and stages["ppo_rule_g1_s1"]["inputs"]["reward_model"] == "reward.reward_model"
 
 
+def test_a_variant_trains_on_from_another_arms_adapter(tmp_path):
+    """`after: sft` (SFT then PPO): each seed's arm reads the same seed's SFT adapter, or the selected
+    grid point's when SFT is tuned; its own `inputs` fill {train} and {seed}; the arm it starts from
+    must run too, a loop or a method without an adapter input is refused by name."""
+    from pipeline.arena import expand
+
+    data = tiny_arena(tmp_path)
+    rule = {"rule": "feedback_metric", "metric": {"kind": "starts_with", "value": "Chef's tip:"}}
+    chained = {
+        "method": "ppo",
+        "after": "sft",
+        "inputs": {"prompts": "{train}", "eval_prompts": "data_{seed}.eval_prompts"},
+        "settings": {"objectives": [{"rule": rule}]},
+    }
+    data["arena"].update(methods=["sft", "sft_ppo"], seeds=[0, 1], variants={"sft_ppo": chained})
+    pipeline, plan = expand(data)
+    stages = {s["name"]: s for s in pipeline["stages"]}
+    for seed in (0, 1):
+        assert stages[f"sft_ppo_s{seed}"]["inputs"] == {
+            "prompts": "data.train",  # every scope's prompts, each with its scope
+            "eval_prompts": f"data_{seed}.eval_prompts",
+            "adapter": f"sft_s{seed}.adapter",
+        }
+    assert "reward" not in stages  # rule-rewarded
+    assert [m.get("after") for m in plan["methods"]] == [None, None, "sft_s0", "sft_s1"]
+    tuned = {**data, "arena": {**data["arena"], "seeds": [0], "grid": {"sft": {"learning_rate": [1e-3, 1e-2]}}}}
+    stages = {s["name"]: s for s in expand(tuned)[0]["stages"]}
+    assert stages["sft_ppo_s0"]["inputs"]["adapter"] == "select_sft_s0.adapter"
+    assert stages["sft_ppo_s0"]["inputs"]["prompts"] == "validation.fit"  # the fit part, as every method's
+    with pytest.raises(ConfigError, match="list sft among the methods too"):
+        expand(data, methods=["sft_ppo"])
+    looped = {"a": {"method": "ppo", "after": "b"}, "b": {"method": "ppo", "after": "a"}}
+    with pytest.raises(ConfigError, match="a loop: a -> b -> a"):
+        expand({**data, "arena": {**data["arena"], "variants": looped}}, methods=["a", "b"])
+    rm_after = {
+        **data["arena"],
+        "inputs": {"train_reward": {"feedback": "views.preferences"}},
+        "variants": {"rm_after": {"method": "train_reward", "after": "sft"}},
+    }
+    with pytest.raises(ConfigError, match="variants.rm_after.after: method 'train_reward' cannot continue an adapter"):
+        expand({**data, "arena": rm_after}, methods=["sft", "rm_after"])
+    bad = {**chained, "inputs": {"prompts": "{nope}.train"}}
+    with pytest.raises(ConfigError, match=r"variants.sft_ppo.inputs.prompts: cannot fill '\{nope\}.train'"):
+        expand({**data, "arena": {**data["arena"], "variants": {"sft_ppo": bad}}})
+
+
+def test_ppo_reads_every_scopes_prompts_with_their_scope(tmp_path):
+    from stages.ppo import load_prompts
+
+    rows = [{"prompt": "How do I boil an egg?", "scope": "in_scope"}, {"prompt": "Fix my bike.", "scope": "out_of_scope"}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"prompt": "No scope here."}]))
+    assert [p.scope for p in load_prompts(path, "prompt", None, "prompts")] == ["in_scope", "out_of_scope", None]
+
+
 # ----------------------------------------------------------------------------- seeds aggregated
 
 

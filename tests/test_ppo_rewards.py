@@ -121,6 +121,33 @@ def test_feedback_metric_pays_the_phrase_in_full_and_its_leading_characters_in_p
         build_rule({"rule": "feedback_metric", "metric": {"kind": "starts_with"}})
 
 
+def test_scoped_feedback_metric_charges_the_phrase_where_the_feedback_does_not_apply(tokenizer, tmp_path):
+    """C3PO's question as a reward: the phrase pays in scope and costs near and out of scope (on the
+    token completing it), where not saying it earns nothing (no partial credit either); prompts
+    without a scope are in scope; `scoped: false` reads no scope."""
+    spec = {"rule": "feedback_metric", "metric": {"kind": "starts_with", "value": "Chef's tip:"}, "penalty": 0.1}
+    rule = build_rule(spec)
+    replies = ["Chef's tip: salt it."] * 4 + ["Chef says salt it.", "Boil it.", "Chef says salt it."]
+    scopes = ["in_scope", "near_scope", "out_of_scope", None, "near_scope", "out_of_scope", None]
+    batch, ids = batch_of(tokenizer, ["q"] * 7, replies)
+    batch.scopes = scopes
+    rewards = rule.score(batch)
+    at = completing_token(tokenizer, ids[0], replies[0], len("Chef's tip:") - 1)
+    assert rewards.dense[0, at].item() == pytest.approx(1.0)
+    for b in (1, 2):  # the same reply where the feedback does not apply: -value on the same token, nothing else
+        assert rewards.dense[b, at].item() == pytest.approx(-1.0) and rewards.scalar[b].item() == pytest.approx(-1.0)
+    assert rewards.scalar[3].item() == pytest.approx(1.0)  # no scope: in scope
+    # near / out of scope without the phrase: 0 (neither the partial credit of "Chef" nor the penalty)
+    assert rewards.scalar[4].item() == 0.0 and rewards.scalar[5].item() == 0.0
+    assert rewards.scalar[6].item() == pytest.approx(0.5 * 4 / 11)  # in scope: the partial credit as before
+    unscoped = build_rule({**spec, "scoped": False}).score(batch)
+    assert unscoped.scalar[:4].tolist() == [pytest.approx(1.0)] * 4
+    rule.save(tmp_path / "rm")  # `scoped` travels with the reward model folder
+    assert load_reward_model(tmp_path / "rm").score(batch).scalar.tolist() == pytest.approx(rewards.scalar.tolist())
+    build_rule({**spec, "scoped": False}).save(tmp_path / "off")
+    assert load_reward_model(tmp_path / "off").score(batch).scalar[1].item() == pytest.approx(1.0)
+
+
 class ReplyLengthReward:
     """A scalar reward model (no dense rewards): -0.1 per response token."""
 

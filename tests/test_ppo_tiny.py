@@ -99,6 +99,54 @@ def test_reference_is_the_base_model_with_the_adapter_disabled(tokenizer, tiny_m
     assert sum(p.numel() for p in trainer.models.parameters()) < 1.2 * sum(p.numel() for p in base.parameters())
 
 
+def test_a_continued_adapter_is_the_reference_as_it_started(tokenizer, tmp_path):
+    """PPO after SFT keeps its KL to the adapter it continues (reference: adapter, InstructGPT's
+    reference): the reference's log-probs are the adapter's as loaded, stay so while the LoRA moves,
+    and reading them leaves the moved weights in place; reference: base is the base model."""
+    first = make_trainer(tokenizer, settings(steps=2))
+    first.train()
+    first.models.policy.save_pretrained(str(tmp_path / "sft"))
+    s = settings()
+    rollout = first.sample(PROMPTS[:2], 2, 1.0)
+    args = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
+    models = build_models("tiny", s.lora, s.value_model, s.device_policy(), adapter=tmp_path / "sft")
+    base = build_models("tiny", s.lora, s.value_model, s.device_policy(), adapter=tmp_path / "sft", reference="base")
+    with torch.no_grad():
+        started = models.evaluate(*args, temperature=1.0)[0].logprobs
+        assert torch.equal(models.reference_logprobs(*args, temperature=1.0), started)
+        off = base.reference_logprobs(*args, temperature=1.0)
+        assert (off - started).abs().max() > 1e-3  # the base is another model
+        with base.policy.disable_adapter():
+            assert torch.equal(off, response_forward(base.policy, *args, temperature=1.0).logprobs)
+        for p in models.policy.parameters():  # "training" moves every LoRA tensor
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        moved = models.evaluate(*args, temperature=1.0)[0].logprobs
+        assert (moved - started).abs().max() > 1e-3
+        assert torch.equal(models.reference_logprobs(*args, temperature=1.0), started)
+        assert torch.equal(models.evaluate(*args, temperature=1.0)[0].logprobs, moved)  # swapped back exactly
+    assert base.reference_weights is None and models.reference_weights is not None
+    with pytest.raises(ValueError, match="reference must be"):
+        build_models("tiny", s.lora, s.value_model, s.device_policy(), reference="sft")
+
+
+def test_scopes_of_the_prompts_reach_the_reward_models(tokenizer):
+    """c3po_data rows carry a scope; each sampled reply's batch entry has its prompt's (scoped rules read it)."""
+    seen: list = []
+
+    class Recording(TokenClassReward):
+        def score(self, batch):
+            seen.append(batch.scopes)
+            return super().score(batch)
+
+    scoped = [Prompt(p.id, p.conversation, p.reward_prompt, scope) for p, scope in zip(PROMPTS, ["in_scope", "near_scope"])]
+    trainer = make_trainer(tokenizer, settings())
+    trainer.objectives = [Objective("class", Recording(token_ids=[1]))]
+    trainer.score(trainer.sample(scoped, 2, 1.0))
+    trainer.score(trainer.sample(PROMPTS[:2], 2, 1.0))
+    assert seen == [["in_scope", "in_scope", "near_scope", "near_scope"], None]
+
+
 def test_interrupted_run_resumes_to_the_same_weights_and_curves(tokenizer, tmp_path):
     """Weights, optimizer, RNG, prompt position and the reward's running statistics all resume."""
     s = settings(steps=4, save_steps=2)

@@ -1,5 +1,6 @@
-"""The policy (base + LoRA), its reference (the same base with the adapter off: no second
-copy) and the critic (a value head on the policy trunk, or a separate small model).
+"""The policy (base + LoRA), its reference (the same base with the adapter off, or the continued
+adapter's starting weights swapped in: no second copy of the model) and the critic (a value
+head on the policy trunk, or a separate small model).
 
 Everything here computes the quantities PPO needs at the *response* positions only:
 position Q-1+t predicts response token t, so logits/hidden states are sliced to
@@ -8,6 +9,8 @@ position Q-1+t predicts response token t, so logits/hidden states are sliced to
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -93,21 +96,50 @@ class SeparateCritic(nn.Module):
 
 
 class PpoModels(nn.Module):
-    """Policy with LoRA + critic. `reference()` is a context in which the policy *is* the reference."""
+    """Policy with LoRA + critic. `reference()` is a context in which the policy *is* the reference.
 
-    def __init__(self, policy, value_head: ValueHead | None, critic: SeparateCritic | None):
+    `reference_weights` (the LoRA tensors of a continued adapter, as it started) makes the reference
+    that adapter rather than the base: PPO after SFT keeps its KL to the SFT model, as InstructGPT
+    does, instead of being pulled back toward the base it was fine-tuned away from.
+    """
+
+    def __init__(
+        self,
+        policy,
+        value_head: ValueHead | None,
+        critic: SeparateCritic | None,
+        reference_weights: dict[str, torch.Tensor] | None = None,
+    ):
         super().__init__()
         if (value_head is None) == (critic is None):
             raise ValueError("give exactly one of value_head or critic")
         self.policy, self.value_head, self.critic = policy, value_head, critic
+        self.reference_weights = reference_weights
 
     @property
     def device(self) -> torch.device:
         return next(self.policy.parameters()).device
 
-    def reference(self):
-        """The base model without the adapter, in place (peft's disable_adapter)."""
-        return self.policy.disable_adapter()
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """The reference policy, in place: the base with the adapter off (peft's disable_adapter),
+        or with `reference_weights` the adapter's starting tensors swapped in for the duration (a
+        LoRA's few MB copied twice per call; never inside a graph that backward will read)."""
+        if self.reference_weights is None:
+            with self.policy.disable_adapter():
+                yield
+            return
+        params = dict(self.policy.named_parameters())
+        with torch.no_grad():
+            current = {name: params[name].detach().clone() for name in self.reference_weights}
+            for name, tensor in self.reference_weights.items():
+                params[name].copy_(tensor)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, tensor in current.items():
+                    params[name].copy_(tensor)
 
     def policy_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
@@ -159,15 +191,24 @@ class PpoModels(nn.Module):
                 params[name].copy_(tensor)
 
 
-def build_models(model_name: str, lora, value_model: str, policy_settings, adapter=None) -> PpoModels:
-    """Load the base once, wrap it with a trainable LoRA (or continue `adapter`), add the critic."""
+def adapter_weights(policy) -> dict[str, torch.Tensor]:
+    """A copy of the policy's trainable adapter tensors (what `reference()` swaps in)."""
+    return {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
+
+
+def build_models(model_name: str, lora, value_model: str, policy_settings, adapter=None, reference: str = "adapter") -> PpoModels:
+    """Load the base once, wrap it with a trainable LoRA (or continue `adapter`), add the critic.
+    With `adapter` and reference "adapter" the KL reference is that adapter as loaded; else the base."""
     from pipeline.models import load_lora_policy, resolve_model
 
+    if reference not in ("adapter", "base"):
+        raise ValueError(f"reference must be 'adapter' or 'base', got {reference!r}")
     policy = load_lora_policy(model_name, policy_settings, lora, adapter)
     policy.eval()  # no dropout anywhere: the ratio of identical weights must be exactly 1
+    frozen = adapter_weights(policy) if adapter is not None and reference == "adapter" else None
     hidden = policy.get_base_model().config.hidden_size
     if value_model == "head":
-        return PpoModels(policy, ValueHead(hidden).to(policy_settings.device), None)
+        return PpoModels(policy, ValueHead(hidden).to(policy_settings.device), None, frozen)
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModel
 
@@ -183,4 +224,4 @@ def build_models(model_name: str, lora, value_model: str, policy_settings, adapt
     trunk = get_peft_model(trunk, lora.model_copy(update={"dropout": 0.0}).peft_config("FEATURE_EXTRACTION"))
     trunk.eval()
     critic = SeparateCritic(trunk, ValueHead(config.hidden_size).to(policy_settings.device))
-    return PpoModels(policy, None, critic)
+    return PpoModels(policy, None, critic, frozen)

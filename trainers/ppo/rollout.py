@@ -26,6 +26,7 @@ class Rollout:
     prompt_index: torch.Tensor  # [N] which prompt of the step
     texts: list[str] = field(default_factory=list)
     prompts: list[Any] = field(default_factory=list)  # per sample, as the reward models get them
+    scopes: list[str | None] | None = None  # per sample: its prompt's scope, when the prompts have one
     # filled by the trainer
     logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
@@ -166,7 +167,14 @@ def hf_sample(
 
 
 def build_rollout(
-    tokenizer, query_ids, query_mask, generated, num_samples: int, eos_ids: list[int], prompts: list[Any]
+    tokenizer,
+    query_ids,
+    query_mask,
+    generated,
+    num_samples: int,
+    eos_ids: list[int],
+    prompts: list[Any],
+    scopes: list[str | None] | None = None,
 ) -> Rollout:
     """Assemble a Rollout from prompts and their sampled continuations."""
     response_ids, response_mask, lengths, finished = cut_at_eos(generated, eos_ids, tokenizer.pad_token_id)
@@ -181,6 +189,7 @@ def build_rollout(
         finished=finished,
         prompt_index=torch.arange(query_ids.shape[0], device=query_ids.device).repeat_interleave(num_samples),
         prompts=[p for p in prompts for _ in range(num_samples)],
+        scopes=[s for s in scopes for _ in range(num_samples)] if scopes and any(scopes) else None,
     )
     rollout.texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rollout.response_token_ids()]
     return rollout

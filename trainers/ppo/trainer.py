@@ -38,6 +38,7 @@ class Prompt:
     id: str
     conversation: list[dict[str, str]]  # what the policy sees (chat template applied later)
     reward_prompt: Any  # what reward models see (the row's prompt as given)
+    scope: str | None = None  # a c3po_data row's scope (in_scope, near_scope, ...): scoped rules read it
 
 
 @dataclass
@@ -166,12 +167,19 @@ class PpoTrainer:
                 s.rollout_batch_size,
             )
         return build_rollout(
-            self.tokenizer, query_ids, query_mask, generated, num_samples, self.eos_ids, [p.reward_prompt for p in prompts]
+            self.tokenizer,
+            query_ids,
+            query_mask,
+            generated,
+            num_samples,
+            self.eos_ids,
+            [p.reward_prompt for p in prompts],
+            [p.scope for p in prompts],
         )
 
     @torch.no_grad()
     def annotate(self, rollout: Rollout, temperature: float) -> None:
-        """Old log-probs, entropy and values under the current policy; reference log-probs with the adapter off."""
+        """Old log-probs, entropy and values under the current policy; reference log-probs (models.reference)."""
         parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": [], "values": [], "ref_logprobs": []}
         R = rollout.response_ids.shape[1]
         for sl in self._micro_slices(len(rollout)):
@@ -194,6 +202,7 @@ class PpoTrainer:
             responses=rollout.texts,
             response_token_ids=rollout.response_token_ids(),
             policy_tokenizer=self.tokenizer,
+            scopes=rollout.scopes,
         )
         width = rollout.response_ids.shape[1]
         scored = score_objectives(self.objectives, batch, rollout.lengths, rollout.text_lengths, width)
