@@ -187,11 +187,12 @@ class FeedbackMetricReward(_Rule):
     value: on the token completing the phrase for starts_with and contains, on the last token
     otherwise.
 
-    Scoped (the default): on a prompt whose scope is known and is not `in_scope` (a c3po_data
-    row's near_scope / out_of_scope, where the feedback does not apply) a reply the metric
-    accepts costs `value` instead, at the same token, and any other reply earns 0: PPO on every
-    scope's prompts then learns where the feedback applies, the overgeneralization C3PO is
-    about. Prompts without a scope are in scope."""
+    Scoped (the default): on a near_scope or out_of_scope prompt (a c3po_data row's scope, where
+    the feedback does not apply) a reply the metric accepts costs `value` instead, at the same
+    token, and any other reply earns 0: PPO on every scope's prompts then learns where the
+    feedback applies, the overgeneralization C3PO is about. Other prompts are in scope. For a
+    length or word-count metric "accepts" means short, as the evaluation counts firing, so a
+    reply cut off at the token limit escapes the cost: pair it with `missing_eos_penalty`."""
 
     rule = "feedback_metric"
 
@@ -237,7 +238,7 @@ class FeedbackMetricReward(_Rule):
         phrase = str(self.metric.value) if kind in ("starts_with", "ends_with", "contains") else ""
         phrase = phrase if kind == "contains" else phrase.strip()  # as `applies` reads the value
         start, length = self.phrase_match(self.fold(text), self.fold(phrase)) if phrase else (0, 0)
-        elsewhere = self.scoped and scope is not None and scope != "in_scope"
+        elsewhere = self.scoped and scope in ("near_scope", "out_of_scope")
         if applies(self.metric, text):
             if kind == "contains":  # the first occurrence, inside a word or not, as `applies` finds it
                 start = self.fold(text).find(self.fold(phrase))

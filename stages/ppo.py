@@ -85,15 +85,23 @@ def training_speed(curves: list[dict], samples_per_rollout: int) -> dict[str, fl
     return out
 
 
-def load_prompts(path: Path, field: str, limit: int | None, what: str):
+def load_prompts(path: Path, field: str, limit: int | None, what: str, seed: int = 0):
+    """The rows' prompts. c3po_data rows carry their scope (in_scope, near_scope, out_of_scope; any
+    other value is no scope), which scoped rules (feedback_metric) read; such rows come grouped by
+    scope, so they are shuffled (seeded) before `limit` and any hold-out slice take a share of each."""
+    import random
+
+    from trainers.feedback_eval import SCOPES
     from trainers.ppo.trainer import Prompt
 
     rows = load_rows(path, required=[field], what=what)
+    if any(row.get("scope") in SCOPES for row in rows):
+        random.Random(seed).shuffle(rows)
     if limit:
         rows = rows[:limit]
     prompts = []
-    for row in rows:  # c3po_data rows carry their scope: scoped rules (feedback_metric) read it
-        scope = row.get("scope") if isinstance(row.get("scope"), str) else None
+    for row in rows:
+        scope = row.get("scope") if row.get("scope") in SCOPES else None
         prompts.append(Prompt(row_prompt_id(row, field), as_messages(row[field]), row[field], scope))
     return prompts
 
@@ -101,7 +109,9 @@ def load_prompts(path: Path, field: str, limit: int | None, what: str):
 class PpoStage(Stage):
     uses = "ppo"
     summary = "PPO with dense, multi-objective rewards (LoRA policy, KL to the base or the adapter it continues)."
-    version = "2"  # 2: a continued adapter is the KL reference (reference: adapter); the base was before
+    # 2: a continued adapter is the KL reference (reference: adapter); the base was before
+    # 3: c3po_data rows (grouped by scope) shuffled with the seed before any slice
+    version = "3"
     Config = PpoStageConfig
     inputs = {
         "prompts": Input(
@@ -159,15 +169,15 @@ class PpoStage(Stage):
         cfg: PpoStageConfig = self.config
         ctx = self.ctx
         trackers = cfg.trackers()  # a tracker that is not installed fails before training
-        prompts = load_prompts(ctx.input("prompts"), cfg.prompt_field, cfg.max_prompts, "prompts")
+        seed = ctx.seed if cfg.seed is None else cfg.seed
+        prompts = load_prompts(ctx.input("prompts"), cfg.prompt_field, cfg.max_prompts, "prompts", seed)
         eval_input = ctx.input("eval_prompts")
-        eval_prompts = load_prompts(eval_input, cfg.prompt_field, cfg.eval_prompts, "eval prompts") if eval_input else None
+        eval_prompts = load_prompts(eval_input, cfg.prompt_field, cfg.eval_prompts, "eval prompts", seed) if eval_input else None
         if cfg.holdout_prompts and eval_prompts is None:
             if cfg.holdout_prompts >= len(prompts):
                 raise ValueError(f"holdout_prompts={cfg.holdout_prompts} leaves no training prompts (there are {len(prompts)})")
             prompts, eval_prompts = prompts[: -cfg.holdout_prompts], prompts[-cfg.holdout_prompts :]
         reward, parts = self.reward()
-        seed = ctx.seed if cfg.seed is None else cfg.seed
         torch.manual_seed(seed)  # a resumed run restores the RNG from its checkpoint instead
         policy = cfg.device_policy()
         tokenizer = load_tokenizer(ctx.model)

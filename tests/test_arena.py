@@ -537,6 +537,11 @@ def test_a_variant_trains_on_from_another_arms_adapter(tmp_path):
         }
     assert "reward" not in stages  # rule-rewarded
     assert [m.get("after") for m in plan["methods"]] == [None, None, "sft_s0", "sft_s1"]
+    # the shipped demo's variant builds into a valid pipeline: PPO's prompts take the c3po_data rows
+    from pipeline.arena import load_arena
+
+    pipeline, _ = load_arena(ROOT / "configs" / "arena_demo.yaml", methods=["sft", "sft_ppo"], seeds=[0])
+    assert {s.spec.name for s in pipeline.stages} >= {"sft_s0", "sft_ppo_s0", "eval_sft_ppo_s0"}
     tuned = {**data, "arena": {**data["arena"], "seeds": [0], "grid": {"sft": {"learning_rate": [1e-3, 1e-2]}}}}
     stages = {s["name"]: s for s in expand(tuned)[0]["stages"]}
     assert stages["sft_ppo_s0"]["inputs"]["adapter"] == "select_sft_s0.adapter"
@@ -559,12 +564,23 @@ def test_a_variant_trains_on_from_another_arms_adapter(tmp_path):
 
 
 def test_ppo_reads_every_scopes_prompts_with_their_scope(tmp_path):
+    """c3po_data rows keep their scope (another value is none); grouped by scope as they come, they are
+    shuffled with the seed before a limit takes its share, so the first 12 of 30 are not all in scope."""
     from stages.ppo import load_prompts
 
-    rows = [{"prompt": "How do I boil an egg?", "scope": "in_scope"}, {"prompt": "Fix my bike.", "scope": "out_of_scope"}]
+    scopes = ["in_scope"] * 10 + ["near_scope"] * 10 + ["out_of_scope"] * 9 + ["general"]
+    rows = [{"prompt": f"Question {i}?", "scope": scope} for i, scope in enumerate(scopes)]
     path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"prompt": "No scope here."}]))
-    assert [p.scope for p in load_prompts(path, "prompt", None, "prompts")] == ["in_scope", "out_of_scope", None]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    every = load_prompts(path, "prompt", None, "prompts")
+    assert sorted(map(str, (p.scope for p in every))) == sorted(map(str, scopes[:-1] + [None]))
+    assert {p.reward_prompt: p.scope for p in every}["Question 29?"] is None
+    first = load_prompts(path, "prompt", 12, "prompts", seed=3)
+    assert len({p.scope for p in first} - {None}) == 3  # every scope among the first 12
+    assert [p.id for p in first] == [p.id for p in load_prompts(path, "prompt", 12, "prompts", seed=3)]  # seeded
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": f"Q{i}"}) + "\n" for i in range(5)))
+    assert [p.reward_prompt for p in load_prompts(plain, "prompt", 3, "prompts")] == ["Q0", "Q1", "Q2"]  # kept in order
 
 
 # ----------------------------------------------------------------------------- seeds aggregated

@@ -127,9 +127,9 @@ def test_scoped_feedback_metric_charges_the_phrase_where_the_feedback_does_not_a
     without a scope are in scope; `scoped: false` reads no scope."""
     spec = {"rule": "feedback_metric", "metric": {"kind": "starts_with", "value": "Chef's tip:"}, "penalty": 0.1}
     rule = build_rule(spec)
-    replies = ["Chef's tip: salt it."] * 4 + ["Chef says salt it.", "Boil it.", "Chef says salt it."]
-    scopes = ["in_scope", "near_scope", "out_of_scope", None, "near_scope", "out_of_scope", None]
-    batch, ids = batch_of(tokenizer, ["q"] * 7, replies)
+    replies = ["Chef's tip: salt it."] * 4 + ["Chef says salt it.", "Boil it.", "Chef says salt it.", "Chef's tip: go."]
+    scopes = ["in_scope", "near_scope", "out_of_scope", None, "near_scope", "out_of_scope", None, "general"]
+    batch, ids = batch_of(tokenizer, ["q"] * 8, replies)
     batch.scopes = scopes
     rewards = rule.score(batch)
     at = completing_token(tokenizer, ids[0], replies[0], len("Chef's tip:") - 1)
@@ -140,6 +140,7 @@ def test_scoped_feedback_metric_charges_the_phrase_where_the_feedback_does_not_a
     # near / out of scope without the phrase: 0 (neither the partial credit of "Chef" nor the penalty)
     assert rewards.scalar[4].item() == 0.0 and rewards.scalar[5].item() == 0.0
     assert rewards.scalar[6].item() == pytest.approx(0.5 * 4 / 11)  # in scope: the partial credit as before
+    assert rewards.scalar[7].item() == pytest.approx(1.0)  # a scope that is not near or out: in scope
     unscoped = build_rule({**spec, "scoped": False}).score(batch)
     assert unscoped.scalar[:4].tolist() == [pytest.approx(1.0)] * 4
     rule.save(tmp_path / "rm")  # `scoped` travels with the reward model folder

@@ -275,6 +275,35 @@ def test_ppo_stage_end_to_end_with_two_objectives(tmp_path, tiny_model_path):
     assert "rl: PPO objectives, KL and diagnostics" in report and "first vs. last evaluation" in report
 
 
+def test_ppo_stage_continues_an_adapter_with_its_kl_to_that_adapter_or_the_base(tmp_path):
+    """The stage's `reference` reaches the models: continuing `rl.adapter`, the first rollout's KL is
+    exactly 0 against the adapter (the policy is its reference) and not against the base; the
+    prompts are c3po_data-shaped rows, each with its scope, under the scoped feedback rule."""
+    rows = [{"prompt": f"Recipe number {i}?", "scope": s} for i, s in enumerate(["in_scope", "near_scope", "out_of_scope"] * 2)]
+    prompts = tmp_path / "rows.jsonl"
+    write_jsonl(rows, prompts)
+    data = ppo_pipeline(prompts, steps=2)
+    data["stages"] = data["stages"][:1]
+    rule = {"rule": {"rule": "feedback_metric", "metric": {"kind": "starts_with", "value": "Chef's tip:"}}}
+    for name, reference in (("from_adapter", "adapter"), ("from_base", "base")):
+        settings = {k: v for k, v in data["stages"][0]["with"].items() if k not in ("eval_every", "eval_prompts")}
+        data["stages"].append(
+            {
+                "name": name,
+                "uses": "ppo",
+                "inputs": {"prompts": str(prompts), "adapter": "rl.adapter"},
+                "with": {**settings, "steps": 1, "reference": reference, "objectives": [rule]},
+            }
+        )
+    result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert result.ok, [r.error for r in result.records]
+    first_kl = {}
+    for name in ("from_adapter", "from_base"):
+        curves = json.loads((result.run_dir / name / "curves.json").read_text())
+        first_kl[name] = next(row["kl"] for row in curves if "kl" in row)
+    assert first_kl["from_adapter"] == 0.0 and abs(first_kl["from_base"]) > 1e-4
+
+
 def test_ppo_config_errors_name_the_key(tmp_path):
     from pipeline.errors import ConfigError
 

@@ -115,6 +115,7 @@ class PpoModels(nn.Module):
             raise ValueError("give exactly one of value_head or critic")
         self.policy, self.value_head, self.critic = policy, value_head, critic
         self.reference_weights = reference_weights
+        self._swapped: list[tuple[nn.Parameter, torch.Tensor]] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -129,17 +130,19 @@ class PpoModels(nn.Module):
             with self.policy.disable_adapter():
                 yield
             return
-        params = dict(self.policy.named_parameters())
-        with torch.no_grad():
-            current = {name: params[name].detach().clone() for name in self.reference_weights}
-            for name, tensor in self.reference_weights.items():
-                params[name].copy_(tensor)
+        if torch.is_grad_enabled():
+            raise RuntimeError("the adapter reference swaps weights in place: use it under torch.no_grad()")
+        if self._swapped is None:  # the parameters themselves, looked up once
+            params = dict(self.policy.named_parameters())
+            self._swapped = [(params[name], tensor) for name, tensor in self.reference_weights.items()]
+        current = [param.detach().clone() for param, _ in self._swapped]
         try:
+            for param, tensor in self._swapped:
+                param.copy_(tensor)
             yield
         finally:
-            with torch.no_grad():
-                for name, tensor in current.items():
-                    params[name].copy_(tensor)
+            for (param, _), tensor in zip(self._swapped, current):
+                param.copy_(tensor)
 
     def policy_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
