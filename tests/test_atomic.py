@@ -14,7 +14,9 @@ from .conftest import ROOT, heedful_cmd, tiny_pipeline, write_yaml
 
 
 def test_kill_mid_dpo_then_resume(tmp_path, tiny_model_path):
-    data = tiny_pipeline(align={"max_steps": 12, "save_steps": 2})
+    # 40 steps: after checkpoint-4 the run must still be training when the kill lands (with 12, tiny's
+    # fast steps once finished and committed the stage within the 0.5 s between seeing it and the kill)
+    data = tiny_pipeline(align={"max_steps": 40, "save_steps": 2})
     data["run_name"] = "killed"
     config = write_yaml(tmp_path / "p.yaml", data)
     runs = tmp_path / "runs"
@@ -59,7 +61,7 @@ def test_kill_mid_dpo_then_resume(tmp_path, tiny_model_path):
     assert result.record("align").resumed
     log = (run_dir / "logs" / "align.log").read_text()
     assert "resuming from checkpoint-" in log
-    assert result.record("align").metrics["steps"] == 12
+    assert result.record("align").metrics["steps"] == 40
     assert not (run_dir / ".staging" / "align").exists()
     assert not list(run_dir.glob("align/checkpoints"))
 
