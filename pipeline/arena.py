@@ -303,11 +303,12 @@ def expand(
             raise problem("source", f"the arena adds a stage named '{stage['name']}': rename your stage of that name")
     stages += added
 
-    def uses_of(arm: str) -> str:
-        return spec.variants[arm].method if arm in spec.variants else arm
+    def variant_of(arm: str) -> Variant:
+        """An arm as a variant: a method's own name is the method with nothing of its own."""
+        return spec.variants.get(arm) or Variant(method=arm)
 
-    def after_of(arm: str) -> str | None:
-        return spec.variants[arm].after if arm in spec.variants else None
+    def uses_of(arm: str) -> str:
+        return variant_of(arm).method
 
     for name, variant in spec.variants.items():
         if registry.get(name) is not None:
@@ -335,7 +336,7 @@ def expand(
                 f"method '{method}' cannot use source '{spec.source}' on its own: give its inputs under arena.inputs.{method}",
             )
     for arm in chosen:  # a chained arm: its predecessor runs too, takes no adapter of its own, and no cycle
-        first, seen = after_of(arm), [arm]
+        first, seen = variant_of(arm).after, [arm]
         if first is None:
             continue
         method_cls = registry.get(uses_of(arm))
@@ -350,7 +351,7 @@ def expand(
             if link in seen:
                 raise problem(f"variants.{arm}.after", f"a loop: {' -> '.join([*seen, link])}")
             seen.append(link)
-            link = after_of(link)
+            link = variant_of(link).after
     for method in list(spec.method_settings) + list(spec.inputs):  # settings of methods left out by --methods are kept idle
         if registry.get(method) is None:
             raise problem(f"method_settings.{method}", f"unknown method '{method}'")
@@ -371,21 +372,18 @@ def expand(
     def rule_rewarded(arm: str) -> bool:
         """A ppo arm whose objectives are all inline rules (e.g. the feedback's own metric,
         reward_models/rules.py `feedback_metric`) reads no reward model: none is trained for it."""
-        settings = {**spec.method_settings.get("ppo", {}), **(spec.variants[arm].settings if arm in spec.variants else {})}
+        settings = {**spec.method_settings.get("ppo", {}), **variant_of(arm).settings}
         tried = spec.grid.get(arm, {}).get("objectives") or [settings.get("objectives")]  # every grid point's
         return all(
             bool(objectives) and all(isinstance(o, dict) and o.get("rule") is not None for o in objectives)
             for objectives in tried
         )
 
-    def own_inputs(arm: str) -> dict[str, str]:
-        return spec.variants[arm].inputs if arm in spec.variants else {}
-
     ppo_arms = [
         arm
         for arm in chosen
         if uses_of(arm) == "ppo"
-        and "reward_model" not in {**spec.inputs.get("ppo", {}), **own_inputs(arm)}
+        and "reward_model" not in {**spec.inputs.get("ppo", {}), **variant_of(arm).inputs}
         and not rule_rewarded(arm)
     ]
     if ppo_arms and "ppo" in WIRING[spec.source]:
@@ -460,28 +458,28 @@ def expand(
         fields = set(cls.Config.model_fields)
         wiring = {k: v.format(**fill) for k, v in WIRING[spec.source].get(method, {}).items()}
         wiring.update(spec.inputs.get(method, {}))
-        if method == "ppo" and rule_rewarded(arm) and "reward_model" not in own_inputs(arm):
+        variant = variant_of(arm)
+        if method == "ppo" and rule_rewarded(arm) and "reward_model" not in variant.inputs:
             wiring.pop("reward_model", None)
         base_settings: dict[str, Any] = {"report_to": tracked} if tracked and "report_to" in fields else {}
         aliases = BUDGET_ALIASES.get(method, {})
         budget = {aliases.get(k, k): v for k, v in spec.budget.items()}
         base_settings.update({k: copy.deepcopy(v) for k, v in budget.items() if k in fields})
         base_settings.update(copy.deepcopy(spec.method_settings.get(method, {})))
-        if arm in spec.variants:
-            base_settings.update(copy.deepcopy(spec.variants[arm].settings))
+        base_settings.update(copy.deepcopy(variant.settings))
         for seed in spec.seeds:
             name = stage_name(arm, seed)
-            seed_wiring = {**wiring, **fill_inputs(arm, own_inputs(arm), {**fill, "seed": str(seed)})}
-            if after_of(arm) is not None:
-                seed_wiring["adapter"] = adapter_of(str(after_of(arm)), seed)
+            seed_wiring = {**wiring, **fill_inputs(arm, variant.inputs, {**fill, "seed": str(seed)})}
+            if variant.after is not None:
+                seed_wiring["adapter"] = adapter_of(variant.after, seed)
             settings = copy.deepcopy(base_settings)
             if "trainer_args" in fields:  # the seed of this arm (initialisation, data order)
                 settings["trainer_args"] = {**settings.get("trainer_args", {}), "seed": seed, "data_seed": seed}
             elif "seed" in fields:  # a method with a seed of its own (ppo)
                 settings["seed"] = seed
             arm_plan: dict[str, Any] = {"method": arm, "uses": method, "seed": seed, "label": name}
-            if after_of(arm) is not None:
-                arm_plan["after"] = stage_name(str(after_of(arm)), seed)
+            if variant.after is not None:
+                arm_plan["after"] = stage_name(variant.after, seed)
             if arm in points_of:
                 select = f"select_{name}"
                 select_inputs: dict[str, str] = {}
