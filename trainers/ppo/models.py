@@ -98,24 +98,24 @@ class SeparateCritic(nn.Module):
 class PpoModels(nn.Module):
     """Policy with LoRA + critic. `reference()` is a context in which the policy *is* the reference.
 
-    `reference_weights` (the LoRA tensors of a continued adapter, as it started) makes the reference
-    that adapter rather than the base: PPO after SFT keeps its KL to the SFT model, as InstructGPT
+    `freeze_reference()` makes the policy's adapter as it is then (a continued one, as it started)
+    the reference rather than the base: PPO after SFT keeps its KL to the SFT model, as InstructGPT
     does, instead of being pulled back toward the base it was fine-tuned away from.
     """
 
-    def __init__(
-        self,
-        policy,
-        value_head: ValueHead | None,
-        critic: SeparateCritic | None,
-        reference_weights: dict[str, torch.Tensor] | None = None,
-    ):
+    def __init__(self, policy, value_head: ValueHead | None, critic: SeparateCritic | None):
         super().__init__()
         if (value_head is None) == (critic is None):
             raise ValueError("give exactly one of value_head or critic")
         self.policy, self.value_head, self.critic = policy, value_head, critic
-        self.reference_weights = reference_weights
-        self._swapped: list[tuple[nn.Parameter, torch.Tensor]] | None = None
+        #: (parameter, its value when frozen) for the policy's adapter tensors; None: the reference is the base
+        self.reference_weights: list[tuple[nn.Parameter, torch.Tensor]] | None = None
+
+    def freeze_reference(self) -> None:
+        """The policy's trainable (adapter) tensors as they are now become the reference: a copy
+        of what `trainable_state` copies for checkpoints, the policy's part of it."""
+        params = dict(self.named_parameters())
+        self.reference_weights = [(params[n], t) for n, t in self.trainable_state().items() if n.startswith("policy.")]
 
     @property
     def device(self) -> torch.device:
@@ -124,7 +124,7 @@ class PpoModels(nn.Module):
     @contextmanager
     def reference(self) -> Iterator[None]:
         """The reference policy, in place: the base with the adapter off (peft's disable_adapter),
-        or with `reference_weights` the adapter's starting tensors swapped in for the duration (a
+        or with `freeze_reference()` the adapter's frozen tensors swapped in for the duration (a
         LoRA's few MB copied twice per call; never inside a graph that backward will read)."""
         if self.reference_weights is None:
             with self.policy.disable_adapter():
@@ -132,16 +132,13 @@ class PpoModels(nn.Module):
             return
         if torch.is_grad_enabled():
             raise RuntimeError("the adapter reference swaps weights in place: use it under torch.no_grad()")
-        if self._swapped is None:  # the parameters themselves, looked up once
-            params = dict(self.policy.named_parameters())
-            self._swapped = [(params[name], tensor) for name, tensor in self.reference_weights.items()]
-        current = [param.detach().clone() for param, _ in self._swapped]
+        current = [param.detach().clone() for param, _ in self.reference_weights]
         try:
-            for param, tensor in self._swapped:
+            for param, tensor in self.reference_weights:
                 param.copy_(tensor)
             yield
         finally:
-            for (param, _), tensor in zip(self._swapped, current):
+            for (param, _), tensor in zip(self.reference_weights, current):
                 param.copy_(tensor)
 
     def policy_parameters(self) -> list[nn.Parameter]:
@@ -194,26 +191,31 @@ class PpoModels(nn.Module):
                 params[name].copy_(tensor)
 
 
-def adapter_weights(policy) -> dict[str, torch.Tensor]:
-    """A copy of the policy's trainable adapter tensors (what `reference()` swaps in)."""
-    return {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
-
-
 def build_models(model_name: str, lora, value_model: str, policy_settings, adapter=None, reference: str = "adapter") -> PpoModels:
     """Load the base once, wrap it with a trainable LoRA (or continue `adapter`), add the critic.
     With `adapter` and reference "adapter" the KL reference is that adapter as loaded; else the base."""
-    from pipeline.models import load_lora_policy, resolve_model
+    from pipeline.models import load_lora_policy
 
     if reference not in ("adapter", "base"):
         raise ValueError(f"reference must be 'adapter' or 'base', got {reference!r}")
     policy = load_lora_policy(model_name, policy_settings, lora, adapter)
     policy.eval()  # no dropout anywhere: the ratio of identical weights must be exactly 1
-    frozen = adapter_weights(policy) if adapter is not None and reference == "adapter" else None
     hidden = policy.get_base_model().config.hidden_size
     if value_model == "head":
-        return PpoModels(policy, ValueHead(hidden).to(policy_settings.device), None, frozen)
+        models = PpoModels(policy, ValueHead(hidden).to(policy_settings.device), None)
+    else:
+        models = PpoModels(policy, None, separate_critic(value_model, policy, lora, policy_settings))
+    if adapter is not None and reference == "adapter":
+        models.freeze_reference()
+    return models
+
+
+def separate_critic(value_model: str, policy, lora, policy_settings) -> SeparateCritic:
+    """`value_model` with its own LoRA and a value head; it must share the policy's tokenizer."""
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModel
+
+    from pipeline.models import resolve_model
 
     path = resolve_model(value_model)
     config = AutoConfig.from_pretrained(path)
@@ -226,5 +228,4 @@ def build_models(model_name: str, lora, value_model: str, policy_settings, adapt
     trunk = AutoModel.from_pretrained(path, dtype=policy_settings.dtype).to(policy_settings.device)
     trunk = get_peft_model(trunk, lora.model_copy(update={"dropout": 0.0}).peft_config("FEATURE_EXTRACTION"))
     trunk.eval()
-    critic = SeparateCritic(trunk, ValueHead(config.hidden_size).to(policy_settings.device))
-    return PpoModels(policy, None, critic, frozen)
+    return SeparateCritic(trunk, ValueHead(config.hidden_size).to(policy_settings.device))
