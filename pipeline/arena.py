@@ -410,6 +410,14 @@ def expand(
         }
         feedback = WIRING[spec.source]["ppo"]["prompts"].format(**fill)
         stages.append({"name": REWARD_STAGE, "uses": "train_reward", "inputs": {"feedback": feedback}, "with": reward_with})
+    trains_reward = bool(ppo_arms and "ppo" in WIRING[spec.source])
+    for key, reference in spec.evaluate_inputs.items():
+        if reference.split(".")[0] == REWARD_STAGE and not trains_reward and REWARD_STAGE not in names:
+            raise problem(
+                f"evaluate_inputs.{key}",
+                f"{reference!r}: the arena trains its '{REWARD_STAGE}' stage only for a ppo arm that reads a reward "
+                "model, and none in this run does (rule-rewarded or no ppo arm): train one in a stage of your own",
+            )
     prompts = spec.prompts or {"verbal": f"{spec.data}.eval_prompts", "spans": "views.eval_prompts"}.get(spec.source)
     # MemPrompt's memory: the prompts the verbal feedback was given on, or the critiques the methods train on
     memory = spec.memory or {"verbal": f"{spec.data}.train", "users": f"{fill.get('users')}.verbal_feedback"}.get(spec.source)

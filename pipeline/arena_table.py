@@ -224,6 +224,8 @@ def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [r["cost"].get(field) for r in done if isinstance(r["cost"].get(field), (int, float))]
             cost[field] = sum(values) / len(values) if values else None
         errors = [f"seed {r['seed']}: {r['error']}" for r in seed_rows if r.get("error")]
+        # a chained arm's rows name the stage each seed started from (sft_s0, sft_s1): the aggregate names the arm
+        after = sorted({r["after"].removesuffix(f"_s{r['seed']}") for r in seed_rows if r.get("after")})
         out.append(
             {
                 "condition": f"{method} (mean over seeds {', '.join(str(r['seed']) for r in done) or 'none done'})",
@@ -235,6 +237,7 @@ def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "chosen": None,
                 "metrics": metrics,
                 "cost": cost,
+                **({"after": ", ".join(after)} if after else {}),
             }
         )
     return out

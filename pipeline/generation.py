@@ -175,8 +175,19 @@ EngineSetting = Annotated[
         "on CPU (same greedy replies as HF)"
     ),
 ]
-#: vLLM only serves LoRA adapters up to one of these ranks
+#: vLLM only serves LoRA adapters up to one of these ranks (its accepted max_lora_rank values)
 _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """vLLM's `max_lora_rank` for an adapter of `rank`: the smallest value it accepts that holds it."""
+    return next((r for r in _VLLM_LORA_RANKS if r >= rank), rank)
+
+
+def adapter_rank(adapter: str | Path) -> int:
+    """The largest LoRA rank in a saved adapter (`r`, and its `rank_pattern` when it has one)."""
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    return max([int(config.get("r", 16)), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
 
 
 def vllm_unavailable_reason(device: str | None = None) -> str | None:
@@ -350,8 +361,7 @@ def vllm_generate(
     if adapter is not None:
         from vllm.lora.request import LoRARequest
 
-        rank = int(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 16))
-        llm_kwargs.update(enable_lora=True, max_lora_rank=next((r for r in _VLLM_LORA_RANKS if r >= rank), rank))
+        llm_kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(adapter_rank(adapter)))
         lora_request = LoRARequest("heedful-adapter", 1, str(adapter))
     llm = LLM(**llm_kwargs)
     params = SamplingParams(**vllm_sampling_kwargs(sampling, num_samples, seed, eos_ids))

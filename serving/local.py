@@ -69,8 +69,8 @@ def random_lora_adapter(dest: Path, seed: int, model: str = "tiny", rank: int = 
 
     base = load_causal_lm(model, device_policy("cpu"))
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(seed)  # before the wrap: init_lora_weights=False draws A from the global generator too
     peft = get_peft_model(base, config)
-    torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:

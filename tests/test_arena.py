@@ -504,6 +504,11 @@ def test_ppo_arm_trains_against_a_reward_model_of_the_same_preferences(tmp_path)
     stages = {s["name"]: s for s in expand(ruled)[0]["stages"]}
     assert "reward" in stages and stages["ppo_s1"]["inputs"]["reward_model"] == "reward.reward_model"
     assert "reward_model" not in stages["ppo_rule_s1"]["inputs"]
+    # the evaluation may score with the arena's reward model only when some arm trains it
+    scored = {**ruled["arena"], "evaluate_inputs": {"reward_model": "reward.reward_model"}}
+    assert "reward" in {s["name"] for s in expand({**ruled, "arena": scored})[0]["stages"]}
+    with pytest.raises(ConfigError, match="arena.evaluate_inputs.reward_model: 'reward.reward_model'.*none in this run"):
+        expand({**ruled, "arena": {**scored, "methods": ["ppo_rule"]}})
     # a grid over the objectives: the reward stage is there as soon as one point reads the reward model
     ruled["arena"].update(
         methods=["ppo_rule"], grid={"ppo_rule": {"objectives": [[{"rule": rule}], [{"input": "reward_model"}]]}}
@@ -606,6 +611,21 @@ def test_aggregate_metric_by_hand():
     assert aggregate_metric("judge_win_rate", [None, None]) is None
     nan = {"value": None, "n": 0, "lo": None, "hi": None}  # an estimate over no items does not count
     assert aggregate_metric("adherence", [nan, wilson(1, 4)])["n"] == 4
+
+
+def test_aggregate_of_a_chained_arm_names_the_arm_it_continued():
+    """Per-seed rows of a chained arm name the stage each seed started from; the mean over seeds
+    names the arm (sft, not sft_s0), and an unchained method's aggregate has no `after`."""
+    from pipeline.arena_table import aggregate_seeds
+
+    def row(method, seed, after=None):
+        r = {"method": method, "seed": seed, "status": "done", "metrics": {}, "cost": {}, "error": None}
+        return {**r, "after": after} if after else r
+
+    rows = [row("sft", 0), row("sft", 1), row("sft_ppo", 0, "sft_s0"), row("sft_ppo", 1, "sft_s1")]
+    by_method = {a["method"]: a for a in aggregate_seeds(rows)}
+    assert by_method["sft_ppo"]["after"] == "sft"
+    assert "after" not in by_method["sft"]
 
 
 def test_two_seeds_aggregated(tmp_path):

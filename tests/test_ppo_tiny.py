@@ -130,6 +130,28 @@ def test_a_continued_adapter_is_the_reference_as_it_started(tokenizer, tmp_path)
         build_models("tiny", s.lora, s.value_model, s.device_policy(), reference="sft")
 
 
+def test_vllm_rollouts_size_their_lora_by_the_continued_adapter_not_the_setting(tmp_path):
+    """vLLM refuses an adapter above the max_lora_rank it started with: PPO continuing an r=8
+    adapter under a stage whose `lora.r` says 4 must ask for 8 (the adapter's own config)."""
+    from trainers.ppo.vllm_rollout import lora_rank_of
+
+    s = settings()
+    trained = build_models("tiny", s.lora, s.value_model, s.device_policy())
+    trained.policy.save_pretrained(str(tmp_path / "r8"))
+    small = settings(lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    assert lora_rank_of(build_models("tiny", small.lora, s.value_model, s.device_policy()).policy) == 4
+    continued = build_models("tiny", small.lora, s.value_model, s.device_policy(), adapter=tmp_path / "r8")
+    assert lora_rank_of(continued.policy) == 8
+    continued.policy.peft_config[continued.policy.active_adapter].rank_pattern = {"q_proj": 32}
+    assert lora_rank_of(continued.policy) == 32
+    # the generate stage's vLLM path reads a saved adapter's rank from its folder, the same way
+    from pipeline.generation import adapter_rank, vllm_max_lora_rank
+
+    continued.policy.save_pretrained(str(tmp_path / "patterned"))
+    assert adapter_rank(tmp_path / "r8") == 8 and adapter_rank(tmp_path / "patterned") == 32
+    assert [vllm_max_lora_rank(r) for r in (4, 8, 12, 32, 600)] == [8, 8, 16, 32, 600]
+
+
 def test_scopes_of_the_prompts_reach_the_reward_models(tokenizer):
     """c3po_data rows carry a scope; each sampled reply's batch entry has its prompt's (scoped rules read it)."""
     seen: list = []

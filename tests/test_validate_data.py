@@ -206,6 +206,7 @@ def test_shared_datasets_pass_their_schemas(path, kinds, field):
         ("c3po/cooking_prompts.jsonl", ("prompts",)),
         ("quickstart/prompts.jsonl", ("prompts",)),
         ("quickstart/needs.jsonl", ("responses", "prompts", "needs")),
+        ("users/needs.jsonl", ("responses", "prompts", "needs")),
     ],
 )
 def test_shipped_data_passes_its_schema(path, kinds):

@@ -96,10 +96,10 @@ class PpoTrainer:
             from pipeline.generation import pick_engine
 
             if pick_engine(settings.rollout_engine, str(self.device)) == "vllm":
-                from .vllm_rollout import VllmSampler
+                from .vllm_rollout import VllmSampler, lora_rank_of
 
                 base_path = models.policy.get_base_model().config._name_or_path
-                self.sampler = VllmSampler(base_path, settings.lora.r, seed=seed)
+                self.sampler = VllmSampler(base_path, lora_rank_of(models.policy), seed=seed)
         self.resumed_from: str | None = None
 
     # ------------------------------------------------------------------ prompts

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import torch
 
-_VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM can serve
+
+def lora_rank_of(policy) -> int:
+    """The largest LoRA rank in the policy's adapter (its own config, rank_pattern included): a
+    continued adapter keeps the rank it was trained with, whatever the stage's `lora.r` says, and
+    vLLM refuses an adapter above the `max_lora_rank` it was started with."""
+    config = policy.peft_config[policy.active_adapter]
+    return max([int(config.r), *(int(r) for r in (getattr(config, "rank_pattern", None) or {}).values())])
 
 
 class VllmSampler:
@@ -30,11 +36,12 @@ class VllmSampler:
             from vllm import LLM
         except ImportError:
             raise RuntimeError("rollout_engine: vllm needs vLLM on a GPU machine: pip install vllm") from None
-        rank = next((r for r in _VLLM_LORA_RANKS if r >= lora_rank), lora_rank)
+        from pipeline.generation import vllm_max_lora_rank
+
         self.llm = LLM(
             model=model_path,
             enable_lora=True,
-            max_lora_rank=rank,
+            max_lora_rank=vllm_max_lora_rank(lora_rank),
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
