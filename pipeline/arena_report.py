@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .arena_table import PLAN_FILE, collect, display_rows, metric_names, num
-from .evaluation.summary import FLAT_ORDER
+from .arena_table import PLAN_FILE, collect, display_rows, fmt_paired, metric_names, num, paired_names
+from .evaluation.summary import FLAT_ORDER, arrow
 
 #: the Pareto plots: (x, y, title); drawn when at least two rows have both metrics
 PARETO = (
@@ -40,7 +40,7 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
     table = collect(run_root)
     if table is None:
         return ""
-    from .evaluation.summary import arrow, fmt_estimate
+    from .evaluation.summary import fmt_estimate
 
     names = metric_names(table)
     head = "".join(f"<th>{html.escape(m)}{arrow(m)}</th>" for m in names)
@@ -75,6 +75,8 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
         f"(hover for the error); the others are unaffected.{seeds_note}</p>",
         f"<table><tr><th>condition</th><th>status</th>{head}</tr>{''.join(body)}</table>",
     ]
+    if paired_names(table):
+        parts.append(paired_section(table))
     if table.get("grid"):
         parts.append(grid_section(table))
     from .report import figure_html
@@ -82,6 +84,26 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
     parts += [figure_html(figure) for _, figure in pareto_figures(table)]
     parts.append(side_by_side(Path(run_root)))
     return "\n".join(parts)
+
+
+def paired_section(table: dict[str, Any]) -> str:
+    """Each condition against the base on the same held-out items (prompts or needs)."""
+    names = paired_names(table)
+    head = "".join(f"<th>{html.escape(m)}{arrow(m)}</th>" for m in names)
+    body = "".join(
+        f"<tr><td>{html.escape(row['condition'])}</td>"
+        + "".join(f"<td>{html.escape(fmt_paired(row['vs_base'].get(m)))}</td>" for m in names)
+        + "</tr>"
+        for row in table["rows"]
+        if row.get("vs_base")
+    )
+    return (
+        "<h3>Paired with the base</h3><p>Each row against the base model on the <i>same</i> items: the "
+        "difference of the rates [95% bootstrap interval over the items], how many items turned yes "
+        "(better) and no (worse), and the exact McNemar p-value. Two rates whose Wilson intervals overlap "
+        "can still differ here, and a difference that the pairing does not support shows as such.</p>"
+        f"<table><tr><th>condition</th>{head}</tr>{body}</table>"
+    )
 
 
 def chosen_note(row: dict[str, Any]) -> str:
@@ -238,3 +260,12 @@ def print_table(console, table: dict[str, Any]) -> None:
             style="bold" if "seeds" in row else None,
         )
     console.print(out)
+    paired = [m for m in paired_names(table) if m in TERMINAL_METRICS]
+    if paired:
+        vs = Table(title="against the base on the same items: difference [95% interval], items better / worse, McNemar p")
+        for col in ["condition", *paired]:
+            vs.add_column(col)
+        for row in table["rows"]:
+            if row.get("vs_base"):
+                vs.add_row(row["condition"], *[fmt_paired(row["vs_base"].get(m)) for m in paired])
+        console.print(vs)

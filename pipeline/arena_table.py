@@ -29,6 +29,8 @@ from typing import Any
 from .evaluation.summary import FLAT_ORDER
 
 PLAN_FILE = "arena_plan.json"
+#: the no-training condition every other row is paired with (`vs_base`)
+BASE_CONDITION = "base"
 #: metrics built with `pipeline.stats.rate` (Wilson): their counts can be pooled over seeds
 RATES = {"adherence", "overgen_near", "overgen_out", "first_reply_satisfied", "satisfied", "unfinished"}
 COST_FIELDS = [
@@ -69,6 +71,7 @@ def collect(run_root: Path) -> dict[str, Any] | None:
     rows = []
     base_state, base_error = status(plan["baseline"])
     base = summary(plan["baseline"]) if base_state == "done" else None
+    base_outcomes = ((base or {}).get("outcomes") or {}).get(BASE_CONDITION, {})
     for condition in plan["conditions"]:
         metrics = (base or {}).get("conditions", {}).get(condition)
         if base is not None and metrics is None:
@@ -83,6 +86,7 @@ def collect(run_root: Path) -> dict[str, Any] | None:
                 "chosen": None,
                 "metrics": metrics or {},
                 "cost": {"eval_seconds": (base or {}).get("cost", {}).get("evaluation_seconds")},
+                **versus_base(condition, base, base_outcomes),
             }
         )
     grids = []
@@ -127,6 +131,7 @@ def collect(run_root: Path) -> dict[str, Any] | None:
                 "metrics": metrics,
                 "cost": cost,  # a chained arm's (variant `after`) is its own stage's; the arm it started from has a row
                 **({"after": arm["after"]} if arm.get("after") else {}),
+                **versus_base(label, result, base_outcomes),
             }
         )
     table: dict[str, Any] = {"source": plan["source"], "budget": plan.get("budget", {}), "rows": rows}
@@ -199,6 +204,23 @@ def grid_entry(run, arm: dict[str, Any], label: str, status, summary) -> dict[st
 
 
 # ----------------------------------------------------------------------------- seeds
+
+
+def versus_base(condition: str, summary: dict[str, Any] | None, base_outcomes: dict[str, Any]) -> dict[str, Any]:
+    """{"vs_base": {metric: paired difference}} of a condition's yes/no outcomes against the base's on
+    the same items (pipeline.stats.paired_difference); {} for the base itself, or without outcomes
+    (summaries written before evaluate v2)."""
+    from .stats import paired_difference
+
+    if condition == BASE_CONDITION or not base_outcomes:
+        return {}
+    outcomes = ((summary or {}).get("outcomes") or {}).get(condition) or {}
+    paired = {
+        metric: paired_difference(items, base_outcomes[metric])
+        for metric, items in outcomes.items()
+        if metric in base_outcomes and any(k in base_outcomes[metric] for k in items)
+    }
+    return {"vs_base": paired} if paired else {}
 
 
 def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -289,6 +311,18 @@ def metric_names(table: dict[str, Any]) -> list[str]:
     return metric_order({m for row in table["rows"] for m in row["metrics"] if m != "memory_retrieved"})
 
 
+def paired_names(table: dict[str, Any]) -> list[str]:
+    """The metrics some row has a paired comparison with the base for (`vs_base`)."""
+    return metric_order({m for row in table["rows"] for m in row.get("vs_base") or {}})
+
+
+def fmt_paired(d: dict[str, Any] | None) -> str:
+    """'+0.17 [+0.04, +0.29] 10 better, 2 worse, p = 0.04' for a paired difference; '–' for none."""
+    if not d or d.get("value") is None or not _finite(d["value"]):
+        return "–"
+    return f"{d['value']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] {d['better']} better, {d['worse']} worse, p = {d['p']:.2g}"
+
+
 def display_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows in the order every view shows them: conditions, then per method its aggregate (when it
     has several seeds) followed by its seeds' rows."""
@@ -326,9 +360,13 @@ def table_rows(table: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """(header, rows) of arena.csv, cells unformatted (numbers stay numbers, for trackers): per
     metric its value, lo, hi and n; an aggregate row has the seeds it pooled as `seed` (`0+1`)."""
     names = metric_names(table)
+    paired = paired_names(table)
     header = ["condition", "method", "seed", "status", "chosen"]
     for m in names:
         header += [m, f"{m}_lo", f"{m}_hi", f"{m}_n"]
+    for m in paired:
+        header += [f"{m}_vs_base", f"{m}_vs_base_lo", f"{m}_vs_base_hi", f"{m}_vs_base_better", f"{m}_vs_base_worse"]
+        header.append(f"{m}_vs_base_p")
     rows = []
     for row in display_rows(table):
         seed = "+".join(map(str, row["seeds"])) if "seeds" in row else row["seed"]
@@ -340,6 +378,9 @@ def table_rows(table: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
                 line += [value.get("value"), value.get("lo"), value.get("hi"), value.get("n")]
             else:
                 line += [value, None, None, None]
+        for m in paired:
+            d = (row.get("vs_base") or {}).get(m) or {}
+            line += [d.get(k) for k in ("value", "lo", "hi", "better", "worse", "p")]
         line += [row["cost"].get(f) for f in COST_FIELDS]
         rows.append(line + [(row["error"] or "")[:300]])
     return header + COST_FIELDS + ["error"], rows

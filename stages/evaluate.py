@@ -62,7 +62,7 @@ class EvaluateConfig(TrackingSettings):
 class EvaluateStage(Stage):
     config: EvaluateConfig
     uses = "evaluate"
-    version = "1"
+    version = "2"  # 2: the summary's per-item outcomes
     summary = "Adherence, overgeneralization, satisfaction, drift, degeneration, cost: base vs in-context vs memory vs adapter."
     Config = EvaluateConfig
     inputs = {
@@ -143,6 +143,7 @@ class EvaluateStage(Stage):
             ans, prompts, feedback, metric, reference, cfg.sampling, cfg.max_prompts_per_scope, cfg.ngram
         )
         results = metrics.reply_metrics(rows, [c.name for c in conditions], ans.resamples, ans.seed)
+        outcomes = metrics.reply_outcomes(rows, [c.name for c in conditions])
         if memory is not None and (rates := metrics.retrieval_rates(prompts, memory)):
             results["memory"]["memory_retrieved"] = rates
         metrics.length_vs_base(rows, results, reference, ans.resamples, ans.seed)
@@ -150,7 +151,7 @@ class EvaluateStage(Stage):
         if cfg.judge is not None:
             metrics.judge_win_rates(ans, rows, results, reference, cfg.judge)
         if (needs := ctx.input("needs")) is not None:
-            users.satisfaction(ans, needs, cfg.users, results)
+            users.satisfaction(ans, needs, cfg.users, results, outcomes)
         if cfg.drift:
             drift.drift(ans, drift.general_items(ctx.input("general"), cfg.general_set, cfg.max_general), results)
 
@@ -162,6 +163,7 @@ class EvaluateStage(Stage):
             results=results,
             started=started,
             prompts=prompts,
+            outcomes=outcomes,
         )
         empty = {"prompt": "", "scope": "", "condition": "", "response": "", "applied": False, "finished": True, "tokens": 0}
         save_rows(rows, ctx.output("evaluation"), empty_like=empty)

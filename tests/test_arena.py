@@ -197,6 +197,11 @@ def test_arena_on_simulated_users(tmp_path):
         assert row["status"] == "done"
         assert row["metrics"]["first_reply_satisfied"]["n"] == 4  # the 4 held-out needs (of 16)
         assert row["metrics"]["unfinished"]["n"] == 4
+        if row["condition"] != "base":  # paired with the base's conversations on the same 4 needs
+            paired = row["vs_base"]["first_reply_satisfied"]
+            assert paired["n"] == 4 and paired["value"] == pytest.approx(
+                row["metrics"]["first_reply_satisfied"]["value"] - table["rows"][0]["metrics"]["first_reply_satisfied"]["value"]
+            )
     # the validation need: scored by each grid point, and none of its records reach training
     from pipeline.records import load_rows
 
@@ -652,6 +657,18 @@ def test_two_seeds_aggregated(tmp_path):
     assert kl["lo"] == min(s["kl_to_base"]["lo"] for s in seeds) and kl["hi"] == max(s["kl_to_base"]["hi"] for s in seeds)
     assert mean["cost"]["steps"] == 2
     assert mean["metrics"]["unfinished"] == aggregate_metric("unfinished", [s["unfinished"] for s in seeds])
+    # each seed against the base on the same held-out prompts, from the replies on disk
+    from pipeline.records import load_rows
+    from pipeline.stats import paired_difference
+
+    def applied(stage):
+        return {r["prompt"]: r["applied"] for r in load_rows(run_dir / stage / "evaluation") if r["scope"] == "in_scope"}
+
+    assert "vs_base" not in table["rows"][0]  # the base itself
+    for row in table["rows"][1:]:
+        by_hand = paired_difference(applied(f"eval_{row['condition']}"), applied("eval_base"))
+        assert row["vs_base"]["adherence"] == by_hand and by_hand["n"] == 2
+        assert set(row["vs_base"]) == {"adherence", "overgen_near", "overgen_out", "unfinished"}
     with (run_dir / "arena.csv").open() as f:
         lines = list(csv.DictReader(f))
     assert [(line["condition"], line["seed"]) for line in lines] == [
@@ -661,10 +678,12 @@ def test_two_seeds_aggregated(tmp_path):
         ("dpo_s1", "1"),
     ]
     assert lines[1]["adherence_n"] == "4"
+    assert lines[2]["adherence_vs_base_p"] == f"{table['rows'][1]['vs_base']['adherence']['p']:.6g}"
     from pipeline.report import build_report
 
     build_report(run_dir)
     assert "<b>dpo (mean over seeds 0, 1)</b>" in (run_dir / "report.html").read_text()
+    assert "Paired with the base" in (run_dir / "report.html").read_text()
     from rich.console import Console
 
     from pipeline.arena_report import print_table
@@ -672,7 +691,7 @@ def test_two_seeds_aggregated(tmp_path):
     console = Console(record=True, width=240)
     print_table(console, table)  # what `heedful arena` prints at the end
     printed = [line.split("│")[1].strip() for line in console.export_text().splitlines() if line.startswith("│")]
-    assert printed == ["base", "dpo (mean over seeds 0, 1)", "dpo_s0", "dpo_s1"]
+    assert printed == ["base", "dpo (mean over seeds 0, 1)", "dpo_s0", "dpo_s1", "dpo_s0", "dpo_s1"]  # then vs the base
 
     # seed 1 fails at run time: the mean is seed 0's alone, and says so
     from pipeline.arena import load_arena, save_plan, write_outputs

@@ -81,6 +81,47 @@ def test_bootstrap_ratio_resamples_pairs_together():
     assert bootstrap_ratio([], [])["n"] == 0 and math.isnan(bootstrap_ratio([1.0], [0.0])["value"])  # null in JSON
 
 
+def test_paired_difference_and_mcnemar_by_hand():
+    """Against the base on the same items: only shared keys count; better / worse are the items
+    that turned yes / no; the exact McNemar p of 10 vs 2 discordant items is 2 * (1 + 12 + 66) / 2^12."""
+    from pipeline.stats import mcnemar_p, paired_difference
+
+    assert mcnemar_p(10, 2) == pytest.approx(2 * 79 / 4096) and mcnemar_p(2, 10) == mcnemar_p(10, 2)
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0 and mcnemar_p(0, 6) == pytest.approx(2 / 64)
+    base = {f"n{i}": i < 4 for i in range(20)}  # 4 of 20 yes
+    arm = {**{f"n{i}": i < 12 for i in range(20)}, "n3": False, "extra": True}  # 9 turned yes, 1 turned no
+    d = paired_difference(arm, base, resamples=500, seed=0)
+    assert (d["n"], d["better"], d["worse"]) == (20, 8, 1)  # "extra" is no item of the base's
+    assert d["value"] == pytest.approx((11 - 4) / 20) and d["lo"] <= d["value"] <= d["hi"]
+    assert d["p"] == pytest.approx(mcnemar_p(8, 1)) and d["p"] < 0.05 and d["lo"] > 0
+    same = paired_difference(base, base)
+    assert (same["value"], same["better"], same["worse"], same["p"]) == (0.0, 0, 0, 1.0)
+    none = paired_difference({"a": True}, {"b": True})
+    assert none["n"] == 0 and none["p"] == 1.0
+
+
+def test_reply_outcomes_are_keyed_by_prompt_per_condition_and_metric():
+    from pipeline.evaluation.metrics import reply_outcomes
+
+    def row(condition, prompt, scope, applied, finished=True):
+        return {"condition": condition, "prompt": prompt, "scope": scope, "applied": applied, "finished": finished}
+
+    rows = [
+        row("base", "a", "in_scope", False),
+        row("base", "a", "in_scope", True),  # the same prompt twice: its second item is "a#2"
+        row("base", "b", "out_of_scope", True, finished=False),
+        row("base", "c", "general", False),
+        row("dpo_s0", "a", "in_scope", True),
+    ]
+    out = reply_outcomes(rows, ["base", "dpo_s0", "memory"])
+    assert out["base"] == {
+        "adherence": {"a": False, "a#2": True},
+        "overgen_out": {"b": True},
+        "unfinished": {"a": False, "a#2": False, "b": True, "c": False},
+    }
+    assert out["dpo_s0"] == {"adherence": {"a": True}, "unfinished": {"a": False}} and "memory" not in out
+
+
 def test_kl_on_a_known_pair():
     # KL((.5,.5) || (.9,.1)) = .5 ln(.5/.9) + .5 ln(.5/.1)
     expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
@@ -356,6 +397,13 @@ def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path):
         assert metrics["unfinished"]["value"] == pytest.approx(sum(not r["finished"] for r in mine) / len(mine))
         assert metrics["adherence"]["n"] == 3 and metrics["overgen_near"]["n"] == 2
         assert metrics["satisfied"]["n"] == 2 and metrics["first_reply_satisfied"]["n"] == 2
+        # item by item, for comparisons paired on the same prompts and needs
+        items = summary["outcomes"][name]
+        assert sum(items["unfinished"].values()) == sum(not r["finished"] for r in mine)
+        assert sum(items["adherence"].values()) == round(metrics["adherence"]["value"] * 3)
+        assert len(items["first_reply_satisfied"]) == 2 and len(items["satisfied"]) == 2
+        assert sum(items["satisfied"].values()) == round(metrics["satisfied"]["value"] * 2)
+    assert summary["outcomes"]["base"]["satisfied"].keys() == summary["outcomes"]["dpo_s0"]["satisfied"].keys()
     # memory recalls the feedback only for the remembered prompt itself (threshold 0.99): 1 of 3 in-scope;
     # the near-scope memory row is no key (the feedback was not given on it)
     assert conditions["memory"]["memory_retrieved"]["in_scope"] == pytest.approx(wilson(1, 3))

@@ -71,6 +71,30 @@ def condition_metrics(rows: Rows, resamples: int, seed: int) -> dict[str, Any]:
     return out
 
 
+def reply_outcomes(rows: Rows, conditions: list[str]) -> dict[str, dict[str, dict[str, bool]]]:
+    """Per condition and yes/no metric, each item's outcome keyed by its prompt (`#2`, `#3` after a
+    repeated one): what the arena pairs with the base's on the same prompts (`pipeline.stats.
+    paired_difference`). adherence / overgen_near / overgen_out on scoped rows, unfinished on all."""
+    from trainers.feedback_eval import SCOPE_KEYS
+
+    out: dict[str, dict[str, dict[str, bool]]] = {}
+    for name in conditions:
+        per_metric: dict[str, dict[str, bool]] = {}
+        for row in (r for r in rows if r["condition"] == name):
+            for metric, outcome in ((SCOPE_KEYS.get(row["scope"]), row["applied"]), ("unfinished", not row["finished"])):
+                if metric is None:
+                    continue
+                items = per_metric.setdefault(metric, {})
+                key, k = str(row["prompt"]), 1
+                while key in items:
+                    k += 1
+                    key = f"{row['prompt']}#{k}"
+                items[key] = bool(outcome)
+        if per_metric:
+            out[name] = per_metric
+    return out
+
+
 def retrieval_rates(prompts: Rows, memory: Callable[[str], str | None]) -> dict[str, Any]:
     """Per scope: how often the memory condition recalled feedback."""
     from pipeline.stats import rate

@@ -9,7 +9,9 @@ Format (`summary` output, JSON):
      "adapter": {"label", "stage", "path"} | null,
      "conditions": {condition: {metric: {"value", "n", "lo", "hi"} | number | {scope: estimate}}},
      "cost": {"training": {...} | null, "evaluation_seconds", "evaluation_peak_memory_mb"},
-     "counts": {scope: prompts}}
+     "counts": {scope: prompts},
+     "outcomes": {condition: {metric: {item: bool}}}}   yes/no metrics item by item (prompt or
+         need id), for comparisons paired on the same items (the arena's `vs_base`)
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def build_summary(
     results: dict[str, dict[str, Any]],
     started: float,
     prompts: list[dict[str, Any]],
+    outcomes: dict[str, dict[str, dict[str, bool]]] | None = None,
 ) -> dict[str, Any]:
     """The summary; `label` names the adapter's condition, `started` is the evaluation's start
     time (its `evaluation_seconds` ends now)."""
@@ -104,6 +107,7 @@ def build_summary(
             "evaluation_peak_memory_mb": peak_memory_mb(),
         },
         "counts": {scope: sum(p.get("scope") == scope for p in prompts) for scope in SCOPES},
+        "outcomes": outcomes or {},
     }
 
 

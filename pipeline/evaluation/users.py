@@ -27,8 +27,15 @@ class UsersSettings(ProtocolSettings):
     facts_field: str | None = "keywords"
 
 
-def satisfaction(ans: Answering, needs: Path, settings: UsersSettings, results: dict[str, dict[str, Any]]) -> None:
-    """first_reply_satisfied, satisfied (within max_rounds) and rounds, per condition."""
+def satisfaction(
+    ans: Answering,
+    needs: Path,
+    settings: UsersSettings,
+    results: dict[str, dict[str, Any]],
+    outcomes: dict[str, dict[str, dict[str, bool]]],
+) -> None:
+    """first_reply_satisfied, satisfied (within max_rounds) and rounds, per condition; each
+    need's first_reply_satisfied and satisfied in `outcomes[condition]`, keyed by the need's id."""
     from feedback.simulator.needs import load_users
     from feedback.simulator.protocol import Judge, run_conversations
     from pipeline.llm import HFClient, build_client
@@ -74,6 +81,9 @@ def satisfaction(ans: Answering, needs: Path, settings: UsersSettings, results: 
             retrieved["needs"] = rate(user.system_prompt is not None for user in users)
         metrics["first_reply_satisfied"] = rate(bool(u.satisfied) for u in first if u is not None)
         metrics["satisfied"] = rate(t.satisfied for t in transcripts)
+        paired = outcomes.setdefault(condition.name, {})
+        paired["first_reply_satisfied"] = {t.user.id: bool(u.satisfied) for t, u in zip(transcripts, first) if u is not None}
+        paired["satisfied"] = {t.user.id: bool(t.satisfied) for t in transcripts}
         metrics["rounds"] = bootstrap_mean([t.rounds for t in transcripts if t.satisfied], resamples=ans.resamples, seed=ans.seed)
         ans.log.info(
             "%s: %d users, first reply satisfied %.2f",
