@@ -99,8 +99,8 @@ def paired_section(table: dict[str, Any]) -> str:
     )
     return (
         "<h3>Paired with the base</h3><p>Each row against the base model on the <i>same</i> items: the "
-        "difference of the rates [95% bootstrap interval over the items], how many items turned yes "
-        "(better) and no (worse), and the exact McNemar p-value. Two rates whose Wilson intervals overlap "
+        "difference of the rates [Newcombe's 95% interval for paired rates], how many items moved the "
+        "better and the worse way (for ↓ rates an item that turned no is better), and the exact McNemar p-value. Two rates whose Wilson intervals overlap "
         "can still differ here, and a difference that the pairing does not support shows as such.</p>"
         f"<table><tr><th>condition</th>{head}</tr>{body}</table>"
     )

@@ -2,6 +2,7 @@
 
 - rates (a share of n yes/no outcomes): the Wilson score interval, which stays inside [0, 1]
   and is honest at 0/n and n/n, where the normal approximation collapses to a point;
+- a rate against another's on the same items: Newcombe's paired interval and McNemar's exact test;
 - means (KL, log-likelihood, rounds, lengths): a seeded percentile bootstrap over the items;
 - distributions: KL(p || q) in nats; per-token KL between two models' logits.
 
@@ -92,29 +93,43 @@ def _bootstrap(point: float, n: int, statistic, level: float, resamples: int, se
     return estimate(point, n, float(lo), float(hi))
 
 
-def mcnemar_p(better: int, worse: int) -> float:
+def mcnemar_p(turned_yes: int, turned_no: int) -> float:
     """Two-sided exact McNemar p-value: the chance of a split of the discordant pairs at least as
-    uneven as `better` vs `worse` if neither side were more likely (binomial, p = 1/2)."""
-    n, k = better + worse, min(better, worse)
+    uneven as `turned_yes` vs `turned_no` if neither side were more likely (binomial, p = 1/2)."""
+    n, k = turned_yes + turned_no, min(turned_yes, turned_no)
     if n == 0:
         return 1.0
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
-def paired_difference(
-    outcomes: dict[str, bool], baseline: dict[str, bool], resamples: int = 2000, seed: int = 0
-) -> dict[str, Any]:
+def paired_difference(outcomes: dict[str, bool], baseline: dict[str, bool], z: float = Z95) -> dict[str, Any]:
     """A yes/no rate against a baseline's on the *same* items (keys present in both): the
-    difference of the shares with a seeded percentile-bootstrap interval over the items' paired
-    differences, how many items turned yes (`better`) and no (`worse`), and the exact McNemar
-    p-value. Why paired: two rates on the same 48 needs can each have a wide Wilson interval
-    while the items they differ on all point one way; the pairing uses that, and says so when
-    they do not. No shared items: an empty estimate."""
+    difference of the shares with Newcombe's hybrid score interval for paired proportions (1998,
+    method 10: the two Wilson intervals combined, corrected for the pairs' correlation), how many
+    items turned yes (`turned_yes`) and no (`turned_no`), and the exact McNemar p-value. Why
+    paired: two rates on the same 48 needs can each have a wide Wilson interval while the items
+    they differ on all point one way; the pairing uses that, and says so when they do not. No
+    shared items: an empty estimate."""
     shared = [k for k in outcomes if k in baseline]
-    diffs = [int(bool(outcomes[k])) - int(bool(baseline[k])) for k in shared]
-    better, worse = diffs.count(1), diffs.count(-1)
-    out = bootstrap_mean(diffs, resamples=resamples, seed=seed) if diffs else empty(0)
-    return {**out, "better": better, "worse": worse, "p": mcnemar_p(better, worse)}
+    both = sum(bool(outcomes[k]) and bool(baseline[k]) for k in shared)
+    turned_yes = sum(bool(outcomes[k]) and not baseline[k] for k in shared)
+    turned_no = sum(not outcomes[k] and bool(baseline[k]) for k in shared)
+    n = len(shared)
+    counts = {"turned_yes": turned_yes, "turned_no": turned_no, "p": mcnemar_p(turned_yes, turned_no)}
+    if n == 0:
+        return {**empty(0), **counts}
+    neither = n - both - turned_yes - turned_no
+    p1, p2 = (both + turned_yes) / n, (both + turned_no) / n
+    w1, w2 = wilson(both + turned_yes, n, z), wilson(both + turned_no, n, z)
+    margins = (both + turned_yes) * (turned_no + neither) * (both + turned_no) * (turned_yes + neither)
+    cross = both * neither - turned_yes * turned_no
+    corrected = cross - n / 2 if cross > n / 2 else (cross if cross < 0 else 0.0)
+    phi = corrected / math.sqrt(margins) if margins else 0.0
+    below = (p1 - w1["lo"]) ** 2 - 2 * phi * (p1 - w1["lo"]) * (w2["hi"] - p2) + (w2["hi"] - p2) ** 2
+    above = (w1["hi"] - p1) ** 2 - 2 * phi * (w1["hi"] - p1) * (p2 - w2["lo"]) + (p2 - w2["lo"]) ** 2
+    delta = p1 - p2
+    lo, hi = max(-1.0, delta - math.sqrt(max(below, 0.0))), min(1.0, delta + math.sqrt(max(above, 0.0)))
+    return {**estimate(delta, n, lo, hi), **counts}
 
 
 def kl_divergence(p: Sequence[float], q: Sequence[float]) -> float:

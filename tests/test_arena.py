@@ -667,7 +667,10 @@ def test_two_seeds_aggregated(tmp_path):
     assert "vs_base" not in table["rows"][0]  # the base itself
     for row in table["rows"][1:]:
         by_hand = paired_difference(applied(f"eval_{row['condition']}"), applied("eval_base"))
-        assert row["vs_base"]["adherence"] == by_hand and by_hand["n"] == 2
+        better = {"better": by_hand["turned_yes"], "worse": by_hand["turned_no"]}
+        assert row["vs_base"]["adherence"] == {**by_hand, **better} and by_hand["n"] == 2
+        unfinished = row["vs_base"]["unfinished"]  # lower is better: an item that turned no is better
+        assert (unfinished["better"], unfinished["worse"]) == (unfinished["turned_no"], unfinished["turned_yes"])
         assert set(row["vs_base"]) == {"adherence", "overgen_near", "overgen_out", "unfinished"}
     with (run_dir / "arena.csv").open() as f:
         lines = list(csv.DictReader(f))

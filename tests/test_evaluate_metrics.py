@@ -82,20 +82,34 @@ def test_bootstrap_ratio_resamples_pairs_together():
 
 
 def test_paired_difference_and_mcnemar_by_hand():
-    """Against the base on the same items: only shared keys count; better / worse are the items
-    that turned yes / no; the exact McNemar p of 10 vs 2 discordant items is 2 * (1 + 12 + 66) / 2^12."""
+    """Against the base on the same items: only shared keys count; turned_yes / turned_no count the
+    items that changed; the exact McNemar p of 10 vs 2 discordant items is 2 * (1 + 12 + 66) / 2^12;
+    Newcombe's paired interval by hand (its correlation term both ways), mirrored when the sides swap."""
+    import math
+
     from pipeline.stats import mcnemar_p, paired_difference
 
     assert mcnemar_p(10, 2) == pytest.approx(2 * 79 / 4096) and mcnemar_p(2, 10) == mcnemar_p(10, 2)
     assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0 and mcnemar_p(0, 6) == pytest.approx(2 / 64)
     base = {f"n{i}": i < 4 for i in range(20)}  # 4 of 20 yes
-    arm = {**{f"n{i}": i < 12 for i in range(20)}, "n3": False, "extra": True}  # 9 turned yes, 1 turned no
-    d = paired_difference(arm, base, resamples=500, seed=0)
-    assert (d["n"], d["better"], d["worse"]) == (20, 8, 1)  # "extra" is no item of the base's
-    assert d["value"] == pytest.approx((11 - 4) / 20) and d["lo"] <= d["value"] <= d["hi"]
+    arm = {**{f"n{i}": i < 12 for i in range(20)}, "n3": False, "extra": True}  # 8 turned yes, 1 turned no
+    d = paired_difference(arm, base)
+    assert (d["n"], d["turned_yes"], d["turned_no"]) == (20, 8, 1)  # "extra" is no item of the base's
+    # both yes 3, neither 8: p1 = 11/20, p2 = 4/20; a*d - b*c = 24 - 8 = 16 > n/2, so phi's numerator is 16 - 10
+    p1, p2, w1, w2 = 11 / 20, 4 / 20, wilson(11, 20), wilson(4, 20)
+    phi = 6 / math.sqrt(11 * 9 * 4 * 16)
+    lo = p1 - p2 - math.sqrt((p1 - w1["lo"]) ** 2 - 2 * phi * (p1 - w1["lo"]) * (w2["hi"] - p2) + (w2["hi"] - p2) ** 2)
+    hi = p1 - p2 + math.sqrt((w1["hi"] - p1) ** 2 - 2 * phi * (w1["hi"] - p1) * (p2 - w2["lo"]) + (p2 - w2["lo"]) ** 2)
+    assert (d["value"], d["lo"], d["hi"]) == pytest.approx((7 / 20, lo, hi))
     assert d["p"] == pytest.approx(mcnemar_p(8, 1)) and d["p"] < 0.05 and d["lo"] > 0
+    swapped = paired_difference(base, arm)
+    assert (swapped["value"], swapped["lo"], swapped["hi"]) == pytest.approx((-d["value"], -d["hi"], -d["lo"]))
+    # a*d < b*c: phi keeps its (negative) value; the interval is wider than with no correlation
+    mixed = paired_difference({"a": True, "b": True, "c": False, "d": True}, {"a": True, "b": False, "c": True, "d": False})
+    assert mixed["value"] == pytest.approx(0.25) and mixed["lo"] < 0 < mixed["hi"] <= 1 and mixed["p"] == 1.0
     same = paired_difference(base, base)
-    assert (same["value"], same["better"], same["worse"], same["p"]) == (0.0, 0, 0, 1.0)
+    assert (same["value"], same["turned_yes"], same["turned_no"], same["p"]) == (0.0, 0, 0, 1.0)
+    assert same["lo"] < 0 < same["hi"]  # no change seen on 20 items still leaves room for one
     none = paired_difference({"a": True}, {"b": True})
     assert none["n"] == 0 and none["p"] == 1.0
 
