@@ -386,7 +386,8 @@ def expand(
         and "reward_model" not in {**spec.inputs.get("ppo", {}), **variant_of(arm).inputs}
         and not rule_rewarded(arm)
     ]
-    if ppo_arms and "ppo" in WIRING[spec.source]:
+    trains_reward = bool(ppo_arms and "ppo" in WIRING[spec.source])
+    if trains_reward:
         if REWARD_STAGE in names:
             raise problem("methods", f"ppo's reward model is trained in a stage named '{REWARD_STAGE}': rename your stage")
         reward_cls = registry.get("train_reward")
@@ -410,7 +411,6 @@ def expand(
         }
         feedback = WIRING[spec.source]["ppo"]["prompts"].format(**fill)
         stages.append({"name": REWARD_STAGE, "uses": "train_reward", "inputs": {"feedback": feedback}, "with": reward_with})
-    trains_reward = bool(ppo_arms and "ppo" in WIRING[spec.source])
     for key, reference in spec.evaluate_inputs.items():
         if reference.split(".")[0] == REWARD_STAGE and not trains_reward and REWARD_STAGE not in names:
             raise problem(

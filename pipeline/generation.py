@@ -184,10 +184,15 @@ def vllm_max_lora_rank(rank: int) -> int:
     return next((r for r in _VLLM_LORA_RANKS if r >= rank), rank)
 
 
+def largest_lora_rank(r: int, rank_pattern: dict[str, int] | None) -> int:
+    """A LoRA config's largest rank: `r`, or a larger one its `rank_pattern` gives some modules."""
+    return max([int(r), *(int(v) for v in (rank_pattern or {}).values())])
+
+
 def adapter_rank(adapter: str | Path) -> int:
     """The largest LoRA rank in a saved adapter (`r`, and its `rank_pattern` when it has one)."""
     config = json.loads((Path(adapter) / "adapter_config.json").read_text())
-    return max([int(config.get("r", 16)), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+    return largest_lora_rank(config.get("r", 16), config.get("rank_pattern"))
 
 
 def vllm_unavailable_reason(device: str | None = None) -> str | None:

@@ -142,8 +142,9 @@ class EvaluateStage(Stage):
         rows = cond.generate_replies(
             ans, prompts, feedback, metric, reference, cfg.sampling, cfg.max_prompts_per_scope, cfg.ngram
         )
-        results = metrics.reply_metrics(rows, [c.name for c in conditions], ans.resamples, ans.seed)
-        outcomes = metrics.reply_outcomes(rows, [c.name for c in conditions])
+        names = [c.name for c in conditions]
+        results = metrics.reply_metrics(rows, names, ans.resamples, ans.seed)
+        outcomes = metrics.reply_outcomes(rows, names)
         if memory is not None and (rates := metrics.retrieval_rates(prompts, memory)):
             results["memory"]["memory_retrieved"] = rates
         metrics.length_vs_base(rows, results, reference, ans.resamples, ans.seed)

@@ -18,8 +18,10 @@ def lora_rank_of(policy) -> int:
     """The largest LoRA rank in the policy's adapter (its own config, rank_pattern included): a
     continued adapter keeps the rank it was trained with, whatever the stage's `lora.r` says, and
     vLLM refuses an adapter above the `max_lora_rank` it was started with."""
+    from pipeline.generation import largest_lora_rank
+
     config = policy.peft_config[policy.active_adapter]
-    return max([int(config.r), *(int(r) for r in (getattr(config, "rank_pattern", None) or {}).values())])
+    return largest_lora_rank(config.r, getattr(config, "rank_pattern", None))
 
 
 class VllmSampler:
