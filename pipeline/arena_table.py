@@ -206,18 +206,22 @@ def grid_entry(run, arm: dict[str, Any], label: str, status, summary) -> dict[st
 # ----------------------------------------------------------------------------- seeds
 
 
+def directed(metric: str, paired: dict[str, Any]) -> dict[str, Any]:
+    """A paired difference with `better` / `worse`: the items that moved the right / wrong way for
+    this metric (turned no is better for a lower-is-better rate: firing, unfinished)."""
+    from .evaluation.summary import LOWER_IS_BETTER
+
+    up, down = paired["turned_yes"], paired["turned_no"]
+    better, worse = (down, up) if metric in LOWER_IS_BETTER else (up, down)
+    return {**paired, "better": better, "worse": worse}
+
+
 def versus_base(condition: str, summary: dict[str, Any] | None, base_outcomes: dict[str, Any]) -> dict[str, Any]:
     """{"vs_base": {metric: paired difference}} of a condition's yes/no outcomes against the base's on
     the same items (pipeline.stats.paired_difference), with `better` / `worse`: the items that moved
     the right / wrong way (turned no is better for a lower-is-better rate: firing, unfinished); {}
     for the base itself, or without outcomes (summaries written before evaluate v2)."""
-    from .evaluation.summary import LOWER_IS_BETTER
     from .stats import paired_difference
-
-    def directed(metric: str, d: dict[str, Any]) -> dict[str, Any]:
-        up, down = d["turned_yes"], d["turned_no"]
-        better, worse = (down, up) if metric in LOWER_IS_BETTER else (up, down)
-        return {**d, "better": better, "worse": worse}
 
     if condition == BASE_CONDITION or not base_outcomes:
         return {}

@@ -7,8 +7,11 @@ whose metric the evaluation did not measure fails with that reason rather than p
 
 Rules compare the candidate's evaluation (its `adapter` condition) with fixed bounds (`min`,
 `max`) or with the deployed version's evaluation (`max_drop`: the candidate may be at most
-this much worse). Values are point estimates; each rule's line shows both intervals, so a
-reader sees when a pass or a fail is within noise.
+this much worse). Those values are point estimates; each rule's line shows both intervals, so a
+reader sees when a pass or a fail is within noise. Both versions answer the same held-out items,
+so a yes/no metric can also be compared item by item (`worse_p`: fail when the candidate is worse
+beyond noise, exact McNemar p; `better_p`: pass only when it is better beyond noise), which sees a
+change that two overlapping intervals cannot.
 """
 
 from __future__ import annotations
@@ -30,11 +33,21 @@ class GateRule(BaseModel):
     max: float | None = None
     max_drop: float | None = Field(default=None, ge=0, description="candidate >= current - max_drop")
     max_rise: float | None = Field(default=None, ge=0, description="candidate <= current + max_rise (lower is better)")
+    worse_p: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="paired with the deployed version on the same items (a yes/no metric): fail when the candidate "
+        "is worse with exact McNemar p below this",
+    )
+    better_p: float | None = Field(
+        default=None, gt=0, lt=1, description="paired likewise: pass only when the candidate is better with p below this"
+    )
 
     @model_validator(mode="after")
     def _one_bound(self) -> GateRule:
-        if all(v is None for v in (self.min, self.max, self.max_drop, self.max_rise)):
-            raise ValueError(f"gate rule for '{self.metric}' needs min, max, max_drop or max_rise")
+        if all(v is None for v in (self.min, self.max, self.max_drop, self.max_rise, self.worse_p, self.better_p)):
+            raise ValueError(f"gate rule for '{self.metric}' needs min, max, max_drop, max_rise, worse_p or better_p")
         return self
 
 
@@ -75,13 +88,51 @@ def judge(rule: GateRule, candidate: dict[str, Any] | None, current: dict[str, A
     return True, f"{rule.metric} {value:.3g} ok"
 
 
+def items_of(summary: dict[str, Any] | None, condition: str, metric: str) -> dict[str, bool] | None:
+    """A yes/no metric's outcome per held-out item (evaluate v2 `outcomes`), or None when not recorded."""
+    found = (((summary or {}).get("outcomes") or {}).get(condition) or {}).get(metric)
+    return found or None
+
+
+def judge_paired(
+    rule: GateRule, candidate: dict[str, bool] | None, current: dict[str, bool] | None
+) -> tuple[bool, str, dict | None]:
+    """(passed, why, the paired comparison) for `worse_p` / `better_p`; outcomes not recorded fail."""
+    from pipeline.arena_table import directed
+    from pipeline.stats import paired_difference
+
+    if candidate is None or current is None:
+        which = "the candidate" if candidate is None else "the deployed version"
+        return False, f"{rule.metric}: no item outcomes for {which} (a yes/no metric of evaluate v2), cannot pair", None
+    paired = directed(rule.metric, paired_difference(candidate, current))
+    shown = f"{paired['better']} items better, {paired['worse']} worse of {paired['n']}, p = {paired['p']:.2g}"
+    if paired["n"] == 0:
+        return False, f"{rule.metric}: the two evaluations share no item, cannot pair", paired
+    if rule.worse_p is not None and paired["worse"] > paired["better"] and paired["p"] < rule.worse_p:
+        return False, f"{rule.metric} worse than the deployed version: {shown} (< {rule.worse_p:g})", paired
+    if rule.better_p is not None and not (paired["better"] > paired["worse"] and paired["p"] < rule.better_p):
+        return False, f"{rule.metric} not shown better than the deployed version: {shown} (needs < {rule.better_p:g})", paired
+    return True, f"{rule.metric} paired ok: {shown}", paired
+
+
 def decide(rules: list[GateRule], candidate: dict | None, current: dict | None, cand_name: str, cur_name: str) -> dict:
     """The decision document: passed iff every rule passed."""
     lines = []
     for rule in rules:
         cand, cur = value_of(candidate, cand_name, rule.metric), value_of(current, cur_name, rule.metric)
-        ok, why = judge(rule, cand, cur)
-        lines.append({"metric": rule.metric, "passed": ok, "why": why, "candidate": cand, "current": cur, **rule.model_dump()})
+        line: dict[str, Any] = {"metric": rule.metric, "candidate": cand, "current": cur, **rule.model_dump()}
+        reasons = []
+        bounded = any(v is not None for v in (rule.min, rule.max, rule.max_drop, rule.max_rise))
+        if bounded:
+            ok, why = judge(rule, cand, cur)
+            reasons.append((ok, why))
+        if rule.worse_p is not None or rule.better_p is not None:
+            cand_items, cur_items = items_of(candidate, cand_name, rule.metric), items_of(current, cur_name, rule.metric)
+            ok, why, line["paired"] = judge_paired(rule, cand_items, cur_items)
+            reasons.append((ok, why))
+        failed = [why for ok, why in reasons if not ok]
+        line.update(passed=not failed, why="; ".join(failed or [why for _, why in reasons]))
+        lines.append(line)
     failed = [line["why"] for line in lines if not line["passed"]]
     return {"passed": not failed, "reasons": failed, "rules": lines}
 

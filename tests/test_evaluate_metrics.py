@@ -114,6 +114,57 @@ def test_paired_difference_and_mcnemar_by_hand():
     assert none["n"] == 0 and none["p"] == 1.0
 
 
+def paired_table(both: int, turned_yes: int, turned_no: int, neither: int) -> tuple[dict[str, bool], dict[str, bool]]:
+    """Outcomes of an arm and a baseline on the same items from a paired 2x2 table's four counts."""
+    cells = [(True, True)] * both + [(True, False)] * turned_yes + [(False, True)] * turned_no + [(False, False)] * neither
+    return {f"i{k}": a for k, (a, _) in enumerate(cells)}, {f"i{k}": b for k, (_, b) in enumerate(cells)}
+
+
+def test_paired_difference_matches_a_published_example():
+    """Fagerland, Lydersen & Laake (2017), ch. 8, complete response before and after consolidation
+    therapy (Cavo et al., 2012: 59 / 6 / 16 / 80 of 161): Newcombe's square-and-add interval
+    -0.0621 (-0.1186 to -0.0046), as the book and its R package print it; the exact McNemar
+    p of 6 vs 16 discordant pairs is 0.0525."""
+    from pipeline.stats import paired_difference
+
+    arm, base = paired_table(59, 6, 16, 80)
+    d = paired_difference(arm, base)
+    assert (round(d["value"], 4), round(d["lo"], 4), round(d["hi"], 4)) == (-0.0621, -0.1186, -0.0046)
+    assert round(d["p"], 4) == 0.0525 and (d["n"], d["turned_yes"], d["turned_no"]) == (161, 6, 16)
+
+
+def test_versus_base_counts_better_and_worse_by_each_metrics_direction():
+    """A method that satisfies 3 needs the base did not (and loses 1) is 3 better; one that leaves
+    3 replies unfinished the base finished (and finishes 1 the base did not) is 3 worse: turned yes
+    is better for a higher-is-better rate and worse for a lower-is-better one."""
+    from pipeline.arena_table import versus_base
+
+    sat_arm, sat_base = paired_table(2, 3, 1, 4)
+    unf_arm, unf_base = paired_table(0, 3, 1, 6)
+    base = {"first_reply_satisfied": sat_base, "unfinished": unf_base}
+    summary = {"outcomes": {"kto_s0": {"first_reply_satisfied": sat_arm, "unfinished": unf_arm, "rounds_only": {"x": True}}}}
+    paired = versus_base("kto_s0", summary, base)["vs_base"]
+    assert set(paired) == {"first_reply_satisfied", "unfinished"}  # a metric the base lacks is not paired
+    sat, unf = paired["first_reply_satisfied"], paired["unfinished"]
+    assert (sat["turned_yes"], sat["turned_no"], sat["better"], sat["worse"]) == (3, 1, 3, 1)
+    assert (unf["turned_yes"], unf["turned_no"], unf["better"], unf["worse"]) == (3, 1, 1, 3)
+    assert (sat["value"], unf["value"]) == pytest.approx((0.2, 0.2))
+    assert versus_base("base", summary, base) == {} and versus_base("kto_s0", None, base) == {}
+    assert versus_base("kto_s0", summary, {}) == {}
+
+
+def test_keyed_outcomes_pairs_the_kth_copy_of_a_repeated_item():
+    """A prompt asked twice is two items, `p` and `p#2`, in every condition alike."""
+    from pipeline.evaluation.metrics import keyed_outcomes
+
+    assert keyed_outcomes([("p", True), ("q", False), ("p", False), ("p", True)]) == {
+        "p": True,
+        "q": False,
+        "p#2": False,
+        "p#3": True,
+    }
+
+
 def test_reply_outcomes_are_keyed_by_prompt_per_condition_and_metric():
     from pipeline.evaluation.metrics import reply_outcomes
 

@@ -48,8 +48,52 @@ def test_the_gate_fails_closed_on_what_was_not_measured():
     assert decide([], cand, None, "candidate", "current")["passed"] is True  # no rules: nothing to fail
 
 
+def with_items(summary_: dict, condition: str, metric: str, yes: int, n: int, offset: int = 0) -> dict:
+    """`summary_` plus item outcomes for one metric: items offset .. offset + yes - 1 of 0 .. n - 1 are yes."""
+    items = {f"need-{i}": offset <= i < offset + yes for i in range(n)}
+    return {**summary_, "outcomes": {condition: {metric: items}}}
+
+
+def test_paired_rules_compare_the_same_items():
+    """40 held-out needs. The deployed version satisfies needs 0-19. A candidate satisfying 0-9 lost 10
+    and gained none: worse with p = 2/1024; one satisfying 10-29 moved 10 each way: not worse, not
+    better (p = 1), though a max_drop of 0 passes it (0.5 vs 0.5); one satisfying 0-29 gained 10."""
+    rule = GateRule(metric="satisfied", worse_p=0.05)
+    cur = with_items(summary("current", satisfied=0.5), "current", "satisfied", 20, 40)
+    lost = with_items(summary("candidate", satisfied=0.25), "candidate", "satisfied", 10, 40)
+    decision = decide([rule], lost, cur, "candidate", "current")
+    assert decision["passed"] is False
+    assert decision["reasons"] == [
+        "satisfied worse than the deployed version: 0 items better, 10 worse of 40, p = 0.002 (< 0.05)"
+    ]
+    assert decision["rules"][0]["paired"]["turned_no"] == 10
+    swapped = with_items(summary("candidate", satisfied=0.5), "candidate", "satisfied", 20, 40, offset=10)
+    both = [rule, GateRule(metric="satisfied", max_drop=0.0)]
+    assert decide(both, swapped, cur, "candidate", "current")["passed"] is True
+    wants_better = GateRule(metric="satisfied", better_p=0.05)
+    decision = decide([wants_better], swapped, cur, "candidate", "current")
+    assert decision["passed"] is False and "not shown better" in decision["reasons"][0]
+    gained = with_items(summary("candidate", satisfied=0.75), "candidate", "satisfied", 30, 40)
+    assert decide([wants_better, rule], gained, cur, "candidate", "current")["passed"] is True
+    # lower is better: 10 replies more unfinished is worse, 10 fewer is not
+    unfinished = GateRule(metric="unfinished", worse_p=0.05)
+    none_cut = {
+        "candidate": with_items(summary("candidate"), "candidate", "unfinished", 0, 40),
+        "current": with_items(summary("current"), "current", "unfinished", 0, 40),
+    }
+    ten_cut = {
+        "candidate": with_items(summary("candidate"), "candidate", "unfinished", 10, 40),
+        "current": with_items(summary("current"), "current", "unfinished", 10, 40),
+    }
+    assert decide([unfinished], ten_cut["candidate"], none_cut["current"], "candidate", "current")["passed"] is False
+    assert decide([unfinished], none_cut["candidate"], ten_cut["current"], "candidate", "current")["passed"] is True
+    # fails closed: a summary without item outcomes (before evaluate v2) cannot be paired
+    decision = decide([rule], summary("candidate", satisfied=0.9), cur, "candidate", "current")
+    assert decision["passed"] is False and "no item outcomes for the candidate" in decision["reasons"][0]
+
+
 def test_a_rule_needs_a_bound():
-    with pytest.raises(ValidationError, match="needs min, max, max_drop or max_rise"):
+    with pytest.raises(ValidationError, match="needs min, max, max_drop, max_rise, worse_p or better_p"):
         GateRule(metric="satisfied")
 
 

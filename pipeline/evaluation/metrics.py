@@ -79,19 +79,26 @@ def reply_outcomes(rows: Rows, conditions: list[str]) -> dict[str, dict[str, dic
 
     out: dict[str, dict[str, dict[str, bool]]] = {}
     for name in conditions:
-        per_metric: dict[str, dict[str, bool]] = {}
+        per_metric: dict[str, list[tuple[str, bool]]] = {}
         for row in (r for r in rows if r["condition"] == name):
             for metric, outcome in ((SCOPE_KEYS.get(row["scope"]), row["applied"]), ("unfinished", not row["finished"])):
-                if metric is None:
-                    continue
-                items = per_metric.setdefault(metric, {})
-                key, k = str(row["prompt"]), 1
-                while key in items:
-                    k += 1
-                    key = f"{row['prompt']}#{k}"
-                items[key] = bool(outcome)
+                if metric is not None:
+                    per_metric.setdefault(metric, []).append((str(row["prompt"]), bool(outcome)))
         if per_metric:
-            out[name] = per_metric
+            out[name] = {metric: keyed_outcomes(items) for metric, items in per_metric.items()}
+    return out
+
+
+def keyed_outcomes(items: list[tuple[str, bool]]) -> dict[str, bool]:
+    """Outcomes keyed by item (a prompt, a need's id), a repeated item as `key#2`, `key#3` in order:
+    one rule for every condition, so the base's and a method's k-th copy pair with each other."""
+    out: dict[str, bool] = {}
+    for key, outcome in items:
+        unique, k = key, 1
+        while unique in out:
+            k += 1
+            unique = f"{key}#{k}"
+        out[unique] = outcome
     return out
 
 

@@ -35,9 +35,11 @@ def satisfaction(
     outcomes: dict[str, dict[str, dict[str, bool]]],
 ) -> None:
     """first_reply_satisfied, satisfied (within max_rounds) and rounds, per condition; each
-    need's first_reply_satisfied and satisfied in `outcomes[condition]`, keyed by the need's id."""
+    need's first_reply_satisfied and satisfied in `outcomes[condition]`, keyed by the need's id
+    (`#2` after a repeated id, as `metrics.keyed_outcomes` keys every metric)."""
     from feedback.simulator.needs import load_users
     from feedback.simulator.protocol import Judge, run_conversations
+    from pipeline.evaluation.metrics import keyed_outcomes
     from pipeline.llm import HFClient, build_client
     from pipeline.llm_cache import CachedLLM
     from pipeline.stats import bootstrap_mean, rate
@@ -82,8 +84,10 @@ def satisfaction(
         metrics["first_reply_satisfied"] = rate(bool(u.satisfied) for u in first if u is not None)
         metrics["satisfied"] = rate(t.satisfied for t in transcripts)
         paired = outcomes.setdefault(condition.name, {})
-        paired["first_reply_satisfied"] = {t.user.id: bool(u.satisfied) for t, u in zip(transcripts, first) if u is not None}
-        paired["satisfied"] = {t.user.id: bool(t.satisfied) for t in transcripts}
+        paired["first_reply_satisfied"] = keyed_outcomes(
+            [(t.user.id, bool(u.satisfied)) for t, u in zip(transcripts, first) if u is not None]
+        )
+        paired["satisfied"] = keyed_outcomes([(t.user.id, bool(t.satisfied)) for t in transcripts])
         metrics["rounds"] = bootstrap_mean([t.rounds for t in transcripts if t.satisfied], resamples=ans.resamples, seed=ans.seed)
         ans.log.info(
             "%s: %d users, first reply satisfied %.2f",
