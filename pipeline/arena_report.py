@@ -94,14 +94,16 @@ def paired_section(table: dict[str, Any]) -> str:
         f"<tr><td>{html.escape(row['condition'])}</td>"
         + "".join(f"<td>{html.escape(fmt_paired(row['vs_base'].get(m)))}</td>" for m in names)
         + "</tr>"
-        for row in table["rows"]
+        for row in display_rows(table)
         if row.get("vs_base")
     )
     return (
         "<h3>Paired with the base</h3><p>Each row against the base model on the <i>same</i> items: the "
         "difference of the rates [Newcombe's 95% interval for paired rates], how many items moved the "
         "better and the worse way (for ↓ rates an item that turned no is better), and the exact McNemar p-value. Two rates whose Wilson intervals overlap "
-        "can still differ here, and a difference that the pairing does not support shows as such.</p>"
+        "can still differ here, and a difference that the pairing does not support shows as such. A mean over "
+        "seeds pairs each item's share of seeds against the base (bootstrap interval over items, exact sign "
+        "test).</p>"
         f"<table><tr><th>condition</th>{head}</tr>{body}</table>"
     )
 
@@ -265,7 +267,7 @@ def print_table(console, table: dict[str, Any]) -> None:
         vs = Table(title="against the base on the same items: difference [95% interval], items better / worse, McNemar p")
         for col in ["condition", *paired]:
             vs.add_column(col)
-        for row in table["rows"]:
+        for row in display_rows(table):
             if row.get("vs_base"):
                 vs.add_row(row["condition"], *[fmt_paired(row["vs_base"].get(m)) for m in paired])
         console.print(vs)

@@ -90,6 +90,7 @@ def collect(run_root: Path) -> dict[str, Any] | None:
             }
         )
     grids = []
+    outcomes: dict[str, dict[str, dict[str, bool]]] = {}  # each arm's, for the seed means' pairing
     for arm in plan["methods"]:
         label = arm.get("label", arm["stage"])
         points = arm.get("grid") or []
@@ -101,6 +102,7 @@ def collect(run_root: Path) -> dict[str, Any] | None:
         result = summary(arm["evaluation"]) if train_state == "done" and eval_state == "done" else None
         state = train_state if train_state != "done" else ("done" if result else f"evaluation {eval_state}")
         metrics = (result or {}).get("conditions", {}).get(label, {})
+        outcomes[label] = ((result or {}).get("outcomes") or {}).get(label) or {}
         training = (result or {}).get("cost", {}).get("training") or {}
         cost = {
             "train_seconds": training.get("seconds"),
@@ -138,7 +140,7 @@ def collect(run_root: Path) -> dict[str, Any] | None:
     if plan.get("tuning"):
         table["tuning"] = plan["tuning"]
         table["grid"] = grids
-    aggregates = aggregate_seeds(rows)
+    aggregates = aggregate_seeds(rows, outcomes, base_outcomes)
     if aggregates:
         table["aggregates"] = aggregates
     return table
@@ -234,9 +236,15 @@ def versus_base(condition: str, summary: dict[str, Any] | None, base_outcomes: d
     return {"vs_base": paired} if paired else {}
 
 
-def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def aggregate_seeds(
+    rows: list[dict[str, Any]],
+    outcomes: dict[str, dict[str, dict[str, bool]]] | None = None,
+    base_outcomes: dict[str, dict[str, bool]] | None = None,
+) -> list[dict[str, Any]]:
     """One aggregate row per method (or variant) run with two seeds or more, over its finished seeds
-    (status `done` when all are, else `k/n seeds done`); none for single-seed methods."""
+    (status `done` when all are, else `k/n seeds done`); none for single-seed methods. With each
+    row's item `outcomes` (by condition) and the base's, the row has `vs_base` too: the seed mean
+    against the base item by item (`seeds_versus_base`)."""
     by_method: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row["method"] is not None:
@@ -271,9 +279,27 @@ def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "metrics": metrics,
                 "cost": cost,
                 **({"after": ", ".join(after)} if after else {}),
+                **seeds_versus_base([(outcomes or {}).get(r.get("condition", "")) or {} for r in done], base_outcomes or {}),
             }
         )
     return out
+
+
+def seeds_versus_base(per_seed: list[dict[str, dict[str, bool]]], base_outcomes: dict[str, dict[str, bool]]) -> dict[str, Any]:
+    """{"vs_base": {metric: ...}} of a method's finished seeds against the base on the same items:
+    each item's share of seeds that said yes less the base's (`pipeline.stats.paired_mean_difference`:
+    a bootstrap over items, the exact sign test), `better` / `worse` by the metric's direction; {}
+    with fewer than two seeds' outcomes."""
+    from .stats import paired_mean_difference
+
+    if len(per_seed) < 2 or not base_outcomes:
+        return {}
+    paired = {
+        metric: directed(metric, paired_mean_difference([o[metric] for o in per_seed], base_outcomes[metric]))
+        for metric in base_outcomes
+        if all(o.get(metric) for o in per_seed)
+    }
+    return {"vs_base": paired} if paired else {}
 
 
 def aggregate_metric(name: str, values: list[Any]) -> dict[str, Any] | float | None:

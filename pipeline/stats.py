@@ -132,6 +132,22 @@ def paired_difference(outcomes: dict[str, bool], baseline: dict[str, bool], z: f
     return {**estimate(delta, n, lo, hi), **counts}
 
 
+def paired_mean_difference(per_seed: Sequence[dict[str, bool]], baseline: dict[str, bool], seed: int = 0) -> dict[str, Any]:
+    """Several seeds of one method against a baseline on the same items (keys every seed and the
+    baseline have): per item, the share of seeds that said yes less the baseline's 0 or 1. The
+    mean of those differences with a percentile bootstrap over the *items* (the seeds of one item
+    are not independent draws, so they are averaged first, not pooled as extra items); the items
+    whose seed mean is above the baseline (`turned_yes`) and below it (`turned_no`), and the exact
+    sign test on those (with one seed, exactly `paired_difference`'s McNemar p)."""
+    if not per_seed:
+        return {**empty(0), "turned_yes": 0, "turned_no": 0, "p": 1.0, "seeds": 0}
+    shared = [k for k in baseline if all(k in outcomes for outcomes in per_seed)]
+    diffs = [sum(bool(o[k]) for o in per_seed) / len(per_seed) - bool(baseline[k]) for k in shared]
+    turned_yes, turned_no = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    counts = {"turned_yes": turned_yes, "turned_no": turned_no, "p": mcnemar_p(turned_yes, turned_no), "seeds": len(per_seed)}
+    return {**bootstrap_mean(diffs, seed=seed), **counts}
+
+
 def kl_divergence(p: Sequence[float], q: Sequence[float]) -> float:
     """KL(p || q) in nats between two discrete distributions (normalised here); inf where q=0<p."""
     if len(p) != len(q):

@@ -672,6 +672,17 @@ def test_two_seeds_aggregated(tmp_path):
         unfinished = row["vs_base"]["unfinished"]  # lower is better: an item that turned no is better
         assert (unfinished["better"], unfinished["worse"]) == (unfinished["turned_no"], unfinished["turned_yes"])
         assert set(row["vs_base"]) == {"adherence", "overgen_near", "overgen_out", "unfinished"}
+    # the mean over seeds against the base: per prompt the share of seeds that adhered less the base's
+    from pipeline.stats import bootstrap_mean, mcnemar_p
+
+    base_applied, seeds_applied = applied("eval_base"), [applied(f"eval_dpo_s{s}") for s in (0, 1)]
+    diffs = [sum(a[p] for a in seeds_applied) / 2 - base_applied[p] for p in base_applied]
+    up, down = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    seed_mean = mean["vs_base"]["adherence"]
+    assert {k: seed_mean[k] for k in ("value", "lo", "hi", "n")} == pytest.approx(
+        {k: bootstrap_mean(diffs)[k] for k in ("value", "lo", "hi", "n")}
+    )
+    assert (seed_mean["better"], seed_mean["worse"], seed_mean["p"], seed_mean["seeds"]) == (up, down, mcnemar_p(up, down), 2)
     with (run_dir / "arena.csv").open() as f:
         lines = list(csv.DictReader(f))
     assert [(line["condition"], line["seed"]) for line in lines] == [
@@ -682,6 +693,7 @@ def test_two_seeds_aggregated(tmp_path):
     ]
     assert lines[1]["adherence_n"] == "4"
     assert lines[2]["adherence_vs_base_p"] == f"{table['rows'][1]['vs_base']['adherence']['p']:.6g}"
+    assert lines[1]["adherence_vs_base_better"] == str(mean["vs_base"]["adherence"]["better"])  # the mean over seeds too
     from pipeline.report import build_report
 
     build_report(run_dir)
@@ -694,7 +706,8 @@ def test_two_seeds_aggregated(tmp_path):
     console = Console(record=True, width=240)
     print_table(console, table)  # what `heedful arena` prints at the end
     printed = [line.split("│")[1].strip() for line in console.export_text().splitlines() if line.startswith("│")]
-    assert printed == ["base", "dpo (mean over seeds 0, 1)", "dpo_s0", "dpo_s1", "dpo_s0", "dpo_s1"]  # then vs the base
+    vs_base = ["dpo (mean over seeds 0, 1)", "dpo_s0", "dpo_s1"]
+    assert printed == ["base", "dpo (mean over seeds 0, 1)", "dpo_s0", "dpo_s1", *vs_base]  # then vs the base
 
     # seed 1 fails at run time: the mean is seed 0's alone, and says so
     from pipeline.arena import load_arena, save_plan, write_outputs

@@ -133,6 +133,25 @@ def test_paired_difference_matches_a_published_example():
     assert round(d["p"], 4) == 0.0525 and (d["n"], d["turned_yes"], d["turned_no"]) == (161, 6, 16)
 
 
+def test_paired_mean_difference_averages_seeds_per_item_by_hand():
+    """Two seeds against the base: per item the seeds' share of yes less the base's (a: 1, b: 0.5,
+    c: -0.5, d: -0.5; mean 0.125), 2 items up and 2 down (sign test p = 1), the bootstrap over the 4
+    items; an item one seed lacks is left out; with one seed the value and p are paired_difference's."""
+    from pipeline.stats import bootstrap_mean, paired_difference, paired_mean_difference
+
+    base = {"a": False, "b": False, "c": True, "d": True, "e": True}
+    seeds = [{"a": True, "b": False, "c": True, "d": True, "e": True}, {"a": True, "b": True, "c": False, "d": False}]
+    d = paired_mean_difference(seeds, base)
+    assert (d["value"], d["n"], d["turned_yes"], d["turned_no"], d["p"], d["seeds"]) == (0.125, 4, 2, 2, 1.0, 2)
+    assert (d["lo"], d["hi"]) == pytest.approx(
+        (bootstrap_mean([1, 0.5, -0.5, -0.5])["lo"], bootstrap_mean([1, 0.5, -0.5, -0.5])["hi"])
+    )
+    arm, baseline = paired_table(5, 7, 1, 7)
+    one, two = paired_mean_difference([arm], baseline), paired_difference(arm, baseline)
+    assert (one["value"], one["p"], one["turned_yes"], one["turned_no"]) == pytest.approx((two["value"], two["p"], 7, 1))
+    assert paired_mean_difference([], base)["n"] == 0
+
+
 def test_versus_base_counts_better_and_worse_by_each_metrics_direction():
     """A method that satisfies 3 needs the base did not (and loses 1) is 3 better; one that leaves
     3 replies unfinished the base finished (and finishes 1 the base did not) is 3 worse: turned yes
