@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .arena_table import PLAN_FILE, collect, display_rows, fmt_paired, metric_names, num, paired_names
+from .arena_table import PLAN_FILE, REFERENCES, collect, display_rows, fmt_paired, metric_names, num, paired_names
 from .evaluation.summary import FLAT_ORDER, arrow
 
 #: the Pareto plots: (x, y, title); drawn when at least two rows have both metrics
@@ -75,8 +75,7 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
         f"(hover for the error); the others are unaffected.{seeds_note}</p>",
         f"<table><tr><th>condition</th><th>status</th>{head}</tr>{''.join(body)}</table>",
     ]
-    if paired_names(table):
-        parts.append(paired_section(table))
+    parts += [paired_section(table, key) for key in REFERENCES.values() if paired_names(table, key)]
     if table.get("grid"):
         parts.append(grid_section(table))
     from .report import figure_html
@@ -86,24 +85,30 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
-def paired_section(table: dict[str, Any]) -> str:
-    """Each condition against the base on the same held-out items (prompts or needs)."""
-    names = paired_names(table)
+#: what each paired section compares with, by its row key (arena_table.REFERENCES)
+AGAINST = {"vs_base": "the base", "vs_in_context": "the feedback in the prompt"}
+
+
+def paired_section(table: dict[str, Any], key: str = "vs_base") -> str:
+    """Each condition against a reference (the base, or the feedback in the prompt) on the same
+    held-out items (prompts or needs)."""
+    names = paired_names(table, key)
     head = "".join(f"<th>{html.escape(m)}{arrow(m)}</th>" for m in names)
     body = "".join(
         f"<tr><td>{html.escape(row['condition'])}</td>"
-        + "".join(f"<td>{html.escape(fmt_paired(row['vs_base'].get(m)))}</td>" for m in names)
+        + "".join(f"<td>{html.escape(fmt_paired(row[key].get(m)))}</td>" for m in names)
         + "</tr>"
         for row in display_rows(table)
-        if row.get("vs_base")
+        if row.get(key)
     )
+    against = AGAINST.get(key, key)
     return (
-        "<h3>Paired with the base</h3><p>Each row against the base model on the <i>same</i> items: the "
+        f"<h3>Paired with {against}</h3><p>Each row against {against} on the <i>same</i> items: the "
         "difference of the rates [Newcombe's 95% interval for paired rates], how many items moved the "
-        "better and the worse way (for ↓ rates an item that turned no is better), and the exact McNemar p-value. Two rates whose Wilson intervals overlap "
-        "can still differ here, and a difference that the pairing does not support shows as such. A mean over "
-        "seeds pairs each item's share of seeds against the base (bootstrap interval over items, exact sign "
-        "test).</p>"
+        "better and the worse way (for ↓ rates an item that turned no is better), and the exact McNemar "
+        "p-value. Two rates whose Wilson intervals overlap can still differ here, and a difference that the "
+        "pairing does not support shows as such. A mean over seeds pairs each item's share of seeds "
+        "(bootstrap interval over items, exact sign test).</p>"
         f"<table><tr><th>condition</th>{head}</tr>{body}</table>"
     )
 
@@ -262,12 +267,16 @@ def print_table(console, table: dict[str, Any]) -> None:
             style="bold" if "seeds" in row else None,
         )
     console.print(out)
-    paired = [m for m in paired_names(table) if m in TERMINAL_METRICS]
-    if paired:
-        vs = Table(title="against the base on the same items: difference [95% interval], items better / worse, McNemar p")
+    for key in REFERENCES.values():
+        paired = [m for m in paired_names(table, key) if m in TERMINAL_METRICS]
+        if not paired:
+            continue
+        vs = Table(
+            title=f"against {AGAINST.get(key, key)} on the same items: difference [95% interval], items better / worse, McNemar p"
+        )
         for col in ["condition", *paired]:
             vs.add_column(col)
         for row in display_rows(table):
-            if row.get("vs_base"):
-                vs.add_row(row["condition"], *[fmt_paired(row["vs_base"].get(m)) for m in paired])
+            if row.get(key):
+                vs.add_row(row["condition"], *[fmt_paired(row[key].get(m)) for m in paired])
         console.print(vs)

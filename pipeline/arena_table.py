@@ -29,8 +29,10 @@ from typing import Any
 from .evaluation.summary import FLAT_ORDER
 
 PLAN_FILE = "arena_plan.json"
-#: the no-training condition every other row is paired with (`vs_base`)
-BASE_CONDITION = "base"
+#: the no-training conditions the other rows are paired with item by item, each under its row key:
+#: the base model, and the feedback in the prompt (what a trained method has to beat as well). A
+#: reference is paired only with those listed before it (in_context with the base).
+REFERENCES = {"base": "vs_base", "in_context": "vs_in_context"}
 #: metrics built with `pipeline.stats.rate` (Wilson): their counts can be pooled over seeds
 RATES = {"adherence", "overgen_near", "overgen_out", "first_reply_satisfied", "satisfied", "unfinished"}
 COST_FIELDS = [
@@ -71,7 +73,7 @@ def collect(run_root: Path) -> dict[str, Any] | None:
     rows = []
     base_state, base_error = status(plan["baseline"])
     base = summary(plan["baseline"]) if base_state == "done" else None
-    base_outcomes = ((base or {}).get("outcomes") or {}).get(BASE_CONDITION, {})
+    references = {name: ((base or {}).get("outcomes") or {}).get(name) or {} for name in REFERENCES}
     for condition in plan["conditions"]:
         metrics = (base or {}).get("conditions", {}).get(condition)
         if base is not None and metrics is None:
@@ -86,7 +88,7 @@ def collect(run_root: Path) -> dict[str, Any] | None:
                 "chosen": None,
                 "metrics": metrics or {},
                 "cost": {"eval_seconds": (base or {}).get("cost", {}).get("evaluation_seconds")},
-                **versus_base(condition, base, base_outcomes),
+                **versus(condition, base, references),
             }
         )
     grids = []
@@ -133,14 +135,14 @@ def collect(run_root: Path) -> dict[str, Any] | None:
                 "metrics": metrics,
                 "cost": cost,  # a chained arm's (variant `after`) is its own stage's; the arm it started from has a row
                 **({"after": arm["after"]} if arm.get("after") else {}),
-                **versus_base(label, result, base_outcomes),
+                **versus(label, result, references),
             }
         )
     table: dict[str, Any] = {"source": plan["source"], "budget": plan.get("budget", {}), "rows": rows}
     if plan.get("tuning"):
         table["tuning"] = plan["tuning"]
         table["grid"] = grids
-    aggregates = aggregate_seeds(rows, outcomes, base_outcomes)
+    aggregates = aggregate_seeds(rows, outcomes, references)
     if aggregates:
         table["aggregates"] = aggregates
     return table
@@ -218,33 +220,39 @@ def directed(metric: str, paired: dict[str, Any]) -> dict[str, Any]:
     return {**paired, "better": better, "worse": worse}
 
 
-def versus_base(condition: str, summary: dict[str, Any] | None, base_outcomes: dict[str, Any]) -> dict[str, Any]:
-    """{"vs_base": {metric: paired difference}} of a condition's yes/no outcomes against the base's on
-    the same items (pipeline.stats.paired_difference), with `better` / `worse`: the items that moved
-    the right / wrong way (turned no is better for a lower-is-better rate: firing, unfinished); {}
-    for the base itself, or without outcomes (summaries written before evaluate v2)."""
+def versus(condition: str, summary: dict[str, Any] | None, references: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """{"vs_base": {metric: paired difference}, "vs_in_context": ...} of a condition's yes/no outcomes
+    against each reference's (REFERENCES) on the same items (pipeline.stats.paired_difference), with
+    `better` / `worse`: the items that moved the right / wrong way (turned no is better for a
+    lower-is-better rate: firing, unfinished). None against itself or a reference listed after it,
+    nor without outcomes (summaries written before evaluate v2, a reference not evaluated)."""
     from .stats import paired_difference
 
-    if condition == BASE_CONDITION or not base_outcomes:
-        return {}
     outcomes = ((summary or {}).get("outcomes") or {}).get(condition) or {}
-    paired = {
-        metric: directed(metric, paired_difference(items, base_outcomes[metric]))
-        for metric, items in outcomes.items()
-        if metric in base_outcomes and any(k in base_outcomes[metric] for k in items)
-    }
-    return {"vs_base": paired} if paired else {}
+    out = {}
+    for reference, key in REFERENCES.items():
+        if reference == condition:
+            break
+        against = references.get(reference) or {}
+        paired = {
+            metric: directed(metric, paired_difference(items, against[metric]))
+            for metric, items in outcomes.items()
+            if metric in against and any(k in against[metric] for k in items)
+        }
+        if paired:
+            out[key] = paired
+    return out
 
 
 def aggregate_seeds(
     rows: list[dict[str, Any]],
     outcomes: dict[str, dict[str, dict[str, bool]]] | None = None,
-    base_outcomes: dict[str, dict[str, bool]] | None = None,
+    references: dict[str, dict[str, dict[str, bool]]] | None = None,
 ) -> list[dict[str, Any]]:
     """One aggregate row per method (or variant) run with two seeds or more, over its finished seeds
     (status `done` when all are, else `k/n seeds done`); none for single-seed methods. With each
-    row's item `outcomes` (by condition) and the base's, the row has `vs_base` too: the seed mean
-    against the base item by item (`seeds_versus_base`)."""
+    row's item `outcomes` (by condition) and the references' (REFERENCES), the row has `vs_base` and
+    `vs_in_context` too: the seed mean against each item by item (`seeds_versus`)."""
     by_method: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row["method"] is not None:
@@ -279,27 +287,32 @@ def aggregate_seeds(
                 "metrics": metrics,
                 "cost": cost,
                 **({"after": ", ".join(after)} if after else {}),
-                **seeds_versus_base([(outcomes or {}).get(r.get("condition", "")) or {} for r in done], base_outcomes or {}),
+                **seeds_versus([(outcomes or {}).get(r.get("condition", "")) or {} for r in done], references or {}),
             }
         )
     return out
 
 
-def seeds_versus_base(per_seed: list[dict[str, dict[str, bool]]], base_outcomes: dict[str, dict[str, bool]]) -> dict[str, Any]:
-    """{"vs_base": {metric: ...}} of a method's finished seeds against the base on the same items:
-    each item's share of seeds that said yes less the base's (`pipeline.stats.paired_mean_difference`:
-    a bootstrap over items, the exact sign test), `better` / `worse` by the metric's direction; {}
-    with fewer than two seeds' outcomes."""
+def seeds_versus(per_seed: list[dict[str, dict[str, bool]]], references: dict[str, dict[str, dict[str, bool]]]) -> dict[str, Any]:
+    """{"vs_base": {metric: ...}, "vs_in_context": ...} of a method's finished seeds against each
+    reference on the same items: each item's share of seeds that said yes less the reference's
+    (`pipeline.stats.paired_mean_difference`: a bootstrap over items, the exact sign test), `better`
+    / `worse` by the metric's direction; {} with fewer than two seeds' outcomes."""
     from .stats import paired_mean_difference
 
-    if len(per_seed) < 2 or not base_outcomes:
+    if len(per_seed) < 2:
         return {}
-    paired = {
-        metric: directed(metric, paired_mean_difference([o[metric] for o in per_seed], base_outcomes[metric]))
-        for metric in base_outcomes
-        if all(o.get(metric) for o in per_seed)
-    }
-    return {"vs_base": paired} if paired else {}
+    out = {}
+    for reference, key in REFERENCES.items():
+        against = references.get(reference) or {}
+        paired = {
+            metric: directed(metric, paired_mean_difference([o[metric] for o in per_seed], against[metric]))
+            for metric in against
+            if all(o.get(metric) for o in per_seed)
+        }
+        if paired:
+            out[key] = paired
+    return out
 
 
 def aggregate_metric(name: str, values: list[Any]) -> dict[str, Any] | float | None:
@@ -348,9 +361,9 @@ def metric_names(table: dict[str, Any]) -> list[str]:
     return metric_order({m for row in table["rows"] for m in row["metrics"] if m != "memory_retrieved"})
 
 
-def paired_names(table: dict[str, Any]) -> list[str]:
-    """The metrics some row has a paired comparison with the base for (`vs_base`)."""
-    return metric_order({m for row in table["rows"] for m in row.get("vs_base") or {}})
+def paired_names(table: dict[str, Any], key: str = "vs_base") -> list[str]:
+    """The metrics some row has a paired comparison for under `key` (a REFERENCES value)."""
+    return metric_order({m for row in display_rows(table) for m in row.get(key) or {}})
 
 
 def fmt_paired(d: dict[str, Any] | None) -> str:
@@ -397,13 +410,12 @@ def table_rows(table: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """(header, rows) of arena.csv, cells unformatted (numbers stay numbers, for trackers): per
     metric its value, lo, hi and n; an aggregate row has the seeds it pooled as `seed` (`0+1`)."""
     names = metric_names(table)
-    paired = paired_names(table)
+    paired = [(key, m) for key in REFERENCES.values() for m in paired_names(table, key)]
     header = ["condition", "method", "seed", "status", "chosen"]
     for m in names:
         header += [m, f"{m}_lo", f"{m}_hi", f"{m}_n"]
-    for m in paired:
-        header += [f"{m}_vs_base", f"{m}_vs_base_lo", f"{m}_vs_base_hi", f"{m}_vs_base_better", f"{m}_vs_base_worse"]
-        header.append(f"{m}_vs_base_p")
+    for key, m in paired:
+        header += [f"{m}_{key}{part}" for part in ("", "_lo", "_hi", "_better", "_worse", "_p")]
     rows = []
     for row in display_rows(table):
         seed = "+".join(map(str, row["seeds"])) if "seeds" in row else row["seed"]
@@ -415,8 +427,8 @@ def table_rows(table: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
                 line += [value.get("value"), value.get("lo"), value.get("hi"), value.get("n")]
             else:
                 line += [value, None, None, None]
-        for m in paired:
-            d = (row.get("vs_base") or {}).get(m) or {}
+        for key, m in paired:
+            d = (row.get(key) or {}).get(m) or {}
             line += [d.get(k) for k in ("value", "lo", "hi", "better", "worse", "p")]
         line += [row["cost"].get(f) for f in COST_FIELDS]
         rows.append(line + [(row["error"] or "")[:300]])

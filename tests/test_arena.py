@@ -641,12 +641,12 @@ def test_two_seeds_aggregated(tmp_path):
     from pipeline.stats import wilson
 
     data = tiny_arena(tmp_path)
-    data["arena"].update(methods=["dpo"], seeds=[0, 1], conditions=["base"])
+    data["arena"].update(methods=["dpo"], seeds=[0, 1], conditions=["base", "in_context"])
     config = write_yaml(tmp_path / "arena.yaml", data)
     _, run_dir, table = run_in_process(config, tmp_path)
-    assert [row["condition"] for row in table["rows"]] == ["base", "dpo_s0", "dpo_s1"]
+    assert [row["condition"] for row in table["rows"]] == ["base", "in_context", "dpo_s0", "dpo_s1"]
     (mean,) = table["aggregates"]
-    seeds = [table["rows"][1]["metrics"], table["rows"][2]["metrics"]]
+    seeds = [table["rows"][2]["metrics"], table["rows"][3]["metrics"]]
     assert mean["condition"] == "dpo (mean over seeds 0, 1)" and mean["seeds"] == [0, 1] and mean["status"] == "done"
     pooled = sum(round(s["adherence"]["value"] * s["adherence"]["n"]) for s in seeds)
     assert mean["metrics"]["adherence"]["n"] == 4  # 2 held-out in-scope prompts per seed
@@ -661,12 +661,22 @@ def test_two_seeds_aggregated(tmp_path):
     from pipeline.records import load_rows
     from pipeline.stats import paired_difference
 
-    def applied(stage):
-        return {r["prompt"]: r["applied"] for r in load_rows(run_dir / stage / "evaluation") if r["scope"] == "in_scope"}
+    def applied(stage, condition=None):
+        rows = load_rows(run_dir / stage / "evaluation")
+        return {
+            r["prompt"]: r["applied"]
+            for r in rows
+            if r["scope"] == "in_scope" and r["condition"] == (condition or r["condition"])
+        }
 
-    assert "vs_base" not in table["rows"][0]  # the base itself
-    for row in table["rows"][1:]:
-        by_hand = paired_difference(applied(f"eval_{row['condition']}"), applied("eval_base"))
+    assert "vs_base" not in table["rows"][0] and "vs_in_context" not in table["rows"][0]  # the base itself
+    assert set(table["rows"][1]) >= {"vs_base"} and "vs_in_context" not in table["rows"][1]  # in_context: vs the base
+    for row in table["rows"][2:]:
+        in_context = paired_difference(applied(f"eval_{row['condition']}"), applied("eval_base", "in_context"))
+        assert row["vs_in_context"]["adherence"]["value"] == in_context["value"]
+        assert row["vs_in_context"]["adherence"]["turned_yes"] == in_context["turned_yes"]
+    for row in table["rows"][2:]:
+        by_hand = paired_difference(applied(f"eval_{row['condition']}"), applied("eval_base", "base"))
         better = {"better": by_hand["turned_yes"], "worse": by_hand["turned_no"]}
         assert row["vs_base"]["adherence"] == {**by_hand, **better} and by_hand["n"] == 2
         unfinished = row["vs_base"]["unfinished"]  # lower is better: an item that turned no is better
@@ -675,7 +685,7 @@ def test_two_seeds_aggregated(tmp_path):
     # the mean over seeds against the base: per prompt the share of seeds that adhered less the base's
     from pipeline.stats import bootstrap_mean, mcnemar_p
 
-    base_applied, seeds_applied = applied("eval_base"), [applied(f"eval_dpo_s{s}") for s in (0, 1)]
+    base_applied, seeds_applied = applied("eval_base", "base"), [applied(f"eval_dpo_s{s}") for s in (0, 1)]
     diffs = [sum(a[p] for a in seeds_applied) / 2 - base_applied[p] for p in base_applied]
     up, down = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     seed_mean = mean["vs_base"]["adherence"]
@@ -687,18 +697,22 @@ def test_two_seeds_aggregated(tmp_path):
         lines = list(csv.DictReader(f))
     assert [(line["condition"], line["seed"]) for line in lines] == [
         ("base", ""),
+        ("in_context", ""),
         ("dpo (mean over seeds 0, 1)", "0+1"),
         ("dpo_s0", "0"),
         ("dpo_s1", "1"),
     ]
-    assert lines[1]["adherence_n"] == "4"
-    assert lines[2]["adherence_vs_base_p"] == f"{table['rows'][1]['vs_base']['adherence']['p']:.6g}"
-    assert lines[1]["adherence_vs_base_better"] == str(mean["vs_base"]["adherence"]["better"])  # the mean over seeds too
+    assert lines[2]["adherence_n"] == "4"
+    assert lines[3]["adherence_vs_base_p"] == f"{table['rows'][2]['vs_base']['adherence']['p']:.6g}"
+    assert lines[2]["adherence_vs_base_better"] == str(mean["vs_base"]["adherence"]["better"])  # the mean over seeds too
+    assert lines[3]["adherence_vs_in_context"] == f"{table['rows'][2]['vs_in_context']['adherence']['value']:.6g}"
+    assert "vs_in_context" in mean and lines[1]["adherence_vs_in_context"] == ""
     from pipeline.report import build_report
 
     build_report(run_dir)
     assert "<b>dpo (mean over seeds 0, 1)</b>" in (run_dir / "report.html").read_text()
     assert "Paired with the base" in (run_dir / "report.html").read_text()
+    assert "Paired with the feedback in the prompt" in (run_dir / "report.html").read_text()
     from rich.console import Console
 
     from pipeline.arena_report import print_table
@@ -706,8 +720,9 @@ def test_two_seeds_aggregated(tmp_path):
     console = Console(record=True, width=240)
     print_table(console, table)  # what `heedful arena` prints at the end
     printed = [line.split("│")[1].strip() for line in console.export_text().splitlines() if line.startswith("│")]
-    vs_base = ["dpo (mean over seeds 0, 1)", "dpo_s0", "dpo_s1"]
-    assert printed == ["base", "dpo (mean over seeds 0, 1)", "dpo_s0", "dpo_s1", *vs_base]  # then vs the base
+    trained = ["dpo (mean over seeds 0, 1)", "dpo_s0", "dpo_s1"]
+    # the table, then against the base (in_context too), then against the feedback in the prompt
+    assert printed == ["base", "in_context", *trained, "in_context", *trained, *trained]
 
     # seed 1 fails at run time: the mean is seed 0's alone, and says so
     from pipeline.arena import load_arena, save_plan, write_outputs

@@ -152,24 +152,35 @@ def test_paired_mean_difference_averages_seeds_per_item_by_hand():
     assert paired_mean_difference([], base)["n"] == 0
 
 
-def test_versus_base_counts_better_and_worse_by_each_metrics_direction():
+def test_versus_counts_better_and_worse_by_each_metrics_direction():
     """A method that satisfies 3 needs the base did not (and loses 1) is 3 better; one that leaves
     3 replies unfinished the base finished (and finishes 1 the base did not) is 3 worse: turned yes
-    is better for a higher-is-better rate and worse for a lower-is-better one."""
-    from pipeline.arena_table import versus_base
+    is better for a higher-is-better rate and worse for a lower-is-better one. Every row is paired
+    with the base and with the feedback in the prompt; in_context only with the base; base with neither."""
+    from pipeline.arena_table import versus
 
     sat_arm, sat_base = paired_table(2, 3, 1, 4)
     unf_arm, unf_base = paired_table(0, 3, 1, 6)
     base = {"first_reply_satisfied": sat_base, "unfinished": unf_base}
-    summary = {"outcomes": {"kto_s0": {"first_reply_satisfied": sat_arm, "unfinished": unf_arm, "rounds_only": {"x": True}}}}
-    paired = versus_base("kto_s0", summary, base)["vs_base"]
+    in_context = {"first_reply_satisfied": sat_arm}  # the arm's own outcomes: no change against it
+    references = {"base": base, "in_context": in_context}
+    arm = {"first_reply_satisfied": sat_arm, "unfinished": unf_arm, "rounds_only": {"x": True}}
+    summary = {"outcomes": {"kto_s0": arm, "in_context": in_context, "base": base}}
+    compared = versus("kto_s0", summary, references)
+    paired = compared["vs_base"]
     assert set(paired) == {"first_reply_satisfied", "unfinished"}  # a metric the base lacks is not paired
     sat, unf = paired["first_reply_satisfied"], paired["unfinished"]
     assert (sat["turned_yes"], sat["turned_no"], sat["better"], sat["worse"]) == (3, 1, 3, 1)
     assert (unf["turned_yes"], unf["turned_no"], unf["better"], unf["worse"]) == (3, 1, 1, 3)
     assert (sat["value"], unf["value"]) == pytest.approx((0.2, 0.2))
-    assert versus_base("base", summary, base) == {} and versus_base("kto_s0", None, base) == {}
-    assert versus_base("kto_s0", summary, {}) == {}
+    assert set(compared["vs_in_context"]) == {"first_reply_satisfied"}
+    assert (
+        compared["vs_in_context"]["first_reply_satisfied"]["value"],
+        compared["vs_in_context"]["first_reply_satisfied"]["p"],
+    ) == (0.0, 1.0)
+    assert set(versus("in_context", summary, references)) == {"vs_base"}
+    assert versus("base", summary, references) == {} and versus("kto_s0", None, references) == {}
+    assert versus("kto_s0", summary, {}) == {}
 
 
 def test_keyed_outcomes_pairs_the_kth_copy_of_a_repeated_item():
