@@ -296,7 +296,7 @@ def aggregate_seeds(
 def seeds_versus(per_seed: list[dict[str, dict[str, bool]]], references: dict[str, dict[str, dict[str, bool]]]) -> dict[str, Any]:
     """{"vs_base": {metric: ...}, "vs_in_context": ...} of a method's finished seeds against each
     reference on the same items: each item's share of seeds that said yes less the reference's
-    (`pipeline.stats.paired_mean_difference`: a bootstrap over items, the exact sign test), `better`
+    (`pipeline.stats.paired_mean_difference`: a bootstrap over items, the exact sign-flip test), `better`
     / `worse` by the metric's direction; {} with fewer than two seeds' outcomes."""
     from .stats import paired_mean_difference
 
@@ -305,11 +305,12 @@ def seeds_versus(per_seed: list[dict[str, dict[str, bool]]], references: dict[st
     out = {}
     for reference, key in REFERENCES.items():
         against = references.get(reference) or {}
-        paired = {
-            metric: directed(metric, paired_mean_difference([o[metric] for o in per_seed], against[metric]))
+        compared = {
+            metric: paired_mean_difference([o[metric] for o in per_seed], against[metric])
             for metric in against
             if all(o.get(metric) for o in per_seed)
         }
+        paired = {metric: directed(metric, d) for metric, d in compared.items() if d["n"]}  # no shared item: nothing to say
         if paired:
             out[key] = paired
     return out

@@ -3,6 +3,7 @@
 - rates (a share of n yes/no outcomes): the Wilson score interval, which stays inside [0, 1]
   and is honest at 0/n and n/n, where the normal approximation collapses to a point;
 - a rate against another's on the same items: Newcombe's paired interval and McNemar's exact test;
+  several seeds' mean against it: a bootstrap over items and the exact sign-flip test;
 - means (KL, log-likelihood, rounds, lengths): a seeded percentile bootstrap over the items;
 - distributions: KL(p || q) in nats; per-token KL between two models' logits.
 
@@ -136,16 +137,44 @@ def paired_mean_difference(per_seed: Sequence[dict[str, bool]], baseline: dict[s
     """Several seeds of one method against a baseline on the same items (keys every seed and the
     baseline have): per item, the share of seeds that said yes less the baseline's 0 or 1. The
     mean of those differences with a percentile bootstrap over the *items* (the seeds of one item
-    are not independent draws, so they are averaged first, not pooled as extra items); the items
-    whose seed mean is above the baseline (`turned_yes`) and below it (`turned_no`), and the exact
-    sign test on those (with one seed, exactly `paired_difference`'s McNemar p)."""
+    are not independent draws, so they are averaged first, not pooled as extra items); how many
+    items' seed mean is above the baseline (`turned_yes`) and below it (`turned_no`), as a
+    description; and `p` from the exact sign-flip test of the mean difference (`sign_flip_p`),
+    which weighs each item by how far it moved. Why not a sign test on the counts: an item whose
+    two seeds split 1/2 counts as much as one both seeds lost, so a method equal to its baseline
+    on average can look better by the count alone. With one seed the sign-flip p is McNemar's."""
     if not per_seed:
         return {**empty(0), "turned_yes": 0, "turned_no": 0, "p": 1.0, "seeds": 0}
+    seeds = len(per_seed)
     shared = [k for k in baseline if all(k in outcomes for outcomes in per_seed)]
-    diffs = [sum(bool(o[k]) for o in per_seed) / len(per_seed) - bool(baseline[k]) for k in shared]
+    steps = [sum(bool(o[k]) for o in per_seed) - seeds * bool(baseline[k]) for k in shared]
+    diffs = [s / seeds for s in steps]
     turned_yes, turned_no = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    counts = {"turned_yes": turned_yes, "turned_no": turned_no, "p": mcnemar_p(turned_yes, turned_no), "seeds": len(per_seed)}
+    counts = {"turned_yes": turned_yes, "turned_no": turned_no, "p": sign_flip_p(steps), "seeds": seeds}
     return {**bootstrap_mean(diffs, seed=seed), **counts}
+
+
+def sign_flip_p(steps: Sequence[int]) -> float:
+    """Two-sided exact sign-flip (paired randomization) p-value for "the mean of these paired
+    differences is 0": the share of the 2^n ways of flipping the items' signs whose sum is at
+    least as far from 0 as the observed one. The differences are whole numbers (seeds that said
+    yes less seeds × baseline), so the flip distribution is counted exactly by convolution
+    instead of enumerated. For ±1 differences (one seed) it is the exact McNemar test."""
+    observed = abs(sum(steps))
+    sizes = [abs(int(s)) for s in steps if s]
+    if not sizes:
+        return 1.0
+    total = sum(sizes)
+    chances = [0.0] * (2 * total + 1)  # chances[t + total]: P(sum of flipped sizes = t)
+    chances[total] = 1.0
+    for size in sizes:
+        flipped = [0.0] * len(chances)
+        for t, chance in enumerate(chances):
+            if chance:
+                flipped[t - size] += chance / 2
+                flipped[t + size] += chance / 2
+        chances = flipped
+    return min(1.0, sum(c for t, c in enumerate(chances) if abs(t - total) >= observed - 1e-9))
 
 
 def kl_divergence(p: Sequence[float], q: Sequence[float]) -> float:

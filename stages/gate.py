@@ -11,7 +11,8 @@ this much worse). Those values are point estimates; each rule's line shows both 
 reader sees when a pass or a fail is within noise. Both versions answer the same held-out items,
 so a yes/no metric can also be compared item by item (`worse_p`: fail when the candidate is worse
 beyond noise, exact McNemar p; `better_p`: pass only when it is better beyond noise), which sees a
-change that two overlapping intervals cannot.
+change that two overlapping intervals cannot. `worse_p` alone is not a non-inferiority test (a
+small loss on few items passes it); pair it with `max_drop` to bound how much worse may pass.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.stage import Input, Output, Stage, StageConfig
+from pipeline.stats import clean
 
 
 class GateRule(BaseModel):
@@ -48,6 +50,13 @@ class GateRule(BaseModel):
     def _one_bound(self) -> GateRule:
         if all(v is None for v in (self.min, self.max, self.max_drop, self.max_rise, self.worse_p, self.better_p)):
             raise ValueError(f"gate rule for '{self.metric}' needs min, max, max_drop, max_rise, worse_p or better_p")
+        from pipeline.arena_table import RATES
+
+        if (self.worse_p is not None or self.better_p is not None) and self.metric not in RATES:
+            raise ValueError(
+                f"worse_p / better_p pair yes/no metrics item by item ({', '.join(sorted(RATES))}); "
+                f"'{self.metric}' is not one: bound it with min, max, max_drop or max_rise"
+            )
         return self
 
 
@@ -99,7 +108,7 @@ def judge_paired(
 ) -> tuple[bool, str, dict | None]:
     """(passed, why, the paired comparison) for `worse_p` / `better_p`; outcomes not recorded fail."""
     from pipeline.arena_table import directed
-    from pipeline.stats import paired_difference
+    from pipeline.stats import mcnemar_p, paired_difference
 
     if candidate is None or current is None:
         which = "the candidate" if candidate is None else "the deployed version"
@@ -108,6 +117,15 @@ def judge_paired(
     shown = f"{paired['better']} items better, {paired['worse']} worse of {paired['n']}, p = {paired['p']:.2g}"
     if paired["n"] == 0:
         return False, f"{rule.metric}: the two evaluations share no item, cannot pair", paired
+    if rule.worse_p is not None and mcnemar_p(0, paired["n"]) >= rule.worse_p:
+        # Even every shared item turning worse could not reach the threshold: passing would
+        # claim "not worse" from a test that could not have said otherwise.
+        return (
+            False,
+            f"{rule.metric}: {paired['n']} shared items cannot show a difference at p < {rule.worse_p:g} "
+            "(evaluate more held-out items, or use max_drop)",
+            paired,
+        )
     if rule.worse_p is not None and paired["worse"] > paired["better"] and paired["p"] < rule.worse_p:
         return False, f"{rule.metric} worse than the deployed version: {shown} (< {rule.worse_p:g})", paired
     if rule.better_p is not None and not (paired["better"] > paired["worse"] and paired["p"] < rule.better_p):
@@ -153,7 +171,7 @@ class GateStage(Stage):
         current_path = self.ctx.input("current")
         current = json.loads(current_path.read_text(encoding="utf-8")) if current_path else None
         decision = decide(cfg.rules, candidate, current, cfg.candidate_condition, cfg.current_condition)
-        self.ctx.output("decision").write_text(json.dumps(decision, indent=2), encoding="utf-8")
+        self.ctx.output("decision").write_text(json.dumps(clean(decision), indent=2), encoding="utf-8")
         verdict = "passed" if decision["passed"] else "FAILED: " + "; ".join(decision["reasons"])
         self.ctx.log.info("gate %s", verdict)
         return {"passed": decision["passed"], "failed_rules": len(decision["reasons"])}

@@ -135,9 +135,12 @@ def test_paired_difference_matches_a_published_example():
 
 def test_paired_mean_difference_averages_seeds_per_item_by_hand():
     """Two seeds against the base: per item the seeds' share of yes less the base's (a: 1, b: 0.5,
-    c: -0.5, d: -0.5; mean 0.125), 2 items up and 2 down (sign test p = 1), the bootstrap over the 4
-    items; an item one seed lacks is left out; with one seed the value and p are paired_difference's."""
-    from pipeline.stats import bootstrap_mean, paired_difference, paired_mean_difference
+    c: -0.5, d: -0.5; mean 0.125), 2 items up and 2 down, the bootstrap over the 4 items; an item
+    one seed lacks is left out; with one seed the value and p are paired_difference's. The p is the
+    exact sign-flip test of the mean, by hand: seed-count differences (2, 2, 1) sum to 5, and 2 of
+    the 8 sign flips reach |5| (p = 0.25); six items up by half a seed and three down by a whole
+    one average 0 (p = 1) though the up/down count alone (6 vs 3) leans one way."""
+    from pipeline.stats import bootstrap_mean, paired_difference, paired_mean_difference, sign_flip_p
 
     base = {"a": False, "b": False, "c": True, "d": True, "e": True}
     seeds = [{"a": True, "b": False, "c": True, "d": True, "e": True}, {"a": True, "b": True, "c": False, "d": False}]
@@ -150,6 +153,11 @@ def test_paired_mean_difference_averages_seeds_per_item_by_hand():
     one, two = paired_mean_difference([arm], baseline), paired_difference(arm, baseline)
     assert (one["value"], one["p"], one["turned_yes"], one["turned_no"]) == pytest.approx((two["value"], two["p"], 7, 1))
     assert paired_mean_difference([], base)["n"] == 0
+    assert sign_flip_p([2, 2, 1]) == 0.25 and sign_flip_p([-2, -2, -1, 0]) == 0.25
+    half_up = {f"u{i}": False for i in range(6)} | {f"w{i}": True for i in range(3)}
+    two = [{**{f"u{i}": i % 2 == s for i in range(6)}, **{f"w{i}": False for i in range(3)}} for s in (0, 1)]
+    even = paired_mean_difference(two, half_up)
+    assert (even["value"], even["turned_yes"], even["turned_no"], even["p"]) == (0.0, 6, 3, 1.0)
 
 
 def test_versus_counts_better_and_worse_by_each_metrics_direction():

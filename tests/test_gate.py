@@ -90,11 +90,39 @@ def test_paired_rules_compare_the_same_items():
     # fails closed: a summary without item outcomes (before evaluate v2) cannot be paired
     decision = decide([rule], summary("candidate", satisfied=0.9), cur, "candidate", "current")
     assert decision["passed"] is False and "no item outcomes for the candidate" in decision["reasons"][0]
+    decision = decide([rule], lost, summary("current", satisfied=0.5), "candidate", "current")
+    assert decision["passed"] is False and "no item outcomes for the deployed version" in decision["reasons"][0]
+
+
+def test_paired_rules_fail_when_the_items_cannot_decide():
+    """No shared item, or too few for any split to reach the threshold (4 items all turning worse:
+    p = 2/16 = 0.125 >= 0.1), fails rather than passing on a test that could not have failed; 5
+    items can (2/32 < 0.1). better_p on a lower-is-better rate: fewer replies cut off is better."""
+    rule = GateRule(metric="satisfied", worse_p=0.1)
+    cur = with_items(summary("current"), "current", "satisfied", 4, 4)
+    elsewhere = {**summary("candidate"), "outcomes": {"candidate": {"satisfied": {"other-1": True}}}}
+    decision = decide([rule], elsewhere, cur, "candidate", "current")
+    assert decision["passed"] is False and "share no item" in decision["reasons"][0]
+    same = with_items(summary("candidate"), "candidate", "satisfied", 4, 4)
+    decision = decide([rule], same, cur, "candidate", "current")
+    assert decision["passed"] is False and "4 shared items cannot show a difference at p < 0.1" in decision["reasons"][0]
+    five = (
+        with_items(summary("candidate"), "candidate", "satisfied", 5, 5),
+        with_items(summary("current"), "current", "satisfied", 5, 5),
+    )
+    assert decide([rule], *five, "candidate", "current")["passed"] is True
+    fewer_cut = GateRule(metric="unfinished", better_p=0.05)
+    cand = with_items(summary("candidate"), "candidate", "unfinished", 0, 40)
+    cur_cut = {k: with_items(summary("current"), "current", "unfinished", k, 40) for k in (1, 10)}
+    assert decide([fewer_cut], cand, cur_cut[10], "candidate", "current")["passed"] is True
+    assert decide([fewer_cut], cand, cur_cut[1], "candidate", "current")["passed"] is False
 
 
 def test_a_rule_needs_a_bound():
     with pytest.raises(ValidationError, match="needs min, max, max_drop, max_rise, worse_p or better_p"):
         GateRule(metric="satisfied")
+    with pytest.raises(ValidationError, match="'kl_to_base' is not one"):
+        GateRule(metric="kl_to_base", worse_p=0.1)
 
 
 def write_loop(tmp_path, **loop) -> LoopFile:

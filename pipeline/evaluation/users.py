@@ -84,10 +84,10 @@ def satisfaction(
         metrics["first_reply_satisfied"] = rate(bool(u.satisfied) for u in first if u is not None)
         metrics["satisfied"] = rate(t.satisfied for t in transcripts)
         paired = outcomes.setdefault(condition.name, {})
-        paired["first_reply_satisfied"] = keyed_outcomes(
-            [(t.user.id, bool(u.satisfied)) for t, u in zip(transcripts, first) if u is not None]
-        )
+        # Keyed over every transcript before the unjudged first replies are left out, so a repeated
+        # need's k-th copy keeps its `#k` whichever condition's copy went unjudged.
         paired["satisfied"] = keyed_outcomes([(t.user.id, bool(t.satisfied)) for t in transcripts])
+        paired["first_reply_satisfied"] = {key: bool(u.satisfied) for key, u in zip(paired["satisfied"], first) if u is not None}
         metrics["rounds"] = bootstrap_mean([t.rounds for t in transcripts if t.satisfied], resamples=ans.resamples, seed=ans.seed)
         ans.log.info(
             "%s: %d users, first reply satisfied %.2f",
