@@ -721,3 +721,19 @@ def test_evaluate_users_source_in_context_and_memory_of_critiques(tmp_path, tiny
     assert conditions["memory"]["memory_retrieved"] == {"needs": pytest.approx(wilson(1, 2))}  # the Lyon need only
     for metrics in conditions.values():
         assert metrics["first_reply_satisfied"]["n"] == 2
+
+
+def test_need_outcomes_key_every_copy_before_dropping_unjudged_first_replies():
+    """Need `a` asked twice: its first copy's first reply went unjudged, its second was judged
+    satisfied. The second copy is `a#2` in both metrics (numbered before the unjudged one is left
+    out, so it pairs with another condition's `a#2`), and `a` has no first_reply_satisfied."""
+    from feedback.simulator.protocol import SimulatedUser, Transcript, Utterance
+    from pipeline.evaluation.users import need_outcomes
+
+    def transcript(need_id: str, judged: bool | None, satisfied: bool) -> Transcript:
+        reply = Utterance("system", "response", "an answer", 1, satisfied=judged)
+        return Transcript(SimulatedUser(need_id, "n", "r"), [reply], satisfied=satisfied)
+
+    out = need_outcomes([transcript("a", None, False), transcript("b", False, True), transcript("a", True, True)])
+    assert out["satisfied"] == {"a": False, "b": True, "a#2": True}
+    assert out["first_reply_satisfied"] == {"b": False, "a#2": True}

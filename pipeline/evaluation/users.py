@@ -39,7 +39,6 @@ def satisfaction(
     (`#2` after a repeated id, as `metrics.keyed_outcomes` keys every metric)."""
     from feedback.simulator.needs import load_users
     from feedback.simulator.protocol import Judge, run_conversations
-    from pipeline.evaluation.metrics import keyed_outcomes
     from pipeline.llm import HFClient, build_client
     from pipeline.llm_cache import CachedLLM
     from pipeline.stats import bootstrap_mean, rate
@@ -76,18 +75,14 @@ def satisfaction(
             user.system_prompt = ans.system_for(condition, user.request)
         with ans.weights(condition):
             transcripts = run_conversations(users, CachedLLM(policy_backend, None), simulator, settings, ans.seed, judge)
-        first = [next((u for u in t.utterances if u.type == "response" and u.satisfied is not None), None) for t in transcripts]
+        first = [first_judged(t) for t in transcripts]
         metrics = results[condition.name]
         if condition.system == "retrieved":  # how many held-out needs memory recalled a critique for
             retrieved = metrics.setdefault("memory_retrieved", {})
             retrieved["needs"] = rate(user.system_prompt is not None for user in users)
         metrics["first_reply_satisfied"] = rate(bool(u.satisfied) for u in first if u is not None)
         metrics["satisfied"] = rate(t.satisfied for t in transcripts)
-        paired = outcomes.setdefault(condition.name, {})
-        # Keyed over every transcript before the unjudged first replies are left out, so a repeated
-        # need's k-th copy keeps its `#k` whichever condition's copy went unjudged.
-        paired["satisfied"] = keyed_outcomes([(t.user.id, bool(t.satisfied)) for t in transcripts])
-        paired["first_reply_satisfied"] = {key: bool(u.satisfied) for key, u in zip(paired["satisfied"], first) if u is not None}
+        outcomes.setdefault(condition.name, {}).update(need_outcomes(transcripts))
         metrics["rounds"] = bootstrap_mean([t.rounds for t in transcripts if t.satisfied], resamples=ans.resamples, seed=ans.seed)
         ans.log.info(
             "%s: %d users, first reply satisfied %.2f",
@@ -95,3 +90,22 @@ def satisfaction(
             len(transcripts),
             metrics["first_reply_satisfied"]["value"],
         )
+
+
+def first_judged(transcript: Any) -> Any:
+    """The conversation's first reply the judge scored (None when it scored none)."""
+    return next((u for u in transcript.utterances if u.type == "response" and u.satisfied is not None), None)
+
+
+def need_outcomes(transcripts: list[Any]) -> dict[str, dict[str, bool]]:
+    """Each need's `satisfied` and `first_reply_satisfied`, keyed by its id (`#2` after a repeated
+    id). Keyed over every transcript before the unjudged first replies are left out, so a repeated
+    need's k-th copy keeps its `#k` in every condition, whichever condition's copy went unjudged."""
+    from pipeline.evaluation.metrics import keyed_outcomes
+
+    satisfied = keyed_outcomes([(t.user.id, bool(t.satisfied)) for t in transcripts])
+    first = {key: first_judged(t) for key, t in zip(satisfied, transcripts)}
+    return {
+        "satisfied": satisfied,
+        "first_reply_satisfied": {key: bool(u.satisfied) for key, u in first.items() if u is not None},
+    }
