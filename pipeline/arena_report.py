@@ -108,7 +108,7 @@ def paired_section(table: dict[str, Any], key: str = "vs_base") -> str:
         "better and the worse way (for ↓ rates an item that turned no is better), and the exact McNemar "
         "p-value. Two rates whose Wilson intervals overlap can still differ here, and a difference that the "
         "pairing does not support shows as such. A mean over seeds pairs each item's share of seeds "
-        "against the reference's (bootstrap interval over items; p from the exact sign-flip test of the mean "
+        "against the reference's (bootstrap interval over items; p from an exact permutation test of the mean "
         "difference, which is McNemar's for one seed).</p>"
         f"<table><tr><th>condition</th>{head}</tr>{body}</table>"
     )
@@ -273,7 +273,7 @@ def print_table(console, table: dict[str, Any]) -> None:
         if not paired:
             continue
         vs = Table(
-            title=f"against {AGAINST.get(key, key)} on the same items: difference [95% interval], items better / worse, exact p (McNemar; sign-flip for seed means)"
+            title=f"against {AGAINST.get(key, key)} on the same items: difference [95% interval], items better / worse, exact p (McNemar; a permutation test for seed means)"
         )
         for col in ["condition", *paired]:
             vs.add_column(col)

@@ -296,7 +296,7 @@ def aggregate_seeds(
 def seeds_versus(per_seed: list[dict[str, dict[str, bool]]], references: dict[str, dict[str, dict[str, bool]]]) -> dict[str, Any]:
     """{"vs_base": {metric: ...}, "vs_in_context": ...} of a method's finished seeds against each
     reference on the same items: each item's share of seeds that said yes less the reference's
-    (`pipeline.stats.paired_mean_difference`: a bootstrap over items, the exact sign-flip test), `better`
+    (`pipeline.stats.paired_mean_difference`: a bootstrap over items, an exact permutation test), `better`
     / `worse` by the metric's direction; {} with fewer than two seeds' outcomes."""
     from .stats import paired_mean_difference
 

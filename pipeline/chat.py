@@ -100,6 +100,14 @@ def render_ids(tokenizer, prompt: Any, system_prompt: str | None = None) -> list
     return tokenizer(render(tokenizer, prompt, system_prompt), add_special_tokens=False)["input_ids"]
 
 
+def reply_text(reply: Any) -> str:
+    """A reply's words: a string as it is, a conversational completion (TRL's list of messages)
+    as its last message's content. Reward models score text; preference records may hold either."""
+    if isinstance(reply, (list, tuple)):
+        return str(reply[-1]["content"]) if reply else ""
+    return str(reply)
+
+
 def assistant(text: str) -> Messages:
     """A reply as TRL's conversational completion (one assistant message)."""
     return [{"role": "assistant", "content": text}]

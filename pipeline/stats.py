@@ -3,7 +3,7 @@
 - rates (a share of n yes/no outcomes): the Wilson score interval, which stays inside [0, 1]
   and is honest at 0/n and n/n, where the normal approximation collapses to a point;
 - a rate against another's on the same items: Newcombe's paired interval and McNemar's exact test;
-  several seeds' mean against it: a bootstrap over items and the exact sign-flip test;
+  several seeds' mean against it: a bootstrap over items and an exact permutation test;
 - means (KL, log-likelihood, rounds, lengths): a seeded percentile bootstrap over the items;
 - distributions: KL(p || q) in nats; per-token KL between two models' logits.
 
@@ -139,42 +139,55 @@ def paired_mean_difference(per_seed: Sequence[dict[str, bool]], baseline: dict[s
     mean of those differences with a percentile bootstrap over the *items* (the seeds of one item
     are not independent draws, so they are averaged first, not pooled as extra items); how many
     items' seed mean is above the baseline (`turned_yes`) and below it (`turned_no`), as a
-    description; and `p` from the exact sign-flip test of the mean difference (`sign_flip_p`),
-    which weighs each item by how far it moved. Why not a sign test on the counts: an item whose
-    two seeds split 1/2 counts as much as one both seeds lost, so a method equal to its baseline
-    on average can look better by the count alone. With one seed the sign-flip p is McNemar's."""
+    description; and `p` from the exact permutation test of the mean difference
+    (`exchange_p`). Why not a sign test on those counts: an item whose two seeds split counts as
+    much as one both seeds lost, so a method equal to its baseline on average can look better by
+    the count alone. Why not sign flips of the differences: with k seeds against one baseline run
+    an item's difference is lopsided (near a ceiling: often -1, rarely +k), and flipping it
+    called an equal method different about twice as often as the level says. With one seed the
+    p is McNemar's."""
     if not per_seed:
         return {**empty(0), "turned_yes": 0, "turned_no": 0, "p": 1.0, "seeds": 0}
     seeds = len(per_seed)
     shared = [k for k in baseline if all(k in outcomes for outcomes in per_seed)]
-    steps = [sum(bool(o[k]) for o in per_seed) - seeds * bool(baseline[k]) for k in shared]
-    diffs = [s / seeds for s in steps]
+    items = [(sum(bool(o[k]) for o in per_seed), int(bool(baseline[k]))) for k in shared]
+    diffs = [yes / seeds - base for yes, base in items]
     turned_yes, turned_no = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    counts = {"turned_yes": turned_yes, "turned_no": turned_no, "p": sign_flip_p(steps), "seeds": seeds}
+    counts = {"turned_yes": turned_yes, "turned_no": turned_no, "p": exchange_p(items, seeds), "seeds": seeds}
     return {**bootstrap_mean(diffs, seed=seed), **counts}
 
 
-def sign_flip_p(steps: Sequence[int]) -> float:
-    """Two-sided exact sign-flip (paired randomization) p-value for "the mean of these paired
-    differences is 0": the share of the 2^n ways of flipping the items' signs whose sum is at
-    least as far from 0 as the observed one. The differences are whole numbers (seeds that said
-    yes less seeds × baseline), so the flip distribution is counted exactly by convolution
-    instead of enumerated. For ±1 differences (one seed) it is the exact McNemar test."""
-    observed = abs(sum(steps))
-    sizes = [abs(int(s)) for s in steps if s]
-    if not sizes:
-        return 1.0
-    total = sum(sizes)
-    chances = [0.0] * (2 * total + 1)  # chances[t + total]: P(sum of flipped sizes = t)
-    chances[total] = 1.0
-    for size in sizes:
-        flipped = [0.0] * len(chances)
+def exchange_p(items: Sequence[tuple[int, int]], seeds: int) -> float:
+    """Two-sided exact permutation p-value for "the method is the baseline": each item is
+    (seeds that said yes, the baseline's 0 or 1), and under that null an item's seeds + 1 runs
+    are exchangeable, so which of them is the baseline is a uniform draw. With y yes among the
+    seeds + 1 runs, the item's step (seeds' yes less seeds × baseline) is y when the baseline is
+    one of the no runs (chance (seeds + 1 - y) / (seeds + 1)) and y - 1 - seeds when it is a yes
+    run. p is the chance that the items' steps sum at least as far from 0 as observed, counted
+    exactly by convolution. With one seed the steps are ±1 on the discordant items and 0
+    elsewhere: the exact McNemar test."""
+    if seeds < 1:
+        raise ValueError(f"exchange_p needs at least one seed, got {seeds}")
+    observed = abs(sum(yes - seeds * base for yes, base in items))
+    if observed == 0:
+        return 1.0  # every outcome is at least as far from 0 (exactly, not up to float rounding)
+    spread = seeds * len(items)
+    chances = [0.0] * (2 * spread + 1)  # chances[t + spread]: P(the steps sum to t)
+    chances[spread] = 1.0
+    for yes, base in items:
+        if not 0 <= yes <= seeds or base not in (0, 1):
+            raise ValueError(f"exchange_p: an item is (seeds that said yes, baseline 0/1), got {(yes, base)}")
+        total = yes + base
+        if total in (0, seeds + 1):
+            continue  # every run agrees: the step is 0 whichever run is the baseline
+        moves = ((total, (seeds + 1 - total) / (seeds + 1)), (total - 1 - seeds, total / (seeds + 1)))
+        after = [0.0] * len(chances)
         for t, chance in enumerate(chances):
             if chance:
-                flipped[t - size] += chance / 2
-                flipped[t + size] += chance / 2
-        chances = flipped
-    return min(1.0, sum(c for t, c in enumerate(chances) if abs(t - total) >= observed - 1e-9))
+                for step, weight in moves:
+                    after[t + step] += chance * weight
+        chances = after
+    return min(1.0, float(sum(c for t, c in enumerate(chances) if abs(t - spread) >= observed - 1e-9)))
 
 
 def kl_divergence(p: Sequence[float], q: Sequence[float]) -> float:

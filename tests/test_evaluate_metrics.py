@@ -137,15 +137,17 @@ def test_paired_mean_difference_averages_seeds_per_item_by_hand():
     """Two seeds against the base: per item the seeds' share of yes less the base's (a: 1, b: 0.5,
     c: -0.5, d: -0.5; mean 0.125), 2 items up and 2 down, the bootstrap over the 4 items; an item
     one seed lacks is left out; with one seed the value and p are paired_difference's. The p is the
-    exact sign-flip test of the mean, by hand: seed-count differences (2, 2, 1) sum to 5, and 2 of
-    the 8 sign flips reach |5| (p = 0.25); six items up by half a seed and three down by a whole
+    exact permutation test, by hand: an item both of two seeds said yes to and the base no has
+    yes on 2 of its 3 runs, so with the baseline drawn among them its step is +2 (chance 1/3) or -1
+    (2/3); one such item gives p = 1/3, two give p = 1/9 (only +2 +2 reaches 4). Six items up by half a seed and three down by a whole
     one average 0 (p = 1) though the up/down count alone (6 vs 3) leans one way."""
-    from pipeline.stats import bootstrap_mean, paired_difference, paired_mean_difference, sign_flip_p
+    from pipeline.stats import bootstrap_mean, paired_difference, paired_mean_difference
 
     base = {"a": False, "b": False, "c": True, "d": True, "e": True}
     seeds = [{"a": True, "b": False, "c": True, "d": True, "e": True}, {"a": True, "b": True, "c": False, "d": False}]
     d = paired_mean_difference(seeds, base)
-    assert (d["value"], d["n"], d["turned_yes"], d["turned_no"], d["p"], d["seeds"]) == (0.125, 4, 2, 2, 1.0, 2)
+    assert (d["value"], d["n"], d["turned_yes"], d["turned_no"], d["seeds"]) == (0.125, 4, 2, 2, 2)
+    assert d["p"] == pytest.approx(1.0)  # the steps (2, 1, -1, -1) sum to 1, and no draw sums to 0
     assert (d["lo"], d["hi"]) == pytest.approx(
         (bootstrap_mean([1, 0.5, -0.5, -0.5])["lo"], bootstrap_mean([1, 0.5, -0.5, -0.5])["hi"])
     )
@@ -153,7 +155,11 @@ def test_paired_mean_difference_averages_seeds_per_item_by_hand():
     one, two = paired_mean_difference([arm], baseline), paired_difference(arm, baseline)
     assert (one["value"], one["p"], one["turned_yes"], one["turned_no"]) == pytest.approx((two["value"], two["p"], 7, 1))
     assert paired_mean_difference([], base)["n"] == 0
-    assert sign_flip_p([2, 2, 1]) == 0.25 and sign_flip_p([-2, -2, -1, 0]) == 0.25
+    up = {"a": True, "b": True}
+    assert paired_mean_difference([up], {"a": False})["p"] == pytest.approx(1.0)  # one seed: McNemar(1, 0) = 1
+    assert paired_mean_difference([up, up], {"a": False})["p"] == pytest.approx(1 / 3)
+    assert paired_mean_difference([up, up], {"a": False, "b": False})["p"] == pytest.approx(1 / 9)
+    assert paired_mean_difference([{"a": False, "b": False}] * 2, {"a": True, "b": True})["p"] == pytest.approx(1 / 9)
     half_up = {f"u{i}": False for i in range(6)} | {f"w{i}": True for i in range(3)}
     two = [{**{f"u{i}": i % 2 == s for i in range(6)}, **{f"w{i}": False for i in range(3)}} for s in (0, 1)]
     even = paired_mean_difference(two, half_up)

@@ -136,3 +136,28 @@ def test_qa_feedback_spans_become_segment_labels():
     prefs = readers.preferences(path)
     raw = json.loads(path.read_text())[0]
     assert sum(p != 0 for p in raw["preference"]) == sum(p.id.startswith("qa-0-") for p in prefs)
+
+
+def test_conversational_preference_records_reach_reward_models_as_text(tmp_path):
+    """The simulated users' preferences hold replies as TRL conversational completions (a list of
+    one assistant message); FLR's pairwise scoring keyed replies by them and crashed (unhashable
+    list). The readers hand reward models the reply's words, in both record and TRL formats."""
+    from feedback.sources import readers
+    from feedback.sources.formats import provenance
+
+    prompt = [{"role": "user", "content": "Which blood type is the universal donor?"}]
+    record = {
+        "kind": "preference",
+        "id": "us-029:0",
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "O negative."}],
+        "rejected": [{"role": "assistant", "content": "AB positive."}],
+        "provenance": provenance("convsim", "users", 0).model_dump(),
+    }
+    records = tmp_path / "prefs.jsonl"
+    records.write_text(json.dumps(record) + "\n")
+    trl = tmp_path / "trl.jsonl"
+    trl.write_text(json.dumps({"prompt": prompt, "chosen": record["chosen"], "rejected": "AB positive."}) + "\n")
+    for path in (records, trl):
+        (pair,) = readers.preferences(path)
+        assert (pair.chosen, pair.rejected, pair.prompt) == ("O negative.", "AB positive.", prompt), path

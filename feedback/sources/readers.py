@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.chat import reply_text
 from pipeline.errors import DataError
 from pipeline.schema import Preference, Reaction, SpanFeedback, rows_to_records
 
@@ -80,9 +81,12 @@ def preferences(path: Path) -> list[Preference]:
 
 
 def preferences_from(fmt: str, rows: list[dict[str, Any]], path: Path) -> list[Preference]:
-    """Preference pairs from rows `load_feedback` already read (format `fmt`)."""
+    """Preference pairs from rows `load_feedback` already read (format `fmt`), with text replies:
+    the reward models that read them score words, and a conversational pair's replies (the
+    simulated users' and the server's preferences are) become their last message's content."""
     if fmt == "preferences":
-        return rows_to_records("preferences", rows, str(path))  # type: ignore[return-value]
+        records: list[Preference] = rows_to_records("preferences", rows, str(path))  # type: ignore[assignment]
+        return [r.model_copy(update={"chosen": reply_text(r.chosen), "rejected": reply_text(r.rejected)}) for r in records]
     if fmt == "qa_feedback":
         return qa_preferences(rows, str(path))
     if fmt == "trl_preferences":
@@ -93,17 +97,10 @@ def preferences_from(fmt: str, rows: list[dict[str, Any]], path: Path) -> list[P
                 Preference(
                     id=str(row.get("id", i)),
                     prompt=row["prompt"],
-                    chosen=_reply_text(chosen),
-                    rejected=_reply_text(rejected),
+                    chosen=reply_text(chosen),
+                    rejected=reply_text(rejected),
                     provenance=provenance("import", str(path), i),
                 )
             )
         return out
     raise DataError(f"{path}: expected preference pairs (records, TRL prompt/chosen/rejected or qa-feedback), got {fmt}")
-
-
-def _reply_text(value: Any) -> str:
-    """TRL conversational completions are a list of messages; the reply is the last one's content."""
-    if isinstance(value, list):
-        return str(value[-1]["content"]) if value else ""
-    return str(value)
