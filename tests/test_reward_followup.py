@@ -179,6 +179,59 @@ def test_train_reward_stage_flr_finetunes_on_feedback(tmp_path, tiny_model_path)
     assert tuned.logprobs(prompts, replies).mean() > zero.logprobs(prompts, replies).mean() + 0.1
 
 
+def test_train_reward_stage_flr_scores_conversational_preferences(tmp_path, tiny_model_path):
+    """The simulated users' preferences are conversational (each reply a list of one assistant
+    message), as the arena's users source hands them to PPO's FLR; the stage scored them by a
+    list key and crashed. Zero-shot here: pairwise accuracy on the held-out pairs, and the
+    length baseline by hand on the held-out pairs' words."""
+    from feedback.sources import readers
+    from feedback.sources.formats import provenance
+    from pipeline.config import pipeline_from_dict
+    from pipeline.runner import Runner
+    from reward_models.common import split_train_eval
+    from reward_models.metrics import pairwise_accuracy
+
+    replies = [("O negative, the universal donor.", "AB."), ("Mercury.", "It is probably Venus or so.")]
+    replies += [("Paris.", "Lyon, I think."), ("Seven.", "There are several continents.")]
+    rows = [
+        {
+            "kind": "preference",
+            "id": f"need-{i}:0",
+            "prompt": [{"role": "user", "content": f"question {i}?"}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "provenance": provenance("convsim", "users", i).model_dump(),
+        }
+        for i, (chosen, rejected) in enumerate(replies)
+    ]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {
+        "run_name": "flr_users",
+        "model": "tiny",
+        "stages": [
+            {
+                "name": "flr",
+                "uses": "train_reward",
+                "inputs": {"feedback": str(tmp_path / "prefs.jsonl")},
+                "with": {"kind": "followup", "eval_fraction": 0.5, "followup": {"per_aspect": 1, "finetune": False}},
+            }
+        ],
+    }
+    result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert result.ok, [r.error for r in result.records]
+    metrics = result.record("flr").metrics
+    assert metrics["eval_pairs"] == 2 and 0.0 <= metrics["pairwise_accuracy_zero_shot"] <= 1.0
+    # the length baseline on the held-out pairs' words (a list reply's len would be 1: a tie)
+    _, held = split_train_eval(
+        readers.preferences(tmp_path / "prefs.jsonl"), 0.5, 0, "group", group=lambda p: last_user_text(p.prompt)
+    )
+    words = dict(replies)
+    expected = pairwise_accuracy([len(p.chosen) for p in held], [len(p.rejected) for p in held])
+    assert all(words[p.chosen] == p.rejected for p in held) and metrics["baseline_length_accuracy"] == pytest.approx(expected)
+    evaluation = json.loads((result.run_dir / "flr" / "reward_model" / "eval.json").read_text())
+    assert evaluation["comparison"][0]["what"] == "FLR zero-shot"
+
+
 def _train_triples(pairs):
     """The prompts train_reward keeps for training (same split as the stage: group by prompt, seed 0)."""
     from reward_models.common import split_train_eval
