@@ -363,7 +363,7 @@ def feedback_triples(path: Path, followups: Followups, seed: int) -> tuple[list[
     neg = [t for t, p in zip(followups.texts, followups.positive) if not p]
     if fmt in ("preferences", "qa_feedback", "trl_preferences"):
         pairs = readers.preferences_from(fmt, rows, path)
-        triples: list[tuple[Any, Any, str]] = []  # (prompt, reply, follow-up); a pair's replies are PromptLike
+        triples: list[tuple[Any, Any, str]] = []  # (prompt, reply, follow-up); the readers give text replies
         for pair in pairs:
             triples.append((pair.prompt, pair.chosen, rng.choice(pos)))
             triples.append((pair.prompt, pair.rejected, rng.choice(neg)))

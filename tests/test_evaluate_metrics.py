@@ -160,6 +160,17 @@ def test_paired_mean_difference_averages_seeds_per_item_by_hand():
     assert paired_mean_difference([up, up], {"a": False})["p"] == pytest.approx(1 / 3)
     assert paired_mean_difference([up, up], {"a": False, "b": False})["p"] == pytest.approx(1 / 9)
     assert paired_mean_difference([{"a": False, "b": False}] * 2, {"a": True, "b": True})["p"] == pytest.approx(1 / 9)
+    # three seeds, mixed baselines: against a brute-force count over which run is the baseline
+    import itertools
+
+    from pipeline.stats import exchange_p
+
+    items = [(3, 0), (2, 0), (1, 1), (0, 1), (2, 1)]
+    runs = [[1] * yes + [0] * (3 - yes) + [base] for yes, base in items]  # each item's 4 runs
+    observed = abs(sum(yes - 3 * base for yes, base in items))
+    draws = list(itertools.product(range(4), repeat=len(items)))
+    steps = [sum(sum(r) - r[i] - 3 * r[i] for r, i in zip(runs, draw)) for draw in draws]
+    assert exchange_p(items, 3) == pytest.approx(sum(abs(s) >= observed for s in steps) / len(draws))
     half_up = {f"u{i}": False for i in range(6)} | {f"w{i}": True for i in range(3)}
     two = [{**{f"u{i}": i % 2 == s for i in range(6)}, **{f"w{i}": False for i in range(3)}} for s in (0, 1)]
     even = paired_mean_difference(two, half_up)

@@ -191,8 +191,10 @@ def test_train_reward_stage_flr_scores_conversational_preferences(tmp_path, tiny
     from reward_models.common import split_train_eval
     from reward_models.metrics import pairwise_accuracy
 
-    replies = [("O negative, the universal donor.", "AB."), ("Mercury.", "It is probably Venus or so.")]
-    replies += [("Paris.", "Lyon, I think."), ("Seven.", "There are several continents.")]
+    # every chosen reply is the longer one: the length baseline is 1.0 on the words, while a list
+    # reply's len is 1 on both sides (a tie, 0.5)
+    replies = [("O negative, the universal donor.", "AB."), ("Mercury, the closest planet.", "Venus.")]
+    replies += [("Paris, the capital.", "Lyon."), ("Seven continents.", "Six.")]
     rows = [
         {
             "kind": "preference",
@@ -227,7 +229,8 @@ def test_train_reward_stage_flr_scores_conversational_preferences(tmp_path, tiny
     )
     words = dict(replies)
     expected = pairwise_accuracy([len(p.chosen) for p in held], [len(p.rejected) for p in held])
-    assert all(words[p.chosen] == p.rejected for p in held) and metrics["baseline_length_accuracy"] == pytest.approx(expected)
+    assert all(words[p.chosen] == p.rejected for p in held) and expected == 1.0
+    assert metrics["baseline_length_accuracy"] == pytest.approx(expected)
     evaluation = json.loads((result.run_dir / "flr" / "reward_model" / "eval.json").read_text())
     assert evaluation["comparison"][0]["what"] == "FLR zero-shot"
 
