@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.stage import Input, Output, Stage, StageConfig
-from pipeline.stats import clean
+from pipeline.stats import clean, mcnemar_p, paired_difference
 
 
 class GateRule(BaseModel):
@@ -108,7 +108,6 @@ def judge_paired(
 ) -> tuple[bool, str, dict | None]:
     """(passed, why, the paired comparison) for `worse_p` / `better_p`; outcomes not recorded fail."""
     from pipeline.arena_table import directed
-    from pipeline.stats import mcnemar_p, paired_difference
 
     if candidate is None or current is None:
         which = "the candidate" if candidate is None else "the deployed version"

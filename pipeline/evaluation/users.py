@@ -75,14 +75,15 @@ def satisfaction(
             user.system_prompt = ans.system_for(condition, user.request)
         with ans.weights(condition):
             transcripts = run_conversations(users, CachedLLM(policy_backend, None), simulator, settings, ans.seed, judge)
-        first = [first_judged(t) for t in transcripts]
+        per_need = need_outcomes(transcripts)
         metrics = results[condition.name]
         if condition.system == "retrieved":  # how many held-out needs memory recalled a critique for
             retrieved = metrics.setdefault("memory_retrieved", {})
             retrieved["needs"] = rate(user.system_prompt is not None for user in users)
-        metrics["first_reply_satisfied"] = rate(bool(u.satisfied) for u in first if u is not None)
-        metrics["satisfied"] = rate(t.satisfied for t in transcripts)
-        outcomes.setdefault(condition.name, {}).update(need_outcomes(transcripts))
+        # the rates and the paired outcomes from one source: each is the share of its per-need outcomes
+        metrics["first_reply_satisfied"] = rate(per_need["first_reply_satisfied"].values())
+        metrics["satisfied"] = rate(per_need["satisfied"].values())
+        outcomes.setdefault(condition.name, {}).update(per_need)
         metrics["rounds"] = bootstrap_mean([t.rounds for t in transcripts if t.satisfied], resamples=ans.resamples, seed=ans.seed)
         ans.log.info(
             "%s: %d users, first reply satisfied %.2f",
