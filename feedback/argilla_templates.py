@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.chat import reply_text
 from pipeline.schema import Preference, Provenance, Reaction, SpanFeedback, VerbalFeedback
 
 TemplateKind = Literal["fine_grained", "verbal", "preference", "reaction"]
@@ -78,13 +79,6 @@ def render(prompt: Any) -> str:
             return str(turns[0].get("content", ""))
         return "\n\n".join(f"**{m.get('role', '?')}:** {m.get('content', '')}" for m in turns)
     return str(prompt)
-
-
-def reply_text(value: Any) -> str:
-    """The text of a reply given as a string or as assistant message(s)."""
-    if isinstance(value, list):
-        return "\n\n".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
-    return str(value)
 
 
 # -- settings --------------------------------------------------------------------------------

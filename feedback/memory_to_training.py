@@ -65,7 +65,7 @@ class MemoryTraining:
 
     def c3po_rows(self) -> list[dict[str, Any]]:
         """c3po_data rows: the memory rows in scope, the anchors out of scope."""
-        from trainers.sft import reply_text  # how `sft` reads a reply: the same text here
+        from pipeline.chat import reply_text  # how `sft` reads a reply: the same text here
 
         out = []
         for row in self.rows:

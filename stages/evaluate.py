@@ -62,7 +62,7 @@ class EvaluateConfig(TrackingSettings):
 class EvaluateStage(Stage):
     config: EvaluateConfig
     uses = "evaluate"
-    version = "2"  # 2: the summary's per-item outcomes
+    version = "3"  # 2: the summary's per-item outcomes; 3: the users' conversations
     summary = "Adherence, overgeneralization, satisfaction, drift, degeneration, cost: base vs in-context vs memory vs adapter."
     Config = EvaluateConfig
     inputs = {
@@ -87,6 +87,11 @@ class EvaluateStage(Stage):
     outputs = {
         "evaluation": Output("evaluation", doc="one row per prompt and condition: reply, applied, finished, tokens"),
         "summary": Output("evaluation_summary", doc="JSON: every metric per condition as {value, n, lo, hi}, cost"),
+        "conversations": Output(
+            "transcripts",
+            required=False,
+            doc="with `needs`: the simulated users' conversations per condition, each reply's satisfaction and verdict",
+        ),
     }
     default_num_cpus = float("inf")
     non_semantic_fields = frozenset({"device", "batch_size", "report_to", "engine"})  # how, not what
@@ -151,8 +156,9 @@ class EvaluateStage(Stage):
         metrics.reward_scores(ans, rows, results, [(name, path) for name in RM_INPUTS if (path := ctx.input(name)) is not None])
         if cfg.judge is not None:
             metrics.judge_win_rates(ans, rows, results, reference, cfg.judge)
+        conversations: list[dict[str, Any]] = []
         if (needs := ctx.input("needs")) is not None:
-            users.satisfaction(ans, needs, cfg.users, results, outcomes)
+            users.satisfaction(ans, needs, cfg.users, results, outcomes, conversations)
         if cfg.drift:
             drift.drift(ans, drift.general_items(ctx.input("general"), cfg.general_set, cfg.max_general), results)
 
@@ -169,5 +175,7 @@ class EvaluateStage(Stage):
         empty = {"prompt": "", "scope": "", "condition": "", "response": "", "applied": False, "finished": True, "tokens": 0}
         save_rows(rows, ctx.output("evaluation"), empty_like=empty)
         summary.write_summary(out, ctx.output(SUMMARY_FILE))
+        if conversations:
+            save_rows(conversations, ctx.output("conversations"))
         log_evaluation(trackers, ctx.work_dir / "tensorboard", f"{ctx.run_name}/{ctx.name}", out)
         return summary.flat_metrics(out)

@@ -7,7 +7,17 @@ import json
 
 import pytest
 
-from pipeline.chat import as_messages, last_user_text, prompt_id, prompt_text, render, render_ids, row_messages, split_prompt
+from pipeline.chat import (
+    as_messages,
+    last_user_text,
+    prompt_id,
+    prompt_text,
+    render,
+    render_ids,
+    reply_text,
+    row_messages,
+    split_prompt,
+)
 from pipeline.pairs import best_vs_worst
 
 
@@ -46,6 +56,27 @@ def test_text_views_of_a_conversation():
     assert prompt_text(conv) == "passage\nq1\nq2"
     assert last_user_text(conv) == "q2"
     assert split_prompt(conv) == ("q1\nassistant: a1\nq2", "system: passage")
+
+
+def test_one_reading_of_a_reply_for_every_consumer():
+    """Reward models, SFT, CoH and Argilla read a reply the same way: a multi-message completion is
+    its assistant messages (a tool result between them is not the reply), not its last message."""
+    from feedback.argilla_templates import reply_text as argilla_reply
+    from trainers.coh import chains_from_preferences
+    from trainers.sft import from_preferences
+
+    reply = [
+        {"role": "assistant", "content": "Let me look that up."},
+        {"role": "tool", "content": "{'capital': 'Canberra'}"},
+        {"content": "It is Canberra."},
+    ]
+    assert reply_text(reply) == "Let me look that up.\n\nIt is Canberra."
+    assert reply_text("plain") == "plain" and reply_text([]) == ""
+    assert argilla_reply is reply_text
+    row = {"prompt": "Capital of Australia?", "chosen": reply, "rejected": [{"role": "assistant", "content": "Sydney."}]}
+    assert from_preferences([row])[0]["reply"] == reply_text(reply)
+    chain = chains_from_preferences([row])[0]
+    assert (chain["positive"], chain["negative"]) == (reply_text(reply), "Sydney.")
 
 
 def test_render_uses_the_chat_template_or_plain_text(tiny_model_path):

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from feedback.simulator.protocol import fact_coverage
 from pipeline.config import pipeline_from_dict
 from pipeline.evaluation.summary import metric_value
 from pipeline.records import save_rows, write_jsonl
@@ -524,6 +525,17 @@ def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path):
         assert len(items["first_reply_satisfied"]) == 2 and len(items["satisfied"]) == 2
         assert sum(items["satisfied"].values()) == round(metrics["satisfied"]["value"] * 2)
     assert summary["outcomes"]["base"]["satisfied"].keys() == summary["outcomes"]["dpo_s0"]["satisfied"].keys()
+    # every conversation is kept beside the rates, and each need's verdict is its first judged reply's
+    talks = load_rows(result.run_dir / "check" / "conversations")
+    assert sorted((t["condition"], t["conversation_id"]) for t in talks) == sorted(
+        (c, n) for c in conditions for n in ("n1", "n2")
+    )
+    for talk in talks:
+        judged = next(u for u in talk["utterances"] if u["type"] == "response" and u["satisfied"] is not None)
+        assert summary["outcomes"][talk["condition"]]["first_reply_satisfied"][talk["conversation_id"]] == judged["satisfied"]
+        assert judged["fact_coverage"] == fact_coverage(
+            judged["text"], [{"n1": "Paris", "n2": "eight|8"}[talk["conversation_id"]]]
+        )
     # memory recalls the feedback only for the remembered prompt itself (threshold 0.99): 1 of 3 in-scope;
     # the near-scope memory row is no key (the feedback was not given on it)
     assert conditions["memory"]["memory_retrieved"]["in_scope"] == pytest.approx(wilson(1, 3))

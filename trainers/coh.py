@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from pipeline.chat import reply_text
+
 from .coh_config import FEEDBACK_PHRASE, CoHConfig
 from .sequences import FeedbackTrainer, masked_mean, pad_right, score_completions, shift_mask
 
@@ -79,7 +81,9 @@ def cut_at_phrases(text: str, phrases: list[str]) -> str:
 
 def chains_from_preferences(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """prompt/chosen/rejected rows (text or messages) -> chains with one positive and one negative."""
-    return [{"prompt": row["prompt"], "positive": content(row["chosen"]), "negative": content(row["rejected"])} for row in rows]
+    return [
+        {"prompt": row["prompt"], "positive": reply_text(row["chosen"]), "negative": reply_text(row["rejected"])} for row in rows
+    ]
 
 
 def chains_from_feedback(records: list[dict[str, Any]], feedback_as_phrase: bool = False) -> list[dict[str, Any]]:
@@ -105,12 +109,6 @@ def chains_from_feedback(records: list[dict[str, Any]], feedback_as_phrase: bool
         if feedback_as_phrase and rec.get("critique"):
             chain[f"{side}_phrase"] = FEEDBACK_PHRASE.format(feedback=rec["critique"])
     return chains
-
-
-def content(value: Any) -> str:
-    if isinstance(value, list):
-        return "\n".join(m["content"] for m in value if m.get("role", "assistant") == "assistant")
-    return str(value)
 
 
 def build_examples(tokenizer: Any, chains: list[dict[str, Any]], pretraining: list[str] | None = None) -> list[dict[str, Any]]:

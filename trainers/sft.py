@@ -20,17 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.chat import reply_text
 from pipeline.errors import DataError, UserError
 from trainers.c3po_data import learned_reply_finished
 
 SCOPES = ("in_scope", "near_scope", "out_of_scope")
-
-
-def reply_text(value: Any) -> str:
-    """A reply given as text or as a conversation (its assistant turns)."""
-    from trainers.coh import content
-
-    return content(value)
 
 
 def from_preferences(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

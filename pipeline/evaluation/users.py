@@ -33,10 +33,13 @@ def satisfaction(
     settings: UsersSettings,
     results: dict[str, dict[str, Any]],
     outcomes: dict[str, dict[str, dict[str, bool]]],
+    conversations: list[dict[str, Any]],
 ) -> None:
     """first_reply_satisfied, satisfied (within max_rounds) and rounds, per condition; each
     need's first_reply_satisfied and satisfied in `outcomes[condition]`, keyed by the need's id
-    (`#2` after a repeated id, as `metrics.keyed_outcomes` keys every metric)."""
+    (`#2` after a repeated id, as `metrics.keyed_outcomes` keys every metric). Every conversation
+    is appended to `conversations` (its condition, each reply's satisfaction, fact coverage and
+    verdict), so a reader can check why a need counted as satisfied."""
     from feedback.simulator.needs import load_users
     from feedback.simulator.protocol import Judge, run_conversations
     from pipeline.llm import HFClient, build_client
@@ -76,6 +79,7 @@ def satisfaction(
         with ans.weights(condition):
             transcripts = run_conversations(users, CachedLLM(policy_backend, None), simulator, settings, ans.seed, judge)
         per_need = need_outcomes(transcripts)
+        conversations.extend({"condition": condition.name, **t.to_row()} for t in transcripts)
         metrics = results[condition.name]
         if condition.system == "retrieved":  # how many held-out needs memory recalled a critique for
             retrieved = metrics.setdefault("memory_retrieved", {})
