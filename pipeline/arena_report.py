@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .arena_table import PLAN_FILE, REFERENCES, collect, display_rows, fmt_paired, metric_names, num, paired_names
+from .arena_table import PAIRED, PLAN_FILE, collect, display_rows, fmt_paired, metric_names, num, paired_names
 from .evaluation.summary import FLAT_ORDER, arrow
 
 #: the Pareto plots: (x, y, title); drawn when at least two rows have both metrics
@@ -75,7 +75,7 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
         f"(hover for the error); the others are unaffected.{seeds_note}</p>",
         f"<table><tr><th>condition</th><th>status</th>{head}</tr>{''.join(body)}</table>",
     ]
-    parts += [paired_section(table, key) for key in REFERENCES.values() if paired_names(table, key)]
+    parts += [paired_section(table, key) for key in PAIRED if paired_names(table, key)]
     if table.get("grid"):
         parts.append(grid_section(table))
     from .report import figure_html
@@ -85,8 +85,8 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
-#: what each paired section compares with, by its row key (arena_table.REFERENCES)
-AGAINST = {"vs_base": "the base", "vs_in_context": "the feedback in the prompt"}
+#: what each paired section compares with, by its row key (arena_table.PAIRED)
+AGAINST = {"vs_base": "the base", "vs_in_context": "the feedback in the prompt", "vs_start": "the arm it continued"}
 
 
 def paired_section(table: dict[str, Any], key: str = "vs_base") -> str:
@@ -95,7 +95,7 @@ def paired_section(table: dict[str, Any], key: str = "vs_base") -> str:
     names = paired_names(table, key)
     head = "".join(f"<th>{html.escape(m)}{arrow(m)}</th>" for m in names)
     body = "".join(
-        f"<tr><td>{html.escape(row['condition'])}</td>"
+        f"<tr><td>{html.escape(versus_label(row, key))}</td>"
         + "".join(f"<td>{html.escape(fmt_paired(row[key].get(m)))}</td>" for m in names)
         + "</tr>"
         for row in display_rows(table)
@@ -112,6 +112,11 @@ def paired_section(table: dict[str, Any], key: str = "vs_base") -> str:
         "difference, which is McNemar's for one seed).</p>"
         f"<table><tr><th>condition</th>{head}</tr>{body}</table>"
     )
+
+
+def versus_label(row: dict[str, Any], key: str) -> str:
+    """A paired row's name; against the arm it continued, which one ("sft_ppo_s0 vs sft_s0")."""
+    return f"{row['condition']} vs {row['after']}" if key == "vs_start" else row["condition"]
 
 
 def chosen_note(row: dict[str, Any]) -> str:
@@ -268,7 +273,7 @@ def print_table(console, table: dict[str, Any]) -> None:
             style="bold" if "seeds" in row else None,
         )
     console.print(out)
-    for key in REFERENCES.values():
+    for key in PAIRED:
         paired = [m for m in paired_names(table, key) if m in TERMINAL_METRICS]
         if not paired:
             continue
@@ -279,5 +284,5 @@ def print_table(console, table: dict[str, Any]) -> None:
             vs.add_column(col)
         for row in display_rows(table):
             if row.get(key):
-                vs.add_row(row["condition"], *[fmt_paired(row[key].get(m)) for m in paired])
+                vs.add_row(versus_label(row, key), *[fmt_paired(row[key].get(m)) for m in paired])
         console.print(vs)

@@ -33,6 +33,11 @@ PLAN_FILE = "arena_plan.json"
 #: the base model, and the feedback in the prompt (what a trained method has to beat as well). A
 #: reference is paired only with those listed before it (in_context with the base).
 REFERENCES = {"base": "vs_base", "in_context": "vs_in_context"}
+#: a chained arm (a variant with `after`, e.g. sft_ppo) is also paired with the arm it continued,
+#: seed by seed (`vs_start`): did the second method improve on the adapter it was given?
+START = "vs_start"
+#: every paired row key, in the order the views show them
+PAIRED = (*REFERENCES.values(), START)
 #: metrics built with `pipeline.stats.rate` (Wilson): their counts can be pooled over seeds
 RATES = {"adherence", "overgen_near", "overgen_out", "first_reply_satisfied", "satisfied", "unfinished"}
 COST_FIELDS = [
@@ -138,6 +143,9 @@ def collect(run_root: Path) -> dict[str, Any] | None:
                 **versus(label, result, references),
             }
         )
+    for row in rows:
+        if row.get("after") and (paired := paired_with(outcomes.get(row["condition"]) or {}, outcomes.get(row["after"]) or {})):
+            row[START] = paired
     table: dict[str, Any] = {"source": plan["source"], "budget": plan.get("budget", {}), "rows": rows}
     if plan.get("tuning"):
         table["tuning"] = plan["tuning"]
@@ -226,22 +234,26 @@ def versus(condition: str, summary: dict[str, Any] | None, references: dict[str,
     `better` / `worse`: the items that moved the right / wrong way (turned no is better for a
     lower-is-better rate: firing, unfinished). None against itself or a reference listed after it,
     nor without outcomes (summaries written before evaluate v2, a reference not evaluated)."""
-    from .stats import paired_difference
-
     outcomes = ((summary or {}).get("outcomes") or {}).get(condition) or {}
     out = {}
     for reference, key in REFERENCES.items():
         if reference == condition:
             break
-        against = references.get(reference) or {}
-        paired = {
-            metric: directed(metric, paired_difference(items, against[metric]))
-            for metric, items in outcomes.items()
-            if metric in against and any(k in against[metric] for k in items)
-        }
-        if paired:
+        if paired := paired_with(outcomes, references.get(reference) or {}):
             out[key] = paired
     return out
+
+
+def paired_with(outcomes: dict[str, dict[str, bool]], against: dict[str, dict[str, bool]]) -> dict[str, Any]:
+    """{metric: paired difference with better / worse} of one condition's item outcomes against
+    another's, for each metric both have on at least one shared item."""
+    from .stats import paired_difference
+
+    return {
+        metric: directed(metric, paired_difference(items, against[metric]))
+        for metric, items in outcomes.items()
+        if metric in against and any(k in against[metric] for k in items)
+    }
 
 
 def aggregate_seeds(
@@ -411,7 +423,7 @@ def table_rows(table: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """(header, rows) of arena.csv, cells unformatted (numbers stay numbers, for trackers): per
     metric its value, lo, hi and n; an aggregate row has the seeds it pooled as `seed` (`0+1`)."""
     names = metric_names(table)
-    paired = [(key, m) for key in REFERENCES.values() for m in paired_names(table, key)]
+    paired = [(key, m) for key in PAIRED for m in paired_names(table, key)]
     header = ["condition", "method", "seed", "status", "chosen"]
     for m in names:
         header += [m, f"{m}_lo", f"{m}_hi", f"{m}_n"]

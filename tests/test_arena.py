@@ -633,6 +633,50 @@ def test_aggregate_of_a_chained_arm_names_the_arm_it_continued():
     assert "after" not in by_method["sft"]
 
 
+def test_a_chained_arm_is_paired_with_the_arm_it_continued(tmp_path):
+    """C3PO trained on from SFT's adapter: its row is paired with sft_s0's replies on the same held-out
+    prompts (`vs_start`, by hand from the replies on disk), in arena.csv, the report and the printed
+    table; the arm it continued has no such pairing."""
+    from pipeline.records import load_rows
+    from pipeline.stats import paired_difference
+
+    data = tiny_arena(tmp_path)
+    data["arena"].update(
+        methods=["sft", "sft_c3po"],
+        seeds=[0],
+        conditions=["base"],
+        variants={"sft_c3po": {"method": "c3po", "after": "sft"}},
+    )
+    data["arena"]["method_settings"]["sft"] = {"finished_only": False}  # tiny's 8-token replies never finish
+    config = write_yaml(tmp_path / "arena.yaml", data)
+    _, run_dir, table = run_in_process(config, tmp_path)
+    rows = {row["condition"]: row for row in table["rows"]}
+    assert "vs_start" not in rows["sft_s0"] and rows["sft_c3po_s0"]["after"] == "sft_s0"
+
+    def outcomes(stage, scope):
+        return {r["prompt"]: r["applied"] for r in load_rows(run_dir / stage / "evaluation") if r["scope"] == scope}
+
+    for metric, scope in (("adherence", "in_scope"), ("overgen_near", "near_scope")):
+        by_hand = paired_difference(outcomes("eval_sft_c3po_s0", scope), outcomes("eval_sft_s0", scope))
+        assert {k: rows["sft_c3po_s0"]["vs_start"][metric][k] for k in by_hand} == by_hand and by_hand["n"] == 2
+    with (run_dir / "arena.csv").open() as f:
+        lines = {line["condition"]: line for line in csv.DictReader(f)}
+    assert lines["sft_c3po_s0"]["adherence_vs_start_p"] == f"{rows['sft_c3po_s0']['vs_start']['adherence']['p']:.6g}"
+    assert lines["sft_s0"]["adherence_vs_start_p"] == ""
+    from pipeline.report import build_report
+
+    build_report(run_dir)
+    html = (run_dir / "report.html").read_text()
+    assert "Paired with the arm it continued" in html and "sft_c3po_s0 vs sft_s0" in html
+    from rich.console import Console
+
+    from pipeline.arena_report import print_table
+
+    console = Console(record=True, width=240)
+    print_table(console, table)
+    assert "sft_c3po_s0 vs sft_s0" in console.export_text()
+
+
 def test_two_seeds_aggregated(tmp_path):
     """dpo with seeds 0 and 1 on `tiny`: arena.json keeps one row per seed and adds the method's mean
     over seeds (pooled counts with Wilson for rates, n-weighted means), arena.csv and the report show
