@@ -5,6 +5,7 @@ fails at run time leaves the other methods' rows."""
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
 import subprocess
@@ -215,6 +216,20 @@ def test_arena_on_simulated_users(tmp_path):
         fit = load_rows(run_dir / "validation" / name)
         kept = [r["id"] for r in everything if not r["id"].startswith(validation[0]["id"] + ":")]
         assert kept and [r["id"] for r in fit] == kept, name
+    # the report shows each condition's first judged reply per need with its verdict, from the conversations
+    from pipeline.arena_report import users_side_by_side
+
+    section, checked = users_side_by_side(run_dir, shown=len(held_out)), 0
+    for row in table["rows"]:
+        stage = "eval_base" if row["method"] is None else f"eval_{row['condition']}"
+        verdicts = json.loads((run_dir / stage / "summary").read_text())["outcomes"][row["condition"]]["first_reply_satisfied"]
+        for talk in (t for t in load_rows(run_dir / stage / "conversations") if t["condition"] == row["condition"]):
+            judged = next((u for u in talk["utterances"] if u["type"] == "response" and u["satisfied"] is not None), None)
+            if judged is not None:
+                mark = "✓" if verdicts[talk["conversation_id"]] else "✗"
+                assert html.escape(f"{mark} {judged['satisfaction']:.2f}: {judged['text']}") in section
+                checked += 1
+    assert checked >= len(table["rows"])  # most of the 4 needs x 5 conditions were judged at their first reply
     (grid,) = table["grid"]
     assert grid["metric"] == "first_reply_satisfied" and grid["chosen"] in (0, 1)
     assert [p["validation"]["first_reply_satisfied"]["n"] for p in grid["points"]] == [1, 1]  # the validation need
