@@ -375,7 +375,7 @@ def metric_names(table: dict[str, Any]) -> list[str]:
 
 
 def paired_names(table: dict[str, Any], key: str = "vs_base") -> list[str]:
-    """The metrics some row has a paired comparison for under `key` (a REFERENCES value)."""
+    """The metrics some row has a paired comparison for under `key` (one of PAIRED)."""
     return metric_order({m for row in display_rows(table) for m in row.get(key) or {}})
 
 

@@ -103,11 +103,12 @@ def render_ids(tokenizer, prompt: Any, system_prompt: str | None = None) -> list
 def reply_text(reply: Any) -> str:
     """A reply's words: a string as it is; a conversational completion (TRL's list of messages) as
     its assistant messages' contents, a blank line between them (a message without a role is the
-    assistant's; tool or user messages are not the reply). The one reading of a reply for reward
-    models, SFT, Chain-of-Hindsight and Argilla records, which may hold either shape."""
+    assistant's; tool or user messages, and an assistant tool call without text, are not the reply).
+    The one reading of a reply for reward models, SFT, Chain-of-Hindsight and Argilla records, which
+    may hold either shape."""
     if isinstance(reply, (list, tuple)):
-        said = [m for m in reply if isinstance(m, dict) and m.get("role", "assistant") == "assistant"]
-        return "\n\n".join(str(m.get("content", "")) for m in said)
+        said = [m.get("content") for m in reply if isinstance(m, dict) and m.get("role", "assistant") == "assistant"]
+        return "\n\n".join(text for text in said if isinstance(text, str) and text)
     return str(reply)
 
 

@@ -88,7 +88,7 @@ class EvaluateStage(Stage):
         "evaluation": Output("evaluation", doc="one row per prompt and condition: reply, applied, finished, tokens"),
         "summary": Output("evaluation_summary", doc="JSON: every metric per condition as {value, n, lo, hi}, cost"),
         "conversations": Output(
-            "transcripts",
+            "evaluation_conversations",  # not "transcripts": held-out judgments, not feedback (lineage counts those)
             required=False,
             doc="with `needs`: the simulated users' conversations per condition, each reply's satisfaction and verdict",
         ),

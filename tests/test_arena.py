@@ -230,6 +230,12 @@ def test_arena_on_simulated_users(tmp_path):
                 assert html.escape(f"{mark} {judged['satisfaction']:.2f}: {judged['text']}") in section
                 checked += 1
     assert checked >= len(table["rows"])  # most of the 4 needs x 5 conditions were judged at their first reply
+    # the chosen adapter's lineage counts the users' feedback, not the validation needs' evaluation conversations
+    from pipeline.lineage import build_lineage
+
+    counts = build_lineage(run_dir / "select_dpo_s0" / "adapter")["feedback_counts"]
+    assert counts["transcripts"] == len(load_rows(run_dir / "users" / "transcripts"))
+    assert "evaluation_conversations" not in counts
     (grid,) = table["grid"]
     assert grid["metric"] == "first_reply_satisfied" and grid["chosen"] in (0, 1)
     assert [p["validation"]["first_reply_satisfied"]["n"] for p in grid["points"]] == [1, 1]  # the validation need
@@ -681,8 +687,8 @@ def test_a_chained_arm_is_paired_with_the_arm_it_continued(tmp_path):
     from pipeline.report import build_report
 
     build_report(run_dir)
-    html = (run_dir / "report.html").read_text()
-    assert "Paired with the arm it continued" in html and "sft_c3po_s0 vs sft_s0" in html
+    page = (run_dir / "report.html").read_text()
+    assert "Paired with the arm it continued" in page and "sft_c3po_s0 vs sft_s0" in page
     from rich.console import Console
 
     from pipeline.arena_report import print_table
@@ -690,6 +696,23 @@ def test_a_chained_arm_is_paired_with_the_arm_it_continued(tmp_path):
     console = Console(record=True, width=240)
     print_table(console, table)
     assert "sft_c3po_s0 vs sft_s0" in console.export_text()
+    # tiny's replies rarely apply the feedback: give the start other outcomes than the base's and the
+    # pairing must follow the start's (every start prompt adhered: the chain's misses count as worse)
+    from pipeline.arena import write_outputs
+
+    summary_file = run_dir / "eval_sft_s0" / "summary"
+    start = json.loads(summary_file.read_text())
+    adherence = start["outcomes"]["sft_s0"]["adherence"]
+    start["outcomes"]["sft_s0"]["adherence"] = dict.fromkeys(adherence, True)
+    summary_file.write_text(json.dumps(start))
+    chain = next(row for row in write_outputs(run_dir)["rows"] if row["condition"] == "sft_c3po_s0")
+    mine = outcomes("eval_sft_c3po_s0", "in_scope")
+    assert chain["vs_start"]["adherence"] == {
+        **paired_difference(mine, dict.fromkeys(adherence, True)),
+        "better": 0,
+        "worse": sum(not v for v in mine.values()),
+    }
+    assert chain["vs_start"]["adherence"]["worse"] > chain["vs_base"]["adherence"]["worse"]
 
 
 def test_two_seeds_aggregated(tmp_path):

@@ -67,10 +67,11 @@ def test_one_reading_of_a_reply_for_every_consumer():
 
     reply = [
         {"role": "assistant", "content": "Let me look that up."},
+        {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "capital_of"}}]},
         {"role": "tool", "content": "{'capital': 'Canberra'}"},
         {"content": "It is Canberra."},
     ]
-    assert reply_text(reply) == "Let me look that up.\n\nIt is Canberra."
+    assert reply_text(reply) == "Let me look that up.\n\nIt is Canberra."  # the tool call has no words
     assert reply_text("plain") == "plain" and reply_text([]) == ""
     assert argilla_reply is reply_text
     row = {"prompt": "Capital of Australia?", "chosen": reply, "rejected": [{"role": "assistant", "content": "Sydney."}]}

@@ -83,7 +83,8 @@ def preferences(path: Path) -> list[Preference]:
 def preferences_from(fmt: str, rows: list[dict[str, Any]], path: Path) -> list[Preference]:
     """Preference pairs from rows `load_feedback` already read (format `fmt`), with text replies:
     the reward models that read them score words, and a conversational pair's replies (the
-    simulated users' and the server's preferences are) become their last message's content."""
+    simulated users' and the server's preferences are) become their assistant messages' words
+    (`pipeline.chat.reply_text`)."""
     if fmt == "preferences":
         records: list[Preference] = rows_to_records("preferences", rows, str(path))  # type: ignore[assignment]
         return [r.model_copy(update={"chosen": reply_text(r.chosen), "rejected": reply_text(r.rejected)}) for r in records]
