@@ -255,54 +255,12 @@ def side_by_side(run_root: Path, per_scope: int = 2) -> str:
 
 
 def users_side_by_side(run_root: Path, shown: int = 4) -> str:
-    """A few held-out needs with each condition's first judged reply in its simulated user's
-    conversation, the user's satisfaction and verdict (✓ satisfied): the replies the satisfaction
-    rates count, sampled, so not the greedy replies above. Needs the conditions disagree on come
-    first; '' without the evaluate stages' `conversations` (no users, or evaluate before v3)."""
+    """The simulated users' side-by-side (pipeline/evaluation/report.py) over the arena's evaluate stages."""
     from .artifacts import read_json
-    from .records import load_rows
+    from .evaluation.report import users_side_by_side as table
 
     plan = read_json(run_root / PLAN_FILE)
-    first: dict[str, dict[str, dict[str, Any]]] = {}
-    requests: dict[str, str] = {}
-    order: list[str] = []
-    for stage in [plan["baseline"]] + [arm["evaluation"] for arm in plan["methods"]]:
-        path = run_root / stage / "conversations"
-        if not path.exists():
-            continue
-        for talk in load_rows(path):
-            judged = next((u for u in talk["utterances"] if u["type"] == "response" and u["satisfied"] is not None), None)
-            if judged is None:
-                continue
-            if talk["condition"] not in order:
-                order.append(talk["condition"])
-            first.setdefault(talk["conversation_id"], {}).setdefault(talk["condition"], judged)
-            requests.setdefault(talk["conversation_id"], talk["request"])
-    if not first:
-        return ""
-    disagree = [need for need, by in first.items() if len({u["satisfied"] for u in by.values()}) > 1]
-    picked = (disagree + [need for need in first if need not in disagree])[:shown]
-
-    def cell(u: dict[str, Any] | None) -> str:
-        if u is None:
-            return "–"
-        score = "" if u.get("satisfaction") is None else f" {u['satisfaction']:.2f}"
-        return f"{'✓' if u['satisfied'] else '✗'}{score}: {u['text']}"
-
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in order)
-    body = "".join(
-        f"<tr><td><b>{html.escape(need)}</b>: {html.escape(requests[need])}</td>"
-        + "".join(f"<td>{html.escape(cell(first[need].get(c)))}</td>" for c in order)
-        + "</tr>"
-        for need in picked
-    )
-    return (
-        "<h3>Simulated users, side by side</h3><p>Each condition's first judged reply to a held-out need, "
-        "with the user's satisfaction and verdict (✓ satisfied; the verdict also needs the need's facts "
-        f"mentioned). Needs the conditions disagree on first ({len(disagree)} of {len(first)}); every "
-        "conversation is in the evaluate stages' <code>conversations</code>.</p>"
-        f"<table><tr><th>need</th>{head}</tr>{body}</table>"
-    )
+    return table([run_root / stage for stage in [plan["baseline"]] + [arm["evaluation"] for arm in plan["methods"]]], shown)
 
 
 def print_table(console, table: dict[str, Any]) -> None:

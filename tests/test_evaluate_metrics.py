@@ -4,6 +4,7 @@ rates, unfinished replies, KL of the base to itself)."""
 
 from __future__ import annotations
 
+import html
 import json
 import math
 
@@ -530,8 +531,14 @@ def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path):
     assert sorted((t["condition"], t["conversation_id"]) for t in talks) == sorted(
         (c, n) for c in conditions for n in ("n1", "n2")
     )
+    from pipeline.evaluation.report import report_section
+
+    page = report_section(result.run_dir, {"check": {"uses": "evaluate"}})
+    assert "Simulated users, side by side" in page
     for talk in talks:
         judged = next(u for u in talk["utterances"] if u["type"] == "response" and u["satisfied"] is not None)
+        mark = "✓" if judged["satisfied"] else "✗"
+        assert html.escape(f"{mark} {judged['satisfaction']:.2f}: {judged['text']}") in page
         assert summary["outcomes"][talk["condition"]]["first_reply_satisfied"][talk["conversation_id"]] == judged["satisfied"]
         assert judged["fact_coverage"] == fact_coverage(
             judged["text"], [{"n1": "Paris", "n2": "eight|8"}[talk["conversation_id"]]]

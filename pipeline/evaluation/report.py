@@ -17,8 +17,11 @@ BAR_METRICS = ["first_reply_satisfied", "satisfied", "adherence", "overgen_near"
 
 
 def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
-    """Per evaluate stage: the table of every metric per condition, and bars with intervals."""
+    """Per evaluate stage: the table of every metric per condition, bars with intervals, and (outside
+    an arena, which shows them together) its simulated users side by side."""
     import html
+
+    from pipeline.arena_table import PLAN_FILE
 
     parts = []
     for name, manifest in manifests.items():
@@ -51,7 +54,60 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
         figure = bars_figure(name, conditions, BAR_METRICS)
         if figure:
             parts.append(figure)
+        if not (Path(run_root) / PLAN_FILE).is_file():  # an arena shows its stages' users together
+            parts.append(users_side_by_side([Path(run_root) / name]))
     return "\n".join(parts)
+
+
+def users_side_by_side(stage_dirs: list[Path], shown: int = 4) -> str:
+    """A few held-out needs with each condition's first judged reply in its simulated user's
+    conversation, the user's satisfaction and verdict (✓ satisfied): the replies the satisfaction
+    rates count (sampled, so not the evaluation's greedy replies). Needs the conditions disagree on come
+    first; '' without the stages' `conversations` (no users, or evaluate before v3)."""
+    import html
+
+    from pipeline.records import load_rows
+
+    first: dict[str, dict[str, dict[str, Any]]] = {}
+    requests: dict[str, str] = {}
+    order: list[str] = []
+    for stage_dir in stage_dirs:
+        path = Path(stage_dir) / "conversations"
+        if not path.exists():
+            continue
+        for talk in load_rows(path):
+            judged = next((u for u in talk["utterances"] if u["type"] == "response" and u["satisfied"] is not None), None)
+            if judged is None:
+                continue
+            if talk["condition"] not in order:
+                order.append(talk["condition"])
+            first.setdefault(talk["conversation_id"], {}).setdefault(talk["condition"], judged)
+            requests.setdefault(talk["conversation_id"], talk["request"])
+    if not first:
+        return ""
+    disagree = [need for need, by in first.items() if len({u["satisfied"] for u in by.values()}) > 1]
+    picked = (disagree + [need for need in first if need not in disagree])[:shown]
+
+    def cell(u: dict[str, Any] | None) -> str:
+        if u is None:
+            return "–"
+        score = "" if u.get("satisfaction") is None else f" {u['satisfaction']:.2f}"
+        return f"{'✓' if u['satisfied'] else '✗'}{score}: {u['text']}"
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in order)
+    body = "".join(
+        f"<tr><td><b>{html.escape(need)}</b>: {html.escape(requests[need])}</td>"
+        + "".join(f"<td>{html.escape(cell(first[need].get(c)))}</td>" for c in order)
+        + "</tr>"
+        for need in picked
+    )
+    return (
+        "<h3>Simulated users, side by side</h3><p>Each condition's first judged reply to a held-out need, "
+        "with the user's satisfaction and verdict (✓ satisfied; the verdict also needs the need's facts "
+        f"mentioned). Needs the conditions disagree on first ({len(disagree)} of {len(first)}); every "
+        "conversation is in the evaluate stages' <code>conversations</code>.</p>"
+        f"<table><tr><th>need</th>{head}</tr>{body}</table>"
+    )
 
 
 def bars_figure(title: str, conditions: dict[str, dict[str, Any]], metric_names: list[str]) -> str:
