@@ -107,9 +107,21 @@ def reply_text(reply: Any) -> str:
     The one reading of a reply for reward models, SFT, Chain-of-Hindsight and Argilla records, which
     may hold either shape."""
     if isinstance(reply, (list, tuple)):
-        said = [m.get("content") for m in reply if isinstance(m, dict) and m.get("role", "assistant") == "assistant"]
-        return "\n\n".join(text for text in said if isinstance(text, str) and text)
+        said = [
+            content_text(m.get("content")) for m in reply if isinstance(m, dict) and m.get("role", "assistant") == "assistant"
+        ]
+        return "\n\n".join(text for text in said if text)
     return str(reply)
+
+
+def content_text(content: Any) -> str:
+    """A message's words: a string, or OpenAI's list of content parts (their `text` parts joined);
+    "" for none (a tool call)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
 
 
 def assistant(text: str) -> Messages:

@@ -62,7 +62,7 @@ class EvaluateConfig(TrackingSettings):
 class EvaluateStage(Stage):
     config: EvaluateConfig
     uses = "evaluate"
-    version = "3"  # 2: the summary's per-item outcomes; 3: the users' conversations
+    version = "4"  # 2: the summary's per-item outcomes; 3: the users' conversations; 4: their own kind
     summary = "Adherence, overgeneralization, satisfaction, drift, degeneration, cost: base vs in-context vs memory vs adapter."
     Config = EvaluateConfig
     inputs = {

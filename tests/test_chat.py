@@ -69,7 +69,7 @@ def test_one_reading_of_a_reply_for_every_consumer():
         {"role": "assistant", "content": "Let me look that up."},
         {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "capital_of"}}]},
         {"role": "tool", "content": "{'capital': 'Canberra'}"},
-        {"content": "It is Canberra."},
+        {"content": [{"type": "text", "text": "It is "}, {"type": "text", "text": "Canberra."}]},
     ]
     assert reply_text(reply) == "Let me look that up.\n\nIt is Canberra."  # the tool call has no words
     assert reply_text("plain") == "plain" and reply_text([]) == ""

@@ -214,6 +214,7 @@ def test_helpers_by_hand():
         ("It is 1,5 times as much.", "5", False),  # digits joined by a comma are one number (1,5 may be a decimal)
         ("It freezes at 0 K (−273.15 °C).", "273.15", False),  # a negative number is another number
         ("Absolute zero is -273 degrees.", "273", False),
+        ("Absolute zero is –273 degrees.", "273", False),  # an en dash as a minus
         ("Between 200-273 kelvin.", "273", True),  # a range's end is not negative
         ("PLANTS NEED Carbon Dioxide.", "carbon dioxide", True),  # words stay case-insensitive
         ("Plants need CO2, light.", "co2", True),
