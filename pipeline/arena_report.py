@@ -229,7 +229,7 @@ def side_by_side(run_root: Path, per_scope: int = 2) -> str:
     replies: dict[str, dict[str, str]] = {}
     order: list[str] = []
     prompts: list[tuple[str, str]] = []
-    for stage in [plan["baseline"]] + [arm["evaluation"] for arm in plan["methods"]]:
+    for stage in evaluation_stages(plan):
         path = run_root / stage / "evaluation"
         if not path.exists():
             continue
@@ -260,7 +260,12 @@ def users_side_by_side(run_root: Path, shown: int = 4) -> str:
     from .evaluation.report import users_side_by_side as table
 
     plan = read_json(run_root / PLAN_FILE)
-    return table([run_root / stage for stage in [plan["baseline"]] + [arm["evaluation"] for arm in plan["methods"]]], shown)
+    return table([run_root / stage for stage in evaluation_stages(plan)], shown)
+
+
+def evaluation_stages(plan: dict[str, Any]) -> list[str]:
+    """The arena's evaluate stages: the no-training conditions' first, then each arm's."""
+    return [plan["baseline"]] + [arm["evaluation"] for arm in plan["methods"]]
 
 
 def print_table(console, table: dict[str, Any]) -> None:

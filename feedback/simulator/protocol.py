@@ -225,8 +225,9 @@ def fact_coverage(text: str, facts: list[str]) -> float | None:
     Numbers match as whole numbers: '9' is not in '19', '100' is not in '1000', '2100', '100.2'
     or '0.100' (nor '5' in '1,5'), but is in '100.' and '100,' at the end of a sentence or
     clause. A negative number is another number: '273' is not in '-273.15' (nor after '−'), but
-    is in a range's end, '200-273' (a letter before the hyphen makes it a name: not 'U-235'). Thousands separators do not count ('1,000' is '1000', in the text and in the
-    fact), so a reply that writes 1,000 covers the fact 1000 and not the fact 1 or 000."""
+    is in a range's end, '200-273' (a letter before the hyphen makes it a name: not 'U-235').
+    Thousands separators do not count ('1,000' is '1000', in the text and in the fact), so a
+    reply that writes 1,000 covers the fact 1000 and not the fact 1 or 000."""
     if not facts:
         return None
     lower = _THOUSANDS.sub("", text.lower())
