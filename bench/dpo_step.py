@@ -9,7 +9,11 @@ sequence (prompt + reply), fp32 on CPU. Arms, each in a fresh process, order rot
   precompute  tuned + precompute_ref_log_probs=True (the strongest plain-TRL setting we know)
   fast        heedful's preference core (trainers/fastpref: packed pairs, chunked log-probs,
               cached reference, checkpointing chosen by a per-host probe), cold reference cache
-  heedful     the `dpo` stage end to end, as configured (uses the fast core once it is wired)
+  heedful     the `dpo` stage end to end, as configured (the fast core), in fp32 like the arms above
+  precompute_bf16, fast_bf16
+              the same in bf16 (weights loaded in bf16, DPOConfig(bf16=True): autocast), for
+              CPUs with bf16 units, where heedful computes in bf16 (pipeline/precision.py); the
+              issue's target is stated for fp32, so these are a second comparison, not the target's
 
 Per-step time = median step (warm-up dropped) + the reference precompute/cache time divided
 by the number of steps, so a cold cache's cost is amortized over the run as it happens. The same
@@ -89,6 +93,7 @@ def step_times_trl(
     checkpointing: bool = True,
     precompute: bool = False,
     fast: bool = False,
+    bf16: bool = False,
 ) -> tuple[list[float], float, list[float], float]:
     """Step times of a TRL-style script (DPOTrainer, or heedful's FastDPOTrainer with `fast`) and
     the seconds it spent computing reference log-probs up front (precompute or cache); wall, then CPU."""
@@ -122,10 +127,10 @@ def step_times_trl(
             return timed(lambda: super(TimedDPOTrainer, self)._precompute_ref_logps(*a, **k))
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="bfloat16" if bf16 else "float32")
     args = DPOConfig(
         output_dir=str(out),
-        bf16=False,
+        bf16=bf16,
         use_cpu=True,
         per_device_train_batch_size=4,
         max_steps=steps,
@@ -191,7 +196,7 @@ def step_times_heedful(pairs: list[dict], steps: int, work: Path, model: str) ->
     return [result.record("align").metrics["seconds_per_step"]]
 
 
-ARMS = ("heedful", "plain", "tuned", "precompute", "fast")
+ARMS = ("heedful", "plain", "tuned", "precompute", "fast", "precompute_bf16", "fast_bf16")
 
 
 def run_arm(arm: str, args) -> tuple[float, float | None]:
@@ -205,7 +210,8 @@ def run_arm(arm: str, args) -> tuple[float, float | None]:
     path = resolve_model(args.model)
     pairs = make_pairs(AutoTokenizer.from_pretrained(path), args.pairs, args.tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        if arm == "heedful":
+        if arm == "heedful":  # fp32 like the other arms without _bf16, whatever this CPU would pick
+            os.environ["HEEDFUL_CPU_PRECISION"] = "fp32"
             return step_times_heedful(pairs, args.steps, Path(tmp), args.model)[0], None  # already a median
         times, ref_seconds, cpu_times, ref_cpu = step_times_trl(
             path,
@@ -213,8 +219,9 @@ def run_arm(arm: str, args) -> tuple[float, float | None]:
             args.steps,
             Path(tmp) / arm,
             checkpointing=arm == "plain",
-            precompute=arm == "precompute",
-            fast=arm == "fast",
+            precompute=arm.startswith("precompute"),
+            fast=arm.startswith("fast"),
+            bf16=arm.endswith("_bf16"),
         )
         n = max(len(times), 1)  # drop the warm-up step, amortize the reference over every step
         return statistics.median(times[1:] or times) + ref_seconds / n, statistics.median(
@@ -304,10 +311,12 @@ def main() -> None:
         "precompute": "plain_trl_precompute_ref",
         "fast": "heedful_fast_core",
         "heedful": "heedful_stage",
+        "precompute_bf16": "plain_trl_precompute_ref_bf16",
+        "fast_bf16": "heedful_fast_core_bf16",
     }
 
     result: dict = {
-        "model": f"{args.model} (fp32, CPU)",
+        "model": f"{args.model} (fp32, CPU; the _bf16 arms in bf16)",
         "threads": torch.get_num_threads(),
         "pairs_per_step": args.pairs,
         "steps": args.steps,
@@ -321,8 +330,8 @@ def main() -> None:
         "step_gflop": round(flops / 1e9, 2),
         **{f"{names[a]}_gflops": round(flops / v / 1e9, 2) for a, v in median.items()},
     }
-    for ours in ("fast", "heedful"):
-        for base in ("plain", "tuned", "precompute"):
+    for ours in ("fast", "heedful", "fast_bf16"):
+        for base in ("plain", "tuned", "precompute", "precompute_bf16"):
             if ours in median and base in median:
                 result[f"speedup_{names[ours]}_vs_{names[base]}"] = round(median[base] / median[ours], 3)
             if ours in median_cpu and base in median_cpu:

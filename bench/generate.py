@@ -17,6 +17,8 @@ queue by length). Only the tokens each request asked for count on both sides.
 Greedy replies are compared token for token with HF's (`agreement`).
 `--hf-packed` adds heedful's HF path as `chat_generate` runs it on a CPU: the same HF `generate`
 with the decode steps' linear layers on oneDNN's packed weights (pipeline/cpu_linear.py).
+`--hf-bf16` adds plain HF `generate` with the weights in bf16: what heedful's HF path computes in
+on a CPU with bf16 units (pipeline/precision.py); the `hf` arm stays fp32 on every machine.
 `--llama-cpp f32,q8_0` adds llama.cpp arms on the embedded GGUF (bench/llama_cpp_arm.py; needs
 llama-cpp-python, a source build): measured to decide whether it should be an engine.
 """
@@ -107,6 +109,7 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true", help="also time the opt-in int8 engine (replies differ)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hf-packed", action="store_true", help="also time HF generate with packed linear weights")
+    parser.add_argument("--hf-bf16", action="store_true", help="also time HF generate with the weights in bf16")
     parser.add_argument("--out", default="generate.json", help="results file name under bench/results")
     parser.add_argument(
         "--llama-cpp",
@@ -124,7 +127,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model, padding_side="left")
-    model = load_causal_lm(args.model, device_policy("cpu")).eval()
+    model = load_causal_lm(args.model, device_policy("cpu", precision="float32")).eval()
+    model_bf16 = load_causal_lm(args.model, device_policy("cpu", precision="bfloat16")).eval() if args.hf_bf16 else None
     eos_ids = eos_ids_from_tokenizer(tokenizer)  # what the engines stop on
     if reason := ct2_unavailable_reason():
         raise SystemExit(f"this benchmark times the CPU engine (CTranslate2) against HF generate: {reason}")
@@ -148,6 +152,8 @@ def main() -> None:
     hf_greedy_reference(model, tokenizer, all_texts[:2], 4, eos_ids)
     if args.hf_packed:
         hf_packed(model, tokenizer, all_texts[:2], 4, eos_ids)
+    if model_bf16 is not None:
+        hf_greedy_reference(model_bf16, tokenizer, all_texts[:2], 4, eos_ids)
     for engine in engines.values():
         engine_arm(engine, all_texts[:2], 4)
     for bs in sizes:
@@ -155,7 +161,7 @@ def main() -> None:
         best: dict[str, tuple[float, float]] = {}
         tokens: dict[str, int] = {}
         replies: dict[str, list] = {}
-        hf_arms = ["hf", "hf_packed"] if args.hf_packed else ["hf"]
+        hf_arms = ["hf", *(["hf_packed"] if args.hf_packed else []), *(["hf_bf16"] if args.hf_bf16 else [])]
         for rep in range(args.reps):
             order = [*hf_arms, *engines] if rep % 2 == 0 else [*engines, *hf_arms[::-1]]
             for arm in order:
@@ -163,6 +169,8 @@ def main() -> None:
                     out, wall, cpu = timed(hf_greedy_reference, model, tokenizer, texts, args.max_new_tokens, eos_ids)
                 elif arm == "hf_packed":
                     out, wall, cpu = timed(hf_packed, model, tokenizer, texts, args.max_new_tokens, eos_ids)
+                elif arm == "hf_bf16":
+                    out, wall, cpu = timed(hf_greedy_reference, model_bf16, tokenizer, texts, args.max_new_tokens, eos_ids)
                 else:
                     out, wall, cpu = timed(engine_arm, engines[arm], texts, args.max_new_tokens)
                 replies[arm], tokens[arm] = out, sum(len(r) for r in out)
@@ -170,7 +178,7 @@ def main() -> None:
                     best[arm] = (wall, cpu)
         row: dict = {"batch": bs, "agreement_greedy": sum(a == b for a, b in zip(replies["hf"], replies["heedful"])) / bs}
         for arm in [*engines, *hf_arms[1:]]:
-            if arm.startswith("llama_cpp") or arm == "hf_packed":
+            if arm.startswith("llama_cpp") or arm in ("hf_packed", "hf_bf16"):
                 row[f"{arm}_agreement"] = sum(a == b for a, b in zip(replies["hf"], replies[arm])) / bs
         for arm, (wall, cpu) in best.items():
             row[f"{arm}_tokens"] = tokens[arm]

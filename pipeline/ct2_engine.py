@@ -138,7 +138,7 @@ def _merged_model(model_name: str, adapter: Path) -> Any:
     """base + LoRA as one fp32 HF model in memory (PEFT `merge_and_unload`)."""
     from .models import device_policy, load_causal_lm
 
-    model = load_causal_lm(model_name, device_policy("cpu"), adapter=adapter)
+    model = load_causal_lm(model_name, device_policy("cpu", precision="float32"), adapter=adapter)
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 

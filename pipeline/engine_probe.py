@@ -6,9 +6,11 @@ bench/generate.py, docs/generation.md): PyTorch's kernels won there. So `engine:
 CPU times both engines on a small fixed batch the first time a model is used on a host, keeps
 CTranslate2 only if it is at least `MARGIN` faster (it costs a conversion and a second copy of
 the weights), and remembers the answer in `<heedful cache>/cache/engine_probe.json`, keyed by
-hostname + CPU model + model name + thread count (as trainers/grad_ckpt_probe.py keys its answers). Both
-engines write the same greedy replies (tests/test_ct2_engine.py), so the choice changes speed,
-not results; sampled replies differ between engines as between machines.
+hostname + CPU model + model name + thread count (as trainers/grad_ckpt_probe.py keys its answers) and the dtype HF computes in. In
+fp32 both engines write the same greedy replies (tests/test_ct2_engine.py), so the choice changes
+speed, not results; sampled replies differ between engines as between machines. On a CPU where
+heedful computes in bf16 (pipeline/precision.py) HF runs bf16 and CTranslate2 fp32, and greedy
+replies can differ at near-ties.
 
 A job too small to repay the probe (fewer than `PROBE_PAYS_FROM` new tokens: the quickstart's 12
 replies) is not a reason to measure: it takes the answer already known, else HF generate
@@ -71,16 +73,21 @@ def known_cpu_engine(model_name: str, *, cache_path: Path | None = None) -> str 
     when neither exists (nothing is measured)."""
     if (forced := forced_engine()) is not None:
         return forced
-    known = _read(cache_path or default_cache_path()).get(_key(model_name))
+    from pipeline.precision import known_cpu_precision
+
+    if (precision := known_cpu_precision()) is None:  # the HF side's dtype is not known yet: neither is the answer
+        return None
+    known = _read(cache_path or default_cache_path()).get(_key(model_name, precision))
     return None if known is None else str(known["engine"])
 
 
-def _key(model_name: str) -> str:
+def _key(model_name: str, precision: str) -> str:
     import torch
 
     # the threads each engine gets (pipeline/threads.py) change the answer: one thread beside a busy
-    # process is not two on an idle machine
-    return probe_key(model_name, f"generate|threads={torch.get_num_threads()}")
+    # process is not two on an idle machine; and so does the dtype HF computes in (`precision`: bf16 on
+    # a CPU with bf16 units, pipeline/precision.py)
+    return probe_key(model_name, f"generate|threads={torch.get_num_threads()}|hf={precision}")
 
 
 def faster_cpu_engine(model_name: str, *, cache_path: Path | None = None) -> str:
@@ -91,7 +98,9 @@ def faster_cpu_engine(model_name: str, *, cache_path: Path | None = None) -> str
     from filelock import FileLock
 
     path = cache_path or default_cache_path()
-    key = _key(model_name)
+    from pipeline.precision import cpu_precision
+
+    key = _key(model_name, cpu_precision())
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # two processes starting at once measure once
         if (known := _read(path).get(key)) is not None:

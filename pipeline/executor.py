@@ -20,6 +20,7 @@ from typing import Any
 from . import registry
 from .artifacts import MANIFEST, RunDir, atomic_write_json, describe_output, package_versions
 from .errors import is_user_error
+from .precision import known_cpu_precision
 from .stage import StageContext
 
 
@@ -162,8 +163,22 @@ def _manifest(task: StageTask, version: str, outputs, outcome: StageOutcome, sta
             "seconds": round(finished - started, 3),
         },
         "packages": package_versions(),
-        "host": {"hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version()},
+        "host": {
+            "hostname": socket.gethostname(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            # what a CPU stage computed in (pipeline/precision.py); None when no model asked yet
+            "cpu_precision": _cpu_precision(),
+        },
     }
+
+
+def _cpu_precision() -> str | None:
+    """The host's CPU precision as far as known (a bad HEEDFUL_CPU_PRECISION is the model stages' error)."""
+    try:
+        return known_cpu_precision()
+    except ValueError:
+        return None
 
 
 def _iso(t: float) -> str:

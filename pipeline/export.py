@@ -79,12 +79,15 @@ def _portable_base(config_path: Path, base: dict[str, Any]) -> None:
 
 
 def _write_merged(adapter: Path, out: Path, base: dict[str, Any]) -> None:
-    from .models import load_causal_lm, load_tokenizer
+    from .models import device_policy, load_causal_lm, load_tokenizer
 
     name = base.get("name")
     if not name:
         raise ValueError("cannot merge: the adapter's base model is unknown (no lineage)")
-    model = load_causal_lm(name, adapter=adapter)
+    policy = device_policy()
+    if policy.device == "cpu":  # merged in fp32 on any CPU: bf16 would round away much of a small LoRA change
+        policy = device_policy("cpu", precision="float32")
+    model = load_causal_lm(name, policy, adapter=adapter)
     merged = model.merge_and_unload()
     merged.save_pretrained(out)
     load_tokenizer(name).save_pretrained(out)

@@ -163,7 +163,8 @@ def prepare_tiny() -> Path:
 
 @dataclass(frozen=True)
 class DevicePolicy:
-    """fp32 on CPU (bf16 is 13x slower on CPUs without bf16 units); bf16 on capable GPUs."""
+    """bf16 on capable GPUs; on a CPU, bf16 where it has bf16 units that pay (pipeline/precision.py),
+    else fp32 (bf16 is 13x slower on CPUs without them)."""
 
     device: str
     dtype_name: str
@@ -192,7 +193,9 @@ class DevicePolicy:
         }
 
 
-def device_policy(device: str | None = None) -> DevicePolicy:
+def device_policy(device: str | None = None, precision: str | None = None) -> DevicePolicy:
+    """Device, dtype and checkpointing for a model. On a CPU the dtype is `precision` ('float32' or
+    'bfloat16') when given (a CTranslate2 conversion wants fp32 weights), else the host's answer."""
     import torch
 
     if device is None:
@@ -202,7 +205,9 @@ def device_policy(device: str | None = None) -> DevicePolicy:
         return DevicePolicy(device, dtype, gradient_checkpointing=True)
     # Checkpointing cost 1.44x on an AVX2 CPU at small batches (but was ~10% faster on an AVX-512
     # Xeon: bench/dpo_step.py); memory is rarely the limit on CPU. Stages can override it.
-    return DevicePolicy("cpu", "float32", gradient_checkpointing=False)
+    from .precision import cpu_precision, dtype_name
+
+    return DevicePolicy("cpu", dtype_name(precision) if precision else cpu_precision(), gradient_checkpointing=False)
 
 
 # ----------------------------------------------------------------------------- LoRA / QLoRA
@@ -244,8 +249,8 @@ def load_lora_policy(name: str, policy: DevicePolicy, lora: LoraSettings, adapte
 def quantization_config(policy: DevicePolicy):
     """4-bit NF4 config for QLoRA (double-quantized, computing in the policy's dtype).
 
-    bitsandbytes >= 0.46 has a CPU backend, so the same switch works on CPU (fp32 compute)
-    and GPU (bf16 compute). A clear error when bitsandbytes is missing.
+    bitsandbytes >= 0.46 has a CPU backend, so the same switch works on CPU (computing in the
+    CPU's precision: pipeline/precision.py) and GPU (bf16 compute). A clear error when bitsandbytes is missing.
     """
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelUnavailable("qlora: true needs bitsandbytes: pip install bitsandbytes")

@@ -18,6 +18,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# the comparisons with hand computations and TRL are fp32 ones; bf16 is tested on its own (test_precision.py)
+os.environ["HEEDFUL_CPU_PRECISION"] = "fp32"
 
 # the real datasets (qa-feedback, ClariQ, MemPrompt tasks) beside the checkout, or where HEEDFUL_SHARED_DATA says
 SHARED_DATA = Path(os.environ.get("HEEDFUL_SHARED_DATA") or ROOT.parent / "shared" / "data")
