@@ -6,8 +6,8 @@ bench/generate.py, docs/generation.md): PyTorch's kernels won there. So `engine:
 CPU times both engines on a small fixed batch the first time a model is used on a host, keeps
 CTranslate2 only if it is at least `MARGIN` faster (it costs a conversion and a second copy of
 the weights), and remembers the answer in `<heedful cache>/cache/engine_probe.json`, keyed by
-hostname + CPU model + model name + thread count (as trainers/grad_ckpt_probe.py keys its answers) and the dtype HF computes in. In
-fp32 both engines write the same greedy replies (tests/test_ct2_engine.py), so the choice changes
+hostname + CPU model + model name + thread count (as trainers/grad_ckpt_probe.py keys its
+answers) and the dtype HF computes in. In fp32 both engines write the same greedy replies (tests/test_ct2_engine.py), so the choice changes
 speed, not results; sampled replies differ between engines as between machines. On a CPU where
 heedful computes in bf16 (pipeline/precision.py) HF runs bf16 and CTranslate2 fp32, and greedy
 replies can differ at near-ties.

@@ -167,7 +167,8 @@ def _manifest(task: StageTask, version: str, outputs, outcome: StageOutcome, sta
             "hostname": socket.gethostname(),
             "platform": platform.platform(),
             "python": platform.python_version(),
-            # what a CPU stage computed in (pipeline/precision.py); None when no model asked yet
+            # the host's CPU precision (pipeline/precision.py): what a stage's CPU models computed in, except a
+            # CTranslate2 engine's (fp32); None when no model has asked yet
             "cpu_precision": _cpu_precision(),
         },
     }
