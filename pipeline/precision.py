@@ -16,7 +16,8 @@ it is at least `MARGIN` faster; the answer is cached per host, CPU model and thr
 What bf16 changes: weights load in bf16, trainers run under bf16 autocast with LoRA's weights in
 fp32 and the preference core's reductions in fp32 (trainers/fastpref/logps.py), as on a GPU.
 Replies and losses differ slightly from fp32 ones, as they do between machines; each stage's
-manifest records the precision it ran in (`host.cpu_precision`).
+manifest records the host's answer (`host.cpu_precision`: what its CPU models computed in, except a
+CTranslate2 engine's, always fp32).
 
 `HEEDFUL_CPU_PRECISION=fp32|bf16|auto` answers without measuring: a fleet that knows its
 machines, a run that must match an fp32 one, or the test suite (it pins fp32 for the comparisons
