@@ -44,6 +44,25 @@ def matmul_peak_flops(device: str = "cpu", n: int = 2048, reps: int = 10) -> flo
     return 2 * n**3 / best
 
 
+def steal_share() -> tuple[float, float] | None:
+    """(steal ticks, all ticks) of the CPUs so far, from /proc/stat (None elsewhere): the difference
+    between two readings is the share of the run the VM's host gave to other machines, which slows
+    every arm and makes a figure not the machine's own (`steal_since`)."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0.0), sum(fields)
+
+
+def steal_since(start: tuple[float, float] | None) -> float | None:
+    """The share of CPU time stolen by the VM's host since `start` (a `steal_share()` reading)."""
+    now = steal_share()
+    if start is None or now is None or now[1] <= start[1]:
+        return None
+    return round((now[0] - start[0]) / (now[1] - start[1]), 3)
+
+
 def save_results(result: dict, path: Path) -> None:
     """Write a benchmark's figures to `path` (bench/results/<name>.json) and print them."""
     import json

@@ -9,7 +9,8 @@ sequence (prompt + reply), fp32 on CPU. Arms, each in a fresh process, order rot
   precompute  tuned + precompute_ref_log_probs=True (the strongest plain-TRL setting we know)
   fast        heedful's preference core (trainers/fastpref: packed pairs, chunked log-probs,
               cached reference, checkpointing chosen by a per-host probe), cold reference cache
-  heedful     the `dpo` stage end to end, as configured (the fast core), in fp32 like the arms above
+  heedful     the `dpo` stage end to end, as configured (the fast core), in fp32 like the arms above,
+              its reference cache cold like `fast`'s (a rerun of the same pairs would find it cached)
   precompute_bf16, fast_bf16
               the same in bf16 (weights loaded in bf16, DPOConfig(bf16=True): autocast), for
               CPUs with bf16 units, where heedful computes in bf16 (pipeline/precision.py); the
@@ -35,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import QA, ROOT, matmul_peak_flops, save_results
+from common import QA, ROOT, matmul_peak_flops, save_results, steal_share, steal_since
 
 
 def chat_tokens(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> int:
@@ -193,7 +194,9 @@ def step_times_heedful(pairs: list[dict], steps: int, work: Path, model: str) ->
     }
     result = Runner(pipeline_from_dict(data, work), work / "runs", use_ray=False).execute()
     assert result.ok, result.records
-    return [result.record("align").metrics["seconds_per_step"]]
+    metrics = result.record("align").metrics
+    # as for the other arms: the median step + the reference computation amortized over the steps
+    return [metrics["seconds_per_step"] + metrics.get("reference_seconds", 0.0) / steps]
 
 
 ARMS = ("heedful", "plain", "tuned", "precompute", "fast", "precompute_bf16", "fast_bf16")
@@ -212,6 +215,11 @@ def run_arm(arm: str, args) -> tuple[float, float | None]:
     with tempfile.TemporaryDirectory() as tmp:
         if arm == "heedful":  # fp32 like the other arms without _bf16, whatever this CPU would pick
             os.environ["HEEDFUL_CPU_PRECISION"] = "fp32"
+            # a cold reference cache, as the `fast` arm's: the stage's default cache outlives runs, and
+            # an earlier run of these pairs would leave nothing to compute (a rerun's cost, not a first run's)
+            import trainers.fastpref.ref_cache as ref_cache
+
+            ref_cache.default_root = lambda: Path(tmp) / "ref_cache"
             return step_times_heedful(pairs, args.steps, Path(tmp), args.model)[0], None  # already a median
         times, ref_seconds, cpu_times, ref_cpu = step_times_trl(
             path,
@@ -274,6 +282,7 @@ def main() -> None:
     per_arm: dict[str, list[float]] = {arm: [] for arm in arms}
     per_arm_cpu: dict[str, list[float]] = {arm: [] for arm in arms}
     loads: list[float] = []
+    steals: list[float | None] = []  # the share of each arm's CPU time a VM host gave to other guests
     for r in range(args.rounds):
         for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:
             cmd = [
@@ -290,7 +299,9 @@ def main() -> None:
                 "--tokens",
                 str(args.tokens),
             ]
+            stolen_from = steal_share()
             run = subprocess.run(cmd, capture_output=True, text=True)
+            steals.append(steal_since(stolen_from))
             if run.returncode != 0:
                 sys.exit(f"arm {arm} failed:\n{run.stderr[-4000:]}")
             lines = run.stdout.splitlines()
@@ -302,7 +313,8 @@ def main() -> None:
                 per_arm_cpu[arm].append(cpu)
             loads.append(os.getloadavg()[0])
             cpu_text = f", {cpu:.3f} CPU s/step" if cpu is not None else ""
-            print(f"round {r + 1}: {arm}: {seconds:.3f} s/step{cpu_text}{extra} (load {loads[-1]:.1f})", flush=True)
+            steal = f", {steals[-1]:.0%} stolen" if steals[-1] is not None else ""
+            print(f"round {r + 1}: {arm}: {seconds:.3f} s/step{cpu_text}{extra} (load {loads[-1]:.1f}{steal})", flush=True)
     median = {arm: statistics.median(v) for arm, v in per_arm.items()}
     median_cpu = {arm: statistics.median(v) for arm, v in per_arm_cpu.items() if v}
     names = {
@@ -326,6 +338,7 @@ def main() -> None:
         **{f"{names[a]}_cpu_seconds_per_step": round(v, 4) for a, v in median_cpu.items()},
         "rounds_cpu_seconds_per_step": {a: v for a, v in per_arm_cpu.items() if v},
         "load_average_after_each_arm": [round(x, 1) for x in loads],
+        "steal_share_each_arm": steals,
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "step_gflop": round(flops / 1e9, 2),
         **{f"{names[a]}_gflops": round(flops / v / 1e9, 2) for a, v in median.items()},

@@ -19,6 +19,10 @@ Greedy replies are compared token for token with HF's (`agreement`).
 with the decode steps' linear layers on oneDNN's packed weights (pipeline/cpu_linear.py).
 `--hf-bf16` adds plain HF `generate` with the weights in bf16: what heedful's HF path computes in
 on a CPU with bf16 units (pipeline/precision.py); the `hf` arm stays fp32 on every machine.
+`--heedful-hf` adds heedful's HF path exactly as a stage runs it on this machine: `chat_generate`
+(pipeline/generation.py) on the model in the host's precision (pipeline/precision.py: bf16 on a CPU
+whose bf16 units pay, else fp32), packed weights in that precision, the shared chat-template prefix
+run once per batch; its greedy replies are compared with HF fp32's as text.
 `--llama-cpp f32,q8_0` adds llama.cpp arms on the embedded GGUF (bench/llama_cpp_arm.py; needs
 llama-cpp-python, a source build): measured to decide whether it should be an engine.
 """
@@ -31,7 +35,7 @@ import platform
 import random
 import time
 
-from common import RESULTS, matmul_peak_flops, save_results
+from common import RESULTS, matmul_peak_flops, save_results, steal_share, steal_since
 
 TOPICS = [
     "tea",
@@ -110,6 +114,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hf-packed", action="store_true", help="also time HF generate with packed linear weights")
     parser.add_argument("--hf-bf16", action="store_true", help="also time HF generate with the weights in bf16")
+    parser.add_argument("--heedful-hf", action="store_true", help="also time chat_generate in the host's precision")
     parser.add_argument("--out", default="generate.json", help="results file name under bench/results")
     parser.add_argument(
         "--llama-cpp",
@@ -124,11 +129,14 @@ def main() -> None:
     from pipeline.ct2_engine import Ct2Generator, ct2_unavailable_reason, hf_greedy_reference
     from pipeline.generation import eos_ids_from_tokenizer
     from pipeline.models import device_policy, load_causal_lm, load_tokenizer
+    from pipeline.precision import cpu_precision
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model, padding_side="left")
     model = load_causal_lm(args.model, device_policy("cpu", precision="float32")).eval()
     model_bf16 = load_causal_lm(args.model, device_policy("cpu", precision="bfloat16")).eval() if args.hf_bf16 else None
+    host_precision = cpu_precision()
+    model_host = load_causal_lm(args.model, device_policy("cpu", precision=host_precision)).eval() if args.heedful_hf else None
     eos_ids = eos_ids_from_tokenizer(tokenizer)  # what the engines stop on
     if reason := ct2_unavailable_reason():
         raise SystemExit(f"this benchmark times the CPU engine (CTranslate2) against HF generate: {reason}")
@@ -138,14 +146,17 @@ def main() -> None:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.llama_cpp:
         engines.update(llama_cpp_engines(args, tokenizer, eos_ids, max([*sizes, args.mixed_batch])))
-    all_texts = render_many(tokenizer, [[{"role": "user", "content": p}] for p in prompts(max([*sizes, args.mixed]))])
+    all_conversations = [[{"role": "user", "content": p}] for p in prompts(max([*sizes, args.mixed]))]
+    all_texts = render_many(tokenizer, all_conversations)
 
+    stolen = steal_share()
     result: dict = {
         "model": args.model,
         "threads": args.threads,
         "max_new_tokens": args.max_new_tokens,
         "machine": machine(),
         "matmul_peak_gflops": round(matmul_peak_flops() / 1e9, 1),
+        "host_precision": host_precision,
         "batches": [],
     }
     # warm-up: first calls pay one-off costs (allocator, thread pools, the engine's prefix cache)
@@ -154,6 +165,8 @@ def main() -> None:
         hf_packed(model, tokenizer, all_texts[:2], 4, eos_ids)
     if model_bf16 is not None:
         hf_greedy_reference(model_bf16, tokenizer, all_texts[:2], 4, eos_ids)
+    if model_host is not None:
+        heedful_hf(model_host, tokenizer, all_conversations[:2], 4)
     for engine in engines.values():
         engine_arm(engine, all_texts[:2], 4)
     for bs in sizes:
@@ -162,6 +175,7 @@ def main() -> None:
         tokens: dict[str, int] = {}
         replies: dict[str, list] = {}
         hf_arms = ["hf", *(["hf_packed"] if args.hf_packed else []), *(["hf_bf16"] if args.hf_bf16 else [])]
+        hf_arms += ["heedful_hf"] if args.heedful_hf else []
         for rep in range(args.reps):
             order = [*hf_arms, *engines] if rep % 2 == 0 else [*engines, *hf_arms[::-1]]
             for arm in order:
@@ -171,6 +185,8 @@ def main() -> None:
                     out, wall, cpu = timed(hf_packed, model, tokenizer, texts, args.max_new_tokens, eos_ids)
                 elif arm == "hf_bf16":
                     out, wall, cpu = timed(hf_greedy_reference, model_bf16, tokenizer, texts, args.max_new_tokens, eos_ids)
+                elif arm == "heedful_hf":
+                    out, wall, cpu = timed(heedful_hf, model_host, tokenizer, all_conversations[:bs], args.max_new_tokens)
                 else:
                     out, wall, cpu = timed(engine_arm, engines[arm], texts, args.max_new_tokens)
                 replies[arm], tokens[arm] = out, sum(len(r) for r in out)
@@ -178,7 +194,10 @@ def main() -> None:
                     best[arm] = (wall, cpu)
         row: dict = {"batch": bs, "agreement_greedy": sum(a == b for a, b in zip(replies["hf"], replies["heedful"])) / bs}
         for arm in [*engines, *hf_arms[1:]]:
-            if arm.startswith("llama_cpp") or arm in ("hf_packed", "hf_bf16"):
+            if arm == "heedful_hf":  # text against HF's decoded replies
+                hf_text = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies["hf"]]
+                row[f"{arm}_agreement"] = sum(a == b.text for a, b in zip(hf_text, replies[arm])) / bs
+            elif arm.startswith("llama_cpp") or arm in ("hf_packed", "hf_bf16"):
                 row[f"{arm}_agreement"] = sum(a == b for a, b in zip(replies["hf"], replies[arm])) / bs
         for arm, (wall, cpu) in best.items():
             row[f"{arm}_tokens"] = tokens[arm]
@@ -191,8 +210,10 @@ def main() -> None:
         result["batches"].append(row)
 
     if args.mixed:
-        result["mixed"] = mixed_workload(args, model, tokenizer, eos_ids, engines, all_texts[: args.mixed])
+        hosted = (model_host, all_conversations[: args.mixed]) if model_host is not None else None
+        result["mixed"] = mixed_workload(args, model, tokenizer, eos_ids, engines, all_texts[: args.mixed], hosted, model_bf16)
     result["machine"]["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result["machine"]["steal_share"] = steal_since(stolen)  # a VM host's other guests: not the machine's own figures
     save_results(result, RESULTS / args.out)
 
 
@@ -203,6 +224,22 @@ def hf_packed(model, tokenizer, texts, max_new_tokens, eos_ids):
 
     with packed_linears(model):
         return hf_greedy_reference(model, tokenizer, texts, max_new_tokens, eos_ids)
+
+
+class _Reply(list):
+    """A `chat_generate` reply counted like a token list (its length: the reply's tokens)."""
+
+    def __init__(self, completion):
+        super().__init__(range(completion.num_tokens))
+        self.text = completion.text
+
+
+def heedful_hf(model, tokenizer, conversations, max_new_tokens):
+    """heedful's HF path as a stage runs it: `chat_generate`, greedy, the conversations in one batch."""
+    from pipeline.generation import SamplingSettings, chat_generate
+
+    greedy = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0)
+    return [_Reply(r[0]) for r in chat_generate(model, tokenizer, conversations, greedy, batch_size=len(conversations))]
 
 
 def llama_cpp_engines(args, tokenizer, eos_ids, slots: int) -> dict:
@@ -222,15 +259,18 @@ def llama_cpp_engines(args, tokenizer, eos_ids, slots: int) -> dict:
     return out
 
 
-def mixed_workload(args, model, tokenizer, eos_ids, engines, texts) -> dict:
-    """Every request its own budget; HF in arrival-order batches, heedful's engine on the queue."""
+def mixed_workload(args, model, tokenizer, eos_ids, engines, texts, hosted=None, model_bf16=None) -> dict:
+    """Every request its own budget; HF (and HF bf16 with `model_bf16`) in arrival-order batches,
+    heedful's engine on the queue;
+    `hosted` (the host-precision model and the conversations): heedful's HF path in the same
+    arrival-order batches as HF (`chat_generate` has one budget per call: each batch's longest)."""
     from pipeline.ct2_engine import hf_greedy_reference
 
     rng = random.Random(1)
     budgets = [rng.choice([16, 32, 64, 128]) for _ in texts]
     out: dict = {"requests": len(texts), "batch": args.mixed_batch}
 
-    def hf_serve():
+    def hf_serve(model=model):
         n = 0
         for start in range(0, len(texts), args.mixed_batch):
             chunk, asked = texts[start : start + args.mixed_batch], budgets[start : start + args.mixed_batch]
@@ -238,15 +278,28 @@ def mixed_workload(args, model, tokenizer, eos_ids, engines, texts) -> dict:
             n += sum(min(len(r), b) for r, b in zip(replies, asked))
         return n
 
-    for arm in ["hf", *engines]:
+    def heedful_hf_serve():
+        n = 0
+        for start in range(0, len(texts), args.mixed_batch):
+            chunk, asked = hosted[1][start : start + args.mixed_batch], budgets[start : start + args.mixed_batch]
+            replies = heedful_hf(hosted[0], tokenizer, chunk, max(asked))
+            n += sum(min(len(r), b) for r, b in zip(replies, asked))
+        return n
+
+    hf_arms = ["hf", *(["hf_bf16"] if model_bf16 is not None else []), *(["heedful_hf"] if hosted else [])]
+    for arm in [*hf_arms, *engines]:
         if arm == "hf":
             n, wall, cpu = timed(hf_serve)
+        elif arm == "hf_bf16":
+            n, wall, cpu = timed(hf_serve, model_bf16)
+        elif arm == "heedful_hf":
+            n, wall, cpu = timed(heedful_hf_serve)
         else:
             replies, wall, cpu = timed(engine_arm, engines[arm], texts, budgets, args.mixed_batch)
             n = sum(len(r) for r in replies)
         out[arm] = {"tokens": n, "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "tokens_per_s": round(n / wall, 1)}
         print(arm, out[arm], flush=True)
-    for arm in engines:
+    for arm in [*hf_arms[1:], *engines]:
         out[arm]["vs_hf"] = round(out[arm]["tokens_per_s"] / out["hf"]["tokens_per_s"], 2)
     return out
 

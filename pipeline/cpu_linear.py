@@ -8,11 +8,16 @@ once into its blocked layout does the same products 2-2.3x faster for the body's
 ~5x for the head (bench/generate.py, docs/generation.md); it is what PyTorch's own compiler
 uses for CPU inference (`torch._inductor` freezing), here without compiling anything.
 
-The math is the same; float rounding differs (~1e-6 on a layer's output), so a greedy reply can
-in principle differ at a near-tie, as between two machines. Only inference uses it: a call with
-gradients enabled, a single row (a matrix-vector product, as fast on MKL) or more than
-`MAX_ROWS` rows (a long prefill, where MKL is as fast) runs the layer's own forward. Only plain
-`nn.Linear` layers with fp32 CPU weights are routed: a subclass with its own forward (a
+bf16 weights (a CPU with bf16 units, where heedful computes in bf16: pipeline/precision.py) take the
+same route where oneDNN has bf16 kernels: on a 2-core Xeon with AMX the head's product for 8 rows
+went from 3.5 ms (bf16, PyTorch's default) to 1.9 ms, against 29.5 ms in fp32 (bench/generate.py).
+
+The math is the same; float rounding differs (~1e-6 on an fp32 layer's output; bf16 outputs were
+bit-equal in our measurements), so a greedy reply can in principle differ at a near-tie, as between
+two machines. Only inference uses it: a call with gradients enabled, fewer than `min_rows` rows (in
+fp32 a single row is a matrix-vector product, as fast on MKL) or more than `MAX_ROWS` rows (a long
+prefill, where MKL is as fast) runs the layer's own forward. Only plain `nn.Linear` layers with
+fp32 (or, where supported, bf16) CPU weights are routed: a subclass with its own forward (a
 bitsandbytes 4-bit layer, whose fp32 "weight" is packed 4-bit storage; PEFT's VB-LoRA and the
 like) keeps it. The packed copies live only while a block is open (one `chat_generate` call):
 packing SmolLM2-135M's layers takes about 0.3 s, and a copy kept across calls would hold a
@@ -32,9 +37,11 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-#: rows (tokens across the batch) from which and up to which a call goes through the packed weight:
-#: one row is a matrix-vector product, which MKL does as fast (SmolLM2-135M: 18.8 vs 18.3 ms of a step)
-MIN_ROWS, MAX_ROWS = 2, 256
+#: rows (tokens across the batch) from which and up to which an fp32 call goes through the packed
+#: weight: one row is a matrix-vector product, which MKL does as fast (SmolLM2-135M: 18.8 vs 18.3 ms
+#: of a step). A bf16 one-row product is slower by PyTorch's default (the head: 7.6 vs 1.7 ms, Xeon
+#: with AMX), so bf16 calls take the packed weight from `MIN_ROWS_BF16` rows.
+MIN_ROWS, MIN_ROWS_BF16, MAX_ROWS = 2, 1, 256
 ENV = "HEEDFUL_PACKED_LINEAR"
 
 
@@ -53,9 +60,25 @@ def available() -> bool:
     )
 
 
+@functools.cache
+def routed_dtypes() -> tuple[Any, ...]:
+    """The weight dtypes oneDNN packs here: fp32, and bf16 where this CPU has oneDNN bf16 kernels."""
+    import torch
+
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return (torch.float32, torch.bfloat16) if bf16 is not None and bf16() else (torch.float32,)
+
+
+def min_rows(dtype: Any) -> int:
+    """Fewest rows a call of this dtype needs to go through the packed weight."""
+    import torch
+
+    return MIN_ROWS_BF16 if dtype == torch.bfloat16 else MIN_ROWS
+
+
 @contextlib.contextmanager
 def packed_linears(model: Any) -> Iterator[int]:
-    """Within the block, `model`'s plain fp32 CPU `nn.Linear` layers take small no-grad calls
+    """Within the block, `model`'s plain fp32 (or bf16) CPU `nn.Linear` layers take small no-grad calls
     through packed weights; yields how many layers are routed. Blocks may nest or run on several
     threads at once; the last to leave restores the layers and drops their packed copies, so
     nothing stays on the model. (A deep copy made inside a block keeps a routed forward bound to
@@ -70,7 +93,7 @@ def packed_linears(model: Any) -> Iterator[int]:
             if type(m).forward is torch.nn.Linear.forward
             and type(m.weight) is torch.nn.Parameter
             and m.weight.device.type == "cpu"
-            and m.weight.dtype == torch.float32
+            and m.weight.dtype in routed_dtypes()
         ]
     with _LOCK:
         for layer in layers:
@@ -96,13 +119,14 @@ _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # open layer -
 
 
 def _forward(layer: Any, x: Any) -> Any:
-    """The layer's forward: small no-grad fp32 calls through the packed weight, else its own."""
+    """The layer's forward: small no-grad calls in the weight's dtype through the packed weight,
+    else its own."""
     import torch
 
     rows = x.numel() // max(x.shape[-1], 1)
-    if torch.is_grad_enabled() or x.dtype != torch.float32 or not MIN_ROWS <= rows <= MAX_ROWS:
-        return type(layer).forward(layer, x)
     weight = layer.weight
+    if torch.is_grad_enabled() or x.dtype != weight.dtype or not min_rows(x.dtype) <= rows <= MAX_ROWS:
+        return type(layer).forward(layer, x)
     key = (weight.data_ptr(), weight._version)
     known = _PACKED.get(layer)
     if known is None or known[0] != key:

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .chat import Messages, render_many
-from .cpu_linear import MIN_ROWS as PACKED_MIN_ROWS
+from .cpu_linear import min_rows as packed_min_rows
 from .cpu_linear import packed_linears
 
 
@@ -66,9 +66,10 @@ def chat_generate(
     its cache (pipeline/prefix_logits.py `prefixed_batch`); the same replies up to float rounding.
     On a CPU the decode steps' linear layers run on packed weights (pipeline/cpu_linear.py).
     """
-    # one row at a time decodes matrix-vector products (MKL is as fast): packing would only cost
+    # one fp32 row at a time decodes matrix-vector products (MKL is as fast): packing would only cost
     decode_rows = min(len(conversations), batch_size) * num_samples
-    with packed_linears(model) if decode_rows >= PACKED_MIN_ROWS else contextlib.nullcontext():
+    dtype = next(model.parameters()).dtype
+    with packed_linears(model) if decode_rows >= packed_min_rows(dtype) else contextlib.nullcontext():
         return _chat_generate(
             model, tokenizer, conversations, sampling, num_samples, batch_size, seed, on_batch, prompt_suffix, share_prefix
         )

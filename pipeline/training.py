@@ -298,6 +298,10 @@ def summarize(trainer, ctx: StageContext, train_output) -> dict[str, Any]:
     steps = sorted(ctx.extra.get("step_seconds", []))
     if steps:
         metrics["seconds_per_step"] = steps[len(steps) // 2]  # median: robust to the warm-up step
+    if (reference := getattr(trainer, "ref_cache_seconds", None)) is not None:
+        # the preference core's reference log-probs, computed before the first step (0 from the cache):
+        # not in any step's time, so a per-step cost must add it amortized (bench/dpo_step.py does)
+        metrics["reference_seconds"] = round(float(reference), 3)
     tokens = mean_example_tokens(trainer.train_dataset)
     if tokens and metrics.get("train_samples_per_second"):
         metrics["train_tokens_per_second"] = round(tokens * metrics["train_samples_per_second"], 3)

@@ -36,6 +36,22 @@ def test_small_no_grad_calls_take_the_packed_weight_and_match_the_layer():
     assert "forward" not in layer.__dict__  # restored when the block ends
 
 
+@pytest.mark.skipif(torch.bfloat16 not in cpu_linear.routed_dtypes(), reason="no oneDNN bf16 kernels on this CPU")
+def test_bf16_layers_take_the_packed_weight_from_one_row_and_keep_their_numbers():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)  # one row: a bf16 matrix-vector product is faster packed
+    with torch.no_grad():
+        expected = layer(x)
+        with cpu_linear.packed_linears(layer) as routed, torch.profiler.profile() as prof:
+            got = layer(x)
+            with pytest.raises(RuntimeError, match="same dtype"):  # the layer's own forward, its own error
+                layer(x.float())
+    assert routed == 1 and got.dtype == torch.bfloat16
+    assert [e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise"] == [1]
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_a_weight_changed_in_place_is_packed_again_and_gradients_use_the_layer():
     layer = torch.nn.Linear(16, 8)
     x = torch.randn(4, 16)

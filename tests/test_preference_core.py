@@ -425,9 +425,14 @@ def test_dpo_stage_runs_the_fast_core_and_matches_trls_path(tmp_path, tiny_model
         assert result.ok, [r.error for r in result.records]
         curves = json.loads((result.run_dir / "align" / "curves.json").read_text())
         losses[fast] = [row["loss"] for row in curves if "loss" in row]
+        metrics = result.record("align").metrics
         if fast:
             # the reference of these pairs, cached (>= 1: other test processes may write theirs meanwhile)
             assert len(set(default_root().glob("*.npz")) - before) >= 1
+            # computed before the first step, so no step's time holds it: the stage reports it apart
+            assert metrics["reference_seconds"] > 0
+        else:
+            assert "reference_seconds" not in metrics  # TRL's own step computes it inside each step
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], abs=1e-3)
 

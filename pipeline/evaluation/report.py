@@ -66,6 +66,7 @@ def users_side_by_side(stage_dirs: list[Path], shown: int = 4) -> str:
     first; '' without the stages' `conversations` (no users, or evaluate before v3)."""
     import html
 
+    from pipeline.evaluation.users import first_judged
     from pipeline.records import load_rows
 
     first: dict[str, dict[str, dict[str, Any]]] = {}
@@ -76,7 +77,7 @@ def users_side_by_side(stage_dirs: list[Path], shown: int = 4) -> str:
         if not path.exists():
             continue
         for talk in load_rows(path):
-            judged = next((u for u in talk["utterances"] if u["type"] == "response" and u["satisfied"] is not None), None)
+            judged = first_judged(talk["utterances"])
             if judged is None:
                 continue
             if talk["condition"] not in order:

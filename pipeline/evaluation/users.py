@@ -8,6 +8,7 @@ held-out need and condition, giving first_reply_satisfied / satisfied / rounds.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +98,15 @@ def satisfaction(
         )
 
 
-def first_judged(transcript: Any) -> Any:
-    """The conversation's first reply the judge scored (None when it scored none)."""
-    return next((u for u in transcript.utterances if u.type == "response" and u.satisfied is not None), None)
+def first_judged(utterances: Iterable[Any]) -> Any:
+    """A conversation's first reply the judge scored (None when it scored none): the reply the
+    first-reply satisfaction counts. Utterances as the simulator returns them or as the stage
+    stores them (dicts in `conversations`), so the rate and the report's side-by-side pick the same one."""
+
+    def field(u: Any, name: str) -> Any:
+        return u[name] if isinstance(u, dict) else getattr(u, name)
+
+    return next((u for u in utterances if field(u, "type") == "response" and field(u, "satisfied") is not None), None)
 
 
 def need_outcomes(transcripts: list[Any]) -> dict[str, dict[str, bool]]:
@@ -109,7 +116,7 @@ def need_outcomes(transcripts: list[Any]) -> dict[str, dict[str, bool]]:
     from pipeline.evaluation.metrics import keyed_outcomes
 
     satisfied = keyed_outcomes([(t.user.id, bool(t.satisfied)) for t in transcripts])
-    first = {key: first_judged(t) for key, t in zip(satisfied, transcripts)}
+    first = {key: first_judged(t.utterances) for key, t in zip(satisfied, transcripts)}
     return {
         "satisfied": satisfied,
         "first_reply_satisfied": {key: bool(u.satisfied) for key, u in first.items() if u is not None},
