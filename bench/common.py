@@ -52,7 +52,7 @@ def steal_share() -> tuple[float, float] | None:
         fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
         return None
-    return (fields[7] if len(fields) > 7 else 0.0), sum(fields)
+    return (fields[7] if len(fields) > 7 else 0.0), sum(fields[:8])  # guest time is already in user and nice
 
 
 def steal_since(start: tuple[float, float] | None) -> float | None:

@@ -10,7 +10,7 @@ uses for CPU inference (`torch._inductor` freezing), here without compiling anyt
 
 bf16 weights (a CPU with bf16 units, where heedful computes in bf16: pipeline/precision.py) take the
 same route where oneDNN has bf16 kernels: on a 2-core Xeon with AMX the head's product for 8 rows
-went from 3.5 ms (bf16, PyTorch's default) to 1.9 ms, against 29.5 ms in fp32 (bench/generate.py).
+went from 2.8 ms (bf16, PyTorch's default) to 1.6 ms, against 8.3 ms in fp32 (docs/speed.md).
 
 The math is the same; float rounding differs (~1e-6 on an fp32 layer's output; bf16 outputs were
 bit-equal in our measurements), so a greedy reply can in principle differ at a near-tie, as between
@@ -39,7 +39,7 @@ from typing import Any
 
 #: rows (tokens across the batch) from which and up to which an fp32 call goes through the packed
 #: weight: one row is a matrix-vector product, which MKL does as fast (SmolLM2-135M: 18.8 vs 18.3 ms
-#: of a step). A bf16 one-row product is slower by PyTorch's default (the head: 7.6 vs 1.7 ms, Xeon
+#: of a step). A bf16 one-row product is slower by PyTorch's default (the head: 4.2 vs 1.8 ms, Xeon
 #: with AMX), so bf16 calls take the packed weight from `MIN_ROWS_BF16` rows.
 MIN_ROWS, MIN_ROWS_BF16, MAX_ROWS = 2, 1, 256
 ENV = "HEEDFUL_PACKED_LINEAR"
@@ -62,11 +62,14 @@ def available() -> bool:
 
 @functools.cache
 def routed_dtypes() -> tuple[Any, ...]:
-    """The weight dtypes oneDNN packs here: fp32, and bf16 where this CPU has oneDNN bf16 kernels."""
+    """The weight dtypes oneDNN packs here: fp32, and bf16 on a CPU with native bf16 products
+    (AVX512_BF16 or AMX: oneDNN also "supports" bf16 on plain AVX-512 by emulating it, unmeasured)."""
     import torch
 
-    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return (torch.float32, torch.bfloat16) if bf16 is not None and bf16() else (torch.float32,)
+    mkldnn_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    native = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    bf16 = mkldnn_bf16 is not None and mkldnn_bf16() and any(check is not None and check() for check in native)
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
 
 
 def min_rows(dtype: Any) -> int:
@@ -76,6 +79,28 @@ def min_rows(dtype: Any) -> int:
     return MIN_ROWS_BF16 if dtype == torch.bfloat16 else MIN_ROWS
 
 
+def model_min_rows(model: Any) -> int | None:
+    """Fewest rows at which some of `model`'s routable layers take the packed weight (None: no
+    layer is routable), so a caller opens a block only where a call could use it."""
+    return min((min_rows(layer.weight.dtype) for layer in _routable(model)), default=None)
+
+
+def _routable(model: Any) -> list[Any]:
+    """`model`'s plain `nn.Linear` layers with CPU weights of a dtype oneDNN packs here."""
+    import torch
+
+    if not available():
+        return []
+    return [
+        m
+        for m in model.modules()
+        if type(m).forward is torch.nn.Linear.forward
+        and type(m.weight) is torch.nn.Parameter
+        and m.weight.device.type == "cpu"
+        and m.weight.dtype in routed_dtypes()
+    ]
+
+
 @contextlib.contextmanager
 def packed_linears(model: Any) -> Iterator[int]:
     """Within the block, `model`'s plain fp32 (or bf16) CPU `nn.Linear` layers take small no-grad calls
@@ -83,18 +108,7 @@ def packed_linears(model: Any) -> Iterator[int]:
     threads at once; the last to leave restores the layers and drops their packed copies, so
     nothing stays on the model. (A deep copy made inside a block keeps a routed forward bound to
     the copy: it computes with the copy's own weights, packed on first use.)"""
-    import torch
-
-    layers = []
-    if available():
-        layers = [
-            m
-            for m in model.modules()
-            if type(m).forward is torch.nn.Linear.forward
-            and type(m.weight) is torch.nn.Parameter
-            and m.weight.device.type == "cpu"
-            and m.weight.dtype in routed_dtypes()
-        ]
+    layers = _routable(model)
     with _LOCK:
         for layer in layers:
             count = _ROUTED.get(layer, 0)

@@ -34,6 +34,9 @@ CACHE_NAME = "engine_probe.json"
 ENV = "HEEDFUL_CPU_ENGINE"
 #: CTranslate2 is chosen only when it writes at least this many times HF's tokens per second
 MARGIN = 1.1
+#: the HF side's code as measured: bump when chat_generate gets faster, so cached answers are measured
+#: again (2: bf16 layers on packed weights, pipeline/cpu_linear.py)
+HF_PATH = "hf-path=2"
 #: the probe's workload: a batch of short chat prompts, greedy, this many new tokens each
 PROBE_PROMPTS = (
     "What is the capital of France?",
@@ -86,8 +89,9 @@ def _key(model_name: str, precision: str) -> str:
 
     # the threads each engine gets (pipeline/threads.py) change the answer: one thread beside a busy
     # process is not two on an idle machine; and so does the dtype HF computes in (`precision`: bf16 on
-    # a CPU with bf16 units, pipeline/precision.py)
-    return probe_key(model_name, f"generate|threads={torch.get_num_threads()}|hf={precision}")
+    # a CPU with bf16 units, pipeline/precision.py); `HF_PATH` names what the HF side runs, so an answer
+    # measured before it changed is measured again
+    return probe_key(model_name, f"generate|threads={torch.get_num_threads()}|hf={precision}|{HF_PATH}")
 
 
 def faster_cpu_engine(model_name: str, *, cache_path: Path | None = None) -> str:

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .chat import Messages, render_many
-from .cpu_linear import min_rows as packed_min_rows
+from .cpu_linear import model_min_rows as packed_min_rows
 from .cpu_linear import packed_linears
 
 
@@ -68,8 +68,8 @@ def chat_generate(
     """
     # one fp32 row at a time decodes matrix-vector products (MKL is as fast): packing would only cost
     decode_rows = min(len(conversations), batch_size) * num_samples
-    dtype = next(model.parameters()).dtype
-    with packed_linears(model) if decode_rows >= packed_min_rows(dtype) else contextlib.nullcontext():
+    fewest = packed_min_rows(model)
+    with packed_linears(model) if fewest is not None and decode_rows >= fewest else contextlib.nullcontext():
         return _chat_generate(
             model, tokenizer, conversations, sampling, num_samples, batch_size, seed, on_batch, prompt_suffix, share_prefix
         )

@@ -78,6 +78,7 @@ class SimulateStage(Stage):
         from feedback.simulator.needs import load_users
         from feedback.simulator.protocol import Judge, run_conversations
         from feedback.simulator.records import ProvenanceInfo, save_dataset, transcript_records
+        from pipeline.evaluation.users import first_judged
         from pipeline.llm import HFClient, build_client
         from pipeline.llm_cache import CachedLLM, LLMCache
         from pipeline.paths import heedful_home
@@ -162,7 +163,7 @@ class SimulateStage(Stage):
         def rate(values):
             return sum(values) / len(values) if values else float("nan")
 
-        first = [next((u for u in t.utterances if u.type == "response" and u.satisfied is not None), None) for t in transcripts]
+        first = [first_judged(t.utterances) for t in transcripts]
         first = [u for u in first if u is not None]
         seconds = time.time() - started
         counts = {k: sum(r["satisfied"] for r in rows if r["rounds"] == k) for k in range(1, cfg.max_rounds + 1)}

@@ -52,6 +52,15 @@ def test_bf16_layers_take_the_packed_weight_from_one_row_and_keep_their_numbers(
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_a_block_is_worth_opening_from_the_fewest_rows_any_routable_layer_takes():
+    fp32 = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8))
+    assert cpu_linear.model_min_rows(fp32) == cpu_linear.MIN_ROWS
+    assert cpu_linear.model_min_rows(torch.nn.Sequential(torch.nn.Embedding(10, 8))) is None  # nothing to route
+    if torch.bfloat16 in cpu_linear.routed_dtypes():  # fp32 embeddings, a bf16 linear: the linear decides
+        mixed = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8).to(torch.bfloat16))
+        assert cpu_linear.model_min_rows(mixed) == cpu_linear.MIN_ROWS_BF16
+
+
 def test_a_weight_changed_in_place_is_packed_again_and_gradients_use_the_layer():
     layer = torch.nn.Linear(16, 8)
     x = torch.randn(4, 16)

@@ -257,11 +257,13 @@ def test_reference_logps_are_cached_reused_and_keyed(tmp_path, tiny_model_path):
     cache = tmp_path / "cache"
     first = make_trainer(FastDPOTrainer, PLAIN, tmp_path / "a", ref_cache_dir=cache)
     assert first.ref_forward_calls == 1  # 4 pairs, one packed batch
+    assert first.ref_cache_seconds is not None and first.ref_cache_seconds > 0  # what a run's cost adds
     assert (cache / f"{first.ref_cache_key}.npz").is_file()
     ref = torch.tensor(first.train_dataset["ref_chosen_logps"])
 
     again = make_trainer(FastDPOTrainer, PLAIN, tmp_path / "b", ref_cache_dir=cache)
     assert again.ref_forward_calls == 0 and again.ref_cache_key == first.ref_cache_key
+    assert again.ref_cache_seconds == 0.0
     assert torch.equal(torch.tensor(again.train_dataset["ref_chosen_logps"]), ref)
 
     # the cached numbers are the reference's: equal to an on-the-fly reference forward of the batch
@@ -288,6 +290,7 @@ def test_unsupported_settings_run_trls_own_path(tmp_path, tiny_model_path):
 
     trainer = make_trainer(FastDPOTrainer, PLAIN, tmp_path, dpo={"loss_type": ["ipo"]}, ref_cache_dir=tmp_path / "cache")
     assert not trainer.fast and "ipo" in trainer.fast_off_reason
+    assert trainer.ref_cache_seconds is None  # TRL computes the reference inside each step: nothing apart
     assert "pair_mask" not in trainer.data_collator([trainer.train_dataset[0]])
 
 

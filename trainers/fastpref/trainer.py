@@ -71,7 +71,9 @@ class FastDPOTrainer(DPOTrainer):
         self.tile_elements = tile_elements
         self.ref_forward_calls = 0
         self.ref_cache_key: str | None = None
-        self.ref_cache_seconds = 0.0  # time spent computing reference log-probs (0 when all came from the cache)
+        # seconds spent computing reference log-probs before training: 0.0 when all came from the cache,
+        # None when this trainer computes them otherwise (TRL's own path: inside each step)
+        self.ref_cache_seconds: float | None = None
         self.fast_off_reason = None if fast else "fast: false"
         if fast:
             self.fast_off_reason = self._unsupported()
@@ -166,6 +168,7 @@ class FastDPOTrainer(DPOTrainer):
             log.info("reference log-probs of %d pairs computed and cached (%s)", len(units), self.ref_cache_key)
         else:
             chosen, rejected = found
+            self.ref_cache_seconds = 0.0
             log.info("reference log-probs of %d pairs reused from the cache (%s)", len(units), self.ref_cache_key)
         for name in ("ref_chosen_logps", "ref_rejected_logps"):
             if name in dataset.column_names:
