@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 RAY_BIN = Path(sys.executable).with_name("ray")
 
@@ -81,7 +82,36 @@ def head_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 @contextmanager
-def ray_head(num_cpus: int = 2, startup_timeout: float = 120.0):
+def ray_head(num_cpus: int = 2, startup_timeout: float = 120.0, attempts: int = 2):
+    """A started head (dashboard up, job agent registered), stopped and removed on exit.
+
+    `ray start` that exits during start-up is tried again with fresh ports (`attempts` in all): the
+    ports are chosen free, but the rest of the suite runs Ray beside these tests, and a port taken
+    between choosing and binding it ended a CI run (2026-12-05). The last failure's error carries
+    the tail of Ray's start-up log, which is removed with the head's folder."""
+    for attempt in range(attempts):
+        head, proc, log = _start(num_cpus)
+        try:
+            deadline = time.time() + startup_timeout
+            _wait_for_dashboard(head, proc, deadline)
+            _wait_for_job_agent(head, proc, deadline)
+        except RuntimeError as err:  # `ray start` exited
+            tail = (head.temp_dir / "ray-start.log").read_text(errors="replace")[-3000:]
+            _cleanup(head, proc, log)
+            if attempt + 1 == attempts:
+                raise RuntimeError(f"{err} (removed with the head's folder); its log ended:\n{tail}") from None
+            continue
+        except BaseException:
+            _cleanup(head, proc, log)
+            raise
+        break
+    try:
+        yield head
+    finally:
+        _cleanup(head, proc, log)
+
+
+def _start(num_cpus: int) -> tuple[RayHead, subprocess.Popen, Any]:
     port, dashboard_port, client_port, agent_port = free_port(), free_port(), free_port(), free_port()
     temp_dir = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     env = head_env()
@@ -118,16 +148,13 @@ def ray_head(num_cpus: int = 2, startup_timeout: float = 120.0):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", proc.pid, env, temp_dir)
-    try:
-        deadline = time.time() + startup_timeout
-        _wait_for_dashboard(head, proc, deadline)
-        _wait_for_job_agent(head, proc, deadline)
-        yield head
-    finally:
-        _stop(head, proc)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    return RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", proc.pid, env, temp_dir), proc, log
+
+
+def _cleanup(head: RayHead, proc: subprocess.Popen, log: Any) -> None:
+    _stop(head, proc)
+    log.close()
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
 def _wait_for_dashboard(head: RayHead, proc: subprocess.Popen, deadline: float) -> None:
