@@ -210,8 +210,10 @@ def main() -> None:
         result["batches"].append(row)
 
     if args.mixed:
-        hosted = (model_host, all_conversations[: args.mixed]) if model_host is not None else None
-        result["mixed"] = mixed_workload(args, model, tokenizer, eos_ids, engines, all_texts[: args.mixed], hosted, model_bf16)
+        served = {"hf": model, "hf_bf16": model_bf16, "heedful_hf": model_host}
+        served = {arm: m for arm, m in served.items() if m is not None}
+        conversations = all_conversations[: args.mixed]
+        result["mixed"] = mixed_workload(args, tokenizer, eos_ids, engines, all_texts[: args.mixed], conversations, served)
     result["machine"]["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result["machine"]["steal_share"] = steal_since(stolen)  # a VM host's other guests: not the machine's own figures
     save_results(result, RESULTS / args.out)
@@ -259,48 +261,37 @@ def llama_cpp_engines(args, tokenizer, eos_ids, slots: int) -> dict:
     return out
 
 
-def mixed_workload(args, model, tokenizer, eos_ids, engines, texts, hosted=None, model_bf16=None) -> dict:
-    """Every request its own budget; HF (and HF bf16 with `model_bf16`) in arrival-order batches,
-    heedful's engine on the queue;
-    `hosted` (the host-precision model and the conversations): heedful's HF path in the same
-    arrival-order batches as HF (`chat_generate` has one budget per call: each batch's longest)."""
+def mixed_workload(args, tokenizer, eos_ids, engines, texts, conversations, models) -> dict:
+    """Every request its own budget. `models` (arm -> model: `hf`, and `hf_bf16`, `heedful_hf` when
+    asked) serve it in arrival-order batches of `--mixed-batch`, each batch run to its longest
+    budget (`chat_generate`, heedful's HF path, has one budget per call too); heedful's engine gets
+    the queue, each request leaving at its own budget. Only the tokens each request asked for count."""
     from pipeline.ct2_engine import hf_greedy_reference
 
     rng = random.Random(1)
     budgets = [rng.choice([16, 32, 64, 128]) for _ in texts]
     out: dict = {"requests": len(texts), "batch": args.mixed_batch}
 
-    def hf_serve(model=model):
+    def in_batches(items, generate):
         n = 0
-        for start in range(0, len(texts), args.mixed_batch):
-            chunk, asked = texts[start : start + args.mixed_batch], budgets[start : start + args.mixed_batch]
-            replies = hf_greedy_reference(model, tokenizer, chunk, max(asked), eos_ids)
-            n += sum(min(len(r), b) for r, b in zip(replies, asked))
+        for start in range(0, len(items), args.mixed_batch):
+            chunk, asked = items[start : start + args.mixed_batch], budgets[start : start + args.mixed_batch]
+            n += sum(min(len(r), b) for r, b in zip(generate(chunk, max(asked)), asked))
         return n
 
-    def heedful_hf_serve():
-        n = 0
-        for start in range(0, len(texts), args.mixed_batch):
-            chunk, asked = hosted[1][start : start + args.mixed_batch], budgets[start : start + args.mixed_batch]
-            replies = heedful_hf(hosted[0], tokenizer, chunk, max(asked))
-            n += sum(min(len(r), b) for r, b in zip(replies, asked))
-        return n
-
-    hf_arms = ["hf", *(["hf_bf16"] if model_bf16 is not None else []), *(["heedful_hf"] if hosted else [])]
-    for arm in [*hf_arms, *engines]:
-        if arm == "hf":
-            n, wall, cpu = timed(hf_serve)
-        elif arm == "hf_bf16":
-            n, wall, cpu = timed(hf_serve, model_bf16)
-        elif arm == "heedful_hf":
-            n, wall, cpu = timed(heedful_hf_serve)
+    for arm in [*models, *engines]:
+        if arm == "heedful_hf":
+            n, wall, cpu = timed(in_batches, conversations, lambda c, k, m=models[arm]: heedful_hf(m, tokenizer, c, k))
+        elif arm in models:
+            n, wall, cpu = timed(in_batches, texts, lambda c, k, m=models[arm]: hf_greedy_reference(m, tokenizer, c, k, eos_ids))
         else:
             replies, wall, cpu = timed(engine_arm, engines[arm], texts, budgets, args.mixed_batch)
             n = sum(len(r) for r in replies)
         out[arm] = {"tokens": n, "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "tokens_per_s": round(n / wall, 1)}
         print(arm, out[arm], flush=True)
-    for arm in [*hf_arms[1:], *engines]:
-        out[arm]["vs_hf"] = round(out[arm]["tokens_per_s"] / out["hf"]["tokens_per_s"], 2)
+    for arm in [*models, *engines]:
+        if arm != "hf":
+            out[arm]["vs_hf"] = round(out[arm]["tokens_per_s"] / out["hf"]["tokens_per_s"], 2)
     return out
 
 
