@@ -84,10 +84,8 @@ def _write_merged(adapter: Path, out: Path, base: dict[str, Any]) -> None:
     name = base.get("name")
     if not name:
         raise ValueError("cannot merge: the adapter's base model is unknown (no lineage)")
-    policy = device_policy()
-    if policy.device == "cpu":  # merged in fp32 on any CPU: bf16 would round away much of a small LoRA change
-        policy = device_policy("cpu", precision="float32")
-    model = load_causal_lm(name, policy, adapter=adapter)
+    # merged in fp32 on any CPU (a GPU keeps its dtype): bf16 would round away much of a small LoRA change
+    model = load_causal_lm(name, device_policy(precision="float32"), adapter=adapter)
     merged = model.merge_and_unload()
     merged.save_pretrained(out)
     load_tokenizer(name).save_pretrained(out)
