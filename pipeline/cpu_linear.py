@@ -22,7 +22,9 @@ bitsandbytes 4-bit layer, whose fp32 "weight" is packed 4-bit storage; PEFT's VB
 like) keeps it. The packed copies live only while a block is open (one `chat_generate` call):
 packing SmolLM2-135M's layers takes about 0.3 s, and a copy kept across calls would hold a
 second set of weights and go stale when PEFT merges an adapter through `weight.data`, which
-changes neither the storage nor the version a cache could key on.
+changes neither the storage nor the version a cache could key on. The one long-lived block is
+`heedful serve`'s HF engine (serving/engine.py), for the life of a model whose weights nothing
+changes: whoever opens a block must not merge into or edit the model's weights inside it.
 
 `HEEDFUL_PACKED_LINEAR=0` turns it off (the benchmark's comparison arm).
 """

@@ -17,6 +17,15 @@ replies) is not a reason to measure: it takes the answer already known, else HF 
 (`known_cpu_engine`; the probe's conversion and four timed batches cost about as much as 1,000
 tokens from HF generate, and CTranslate2 was at most ~1.5x faster where it won).
 
+One request at a time is a different workload: on a 2-core Xeon with AMX (HF in bf16), the probe
+found the two engines level on its batch of 8 (CTranslate2 1.01x HF: HF kept) and CTranslate2
+1.57x HF for a lone request (1.7-1.8x over 64-token replies; docs/generation.md). So the probe also
+times one request alone on each engine (HF with its packed weights already in hand, as a server
+holds them), and `serving_cpu_engine` answers for `heedful serve`, whose requests come alone or in
+micro-batches: 'ct2' where it wins batches, 'hf+ct2' where it wins only lone requests (the server
+holds both: lone requests and streams on CTranslate2, micro-batches on HF), else 'hf'. An answer
+cached before lone requests were timed serves the stages as it is and is measured again for a server.
+
 `HEEDFUL_CPU_ENGINE=ct2|hf` answers without measuring (a fleet that knows its machines, or
 tests that need one engine); `engine: ct2|hf` in a config insists regardless.
 """
@@ -99,19 +108,51 @@ def faster_cpu_engine(model_name: str, *, cache_path: Path | None = None) -> str
     else measured now (both engines, the same prompts, alternating; best of two) and cached."""
     if (known := known_cpu_engine(model_name, cache_path=cache_path)) is not None:
         return known
+    return str(_probed(model_name, cache_path)["engine"])
+
+
+def serving_cpu_engine(model_name: str, *, cache_path: Path | None = None) -> str:
+    """The engines `heedful serve` holds for `model_name` on this CPU: 'ct2' (CTranslate2 wins
+    batches), 'hf+ct2' (it wins only lone requests: those, and streams, go to CTranslate2 and
+    micro-batches to HF) or 'hf'. HEEDFUL_CPU_ENGINE answers first; else the probe's answer, measured
+    now if unknown or cached before lone requests were timed (the stages' answer is kept meanwhile)."""
+    if (forced := forced_engine()) is not None:
+        return forced
+    entry = _probed(model_name, cache_path, lone_request=True)
+    if entry["engine"] == "ct2":
+        return "ct2"
+    return "hf+ct2" if entry.get("single") == "ct2" else "hf"
+
+
+def _probed(model_name: str, cache_path: Path | None, lone_request: bool = False) -> dict:
+    """The probe's entry for `model_name` on this host: the cached one, else measured now and cached
+    (under a file lock: two processes starting at once measure once). `lone_request`: an entry
+    without a lone request's timing (cached before the probe took one) is measured again."""
     from filelock import FileLock
 
-    path = cache_path or default_cache_path()
     from pipeline.precision import cpu_precision
 
+    path = cache_path or default_cache_path()
     key = _key(model_name, cpu_precision())
+
+    def cached() -> dict | None:
+        entry = _read(path).get(key)
+        return entry if entry is not None and (not lone_request or "single" in entry) else None
+
+    if (entry := cached()) is not None:
+        return entry
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):  # two processes starting at once measure once
-        if (known := _read(path).get(key)) is not None:
-            return str(known["engine"])
+    with FileLock(str(path) + ".lock"):
+        if (entry := cached()) is not None:
+            return entry
         seconds = _measure(model_name)
         speedup = seconds["hf"] / seconds["ct2"]
-        engine = "ct2" if speedup >= MARGIN else "hf"
+        entry = {
+            "engine": "ct2" if speedup >= MARGIN else "hf",
+            "ct2_vs_hf": round(speedup, 3),
+            "seconds": seconds,
+            "measured": time.time(),
+        }
         log.info(
             "engine probe (%s): HF %.2f s, CTranslate2 %.2f s for %d x %d tokens -> %s",
             model_name,
@@ -119,17 +160,23 @@ def faster_cpu_engine(model_name: str, *, cache_path: Path | None = None) -> str
             seconds["ct2"],
             len(PROBE_PROMPTS),
             PROBE_TOKENS,
-            engine,
+            entry["engine"],
         )
+        if "hf_single" in seconds:
+            single = seconds["hf_single"] / seconds["ct2_single"]
+            entry.update(single="ct2" if single >= MARGIN else "hf", single_ct2_vs_hf=round(single, 3))
+            log.info("engine probe (%s), one request alone: CTranslate2 %.2fx HF", model_name, single)
         data = _read(path)
-        data[key] = {"engine": engine, "ct2_vs_hf": round(speedup, 3), "seconds": seconds, "measured": time.time()}
+        data[key] = entry
         _write(path, data)
-    return engine
+    return entry
 
 
 def _measure(model_name: str) -> dict[str, float]:
-    """Seconds per batch for HF generate and CTranslate2 on the probe's workload."""
+    """Seconds per batch for HF generate and CTranslate2 on the probe's workload (`hf`, `ct2`), and
+    for two of its prompts one after the other, alone (`hf_single`, `ct2_single`)."""
     from pipeline.chat import as_messages
+    from pipeline.cpu_linear import packed_linears
     from pipeline.ct2_engine import Ct2Generator
     from pipeline.generation import SamplingSettings, chat_generate
     from pipeline.models import device_policy, load_causal_lm, load_tokenizer
@@ -146,5 +193,19 @@ def _measure(model_name: str) -> dict[str, float]:
         else:
             chat_generate(model, tokenizer, conversations, sampling, 1, len(conversations))
 
+    def alone(use_ct2: bool) -> None:
+        for conversation in conversations[:2]:
+            if use_ct2:
+                ct2.generate([conversation], sampling, batch_size=1)
+            else:
+                chat_generate(model, tokenizer, [conversation], sampling, 1, 1)
+
     best = measure(step, repeats=1)  # a warm-up and one timed batch each: about ten seconds on SmolLM2-135M
-    return {"hf": round(best[False], 4), "ct2": round(best[True], 4)}
+    with packed_linears(model):  # a server packs its weights once, not per request: not part of the time
+        single = measure(alone, repeats=1)
+    return {
+        "hf": round(best[False], 4),
+        "ct2": round(best[True], 4),
+        "hf_single": round(single[False], 4),
+        "ct2_single": round(single[True], 4),
+    }

@@ -276,6 +276,35 @@ def pick_local_engine(engine: str = "auto", device: str | None = None, model_nam
     return pick_engine(engine, device)
 
 
+#: `heedful serve`'s engines: the stages' local ones, and both at once (lone requests and streams on
+#: CTranslate2, micro-batches on HF: where each is faster, pipeline/engine_probe.py `serving_cpu_engine`)
+ServeEngine = Literal["auto", "hf", "ct2", "hf+ct2", "vllm"]
+ServeEngineSetting = Annotated[
+    ServeEngine,
+    Field(
+        description="auto: on CPU what the engine probe found faster here (measured once per host and model): "
+        "ct2, hf, or hf+ct2 (lone requests and streams on CTranslate2, micro-batches on HF); hf; ct2; hf+ct2"
+    ),
+]
+
+
+def pick_serving_engine(engine: str = "auto", device: str | None = None, model_name: str | None = None) -> str:
+    """'hf', 'ct2' or 'hf+ct2' for `heedful serve`: like `pick_local_engine`, and on a CPU `auto` may
+    answer 'hf+ct2' (the probe found CTranslate2 faster for a lone request only); 'hf+ct2' insists
+    (CPU only, CTranslate2 installed)."""
+    check_local_engine(engine)
+    if engine == "hf+ct2":
+        if not _on_cpu(device):
+            raise RuntimeError(f"engine: hf+ct2 runs on a CPU (device {device or 'auto'} has a GPU); use hf")
+        pick_engine("ct2", device)  # a clear error when CTranslate2 cannot run
+        return engine
+    if engine != "auto" or not _on_cpu(device) or importlib.util.find_spec("ctranslate2") is None or model_name is None:
+        return pick_local_engine(engine, device, model_name)
+    from .engine_probe import serving_cpu_engine
+
+    return serving_cpu_engine(model_name)
+
+
 def _on_cpu(device: str | None) -> bool:
     """Whether local generation would run on the CPU (no device asked for and no GPU, or 'cpu')."""
     if device is not None:

@@ -193,7 +193,7 @@ def build_app(settings: ServeSettings, service: MemPromptService | None = None) 
 
     @app.get("/v1/models")
     def models():
-        """The served model; `engine`: what generates (hf or ct2, `engine` resolved); `versions`: its adapter
+        """The served model; `engine`: what generates (hf, ct2 or hf+ct2, `engine` resolved); `versions`: its adapter
         versions (id, adapter path, loaded_at, active, loaded, canary: the share of users a canary serves,
         else 0), newest first."""
         versions = svc().versions.list() if state["service"] is not None else []

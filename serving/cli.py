@@ -38,7 +38,7 @@ def serve(
     engine: str = typer.Option(
         "auto",
         "--engine",
-        help="auto: the faster of CTranslate2 and HF generate on this CPU (measured once), else HF; hf; ct2 (docs/serving.md)",
+        help="auto: on this CPU what the engine probe found faster (ct2, hf, or hf+ct2: lone requests on CTranslate2, batches on HF; measured once), else HF; hf; ct2; hf+ct2 (docs/serving.md)",
     ),
     max_batch: int = typer.Option(16, "--max-batch", help="concurrent requests generated together (1: serialized)"),
     batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", help="how long a request waits for others"),

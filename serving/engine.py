@@ -9,17 +9,28 @@ The model itself is used by one call at a time (a lock): on CPU one call already
 core, and it keeps `generate` state (seeds, streamer threads) from interleaving.
 
 Two engines behind the same requests (`engine`, resolved by pipeline.generation's
-`pick_local_engine`, as the stages resolve theirs; `auto` measures which is faster on this
+`pick_serving_engine`, as the stages resolve theirs; `auto` measures which is faster on this
 CPU): HF `generate` on the loaded model, or CTranslate2 on CPU (pipeline/ct2_engine.py: the weights converted once, the adapter merged in,
 greedy replies equal to HF's). With ct2 the conversion runs when the engine is built -- for a
 hot-swapped version, while it loads off to the side, before the switch. Batches go through one
 `generate_batch` with a budget per request; seeded requests, stop strings and streams through
 CTranslate2's token streaming (`Ct2Generator.stream_ids`), stopped at the token that completes a
-stop string as HF's `stop_strings` stops.
+stop string as HF's `stop_strings` stops. Or both (`hf+ct2`, what `auto` picks where CTranslate2 is
+faster only for a lone request, pipeline/engine_probe.py): everything that runs alone (a request
+that found no company in its window, seeded ones, stop strings, streams) on CTranslate2, micro-batches
+of two or more on HF (with `max_batch` 1 there are none: that is ct2 alone). It costs memory: HF's
+weights, their packed copy and CTranslate2's; and in bf16 a greedy reply can differ at a near-tie
+between the engines (CTranslate2 computes in fp32), as batched and alone do.
+
+On a CPU the HF side keeps its linear layers' weights packed for oneDNN for the engine's life
+(pipeline/cpu_linear.py `packed_linears`, opened here and closed by `close`): nothing in serving
+changes a loaded model's weights (a new adapter version is a new engine), so the copies cannot go
+stale.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -132,17 +143,20 @@ class ChatEngine:
         batch_window: float = 0.005,
         engine: str = "hf",
     ):
-        from pipeline.generation import _eos_ids, pick_local_engine
+        from pipeline.generation import _eos_ids, pick_serving_engine
         from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
         self.model_name = model
         self.adapter = str(adapter) if adapter else None
-        self.engine = pick_local_engine(engine, device, model)
-        self.policy = device_policy("cpu" if self.engine == "ct2" else device)
+        self.engine = pick_serving_engine(engine, device, model)
+        if self.engine == "hf+ct2" and max_batch <= 1:  # no micro-batches: every request runs alone, on ct2
+            self.engine = "ct2"
+        self.policy = device_policy("cpu" if "ct2" in self.engine else device)
         self.tokenizer = load_tokenizer(model, padding_side="left")
         self.model: Any = None
         self.ct2: Any = None
-        if self.engine == "ct2":
+        self._packed = contextlib.ExitStack()
+        if "ct2" in self.engine:
             from transformers import AutoConfig
 
             from pipeline.ct2_engine import Ct2Generator
@@ -154,10 +168,16 @@ class ChatEngine:
             self.ct2 = Ct2Generator(model, adapter, prefix_cache="across_calls")
             config = AutoConfig.from_pretrained(resolve_model(model))
             self.eos_ids = sorted(self.tokenizer.convert_tokens_to_ids(self.ct2.eos_tokens))
-        else:
+        if "hf" in self.engine:
+            from pipeline.cpu_linear import packed_linears
+
             self.model = load_causal_lm(model, self.policy, adapter=adapter).eval()
             config = getattr(self.model, "config", None)
             self.eos_ids = _eos_ids(self.model, self.tokenizer)
+            # on a CPU the decode steps' small products run on weights packed once for the engine's life
+            # (pipeline/cpu_linear.py; packing per request would cost ~0.3 s each): one more copy of the
+            # linear weights in memory, dropped by `close`; HEEDFUL_PACKED_LINEAR=0 turns it off
+            self._packed.enter_context(packed_linears(self.model))
         self.context_length = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         self._lock = threading.Lock()
         # encoding with padding flips shared state of the Rust tokenizer: a request thread encoding
@@ -169,7 +189,10 @@ class ChatEngine:
         if self._batcher is not None:
             self._batcher.stop()
             self._batcher = None
-        if self.ct2 is not None:  # free the converted model's memory now, not when the last reference goes
+        # the packed copies go now, not when the last reference does; without the lock: an abandoned HF
+        # stream may still be generating under it, and a block may close while another thread computes
+        self._packed.close()
+        if self.ct2 is not None:  # likewise the converted model, once no call uses it
             with self._lock:
                 self.ct2.generator = None
 
@@ -288,8 +311,8 @@ class ChatEngine:
     def _generate_batch(self, jobs: list[_Job]) -> list[Generated]:
         """Jobs with the same sampling settings in one left-padded `generate` (ct2: one `generate_batch`
         with a budget per job); each is cut to its own max_tokens (greedy: the same tokens as alone, up
-        to float rounding in padded attention)."""
-        if self.ct2 is not None:
+        to float rounding in padded attention). With both engines (hf+ct2) a lone job goes to CTranslate2."""
+        if self.ct2 is not None and (self.model is None or len(jobs) == 1):
             return self._ct2_batch(jobs)
         import torch
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.generation import EngineSetting, check_local_engine
+from pipeline.generation import ServeEngineSetting, check_local_engine
 from pipeline.schema import FollowUp, Preference, Provenance, Reaction, VerbalFeedback
 
 from .identity import SINGLE_USER, Principal
@@ -59,7 +59,7 @@ class ServeSettings(BaseModel):
     max_batch: int = Field(default=16, ge=1, description="concurrent requests generated together (1: one at a time)")
     batch_window_ms: float = Field(default=5.0, ge=0, le=1000, description="how long a request waits for company")
     device: str | None = None
-    engine: EngineSetting = "auto"
+    engine: ServeEngineSetting = "auto"
     token_file: str | None = None
     users_file: str | None = Field(default=None, description="several users: tokens (hashed), names, roles")
 

@@ -18,6 +18,7 @@ reference word) is reported too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -156,13 +157,16 @@ def run_stream_eval(
 
     say = progress or (lambda m: None)
     stream = make_stream(Path(path), settings.n, settings.seed)
-    engine = engine or ChatEngine(settings.model, settings.adapter)
+    owned = contextlib.ExitStack()  # an engine made here is closed here (its batcher thread would keep it alive)
+    if engine is None:
+        engine = ChatEngine(settings.model, settings.adapter)
+        owned.callback(engine.close)
     embedder = embedder or MiniLMEmbedder()
     prefix = fewshot_messages(settings.template)
     rng = random.Random(settings.seed + 1)
     results: dict[str, list[dict[str, Any]]] = {}
     timings: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with owned, tempfile.TemporaryDirectory() as tmp:
         for condition in settings.conditions:
             serve = ServeSettings(
                 model=settings.model,

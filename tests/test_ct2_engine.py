@@ -160,7 +160,7 @@ def test_engine_probe_on_tiny_times_both_engines(tiny_model_path):
     from pipeline import engine_probe
 
     seconds = engine_probe._measure("tiny")
-    assert set(seconds) == {"hf", "ct2"} and all(0 < s < 60 for s in seconds.values())
+    assert set(seconds) == {"hf", "ct2", "hf_single", "ct2_single"} and all(0 < s < 60 for s in seconds.values())
 
 
 def test_conversion_freezes_live_objects_only_when_nobody_else_did():

@@ -1,12 +1,14 @@
 """`heedful serve` on the stages' engine selection: a real server on `tiny` answers with HF's
-greedy replies whichever engine generates (`engine: ct2` -- what `auto` picks on CPU -- and
-`engine: hf`), with an adapter version loaded and after a hot swap to another; on ct2, stop
-strings, streams and seeds behave as on HF; and the local LLM client (pipeline/llm.py) picks
+greedy replies whichever engine generates (`engine: ct2`, `engine: hf`, and both: `hf+ct2`, lone
+requests on CTranslate2 and micro-batches on HF), with an adapter version loaded and after a hot
+swap to another; on ct2, stop strings, streams and seeds behave as on HF; `auto` follows the
+engine probe's batch and lone-request answers; and the local LLM client (pipeline/llm.py) picks
 the same engine and writes the same greedy replies.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -69,7 +71,7 @@ def models(server) -> dict:
     return httpx.get(server.url + "/v1/models", headers=bearer(TOKENS, "alice"), timeout=60).json()
 
 
-@pytest.mark.parametrize("engine", ["ct2", "hf"])
+@pytest.mark.parametrize("engine", ["ct2", "hf", "hf+ct2"])
 def test_served_greedy_replies_equal_hf_generate_before_and_after_a_swap(engine, adapters, tmp_path):
     expected_a, expected_b = hf_greedy(adapters["a"]), hf_greedy(adapters["b"])
     assert expected_a != expected_b  # the swap is visible in the replies
@@ -167,3 +169,82 @@ def test_llm_local_client_picks_the_engine_and_writes_hf_greedy_replies(adapters
     assert clients["auto"].yes_probability(conversations) == pytest.approx(clients["hf"].yes_probability(conversations))
     with pytest.raises(ValueError, match="engine: vllm is for the batch stages"):
         LLMSettings(engine="vllm")
+
+
+def test_both_engines_send_lone_requests_to_ct2_and_batches_to_hf_with_hf_greedy_replies(adapters):
+    """`hf+ct2` (what `auto` serves where CTranslate2 wins only lone requests): a job alone in its
+    window runs on CTranslate2, a micro-batch of two on HF; greedy replies are HF's either way. The HF
+    side keeps its weights packed for the engine's life (pipeline/cpu_linear.py) until `close`."""
+    from pipeline import cpu_linear
+    from serving.engine import ChatEngine, _Job
+
+    both = ChatEngine("tiny", adapters["a"], max_batch=2, engine="hf+ct2")
+    both._batcher.stop()  # the jobs below are handed to the engine directly, as the batcher hands them
+    assert both.engine == "hf+ct2" and both.model is not None and both.ct2 is not None
+    calls = {"ct2": 0, "hf": 0}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    both.ct2.generate_ids = counted("ct2", both.ct2.generate_ids)
+    both.model.generate = counted("hf", both.model.generate)
+    texts = [both._render([{"role": "user", "content": p}], MAX_TOKENS)[0] for p in PROMPTS]
+    jobs = [_Job(text, 1, MAX_TOKENS, 0.0, 1.0) for text in texts]
+    expected = hf_greedy(adapters["a"])
+    assert [g.text for g in both._generate_batch(jobs[:1])] == expected[:1] and calls == {"ct2": 1, "hf": 0}
+    assert [g.text for g in both._generate_batch(jobs)] == expected and calls == {"ct2": 1, "hf": 1}
+    if cpu_linear.available():  # a PyTorch with oneDNN's packed linear, not turned off
+        routed = [m for m in both.model.modules() if m in cpu_linear._ROUTED]
+        assert routed and any(m in cpu_linear._PACKED for m in routed)  # the batch of two used packed weights
+    both.close()
+    assert not any(m in cpu_linear._ROUTED or m in cpu_linear._PACKED for m in both.model.modules())
+    # without micro-batches every request runs alone: CTranslate2 only, no HF copy loaded
+    alone = ChatEngine("tiny", adapters["a"], max_batch=1, engine="hf+ct2")
+    assert (alone.engine, alone.model) == ("ct2", None)
+    alone.close()
+
+
+def test_serving_auto_follows_the_probes_lone_request_answer(tmp_path, monkeypatch):
+    from pipeline import engine_probe
+    from pipeline.generation import pick_serving_engine
+    from pipeline.precision import cpu_precision
+    from serving.service import ServeSettings
+
+    cache = tmp_path / "engine_probe.json"
+    monkeypatch.setattr(engine_probe, "default_cache_path", lambda: cache)
+    monkeypatch.delenv(engine_probe.ENV, raising=False)
+    timings = {  # seconds: (batch hf, batch ct2, alone hf, alone ct2)
+        "hf-wins": (1.0, 2.0, 1.0, 1.05),
+        "ct2-alone": (1.0, 1.6, 2.0, 1.0),  # HF faster on batches, CTranslate2 twice as fast alone
+        "ct2-wins": (2.0, 1.0, 2.0, 1.0),
+        "old-entry": (1.0, 1.6, 2.0, 1.0),
+    }
+    measured: list[str] = []
+
+    def measure(model):
+        measured.append(model)
+        return dict(zip(("hf", "ct2", "hf_single", "ct2_single"), timings[model]))
+
+    monkeypatch.setattr(engine_probe, "_measure", measure)
+    # an answer cached before lone requests were timed: the stages keep it, a server measures again
+    old_key = engine_probe._key("old-entry", cpu_precision())
+    cache.write_text(json.dumps({old_key: {"engine": "hf", "ct2_vs_hf": 0.6, "seconds": {"hf": 1.0, "ct2": 1.6}}}))
+    assert engine_probe.faster_cpu_engine("old-entry") == "hf" and measured == []
+    answers = {model: pick_serving_engine("auto", "cpu", model) for model in timings}
+    assert answers == {"hf-wins": "hf", "ct2-alone": "hf+ct2", "ct2-wins": "ct2", "old-entry": "hf+ct2"}
+    assert sorted(measured) == sorted(timings)  # each once
+    # cached: no second measurement; the stages' batch answer is unchanged by the lone one
+    assert pick_serving_engine("auto", "cpu", "ct2-alone") == "hf+ct2" and len(measured) == len(timings)
+    assert engine_probe.faster_cpu_engine("ct2-alone") == "hf"
+    monkeypatch.setenv(engine_probe.ENV, "hf")
+    assert pick_serving_engine("auto", "cpu", "ct2-alone") == "hf"  # the variable answers first
+    assert pick_serving_engine("hf+ct2", "cpu", "any") == "hf+ct2"  # insisted
+    with pytest.raises(RuntimeError, match="hf\\+ct2 runs on a CPU"):
+        pick_serving_engine("hf+ct2", "cuda", "any")
+    assert ServeSettings(model="tiny", engine="hf+ct2").engine == "hf+ct2"
+    with pytest.raises(ValueError, match="engine: vllm is for the batch stages"):
+        ServeSettings(model="tiny", engine="vllm")
