@@ -377,22 +377,28 @@ class ChatEngine:
         return n_prompt, deltas(), info
 
     def _hf_pieces(self, req: _Prepared, done: dict) -> Iterator[str]:
-        """Text pieces from HF `generate` in a thread through a `TextIteratorStreamer`."""
+        """Text pieces from HF `generate` in a thread through a `TextIteratorStreamer`; a stream left
+        unread (the client went away) stops the generation at its next step, as on ct2, instead of
+        holding the model to the end of its budget."""
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         result: dict = {}
+        abandoned = threading.Event()
 
         def work():
             try:
-                result["out"] = self._run(req, streamer=streamer)
+                result["out"] = self._run(req, streamer=streamer, stopping_criteria=_stops_when(abandoned))
             except BaseException as exc:  # surface to the consumer, never hang it
                 result["error"] = exc
                 streamer.end()
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield from streamer
+        try:
+            yield from streamer
+        finally:
+            abandoned.set()
         thread.join()
         if "error" in result:
             raise result["error"]
@@ -437,6 +443,18 @@ class ChatEngine:
         if final.startswith(emitted) and len(final) > len(emitted):
             yield final[len(emitted) :]
         done.update(tokens=len(result["tokens"]), ended=result["ended"])
+
+
+def _stops_when(event: threading.Event) -> Any:
+    """A transformers `StoppingCriteriaList` that stops every row once `event` is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Abandoned(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Abandoned()])
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

@@ -9,6 +9,7 @@ the same engine and writes the same greedy replies.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -248,3 +249,55 @@ def test_serving_auto_follows_the_probes_lone_request_answer(tmp_path, monkeypat
     assert ServeSettings(model="tiny", engine="hf+ct2").engine == "hf+ct2"
     with pytest.raises(ValueError, match="engine: vllm is for the batch stages"):
         ServeSettings(model="tiny", engine="vllm")
+
+
+@pytest.mark.parametrize("engine", ["hf", "ct2"])
+def test_a_stream_left_unread_stops_its_generation(engine, adapters):
+    """A client that goes away mid-stream frees the model at the next step, on either engine,
+    instead of holding it (and every request queued behind it) to the end of the budget."""
+    import gc
+
+    from serving.engine import ChatEngine
+
+    served = ChatEngine("tiny", adapters["a"], max_batch=1, engine=engine)
+    budget, written = 300, []
+    messages = next(  # a prompt whose reply runs to the whole budget, so stopping early is visible
+        m
+        for m in ([{"role": "user", "content": p}] for p in STOP_PROMPTS)
+        if served.generate(m, max_tokens=budget).finish_reason == "length"
+    )
+    if engine == "hf":
+        generate = served.model.generate
+
+        def counted(**kwargs):
+            out = generate(**kwargs)
+            written.append(out.shape[1] - kwargs["input_ids"].shape[1])
+            return out
+
+        served.model.generate = counted
+    else:
+        stream_ids = served.ct2.stream_ids
+
+        def counted_ids(*args, **kwargs):
+            n = 0
+            try:
+                for token in stream_ids(*args, **kwargs):
+                    n += 1
+                    yield token
+            finally:  # also when the caller stops reading it
+                written.append(n)
+
+        served.ct2.stream_ids = counted_ids
+    _, deltas, _ = served.stream(messages, max_tokens=budget)
+    assert next(deltas)  # the stream has begun
+    deltas.close()
+    del deltas
+    gc.collect()
+    with served._lock:  # the generation has let go of the model
+        pass
+    for _ in range(100):  # the worker thread records its count just after
+        if written:
+            break
+        time.sleep(0.05)
+    assert written and written[0] < budget // 2, written
+    served.close()
