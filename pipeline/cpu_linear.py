@@ -87,6 +87,11 @@ def model_min_rows(model: Any) -> int | None:
     return min((min_rows(layer.weight.dtype) for layer in _routable(model)), default=None)
 
 
+def routable_bytes(model: Any) -> int:
+    """Bytes of the weights `packed_linears` would pack for `model` (one more copy of them)."""
+    return sum(layer.weight.numel() * layer.weight.element_size() for layer in _routable(model))
+
+
 def _routable(model: Any) -> list[Any]:
     """`model`'s plain `nn.Linear` layers with CPU weights of a dtype oneDNN packs here."""
     import torch

@@ -291,7 +291,8 @@ ServeEngineSetting = Annotated[
 def pick_serving_engine(engine: str = "auto", device: str | None = None, model_name: str | None = None) -> str:
     """'hf', 'ct2' or 'hf+ct2' for `heedful serve`: like `pick_local_engine`, and on a CPU `auto` may
     answer 'hf+ct2' (the probe found CTranslate2 faster for a lone request only); 'hf+ct2' insists
-    (CPU only, CTranslate2 installed)."""
+    (CPU only, CTranslate2 installed). `auto` holds both only while CTranslate2's fp32 copy fits in
+    half of the memory available (pipeline/host_memory.py), else the batch answer, HF."""
     check_local_engine(engine)
     if engine == "hf+ct2":
         if not _on_cpu(device):
@@ -301,8 +302,13 @@ def pick_serving_engine(engine: str = "auto", device: str | None = None, model_n
     if engine != "auto" or not _on_cpu(device) or importlib.util.find_spec("ctranslate2") is None or model_name is None:
         return pick_local_engine(engine, device, model_name)
     from .engine_probe import serving_cpu_engine
+    from .host_memory import fp32_bytes, room_for
+    from .models import resolve_model
 
-    return serving_cpu_engine(model_name)
+    answer = serving_cpu_engine(model_name)
+    if answer == "hf+ct2" and not room_for(fp32_bytes(resolve_model(model_name)) or 0, "CTranslate2's copy beside HF"):
+        return "hf"
+    return answer
 
 
 def _on_cpu(device: str | None) -> bool:

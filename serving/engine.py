@@ -169,15 +169,18 @@ class ChatEngine:
             config = AutoConfig.from_pretrained(resolve_model(model))
             self.eos_ids = sorted(self.tokenizer.convert_tokens_to_ids(self.ct2.eos_tokens))
         if "hf" in self.engine:
-            from pipeline.cpu_linear import packed_linears
+            from pipeline.cpu_linear import packed_linears, routable_bytes
+            from pipeline.host_memory import room_for
 
             self.model = load_causal_lm(model, self.policy, adapter=adapter).eval()
             config = getattr(self.model, "config", None)
             self.eos_ids = _eos_ids(self.model, self.tokenizer)
             # on a CPU the decode steps' small products run on weights packed once for the engine's life
             # (pipeline/cpu_linear.py; packing per request would cost ~0.3 s each): one more copy of the
-            # linear weights in memory, dropped by `close`; HEEDFUL_PACKED_LINEAR=0 turns it off
-            self._packed.enter_context(packed_linears(self.model))
+            # linear weights in memory, taken only where it fits (pipeline/host_memory.py), dropped by
+            # `close`; HEEDFUL_PACKED_LINEAR=0 turns it off
+            if room_for(routable_bytes(self.model), "packed copies of the linear layers' weights"):
+                self._packed.enter_context(packed_linears(self.model))
         self.context_length = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         self._lock = threading.Lock()
         # encoding with padding flips shared state of the Rust tokenizer: a request thread encoding

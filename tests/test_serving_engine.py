@@ -301,3 +301,35 @@ def test_a_stream_left_unread_stops_its_generation(engine, adapters):
         time.sleep(0.05)
     assert written and written[0] < budget // 2, written
     served.close()
+
+
+def test_extra_weight_copies_are_taken_only_where_memory_has_room(adapters, tmp_path, monkeypatch):
+    """The packed copy (HF) and CTranslate2's copy beside HF (`hf+ct2`) are each kept only while they
+    fit in half of the memory available (pipeline/host_memory.py); with too little, the server runs
+    as it did without them, with HF's greedy replies."""
+    from pipeline import cpu_linear, engine_probe, host_memory
+    from pipeline.generation import pick_serving_engine
+    from pipeline.models import resolve_model
+    from serving.engine import ChatEngine
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   1000 kB\n")
+    assert host_memory.available_bytes(meminfo) == 1000 * 1024
+    assert host_memory.available_bytes(tmp_path / "absent") is None
+    tiny_fp32 = host_memory.fp32_bytes(resolve_model("tiny"))
+    assert tiny_fp32 and tiny_fp32 > 1000 * 1024  # tiny's weights do not fit in 1 MB
+
+    monkeypatch.setattr(engine_probe, "default_cache_path", lambda: tmp_path / "engine_probe.json")
+    monkeypatch.delenv(engine_probe.ENV, raising=False)
+    timings = {"hf": 1.0, "ct2": 1.6, "hf_single": 2.0, "ct2_single": 1.0}  # CTranslate2 wins alone only
+    monkeypatch.setattr(engine_probe, "_measure", lambda model: timings)
+    assert pick_serving_engine("auto", "cpu", "tiny") == "hf+ct2"  # room enough on this machine
+    short = host_memory.available_bytes(meminfo)
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: short)
+    assert pick_serving_engine("auto", "cpu", "tiny") == "hf"  # CTranslate2's copy would not fit
+    served = ChatEngine("tiny", adapters["a"], max_batch=1, engine="hf")
+    assert not any(m in cpu_linear._ROUTED for m in served.model.modules())  # no packed copy either
+    assert [served.generate([{"role": "user", "content": p}], max_tokens=MAX_TOKENS).text for p in PROMPTS] == hf_greedy(
+        adapters["a"]
+    )
+    served.close()
