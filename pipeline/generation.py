@@ -291,8 +291,8 @@ ServeEngineSetting = Annotated[
 def pick_serving_engine(engine: str = "auto", device: str | None = None, model_name: str | None = None) -> str:
     """'hf', 'ct2' or 'hf+ct2' for `heedful serve`: like `pick_local_engine`, and on a CPU `auto` may
     answer 'hf+ct2' (the probe found CTranslate2 faster for a lone request only); 'hf+ct2' insists
-    (CPU only, CTranslate2 installed). `auto` holds both only while CTranslate2's fp32 copy fits in
-    half of the memory available (pipeline/host_memory.py), else the batch answer, HF."""
+    (CPU only, CTranslate2 installed). `auto` considers both only while CTranslate2's fp32 copy fits
+    in half of the memory left beside HF's (pipeline/host_memory.py), else gives the stages' answer."""
     check_local_engine(engine)
     if engine == "hf+ct2":
         if not _on_cpu(device):
@@ -304,11 +304,14 @@ def pick_serving_engine(engine: str = "auto", device: str | None = None, model_n
     from .engine_probe import serving_cpu_engine
     from .host_memory import fp32_bytes, room_for
     from .models import resolve_model
+    from .precision import cpu_precision
 
-    answer = serving_cpu_engine(model_name)
-    if answer == "hf+ct2" and not room_for(fp32_bytes(resolve_model(model_name)) or 0, "CTranslate2's copy beside HF"):
-        return "hf"
-    return answer
+    # asked before the probe, which itself holds both engines: no room, the stages' answer
+    fp32 = fp32_bytes(resolve_model(model_name)) or 0
+    hf = fp32 // 2 if cpu_precision() == "bfloat16" else fp32
+    if not room_for(fp32, "CTranslate2's copy beside HF", besides=hf):
+        return pick_local_engine(engine, device, model_name)
+    return serving_cpu_engine(model_name)
 
 
 def _on_cpu(device: str | None) -> bool:

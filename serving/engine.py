@@ -22,8 +22,9 @@ of two or more on HF (with `max_batch` 1 there are none: that is ct2 alone). It 
 weights, their packed copy and CTranslate2's; and in bf16 a greedy reply can differ at a near-tie
 between the engines (CTranslate2 computes in fp32), as batched and alone do.
 
-On a CPU the HF side keeps its linear layers' weights packed for oneDNN for the engine's life
-(pipeline/cpu_linear.py `packed_linears`, opened here and closed by `close`): nothing in serving
+On a CPU the HF side keeps its linear layers' weights packed for oneDNN for the engine's life where
+memory has room for the copy (pipeline/cpu_linear.py `packed_linears`, opened here and closed by
+`close`; pipeline/host_memory.py): nothing in serving
 changes a loaded model's weights (a new adapter version is a new engine), so the copies cannot go
 stale.
 """
