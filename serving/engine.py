@@ -24,9 +24,8 @@ between the engines (CTranslate2 computes in fp32), as batched and alone do.
 
 On a CPU the HF side keeps its linear layers' weights packed for oneDNN for the engine's life where
 memory has room for the copy (pipeline/cpu_linear.py `packed_linears`, opened here and closed by
-`close`; pipeline/host_memory.py): nothing in serving
-changes a loaded model's weights (a new adapter version is a new engine), so the copies cannot go
-stale.
+`close`; pipeline/host_memory.py): nothing in serving changes a loaded model's weights (a new
+adapter version is a new engine), so the copies cannot go stale.
 """
 
 from __future__ import annotations
