@@ -11,6 +11,10 @@ the questions (seeded) and writes, from those judgments,
                    (dpo, coh, sft: the chosen reply)
     judgments      the judgment rows themselves                                      (cut)
     unpaired       each judged reply with its label: good vs needs work                 (kto)
+    train_spans    the training questions' error spans as span_feedback records, for a
+                   fine-grained reward model that never saw a held-out question
+                   (arena_spans.yaml trains its relevance RM on them: it rewards ppo and
+                   scores every row of the table)
     eval_prompts / eval_answers          held-out questions, and their reference answer
     validation_prompts / validation_answers   (with `validation_fraction`) training questions
                    kept out of the views for tuning a grid (docs/arena.md)
@@ -53,6 +57,7 @@ class SpanViewsStage(Stage):
         "preferences": Output("preferences", doc="prompt / chosen (correction) / rejected (prediction 1)"),
         "judgments": Output("judgments", doc="instruction / response / judgment / positive"),
         "unpaired": Output("unpaired_preferences", doc="prompt / completion / label"),
+        "train_spans": Output("span_feedback", doc="the training questions' error spans (fine_grained reward models)"),
         "eval_prompts": Output("prompts", doc="held-out questions"),
         "eval_answers": Output("prompts", doc="held-out questions with their reference answer (prompt / answer)"),
         "validation_prompts": Output("prompts", doc="validation questions (empty without validation_fraction)"),
@@ -72,12 +77,15 @@ class SpanViewsStage(Stage):
         views = training_views(judged["train"], str(path))
         for name, items in views.items():
             save_rows(items, self.ctx.output(name))
+        spans = training_spans(path, parts["train"], len(questions), cfg.with_passages)
+        save_rows(spans, self.ctx.output("train_spans"))
         for part, prefix in (("held_out", "eval"), ("validation", "validation")):
             prompts, answers = prompts_and_answers(judged[part])
             save_rows(prompts, self.ctx.output(f"{prefix}_prompts"), empty_like=EMPTY_PROMPT)
             save_rows(answers, self.ctx.output(f"{prefix}_answers"), empty_like=EMPTY_ANSWER)
         counts = {f"questions_{name}": len(index) for name, index in parts.items()}
         counts.update({name: len(items) for name, items in views.items()})
+        counts["train_spans"] = len(spans)
         self.ctx.log.info("%s", ", ".join(f"{k}={v}" for k, v in counts.items()))
         return counts
 
@@ -119,6 +127,20 @@ def training_views(questions: list[list[dict[str, Any]]], where: str) -> dict[st
     if not prefs:
         raise ValueError(f"{where}: no training question has marked errors and a correction: no preference pair to learn from")
     return {"preferences": prefs, "judgments": judgments, "unpaired": unpaired}
+
+
+def training_spans(path: Path, train: list[int], n: int, with_passages: bool) -> list[dict[str, Any]]:
+    """The training questions' spans as span_feedback records (qa_spans: prediction 1 and its marked
+    errors), prompted as the methods see the questions: the passages only `with_passages`."""
+    import json
+
+    from feedback.sources.qa_feedback import qa_spans
+
+    items = json.loads(Path(path).read_text(encoding="utf-8"))[:n]
+    if not with_passages:
+        items = [{**item, "passages": []} for item in items]
+    records = qa_spans(items, str(path))
+    return [records[i].model_dump(mode="json") for i in train]
 
 
 def prompts_and_answers(questions: list[list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

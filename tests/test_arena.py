@@ -434,7 +434,8 @@ def qa_sample(tmp_path):
 
 def test_arena_on_span_feedback(tmp_path, qa_sample):
     """Feedback source (c): configs/arena_spans.yaml on `tiny` through --set, kto tuned by the corrected
-    answers' log-likelihood on validation questions, sft (on the corrections) untuned."""
+    answers' log-likelihood on validation questions, sft (on the corrections) untuned, ppo rewarded by the
+    file's relevance reward model, trained on the training questions' spans only, which also scores every row."""
     from pipeline.arena import expand
 
     data = yaml.safe_load((ROOT / "configs" / "arena_spans.yaml").read_text())
@@ -442,18 +443,21 @@ def test_arena_on_span_feedback(tmp_path, qa_sample):
     assert wiring["dpo_s0"] == {"preferences": "views.preferences"} and wiring["cut_s0"] == {"judgments": "views.judgments"}
     assert wiring["kto_s0"] == {"feedback": "views.unpaired"}
     assert wiring["sft_s0"] == {"preferences": "views.preferences"}  # SFT on the corrections
+    assert wiring["ppo_s0"]["reward_model"] == wiring["eval_base"]["reward_model"] == "relevance.reward_model"
+    assert wiring["relevance"] == {"feedback": "views.train_spans"} and "reward" not in wiring  # no FLR trained
 
     overrides = [
         "model=tiny",
         f"arena.spans={qa_sample}",
         "arena.methods=[kto, sft, ppo]",
         "arena.method_settings.ppo={samples_per_prompt: 2, max_new_tokens: 8, ppo_epochs: 1}",
-        "arena.reward={followup: {aspects: [relevance], per_aspect: 1, max_eval_prompts: 1, max_prefix_tokens: 256}}",
         "arena.views={held_out_fraction: 0.25}",
         "arena.grid={kto: {beta: [0.1, 0.5]}}",
         "arena.validation=0.34",
         "arena.budget={max_steps: 2, per_device_train_batch_size: 2, max_length: 64, lora: {r: 4, alpha: 8}}",
         "arena.evaluate={sampling: {max_new_tokens: 6, temperature: 0.0}, max_general: 2, resamples: 200, feedback: Be brief.}",
+        "stages.relevance.with.num_train_epochs=1",
+        "stages.relevance.with.max_length=128",
     ]
     pipeline, run_dir, table = run_in_process(ROOT / "configs" / "arena_spans.yaml", tmp_path, overrides)
     from pipeline.records import load_rows
@@ -463,6 +467,9 @@ def test_arena_on_span_feedback(tmp_path, qa_sample):
     trained = {r["prompt"] for r in load_rows(run_dir / "views" / "unpaired")}
     assert (len(held_out), len(validation), len(trained)) == (2, 2, 4)  # 8 questions: 2 held out, 2 of the rest validate
     assert not held_out & trained and not validation & trained
+    # the reward model's spans: prediction 1 of exactly the training questions, prompted as the methods see them
+    spans = load_rows(run_dir / "views" / "train_spans")
+    assert {r["prompt"][-1]["content"] for r in spans} == trained and len(spans) == len(trained)
     answers = load_rows(run_dir / "views" / "eval_answers")  # a question annotators left uncorrected has none
     assert {r["prompt"] for r in answers} <= held_out and answers
     assert [row["condition"] for row in table["rows"]] == ["base", "in_context", "kto_s0", "sft_s0", "ppo_s0"]
@@ -471,12 +478,13 @@ def test_arena_on_span_feedback(tmp_path, qa_sample):
         assert row["metrics"]["unfinished"]["n"] == 2
         assert row["metrics"]["ref_loglik"]["n"] == len(answers)  # log-likelihood of the held-out corrections
         assert "adherence" not in row["metrics"]  # no scoped prompts: nothing to adhere to
-    # ppo: a reward model fine-tuned on the corrections (FLR), then rollouts against it; a training cost of its own
+        assert row["metrics"]["reward/fine_grained"]["n"] == 2  # the relevance RM scores every row's replies
+    # ppo: rollouts against the relevance reward model; a training cost of its own
     ppo = table["rows"][-1]
     assert ppo["metrics"]["kl_to_base"]["value"] > 0 and ppo["cost"]["steps"] == 2
     assert ppo["cost"]["tokens_per_second"] > 0 and ppo["cost"]["peak_memory_mb"] > 0
-    reward = json.loads((run_dir / "reward" / "reward_model" / "reward_model.json").read_text())
-    assert reward["kind"] == "followup" and reward["adapter"]
+    reward = json.loads((run_dir / "relevance" / "reward_model" / "reward_model.json").read_text())
+    assert reward["kind"] == "fine_grained"
     (grid,) = table["grid"]
     assert table["tuning"]["select_by"] == "ref_loglik" and grid["metric"] == "ref_loglik"
     assert grid["chosen"] == [p["validation"]["ref_loglik"]["value"] for p in grid["points"]].index(
