@@ -387,6 +387,12 @@ def expand(
         and not rule_rewarded(arm)
     ]
     trains_reward = bool(ppo_arms and "ppo" in WIRING[spec.source])
+    if spec.reward and not trains_reward and any(uses_of(arm) == "ppo" for arm in chosen):
+        raise problem(
+            "reward",
+            "no reward model is trained by the arena in this run (every ppo arm reads arena.inputs.ppo.reward_model, "
+            "its own inputs or rules): drop arena.reward, or set the settings on the stage that trains yours",
+        )
     if trains_reward:
         if REWARD_STAGE in names:
             raise problem("methods", f"ppo's reward model is trained in a stage named '{REWARD_STAGE}': rename your stage")

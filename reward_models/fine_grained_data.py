@@ -75,14 +75,16 @@ def encode_segments(
     tokenizer, prompt: Any, response: str, segments: list[Segment], mark_id: int, max_length: int, with_context: bool
 ) -> tuple[list[int], list[int]]:
     """(input ids, position of the mark after each segment). Context is truncated first; if the
-    answer alone is too long, trailing segments are dropped (fewer positions than segments)."""
+    answer alone is too long, trailing segments are dropped (fewer positions than segments). A
+    question longer than half of `max_length` keeps its first half's worth of tokens: a prompt
+    that carries its passages inline would otherwise leave no room for a single segment."""
     question, context = split_prompt(prompt)
     prefix, suffix = special_affixes(tokenizer)
 
     def ids(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    head = ids(f"question: {question}")
+    head = ids(f"question: {question}")[: max_length // 2]
     answer_tag = ids(" answer:")
     budget = max_length - len(prefix) - len(suffix) - len(head) - len(answer_tag)
     pieces, used = [], 0

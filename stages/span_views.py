@@ -11,8 +11,8 @@ the questions (seeded) and writes, from those judgments,
                    (dpo, coh, sft: the chosen reply)
     judgments      the judgment rows themselves                                      (cut)
     unpaired       each judged reply with its label: good vs needs work                 (kto)
-    train_spans    the training questions' error spans as span_feedback records, for a
-                   fine-grained reward model that never saw a held-out question
+    train_spans    the training questions' error spans as span_feedback records (prompted as
+                   above), for a fine-grained reward model that never saw a held-out question
                    (arena_spans.yaml trains its relevance RM on them: it rewards ppo and
                    scores every row of the table)
     eval_prompts / eval_answers          held-out questions, and their reference answer
@@ -77,7 +77,7 @@ class SpanViewsStage(Stage):
         views = training_views(judged["train"], str(path))
         for name, items in views.items():
             save_rows(items, self.ctx.output(name))
-        spans = training_spans(path, parts["train"], len(questions), cfg.with_passages)
+        spans = training_spans(path, questions, parts["train"])
         save_rows(spans, self.ctx.output("train_spans"))
         for part, prefix in (("held_out", "eval"), ("validation", "validation")):
             prompts, answers = prompts_and_answers(judged[part])
@@ -129,18 +129,20 @@ def training_views(questions: list[list[dict[str, Any]]], where: str) -> dict[st
     return {"preferences": prefs, "judgments": judgments, "unpaired": unpaired}
 
 
-def training_spans(path: Path, train: list[int], n: int, with_passages: bool) -> list[dict[str, Any]]:
+def training_spans(path: Path, questions: list[list[dict[str, Any]]], train: list[int]) -> list[dict[str, Any]]:
     """The training questions' spans as span_feedback records (qa_spans: prediction 1 and its marked
-    errors), prompted as the methods see the questions: the passages only `with_passages`."""
+    errors), prompted exactly as the other views prompt them (the judged instruction: the question, and
+    its passages only `with_passages`), so the reward model scores the prompts it was trained on."""
     import json
 
     from feedback.sources.qa_feedback import qa_spans
 
-    items = json.loads(Path(path).read_text(encoding="utf-8"))[:n]
-    if not with_passages:
-        items = [{**item, "passages": []} for item in items]
-    records = qa_spans(items, str(path))
-    return [records[i].model_dump(mode="json") for i in train]
+    items = json.loads(Path(path).read_text(encoding="utf-8"))  # read fine once already (judge)
+    records = qa_spans([items[i] for i in train], str(path), numbers=train)  # no held-out item is read
+    return [
+        record.model_copy(update={"prompt": questions[i][0]["instruction"]}).model_dump(mode="json")
+        for i, record in zip(train, records)
+    ]
 
 
 def prompts_and_answers(questions: list[list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

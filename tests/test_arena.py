@@ -469,7 +469,7 @@ def test_arena_on_span_feedback(tmp_path, qa_sample):
     assert not held_out & trained and not validation & trained
     # the reward model's spans: prediction 1 of exactly the training questions, prompted as the methods see them
     spans = load_rows(run_dir / "views" / "train_spans")
-    assert {r["prompt"][-1]["content"] for r in spans} == trained and len(spans) == len(trained)
+    assert {r["prompt"] for r in spans} == trained and len(spans) == len(trained)
     answers = load_rows(run_dir / "views" / "eval_answers")  # a question annotators left uncorrected has none
     assert {r["prompt"] for r in answers} <= held_out and answers
     assert [row["condition"] for row in table["rows"]] == ["base", "in_context", "kto_s0", "sft_s0", "ppo_s0"]
@@ -495,6 +495,32 @@ def test_arena_on_span_feedback(tmp_path, qa_sample):
     build_report(run_dir)
     report = (run_dir / "report.html").read_text()
     assert "Arena (spans feedback)" in report and "Tuning grid" in report and "(chosen)" in report
+
+
+def test_span_views_train_spans_are_prompted_as_the_other_views(qa_sample):
+    """With the passages in the prompt, the reward model's spans carry the same prompt text as the
+    methods' rows (the judged instruction), and only the training items' spans are written."""
+    from stages.span_views import judge, split_questions, training_spans
+
+    questions = judge(qa_sample, None, True)
+    parts = split_questions(len(questions), 0.25, 0.0, 0, str(qa_sample))
+    spans = training_spans(qa_sample, questions, parts["train"])
+    assert [r["prompt"] for r in spans] == [questions[i][0]["instruction"] for i in parts["train"]]
+    assert all("Passages:" in r["prompt"] for r in spans)
+    assert [r["id"] for r in spans] == [f"qa-{i}" for i in parts["train"]]
+    assert [r["response"] for r in spans] == [questions[i][0]["response"] for i in parts["train"]]  # prediction 1
+
+
+def test_arena_reward_settings_with_no_arena_trained_reward_model_are_an_error():
+    """arena_spans.yaml's ppo reads the relevance stage's reward model: FLR settings would be ignored."""
+    from pipeline.arena import expand
+    from pipeline.errors import ConfigError
+
+    data = yaml.safe_load((ROOT / "configs" / "arena_spans.yaml").read_text())
+    data["arena"]["reward"] = {"followup": {"per_aspect": 1}}
+    with pytest.raises(ConfigError, match="arena.reward"):
+        expand(data)
+    expand(data, methods=["dpo"])  # no ppo arm in this run: the block is idle, as other methods' settings are
 
 
 def test_ppo_arm_trains_against_a_reward_model_of_the_same_preferences(tmp_path):

@@ -208,3 +208,22 @@ def test_init_continues_each_aspect_and_refuses_another_form(tmp_path, tiny_mode
     full = train("full", init=first_dir, full_finetune=True)
     error = full.record("full").error or ""
     assert not full.ok and "(relevance): has a LoRA adapter, but full_finetune: true continues full weights" in error
+
+
+def test_a_long_question_leaves_room_for_the_answer():
+    """A prompt that carries its passages inline (span_views with_passages) is all question: the head
+    is capped at half of max_length, so every segment of a short answer still gets its mark."""
+    from transformers import AutoTokenizer
+
+    from reward_models.fine_grained_data import encode_segments
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base("minilm"))
+    segments = [(0, 30), (30, 64)]  # TEXT's first sentence, in two pieces
+    mark = tokenizer.convert_tokens_to_ids("[SEP]")
+    short, short_marks = encode_segments(tokenizer, "What is the capital?", TEXT, segments, mark, 128, False)
+    long, long_marks = encode_segments(
+        tokenizer, "What is the capital? " + "Passage words. " * 400, TEXT, segments, mark, 128, False
+    )
+    assert len(short_marks) == len(long_marks) == 2 and len(long) <= 128
+    assert [long[m] for m in long_marks] == [mark, mark]
+    assert long[long_marks[0] - 3 :] == short[short_marks[0] - 3 :]  # the answer's tokens are the same

@@ -43,10 +43,11 @@ def qa_prompt(row: dict[str, Any]) -> list[dict[str, str]]:
     return as_messages(row["question"], context)
 
 
-def qa_spans(rows: list[dict[str, Any]], where: str) -> list[SpanFeedback]:
-    """Human error spans on `prediction 1` as SpanFeedback records."""
+def qa_spans(rows: list[dict[str, Any]], where: str, numbers: list[int] | None = None) -> list[SpanFeedback]:
+    """Human error spans on `prediction 1` as SpanFeedback records. `numbers`: the rows' item numbers
+    in the file (for ids and messages) when `rows` is a selection of it; default 0, 1, 2, ..."""
     out = []
-    for i, row in enumerate(rows):
+    for i, row in zip(numbers if numbers is not None else range(len(rows)), rows):
         at = f"{where} row {i}"
         feedback = literal(row["feedback"], at, "feedback")
         if not isinstance(feedback, dict) or "errors" not in feedback:
