@@ -186,6 +186,7 @@ def eval_(
     key_mask: str | None = typer.Option("<[^>]*>", "--key-mask", help="'' for none"),
     conditions: str = typer.Option("no_memory,memory,oracle", "--conditions", help="comma-separated: no_memory, memory, oracle"),
     max_tokens: int = typer.Option(12, "--max-tokens"),
+    engine: str = typer.Option("auto", "--engine", help="as `heedful serve --engine`: auto, hf, ct2, hf+ct2"),
     out: Path | None = typer.Option(None, "--out", help="write per-query results and the summary here (JSON)"),
 ):
     """Streaming evaluation: accuracy over a query stream with memory vs. without (simulated user)."""
@@ -204,6 +205,7 @@ def eval_(
         key_mask=key_mask or None,
         conditions=[c.strip() for c in conditions.split(",") if c.strip()],
         max_tokens=max_tokens,
+        engine=engine,
     )
     report = run_stream_eval(path, settings, out=out, progress=lambda m: console.print(m))
     console.print_json(data=report["summary"])

@@ -14,6 +14,10 @@ memory), and with the right clarification always attached (an upper bound on wha
 model can do with a clarification). Accuracy = the first relation named in the reply is
 the asked one, as in the paper's task check; `answer_match` (the reply also contains the
 reference word) is reported too.
+
+The replies come from the engine `heedful serve` would use (`engine`, default `auto`: on a CPU what
+the engine probe found faster here), so the stream measures the served path, CTranslate2's cache of
+the few-shot start shared by every query included (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import DataError
+from pipeline.generation import ServeEngineSetting
 from pipeline.records import load_rows
 
 from .prompting import PAPER_TEMPLATE
@@ -75,6 +80,7 @@ class StreamEvalSettings(BaseModel):
     key_mask: str | None = "<[^>]*>"
     template: str = PAPER_TEMPLATE
     max_tokens: int = 12
+    engine: ServeEngineSetting = "auto"
     conditions: list[Condition] = Field(default_factory=lambda: list(_ALL_CONDITIONS), min_length=1)
 
 
@@ -159,7 +165,7 @@ def run_stream_eval(
     stream = make_stream(Path(path), settings.n, settings.seed)
     owned = contextlib.ExitStack()  # an engine made here is closed here (its batcher thread would keep it alive)
     if engine is None:
-        engine = ChatEngine(settings.model, settings.adapter)
+        engine = ChatEngine(settings.model, settings.adapter, engine=settings.engine)
         owned.callback(engine.close)
     embedder = embedder or MiniLMEmbedder()
     prefix = fewshot_messages(settings.template)

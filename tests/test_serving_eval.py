@@ -46,7 +46,9 @@ def test_clarifications_flow_into_memory_and_come_back_for_the_same_phrasing(tin
 
 @pytest.mark.slow
 def test_memory_beats_no_memory_on_smollm2(smollm2_path):
-    settings = StreamEvalSettings(model="smollm2-135m", n=24, seed=0, conditions=["no_memory", "memory"])
+    """On CTranslate2, named (the probe's choice varies by machine), whose cache of the few-shot start
+    every query shares makes this stream ~2x faster than HF."""
+    settings = StreamEvalSettings(model="smollm2-135m", n=24, seed=0, conditions=["no_memory", "memory"], engine="ct2")
     summary = run_stream_eval(TASKS, settings)["summary"]
     assert summary["memory"]["memory_used"] > 0
     assert summary["memory"]["accuracy"] > summary["no_memory"]["accuracy"]
