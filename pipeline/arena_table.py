@@ -78,7 +78,7 @@ def collect(run_root: Path) -> dict[str, Any] | None:
     rows = []
     base_state, base_error = status(plan["baseline"])
     base = summary(plan["baseline"]) if base_state == "done" else None
-    references = {name: ((base or {}).get("outcomes") or {}).get(name) or {} for name in REFERENCES}
+    references = {name: paired_items(base, name) for name in REFERENCES}
     for condition in plan["conditions"]:
         metrics = (base or {}).get("conditions", {}).get(condition)
         if base is not None and metrics is None:
@@ -109,7 +109,7 @@ def collect(run_root: Path) -> dict[str, Any] | None:
         result = summary(arm["evaluation"]) if train_state == "done" and eval_state == "done" else None
         state = train_state if train_state != "done" else ("done" if result else f"evaluation {eval_state}")
         metrics = (result or {}).get("conditions", {}).get(label, {})
-        outcomes[label] = ((result or {}).get("outcomes") or {}).get(label) or {}
+        outcomes[label] = paired_items(result, label)
         training = (result or {}).get("cost", {}).get("training") or {}
         cost = {
             "train_seconds": training.get("seconds"),
@@ -228,13 +228,26 @@ def directed(metric: str, paired: dict[str, Any]) -> dict[str, Any]:
     return {**paired, "better": better, "worse": worse}
 
 
+def paired_items(summary: dict[str, Any] | None, condition: str) -> dict[str, dict[str, Any]]:
+    """A condition's items by metric from an evaluation summary: its yes/no outcomes and its scores
+    (reward/<kind>, ref_loglik; summaries of evaluate v5 on), what `paired_with` compares."""
+    summary = summary or {}
+    outcomes = (summary.get("outcomes") or {}).get(condition) or {}
+    return {**outcomes, **((summary.get("scores") or {}).get(condition) or {})}
+
+
+def is_score(items: dict[str, Any]) -> bool:
+    """Scores (floats) rather than yes/no outcomes: compared by their mean difference, not as rates."""
+    return any(not isinstance(v, bool) for v in items.values())
+
+
 def versus(condition: str, summary: dict[str, Any] | None, references: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """{"vs_base": {metric: paired difference}, "vs_in_context": ...} of a condition's yes/no outcomes
     against each reference's (REFERENCES) on the same items (pipeline.stats.paired_difference), with
     `better` / `worse`: the items that moved the right / wrong way (turned no is better for a
     lower-is-better rate: firing, unfinished). None against itself or a reference listed after it,
     nor without outcomes (summaries written before evaluate v2, a reference not evaluated)."""
-    outcomes = ((summary or {}).get("outcomes") or {}).get(condition) or {}
+    outcomes = paired_items(summary, condition)
     out = {}
     for reference, key in REFERENCES.items():
         if reference == condition:
@@ -246,11 +259,15 @@ def versus(condition: str, summary: dict[str, Any] | None, references: dict[str,
 
 def paired_with(outcomes: dict[str, dict[str, bool]], against: dict[str, dict[str, bool]]) -> dict[str, Any]:
     """{metric: paired difference with better / worse} of one condition's item outcomes against
-    another's, for each metric both have on at least one shared item."""
-    from .stats import paired_difference
+    another's, for each metric both have on at least one shared item: a rate's difference for yes/no
+    outcomes (`paired_difference`), the mean difference for scores (`paired_score_difference`)."""
+    from .stats import paired_difference, paired_score_difference
 
     return {
-        metric: directed(metric, paired_difference(items, against[metric]))
+        metric: directed(
+            metric,
+            paired_score_difference([items], against[metric]) if is_score(items) else paired_difference(items, against[metric]),
+        )
         for metric, items in outcomes.items()
         if metric in against and any(k in against[metric] for k in items)
     }
@@ -310,7 +327,7 @@ def seeds_versus(per_seed: list[dict[str, dict[str, bool]]], references: dict[st
     reference on the same items: each item's share of seeds that said yes less the reference's
     (`pipeline.stats.paired_mean_difference`: a bootstrap over items, an exact permutation test), `better`
     / `worse` by the metric's direction; {} with fewer than two seeds' outcomes."""
-    from .stats import paired_mean_difference
+    from .stats import paired_mean_difference, paired_score_difference
 
     if len(per_seed) < 2:
         return {}
@@ -318,7 +335,9 @@ def seeds_versus(per_seed: list[dict[str, dict[str, bool]]], references: dict[st
     for reference, key in REFERENCES.items():
         against = references.get(reference) or {}
         compared = {
-            metric: paired_mean_difference([o[metric] for o in per_seed], against[metric])
+            metric: (paired_score_difference if is_score(against[metric]) else paired_mean_difference)(
+                [o[metric] for o in per_seed], against[metric]
+            )
             for metric in against
             if all(o.get(metric) for o in per_seed)
         }

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -155,6 +155,49 @@ def paired_mean_difference(per_seed: Sequence[dict[str, bool]], baseline: dict[s
     turned_yes, turned_no = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     counts = {"turned_yes": turned_yes, "turned_no": turned_no, "p": exchange_p(items, seeds), "seeds": seeds}
     return {**bootstrap_mean(diffs, seed=seed), **counts}
+
+
+def paired_score_difference(
+    per_seed: Sequence[Mapping[str, float]], baseline: Mapping[str, float], resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """Scores (a reward model's, the log-likelihood of a reference answer) against a baseline's on the
+    same items (keys every seed and the baseline have): per item the seeds' mean less the baseline's
+    score; the mean of those differences with a percentile bootstrap over the items, how many went up
+    (`turned_yes`) and down (`turned_no`), and `p` from the sign-flip permutation test of the mean
+    difference (`sign_flip_p`). Why sign flips here and not for yes/no outcomes (`exchange_p`): with
+    one seed, a method equal to its baseline makes each item's difference as likely +d as -d, which
+    is what the test assumes; a score is continuous, with no ceiling to make it lopsided. With several
+    seeds averaged against one baseline run it is an approximation (the mean of k runs varies less)."""
+    if not per_seed:
+        return {**empty(0), "turned_yes": 0, "turned_no": 0, "p": 1.0, "seeds": 0}
+    shared = [k for k in baseline if all(k in scores for scores in per_seed)]
+    diffs = [sum(float(s[k]) for s in per_seed) / len(per_seed) - float(baseline[k]) for k in shared]
+    counts = {
+        "turned_yes": sum(d > 0 for d in diffs),
+        "turned_no": sum(d < 0 for d in diffs),
+        "p": sign_flip_p(diffs, seed=seed),
+        "seeds": len(per_seed),
+    }
+    return {**bootstrap_mean(diffs, resamples=resamples, seed=seed), **counts}
+
+
+def sign_flip_p(diffs: Sequence[float], exact_up_to: int = 16, draws: int = 20000, seed: int = 0) -> float:
+    """Two-sided p of "the differences are symmetric about 0": the share of sign assignments whose
+    sum is at least as far from 0 as the observed one, over all 2^n of them up to `exact_up_to` items,
+    else `draws` seeded random ones (counting the observed, so p >= 1 / (draws + 1))."""
+    import itertools
+
+    import numpy as np
+
+    values = np.abs(np.asarray(diffs, dtype=float))
+    if values.size == 0 or not values.any():
+        return 1.0
+    observed = abs(float(np.sum(diffs))) - 1e-12 * max(1.0, float(values.sum()))
+    if values.size <= exact_up_to:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=values.size)))
+        return float(np.mean(np.abs(signs @ values) >= observed))
+    signs = np.random.default_rng(seed).choice((1.0, -1.0), size=(draws, values.size))
+    return float((np.sum(np.abs(signs @ values) >= observed) + 1) / (draws + 1))
 
 
 def exchange_p(items: Sequence[tuple[int, int]], seeds: int) -> float:

@@ -62,7 +62,7 @@ class EvaluateConfig(TrackingSettings):
 class EvaluateStage(Stage):
     config: EvaluateConfig
     uses = "evaluate"
-    version = "4"  # 2: the summary's per-item outcomes; 3: the users' conversations; 4: their own kind
+    version = "5"  # 2: the summary's per-item outcomes; 3: the users' conversations; 4: their own kind; 5: per-item scores
     summary = "Adherence, overgeneralization, satisfaction, drift, degeneration, cost: base vs in-context vs memory vs adapter."
     Config = EvaluateConfig
     inputs = {
@@ -150,17 +150,19 @@ class EvaluateStage(Stage):
         names = [c.name for c in conditions]
         results = metrics.reply_metrics(rows, names, ans.resamples, ans.seed)
         outcomes = metrics.reply_outcomes(rows, names)
+        scores: metrics.Scores = {}
         if memory is not None and (rates := metrics.retrieval_rates(prompts, memory)):
             results["memory"]["memory_retrieved"] = rates
         metrics.length_vs_base(rows, results, reference, ans.resamples, ans.seed)
-        metrics.reward_scores(ans, rows, results, [(name, path) for name in RM_INPUTS if (path := ctx.input(name)) is not None])
+        models = [(name, path) for name in RM_INPUTS if (path := ctx.input(name)) is not None]
+        metrics.reward_scores(ans, rows, results, models, scores)
         if cfg.judge is not None:
             metrics.judge_win_rates(ans, rows, results, reference, cfg.judge)
         conversations: list[dict[str, Any]] = []
         if (needs := ctx.input("needs")) is not None:
             users.satisfaction(ans, needs, cfg.users, results, outcomes, conversations)
         if cfg.drift:
-            drift.drift(ans, drift.general_items(ctx.input("general"), cfg.general_set, cfg.max_general), results)
+            drift.drift(ans, drift.general_items(ctx.input("general"), cfg.general_set, cfg.max_general), results, scores)
 
         out = summary.build_summary(
             feedback=feedback,
@@ -171,6 +173,7 @@ class EvaluateStage(Stage):
             started=started,
             prompts=prompts,
             outcomes=outcomes,
+            scores=scores,
         )
         empty = {"prompt": "", "scope": "", "condition": "", "response": "", "applied": False, "finished": True, "tokens": 0}
         save_rows(rows, ctx.output("evaluation"), empty_like=empty)

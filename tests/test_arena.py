@@ -479,6 +479,13 @@ def test_arena_on_span_feedback(tmp_path, qa_sample):
         assert row["metrics"]["ref_loglik"]["n"] == len(answers)  # log-likelihood of the held-out corrections
         assert "adherence" not in row["metrics"]  # no scoped prompts: nothing to adhere to
         assert row["metrics"]["reward/fine_grained"]["n"] == 2  # the relevance RM scores every row's replies
+        if row["condition"] != "base":  # scores paired with the base's on the same questions, beside the rates
+            paired = row["vs_base"]
+            assert paired["reward/fine_grained"]["n"] == 2 and paired["ref_loglik"]["n"] == len(answers)
+            assert {"p", "better", "worse"} <= set(paired["ref_loglik"]) and "unfinished" in paired
+    summary = json.loads((run_dir / "eval_sft_s0" / "summary").read_text())
+    per_item = summary["scores"]["sft_s0"]["ref_loglik"]  # each held-out correction's log-likelihood
+    assert sum(per_item.values()) / len(per_item) == pytest.approx(summary["conditions"]["sft_s0"]["ref_loglik"]["value"])
     # ppo: rollouts against the relevance reward model; a training cost of its own
     ppo = table["rows"][-1]
     assert ppo["metrics"]["kl_to_base"]["value"] > 0 and ppo["cost"]["steps"] == 2

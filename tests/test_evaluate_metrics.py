@@ -210,6 +210,49 @@ def test_versus_counts_better_and_worse_by_each_metrics_direction():
     assert versus("kto_s0", summary, {}) == {}
 
 
+def test_paired_score_difference_and_sign_flips_by_hand():
+    """Scores against the base on the same items: differences 1, 2, 3, -1 (mean 1.25; item e only the
+    base has); 3 up, 1 down. Sign flips by hand: of the 16 sign assignments of (1, 2, 3, 1), the sums
+    at least 5 away from 0 are +-7 (all one sign) and +-5 (one of the two 1s flipped): 6 of 16, p =
+    0.375. Two seeds average per item first; no difference at all gives p = 1."""
+    from pipeline.stats import bootstrap_mean, paired_score_difference, sign_flip_p
+
+    base = {"a": 0.0, "b": 1.0, "c": -1.0, "d": 2.0, "e": 5.0}
+    arm = {"a": 1.0, "b": 3.0, "c": 2.0, "d": 1.0}
+    d = paired_score_difference([arm], base)
+    assert (d["value"], d["n"], d["turned_yes"], d["turned_no"], d["seeds"]) == (1.25, 4, 3, 1, 1)
+    assert d["p"] == pytest.approx(0.375)
+    assert (d["lo"], d["hi"]) == pytest.approx((bootstrap_mean([1, 2, 3, -1])["lo"], bootstrap_mean([1, 2, 3, -1])["hi"]))
+    two = paired_score_difference([arm, {k: v + 2 for k, v in arm.items()}], base)  # seed means: arm + 1
+    assert two["value"] == pytest.approx(2.25) and two["seeds"] == 2
+    assert paired_score_difference([base], base)["p"] == 1.0 and paired_score_difference([], base)["n"] == 0
+    # past the exact limit: seeded random flips, close to the exact count
+    diffs = [0.5, -0.2, 0.9, 0.4, -0.1, 0.7, 0.3, 0.8, -0.4, 0.6]
+    assert sign_flip_p(diffs, exact_up_to=4, draws=40000) == pytest.approx(sign_flip_p(diffs), abs=0.01)
+
+
+def test_versus_pairs_scores_by_their_mean_difference():
+    """A reward model's scores and ref_loglik pair as mean differences (higher is better), beside the
+    yes/no outcomes, from the summary's `scores`."""
+    from pipeline.arena_table import paired_items, versus
+
+    base_summary = {
+        "outcomes": {"base": {"unfinished": {"p": True, "q": False}}},
+        "scores": {"base": {"reward/fine_grained": {"p": 0.0, "q": 1.0}, "ref_loglik": {"p": -2.0, "q": -3.0}}},
+    }
+    references = {"base": paired_items(base_summary, "base")}
+    summary = {
+        "outcomes": {"sft_s0": {"unfinished": {"p": False, "q": False}}},
+        "scores": {"sft_s0": {"reward/fine_grained": {"p": 0.5, "q": 0.5}, "ref_loglik": {"p": -1.0, "q": -2.5}}},
+    }
+    paired = versus("sft_s0", summary, references)["vs_base"]
+    assert set(paired) == {"unfinished", "reward/fine_grained", "ref_loglik"}
+    rm, ll = paired["reward/fine_grained"], paired["ref_loglik"]
+    assert (rm["value"], rm["better"], rm["worse"]) == (0.0, 1, 1)
+    assert (ll["value"], ll["better"], ll["worse"], ll["p"]) == (0.75, 2, 0, 0.5)  # 2 of 4 sign flips reach +-1.5
+    assert paired["unfinished"]["better"] == 1
+
+
 def test_keyed_outcomes_pairs_the_kth_copy_of_a_repeated_item():
     """A prompt asked twice is two items, `p` and `p#2`, in every condition alike."""
     from pipeline.evaluation.metrics import keyed_outcomes
@@ -629,7 +672,8 @@ def test_drift_batched_equals_one_full_forward_per_item(tiny_model_path, lora_ad
         {"prompt": "What does a thermometer measure, and how?", "answer": "Temperature, by the expansion of a liquid."},
     ]
     results: dict = {c.name: {} for c in conditions}
-    drift(ans, items, results)
+    scores: dict = {}
+    drift(ans, items, results, scores)
 
     def alone(condition, item):
         answer = answer_token_ids(tok, item["prompt"], item["answer"])
@@ -648,6 +692,10 @@ def test_drift_batched_equals_one_full_forward_per_item(tiny_model_path, lora_ad
         assert results[condition.name]["ref_loglik"]["value"] == pytest.approx(sum(lls) / 5, abs=1e-4)
         assert results[condition.name]["kl_to_base"]["value"] == pytest.approx(sum(kls) / 5, abs=1e-5)
         assert results[condition.name]["ref_loglik"]["n"] == 5
+        # each answer's log-likelihood, keyed by its prompt: what the arena pairs with the base's
+        per_item = scores[condition.name]["ref_loglik"]
+        assert list(per_item) == [item["prompt"] for item in items]
+        assert list(per_item.values()) == pytest.approx(lls, abs=1e-4)
     assert results["a"]["kl_to_base"]["value"] > 1e-4 and results["in_context"]["kl_to_base"]["value"] > 1e-4
 
 

@@ -35,14 +35,21 @@ def answer_token_ids(tokenizer, prompt: str, answer: str) -> list[int]:
     return tokenizer(tail.rstrip("\n"), add_special_tokens=False)["input_ids"]
 
 
-def drift(ans: Answering, items: list[dict[str, Any]], results: dict[str, dict[str, Any]]) -> None:
-    """Teacher-forced on reference answers: per-token KL(condition || base) and log-likelihood.
+def drift(
+    ans: Answering,
+    items: list[dict[str, Any]],
+    results: dict[str, dict[str, Any]],
+    scores: dict[str, dict[str, dict[str, float]]] | None = None,
+) -> None:
+    """Teacher-forced on reference answers: per-token KL(condition || base) and log-likelihood; with
+    `scores`, each answer's log-likelihood keyed by its prompt there too (the arena pairs them).
 
     `ans.batch_size` items at a time, right-padded, through the body once per condition; only the
     positions that predict an answer token reach the vocabulary head (trainers/sequences.py
     `score_completions`), one item at a time, so no prompt or padding position's 49k-wide logits
     are built and at most two items' answer logits exist at once. The same numbers as one full
     forward per item, to float rounding (tests/test_evaluate_metrics.py)."""
+    from pipeline.evaluation.metrics import keyed_outcomes
     from pipeline.stats import bootstrap_mean, token_kl
     from trainers.sequences import projects_hidden_states
 
@@ -66,6 +73,9 @@ def drift(ans: Answering, items: list[dict[str, Any]], results: dict[str, dict[s
     for condition in ans.conditions:
         results[condition.name]["kl_to_base"] = bootstrap_mean(kl[condition.name], resamples=ans.resamples, seed=ans.seed)
         results[condition.name]["ref_loglik"] = bootstrap_mean(loglik[condition.name], resamples=ans.resamples, seed=ans.seed)
+        if scores is not None:
+            keyed = keyed_outcomes([(prompt, v) for (prompt, _), v in zip(pairs, loglik[condition.name])])
+            scores.setdefault(condition.name, {})["ref_loglik"] = keyed
     ans.log.info("drift measured on %d general prompt/answer pairs", len(kl[ans.conditions[0].name]))
 
 

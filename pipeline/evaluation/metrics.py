@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from pipeline.llm import LLMSettings
@@ -32,6 +32,9 @@ WIN_PROMPT = (
 
 Rows = list[dict[str, Any]]
 Results = dict[str, dict[str, Any]]
+#: per condition and metric, each item's score (reward/<kind>, ref_loglik) keyed as outcomes are
+Scores = dict[str, dict[str, dict[str, float]]]
+V = TypeVar("V")
 
 
 def feedback_and_metric(
@@ -89,10 +92,10 @@ def reply_outcomes(rows: Rows, conditions: list[str]) -> dict[str, dict[str, dic
     return out
 
 
-def keyed_outcomes(items: list[tuple[str, bool]]) -> dict[str, bool]:
-    """Outcomes keyed by item (a prompt, a need's id), a repeated item as `key#2`, `key#3` in order:
-    one rule for every condition, so the base's and a method's k-th copy pair with each other."""
-    out: dict[str, bool] = {}
+def keyed_outcomes(items: list[tuple[str, V]]) -> dict[str, V]:
+    """Outcomes (or scores) keyed by item (a prompt, a need's id), a repeated item as `key#2`, `key#3`
+    in order: one rule for every condition, so the base's and a method's k-th copy pair with each other."""
+    out: dict[str, V] = {}
     for key, outcome in items:
         unique, k = key, 1
         while unique in out:
@@ -133,8 +136,11 @@ def length_vs_base(
             metrics["length_vs_base"] = bootstrap_ratio(lengths, base_lengths, resamples=resamples, seed=seed)
 
 
-def reward_scores(ans: Answering, rows: Rows, results: Results, models: list[tuple[str, Path]]) -> None:
-    """`reward/<kind>`: each reward model's mean score on each condition's replies."""
+def reward_scores(
+    ans: Answering, rows: Rows, results: Results, models: list[tuple[str, Path]], scores: Scores | None = None
+) -> None:
+    """`reward/<kind>`: each reward model's mean score on each condition's replies; with `scores`, each
+    reply's score keyed by its prompt there too (what the arena pairs with the base's)."""
     from pipeline.stats import bootstrap_mean
 
     if not models or not rows:
@@ -146,12 +152,15 @@ def reward_scores(ans: Answering, rows: Rows, results: Results, models: list[tup
         kind = read_descriptor(path).get("kind", name)
         for condition in results:
             mine = [r for r in rows if r["condition"] == condition]
-            scores: list[float] = []
+            values: list[float] = []
             for start in range(0, len(mine), ans.batch_size):
                 chunk = mine[start : start + ans.batch_size]
                 scalar = rm.score(RewardBatch([r["prompt"] for r in chunk], [r["response"] for r in chunk])).scalar
-                scores += [float(v) for v in scalar.tolist()]
-            results[condition][f"reward/{kind}"] = bootstrap_mean(scores, resamples=ans.resamples, seed=ans.seed)
+                values += [float(v) for v in scalar.tolist()]
+            results[condition][f"reward/{kind}"] = bootstrap_mean(values, resamples=ans.resamples, seed=ans.seed)
+            if scores is not None:
+                keyed = keyed_outcomes([(str(r["prompt"]), v) for r, v in zip(mine, values)])
+                scores.setdefault(condition, {})[f"reward/{kind}"] = keyed
         ans.log.info("reward model %s (%s) scored", name, kind)
 
 

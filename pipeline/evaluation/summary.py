@@ -10,8 +10,10 @@ Format (`summary` output, JSON):
      "conditions": {condition: {metric: {"value", "n", "lo", "hi"} | number | {scope: estimate}}},
      "cost": {"training": {...} | null, "evaluation_seconds", "evaluation_peak_memory_mb"},
      "counts": {scope: prompts},
-     "outcomes": {condition: {metric: {item: bool}}}}   yes/no metrics item by item (prompt or
+     "outcomes": {condition: {metric: {item: bool}}},   yes/no metrics item by item (prompt or
          need id), for comparisons paired on the same items (the arena's `vs_base`)
+     "scores": {condition: {metric: {item: float}}}}    the same for scores (reward/<kind> per
+         reply, ref_loglik per reference answer)
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ def build_summary(
     started: float,
     prompts: list[dict[str, Any]],
     outcomes: dict[str, dict[str, dict[str, bool]]] | None = None,
+    scores: dict[str, dict[str, dict[str, float]]] | None = None,
 ) -> dict[str, Any]:
     """The summary; `label` names the adapter's condition, `started` is the evaluation's start
     time (its `evaluation_seconds` ends now)."""
@@ -108,6 +111,7 @@ def build_summary(
         },
         "counts": {scope: sum(p.get("scope") == scope for p in prompts) for scope in SCOPES},
         "outcomes": outcomes or {},
+        "scores": scores or {},
     }
 
 
