@@ -236,9 +236,10 @@ def paired_items(summary: dict[str, Any] | None, condition: str) -> dict[str, di
     return {**outcomes, **((summary.get("scores") or {}).get(condition) or {})}
 
 
-def is_score(items: dict[str, Any]) -> bool:
-    """Scores (floats) rather than yes/no outcomes: compared by their mean difference, not as rates."""
-    return any(not isinstance(v, bool) for v in items.values())
+def is_score(metric: str) -> bool:
+    """A score (the summary's `scores`: reward/<kind>, ref_loglik) rather than a yes/no outcome:
+    compared by its mean difference, not as a rate."""
+    return metric == "ref_loglik" or metric.startswith("reward/")
 
 
 def versus(condition: str, summary: dict[str, Any] | None, references: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -266,7 +267,7 @@ def paired_with(outcomes: dict[str, dict[str, bool]], against: dict[str, dict[st
     return {
         metric: directed(
             metric,
-            paired_score_difference([items], against[metric]) if is_score(items) else paired_difference(items, against[metric]),
+            paired_score_difference([items], against[metric]) if is_score(metric) else paired_difference(items, against[metric]),
         )
         for metric, items in outcomes.items()
         if metric in against and any(k in against[metric] for k in items)
@@ -335,7 +336,7 @@ def seeds_versus(per_seed: list[dict[str, dict[str, bool]]], references: dict[st
     for reference, key in REFERENCES.items():
         against = references.get(reference) or {}
         compared = {
-            metric: (paired_score_difference if is_score(against[metric]) else paired_mean_difference)(
+            metric: (paired_score_difference if is_score(metric) else paired_mean_difference)(
                 [o[metric] for o in per_seed], against[metric]
             )
             for metric in against

@@ -170,7 +170,11 @@ def paired_score_difference(
     seeds averaged against one baseline run it is an approximation (the mean of k runs varies less)."""
     if not per_seed:
         return {**empty(0), "turned_yes": 0, "turned_no": 0, "p": 1.0, "seeds": 0}
-    shared = [k for k in baseline if all(k in scores for scores in per_seed)]
+
+    def finite(value: Any) -> bool:  # a summary stores NaN / inf as null: such an item has no score to pair
+        return isinstance(value, (int, float)) and math.isfinite(value)
+
+    shared = [k for k in baseline if finite(baseline[k]) and all(finite(s.get(k)) for s in per_seed)]
     diffs = [sum(float(s[k]) for s in per_seed) / len(per_seed) - float(baseline[k]) for k in shared]
     counts = {
         "turned_yes": sum(d > 0 for d in diffs),
@@ -184,7 +188,8 @@ def paired_score_difference(
 def sign_flip_p(diffs: Sequence[float], exact_up_to: int = 16, draws: int = 20000, seed: int = 0) -> float:
     """Two-sided p of "the differences are symmetric about 0": the share of sign assignments whose
     sum is at least as far from 0 as the observed one, over all 2^n of them up to `exact_up_to` items,
-    else `draws` seeded random ones (counting the observed, so p >= 1 / (draws + 1))."""
+    else `draws` seeded random ones (counting the observed, so p >= 1 / (draws + 1)), drawn 1,000 at
+    a time so that thousands of items do not hold a draws x items matrix."""
     import itertools
 
     import numpy as np
@@ -196,8 +201,11 @@ def sign_flip_p(diffs: Sequence[float], exact_up_to: int = 16, draws: int = 2000
     if values.size <= exact_up_to:
         signs = np.array(list(itertools.product((1.0, -1.0), repeat=values.size)))
         return float(np.mean(np.abs(signs @ values) >= observed))
-    signs = np.random.default_rng(seed).choice((1.0, -1.0), size=(draws, values.size))
-    return float((np.sum(np.abs(signs @ values) >= observed) + 1) / (draws + 1))
+    rng, total, hits = np.random.default_rng(seed), float(values.sum()), 0
+    for start in range(0, draws, 1000):
+        flipped = (rng.random((min(1000, draws - start), values.size)) < 0.5).astype(float)
+        hits += int(np.sum(np.abs(total - 2.0 * (flipped @ values)) >= observed))
+    return float((hits + 1) / (draws + 1))
 
 
 def exchange_p(items: Sequence[tuple[int, int]], seeds: int) -> float:

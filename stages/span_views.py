@@ -50,6 +50,7 @@ class SpanViewsConfig(StageConfig):
 
 class SpanViewsStage(Stage):
     uses = "span_views"
+    version = "2"  # 2: train_spans (a views folder from before has none for the reward model to read)
     summary = "qa-feedback spans as preferences, judgments and good/needs-work labels, with held-out questions."
     Config = SpanViewsConfig
     inputs = {"qa_feedback": Input(("qa_feedback",), doc="FineGrainedRLHF qa-feedback JSON (question, prediction 1, feedback)")}

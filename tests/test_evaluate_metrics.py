@@ -226,6 +226,9 @@ def test_paired_score_difference_and_sign_flips_by_hand():
     two = paired_score_difference([arm, {k: v + 2 for k, v in arm.items()}], base)  # seed means: arm + 1
     assert two["value"] == pytest.approx(2.25) and two["seeds"] == 2
     assert paired_score_difference([base], base)["p"] == 1.0 and paired_score_difference([], base)["n"] == 0
+    # a score stored as null (NaN in the summary) leaves its item out instead of failing or deciding
+    assert paired_score_difference([{**arm, "b": None}], base)["n"] == 3
+    assert paired_score_difference([arm], {**base, "a": float("nan")})["value"] == pytest.approx(4 / 3)
     # past the exact limit: seeded random flips, close to the exact count
     diffs = [0.5, -0.2, 0.9, 0.4, -0.1, 0.7, 0.3, 0.8, -0.4, 0.6]
     assert sign_flip_p(diffs, exact_up_to=4, draws=40000) == pytest.approx(sign_flip_p(diffs), abs=0.01)
