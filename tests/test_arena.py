@@ -804,7 +804,8 @@ def test_two_seeds_aggregated(tmp_path):
         assert row["vs_base"]["adherence"] == {**by_hand, **better} and by_hand["n"] == 2
         unfinished = row["vs_base"]["unfinished"]  # lower is better: an item that turned no is better
         assert (unfinished["better"], unfinished["worse"]) == (unfinished["turned_no"], unfinished["turned_yes"])
-        assert set(row["vs_base"]) == {"adherence", "overgen_near", "overgen_out", "unfinished"}
+        # the rates, and a score since evaluate v5: each general answer's log-likelihood against the base's
+        assert set(row["vs_base"]) == {"adherence", "overgen_near", "overgen_out", "unfinished", "ref_loglik"}
     # the mean over seeds against the base: per prompt the share of seeds that adhered less the base's
     from pipeline.stats import bootstrap_mean, mcnemar_p
 
@@ -816,6 +817,8 @@ def test_two_seeds_aggregated(tmp_path):
         {k: bootstrap_mean(diffs)[k] for k in ("value", "lo", "hi", "n")}
     )
     assert (seed_mean["better"], seed_mean["worse"], seed_mean["p"], seed_mean["seeds"]) == (up, down, mcnemar_p(up, down), 2)
+    loglik = mean["vs_base"]["ref_loglik"]  # a score's seed mean: the seeds averaged per answer, then paired
+    assert loglik["seeds"] == 2 and loglik["n"] == table["rows"][2]["vs_base"]["ref_loglik"]["n"] > 0
     with (run_dir / "arena.csv").open() as f:
         lines = list(csv.DictReader(f))
     assert [(line["condition"], line["seed"]) for line in lines] == [
