@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .evaluation.summary import FLAT_ORDER
+from .stats import finite_number
 
 PLAN_FILE = "arena_plan.json"
 #: the no-training conditions the other rows are paired with item by item, each under its row key:
@@ -353,9 +354,9 @@ def aggregate_metric(name: str, values: list[Any]) -> dict[str, Any] | float | N
     envelope of the seeds' intervals for means, the mean for bare numbers; None if no seed has it."""
     from .stats import wilson
 
-    estimates = [v for v in values if isinstance(v, dict) and _finite(v.get("value")) and v.get("n")]
+    estimates = [v for v in values if isinstance(v, dict) and finite_number(v.get("value")) and v.get("n")]
     if not estimates:
-        numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)]
+        numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and finite_number(v)]
         return sum(numbers) / len(numbers) if numbers else None
     per_seed = [e["value"] for e in estimates]
     n = sum(int(e["n"]) for e in estimates)
@@ -364,8 +365,8 @@ def aggregate_metric(name: str, values: list[Any]) -> dict[str, Any] | float | N
         out = {**wilson(successes, n), "interval": "wilson, pooled over seeds"}
     else:
         mean = sum(e["value"] * e["n"] for e in estimates) / n
-        los = [e["lo"] for e in estimates if _finite(e.get("lo"))]
-        his = [e["hi"] for e in estimates if _finite(e.get("hi"))]
+        los = [e["lo"] for e in estimates if finite_number(e.get("lo"))]
+        his = [e["hi"] for e in estimates if finite_number(e.get("hi"))]
         out = {
             "value": mean,
             "n": n,
@@ -374,10 +375,6 @@ def aggregate_metric(name: str, values: list[Any]) -> dict[str, Any] | float | N
             "interval": "envelope of the seeds' 95% intervals",
         }
     return {**out, "seeds": len(estimates), "per_seed": per_seed, "seed_min": min(per_seed), "seed_max": max(per_seed)}
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -401,7 +398,7 @@ def paired_names(table: dict[str, Any], key: str = "vs_base") -> list[str]:
 
 def fmt_paired(d: dict[str, Any] | None) -> str:
     """'+0.17 [+0.04, +0.29] 10 better, 2 worse, p = 0.04' for a paired difference; '–' for none."""
-    if not d or d.get("value") is None or not _finite(d["value"]):
+    if not d or d.get("value") is None or not finite_number(d["value"]):
         return "–"
     return f"{d['value']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] {d['better']} better, {d['worse']} worse, p = {d['p']:.2g}"
 

@@ -157,6 +157,11 @@ def paired_mean_difference(per_seed: Sequence[dict[str, bool]], baseline: dict[s
     return {**bootstrap_mean(diffs, seed=seed), **counts}
 
 
+def finite_number(value: Any) -> bool:
+    """A real number (not a bool), neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def paired_score_difference(
     per_seed: Sequence[Mapping[str, float]], baseline: Mapping[str, float], resamples: int = 2000, seed: int = 0
 ) -> dict[str, Any]:
@@ -171,10 +176,8 @@ def paired_score_difference(
     if not per_seed:
         return {**empty(0), "turned_yes": 0, "turned_no": 0, "p": 1.0, "seeds": 0}
 
-    def finite(value: Any) -> bool:  # a summary stores NaN / inf as null: such an item has no score to pair
-        return isinstance(value, (int, float)) and math.isfinite(value)
-
-    shared = [k for k in baseline if finite(baseline[k]) and all(finite(s.get(k)) for s in per_seed)]
+    # a summary stores NaN / inf as null: such an item has no score to pair
+    shared = [k for k in baseline if finite_number(baseline[k]) and all(finite_number(s.get(k)) for s in per_seed)]
     diffs = [sum(float(s[k]) for s in per_seed) / len(per_seed) - float(baseline[k]) for k in shared]
     counts = {
         "turned_yes": sum(d > 0 for d in diffs),
