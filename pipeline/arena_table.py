@@ -356,7 +356,7 @@ def aggregate_metric(name: str, values: list[Any]) -> dict[str, Any] | float | N
 
     estimates = [v for v in values if isinstance(v, dict) and finite_number(v.get("value")) and v.get("n")]
     if not estimates:
-        numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and finite_number(v)]
+        numbers = [float(v) for v in values if finite_number(v)]
         return sum(numbers) / len(numbers) if numbers else None
     per_seed = [e["value"] for e in estimates]
     n = sum(int(e["n"]) for e in estimates)
