@@ -14,7 +14,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .arena_table import PAIRED, PLAN_FILE, collect, display_rows, fmt_paired, metric_names, num, paired_names
+from .arena_head_to_head import KEY as HEAD_TO_HEAD
+from .arena_head_to_head import findings
+from .arena_table import (
+    PAIRED,
+    PLAN_FILE,
+    collect,
+    display_rows,
+    fmt_paired,
+    is_score,
+    metric_names,
+    metric_order,
+    num,
+    paired_names,
+)
 from .evaluation.summary import FLAT_ORDER, arrow
 
 #: the Pareto plots: (x, y, title); drawn when at least two rows have both metrics
@@ -24,7 +37,8 @@ PARETO = (
     ("kl_to_base", "first_reply_satisfied", "satisfaction vs drift (up and left is better)"),
     ("kl_to_base", "ref_loglik", "reference (corrected) answers' log-likelihood vs drift (up and left is better)"),
 )
-#: the columns `heedful arena` prints (the rest are in arena.csv and the report)
+#: the columns `heedful arena` prints besides the scores (reward/<kind>, ref_loglik); the rest are
+#: in arena.csv and the report
 TERMINAL_METRICS = (
     "adherence",
     "overgen_near",
@@ -76,6 +90,8 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
         f"<table><tr><th>condition</th><th>status</th>{head}</tr>{''.join(body)}</table>",
     ]
     parts += [paired_section(table, key) for key in PAIRED if paired_names(table, key)]
+    if table.get(HEAD_TO_HEAD):
+        parts.append(head_to_head_section(table))
     if table.get("grid"):
         parts.append(grid_section(table))
     from .report import figure_html
@@ -114,6 +130,39 @@ def paired_section(table: dict[str, Any], key: str = "vs_base") -> str:
         "mean difference per item [bootstrap interval over items], items up and down, and the sign-flip "
         "permutation p of the mean difference.</p>"
         f"<table><tr><th>condition</th>{head}</tr>{body}</table>"
+    )
+
+
+def head_to_head_section(table: dict[str, Any]) -> str:
+    """Every two trained rows of a seed against each other (pipeline/arena_head_to_head.py), a
+    Holm-adjusted p below 0.05 in bold."""
+    pairs = table[HEAD_TO_HEAD]
+    names = metric_order({m for pair in pairs for m in pair["paired"]})
+    head = "".join(f"<th>{html.escape(m)}{arrow(m)}</th>" for m in names)
+
+    def cell(d: dict[str, Any] | None) -> str:
+        if not d:
+            return "<td>–</td>"
+        text = html.escape(fmt_paired(d))
+        if d.get("p_holm") is None:
+            return f"<td>{text}</td>"
+        text += f", Holm p = {d['p_holm']:.2g}"
+        return f"<td><b>{text}</b></td>" if d["p_holm"] < 0.05 else f"<td>{text}</td>"
+
+    body = "".join(
+        f"<tr><td>{html.escape(pair['a'])} vs {html.escape(pair['b'])}</td>"
+        + "".join(cell(pair["paired"].get(m)) for m in names)
+        + "</tr>"
+        for pair in pairs
+    )
+    return (
+        "<h3>Trained rows head to head</h3><p>Every two trained rows of one seed on the <i>same</i> items, "
+        "the first less the second, paired as above (better / worse from the first row's side). With many pairs "
+        "some raw p-values fall below 0.05 by chance: each metric's p-values over a seed's pairs are also "
+        "adjusted by Holm's method, and a finding is a Holm p below 0.05 (bold). A method's seeds are compared "
+        "seed by seed. <code>head_to_head.csv</code> has these numbers; <code>heedful compare RUN A B</code> "
+        "prints one pair.</p>"
+        f"<table><tr><th>pair</th>{head}</tr>{body}</table>"
     )
 
 
@@ -276,7 +325,7 @@ def print_table(console, table: dict[str, Any]) -> None:
 
     from .evaluation.summary import fmt_estimate
 
-    names = [m for m in metric_names(table) if m in TERMINAL_METRICS]
+    names = [m for m in metric_names(table) if m in TERMINAL_METRICS or is_score(m)]
     out = Table(title=f"arena ({table['source']} feedback): value [95% interval] n", title_justify="left")
     for col in ["condition", "status", *names, "train s"]:
         out.add_column(col)
@@ -291,11 +340,12 @@ def print_table(console, table: dict[str, Any]) -> None:
         )
     console.print(out)
     for key in PAIRED:
-        paired = [m for m in paired_names(table, key) if m in TERMINAL_METRICS]
+        paired = [m for m in paired_names(table, key) if m in TERMINAL_METRICS or is_score(m)]
         if not paired:
             continue
         vs = Table(
-            title=f"against {AGAINST.get(key, key)} on the same items: difference [95% interval], items better / worse, exact p (McNemar; a permutation test for seed means)"
+            title=f"against {AGAINST.get(key, key)} on the same items: difference [95% interval], items better / worse, p "
+            "(McNemar; a permutation test for seed means; sign flips for scores)"
         )
         for col in ["condition", *paired]:
             vs.add_column(col)
@@ -303,3 +353,47 @@ def print_table(console, table: dict[str, Any]) -> None:
             if row.get(key):
                 vs.add_row(versus_label(row, key), *[fmt_paired(row[key].get(m)) for m in paired])
         console.print(vs)
+    print_head_to_head(console, table)
+
+
+def print_head_to_head(console, table: dict[str, Any]) -> None:
+    """The head-to-head findings (Holm p < 0.05) under the table, or one line saying there are none."""
+    pairs = table.get(HEAD_TO_HEAD) or []
+    if not pairs:
+        return
+    found = findings(table)
+    if not found:
+        console.print(
+            f"head to head: {len(pairs)} pair(s) of trained rows; none differs on any metric after Holm's adjustment "
+            "(head_to_head.csv; `heedful compare RUN A B` for one pair)"
+        )
+        return
+    from rich.table import Table
+
+    out = Table(title="head to head, trained rows of one seed: the differences with a Holm-adjusted p < 0.05")
+    for col in ["pair", "metric", "difference [95% interval], items better / worse, p", "Holm p"]:
+        out.add_column(col)
+    for pair, metric, d in found:
+        out.add_row(f"{pair['a']} vs {pair['b']}", metric, fmt_paired(d), f"{d['p_holm']:.2g}")
+    console.print(out)
+
+
+def print_comparison(console, result: dict[str, Any]) -> None:
+    """What `heedful compare` prints: one row per metric of A less B on their shared items."""
+    from rich.table import Table
+
+    from .evaluation.summary import arrow
+
+    holm = result["seed"] is not None
+    out = Table(title=f"{result['a']} vs {result['b']} on the same held-out items: {result['a']} less {result['b']}")
+    for col in ["metric", "difference [95% interval], items better / worse, p", "n", *(["Holm p"] if holm else [])]:
+        out.add_column(col)
+    for metric in metric_order(set(result["paired"])):
+        d = result["paired"][metric]
+        holm_p = [f"{d['p_holm']:.2g}" if d.get("p_holm") is not None else "–"] if holm else []
+        out.add_row(f"{metric}{arrow(metric)}", fmt_paired(d), str(d.get("n", "–")), *holm_p)
+    console.print(out)
+    if holm:
+        console.print("Holm p: adjusted over every pair of this seed's trained rows (the report's head-to-head table).")
+    else:
+        console.print("Not a pair of trained rows of one seed: the p-values are this comparison's alone (no adjustment).")

@@ -55,7 +55,16 @@ COST_FIELDS = [
 def collect(run_root: Path) -> dict[str, Any] | None:
     """The arena table of a run: one row per no-training condition and per method (or variant) and
     seed; with a grid, each row is the chosen point and `grid` lists every point's validation scores;
-    with several seeds, `aggregates` has one row per method (module docstring)."""
+    with several seeds, `aggregates` has one row per method (module docstring); with two trained
+    rows of a seed or more, `head_to_head` pairs them (pipeline/arena_head_to_head.py)."""
+    collected = collect_with_items(run_root)
+    return None if collected is None else collected[0]
+
+
+def collect_with_items(run_root: Path) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Any]]]] | None:
+    """`collect`'s table and every finished row's items by condition (`paired_items`: the yes/no
+    outcomes and scores per held-out item that paired comparisons read)."""
+    from .arena_head_to_head import head_to_head
     from .artifacts import RunDir, read_json
     from .evaluation.summary import read_summary
 
@@ -80,10 +89,12 @@ def collect(run_root: Path) -> dict[str, Any] | None:
     base_state, base_error = status(plan["baseline"])
     base = summary(plan["baseline"]) if base_state == "done" else None
     references = {name: paired_items(base, name) for name in REFERENCES}
+    items = {}  # every finished row's, for the head-to-head and `heedful compare`
     for condition in plan["conditions"]:
         metrics = (base or {}).get("conditions", {}).get(condition)
         if base is not None and metrics is None:
             continue  # skipped by the evaluate stage (e.g. memory without remembered prompts)
+        items[condition] = paired_items(base, condition)
         rows.append(
             {
                 "condition": condition,
@@ -154,7 +165,10 @@ def collect(run_root: Path) -> dict[str, Any] | None:
     aggregates = aggregate_seeds(rows, outcomes, references)
     if aggregates:
         table["aggregates"] = aggregates
-    return table
+    items.update({row["condition"]: outcomes[row["condition"]] for row in rows if row["status"] == "done" and row["method"]})
+    if pairs := head_to_head(rows, items):
+        table["head_to_head"] = pairs
+    return table, items
 
 
 def chain_status(names: list[str], status) -> tuple[str, str | None]:
@@ -419,7 +433,9 @@ def display_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
 
 def write_outputs(run_root: Path) -> dict[str, Any] | None:
     """arena.json and arena.csv (one column per metric, its lo/hi/n beside it, then cost). An
-    aggregate row has the seeds it pooled in the `seed` column (e.g. `0+1`)."""
+    aggregate row has the seeds it pooled in the `seed` column (e.g. `0+1`). With trained rows
+    paired head to head, head_to_head.csv too (one line per pair and metric)."""
+    from .arena_head_to_head import CSV_FILE, csv_text
     from .artifacts import atomic_write_json, atomic_write_text
     from .stats import clean
 
@@ -433,6 +449,10 @@ def write_outputs(run_root: Path) -> dict[str, Any] | None:
     writer.writerow(header)
     writer.writerows([num(cell) for cell in row] for row in rows)
     atomic_write_text(Path(run_root) / "arena.csv", out.getvalue())
+    if (pairs := csv_text(table)) is not None:
+        atomic_write_text(Path(run_root) / CSV_FILE, pairs)
+    else:
+        (Path(run_root) / CSV_FILE).unlink(missing_ok=True)  # an older run's pairs are not this table's
     return table
 
 

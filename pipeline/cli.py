@@ -146,6 +146,26 @@ def arena(
 
 
 @app.command()
+def compare(
+    run_ref: str = typer.Argument(..., help="arena run name or folder, e.g. arena_spans or runs/arena_spans"),
+    a: str = typer.Argument(..., help="a row of its table, e.g. cut_s0 (or base, in_context, memory)"),
+    b: str = typer.Argument(..., help="the row to compare it with, e.g. sft_s0"),
+    runs_dir: Path = typer.Option(Path("runs"), help="where run folders live"),
+):
+    """Two rows of an arena run on the same held-out items: A less B per metric, its 95% interval, items better / worse, p."""
+    from .arena_head_to_head import compare as paired
+
+    try:
+        result = paired(_resolve_run(run_ref, runs_dir), a, b)
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    from .arena_report import print_comparison
+
+    print_comparison(console, result)
+
+
+@app.command()
 def validate(pipeline_file: Path, set_: list[str] = typer.Option([], "--set")):
     """Check a pipeline (or an arena or loop file, expanded) and its input files without running anything."""
     import yaml

@@ -3,7 +3,8 @@
 - rates (a share of n yes/no outcomes): the Wilson score interval, which stays inside [0, 1]
   and is honest at 0/n and n/n, where the normal approximation collapses to a point;
 - a rate against another's on the same items: Newcombe's paired interval and McNemar's exact test;
-  several seeds' mean against it: a bootstrap over items and an exact permutation test;
+  several seeds' mean against it: a bootstrap over items and an exact permutation test; many such
+  tests of one family: Holm's adjusted p-values;
 - means (KL, log-likelihood, rounds, lengths): a seeded percentile bootstrap over the items;
 - distributions: KL(p || q) in nats; per-token KL between two models' logits.
 
@@ -101,6 +102,21 @@ def mcnemar_p(turned_yes: int, turned_no: int) -> float:
     if n == 0:
         return 1.0
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def holm(ps: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values from m tests of one family (same order as given):
+    the k-th smallest is multiplied by m - k + 1 and never falls below the one before it. Why: the
+    arena's head-to-head compares every pair of trained rows on one metric (15 pairs for 6 methods),
+    where about one raw p < 0.05 in 20 is chance; an adjusted p < 0.05 keeps the chance of any false
+    finding in that family below 5%, without Bonferroni's full m-fold penalty on every test."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    out = [1.0] * len(ps)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
 
 
 def paired_difference(outcomes: dict[str, bool], baseline: dict[str, bool], z: float = Z95) -> dict[str, Any]:

@@ -218,21 +218,26 @@ def log_evaluation(trackers: Sequence[str], log_dir: Path, run_name: str, summar
 
 
 def log_arena(trackers: Sequence[str], log_dir: Path, run_name: str, table: dict[str, Any]) -> None:
-    """The arena table as `arena/table` (arena.csv's rows) and each Pareto plot as an image,
-    `arena/<y>_vs_<x>` (e.g. arena/adherence_vs_overgen_out)."""
+    """The arena table as `arena/table` (arena.csv's rows), the trained rows' pairs as
+    `arena/head_to_head` (head_to_head.csv's) and each Pareto plot as an image, `arena/<y>_vs_<x>`
+    (e.g. arena/adherence_vs_overgen_out)."""
     if not trackers:
         return
     import matplotlib.pyplot as plt
 
+    from .arena_head_to_head import table_rows as pair_rows
     from .arena_report import pareto_figures
     from .arena_table import table_rows
 
     header, rows = table_rows(table)
+    pair_header, pairs = pair_rows(table)
     figures = pareto_figures(table)
     try:
         with writers(trackers, log_dir, run_name) as out:
             for writer in out:
                 writer.table("arena/table", header, rows)
+                if pairs:
+                    writer.table("arena/head_to_head", pair_header, pairs)
                 for name, figure in figures:
                     writer.figure(f"arena/{name}", figure)
     finally:

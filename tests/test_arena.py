@@ -120,6 +120,14 @@ def test_arena_under_ray(tmp_path):
     assert "Arena (verbal feedback)" in report and "side by side" in report and report.count("<img") >= 2
     assert list((run_dir / "arena" / "tensorboard").glob("events.out.tfevents.*"))
     assert list((run_dir / "eval_dpo_s0" / "tensorboard").glob("events.out.tfevents.*"))
+    # the four trained rows head to head: 6 pairs, in the CSV and under the printed table
+    assert [(p["a"], p["b"]) for p in table["head_to_head"]][:3] == [
+        ("dpo_s0", "kto_s0"),
+        ("dpo_s0", "c3po_s0"),
+        ("dpo_s0", "cut_s0"),
+    ]
+    assert len(table["head_to_head"]) == 6 and (run_dir / "head_to_head.csv").is_file()
+    assert "head to head" in proc.stdout
 
     again = heedful("arena", str(config), "--runs-dir", str(runs))
     assert again.returncode == 0, again.stdout[-3000:]
@@ -144,6 +152,8 @@ def test_arena_under_ray(tmp_path):
     for name in ("kto_s0", "base", "in_context", "memory"):
         assert by_name[name]["status"] == "done" and by_name[name]["metrics"]["adherence"]["n"] == 2
     assert broken.stdout.count("up to date") == 3 + 2  # data, views, eval_base, kto_s0, eval_kto_s0: only dpo_s0 tried
+    # one finished trained row left: no pair, and the earlier run's head_to_head.csv is not this table's
+    assert "head_to_head" not in table and not (run_dir / "head_to_head.csv").exists()
 
 
 def test_arena_on_simulated_users(tmp_path):
@@ -737,6 +747,26 @@ def test_a_chained_arm_is_paired_with_the_arm_it_continued(tmp_path):
     console = Console(record=True, width=240)
     print_table(console, table)
     assert "sft_c3po_s0 vs sft_s0" in console.export_text()
+    # the two trained rows head to head: the arm it continued less the chain, i.e. vs_start read backwards
+    from pipeline.arena_head_to_head import flipped
+
+    (pair,) = table["head_to_head"]
+    assert (pair["a"], pair["b"], pair["seed"]) == ("sft_s0", "sft_c3po_s0", 0)
+    backwards = flipped(rows["sft_c3po_s0"]["vs_start"])
+    assert {m: {k: v for k, v in d.items() if k != "p_holm"} for m, d in pair["paired"].items()} == backwards
+    assert all(d["p_holm"] == d["p"] for d in pair["paired"].values())  # one pair: nothing to adjust
+    with (run_dir / "head_to_head.csv").open() as f:
+        assert {line["metric"] for line in csv.DictReader(f)} == set(pair["paired"])
+    assert "Trained rows head to head" in page
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    shown = CliRunner().invoke(app, ["compare", str(run_dir), "sft_c3po_s0", "sft_s0"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "sft_c3po_s0 less sft_s0" in shown.output and "adherence" in shown.output
+    unknown = CliRunner().invoke(app, ["compare", str(run_dir), "sft", "base"], env={"COLUMNS": "200"})
+    assert unknown.exit_code == 2 and "one row per seed: sft_s0" in unknown.output
     # tiny's replies rarely apply the feedback: give the start other outcomes than the base's and the
     # pairing must follow the start's (every start prompt adhered: the chain's misses count as worse)
     from pipeline.arena import write_outputs
@@ -845,7 +875,8 @@ def test_two_seeds_aggregated(tmp_path):
 
     console = Console(record=True, width=240)
     print_table(console, table)  # what `heedful arena` prints at the end
-    printed = [line.split("│")[1].strip() for line in console.export_text().splitlines() if line.startswith("│")]
+    cells = [line.split("│")[1].strip() for line in console.export_text().splitlines() if line.startswith("│")]
+    printed = [name for name in cells if name]  # a row whose cells wrap continues on lines with no name
     trained = ["dpo (mean over seeds 0, 1)", "dpo_s0", "dpo_s1"]
     # the table, then against the base (in_context too), then against the feedback in the prompt
     assert printed == ["base", "in_context", *trained, "in_context", *trained, *trained]

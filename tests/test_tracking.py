@@ -142,6 +142,16 @@ def test_arena_table_and_pareto_plots_go_to_tensorboard(tmp_path):
     # the two plots with two points or more (no kl_to_base here: the drift plots are not drawn)
     assert set(events["images"]) == {"arena/adherence_vs_overgen_out", "arena/adherence_vs_overgen_near"}
     assert all(png.startswith(b"\x89PNG") and len(png) > 1000 for png in events["images"].values())
+    assert "arena/head_to_head" not in events["texts"]  # one finished trained row: no pair
+
+    # two trained rows of one seed: their pair goes to the tracker as head_to_head.csv's rows
+    table = hand_table()
+    pair = {"value": -0.2, "lo": -0.4, "hi": 0.0, "n": 20, "better": 1, "worse": 5, "p": 0.22, "p_holm": 0.22}
+    table["head_to_head"] = [{"a": "dpo_s0", "b": "kto_s0", "seed": 0, "paired": {"adherence": pair}}]
+    log_arena(["tensorboard"], tmp_path / "pairs" / "tensorboard", "demo/arena", table)
+    lines = read_events(tmp_path / "pairs" / "tensorboard")["texts"]["arena/head_to_head"].splitlines()
+    assert lines[0] == "| a | b | seed | metric | value | lo | hi | n | better | worse | p | p_holm |"
+    assert lines[2] == "| dpo_s0 | kto_s0 | 0 | adherence | -0.2 | -0.4 | 0 | 20 | 1 | 5 | 0.22 | 0.22 |"
 
 
 def test_arena_report_to_reaches_its_stages_and_its_own_settings_win(tmp_path):
