@@ -26,6 +26,10 @@ micro-batches: 'ct2' where it wins batches, 'hf+ct2' where it wins only lone req
 holds both: lone requests and streams on CTranslate2, micro-batches on HF), else 'hf'. An answer
 cached before lone requests were timed serves the stages as it is and is measured again for a server.
 
+Timed while the machine is busy (other processes, a VM neighbour: pipeline/host_load.py), the
+answer is used but cached as provisional, and measured again by the first probe that finds the
+machine idle; a stage that only reads known answers (`known_cpu_engine`) takes it as it is.
+
 `HEEDFUL_CPU_ENGINE=ct2|hf` answers without measuring (a fleet that knows its machines, or
 tests that need one engine); `engine: ct2|hf` in a config insists regardless.
 """
@@ -37,7 +41,7 @@ import os
 import time
 from pathlib import Path
 
-from trainers.grad_ckpt_probe import _read, _write, measure, probe_key
+from trainers.grad_ckpt_probe import _read, _write, measure, probe_key, stamp, trusted
 
 CACHE_NAME = "engine_probe.json"
 ENV = "HEEDFUL_CPU_ENGINE"
@@ -105,9 +109,10 @@ def _key(model_name: str, precision: str) -> str:
 
 def faster_cpu_engine(model_name: str, *, cache_path: Path | None = None) -> str:
     """'ct2' or 'hf' for `model_name` on this host: HEEDFUL_CPU_ENGINE, else the cached answer,
-    else measured now (both engines, the same prompts, alternating; best of two) and cached."""
-    if (known := known_cpu_engine(model_name, cache_path=cache_path)) is not None:
-        return known
+    else measured now (both engines, the same prompts, alternating; best of two) and cached; a
+    provisional answer (measured busy) is measured again if the machine is idle now."""
+    if (forced := forced_engine()) is not None:
+        return forced
     return str(_probed(model_name, cache_path)["engine"])
 
 
@@ -137,7 +142,9 @@ def _probed(model_name: str, cache_path: Path | None, lone_request: bool = False
 
     def cached() -> dict | None:
         entry = _read(path).get(key)
-        return entry if entry is not None and (not lone_request or "single" in entry) else None
+        if entry is None or (lone_request and "single" not in entry):
+            return None
+        return entry if trusted(entry, path, key) else None  # provisional and the machine idle now: measure again
 
     if (entry := cached()) is not None:
         return entry
@@ -145,7 +152,10 @@ def _probed(model_name: str, cache_path: Path | None, lone_request: bool = False
     with FileLock(str(path) + ".lock"):
         if (entry := cached()) is not None:
             return entry
-        seconds = _measure(model_name)
+        from pipeline.host_load import watch
+
+        with watch() as seen:
+            seconds = _measure(model_name)
         speedup = seconds["hf"] / seconds["ct2"]
         entry = {
             "engine": "ct2" if speedup >= MARGIN else "hf",
@@ -167,7 +177,7 @@ def _probed(model_name: str, cache_path: Path | None, lone_request: bool = False
             entry.update(single="ct2" if single >= MARGIN else "hf", single_ct2_vs_hf=round(single, 3))
             log.info("engine probe (%s), one request alone: CTranslate2 %.2fx HF", model_name, single)
         data = _read(path)
-        data[key] = entry
+        data[key] = stamp(entry, seen.load, path, key, "engine", log)
         _write(path, data)
     return entry
 

@@ -11,7 +11,9 @@ device policy picks bf16 on capable GPUs), so a CPU that can should too.
 `auto` (the default): no bf16 flag in /proc/cpuinfo means fp32, unmeasured. With one, the first
 use on a host times one body-shaped matmul in each dtype (about 0.1 s) and keeps bf16 only if
 it is at least `MARGIN` faster; the answer is cached per host, CPU model and thread count in
-`<heedful cache>/cache/precision_probe.json`, as the checkpointing and engine probes cache theirs.
+`<heedful cache>/cache/precision_probe.json`, as the checkpointing and engine probes cache theirs;
+timed while the machine was busy, it is provisional and measured again once it is idle
+(pipeline/host_load.py).
 
 What bf16 changes: weights load in bf16, trainers run under bf16 autocast with LoRA's weights in
 fp32 and the preference core's reductions in fp32 (trainers/fastpref/logps.py), as on a GPU.
@@ -31,7 +33,7 @@ import os
 import time
 from pathlib import Path
 
-from trainers.grad_ckpt_probe import _read, _write, probe_key
+from trainers.grad_ckpt_probe import _read, _write, probe_key, stamp, trusted
 
 CACHE_NAME = "precision_probe.json"
 ENV = "HEEDFUL_CPU_PRECISION"
@@ -102,16 +104,23 @@ def known_cpu_precision(*, cache_path: Path | None = None) -> str | None:
 
 def cpu_precision(*, cache_path: Path | None = None) -> str:
     """'float32' or 'bfloat16' for this host: forced, cached, or measured now and cached."""
-    if (known := known_cpu_precision(cache_path=cache_path)) is not None:
-        return known
+    if (forced := forced_precision()) is not None:
+        return forced
+    if not has_bf16_units():
+        return "float32"
     from filelock import FileLock
 
+    from .host_load import watch
+
     path = cache_path or default_cache_path()
+    if trusted(known := _read(path).get(_key()), path, _key()) and known:  # a provisional answer on an idle machine is not
+        return str(known["precision"])
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # processes starting at once measure once
-        if (known := _read(path).get(_key())) is not None:
+        if trusted(known := _read(path).get(_key()), path, _key()) and known:
             return str(known["precision"])
-        seconds = _measure()
+        with watch() as seen:
+            seconds = _measure()
         speedup = seconds["float32"] / seconds["bfloat16"]
         precision = "bfloat16" if speedup >= MARGIN else "float32"
         log.info(
@@ -123,7 +132,8 @@ def cpu_precision(*, cache_path: Path | None = None) -> str:
             precision,
         )
         data = _read(path)
-        data[_key()] = {"precision": precision, "bf16_vs_fp32": round(speedup, 3), "seconds": seconds, "measured": time.time()}
+        entry = {"precision": precision, "bf16_vs_fp32": round(speedup, 3), "seconds": seconds, "measured": time.time()}
+        data[_key()] = stamp(entry, seen.load, path, _key(), "precision", log)
         _write(path, data)
     return precision
 

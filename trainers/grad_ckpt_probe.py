@@ -7,7 +7,8 @@ forward+backward steps of the actual model on a batch of the actual shape, with 
 checkpointing, keep the faster, and remember the answer per host: the key is hostname + CPU
 model + model name + shape bucket (device, dtype, rows, length rounded up to a power of 2),
 stored in `<heedful cache>/cache/grad_ckpt_probe.json`. Later stages on the same host and
-shape read it instead of measuring again.
+shape read it instead of measuring again. An answer measured while the machine was busy is
+provisional (`trusted`, `stamp`; pipeline/host_load.py): measured again once the machine is idle.
 
 The probe itself costs about six forward+backward steps (a warm-up and two timed steps per
 setting), so a run shorter than `PROBE_MIN_STEPS` optimizer steps (the quickstart trains
@@ -76,6 +77,46 @@ def measure(step: Callable[[bool], None], repeats: int = 2) -> dict[bool, float]
     return best
 
 
+#: (cache file, key) pairs whose provisional (contended) answer this process already chose to keep
+_kept_provisional: set[tuple[str, str]] = set()
+
+
+def trusted(entry: dict | None, path: Path, key: str) -> bool:
+    """A cached probe answer to use without measuring: one measured on an idle machine, or a
+    provisional one (measured busy: `contended`) while the machine is busy now too, when measuring
+    again would be no better (pipeline/host_load.py). A provisional answer met on an idle machine is
+    not: the caller measures again. A process looks at the machine once per answer it keeps."""
+    if entry is None:
+        return False
+    if not entry.get("contended") or (str(path), key) in _kept_provisional:
+        return True
+    from pipeline.host_load import sample
+
+    now = sample()
+    if now is None or now.contended:
+        _kept_provisional.add((str(path), key))
+        return True
+    return False
+
+
+def stamp(entry: dict, load, path: Path, key: str, what: str, log=None) -> dict:
+    """`entry` marked provisional (`contended`: the shares of other processes and steal) when `load`
+    (a pipeline.host_load.Load, or None) says the machine was busy while it was measured. The
+    process that measured keeps its answer either way (one answer per process, not a flip mid-run)."""
+    _kept_provisional.add((str(path), key))
+    if load is not None and load.contended:
+        entry["contended"] = load.as_dict()
+        if log is not None:
+            log.warning(
+                "%s probe measured while the machine was busy (other processes %.0f%%, stolen %.0f%% of its CPU): "
+                "answer kept as provisional, measured again when the machine is idle",
+                what,
+                100 * load.others,
+                100 * load.steal,
+            )
+    return entry
+
+
 def _read(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -107,9 +148,10 @@ def choose_gradient_checkpointing(
     path = cache_path or default_cache_path()
     key = probe_key(model_name, bucket)
     entry = _read(path).get(key)
-    if entry is not None:
+    short = run_steps is not None and run_steps < PROBE_MIN_STEPS
+    if entry is not None and (short or trusted(entry, path, key)):  # a short run takes a provisional answer as it is
         return bool(entry["checkpointing"])
-    if run_steps is not None and run_steps < PROBE_MIN_STEPS:
+    if short:
         if log is not None:
             log.info(
                 "gradient checkpointing %s: a %d-step run is too short for the probe to pay off (< %d steps)",
@@ -120,18 +162,28 @@ def choose_gradient_checkpointing(
         return default
     import torch
 
+    from pipeline.host_load import watch
+
     try:
-        times = measure(step, repeats)
+        with watch() as seen:
+            times = measure(step, repeats)
     except (MemoryError, torch.OutOfMemoryError):  # the batch only fits with checkpointing (not cached: memory varies)
         return True
     choice = times[True] < times[False]
     data = _read(path)  # re-read: another stage may have written meanwhile
-    data[key] = {
-        "checkpointing": choice,
-        "seconds_off": round(times[False], 4),
-        "seconds_on": round(times[True], 4),
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    data[key] = stamp(
+        {
+            "checkpointing": choice,
+            "seconds_off": round(times[False], 4),
+            "seconds_on": round(times[True], 4),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+        seen.load,
+        path,
+        key,
+        "gradient checkpointing",
+        log,
+    )
     _write(path, data)
     if log is not None:
         log.info(

@@ -1,0 +1,138 @@
+"""The probes' load guard (pipeline/host_load.py): the machine's load over a block by hand from
+/proc/stat-shaped files; an answer measured while the machine was busy is cached as provisional,
+kept while it stays busy, measured again by a later process that finds it idle, and never flips
+inside the process that measured it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def stat_line(busy: int, idle: int, steal: int = 0) -> str:
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    return f"cpu  {busy - 10} 0 10 {idle} 0 0 0 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n"
+
+
+def test_load_over_a_block_by_hand(tmp_path):
+    """Others' share: busy ticks less this process's own over all ticks; steal over all ticks."""
+    from pipeline import host_load
+
+    stat = tmp_path / "stat"
+    stat.write_text(stat_line(busy=1000, idle=5000))
+    with host_load.watch(str(stat)) as seen:
+        stat.write_text(stat_line(busy=1060, idle=5030, steal=10))  # 100 ticks: 60 busy, 30 idle, 10 stolen
+    assert seen.load is not None
+    assert seen.load.others == pytest.approx(0.6, abs=0.02)  # this process's own CPU in the block: ~0 ticks
+    assert seen.load.steal == pytest.approx(0.1) and seen.load.contended
+    stat.write_text(stat_line(busy=1000, idle=5000))
+    with host_load.watch(str(stat)) as quiet:
+        stat.write_text(stat_line(busy=1010, idle=5090))
+    assert quiet.load.others == pytest.approx(0.1, abs=0.02) and not quiet.load.contended
+    assert host_load.cpu_ticks(str(tmp_path / "missing")) is None
+    with host_load.watch(str(tmp_path / "missing")) as unknown:
+        pass
+    assert unknown.load is None  # nothing known: the probes treat it as idle
+
+
+def test_this_machines_proc_stat_is_read():
+    from pipeline import host_load
+
+    busy, steal, total = host_load.cpu_ticks()
+    assert 0 <= busy <= total and 0 <= steal <= total
+    assert host_load.sample(0.05) is not None
+
+
+class Machine:
+    """/proc/stat as the guard reads it, busy (80% of every span used by others) or idle."""
+
+    def __init__(self):
+        self.busy, self.ticks, self.counted = True, 0, 0
+
+    def __call__(self, stat="/proc/stat"):
+        self.ticks += 100
+        self.counted += 80 if self.busy else 0
+        return self.counted, 0, self.ticks
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    from pipeline import host_load
+    from trainers import grad_ckpt_probe
+
+    fake = Machine()
+    monkeypatch.setattr(host_load, "cpu_ticks", fake)
+    monkeypatch.setattr(grad_ckpt_probe, "_kept_provisional", set())  # a fresh process
+    return fake
+
+
+def new_process(monkeypatch):
+    from trainers import grad_ckpt_probe
+
+    monkeypatch.setattr(grad_ckpt_probe, "_kept_provisional", set())
+
+
+def test_an_engine_answer_measured_busy_is_provisional_until_an_idle_process_measures(tmp_path, monkeypatch, machine):
+    from pipeline import engine_probe
+
+    timings = iter([{"hf": 1.0, "ct2": 2.0}, {"hf": 1.0, "ct2": 0.5}])  # busy: HF looked faster; idle: CTranslate2 is
+    monkeypatch.setattr(engine_probe, "_measure", lambda model: next(timings))
+    monkeypatch.delenv(engine_probe.ENV, raising=False)
+    cache = tmp_path / "engine_probe.json"
+    assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"
+    (entry,) = json.loads(cache.read_text()).values()
+    assert entry["contended"] == {"others": 0.8, "steal": 0.0}
+    machine.busy = False
+    assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"  # the process that measured keeps it
+    new_process(monkeypatch)
+    machine.busy = True
+    assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"  # still busy: no better to measure
+    new_process(monkeypatch)
+    machine.busy = False
+    assert engine_probe.known_cpu_engine("model-a", cache_path=cache) == "hf"  # reading known answers measures nothing
+    assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "ct2"  # idle: measured again
+    (entry,) = json.loads(cache.read_text()).values()
+    assert "contended" not in entry and entry["ct2_vs_hf"] == 2.0
+    new_process(monkeypatch)
+    machine.busy = True
+    assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "ct2"  # an idle answer is kept (timings spent)
+
+
+def test_checkpointing_and_precision_answers_measured_busy_are_provisional(tmp_path, monkeypatch, machine):
+    import time
+
+    from pipeline import precision
+    from trainers.grad_ckpt_probe import choose_gradient_checkpointing
+
+    steps = {False: 0, True: 0}
+
+    def step(on):  # measure() times 3 calls a setting: "on" is slower the first time, "off" the second
+        steps[on] += 1
+        time.sleep(0.004 if on == (steps[on] <= 3) else 0.0)
+
+    cache = tmp_path / "grad_ckpt_probe.json"
+    assert choose_gradient_checkpointing("m", "cpu|rows=4", step, cache_path=cache) is False
+    (entry,) = json.loads(cache.read_text()).values()
+    assert entry["contended"]["others"] == 0.8
+    new_process(monkeypatch)
+    machine.busy = False
+    assert choose_gradient_checkpointing("m", "cpu|rows=4", step, cache_path=cache, run_steps=2) is False  # too short: as is
+    assert steps == {False: 3, True: 3}
+    assert choose_gradient_checkpointing("m", "cpu|rows=4", step, cache_path=cache) is True  # idle: measured again
+    assert steps == {False: 6, True: 6}
+    (entry,) = json.loads(cache.read_text()).values()
+    assert "contended" not in entry
+
+    monkeypatch.delenv(precision.ENV, raising=False)
+    monkeypatch.setattr(precision, "has_bf16_units", lambda: True)
+    timings = iter([{"float32": 1.0, "bfloat16": 2.0}, {"float32": 1.0, "bfloat16": 0.5}])
+    monkeypatch.setattr(precision, "_measure", lambda: next(timings))
+    cache = tmp_path / "precision_probe.json"
+    machine.busy = True
+    new_process(monkeypatch)
+    assert precision.cpu_precision(cache_path=cache) == "float32"
+    assert precision.known_cpu_precision(cache_path=cache) == "float32"  # reading the known answer measures nothing
+    new_process(monkeypatch)
+    machine.busy = False
+    assert precision.cpu_precision(cache_path=cache) == "bfloat16"
