@@ -38,7 +38,8 @@ def head_to_head(rows: list[dict[str, Any]], items: dict[str, dict[str, dict[str
     for i, a in enumerate(trained):
         for b in trained[i + 1 :]:
             if a["seed"] == b["seed"] and (paired := paired_with(items[a["condition"]], items[b["condition"]])):
-                pairs.append({"a": a["condition"], "b": b["condition"], "seed": a["seed"], "paired": paired})
+                methods = [a["method"], b["method"]]
+                pairs.append({"a": a["condition"], "b": b["condition"], "seed": a["seed"], "methods": methods, "paired": paired})
     families: dict[tuple[Any, str], list[dict[str, Any]]] = {}
     for pair in pairs:
         for metric, difference in pair["paired"].items():
@@ -128,3 +129,26 @@ def findings(table: dict[str, Any], level: float = 0.05) -> list[tuple[dict[str,
         for metric in metric_order(set(pair["paired"]))
         if (p := pair["paired"][metric].get("p_holm")) is not None and p < level
     ]
+
+
+def replication(table: dict[str, Any], pair: dict[str, Any], metric: str, level: float = 0.05) -> str:
+    """With several seeds, in how many of the seeds that paired the same two methods on `metric`
+    the difference holds the same way (Holm p below `level`, same sign): 'seeds 0, 1 of 0, 1'. A
+    finding of one seed that the others do not repeat is that seed's adapters, not the method's.
+    '' with one seed."""
+    same = [
+        other
+        for other in table.get(KEY) or []
+        if other.get("methods") == pair.get("methods") and metric in other["paired"] and pair.get("methods")
+    ]
+    if len(same) < 2:
+        return ""
+    sign = (pair["paired"][metric]["value"] or 0.0) > 0
+
+    def holds(other: dict[str, Any]) -> bool:
+        d = other["paired"][metric]
+        p = d.get("p_holm")
+        return p is not None and p < level and d.get("value") is not None and (d["value"] > 0) == sign
+
+    held = [str(o["seed"]) for o in same if holds(o)]
+    return f"seeds {', '.join(held) or 'none'} of {', '.join(str(o['seed']) for o in same)}"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .arena_head_to_head import KEY as HEAD_TO_HEAD
-from .arena_head_to_head import findings
+from .arena_head_to_head import findings, replication
 from .arena_table import (
     PAIRED,
     PLAN_FILE,
@@ -371,10 +371,12 @@ def print_head_to_head(console, table: dict[str, Any]) -> None:
     from rich.table import Table
 
     out = Table(title="head to head, trained rows of one seed: the differences with a Holm-adjusted p < 0.05")
-    for col in ["pair", "metric", "difference [95% interval], items better / worse, p", "Holm p"]:
+    seeds = [replication(table, pair, metric) for pair, metric, _ in found]
+    columns = ["pair", "metric", "difference [95% interval], items better / worse, p", "Holm p"]
+    for col in columns + (["holds in"] if any(seeds) else []):
         out.add_column(col)
-    for pair, metric, d in found:
-        out.add_row(f"{pair['a']} vs {pair['b']}", metric, fmt_paired(d), f"{d['p_holm']:.2g}")
+    for (pair, metric, d), held in zip(found, seeds, strict=True):
+        out.add_row(f"{pair['a']} vs {pair['b']}", metric, fmt_paired(d), f"{d['p_holm']:.2g}", *([held] if any(seeds) else []))
     console.print(out)
 
 

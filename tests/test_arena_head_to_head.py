@@ -96,3 +96,31 @@ def test_findings_are_the_holm_adjusted_ones():
         ]
     }
     assert [(metric, d["p_holm"]) for _, metric, d in findings(table)] == [("adherence", 0.03)]
+
+
+def test_replication_counts_the_seeds_where_the_same_methods_differ_the_same_way():
+    """dpo vs kto: Holm-significant and negative in seeds 0 and 2, positive in seed 1 (not the same
+    way), not significant in seed 3; a pair of other methods is not counted; one seed: ''."""
+    from pipeline.arena_head_to_head import replication
+
+    def pair(seed, value, p_holm, methods=("dpo", "kto")):
+        d = {"value": value, "p": p_holm, "p_holm": p_holm}
+        return {
+            "a": f"{methods[0]}_s{seed}",
+            "b": f"{methods[1]}_s{seed}",
+            "seed": seed,
+            "methods": list(methods),
+            "paired": {"adherence": d},
+        }
+
+    pairs = [
+        pair(0, -0.3, 0.01),
+        pair(1, 0.4, 0.01),
+        pair(2, -0.2, 0.04),
+        pair(3, -0.1, 0.5),
+        pair(0, -0.5, 0.001, ("cut", "kto")),
+    ]
+    table = {"head_to_head": pairs}
+    assert replication(table, pairs[0], "adherence") == "seeds 0, 2 of 0, 1, 2, 3"
+    assert replication(table, pairs[1], "adherence") == "seeds 1 of 0, 1, 2, 3"
+    assert replication(table, pairs[4], "adherence") == ""
