@@ -61,18 +61,31 @@ def compare(run_root: Path, a: str, b: str) -> dict[str, Any]:
     if collected is None:
         raise ValueError(f"{run_root}: no {PLAN_FILE} (not an arena run)")
     table, items = collected
-    done = [row["condition"] for row in table["rows"] if row["status"] == "done" and items.get(row["condition"])]
+    rows = {row["condition"]: row for row in table["rows"] if row["status"] == "done"}
     for name in (a, b):
-        if name not in done:
-            seeds = [row for row in done if row.rsplit("_s", 1)[0] == name]
+        if name not in rows:
+            seeds = [row for row in rows if row.rsplit("_s", 1)[0] == name]
             hint = f" (one row per seed: {', '.join(seeds)})" if seeds else ""
-            raise ValueError(f"{run_root}: no finished arena row {name!r}{hint}; finished rows: {', '.join(done)}")
+            raise ValueError(f"{run_root}: no finished arena row {name!r}{hint}; finished rows: {', '.join(rows)}")
+        if not items.get(name):
+            raise ValueError(f"{run_root}: row {name!r} has no per-item outcomes (evaluated before evaluate v2: rerun the arena)")
     if a == b:
         raise ValueError(f"compare two different rows, not {a!r} with itself")
+    notes = []
+    first, second = rows[a], rows[b]
+    if first["method"] and second["method"] and first["method"] != second["method"] and first["seed"] != second["seed"]:
+        notes.append(
+            f"{a} and {b} are different methods of different seeds: the difference mixes the seed's effect into "
+            "the method's (compare rows of one seed)"
+        )
     for pair in table.get(KEY) or []:
         if (pair["a"], pair["b"]) in ((a, b), (b, a)):
-            return {"a": a, "b": b, "seed": pair["seed"], "paired": pair["paired"] if pair["a"] == a else flipped(pair["paired"])}
-    return {"a": a, "b": b, "seed": None, "paired": paired_with(items[a], items[b])}
+            paired = pair["paired"] if pair["a"] == a else flipped(pair["paired"])
+            return {"a": a, "b": b, "seed": pair["seed"], "paired": paired, "notes": notes}
+    paired = paired_with(items[a], items[b])
+    if not paired:
+        notes.append(f"{a} and {b} share no held-out item with a metric both have: nothing to compare")
+    return {"a": a, "b": b, "seed": None, "paired": paired, "notes": notes}
 
 
 def flipped(paired: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -382,6 +382,7 @@ def print_head_to_head(console, table: dict[str, Any]) -> None:
 
 def print_comparison(console, result: dict[str, Any]) -> None:
     """What `heedful compare` prints: one row per metric of A less B on their shared items."""
+    from rich.markup import escape
     from rich.table import Table
 
     from .evaluation.summary import arrow
@@ -394,8 +395,11 @@ def print_comparison(console, result: dict[str, Any]) -> None:
         d = result["paired"][metric]
         holm_p = [f"{d['p_holm']:.2g}" if d.get("p_holm") is not None else "–"] if holm else []
         out.add_row(f"{metric}{arrow(metric)}", fmt_paired(d), str(d.get("n", "–")), *holm_p)
-    console.print(out)
+    if result["paired"]:
+        console.print(out)
+    for note in result.get("notes") or []:
+        console.print(f"[yellow]{escape(note)}[/]")
     if holm:
         console.print("Holm p: adjusted over every pair of this seed's trained rows (the report's head-to-head table).")
-    else:
+    elif result["paired"]:
         console.print("Not a pair of trained rows of one seed: the p-values are this comparison's alone (no adjustment).")

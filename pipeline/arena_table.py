@@ -279,14 +279,14 @@ def paired_with(outcomes: dict[str, dict[str, bool]], against: dict[str, dict[st
     outcomes (`paired_difference`), the mean difference for scores (`paired_score_difference`)."""
     from .stats import paired_difference, paired_score_difference
 
-    return {
-        metric: directed(
-            metric,
-            paired_score_difference([items], against[metric]) if is_score(metric) else paired_difference(items, against[metric]),
-        )
+    compared = {
+        metric: paired_score_difference([items], against[metric])
+        if is_score(metric)
+        else paired_difference(items, against[metric])
         for metric, items in outcomes.items()
         if metric in against and any(k in against[metric] for k in items)
     }
+    return {metric: directed(metric, d) for metric, d in compared.items() if d["n"]}  # no finite score shared: nothing to say
 
 
 def aggregate_seeds(

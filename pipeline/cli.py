@@ -158,7 +158,9 @@ def compare(
     try:
         result = paired(_resolve_run(run_ref, runs_dir), a, b)
     except ValueError as e:
-        console.print(f"[red]{e}[/]")
+        from rich.markup import escape
+
+        console.print(f"[red]{escape(str(e))}[/]")
         raise typer.Exit(2) from None
     from .arena_report import print_comparison
 

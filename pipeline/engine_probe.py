@@ -41,7 +41,7 @@ import os
 import time
 from pathlib import Path
 
-from trainers.grad_ckpt_probe import _read, _write, measure, probe_key, stamp, trusted
+from trainers.grad_ckpt_probe import cached_entry, known_entry, measure, probe_key, stamp, store
 
 CACHE_NAME = "engine_probe.json"
 ENV = "HEEDFUL_CPU_ENGINE"
@@ -93,7 +93,8 @@ def known_cpu_engine(model_name: str, *, cache_path: Path | None = None) -> str 
 
     if (precision := known_cpu_precision()) is None:  # the HF side's dtype is not known yet: neither is the answer
         return None
-    known = _read(cache_path or default_cache_path()).get(_key(model_name, precision))
+    path = cache_path or default_cache_path()
+    known = known_entry(path, _key(model_name, precision))
     return None if known is None else str(known["engine"])
 
 
@@ -141,10 +142,8 @@ def _probed(model_name: str, cache_path: Path | None, lone_request: bool = False
     key = _key(model_name, cpu_precision())
 
     def cached() -> dict | None:
-        entry = _read(path).get(key)
-        if entry is None or (lone_request and "single" not in entry):
-            return None
-        return entry if trusted(entry, path, key) else None  # provisional and the machine idle now: measure again
+        entry = cached_entry(path, key)  # provisional and the machine idle now: None, measure again
+        return None if entry is None or (lone_request and "single" not in entry) else entry
 
     if (entry := cached()) is not None:
         return entry
@@ -152,10 +151,8 @@ def _probed(model_name: str, cache_path: Path | None, lone_request: bool = False
     with FileLock(str(path) + ".lock"):
         if (entry := cached()) is not None:
             return entry
-        from pipeline.host_load import watch
-
-        with watch() as seen:
-            seconds = _measure(model_name)
+        seconds = _measure(model_name)
+        load = seconds.pop("load", None)  # the machine's load while the batches were timed
         speedup = seconds["hf"] / seconds["ct2"]
         entry = {
             "engine": "ct2" if speedup >= MARGIN else "hf",
@@ -176,19 +173,20 @@ def _probed(model_name: str, cache_path: Path | None, lone_request: bool = False
             single = seconds["hf_single"] / seconds["ct2_single"]
             entry.update(single="ct2" if single >= MARGIN else "hf", single_ct2_vs_hf=round(single, 3))
             log.info("engine probe (%s), one request alone: CTranslate2 %.2fx HF", model_name, single)
-        data = _read(path)
-        data[key] = stamp(entry, seen.load, path, key, "engine", log)
-        _write(path, data)
+        store(path, key, stamp(entry, load, path, key, "engine", log))
     return entry
 
 
-def _measure(model_name: str) -> dict[str, float]:
-    """Seconds per batch for HF generate and CTranslate2 on the probe's workload (`hf`, `ct2`), and
-    for two of its prompts one after the other, alone (`hf_single`, `ct2_single`)."""
+def _measure(model_name: str) -> dict:
+    """Seconds per batch for HF generate and CTranslate2 on the probe's workload (`hf`, `ct2`), for
+    two of its prompts one after the other, alone (`hf_single`, `ct2_single`), and the machine's
+    `load` (pipeline/host_load.py) while they were timed: loading and converting the model are
+    not, so a neighbour busy only during the timing is not averaged away."""
     from pipeline.chat import as_messages
     from pipeline.cpu_linear import packed_linears
     from pipeline.ct2_engine import Ct2Generator
     from pipeline.generation import SamplingSettings, chat_generate
+    from pipeline.host_load import watch
     from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
     sampling = SamplingSettings(max_new_tokens=PROBE_TOKENS, temperature=0.0)
@@ -210,12 +208,14 @@ def _measure(model_name: str) -> dict[str, float]:
             else:
                 chat_generate(model, tokenizer, [conversation], sampling, 1, 1)
 
-    best = measure(step, repeats=1)  # a warm-up and one timed batch each: about ten seconds on SmolLM2-135M
-    with packed_linears(model):  # a server packs its weights once, not per request: not part of the time
-        single = measure(alone, repeats=1)
+    with watch() as seen:
+        best = measure(step, repeats=1)  # a warm-up and one timed batch each: about ten seconds on SmolLM2-135M
+        with packed_linears(model):  # a server packs its weights once, not per request: not part of the time
+            single = measure(alone, repeats=1)
     return {
         "hf": round(best[False], 4),
         "ct2": round(best[True], 4),
         "hf_single": round(single[False], 4),
         "ct2_single": round(single[True], 4),
+        "load": seen.load,
     }

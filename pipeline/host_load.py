@@ -9,6 +9,7 @@ the share of the machine's CPU time that other processes used (all CPU time coun
 this process's own, threads included) and the share the hypervisor stole. Past `OTHERS_LIMIT` or
 `STEAL_LIMIT` the measurement is `contended`: the answer is used and cached as provisional, and
 measured again by the first probe that finds the machine idle (`sample()`, a quarter-second look).
+A span too short to tell from /proc/stat's clock ticks is watched on for up to half a second.
 Where /proc/stat cannot be read (not Linux) nothing is known and every measurement counts as idle.
 """
 
@@ -25,6 +26,11 @@ OTHERS_LIMIT = 0.25
 #: the hypervisor taking more than this share of it does too
 STEAL_LIMIT = 0.10
 SAMPLE_SECONDS = 0.25
+#: a span shorter than this many clock ticks (all CPUs) is watched on for up to `TAIL_SECONDS` more:
+#: /proc/stat counts in ticks (100 a second per CPU), so a 0.1 s probe on 2 cores is 20 ticks, and a
+#: few ticks of rounding would be a 10-20% share
+MIN_TICKS = 50
+TAIL_SECONDS = 0.5
 
 
 @dataclass
@@ -69,7 +75,11 @@ def watch(stat: str = "/proc/stat") -> Iterator[Watch]:
     out = Watch()
     start, own = cpu_ticks(stat), time.process_time()
     yield out
-    end, own = cpu_ticks(stat), time.process_time() - own
+    end, deadline = cpu_ticks(stat), time.monotonic() + TAIL_SECONDS
+    while start is not None and end is not None and end[2] - start[2] < MIN_TICKS and time.monotonic() < deadline:
+        time.sleep(0.02)  # too short a span to tell: the load just after it, this process sleeping
+        end = cpu_ticks(stat)
+    own = time.process_time() - own
     if start is None or end is None or end[2] <= start[2]:
         return
     busy, steal, total = (b - a for a, b in zip(start, end, strict=True))

@@ -33,7 +33,7 @@ import os
 import time
 from pathlib import Path
 
-from trainers.grad_ckpt_probe import _read, _write, probe_key, stamp, trusted
+from trainers.grad_ckpt_probe import cached_entry, known_entry, probe_key, stamp, store
 
 CACHE_NAME = "precision_probe.json"
 ENV = "HEEDFUL_CPU_PRECISION"
@@ -98,7 +98,7 @@ def known_cpu_precision(*, cache_path: Path | None = None) -> str | None:
         return forced
     if not has_bf16_units():
         return "float32"
-    known = _read(cache_path or default_cache_path()).get(_key())
+    known = known_entry(cache_path or default_cache_path(), _key())
     return None if known is None else str(known["precision"])
 
 
@@ -113,11 +113,11 @@ def cpu_precision(*, cache_path: Path | None = None) -> str:
     from .host_load import watch
 
     path = cache_path or default_cache_path()
-    if trusted(known := _read(path).get(_key()), path, _key()) and known:  # a provisional answer on an idle machine is not
+    if (known := cached_entry(path, _key())) is not None:  # a provisional answer on an idle machine is not
         return str(known["precision"])
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # processes starting at once measure once
-        if trusted(known := _read(path).get(_key()), path, _key()) and known:
+        if (known := cached_entry(path, _key())) is not None:
             return str(known["precision"])
         with watch() as seen:
             seconds = _measure()
@@ -131,10 +131,8 @@ def cpu_precision(*, cache_path: Path | None = None) -> str:
             speedup,
             precision,
         )
-        data = _read(path)
         entry = {"precision": precision, "bf16_vs_fp32": round(speedup, 3), "seconds": seconds, "measured": time.time()}
-        data[_key()] = stamp(entry, seen.load, path, _key(), "precision", log)
-        _write(path, data)
+        store(path, _key(), stamp(entry, seen.load, path, _key(), "precision", log))
     return precision
 
 

@@ -124,3 +124,26 @@ def test_replication_counts_the_seeds_where_the_same_methods_differ_the_same_way
     assert replication(table, pairs[0], "adherence") == "seeds 0, 2 of 0, 1, 2, 3"
     assert replication(table, pairs[1], "adherence") == "seeds 1 of 0, 1, 2, 3"
     assert replication(table, pairs[4], "adherence") == ""
+
+
+def test_compare_reads_a_pair_either_way_and_says_what_it_cannot_tell(monkeypatch):
+    """`heedful compare`'s reading: a trained pair of one seed comes from the table (with its Holm
+    p), the other way round flipped; other rows are paired on the spot (no Holm p); different
+    methods of different seeds carry a note; an unknown or unfinished row is an error naming the rows."""
+    from pipeline import arena_table
+    from pipeline.arena_head_to_head import compare, flipped, head_to_head
+
+    rows, items = rows_and_items()
+    table = {"rows": rows, "head_to_head": head_to_head(rows, items)}
+    monkeypatch.setattr(arena_table, "collect_with_items", lambda run_root: (table, items))
+    forward = compare("run", "dpo_s0", "cut_s0")
+    assert forward["seed"] == 0 and forward["paired"] == table["head_to_head"][0]["paired"] and not forward["notes"]
+    assert compare("run", "cut_s0", "dpo_s0")["paired"] == flipped(forward["paired"])
+    crossed = compare("run", "cut_s0", "dpo_s1")
+    assert crossed["seed"] is None and "p_holm" not in crossed["paired"]["adherence"]
+    assert "different methods of different seeds" in crossed["notes"][0]
+    assert not compare("run", "dpo_s0", "dpo_s1")["notes"]  # two seeds of one method: what a user compares on purpose
+    with pytest.raises(ValueError, match="no finished arena row 'dpo'.*one row per seed: dpo_s0, dpo_s1"):
+        compare("run", "dpo", "cut_s0")
+    with pytest.raises(ValueError, match="no finished arena row 'kto_s0'"):
+        compare("run", "kto_s0", "cut_s0")  # failed

@@ -63,26 +63,36 @@ def machine(monkeypatch):
 
     fake = Machine()
     monkeypatch.setattr(host_load, "cpu_ticks", fake)
-    monkeypatch.setattr(grad_ckpt_probe, "_kept_provisional", set())  # a fresh process
+    monkeypatch.setattr(grad_ckpt_probe, "_answers", {})  # a fresh process
     return fake
 
 
 def new_process(monkeypatch):
     from trainers import grad_ckpt_probe
 
-    monkeypatch.setattr(grad_ckpt_probe, "_kept_provisional", set())
+    monkeypatch.setattr(grad_ckpt_probe, "_answers", {})
+
+
+def timed(seconds: dict):
+    """A probe measurement that takes no time, watched like the real one (the fake machine's load)."""
+    from pipeline import host_load
+
+    with host_load.watch() as seen:
+        pass
+    return {**seconds, "load": seen.load}
 
 
 def test_an_engine_answer_measured_busy_is_provisional_until_an_idle_process_measures(tmp_path, monkeypatch, machine):
     from pipeline import engine_probe
 
     timings = iter([{"hf": 1.0, "ct2": 2.0}, {"hf": 1.0, "ct2": 0.5}])  # busy: HF looked faster; idle: CTranslate2 is
-    monkeypatch.setattr(engine_probe, "_measure", lambda model: next(timings))
+    monkeypatch.setattr(engine_probe, "_measure", lambda model: timed(next(timings)))
     monkeypatch.delenv(engine_probe.ENV, raising=False)
     cache = tmp_path / "engine_probe.json"
     assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"
     (entry,) = json.loads(cache.read_text()).values()
-    assert entry["contended"] == {"others": 0.8, "steal": 0.0}
+    assert entry["contended"]["others"] == pytest.approx(0.8, abs=0.01) and entry["contended"]["steal"] == 0.0
+    assert "load" not in entry["seconds"]
     machine.busy = False
     assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"  # the process that measured keeps it
     new_process(monkeypatch)
@@ -114,7 +124,7 @@ def test_checkpointing_and_precision_answers_measured_busy_are_provisional(tmp_p
     cache = tmp_path / "grad_ckpt_probe.json"
     assert choose_gradient_checkpointing("m", "cpu|rows=4", step, cache_path=cache) is False
     (entry,) = json.loads(cache.read_text()).values()
-    assert entry["contended"]["others"] == 0.8
+    assert entry["contended"]["others"] == pytest.approx(0.8, abs=0.01)
     new_process(monkeypatch)
     machine.busy = False
     assert choose_gradient_checkpointing("m", "cpu|rows=4", step, cache_path=cache, run_steps=2) is False  # too short: as is
@@ -136,3 +146,29 @@ def test_checkpointing_and_precision_answers_measured_busy_are_provisional(tmp_p
     new_process(monkeypatch)
     machine.busy = False
     assert precision.cpu_precision(cache_path=cache) == "bfloat16"
+
+
+def test_a_process_keeps_the_answer_it_used_and_a_busy_answer_never_replaces_an_idle_one(tmp_path, monkeypatch, machine):
+    """Another process re-measuring (the file rewritten) does not flip this process's answer; a
+    measurement stamped busy is not written over an idle entry another process wrote meanwhile."""
+    from pipeline import engine_probe
+    from trainers.grad_ckpt_probe import store
+
+    monkeypatch.delenv(engine_probe.ENV, raising=False)
+    monkeypatch.setattr(engine_probe, "_measure", lambda model: timed({"hf": 1.0, "ct2": 2.0}))
+    cache = tmp_path / "engine_probe.json"
+    assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"  # busy, provisional
+    (key,) = json.loads(cache.read_text())
+    data = json.loads(cache.read_text())
+    data[key] = {**data[key], "engine": "ct2"}
+    data[key].pop("contended")
+    cache.write_text(json.dumps(data))  # another process measured it again, idle
+    assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"  # this one keeps what it used
+    assert engine_probe.known_cpu_engine("model-a", cache_path=cache) == "hf"
+    new_process(monkeypatch)
+    assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "ct2"  # a new process reads the file
+
+    store(cache, key, {"engine": "hf", "contended": {"others": 0.9, "steal": 0.0}})
+    assert json.loads(cache.read_text())[key]["engine"] == "ct2"  # the idle entry stays
+    store(cache, "other", {"engine": "hf", "contended": {"others": 0.9, "steal": 0.0}})
+    assert json.loads(cache.read_text())["other"]["engine"] == "hf"  # nothing there: the provisional one is written

@@ -8,7 +8,8 @@ checkpointing, keep the faster, and remember the answer per host: the key is hos
 model + model name + shape bucket (device, dtype, rows, length rounded up to a power of 2),
 stored in `<heedful cache>/cache/grad_ckpt_probe.json`. Later stages on the same host and
 shape read it instead of measuring again. An answer measured while the machine was busy is
-provisional (`trusted`, `stamp`; pipeline/host_load.py): measured again once the machine is idle.
+provisional (`trusted`, `stamp`; pipeline/host_load.py): measured again once the machine is idle,
+by a later process (a process keeps the answer it used: `cached_entry`).
 
 The probe itself costs about six forward+backward steps (a warm-up and two timed steps per
 setting), so a run shorter than `PROBE_MIN_STEPS` optimizer steps (the quickstart trains
@@ -77,33 +78,47 @@ def measure(step: Callable[[bool], None], repeats: int = 2) -> dict[bool, float]
     return best
 
 
-#: (cache file, key) pairs whose provisional (contended) answer this process already chose to keep
-_kept_provisional: set[tuple[str, str]] = set()
+#: the probe answers this process has used, by (cache file, key): one answer per process, whatever
+#: other processes write to the file meanwhile (a stage does not load its policy in one precision and
+#: its reward model in another)
+_answers: dict[tuple[str, str], dict] = {}
 
 
-def trusted(entry: dict | None, path: Path, key: str) -> bool:
-    """A cached probe answer to use without measuring: one measured on an idle machine, or a
-    provisional one (measured busy: `contended`) while the machine is busy now too, when measuring
-    again would be no better (pipeline/host_load.py). A provisional answer met on an idle machine is
-    not: the caller measures again. A process looks at the machine once per answer it keeps."""
-    if entry is None:
-        return False
-    if not entry.get("contended") or (str(path), key) in _kept_provisional:
+def known_entry(path: Path, key: str) -> dict | None:
+    """The answer this process already used, else the file's entry as it is (provisional or not),
+    without measuring or looking at the machine: what a reader that never measures takes."""
+    return _answers.get((str(path), key)) or _read(path).get(key)
+
+
+def cached_entry(path: Path, key: str) -> dict | None:
+    """The answer to use without measuring: the one this process already used, else the file's
+    entry when `trusted` (then this process keeps it); None when the caller should measure."""
+    if (remembered := _answers.get((str(path), key))) is not None:
+        return remembered
+    entry = _read(path).get(key)
+    if entry is None or not trusted(entry):
+        return None
+    _answers[(str(path), key)] = entry
+    return entry
+
+
+def trusted(entry: dict) -> bool:
+    """An entry measured on an idle machine, or a provisional one (measured busy: `contended`) while
+    the machine is busy now too, when measuring again would be no better (pipeline/host_load.py). A
+    provisional answer met on an idle machine is not: the caller measures again."""
+    if not entry.get("contended"):
         return True
     from pipeline.host_load import sample
 
     now = sample()
-    if now is None or now.contended:
-        _kept_provisional.add((str(path), key))
-        return True
-    return False
+    return now is None or now.contended
 
 
 def stamp(entry: dict, load, path: Path, key: str, what: str, log=None) -> dict:
     """`entry` marked provisional (`contended`: the shares of other processes and steal) when `load`
-    (a pipeline.host_load.Load, or None) says the machine was busy while it was measured. The
-    process that measured keeps its answer either way (one answer per process, not a flip mid-run)."""
-    _kept_provisional.add((str(path), key))
+    (a pipeline.host_load.Load, or None) says the machine was busy while it was measured; this
+    process keeps it as its answer either way."""
+    _answers[(str(path), key)] = entry
     if load is not None and load.contended:
         entry["contended"] = load.as_dict()
         if log is not None:
@@ -115,6 +130,16 @@ def stamp(entry: dict, load, path: Path, key: str, what: str, log=None) -> dict:
                 100 * load.steal,
             )
     return entry
+
+
+def store(path: Path, key: str, entry: dict) -> None:
+    """Write `entry` under `key` (re-reading the file: other keys may have been written meanwhile),
+    except a provisional entry over an idle one that another process wrote since."""
+    data = _read(path)
+    if entry.get("contended") and key in data and not data[key].get("contended"):
+        return
+    data[key] = entry
+    _write(path, data)
 
 
 def _read(path: Path) -> dict:
@@ -147,9 +172,9 @@ def choose_gradient_checkpointing(
     A run of fewer than PROBE_MIN_STEPS `run_steps` without a cached answer gets `default`, unmeasured."""
     path = cache_path or default_cache_path()
     key = probe_key(model_name, bucket)
-    entry = _read(path).get(key)
     short = run_steps is not None and run_steps < PROBE_MIN_STEPS
-    if entry is not None and (short or trusted(entry, path, key)):  # a short run takes a provisional answer as it is
+    entry = known_entry(path, key) if short else cached_entry(path, key)  # a short run takes a provisional answer as it is
+    if entry is not None:
         return bool(entry["checkpointing"])
     if short:
         if log is not None:
@@ -161,30 +186,27 @@ def choose_gradient_checkpointing(
             )
         return default
     import torch
+    from filelock import FileLock
 
     from pipeline.host_load import watch
 
-    try:
-        with watch() as seen:
-            times = measure(step, repeats)
-    except (MemoryError, torch.OutOfMemoryError):  # the batch only fits with checkpointing (not cached: memory varies)
-        return True
-    choice = times[True] < times[False]
-    data = _read(path)  # re-read: another stage may have written meanwhile
-    data[key] = stamp(
-        {
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # stages starting together measure one at a time, not beside each other
+        if (entry := cached_entry(path, key)) is not None:
+            return bool(entry["checkpointing"])
+        try:
+            with watch() as seen:
+                times = measure(step, repeats)
+        except (MemoryError, torch.OutOfMemoryError):  # the batch only fits with checkpointing (not cached: memory varies)
+            return True
+        choice = times[True] < times[False]
+        entry = {
             "checkpointing": choice,
             "seconds_off": round(times[False], 4),
             "seconds_on": round(times[True], 4),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        },
-        seen.load,
-        path,
-        key,
-        "gradient checkpointing",
-        log,
-    )
-    _write(path, data)
+        }
+        store(path, key, stamp(entry, seen.load, path, key, "gradient checkpointing", log))
     if log is not None:
         log.info(
             "gradient checkpointing %s (probe: %.3fs off, %.3fs on per step)",
