@@ -133,7 +133,8 @@ def serving_cpu_engine(model_name: str, *, cache_path: Path | None = None) -> st
 def _probed(model_name: str, cache_path: Path | None, lone_request: bool = False) -> dict:
     """The probe's entry for `model_name` on this host: the cached one, else measured now and cached
     (under a file lock: two processes starting at once measure once). `lone_request`: an entry
-    without a lone request's timing (cached before the probe took one) is measured again."""
+    without a lone request's timing (cached before the probe took one) is measured again, and the
+    batch answer it had (the stages') is kept, with the lone request's answer added."""
     from filelock import FileLock
 
     from pipeline.precision import cpu_precision
@@ -141,18 +142,20 @@ def _probed(model_name: str, cache_path: Path | None, lone_request: bool = False
     path = cache_path or default_cache_path()
     key = _key(model_name, cpu_precision())
 
-    def cached() -> dict | None:
-        entry = cached_entry(path, key)  # provisional and the machine idle now: None, measure again
-        return None if entry is None or (lone_request and "single" not in entry) else entry
+    def accept(entry: dict) -> bool:
+        return not lone_request or "single" in entry
 
-    if (entry := cached()) is not None:
+    if (entry := cached_entry(path, key, accept)) is not None:
         return entry
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        if (entry := cached()) is not None:
+        if (entry := cached_entry(path, key, accept)) is not None:
             return entry
-        seconds = _measure(model_name)
-        load = seconds.pop("load", None)  # the machine's load while the batches were timed
+        earlier = known_entry(path, key)  # an answer without a lone request's timing: the stages' to keep
+        earlier = earlier if earlier is not None and not earlier.get("contended") else None
+        measured = _measure(model_name)
+        load = measured.pop("load", None)  # the machine's load while the batches were timed
+        seconds = dict(measured)
         speedup = seconds["hf"] / seconds["ct2"]
         entry = {
             "engine": "ct2" if speedup >= MARGIN else "hf",
@@ -169,11 +172,14 @@ def _probed(model_name: str, cache_path: Path | None, lone_request: bool = False
             PROBE_TOKENS,
             entry["engine"],
         )
+        if earlier is not None:  # the batch answer stays what the stages have used
+            entry.update(engine=earlier["engine"], ct2_vs_hf=earlier["ct2_vs_hf"])
+            entry["seconds"].update({k: earlier["seconds"][k] for k in ("hf", "ct2") if k in earlier.get("seconds", {})})
         if "hf_single" in seconds:
             single = seconds["hf_single"] / seconds["ct2_single"]
             entry.update(single="ct2" if single >= MARGIN else "hf", single_ct2_vs_hf=round(single, 3))
             log.info("engine probe (%s), one request alone: CTranslate2 %.2fx HF", model_name, single)
-        store(path, key, stamp(entry, load, path, key, "engine", log))
+        store(path, key, stamp(entry, load, path, key, "engine", log), over_idle=earlier is not None, log=log)
     return entry
 
 

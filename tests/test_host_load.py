@@ -6,6 +6,7 @@ inside the process that measured it."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -91,7 +92,7 @@ def test_an_engine_answer_measured_busy_is_provisional_until_an_idle_process_mea
     cache = tmp_path / "engine_probe.json"
     assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"
     (entry,) = json.loads(cache.read_text()).values()
-    assert entry["contended"]["others"] == pytest.approx(0.8, abs=0.01) and entry["contended"]["steal"] == 0.0
+    assert 0.25 < entry["contended"]["others"] <= 0.8 and entry["contended"]["steal"] == 0.0
     assert "load" not in entry["seconds"]
     machine.busy = False
     assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"  # the process that measured keeps it
@@ -101,6 +102,8 @@ def test_an_engine_answer_measured_busy_is_provisional_until_an_idle_process_mea
     new_process(monkeypatch)
     machine.busy = False
     assert engine_probe.known_cpu_engine("model-a", cache_path=cache) == "hf"  # reading known answers measures nothing
+    assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"  # ... and that process keeps what it read
+    new_process(monkeypatch)
     assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "ct2"  # idle: measured again
     (entry,) = json.loads(cache.read_text()).values()
     assert "contended" not in entry and entry["ct2_vs_hf"] == 2.0
@@ -124,11 +127,13 @@ def test_checkpointing_and_precision_answers_measured_busy_are_provisional(tmp_p
     cache = tmp_path / "grad_ckpt_probe.json"
     assert choose_gradient_checkpointing("m", "cpu|rows=4", step, cache_path=cache) is False
     (entry,) = json.loads(cache.read_text()).values()
-    assert entry["contended"]["others"] == pytest.approx(0.8, abs=0.01)
+    assert 0.25 < entry["contended"]["others"] <= 0.8
     new_process(monkeypatch)
     machine.busy = False
     assert choose_gradient_checkpointing("m", "cpu|rows=4", step, cache_path=cache, run_steps=2) is False  # too short: as is
     assert steps == {False: 3, True: 3}
+    assert choose_gradient_checkpointing("m", "cpu|rows=4", step, cache_path=cache) is False  # what this process read
+    new_process(monkeypatch)
     assert choose_gradient_checkpointing("m", "cpu|rows=4", step, cache_path=cache) is True  # idle: measured again
     assert steps == {False: 6, True: 6}
     (entry,) = json.loads(cache.read_text()).values()
@@ -172,3 +177,43 @@ def test_a_process_keeps_the_answer_it_used_and_a_busy_answer_never_replaces_an_
     assert json.loads(cache.read_text())[key]["engine"] == "ct2"  # the idle entry stays
     store(cache, "other", {"engine": "hf", "contended": {"others": 0.9, "steal": 0.0}})
     assert json.loads(cache.read_text())["other"]["engine"] == "hf"  # nothing there: the provisional one is written
+
+
+def test_a_span_too_short_to_tell_is_watched_on_then_given_up(tmp_path):
+    """Fewer than MIN_TICKS ticks: watched on for up to TAIL_SECONDS; a /proc/stat that never moves
+    (nothing to tell) gives no load rather than a made-up one."""
+    from pipeline import host_load
+
+    stat = tmp_path / "stat"
+    stat.write_text(stat_line(busy=1000, idle=5000))
+    start = time.monotonic()
+    with host_load.watch(str(stat)) as frozen:
+        pass
+    assert frozen.load is None and host_load.TAIL_SECONDS <= time.monotonic() - start < host_load.TAIL_SECONDS + 0.5
+
+
+def test_a_server_measuring_a_lone_request_keeps_the_stages_answer(tmp_path, monkeypatch, machine):
+    """An idle entry from before lone requests were timed: the server measures (busy), adds the lone
+    request's answer, keeps the batch answer the stages used, and the entry is written (the next
+    server does not measure again while the machine stays busy)."""
+    from pipeline import engine_probe
+
+    monkeypatch.delenv(engine_probe.ENV, raising=False)
+    measured = []
+    monkeypatch.setattr(
+        engine_probe,
+        "_measure",
+        lambda model: measured.append(model) or timed({"hf": 1.0, "ct2": 2.0, "hf_single": 2.0, "ct2_single": 1.0}),
+    )
+    cache = tmp_path / "engine_probe.json"
+    key = engine_probe._key("model-a", "float32")
+    monkeypatch.setattr("pipeline.precision.cpu_precision", lambda: "float32")
+    monkeypatch.setattr("pipeline.precision.known_cpu_precision", lambda: "float32")
+    cache.write_text(json.dumps({key: {"engine": "ct2", "ct2_vs_hf": 1.5, "seconds": {"hf": 1.5, "ct2": 1.0}}}))
+    assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "ct2" and measured == []
+    assert engine_probe.serving_cpu_engine("model-a", cache_path=cache) == "ct2"  # the batch answer kept
+    entry = json.loads(cache.read_text())[key]
+    assert (entry["engine"], entry["single"], entry["seconds"]["hf"]) == ("ct2", "ct2", 1.5) and "contended" in entry
+    assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "ct2"  # this process: one answer
+    new_process(monkeypatch)
+    assert engine_probe.serving_cpu_engine("model-a", cache_path=cache) == "ct2" and measured == ["model-a"]

@@ -80,25 +80,43 @@ def measure(step: Callable[[bool], None], repeats: int = 2) -> dict[bool, float]
 
 #: the probe answers this process has used, by (cache file, key): one answer per process, whatever
 #: other processes write to the file meanwhile (a stage does not load its policy in one precision and
-#: its reward model in another)
+#: its reward model in another). A long-lived process (a server, a reused Ray worker) keeps a
+#: provisional answer for its life; other processes re-measure it when the machine is idle.
 _answers: dict[tuple[str, str], dict] = {}
 
 
-def known_entry(path: Path, key: str) -> dict | None:
-    """The answer this process already used, else the file's entry as it is (provisional or not),
-    without measuring or looking at the machine: what a reader that never measures takes."""
-    return _answers.get((str(path), key)) or _read(path).get(key)
+def _memo_key(path: Path, key: str) -> tuple[str, str]:
+    return os.path.abspath(path), key
 
 
-def cached_entry(path: Path, key: str) -> dict | None:
-    """The answer to use without measuring: the one this process already used, else the file's
-    entry when `trusted` (then this process keeps it); None when the caller should measure."""
-    if (remembered := _answers.get((str(path), key))) is not None:
-        return remembered
+def _file_entry(path: Path, key: str) -> dict | None:
+    """The file's entry for `key`; anything but a non-empty dict (a hand-edited file) counts as none."""
     entry = _read(path).get(key)
-    if entry is None or not trusted(entry):
+    return entry if isinstance(entry, dict) and entry else None
+
+
+def known_entry(path: Path, key: str) -> dict | None:
+    """The answer this process already used, else the file's entry as it is (provisional or not,
+    then this process keeps it), without measuring or looking at the machine: what a reader that
+    never measures takes."""
+    memo = _memo_key(path, key)
+    if memo not in _answers and (entry := _file_entry(path, key)) is not None:
+        _answers[memo] = entry
+    return _answers.get(memo)
+
+
+def cached_entry(path: Path, key: str, accept=lambda entry: True) -> dict | None:
+    """The answer to use without measuring: the one this process already used, else the file's
+    entry when `trusted` (then this process keeps it); None when the caller should measure.
+    `accept`: what the caller needs of an entry (a server: a lone request's timing); one without it
+    is passed over, in the memo and in the file alike."""
+    memo = _memo_key(path, key)
+    if (remembered := _answers.get(memo)) is not None and accept(remembered):
+        return remembered
+    entry = _file_entry(path, key)
+    if entry is None or not accept(entry) or not trusted(entry):
         return None
-    _answers[(str(path), key)] = entry
+    _answers[memo] = entry
     return entry
 
 
@@ -118,7 +136,7 @@ def stamp(entry: dict, load, path: Path, key: str, what: str, log=None) -> dict:
     """`entry` marked provisional (`contended`: the shares of other processes and steal) when `load`
     (a pipeline.host_load.Load, or None) says the machine was busy while it was measured; this
     process keeps it as its answer either way."""
-    _answers[(str(path), key)] = entry
+    _answers[_memo_key(path, key)] = entry
     if load is not None and load.contended:
         entry["contended"] = load.as_dict()
         if log is not None:
@@ -132,11 +150,15 @@ def stamp(entry: dict, load, path: Path, key: str, what: str, log=None) -> dict:
     return entry
 
 
-def store(path: Path, key: str, entry: dict) -> None:
+def store(path: Path, key: str, entry: dict, *, over_idle: bool = False, log=None) -> None:
     """Write `entry` under `key` (re-reading the file: other keys may have been written meanwhile),
-    except a provisional entry over an idle one that another process wrote since."""
+    except a provisional entry over an idle one that another process wrote since (`over_idle`: the
+    caller measured because the idle entry lacked something, and carries its answer forward)."""
     data = _read(path)
-    if entry.get("contended") and key in data and not data[key].get("contended"):
+    old = data.get(key)
+    if entry.get("contended") and not over_idle and isinstance(old, dict) and old and not old.get("contended"):
+        if log is not None:
+            log.info("probe answer measured busy not written: %s keeps the idle answer another process measured", path.name)
         return
     data[key] = entry
     _write(path, data)
