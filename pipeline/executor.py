@@ -55,18 +55,38 @@ class StageOutcome:
     user_error: bool = False
 
 
-class _Tee:
-    """Mirror a stream into the stage log file so forwarded output is also on disk."""
+class _Mirror:
+    """sys.stdout / sys.stderr while a stage runs: every write also goes to the running stage's log.
 
-    def __init__(self, stream, file):
-        self._stream, self._file = stream, file
+    One mirror per underlying stream for the life of the process, installed again by every stage.
+    Why not a fresh wrapper per stage: a logging handler made while a stage ran keeps the
+    sys.stderr of that moment (transformers' library handler is created on its first warning), and
+    a later stage of the same process (an in-process run, a reused Ray worker) then wrote through
+    the earlier stage's closed file: "I/O operation on closed file", and the warning lost. Through
+    the shared mirror such a handler writes into whichever stage runs now, or only to the stream
+    between stages."""
+
+    _over: dict[int, _Mirror] = {}
+
+    def __init__(self, stream):
+        self._stream, self.file = stream, None
+
+    @classmethod
+    def of(cls, stream) -> _Mirror:
+        if isinstance(stream, _Mirror):
+            return stream
+        return cls._over.setdefault(id(stream), cls(stream))  # the mirror holds the stream: its id stays its own
 
     def write(self, data):
-        self._file.write(data)
+        file = self.file
+        if file is not None and not file.closed:
+            file.write(data)
         return self._stream.write(data)
 
     def flush(self):
-        self._file.flush()
+        file = self.file
+        if file is not None and not file.closed:
+            file.flush()
         self._stream.flush()
 
     def isatty(self):
@@ -81,7 +101,17 @@ def execute_stage(task: StageTask) -> StageOutcome:
     staging, resumed = run.begin(task.name, task.fingerprint)
     log_file = (staging / "stage.log").open("a", encoding="utf-8")
     old_out, old_err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Tee(old_out, log_file), _Tee(old_err, log_file)
+    mirrors = (_Mirror.of(old_out), _Mirror.of(old_err))
+    old_files = tuple(m.file for m in mirrors)  # a stage run inside another's: its file comes back after
+
+    def release_streams() -> None:
+        for mirror, file in zip(mirrors, old_files):
+            mirror.file = file
+        sys.stdout, sys.stderr = old_out, old_err
+
+    for mirror in mirrors:
+        mirror.file = log_file
+    sys.stdout, sys.stderr = mirrors
     log = _stage_logger(task.name)
     started = time.time()
     outcome = StageOutcome(task.name, "failed", resumed=resumed, host=socket.gethostname())
@@ -119,7 +149,7 @@ def execute_stage(task: StageTask) -> StageOutcome:
         outcome.status, outcome.metrics, outcome.seconds = "done", _jsonable(metrics), finished - started
         atomic_write_json(staging / MANIFEST, _manifest(task, cls.version, outputs, outcome, started, finished))
         log.info("stage %s done in %.1fs", task.name, outcome.seconds)
-        sys.stdout, sys.stderr = old_out, old_err
+        release_streams()
         log_file.close()
         final = run.commit(task.name)
         _copy_log(final / "stage.log", run.log_path(task.name))
@@ -129,11 +159,12 @@ def execute_stage(task: StageTask) -> StageOutcome:
         outcome.error = str(exc) if outcome.user_error else f"{type(exc).__name__}: {exc}"
         outcome.traceback = traceback.format_exc()  # kept in the stage log, not shown for user errors
         log.error("stage %s failed: %s", task.name, outcome.error)
-        log_file.write(outcome.traceback)
+        if not log_file.closed:  # closed: the stage finished and its commit failed
+            log_file.write(outcome.traceback)
         if not isinstance(exc, Exception):
             raise
     finally:
-        sys.stdout, sys.stderr = old_out, old_err
+        release_streams()
         if not log_file.closed:
             log_file.close()
             _copy_log(staging / "stage.log", run.log_path(task.name))

@@ -40,7 +40,7 @@ def test_language_feedback_methods_on_smollm2(tmp_path, smollm2_path):
                 "with": {
                     "feedback": 'When I ask about cooking, start your answer with "Chef\'s tip:".',
                     "topic": "cooking",
-                    "generator": {"sampling": {"max_new_tokens": 96, "temperature": 0.7}},
+                    "generator": {"sampling": {"max_new_tokens": 64, "temperature": 0.7}},
                     "num_categories": 2,
                     "prompts_per_category": 3,
                     "out_of_scope_categories": ["science"],
