@@ -60,7 +60,8 @@ class _Mirror:
 
     One mirror per underlying stream for the life of the process, installed again by every stage.
     Why not a fresh wrapper per stage: a logging handler made while a stage ran keeps the
-    sys.stderr of that moment (transformers' library handler is created on its first warning), and
+    sys.stderr of that moment (transformers makes its library handler when it is first imported,
+    usually inside the first stage that needs it, since heedful imports it lazily), and
     a later stage of the same process (an in-process run, a reused Ray worker) then wrote through
     the earlier stage's closed file: "I/O operation on closed file", and the warning lost. Through
     the shared mirror such a handler writes into whichever stage runs now, or only to the stream
@@ -158,8 +159,11 @@ def execute_stage(task: StageTask) -> StageOutcome:
         outcome.user_error = is_user_error(exc)
         outcome.error = str(exc) if outcome.user_error else f"{type(exc).__name__}: {exc}"
         outcome.traceback = traceback.format_exc()  # kept in the stage log, not shown for user errors
+        outcome.status = "failed"  # also when the stage ran to the end and committing it failed
         log.error("stage %s failed: %s", task.name, outcome.error)
-        if not log_file.closed:  # closed: the stage finished and its commit failed
+        if log_file.closed:  # the stage finished; its commit (or its log's copy) failed
+            _log_after_commit_failed(run, task.name, outcome.traceback)
+        else:
             log_file.write(outcome.traceback)
         if not isinstance(exc, Exception):
             raise
@@ -237,6 +241,18 @@ def _set_threads(n: int) -> None:
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+
+
+def _log_after_commit_failed(run: RunDir, name: str, text: str) -> None:
+    """The stage's log, then the commit's traceback, in runs/<run>/logs/<stage>.log. Best effort:
+    the disk that failed the commit may fail this too, and the outcome carries the error anyway."""
+    try:
+        staged, committed = run.staging_dir(name) / "stage.log", run.stage_dir(name) / "stage.log"
+        _copy_log(staged if staged.is_file() else committed, run.log_path(name))
+        with run.log_path(name).open("a", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError:
+        pass
 
 
 def _copy_log(src: Path, dst: Path) -> None:

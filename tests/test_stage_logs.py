@@ -8,7 +8,7 @@ import logging
 from pipeline import registry
 from pipeline.config import pipeline_from_dict
 from pipeline.runner import Runner
-from pipeline.stage import Stage
+from pipeline.stage import Input, Output, Stage
 
 LIBRARY = logging.getLogger("heedful.tests.a_library")
 
@@ -50,3 +50,50 @@ def test_a_handler_made_in_one_stage_writes_into_the_stage_running_later(tmp_pat
     printed = capfd.readouterr()
     assert "I/O operation on closed file" not in printed.err and "Logging error" not in printed.err
     assert printed.err.count("library warning from") == 3  # still on the terminal as well
+
+
+class QuietStage(Stage):
+    uses = "quiet_probe"
+    inputs = {"notes": Input(kinds=("notes",), required=False)}
+    outputs = {"notes": Output(kind="notes")}
+
+    def run(self):
+        print(f"working in {self.ctx.name}")
+        self.ctx.output("notes").write_text("done")
+        return {"answer": 42}
+
+
+def test_a_stage_whose_commit_fails_is_failed_and_its_log_keeps_the_traceback(tmp_path, monkeypatch):
+    """The stage ran to the end, then moving its folder in failed (a full disk): the stage failed, its
+    dependent did not run, the streams are back, and the log shows what it printed and why it failed."""
+    import sys
+
+    from pipeline.artifacts import RunDir
+
+    real_commit = RunDir.commit
+
+    def commit(self, stage):
+        if stage == "first":
+            raise OSError(28, "No space left on device")
+        return real_commit(self, stage)
+
+    monkeypatch.setattr(RunDir, "commit", commit)
+    registry.names()
+    registry.register(QuietStage)
+    out, err = sys.stdout, sys.stderr
+    try:
+        stages = [
+            {"name": "first", "uses": QuietStage.uses},
+            {"name": "second", "uses": QuietStage.uses, "inputs": {"notes": "first.notes"}},
+        ]
+        pipeline = pipeline_from_dict({"run_name": "full", "model": "tiny", "stages": stages}, tmp_path)
+        result = Runner(pipeline, tmp_path / "runs", use_ray=False).execute()
+    finally:
+        registry._REGISTRY.pop(QuietStage.uses, None)
+    assert (sys.stdout, sys.stderr) == (out, err)
+    assert not result.ok
+    first, second = result.record("first"), result.record("second")
+    assert first.status == "failed" and "No space left on device" in first.error
+    assert second.status != "done" and not (result.run_dir / "first" / "manifest.json").exists()
+    log = (result.run_dir / "logs" / "first.log").read_text()
+    assert "working in first" in log and "OSError" in log and "Traceback" in log
