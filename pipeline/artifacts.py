@@ -110,7 +110,12 @@ class RunDir:
             trash = self.root / ".trash" / f"{stage}-{uuid.uuid4().hex[:8]}"
             trash.parent.mkdir(parents=True, exist_ok=True)
             os.replace(final, trash)
-        os.replace(staging, final)
+        try:
+            os.replace(staging, final)
+        except BaseException:  # the earlier outputs go back: a failed commit leaves them as they were
+            if trash is not None:
+                os.replace(trash, final)
+            raise
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         return final

@@ -153,7 +153,16 @@ def execute_stage(task: StageTask) -> StageOutcome:
         release_streams()
         log_file.close()
         final = run.commit(task.name)
-        _copy_log(final / "stage.log", run.log_path(task.name))
+        try:
+            _copy_log(final / "stage.log", run.log_path(task.name))
+        except OSError as exc:  # committed, so done: only the copy under logs/ is missing
+            log.warning(
+                "stage %s: its log is %s (copying it to %s failed: %s)",
+                task.name,
+                final / "stage.log",
+                run.log_path(task.name),
+                exc,
+            )
     except BaseException as exc:  # report everything, including KeyboardInterrupt in-process
         outcome.seconds = time.time() - started
         outcome.user_error = is_user_error(exc)
@@ -161,7 +170,7 @@ def execute_stage(task: StageTask) -> StageOutcome:
         outcome.traceback = traceback.format_exc()  # kept in the stage log, not shown for user errors
         outcome.status = "failed"  # also when the stage ran to the end and committing it failed
         log.error("stage %s failed: %s", task.name, outcome.error)
-        if log_file.closed:  # the stage finished; its commit (or its log's copy) failed
+        if log_file.closed:  # the stage ran to the end and committing it failed
             _log_after_commit_failed(run, task.name, outcome.traceback)
         else:
             log_file.write(outcome.traceback)
@@ -244,12 +253,15 @@ def _set_threads(n: int) -> None:
 
 
 def _log_after_commit_failed(run: RunDir, name: str, text: str) -> None:
-    """The stage's log, then the commit's traceback, in runs/<run>/logs/<stage>.log. Best effort:
-    the disk that failed the commit may fail this too, and the outcome carries the error anyway."""
+    """runs/<run>/logs/<stage>.log: what the stage printed (its staging folder's log: a failed
+    commit leaves the staging folder in place), then the commit's traceback. Best effort: the disk
+    that failed the commit may fail this too, and the outcome carries the error anyway."""
     try:
-        staged, committed = run.staging_dir(name) / "stage.log", run.stage_dir(name) / "stage.log"
-        _copy_log(staged if staged.is_file() else committed, run.log_path(name))
-        with run.log_path(name).open("a", encoding="utf-8") as fh:
+        staged = run.staging_dir(name) / "stage.log"
+        dst = run.log_path(name)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(staged.read_bytes() if staged.is_file() else b"")  # never an earlier run's log
+        with dst.open("a", encoding="utf-8") as fh:
             fh.write(text)
     except OSError:
         pass

@@ -63,9 +63,23 @@ class QuietStage(Stage):
         return {"answer": 42}
 
 
+def _run_quiet(tmp_path, force=None):
+    stages = [
+        {"name": "first", "uses": QuietStage.uses},
+        {"name": "second", "uses": QuietStage.uses, "inputs": {"notes": "first.notes"}},
+    ]
+    registry.names()
+    registry.register(QuietStage)
+    try:
+        pipeline = pipeline_from_dict({"run_name": "full", "model": "tiny", "stages": stages}, tmp_path)
+        return Runner(pipeline, tmp_path / "runs", use_ray=False, force=force).execute()
+    finally:
+        registry._REGISTRY.pop(QuietStage.uses, None)
+
+
 def test_a_stage_whose_commit_fails_is_failed_and_its_log_keeps_the_traceback(tmp_path, monkeypatch):
     """The stage ran to the end, then moving its folder in failed (a full disk): the stage failed, its
-    dependent did not run, the streams are back, and the log shows what it printed and why it failed."""
+    dependent was blocked, the streams are back, and the log shows what it printed, then why it failed."""
     import sys
 
     from pipeline.artifacts import RunDir
@@ -78,22 +92,37 @@ def test_a_stage_whose_commit_fails_is_failed_and_its_log_keeps_the_traceback(tm
         return real_commit(self, stage)
 
     monkeypatch.setattr(RunDir, "commit", commit)
-    registry.names()
-    registry.register(QuietStage)
     out, err = sys.stdout, sys.stderr
-    try:
-        stages = [
-            {"name": "first", "uses": QuietStage.uses},
-            {"name": "second", "uses": QuietStage.uses, "inputs": {"notes": "first.notes"}},
-        ]
-        pipeline = pipeline_from_dict({"run_name": "full", "model": "tiny", "stages": stages}, tmp_path)
-        result = Runner(pipeline, tmp_path / "runs", use_ray=False).execute()
-    finally:
-        registry._REGISTRY.pop(QuietStage.uses, None)
+    result = _run_quiet(tmp_path)
     assert (sys.stdout, sys.stderr) == (out, err)
     assert not result.ok
     first, second = result.record("first"), result.record("second")
     assert first.status == "failed" and "No space left on device" in first.error
-    assert second.status != "done" and not (result.run_dir / "first" / "manifest.json").exists()
+    assert second.status == "blocked"
     log = (result.run_dir / "logs" / "first.log").read_text()
-    assert "working in first" in log and "OSError" in log and "Traceback" in log
+    assert "working in first" in log and "OSError" in log
+    assert log.index("working in first") < log.index("Traceback")
+
+
+def test_a_failed_swap_puts_the_earlier_outputs_back(tmp_path, monkeypatch):
+    """A rerun whose staging folder cannot be renamed into place (after the earlier outputs were
+    moved aside): the earlier outputs are where they were, and the next run finds them current."""
+    import os
+
+    assert _run_quiet(tmp_path).ok
+    first = tmp_path / "runs" / "full" / "first"
+    before = {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(os.path.join(".staging", "first")):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    rerun = _run_quiet(tmp_path, force={"first"})
+    assert rerun.record("first").status == "failed" and rerun.record("second").status == "blocked"
+    assert {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()} == before
+    monkeypatch.setattr(os, "replace", real_replace)
+    again = _run_quiet(tmp_path)
+    assert again.ok and again.record("first").status == "skipped"
