@@ -27,21 +27,25 @@ class LibraryLoggingStage(Stage):
         return {}
 
 
-def test_a_handler_made_in_one_stage_writes_into_the_stage_running_later(tmp_path, capfd):
+def _run_stages(tmp_path, stage: type[Stage], stages: list[dict], force: set[str] | None = None):
+    """`stages` of the test stage class `stage`, in process, the class registered only meanwhile."""
     registry.names()  # the built-in stages first
-    registry.register(LibraryLoggingStage)
+    registry.register(stage)
+    try:
+        pipeline = pipeline_from_dict({"run_name": "logs", "model": "tiny", "stages": stages}, tmp_path)
+        return Runner(pipeline, tmp_path / "runs", use_ray=False, force=force).execute()
+    finally:
+        registry._REGISTRY.pop(stage.uses, None)
+
+
+def test_a_handler_made_in_one_stage_writes_into_the_stage_running_later(tmp_path, capfd):
     try:
         stages = [{"name": name, "uses": LibraryLoggingStage.uses} for name in ("first", "second", "third")]
-        result = Runner(
-            pipeline_from_dict({"run_name": "logs", "model": "tiny", "stages": stages}, tmp_path),
-            tmp_path / "runs",
-            use_ray=False,
-        ).execute()
+        result = _run_stages(tmp_path, LibraryLoggingStage, stages)
     finally:
-        registry._REGISTRY.pop(LibraryLoggingStage.uses, None)
         for handler in list(LIBRARY.handlers):
             LIBRARY.removeHandler(handler)
-    assert result.ok, [r.error for r in result.records.values()]
+    assert result.ok, [r.error for r in result.records]
     for name in ("first", "second", "third"):
         log = (result.run_dir / "logs" / f"{name}.log").read_text()
         others = {"first", "second", "third"} - {name}
@@ -68,13 +72,7 @@ def _run_quiet(tmp_path, force=None):
         {"name": "first", "uses": QuietStage.uses},
         {"name": "second", "uses": QuietStage.uses, "inputs": {"notes": "first.notes"}},
     ]
-    registry.names()
-    registry.register(QuietStage)
-    try:
-        pipeline = pipeline_from_dict({"run_name": "full", "model": "tiny", "stages": stages}, tmp_path)
-        return Runner(pipeline, tmp_path / "runs", use_ray=False, force=force).execute()
-    finally:
-        registry._REGISTRY.pop(QuietStage.uses, None)
+    return _run_stages(tmp_path, QuietStage, stages, force)
 
 
 def test_a_stage_whose_commit_fails_is_failed_and_its_log_keeps_the_traceback(tmp_path, monkeypatch):
@@ -110,7 +108,7 @@ def test_a_failed_swap_puts_the_earlier_outputs_back(tmp_path, monkeypatch):
     import os
 
     assert _run_quiet(tmp_path).ok
-    first = tmp_path / "runs" / "full" / "first"
+    first = tmp_path / "runs" / "logs" / "first"
     before = {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()}
     real_replace = os.replace
 
