@@ -6,6 +6,8 @@ heedful's fast core compute the same term (tests/test_preference_core.py).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from pipeline.records import load_rows
@@ -18,6 +20,11 @@ class DpoStageConfig(DPOMethodConfig, TrainSettings):
     """DPO's settings (trainers/dpo_config.py) and the shared training settings."""
 
     fast: bool = Field(default=True, description="heedful's exact packed DPO core (docs/speed.md); false: TRL's own step")
+    attention: Literal["auto", "sdpa", "varlen"] = Field(
+        default="auto",
+        description="the fast core's packed attention: auto (varlen kernels on a CUDA GPU in bf16/fp16, else SDPA), "
+        "sdpa, varlen (insist; docs/speed.md)",
+    )
 
 
 def preference_dataset(path, log):
@@ -38,7 +45,7 @@ class DpoStage(TrainerStage):
     Config = DpoStageConfig
     inputs = {"preferences": Input(("preferences",), doc="prompt/chosen/rejected pairs")}
     config: DpoStageConfig
-    non_semantic_fields = NON_SEMANTIC_TRAIN_FIELDS | {"fast"}  # same numbers either way (tests/test_preference_core.py)
+    non_semantic_fields = NON_SEMANTIC_TRAIN_FIELDS | {"fast", "attention"}  # same numbers either way, to rounding
 
     def run(self):
         from trl import DPOConfig, DPOTrainer
@@ -55,7 +62,12 @@ class DpoStage(TrainerStage):
 
             # no explicit gradient_checkpointing: measured per host (trainers/grad_ckpt_probe.py)
             return self.trl_trainer(
-                FastDPOTrainer, DPOConfig, dataset, probe_checkpointing=cfg.gradient_checkpointing is None, model_name=ctx.model
+                FastDPOTrainer,
+                DPOConfig,
+                dataset,
+                probe_checkpointing=cfg.gradient_checkpointing is None,
+                model_name=ctx.model,
+                attention=cfg.attention,
             )
 
         return {**self.fit(build_trainer), "pairs": len(dataset)}

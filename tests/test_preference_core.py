@@ -488,17 +488,15 @@ def test_continuing_an_adapter_uses_it_as_the_reference_like_trl(tmp_path, tiny_
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
-def test_pair_attention_pieces_equal_the_masked_square_in_values_and_gradients(tiny_model_path, monkeypatch):
-    """attention.py: two causal pieces per unit give the 4D mask's logps and LoRA gradients
-    (rows shared by several units, padding, an empty prompt and an empty chosen reply included)."""
+def _odd_units_on_lora_tiny(tiny_model_path, seed: int):
+    """Five pairs packed into shared, padded rows (an empty prompt and an empty chosen reply among
+    them) and the tiny model (grouped-query attention) with an all-linear LoRA whose B is not zero."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trainers.fastpref import attention
-    from trainers.fastpref.logps import packed_logps
     from trainers.fastpref.packing import pack, truncate
 
-    gen = torch.Generator().manual_seed(4)
+    gen = torch.Generator().manual_seed(seed)
 
     def ids(n):
         return torch.randint(5, 40000, (n,), generator=gen).tolist()
@@ -514,21 +512,92 @@ def test_pair_attention_pieces_equal_the_masked_square_in_values_and_gradients(t
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05, generator=gen)
+    return units, batch, model
+
+
+def _logps_and_grads(model, batch, **options):
+    """A packed batch's sequence logps and the LoRA gradients of a weighted sum of them."""
+    from trainers.fastpref.logps import packed_logps
+
+    model.zero_grad()
+    logps = packed_logps(model, batch, **options).seq_logps
+    (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_pair_attention_pieces_equal_the_masked_square_in_values_and_gradients(tiny_model_path, monkeypatch):
+    """attention.py: two causal pieces per unit give the 4D mask's logps and LoRA gradients
+    (rows shared by several units, padding, an empty prompt and an empty chosen reply included)."""
+    from trainers.fastpref import attention
+
+    _, batch, model = _odd_units_on_lora_tiny(tiny_model_path, seed=4)
     calls = []
     piece = attention._piece
     monkeypatch.setattr(attention, "_piece", lambda *a: calls.append(1) or piece(*a))
-
-    def run(b):
-        model.zero_grad()
-        logps = packed_logps(model, b).seq_logps
-        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
-        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    split, split_grads = run(batch)
+    split, split_grads = _logps_and_grads(model, batch)
     assert len(calls) > 0  # the pieces ran
     calls.clear()
-    masked, masked_grads = run({k: v for k, v in batch.items() if k != "segments"})
+    masked, masked_grads = _logps_and_grads(model, {k: v for k, v in batch.items() if k != "segments"})
     assert not calls  # without the layout: transformers' SDPA with the 4D mask
     torch.testing.assert_close(split, masked, atol=1e-5, rtol=1e-6)
     for name, grad in masked_grads.items():
         torch.testing.assert_close(split_grads[name], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_varlen_pieces_equal_the_sdpa_pieces_in_values_and_gradients(tiny_model_path):
+    """attention.py's varlen path (two kernel calls per layer for the whole batch) gives the SDPA
+    pieces' logps and LoRA gradients; the kernel is the CPU stand-in `varlen_reference` (grouped-query
+    attention, rows shared by several units, padding, an empty prompt and an empty chosen reply)."""
+    from trainers.fastpref.attention import varlen_reference
+
+    units, batch, model = _odd_units_on_lora_tiny(tiny_model_path, seed=5)
+    calls = []
+
+    def kernel(*args):
+        calls.append(len(args[0]))
+        return varlen_reference(*args)
+
+    varlen, varlen_grads = _logps_and_grads(model, batch, attention=kernel)
+    own = sum(len(u.prompt) + len(u.chosen) for u in units)
+    rejected = sum(len(u.rejected) for u in units)
+    assert calls == [own, rejected] * model.config.num_hidden_layers  # two calls per layer, every unit's tokens
+    pieces, pieces_grads = _logps_and_grads(model, batch, attention="sdpa")
+    torch.testing.assert_close(varlen, pieces, atol=1e-5, rtol=1e-6)
+    for name, grad in pieces_grads.items():
+        torch.testing.assert_close(varlen_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_attention_choice_falls_back_to_sdpa_on_cpu_and_an_insisted_varlen_says_why(tiny_model_path):
+    from pydantic import ValidationError
+
+    from stages.dpo import DpoStageConfig
+    from trainers.fastpref.attention import pair_kernel, varlen_reference, varlen_unavailable
+    from trainers.fastpref.logps import packed_logps
+    from trainers.fastpref.packing import pack, truncate
+
+    cpu = torch.device("cpu")
+    assert pair_kernel("auto", cpu, torch.float32, 64) is None and pair_kernel("sdpa", cpu, torch.bfloat16, 64) is None
+    with pytest.raises(ValueError, match="attention: varlen: .*CUDA GPU.*use attention: auto or sdpa"):
+        pair_kernel("varlen", cpu, torch.bfloat16, 64)
+    with pytest.raises(ValueError, match="'flash' is not one of auto, sdpa, varlen"):
+        pair_kernel("flash", cpu, torch.float32, 64)
+    q, k = torch.zeros(5, 4, 8), torch.zeros(7, 2, 8)  # the stand-in holds callers to the kernels' contract
+    with pytest.raises(ValueError, match="do not partition"):
+        varlen_reference(q, k, k, torch.tensor([0, 2, 5]), torch.tensor([0, 3, 7], dtype=torch.int32), 3, 4)
+    with pytest.raises(ValueError, match="max length 2 is not the longest sequence, 3"):
+        varlen_reference(q, k, k, torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 3, 7], dtype=torch.int32), 2, 4)
+    cuda = torch.device("cuda")  # the reasons before the GPU is asked anything
+    assert "fp16/bf16, not torch.float32" in (varlen_unavailable(cuda, torch.float32, 64) or "")
+    assert "multiples of 8, not 12" in (varlen_unavailable(cuda, torch.bfloat16, 12) or "")
+    assert DpoStageConfig(attention="sdpa").attention == "sdpa"
+    with pytest.raises(ValidationError, match="attention"):
+        DpoStageConfig(attention="flash")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation="sdpa", dtype=torch.float32)
+    batch = pack([truncate([5, 6, 7], [8, 9], [10], None)], pad_token_id=0)
+    with torch.no_grad():
+        auto = packed_logps(model, batch).seq_logps
+        torch.testing.assert_close(auto, packed_logps(model, batch, attention="sdpa").seq_logps, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="CUDA GPU"):
+            packed_logps(model, batch, attention="varlen")

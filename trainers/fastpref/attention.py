@@ -14,11 +14,23 @@ Same scores, same softmax, same output as the masked square (to float rounding);
 positions get zeros (nothing reads them). The layout travels as the `pair_segments` keyword
 that transformers passes from the model's forward to its attention function; `install` puts this
 function in SDPA's place, where a call without the keyword is transformers' SDPA.
+
+On a CUDA GPU (fp16/bf16) the same two pieces run as two variable-length attention calls per
+layer for the whole batch, not two SDPA calls per unit: `pair_kernel` picks PyTorch's own
+`torch.nn.attention.varlen.varlen_attn` or, where that is missing, flash-attn's
+`flash_attn_varlen_func`. Piece one is each unit's prompt + chosen reply, causal; piece two has
+each unit's rejected reply as queries and its prompt + rejected reply as keys, causal with the
+mask aligned to the bottom-right corner (flash-attention's rule when queries are fewer than
+keys: query j sees keys up to j + prompt), which is exactly "all of the prompt, then causal".
+Not run here (no GPU): its index plumbing is tested on CPU through a stand-in kernel with the
+same contract (tests/test_preference_core.py), and `bench/gpu_check.py` compares it with the
+SDPA pieces on a GPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +40,152 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 
 #: per row, (start, prompt, chosen, rejected) token counts of each unit placed in it
 Segments = Sequence[Sequence[tuple[int, int, int, int]]]
+
+#: a variable-length attention kernel: (q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, D], cu_q, cu_k
+#: (int32 [N + 1] offsets), max_q, max_k, scale) -> [Tq, H, D], causal aligned bottom-right
+VarlenKernel = Callable[..., torch.Tensor]
+
+#: `attention` choices of the packed core: auto (varlen kernels on a CUDA GPU in fp16/bf16, else the
+#: SDPA pieces), sdpa (the SDPA pieces everywhere), varlen (insist: an error where it cannot run)
+ATTENTION_CHOICES = ("auto", "sdpa", "varlen")
+
+
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    gqa = q.shape[1] != k.shape[1]
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=gqa)
+
+
+def _flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
+
+    return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
+
+
+def varlen_unavailable(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None where a varlen kernel can run the packed pieces here; otherwise why not."""
+    if device.type != "cuda":
+        return f"the varlen attention kernels run on a CUDA GPU; this model is on {device.type}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"the varlen attention kernels compute in fp16/bf16, not {dtype} (train in bf16)"
+    if head_dim % 8 or head_dim > 256:
+        return f"the varlen attention kernels take head sizes up to 256 in multiples of 8, not {head_dim}"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "the varlen attention kernels need an Ampere or newer GPU (compute capability 8.0)"
+    if _varlen_kernel() is None:
+        return "neither torch.nn.attention.varlen (PyTorch >= 2.10) nor flash-attn >= 2.1 is installed"
+    return None
+
+
+@functools.cache
+def _varlen_kernel() -> VarlenKernel | None:
+    """PyTorch's own varlen attention where this torch has it, else flash-attn's (>= 2.1: older
+    releases aligned the causal mask top-left, which would hide the prompt from the rejected reply)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+
+        return _torch_varlen
+    except ImportError:
+        pass
+    try:
+        import flash_attn
+    except ImportError:
+        return None
+    major, minor = (int(x) for x in flash_attn.__version__.split(".")[:2])
+    return _flash_attn_varlen if (major, minor) >= (2, 1) else None
+
+
+def pair_kernel(attention: str | VarlenKernel, device: torch.device, dtype: torch.dtype, head_dim: int) -> VarlenKernel | None:
+    """The varlen kernel for the packed pieces, or None for the SDPA pieces. `attention` is one of
+    ATTENTION_CHOICES or a kernel with VarlenKernel's contract (tests pass a CPU stand-in)."""
+    if callable(attention):
+        return attention
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention: {attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+    if attention == "sdpa":
+        return None
+    why = varlen_unavailable(device, dtype, head_dim)
+    if why is not None:
+        if attention == "varlen":
+            raise ValueError(f"attention: varlen: {why}; use attention: auto or sdpa")
+        return None
+    return _varlen_kernel()
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale=None) -> torch.Tensor:
+    """The varlen kernels' contract in plain torch, one SDPA call per sequence: the CPU stand-in
+    that tests and `bench/gpu_check.py --dry-run` pass as the kernel (flash-attn's and PyTorch's
+    varlen kernels run only on a CUDA GPU), checking what those kernels require of the caller.
+    Sequence i's queries q[cu_q[i]:cu_q[i+1]] attend to its keys k[cu_k[i]:cu_k[i+1]], causal with
+    the mask aligned to the bottom-right corner (query j sees keys up to j + len_k - len_q); each
+    key/value head is shared by a group of query heads."""
+    for cu, tokens, longest in ((cu_q, len(q), max_q), (cu_k, len(k), max_k)):
+        if not (cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == tokens and bool((cu.diff() > 0).all())):
+            raise ValueError(f"offsets {cu.tolist()} ({cu.dtype}) do not partition {tokens} tokens into non-empty sequences")
+        if longest != int(cu.diff().max()):
+            raise ValueError(f"max length {longest} is not the longest sequence, {int(cu.diff().max())}")
+    if len(cu_q) != len(cu_k) or q.shape[1] % k.shape[1] or k.shape != v.shape:
+        raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, {len(cu_q)} / {len(cu_k)} offsets")
+    groups = q.shape[1] // k.shape[1]
+    out = []
+    for i in range(len(cu_q) - 1):
+        qi = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)
+        ki, vi = (t[cu_k[i] : cu_k[i + 1]].repeat_interleave(groups, dim=1).transpose(0, 1) for t in (k, v))
+        n_q, n_k = qi.shape[1], ki.shape[1]
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(diagonal=n_k - n_q)
+        out.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale).transpose(0, 1))
+    return torch.cat(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _varlen_index(segments: tuple[tuple[tuple[int, int, int, int], ...], ...], width: int, device: torch.device):
+    """Flat token indices ([rows x width] flattened) and int32 offsets of the two pieces' sequences:
+    prompt + chosen per unit; rejected queries per unit and their keys, prompt then rejected."""
+    own: list[int] = []
+    rejected_q: list[int] = []
+    rejected_k: list[int] = []
+    own_len, q_len, k_len = [0], [0], [0]
+    for r, units in enumerate(segments):
+        for start, prompt, chosen, rejected in units:
+            first = r * width + start
+            if prompt + chosen:
+                own += range(first, first + prompt + chosen)
+                own_len.append(prompt + chosen)
+            if rejected:
+                tail = first + prompt + chosen
+                rejected_q += range(tail, tail + rejected)
+                rejected_k += [*range(first, first + prompt), *range(tail, tail + rejected)]
+                q_len.append(rejected)
+                k_len.append(prompt + rejected)
+
+    def index(values):
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    def offsets(lengths):
+        return torch.tensor(lengths, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+
+    return (
+        (index(own), offsets(own_len), max(own_len)),
+        (index(rejected_q), index(rejected_k), offsets(q_len), offsets(k_len), max(q_len), max(k_len)),
+    )
+
+
+def _varlen_pieces(query, key, value, segments: Segments, scaling, kernel: VarlenKernel) -> torch.Tensor:
+    """The two pieces of every unit of the batch in two kernel calls; [B, H, L, D] in, [B, L, H, D] out."""
+    rows, heads, width, _ = query.shape
+    flat = [t.transpose(1, 2).reshape(rows * width, t.shape[1], t.shape[-1]) for t in (query, key, value)]
+    q, k, v = flat
+    frozen = tuple(tuple(tuple(unit) for unit in units) for units in segments)
+    (own, cu_own, max_own), (rej_q, rej_k, cu_q, cu_k, max_q, max_k) = _varlen_index(frozen, width, query.device)
+    out = q.new_zeros(rows * width, heads, v.shape[-1])  # padding positions: zeros (nothing reads them)
+    if len(own):
+        pieces = kernel(q[own], k[own], v[own], cu_own, cu_own, max_own, max_own, scaling)
+        out = out.index_copy(0, own, pieces)
+    if len(rej_q):
+        pieces = kernel(q[rej_q], k[rej_k], v[rej_k], cu_q, cu_k, max_q, max_k, scaling)
+        out = out.index_copy(0, rej_q, pieces)
+    return out.view(rows, width, heads, -1)
 
 
 def _piece(query, key, value, mask, scaling, causal):
@@ -50,11 +208,15 @@ def pair_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     pair_segments: Segments | None = None,
+    pair_kernel: VarlenKernel | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention signature: query [B, H, L, D], key/value [B, Hkv, L, D] -> [B, L, H, D]."""
+    """transformers' attention signature: query [B, H, L, D], key/value [B, Hkv, L, D] -> [B, L, H, D].
+    `pair_kernel` (from `pair_kernel()`): the pieces as varlen calls; None: as SDPA calls per unit."""
     if pair_segments is None or dropout or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if pair_kernel is not None:
+        return _varlen_pieces(query, key, value, pair_segments, scaling, pair_kernel), None
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     width = query.shape[2]

@@ -256,28 +256,40 @@ def backbone_and_head(model):
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
-def packed_hidden(model, batch: dict) -> tuple[torch.Tensor, Any]:
+def packed_hidden(model, batch: dict, attention: Any = "auto") -> tuple[torch.Tensor, Any]:
     """The body's last hidden states at a packed batch's (packing.pack) scored positions [N, H],
-    in `score_*` order, and the LM head that projects them."""
-    from .attention import install
+    in `score_*` order, and the LM head that projects them. `attention`: attention.ATTENTION_CHOICES
+    (auto: varlen kernels on a CUDA GPU in fp16/bf16, else SDPA pieces) or a varlen kernel."""
+    from .attention import install, pair_kernel
     from .packing import attention_mask_for
 
     body, head = backbone_and_head(model)
     implementation = getattr(body.config, "_attn_implementation", None)
     mask = attention_mask_for(batch["pair_mask"], implementation, head.weight.dtype)
-    layout = {}
+    layout: dict[str, Any] = {}
     if (implementation or "sdpa") == "sdpa" and "segments" in batch:  # two causal pieces per unit, not the masked square
         install()
         layout["pair_segments"] = batch["segments"]
+        device = head.weight.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else head.weight.dtype
+        config = body.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kernel = pair_kernel(attention, device, dtype, head_dim)
+        if kernel is not None:
+            layout["pair_kernel"] = kernel
+    elif attention == "varlen" or callable(attention):
+        raise ValueError(f"attention: varlen needs the packed layout on SDPA attention, not {implementation!r}")
     hidden = body(
         input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False, **layout
     ).last_hidden_state
     return hidden[batch["score_row"], batch["score_pos"]], head
 
 
-def packed_logps(model, batch: dict, tile_elements: int = TILE_ELEMENTS, with_metrics: bool = True) -> PackedLogps:
+def packed_logps(
+    model, batch: dict, tile_elements: int = TILE_ELEMENTS, with_metrics: bool = True, attention: Any = "auto"
+) -> PackedLogps:
     """Run a packed batch (packing.pack) through `model` and score its reply tokens."""
-    scored, head = packed_hidden(model, batch)
+    scored, head = packed_hidden(model, batch, attention)
     logp, entropy, mean_logit, top1 = ChunkedLogps.apply(
         scored, head.weight, head.bias, batch["score_target"], tile_elements, with_metrics, torch.is_grad_enabled()
     )

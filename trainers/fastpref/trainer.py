@@ -26,6 +26,7 @@ from trl.trainer.utils import hash_module, use_adapter
 
 from trainers.lora_dropout import use_cpu_lora_dropout
 
+from .attention import ATTENTION_CHOICES
 from .logps import TILE_ELEMENTS, body_then_head, packed_logps, unwrap_peft
 from .loss import SUPPORTED_LOSS_TYPES, dpo_loss, trl_metrics
 from .packing import PackedPreferenceCollator, pack, truncate
@@ -44,6 +45,8 @@ class FastDPOTrainer(DPOTrainer):
     tile_elements        elements of one [tokens, vocab] log-prob tile
     probe_checkpointing  measure whether gradient checkpointing is faster here (trainers/grad_ckpt_probe.py),
                          cached in `probe_cache_path` under `model_name`; False keeps `args`' setting
+    attention            the packed pieces' attention (attention.py): auto (varlen kernels on a CUDA GPU
+                         in fp16/bf16, else SDPA), sdpa, varlen (insist), or a varlen kernel
     """
 
     args: DPOConfig
@@ -61,6 +64,7 @@ class FastDPOTrainer(DPOTrainer):
         probe_checkpointing: bool = False,
         probe_cache_path: str | Path | None = None,
         model_name: str | None = None,
+        attention: Any = "auto",
         **kwargs: Any,
     ):
         config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
@@ -69,6 +73,9 @@ class FastDPOTrainer(DPOTrainer):
             config.precompute_ref_log_probs = False  # our cache replaces TRL's per-trainer precompute
         super().__init__(*args, **kwargs)
         self.tile_elements = tile_elements
+        if not callable(attention) and attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention: {attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+        self.attention = attention
         self.ref_forward_calls = 0
         self.ref_cache_key: str | None = None
         # seconds spent computing reference log-probs before training: 0.0 when all came from the cache,
@@ -143,7 +150,9 @@ class FastDPOTrainer(DPOTrainer):
         """The reference's chosen and rejected log-probs of a packed batch."""
         self.ref_forward_calls += 1
         with self._reference(model) as ref, self.accelerator.autocast():
-            chosen, rejected = packed_logps(ref, batch, self.tile_elements, with_metrics=False).chosen_rejected()
+            chosen, rejected = packed_logps(
+                ref, batch, self.tile_elements, with_metrics=False, attention=self.attention
+            ).chosen_rejected()
             return chosen.detach(), rejected.detach()
 
     def _with_cached_ref_logps(self, dataset, cache: RefLogpCache):
@@ -244,7 +253,7 @@ class FastDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         model = self.accelerator.unwrap_model(model)
         with self.accelerator.autocast():  # what accelerate's wrapped forward does for TRL under bf16/fp16
-            logps = packed_logps(model, inputs, self.tile_elements)
+            logps = packed_logps(model, inputs, self.tile_elements, attention=self.attention)
         if "ref_chosen_logps" in inputs:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
