@@ -567,6 +567,33 @@ def test_varlen_pieces_equal_the_sdpa_pieces_in_values_and_gradients(tiny_model_
         torch.testing.assert_close(varlen_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_varlen_pieces_under_bf16_autocast_with_fp32_weights_and_after_inference_mode(tiny_model_path):
+    """What a GPU run meets: fp32 weights under bf16 autocast (QLoRA's upcast layers) leave q and k
+    in fp32 and v in bf16 after the rotary step; the kernels take one dtype, so the pieces go in
+    the autocast dtype, as SDPA computes there. And a layout first seen under inference mode (an
+    evaluation) still trains: the cached index tensors are not inference tensors."""
+    from trainers.fastpref.attention import varlen_reference
+    from trainers.fastpref.logps import packed_logps
+
+    _, batch, model = _odd_units_on_lora_tiny(tiny_model_path, seed=6)
+    dtypes = []
+
+    def kernel(q, k, v, *rest):
+        dtypes.append((q.dtype, k.dtype, v.dtype))
+        return varlen_reference(q, k, v, *rest)
+
+    with torch.inference_mode():
+        packed_logps(model, batch, attention=kernel)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        varlen, varlen_grads = _logps_and_grads(model, batch, attention=kernel)
+        pieces, pieces_grads = _logps_and_grads(model, batch, attention="sdpa")
+    assert dtypes[-1] == (torch.bfloat16,) * 3 and varlen.dtype == torch.float32
+    tokens = torch.bincount(batch["score_seq"], minlength=len(varlen)).clamp(min=1)  # an empty reply scores none
+    assert float(((varlen - pieces).abs() / tokens).max()) < 0.01  # bf16 rounding, per token
+    for name, grad in pieces_grads.items():
+        assert float((varlen_grads[name] - grad).norm() / grad.norm()) < 0.05, name
+
+
 def test_attention_choice_falls_back_to_sdpa_on_cpu_and_an_insisted_varlen_says_why(tiny_model_path):
     from pydantic import ValidationError
 

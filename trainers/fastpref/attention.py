@@ -127,6 +127,8 @@ def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale=None) -> torch.Ten
             raise ValueError(f"max length {longest} is not the longest sequence, {int(cu.diff().max())}")
     if len(cu_q) != len(cu_k) or q.shape[1] % k.shape[1] or k.shape != v.shape:
         raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, {len(cu_q)} / {len(cu_k)} offsets")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v in one dtype, not {q.dtype}, {k.dtype}, {v.dtype}")
     groups = q.shape[1] // k.shape[1]
     out = []
     for i in range(len(cu_q) - 1):
@@ -165,16 +167,25 @@ def _varlen_index(segments: tuple[tuple[tuple[int, int, int, int], ...], ...], w
     def offsets(lengths):
         return torch.tensor(lengths, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
 
-    return (
-        (index(own), offsets(own_len), max(own_len)),
-        (index(rejected_q), index(rejected_k), offsets(q_len), offsets(k_len), max(q_len), max(k_len)),
-    )
+    # cached for later steps: never inference tensors, which a training step could not save for backward
+    with torch.inference_mode(False):
+        return (
+            (index(own), offsets(own_len), max(own_len)),
+            (index(rejected_q), index(rejected_k), offsets(q_len), offsets(k_len), max(q_len), max(k_len)),
+        )
 
 
 def _varlen_pieces(query, key, value, segments: Segments, scaling, kernel: VarlenKernel) -> torch.Tensor:
-    """The two pieces of every unit of the batch in two kernel calls; [B, H, L, D] in, [B, L, H, D] out."""
+    """The two pieces of every unit of the batch in two kernel calls; [B, H, L, D] in, [B, L, H, D] out.
+
+    In one dtype: under autocast the autocast dtype, as SDPA computes there. The kernels take one
+    dtype for q, k and v and no autocast rule casts them, while under autocast with fp32 weights
+    (QLoRA's upcast layers, an fp32 model in a bf16 run) the rotary step leaves q and k in fp32
+    and v in bf16."""
     rows, heads, width, _ = query.shape
-    flat = [t.transpose(1, 2).reshape(rows * width, t.shape[1], t.shape[-1]) for t in (query, key, value)]
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    flat = [t.transpose(1, 2).reshape(rows * width, t.shape[1], t.shape[-1]).to(dtype) for t in (query, key, value)]
     q, k, v = flat
     frozen = tuple(tuple(tuple(unit) for unit in units) for units in segments)
     (own, cu_own, max_own), (rej_q, rej_k, cu_q, cu_k, max_q, max_k) = _varlen_index(frozen, width, query.device)
