@@ -19,6 +19,14 @@ sequence (prompt + reply), fp32 on CPU. Arms, each in a fresh process, order rot
 Per-step time = median step (warm-up dropped) + the reference precompute/cache time divided
 by the number of steps, so a cold cache's cost is amortized over the run as it happens. The same
 is recorded in process CPU seconds (both threads), which a shared machine disturbs less than wall time.
+
+Run length: one epoch is `--steps` steps over `--steps x --pairs` pairs. `--epochs N` runs the arms
+that compute their reference once (precompute, fast, heedful and their bf16 twins) for N epochs over
+the same pairs, as a run of N epochs happens: the reference is computed once and every step of
+every epoch counts, so its cost is amortized over N x steps. TRL's default run is 3 epochs
+(`num_train_epochs=3`). Those arms also report the one-epoch figure from the same run (median step +
+reference / steps). Arms that compute the reference inside every step (plain, tuned) cost the same
+per step however long the run, so they run one epoch.
 Also prints achieved FLOP/s against a measured fp32 matmul peak of this machine.
 
     python bench/dpo_step.py [--steps 6] [--rounds 2] [--model tiny --tokens 64] [--arms fast,plain]
@@ -95,6 +103,7 @@ def step_times_trl(
     precompute: bool = False,
     fast: bool = False,
     bf16: bool = False,
+    epochs: int = 1,
 ) -> tuple[list[float], float, list[float], float]:
     """Step times of a TRL-style script (DPOTrainer, or heedful's FastDPOTrainer with `fast`) and
     the seconds it spent computing reference log-probs up front (precompute or cache); wall, then CPU."""
@@ -134,7 +143,7 @@ def step_times_trl(
         bf16=bf16,
         use_cpu=True,
         per_device_train_batch_size=4,
-        max_steps=steps,
+        max_steps=steps * epochs,  # one epoch is `steps` steps over the dataset below
         report_to="none",
         save_strategy="no",
         logging_steps=1,
@@ -168,7 +177,7 @@ def step_times_trl(
     return times, sum(precomputed), cpu_times, sum(precomputed_cpu)
 
 
-def step_times_heedful(pairs: list[dict], steps: int, work: Path, model: str) -> list[float]:
+def step_times_heedful(pairs: list[dict], steps: int, work: Path, model: str, epochs: int = 1) -> list[float]:
     from pipeline.config import pipeline_from_dict
     from pipeline.records import write_jsonl
     from pipeline.runner import Runner
@@ -183,7 +192,7 @@ def step_times_heedful(pairs: list[dict], steps: int, work: Path, model: str) ->
                 "uses": "dpo",
                 "inputs": {"preferences": str(work / "pairs.jsonl")},
                 "with": {
-                    "max_steps": steps,
+                    "max_steps": steps * epochs,
                     "per_device_train_batch_size": 4,
                     "max_length": 1024,
                     "save_steps": 10_000,
@@ -196,14 +205,19 @@ def step_times_heedful(pairs: list[dict], steps: int, work: Path, model: str) ->
     assert result.ok, result.records
     metrics = result.record("align").metrics
     # as for the other arms: the median step + the reference computation amortized over the steps
-    return [metrics["seconds_per_step"] + metrics.get("reference_seconds", 0.0) / steps]
+    return [metrics["seconds_per_step"] + metrics.get("reference_seconds", 0.0) / (steps * epochs)]
 
 
 ARMS = ("heedful", "plain", "tuned", "precompute", "fast", "precompute_bf16", "fast_bf16")
 
 
-def run_arm(arm: str, args) -> tuple[float, float | None]:
-    """One arm in this (fresh) process: its median seconds per step, reference cost amortized; wall and CPU."""
+#: the arms that compute their reference log-probs once per run (before the first step), not in every step
+REFERENCE_ONCE = ("heedful", "precompute", "fast", "precompute_bf16", "fast_bf16")
+
+
+def run_arm(arm: str, args) -> tuple[float, float | None, float | None]:
+    """One arm in this (fresh) process: its median seconds per step, reference cost amortized over the
+    run; wall and CPU; and, for a run of several epochs, the wall figure amortized over one epoch."""
     import torch
     from transformers import AutoTokenizer
 
@@ -220,7 +234,7 @@ def run_arm(arm: str, args) -> tuple[float, float | None]:
             import trainers.fastpref.ref_cache as ref_cache
 
             ref_cache.default_root = lambda: Path(tmp) / "ref_cache"
-            return step_times_heedful(pairs, args.steps, Path(tmp), args.model)[0], None  # already a median
+            return step_times_heedful(pairs, args.steps, Path(tmp), args.model, args.epochs)[0], None, None
         times, ref_seconds, cpu_times, ref_cpu = step_times_trl(
             path,
             pairs,
@@ -230,11 +244,12 @@ def run_arm(arm: str, args) -> tuple[float, float | None]:
             precompute=arm.startswith("precompute"),
             fast=arm.startswith("fast"),
             bf16=arm.endswith("_bf16"),
+            epochs=args.epochs if arm in REFERENCE_ONCE else 1,
         )
         n = max(len(times), 1)  # drop the warm-up step, amortize the reference over every step
-        return statistics.median(times[1:] or times) + ref_seconds / n, statistics.median(
-            cpu_times[1:] or cpu_times
-        ) + ref_cpu / n
+        step, cpu_step = statistics.median(times[1:] or times), statistics.median(cpu_times[1:] or cpu_times)
+        one_epoch = step + ref_seconds / args.steps if n > args.steps else None
+        return step + ref_seconds / n, cpu_step + ref_cpu / n, one_epoch
 
 
 def main() -> None:
@@ -242,6 +257,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument(
+        "--epochs", type=int, default=1, help="run length of the arms that compute the reference once (TRL's default: 3)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="each arm runs once per round, in a fresh process, order rotated")
     parser.add_argument("--model", default="smollm2-135m", help="model alias or folder (tiny: a quick check that it runs)")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
@@ -249,10 +267,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "dpo_step.json")
     args = parser.parse_args()
     if args.arm:
-        wall, cpu = run_arm(args.arm, args)
+        wall, cpu, one_epoch = run_arm(args.arm, args)
         print("ARM_SECONDS_PER_STEP", wall)
         if cpu is not None:
             print("ARM_CPU_SECONDS_PER_STEP", cpu)
+        if one_epoch is not None:
+            print("ARM_ONE_EPOCH_SECONDS_PER_STEP", one_epoch)
         return
 
     import subprocess
@@ -281,6 +301,7 @@ def main() -> None:
     # speed drifts by tens of percent over minutes, so one pass in one order is not a comparison.
     per_arm: dict[str, list[float]] = {arm: [] for arm in arms}
     per_arm_cpu: dict[str, list[float]] = {arm: [] for arm in arms}
+    per_arm_one_epoch: dict[str, list[float]] = {arm: [] for arm in arms}
     loads: list[float] = []
     steals: list[float | None] = []  # the share of each arm's CPU time a VM host gave to other guests
     for r in range(args.rounds):
@@ -298,6 +319,8 @@ def main() -> None:
                 str(args.pairs),
                 "--tokens",
                 str(args.tokens),
+                "--epochs",
+                str(args.epochs),
             ]
             stolen_from = steal_share()
             run = subprocess.run(cmd, capture_output=True, text=True)
@@ -307,6 +330,9 @@ def main() -> None:
             lines = run.stdout.splitlines()
             seconds = float(next(line.split()[1] for line in lines if line.startswith("ARM_SECONDS_PER_STEP")))
             cpu = next((float(line.split()[1]) for line in lines if line.startswith("ARM_CPU_SECONDS_PER_STEP")), None)
+            one_epoch = next((float(x.split()[1]) for x in lines if x.startswith("ARM_ONE_EPOCH_SECONDS_PER_STEP")), None)
+            if one_epoch is not None:
+                per_arm_one_epoch[arm].append(one_epoch)
             extra = next((f" (checkpointing {line.split()[1]})" for line in lines if line.startswith("FAST_CHECKPOINTING")), "")
             per_arm[arm].append(seconds)
             if cpu is not None:
@@ -314,7 +340,11 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             cpu_text = f", {cpu:.3f} CPU s/step" if cpu is not None else ""
             steal = f", {steals[-1]:.0%} stolen" if steals[-1] is not None else ""
-            print(f"round {r + 1}: {arm}: {seconds:.3f} s/step{cpu_text}{extra} (load {loads[-1]:.1f}{steal})", flush=True)
+            epoch_text = f", one epoch {one_epoch:.3f} s/step" if one_epoch is not None else ""
+            print(
+                f"round {r + 1}: {arm}: {seconds:.3f} s/step{cpu_text}{epoch_text}{extra} (load {loads[-1]:.1f}{steal})",
+                flush=True,
+            )
     median = {arm: statistics.median(v) for arm, v in per_arm.items()}
     median_cpu = {arm: statistics.median(v) for arm, v in per_arm_cpu.items() if v}
     names = {
@@ -332,6 +362,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "pairs_per_step": args.pairs,
         "steps": args.steps,
+        "epochs_of_the_arms_that_compute_the_reference_once": args.epochs,
         "tokens_per_sequence": lengths,
         **{f"{names[a]}_seconds_per_step": round(v, 4) for a, v in median.items()},
         "rounds_seconds_per_step": per_arm,
@@ -343,6 +374,14 @@ def main() -> None:
         "step_gflop": round(flops / 1e9, 2),
         **{f"{names[a]}_gflops": round(flops / v / 1e9, 2) for a, v in median.items()},
     }
+    one_epoch_median = {arm: statistics.median(v) for arm, v in per_arm_one_epoch.items() if v}
+    if one_epoch_median:  # the same runs, their reference amortized over one epoch only
+        result["one_epoch_seconds_per_step"] = {names[a]: round(v, 4) for a, v in one_epoch_median.items()}
+        for ours in ("fast", "fast_bf16"):
+            for base in ("plain", "tuned", "precompute", "precompute_bf16"):
+                if ours in one_epoch_median and base in median:
+                    baseline = one_epoch_median.get(base, median[base])
+                    result[f"one_epoch_speedup_{names[ours]}_vs_{names[base]}"] = round(baseline / one_epoch_median[ours], 3)
     for ours in ("fast", "heedful", "fast_bf16"):
         for base in ("plain", "tuned", "precompute", "precompute_bf16"):
             if ours in median and base in median:
