@@ -27,7 +27,9 @@ every epoch counts, so its cost is amortized over N x steps. TRL's default run i
 (`num_train_epochs=3`). Those arms also report the one-epoch figure from the same run (median step +
 reference / steps). Arms that compute the reference inside every step (plain, tuned) cost the same
 per step however long the run, so they run one epoch.
-Also prints achieved FLOP/s against a measured fp32 matmul peak of this machine.
+Also prints achieved FLOP/s against a measured fp32 matmul peak of this machine: plain TRL's
+arithmetic per step (a reference forward included) over each arm's seconds, so an effective rate
+that rises for the arms that compute the reference once as the run gets longer.
 
     python bench/dpo_step.py [--steps 6] [--rounds 2] [--model tiny --tokens 64] [--arms fast,plain]
         [--json bench/results/dpo_step.json]
@@ -142,7 +144,7 @@ def step_times_trl(
         output_dir=str(out),
         bf16=bf16,
         use_cpu=True,
-        per_device_train_batch_size=4,
+        per_device_train_batch_size=len(pairs),  # one step is the `--pairs` pairs
         max_steps=steps * epochs,  # one epoch is `steps` steps over the dataset below
         report_to="none",
         save_strategy="no",
@@ -177,7 +179,9 @@ def step_times_trl(
     return times, sum(precomputed), cpu_times, sum(precomputed_cpu)
 
 
-def step_times_heedful(pairs: list[dict], steps: int, work: Path, model: str, epochs: int = 1) -> list[float]:
+def step_times_heedful(pairs: list[dict], steps: int, work: Path, model: str, epochs: int = 1) -> tuple[float, float | None]:
+    """The stage's median step + its reference seconds amortized over the run, and for a run of
+    several epochs the same amortized over one epoch."""
     from pipeline.config import pipeline_from_dict
     from pipeline.records import write_jsonl
     from pipeline.runner import Runner
@@ -193,7 +197,7 @@ def step_times_heedful(pairs: list[dict], steps: int, work: Path, model: str, ep
                 "inputs": {"preferences": str(work / "pairs.jsonl")},
                 "with": {
                     "max_steps": steps * epochs,
-                    "per_device_train_batch_size": 4,
+                    "per_device_train_batch_size": len(pairs),
                     "max_length": 1024,
                     "save_steps": 10_000,
                     "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
@@ -205,7 +209,8 @@ def step_times_heedful(pairs: list[dict], steps: int, work: Path, model: str, ep
     assert result.ok, result.records
     metrics = result.record("align").metrics
     # as for the other arms: the median step + the reference computation amortized over the steps
-    return [metrics["seconds_per_step"] + metrics.get("reference_seconds", 0.0) / (steps * epochs)]
+    step, reference = metrics["seconds_per_step"], metrics.get("reference_seconds", 0.0)
+    return step + reference / (steps * epochs), (step + reference / steps if epochs > 1 else None)
 
 
 ARMS = ("heedful", "plain", "tuned", "precompute", "fast", "precompute_bf16", "fast_bf16")
@@ -234,7 +239,8 @@ def run_arm(arm: str, args) -> tuple[float, float | None, float | None]:
             import trainers.fastpref.ref_cache as ref_cache
 
             ref_cache.default_root = lambda: Path(tmp) / "ref_cache"
-            return step_times_heedful(pairs, args.steps, Path(tmp), args.model, args.epochs)[0], None, None
+            wall, one_epoch = step_times_heedful(pairs, args.steps, Path(tmp), args.model, args.epochs)
+            return wall, None, one_epoch
         times, ref_seconds, cpu_times, ref_cpu = step_times_trl(
             path,
             pairs,
@@ -377,7 +383,7 @@ def main() -> None:
     one_epoch_median = {arm: statistics.median(v) for arm, v in per_arm_one_epoch.items() if v}
     if one_epoch_median:  # the same runs, their reference amortized over one epoch only
         result["one_epoch_seconds_per_step"] = {names[a]: round(v, 4) for a, v in one_epoch_median.items()}
-        for ours in ("fast", "fast_bf16"):
+        for ours in ("fast", "heedful", "fast_bf16"):
             for base in ("plain", "tuned", "precompute", "precompute_bf16"):
                 if ours in one_epoch_median and base in median:
                     baseline = one_epoch_median.get(base, median[base])

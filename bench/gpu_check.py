@@ -126,7 +126,7 @@ def main() -> int:
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
 
-    tokens = torch.bincount(batch["score_seq"].cpu()).clamp(min=1)
+    tokens = torch.bincount(batch["score_seq"].cpu(), minlength=2 * len(units)).clamp(min=1)  # an empty reply: none
     result: dict = {
         "shape": shape,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",

@@ -594,6 +594,50 @@ def test_varlen_pieces_under_bf16_autocast_with_fp32_weights_and_after_inference
         assert float((varlen_grads[name] - grad).norm() / grad.norm()) < 0.05, name
 
 
+def test_torch_varlen_adapts_to_each_release_of_its_keywords(monkeypatch):
+    """`varlen_attn` changed its keywords between PyTorch releases (causal as `is_causal`, then as
+    `window_size`; `enable_gqa` and `scale` not in every one). Stand-ins with each signature (the
+    real kernel needs a CUDA GPU) must give the contract's numbers: grouped heads and a non-default
+    scale included."""
+    import torch.nn.attention.varlen as varlen
+
+    from trainers.fastpref.attention import _torch_varlen, varlen_reference
+
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(9, 4, 8, generator=gen), torch.randn(13, 2, 8, generator=gen), torch.randn(13, 2, 8, generator=gen)
+    cu_q, cu_k = torch.tensor([0, 3, 9], dtype=torch.int32), torch.tensor([0, 5, 13], dtype=torch.int32)
+    want = varlen_reference(q, k, v, cu_q, cu_k, 6, 8, 0.3)
+
+    def latest(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        *,
+        return_aux=None,
+        scale=None,
+        window_size=(-1, -1),
+        enable_gqa=False,
+    ):
+        assert window_size == (-1, 0) and enable_gqa == (query.shape[1] != key.shape[1])
+        return varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale)
+
+    def no_gqa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        assert window_size == (-1, 0) and query.shape[1] == key.shape[1]
+        return varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale)
+
+    def first(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, is_causal=False):
+        assert is_causal and query.shape[1] == key.shape[1]
+        return varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+
+    for release in (latest, no_gqa, first):
+        monkeypatch.setattr(varlen, "varlen_attn", release)
+        torch.testing.assert_close(_torch_varlen(q, k, v, cu_q, cu_k, 6, 8, 0.3), want, msg=release.__name__)
+
+
 def test_attention_choice_falls_back_to_sdpa_on_cpu_and_an_insisted_varlen_says_why(tiny_model_path):
     from pydantic import ValidationError
 

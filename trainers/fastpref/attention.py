@@ -30,6 +30,7 @@ SDPA pieces on a GPU.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,10 +52,29 @@ ATTENTION_CHOICES = ("auto", "sdpa", "varlen")
 
 
 def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """PyTorch's `varlen_attn` through the keywords this torch's version has: causal as
+    `window_size=(-1, 0)` (later releases) or `is_causal=True` (its first); grouped key/value heads
+    through `enable_gqa` where it exists, else repeated to the query heads; a scale it cannot take
+    folded into q (its default is 1/sqrt(head size))."""
     from torch.nn.attention.varlen import varlen_attn
 
-    gqa = q.shape[1] != k.shape[1]
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=gqa)
+    options = _varlen_options(varlen_attn)
+    kwargs: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in options else {"is_causal": True}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in options:
+            kwargs["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if "scale" in options:
+        kwargs["scale"] = scale
+    elif scale is not None:
+        q = q * (scale * q.shape[-1] ** 0.5)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
+def _varlen_options(function: Callable) -> frozenset[str]:
+    return frozenset(inspect.signature(function).parameters)
 
 
 def _flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
@@ -74,7 +94,7 @@ def varlen_unavailable(device: torch.device, dtype: torch.dtype, head_dim: int) 
     if torch.cuda.get_device_capability(device) < (8, 0):
         return "the varlen attention kernels need an Ampere or newer GPU (compute capability 8.0)"
     if _varlen_kernel() is None:
-        return "neither torch.nn.attention.varlen (PyTorch >= 2.10) nor flash-attn >= 2.1 is installed"
+        return "neither PyTorch's torch.nn.attention.varlen with a causal option nor flash-attn >= 2.1 is installed"
     return None
 
 
@@ -83,9 +103,10 @@ def _varlen_kernel() -> VarlenKernel | None:
     """PyTorch's own varlen attention where this torch has it, else flash-attn's (>= 2.1: older
     releases aligned the causal mask top-left, which would hide the prompt from the rejected reply)."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
 
-        return _torch_varlen
+        if {"window_size", "is_causal"} & _varlen_options(varlen_attn):
+            return _torch_varlen
     except ImportError:
         pass
     try:
