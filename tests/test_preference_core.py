@@ -661,6 +661,10 @@ def test_attention_choice_falls_back_to_sdpa_on_cpu_and_an_insisted_varlen_says_
     assert "fp16/bf16, not torch.float32" in (varlen_unavailable(cuda, torch.float32, 64) or "")
     assert "multiples of 8, not 12" in (varlen_unavailable(cuda, torch.bfloat16, 12) or "")
     assert DpoStageConfig(attention="sdpa").attention == "sdpa"
+    from trainers.fastpref.trainer import FastDPOTrainer
+
+    with pytest.raises(ValueError, match="'flash' is not one of auto, sdpa, varlen"):
+        FastDPOTrainer(attention="flash")  # refused before TRL loads or tokenizes anything
     with pytest.raises(ValidationError, match="attention"):
         DpoStageConfig(attention="flash")
     from transformers import AutoModelForCausalLM

@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 CACHE_NAME = "grad_ckpt_probe.json"
 #: runs shorter than this many optimizer steps skip the probe (~6 steps: it would cost >= 1/4 of the run)
@@ -251,15 +252,16 @@ def set_checkpointing(model, on: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
-def packed_dpo_step(model, batch: dict) -> Callable[[bool], None]:
-    """One forward+backward of the fast DPO core on `batch` (a packed batch on the model's device)."""
+def packed_dpo_step(model, batch: dict, attention: Any = "auto") -> Callable[[bool], None]:
+    """One forward+backward of the fast DPO core on `batch` (a packed batch on the model's device),
+    its packed attention as the trainer runs it (`attention`: trainers/fastpref/attention.py)."""
     from trainers.fastpref.logps import packed_logps
 
     def step(on: bool) -> None:
         was_training = model.training
         model.train()
         set_checkpointing(model, on)
-        packed_logps(model, batch).seq_logps.sum().backward()
+        packed_logps(model, batch, attention=attention).seq_logps.sum().backward()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
 

@@ -67,15 +67,15 @@ class FastDPOTrainer(DPOTrainer):
         attention: Any = "auto",
         **kwargs: Any,
     ):
+        if not callable(attention) and attention not in ATTENTION_CHOICES:  # before TRL's set-up, not after it
+            raise ValueError(f"attention: {attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+        self.attention = attention
         config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
         self._trl_precompute = bool(config is not None and config.precompute_ref_log_probs)
         if fast and config is not None and config.precompute_ref_log_probs:
             config.precompute_ref_log_probs = False  # our cache replaces TRL's per-trainer precompute
         super().__init__(*args, **kwargs)
         self.tile_elements = tile_elements
-        if not callable(attention) and attention not in ATTENTION_CHOICES:
-            raise ValueError(f"attention: {attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
-        self.attention = attention
         self.ref_forward_calls = 0
         self.ref_cache_key: str | None = None
         # seconds spent computing reference log-probs before training: 0.0 when all came from the cache,
@@ -218,7 +218,7 @@ class FastDPOTrainer(DPOTrainer):
         on = choose_gradient_checkpointing(
             name,
             bucket,
-            packed_dpo_step(model, batch),
+            packed_dpo_step(model, batch, self.attention),
             cache_path=Path(cache_path) if cache_path else None,
             log=log,
             run_steps=self.planned_steps(),
