@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+from .logps import _compute_dtype
+
 #: per row, (start, prompt, chosen, rejected) token counts of each unit placed in it
 Segments = Sequence[Sequence[tuple[int, int, int, int]]]
 
@@ -204,10 +206,8 @@ def _varlen_pieces(query, key, value, segments: Segments, scaling, kernel: Varle
     (QLoRA's upcast layers, an fp32 model in a bf16 run) the rotary step leaves q and k in fp32
     and v in bf16."""
     rows, heads, width, _ = query.shape
-    device = query.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
-    flat = [t.transpose(1, 2).reshape(rows * width, t.shape[1], t.shape[-1]).to(dtype) for t in (query, key, value)]
-    q, k, v = flat
+    dtype = _compute_dtype(query)
+    q, k, v = (t.transpose(1, 2).reshape(rows * width, t.shape[1], t.shape[-1]).to(dtype) for t in (query, key, value))
     frozen = tuple(tuple(tuple(unit) for unit in units) for units in segments)
     (own, cu_own, max_own), (rej_q, rej_k, cu_q, cu_k, max_q, max_k) = _varlen_index(frozen, width, query.device)
     out = q.new_zeros(rows * width, heads, v.shape[-1])  # padding positions: zeros (nothing reads them)

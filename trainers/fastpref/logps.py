@@ -270,11 +270,9 @@ def packed_hidden(model, batch: dict, attention: Any = "auto") -> tuple[torch.Te
     if (implementation or "sdpa") == "sdpa" and "segments" in batch:  # two causal pieces per unit, not the masked square
         install()
         layout["pair_segments"] = batch["segments"]
-        device = head.weight.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else head.weight.dtype
         config = body.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kernel = pair_kernel(attention, device, dtype, head_dim)
+        kernel = pair_kernel(attention, head.weight.device, _compute_dtype(head.weight), head_dim)
         if kernel is not None:
             layout["pair_kernel"] = kernel
     elif attention == "varlen" or callable(attention):
