@@ -25,6 +25,28 @@ class KtoStageConfig(KTOMethodConfig, TrainSettings):
             )
         return self
 
+    def reference_once(self, rows: int) -> KtoStageConfig:
+        """These settings with `precompute_ref_log_probs` decided for a run over `rows` rows.
+
+        Why: TRL's KTO computes each row's reference log-probs (its reply's and its mismatched KL
+        reply's, adapter off) in every step, so once per epoch; precomputed, once per run. The
+        precompute costs about one epoch's reference work (bench/kto_step.py: 2 epochs took 0.78x
+        the time), so it is on where the run reads every row at least once, and off for a run of a
+        few `max_steps` over a large set, which would compute references for rows it never reads.
+        On one worker only: several Ray Train workers keep TRL's default. Set by hand, it is kept."""
+        if "precompute_ref_log_probs" in self.trainer_args:  # TRL's own key, given through trainer_args: it decides
+            args = dict(self.trainer_args)
+            return self.model_copy(
+                update={"precompute_ref_log_probs": bool(args.pop("precompute_ref_log_probs")), "trainer_args": args}
+            )
+        if self.precompute_ref_log_probs is not None:
+            return self
+        if self.max_steps > 0:
+            passes = self.max_steps * self.per_device_train_batch_size * self.gradient_accumulation_steps / max(rows, 1)
+        else:
+            passes = self.num_train_epochs
+        return self.model_copy(update={"precompute_ref_log_probs": passes >= 1 and self.num_workers == 1})
+
 
 class KtoStage(TrainerStage):
     uses = "kto"
@@ -38,6 +60,7 @@ class KtoStage(TrainerStage):
         )
     }
     config: KtoStageConfig
+    non_semantic_fields = TrainerStage.non_semantic_fields | {"precompute_ref_log_probs"}  # the same numbers, to rounding
 
     def run(self):
         from datasets import Dataset
@@ -50,11 +73,14 @@ class KtoStage(TrainerStage):
         tokenizer = self.tokenizer()
         dataset = Dataset.from_list(trl_format(rows, conversational=bool(getattr(tokenizer, "chat_template", None))))
         desirable = sum(r["label"] for r in rows)
-        self.config = self.config.balanced(desirable, len(rows) - desirable)
+        self.config = self.config.balanced(desirable, len(rows) - desirable).reference_once(len(rows))
         weights = {"desirable_weight": self.config.desirable_weight, "undesirable_weight": self.config.undesirable_weight}
         ctx.log.info("class weights: desirable %.3g, undesirable %.3g", *weights.values())
 
         def build_trainer():
-            return self.trl_trainer(KTOTrainer, KTOConfig, dataset, tokenizer)
+            trainer = self.trl_trainer(KTOTrainer, KTOConfig, dataset, tokenizer)
+            if trainer.precompute_ref_logps:  # TRL's own flag: what it did, not what was asked
+                ctx.log.info("reference log-probs computed once, before training (precompute_ref_log_probs)")
+            return trainer
 
         return {**self.fit(build_trainer), "desirable": desirable, "undesirable": len(rows) - desirable, **weights}

@@ -141,26 +141,19 @@ def test_simulate_reactions_wire_to_kto(tmp_path):
     assert pipeline.stage("align").inputs["feedback"].stage == "users"
 
 
-def test_kto_loss_falls_and_desirable_replies_gain(tmp_path, tiny_model_path):
-    feedback = reactions(tmp_path / "reactions.jsonl")
-    spec = {
+def kto_pipeline(feedback, **settings) -> dict:
+    """One kto stage on `tiny` over `feedback`, 4 rows a step at a high learning rate; `settings` added."""
+    settings = {"max_steps": 12, "learning_rate": 5e-3, "per_device_train_batch_size": 4, "max_length": 64, **settings}
+    return {
         "run_name": "kto-toy",
         "model": "tiny",
-        "stages": [
-            {
-                "name": "align",
-                "uses": "kto",
-                "inputs": {"feedback": str(feedback)},
-                "with": {
-                    "max_steps": 12,
-                    "learning_rate": 5e-3,
-                    "per_device_train_batch_size": 4,
-                    "max_length": 64,
-                    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                },
-            }
-        ],
+        "stages": [{"name": "align", "uses": "kto", "inputs": {"feedback": str(feedback)}, "with": settings}],
     }
+
+
+def test_kto_loss_falls_and_desirable_replies_gain(tmp_path, tiny_model_path):
+    feedback = reactions(tmp_path / "reactions.jsonl")
+    spec = kto_pipeline(feedback, lora={"r": 8, "alpha": 16, "dropout": 0.0})
     result = Runner(pipeline_from_dict(spec, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
     metrics = json.loads((result.run_dir / "align" / "manifest.json").read_text()).get("metrics", {})
@@ -227,3 +220,45 @@ def test_class_weights_balanced_by_the_papers_rule():
     for d, u in [(8, 12), (120, 40), (7, 1)]:
         b = cfg.balanced(d, u)
         assert b.desirable_weight * d == pytest.approx(b.undesirable_weight * u)
+
+
+def test_reference_precomputed_where_the_run_reads_every_row():
+    """On for a run that reads each row at least once (one worker), off for a few steps over many
+    rows; set by hand, or through TRL's own key in trainer_args, it is kept."""
+    from stages.kto import KtoStageConfig
+
+    def decided(rows: int, **settings) -> KtoStageConfig:
+        return KtoStageConfig(**settings).reference_once(rows)
+
+    assert decided(100).precompute_ref_log_probs is True  # one epoch (the default)
+    assert decided(100, max_steps=2, per_device_train_batch_size=4).precompute_ref_log_probs is False  # 8 of 100 rows
+    assert decided(8, max_steps=2, per_device_train_batch_size=4).precompute_ref_log_probs is True
+    assert decided(16, max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2).precompute_ref_log_probs
+    assert decided(100, num_train_epochs=0.5).precompute_ref_log_probs is False
+    assert decided(100, num_workers=2).precompute_ref_log_probs is False
+    assert decided(100, precompute_ref_log_probs=False).precompute_ref_log_probs is False
+    by_trl_key = decided(100, max_steps=1, trainer_args={"precompute_ref_log_probs": True, "seed": 3})
+    assert by_trl_key.precompute_ref_log_probs is True and by_trl_key.trainer_args == {"seed": 3}
+    assert by_trl_key.trl_kwargs()["precompute_ref_log_probs"] is True
+
+
+def test_precomputed_reference_trains_the_same_steps(tmp_path, tiny_model_path):
+    """The reference once before training or inside every step: the same losses (1e-5), and the
+    stage log says which; the setting is how, not what (a finished stage is not rerun for it)."""
+    from pipeline.runner import fingerprints
+
+    feedback = reactions(tmp_path / "reactions.jsonl")
+    losses, prints = {}, {}
+    for precompute in (False, True):
+        spec = kto_pipeline(feedback, max_steps=3, lora={"r": 4, "alpha": 8, "dropout": 0.0}, precompute_ref_log_probs=precompute)
+        pipeline = pipeline_from_dict(spec, tmp_path)
+        prints[precompute] = fingerprints(pipeline)["align"]
+        result = Runner(pipeline, tmp_path / f"runs{int(precompute)}", use_ray=False).execute()
+        assert result.ok, [r.error for r in result.records]
+        log = (result.run_dir / "align" / "stage.log").read_text()
+        assert ("reference log-probs computed once" in log) == precompute
+        curves = json.loads((result.run_dir / "align" / "curves.json").read_text())
+        losses[precompute] = [row["loss"] for row in curves if "loss" in row]
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], abs=1e-5)
+    assert losses[True][-1] != pytest.approx(losses[True][0], abs=1e-4)  # it trained: the comparison is not of constants
+    assert prints[True] == prints[False]

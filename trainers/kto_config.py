@@ -26,6 +26,13 @@ class KTOMethodConfig(StageConfig):
     desirable_weight: float = Field(default=1.0, gt=0, description="weight of desirable rows (raise when they are rarer)")
     undesirable_weight: float = Field(default=1.0, gt=0, description="weight of undesirable rows")
     learning_rate: float = Field(default=5e-5, gt=0)
+    precompute_ref_log_probs: bool | None = Field(
+        default=None,
+        description=(
+            "compute the reference log-probs once before training (TRL's precompute) instead of in every step; "
+            "default: when the run reads every row at least once, on one worker (bench/kto_step.py)"
+        ),
+    )
     balance_classes: bool = Field(
         default=True,
         description=(
@@ -41,6 +48,7 @@ class KTOMethodConfig(StageConfig):
             "loss_type": self.loss_type,
             "desirable_weight": self.desirable_weight,
             "undesirable_weight": self.undesirable_weight,
+            "precompute_ref_log_probs": bool(self.precompute_ref_log_probs),
         }
 
     def balanced(self: _Config, desirable: int, undesirable: int) -> _Config:

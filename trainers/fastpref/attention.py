@@ -75,7 +75,9 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
 
+@functools.cache
 def _varlen_options(function: Callable) -> frozenset[str]:
+    """The keywords `function` takes, read once per function (it is called twice per layer and step)."""
     return frozenset(inspect.signature(function).parameters)
 
 
