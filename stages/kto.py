@@ -25,15 +25,26 @@ class KtoStageConfig(KTOMethodConfig, TrainSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _precompute_on_one_worker(self) -> KtoStageConfig:
+        asked = self.precompute_ref_log_probs or self.trainer_args.get("precompute_ref_log_probs")
+        if asked and self.num_workers > 1:
+            raise ValueError(
+                "precompute_ref_log_probs needs num_workers: 1 (each Ray Train worker would look for the "
+                "precomputed values in its own temporary file)"
+            )
+        return self
+
     def reference_once(self, rows: int) -> KtoStageConfig:
         """These settings with `precompute_ref_log_probs` decided for a run over `rows` rows.
 
         Why: TRL's KTO computes each row's reference log-probs (its reply's and its mismatched KL
         reply's, adapter off) in every step, so once per epoch; precomputed, once per run. The
         precompute costs about one epoch's reference work (bench/kto_step.py: 2 epochs took 0.78x
-        the time), so it is on where the run reads every row at least once, and off for a run of a
-        few `max_steps` over a large set, which would compute references for rows it never reads.
-        On one worker only: several Ray Train workers keep TRL's default. Set by hand, it is kept."""
+        the time), so it is on where the run reads every row at least twice; over one pass it can only
+        add TRL's model hash. Off with QLoRA (the precompute runs the model in eval mode, where
+        bitsandbytes' CPU kernels repack 4-bit weights for inference) and on several Ray Train workers
+        (each would look for the values in its own temporary file). Set by hand, it is kept."""
         if "precompute_ref_log_probs" in self.trainer_args:  # TRL's own key, given through trainer_args: it decides
             args = dict(self.trainer_args)
             return self.model_copy(
@@ -45,7 +56,8 @@ class KtoStageConfig(KTOMethodConfig, TrainSettings):
             passes = self.max_steps * self.per_device_train_batch_size * self.gradient_accumulation_steps / max(rows, 1)
         else:
             passes = self.num_train_epochs
-        return self.model_copy(update={"precompute_ref_log_probs": passes >= 1 and self.num_workers == 1})
+        on = passes >= 2 and self.num_workers == 1 and not self.lora.qlora
+        return self.model_copy(update={"precompute_ref_log_probs": on})
 
 
 class KtoStage(TrainerStage):

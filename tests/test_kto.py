@@ -223,19 +223,22 @@ def test_class_weights_balanced_by_the_papers_rule():
 
 
 def test_reference_precomputed_where_the_run_reads_every_row():
-    """On for a run that reads each row at least once (one worker), off for a few steps over many
-    rows; set by hand, or through TRL's own key in trainer_args, it is kept."""
+    """On for a run that reads each row at least twice (one worker, no QLoRA), off for one epoch or a
+    few steps over many rows; set by hand, or through TRL's own key in trainer_args, it is kept."""
     from stages.kto import KtoStageConfig
 
     def decided(rows: int, **settings) -> KtoStageConfig:
         return KtoStageConfig(**settings).reference_once(rows)
 
-    assert decided(100).precompute_ref_log_probs is True  # one epoch (the default)
+    assert decided(100).precompute_ref_log_probs is False  # one epoch (the default): no gain to pay for the hash
+    assert decided(100, num_train_epochs=2).precompute_ref_log_probs is True
     assert decided(100, max_steps=2, per_device_train_batch_size=4).precompute_ref_log_probs is False  # 8 of 100 rows
-    assert decided(8, max_steps=2, per_device_train_batch_size=4).precompute_ref_log_probs is True
-    assert decided(16, max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2).precompute_ref_log_probs
-    assert decided(100, num_train_epochs=0.5).precompute_ref_log_probs is False
-    assert decided(100, num_workers=2).precompute_ref_log_probs is False
+    assert decided(4, max_steps=2, per_device_train_batch_size=4).precompute_ref_log_probs is True
+    assert decided(8, max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2).precompute_ref_log_probs
+    assert decided(100, num_train_epochs=3, lora={"qlora": True}).precompute_ref_log_probs is False
+    assert decided(100, num_train_epochs=3, num_workers=2).precompute_ref_log_probs is False
+    with pytest.raises(ValueError, match="needs num_workers: 1"):
+        KtoStageConfig(num_workers=2, precompute_ref_log_probs=True)
     assert decided(100, precompute_ref_log_probs=False).precompute_ref_log_probs is False
     by_trl_key = decided(100, max_steps=1, trainer_args={"precompute_ref_log_probs": True, "seed": 3})
     assert by_trl_key.precompute_ref_log_probs is True and by_trl_key.trainer_args == {"seed": 3}

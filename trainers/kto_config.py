@@ -30,7 +30,7 @@ class KTOMethodConfig(StageConfig):
         default=None,
         description=(
             "compute the reference log-probs once before training (TRL's precompute) instead of in every step; "
-            "default: when the run reads every row at least once, on one worker (bench/kto_step.py)"
+            "default: when the run reads every row at least twice, on one worker, without QLoRA (bench/kto_step.py)"
         ),
     )
     balance_classes: bool = Field(
