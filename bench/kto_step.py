@@ -1,9 +1,11 @@
-"""Does TRL's `precompute_ref_log_probs` make heedful's `kto` stage faster? KTO with and without it, one run.
+"""KTO per run: TRL's KTOTrainer (with and without its precompute) against heedful's packed KTO core.
 
-heedful's `kto` stage is TRL's KTOTrainer (the preference core in trainers/fastpref serves dpo and
-c3po). Its reference log-probs (each reply's and each mismatched KL reply's, with the adapter off)
-are computed inside every step unless TRL precomputes them once before training. Over several
-epochs that should save a reference forward per row and epoch. This measures whether it does.
+heedful's `kto` stage runs KTO on the packed preference core (trainers/fastpref/kto_trainer.py):
+replies and mismatched KL replies packed after their prompts without padding, log-probs at the
+reply tokens only in vocabulary tiles, the reference's log-probs of both from an on-disk cache
+computed once (each row as [prompt | reply | KL reply], the prompt once). TRL's KTOTrainer computes the reference inside every step unless it
+precomputes it once before training (`precompute_ref_log_probs`). This measures the arms against
+each other in one run.
 
 SmolLM2-135M-Instruct, LoRA r16 on all linear layers, fp32 (the stage's precision on CPUs without
 bf16 units), checkpointing off (the stage's CPU default), TRL's other defaults (its learning rate:
@@ -11,16 +13,20 @@ the timing does not depend on it), 4 rows per step, `--pairs` qa-feedback pairs 
 unpaired rows (the first reply desirable, the second not), ~`--tokens` tokens each. Arms, each in
 a fresh process, their order rotated per round:
 
-  plain       the reference inside every step (TRL's default; the stage's before it chose per run)
-  precompute  the same with precompute_ref_log_probs=True
+  plain       TRL, the reference inside every step (TRL's default)
+  precompute  TRL with precompute_ref_log_probs=True (the strongest TRL setting over several epochs)
+  fast        the packed core as the stage runs it: the KL replies as a second packed batch without
+              gradient (the cache starts empty)
+  fast_in_row the packed core with the KL reply in the reply's own row (`kl_in_row=True`)
 
 Reported per arm and round: wall and process-CPU seconds of training (every step of `--epochs`
-epochs), of the precompute, and their sum, and the first losses (the same to float rounding: the
-same arithmetic). The first forward passes of a process (kernel set-up for each new shape) fall
-in the precompute for that arm and in the first steps for the other: compare whole runs.
+epochs), of the reference computed before training (TRL's precompute, the core's cache), and their
+sum, and the first losses (the same to float rounding: the same arithmetic). The first forward
+passes of a process (kernel set-up for each new shape) fall in the precompute for some arms and in
+the first steps for the others: compare whole runs.
 
     python bench/kto_step.py [--pairs 12] [--epochs 2] [--rounds 2] [--tokens 256]
-        [--model smollm2-135m] [--json bench/results/kto_step.json]
+        [--arms plain,precompute,fast,fast_in_row] [--model smollm2-135m] [--json bench/results/kto_step.json]
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ from pathlib import Path
 from common import ROOT, save_results
 from dpo_step import make_pairs
 
+ARMS = ("plain", "precompute", "fast", "fast_in_row")
 
-def run_arm(precompute: bool, model_name: str, n_pairs: int, tokens: int, epochs: int) -> dict:
+
+def run_arm(arm: str, model_name: str, n_pairs: int, tokens: int, epochs: int) -> dict:
     """One arm in this process: KTO for `epochs` epochs; seconds and the first losses."""
     import torch
     from datasets import Dataset
@@ -55,14 +63,23 @@ def run_arm(precompute: bool, model_name: str, n_pairs: int, tokens: int, epochs
     for pair in make_pairs(tokenizer, n_pairs, tokens):
         rows.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
         rows.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    from trainers.fastpref.kto_trainer import FastKTOTrainer
+
     precomputed: list[tuple[float, float]] = []
+
+    def timed(work):
+        start, cpu = time.perf_counter(), time.process_time()
+        out = work()
+        precomputed.append((time.perf_counter() - start, time.process_time() - cpu))
+        return out
 
     class TimedKTOTrainer(KTOTrainer):
         def _precompute_ref_logps(self, *a, **k):
-            start, cpu = time.perf_counter(), time.process_time()
-            out = super()._precompute_ref_logps(*a, **k)
-            precomputed.append((time.perf_counter() - start, time.process_time() - cpu))
-            return out
+            return timed(lambda: super(TimedKTOTrainer, self)._precompute_ref_logps(*a, **k))
+
+    class TimedFastKTOTrainer(FastKTOTrainer):
+        def _compute_ref_logps(self, *a, **k):
+            return timed(lambda: super(TimedFastKTOTrainer, self)._compute_ref_logps(*a, **k))
 
     with tempfile.TemporaryDirectory() as out:
         args = KTOConfig(
@@ -72,7 +89,7 @@ def run_arm(precompute: bool, model_name: str, n_pairs: int, tokens: int, epochs
             bf16=False,
             use_cpu=True,
             gradient_checkpointing=False,
-            precompute_ref_log_probs=precompute,
+            precompute_ref_log_probs=arm == "precompute",
             report_to=[],
             logging_steps=1,
             save_strategy="no",
@@ -80,16 +97,20 @@ def run_arm(precompute: bool, model_name: str, n_pairs: int, tokens: int, epochs
         )
         lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        trainer = TimedKTOTrainer(
-            model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora
-        )
+        common = {"model": model, "args": args, "train_dataset": Dataset.from_list(rows), "processing_class": tokenizer}
+        if arm.startswith("fast"):
+            cache = Path(out) / "ref_cache"  # empty: the arm pays for its reference
+            trainer = TimedFastKTOTrainer(**common, peft_config=lora, ref_cache_dir=cache, kl_in_row=arm == "fast_in_row")
+            assert trainer.fast, trainer.fast_off_reason
+        else:
+            trainer = TimedKTOTrainer(**common, peft_config=lora)
         start, cpu = time.perf_counter(), time.process_time()
         trainer.train()
         train_s, train_cpu = time.perf_counter() - start, time.process_time() - cpu
     losses = [round(h["loss"], 6) for h in trainer.state.log_history if "loss" in h][:4]
     pre, pre_cpu = sum(w for w, _ in precomputed), sum(c for _, c in precomputed)
     return {
-        "precompute": precompute,
+        "arm": arm,
         "steps": trainer.state.global_step,
         "train_s": round(train_s, 1),
         "precompute_s": round(pre, 1),
@@ -106,15 +127,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated, of: " + ", ".join(ARMS))
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "kto_step.json")
-    ap.add_argument("--arm", choices=["plain", "precompute"], help=argparse.SUPPRESS)  # one arm, in a child process
+    ap.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # one arm, in a child process
     a = ap.parse_args()
     if a.arm:
-        print(json.dumps(run_arm(a.arm == "precompute", a.model, a.pairs, a.tokens, a.epochs)))
+        print(json.dumps(run_arm(a.arm, a.model, a.pairs, a.tokens, a.epochs)))
         return
+    chosen = [arm for arm in a.arms.split(",") if arm]
+    if unknown := sorted(set(chosen) - set(ARMS)):
+        sys.exit(f"--arms: unknown {', '.join(unknown)} (choose from {', '.join(ARMS)})")
     rounds: list[dict] = []
     for r in range(a.rounds):
-        order = ["plain", "precompute"] if r % 2 == 0 else ["precompute", "plain"]
+        order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]
         arms = {}
         for arm in order:
             argv = [sys.executable, __file__, "--arm", arm, "--model", a.model, "--pairs", str(a.pairs)]
@@ -124,9 +149,13 @@ def main() -> None:
                 sys.exit(f"arm {arm} failed:\n{proc.stderr[-4000:]}")
             arms[arm] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"round {r + 1}", arm, arms[arm], flush=True)
-        arms["precompute_over_plain"] = round(arms["precompute"]["total_s"] / arms["plain"]["total_s"], 3)
-        arms["precompute_over_plain_cpu"] = round(arms["precompute"]["total_cpu_s"] / arms["plain"]["total_cpu_s"], 3)
-        print(f"round {r + 1}: precompute / plain, whole run: {arms['precompute_over_plain']:.2f}x wall", flush=True)
+        for arm in chosen:
+            for base in ("plain", "precompute"):
+                if arm != base and base in chosen and arm not in ("plain",):
+                    wall = arms[arm]["total_s"] / arms[base]["total_s"]
+                    arms[f"{arm}_over_{base}"] = round(wall, 3)
+                    arms[f"{arm}_over_{base}_cpu"] = round(arms[arm]["total_cpu_s"] / arms[base]["total_cpu_s"], 3)
+                    print(f"round {r + 1}: {arm} / {base}, whole run: {wall:.2f}x wall", flush=True)
         rounds.append(arms)
     save_results({"config": vars(a) | {"json": str(a.json)}, "rounds": rounds}, a.json)
 

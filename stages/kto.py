@@ -1,13 +1,16 @@
-"""kto: TRL's KTOTrainer with a LoRA adapter, from binary signals (thumbs up / down).
+"""kto: KTO with a LoRA adapter, from binary signals (thumbs up / down).
 
-The reference is the base with the adapter off (as in dpo). Input rows: TRL's unpaired
-prompt/completion/label, reactions (love/like/thumbs_up vs dislike/thumbs_down), or
-good/needs_work judgments; trainers/kto.py reads them all.
+TRL's KTOTrainer on heedful's packed preference core by default (`fast`: the prompt once per
+row beside its reply and its mismatched KL reply, no padding, the reference's log-probs cached
+once per data and model; trainers/fastpref/kto_trainer.py, exact to TRL's loss and gradients),
+TRL's own step with `fast: false`. The reference is the base with the adapter off (as in dpo).
+Input rows: TRL's unpaired prompt/completion/label, reactions (love/like/thumbs_up vs
+dislike/thumbs_down), or good/needs_work judgments; trainers/kto.py reads them all.
 """
 
 from __future__ import annotations
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from pipeline.stage import Input
 from pipeline.training import TrainerStage, TrainSettings
@@ -16,6 +19,12 @@ from trainers.kto_config import KTOMethodConfig
 
 class KtoStageConfig(KTOMethodConfig, TrainSettings):
     """KTO's settings (trainers/kto_config.py) and the shared training settings."""
+
+    fast: bool = Field(
+        default=True,
+        description="heedful's exact packed KTO core, its reference cached (docs/speed.md); false: TRL's own step, "
+        "where precompute_ref_log_probs applies",
+    )
 
     @model_validator(mode="after")
     def _batch_holds_a_mismatched_pair(self) -> KtoStageConfig:
@@ -36,7 +45,8 @@ class KtoStageConfig(KTOMethodConfig, TrainSettings):
         return self
 
     def reference_once(self, rows: int) -> KtoStageConfig:
-        """These settings with `precompute_ref_log_probs` decided for a run over `rows` rows.
+        """These settings with `precompute_ref_log_probs` decided for a run over `rows` rows (what
+        TRL's step does with `fast: false`; the fast core caches the reference where `passes` >= 1).
 
         Why: TRL's KTO computes each row's reference log-probs (its reply's and its mismatched KL
         reply's, adapter off) in every step, so once per epoch; precomputed, once per run. The
@@ -52,12 +62,15 @@ class KtoStageConfig(KTOMethodConfig, TrainSettings):
             )
         if self.precompute_ref_log_probs is not None:
             return self
-        if self.max_steps > 0:
-            passes = self.max_steps * self.per_device_train_batch_size * self.gradient_accumulation_steps / max(rows, 1)
-        else:
-            passes = self.num_train_epochs
-        on = passes >= 2 and self.num_workers == 1 and not self.lora.qlora
+        on = self.passes(rows) >= 2 and self.num_workers == 1 and not self.lora.qlora
         return self.model_copy(update={"precompute_ref_log_probs": on})
+
+    def passes(self, rows: int) -> float:
+        """How many times the run reads each of `rows` rows (epochs, or max_steps x batch x accumulation / rows).
+        Reads the typed fields, not overrides of them in `trainer_args`."""
+        if self.max_steps > 0:
+            return self.max_steps * self.per_device_train_batch_size * self.gradient_accumulation_steps / max(rows, 1)
+        return self.num_train_epochs
 
 
 class KtoStage(TrainerStage):
@@ -72,7 +85,7 @@ class KtoStage(TrainerStage):
         )
     }
     config: KtoStageConfig
-    non_semantic_fields = TrainerStage.non_semantic_fields | {"precompute_ref_log_probs"}  # the same numbers, to rounding
+    non_semantic_fields = TrainerStage.non_semantic_fields | {"precompute_ref_log_probs", "fast"}  # the same numbers, to rounding
 
     def run(self):
         from datasets import Dataset
@@ -90,8 +103,25 @@ class KtoStage(TrainerStage):
         ctx.log.info("class weights: desirable %.3g, undesirable %.3g", *weights.values())
 
         def build_trainer():
-            trainer = self.trl_trainer(KTOTrainer, KTOConfig, dataset, tokenizer)
-            if trainer.precompute_ref_logps:  # TRL's own flag: what it did, not what was asked
+            if self.config.fast:
+                from trainers.fastpref.kto_trainer import FastKTOTrainer
+
+                # the reference of every row cached where the run reads every row at least once (it then costs
+                # no more than the steps would, and a rerun finds it); a few steps over many rows: inside the steps
+                cache = self.config.passes(len(dataset)) >= 1
+                trainer = self.trl_trainer(FastKTOTrainer, KTOConfig, dataset, tokenizer, ref_cache=cache)
+            else:
+                trainer = self.trl_trainer(KTOTrainer, KTOConfig, dataset, tokenizer)
+            if getattr(trainer, "fast", False) and trainer.ref_cache_seconds is None:
+                ctx.log.info("packed KTO core; reference log-probs inside each step (the run reads fewer rows than the set)")
+            elif getattr(trainer, "fast", False):
+                how = (
+                    "reused from the cache"
+                    if trainer.ref_cache_seconds == 0
+                    else f"computed in {trainer.ref_cache_seconds:.1f} s"
+                )
+                ctx.log.info("packed KTO core; reference log-probs of every row %s", how)
+            elif trainer.precompute_ref_logps:  # TRL's own flag: what it did, not what was asked
                 ctx.log.info("reference log-probs computed once, before training (precompute_ref_log_probs)")
             return trainer
 

@@ -245,23 +245,42 @@ def test_reference_precomputed_where_the_run_reads_every_row():
     assert by_trl_key.trl_kwargs()["precompute_ref_log_probs"] is True
 
 
-def test_precomputed_reference_trains_the_same_steps(tmp_path, tiny_model_path):
-    """The reference once before training or inside every step: the same losses (1e-5), and the
-    stage log says which; the setting is how, not what (a finished stage is not rerun for it)."""
+def test_fast_core_and_trls_step_with_or_without_precompute_train_the_same_steps(tmp_path, tiny_model_path, monkeypatch):
+    """The stage's four ways to the same KTO: the packed core with its reference cached (a run that
+    reads every row: 4 steps x 4 of 16 rows) or inside each step (3 steps read 12 of 16 rows: the
+    cache would cost more than the steps' reference), TRL's step with the reference inside every
+    step, and TRL's with it precomputed. The same losses (1e-5), the stage log says which ran, and
+    the settings are how, not what (a finished stage is not rerun for them)."""
     from pipeline.runner import fingerprints
 
+    from .conftest import isolated_home
+
+    monkeypatch.setenv("HEEDFUL_HOME", str(isolated_home(tmp_path / "home")))  # an empty reference cache
     feedback = reactions(tmp_path / "reactions.jsonl")
-    losses, prints = {}, {}
-    for precompute in (False, True):
-        spec = kto_pipeline(feedback, max_steps=3, lora={"r": 4, "alpha": 8, "dropout": 0.0}, precompute_ref_log_probs=precompute)
+    ways = {
+        "fast": ({}, "packed KTO core; reference log-probs of every row computed in"),
+        "fast-few-steps": ({"max_steps": 3}, "packed KTO core; reference log-probs inside each step"),
+        "trl": ({"fast": False, "precompute_ref_log_probs": False}, None),
+        "trl-precompute": ({"fast": False, "precompute_ref_log_probs": True}, "reference log-probs computed once, before"),
+    }
+    said = {line for _, line in ways.values() if line}
+    losses, prints, metrics = {}, {}, {}
+    for way, (settings, line) in ways.items():
+        settings = {"max_steps": 4, "lr_scheduler_type": "constant", **settings}  # constant: 3 steps are 4's first 3
+        spec = kto_pipeline(feedback, lora={"r": 4, "alpha": 8, "dropout": 0.0}, **settings)
         pipeline = pipeline_from_dict(spec, tmp_path)
-        prints[precompute] = fingerprints(pipeline)["align"]
-        result = Runner(pipeline, tmp_path / f"runs{int(precompute)}", use_ray=False).execute()
+        prints[way] = fingerprints(pipeline)["align"]
+        result = Runner(pipeline, tmp_path / f"runs-{way}", use_ray=False).execute()
         assert result.ok, [r.error for r in result.records]
         log = (result.run_dir / "align" / "stage.log").read_text()
-        assert ("reference log-probs computed once" in log) == precompute
+        assert [s for s in said if s in log] == ([line] if line else []), way
         curves = json.loads((result.run_dir / "align" / "curves.json").read_text())
-        losses[precompute] = [row["loss"] for row in curves if "loss" in row]
-    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], abs=1e-5)
-    assert losses[True][-1] != pytest.approx(losses[True][0], abs=1e-4)  # it trained: the comparison is not of constants
-    assert prints[True] == prints[False]
+        losses[way] = [row["loss"] for row in curves if "loss" in row]
+        metrics[way] = json.loads((result.run_dir / "align" / "manifest.json").read_text())["metrics"]
+    assert len(losses["fast"]) == 4 and len(losses["fast-few-steps"]) == 3
+    assert losses["fast-few-steps"] == pytest.approx(losses["fast"][:3], abs=1e-5)
+    for way in ("trl", "trl-precompute"):
+        assert losses[way] == pytest.approx(losses["fast"], abs=1e-5), way
+        assert prints[way] == prints["fast"]
+    assert losses["fast"][-1] != pytest.approx(losses["fast"][0], abs=1e-4)  # it trained: the comparison is not of constants
+    assert metrics["fast"]["reference_seconds"] > 0 and "reference_seconds" not in metrics["fast-few-steps"]

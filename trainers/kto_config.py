@@ -29,8 +29,9 @@ class KTOMethodConfig(StageConfig):
     precompute_ref_log_probs: bool | None = Field(
         default=None,
         description=(
-            "compute the reference log-probs once before training (TRL's precompute) instead of in every step; "
-            "default: when the run reads every row at least twice, on one worker, without QLoRA (bench/kto_step.py)"
+            "TRL's own step (fast: false): compute the reference log-probs once before training (TRL's precompute) "
+            "instead of in every step; default: when the run reads every row at least twice, on one worker, without "
+            "QLoRA (bench/kto_step.py). The fast core caches them where the run reads every row at least once"
         ),
     )
     balance_classes: bool = Field(

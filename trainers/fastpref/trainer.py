@@ -12,30 +12,23 @@ runs TRL's own path unchanged (`self.fast` is False and `self.fast_off_reason` s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from trl import DPOConfig, DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import hash_module, use_adapter
 
-from trainers.lora_dropout import use_cpu_lora_dropout
-
-from .attention import ATTENTION_CHOICES
-from .logps import TILE_ELEMENTS, body_then_head, packed_logps, unwrap_peft
+from .logps import TILE_ELEMENTS, packed_logps, unwrap_peft
 from .loss import SUPPORTED_LOSS_TYPES, dpo_loss, trl_metrics
-from .packing import PackedPreferenceCollator, pack, truncate
-from .ref_cache import RefLogpCache, base_model_identity, cache_key, data_fingerprint, reference_adapter_identity
+from .packing import PackedPreferenceCollator, pack
+from .reference import PackedReference, four_bit_layers_in_train_mode
 
 log = logging.getLogger(__name__)
 
 
-class FastDPOTrainer(DPOTrainer):
+class FastDPOTrainer(PackedReference, DPOTrainer):
     """`DPOTrainer(...)` plus keyword-only options:
 
     fast                 the packed core and the fast CPU LoRA-dropout mask (default True);
@@ -67,39 +60,17 @@ class FastDPOTrainer(DPOTrainer):
         attention: Any = "auto",
         **kwargs: Any,
     ):
-        if not callable(attention) and attention not in ATTENTION_CHOICES:  # before TRL's set-up, not after it
-            raise ValueError(f"attention: {attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
-        self.attention = attention
-        config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
-        self._trl_precompute = bool(config is not None and config.precompute_ref_log_probs)
-        if fast and config is not None and config.precompute_ref_log_probs:
-            config.precompute_ref_log_probs = False  # our cache replaces TRL's per-trainer precompute
+        self._before_trl_init(args, kwargs, fast, attention)
         super().__init__(*args, **kwargs)
-        self.tile_elements = tile_elements
-        self.ref_forward_calls = 0
-        self.ref_cache_key: str | None = None
-        # seconds spent computing reference log-probs before training: 0.0 when all came from the cache,
-        # None when this trainer computes them otherwise (TRL's own path: inside each step)
-        self.ref_cache_seconds: float | None = None
-        self.fast_off_reason = None if fast else "fast: false"
-        if fast:
-            self.fast_off_reason = self._unsupported()
-        self.fast = self.fast_off_reason is None
-        if not self.fast:
-            if fast:
-                log.warning("fast DPO core off (%s): TRL's own path runs", self.fast_off_reason)
-            if self._trl_precompute and not self.precompute_ref_logps:  # give back what the user asked TRL for
-                self.args.precompute_ref_log_probs = self.precompute_ref_logps = True
-                self._precompute_model_hash = hash_module(self.ref_model or self.model)
-                self.train_dataset = self._precompute_ref_logps(
-                    self.train_dataset, "train", self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
-                )
-            return
-        use_cpu_lora_dropout(self.model)  # the same dropout, its mask drawn fast (trainers/lora_dropout.py)
-        self.data_collator = PackedPreferenceCollator(self._tokenizer.pad_token_id, self.args.max_length)
-        if ref_cache or self._trl_precompute:  # precompute_ref_log_probs=True asks for what the cache does
-            self.train_dataset = self._with_cached_ref_logps(self.train_dataset, RefLogpCache(ref_cache_dir))
-        if probe_checkpointing:
+        self._after_trl_init(
+            fast,
+            "DPO",
+            lambda: PackedPreferenceCollator(self._tokenizer.pad_token_id, self.args.max_length),
+            ref_cache,
+            ref_cache_dir,
+            tile_elements,
+        )
+        if self.fast and probe_checkpointing:
             self.probe_checkpointing(model_name, probe_cache_path)
 
     # ------------------------------------------------------------------ what the core covers
@@ -107,95 +78,15 @@ class FastDPOTrainer(DPOTrainer):
     def _unsupported(self) -> str | None:
         if not set(self.loss_types) <= SUPPORTED_LOSS_TYPES:
             return f"loss_type {self.loss_types} (fast: {sorted(SUPPORTED_LOSS_TYPES)})"
-        checks = {
-            "f_divergence_type != reverse_kl": self.f_divergence_type != "reverse_kl",
-            "ld_alpha is set": self.ld_alpha is not None,
-            "use_weighting": self.use_weighting,
-            "MoE aux loss": self.aux_loss_enabled,
-            "vision data": self._is_vision_dataset,
-            "truncation_mode != keep_start": self.args.truncation_mode != "keep_start",
-            "sync_ref_model": self.args.sync_ref_model,
-            "several processes": self.accelerator.num_processes > 1,
-            "padding-free/other attention": self._attn_implementation() not in ("sdpa", "eager"),
-        }
-        return next((why for why, bad in checks.items() if bad), None) or body_then_head(
-            self.accelerator.unwrap_model(self.model)
+        return self._common_unsupported(
+            {
+                "f_divergence_type != reverse_kl": self.f_divergence_type != "reverse_kl",
+                "ld_alpha is set": self.ld_alpha is not None,
+                "use_weighting": self.use_weighting,
+                "MoE aux loss": self.aux_loss_enabled,
+                "truncation_mode != keep_start": self.args.truncation_mode != "keep_start",
+            }
         )
-
-    def _attn_implementation(self) -> str:
-        model = self.accelerator.unwrap_model(self.model)
-        base = unwrap_peft(model)
-        return getattr(base.config, "_attn_implementation", None) or "sdpa"
-
-    # ------------------------------------------------------------------ reference
-
-    @contextlib.contextmanager
-    def _reference(self, model):
-        """Forward passes in this block are the frozen reference's (TRL's choice of reference)."""
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if self.ref_model is not None:
-                yield self.ref_model
-                return
-            unwrapped = self.accelerator.unwrap_model(model)
-            if not hasattr(unwrapped, "peft_config"):
-                raise ValueError("no reference: pass ref_model or train a PEFT adapter")
-            with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                yield unwrapped
-
-    def _reference_adapter(self) -> str | None:
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        return "ref" if "ref" in getattr(unwrapped, "peft_config", {}) else None
-
-    def reference_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reference's chosen and rejected log-probs of a packed batch."""
-        self.ref_forward_calls += 1
-        with self._reference(model) as ref, self.accelerator.autocast():
-            chosen, rejected = packed_logps(
-                ref, batch, self.tile_elements, with_metrics=False, attention=self.attention
-            ).chosen_rejected()
-            return chosen.detach(), rejected.detach()
-
-    def _with_cached_ref_logps(self, dataset, cache: RefLogpCache):
-        """`dataset` with ref_chosen_logps/ref_rejected_logps columns, from the cache or computed once."""
-        units = [truncate(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], self.args.max_length) for r in dataset]
-        ref_model = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
-        tokenizer = f"{getattr(self._tokenizer, 'name_or_path', '')}|{len(self._tokenizer)}"
-        self.ref_cache_key = cache_key(
-            base=base_model_identity(ref_model),
-            adapter=reference_adapter_identity(ref_model, self._reference_adapter()),
-            data=data_fingerprint(units),
-            max_length=self.args.max_length,
-            tokenizer=tokenizer,
-            precision=str(self.accelerator.mixed_precision),
-        )
-        found = cache.load(self.ref_cache_key, len(units))
-        if found is None:
-            started = time.perf_counter()
-            chosen, rejected = self._compute_ref_logps(units)
-            self.ref_cache_seconds = time.perf_counter() - started
-            cache.save(self.ref_cache_key, chosen, rejected)
-            log.info("reference log-probs of %d pairs computed and cached (%s)", len(units), self.ref_cache_key)
-        else:
-            chosen, rejected = found
-            self.ref_cache_seconds = 0.0
-            log.info("reference log-probs of %d pairs reused from the cache (%s)", len(units), self.ref_cache_key)
-        for name in ("ref_chosen_logps", "ref_rejected_logps"):
-            if name in dataset.column_names:
-                dataset = dataset.remove_columns(name)
-        return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column("ref_rejected_logps", rejected.tolist())
-
-    def _compute_ref_logps(self, units) -> tuple[Any, Any]:
-        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
-        device = self.accelerator.device
-        chosen, rejected = [], []
-        model = self.model.to(device) if self.ref_model is None else self.model
-        for start in range(0, len(units), batch_size):
-            batch = pack(units[start : start + batch_size], self._tokenizer.pad_token_id)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            c, r = self.reference_logps(model, batch)
-            chosen.append(c.double().cpu())
-            rejected.append(r.double().cpu())
-        return torch.cat(chosen).numpy(), torch.cat(rejected).numpy()
 
     # ------------------------------------------------------------------ gradient checkpointing
 
@@ -208,7 +99,7 @@ class FastDPOTrainer(DPOTrainer):
         ds = self.train_dataset
         sizes = [len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in ds]
         longest = sorted(range(len(sizes)), key=lambda i: -sizes[i])[: self.args.per_device_train_batch_size]
-        units = [truncate(ds[i]["prompt_ids"], ds[i]["chosen_ids"], ds[i]["rejected_ids"], self.args.max_length) for i in longest]
+        units = [self.unit(ds[i]) for i in longest]
         device = self.accelerator.device
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in pack(units, self._tokenizer.pad_token_id).items()}
         model = self.accelerator.unwrap_model(self.model).to(device)
@@ -274,6 +165,6 @@ class FastDPOTrainer(DPOTrainer):
         if not self.fast:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
+        with torch.no_grad(), self.compute_loss_context_manager(), four_bit_layers_in_train_mode(self.model):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
