@@ -15,9 +15,10 @@ a fresh process, their order rotated per round:
 
   plain       TRL, the reference inside every step (TRL's default)
   precompute  TRL with precompute_ref_log_probs=True (the strongest TRL setting over several epochs)
-  fast        the packed core as the stage runs it: the KL replies as a second packed batch without
-              gradient (the cache starts empty)
-  fast_in_row the packed core with the KL reply in the reply's own row (`kl_in_row=True`)
+  fast        the packed core as the stage runs it (the cache starts empty; the KL replies apart or in
+              the reply's row, chosen for the set: `kl_in_row=None`)
+  fast_apart  the packed core, the KL replies as a second packed batch without gradient (`kl_in_row=False`)
+  fast_in_row the packed core, the KL reply in the reply's own row (`kl_in_row=True`)
 
 Reported per arm and round: wall and process-CPU seconds of training (every step of `--epochs`
 epochs), of the reference computed before training (TRL's precompute, the core's cache), and their
@@ -25,8 +26,8 @@ sum, and the first losses (the same to float rounding: the same arithmetic). The
 passes of a process (kernel set-up for each new shape) fall in the precompute for some arms and in
 the first steps for the others: compare whole runs.
 
-    python bench/kto_step.py [--pairs 12] [--epochs 2] [--rounds 2] [--tokens 256]
-        [--arms plain,precompute,fast,fast_in_row] [--model smollm2-135m] [--json bench/results/kto_step.json]
+    python bench/kto_step.py [--pairs 12] [--epochs 2] [--rounds 2] [--tokens 256] [--prompt-tokens 0]
+        [--arms plain,precompute,fast] (also: fast_apart, fast_in_row) [--model smollm2-135m] [--json bench/results/kto_step.json]
 """
 
 from __future__ import annotations
@@ -39,13 +40,38 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, save_results
+from common import QA, ROOT, save_results
 from dpo_step import make_pairs
 
-ARMS = ("plain", "precompute", "fast", "fast_in_row")
+ARMS = ("plain", "precompute", "fast", "fast_apart", "fast_in_row")
+KL_IN_ROW = {"fast": None, "fast_apart": False, "fast_in_row": True}
 
 
-def run_arm(arm: str, model_name: str, n_pairs: int, tokens: int, epochs: int) -> dict:
+def long_prompt_pairs(tokenizer, n_pairs: int, tokens: int, prompt_tokens: int) -> list[dict]:
+    """qa-feedback pairs whose prompt is the question and its passages (~`prompt_tokens` tokens, as a
+    retrieval-augmented prompt is) and whose replies are the two predictions (~`tokens` - `prompt_tokens`)."""
+    pairs = []
+    for row in json.loads(QA.read_text()):
+        context = row["question"] + "\n\n" + "\n".join(p[1] for p in row["passages"])
+        ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        budget = tokens - prompt_tokens
+        replies = [tokenizer(row[f"prediction {i}"], add_special_tokens=False)["input_ids"][:budget] for i in (1, 2)]
+        if len(ids) < prompt_tokens - 16 or min(len(r) for r in replies) < budget // 2:
+            continue
+        prompt = [{"role": "user", "content": tokenizer.decode(ids[: prompt_tokens - 16])}]  # ~16: the chat template
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": tokenizer.decode(replies[0])}],
+                "rejected": [{"role": "assistant", "content": tokenizer.decode(replies[1])}],
+            }
+        )
+        if len(pairs) == n_pairs:
+            return pairs
+    raise RuntimeError("not enough long rows in qa-feedback")
+
+
+def run_arm(arm: str, model_name: str, n_pairs: int, tokens: int, epochs: int, prompt_tokens: int = 0) -> dict:
     """One arm in this process: KTO for `epochs` epochs; seconds and the first losses."""
     import torch
     from datasets import Dataset
@@ -60,7 +86,10 @@ def run_arm(arm: str, model_name: str, n_pairs: int, tokens: int, epochs: int) -
     path = resolve_model(model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = []
-    for pair in make_pairs(tokenizer, n_pairs, tokens):
+    pairs = (
+        long_prompt_pairs(tokenizer, n_pairs, tokens, prompt_tokens) if prompt_tokens else make_pairs(tokenizer, n_pairs, tokens)
+    )
+    for pair in pairs:
         rows.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
         rows.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
     from trainers.fastpref.kto_trainer import FastKTOTrainer
@@ -100,7 +129,7 @@ def run_arm(arm: str, model_name: str, n_pairs: int, tokens: int, epochs: int) -
         common = {"model": model, "args": args, "train_dataset": Dataset.from_list(rows), "processing_class": tokenizer}
         if arm.startswith("fast"):
             cache = Path(out) / "ref_cache"  # empty: the arm pays for its reference
-            trainer = TimedFastKTOTrainer(**common, peft_config=lora, ref_cache_dir=cache, kl_in_row=arm == "fast_in_row")
+            trainer = TimedFastKTOTrainer(**common, peft_config=lora, ref_cache_dir=cache, kl_in_row=KL_IN_ROW[arm])
             assert trainer.fast, trainer.fast_off_reason
         else:
             trainer = TimedKTOTrainer(**common, peft_config=lora)
@@ -111,6 +140,7 @@ def run_arm(arm: str, model_name: str, n_pairs: int, tokens: int, epochs: int) -
     pre, pre_cpu = sum(w for w, _ in precomputed), sum(c for _, c in precomputed)
     return {
         "arm": arm,
+        "kl_in_row": getattr(trainer, "kl_in_row", None),  # the core's choice (None: TRL's arms)
         "steps": trainer.state.global_step,
         "train_s": round(train_s, 1),
         "precompute_s": round(pre, 1),
@@ -126,13 +156,19 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=0,
+        help="prompts of ~N tokens (question + passages) before replies of ~tokens-N (default: the question alone)",
+    )
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated, of: " + ", ".join(ARMS))
+    ap.add_argument("--arms", default="plain,precompute,fast", help="comma-separated, of: " + ", ".join(ARMS))
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "kto_step.json")
     ap.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # one arm, in a child process
     a = ap.parse_args()
     if a.arm:
-        print(json.dumps(run_arm(a.arm, a.model, a.pairs, a.tokens, a.epochs)))
+        print(json.dumps(run_arm(a.arm, a.model, a.pairs, a.tokens, a.epochs, a.prompt_tokens)))
         return
     chosen = [arm for arm in a.arms.split(",") if arm]
     if unknown := sorted(set(chosen) - set(ARMS)):
@@ -143,7 +179,7 @@ def main() -> None:
         arms = {}
         for arm in order:
             argv = [sys.executable, __file__, "--arm", arm, "--model", a.model, "--pairs", str(a.pairs)]
-            argv += ["--tokens", str(a.tokens), "--epochs", str(a.epochs)]
+            argv += ["--tokens", str(a.tokens), "--epochs", str(a.epochs), "--prompt-tokens", str(a.prompt_tokens)]
             proc = subprocess.run(argv, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"arm {arm} failed:\n{proc.stderr[-4000:]}")

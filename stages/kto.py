@@ -112,6 +112,9 @@ class KtoStage(TrainerStage):
                 trainer = self.trl_trainer(FastKTOTrainer, KTOConfig, dataset, tokenizer, ref_cache=cache)
             else:
                 trainer = self.trl_trainer(KTOTrainer, KTOConfig, dataset, tokenizer)
+            if getattr(trainer, "fast", False):
+                where = "in the reply's packed row (long prompts)" if trainer.kl_in_row else "packed apart"
+                ctx.log.info("KTO's mismatched KL replies %s", where)
             if getattr(trainer, "fast", False) and trainer.ref_cache_seconds is None:
                 ctx.log.info("packed KTO core; reference log-probs inside each step (the run reads fewer rows than the set)")
             elif getattr(trainer, "fast", False):

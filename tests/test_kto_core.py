@@ -135,6 +135,27 @@ def test_loss_gradients_and_metrics_equal_trl(rows, max_length, loss_type, kl_in
         assert fast_metrics[key][-1] == pytest.approx(trl_metrics[key][-1], abs=1e-4), key
 
 
+def test_kl_reply_goes_into_the_replys_row_where_prompts_are_long(tmp_path, tiny_model_path):
+    """Left to the trainer, the KL reply is packed apart beside short prompts (the backward over it
+    would cost more than the prompt's forward saves) and in the reply's row beside prompts of at
+    least `KL_IN_ROW_PROMPT_RATIO` times its tokens; asked for, it is where it was asked."""
+    from trainers.fastpref.kto_trainer import KL_IN_ROW_PROMPT_RATIO, FastKTOTrainer
+
+    context = " The passage says many things about many places, all of them at some length." * 4
+    long_prompts = [dict(row, prompt=context + " " + row["prompt"]) for row in PLAIN]
+    cache = tmp_path / "c"
+    short = make_trainer(FastKTOTrainer, PLAIN, tmp_path / "short", perturb=False, ref_cache_dir=cache, max_length=None)
+    long = make_trainer(FastKTOTrainer, long_prompts, tmp_path / "long", perturb=False, ref_cache_dir=cache, max_length=None)
+    for trainer, in_row in ((short, False), (long, True)):
+        rows = trainer.train_dataset
+        ratio = sum(map(len, rows["prompt_ids"])) / sum(map(len, rows["KL_completion_ids"]))
+        assert (ratio >= KL_IN_ROW_PROMPT_RATIO) == in_row and trainer.kl_in_row == in_row, ratio
+        batch = trainer.data_collator([rows[i] for i in range(len(PLAIN))])
+        assert ("kl_batch" in batch) == (not in_row)
+    asked = make_trainer(FastKTOTrainer, PLAIN, tmp_path / "asked", perturb=False, ref_cache_dir=cache, kl_in_row=True)
+    assert asked.kl_in_row and "kl_batch" not in asked.data_collator([asked.train_dataset[i] for i in range(2)])
+
+
 def test_the_reference_of_both_replies_is_cached_and_equals_trls(tmp_path, tiny_model_path):
     """The cache holds the reference's log-probs of each reply and of its KL reply: equal to
     TRL's own precomputed values, computed once, reused by a second trainer on the same rows."""
