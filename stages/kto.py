@@ -112,7 +112,7 @@ class KtoStage(TrainerStage):
                 trainer = self.trl_trainer(FastKTOTrainer, KTOConfig, dataset, tokenizer, ref_cache=cache)
             else:
                 trainer = self.trl_trainer(KTOTrainer, KTOConfig, dataset, tokenizer)
-            if getattr(trainer, "fast", False):
+            if getattr(trainer, "fast", False) and trainer.calculate_KL:
                 where = "in the reply's packed row (long prompts)" if trainer.kl_in_row else "packed apart"
                 ctx.log.info("KTO's mismatched KL replies %s", where)
             if getattr(trainer, "fast", False) and trainer.ref_cache_seconds is None:

@@ -104,6 +104,7 @@ class FastKTOTrainer(PackedReference, KTOTrainer):
         attention: Any = "auto",
         **kwargs: Any,
     ):
+        self.kl_in_row: bool | None = None  # where the KL replies go, once the core is set up
         self._before_trl_init(args, kwargs, fast, attention)
         super().__init__(*args, **kwargs)
         self._after_trl_init(
@@ -116,15 +117,22 @@ class FastKTOTrainer(PackedReference, KTOTrainer):
         )
 
     def _kl_in_row(self, asked: bool | None) -> bool:
-        """`asked`, else in the row where the training set's prompts are long beside its KL replies."""
+        """`asked`, else in the row where the training set's prompts are long beside its KL replies
+        (their tokens after `max_length` truncation, which cuts replies, never prompts; counted in Arrow)."""
         if asked is None:
-            columns = getattr(self.train_dataset, "column_names", None) or []
-            if "KL_completion_ids" not in columns:
-                asked = False
+            import pyarrow.compute as pc  # type: ignore[import-untyped]  # datasets' own storage
+            from datasets import Dataset
+
+            data = self.train_dataset
+            if not isinstance(data, Dataset) or "KL_completion_ids" not in data.column_names or not len(data):
+                asked = False  # no KL replies (apo_zero_unpaired)
             else:
-                prompt = sum(len(ids) for ids in self.train_dataset["prompt_ids"])
-                kl = sum(len(ids) for ids in self.train_dataset["KL_completion_ids"])
-                asked = prompt >= KL_IN_ROW_PROMPT_RATIO * max(kl, 1)
+                table = data.select_columns(["prompt_ids", "KL_completion_ids"]).with_format("arrow")[:]
+                prompt = pc.list_value_length(table["prompt_ids"])
+                kl = pc.list_value_length(table["KL_completion_ids"])
+                if self.args.max_length is not None:
+                    kl = pc.min_element_wise(kl, pc.subtract(self.args.max_length, prompt))
+                asked = pc.sum(prompt).as_py() >= KL_IN_ROW_PROMPT_RATIO * max(pc.sum(kl).as_py(), 1)
         self.kl_in_row = asked
         return asked
 

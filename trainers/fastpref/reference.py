@@ -101,9 +101,12 @@ class PackedReference:
 
     def _common_unsupported(self, checks: dict[str, bool]) -> str | None:
         """The first of `checks` (why: is unsupported) that holds, then what every packed trainer needs."""
+        from datasets import Dataset
+
         checks = {
             **checks,
             "vision data": self._is_vision_dataset,  # type: ignore[attr-defined]
+            "streaming (IterableDataset) data": not isinstance(self.train_dataset, Dataset),
             "sync_ref_model": self.args.sync_ref_model,
             "several processes": self.accelerator.num_processes > 1,
             "padding-free/other attention": self._attn_implementation() not in ("sdpa", "eager"),
