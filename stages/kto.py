@@ -112,18 +112,17 @@ class KtoStage(TrainerStage):
                 trainer = self.trl_trainer(FastKTOTrainer, KTOConfig, dataset, tokenizer, ref_cache=cache)
             else:
                 trainer = self.trl_trainer(KTOTrainer, KTOConfig, dataset, tokenizer)
-            if getattr(trainer, "fast", False) and trainer.calculate_KL:
-                where = "in the reply's packed row (long prompts)" if trainer.kl_in_row else "packed apart"
-                ctx.log.info("KTO's mismatched KL replies %s", where)
-            if getattr(trainer, "fast", False) and trainer.ref_cache_seconds is None:
-                ctx.log.info("packed KTO core; reference log-probs inside each step (the run reads fewer rows than the set)")
-            elif getattr(trainer, "fast", False):
-                how = (
-                    "reused from the cache"
-                    if trainer.ref_cache_seconds == 0
-                    else f"computed in {trainer.ref_cache_seconds:.1f} s"
-                )
-                ctx.log.info("packed KTO core; reference log-probs of every row %s", how)
+            if getattr(trainer, "fast", False):  # on the core (it may have fallen back to TRL's step)
+                if trainer.calculate_KL:
+                    where = "in the reply's packed row (long prompts)" if trainer.kl_in_row else "packed apart"
+                    ctx.log.info("KTO's mismatched KL replies %s", where)
+                if trainer.ref_cache_seconds is None:
+                    how = "inside each step (the run reads fewer rows than the set)"
+                elif trainer.ref_cache_seconds == 0:
+                    how = "of every row reused from the cache"
+                else:
+                    how = f"of every row computed in {trainer.ref_cache_seconds:.1f} s"
+                ctx.log.info("packed KTO core; reference log-probs %s", how)
             elif trainer.precompute_ref_logps:  # TRL's own flag: what it did, not what was asked
                 ctx.log.info("reference log-probs computed once, before training (precompute_ref_log_probs)")
             return trainer
