@@ -49,6 +49,15 @@ class TrainSettings(TrackingSettings):
     distributed: DistributedSettings = Field(default_factory=DistributedSettings)
     trainer_args: dict[str, Any] = Field(default_factory=dict, description="extra TRL/transformers config keys")
 
+    def passes(self, rows: int) -> float:
+        """How many times the run reads each of `rows` rows (epochs, or max_steps x batch x accumulation / rows).
+        Reads the typed fields, not overrides of them in `trainer_args`. The preference core caches the
+        reference of every row only where this is >= 1: for a few steps over many rows it is cheaper inside
+        the steps, for the rows they read."""
+        if self.max_steps > 0:
+            return self.max_steps * self.per_device_train_batch_size * self.gradient_accumulation_steps / max(rows, 1)
+        return self.num_train_epochs
+
     def policy(self) -> DevicePolicy:
         return device_policy(self.device or ("cpu" if self.use_gpu is False else None))
 

@@ -60,14 +60,20 @@ class DpoStage(TrainerStage):
                 return self.trl_trainer(DPOTrainer, DPOConfig, dataset)
             from trainers.fastpref.trainer import FastDPOTrainer
 
-            # no explicit gradient_checkpointing: measured per host (trainers/grad_ckpt_probe.py)
-            return self.trl_trainer(
+            # no explicit gradient_checkpointing: measured per host (trainers/grad_ckpt_probe.py). The reference
+            # of every pair cached where the run reads every pair at least once (it then costs no more than the
+            # steps would, and a rerun or another arm finds it); a few steps over many pairs: inside the steps
+            trainer = self.trl_trainer(
                 FastDPOTrainer,
                 DPOConfig,
                 dataset,
                 probe_checkpointing=cfg.gradient_checkpointing is None,
                 model_name=ctx.model,
                 attention=cfg.attention,
+                ref_cache=cfg.passes(len(dataset)) >= 1,
             )
+            if trainer.fast:  # on the core (it may have fallen back to TRL's step)
+                ctx.log.info("packed DPO core; reference log-probs %s", trainer.reference_origin())
+            return trainer
 
         return {**self.fit(build_trainer), "pairs": len(dataset)}

@@ -65,13 +65,6 @@ class KtoStageConfig(KTOMethodConfig, TrainSettings):
         on = self.passes(rows) >= 2 and self.num_workers == 1 and not self.lora.qlora
         return self.model_copy(update={"precompute_ref_log_probs": on})
 
-    def passes(self, rows: int) -> float:
-        """How many times the run reads each of `rows` rows (epochs, or max_steps x batch x accumulation / rows).
-        Reads the typed fields, not overrides of them in `trainer_args`."""
-        if self.max_steps > 0:
-            return self.max_steps * self.per_device_train_batch_size * self.gradient_accumulation_steps / max(rows, 1)
-        return self.num_train_epochs
-
 
 class KtoStage(TrainerStage):
     uses = "kto"
@@ -116,13 +109,7 @@ class KtoStage(TrainerStage):
                 if trainer.calculate_KL:
                     where = "in the reply's packed row (long prompts)" if trainer.kl_in_row else "packed apart"
                     ctx.log.info("KTO's mismatched KL replies %s", where)
-                if trainer.ref_cache_seconds is None:
-                    how = "inside each step (the run reads fewer rows than the set)"
-                elif trainer.ref_cache_seconds == 0:
-                    how = "of every row reused from the cache"
-                else:
-                    how = f"of every row computed in {trainer.ref_cache_seconds:.1f} s"
-                ctx.log.info("packed KTO core; reference log-probs %s", how)
+                ctx.log.info("packed KTO core; reference log-probs %s", trainer.reference_origin())
             elif trainer.precompute_ref_logps:  # TRL's own flag: what it did, not what was asked
                 ctx.log.info("reference log-probs computed once, before training (precompute_ref_log_probs)")
             return trainer

@@ -90,3 +90,36 @@ def test_dpo_loss_decreases_and_export_changes_logits(tmp_path, tiny_model_path)
     assert lineage["feedback_counts"] == {"preferences": len(CAPITALS)}
     card = (package / "README.md").read_text()
     assert "library_name: peft" in card and "PeftModel.from_pretrained" in card
+
+
+def test_reference_cached_where_the_run_reads_every_pair_else_inside_the_steps(tmp_path, tiny_model_path, monkeypatch):
+    """The dpo stage caches the reference of every pair where the run reads each pair at least once
+    (4 steps x 2 of 8 pairs) and computes it inside each step for a shorter run (2 steps read 4 of 8
+    pairs: caching all 8 would cost twice the steps' reference). The same losses (1e-5): the
+    second step's loss depends on the reference, the policy having moved. The log and the
+    manifest say which ran."""
+    import pytest
+
+    from .conftest import isolated_home
+
+    monkeypatch.setenv("HEEDFUL_HOME", str(isolated_home(tmp_path / "home")))  # an empty reference cache
+    prefs = toy_preferences(tmp_path / "prefs.jsonl")
+    ways = {
+        4: "packed DPO core; reference log-probs of every row computed in",
+        2: "packed DPO core; reference log-probs inside each step",
+    }
+    losses, metrics = {}, {}
+    for steps, line in ways.items():
+        spec = dpo_pipeline(prefs, steps=steps)
+        spec["stages"][0]["with"].update(per_device_train_batch_size=2, lr_scheduler_type="constant")  # 2 steps are 4's first 2
+        result = Runner(pipeline_from_dict(spec, tmp_path), tmp_path / f"runs-{steps}", use_ray=False).execute()
+        assert result.ok, [r.error for r in result.records]
+        log = (result.run_dir / "align" / "stage.log").read_text()
+        assert [s for s in ways.values() if s in log] == [line], steps
+        curves = json.loads((result.run_dir / "align" / "curves.json").read_text())
+        losses[steps] = [row["loss"] for row in curves if "loss" in row]
+        metrics[steps] = json.loads((result.run_dir / "align" / "manifest.json").read_text())["metrics"]
+    assert len(losses[4]) == 4 and len(losses[2]) == 2
+    assert losses[2] == pytest.approx(losses[4][:2], abs=1e-5)
+    assert losses[4][1] != pytest.approx(losses[4][0], abs=1e-4)  # the policy moved: step 2 reads the reference
+    assert metrics[4]["reference_seconds"] > 0 and "reference_seconds" not in metrics[2]

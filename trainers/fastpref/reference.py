@@ -94,6 +94,14 @@ class PackedReference:
         if ref_cache or self._trl_precompute:  # precompute_ref_log_probs=True asks for what the cache does
             self.train_dataset = self._with_cached_ref_logps(self.train_dataset, RefLogpCache(ref_cache_dir))
 
+    def reference_origin(self) -> str:
+        """Where the core's reference log-probs come from, for a stage's log line."""
+        if self.ref_cache_seconds is None:
+            return "inside each step (the run reads fewer rows than the set)"
+        if self.ref_cache_seconds == 0:
+            return "of every row reused from the cache"
+        return f"of every row computed in {self.ref_cache_seconds:.1f} s"
+
     def unit(self, example: dict) -> Unit:
         """One dataset row as a packed unit, truncated as TRL truncates (keep_start)."""
         prompt, first, second = self.UNIT_COLUMNS
