@@ -116,3 +116,20 @@ def test_seeded_replies_equal_with_and_without_packed_weights(tiny_model_path, l
     plain = chat_generate(model, tokenizer, conversations, sampled, batch_size=5, seed=4)
     assert [[(c.text, c.num_tokens) for c in r] for r in packed] == [[(c.text, c.num_tokens) for c in r] for r in plain]
     assert all(r[0].text for r in plain)
+
+
+def test_a_lora_adapters_own_projections_keep_their_forward(tiny_model_path, lora_adapter):
+    """The base layers under a LoRA adapter are packed, the adapter's rank-r A and B are not (a packed
+    call costs them more than it saves: pipeline/cpu_linear.py `_routable`), and the block's output
+    equals the model's own."""
+    model = load_causal_lm("tiny", device_policy("cpu"), adapter=lora_adapter).eval()
+    adapter_layers = [layer for m in model.modules() for name in ("lora_A", "lora_B") for layer in getattr(m, name, {}).values()]
+    bases = [m.base_layer for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert adapter_layers and bases
+    ids = torch.tensor([[1, 20, 30, 40], [1, 50, 60, 70]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        with cpu_linear.packed_linears(model):
+            assert all("forward" in base.__dict__ for base in bases)
+            assert not any("forward" in layer.__dict__ for layer in adapter_layers)
+            torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=1e-4)
