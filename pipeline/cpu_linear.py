@@ -19,8 +19,8 @@ fp32 a single row is a matrix-vector product, as fast on MKL) or more than `MAX_
 prefill, where MKL is as fast) runs the layer's own forward. Only plain `nn.Linear` layers with
 fp32 (or, where supported, bf16) CPU weights are routed: a subclass with its own forward (a
 bitsandbytes 4-bit layer, whose fp32 "weight" is packed 4-bit storage; PEFT's VB-LoRA and the
-like) keeps it, and so does a LoRA adapter's own rank-r pair (slower packed: `_routable`). The packed copies live only while a block is open (one `chat_generate` call):
-packing SmolLM2-135M's layers takes about 0.3 s, and a copy kept across calls would hold a
+like) keeps it, and so does a LoRA adapter's own low-rank pair (slower packed: `_routable`). The
+packed copies live only while a block is open (one `chat_generate` call): packing SmolLM2-135M's layers takes about 0.3 s, and a copy kept across calls would hold a
 second set of weights and go stale when PEFT merges an adapter through `weight.data`, which
 changes neither the storage nor the version a cache could key on. The one long-lived block is
 `heedful serve`'s HF engine (serving/engine.py), for the life of a model whose weights nothing
@@ -92,8 +92,9 @@ def routable_bytes(model: Any) -> int:
     return sum(layer.weight.numel() * layer.weight.element_size() for layer in _routable(model))
 
 
-#: PEFT's containers of a LoRA layer's own down- and up-projections
-LORA_CONTAINERS = ("lora_A", "lora_B")
+#: PEFT's containers of a LoRA layer's own down- and up-projections, and the largest rank whose pair
+#: keeps PyTorch's forward (measured at rank 16; a larger one keeps the packed route, unmeasured)
+LORA_CONTAINERS, LORA_MAX_RANK = ("lora_A", "lora_B"), 64
 
 
 def _routable(model: Any) -> list[Any]:
@@ -115,6 +116,7 @@ def _routable(model: Any) -> list[Any]:
         for name in LORA_CONTAINERS
         if isinstance(getattr(m, name, None), torch.nn.ModuleDict)
         for layer in getattr(m, name).values()
+        if isinstance(layer, torch.nn.Linear) and min(layer.in_features, layer.out_features) <= LORA_MAX_RANK
     }
     return [
         m
@@ -129,8 +131,9 @@ def _routable(model: Any) -> list[Any]:
 
 @contextlib.contextmanager
 def packed_linears(model: Any) -> Iterator[int]:
-    """Within the block, `model`'s plain fp32 (or bf16) CPU `nn.Linear` layers take small no-grad calls
-    through packed weights; yields how many layers are routed. Blocks may nest or run on several
+    """Within the block, `model`'s plain fp32 (or bf16) CPU `nn.Linear` layers (not a LoRA adapter's own
+    low-rank pair: `_routable`) take small no-grad calls through packed weights; yields how many layers
+    are routed. Blocks may nest or run on several
     threads at once; the last to leave restores the layers and drops their packed copies, so
     nothing stays on the model. (A deep copy made inside a block keeps a routed forward bound to
     the copy: it computes with the copy's own weights, packed on first use.)"""

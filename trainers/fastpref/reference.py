@@ -97,7 +97,7 @@ class PackedReference:
     def reference_origin(self) -> str:
         """Where the core's reference log-probs come from, for a stage's log line."""
         if self.ref_cache_seconds is None:
-            return "inside each step (the run reads fewer rows than the set)"
+            return "inside each step, for the rows it reads"
         if self.ref_cache_seconds == 0:
             return "of every row reused from the cache"
         return f"of every row computed in {self.ref_cache_seconds:.1f} s"
