@@ -20,9 +20,10 @@ prefill, where MKL is as fast) runs the layer's own forward. Only plain `nn.Line
 fp32 (or, where supported, bf16) CPU weights are routed: a subclass with its own forward (a
 bitsandbytes 4-bit layer, whose fp32 "weight" is packed 4-bit storage; PEFT's VB-LoRA and the
 like) keeps it, and so does a LoRA adapter's own low-rank pair (slower packed: `_routable`). The
-packed copies live only while a block is open (one `chat_generate` call): packing SmolLM2-135M's layers takes about 0.3 s, and a copy kept across calls would hold a
-second set of weights and go stale when PEFT merges an adapter through `weight.data`, which
-changes neither the storage nor the version a cache could key on. The one long-lived block is
+packed copies live only while a block is open (one `chat_generate` call): packing SmolLM2-135M's
+layers takes about 0.3 s, and a copy kept across calls would hold a second set of weights and go
+stale when PEFT merges an adapter through `weight.data`, which changes neither the storage nor the
+version a cache could key on. The one long-lived block is
 `heedful serve`'s HF engine (serving/engine.py), for the life of a model whose weights nothing
 changes: whoever opens a block must not merge into or edit the model's weights inside it.
 
@@ -133,10 +134,10 @@ def _routable(model: Any) -> list[Any]:
 def packed_linears(model: Any) -> Iterator[int]:
     """Within the block, `model`'s plain fp32 (or bf16) CPU `nn.Linear` layers (not a LoRA adapter's own
     low-rank pair: `_routable`) take small no-grad calls through packed weights; yields how many layers
-    are routed. Blocks may nest or run on several
-    threads at once; the last to leave restores the layers and drops their packed copies, so
-    nothing stays on the model. (A deep copy made inside a block keeps a routed forward bound to
-    the copy: it computes with the copy's own weights, packed on first use.)"""
+    are routed. Blocks may nest or run on several threads at once; the last to leave restores the
+    layers and drops their packed copies, so nothing stays on the model. (A deep copy made inside a
+    block keeps a routed forward bound to the copy: it computes with the copy's own weights, packed
+    on first use.)"""
     layers = _routable(model)
     with _LOCK:
         for layer in layers:

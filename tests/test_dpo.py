@@ -111,9 +111,8 @@ def test_reference_cached_where_the_run_reads_every_pair_else_inside_the_steps(t
     losses, metrics = {}, {}
     for steps, line in ways.items():
         spec = dpo_pipeline(prefs, steps=steps)
-        spec["stages"][0]["with"].update(
-            per_device_train_batch_size=2, lr_scheduler_type="constant"
-        )  # the same rate in every step whatever the run's length
+        # constant: the same rate in every step whatever the run's length
+        spec["stages"][0]["with"].update(per_device_train_batch_size=2, lr_scheduler_type="constant")
         result = Runner(pipeline_from_dict(spec, tmp_path), tmp_path / f"runs-{steps}", use_ray=False).execute()
         assert result.ok, [r.error for r in result.records]
         log = (result.run_dir / "align" / "stage.log").read_text()
