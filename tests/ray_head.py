@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.cluster import ensure_token_file
+
 RAY_BIN = Path(sys.executable).with_name("ray")
 
 
@@ -116,6 +118,10 @@ def _start(num_cpus: int) -> tuple[RayHead, subprocess.Popen, Any]:
     temp_dir = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     env = head_env()
     os.environ["RAY_AUTH_MODE"] = "token"  # this process talks to the head too
+    # `ray start` with token auth only reads a token (ray.init would make one): on a fresh machine, where
+    # nothing has made ~/.ray/auth_token yet, it exits with AuthenticationError (seen 2026-12-06, when
+    # these modules started before the main suite's first ray.init). heedful's own, 0600 from creation.
+    ensure_token_file()
     log = (temp_dir / "ray-start.log").open("w")
     proc = subprocess.Popen(
         [
