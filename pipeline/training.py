@@ -51,9 +51,9 @@ class TrainSettings(TrackingSettings):
 
     def passes(self, rows: int) -> float:
         """How many times the run reads each of `rows` rows (epochs, or max_steps x batch x accumulation / rows).
-        Reads the typed fields, not overrides of them in `trainer_args`. The preference core caches the
-        reference of every row only where this is >= 1: for a few steps over many rows it is cheaper inside
-        the steps, for the rows they read."""
+        Reads the typed fields, not overrides of them in `trainer_args`: for decisions made before a trainer
+        exists (KTO's `precompute_ref_log_probs` on TRL's step). The preference core decides its reference
+        cache from the trainer's own args (`PackedReference.run_passes`)."""
         if self.max_steps > 0:
             return self.max_steps * self.per_device_train_batch_size * self.gradient_accumulation_steps / max(rows, 1)
         return self.num_train_epochs

@@ -61,8 +61,8 @@ class DpoStage(TrainerStage):
             from trainers.fastpref.trainer import FastDPOTrainer
 
             # no explicit gradient_checkpointing: measured per host (trainers/grad_ckpt_probe.py). The reference
-            # of every pair cached where the run reads every pair at least once (it then costs no more than the
-            # steps would, and a rerun or another arm finds it); a few steps over many pairs: inside the steps
+            # of every pair cached where the run reads every pair at least once, decided by the trainer from
+            # its own args and the pairs TRL kept (`run_passes`); a few steps over many pairs: inside the steps
             trainer = self.trl_trainer(
                 FastDPOTrainer,
                 DPOConfig,
@@ -70,7 +70,7 @@ class DpoStage(TrainerStage):
                 probe_checkpointing=cfg.gradient_checkpointing is None,
                 model_name=ctx.model,
                 attention=cfg.attention,
-                ref_cache=cfg.passes(len(dataset)) >= 1,
+                ref_cache="auto",
             )
             if trainer.fast:  # on the core (it may have fallen back to TRL's step)
                 ctx.log.info("packed DPO core; reference log-probs %s", trainer.reference_origin())

@@ -46,7 +46,7 @@ class KtoStageConfig(KTOMethodConfig, TrainSettings):
 
     def reference_once(self, rows: int) -> KtoStageConfig:
         """These settings with `precompute_ref_log_probs` decided for a run over `rows` rows (what
-        TRL's step does with `fast: false`; the fast core caches the reference where `passes` >= 1).
+        TRL's step does with `fast: false`; the fast core decides its cache itself, `run_passes` >= 1).
 
         Why: TRL's KTO computes each row's reference log-probs (its reply's and its mismatched KL
         reply's, adapter off) in every step, so once per epoch; precomputed, once per run. The
@@ -99,10 +99,9 @@ class KtoStage(TrainerStage):
             if self.config.fast:
                 from trainers.fastpref.kto_trainer import FastKTOTrainer
 
-                # the reference of every row cached where the run reads every row at least once (it then costs
-                # no more than the steps would, and a rerun finds it); a few steps over many rows: inside the steps
-                cache = self.config.passes(len(dataset)) >= 1
-                trainer = self.trl_trainer(FastKTOTrainer, KTOConfig, dataset, tokenizer, ref_cache=cache)
+                # the reference of every row cached where the run reads every row at least once, decided by the
+                # trainer from its own args and the rows TRL kept (`run_passes`); a few steps over many: inside them
+                trainer = self.trl_trainer(FastKTOTrainer, KTOConfig, dataset, tokenizer, ref_cache="auto")
             else:
                 trainer = self.trl_trainer(KTOTrainer, KTOConfig, dataset, tokenizer)
             if getattr(trainer, "fast", False):  # on the core (it may have fallen back to TRL's step)

@@ -95,9 +95,10 @@ def test_dpo_loss_decreases_and_export_changes_logits(tmp_path, tiny_model_path)
 def test_reference_cached_where_the_run_reads_every_pair_else_inside_the_steps(tmp_path, tiny_model_path, monkeypatch):
     """The dpo stage caches the reference of every pair where the run reads each pair at least once
     (4 steps x 2 of 8 pairs) and computes it inside each step for a shorter run (2 steps read 4 of 8
-    pairs: caching all 8 would cost twice the steps' reference). The same losses (1e-5): the
-    second step's loss depends on the reference, the policy having moved. The log and the
-    manifest say which ran."""
+    pairs: caching all 8 would cost twice the steps' reference). The shorter run is `max_steps: 4`
+    overridden to 2 in `trainer_args`: the trainer decides from the args it runs with. The same
+    losses (1e-5): the second step's loss depends on the reference, the policy having moved. The
+    log and the manifest say which ran."""
     import pytest
 
     from .conftest import isolated_home
@@ -110,9 +111,10 @@ def test_reference_cached_where_the_run_reads_every_pair_else_inside_the_steps(t
     }
     losses, metrics = {}, {}
     for steps, line in ways.items():
-        spec = dpo_pipeline(prefs, steps=steps)
+        spec = dpo_pipeline(prefs, steps=4)
         # constant: the same rate in every step whatever the run's length
         spec["stages"][0]["with"].update(per_device_train_batch_size=2, lr_scheduler_type="constant")
+        spec["stages"][0]["with"]["trainer_args"] = {"max_steps": steps}
         result = Runner(pipeline_from_dict(spec, tmp_path), tmp_path / f"runs-{steps}", use_ray=False).execute()
         assert result.ok, [r.error for r in result.records]
         log = (result.run_dir / "align" / "stage.log").read_text()
@@ -124,3 +126,31 @@ def test_reference_cached_where_the_run_reads_every_pair_else_inside_the_steps(t
     assert losses[2] == pytest.approx(losses[4][:2], abs=1e-5)
     assert losses[4][1] != pytest.approx(losses[4][0], abs=1e-4)  # the policy moved: step 2 reads the reference
     assert metrics[4]["reference_seconds"] > 0 and "reference_seconds" not in metrics[2]
+
+
+def test_run_passes_counts_the_batches_the_run_reads():
+    """`ref_cache="auto"`'s arithmetic by hand: 8 rows in batches of 2 are 4 batches; a 9th row makes
+    a 5th batch that 4 steps leave unread; a fraction of an epoch is rounded up to whole steps, as HF
+    does (0.9 of 4 steps is 4: every row read)."""
+    from types import SimpleNamespace
+
+    from trainers.fastpref.reference import PackedReference
+
+    def passes(rows, steps=-1, epochs=1.0, batch=2, accumulation=1):
+        args = SimpleNamespace(
+            max_steps=steps,
+            num_train_epochs=epochs,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            world_size=1,
+        )
+        return PackedReference.run_passes(SimpleNamespace(args=args, train_dataset=range(rows)))  # type: ignore[arg-type]
+
+    assert passes(8, steps=2) == 0.5
+    assert passes(8, steps=4) == 1.0
+    assert passes(8, steps=1, accumulation=4) == 1.0
+    assert passes(9, steps=4) == 0.8
+    assert passes(8, epochs=3.0) == 3.0
+    assert passes(8, epochs=0.9) == 1.0
+    assert passes(8, epochs=0.5) == 0.5
+    assert passes(8, epochs=0.5, accumulation=2) == 0.5

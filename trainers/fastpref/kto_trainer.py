@@ -78,7 +78,8 @@ class FastKTOTrainer(PackedReference, KTOTrainer):
 
     fast          the packed core and the fast CPU LoRA-dropout mask (default True); False is exactly TRL's KTOTrainer
     ref_cache     cache the training set's reference log-probs under `ref_cache_dir`
-                  (default `<heedful cache>/cache/ref_logps`); False: a reference forward per step
+                  (default `<heedful cache>/cache/ref_logps`); False: a reference forward per step;
+                  "auto": cache where the run reads every row at least once (`run_passes`)
     kl_in_row     the KL reply in the reply's packed row (True) or in a second batch without gradient
                   (False); None: in the row where prompts are long (`KL_IN_ROW_PROMPT_RATIO`)
     tile_elements elements of one [tokens, vocab] log-prob tile
@@ -97,7 +98,7 @@ class FastKTOTrainer(PackedReference, KTOTrainer):
         self,
         *args: Any,
         fast: bool = True,
-        ref_cache: bool = True,
+        ref_cache: bool | str = True,
         ref_cache_dir: str | Path | None = None,
         kl_in_row: bool | None = None,
         tile_elements: int = TILE_ELEMENTS,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
 import time
 from typing import Any
@@ -70,11 +71,15 @@ class PackedReference:
         if fast and config is not None and self._trl_precompute:
             config.precompute_ref_log_probs = False
 
-    def _after_trl_init(self, fast: bool, method: str, make_collator, ref_cache: bool, ref_cache_dir, tile_elements: int) -> None:
+    def _after_trl_init(
+        self, fast: bool, method: str, make_collator, ref_cache: bool | str, ref_cache_dir, tile_elements: int
+    ) -> None:
         """After TRL's __init__: the core where it covers the settings (its collator, the CPU LoRA-dropout
         mask, the cached reference), else TRL's own path with what was asked of TRL given back."""
         from trainers.lora_dropout import use_cpu_lora_dropout
 
+        if ref_cache not in (True, False, "auto"):
+            raise ValueError(f"ref_cache: {ref_cache!r} is not True, False or 'auto'")
         self.tile_elements = tile_elements
         self.ref_forward_calls = 0
         self.ref_cache_key = None
@@ -91,8 +96,26 @@ class PackedReference:
             return
         use_cpu_lora_dropout(self.model)  # the same dropout, its mask drawn fast (trainers/lora_dropout.py)
         self.data_collator = make_collator()
+        if ref_cache == "auto":
+            ref_cache = self.run_passes() >= 1
         if ref_cache or self._trl_precompute:  # precompute_ref_log_probs=True asks for what the cache does
             self.train_dataset = self._with_cached_ref_logps(self.train_dataset, RefLogpCache(ref_cache_dir))
+
+    def run_passes(self) -> float:
+        """How many times this run reads each training row: from TRL's `args` as the trainer has them (a
+        stage's `trainer_args` overrides included) and the training set as TRL kept it (after it drops rows
+        whose prompt fills `max_length`). `ref_cache="auto"` caches the reference of every row where this is
+        >= 1: computing it for the whole set then costs no more than the steps would, and a rerun or another
+        method on the same rows finds it; a few steps over many rows compute it inside the steps instead."""
+        args = self.args
+        batches = max(math.ceil(len(self.train_dataset) / (args.per_device_train_batch_size * args.world_size)), 1)
+        if args.max_steps > 0:
+            steps = args.max_steps
+        elif args.num_train_epochs >= 1:
+            return float(args.num_train_epochs)
+        else:  # a fraction of an epoch: HF rounds its optimizer steps up
+            steps = math.ceil(args.num_train_epochs * max(batches // args.gradient_accumulation_steps, 1))
+        return steps * args.gradient_accumulation_steps / batches
 
     def reference_origin(self) -> str:
         """Where the core's reference log-probs come from, for a stage's log line."""

@@ -34,7 +34,8 @@ class FastDPOTrainer(PackedReference, DPOTrainer):
     fast                 the packed core and the fast CPU LoRA-dropout mask (default True);
                          False is exactly TRL's DPOTrainer
     ref_cache            cache the training set's reference log-probs under `ref_cache_dir`
-                         (default `<heedful cache>/cache/ref_logps`); False: a reference forward per step
+                         (default `<heedful cache>/cache/ref_logps`); False: a reference forward per step;
+                         "auto": cache where the run reads every row at least once (`run_passes`)
     tile_elements        elements of one [tokens, vocab] log-prob tile
     probe_checkpointing  measure whether gradient checkpointing is faster here (trainers/grad_ckpt_probe.py),
                          cached in `probe_cache_path` under `model_name`; False keeps `args`' setting
@@ -51,7 +52,7 @@ class FastDPOTrainer(PackedReference, DPOTrainer):
         self,
         *args: Any,
         fast: bool = True,
-        ref_cache: bool = True,
+        ref_cache: bool | str = True,
         ref_cache_dir: str | Path | None = None,
         tile_elements: int = TILE_ELEMENTS,
         probe_checkpointing: bool = False,
