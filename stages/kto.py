@@ -45,8 +45,10 @@ class KtoStageConfig(KTOMethodConfig, TrainSettings):
         return self
 
     def reference_once(self, rows: int) -> KtoStageConfig:
-        """These settings with `precompute_ref_log_probs` decided for a run over `rows` rows (what
-        TRL's step does with `fast: false`; the fast core decides its cache itself, `run_passes` >= 1).
+        """These settings with `precompute_ref_log_probs` decided for a run over `rows` rows, for TRL's
+        step (`fast: false`). With `fast: true` it is left unset unless set by hand: the core decides its
+        reference cache itself from the args it runs with (`ref_cache="auto"`, `run_passes` >= 1), and a
+        precompute decided here from the typed fields would override that (it asks for the cache).
 
         Why: TRL's KTO computes each row's reference log-probs (its reply's and its mismatched KL
         reply's, adapter off) in every step, so once per epoch; precomputed, once per run. The
@@ -60,7 +62,7 @@ class KtoStageConfig(KTOMethodConfig, TrainSettings):
             return self.model_copy(
                 update={"precompute_ref_log_probs": bool(args.pop("precompute_ref_log_probs")), "trainer_args": args}
             )
-        if self.precompute_ref_log_probs is not None:
+        if self.precompute_ref_log_probs is not None or self.fast:
             return self
         on = self.passes(rows) >= 2 and self.num_workers == 1 and not self.lora.qlora
         return self.model_copy(update={"precompute_ref_log_probs": on})

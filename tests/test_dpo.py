@@ -130,19 +130,21 @@ def test_reference_cached_where_the_run_reads_every_pair_else_inside_the_steps(t
 
 def test_run_passes_counts_the_batches_the_run_reads():
     """`ref_cache="auto"`'s arithmetic by hand: 8 rows in batches of 2 are 4 batches; a 9th row makes
-    a 5th batch that 4 steps leave unread; a fraction of an epoch is rounded up to whole steps, as HF
-    does (0.9 of 4 steps is 4: every row read)."""
+    a 5th batch that 4 steps leave unread (unless the last, partial batch is dropped); a fraction of an
+    epoch is rounded up to whole steps, as HF does (0.9 of 4 steps is 4: every row read), and an epoch's
+    last accumulation group is stepped even when partial (5 batches, 2 a step: 3 steps an epoch)."""
     from types import SimpleNamespace
 
     from trainers.fastpref.reference import PackedReference
 
-    def passes(rows, steps=-1, epochs=1.0, batch=2, accumulation=1):
+    def passes(rows, steps=-1, epochs=1.0, batch=2, accumulation=1, drop_last=False):
         args = SimpleNamespace(
             max_steps=steps,
             num_train_epochs=epochs,
             per_device_train_batch_size=batch,
             gradient_accumulation_steps=accumulation,
             world_size=1,
+            dataloader_drop_last=drop_last,
         )
         return PackedReference.run_passes(SimpleNamespace(args=args, train_dataset=range(rows)))  # type: ignore[arg-type]
 
@@ -154,3 +156,7 @@ def test_run_passes_counts_the_batches_the_run_reads():
     assert passes(8, epochs=0.9) == 1.0
     assert passes(8, epochs=0.5) == 0.5
     assert passes(8, epochs=0.5, accumulation=2) == 0.5
+    assert passes(9, steps=4, drop_last=True) == 1.0
+    assert passes(10, epochs=0.7, accumulation=2) == 1.0  # ceil(0.7 x 3) = 3 steps: all 5 batches
+    assert passes(10, steps=2, accumulation=2) == 0.8
+    assert passes(10, steps=5, accumulation=2) == 1.0 + 0.8  # 3 steps an epoch, then 2 of the next

@@ -223,12 +223,17 @@ def test_class_weights_balanced_by_the_papers_rule():
 
 
 def test_reference_precomputed_where_the_run_reads_every_row():
-    """On for a run that reads each row at least twice (one worker, no QLoRA), off for one epoch or a
-    few steps over many rows; set by hand, or through TRL's own key in trainer_args, it is kept."""
+    """TRL's step (`fast: false`): on for a run that reads each row at least twice (one worker, no
+    QLoRA), off for one epoch or a few steps over many rows; set by hand, or through TRL's own key in
+    trainer_args, it is kept. The packed core (`fast: true`) decides its cache itself: left unset."""
     from stages.kto import KtoStageConfig
 
     def decided(rows: int, **settings) -> KtoStageConfig:
-        return KtoStageConfig(**settings).reference_once(rows)
+        return KtoStageConfig(**{"fast": False, **settings}).reference_once(rows)
+
+    assert decided(100, num_train_epochs=3, fast=True).precompute_ref_log_probs is None
+    assert decided(100, num_train_epochs=3, fast=True).trl_kwargs()["precompute_ref_log_probs"] is False
+    assert decided(100, fast=True, precompute_ref_log_probs=True).precompute_ref_log_probs is True  # by hand: kept
 
     assert decided(100).precompute_ref_log_probs is False  # one epoch (the default): no gain to pay for the hash
     assert decided(100, num_train_epochs=2).precompute_ref_log_probs is True

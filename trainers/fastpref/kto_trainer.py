@@ -106,7 +106,7 @@ class FastKTOTrainer(PackedReference, KTOTrainer):
         **kwargs: Any,
     ):
         self.kl_in_row: bool | None = None  # where the KL replies go, once the core is set up
-        self._before_trl_init(args, kwargs, fast, attention)
+        self._before_trl_init(args, kwargs, fast, attention, ref_cache)
         super().__init__(*args, **kwargs)
         self._after_trl_init(
             fast,

@@ -58,13 +58,15 @@ class PackedReference:
     fast_off_reason: str | None
     _trl_precompute: bool
 
-    def _before_trl_init(self, args: tuple, kwargs: dict, fast: bool, attention: Any) -> None:
-        """Before TRL's __init__: check `attention` (not after TRL's set-up), and take over a
+    def _before_trl_init(self, args: tuple, kwargs: dict, fast: bool, attention: Any, ref_cache: bool | str) -> None:
+        """Before TRL's __init__: check `attention` and `ref_cache` (not after TRL's set-up), and take over a
         `precompute_ref_log_probs=True` (the cache does it, without TRL's hash of the model)."""
         from .attention import ATTENTION_CHOICES
 
         if not callable(attention) and attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention: {attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+        if ref_cache not in (True, False, "auto"):
+            raise ValueError(f"ref_cache: {ref_cache!r} is not True, False or 'auto'")
         self.attention = attention
         config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
         self._trl_precompute = bool(config is not None and config.precompute_ref_log_probs)
@@ -78,8 +80,6 @@ class PackedReference:
         mask, the cached reference), else TRL's own path with what was asked of TRL given back."""
         from trainers.lora_dropout import use_cpu_lora_dropout
 
-        if ref_cache not in (True, False, "auto"):
-            raise ValueError(f"ref_cache: {ref_cache!r} is not True, False or 'auto'")
         self.tile_elements = tile_elements
         self.ref_forward_calls = 0
         self.ref_cache_key = None
@@ -108,14 +108,18 @@ class PackedReference:
         >= 1: computing it for the whole set then costs no more than the steps would, and a rerun or another
         method on the same rows finds it; a few steps over many rows compute it inside the steps instead."""
         args = self.args
-        batches = max(math.ceil(len(self.train_dataset) / (args.per_device_train_batch_size * args.world_size)), 1)
+        rows, accumulation = len(self.train_dataset), args.gradient_accumulation_steps
+        per_batch = args.per_device_train_batch_size * args.world_size
+        batches = max(rows // per_batch if args.dataloader_drop_last else math.ceil(rows / per_batch), 1)
+        steps_per_epoch = math.ceil(batches / accumulation)  # HF steps an epoch's last, partial group too
         if args.max_steps > 0:
             steps = args.max_steps
         elif args.num_train_epochs >= 1:
             return float(args.num_train_epochs)
         else:  # a fraction of an epoch: HF rounds its optimizer steps up
-            steps = math.ceil(args.num_train_epochs * max(batches // args.gradient_accumulation_steps, 1))
-        return steps * args.gradient_accumulation_steps / batches
+            steps = math.ceil(args.num_train_epochs * steps_per_epoch)
+        epochs, rest = divmod(steps, steps_per_epoch)
+        return epochs + min(rest * accumulation, batches) / batches
 
     def reference_origin(self) -> str:
         """Where the core's reference log-probs come from, for a stage's log line."""

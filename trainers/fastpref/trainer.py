@@ -61,7 +61,7 @@ class FastDPOTrainer(PackedReference, DPOTrainer):
         attention: Any = "auto",
         **kwargs: Any,
     ):
-        self._before_trl_init(args, kwargs, fast, attention)
+        self._before_trl_init(args, kwargs, fast, attention, ref_cache)
         super().__init__(*args, **kwargs)
         self._after_trl_init(
             fast,
