@@ -118,8 +118,8 @@ class PackedReference:
             return float(args.num_train_epochs)
         else:  # a fraction of an epoch: HF rounds its optimizer steps up
             steps = math.ceil(args.num_train_epochs * steps_per_epoch)
-        epochs, rest = divmod(steps, steps_per_epoch)
-        return epochs + min(rest * accumulation, batches) / batches
+        epochs, rest = divmod(steps, steps_per_epoch)  # rest < steps_per_epoch: rest x accumulation < batches
+        return epochs + rest * accumulation / batches
 
     def reference_origin(self) -> str:
         """Where the core's reference log-probs come from, for a stage's log line."""
