@@ -129,6 +129,7 @@ bench: setup
 	$(BIN)/python bench/dpo_step.py
 	$(BIN)/python bench/c3po_step.py
 	$(BIN)/python bench/kto_step.py
+	$(BIN)/python bench/sft_step.py
 	$(BIN)/python bench/argilla_io.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/ppo_step.py

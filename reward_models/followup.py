@@ -529,10 +529,11 @@ def fit_rows(pairs: list[tuple[str, str]], tokenizer, max_length: int) -> list[d
 def finetune(ctx, cfg, base: str, followups: Followups, triples: list[tuple[Any, Any, str]]) -> dict[str, Any]:
     """LoRA SFT of the follow-up LM: loss on the follow-up turn only (TRL prompt-completion)."""
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from pipeline.models import load_causal_lm, load_tokenizer
     from pipeline.training import fit
+    from trainers.fast_sft import FastSFTTrainer
 
     tokenizer = load_tokenizer(base, padding_side="right")
     fmt = ConversationFormat(tokenizer, cfg.followup.include_context)
@@ -545,7 +546,7 @@ def finetune(ctx, cfg, base: str, followups: Followups, triples: list[tuple[Any,
     def build_trainer():
         model = load_causal_lm(base, cfg.policy(), adapter=start, qlora=cfg.lora.qlora, trainable_adapter=start is not None)
         args = SFTConfig(max_length=cfg.max_length, completion_only_loss=True, **cfg.trainer_kwargs(ctx))
-        return SFTTrainer(
+        return FastSFTTrainer(  # TRL's SFTTrainer, scoring only the follow-up's tokens on a CPU
             model=model,
             args=args,
             train_dataset=Dataset.from_list(rows),

@@ -8,13 +8,21 @@ trainers/sft.py builds and tokenizes the examples.
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from pipeline.stage import Input
-from pipeline.training import TrainerStage, TrainSettings
+from pipeline.training import NON_SEMANTIC_TRAIN_FIELDS, TrainerStage, TrainSettings
 from trainers.sft_config import SFTMethodConfig
 
 
 class SftStageConfig(SFTMethodConfig, TrainSettings):
     """SFT's settings (trainers/sft_config.py) and the shared training settings."""
+
+    fast: bool = Field(
+        default=True,
+        description="on a CPU, score only the reply tokens with heedful's exact chunked head (trainers/fast_sft.py); "
+        "false: TRL's own step",
+    )
 
 
 class SftStage(TrainerStage):
@@ -27,13 +35,15 @@ class SftStage(TrainerStage):
         "data": Input(("c3po_data",), required=False, doc="c3po_data rows: in-scope revisions + near/out-of-scope baselines"),
     }
     config: SftStageConfig
+    non_semantic_fields = NON_SEMANTIC_TRAIN_FIELDS | {"fast"}  # same numbers either way, to rounding
 
     def run(self):
         from collections import Counter
 
         from datasets import Dataset
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
 
+        from trainers.fast_sft import FastSFTTrainer
         from trainers.sft import encode, read_examples
 
         cfg, ctx = self.config, self.ctx
@@ -43,5 +53,11 @@ class SftStage(TrainerStage):
         counts = {f"{scope}_rows": n for scope, n in Counter(e["scope"] or "preference" for e in examples).items()}
         ctx.log.info("%d replies to learn (%s)", len(examples), ", ".join(f"{k}={v}" for k, v in counts.items()))
 
-        result = self.fit(lambda: self.trl_trainer(SFTTrainer, SFTConfig, dataset, tokenizer))
+        def build_trainer():
+            trainer = self.trl_trainer(FastSFTTrainer, SFTConfig, dataset, tokenizer, fast=cfg.fast)
+            if trainer.fast:
+                ctx.log.info("only the reply tokens through the LM head (trainers/fast_sft.py)")
+            return trainer
+
+        result = self.fit(build_trainer)
         return {**result, "examples": len(examples), **counts}

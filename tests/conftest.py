@@ -74,6 +74,18 @@ def lora_adapter(tmp_path_factory, tiny_model_path):
     return out
 
 
+def move_lora_b(model, seed: int = 3, scale: float = 0.05) -> None:
+    """LoRA's B starts at zero (the adapter a no-op, policy == reference): set it to small random
+    values so a loss against the base and both LoRA factors' gradients are non-trivial."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+
 def isolated_home(path: Path) -> Path:
     """A fresh HEEDFUL_HOME (its own logs, LLM cache, Argilla state) that shares the prepared models.
 

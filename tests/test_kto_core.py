@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from .conftest import move_lora_b
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 PLAIN = [
@@ -73,11 +75,7 @@ def make_trainer(cls, rows, tmp_path, perturb=True, **kwargs):
         | kwargs,
     )
     if perturb:  # LoRA's B starts at zero (policy == reference): move it so the KL and the gradients are non-trivial
-        gen = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for name, param in sorted(trainer.model.named_parameters()):
-                if "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+        move_lora_b(trainer.model)
     return trainer
 
 

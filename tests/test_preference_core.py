@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from .conftest import move_lora_b
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 PLAIN = [
@@ -59,14 +61,8 @@ def make_trainer(cls, rows, tmp_path, perturb=True, **kwargs):
         peft_config=lora,
         **kwargs,
     )
-    if not perturb:
-        return trainer
-    # LoRA's B starts at zero (policy == reference): move it so the loss and both factors' gradients are non-trivial
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in sorted(trainer.model.named_parameters()):
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    if perturb:  # LoRA's B starts at zero (policy == reference): move it so the loss and both factors' gradients are non-trivial
+        move_lora_b(trainer.model)
     return trainer
 
 

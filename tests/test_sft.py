@@ -159,6 +159,7 @@ def test_training_on_fixed_replies_lowers_their_nll(tmp_path, tiny_model_path):
     assert result.ok, [r.error for r in result.records]
     metrics = json.loads((result.run_dir / "align" / "manifest.json").read_text())["metrics"]
     assert metrics["examples"] == len(pairs) and metrics["steps"] == 10
+    assert "only the reply tokens through the LM head" in (result.run_dir / "logs" / "align.log").read_text()
 
     tok = load_tokenizer("tiny")
     base = load_causal_lm("tiny").eval()
