@@ -68,6 +68,13 @@ def test_loss_gradients_and_metrics_equal_trl(tmp_path, tiny_model_path, num_ite
     labelled = (batch["labels"][:, 1:] != -100).sum(1)
     assert (batch["attention_mask"] == 0).any() and (labelled < batch["attention_mask"].sum(1) - 1).all()  # padding, prompts
 
+    # the random `tiny` model's top-1 is never the text's next token: make some labels its argmax, so
+    # mean_token_accuracy is neither 0 nor 1 and the two trainers' counts are compared for real
+    with torch.no_grad():
+        argmax = fast.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+    positions = (batch["labels"][:, 1:] != -100).nonzero()[::2]
+    batch["labels"][positions[:, 0], positions[:, 1] + 1] = argmax[positions[:, 0], positions[:, 1]]
+
     trl_loss, trl_grads = loss_and_grads(trl, batch, num_items_in_batch)
     fast_loss, fast_grads = loss_and_grads(fast, batch, num_items_in_batch)
     assert fast_loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
@@ -77,6 +84,7 @@ def test_loss_gradients_and_metrics_equal_trl(tmp_path, tiny_model_path, num_ite
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
     for key in ("entropy", "mean_token_accuracy", "num_tokens"):
         assert fast._metrics["train"][key][-1] == pytest.approx(trl._metrics["train"][key][-1], abs=1e-4), key
+    assert 0.2 < fast._metrics["train"]["mean_token_accuracy"][-1] < 0.8
 
     # by hand: the mean NLL of the labelled (completion) tokens, the prompt and padding left out
     model = fast.model
@@ -89,13 +97,14 @@ def test_loss_gradients_and_metrics_equal_trl(tmp_path, tiny_model_path, num_ite
     assert fast_loss.item() == pytest.approx(expected.item(), abs=1e-4)
 
 
-def test_a_batch_without_labels_is_a_connected_zero(tmp_path, tiny_model_path):
+@pytest.mark.parametrize("num_items_in_batch", [None, torch.tensor(0)], ids=["per-batch-mean", "empty-accumulation-window"])
+def test_a_batch_without_labels_is_a_connected_zero(tmp_path, tiny_model_path, num_items_in_batch):
     from trainers.fast_sft import FastSFTTrainer
 
     fast = make_trainer(FastSFTTrainer, tmp_path / "fast")
     batch = fast.data_collator([fast.train_dataset[i] for i in range(len(ROWS))])
     batch["labels"][:] = -100
-    loss, grads = loss_and_grads(fast, batch)
+    loss, grads = loss_and_grads(fast, batch, num_items_in_batch)
     assert loss.item() == 0.0 and all(g.abs().max() == 0 for g in grads.values())
     assert fast._metrics["train"]["mean_token_accuracy"][-1] == 0.0
 

@@ -61,14 +61,19 @@ class FastSFTTrainer(SFTTrainer):
         base = unwrap_peft(self.accelerator.unwrap_model(self.model))
         config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
         scaled = [f for f in _LOGIT_CHANGES if getattr(config, f, None) not in (None, 1.0)]
+        parallel = getattr(self.accelerator, "parallelism_config", None)
         checks = {
-            "a device other than the CPU": base.device.type != "cpu",
+            # the device training runs on (DeepSpeed and FSDP place the model later, and shard the head)
+            "a device other than the CPU": self.args.device.type != "cpu" or base.device.type != "cpu",
+            "DeepSpeed or FSDP": bool(self.is_deepspeed_enabled or self.is_fsdp_enabled),
             f"loss_type {self.args.loss_type!r}": self.args.loss_type not in ("nll", "chunked_nll"),
             "label smoothing": self.label_smoother is not None,
             "a compute_loss_func": self.compute_loss_func is not None,
             "MoE aux loss": self.aux_loss_enabled,
             "several processes": self.accelerator.num_processes > 1,
-            "context or sequence parallelism": getattr(self.accelerator, "parallelism_config", None) is not None,
+            "context or sequence parallelism": bool(
+                getattr(parallel, "cp_enabled", False) or getattr(parallel, "sp_enabled", False)
+            ),
             f"logits changed by {', '.join(scaled)}": bool(scaled),
         }
         return next((why for why, bad in checks.items() if bad), None) or body_then_head(
@@ -91,7 +96,9 @@ class FastSFTTrainer(SFTTrainer):
                 hidden[mask], head.weight, head.bias, labels[mask], self.tile_elements, True, torch.is_grad_enabled()
             )
         n_labelled = mask.sum()
-        loss = -logp.sum() / (n_labelled.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        # clamped as TRL clamps: an accumulation window without labels is a zero, not 0/0
+        divisor = n_labelled if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=logp.device)
+        loss = -logp.sum() / divisor.clamp(min=1)
         if logp.numel() == 0:  # no label in this micro-batch: a zero that is still connected to the model, as TRL's
             loss = loss + hidden.sum() * 0.0
 
