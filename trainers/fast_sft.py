@@ -16,7 +16,8 @@ do the numbers: the loss is -sum(log p(label)) over the labelled tokens divided 
 and `num_tokens` are TRL's (tests/test_fast_sft.py checks loss, gradients and metrics against
 SFTTrainer). The core covers the `nll` loss on one process on a CPU, for a model whose logits
 are its body's last hidden states times the head's weight; anything else (a GPU, where TRL's
-Triton kernel already scores only labelled positions; DFT loss, label smoothing, a custom
+Triton kernel already scores only labelled positions; DeepSpeed or FSDP, which shard the head;
+DFT loss, label smoothing, a custom
 `compute_loss_func`, MoE aux loss, logit scaling or soft-capping, a prompt-learning adapter
 or one on the head) runs TRL's own step: `fast` is then False and `fast_off_reason` says why.
 """
