@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -61,6 +62,28 @@ def steal_since(start: tuple[float, float] | None) -> float | None:
     if start is None or now is None or now[1] <= start[1]:
         return None
     return round((now[0] - start[0]) / (now[1] - start[1]), 3)
+
+
+def step_timer() -> Any:
+    """A transformers `TrainerCallback` that records every optimizer step's wall seconds (`.wall`)
+    and this process's CPU seconds (`.cpu`, all its threads), for the training benches' per-step
+    figures."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.wall: list[float] = []
+            self.cpu: list[float] = []
+            self._start = (0.0, 0.0)
+
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            self._start = (time.perf_counter(), time.process_time())
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.wall.append(time.perf_counter() - self._start[0])
+            self.cpu.append(time.process_time() - self._start[1])
+
+    return StepTimer()
 
 
 def save_results(result: dict, path: Path) -> None:

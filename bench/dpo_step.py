@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import QA, ROOT, matmul_peak_flops, save_results, steal_share, steal_since
+from common import QA, ROOT, matmul_peak_flops, save_results, steal_share, steal_since, step_timer
 
 
 def chat_tokens(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> int:
@@ -111,21 +111,12 @@ def step_times_trl(
     the seconds it spent computing reference log-probs up front (precompute or cache); wall, then CPU."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    times: list[float] = []
-    cpu_times: list[float] = []
+    timer = step_timer()
     precomputed: list[float] = []
     precomputed_cpu: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t, self.c = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
-            cpu_times.append(time.process_time() - self.c)
 
     def timed(compute):
         start, cpu = time.perf_counter(), time.process_time()
@@ -159,7 +150,7 @@ def step_times_trl(
         train_dataset=Dataset.from_list(pairs * steps),
         processing_class=tokenizer,
         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"),
-        callbacks=[Timer()],
+        callbacks=[timer],
     )
     if fast:
         from trainers.fastpref.trainer import FastDPOTrainer
@@ -176,7 +167,7 @@ def step_times_trl(
     else:
         trainer = TimedDPOTrainer(**kwargs)
     trainer.train()
-    return times, sum(precomputed), cpu_times, sum(precomputed_cpu)
+    return timer.wall, sum(precomputed), timer.cpu, sum(precomputed_cpu)
 
 
 def step_times_heedful(pairs: list[dict], steps: int, work: Path, model: str, epochs: int = 1) -> tuple[float, float | None]:

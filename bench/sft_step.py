@@ -28,10 +28,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import QA, ROOT, matmul_peak_flops, save_results
+from common import QA, ROOT, matmul_peak_flops, save_results, step_timer
 
 ARMS = ("plain", "tuned", "fast")
 
@@ -69,7 +68,7 @@ def run_arm(arm: str, args) -> tuple[float, float]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from pipeline.models import resolve_model
@@ -78,17 +77,7 @@ def run_arm(arm: str, args) -> tuple[float, float]:
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = make_rows(tokenizer, args.rows, args.tokens, args.reply_tokens)
-    times: list[float] = []
-    cpu: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t, self.c = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
-            cpu.append(time.process_time() - self.c)
-
+    timer = step_timer()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = SFTConfig(
             output_dir=tmp,
@@ -110,7 +99,7 @@ def run_arm(arm: str, args) -> tuple[float, float]:
             train_dataset=Dataset.from_list(rows * args.steps),
             processing_class=tokenizer,
             peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"),
-            callbacks=[Timer()],
+            callbacks=[timer],
         )
         if arm == "fast":
             from trainers.fast_sft import FastSFTTrainer
@@ -120,6 +109,7 @@ def run_arm(arm: str, args) -> tuple[float, float]:
         else:
             trainer = SFTTrainer(**kwargs)
         trainer.train()
+    times, cpu = timer.wall, timer.cpu
     return statistics.median(times[1:] or times), statistics.median(cpu[1:] or cpu)
 
 

@@ -50,6 +50,11 @@ class FollowupSettings(StageConfig):
     max_prefix_tokens: int = Field(default=1024, ge=16)
     batch_size: int = Field(default=4, ge=1, description="replies per forward pass")
     finetune: bool = Field(default=False, description="fine-tune the follow-up LM on natural-language feedback (LoRA)")
+    fast: bool = Field(
+        default=True,
+        description="fine-tuning on a CPU: only the follow-up's tokens through the LM head (trainers/fast_sft.py, "
+        "exact); false: TRL's own SFT step",
+    )
     max_eval_prompts: int | None = Field(default=60, ge=1, description="cap on held-out prompts scored for pairwise accuracy")
 
     @field_validator("aspects")
@@ -546,13 +551,17 @@ def finetune(ctx, cfg, base: str, followups: Followups, triples: list[tuple[Any,
     def build_trainer():
         model = load_causal_lm(base, cfg.policy(), adapter=start, qlora=cfg.lora.qlora, trainable_adapter=start is not None)
         args = SFTConfig(max_length=cfg.max_length, completion_only_loss=True, **cfg.trainer_kwargs(ctx))
-        return FastSFTTrainer(  # TRL's SFTTrainer, scoring only the follow-up's tokens on a CPU
+        trainer = FastSFTTrainer(  # TRL's SFTTrainer, scoring only the follow-up's tokens on a CPU
             model=model,
             args=args,
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             peft_config=None if start is not None else cfg.lora.peft_config(),
+            fast=cfg.followup.fast,
         )
+        if trainer.fast:
+            ctx.log.info("only the follow-up tokens through the LM head (trainers/fast_sft.py)")
+        return trainer
 
     metrics = fit(ctx, cfg, build_trainer, output_name="reward_model/adapter")
     metrics["finetune_examples"] = len(rows)

@@ -80,7 +80,7 @@ class TrainRewardStage(Stage):
     }
     outputs = {"reward_model": Output("reward_model", doc="folder with reward_model.json; load_reward_model() reads it")}
     default_num_cpus = float("inf")
-    non_semantic_fields = NON_SEMANTIC_TRAIN_FIELDS
+    non_semantic_fields = NON_SEMANTIC_TRAIN_FIELDS | {"followup.fast"}  # how FLR fine-tunes, not what: same numbers
 
     def run(self):
         init = self.ctx.input("init")

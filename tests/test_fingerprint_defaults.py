@@ -25,6 +25,13 @@ SNAPSHOT = Path(__file__).with_name("fingerprint_defaults.json")
 RECORD = "python -m tests.test_fingerprint_defaults"
 
 
+def _non_semantic(path: str, skip: frozenset[str]) -> bool:
+    """Whether a default's path (`followup.fast`, `users[0].name`) is, or lies under, a non-semantic field
+    (top-level `fast`, or dotted into a nested model: `followup.fast`)."""
+    plain = ".".join(part.split("[")[0] for part in path.split("."))
+    return any(plain == s or plain.startswith(s + ".") for s in skip)
+
+
 def current() -> dict[str, dict[str, Any]]:
     """uses -> {version, defaults} for every stage shipped in `stages/` (plugins are their own business)."""
     out: dict[str, dict[str, Any]] = {}
@@ -34,7 +41,7 @@ def current() -> dict[str, dict[str, Any]]:
         if not cls.__module__.startswith("stages."):
             continue
         skip = cls.non_semantic_fields
-        defaults = {k: v for k, v in default_paths(cls.Config).items() if k.split(".")[0].split("[")[0] not in skip}
+        defaults = {k: v for k, v in default_paths(cls.Config).items() if not _non_semantic(k, skip)}
         out[name] = {"version": cls.version, "defaults": defaults}
     return out
 

@@ -288,6 +288,10 @@ def test_unsupported_settings_run_trls_own_path(tmp_path, tiny_model_path):
     assert not trainer.fast and "ipo" in trainer.fast_off_reason
     assert trainer.ref_cache_seconds is None  # TRL computes the reference inside each step: nothing apart
     assert "pair_mask" not in trainer.data_collator([trainer.train_dataset[0]])
+    # compute_metrics reads the logits of TRL's padded batches, which the core never builds
+    metrics = make_trainer(FastDPOTrainer, PLAIN, tmp_path / "m", compute_metrics=lambda p: {}, ref_cache_dir=tmp_path / "c")
+    assert not metrics.fast and "compute_metrics" in metrics.fast_off_reason
+    assert "pair_mask" not in metrics.data_collator([metrics.train_dataset[0]])
 
 
 def test_checkpointing_probe_picks_the_faster_setting_once_per_host_and_shape(tmp_path):

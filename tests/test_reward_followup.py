@@ -155,6 +155,7 @@ def test_train_reward_stage_flr_finetunes_on_feedback(tmp_path, tiny_model_path)
     assert result.ok, [r.error for r in result.records]
     metrics = result.record("flr").metrics
     assert metrics["followups"] == 12 and metrics["finetune_examples"] > 0
+    assert "only the follow-up tokens through the LM head" in (result.run_dir / "logs" / "flr.log").read_text()
     folder = result.run_dir / "flr" / "reward_model"
     evaluation = json.loads((folder / "eval.json").read_text())
     assert [row["what"] for row in evaluation["comparison"]] == ["FLR zero-shot", "FLR fine-tuned"]
@@ -324,3 +325,19 @@ def test_init_continues_a_finetuned_flr_model(tmp_path, tiny_model_path):
     assert any(v.abs().sum() > 0 for k, v in weights(first_dir).items() if "lora_B" in k)  # a fresh LoRA B would be zero
     dropped = train("dropped", init=first_dir, finetune=False)
     assert not dropped.ok and "followup.finetune: false would drop" in (dropped.record("dropped").error or "")
+
+
+def test_flr_fast_switch_does_not_change_the_fingerprint():
+    """`followup.fast` is how the FLR fine-tune computes its loss (the same numbers to rounding), so a
+    finished run is not redone when it flips; `finetune` is what it computes, and is."""
+    from pipeline import registry
+    from pipeline.fingerprint import semantic_config
+
+    stage = registry.get("train_reward")
+    assert stage is not None
+
+    def fingerprinted(**followup):
+        return semantic_config(stage.Config(kind="followup", followup=followup), exclude=stage.non_semantic_fields)
+
+    assert fingerprinted(finetune=True, fast=False) == fingerprinted(finetune=True)
+    assert fingerprinted(finetune=True) != fingerprinted(finetune=False)

@@ -44,6 +44,31 @@ def test_clarifications_flow_into_memory_and_come_back_for_the_same_phrasing(tin
     assert summary["memory_used"] == summary["memory_used_correct_clarification"] == 24 - len(seen)
 
 
+def test_conditions_without_memory_ask_at_once_and_get_the_replies_asked_alone(tiny_model_path):
+    """No query of `no_memory` or `oracle` depends on another, so they are sent together and the engine
+    batches them; greedy, each reply is the one the query gets alone (an engine that never batches)."""
+    from serving.engine import ChatEngine
+
+    settings = StreamEvalSettings(model="tiny", n=12, seed=0, conditions=["no_memory", "oracle"], max_tokens=4, engine="hf")
+    batched, alone = (
+        ChatEngine("tiny", engine="hf", max_batch=16, batch_window=0.05),
+        ChatEngine("tiny", engine="hf", max_batch=1),
+    )
+    sizes: list[int] = []
+    run_batch = batched._generate_batch
+    batched._generate_batch = lambda jobs: sizes.append(len(jobs)) or run_batch(jobs)  # type: ignore[method-assign]
+    try:
+        together = run_stream_eval(TASKS, settings, engine=batched)["results"]
+        one_by_one = run_stream_eval(TASKS, settings, engine=alone)["results"]
+    finally:
+        batched.close()
+        alone.close()
+    assert sum(sizes) == 24 and max(sizes) > 1  # every query went through the batcher, several at once
+    for condition in ("no_memory", "oracle"):
+        assert [r["query"] for r in together[condition]] == [r["query"] for r in one_by_one[condition]]  # stream order
+        assert [r["reply"] for r in together[condition]] == [r["reply"] for r in one_by_one[condition]]
+
+
 @pytest.mark.slow
 def test_memory_beats_no_memory_on_smollm2(smollm2_path):
     """On CTranslate2, named (the probe's choice varies by machine), whose cache of the few-shot start

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from .fastpref.logps import TILE_ELEMENTS, ChunkedLogps, backbone_and_head, body_then_head, unwrap_peft
+from .fastpref.logps import TILE_ELEMENTS, ChunkedLogps, backbone_and_head, first_unsupported, unwrap_peft
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ class FastSFTTrainer(SFTTrainer):
             log.info("SFT: TRL's own step (the labelled-positions core does not cover %s)", self.fast_off_reason)
 
     def _unsupported(self) -> str | None:
-        base = unwrap_peft(self.accelerator.unwrap_model(self.model))
+        model = self.accelerator.unwrap_model(self.model)
+        base = unwrap_peft(model)
         config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
         scaled = [f for f in _LOGIT_CHANGES if getattr(config, f, None) not in (None, 1.0)]
         parallel = getattr(self.accelerator, "parallelism_config", None)
@@ -77,9 +78,7 @@ class FastSFTTrainer(SFTTrainer):
             ),
             f"logits changed by {', '.join(scaled)}": bool(scaled),
         }
-        return next((why for why, bad in checks.items() if bad), None) or body_then_head(
-            self.accelerator.unwrap_model(self.model)
-        )
+        return first_unsupported(checks, model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.fast or return_outputs:  # the logits for compute_metrics: TRL's path builds them

@@ -249,6 +249,13 @@ def body_then_head(model: Any) -> str | None:
     return None
 
 
+def first_unsupported(checks: dict[str, bool], model: Any) -> str | None:
+    """Why a fast core cannot run: the first of `checks` (why: does it hold) that holds, else what
+    every core that projects only some positions needs of the model (`body_then_head`); None when
+    it can. `model` is the accelerator-unwrapped (possibly PEFT-wrapped) model."""
+    return next((why for why, bad in checks.items() if bad), None) or body_then_head(model)
+
+
 def backbone_and_head(model):
     """The transformer body and the LM head of a (PEFT-wrapped) causal LM: the body's hidden
     states go to `ChunkedLogps` instead of the model's full-vocabulary head."""

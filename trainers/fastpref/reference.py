@@ -22,7 +22,7 @@ import torch
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from .logps import body_then_head, packed_logps, unwrap_peft
+from .logps import first_unsupported, packed_logps, unwrap_peft
 from .packing import Unit, pack, truncate
 from .ref_cache import RefLogpCache, base_model_identity, cache_key, data_fingerprint, reference_adapter_identity
 
@@ -145,10 +145,11 @@ class PackedReference:
             "sync_ref_model": self.args.sync_ref_model,
             "several processes": self.accelerator.num_processes > 1,
             "padding-free/other attention": self._attn_implementation() not in ("sdpa", "eager"),
+            # TRL's evaluation hands compute_metrics the full [rows, length, vocab] logits of its padded
+            # batches; the core neither builds them nor pads its batches that way
+            "a compute_metrics (it reads TRL's full logits)": getattr(self, "compute_metrics", None) is not None,
         }
-        return next((why for why, bad in checks.items() if bad), None) or body_then_head(
-            self.accelerator.unwrap_model(self.model)
-        )
+        return first_unsupported(checks, self.accelerator.unwrap_model(self.model))
 
     def _attn_implementation(self) -> str:
         base = unwrap_peft(self.accelerator.unwrap_model(self.model))
