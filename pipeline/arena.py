@@ -41,6 +41,7 @@ the end (pipeline/tracking.py; TensorBoard: `runs/<run>/arena/tensorboard`).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -614,7 +615,6 @@ def run_arena(
     """`heedful arena`: expand, run as an ordinary pipeline, then write and print the arena table
     (also when a method failed: its row says so, the exit status is 1) and log it to `arena.report_to`."""
     from .cli import _run, console
-    from .tracking import log_arena
 
     pipeline, plan = load_arena(arena_file, parse_list(methods, "methods"), parse_list(seeds, "seeds", as_int=True), overrides)
     trackers = installed(plan["report_to"])  # a tracker that is not installed fails before any stage runs
@@ -627,4 +627,34 @@ def run_arena(
         if table is not None:
             print_table(console, table)
             console.print(f"arena:   {run_root / 'arena.csv'} and arena.json")
-            log_arena(trackers, run_root / "arena" / "tensorboard", f"{pipeline.config.run_name}/arena", table)
+            log_new_table(trackers, run_root, f"{pipeline.config.run_name}/arena", table)
+
+
+#: which arena table each tracker last received (a digest per tracker), beside the arena's TensorBoard folder
+LOGGED_FILE = Path("arena") / "logged.json"
+
+
+def log_new_table(trackers: Sequence[str], run_root: Path, run_name: str, table: dict[str, Any]) -> None:
+    """Log the arena table to each tracker that has not received this very table. A rerun in which
+    every stage was up to date rebuilds the same table; logged again, it would add a second copy of
+    every point and figure to the tracker (a second TensorBoard events file, a second W&B/MLflow
+    run). A table that changed (a stage rerun, a method added) is logged, to every tracker."""
+    from .artifacts import atomic_write_json, hash_json, read_json
+    from .cli import console
+    from .tracking import log_arena
+
+    ledger = Path(run_root) / LOGGED_FILE
+    digest = hash_json(table)
+    try:
+        logged = read_json(ledger)
+    except (OSError, ValueError):
+        logged = {}
+    if not isinstance(logged, dict):
+        logged = {}
+    todo = [t for t in trackers if logged.get(t) != digest]
+    if trackers and not todo:
+        console.print(f"arena:   the table is unchanged, not logged to {', '.join(trackers)} again")
+        return
+    log_arena(todo, Path(run_root) / "arena" / "tensorboard", run_name, table)
+    if todo:
+        atomic_write_json(ledger, {**logged, **{t: digest for t in todo}})

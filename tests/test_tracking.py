@@ -154,6 +154,26 @@ def test_arena_table_and_pareto_plots_go_to_tensorboard(tmp_path):
     assert lines[2] == "| dpo_s0 | kto_s0 | 0 | adherence | -0.2 | -0.4 | 0 | 20 | 1 | 5 | 0.22 | 0.22 |"
 
 
+def test_an_unchanged_arena_table_is_not_logged_twice(tmp_path):
+    """`heedful arena` logs its table at the end of every invocation; a rerun in which every stage was
+    up to date rebuilds the same table and must not add a second copy to the tracker. A changed table is
+    logged again."""
+    from pipeline.arena import log_new_table
+
+    folder = tmp_path / "arena" / "tensorboard"
+    log_new_table(["tensorboard"], tmp_path, "demo/arena", hand_table())
+    first = sorted(folder.glob("events.out.tfevents.*"))
+    assert len(first) == 1
+    log_new_table(["tensorboard"], tmp_path, "demo/arena", hand_table())
+    assert sorted(folder.glob("events.out.tfevents.*")) == first
+    changed = hand_table()
+    changed["rows"][0]["metrics"]["adherence"]["value"] = 0.2
+    log_new_table(["tensorboard"], tmp_path, "demo/arena", changed)
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 2
+    log_new_table([], tmp_path, "demo/arena", hand_table())  # no tracker: nothing logged, nothing recorded
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 2
+
+
 def test_arena_report_to_reaches_its_stages_and_its_own_settings_win(tmp_path):
     from pipeline.arena import expand
     from pipeline.errors import ConfigError
