@@ -129,13 +129,13 @@ def test_arena_under_ray(tmp_path):
     assert len(table["head_to_head"]) == 6 and (run_dir / "head_to_head.csv").is_file()
     assert "head to head" in proc.stdout
 
-    logged = sorted((run_dir / "arena" / "tensorboard").glob("events.out.tfevents.*"))
+    logged = {p.name: p.read_bytes() for p in (run_dir / "arena" / "tensorboard").glob("events.out.tfevents.*")}
     again = heedful("arena", str(config), "--runs-dir", str(runs))
     assert again.returncode == 0, again.stdout[-3000:]
     n_stages = 3 + 2 * len(METHODS)
     assert again.stdout.count("up to date") == n_stages
-    # the same table: not logged to TensorBoard a second time (each logging opens a new events file)
-    assert sorted((run_dir / "arena" / "tensorboard").glob("events.out.tfevents.*")) == logged
+    # the same table: not logged to TensorBoard a second time (that would write another events file)
+    assert {p.name: p.read_bytes() for p in (run_dir / "arena" / "tensorboard").glob("events.out.tfevents.*")} == logged
     assert "the table is unchanged, not logged to tensorboard again" in again.stdout
 
     status = heedful("status", "arena_demo", "--runs-dir", str(runs))

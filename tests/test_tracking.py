@@ -161,17 +161,25 @@ def test_an_unchanged_arena_table_is_not_logged_twice(tmp_path):
     from pipeline.arena import log_new_table
 
     folder = tmp_path / "arena" / "tensorboard"
+
+    def event_files():  # name -> bytes (tensorboardX names a file by the second it opened: compare contents too)
+        return {p.name: p.read_bytes() for p in folder.glob("events.out.tfevents.*")}
+
+    def base_row():
+        table = read_events(folder)["texts"]["arena/table"].splitlines()
+        return next(line for line in table if line.startswith("| base |"))
+
     log_new_table(["tensorboard"], tmp_path, "demo/arena", hand_table())
-    first = sorted(folder.glob("events.out.tfevents.*"))
-    assert len(first) == 1
+    first = event_files()
+    assert len(first) == 1 and "| 0.1 |" in base_row()
     log_new_table(["tensorboard"], tmp_path, "demo/arena", hand_table())
-    assert sorted(folder.glob("events.out.tfevents.*")) == first
+    assert event_files() == first
+    log_new_table([], tmp_path, "demo/arena", hand_table())  # no tracker: nothing logged
+    assert event_files() == first
     changed = hand_table()
     changed["rows"][0]["metrics"]["adherence"]["value"] = 0.2
     log_new_table(["tensorboard"], tmp_path, "demo/arena", changed)
-    assert len(list(folder.glob("events.out.tfevents.*"))) == 2
-    log_new_table([], tmp_path, "demo/arena", hand_table())  # no tracker: nothing logged, nothing recorded
-    assert len(list(folder.glob("events.out.tfevents.*"))) == 2
+    assert event_files() != first and "| 0.2 |" in base_row()
 
 
 def test_arena_report_to_reaches_its_stages_and_its_own_settings_win(tmp_path):
