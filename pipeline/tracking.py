@@ -21,6 +21,8 @@ chosen; a missing one fails before any work with the `pip install` to run (`inst
 from __future__ import annotations
 
 import importlib.util
+import os
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,7 +88,10 @@ class TensorBoardWriter:
             from tensorboardX import SummaryWriter
         except ImportError:
             from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(log_dir))
+        # tensorboardX names a file by the second it opened (events.out.tfevents.<time>.<host>): a second
+        # writer in the same folder within that second would replace the first one's file, losing its
+        # points; a suffix of its own keeps each writer's file
+        self.writer = SummaryWriter(str(log_dir), filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
 
     def scalars(self, values: dict[str, float], step: int = 0) -> None:
         for key, value in values.items():

@@ -154,6 +154,17 @@ def test_arena_table_and_pareto_plots_go_to_tensorboard(tmp_path):
     assert lines[2] == "| dpo_s0 | kto_s0 | 0 | adherence | -0.2 | -0.4 | 0 | 20 | 1 | 5 | 0.22 | 0.22 |"
 
 
+def test_two_writers_in_one_folder_within_a_second_keep_both_files(tmp_path):
+    """tensorboardX names an events file by the second it opened; without a suffix of its own, a second
+    writer opened in the same second replaced the first one's file and its points were lost."""
+    from pipeline.tracking import log_curves
+
+    log_curves(["tensorboard"], tmp_path, "demo/x", [(0, {"first": 1.0})])
+    log_curves(["tensorboard"], tmp_path, "demo/x", [(0, {"second": 2.0})])
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    assert read_events(tmp_path)["scalars"] == {"first": 1.0, "second": 2.0}
+
+
 def test_an_unchanged_arena_table_is_not_logged_twice(tmp_path):
     """`heedful arena` logs its table at the end of every invocation; a rerun in which every stage was
     up to date rebuilds the same table and must not add a second copy to the tracker. A changed table is
