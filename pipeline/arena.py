@@ -35,7 +35,7 @@ several seeds, `aggregates` has each method's mean over seeds): pipeline/arena_t
 `report_section` draws it in report.html: pipeline/arena_report.py. With `arena.report_to`
 (tensorboard, wandb, mlflow) every training and evaluate stage reports to those trackers (unless
 its own settings say otherwise) and `heedful arena` logs the table and its Pareto plots there at
-the end (pipeline/tracking.py; TensorBoard: `runs/<run>/arena/tensorboard`).
+the end, once per content (pipeline/tracking.py; TensorBoard: `runs/<run>/arena/tensorboard`).
 """
 
 from __future__ import annotations
@@ -638,7 +638,9 @@ def log_new_table(trackers: Sequence[str], run_root: Path, run_name: str, table:
     """Log the arena table to each tracker that has not received this very table. A rerun in which
     every stage was up to date rebuilds the same table; logged again, it would add a second copy of
     every point and figure to the tracker (a second TensorBoard events file, a second W&B/MLflow
-    run). A table that changed (a stage rerun, a method added) is logged, to every tracker."""
+    run). A table that changed (a stage rerun, a method added) is logged, to every tracker. Keyed by
+    tracker name: pointing `wandb` at another project (WANDB_PROJECT) does not log there again until
+    the table changes or runs/<run>/arena/logged.json is removed."""
     from .artifacts import atomic_write_json, hash_json, read_json
     from .cli import console
     from .tracking import log_arena
@@ -651,10 +653,12 @@ def log_new_table(trackers: Sequence[str], run_root: Path, run_name: str, table:
         logged = {}
     if not isinstance(logged, dict):
         logged = {}
+    trackers = [t for t in trackers if t != "none"]
     todo = [t for t in trackers if logged.get(t) != digest]
     if trackers and not todo:
         console.print(f"arena:   the table is unchanged, not logged to {', '.join(trackers)} again")
         return
-    log_arena(todo, Path(run_root) / "arena" / "tensorboard", run_name, table)
-    if todo:
-        atomic_write_json(ledger, {**logged, **{t: digest for t in todo}})
+    for tracker in todo:  # each recorded once it has the table: one that fails is tried again next time
+        log_arena([tracker], Path(run_root) / "arena" / "tensorboard", run_name, table)
+        logged[tracker] = digest
+        atomic_write_json(ledger, logged)

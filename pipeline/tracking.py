@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -90,8 +91,10 @@ class TensorBoardWriter:
             from torch.utils.tensorboard import SummaryWriter
         # tensorboardX names a file by the second it opened (events.out.tfevents.<time>.<host>): a second
         # writer in the same folder within that second would replace the first one's file, losing its
-        # points; a suffix of its own keeps each writer's file
-        self.writer = SummaryWriter(str(log_dir), filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        # points; a suffix of its own keeps each writer's file, and its nanoseconds keep the names in the
+        # order the files were written (what readers that take the last file as the newest assume)
+        suffix = f".{time.time_ns()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self.writer = SummaryWriter(str(log_dir), filename_suffix=suffix)
 
     def scalars(self, values: dict[str, float], step: int = 0) -> None:
         for key, value in values.items():

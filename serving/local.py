@@ -61,19 +61,22 @@ class ServerThread:
 
 def random_lora_adapter(dest: Path, seed: int, model: str = "tiny", rank: int = 4) -> Path:
     """A PEFT LoRA folder on `model` with random non-zero B (PEFT's default init would change nothing),
-    so replies visibly differ by version: a stand-in for a trained adapter in deploy tests and benchmarks."""
+    so replies visibly differ by version: a stand-in for a trained adapter in deploy tests and benchmarks.
+    On every linear layer, B ~ N(0, 1): on `tiny` (random, tied embeddings) the residual stream is then
+    moved by the context enough that greedy replies differ from prompt to prompt and token to token;
+    an adapter on q/v alone left each reply one token repeated, the same for every chat prompt."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from pipeline.models import device_policy, load_causal_lm
 
     base = load_causal_lm(model, device_policy("cpu"))
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False)
     torch.manual_seed(seed)  # before the wrap: init_lora_weights=False draws A from the global generator too
     peft = get_peft_model(base, config)
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.5)
+                p.normal_(0, 1.0)
     peft.save_pretrained(str(dest))
     return dest

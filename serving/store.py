@@ -25,6 +25,7 @@ import sqlite3
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -187,6 +188,11 @@ class Conversation:
 _ENTRY_COLUMNS = "id, key_query, clarification, user, created, hits, last_hit, model, adapter, conversation_id, shared"
 
 
+class _Connection(sqlite3.Connection):
+    """sqlite3's connection, made weakly referenceable: the store keeps track of every thread's
+    connection (to close them all) without keeping an exited thread's alive."""
+
+
 class MemoryStore:
     """Thread-safe, multi-process-safe access to one memory file."""
 
@@ -194,6 +200,10 @@ class MemoryStore:
         self.path = Path(path)
         secure_memory_files(self.path)
         self._local = threading.local()
+        # every live thread's connection, so `close` closes them all (a server's request threads, a pool's
+        # workers); weak: an exited thread's connection goes with it, as before
+        self._opened: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._opened_lock = threading.Lock()
         try:
             self._conn().executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
             self._add_columns()
@@ -221,7 +231,7 @@ class MemoryStore:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False, factory=_Connection)
             conn.execute("PRAGMA busy_timeout=30000")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -229,6 +239,8 @@ class MemoryStore:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
+            with self._opened_lock:
+                self._opened.add(conn)
         return conn
 
     @contextmanager
@@ -245,10 +257,13 @@ class MemoryStore:
             conn.execute("COMMIT")
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        """Close every thread's connection (call it once no thread is using the store; a later call
+        from any thread opens a fresh one)."""
+        with self._opened_lock:
+            opened, self._opened = list(self._opened), weakref.WeakSet()
+            self._local = threading.local()
+        for conn in opened:
             conn.close()
-            self._local.conn = None
 
     def checkpoint(self, passive: bool = False) -> None:
         """Fold the WAL into the main file (so a copy or a hash of the .db alone is complete).

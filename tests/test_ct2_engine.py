@@ -28,18 +28,22 @@ def hf_greedy_ids(model, tokenizer, prompts, max_new_tokens):
     return hf_greedy_reference(model, tokenizer, prompts, max_new_tokens, [tokenizer.eos_token_id])
 
 
-def test_greedy_equals_hf_generate(tiny_model_path):
+def test_greedy_equals_hf_generate(tiny_model_path, lora_adapter):
+    """With the adapter: bare `tiny` (tied embeddings) greedily repeats the prompt's last token, the
+    same for every chat prompt, so a wrong cached prefix or a mix-up could not show."""
     tokenizer = load_tokenizer("tiny")
     prompts = render_many(tokenizer, CONVERSATIONS)
     # the chat template's system turn is shared: the engine runs it once (static prompt cache)
     tokens = [tokenizer.convert_ids_to_tokens(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     assert shared_prefix_length(tokens) >= MIN_CACHED_PREFIX
-    expected = hf_greedy_ids(load_causal_lm("tiny", device_policy("cpu")).eval(), tokenizer, prompts, 20)
+    model = load_causal_lm("tiny", device_policy("cpu"), adapter=lora_adapter).eval()
+    expected = hf_greedy_ids(model, tokenizer, prompts, 20)
+    assert len({tuple(e) for e in expected}) > 1
     greedy = SamplingSettings(max_new_tokens=20, temperature=0)
-    cached = Ct2Generator("tiny", threads=1)
+    cached = Ct2Generator("tiny", adapter=lora_adapter, threads=1)
     assert [s[0] for s in cached.generate_ids(prompts, greedy)] == expected
     assert [s[0] for s in cached.generate_ids(prompts, greedy)] == expected  # the cached prefix reused
-    uncached = Ct2Generator("tiny", threads=1, prefix_cache=False)
+    uncached = Ct2Generator("tiny", adapter=lora_adapter, threads=1, prefix_cache=False)
     assert [s[0] for s in uncached.generate_ids(prompts, greedy)] == expected
 
 
@@ -57,7 +61,7 @@ def test_a_budget_per_request_in_one_call_equals_each_alone(tiny_model_path, lor
     budgets = [3, 12, 1, 7]
     model = load_causal_lm("tiny", device_policy("cpu"), adapter=lora_adapter).eval()
     expected = [hf_greedy_ids(model, tokenizer, [p], b)[0] for p, b in zip(prompts, budgets)]
-    assert len({len(e) for e in expected}) > 1
+    assert len({len(e) for e in expected}) > 1 and len({tuple(e[:1]) for e in expected}) > 1  # lengths and tokens differ
     engine = Ct2Generator("tiny", adapter=lora_adapter, threads=1)
     greedy = SamplingSettings(max_new_tokens=max(budgets), temperature=0)
     for width in (4, 2):  # one batch; and sorted by length into chunks of 2
@@ -75,6 +79,7 @@ def test_merged_adapter_equals_hf_with_adapter(tiny_model_path, lora_adapter):
         load_causal_lm("tiny", device_policy("cpu"), adapter=lora_adapter).eval(), tokenizer, prompts, 16
     )
     assert with_adapter != base  # the adapter really changes the replies, so the comparison means something
+    assert len({tuple(r) for r in with_adapter}) > 1 and all(len(set(r)) > 1 for r in with_adapter)  # not one token repeated
     engine = Ct2Generator("tiny", adapter=lora_adapter, threads=1)
     got = [s[0] for s in engine.generate_ids(prompts, SamplingSettings(max_new_tokens=16, temperature=0))]
     assert got == with_adapter

@@ -26,8 +26,8 @@ RECORD = "python -m tests.test_fingerprint_defaults"
 
 
 def _non_semantic(path: str, skip: frozenset[str]) -> bool:
-    """Whether a default's path (`followup.fast`, `users[0].name`) is, or lies under, a non-semantic field
-    (top-level `fast`, or dotted into a nested model: `followup.fast`)."""
+    """Whether a default's path (`followup.fast`, `reward[Plove].x`) is, or lies under, a non-semantic
+    field (top-level `fast`, or dotted into a nested model: `followup.fast`)."""
     plain = ".".join(part.split("[")[0] for part in path.split("."))
     return any(plain == s or plain.startswith(s + ".") for s in skip)
 

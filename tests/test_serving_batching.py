@@ -22,8 +22,13 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model_path):
-    return ChatEngine("tiny", max_batch=1), ChatEngine("tiny", max_batch=8, batch_window=0.5)
+def engines(tiny_model_path, tmp_path_factory):
+    """With a random adapter: bare `tiny` (tied embeddings) greedily repeats the chat template's last
+    token, so every reply would be the same empty text and a mix-up between requests could not show."""
+    from serving.local import random_lora_adapter
+
+    adapter = random_lora_adapter(tmp_path_factory.mktemp("batching") / "adapter", 1)
+    return ChatEngine("tiny", adapter, max_batch=1), ChatEngine("tiny", adapter, max_batch=8, batch_window=0.5)
 
 
 def test_batched_greedy_answers_equal_unbatched_ones(engines):
@@ -38,6 +43,7 @@ def test_batched_greedy_answers_equal_unbatched_ones(engines):
     batched.model.generate = counting
     jobs = [([{"role": "user", "content": p}], 3 + i % 4) for i, p in enumerate(PROMPTS)]  # mixed lengths too
     expected = [alone.generate(m, max_tokens=n, temperature=0) for m, n in jobs]
+    assert len({e.text for e in expected}) > 2  # the replies differ: each must reach its own request
     with ThreadPoolExecutor(len(jobs)) as pool:
         got = list(pool.map(lambda job: batched.generate(job[0], max_tokens=job[1], temperature=0), jobs))
     assert [(g.text, g.completion_tokens, g.finish_reason, g.prompt_tokens) for g in got] == [

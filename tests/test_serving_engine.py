@@ -76,6 +76,7 @@ def models(server) -> dict:
 def test_served_greedy_replies_equal_hf_generate_before_and_after_a_swap(engine, adapters, tmp_path):
     expected_a, expected_b = hf_greedy(adapters["a"]), hf_greedy(adapters["b"])
     assert expected_a != expected_b  # the swap is visible in the replies
+    assert len(set(expected_a)) > 1  # and each prompt gets its own reply: a mix-up would show
     settings = dict(adapter=str(adapters["a"]), served_name="tiny", engine=engine, memory_enabled=False)
     with serve(tmp_path, TOKENS, **settings) as server:
         assert models(server)["engine"] == engine

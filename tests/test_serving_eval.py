@@ -44,29 +44,59 @@ def test_clarifications_flow_into_memory_and_come_back_for_the_same_phrasing(tin
     assert summary["memory_used"] == summary["memory_used_correct_clarification"] == 24 - len(seen)
 
 
-def test_conditions_without_memory_ask_at_once_and_get_the_replies_asked_alone(tiny_model_path):
-    """No query of `no_memory` or `oracle` depends on another, so they are sent together and the engine
-    batches them; greedy, each reply is the one the query gets alone (an engine that never batches)."""
+def test_concurrent_asking_keeps_stream_order_and_raises_the_first_error():
+    """The replies come back in stream order however the requests finish, several are in flight at
+    once, and a failing request fails the evaluation rather than leaving a hole."""
+    import random
+    import threading
+    import time
+
+    from serving.stream_eval import _asked_together
+
+    in_flight, most, lock = 0, 0, threading.Lock()
+
+    def ask(task):
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        time.sleep(random.Random(task["i"]).uniform(0.0, 0.02))  # finish out of order
+        with lock:
+            in_flight -= 1
+        if task.get("boom"):
+            raise RuntimeError("engine down")
+        return {"i": task["i"]}
+
+    seen: list[int] = []
+    stream = [{"i": i} for i in range(60)]
+    assert [r["i"] for r in _asked_together(ask, stream, seen.append)] == list(range(60))
+    assert most > 1 and seen == [25, 50, 60]
+    with pytest.raises(RuntimeError, match="engine down"):
+        _asked_together(ask, stream[:10] + [{"i": 10, "boom": True}])
+    assert _asked_together(ask, []) == []
+
+
+def test_conditions_without_memory_go_through_the_engines_batches(tiny_model_path):
+    """`no_memory` and `oracle` reach the served engine's micro-batcher several queries at a time;
+    `memory` one by one. That the replies are each query's own, in stream order, is the test above's;
+    that batched greedy replies equal unbatched ones, tests/test_serving_batching.py's (here every
+    `tiny` reply to the long few-shot prompt is the same text, even with a random adapter)."""
     from serving.engine import ChatEngine
 
-    settings = StreamEvalSettings(model="tiny", n=12, seed=0, conditions=["no_memory", "oracle"], max_tokens=4, engine="hf")
-    batched, alone = (
-        ChatEngine("tiny", engine="hf", max_batch=16, batch_window=0.05),
-        ChatEngine("tiny", engine="hf", max_batch=1),
-    )
+    conditions: list = ["no_memory", "oracle", "memory"]
+    settings = StreamEvalSettings(model="tiny", n=12, seed=0, conditions=conditions, max_tokens=4, engine="hf")
+    engine = ChatEngine("tiny", engine="hf", max_batch=16, batch_window=0.05)
     sizes: list[int] = []
-    run_batch = batched._generate_batch
-    batched._generate_batch = lambda jobs: sizes.append(len(jobs)) or run_batch(jobs)  # type: ignore[method-assign]
+    run_batch = engine._generate_batch
+    engine._generate_batch = lambda jobs: sizes.append(len(jobs)) or run_batch(jobs)  # type: ignore[method-assign]
     try:
-        together = run_stream_eval(TASKS, settings, engine=batched)["results"]
-        one_by_one = run_stream_eval(TASKS, settings, engine=alone)["results"]
+        report = run_stream_eval(TASKS, settings, engine=engine)
     finally:
-        batched.close()
-        alone.close()
-    assert sum(sizes) == 24 and max(sizes) > 1  # every query went through the batcher, several at once
-    for condition in ("no_memory", "oracle"):
-        assert [r["query"] for r in together[condition]] == [r["query"] for r in one_by_one[condition]]  # stream order
-        assert [r["reply"] for r in together[condition]] == [r["reply"] for r in one_by_one[condition]]
+        engine.close()
+    assert sum(sizes) == 36 and max(sizes) > 1
+    assert sizes[-12:] == [1] * 12  # the memory condition, last: one query at a time, in order
+    for condition in conditions:
+        assert report["summary"][condition]["concurrent"] is (condition != "memory")
 
 
 @pytest.mark.slow

@@ -244,3 +244,39 @@ def test_a_memory_file_of_the_previous_schema_is_upgraded_and_made_private(tmp_p
     store = MemoryStore(path)  # opened again: upgraded once, not renamed twice
     assert [e.user for e in store.entries()] == ["unverified:alice"]
     assert not store.remove(entry.id, owner="alice") and store.remove(entry.id) and store.entries() == []
+
+
+def test_close_closes_every_threads_connection(tmp_path):
+    """Each thread gets its own SQLite connection; `close` closed only the calling thread's, so a
+    server's request threads (or the stream evaluation's pool) left theirs open."""
+    import sqlite3
+
+    store = MemoryStore(tmp_path / "m.db")
+    opened: list[sqlite3.Connection] = []
+
+    def use() -> None:
+        opened.append(store._conn())
+
+    threads = [threading.Thread(target=use) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    opened.append(store._conn())
+    assert len({id(c) for c in opened}) == 4
+    store.close()
+    for conn in opened:
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+    assert store._conn().execute("SELECT 1").fetchone() == (1,)  # usable again: a fresh connection
+    store.close()
+    # an exited thread's connection is not kept alive by the store (a server making a thread per request)
+    import gc
+
+    threads = [threading.Thread(target=lambda: store._conn()) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gc.collect()
+    assert len(store._opened) == 0
