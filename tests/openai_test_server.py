@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Header, HTTPException
 from pydantic import BaseModel
@@ -28,7 +29,7 @@ class ChatRequest(BaseModel):
     top_logprobs: int | None = None
 
 
-def build_app(model_name: str, api_key: str) -> tuple[FastAPI, dict]:
+def build_app(model_name: str, api_key: str, adapter: str | Path | None = None) -> tuple[FastAPI, dict]:
     import torch
 
     from pipeline.chat import render_many
@@ -36,7 +37,7 @@ def build_app(model_name: str, api_key: str) -> tuple[FastAPI, dict]:
     from pipeline.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_name)
-    model = load_causal_lm(model_name).eval()
+    model = load_causal_lm(model_name, adapter=adapter).eval()
     lock = threading.Lock()
     stats: dict = {"requests": 0, "logprob_requests": 0, "sampling": []}  # sampling: fields each request sent
     app = FastAPI()
@@ -95,11 +96,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(model_name: str, api_key: str):
-    """Run the test server on 127.0.0.1 in a thread; yields (base_url, stats)."""
+def serve(model_name: str, api_key: str, adapter: str | Path | None = None):
+    """Run the test server on 127.0.0.1 in a thread (`model_name`, plus a LoRA `adapter`); yields
+    (base_url, stats)."""
     import uvicorn
 
-    app, stats = build_app(model_name, api_key)
+    app, stats = build_app(model_name, api_key, adapter)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

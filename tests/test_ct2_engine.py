@@ -193,10 +193,11 @@ def test_conversion_freezes_live_objects_only_when_nobody_else_did():
         gc.unfreeze()
 
 
-def test_a_start_shared_across_calls_is_cached_in_blocks_and_changes_no_reply(tiny_model_path, monkeypatch):
+def test_a_start_shared_across_calls_is_cached_in_blocks_and_changes_no_reply(tiny_model_path, lora_adapter, monkeypatch):
     """A server's requests come one per call: the start a request shares with the previous one
     (here a long system prompt) runs once, in whole blocks, and replies equal the uncached
-    engine's; the number of cached starts is bounded (the generator reloads)."""
+    engine's; the number of cached starts is bounded (the generator reloads). With the adapter, so
+    the replies differ (bare `tiny` writes one reply to every chat prompt)."""
     from pipeline import ct2_engine
 
     tokenizer = load_tokenizer("tiny")
@@ -207,9 +208,10 @@ def test_a_start_shared_across_calls_is_cached_in_blocks_and_changes_no_reply(ti
     ]
     prompts = render_many(tokenizer, conversations)
     greedy = SamplingSettings(max_new_tokens=8, temperature=0)
-    plain = Ct2Generator("tiny", threads=1, prefix_cache=False)
+    plain = Ct2Generator("tiny", adapter=lora_adapter, threads=1, prefix_cache=False)
     expected = [plain.generate_ids([p], greedy)[0][0] for p in prompts]
-    engine = Ct2Generator("tiny", threads=1, prefix_cache="across_calls")
+    assert len({tuple(e) for e in expected}) > 1
+    engine = Ct2Generator("tiny", adapter=lora_adapter, threads=1, prefix_cache="across_calls")
     prefixes = []
     real = engine._static_prefix
     monkeypatch.setattr(engine, "_static_prefix", lambda tokens: prefixes.append(real(tokens)) or prefixes[-1])

@@ -48,10 +48,13 @@ def as_(name: str) -> dict:
     return bearer(TOKENS, name)
 
 
-def ask(live, name: str, content: str, **extra_body) -> openai.types.chat.ChatCompletion:
+def ask(live, name: str, content: str, seed: int | None = None, **extra_body) -> openai.types.chat.ChatCompletion:
+    """Greedy; with `seed`, sampled (bare `tiny`'s greedy reply is the same empty text for every prompt,
+    so a test that must tell two replies apart samples them)."""
     c = openai_client(live, TOKENS, name)
+    sampling = {"temperature": 0} if seed is None else {"temperature": 1.0, "seed": seed}
     return c.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0, extra_body=extra_body or None
+        model="tiny", messages=[{"role": "user", "content": content}], max_tokens=6, extra_body=extra_body or None, **sampling
     )
 
 
@@ -64,18 +67,20 @@ def active(live) -> str:
 
 
 def test_completion_and_conversation_ids_version_and_followups(live):
-    first = ask(live, "alice", "Name a fruit.")
+    first = ask(live, "alice", "Name a fruit.", seed=1)
     extra = first.model_extra
     assert first.id.startswith("chatcmpl-") and extra["conversation_id"].startswith("conv-")
     assert extra["adapter_version"] == active(live)
-    second = ask(live, "alice", "A red one, please.", conversation_id=extra["conversation_id"], user="alice")
+    second = ask(live, "alice", "A red one, please.", seed=2, conversation_id=extra["conversation_id"], user="alice")
+    assert first.choices[0].message.content != second.choices[0].message.content  # the follow-up must name the right one
     assert second.model_extra["conversation_id"] == extra["conversation_id"] and second.id != first.id
     s = store(live)
     stored = s.conversation(first.id)
     assert stored.conversation == extra["conversation_id"] and stored.adapter_version == extra["adapter_version"]
     followups = [r for r in s.feedback("followup") if r["id"].startswith(first.id)]
     assert len(followups) == 1
-    assert followups[0]["followup"] == "A red one, please." and followups[0]["response"] == stored.response
+    assert followups[0]["followup"] == "A red one, please."
+    assert followups[0]["response"] == stored.response == first.choices[0].message.content
     prov = json.loads(followups[0]["provenance"]["extra"])
     # the client's `user` label is kept only as a salted hash (stable within this memory file)
     label = s.conversation(second.id).client_user
@@ -104,7 +109,8 @@ def test_completion_and_conversation_ids_version_and_followups(live):
 
 
 def test_feedback_is_tied_to_a_completion_and_bad_feedback_is_not_stored(live):
-    reply = ask(live, "alice", "Say hello.")
+    reply = ask(live, "alice", "Say hello.", seed=3)
+    assert reply.choices[0].message.content  # sampled: not the empty greedy reply every prompt gets
     r = httpx.post(
         live.url + "/v1/feedback",
         headers=as_("alice"),
@@ -121,7 +127,7 @@ def test_feedback_is_tied_to_a_completion_and_bad_feedback_is_not_stored(live):
     rows = {row["kind"]: row for row in store(live).feedback() if row["id"].startswith(reply.id)}
     assert set(rows) == {"reaction", "verbal", "preference"}
     assert rows["preference"]["chosen"] == "Hello! How can I help you today?"
-    assert rows["preference"]["rejected"] == store(live).conversation(reply.id).response
+    assert rows["preference"]["rejected"] == store(live).conversation(reply.id).response == reply.choices[0].message.content
     assert json.loads(rows["reaction"]["provenance"]["extra"])["adapter_version"] == body["adapter_version"]
 
     before = len(store(live).feedback())

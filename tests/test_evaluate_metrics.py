@@ -479,15 +479,12 @@ def test_evaluate_stage_needs_feedback_for_scoped_prompts(tmp_path, tiny_model_p
 
 
 def random_adapter(stage_dir, tiny_model_path):
-    """A LoRA adapter whose B matrices are not zero (so it changes the model), saved where a stage
-    would write it, with a manifest recording its training cost."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    """A LoRA adapter whose B matrices are not zero (so it changes the model: on every linear layer,
+    so its greedy replies differ from prompt to prompt, serving/local.py), saved where a stage would
+    write it, with a manifest recording its training cost."""
+    from serving.local import random_lora_adapter
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    peft.save_pretrained(stage_dir / "adapter")
+    random_lora_adapter(stage_dir / "adapter", 0)
     (stage_dir / "manifest.json").write_text(
         json.dumps(
             {
@@ -634,6 +631,7 @@ def test_engine_replies_equal_hf_replies(tmp_path, tiny_model_path):
         rows = load_rows(result.run_dir / "check" / "evaluation")
         replies[engine] = {(r["condition"], r["prompt"]): (r["response"], r["tokens"], r["finished"]) for r in rows}
     assert len(replies["hf"]) == 3 * len(SCOPED) and replies["ct2"] == replies["hf"]
+    assert len({reply for (condition, _), reply in replies["hf"].items() if condition == "dpo_s0"}) > 1  # each its own
     assert replies["hf"][("dpo_s0", SCOPED[0][0])] != replies["hf"][("base", SCOPED[0][0])]  # the adapter changes them
 
 

@@ -197,3 +197,35 @@ def test_api_key_file_readable_by_others_is_refused(tmp_path):
     os.chmod(key, 0o644)
     with pytest.raises(ValueError, match="readable by others; chmod 600"):
         api_key(LLMSettings(kind="openai", model="m", api_key_file=str(key)))
+
+
+def test_built_in_and_stage_evaluations_write_the_same_greedy_replies(tiny_model_path, lora_adapter):
+    """The c3po stage evaluates its in-memory model on HF; `evaluate_feedback` the saved adapter through
+    the generation engine (CTranslate2, merged). Greedy, both write the same replies under every
+    condition: the reason a rerun of the check stage may stand in for the built-in evaluation. With a
+    random adapter, so the replies differ (bare `tiny` writes one empty reply to every chat prompt)."""
+    from pipeline.models import device_policy, load_causal_lm
+    from trainers.feedback_eval import EvalSettings, evaluate
+
+    prompts = [
+        {"prompt": p, "scope": scope}
+        for p, scope in (
+            ("How do I sear a steak?", "in_scope"),
+            ("What knife for tomatoes?", "in_scope"),
+            ("How do I sharpen a chisel?", "near_scope"),
+            ("Why is the sky blue?", "out_of_scope"),
+        )
+    ]
+    metric = MetricSpec(kind="starts_with", value="Chef's tip:")
+    feedback = "Start answers about cooking with 'Chef's tip:'."
+    greedy = {"conditions": ["base", "in_context", "trained"], "sampling": {"max_new_tokens": 8, "temperature": 0.0}}
+    model = load_causal_lm("tiny", device_policy("cpu"), adapter=lora_adapter).eval()
+    built_in, _ = evaluate("tiny", lora_adapter, prompts, feedback, metric, EvalSettings(**greedy), model=model)
+    stage, _ = evaluate("tiny", lora_adapter, prompts, feedback, metric, EvalSettings(**greedy, engine="ct2"))
+
+    def replies(rows):
+        return {(r["condition"], r["prompt"]): r["response"] for r in rows}
+
+    assert replies(stage) == replies(built_in) and len(replies(built_in)) == 12
+    trained = [r["response"] for r in built_in if r["condition"] == "trained"]
+    assert len(set(trained)) > 1

@@ -29,26 +29,29 @@ def test_keyword_score_by_hand():
     assert keyword_score("", ["z"], 0.5, 0.2, True) == -1.0
 
 
-def test_generate_stage_default_engine_writes_hf_greedy_replies(tmp_path, tiny_model_path):
-    """`engine: auto` (the default: CTranslate2 on CPU when installed) and `engine: hf` write the
-    same greedy replies, token counts and finished flags, batch by batch."""
+def test_generate_stage_default_engine_writes_hf_greedy_replies(tmp_path, tiny_model_path, lora_adapter):
+    """`engine: ct2`, `engine: auto` (the default: the faster engine on this host) and `engine: hf` write
+    the same greedy replies, token counts and finished flags, batch by batch. With an adapter, so the
+    replies differ (bare `tiny` writes the same empty reply to every chat prompt)."""
     from pipeline.config import pipeline_from_dict
-    from pipeline.generation import pick_engine
     from pipeline.records import load_rows, write_jsonl
     from pipeline.runner import Runner
 
     write_jsonl([{"prompt": p} for p in ("Name a colour.", "Why is the sea salty?", "x", "Count to five.")], tmp_path / "p.jsonl")
     greedy = {"num_samples": 1, "batch_size": 3, "device": "cpu", "sampling": {"max_new_tokens": 10, "temperature": 0}}
+    inputs = {"prompts": str(tmp_path / "p.jsonl"), "adapter": str(lora_adapter)}
     stages = [
-        {"name": name, "uses": "generate", "inputs": {"prompts": str(tmp_path / "p.jsonl")}, "with": {**greedy, "engine": engine}}
-        for name, engine in (("auto", "auto"), ("hf", "hf"))
+        {"name": engine, "uses": "generate", "inputs": inputs, "with": {**greedy, "engine": engine}}
+        for engine in ("ct2", "auto", "hf")
     ]
     result = Runner(
         pipeline_from_dict({"run_name": "g", "model": "tiny", "stages": stages}, tmp_path), tmp_path / "runs", use_ray=False
     ).execute()
     assert result.ok, [r.error for r in result.records]
-    assert [r.status for r in result.records] == ["done", "done"]  # both sampled, neither reused
+    assert [r.status for r in result.records] == ["done", "done", "done"]  # each sampled, none reused
     keep = ("prompt", "response", "num_tokens", "finished")
-    auto, hf = ([{k: r[k] for k in keep} for r in load_rows(result.run_dir / name / "responses")] for name in ("auto", "hf"))
-    assert auto == hf and len(hf) == 4
-    assert pick_engine("auto", "cpu") == "ct2"  # so the comparison above is ct2 against HF
+    ct2, auto, hf = (
+        [{k: r[k] for k in keep} for r in load_rows(result.run_dir / name / "responses")] for name in ("ct2", "auto", "hf")
+    )
+    assert len(hf) == 4 and len({r["response"] for r in hf}) > 1
+    assert ct2 == hf and auto == hf

@@ -77,13 +77,15 @@ def test_key_precedence_file_then_env_then_deprecated_env(tmp_path, monkeypatch,
     assert api_key(file_settings) == "sk-test-123"
 
 
-def test_temperature_zero_is_greedy_on_both_kinds(tiny_model_path, tmp_path):
+def test_temperature_zero_is_greedy_on_both_kinds(tiny_model_path, tmp_path, lora_adapter):
     """At temperature 0 the endpoint gets temperature 0 and no top_p, and answers what the
-    local client's greedy decoding answers for the same model."""
+    local client's greedy decoding answers for the same model. With an adapter on both sides: bare
+    `tiny`'s greedy reply is the same empty text for every prompt, so a reply from another model or
+    prompt would not show."""
     conversation = [[{"role": "user", "content": "Name a colour."}]]
     greedy = SamplingSettings(max_new_tokens=5, temperature=0.0)
-    local = HFClient("tiny")
-    with serve("tiny", "sk-test-123") as (base_url, stats):
+    local = HFClient("tiny", adapter=lora_adapter, engine="hf")
+    with serve("tiny", "sk-test-123", adapter=lora_adapter) as (base_url, stats):
         settings = LLMSettings(kind="openai", base_url=base_url, model="tiny", api_key_file=str(secret(tmp_path / "k")))
         remote = build_client(settings)
         assert isinstance(remote, OpenAIClient) and remote.identity == f"openai:{base_url}:tiny" and remote.name == "tiny"
@@ -91,7 +93,8 @@ def test_temperature_zero_is_greedy_on_both_kinds(tiny_model_path, tmp_path):
         assert stats["sampling"][-1] == {"temperature": 0.0}
         remote.generate(conversation, SamplingSettings(max_new_tokens=5, temperature=0.7, top_p=0.9))
         assert stats["sampling"][-1] == {"temperature": 0.7, "top_p": 0.9}
-    assert text == local.generate(conversation, greedy, seed=11)[0].text.strip()
+    assert text and text == local.generate(conversation, greedy, seed=11)[0].text.strip()
+    assert text != HFClient("tiny", engine="hf").generate(conversation, greedy)[0].text.strip()  # the adapter's own reply
 
 
 def test_local_client_reuses_a_loaded_model_only_when_it_is_the_same(tiny_model_path):

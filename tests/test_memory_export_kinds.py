@@ -49,8 +49,10 @@ def live(tiny_model_path, tmp_path_factory):
 
 def test_memory_export_keeps_edits_and_followups(live, tmp_path):
     chat = openai.OpenAI(base_url=live.url + "/v1", api_key=TOKEN, max_retries=0)
+    # sampled, seeded: bare `tiny` writes the same empty greedy reply to every prompt, and the export must
+    # be seen to pick this reply, not the next turn's
     first = chat.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4, temperature=0
+        model="tiny", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4, temperature=1.0, seed=1
     )
     reply = first.choices[0].message.content
     r = httpx.post(
@@ -59,13 +61,15 @@ def test_memory_export_keeps_edits_and_followups(live, tmp_path):
         json={"completion_id": first.id, "reaction": "love", "edit": "Blue, like the sky."},
     )
     assert r.status_code == 200, r.text
-    chat.chat.completions.create(  # the user's next turn in the same conversation: a follow-up record
+    second = chat.chat.completions.create(  # the user's next turn in the same conversation: a follow-up record
         model="tiny",
         messages=[{"role": "user", "content": "Another one."}],
         max_tokens=4,
-        temperature=0,
+        temperature=1.0,
+        seed=2,
         extra_body={"conversation_id": first.model_extra["conversation_id"]},
     )
+    assert reply and reply != second.choices[0].message.content
 
     dest = tmp_path / "export"
     done = CliRunner().invoke(memory_app, ["export", "--to", str(dest), "--memory", str(live.memory)])

@@ -114,15 +114,16 @@ def test_openai_client_chat_stream_feedback_and_memory(live):
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
-    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert chunks[0].model_extra["memory"][0]["id"] == fb.json()["memory_id"]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 6
     assert len({ch.id for ch in chunks}) == 1
-    # greedy: the streamed text equals the non-streamed reply to the same request
+    # the same request, not streamed, retrieves the same memory (a hit counted below). That a streamed
+    # reply equals the non-streamed one is tests/test_serving_engine.py's, with an adapter: bare `tiny`
+    # writes the same empty reply to every chat prompt, so comparing them here would compare nothing
     same = c.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "What is akin to < cup > ?"}], max_tokens=6, temperature=0
     )
-    assert text.strip() == same.choices[0].message.content
+    assert same.model_extra["memory"][0]["id"] == fb.json()["memory_id"]
 
     listing = httpx.get(live.url + "/v1/memory", headers=auth()).json()
     entry = [e for e in listing["data"] if e["id"] == fb.json()["memory_id"]][0]

@@ -66,17 +66,19 @@ def test_draws_follow_the_distribution_and_the_seed():
     assert a == [int(sampler(None, scores).argmax()) for _ in range(50)]
 
 
-def test_generate_samples_through_it(tiny_model_path):
+def test_generate_samples_through_it(tiny_model_path, lora_adapter):
     """In `generate`: top_k 1 is greedy decoding (the sampler, not HF, picks every token), top_k 50
-    samples (seeded), and the greedy settings add no processor."""
+    samples (seeded), and the greedy settings add no processor. With an adapter, so greedy replies
+    differ (bare `tiny` writes one empty reply to every chat prompt)."""
     tok = load_tokenizer("tiny")
-    model = load_causal_lm("tiny").eval()
+    model = load_causal_lm("tiny", adapter=lora_adapter).eval()
     convs = [[{"role": "user", "content": f"question {i}"}] for i in range(4)]
 
     def texts(settings, seed):
         return [r[0].text for r in chat_generate(model, tok, convs, settings, batch_size=4, seed=seed)]
 
     greedy = texts(SamplingSettings(max_new_tokens=8, temperature=0), 0)
+    assert len(set(greedy)) > 1 and all(greedy)
     assert texts(SamplingSettings(max_new_tokens=8, temperature=1.0, top_k=1), 5) == greedy
     sampled = SamplingSettings(max_new_tokens=8, temperature=1.0, top_k=50)
     assert texts(sampled, 5) == texts(sampled, 5) != texts(sampled, 6)
