@@ -57,24 +57,12 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="module")
 def lora_adapter(tmp_path_factory, tiny_model_path):
     """A tiny LoRA adapter with non-zero B (PEFT's default init would make it a no-op), on every linear
-    layer with B ~ N(0, 1): bare `tiny` (random, tied embeddings) greedily repeats the prompt's last
-    token, the same for every chat prompt; this adapter makes greedy replies differ by prompt and token,
-    so the engines' exactness tests compare something."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    layer with B ~ N(0, 1) (serving/local.py `random_lora_adapter`, seed 0): bare `tiny` (random, tied
+    embeddings) greedily repeats the prompt's last token, the same for every chat prompt; this adapter
+    makes greedy replies differ by prompt and token, so the engines' exactness tests compare something."""
+    from serving.local import random_lora_adapter
 
-    from pipeline.models import device_policy, load_causal_lm
-
-    model = load_causal_lm("tiny", device_policy("cpu"))
-    torch.manual_seed(0)  # before PEFT draws A: the same adapter every run
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 1.0)
-    out = tmp_path_factory.mktemp("adapter")
-    peft.save_pretrained(str(out))
-    return out
+    return random_lora_adapter(tmp_path_factory.mktemp("adapter") / "adapter", 0)
 
 
 def move_lora_b(model, seed: int = 3, scale: float = 0.05) -> None:
