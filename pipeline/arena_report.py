@@ -94,9 +94,10 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
         parts.append(head_to_head_section(table))
     if table.get("grid"):
         parts.append(grid_section(table))
-    from .report import figure_html
+    from .report import cached_figure
 
-    parts += [figure_html(figure) for _, figure in pareto_figures(table)]
+    drawn = [cached_figure(("pareto", table, x, y, title), pareto_figure, table, x, y, title) for x, y, title in PARETO]
+    parts += [figure for figure in drawn if figure]
     parts.append(side_by_side(Path(run_root)))
     parts.append(users_side_by_side(Path(run_root)))
     return "\n".join(parts)

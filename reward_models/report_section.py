@@ -62,12 +62,16 @@ def _bucket_table(buckets: list[dict[str, float]]) -> str:
 
 
 def reliability_figure(bins: list[dict[str, float]], title: str) -> str:
+    from pipeline.report import cached_figure
+
+    return cached_figure(("reliability", bins, title), reliability_plot, bins, title)
+
+
+def reliability_plot(bins: list[dict[str, float]], title: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pipeline.report import figure_html
 
     used = [b for b in bins if b["count"]]
     fig, (ax, hist) = plt.subplots(1, 2, figsize=(8.4, 3.4))
@@ -83,4 +87,4 @@ def reliability_figure(bins: list[dict[str, float]], title: str) -> str:
     hist.set_ylabel("replies")
     fig.suptitle(title)
     fig.tight_layout()
-    return figure_html(fig)
+    return fig

@@ -7,9 +7,10 @@
 2. The current model (the pipeline's model, plus `adapter` if given) answers every prompt:
    the baseline replies, written by the generation engine (`engine: auto`: CTranslate2 with the
    adapter merged on a CPU where it is faster, else HF generate; `engine: hf` insists on HF).
-   A local generator (`generator.kind: local`, no other model or adapter named) is that same
+   A local generator (`generator.kind: hf`, no other model or adapter named) is that same
    current model by default: with `generator_adapter: false` it is the base model instead,
-   so the adapter being trained further does not write its own prompts and revisions.
+   so the adapter being trained further does not write its own prompts and revisions. It writes
+   on the engine `generator.engine` picks (CTranslate2 where faster, as the baselines).
 3. In-scope baselines are revised to apply the feedback, by the generator LLM or, for a
    feedback whose application is mechanical, by `revision_template` (e.g. "Chef's tip: {response}"),
    or for a length feedback (`metric: max_words`) by `reviser: shorten`: the baseline's leading whole
@@ -120,6 +121,20 @@ def local_generator_model(cfg: C3poDataConfig, adapter, policy_model):
     return policy_model if adapter is None or cfg.generator_adapter else None
 
 
+def own_generator_engine(cfg: C3poDataConfig, model_name: str, device: str | None) -> str | None:
+    """'ct2' or 'hf' when the generator is the pipeline's own model run locally (the default), else
+    None (an endpoint, or another local model or adapter: `build_client` as configured). On 'ct2' the
+    generator writes from the same files (base, plus the adapter merged) on CTranslate2, where the
+    host measured it faster than HF generate. Reusing the loaded HF model instead made this stage
+    slow (the language-feedback e2e test's data stage, SmolLM2 on 1 thread: 47 s, 35 s on CTranslate2)."""
+    from pipeline.generation import pick_local_engine
+
+    g = cfg.generator
+    if g.kind != "hf" or g.model not in (None, model_name) or g.adapter is not None:
+        return None
+    return pick_local_engine(g.engine, device, model_name)
+
+
 class C3poDataStage(Stage):
     uses = "c3po_data"
     summary = "C3PO data: scoped prompts, baseline replies, feedback-applying revisions."
@@ -135,11 +150,13 @@ class C3poDataStage(Stage):
     }
     default_num_cpus = float("inf")
     non_semantic_fields = frozenset({"device", "batch_size", "engine"})
-    version = "2"  # 2: baselines from the generation engine (CTranslate2 where faster): samples can differ from HF's
+    # 2: baselines from the generation engine (CTranslate2 where faster): samples can differ from HF's;
+    # 3: so can a local generator's prompts and revisions (`own_generator_engine`)
+    version = "3"
     config: C3poDataConfig
 
     def run(self):
-        from pipeline.llm import build_client
+        from pipeline.llm import HFClient, build_client
         from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
         cfg: C3poDataConfig = self.config
@@ -148,11 +165,18 @@ class C3poDataStage(Stage):
         ctx.log.info("feedback: %s", feedback)
         engine = pick_engine(cfg.engine, cfg.device, ctx.model)
         needs_generator = ctx.input("prompts") is None or cfg.reviser == "generator"
+        own = own_generator_engine(cfg, ctx.model, cfg.device) if needs_generator else None
+        adapter = ctx.input("adapter")
         tokenizer, model = load_tokenizer(ctx.model), None
-        if engine == "hf" or needs_generator:  # HF baselines, or a local generator that may share the weights
-            model = load_causal_lm(ctx.model, device_policy(cfg.device), adapter=ctx.input("adapter")).eval()
-        reuse = local_generator_model(cfg, ctx.input("adapter"), model)
-        generator = build_client(cfg.generator, ctx.model, cfg.device, reuse, tokenizer) if needs_generator else None
+        if engine == "hf" or (needs_generator and own != "ct2"):  # HF baselines, or a generator that may share them
+            model = load_causal_lm(ctx.model, device_policy(cfg.device), adapter=adapter).eval()
+        generator = None
+        if own == "ct2":  # the policy's own weights (or the base: generator_adapter false) on CTranslate2
+            g = cfg.generator
+            generator_adapter = adapter if cfg.generator_adapter else None
+            generator = HFClient(ctx.model, cfg.device, g.batch_size, generator_adapter, None, tokenizer, g.sampling, "ct2")
+        elif needs_generator:
+            generator = build_client(cfg.generator, ctx.model, cfg.device, local_generator_model(cfg, adapter, model), tokenizer)
 
         if ctx.input("prompts") is not None:
             prompts = self.given_prompts()

@@ -81,26 +81,9 @@ def adherence_section(manifests: dict[str, dict[str, Any]]) -> str:
         if manifest.get("uses") not in EVALUATING_STAGES or not any(k.startswith("adherence/") for k in metrics):
             continue
         conditions = [c for c in ("base", "in_context", "trained") if f"adherence/{c}" in metrics]
-        groups = [
-            ("adherence", "adherence (in-scope) ↑"),
-            ("overgen_near", "applied near-scope ↓"),
-            ("overgen_out", "applied out-of-scope ↓"),
-        ]
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        width = 0.8 / max(len(conditions), 1)
-        for i, condition in enumerate(conditions):
-            values = [metrics.get(f"{g}/{condition}", 0.0) for g, _ in groups]
-            ax.bar([x + i * width for x in range(len(groups))], values, width, label=condition)
-        ax.set_xticks([x + width * (len(conditions) - 1) / 2 for x in range(len(groups))], [label for _, label in groups])
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
-        ax.set_title(f"{name}: does the reply apply the feedback?")
-        fig.tight_layout()
+        groups = ADHERENCE_GROUPS
+        values = {c: [metrics.get(f"{g}/{c}", 0.0) for g, _ in groups] for c in conditions}
+        figure = report.cached_figure(("adherence", name, values), adherence_plot, name, values)
         rows = "".join(
             f"<tr><td>{html.escape(c)}</td>"
             + "".join(f"<td>{metrics.get(f'{g}/{c}', float('nan')):.2f}</td>" for g, _ in groups)
@@ -111,6 +94,33 @@ def adherence_section(manifests: dict[str, dict[str, Any]]) -> str:
             f"<h2>{html.escape(name)}: feedback adherence</h2><table><tr><th>condition</th>"
             + "".join(f"<th>{html.escape(label)}</th>" for _, label in groups)
             + f"</tr>{rows}</table>"
-            + report.figure_html(fig)
+            + figure
         )
     return "\n".join(parts)
+
+
+ADHERENCE_GROUPS = [
+    ("adherence", "adherence (in-scope) ↑"),
+    ("overgen_near", "applied near-scope ↓"),
+    ("overgen_out", "applied out-of-scope ↓"),
+]
+
+
+def adherence_plot(name: str, values: dict[str, list[float]]):
+    """One group of bars per rate (ADHERENCE_GROUPS), one bar per condition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = ADHERENCE_GROUPS
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    width = 0.8 / max(len(values), 1)
+    for i, (condition, heights) in enumerate(values.items()):
+        ax.bar([x + i * width for x in range(len(groups))], heights, width, label=condition)
+    ax.set_xticks([x + width * (len(values) - 1) / 2 for x in range(len(groups))], [label for _, label in groups])
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{name}: does the reply apply the feedback?")
+    fig.tight_layout()
+    return fig

@@ -511,3 +511,18 @@ def test_local_generator_runs_with_or_without_the_adapter_as_configured(tiny_mod
     assert local_generator_model(cfg, "adapter-dir", policy) is None
     generator = build_client(cfg.generator, "tiny", "cpu", local_generator_model(cfg, "adapter-dir", policy))
     assert generator.model is not policy and not hasattr(generator.model, "peft_config")  # the base, loaded afresh
+
+
+def test_the_pipelines_own_generator_runs_on_the_engine_it_picks():
+    """A local generator that is the pipeline's model writes on CTranslate2 when its engine says so (the
+    stage then builds it from the files, not from the loaded HF model); any other generator is built as
+    configured."""
+    from stages.c3po_data import C3poDataConfig, own_generator_engine
+
+    def engine(**generator):
+        return own_generator_engine(C3poDataConfig(generator=generator), "tiny", "cpu")
+
+    assert engine(engine="ct2") == "ct2" and engine(engine="hf") == "hf" and engine(model="tiny", engine="ct2") == "ct2"
+    assert engine(engine="auto") in ("ct2", "hf")  # the faster on this host
+    assert engine(model="smollm2-135m") is None and engine(adapter="some/adapter") is None
+    assert engine(kind="openai", base_url="http://127.0.0.1:9/v1", model="m") is None

@@ -229,3 +229,32 @@ def test_built_in_and_stage_evaluations_write_the_same_greedy_replies(tiny_model
     assert replies(stage) == replies(built_in) and len(replies(built_in)) == 12
     trained = [r["response"] for r in built_in if r["condition"] == "trained"]
     assert len(set(trained)) > 1
+
+
+def test_a_chain_of_hindsight_adapter_replies_after_its_phrase_and_stop_at_the_next(tmp_path, tiny_model_path, lora_adapter):
+    """A CoH adapter's `coh.json` (written by the coh stage) makes evaluation start the trained reply with
+    its phrase and cut it where a feedback phrase begins. The stop phrase is taken from the middle of a
+    reply the adapter writes without one, so the cut is seen to happen (the random adapter writes
+    different replies per prompt; bare `tiny` writes blanks)."""
+    import shutil
+
+    from trainers.feedback_eval import COH_FILE, EvalSettings, evaluate
+
+    adapter = tmp_path / "coh_adapter"
+    shutil.copytree(lora_adapter, adapter)
+    prompts = [{"prompt": p, "scope": "in_scope"} for p in ("How do I sear a steak?", "What knife for tomatoes?")]
+    metric = MetricSpec(kind="contains", value="salt")
+    greedy = EvalSettings(conditions=["trained"], sampling={"max_new_tokens": 12, "temperature": 0.0}, engine="hf")
+
+    def trained_replies(stop: list[str]) -> list[str]:
+        (adapter / COH_FILE).write_text(json.dumps({"phrase": "A helpful answer:", "stop": stop}))
+        rows, _ = evaluate("tiny", adapter, prompts, "Mention salt.", metric, greedy)
+        return [r["response"] for r in rows]
+
+    whole = trained_replies([])
+    words = whole[0].split()
+    assert len(words) >= 4, whole
+    phrase = " ".join(words[2:4])  # from the middle of the first reply
+    cut = trained_replies([phrase])
+    assert cut[0] == whole[0][: whole[0].find(phrase)].strip() and phrase not in cut[0] and cut[0]
+    assert [c for c, w in zip(cut, whole) if phrase not in w] == [w for w in whole if phrase not in w]

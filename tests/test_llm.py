@@ -97,12 +97,14 @@ def test_temperature_zero_is_greedy_on_both_kinds(tiny_model_path, tmp_path, lor
     assert text != HFClient("tiny", engine="hf").generate(conversation, greedy)[0].text.strip()  # the adapter's own reply
 
 
-def test_local_client_reuses_a_loaded_model_only_when_it_is_the_same(tiny_model_path):
-    first = HFClient("tiny")
+def test_local_client_reuses_a_loaded_model_only_when_it_is_the_same(tiny_model_path, lora_adapter):
+    first = HFClient("tiny", adapter=lora_adapter)  # bare tiny's greedy chat replies are all blank
     short = {"max_new_tokens": 4, "temperature": 0.0}
     same = build_client(LLMSettings(sampling=short), "tiny", model=first.model, tokenizer=first.tokenizer)
     assert same.model is first.model and same.identity == "hf:tiny"
-    texts = same.complete([[{"role": "user", "content": "hi"}]])
-    assert texts == [first.generate([[{"role": "user", "content": "hi"}]], SamplingSettings(**short))[0].text]
+    asked = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "Why is the sky blue?"}]]
+    texts = same.complete(asked)
+    assert texts == [c.text for c in first.generate(asked, SamplingSettings(**short))]
+    assert all(texts) and texts[0] != texts[1]  # real replies, not the same blank for both
     other = build_client(LLMSettings(model="tiny", adapter=None), "smollm2-135m", model=first.model)
     assert other.model is not first.model  # a different name: it loads its own

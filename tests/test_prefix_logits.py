@@ -90,9 +90,10 @@ def feedback_prompt_ids(tokenizer, n: int = 4) -> list[list[int]]:
     return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
 
-def test_generation_from_the_shared_start_cache_matches_left_padded_generation(tiny_model_path):
+def test_generation_from_the_shared_start_cache_matches_left_padded_generation(tiny_model_path, lora_adapter):
     tokenizer = load_tokenizer("tiny")
-    model = load_causal_lm("tiny", device_policy("cpu")).eval()
+    # with the random adapter: bare tiny greedily repeats each prompt's last token, the same for all
+    model = load_causal_lm("tiny", device_policy("cpu"), adapter=lora_adapter).eval()
     token_lists = feedback_prompt_ids(tokenizer)
     pad = tokenizer.pad_token_id or 0
     prefixed = prefixed_batch(model, token_lists, pad, repeat=2)
@@ -105,7 +106,10 @@ def test_generation_from_the_shared_start_cache_matches_left_padded_generation(t
     with torch.no_grad():
         a = model.generate(**plain, **greedy)
         b = model.generate(**prefixed, **greedy)
-    assert torch.equal(a.sequences[:, plain["input_ids"].shape[1] :], b.sequences[:, prefixed["input_ids"].shape[1] :])
+    new_tokens = a.sequences[:, plain["input_ids"].shape[1] :]
+    assert torch.equal(new_tokens, b.sequences[:, prefixed["input_ids"].shape[1] :])
+    assert len({tuple(row.tolist()) for row in new_tokens[::2]}) > 1  # the prompts' continuations differ
+    assert len({tuple(row.tolist()) for row in new_tokens.T}) > 1  # and are not one token repeated
     for step_a, step_b in zip(a.logits, b.logits, strict=True):
         torch.testing.assert_close(step_b, step_a, atol=1e-4, rtol=1e-4)
 

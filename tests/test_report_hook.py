@@ -31,3 +31,36 @@ def test_a_stage_class_adds_its_section_and_sees_every_manifest(tmp_path):
         registry._REGISTRY.pop(ProbeStage.uses, None)
     assert "<h2>probe sections for a</h2>" in page
     assert Stage.report_section(run, {}) is None  # the default: no section
+
+
+def test_plots_are_drawn_again_only_when_what_they_show_changed(tmp_path, monkeypatch):
+    """A rebuilt report reuses each plot whose data is the same (byte for byte the same page) and
+    draws the ones that changed; a plot no longer shown leaves the cache; outside a build nothing is kept."""
+    from pipeline import report
+
+    run = tmp_path / "run"
+    for name in ("a", "b"):
+        (run / name).mkdir(parents=True)
+        (run / name / "manifest.json").write_text(json.dumps({"uses": "dpo", "fingerprint": "f" * 12, "metrics": {}}))
+        rows = [{"step": s, "loss": 1.0 / s, "rewards/margins": 0.1 * s} for s in (1, 2, 3)]
+        (run / name / "curves.json").write_text(json.dumps(rows))
+    drawn: list[str] = []
+    draw = report.curves_figure
+    monkeypatch.setattr(report, "curves_figure", lambda groups, title: drawn.append(title) or draw(groups, title))
+
+    first = build_report(run).read_text()
+    assert sorted(drawn) == ["a (dpo)", "b (dpo)"] and first.count("<img") == 2
+    cached = sorted(p.name for p in (run / report.FIGURE_CACHE).glob("*.html"))
+    assert len(cached) == 2
+
+    drawn.clear()
+    assert build_report(run).read_text() == first and drawn == []  # nothing changed: nothing drawn
+    (run / "b" / "curves.json").write_text(json.dumps([{"step": s, "loss": 2.0 / s} for s in (1, 2, 3)]))
+    second = build_report(run).read_text()
+    assert drawn == ["b (dpo)"] and second != first and second.count("<img") == 2
+    now = sorted(p.name for p in (run / report.FIGURE_CACHE).glob("*.html"))
+    assert len(now) == 2 and len(set(now) & set(cached)) == 1  # b's old plot is gone
+
+    drawn.clear()
+    assert report.plot_curves(json.loads((run / "a" / "curves.json").read_text()), "a (dpo)").startswith("<img")
+    assert drawn == ["a (dpo)"]  # outside build_report: drawn, not cached

@@ -60,17 +60,22 @@ def satisfaction_figure(transcripts: list[dict[str, Any]], title: str) -> str:
                 by_round.setdefault(int(u["round"]), []).append(float(u["satisfaction"]))
     if not by_round:
         return ""
+    from pipeline.report import cached_figure
+
+    rounds = sorted(by_round)
+    mean = [sum(by_round[r]) / len(by_round[r]) for r in rounds]
+    done = [sum(1 for t in transcripts if t["satisfied"] and t["rounds"] <= r) / len(transcripts) for r in rounds]
+    return cached_figure(("satisfaction", rounds, mean, done, title), satisfaction_plot, rounds, mean, done, title)
+
+
+def satisfaction_plot(rounds: list[int], mean: list[float], done: list[float], title: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.report import figure_html
-
-    rounds = sorted(by_round)
-    done = [sum(1 for t in transcripts if t["satisfied"] and t["rounds"] <= r) / len(transcripts) for r in rounds]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(rounds, [sum(v) / len(v) for v in (by_round[r] for r in rounds)], marker="o", label="mean satisfaction")
+    ax.plot(rounds, mean, marker="o", label="mean satisfaction")
     ax.plot(rounds, done, marker="s", label="satisfied by this round")
     ax.set_xticks(rounds)
     ax.set_xlabel("round")
@@ -78,7 +83,7 @@ def satisfaction_figure(transcripts: list[dict[str, Any]], title: str) -> str:
     ax.legend(fontsize=7)
     ax.set_title(title)
     fig.tight_layout()
-    return figure_html(fig)
+    return fig
 
 
 def _fmt(value: Any) -> str:

@@ -102,7 +102,7 @@ def report_section(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
     """`PpoStage.report_section`: one block per ppo stage of the run."""
     import json
 
-    from pipeline.report import figure_html
+    from pipeline.report import cached_figure
 
     parts = []
     for name, manifest in manifests.items():
@@ -117,7 +117,8 @@ def report_section(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
 
         threshold = (manifest.get("config") or {}).get("kl_threshold", PpoSettings.model_fields["kl_threshold"].default)
         parts.append(f"<h2>{html.escape(name)}: PPO objectives, KL and diagnostics</h2>")
-        parts.append(figure_html(plot_ppo(curves, f"{name} (ppo)", threshold)))
+        title = f"{name} (ppo)"
+        parts.append(cached_figure(("ppo", curves, title, threshold), plot_ppo, curves, title, threshold))
         metrics = manifest.get("metrics", {})
         if "stopped_early" in metrics:
             parts.append(f"<p><b>stopped early:</b> {html.escape(str(metrics['stopped_early']))}</p>")
