@@ -7,8 +7,9 @@ registered stage kind, in name order, with all of the run's manifests).
 The report is rebuilt after every `heedful run` and `heedful arena`, also when every stage was
 up to date, and drawing its plots was most of that: a rerun of the arena test's run (4 methods,
 5 evaluations) spent 9.5 of its 10 s in matplotlib. A plot drawn through `cached_figure` is kept in
-`runs/<run>/.report_figures/`, keyed by the data it shows and the source of the module that draws
-it, and reused while both are the same; the plots a build did not use are removed after it.
+`runs/<run>/.report_figures/`, keyed by the data it shows (in order), heedful's source and
+matplotlib's version, and reused while all are the same; the plots a build did not use are removed
+after it.
 """
 
 from __future__ import annotations
@@ -20,19 +21,19 @@ import hashlib
 import html
 import io
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .artifacts import RunDir, atomic_write_text, hash_json, read_json
+from .artifacts import RunDir, atomic_write_text, read_json
 
 #: where a run's drawn plots are kept between builds of its report (not a stage name: those
 #: cannot start with a dot)
 FIGURE_CACHE = ".report_figures"
 _cache_dir: contextvars.ContextVar[Path | None] = contextvars.ContextVar("heedful_report_figures", default=None)
 _used: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("heedful_report_figures_used", default=None)
-_source_digests: dict[str, str] = {}
+#: the packages whose code draws a plot or decides what it shows (labels, which rows are plotted)
+PLOTTING_PACKAGES = ("pipeline", "stages", "reward_models", "trainers", "feedback", "serving")
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2rem;max-width:1100px;color:#222}
@@ -160,13 +161,15 @@ def curves_figure(groups: dict[str, dict[str, list[tuple[float, float]]]], title
 
 def cached_figure(key: Any, draw: Callable[..., Any], *args: Any) -> str:
     """`figure_html(draw(*args))` ("" when `draw` returns None), reused from an earlier build of this
-    run's report when `key` (JSON-able: everything the plot shows) and the source file of the module
-    `draw` is defined in are the same. Outside `build_report` it just draws."""
+    run's report when `key` (JSON-able: everything the plot shows; dict order counts, as it does for
+    the bars and lines drawn), heedful's source and matplotlib's version are the same. Outside
+    `build_report` it just draws."""
     folder, used = _cache_dir.get(), _used.get()
     if folder is None or used is None:
         figure = draw(*args)
         return figure_html(figure) if figure is not None else ""
-    digest = hash_json([_source_digest(draw), _matplotlib_version(), key])[:32]
+    blob = json.dumps([_source_digest(), _matplotlib_version(), draw.__qualname__, key], separators=(",", ":"), default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:32]
     used.add(digest)
     path = folder / f"{digest}.html"
     try:
@@ -179,16 +182,21 @@ def cached_figure(key: Any, draw: Callable[..., Any], *args: Any) -> str:
     return out
 
 
-def _source_digest(draw: Callable[..., Any]) -> str:
-    """The digest of the file that defines `draw` (an edited plot must not come from the cache)."""
-    module = sys.modules.get(getattr(draw, "__module__", "") or "")
-    source = getattr(module, "__file__", None) or ""
-    if source not in _source_digests:
-        try:
-            _source_digests[source] = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else ""
-        except OSError:
-            _source_digests[source] = ""
-    return _source_digests[source]
+@functools.cache
+def _source_digest() -> str:
+    """One digest of every module of heedful's packages: a plot's look can depend on code in another
+    file than its drawing function's (tick labels, which rows are plotted, `figure_html`'s dpi), so
+    any edit or upgrade draws every plot again. Read once per process (about 200 files)."""
+    from importlib.util import find_spec
+
+    digest = hashlib.sha256()
+    for package in PLOTTING_PACKAGES:
+        spec = find_spec(package)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            for path in sorted(Path(folder).rglob("*.py")):
+                digest.update(f"{package}/{path.relative_to(folder)}".encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 @functools.cache

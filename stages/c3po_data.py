@@ -121,17 +121,21 @@ def local_generator_model(cfg: C3poDataConfig, adapter, policy_model):
     return policy_model if adapter is None or cfg.generator_adapter else None
 
 
-def own_generator_engine(cfg: C3poDataConfig, model_name: str, device: str | None) -> str | None:
+def own_generator_engine(cfg: C3poDataConfig, model_name: str, device: str | None, baselines_engine: str) -> str | None:
     """'ct2' or 'hf' when the generator is the pipeline's own model run locally (the default), else
     None (an endpoint, or another local model or adapter: `build_client` as configured). On 'ct2' the
-    generator writes from the same files (base, plus the adapter merged) on CTranslate2, where the
-    host measured it faster than HF generate. Reusing the loaded HF model instead made this stage
-    slow (the language-feedback e2e test's data stage, SmolLM2 on 1 thread: 47 s, 35 s on CTranslate2)."""
+    generator writes from the same files (the base, plus the adapter merged unless
+    `generator_adapter` is false) on CTranslate2, where the host measured it faster than HF generate:
+    the language-feedback e2e test's data stage (SmolLM2, 1 thread) took 47 s reusing the loaded HF
+    model, 35 s on CTranslate2. With `engine: auto` and baselines on HF the HF model is loaded anyway,
+    and the generator shares it rather than hold a second copy of the weights."""
     from pipeline.generation import pick_local_engine
 
     g = cfg.generator
     if g.kind != "hf" or g.model not in (None, model_name) or g.adapter is not None:
         return None
+    if g.engine == "auto" and baselines_engine == "hf":
+        return "hf"
     return pick_local_engine(g.engine, device, model_name)
 
 
@@ -165,16 +169,18 @@ class C3poDataStage(Stage):
         ctx.log.info("feedback: %s", feedback)
         engine = pick_engine(cfg.engine, cfg.device, ctx.model)
         needs_generator = ctx.input("prompts") is None or cfg.reviser == "generator"
-        own = own_generator_engine(cfg, ctx.model, cfg.device) if needs_generator else None
+        own = own_generator_engine(cfg, ctx.model, cfg.device, engine) if needs_generator else None
         adapter = ctx.input("adapter")
+        is_policy = adapter is None or cfg.generator_adapter  # the generator is the policy itself
         tokenizer, model = load_tokenizer(ctx.model), None
-        if engine == "hf" or (needs_generator and own != "ct2"):  # HF baselines, or a generator that may share them
+        if engine == "hf" or (own == "hf" and is_policy):  # HF baselines, or a generator that shares the HF model
             model = load_causal_lm(ctx.model, device_policy(cfg.device), adapter=adapter).eval()
-        generator = None
+        generator, shared_ct2 = None, None
         if own == "ct2":  # the policy's own weights (or the base: generator_adapter false) on CTranslate2
             g = cfg.generator
             generator_adapter = adapter if cfg.generator_adapter else None
             generator = HFClient(ctx.model, cfg.device, g.batch_size, generator_adapter, None, tokenizer, g.sampling, "ct2")
+            shared_ct2 = generator.ct2 if is_policy and engine == "ct2" else None  # baselines: the same weights
         elif needs_generator:
             generator = build_client(cfg.generator, ctx.model, cfg.device, local_generator_model(cfg, adapter, model), tokenizer)
 
@@ -189,7 +195,7 @@ class C3poDataStage(Stage):
                 raise ValueError(f"no training prompts of scope {scope}; give more prompts or lower eval_fraction")
 
         ctx.log.info("baseline replies for %d prompts from %s (%s)", len(train), ctx.model, engine)
-        replies = self.baselines(engine, model, tokenizer, [as_messages(p["prompt"]) for p in train])
+        replies = self.baselines(engine, model, tokenizer, [as_messages(p["prompt"]) for p in train], shared_ct2)
         for row, reply in zip(train, replies):
             row["baseline"], row["baseline_finished"] = reply[0].text, reply[0].finished
 
@@ -302,9 +308,10 @@ class C3poDataStage(Stage):
         log.info("generated prompts: %s", ", ".join(f"{s}={sum(r['scope'] == s for r in rows)}" for s in SCOPES))
         return self.assign_splits(rows)
 
-    def baselines(self, engine: str, model, tokenizer, conversations) -> list[list[Any]]:
+    def baselines(self, engine: str, model, tokenizer, conversations, ct2=None) -> list[list[Any]]:
         """The current model's replies: HF generate on the loaded model, or the generation engine
-        on the same weights (the adapter merged; ENGINE_BATCH prompts per call)."""
+        on the same weights (the adapter merged; ENGINE_BATCH prompts per call), on `ct2` when the
+        generator already holds that CTranslate2 model (the same call `generate_chat` makes)."""
         from pipeline.generation import chat_generate, generate_chat
 
         cfg, ctx = self.config, self.ctx
@@ -315,6 +322,10 @@ class C3poDataStage(Stage):
         if engine == "hf":
             return chat_generate(
                 model, tokenizer, conversations, cfg.baseline_sampling, 1, cfg.batch_size, ctx.seed, on_batch=progress
+            )
+        if engine == "ct2" and ct2 is not None:
+            return ct2.generate(
+                conversations, cfg.baseline_sampling, num_samples=1, seed=ctx.seed, batch_size=ENGINE_BATCH, on_batch=progress
             )
         return generate_chat(
             ctx.model,

@@ -889,6 +889,38 @@ def test_two_seeds_aggregated(tmp_path):
     # the table, then against the base (in_context too), then against the feedback in the prompt
     assert printed == ["base", "in_context", *trained, "in_context", *trained, *trained]
 
+    # tiny's greedy replies are blank, so every adherence outcome above is False and the pairings compare
+    # nothing (0 better, 0 worse). Give the conditions outcomes of their own on the two prompts and the
+    # table must pair each seed with the right reference, item by item, in the right direction.
+    from pipeline.arena import write_outputs as rewrite
+
+    def set_adherence(stage, condition, values):
+        path = run_dir / stage / "summary"
+        summary = json.loads(path.read_text())
+        items = sorted(summary["outcomes"][condition]["adherence"])
+        assert len(items) == 2
+        summary["outcomes"][condition]["adherence"] = dict(zip(items, values))
+        path.write_text(json.dumps(summary))
+
+    kept = {stage: (run_dir / stage / "summary").read_bytes() for stage in ("eval_base", "eval_dpo_s0", "eval_dpo_s1")}
+    set_adherence("eval_base", "base", [False, True])
+    set_adherence("eval_base", "in_context", [True, True])
+    set_adherence("eval_dpo_s0", "dpo_s0", [True, False])
+    set_adherence("eval_dpo_s1", "dpo_s1", [True, True])
+    given = rewrite(run_dir)
+    rows = {row["condition"]: row for row in given["rows"]}
+
+    def moved(row, against):
+        return (row[against]["adherence"]["better"], row[against]["adherence"]["worse"])
+
+    assert moved(rows["in_context"], "vs_base") == (1, 0)
+    assert moved(rows["dpo_s0"], "vs_base") == (1, 1) and moved(rows["dpo_s1"], "vs_base") == (1, 0)
+    assert moved(rows["dpo_s0"], "vs_in_context") == (0, 1) and moved(rows["dpo_s1"], "vs_in_context") == (0, 0)
+    seeds_mean = given["aggregates"][0]["vs_base"]["adherence"]  # per prompt: (1 + 1) / 2 - 0 and (0 + 1) / 2 - 1
+    assert (seeds_mean["better"], seeds_mean["worse"]) == (1, 1) and seeds_mean["value"] == pytest.approx(0.25)
+    for stage, blob in kept.items():
+        (run_dir / stage / "summary").write_bytes(blob)
+
     # seed 1 fails at run time: the mean is seed 0's alone, and says so
     from pipeline.arena import load_arena, save_plan, write_outputs
     from pipeline.runner import Runner

@@ -441,10 +441,12 @@ def test_c3po_stages_on_tiny(tmp_path, tiny_model_path):
         assert key in metrics
     evaluation = load_rows(run / "align" / "evaluation")
     assert {r["condition"] for r in evaluation} == {"base", "in_context", "trained"}
-    # the separate evaluation stage on the saved adapter gives the same greedy replies as the built-in one
+    # the separate evaluation stage on the saved adapter asks the same held-out prompts as the built-in one
+    # (that both write the same greedy replies is test_feedback_eval's: here they are all blank, bare
+    # `tiny` after 6 steps)
     check = load_rows(run / "check" / "evaluation")
-    built_in = {r["prompt"]: r["response"] for r in evaluation if r["condition"] == "trained"}
-    assert {r["prompt"]: r["response"] for r in check} == built_in
+    built_in = {r["prompt"] for r in evaluation if r["condition"] == "trained"}
+    assert {r["prompt"] for r in check} == built_in and len(built_in) == len(held_out)
     from pipeline.report import build_report
 
     page = build_report(run).read_text()
@@ -514,15 +516,59 @@ def test_local_generator_runs_with_or_without_the_adapter_as_configured(tiny_mod
 
 
 def test_the_pipelines_own_generator_runs_on_the_engine_it_picks():
-    """A local generator that is the pipeline's model writes on CTranslate2 when its engine says so (the
-    stage then builds it from the files, not from the loaded HF model); any other generator is built as
-    configured."""
+    """A local generator that is the pipeline's model writes on the engine its settings pick; with
+    `auto` and the baselines on HF it shares the loaded HF model (one copy of the weights); any other
+    generator is built as configured."""
     from stages.c3po_data import C3poDataConfig, own_generator_engine
 
-    def engine(**generator):
-        return own_generator_engine(C3poDataConfig(generator=generator), "tiny", "cpu")
+    def engine(baselines="ct2", **generator):
+        return own_generator_engine(C3poDataConfig(generator=generator), "tiny", "cpu", baselines)
 
     assert engine(engine="ct2") == "ct2" and engine(engine="hf") == "hf" and engine(model="tiny", engine="ct2") == "ct2"
-    assert engine(engine="auto") in ("ct2", "hf")  # the faster on this host
+    assert engine("hf", engine="auto") == "hf" and engine("hf", engine="ct2") == "ct2"
     assert engine(model="smollm2-135m") is None and engine(adapter="some/adapter") is None
     assert engine(kind="openai", base_url="http://127.0.0.1:9/v1", model="m") is None
+
+
+def test_c3po_data_with_its_own_generator_on_ct2_never_loads_the_hf_model(tmp_path, tiny_model_path, lora_adapter, monkeypatch):
+    """Baselines and revisions both on CTranslate2 (the policy: `tiny` + adapter, merged): the stage
+    writes what that engine writes and never loads the HF model (it would refuse here). The random
+    adapter makes the greedy replies differ by prompt (bare `tiny` writes blanks)."""
+    import pipeline.models
+    from pipeline.generation import SamplingSettings
+    from pipeline.llm import HFClient
+    from trainers.c3po_data import REVISE_PROMPT
+
+    greedy = {"max_new_tokens": 8, "temperature": 0.0}
+    engine = HFClient("tiny", adapter=lora_adapter, engine="ct2", sampling=SamplingSettings(**greedy))
+    engine.complete([[{"role": "user", "content": "hi"}]])  # converts tiny + adapter once; the cache keeps it
+    asked = [("How do I sear a steak?", "in_scope"), ("What knife for tomatoes?", "in_scope")]
+    asked += [("How do I sharpen a chisel?", "near_scope"), ("Why is the sky blue?", "out_of_scope")]
+    write_jsonl([{"prompt": p, "scope": scope, "split": "train"} for p, scope in asked], tmp_path / "prompts.jsonl")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("c3po_data loaded the HF model")
+
+    monkeypatch.setattr(pipeline.models, "load_causal_lm", refuse)
+    feedback = "Mention salt."
+    stage = {
+        "name": "data",
+        "uses": "c3po_data",
+        "inputs": {"prompts": str(tmp_path / "prompts.jsonl"), "adapter": str(lora_adapter)},
+        "with": {
+            "feedback": feedback,
+            "engine": "ct2",
+            "generator": {"engine": "ct2", "sampling": greedy},
+            "baseline_sampling": greedy,
+        },
+    }
+    result = Runner(
+        pipeline_from_dict({"run_name": "own", "model": "tiny", "stages": [stage]}, tmp_path), tmp_path / "runs", use_ray=False
+    ).execute()
+    assert result.ok, [r.error for r in result.records]
+    rows = load_rows(result.run_dir / "data" / "train")
+    assert [r["baseline"] for r in rows] == engine.complete([[{"role": "user", "content": p}] for p, _ in asked])
+    in_scope = [r for r in rows if r["scope"] == "in_scope"]
+    asks = [REVISE_PROMPT.format(feedback=feedback, prompt=r["prompt"], response=r["baseline"]) for r in in_scope]
+    revised = engine.complete([[{"role": "user", "content": a}] for a in asks])
+    assert [r["revised"] for r in in_scope] == revised and all(revised) and revised[0] != revised[1]

@@ -128,12 +128,22 @@ def test_best_vs_worst_pairs_by_prompt_and_skips_ties_and_small_margins():
     assert [p["prompt_id"] for p in best_vs_worst(loose, "r")] == [prompt_id("q")]
 
 
-def test_generate_keeps_a_message_list_prompt(tmp_path, tiny_model_path):
+def test_generate_keeps_a_message_list_prompt(tmp_path, tiny_model_path, monkeypatch):
     """A chat-message prompt (which ppo accepts) is sampled as a conversation, not as the
     str() of a Python list, and the record keeps it as messages."""
     from pipeline.config import pipeline_from_dict
+    from pipeline.generation import LocalEngine
     from pipeline.records import load_rows, write_jsonl
     from pipeline.runner import Runner
+
+    asked: list = []
+    generate = LocalEngine.generate
+
+    def spy(self, conversations, *args, **kwargs):  # what the engine is asked to continue, then the real call
+        asked.extend(conversations)
+        return generate(self, conversations, *args, **kwargs)
+
+    monkeypatch.setattr(LocalEngine, "generate", spy)
 
     conv = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
     single = [{"role": "user", "content": "Name a fruit."}]
@@ -153,6 +163,7 @@ def test_generate_keeps_a_message_list_prompt(tmp_path, tiny_model_path):
     result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
     rows = load_rows(result.run_dir / "gen" / "responses")
+    assert asked == [conv, single]  # the messages themselves, the system turn first
     assert rows[0]["prompt"] == conv
     assert rows[0]["prompt_id"] == prompt_id(conv)
     assert rows[1]["prompt"] == single and rows[1]["prompt_id"] == prompt_id("Name a fruit.")  # same id as the text

@@ -194,7 +194,7 @@ def test_coh_stage_on_tiny_and_inference_phrase(tmp_path, tiny_model_path):
     assert any("loss/pretrain" in row for row in curves)
     rows = load_rows(run / "check" / "evaluation")
     assert {r["condition"] for r in rows} == {"base", "in_context", "trained"}
-    assert not any(p in r["response"] for r in rows for p in coh["stop"])  # replies end before the next phrase
+    # that replies end before the next phrase: test_feedback_eval (these greedy replies of `tiny` are blank)
 
 
 def test_the_model_honours_the_forgetful_mask(tiny_model_path):
