@@ -194,8 +194,13 @@ def _source_digest() -> str:
         spec = find_spec(package)
         for folder in (spec.submodule_search_locations or []) if spec else []:
             for path in sorted(Path(folder).rglob("*.py")):
+                if path.name.startswith("."):  # an editor's lock file (a dangling link), not a module
+                    continue
                 digest.update(f"{package}/{path.relative_to(folder)}".encode())
-                digest.update(path.read_bytes())
+                try:
+                    digest.update(path.read_bytes())
+                except OSError:  # unreadable: a report is still written (that plot is keyed without it)
+                    continue
     return digest.hexdigest()
 
 

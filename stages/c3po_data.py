@@ -127,8 +127,9 @@ def own_generator_engine(cfg: C3poDataConfig, model_name: str, device: str | Non
     generator writes from the same files (the base, plus the adapter merged unless
     `generator_adapter` is false) on CTranslate2, where the host measured it faster than HF generate:
     the language-feedback e2e test's data stage (SmolLM2, 1 thread) took 47 s reusing the loaded HF
-    model, 35 s on CTranslate2. With `engine: auto` and baselines on HF the HF model is loaded anyway,
-    and the generator shares it rather than hold a second copy of the weights."""
+    model, 35 s on CTranslate2. With `engine: auto` and baselines on HF the generator stays on HF: it
+    shares the loaded model rather than hold a second copy of the weights (with `generator_adapter:
+    false` and an adapter it loads the base; `build_client` then picks its engine itself)."""
     from pipeline.generation import pick_local_engine
 
     g = cfg.generator

@@ -3,7 +3,7 @@ promote and rollback of a canary, the live per-version reaction counts that deci
 the admin completion lookup, and `heedful deploy --canary / promote / stats` as a subprocess.
 
 A real uvicorn server on 127.0.0.1 with the `tiny` model and MiniLM memory; a users file with
-24 users and one admin (root); the adapters are real PEFT LoRA folders on the tiny model.
+24 users asking (plus 120 spare accounts, see SPARE) and one admin (root); the adapters are real PEFT LoRA folders on the tiny model.
 Tests run in file order and each starts from "no canary" (`no_canary`).
 """
 
