@@ -96,7 +96,7 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
         parts.append(grid_section(table))
     from .report import cached_figure
 
-    drawn = [cached_figure(("pareto", table, x, y, title), pareto_figure, table, x, y, title) for x, y, title in PARETO]
+    drawn = [cached_figure(pareto_figure, table, x, y, title) for x, y, title in PARETO]
     parts += [figure for figure in drawn if figure]
     parts.append(side_by_side(Path(run_root)))
     parts.append(users_side_by_side(Path(run_root)))

@@ -21,6 +21,7 @@ import hashlib
 import html
 import io
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,7 @@ def build_report(run_root: Path) -> Path:
     finally:
         _cache_dir.reset(tokens[0])
         _used.reset(tokens[1])
-    for stale in folder.glob("*.html") if folder.is_dir() else ():
-        if stale.stem not in used:
-            stale.unlink(missing_ok=True)
+    _prune_figures(folder, used)
     return out
 
 
@@ -135,7 +134,7 @@ def plot_curves(rows: list[dict[str, Any]], title: str) -> str:
     groups = curve_groups(rows)
     if not groups:
         return ""
-    return cached_figure(("curves", groups, title), curves_figure, groups, title)
+    return cached_figure(curves_figure, groups, title)
 
 
 def curves_figure(groups: dict[str, dict[str, list[tuple[float, float]]]], title: str):
@@ -159,16 +158,17 @@ def curves_figure(groups: dict[str, dict[str, list[tuple[float, float]]]], title
     return fig
 
 
-def cached_figure(key: Any, draw: Callable[..., Any], *args: Any) -> str:
+def cached_figure(draw: Callable[..., Any], *args: Any) -> str:
     """`figure_html(draw(*args))` ("" when `draw` returns None), reused from an earlier build of this
-    run's report when `key` (JSON-able: everything the plot shows; dict order counts, as it does for
-    the bars and lines drawn), heedful's source and matplotlib's version are the same. Outside
-    `build_report` it just draws."""
+    run's report when `args` (JSON-able: everything the plot shows; dict order counts, as it does for
+    the bars and lines drawn), `draw` itself, heedful's source and matplotlib's version are the same.
+    Outside `build_report` it just draws."""
     folder, used = _cache_dir.get(), _used.get()
     if folder is None or used is None:
         figure = draw(*args)
         return figure_html(figure) if figure is not None else ""
-    blob = json.dumps([_source_digest(), _matplotlib_version(), draw.__qualname__, key], separators=(",", ":"), default=str)
+    name = f"{draw.__module__}.{draw.__qualname__}"
+    blob = json.dumps([_source_digest(), _matplotlib_version(), name, args], separators=(",", ":"), default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:32]
     used.add(digest)
     path = folder / f"{digest}.html"
@@ -180,6 +180,22 @@ def cached_figure(key: Any, draw: Callable[..., Any], *args: Any) -> str:
     out = figure_html(figure) if figure is not None else ""
     atomic_write_text(path, out)
     return out
+
+
+def _prune_figures(folder: Path, used: set[str]) -> None:
+    """Remove the plots a build did not use, and the half-written ones a crashed build left (an hour
+    old: a report of the same run being built beside this one may be writing a newer one now)."""
+    if not folder.is_dir():
+        return
+    for stale in folder.glob("*.html"):
+        if stale.stem not in used:
+            stale.unlink(missing_ok=True)
+    for partial in folder.glob(".*.tmp"):
+        try:
+            if time.time() - partial.stat().st_mtime > 3600:
+                partial.unlink(missing_ok=True)
+        except OSError:
+            continue
 
 
 @functools.cache

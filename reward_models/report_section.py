@@ -64,7 +64,7 @@ def _bucket_table(buckets: list[dict[str, float]]) -> str:
 def reliability_figure(bins: list[dict[str, float]], title: str) -> str:
     from pipeline.report import cached_figure
 
-    return cached_figure(("reliability", bins, title), reliability_plot, bins, title)
+    return cached_figure(reliability_plot, bins, title)
 
 
 def reliability_plot(bins: list[dict[str, float]], title: str):

@@ -83,7 +83,7 @@ def adherence_section(manifests: dict[str, dict[str, Any]]) -> str:
         conditions = [c for c in ("base", "in_context", "trained") if f"adherence/{c}" in metrics]
         groups = ADHERENCE_GROUPS
         values = {c: [metrics.get(f"{g}/{c}", 0.0) for g, _ in groups] for c in conditions}
-        figure = report.cached_figure(("adherence", name, values), adherence_plot, name, values)
+        figure = report.cached_figure(adherence_plot, name, values)
         rows = "".join(
             f"<tr><td>{html.escape(c)}</td>"
             + "".join(f"<td>{metrics.get(f'{g}/{c}', float('nan')):.2f}</td>" for g, _ in groups)

@@ -534,6 +534,7 @@ def test_c3po_data_with_its_own_generator_on_ct2_never_loads_the_hf_model(tmp_pa
     """Baselines and revisions both on CTranslate2 (the policy: `tiny` + adapter, merged): the stage
     writes what that engine writes and never loads the HF model (it would refuse here). The random
     adapter makes the greedy replies differ by prompt (bare `tiny` writes blanks)."""
+    import pipeline.ct2_engine
     import pipeline.models
     from pipeline.generation import SamplingSettings
     from pipeline.llm import HFClient
@@ -550,6 +551,11 @@ def test_c3po_data_with_its_own_generator_on_ct2_never_loads_the_hf_model(tmp_pa
         raise AssertionError("c3po_data loaded the HF model")
 
     monkeypatch.setattr(pipeline.models, "load_causal_lm", refuse)
+    loaded: list[str] = []  # CTranslate2 copies of the weights the stage holds: one, shared
+    load = pipeline.ct2_engine.Ct2Generator.__init__
+    monkeypatch.setattr(
+        pipeline.ct2_engine.Ct2Generator, "__init__", lambda self, *a, **k: loaded.append(a[0]) or load(self, *a, **k)
+    )
     feedback = "Mention salt."
     stage = {
         "name": "data",
@@ -566,6 +572,7 @@ def test_c3po_data_with_its_own_generator_on_ct2_never_loads_the_hf_model(tmp_pa
         pipeline_from_dict({"run_name": "own", "model": "tiny", "stages": [stage]}, tmp_path), tmp_path / "runs", use_ray=False
     ).execute()
     assert result.ok, [r.error for r in result.records]
+    assert len(loaded) == 1, loaded
     rows = load_rows(result.run_dir / "data" / "train")
     assert [r["baseline"] for r in rows] == engine.complete([[{"role": "user", "content": p}] for p, _ in asked])
     in_scope = [r for r in rows if r["scope"] == "in_scope"]

@@ -13,7 +13,14 @@ import zipfile
 
 from .conftest import ROOT
 
-PACKAGES = ("pipeline", "stages", "reward_models", "serving", "trainers", "feedback", "ray_jobs")
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+#: every package and subpackage pyproject.toml names (heedful_data is the `data` folder, checked by DATA)
+LISTED = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]) - {"heedful_data"}
+PACKAGES = sorted({name.split(".")[0] for name in LISTED})
 DATA = ("*.jsonl", "*.json", "*.tsv", "*.txt", "*.md", "*.yaml")  # [tool.setuptools.package-data] heedful_data
 
 
@@ -48,3 +55,19 @@ def test_the_wheel_holds_every_module_and_data_file(tmp_path):
         for path in (ROOT / "data").rglob(pattern)
     }
     assert data and sorted(data - shipped) == []
+
+
+def test_every_package_is_named_in_pyproject_and_in_the_report_digest():
+    """A new package goes into pyproject's list (or the wheel lacks it) and, unless it is ray_jobs'
+    job scripts, into the report's source digest (or plots drawn by its code are reused after an edit)."""
+    from pipeline.report import PLOTTING_PACKAGES
+
+    tops = [p for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name not in {"tests", "data"}]
+    found = {
+        init.parent.relative_to(ROOT).as_posix().replace("/", ".")
+        for top in tops
+        for init in top.rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert "trainers.ppo" in found and sorted(found ^ LISTED) == []
+    assert sorted(set(PLOTTING_PACKAGES) ^ (set(PACKAGES) - {"ray_jobs"})) == []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 from pipeline import registry
 from pipeline.report import build_report
@@ -60,6 +62,14 @@ def test_plots_are_drawn_again_only_when_what_they_show_changed(tmp_path, monkey
     assert drawn == ["b (dpo)"] and second != first and second.count("<img") == 2
     now = sorted(p.name for p in (run / report.FIGURE_CACHE).glob("*.html"))
     assert len(now) == 2 and len(set(now) & set(cached)) == 1  # b's old plot is gone
+
+    # a crashed build's half-written plot goes once it is an hour old; a fresh one may be a build beside this one
+    old, fresh = (run / report.FIGURE_CACHE / f".{n}.html.0123abcd.tmp" for n in ("old", "fresh"))
+    for partial in (old, fresh):
+        partial.write_text("<img")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert build_report(run).read_text() == second
+    assert not old.exists() and fresh.exists()
 
     drawn.clear()
     assert report.plot_curves(json.loads((run / "a" / "curves.json").read_text()), "a (dpo)").startswith("<img")

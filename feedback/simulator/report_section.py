@@ -65,7 +65,7 @@ def satisfaction_figure(transcripts: list[dict[str, Any]], title: str) -> str:
     rounds = sorted(by_round)
     mean = [sum(by_round[r]) / len(by_round[r]) for r in rounds]
     done = [sum(1 for t in transcripts if t["satisfied"] and t["rounds"] <= r) / len(transcripts) for r in rounds]
-    return cached_figure(("satisfaction", rounds, mean, done, title), satisfaction_plot, rounds, mean, done, title)
+    return cached_figure(satisfaction_plot, rounds, mean, done, title)
 
 
 def satisfaction_plot(rounds: list[int], mean: list[float], done: list[float], title: str):

@@ -115,7 +115,7 @@ def bars_figure(title: str, conditions: dict[str, dict[str, Any]], metric_names:
     """`bars_plot` as an HTML image ("" when no rate was measured)."""
     from pipeline import report
 
-    return report.cached_figure(("bars", title, conditions, metric_names), bars_plot, title, conditions, metric_names)
+    return report.cached_figure(bars_plot, title, conditions, metric_names)
 
 
 def bars_plot(title: str, conditions: dict[str, dict[str, Any]], metric_names: list[str] = BAR_METRICS) -> Any:

@@ -118,7 +118,7 @@ def report_section(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> str:
         threshold = (manifest.get("config") or {}).get("kl_threshold", PpoSettings.model_fields["kl_threshold"].default)
         parts.append(f"<h2>{html.escape(name)}: PPO objectives, KL and diagnostics</h2>")
         title = f"{name} (ppo)"
-        parts.append(cached_figure(("ppo", curves, title, threshold), plot_ppo, curves, title, threshold))
+        parts.append(cached_figure(plot_ppo, curves, title, threshold))
         metrics = manifest.get("metrics", {})
         if "stopped_early" in metrics:
             parts.append(f"<p><b>stopped early:</b> {html.escape(str(metrics['stopped_early']))}</p>")
