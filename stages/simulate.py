@@ -5,16 +5,19 @@ the policy's clarifying questions from the need, and judges replies: thanks when
 satisfied, specific feedback otherwise; the policy revises, up to `max_rounds` rounds.
 The simulator LLM is a local HF model (default SmolLM2-135M) or an OpenAI-compatible
 endpoint. Outputs are feedback records with provenance (simulator, seed, prompt version).
+The policy's replies come from the generation engine (`engine: auto`: CTranslate2 with the adapter
+merged where the engine probe found it faster on this CPU, as `generate` and `evaluate` pick).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from feedback.simulator.prompts import PROMPT_VERSION
 from feedback.simulator.protocol import ProtocolSettings
+from pipeline.generation import EngineSetting, check_local_engine
 from pipeline.stage import Input, Output, Stage, StageConfig
 
 
@@ -39,8 +42,14 @@ class SimulateConfig(StageConfig, ProtocolSettings):
     max_conversations: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=16, ge=1, description="conversations per generate() call (hf backends)")
     device: str | None = None
+    engine: EngineSetting = "auto"  # what writes the policy's replies (hf or ct2; the simulator has its own)
     cache: bool = Field(default=True, description="reuse earlier LLM calls from $HEEDFUL_HOME/cache/convsim.sqlite")
     cache_path: str | None = None
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, value: str) -> str:
+        return check_local_engine(value)
 
 
 class SimulateStage(Stage):
@@ -63,7 +72,7 @@ class SimulateStage(Stage):
         "preferences": Output("preferences", doc="revised reply chosen over the reply that drew negative feedback"),
     }
     default_num_cpus = float("inf")
-    non_semantic_fields = frozenset({"batch_size", "device", "cache", "cache_path"})
+    non_semantic_fields = frozenset({"batch_size", "device", "engine", "cache", "cache_path"})
 
     @classmethod
     def report_section(cls, run_root, manifests):
@@ -100,8 +109,10 @@ class SimulateStage(Stage):
         )
         adapter = ctx.input("adapter")
         started = time.time()
-        policy_backend = HFClient(ctx.model, device=cfg.device, batch_size=cfg.batch_size, adapter=adapter)
-        shared = policy_backend if adapter is None else None  # the simulator may be the policy's own model
+        policy_backend = HFClient(ctx.model, device=cfg.device, batch_size=cfg.batch_size, adapter=adapter, engine=cfg.engine)
+        # the simulator may be the policy's own model: it shares the HF copy (on CTranslate2 the policy's
+        # client loads one only for this; the simulator needs its logits anyway)
+        shared = policy_backend if adapter is None else None
         sim_backend = build_client(
             cfg.simulator, ctx.model, cfg.device, shared and shared.model, shared and shared.tokenizer, batch_size=cfg.batch_size
         )
@@ -110,11 +121,12 @@ class SimulateStage(Stage):
             cache = LLMCache(cfg.cache_path or heedful_home() / "cache" / "convsim.sqlite")
         policy, simulator = CachedLLM(policy_backend, cache), CachedLLM(sim_backend, cache)
         ctx.log.info(
-            "simulating %d users with %s against policy %s%s",
+            "simulating %d users with %s against policy %s%s (replies from %s)",
             len(users),
             simulator.identity,
             ctx.model,
             " + adapter" if adapter else "",
+            {"hf": "HF generate", "ct2": "CTranslate2"}[policy_backend.engine],
         )
 
         judge = Judge(simulator, cfg.judge).calibrate()

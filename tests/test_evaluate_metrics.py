@@ -613,24 +613,45 @@ def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path):
     assert "check: evaluation" in report_html and "dpo_s0" in report_html
 
 
-def test_engine_replies_equal_hf_replies(tmp_path, tiny_model_path):
-    """The held-out replies come from the generation engine (CTranslate2 on CPU, the adapter
-    merged) unless `engine: hf`; greedy, both write the same replies under every condition."""
+def test_engine_replies_equal_hf_replies(tmp_path, tiny_model_path, monkeypatch):
+    """The held-out replies, and the policy's replies in the simulated users' conversations, come
+    from the generation engine (CTranslate2 on CPU, the adapter merged) unless `engine: hf`; greedy,
+    both write the same replies under every condition."""
+    import pipeline.ct2_engine
     from pipeline.records import load_rows
 
     adapter = random_adapter(tmp_path / "dpo_s0", tiny_model_path)
-    inputs = {"prompts": str(write_scoped_prompts(tmp_path)), "adapter": str(adapter)}
-    replies = {}
+    needs = tmp_path / "needs.jsonl"
+    write_jsonl([{"id": f"n{i}", "prompt": p, "need": f"an answer to: {p}"} for i, (p, _) in enumerate(SCOPED)], needs)
+    inputs = {"prompts": str(write_scoped_prompts(tmp_path)), "adapter": str(adapter), "needs": str(needs)}
+    users = {"max_rounds": 1, "simulator": {"model": "tiny"}, "policy_sampling": {"max_new_tokens": 12, "temperature": 0.0}}
+    written: list[int] = []  # replies CTranslate2 wrote
+    generate = pipeline.ct2_engine.Ct2Generator.generate
+    monkeypatch.setattr(
+        pipeline.ct2_engine.Ct2Generator,
+        "generate",
+        lambda self, conversations, *a, **k: written.append(len(conversations)) or generate(self, conversations, *a, **k),
+    )
+    replies, conversations, on_ct2 = {}, {}, {}
     for engine in ("hf", "ct2"):
         with_ = {"conditions": ["base", "in_context", "adapter"], "drift": False, "engine": engine, "resamples": 100}
         with_["sampling"] = {"max_new_tokens": 12, "temperature": 0.0}
+        with_["users"] = users
+        written.clear()
         result = run_evaluate(tmp_path / engine, inputs, with_)
         assert result.ok, result.records[0].error
         log = (result.run_dir / "check" / "stage.log").read_text()
         assert ("replies from CTranslate2" if engine == "ct2" else "replies from HF generate") in log
         rows = load_rows(result.run_dir / "check" / "evaluation")
         replies[engine] = {(r["condition"], r["prompt"]): (r["response"], r["tokens"], r["finished"]) for r in rows}
+        talks = load_rows(result.run_dir / "check" / "conversations")
+        conversations[engine] = {(t["condition"], t["request"]): t["utterances"][1]["text"] for t in talks}
+        on_ct2[engine] = sum(written)
     assert len(replies["hf"]) == 3 * len(SCOPED) and replies["ct2"] == replies["hf"]
+    assert len(conversations["hf"]) == 3 * len(SCOPED) and conversations["ct2"] == conversations["hf"]
+    # the same conversations, so the simulator (on CTranslate2 itself under `auto`) wrote the same in both runs:
+    # on ct2 the policy wrote every held-out reply and every reply to a user there too
+    assert on_ct2["ct2"] - on_ct2["hf"] == 2 * 3 * len(SCOPED)
     assert len({reply for (condition, _), reply in replies["hf"].items() if condition == "dpo_s0"}) > 1  # each its own
     assert replies["hf"][("dpo_s0", SCOPED[0][0])] != replies["hf"][("base", SCOPED[0][0])]  # the adapter changes them
 

@@ -141,6 +141,28 @@ def test_rerun_is_served_from_the_cache(tmp_path, tiny_model_path):
     assert 0 < m3["cache_misses"] < m1["cache_misses"]
 
 
+def test_the_policy_on_ctranslate2_talks_as_on_hf(tmp_path, tiny_model_path, lora_adapter):
+    """`engine: ct2` writes the policy's replies (its adapter merged) on CTranslate2; greedy, every
+    conversation is word for word the one `engine: hf` gives (the simulator is the same in both)."""
+    needs = tmp_path / "needs.jsonl"
+    write_jsonl(NEEDS, needs)
+    greedy = {"max_new_tokens": 8, "temperature": 0.0}
+    talks, logs = {}, {}
+    for engine in ("hf", "ct2"):
+        cfg = simulate_pipeline(needs, tmp_path, satisfied_threshold=1.0, max_rounds=2, cache=False, engine=engine)
+        cfg["stages"][0]["inputs"]["adapter"] = str(lora_adapter)
+        cfg["stages"][0]["with"]["policy_sampling"] = greedy
+        cfg["run_name"] = engine
+        result = Runner(pipeline_from_dict(cfg, tmp_path), tmp_path / "runs", use_ray=False).execute()
+        assert result.ok, [r.error for r in result.records]
+        talks[engine] = [t["utterances"] for t in load_rows(result.run_dir / "users" / "transcripts")]
+        logs[engine] = (result.run_dir / "users" / "stage.log").read_text()
+    assert "(replies from HF generate)" in logs["hf"] and "(replies from CTranslate2)" in logs["ct2"]
+    replies = [u["text"] for t in talks["hf"] for u in t if u["participant"] == "system"]
+    assert len(replies) == 2 * len(NEEDS) and len(set(replies)) > 1  # the adapter's replies differ by prompt
+    assert talks["ct2"] == talks["hf"]
+
+
 def test_seed_changes_the_conversation(tmp_path, tiny_model_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     a, _ = run(tmp_path / "a", NEEDS, satisfied_threshold=1.0, max_rounds=2, cache=False)

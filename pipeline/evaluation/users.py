@@ -16,7 +16,7 @@ from pydantic import Field
 
 from feedback.simulator.protocol import ProtocolSettings
 
-from .conditions import Answering
+from .conditions import Answering, Condition
 
 
 class UsersSettings(ProtocolSettings):
@@ -77,8 +77,9 @@ def satisfaction(
         for user in users:
             user.first_reply = None  # the condition answers itself
             user.system_prompt = ans.system_for(condition, user.request)
+        policy = CachedLLM(condition_policy(ans, condition, policy_backend), None)
         with ans.weights(condition):
-            transcripts = run_conversations(users, CachedLLM(policy_backend, None), simulator, settings, ans.seed, judge)
+            transcripts = run_conversations(users, policy, simulator, settings, ans.seed, judge)
         per_need = need_outcomes(transcripts)
         conversations.extend({"condition": condition.name, **t.to_row()} for t in transcripts)
         metrics = results[condition.name]
@@ -96,6 +97,22 @@ def satisfaction(
             len(transcripts),
             metrics["first_reply_satisfied"]["value"],
         )
+
+
+def condition_policy(ans: Answering, condition: Condition, loaded: Any) -> Any:
+    """What writes a condition's replies in its users' conversations: the engine the held-out replies
+    came from when that is CTranslate2 (the base, or the adapter merged: a converted copy the replies
+    already made), else `loaded` (the HF model, its adapter switched by `ans.weights`).
+
+    Why: the conversations' replies were most of the quickstart's evaluation, on HF generate, while
+    CTranslate2 wrote the held-out replies beside them (greedy replies equal to HF's; sampled ones from
+    the same distribution). The simulator and the judge stay on HF: they need its logits."""
+    if ans.engine != "ct2":
+        return loaded
+    from pipeline.llm import HFClient
+
+    adapter = ans.adapter if condition.adapter_on else None
+    return HFClient(ans.model_name, ans.device, ans.batch_size, adapter, None, ans.tokenizer, engine="ct2")
 
 
 def first_judged(utterances: Iterable[Any]) -> Any:
