@@ -160,15 +160,21 @@ def curves_figure(groups: dict[str, dict[str, list[tuple[float, float]]]], title
 
 def cached_figure(draw: Callable[..., Any], *args: Any) -> str:
     """`figure_html(draw(*args))` ("" when `draw` returns None), reused from an earlier build of this
-    run's report when `args` (JSON-able: everything the plot shows; dict order counts, as it does for
-    the bars and lines drawn), `draw` itself, heedful's source and matplotlib's version are the same.
-    Outside `build_report` it just draws."""
+    run's report when `args` (everything the plot shows; dict order counts, as it does for the bars
+    and lines drawn), `draw` itself, heedful's source and matplotlib's version are the same.
+    Outside `build_report`, or when `args` are not plain JSON (an object's repr, a numpy array's
+    shortened str: no key that stays the same yet tells two plots apart), it just draws."""
     folder, used = _cache_dir.get(), _used.get()
-    if folder is None or used is None:
+    blob = None
+    if folder is not None and used is not None:
+        name = f"{draw.__module__}.{draw.__qualname__}"
+        try:
+            blob = json.dumps([_source_digest(), _matplotlib_version(), name, args], separators=(",", ":"))
+        except (TypeError, ValueError):
+            pass
+    if folder is None or used is None or blob is None:
         figure = draw(*args)
         return figure_html(figure) if figure is not None else ""
-    name = f"{draw.__module__}.{draw.__qualname__}"
-    blob = json.dumps([_source_digest(), _matplotlib_version(), name, args], separators=(",", ":"), default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:32]
     used.add(digest)
     path = folder / f"{digest}.html"

@@ -88,7 +88,7 @@ class SimulateStage(Stage):
         from feedback.simulator.protocol import Judge, run_conversations
         from feedback.simulator.records import ProvenanceInfo, save_dataset, transcript_records
         from pipeline.evaluation.users import first_judged
-        from pipeline.llm import HFClient, build_client
+        from pipeline.llm import HFClient, build_client, shares_default_model
         from pipeline.llm_cache import CachedLLM, LLMCache
         from pipeline.paths import heedful_home
         from pipeline.records import save_rows
@@ -110,9 +110,9 @@ class SimulateStage(Stage):
         adapter = ctx.input("adapter")
         started = time.time()
         policy_backend = HFClient(ctx.model, device=cfg.device, batch_size=cfg.batch_size, adapter=adapter, engine=cfg.engine)
-        # the simulator may be the policy's own model: it shares the HF copy (on CTranslate2 the policy's
-        # client loads one only for this; the simulator needs its logits anyway)
-        shared = policy_backend if adapter is None else None
+        # a simulator that is the policy's own model shares its HF copy (on CTranslate2 the policy's client
+        # loads one only then: the simulator needs its logits anyway)
+        shared = policy_backend if adapter is None and shares_default_model(cfg.simulator, ctx.model) else None
         sim_backend = build_client(
             cfg.simulator, ctx.model, cfg.device, shared and shared.model, shared and shared.tokenizer, batch_size=cfg.batch_size
         )

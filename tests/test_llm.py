@@ -108,3 +108,15 @@ def test_local_client_reuses_a_loaded_model_only_when_it_is_the_same(tiny_model_
     assert all(texts) and texts[0] != texts[1]  # real replies, not the same blank for both
     other = build_client(LLMSettings(model="tiny", adapter=None), "smollm2-135m", model=first.model)
     assert other.model is not first.model  # a different name: it loads its own
+
+
+def test_a_loaded_model_is_shared_only_with_a_client_of_that_model_without_adapter():
+    """The simulate stage asks before it loads the policy's HF model for its simulator (a policy on
+    CTranslate2 has none loaded): only a local client of the same model, without adapter, reuses it."""
+    from pipeline.llm import shares_default_model
+
+    assert shares_default_model(LLMSettings(), "tiny")  # no model named: the pipeline's
+    assert shares_default_model(LLMSettings(model="tiny"), "tiny")
+    assert not shares_default_model(LLMSettings(model="smollm2-135m"), "tiny")
+    assert not shares_default_model(LLMSettings(model="tiny", adapter="a"), "tiny")
+    assert not shares_default_model(LLMSettings(kind="openai", model="tiny"), "tiny")

@@ -74,3 +74,24 @@ def test_plots_are_drawn_again_only_when_what_they_show_changed(tmp_path, monkey
     drawn.clear()
     assert report.plot_curves(json.loads((run / "a" / "curves.json").read_text()), "a (dpo)").startswith("<img")
     assert drawn == ["a (dpo)"]  # outside build_report: drawn, not cached
+
+
+def test_a_plot_of_data_that_is_not_plain_json_is_drawn_every_time(tmp_path):
+    """No key for an object's repr (it names a memory address: never the same twice) or a numpy
+    array's shortened str (two arrays could share it): such a plot is drawn, never cached."""
+    from pipeline import report
+
+    drawn: list[object] = []
+
+    def draw(data):
+        drawn.append(data)
+
+    tokens = (report._cache_dir.set(tmp_path), report._used.set(set()))
+    try:
+        for data in (object(), object(), {"a": [1, 2]}, {"a": [1, 2]}):
+            assert report.cached_figure(draw, data) == ""
+    finally:
+        report._cache_dir.reset(tokens[0])
+        report._used.reset(tokens[1])
+    assert len(drawn) == 3  # both objects, the JSON data once
+    assert len(list(tmp_path.glob("*.html"))) == 1

@@ -106,7 +106,7 @@ def condition_policy(ans: Answering, condition: Condition, loaded: Any) -> Any:
 
     Why: the conversations' replies were most of the quickstart's evaluation, on HF generate, while
     CTranslate2 wrote the held-out replies beside them (greedy replies equal to HF's; sampled ones from
-    the same distribution). The simulator and the judge stay on HF: they need its logits."""
+    the same distribution). The simulator and its judge are their own client (`settings.simulator`)."""
     if ans.engine != "ct2":
         return loaded
     from pipeline.llm import HFClient
