@@ -656,6 +656,33 @@ def test_engine_replies_equal_hf_replies(tmp_path, tiny_model_path, monkeypatch)
     assert replies["hf"][("dpo_s0", SCOPED[0][0])] != replies["hf"][("base", SCOPED[0][0])]  # the adapter changes them
 
 
+def test_a_chain_of_hindsight_adapter_answers_its_users_after_its_phrase(tmp_path, tiny_model_path):
+    """A CoH adapter's first turn to each simulated user is its held-out reply to the same request
+    (greedy, no system prompt): both open with its phrase, on whichever engine the rest runs. The
+    phrase changes the replies, so a conversation answered without it would differ."""
+    from pipeline.records import load_rows
+    from trainers.feedback_eval import COH_FILE
+
+    adapter = random_adapter(tmp_path / "coh_s0", tiny_model_path)
+    needs = tmp_path / "needs.jsonl"
+    write_jsonl([{"id": f"n{i}", "prompt": p, "need": f"an answer to: {p}"} for i, (p, _) in enumerate(SCOPED)], needs)
+    greedy = {"max_new_tokens": 10, "temperature": 0.0}
+    with_ = {"conditions": ["adapter"], "drift": False, "engine": "ct2", "resamples": 100, "sampling": greedy}
+    with_["users"] = {"max_rounds": 1, "simulator": {"model": "tiny"}, "policy_sampling": greedy}
+    inputs = {"prompts": str(write_scoped_prompts(tmp_path)), "adapter": str(adapter), "needs": str(needs)}
+    replies = {}
+    for phrase in (None, "A helpful answer:"):
+        if phrase:
+            (adapter / COH_FILE).write_text(json.dumps({"phrase": phrase, "stop": []}))
+        result = run_evaluate(tmp_path / str(bool(phrase)), inputs, with_)
+        assert result.ok, result.records[0].error
+        held_out = {r["prompt"]: r["response"] for r in load_rows(result.run_dir / "check" / "evaluation")}
+        talks = {t["request"]: t["utterances"][1]["text"] for t in load_rows(result.run_dir / "check" / "conversations")}
+        assert len(held_out) == len(SCOPED) and talks == held_out
+        replies[phrase] = held_out
+    assert replies[None] != replies["A helpful answer:"]
+
+
 def test_drift_batched_equals_one_full_forward_per_item(tiny_model_path, lora_adapter):
     """drift() scores items in right-padded batches with only the answer positions through the
     head; each item's KL and log-likelihood equal one full forward of that item alone."""

@@ -100,19 +100,44 @@ def satisfaction(
 
 
 def condition_policy(ans: Answering, condition: Condition, loaded: Any) -> Any:
-    """What writes a condition's replies in its users' conversations: the engine the held-out replies
-    came from when that is CTranslate2 (the base, or the adapter merged: a converted copy the replies
-    already made), else `loaded` (the HF model, its adapter switched by `ans.weights`).
+    """What writes a condition's replies in its users' conversations, as `Answering.replies` writes
+    its held-out replies: a Chain-of-Hindsight adapter after its phrase (`PhrasedPolicy`, HF);
+    else the engine the held-out replies came from when that is CTranslate2 (the base, or the
+    adapter merged: a converted copy the replies already made); else `loaded` (the HF model, its
+    adapter switched by `ans.weights`).
 
-    Why: the conversations' replies were most of the quickstart's evaluation, on HF generate, while
-    CTranslate2 wrote the held-out replies beside them (greedy replies equal to HF's; sampled ones from
-    the same distribution). The simulator and its judge are their own client (`settings.simulator`)."""
+    Why the engine: the conversations' replies were most of the quickstart's evaluation, on HF
+    generate, while CTranslate2 wrote the held-out replies beside them (greedy replies equal to HF's;
+    sampled ones from the same distribution). The simulator and its judge are their own client
+    (`settings.simulator`)."""
+    from trainers.feedback_eval import coh_prefix
+
+    prefix = coh_prefix(ans.adapter) if condition.adapter_on else None
+    if prefix is not None:
+        return PhrasedPolicy(ans, prefix)
     if ans.engine != "ct2":
         return loaded
     from pipeline.llm import HFClient
 
     adapter = ans.adapter if condition.adapter_on else None
     return HFClient(ans.model_name, ans.device, ans.batch_size, adapter, None, ans.tokenizer, engine="ct2")
+
+
+class PhrasedPolicy:
+    """A Chain-of-Hindsight adapter in conversation: each of its turns opens with the phrase it was
+    trained to follow (`coh.json`) and is cut where a feedback phrase begins, as on the held-out
+    prompts; without it the users would judge the adapter unprompted. On the loaded HF model (its
+    adapter on: `ans.weights`), the one path that takes a prompt suffix."""
+
+    def __init__(self, ans: Answering, prefix: dict[str, Any]):
+        self.ans, self.prefix = ans, prefix
+        self.identity = f"hf:{ans.model_name}+coh:{prefix.get('phrase', '')}"
+
+    def generate(self, conversations: list[Any], sampling: Any, seed: int = 0) -> list[Any]:
+        from trainers.feedback_eval import sample_completions
+
+        ans = self.ans
+        return sample_completions(ans.model, ans.tokenizer, conversations, sampling, ans.batch_size, seed, self.prefix)
 
 
 def first_judged(utterances: Iterable[Any]) -> Any:
