@@ -66,11 +66,7 @@ class LLMSettings(BaseModel):
         default_factory=lambda: SamplingSettings(max_new_tokens=256, temperature=0.7),
         description="for callers that ask for plain text (`complete`)",
     )
-    batch_size: int = Field(
-        default=8,
-        ge=1,
-        description="hf: conversations per forward pass (scores, HF generate); CTranslate2 takes up to 64 replies per call",
-    )
+    batch_size: int = Field(default=8, ge=1, description="hf: conversations per generate() call")
     concurrency: int = Field(default=8, ge=1, description="openai: parallel requests")
     timeout_s: float = Field(default=120.0, gt=0)
 
@@ -225,13 +221,10 @@ class HFClient:
         return self._ct2
 
     def generate(self, conversations: list[Messages], sampling: SamplingSettings, seed: int = 0) -> list[Completion]:
-        from .generation import ENGINE_BATCH, chat_generate
+        from .generation import chat_generate
 
         if self.engine == "ct2":
-            # CTranslate2 sorts a call's prompts by length itself, and a sampled call restarts its generator
-            # to seed it (about 1 s for SmolLM2): few large calls, as the stages hand it whole queues
-            batch_size = max(self.batch_size, ENGINE_BATCH)
-            replies = self.ct2.generate(conversations, sampling, seed=seed, batch_size=batch_size)
+            replies = self.ct2.generate(conversations, sampling, seed=seed, batch_size=self.batch_size)
         else:
             replies = chat_generate(
                 self.model, self.tokenizer, conversations, sampling, num_samples=1, batch_size=self.batch_size, seed=seed

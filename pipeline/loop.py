@@ -410,7 +410,8 @@ def evaluation_key(loop: LoopFile, reward_models: list[str] | None = None) -> st
     """What an evaluation's result depends on besides the adapter: the `evaluate:` block, the model,
     the seed, the content of its local input files and the refreshed reward models that score it
     (`reward_models`: their folders; each round's refresh is a new folder, so an evaluation scored by
-    an older model is not reused). Equal keys: the same version scores the same."""
+    an older model is not reused), and the evaluate stage's version. Equal keys: the same version
+    scores the same."""
     import hashlib
     import json
 
@@ -419,12 +420,13 @@ def evaluation_key(loop: LoopFile, reward_models: list[str] | None = None) -> st
         path = (loop.path.parent / str(ref)).expanduser()
         if ":" not in str(ref) and path.is_file():
             files[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    from stages.evaluate import EvaluateStage
+
     evaluate = dict(loop.spec.evaluate)
     if isinstance(evaluate.get("with"), dict):  # settings that do not change the result (report_to, device) are left out
-        from stages.evaluate import EvaluateStage
-
         evaluate["with"] = {k: v for k, v in evaluate["with"].items() if k not in EvaluateStage.non_semantic_fields}
     body = {"evaluate": evaluate, "model": loop.base.get("model"), "seed": loop.base.get("seed"), "files": files}
+    body["evaluate_version"] = EvaluateStage.version  # an upgrade that measures differently measures again
     if reward_models:
         body["reward_models"] = sorted(reward_models)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -40,7 +40,9 @@ class SimulateConfig(StageConfig, ProtocolSettings):
         "improved: only when the simulator also scored the revision higher",
     )
     max_conversations: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=16, ge=1, description="conversations per generate() call (hf backends)")
+    batch_size: int = Field(
+        default=16, ge=1, description="conversations per generate() call on HF (on CTranslate2 the policy takes a round at once)"
+    )
     device: str | None = None
     engine: EngineSetting = "auto"  # what writes the policy's replies (hf or ct2; the simulator has its own)
     cache: bool = Field(default=True, description="reuse earlier LLM calls from $HEEDFUL_HOME/cache/convsim.sqlite")
@@ -88,6 +90,7 @@ class SimulateStage(Stage):
         from feedback.simulator.protocol import Judge, run_conversations
         from feedback.simulator.records import ProvenanceInfo, save_dataset, transcript_records
         from pipeline.evaluation.users import first_judged
+        from pipeline.generation import ENGINE_BATCH, pick_local_engine
         from pipeline.llm import HFClient, build_client, shares_default_model
         from pipeline.llm_cache import CachedLLM, LLMCache
         from pipeline.paths import heedful_home
@@ -109,7 +112,11 @@ class SimulateStage(Stage):
         )
         adapter = ctx.input("adapter")
         started = time.time()
-        policy_backend = HFClient(ctx.model, device=cfg.device, batch_size=cfg.batch_size, adapter=adapter, engine=cfg.engine)
+        engine = pick_local_engine(cfg.engine, cfg.device, ctx.model)
+        # on CTranslate2 a round's turns go in one call, as the generate and evaluate stages hand it whole
+        # queues: it sorts them by length, and a sampled call restarts its generator to seed it (~1 s)
+        batch_size = ENGINE_BATCH if engine == "ct2" else cfg.batch_size
+        policy_backend = HFClient(ctx.model, device=cfg.device, batch_size=batch_size, adapter=adapter, engine=engine)
         # a simulator that is the policy's own model shares its HF copy (on CTranslate2 the policy's client
         # loads one only then: the simulator needs its logits anyway)
         shared = policy_backend if adapter is None and shares_default_model(cfg.simulator, ctx.model) else None
@@ -126,7 +133,7 @@ class SimulateStage(Stage):
             simulator.identity,
             ctx.model,
             " + adapter" if adapter else "",
-            {"hf": "HF generate", "ct2": "CTranslate2"}[policy_backend.engine],
+            {"hf": "HF generate", "ct2": "CTranslate2"}[engine],
         )
 
         judge = Judge(simulator, cfg.judge).calibrate()

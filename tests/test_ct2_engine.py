@@ -228,18 +228,3 @@ def test_a_start_shared_across_calls_is_cached_in_blocks_and_changes_no_reply(ti
     monkeypatch.setattr(ct2_engine, "MAX_CACHED_TOKENS", ct2_engine.PREFIX_BLOCK - 1)  # a start longer than the cap: uncached
     assert engine.generate_ids(other[1:], greedy)[0][0] == plain.generate_ids(other[1:], greedy)[0][0]
     assert prefixes[-1] == 0
-
-
-def test_the_llm_client_samples_a_call_in_one_seeded_generator(tiny_model_path, monkeypatch):
-    """A sampled call restarts CTranslate2's generator to seed it (about 1 s for SmolLM2): the LLM
-    client hands it up to ENGINE_BATCH replies at once whatever its `batch_size` (HF's knob), so a
-    simulated-users round of 20 conversations pays one restart, not one per 8."""
-    from pipeline.llm import HFClient
-
-    client = HFClient("tiny", batch_size=8, engine="ct2")
-    restarts: list[int] = []
-    reload = Ct2Generator.reload
-    monkeypatch.setattr(Ct2Generator, "reload", lambda self, *a, **k: restarts.append(1) or reload(self, *a, **k))
-    conversations = [[{"role": "user", "content": f"Question {i}?"}] for i in range(20)]
-    replies = client.generate(conversations, SamplingSettings(max_new_tokens=3, temperature=1.0), seed=5)
-    assert len(replies) == 20 and len(restarts) == 1

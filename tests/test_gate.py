@@ -183,6 +183,15 @@ def test_an_earlier_evaluation_of_the_deployed_version_is_reused_only_with_the_s
     loop = write_loop(tmp_path)
     key = evaluation_key(loop)
     assert evaluation_key(write_loop(tmp_path, evaluate={"with": {"max_general": 2}})) != key
+    from stages.evaluate import EvaluateStage
+
+    version = EvaluateStage.version
+    try:  # a heedful upgrade whose evaluate stage measures differently (its version) measures again
+        EvaluateStage.version = version + "+next"
+        assert evaluation_key(loop) != key
+    finally:
+        EvaluateStage.version = version
+    assert evaluation_key(loop) == key
     root = tmp_path / "runs"
     for run, stage in (("round-001", "eval_candidate"), ("round-002", "eval_current")):
         (root / run / stage).mkdir(parents=True)

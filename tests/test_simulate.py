@@ -141,15 +141,28 @@ def test_rerun_is_served_from_the_cache(tmp_path, tiny_model_path):
     assert 0 < m3["cache_misses"] < m1["cache_misses"]
 
 
-def test_the_policy_on_ctranslate2_talks_as_on_hf(tmp_path, tiny_model_path, lora_adapter):
-    """`engine: ct2` writes the policy's replies (its adapter merged) on CTranslate2; greedy, every
-    conversation is word for word the one `engine: hf` gives (the simulator is the same in both)."""
+def test_the_policy_on_ctranslate2_talks_as_on_hf(tmp_path, tiny_model_path, lora_adapter, monkeypatch):
+    """`engine: ct2` writes the policy's replies (its adapter merged) on CTranslate2, a round's turns
+    in one call whatever `batch_size` (HF's knob: a sampled call restarts CTranslate2's generator);
+    greedy, every conversation is word for word the one `engine: hf` gives (the simulator is the same)."""
+    from pipeline.ct2_engine import Ct2Generator
+
     needs = tmp_path / "needs.jsonl"
     write_jsonl(NEEDS, needs)
     greedy = {"max_new_tokens": 8, "temperature": 0.0}
+    calls: dict[str, list[int]] = {}  # CTranslate2 calls' sizes by converted model (policy, simulator)
+    generate_texts = Ct2Generator.generate_texts
+    monkeypatch.setattr(
+        Ct2Generator,
+        "generate_texts",
+        lambda self, prompts, *a, **k: (
+            calls.setdefault(str(self.model_dir), []).append(len(prompts)) or generate_texts(self, prompts, *a, **k)
+        ),
+    )
     talks, logs = {}, {}
     for engine in ("hf", "ct2"):
-        cfg = simulate_pipeline(needs, tmp_path, satisfied_threshold=1.0, max_rounds=2, cache=False, engine=engine)
+        calls.clear()
+        cfg = simulate_pipeline(needs, tmp_path, satisfied_threshold=1.0, max_rounds=2, cache=False, engine=engine, batch_size=1)
         cfg["stages"][0]["inputs"]["adapter"] = str(lora_adapter)
         cfg["stages"][0]["with"]["policy_sampling"] = greedy
         cfg["run_name"] = engine
@@ -161,6 +174,7 @@ def test_the_policy_on_ctranslate2_talks_as_on_hf(tmp_path, tiny_model_path, lor
     replies = [u["text"] for t in talks["hf"] for u in t if u["participant"] == "system"]
     assert len(replies) == 2 * len(NEEDS) and len(set(replies)) > 1  # the adapter's replies differ by prompt
     assert talks["ct2"] == talks["hf"]
+    assert [len(NEEDS)] * 2 in calls.values()  # the policy: both rounds' turns, each round in one call
 
 
 def test_seed_changes_the_conversation(tmp_path, tiny_model_path):

@@ -117,10 +117,12 @@ def condition_policy(ans: Answering, condition: Condition, loaded: Any) -> Any:
         return PhrasedPolicy(ans, prefix)
     if ans.engine != "ct2":
         return loaded
+    from pipeline.generation import ENGINE_BATCH
     from pipeline.llm import HFClient
 
+    # a round's turns in one call, as the held-out replies: a sampled call restarts the generator to seed it
     adapter = ans.adapter if condition.adapter_on else None
-    return HFClient(ans.model_name, ans.device, ans.batch_size, adapter, None, ans.tokenizer, engine="ct2")
+    return HFClient(ans.model_name, ans.device, ENGINE_BATCH, adapter, None, ans.tokenizer, engine="ct2")
 
 
 class PhrasedPolicy:
@@ -131,7 +133,7 @@ class PhrasedPolicy:
 
     def __init__(self, ans: Answering, prefix: dict[str, Any]):
         self.ans, self.prefix = ans, prefix
-        self.identity = f"hf:{ans.model_name}+coh:{prefix.get('phrase', '')}"
+        self.identity = f"hf:{ans.model_name}+adapter:{ans.adapter}+coh:{prefix.get('phrase', '')}"
 
     def generate(self, conversations: list[Any], sampling: Any, seed: int = 0) -> list[Any]:
         from trainers.feedback_eval import sample_completions
