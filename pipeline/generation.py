@@ -166,6 +166,8 @@ def _eos_ids(model, tokenizer) -> list[int]:
 Engine = Literal["auto", "hf", "ct2", "vllm"]
 #: prompts per call when a stage hands a whole queue to the engine (CTranslate2 sorts them by length)
 ENGINE_BATCH = 64
+#: each resolved engine as a stage's log names it ("replies from CTranslate2")
+ENGINE_LABELS = {"hf": "HF generate", "ct2": "CTranslate2", "vllm": "vLLM"}
 #: the `engine` setting of every config that samples from a local model (stages, the LLM client,
 #: `heedful serve`): one field, one help text; `pick_engine` / `pick_local_engine` resolve it
 EngineSetting = Annotated[

@@ -20,7 +20,7 @@ from pipeline.evaluation.conditions import MemorySettings
 from pipeline.evaluation.report import report_section
 from pipeline.evaluation.summary import LOWER_IS_BETTER, NEUTRAL, SUMMARY_FILE, arrow, fmt_estimate, read_summary
 from pipeline.evaluation.users import UsersSettings
-from pipeline.generation import EngineSetting, SamplingSettings, pick_engine
+from pipeline.generation import ENGINE_LABELS, EngineSetting, SamplingSettings, pick_engine
 from pipeline.llm import LLMSettings
 from pipeline.stage import Input, Output, Stage
 from pipeline.tracking import TrackingSettings
@@ -142,7 +142,7 @@ class EvaluateStage(Stage):
             log=ctx.log,
             engine=pick_engine(cfg.engine, cfg.device, ctx.model, len(prompts) * len(conditions) * cfg.sampling.max_new_tokens),
         )
-        ctx.log.info("replies from %s", {"hf": "HF generate", "ct2": "CTranslate2", "vllm": "vLLM"}[ans.engine])
+        ctx.log.info("replies from %s", ENGINE_LABELS[ans.engine])
         reference = cond.reference_replies(ctx.input("reference"))
         rows = cond.generate_replies(
             ans, prompts, feedback, metric, reference, cfg.sampling, cfg.max_prompts_per_scope, cfg.ngram

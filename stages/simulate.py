@@ -90,7 +90,7 @@ class SimulateStage(Stage):
         from feedback.simulator.protocol import Judge, run_conversations
         from feedback.simulator.records import ProvenanceInfo, save_dataset, transcript_records
         from pipeline.evaluation.users import first_judged
-        from pipeline.generation import ENGINE_BATCH, pick_local_engine
+        from pipeline.generation import ENGINE_BATCH, ENGINE_LABELS, pick_local_engine
         from pipeline.llm import HFClient, build_client, shares_default_model
         from pipeline.llm_cache import CachedLLM, LLMCache
         from pipeline.paths import heedful_home
@@ -133,7 +133,7 @@ class SimulateStage(Stage):
             simulator.identity,
             ctx.model,
             " + adapter" if adapter else "",
-            {"hf": "HF generate", "ct2": "CTranslate2"}[engine],
+            ENGINE_LABELS[engine],
         )
 
         judge = Judge(simulator, cfg.judge).calibrate()

@@ -126,10 +126,10 @@ def condition_policy(ans: Answering, condition: Condition, loaded: Any) -> Any:
 
 
 class PhrasedPolicy:
-    """A Chain-of-Hindsight adapter in conversation: each of its turns opens with the phrase it was
-    trained to follow (`coh.json`) and is cut where a feedback phrase begins, as on the held-out
-    prompts; without it the users would judge the adapter unprompted. On the loaded HF model (its
-    adapter on: `ans.weights`), the one path that takes a prompt suffix."""
+    """A Chain-of-Hindsight adapter in conversation: each of its turns is written after the phrase it
+    was trained to follow (`coh.json`; the phrase ends the prompt) and cut where a feedback phrase
+    begins, as on the held-out prompts; without it the users would judge the adapter unprompted. On
+    the loaded HF model (its adapter on: `ans.weights`), the one path that takes a prompt suffix."""
 
     def __init__(self, ans: Answering, prefix: dict[str, Any]):
         self.ans, self.prefix = ans, prefix
