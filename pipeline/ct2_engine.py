@@ -401,9 +401,11 @@ class Ct2Generator:
         seed: int = 0,
         batch_size: int = 64,
         on_batch: Callable[[int, int], None] | None = None,
+        prompt_suffix: str = "",
     ) -> list[list[Completion]]:
-        """Chat conversations -> replies, `batch_size` conversations per call (progress per call)."""
-        prompts = render_many(self.tokenizer, conversations)
+        """Chat conversations -> replies, `batch_size` conversations per call (progress per call);
+        `prompt_suffix` opens the assistant turn, as `chat_generate`'s."""
+        prompts = [text + prompt_suffix for text in render_many(self.tokenizer, conversations)]
         out: list[list[Completion]] = []
         n_batches = max(1, (len(prompts) + batch_size - 1) // batch_size)
         for b in range(n_batches):

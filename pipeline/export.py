@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import atomic_write_json
+from .hindsight import Phrase, adapter_phrase
 from .lineage import build_lineage
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -46,7 +47,8 @@ def export_adapter(
     _portable_base(tmp / "adapter_config.json", base)
     lineage = {**lineage, **version_ids(tmp, adapter)}
     atomic_write_json(tmp / "heedful.json", lineage)
-    (tmp / "README.md").write_text(model_card(lineage, name or adapter.parent.name, description, license), encoding="utf-8")
+    card = model_card(lineage, name or adapter.parent.name, description, license, adapter_phrase(adapter))
+    (tmp / "README.md").write_text(card, encoding="utf-8")
     if merge:
         _write_merged(adapter, tmp / "merged", base)
     if dest.exists():
@@ -91,7 +93,8 @@ def _write_merged(adapter: Path, out: Path, base: dict[str, Any]) -> None:
     load_tokenizer(name).save_pretrained(out)
 
 
-def model_card(lineage: dict[str, Any], name: str, description: str, license: str) -> str:
+def model_card(lineage: dict[str, Any], name: str, description: str, license: str, phrase: Phrase | None = None) -> str:
+    """The package's README.md; a Chain-of-Hindsight adapter's says how to prompt it (its `phrase`)."""
     base = lineage.get("base_model") or {}
     hub = base.get("hub_id") or base.get("name") or "unknown"
     methods = sorted({s["uses"] for s in lineage.get("stages", [])})
@@ -119,6 +122,7 @@ def model_card(lineage: dict[str, Any], name: str, description: str, license: st
         'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
         "```",
         "",
+        *_phrase_use(phrase),
         "## Base weights",
         "",
         f"- {base.get('weights', 'unknown')}",
@@ -134,6 +138,19 @@ def model_card(lineage: dict[str, Any], name: str, description: str, license: st
     lines += ["", *feedback_section(lineage)]
     lines += ["", f"Run `{lineage.get('run_name')}`; full lineage in `heedful.json`.", ""]
     return "\n".join(lines)
+
+
+def _phrase_use(phrase: Phrase | None) -> list[str]:
+    """How a Chain-of-Hindsight adapter is prompted: it was trained to answer after its phrase."""
+    if phrase is None:
+        return []
+    stops = ", ".join(f"`{s}`" for s in phrase.stop) or "(none)"
+    return [
+        f"This is a Chain-of-Hindsight adapter: it answers after the phrase `{phrase.text}`. Append the phrase to",
+        "the prompt rendered with the chat template (assistant turn open), and cut the reply where one of",
+        f"these begins: {stops}. Both are in `coh.json`; `heedful serve` applies them.",
+        "",
+    ]
 
 
 def feedback_section(lineage: dict[str, Any]) -> list[str]:

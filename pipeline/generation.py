@@ -328,10 +328,14 @@ def _on_cpu(device: str | None) -> bool:
 class LocalEngine:
     """One way to sample from a local model, whatever the engine: HF `generate` on a loaded
     model, or CTranslate2 on the same weights (adapter merged). Stages that sample in
-    batches (and resume batch by batch) hold one and call `generate` per batch."""
+    batches (and resume batch by batch) hold one and call `generate` per batch. A
+    Chain-of-Hindsight adapter's replies open with its phrase on either (pipeline/hindsight.py)."""
 
     def __init__(self, model_name: str, adapter: str | Path | None = None, engine: str = "hf", device: str | None = None):
+        from .hindsight import adapter_phrase
+
         self.engine = engine
+        self.phrase = adapter_phrase(adapter)  # a bad coh.json fails here, before the model loads
         if engine == "ct2":
             from .ct2_engine import Ct2Generator
 
@@ -351,11 +355,22 @@ class LocalEngine:
         seed: int = 0,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> list[list[Completion]]:
+        suffix = self.phrase.text if self.phrase is not None else ""
         if self.engine == "ct2":
-            return self.ct2.generate(
-                conversations, sampling, num_samples=num_samples, seed=seed, batch_size=batch_size, on_batch=on_batch
+            replies = self.ct2.generate(
+                conversations,
+                sampling,
+                num_samples=num_samples,
+                seed=seed,
+                batch_size=batch_size,
+                on_batch=on_batch,
+                prompt_suffix=suffix,
             )
-        return chat_generate(self.model, self.tokenizer, conversations, sampling, num_samples, batch_size, seed, on_batch)
+        else:
+            replies = chat_generate(
+                self.model, self.tokenizer, conversations, sampling, num_samples, batch_size, seed, on_batch, suffix
+            )
+        return self.phrase.cut_completions(replies) if self.phrase is not None else replies
 
 
 def generate_chat(
@@ -392,13 +407,16 @@ def vllm_generate(
     on_batch: Callable[[int, int], None] | None = None,
     gpu_memory_utilization: float = 0.85,
 ) -> list[list[Completion]]:
-    """All prompts in one vLLM call (it batches continuously); a LoRA adapter via LoRARequest."""
+    """All prompts in one vLLM call (it batches continuously); a LoRA adapter via LoRARequest, a
+    Chain-of-Hindsight one after its phrase (pipeline/hindsight.py)."""
     from vllm import LLM, SamplingParams
 
+    from .hindsight import adapter_phrase
     from .models import load_tokenizer, resolve_model
 
+    phrase = adapter_phrase(adapter)
     tokenizer = load_tokenizer(model_name)
-    prompts = render_many(tokenizer, conversations)
+    prompts = [text + (phrase.text if phrase else "") for text in render_many(tokenizer, conversations)]
     eos_ids = eos_ids_from_tokenizer(tokenizer)
     llm_kwargs: dict[str, Any] = dict(
         model=resolve_model(model_name), seed=seed, dtype="auto", gpu_memory_utilization=gpu_memory_utilization
@@ -414,7 +432,8 @@ def vllm_generate(
     outputs = llm.generate(prompts, params, lora_request=lora_request)
     if on_batch is not None:
         on_batch(1, 1)
-    return completions_from_vllm(outputs, eos_ids)
+    replies = completions_from_vllm(outputs, eos_ids)
+    return phrase.cut_completions(replies) if phrase is not None else replies
 
 
 def vllm_sampling_kwargs(sampling: SamplingSettings, num_samples: int, seed: int, eos_ids: list[int]) -> dict[str, Any]:

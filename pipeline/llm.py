@@ -168,6 +168,9 @@ class HFClient:
     A `model` passed in is used as it is, on HF: its weights may be ones no file holds (a policy
     being trained), so a converted copy could be stale. Otherwise, with ct2, the HF model is only
     loaded when a score is first asked for, and the CTranslate2 copy when a reply is.
+
+    With a Chain-of-Hindsight `adapter` the replies open with its phrase and end where a phrase
+    begins (pipeline/hindsight.py); the scores are of the text as given.
     """
 
     def __init__(
@@ -182,9 +185,11 @@ class HFClient:
         engine: str = "hf",
     ):
         from .generation import pick_local_engine
+        from .hindsight import adapter_phrase
         from .models import load_tokenizer
 
         self.name = name
+        self.phrase = adapter_phrase(adapter)
         self.batch_size = batch_size
         self.sampling = sampling or LLMSettings().sampling
         self.tokenizer = tokenizer or load_tokenizer(name)
@@ -199,6 +204,8 @@ class HFClient:
             from .artifacts import hash_path
 
             self.identity += f"+adapter:{hash_path(Path(adapter))[:16]}"
+        if self.phrase is not None:  # replies cached before the phrase was applied are not this client's
+            self.identity += "+coh"
         self._yes_no: list[int] | None = None
 
     @property
@@ -223,12 +230,15 @@ class HFClient:
     def generate(self, conversations: list[Messages], sampling: SamplingSettings, seed: int = 0) -> list[Completion]:
         from .generation import chat_generate
 
+        suffix = self.phrase.text if self.phrase is not None else ""
         if self.engine == "ct2":
-            replies = self.ct2.generate(conversations, sampling, seed=seed, batch_size=self.batch_size)
+            replies = self.ct2.generate(conversations, sampling, seed=seed, batch_size=self.batch_size, prompt_suffix=suffix)
         else:
             replies = chat_generate(
-                self.model, self.tokenizer, conversations, sampling, num_samples=1, batch_size=self.batch_size, seed=seed
+                self.model, self.tokenizer, conversations, sampling, 1, self.batch_size, seed, prompt_suffix=suffix
             )
+        if self.phrase is not None:
+            replies = self.phrase.cut_completions(replies)
         return [r[0] for r in replies]
 
     def complete(self, conversations: list[Messages], seed: int = 0) -> list[str]:

@@ -22,6 +22,10 @@ of two or more on HF (with `max_batch` 1 there are none: that is ct2 alone). It 
 weights, their packed copy and CTranslate2's; and in bf16 a greedy reply can differ at a near-tie
 between the engines (CTranslate2 computes in fp32), as batched and alone do.
 
+A Chain-of-Hindsight adapter (its `coh.json`, pipeline/hindsight.py) is served as it was trained and
+evaluated: every prompt's assistant turn opens with its phrase, and every reply -- batched, alone or
+streamed -- ends where one of its chain's phrases begins (finish_reason "stop"), as a stop string.
+
 On a CPU the HF side keeps its linear layers' weights packed for oneDNN for the engine's life where
 memory has room for the copy (pipeline/cpu_linear.py `packed_linears`, opened here and closed by
 `close`; pipeline/host_memory.py): nothing in serving changes a loaded model's weights (a new
@@ -144,10 +148,14 @@ class ChatEngine:
         engine: str = "hf",
     ):
         from pipeline.generation import _eos_ids, pick_serving_engine
+        from pipeline.hindsight import adapter_phrase
         from pipeline.models import device_policy, load_causal_lm, load_tokenizer
 
         self.model_name = model
         self.adapter = str(adapter) if adapter else None
+        phrase = adapter_phrase(adapter)  # a bad coh.json fails here, before the model loads
+        self.phrase = phrase.text if phrase is not None else ""
+        self.phrase_stops = list(phrase.stop) if phrase is not None else []
         self.engine = pick_serving_engine(engine, device, model)
         if self.engine == "hf+ct2" and max_batch <= 1:  # no micro-batches: every request runs alone, on ct2
             self.engine = "ct2"
@@ -206,7 +214,7 @@ class ChatEngine:
     def _render(self, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, Any]:
         """(the prompt text, its token ids); a prompt too long for the context is refused here."""
         with self._tokenize_lock:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + self.phrase
             enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         n = enc["input_ids"].shape[1]
         if n + max_tokens > self.context_length:
@@ -243,7 +251,7 @@ class ChatEngine:
         seed: int | None = None,
     ) -> Generated:
         req = self._prepare(messages, max_tokens, temperature, top_p, stop, seed)  # too long: refused before any queue
-        if self._batcher is not None and seed is None and not req.stop:
+        if self._batcher is not None and seed is None and not stop:  # a batch is cut at the phrases afterwards
             return self._batcher.submit(_Job(req.text, req.n_prompt, max_tokens, temperature, top_p))
         if self.ct2 is not None:
             tokens, ended = self._ct2_reply(req)
@@ -262,7 +270,7 @@ class ChatEngine:
     ) -> _Prepared:
         """What `generate` and `stream` both do before generating: render and encode the prompt
         (refusing one too long for the context), and build the `generate` keywords."""
-        stop = list(stop or [])
+        stop = [*(stop or []), *self.phrase_stops]
         text, enc = self._render(messages, max_tokens)
         kwargs = self._kwargs(max_tokens, temperature, top_p, stop)
         sampling = self._sampling(max_tokens, temperature, top_p)
@@ -301,7 +309,7 @@ class ChatEngine:
             tokens, ended = self._cut_eos(tokens[:max_tokens])
         finish = "stop" if ended else "length"
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        text, stopped = _cut_at_stop(text, stop)
+        text, stopped = _cut_at_stop(text, [*stop, *self.phrase_stops])
         return Generated(text.strip(), n_prompt, len(tokens), "stop" if stopped else finish)
 
     def _cut_eos(self, tokens: list[int]) -> tuple[list[int], bool]:
@@ -356,11 +364,13 @@ class ChatEngine:
 
         def deltas() -> Iterator[str]:
             received, emitted, stopped = "", "", False
+            # the streamed text is `generate`'s, which strips the reply: no leading whitespace (a reply
+            # after a CoH phrase starts with a space), and whitespace held back until text follows it
             for piece in pieces:
-                received += piece
+                received = (received + piece).lstrip()
                 cut, stopped = _cut_at_stop(received, stop)
                 # hold back text that could be the start of a stop string
-                safe = cut if stopped else received[: len(received) - _partial_stop(received, stop)]
+                safe = (cut if stopped else received[: len(received) - _partial_stop(received, stop)]).rstrip()
                 if len(safe) > len(emitted):
                     yield safe[len(emitted) :]
                     emitted = safe
@@ -370,6 +380,7 @@ class ChatEngine:
             if stopped:  # we left the loop early: drain it, so the generation can finish
                 for _ in pieces:
                     pass
+            received = received.rstrip()
             if not stopped and len(received) > len(emitted):
                 yield received[len(emitted) :]
             if done:

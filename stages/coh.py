@@ -3,7 +3,9 @@
 Chains come from preference pairs (`preferences`: chosen = positive, rejected = negative)
 and/or VerbalFeedback records (`feedback`: good = positive, needs_work = negative; with
 `feedback_as_phrase` the critique itself introduces the reply). The adapter folder gets a
-`coh.json` naming the positive phrase, so evaluation and generation condition on it.
+`coh.json` naming the positive phrase and the chain's phrases: every engine that samples from the
+adapter (generate, simulate, evaluate, the LLM client, `heedful serve`) opens its replies with the
+phrase and cuts them where a phrase begins (pipeline/hindsight.py).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ class CohStage(TrainerStage):
     config: CohConfig
 
     def run(self):
+        from pipeline.hindsight import COH_FILE
         from trainers.coh import CoHCollator, CoHTrainer, build_examples, chains_from_feedback, chains_from_preferences
-        from trainers.feedback_eval import COH_FILE
 
         cfg, ctx = self.config, self.ctx
         chains = []

@@ -6,6 +6,7 @@ at the first unfinished batch and reproduces exactly what an uninterrupted run w
 CUDA machine, all prompts go to vLLM in one call instead; on CPU, `auto` samples with
 CTranslate2 (pipeline/ct2_engine.py: greedy replies equal to HF's, faster; docs/generation.md)
 when it is installed, batch by batch like HF (pipeline/generation.py); `engine: hf` forces HF.
+A Chain-of-Hindsight adapter (its `coh.json`) writes its replies after its phrase on every engine.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class GenerateStage(Stage):
         "adapter": Input(("adapter",), required=False, doc="LoRA adapter to sample from"),
     }
     outputs = {"responses": Output("responses", doc="one row per (prompt, sample)")}
+    version = "2"  # 2: a Chain-of-Hindsight adapter samples after its phrase (pipeline/hindsight.py)
     default_num_cpus = float("inf")
     non_semantic_fields = frozenset({"device", "engine"})  # how to sample, like device
 

@@ -6,7 +6,8 @@ satisfied, specific feedback otherwise; the policy revises, up to `max_rounds` r
 The simulator LLM is a local HF model (default SmolLM2-135M) or an OpenAI-compatible
 endpoint. Outputs are feedback records with provenance (simulator, seed, prompt version).
 The policy's replies come from the generation engine (`engine: auto`: CTranslate2 with the adapter
-merged where the engine probe found it faster on this CPU, as `generate` and `evaluate` pick).
+merged where the engine probe found it faster on this CPU, as `generate` and `evaluate` pick); a
+Chain-of-Hindsight adapter's after its phrase (pipeline/hindsight.py).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class SimulateConfig(StageConfig, ProtocolSettings):
 
 class SimulateStage(Stage):
     uses = "simulate"
-    version = f"2+{PROMPT_VERSION}"  # a prompt change reruns the stage
+    version = f"3+{PROMPT_VERSION}"  # a prompt change reruns the stage; 3: a CoH adapter answers after its phrase
     summary = "ConvSim simulated users: clarifying answers, feedback, revisions -> feedback records."
     Config = SimulateConfig
     inputs = {

@@ -11,7 +11,7 @@ import torch
 from pipeline.config import pipeline_from_dict
 from pipeline.records import load_rows, write_jsonl
 from pipeline.runner import Runner
-from trainers.coh import CoHCollator, build_chain, build_examples, chains_from_feedback, cut_at_phrases, forgetful_causal_mask
+from trainers.coh import CoHCollator, build_chain, build_examples, chains_from_feedback, forgetful_causal_mask
 from trainers.coh_config import CoHConfig
 
 
@@ -42,11 +42,13 @@ def test_forgetful_causal_mask():
     assert not big[:, 0][:, ~torch.tril(torch.ones(200, 200, dtype=torch.bool))].any()  # never the future
 
 
-def test_cut_at_phrases():
-    assert (
-        cut_at_phrases(" Paris is the capital.\nAn unhelpful answer: Rome", ["An unhelpful answer:"]) == "Paris is the capital."
-    )
-    assert cut_at_phrases(" Paris.", ["A bad answer:"]) == "Paris."
+def test_a_reply_is_cut_where_the_first_phrase_begins():
+    from pipeline.hindsight import Phrase
+
+    phrase = Phrase("A helpful answer:", ("An unhelpful answer:", "A bad answer:"))
+    reply = " Paris is the capital.\nA bad answer: Lyon\nAn unhelpful answer: Rome"
+    assert phrase.cut(reply) == ("Paris is the capital.", True)
+    assert phrase.cut(" Paris.") == ("Paris.", False)
 
 
 def test_chains_from_feedback_use_critique_as_phrase():

@@ -660,8 +660,8 @@ def test_a_chain_of_hindsight_adapter_answers_its_users_after_its_phrase(tmp_pat
     """A CoH adapter's first turn to each simulated user is its held-out reply to the same request
     (greedy, no system prompt): both open with its phrase, on whichever engine the rest runs. The
     phrase changes the replies, so a conversation answered without it would differ."""
+    from pipeline.hindsight import COH_FILE
     from pipeline.records import load_rows
-    from trainers.feedback_eval import COH_FILE
 
     adapter = random_adapter(tmp_path / "coh_s0", tiny_model_path)
     needs = tmp_path / "needs.jsonl"

@@ -238,7 +238,8 @@ def test_a_chain_of_hindsight_adapter_replies_after_its_phrase_and_stop_at_the_n
     different replies per prompt; bare `tiny` writes blanks)."""
     import shutil
 
-    from trainers.feedback_eval import COH_FILE, EvalSettings, evaluate
+    from pipeline.hindsight import COH_FILE
+    from trainers.feedback_eval import EvalSettings, evaluate
 
     adapter = tmp_path / "coh_adapter"
     shutil.copytree(lora_adapter, adapter)

@@ -7,7 +7,7 @@ the reply tokens only (and the final end-of-turn token); prompt and phrases are 
 Options: forgetful causal masking (each example drops a random share of past tokens from
 attention, the share drawn from U[min_ratio, max_ratio]; the first token stays visible) and a
 pretraining-data regulariser: L = L_feedback + pretrain_weight * L_LM(pretraining text).
-At inference the model is conditioned on the positive phrase. The defaults (phrases,
+At inference the model is conditioned on the positive phrase (pipeline/hindsight.py). The defaults (phrases,
 separator, FCM ratios, pretraining weight) live in `CoHConfig` (trainers/coh_config.py) only.
 """
 
@@ -64,16 +64,6 @@ def forgetful_causal_mask(
     keep[..., 0] = True
     causal = torch.tril(torch.ones((t, t), dtype=torch.bool, device=device))
     return keep & causal & attention_mask[:, None, None, :].bool()
-
-
-def cut_at_phrases(text: str, phrases: list[str]) -> str:
-    """A reply generated after the positive phrase ends where the next feedback phrase starts."""
-    cut = len(text)
-    for phrase in phrases:
-        at = text.find(phrase)
-        if at >= 0:
-            cut = min(cut, at)
-    return text[:cut].strip()
 
 
 # ----------------------------------------------------------------------------- data

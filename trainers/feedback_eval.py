@@ -14,7 +14,6 @@ each reported with its difference from the base model.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.generation import EngineSetting, SamplingSettings
+from pipeline.hindsight import Phrase
 from pipeline.llm import LLMSettings
 
 SCOPES = ("in_scope", "near_scope", "out_of_scope")
@@ -32,7 +32,6 @@ JUDGE_TEMPLATE = (
     'A user gave an assistant this feedback: "{feedback}"\n\nThen a user wrote:\n{prompt}\n\n'
     "The assistant replied:\n{response}\n\nDoes the reply apply the feedback? Answer with one word: yes or no."
 )
-COH_FILE = "coh.json"
 
 
 def _all_conditions() -> list[Condition]:
@@ -121,14 +120,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {**out, **intervals}
 
 
-def coh_prefix(adapter: str | Path | None) -> dict[str, Any] | None:
-    """A Chain-of-Hindsight adapter says which phrase to condition on (written by the coh stage)."""
-    if adapter is None:
-        return None
-    path = Path(adapter) / COH_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def sample_completions(
     model,
     tokenizer,
@@ -136,20 +127,18 @@ def sample_completions(
     sampling: SamplingSettings,
     batch_size: int,
     seed: int,
-    prefix: dict[str, Any] | None = None,
+    phrase: Phrase | None = None,
 ):
-    """One `Completion` (text, tokens, finished) per conversation; with a CoH `prefix` the
-    assistant turn starts with its phrase and the reply is cut at the stop phrases."""
+    """One `Completion` (text, tokens, finished) per conversation on a loaded HF model; with a
+    Chain-of-Hindsight `phrase` (pipeline/hindsight.py) the assistant turn opens with it and the
+    reply is cut at its stop phrases, as every engine samples from such an adapter."""
     from pipeline.generation import chat_generate
 
-    if prefix is None:
-        return [r[0] for r in chat_generate(model, tokenizer, conversations, sampling, 1, batch_size, seed)]
-    from dataclasses import replace
-
-    from .coh import cut_at_phrases
-
-    completions = chat_generate(model, tokenizer, conversations, sampling, 1, batch_size, seed, prompt_suffix=prefix["phrase"])
-    return [replace(r[0], text=cut_at_phrases(r[0].text, prefix.get("stop", []))) for r in completions]
+    suffix = phrase.text if phrase is not None else ""
+    completions = chat_generate(model, tokenizer, conversations, sampling, 1, batch_size, seed, prompt_suffix=suffix)
+    if phrase is not None:
+        completions = phrase.cut_completions(completions)
+    return [r[0] for r in completions]
 
 
 def choose_prompts(prompts: list[dict[str, Any]], max_per_scope: int | None) -> list[dict[str, Any]]:
@@ -225,7 +214,7 @@ def evaluate(
     chosen = choose_prompts(prompts, settings.max_prompts_per_scope)  # a bad scope is an error here
     names = [c for c in settings.conditions if c != "trained" or adapter is not None or model is not None]
     engine = "hf" if model is not None else pick_engine(settings.engine, device, model_name)
-    if model is None and (engine == "hf" or coh_prefix(adapter) is not None):
+    if model is None and engine == "hf":
         model = load_causal_lm(model_name, device_policy(device), adapter=adapter).eval()
     ans = answering.Answering(
         model=model,

@@ -266,26 +266,25 @@ class Answering:
             return self.model.disable_adapter()
         return contextlib.nullcontext()
 
-    def replies(
-        self, condition: Condition, conversations: list[Any], sampling: SamplingSettings, prefix: dict[str, Any] | None
-    ) -> list[Any]:
+    def replies(self, condition: Condition, conversations: list[Any], sampling: SamplingSettings) -> list[Any]:
         """One `Completion` per conversation under `condition`'s weights.
 
         Why the engine: held-out replies are most of an evaluation's time, and the generation
         engine (`engine: auto`: CTranslate2 with the adapter merged where the engine probe found
         it faster on this CPU, vLLM on a GPU) writes the same greedy replies as HF `generate`, a
-        whole condition's prompts in one length-sorted queue.
-        The loaded HF model stays for what needs its logits (drift, rewards) and for a
-        Chain-of-Hindsight adapter, whose replies open with its phrase (HF only)."""
+        whole condition's prompts in one length-sorted queue. A Chain-of-Hindsight adapter's
+        replies open with its phrase on either (pipeline/hindsight.py).
+        The loaded HF model stays for what needs its logits (drift, rewards)."""
+        from pipeline.hindsight import adapter_phrase
         from trainers.feedback_eval import sample_completions
 
-        coh = prefix if condition.adapter_on else None
-        if self.engine == "hf" or coh is not None:
+        adapter = self.adapter if condition.adapter_on else None
+        if self.engine == "hf":
+            phrase = adapter_phrase(adapter)
             with self.weights(condition):
-                return sample_completions(self.model, self.tokenizer, conversations, sampling, self.batch_size, self.seed, coh)
+                return sample_completions(self.model, self.tokenizer, conversations, sampling, self.batch_size, self.seed, phrase)
         from pipeline.generation import ENGINE_BATCH, generate_chat
 
-        adapter = self.adapter if condition.adapter_on else None
         found = generate_chat(
             self.model_name,
             conversations,
@@ -314,7 +313,7 @@ def generate_replies(
     from pipeline.chat import as_messages
     from pipeline.llm import build_client
     from pipeline.stats import repeated_ngram_share
-    from trainers.feedback_eval import SCOPES, choose_prompts, coh_prefix, verdicts
+    from trainers.feedback_eval import SCOPES, choose_prompts, verdicts
 
     chosen = choose_prompts([p for p in prompts if p.get("scope") in SCOPES], max_prompts_per_scope)
     chosen += [p for p in prompts if p.get("scope") not in SCOPES]  # unscoped: degeneration and reward only
@@ -322,7 +321,6 @@ def generate_replies(
     if metric is not None and metric.kind == "judge":
         assert metric.judge is not None  # MetricSpec requires a judge for kind judge
         judge = build_client(metric.judge, ans.model_name, ans.device)
-    prefix = coh_prefix(ans.adapter)
     rows: list[dict[str, Any]] = []
     for condition in ans.conditions:
         reused = [reference.get((condition.name, str(p["prompt"]))) for p in chosen]
@@ -333,7 +331,7 @@ def generate_replies(
             tokens = [int(r.get("tokens", 0)) for r in reused if r is not None]
         else:
             conversations = [as_messages(str(p["prompt"]), ans.system_for(condition, str(p["prompt"]))) for p in chosen]
-            completions = ans.replies(condition, conversations, sampling, prefix)
+            completions = ans.replies(condition, conversations, sampling)
             texts = [c.text for c in completions]
             finished = [c.finished for c in completions]
             tokens = [c.num_tokens for c in completions]

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import Field
 
 from feedback.simulator.protocol import ProtocolSettings
+from pipeline.hindsight import Phrase
 
 from .conditions import Answering, Condition
 
@@ -101,45 +102,43 @@ def satisfaction(
 
 def condition_policy(ans: Answering, condition: Condition, loaded: Any) -> Any:
     """What writes a condition's replies in its users' conversations, as `Answering.replies` writes
-    its held-out replies: a Chain-of-Hindsight adapter after its phrase (`PhrasedPolicy`, HF);
-    else the engine the held-out replies came from when that is CTranslate2 (the base, or the
-    adapter merged: a converted copy the replies already made); else `loaded` (the HF model, its
-    adapter switched by `ans.weights`).
+    its held-out replies: the engine the held-out replies came from when that is CTranslate2 (the
+    base, or the adapter merged: a converted copy the replies already made); else `loaded` (the HF
+    model, its adapter switched by `ans.weights`), or for a Chain-of-Hindsight adapter on it
+    `PhrasedPolicy`. Either way a CoH adapter answers after its phrase (pipeline/hindsight.py).
 
     Why the engine: the conversations' replies were most of the quickstart's evaluation, on HF
     generate, while CTranslate2 wrote the held-out replies beside them (greedy replies equal to HF's;
     sampled ones from the same distribution). The simulator and its judge are their own client
     (`settings.simulator`)."""
-    from trainers.feedback_eval import coh_prefix
+    from pipeline.hindsight import adapter_phrase
 
-    prefix = coh_prefix(ans.adapter) if condition.adapter_on else None
-    if prefix is not None:
-        return PhrasedPolicy(ans, prefix)
-    if ans.engine != "ct2":
-        return loaded
-    from pipeline.generation import ENGINE_BATCH
-    from pipeline.llm import HFClient
-
-    # a round's turns in one call, as the held-out replies: a sampled call restarts the generator to seed it
     adapter = ans.adapter if condition.adapter_on else None
-    return HFClient(ans.model_name, ans.device, ENGINE_BATCH, adapter, None, ans.tokenizer, engine="ct2")
+    if ans.engine == "ct2":
+        from pipeline.generation import ENGINE_BATCH
+        from pipeline.llm import HFClient
+
+        # a round's turns in one call, as the held-out replies: a sampled call restarts the generator to seed it
+        return HFClient(ans.model_name, ans.device, ENGINE_BATCH, adapter, None, ans.tokenizer, engine="ct2")
+    phrase = adapter_phrase(adapter)
+    return PhrasedPolicy(ans, phrase) if phrase is not None else loaded
 
 
 class PhrasedPolicy:
-    """A Chain-of-Hindsight adapter in conversation: each of its turns is written after the phrase it
-    was trained to follow (`coh.json`; the phrase ends the prompt) and cut where a feedback phrase
-    begins, as on the held-out prompts; without it the users would judge the adapter unprompted. On
-    the loaded HF model (its adapter on: `ans.weights`), the one path that takes a prompt suffix."""
+    """A Chain-of-Hindsight adapter in conversation on the loaded HF model (its adapter on:
+    `ans.weights`), which serves every condition: the model cannot carry the phrase itself, since
+    its adapter is switched off for the others. Each turn is written after the phrase and cut where
+    a feedback phrase begins, as on the held-out prompts."""
 
-    def __init__(self, ans: Answering, prefix: dict[str, Any]):
-        self.ans, self.prefix = ans, prefix
-        self.identity = f"hf:{ans.model_name}+adapter:{ans.adapter}+coh:{prefix.get('phrase', '')}"
+    def __init__(self, ans: Answering, phrase: Phrase):
+        self.ans, self.phrase = ans, phrase
+        self.identity = f"hf:{ans.model_name}+adapter:{ans.adapter}+coh:{phrase.text}"
 
     def generate(self, conversations: list[Any], sampling: Any, seed: int = 0) -> list[Any]:
         from trainers.feedback_eval import sample_completions
 
         ans = self.ans
-        return sample_completions(ans.model, ans.tokenizer, conversations, sampling, ans.batch_size, seed, self.prefix)
+        return sample_completions(ans.model, ans.tokenizer, conversations, sampling, ans.batch_size, seed, self.phrase)
 
 
 def first_judged(utterances: Iterable[Any]) -> Any:

@@ -1,0 +1,124 @@
+"""A Chain-of-Hindsight adapter answers after its phrase wherever heedful samples from it: the
+generation engines (HF and CTranslate2, as the generate and simulate stages and evaluation hold
+them), the LLM client, `heedful serve` (batched, alone, streamed) and the generate stage; and its
+exported model card says how to prompt it.
+
+The reference is HF generate on the adapter after the phrase, cut at the stop phrases (what
+evaluation measured). The fixture checks that the phrase changes `tiny`'s greedy replies under the
+random adapter and that the stop phrase cuts one, so an engine that ignored either would differ."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+
+from pipeline.generation import SamplingSettings
+
+PHRASE = "A helpful answer:"
+PROMPTS = ["How do I sear a steak?", "What knife for tomatoes?", "Is basil a herb?"]
+GREEDY = SamplingSettings(max_new_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def coh(tmp_path_factory, lora_adapter):
+    """(a CoH adapter folder, the conversations, each one's expected reply, the replies without the phrase)."""
+    from pipeline.chat import as_messages
+    from pipeline.hindsight import COH_FILE, Phrase
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from trainers.feedback_eval import sample_completions
+
+    adapter = tmp_path_factory.mktemp("coh") / "adapter"
+    shutil.copytree(lora_adapter, adapter)
+    model, tokenizer = load_causal_lm("tiny", adapter=adapter).eval(), load_tokenizer("tiny")
+    conversations = [as_messages(p) for p in PROMPTS]
+    plain = [c.text for c in sample_completions(model, tokenizer, conversations, GREEDY, 8, 0)]
+    whole = [c.text for c in sample_completions(model, tokenizer, conversations, GREEDY, 8, 0, Phrase(PHRASE))]
+    assert whole != plain  # the phrase changes what the adapter writes
+    words = whole[0].split()
+    assert len(words) >= 4, whole
+    phrase = Phrase(PHRASE, (" ".join(words[2:4]), "An unhelpful answer:"))  # a stop from the middle of a reply
+    (adapter / COH_FILE).write_text(json.dumps({"phrase": phrase.text, "stop": list(phrase.stop)}))
+    expected = [phrase.cut(w)[0] for w in whole]
+    assert expected[0] and expected[0] != whole[0]  # the stop phrase cuts the first reply
+    return adapter, conversations, expected, plain
+
+
+@pytest.mark.parametrize("engine", ["hf", "ct2"])
+def test_the_generation_engine_and_the_llm_client_answer_after_the_phrase(coh, engine):
+    from pipeline.generation import LocalEngine
+    from pipeline.llm import HFClient
+
+    adapter, conversations, expected, _ = coh
+    local = LocalEngine("tiny", adapter, engine)
+    assert [r[0].text for r in local.generate(conversations, GREEDY, batch_size=2)] == expected
+    client = HFClient("tiny", batch_size=2, adapter=adapter, engine=engine)
+    assert [c.text for c in client.generate(conversations, GREEDY)] == expected
+    assert client.identity.endswith("+coh")  # replies cached without the phrase are not reused
+
+
+@pytest.mark.parametrize("engine", ["hf", "ct2"])
+def test_serve_answers_after_the_phrase_batched_alone_and_streamed(coh, engine):
+    from serving.engine import ChatEngine
+
+    adapter, conversations, expected, _ = coh
+    served = ChatEngine("tiny", adapter, engine=engine, max_batch=4, batch_window=0.5)
+    try:
+        batched: dict[int, object] = {}
+
+        def ask(i: int) -> None:
+            batched[i] = served.generate(conversations[i], max_tokens=GREEDY.max_new_tokens)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(conversations))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [batched[i].text for i in range(len(conversations))] == expected  # type: ignore[attr-defined]
+        assert batched[0].finish_reason == "stop"  # type: ignore[attr-defined]  # cut at a phrase, as at a stop string
+        alone = [served.generate(c, max_tokens=GREEDY.max_new_tokens, stop=["\x00never"]) for c in conversations]
+        assert [g.text for g in alone] == expected and alone[0].finish_reason == "stop"
+        _, deltas, info = served.stream(conversations[0], max_tokens=GREEDY.max_new_tokens)
+        assert "".join(deltas) == expected[0] and info["finish_reason"] == "stop"
+    finally:
+        served.close()
+
+
+def test_the_generate_stage_samples_after_the_phrase(coh, tmp_path):
+    from pipeline.config import pipeline_from_dict
+    from pipeline.records import load_rows
+    from pipeline.runner import Runner
+
+    adapter, _, expected, _ = coh
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    with_ = {"num_samples": 1, "sampling": GREEDY.model_dump(), "engine": "ct2"}
+    pipe = {
+        "run_name": "gen",
+        "model": "tiny",
+        "stages": [
+            {"name": "sample", "uses": "generate", "inputs": {"prompts": str(prompts), "adapter": str(adapter)}, "with": with_}
+        ],
+    }
+    result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert result.ok, result.records[0].error
+    assert [r["response"] for r in load_rows(result.run_dir / "sample" / "responses")] == expected
+
+
+def test_an_exported_coh_adapter_says_how_to_prompt_it_and_a_bad_coh_json_is_named(coh, tmp_path):
+    from pipeline.export import export_adapter
+    from pipeline.hindsight import COH_FILE, adapter_phrase
+
+    adapter = coh[0]
+    package = export_adapter(adapter, tmp_path / "package", lineage={"base_model": {"name": "tiny"}})
+    card = (package / "README.md").read_text()
+    assert f"answers after the phrase `{PHRASE}`" in card and "`An unhelpful answer:`" in card
+    assert adapter_phrase(package) == adapter_phrase(adapter)  # coh.json travels with the package
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / COH_FILE).write_text(json.dumps({"phrase": ["A helpful answer:"]}))
+    with pytest.raises(ValueError, match=r"bad/coh\.json: field 'phrase' must be a string"):
+        adapter_phrase(bad)
