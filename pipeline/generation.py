@@ -355,22 +355,24 @@ class LocalEngine:
         seed: int = 0,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> list[list[Completion]]:
-        suffix = self.phrase.text if self.phrase is not None else ""
-        if self.engine == "ct2":
-            replies = self.ct2.generate(
-                conversations,
-                sampling,
-                num_samples=num_samples,
-                seed=seed,
-                batch_size=batch_size,
-                on_batch=on_batch,
-                prompt_suffix=suffix,
-            )
-        else:
-            replies = chat_generate(
+        from .hindsight import answered_after
+
+        def sample(suffix: str) -> list[list[Completion]]:
+            if self.engine == "ct2":
+                return self.ct2.generate(
+                    conversations,
+                    sampling,
+                    num_samples=num_samples,
+                    seed=seed,
+                    batch_size=batch_size,
+                    on_batch=on_batch,
+                    prompt_suffix=suffix,
+                )
+            return chat_generate(
                 self.model, self.tokenizer, conversations, sampling, num_samples, batch_size, seed, on_batch, suffix
             )
-        return self.phrase.cut_completions(replies) if self.phrase is not None else replies
+
+        return answered_after(self.phrase, sample)
 
 
 def generate_chat(
@@ -411,12 +413,11 @@ def vllm_generate(
     Chain-of-Hindsight one after its phrase (pipeline/hindsight.py)."""
     from vllm import LLM, SamplingParams
 
-    from .hindsight import adapter_phrase
+    from .hindsight import adapter_phrase, answered_after
     from .models import load_tokenizer, resolve_model
 
-    phrase = adapter_phrase(adapter)
     tokenizer = load_tokenizer(model_name)
-    prompts = [text + (phrase.text if phrase else "") for text in render_many(tokenizer, conversations)]
+    prompts = render_many(tokenizer, conversations)
     eos_ids = eos_ids_from_tokenizer(tokenizer)
     llm_kwargs: dict[str, Any] = dict(
         model=resolve_model(model_name), seed=seed, dtype="auto", gpu_memory_utilization=gpu_memory_utilization
@@ -429,11 +430,14 @@ def vllm_generate(
         lora_request = LoRARequest("heedful-adapter", 1, str(adapter))
     llm = LLM(**llm_kwargs)
     params = SamplingParams(**vllm_sampling_kwargs(sampling, num_samples, seed, eos_ids))
-    outputs = llm.generate(prompts, params, lora_request=lora_request)
-    if on_batch is not None:
-        on_batch(1, 1)
-    replies = completions_from_vllm(outputs, eos_ids)
-    return phrase.cut_completions(replies) if phrase is not None else replies
+
+    def sample(suffix: str) -> list[list[Completion]]:
+        outputs = llm.generate([p + suffix for p in prompts], params, lora_request=lora_request)
+        if on_batch is not None:
+            on_batch(1, 1)
+        return completions_from_vllm(outputs, eos_ids)
+
+    return answered_after(adapter_phrase(adapter), sample)
 
 
 def vllm_sampling_kwargs(sampling: SamplingSettings, num_samples: int, seed: int, eos_ids: list[int]) -> dict[str, Any]:

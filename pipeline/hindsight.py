@@ -4,18 +4,23 @@ The coh stage trains replies that follow a feedback phrase ("A helpful answer:")
 `coh.json` beside the adapter: the positive phrase, and every phrase of the chain (`stop`). Asked
 without its phrase the adapter answers unprompted, which it was not trained to do; and after its
 reply it may go on to the next link of a chain ("An unhelpful answer: ..."). So every engine that
-samples from an adapter -- the generate and simulate stages, evaluation, the LLM client,
-`heedful serve` -- reads the phrase here (`adapter_phrase`), opens the assistant turn with it
-(`text`, appended to the prompt rendered with its assistant turn open) and cuts the reply where a phrase begins (`cut`). It travels with the adapter (export
-copies it), so a shipped CoH adapter is served as it was evaluated.
+samples from an adapter -- the generate, simulate and c3po_data stages, evaluation, the LLM
+client, `heedful serve` -- reads the phrase here (`adapter_phrase`), appends it to the prompt
+rendered with its assistant turn open (`text`) and cuts the reply where a phrase begins (`cut`;
+`answered_after` does both around an engine's call). It travels with the adapter (export copies
+it), so a shipped CoH adapter is served as it was evaluated.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .generation import Completion
 
 COH_FILE = "coh.json"
 
@@ -32,9 +37,14 @@ class Phrase:
         at = min((i for i in (reply.find(s) for s in self.stop if s) if i >= 0), default=-1)
         return (reply[:at].strip(), True) if at >= 0 else (reply.strip(), False)
 
-    def cut_completions(self, completions: list[list[Any]]) -> list[list[Any]]:
-        """`Completion` records (pipeline.generation), each reply cut at the stop phrases."""
-        return [[replace(c, text=self.cut(c.text)[0]) for c in samples] for samples in completions]
+
+def answered_after(phrase: Phrase | None, sample: Callable[[str], list[list[Completion]]]) -> list[list[Completion]]:
+    """What every engine does with an adapter's phrase: `sample(prompt_suffix)` returns `Completion`
+    records (pipeline.generation) per prompt; with a phrase the suffix is the phrase and each reply is
+    cut at its stop phrases; without one, `sample("")` as it is."""
+    if phrase is None:
+        return sample("")
+    return [[replace(c, text=phrase.cut(c.text)[0]) for c in samples] for samples in sample(phrase.text)]
 
 
 def adapter_phrase(adapter: str | Path | None) -> Phrase | None:

@@ -208,6 +208,28 @@ class HFClient:
             self.identity += "+coh"
         self._yes_no: list[int] | None = None
 
+    @classmethod
+    def policy(
+        cls,
+        name: str,
+        device: str | None,
+        batch_size: int,
+        adapter: str | Path | None = None,
+        tokenizer=None,
+        engine: str = "auto",
+    ) -> HFClient:
+        """The policy in simulated conversations (the simulate stage's, the evaluate stage's users'),
+        which asks for a whole round's turns at once: on CTranslate2 they go in one call
+        (`ENGINE_BATCH`), as the stages hand it their queues -- it sorts them by length, and a sampled
+        call restarts its generator to seed it (~1 s for SmolLM2), so a round pays one restart, not
+        one per `batch_size` conversations. `batch_size` is HF's. Not the rule for every client: a
+        large local simulator keeps `batch_size` as its memory limit on either engine."""
+        from .generation import ENGINE_BATCH, pick_local_engine
+
+        chosen = pick_local_engine(engine, device, name)
+        per_call = ENGINE_BATCH if chosen == "ct2" else batch_size
+        return cls(name, device, per_call, adapter, None, tokenizer, engine=chosen)
+
     @property
     def model(self):
         """The HF model (base + adapter), loaded on first use."""
@@ -229,17 +251,16 @@ class HFClient:
 
     def generate(self, conversations: list[Messages], sampling: SamplingSettings, seed: int = 0) -> list[Completion]:
         from .generation import chat_generate
+        from .hindsight import answered_after
 
-        suffix = self.phrase.text if self.phrase is not None else ""
-        if self.engine == "ct2":
-            replies = self.ct2.generate(conversations, sampling, seed=seed, batch_size=self.batch_size, prompt_suffix=suffix)
-        else:
-            replies = chat_generate(
+        def sample(suffix: str) -> list[list[Completion]]:
+            if self.engine == "ct2":
+                return self.ct2.generate(conversations, sampling, seed=seed, batch_size=self.batch_size, prompt_suffix=suffix)
+            return chat_generate(
                 self.model, self.tokenizer, conversations, sampling, 1, self.batch_size, seed, prompt_suffix=suffix
             )
-        if self.phrase is not None:
-            replies = self.phrase.cut_completions(replies)
-        return [r[0] for r in replies]
+
+        return [r[0] for r in answered_after(self.phrase, sample)]
 
     def complete(self, conversations: list[Messages], seed: int = 0) -> list[str]:
         return [c.text for c in self.generate(conversations, self.sampling, seed)]
@@ -362,10 +383,13 @@ def build_client(
     model=None,
     tokenizer=None,
     batch_size: int | None = None,
+    model_adapter: str | Path | None = None,
 ) -> HFClient | OpenAIClient:
     """The client for `settings`. hf: `settings.model`, else `default_model`; an already loaded
-    `model`/`tokenizer` (of `default_model`, without adapter) is reused when it is the same one.
-    `batch_size` overrides `settings.batch_size` (a stage's own knob)."""
+    `model`/`tokenizer` (of `default_model`) is reused when it is the same one (`settings` names no
+    adapter); `model_adapter` is the adapter that loaded model carries, if any (the client's identity
+    and a Chain-of-Hindsight phrase follow it). `batch_size` overrides `settings.batch_size` (a
+    stage's own knob)."""
     if settings.kind == "openai":
         return OpenAIClient(settings)
     name = settings.model or default_model
@@ -376,7 +400,7 @@ def build_client(
         name,
         device,
         batch_size or settings.batch_size,
-        settings.adapter,
+        model_adapter if reuse else settings.adapter,
         model if reuse else None,
         tokenizer if reuse else None,
         settings.sampling,

@@ -156,8 +156,9 @@ class C3poDataStage(Stage):
     default_num_cpus = float("inf")
     non_semantic_fields = frozenset({"device", "batch_size", "engine"})
     # 2: baselines from the generation engine (CTranslate2 where faster): samples can differ from HF's;
-    # 3: so can a local generator's prompts and revisions (`own_generator_engine`)
-    version = "3"
+    # 3: so can a local generator's prompts and revisions (`own_generator_engine`); 4: a Chain-of-Hindsight
+    # adapter's baselines (and its generator's writing) come after its phrase (pipeline/hindsight.py)
+    version = "4"
     config: C3poDataConfig
 
     def run(self):
@@ -183,7 +184,10 @@ class C3poDataStage(Stage):
             generator = HFClient(ctx.model, cfg.device, g.batch_size, generator_adapter, None, tokenizer, g.sampling, "ct2")
             shared_ct2 = generator.ct2 if is_policy and engine == "ct2" else None  # baselines: the same weights
         elif needs_generator:
-            generator = build_client(cfg.generator, ctx.model, cfg.device, local_generator_model(cfg, adapter, model), tokenizer)
+            shared = local_generator_model(cfg, adapter, model)
+            generator = build_client(
+                cfg.generator, ctx.model, cfg.device, shared, tokenizer, model_adapter=adapter if shared is not None else None
+            )
 
         if ctx.input("prompts") is not None:
             prompts = self.given_prompts()
@@ -312,22 +316,33 @@ class C3poDataStage(Stage):
     def baselines(self, engine: str, model, tokenizer, conversations, ct2=None) -> list[list[Any]]:
         """The current model's replies: HF generate on the loaded model, or the generation engine
         on the same weights (the adapter merged; ENGINE_BATCH prompts per call), on `ct2` when the
-        generator already holds that CTranslate2 model (the same call `generate_chat` makes)."""
+        generator already holds that CTranslate2 model (the same call `generate_chat` makes). A
+        Chain-of-Hindsight adapter answers after its phrase on each (pipeline/hindsight.py)."""
         from pipeline.generation import chat_generate, generate_chat
+        from pipeline.hindsight import adapter_phrase, answered_after
 
         cfg, ctx = self.config, self.ctx
 
         def progress(done: int, total: int) -> None:
             ctx.log.info("baselines: batch %d/%d", done, total)
 
-        if engine == "hf":
-            return chat_generate(
-                model, tokenizer, conversations, cfg.baseline_sampling, 1, cfg.batch_size, ctx.seed, on_batch=progress
-            )
-        if engine == "ct2" and ct2 is not None:
+        def sample(suffix: str) -> list[list[Any]]:
+            if engine == "hf":
+                return chat_generate(
+                    model, tokenizer, conversations, cfg.baseline_sampling, 1, cfg.batch_size, ctx.seed, progress, suffix
+                )
             return ct2.generate(
-                conversations, cfg.baseline_sampling, num_samples=1, seed=ctx.seed, batch_size=ENGINE_BATCH, on_batch=progress
+                conversations,
+                cfg.baseline_sampling,
+                num_samples=1,
+                seed=ctx.seed,
+                batch_size=ENGINE_BATCH,
+                on_batch=progress,
+                prompt_suffix=suffix,
             )
+
+        if engine == "hf" or (engine == "ct2" and ct2 is not None):
+            return answered_after(adapter_phrase(ctx.input("adapter")), sample)
         return generate_chat(
             ctx.model,
             conversations,

@@ -91,7 +91,7 @@ class SimulateStage(Stage):
         from feedback.simulator.protocol import Judge, run_conversations
         from feedback.simulator.records import ProvenanceInfo, save_dataset, transcript_records
         from pipeline.evaluation.users import first_judged
-        from pipeline.generation import ENGINE_BATCH, ENGINE_LABELS, pick_local_engine
+        from pipeline.generation import ENGINE_LABELS
         from pipeline.llm import HFClient, build_client, shares_default_model
         from pipeline.llm_cache import CachedLLM, LLMCache
         from pipeline.paths import heedful_home
@@ -113,11 +113,7 @@ class SimulateStage(Stage):
         )
         adapter = ctx.input("adapter")
         started = time.time()
-        engine = pick_local_engine(cfg.engine, cfg.device, ctx.model)
-        # on CTranslate2 a round's turns go in one call, as the generate and evaluate stages hand it whole
-        # queues: it sorts them by length, and a sampled call restarts its generator to seed it (~1 s)
-        batch_size = ENGINE_BATCH if engine == "ct2" else cfg.batch_size
-        policy_backend = HFClient(ctx.model, device=cfg.device, batch_size=batch_size, adapter=adapter, engine=engine)
+        policy_backend = HFClient.policy(ctx.model, cfg.device, cfg.batch_size, adapter, engine=cfg.engine)
         # a simulator that is the policy's own model shares its HF copy (on CTranslate2 the policy's client
         # loads one only then: the simulator needs its logits anyway)
         shared = policy_backend if adapter is None and shares_default_model(cfg.simulator, ctx.model) else None
@@ -134,7 +130,7 @@ class SimulateStage(Stage):
             simulator.identity,
             ctx.model,
             " + adapter" if adapter else "",
-            ENGINE_LABELS[engine],
+            ENGINE_LABELS[policy_backend.engine],
         )
 
         judge = Judge(simulator, cfg.judge).calibrate()

@@ -57,6 +57,11 @@ def test_the_generation_engine_and_the_llm_client_answer_after_the_phrase(coh, e
     client = HFClient("tiny", batch_size=2, adapter=adapter, engine=engine)
     assert [c.text for c in client.generate(conversations, GREEDY)] == expected
     assert client.identity.endswith("+coh")  # replies cached without the phrase are not reused
+    if engine == "hf":  # a client handed the loaded model (c3po_data's generator that is the policy), told its adapter
+        from pipeline.llm import LLMSettings, build_client
+
+        shared = build_client(LLMSettings(), "tiny", model=local.model, tokenizer=local.tokenizer, model_adapter=adapter)
+        assert [c.text for c in shared.generate(conversations, GREEDY)] == expected
 
 
 @pytest.mark.parametrize("engine", ["hf", "ct2"])
@@ -105,6 +110,32 @@ def test_the_generate_stage_samples_after_the_phrase(coh, tmp_path):
     result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, result.records[0].error
     assert [r["response"] for r in load_rows(result.run_dir / "sample" / "responses")] == expected
+
+
+@pytest.mark.parametrize("engine", ["hf", "ct2"])
+def test_c3po_data_baselines_from_a_coh_adapter_answer_after_the_phrase(coh, tmp_path, engine):
+    """The current model's baselines, on the loaded HF model or on CTranslate2 (template reviser: no generator)."""
+    from pipeline.config import pipeline_from_dict
+    from pipeline.records import load_rows
+    from pipeline.runner import Runner
+
+    adapter, _, expected, _ = coh
+    prompts = tmp_path / "prompts.jsonl"
+    scopes = ["in_scope", "near_scope", "out_of_scope"]
+    prompts.write_text("".join(json.dumps({"prompt": p, "scope": s, "split": "train"}) + "\n" for p, s in zip(PROMPTS, scopes)))
+    with_ = {
+        "feedback": "Start with a tip.",
+        "reviser": "template",
+        "revision_template": "Tip: {response}",
+        "baseline_sampling": GREEDY.model_dump(),
+        "engine": engine,
+    }
+    stage = {"name": "data", "uses": "c3po_data", "inputs": {"prompts": str(prompts), "adapter": str(adapter)}, "with": with_}
+    pipe = {"run_name": "c3", "model": "tiny", "stages": [stage]}
+    result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert result.ok, result.records[0].error
+    baselines = {r["prompt"]: r["baseline"] for r in load_rows(result.run_dir / "data" / "train")}
+    assert [baselines[p] for p in PROMPTS] == expected
 
 
 def test_an_exported_coh_adapter_says_how_to_prompt_it_and_a_bad_coh_json_is_named(coh, tmp_path):

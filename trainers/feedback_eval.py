@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.generation import EngineSetting, SamplingSettings
-from pipeline.hindsight import Phrase
+from pipeline.hindsight import Phrase, answered_after
 from pipeline.llm import LLMSettings
 
 SCOPES = ("in_scope", "near_scope", "out_of_scope")
@@ -134,11 +134,10 @@ def sample_completions(
     reply is cut at its stop phrases, as every engine samples from such an adapter."""
     from pipeline.generation import chat_generate
 
-    suffix = phrase.text if phrase is not None else ""
-    completions = chat_generate(model, tokenizer, conversations, sampling, 1, batch_size, seed, prompt_suffix=suffix)
-    if phrase is not None:
-        completions = phrase.cut_completions(completions)
-    return [r[0] for r in completions]
+    def sample(suffix: str):
+        return chat_generate(model, tokenizer, conversations, sampling, 1, batch_size, seed, prompt_suffix=suffix)
+
+    return [r[0] for r in answered_after(phrase, sample)]
 
 
 def choose_prompts(prompts: list[dict[str, Any]], max_per_scope: int | None) -> list[dict[str, Any]]:

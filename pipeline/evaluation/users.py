@@ -115,11 +115,9 @@ def condition_policy(ans: Answering, condition: Condition, loaded: Any) -> Any:
 
     adapter = ans.adapter if condition.adapter_on else None
     if ans.engine == "ct2":
-        from pipeline.generation import ENGINE_BATCH
         from pipeline.llm import HFClient
 
-        # a round's turns in one call, as the held-out replies: a sampled call restarts the generator to seed it
-        return HFClient(ans.model_name, ans.device, ENGINE_BATCH, adapter, None, ans.tokenizer, engine="ct2")
+        return HFClient.policy(ans.model_name, ans.device, ans.batch_size, adapter, ans.tokenizer, engine="ct2")
     phrase = adapter_phrase(adapter)
     return PhrasedPolicy(ans, phrase) if phrase is not None else loaded
 
