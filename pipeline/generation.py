@@ -372,7 +372,7 @@ class LocalEngine:
                 self.model, self.tokenizer, conversations, sampling, num_samples, batch_size, seed, on_batch, suffix
             )
 
-        return answered_after(self.phrase, sample)
+        return answered_after(self.phrase, sample, self.ct2.tokenizer if self.engine == "ct2" else self.tokenizer)
 
 
 def generate_chat(
@@ -437,7 +437,7 @@ def vllm_generate(
             on_batch(1, 1)
         return completions_from_vllm(outputs, eos_ids)
 
-    return answered_after(adapter_phrase(adapter), sample)
+    return answered_after(adapter_phrase(adapter), sample, tokenizer)
 
 
 def vllm_sampling_kwargs(sampling: SamplingSettings, num_samples: int, seed: int, eos_ids: list[int]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .generation import Completion
@@ -38,13 +38,26 @@ class Phrase:
         return (reply[:at].strip(), True) if at >= 0 else (reply.strip(), False)
 
 
-def answered_after(phrase: Phrase | None, sample: Callable[[str], list[list[Completion]]]) -> list[list[Completion]]:
+def answered_after(
+    phrase: Phrase | None, sample: Callable[[str], list[list[Completion]]], tokenizer: Any
+) -> list[list[Completion]]:
     """What every engine does with an adapter's phrase: `sample(prompt_suffix)` returns `Completion`
     records (pipeline.generation) per prompt; with a phrase the suffix is the phrase and each reply is
-    cut at its stop phrases; without one, `sample("")` as it is."""
+    cut at its stop phrases; without one, `sample("")` as it is.
+
+    A reply cut at a phrase ended its answer: it counts as finished (as a stop string ends a served
+    reply), with the tokens of the text kept (`tokenizer`), not of the chain it went on to. Else a
+    finished-only filter, a truncation penalty or the unfinished rate would count it as cut off."""
     if phrase is None:
         return sample("")
-    return [[replace(c, text=phrase.cut(c.text)[0]) for c in samples] for samples in sample(phrase.text)]
+
+    def kept(c: Completion) -> Completion:
+        text, found = phrase.cut(c.text)
+        if not found:
+            return c
+        return replace(c, text=text, num_tokens=len(tokenizer.encode(text, add_special_tokens=False)), finished=True)
+
+    return [[kept(c) for c in samples] for samples in sample(phrase.text)]
 
 
 def adapter_phrase(adapter: str | Path | None) -> Phrase | None:

@@ -260,7 +260,7 @@ class HFClient:
                 self.model, self.tokenizer, conversations, sampling, 1, self.batch_size, seed, prompt_suffix=suffix
             )
 
-        return [r[0] for r in answered_after(self.phrase, sample)]
+        return [r[0] for r in answered_after(self.phrase, sample, self.tokenizer)]
 
     def complete(self, conversations: list[Messages], seed: int = 0) -> list[str]:
         return [c.text for c in self.generate(conversations, self.sampling, seed)]

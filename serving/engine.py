@@ -25,6 +25,8 @@ between the engines (CTranslate2 computes in fp32), as batched and alone do.
 A Chain-of-Hindsight adapter (its `coh.json`, pipeline/hindsight.py) is served as it was trained and
 evaluated: every prompt's assistant turn opens with its phrase, and every reply -- batched, alone or
 streamed -- ends where one of its chain's phrases begins (finish_reason "stop"), as a stop string.
+A micro-batch on HF stops each row at the phrases; on CTranslate2 it is cut after generating (no
+stop strings in a batch call), its `completion_tokens` counted through the phrase as alone.
 
 On a CPU the HF side keeps its linear layers' weights packed for oneDNN for the engine's life where
 memory has room for the copy (pipeline/cpu_linear.py `packed_linears`, opened here and closed by
@@ -308,9 +310,24 @@ class ChatEngine:
         if ended is None:
             tokens, ended = self._cut_eos(tokens[:max_tokens])
         finish = "stop" if ended else "length"
+        stop = [*stop, *self.phrase_stops]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        text, stopped = _cut_at_stop(text, [*stop, *self.phrase_stops])
+        text, stopped = _cut_at_stop(text, stop)
+        if stopped:  # the tokens through the one that completes the stop string, as a request alone stops
+            tokens = tokens[: self._through_stop(tokens, stop)]
         return Generated(text.strip(), n_prompt, len(tokens), "stop" if stopped else finish)
+
+    def _through_stop(self, tokens: list[int], stop: list[str]) -> int:
+        """How many of `tokens` it takes to complete a stop string (their text contains one): a micro-batch
+        is cut at a CoH phrase after generating, so its count must not include what came after."""
+        lo, hi = 1, len(tokens)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _cut_at_stop(self.tokenizer.decode(tokens[:mid], skip_special_tokens=True), stop)[1]:
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi
 
     def _cut_eos(self, tokens: list[int]) -> tuple[list[int], bool]:
         """The reply up to its first end-of-turn token, and whether it had one."""
@@ -333,7 +350,8 @@ class ChatEngine:
         enc = enc.to(self.policy.device)
         longest = max(j.max_tokens for j in jobs)
         with self._lock, torch.inference_mode():
-            out = self.model.generate(**enc, **self._kwargs(longest, jobs[0].temperature, jobs[0].top_p, []))
+            # a CoH adapter's rows stop at its phrases (HF stops rows one by one); a user's stops never batch
+            out = self.model.generate(**enc, **self._kwargs(longest, jobs[0].temperature, jobs[0].top_p, self.phrase_stops))
         width = enc["input_ids"].shape[1]
         return [self._finish(out[i, width:].tolist(), j.n_prompt, j.max_tokens, []) for i, j in enumerate(jobs)]
 
@@ -364,13 +382,14 @@ class ChatEngine:
 
         def deltas() -> Iterator[str]:
             received, emitted, stopped = "", "", False
-            # the streamed text is `generate`'s, which strips the reply: no leading whitespace (a reply
-            # after a CoH phrase starts with a space), and whitespace held back until text follows it
+            # the streamed text is `generate`'s, which cuts at a stop string and then strips the reply: no
+            # leading whitespace (a reply after a CoH phrase starts with a space), and whitespace held back
+            # until text follows it
             for piece in pieces:
-                received = (received + piece).lstrip()
+                received += piece
                 cut, stopped = _cut_at_stop(received, stop)
                 # hold back text that could be the start of a stop string
-                safe = (cut if stopped else received[: len(received) - _partial_stop(received, stop)]).rstrip()
+                safe = (cut if stopped else received[: len(received) - _partial_stop(received, stop)]).strip()
                 if len(safe) > len(emitted):
                     yield safe[len(emitted) :]
                     emitted = safe
@@ -380,7 +399,7 @@ class ChatEngine:
             if stopped:  # we left the loop early: drain it, so the generation can finish
                 for _ in pieces:
                     pass
-            received = received.rstrip()
+            received = received.strip()
             if not stopped and len(received) > len(emitted):
                 yield received[len(emitted) :]
             if done:

@@ -71,11 +71,17 @@ def canonical_config(raw: bytes) -> bytes:
 
 
 def adapter_version_id(adapter: str | Path | None) -> str:
-    """`adp-` + 12 hex digits of SHA-256 over the canonical config and the weight files; `base` for None."""
+    """`adp-` + 12 hex digits of SHA-256 over the canonical config and the weight files, and a
+    Chain-of-Hindsight adapter's phrase (it changes what the version answers); `base` for None."""
     if adapter is None:
         return "base"
+    from pipeline.hindsight import COH_FILE, adapter_phrase
+
     folder = Path(adapter)
     digest = hashlib.sha256()
+    phrase = adapter_phrase(folder)
+    if phrase is not None:
+        digest.update(COH_FILE.encode() + json.dumps([phrase.text, sorted(phrase.stop)]).encode())
     for name in ("adapter_config.json", *WEIGHT_FILES):
         path = folder / name
         if not path.is_file():

@@ -342,7 +342,7 @@ class C3poDataStage(Stage):
             )
 
         if engine == "hf" or (engine == "ct2" and ct2 is not None):
-            return answered_after(adapter_phrase(ctx.input("adapter")), sample)
+            return answered_after(adapter_phrase(ctx.input("adapter")), sample, tokenizer)
         return generate_chat(
             ctx.model,
             conversations,

@@ -53,7 +53,11 @@ def test_the_generation_engine_and_the_llm_client_answer_after_the_phrase(coh, e
 
     adapter, conversations, expected, _ = coh
     local = LocalEngine("tiny", adapter, engine)
-    assert [r[0].text for r in local.generate(conversations, GREEDY, batch_size=2)] == expected
+    replies = [r[0] for r in local.generate(conversations, GREEDY, batch_size=2)]
+    assert [r.text for r in replies] == expected
+    # the reply cut at a phrase ended its answer: finished, its tokens those of the text kept
+    tokenizer = local.ct2.tokenizer if engine == "ct2" else local.tokenizer
+    assert replies[0].finished and replies[0].num_tokens == len(tokenizer.encode(expected[0], add_special_tokens=False))
     client = HFClient("tiny", batch_size=2, adapter=adapter, engine=engine)
     assert [c.text for c in client.generate(conversations, GREEDY)] == expected
     assert client.identity.endswith("+coh")  # replies cached without the phrase are not reused
@@ -66,12 +70,12 @@ def test_the_generation_engine_and_the_llm_client_answer_after_the_phrase(coh, e
 
 @pytest.mark.parametrize("engine", ["hf", "ct2"])
 def test_serve_answers_after_the_phrase_batched_alone_and_streamed(coh, engine):
-    from serving.engine import ChatEngine
+    from serving.engine import ChatEngine, Generated
 
     adapter, conversations, expected, _ = coh
     served = ChatEngine("tiny", adapter, engine=engine, max_batch=4, batch_window=0.5)
     try:
-        batched: dict[int, object] = {}
+        batched: dict[int, Generated] = {}
 
         def ask(i: int) -> None:
             batched[i] = served.generate(conversations[i], max_tokens=GREEDY.max_new_tokens)
@@ -81,12 +85,18 @@ def test_serve_answers_after_the_phrase_batched_alone_and_streamed(coh, engine):
             t.start()
         for t in threads:
             t.join()
-        assert [batched[i].text for i in range(len(conversations))] == expected  # type: ignore[attr-defined]
-        assert batched[0].finish_reason == "stop"  # type: ignore[attr-defined]  # cut at a phrase, as at a stop string
+        together = [batched[i] for i in range(len(conversations))]
+        assert [g.text for g in together] == expected
+        assert together[0].finish_reason == "stop"  # cut at a phrase, as at a stop string
         alone = [served.generate(c, max_tokens=GREEDY.max_new_tokens, stop=["\x00never"]) for c in conversations]
         assert [g.text for g in alone] == expected and alone[0].finish_reason == "stop"
-        _, deltas, info = served.stream(conversations[0], max_tokens=GREEDY.max_new_tokens)
-        assert "".join(deltas) == expected[0] and info["finish_reason"] == "stop"
+        # a batch counts the tokens through the phrase, as a request alone stops there
+        assert [g.completion_tokens for g in together] == [g.completion_tokens for g in alone]
+        assert alone[0].completion_tokens < GREEDY.max_new_tokens
+        for i in range(len(conversations)):
+            _, deltas, info = served.stream(conversations[i], max_tokens=GREEDY.max_new_tokens)
+            assert "".join(deltas) == expected[i]
+            assert (info["finish_reason"], info["completion_tokens"]) == (alone[i].finish_reason, alone[i].completion_tokens)
     finally:
         served.close()
 
@@ -147,6 +157,16 @@ def test_an_exported_coh_adapter_says_how_to_prompt_it_and_a_bad_coh_json_is_nam
     card = (package / "README.md").read_text()
     assert f"answers after the phrase `{PHRASE}`" in card and "`An unhelpful answer:`" in card
     assert adapter_phrase(package) == adapter_phrase(adapter)  # coh.json travels with the package
+
+    # the served version id follows the phrase: the same weights answer differently with another one
+    from serving.versions import adapter_version_id
+
+    ids = {adapter_version_id(package)}
+    (package / COH_FILE).write_text(json.dumps({"phrase": "A good answer:", "stop": []}))
+    ids.add(adapter_version_id(package))
+    (package / COH_FILE).unlink()
+    ids.add(adapter_version_id(package))
+    assert len(ids) == 3
 
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -656,10 +656,12 @@ def test_engine_replies_equal_hf_replies(tmp_path, tiny_model_path, monkeypatch)
     assert replies["hf"][("dpo_s0", SCOPED[0][0])] != replies["hf"][("base", SCOPED[0][0])]  # the adapter changes them
 
 
-def test_a_chain_of_hindsight_adapter_answers_its_users_after_its_phrase(tmp_path, tiny_model_path):
+@pytest.mark.parametrize("engine", ["hf", "ct2"])
+def test_a_chain_of_hindsight_adapter_answers_its_users_after_its_phrase(tmp_path, tiny_model_path, engine):
     """A CoH adapter's first turn to each simulated user is its held-out reply to the same request
     (greedy, no system prompt): both open with its phrase, on whichever engine the rest runs. The
-    phrase changes the replies, so a conversation answered without it would differ."""
+    phrase changes the replies, so a conversation answered without it would differ; the base, on the
+    same loaded model with the adapter switched off (HF), answers as it did without a phrase."""
     from pipeline.hindsight import COH_FILE
     from pipeline.records import load_rows
 
@@ -667,7 +669,7 @@ def test_a_chain_of_hindsight_adapter_answers_its_users_after_its_phrase(tmp_pat
     needs = tmp_path / "needs.jsonl"
     write_jsonl([{"id": f"n{i}", "prompt": p, "need": f"an answer to: {p}"} for i, (p, _) in enumerate(SCOPED)], needs)
     greedy = {"max_new_tokens": 10, "temperature": 0.0}
-    with_ = {"conditions": ["adapter"], "drift": False, "engine": "ct2", "resamples": 100, "sampling": greedy}
+    with_ = {"conditions": ["base", "adapter"], "drift": False, "engine": engine, "resamples": 100, "sampling": greedy}
     with_["users"] = {"max_rounds": 1, "simulator": {"model": "tiny"}, "policy_sampling": greedy}
     inputs = {"prompts": str(write_scoped_prompts(tmp_path)), "adapter": str(adapter), "needs": str(needs)}
     replies = {}
@@ -676,10 +678,14 @@ def test_a_chain_of_hindsight_adapter_answers_its_users_after_its_phrase(tmp_pat
             (adapter / COH_FILE).write_text(json.dumps({"phrase": phrase, "stop": []}))
         result = run_evaluate(tmp_path / str(bool(phrase)), inputs, with_)
         assert result.ok, result.records[0].error
-        held_out = {r["prompt"]: r["response"] for r in load_rows(result.run_dir / "check" / "evaluation")}
-        talks = {t["request"]: t["utterances"][1]["text"] for t in load_rows(result.run_dir / "check" / "conversations")}
-        assert len(held_out) == len(SCOPED) and talks == held_out
+        rows = load_rows(result.run_dir / "check" / "evaluation")
+        held_out = {(r["condition"], r["prompt"]): r["response"] for r in rows}
+        talks = load_rows(result.run_dir / "check" / "conversations")
+        assert {(t["condition"], t["request"]): t["utterances"][1]["text"] for t in talks} == held_out
+        assert len(held_out) == 2 * len(SCOPED)
         replies[phrase] = held_out
+    base = {key: text for key, text in replies[None].items() if key[0] == "base"}
+    assert base and all(replies["A helpful answer:"][key] == text for key, text in base.items())  # no phrase
     assert replies[None] != replies["A helpful answer:"]
 
 

@@ -137,7 +137,7 @@ def sample_completions(
     def sample(suffix: str):
         return chat_generate(model, tokenizer, conversations, sampling, 1, batch_size, seed, prompt_suffix=suffix)
 
-    return [r[0] for r in answered_after(phrase, sample)]
+    return [r[0] for r in answered_after(phrase, sample, tokenizer)]
 
 
 def choose_prompts(prompts: list[dict[str, Any]], max_per_scope: int | None) -> list[dict[str, Any]]:
