@@ -306,11 +306,11 @@ class ChatEngine:
         return tokens, len(tokens) < req.sampling.max_new_tokens
 
     def _finish(self, tokens: list[int], n_prompt: int, max_tokens: int, stop: list[str], ended: bool | None = None) -> Generated:
-        """`tokens`: the reply (cut at its first stop token here), or with `ended` given, already cut."""
+        """`tokens`: the reply (cut at its first stop token here), or with `ended` given, already cut;
+        `stop`: the request's stop strings with the CoH phrases (`_prepare`), a micro-batch's the phrases."""
         if ended is None:
             tokens, ended = self._cut_eos(tokens[:max_tokens])
         finish = "stop" if ended else "length"
-        stop = [*stop, *self.phrase_stops]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         text, stopped = _cut_at_stop(text, stop)
         if stopped:  # the tokens through the one that completes the stop string, as a request alone stops
@@ -353,7 +353,7 @@ class ChatEngine:
             # a CoH adapter's rows stop at its phrases (HF stops rows one by one); a user's stops never batch
             out = self.model.generate(**enc, **self._kwargs(longest, jobs[0].temperature, jobs[0].top_p, self.phrase_stops))
         width = enc["input_ids"].shape[1]
-        return [self._finish(out[i, width:].tolist(), j.n_prompt, j.max_tokens, []) for i, j in enumerate(jobs)]
+        return [self._finish(out[i, width:].tolist(), j.n_prompt, j.max_tokens, self.phrase_stops) for i, j in enumerate(jobs)]
 
     def _ct2_batch(self, jobs: list[_Job]) -> list[Generated]:
         budgets = [j.max_tokens for j in jobs]
@@ -362,7 +362,10 @@ class ChatEngine:
             replies = self.ct2.generate_ids(
                 [j.text for j in jobs], sampling, seed=None, max_batch_size=len(jobs), max_new_tokens=budgets
             )
-        return [self._finish(ids, j.n_prompt, j.max_tokens, [], len(ids) < j.max_tokens) for (ids,), j in zip(replies, jobs)]
+        return [
+            self._finish(ids, j.n_prompt, j.max_tokens, self.phrase_stops, len(ids) < j.max_tokens)
+            for (ids,), j in zip(replies, jobs)
+        ]
 
     def stream(
         self,
