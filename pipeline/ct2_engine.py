@@ -51,16 +51,25 @@ MAX_CACHED_PREFIXES = 8
 MAX_CACHED_TOKENS = 4096
 
 
-def _budget_callback(budgets: list[int]) -> Callable[[Any], bool]:
-    """A CTranslate2 step callback that ends request i after budgets[i] generated tokens.
+def _step_callback(budgets: list[int], stop_strings: list[str], tokenizer: Any) -> Callable[[Any], bool]:
+    """A CTranslate2 step callback that ends request i after budgets[i] generated tokens, or after
+    the token that completes one of `stop_strings` in its text (as HF's `stop_strings` stops a row).
 
     Counts calls per request rather than reading `step`: steps also count the prompt tokens
     that ragged batches decode one by one, so they are offset per request."""
     counts = [0] * len(budgets)
+    replies: list[list[int]] = [[] for _ in budgets]
 
     def on_step(step: Any) -> bool:
-        counts[step.batch_id] += 1
-        return counts[step.batch_id] >= budgets[step.batch_id]
+        i = step.batch_id
+        counts[i] += 1
+        if counts[i] >= budgets[i]:
+            return True
+        if not stop_strings:
+            return False
+        replies[i].append(step.token_id)
+        text = tokenizer.decode(replies[i], skip_special_tokens=True)
+        return any(s in text for s in stop_strings)
 
     return on_step
 
@@ -257,6 +266,7 @@ class Ct2Generator:
         seed: int | None = 0,
         max_batch_size: int = 64,
         max_new_tokens: list[int] | None = None,
+        stop_strings: list[str] | None = None,
     ) -> list[list[list[int]]]:
         """Reply token ids (stop token excluded) for rendered prompts, `num_samples` per prompt.
 
@@ -266,7 +276,8 @@ class Ct2Generator:
         `max_new_tokens`, one per prompt, gives each request its own budget inside one call
         (a request that reaches it leaves the batch; the others go on); by default every
         prompt gets `sampling.max_new_tokens`. With more prompts than `max_batch_size`,
-        CTranslate2 sorts them by length and runs them in chunks (less padding).
+        CTranslate2 sorts them by length and runs them in chunks (less padding). A request whose
+        text completes one of `stop_strings` leaves the batch after that token (its ids keep it).
         """
         encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         token_lists = [self.tokenizer.convert_ids_to_tokens(ids) for ids in encoded]
@@ -282,10 +293,10 @@ class Ct2Generator:
             return_end_token=False,
             **self._sampling_kwargs(sampling),
         )
-        if len(set(budgets)) > 1:
+        if len(set(budgets)) > 1 or stop_strings:
             if num_samples > 1:
-                raise ValueError("per-request max_new_tokens needs num_samples: 1")
-            kwargs["callback"] = _budget_callback(budgets)
+                raise ValueError("per-request max_new_tokens or stop strings need num_samples: 1")
+            kwargs["callback"] = _step_callback(budgets, stop_strings or [], self.tokenizer)
         if sampling.temperature == 0 and num_samples > 1:
             raise ValueError("temperature 0 (greedy) gives one reply per prompt; set num_samples: 1")
         self._seeded(None if sampling.temperature == 0 else seed)

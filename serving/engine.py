@@ -25,8 +25,8 @@ between the engines (CTranslate2 computes in fp32), as batched and alone do.
 A Chain-of-Hindsight adapter (its `coh.json`, pipeline/hindsight.py) is served as it was trained and
 evaluated: every prompt's assistant turn opens with its phrase, and every reply -- batched, alone or
 streamed -- ends where one of its chain's phrases begins (finish_reason "stop"), as a stop string.
-A micro-batch on HF stops each row at the phrases; on CTranslate2 it is cut after generating (no
-stop strings in a batch call), its `completion_tokens` counted through the phrase as alone.
+A micro-batch stops each row at the phrases (HF's `stop_strings`; on CTranslate2 a step callback),
+its `completion_tokens` counted through the phrase as alone.
 
 On a CPU the HF side keeps its linear layers' weights packed for oneDNN for the engine's life where
 memory has room for the copy (pipeline/cpu_linear.py `packed_linears`, opened here and closed by
@@ -360,7 +360,12 @@ class ChatEngine:
         sampling = self._sampling(max(budgets), jobs[0].temperature, jobs[0].top_p)
         with self._lock:  # seed None: unseeded requests sample on, without a generator restart
             replies = self.ct2.generate_ids(
-                [j.text for j in jobs], sampling, seed=None, max_batch_size=len(jobs), max_new_tokens=budgets
+                [j.text for j in jobs],
+                sampling,
+                seed=None,
+                max_batch_size=len(jobs),
+                max_new_tokens=budgets,
+                stop_strings=self.phrase_stops,  # a CoH adapter's rows stop at its phrases
             )
         return [
             self._finish(ids, j.n_prompt, j.max_tokens, self.phrase_stops, len(ids) < j.max_tokens)

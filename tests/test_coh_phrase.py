@@ -101,6 +101,32 @@ def test_serve_answers_after_the_phrase_batched_alone_and_streamed(coh, engine):
         served.close()
 
 
+def test_ctranslate2_ends_a_batch_row_at_the_token_that_completes_a_stop_string(coh):
+    """How a served micro-batch on CTranslate2 stops at a CoH phrase: the row that meets it leaves the
+    batch after that token; the others write what they write without stop strings."""
+    from pipeline.chat import render_many
+    from pipeline.ct2_engine import Ct2Generator
+    from pipeline.hindsight import adapter_phrase
+
+    adapter, conversations, _, _ = coh
+    phrase = adapter_phrase(adapter)
+    assert phrase is not None
+    generator = Ct2Generator("tiny", adapter)
+    prompts = [text + phrase.text for text in render_many(generator.tokenizer, conversations)]
+    budgets = [GREEDY.max_new_tokens] * len(prompts)
+    whole = generator.generate_ids(prompts, GREEDY, seed=None, max_new_tokens=budgets)
+    stopped = generator.generate_ids(prompts, GREEDY, seed=None, max_new_tokens=budgets, stop_strings=list(phrase.stop))
+
+    def text(ids: list[int]) -> str:
+        return generator.tokenizer.decode(ids, skip_special_tokens=True)
+
+    first = stopped[0][0]
+    assert len(first) < len(whole[0][0]) and first == whole[0][0][: len(first)]
+    assert phrase.cut(text(first))[1] and not phrase.cut(text(first[:-1]))[1]  # the last token completes it
+    for (ids,), (full,) in zip(stopped, whole):
+        assert ids == full or phrase.cut(text(ids))[1]
+
+
 def test_the_generate_stage_samples_after_the_phrase(coh, tmp_path):
     from pipeline.config import pipeline_from_dict
     from pipeline.records import load_rows
