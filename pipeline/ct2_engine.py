@@ -59,6 +59,7 @@ def _step_callback(budgets: list[int], stop_strings: list[str], tokenizer: Any) 
     that ragged batches decode one by one, so they are offset per request."""
     counts = [0] * len(budgets)
     replies: list[list[int]] = [[] for _ in budgets]
+    stop_strings = [s for s in stop_strings if s]
 
     def on_step(step: Any) -> bool:
         i = step.batch_id

@@ -77,4 +77,4 @@ def adapter_phrase(adapter: str | Path | None) -> Phrase | None:
     stop = data.get("stop") or []
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise ValueError(f"{path}: field 'stop' must be a list of strings")
-    return Phrase(data["phrase"], tuple(stop))
+    return Phrase(data["phrase"], tuple(s for s in stop if s))  # an empty stop would end every reply at once

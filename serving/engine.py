@@ -253,7 +253,7 @@ class ChatEngine:
         seed: int | None = None,
     ) -> Generated:
         req = self._prepare(messages, max_tokens, temperature, top_p, stop, seed)  # too long: refused before any queue
-        if self._batcher is not None and seed is None and not stop:  # a batch is cut at the phrases afterwards
+        if self._batcher is not None and seed is None and not stop:  # a batch stops each row at the CoH phrases
             return self._batcher.submit(_Job(req.text, req.n_prompt, max_tokens, temperature, top_p))
         if self.ct2 is not None:
             tokens, ended = self._ct2_reply(req)

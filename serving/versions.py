@@ -79,9 +79,13 @@ def adapter_version_id(adapter: str | Path | None) -> str:
 
     folder = Path(adapter)
     digest = hashlib.sha256()
-    phrase = adapter_phrase(folder)
-    if phrase is not None:
-        digest.update(COH_FILE.encode() + json.dumps([phrase.text, sorted(phrase.stop)]).encode())
+    try:
+        phrase = adapter_phrase(folder)
+    except ValueError:  # a bad coh.json still names a version (its bytes); loading it is what refuses it
+        digest.update(COH_FILE.encode() + (folder / COH_FILE).read_bytes())
+    else:
+        if phrase is not None:
+            digest.update(COH_FILE.encode() + json.dumps([phrase.text, sorted(phrase.stop)]).encode())
     for name in ("adapter_config.json", *WEIGHT_FILES):
         path = folder / name
         if not path.is_file():
@@ -114,6 +118,12 @@ def check_adapter_folder(adapter: str | Path) -> Path:
         raise AdapterRefused(f"{config}: field 'peft_type' missing (not a PEFT adapter config)")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise AdapterRefused(f"{folder}: no adapter weights ({' or '.join(WEIGHT_FILES)})")
+    from pipeline.hindsight import adapter_phrase
+
+    try:
+        adapter_phrase(folder)  # a Chain-of-Hindsight adapter's coh.json, read as serving reads it
+    except ValueError as exc:
+        raise AdapterRefused(str(exc)) from None
     return folder.resolve()
 
 

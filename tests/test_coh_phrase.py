@@ -176,7 +176,7 @@ def test_c3po_data_baselines_from_a_coh_adapter_answer_after_the_phrase(coh, tmp
 
 def test_an_exported_coh_adapter_says_how_to_prompt_it_and_a_bad_coh_json_is_named(coh, tmp_path):
     from pipeline.export import export_adapter
-    from pipeline.hindsight import COH_FILE, adapter_phrase
+    from pipeline.hindsight import COH_FILE, Phrase, adapter_phrase
 
     adapter = coh[0]
     package = export_adapter(adapter, tmp_path / "package", lineage={"base_model": {"name": "tiny"}})
@@ -199,3 +199,6 @@ def test_an_exported_coh_adapter_says_how_to_prompt_it_and_a_bad_coh_json_is_nam
     (bad / COH_FILE).write_text(json.dumps({"phrase": ["A helpful answer:"]}))
     with pytest.raises(ValueError, match=r"bad/coh\.json: field 'phrase' must be a string"):
         adapter_phrase(bad)
+    assert adapter_version_id(bad).startswith("adp-")  # still a version id (trace lists every folder); deploy refuses it
+    (bad / COH_FILE).write_text(json.dumps({"phrase": PHRASE, "stop": ["", "An unhelpful answer:"]}))
+    assert adapter_phrase(bad) == Phrase(PHRASE, ("An unhelpful answer:",))  # an empty stop would end every reply

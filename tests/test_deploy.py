@@ -38,7 +38,10 @@ def adapters(tiny_model_path, tmp_path_factory) -> dict[str, Path]:
     not_json = root / "not_json"
     not_json.mkdir()
     (not_json / "adapter_config.json").write_text("{oops")
-    return {"a": a, "b": b, "broken": broken, "not_json": not_json, "empty": root}
+    bad_coh = root / "bad_coh"
+    shutil.copytree(a, bad_coh)
+    (bad_coh / "coh.json").write_text('{"phrase": 3}')  # a Chain-of-Hindsight file serving cannot read
+    return {"a": a, "b": b, "broken": broken, "not_json": not_json, "bad_coh": bad_coh, "empty": root}
 
 
 live = module_server("deploy", TOKENS, max_tokens_default=6)
@@ -209,6 +212,7 @@ def test_broken_adapter_folders_are_refused_and_the_old_version_stays(live, adap
     cases = [
         (adapters["broken"], "could not be loaded"),
         (adapters["not_json"], "not valid JSON"),
+        (adapters["bad_coh"], "coh.json: field 'phrase' must be a string"),
         (adapters["empty"], "no adapter_config.json"),
         (adapters["empty"] / "missing", "does not exist"),
         (Path("relative/adapter"), "must be absolute"),
