@@ -15,7 +15,6 @@ from typing import Any
 from pydantic import Field
 
 from feedback.simulator.protocol import ProtocolSettings
-from pipeline.hindsight import Phrase
 
 from .conditions import Answering, Condition
 
@@ -104,39 +103,22 @@ def condition_policy(ans: Answering, condition: Condition, loaded: Any) -> Any:
     """What writes a condition's replies in its users' conversations, as `Answering.replies` writes
     its held-out replies: the engine the held-out replies came from when that is CTranslate2 (the
     base, or the adapter merged: a converted copy the replies already made); else `loaded` (the HF
-    model, its adapter switched by `ans.weights`), or for a Chain-of-Hindsight adapter on it
-    `PhrasedPolicy`. Either way a CoH adapter answers after its phrase (pipeline/hindsight.py).
+    model, its adapter switched by `ans.weights`), which for a Chain-of-Hindsight adapter is told
+    the adapter, so that its turns come after the phrase (pipeline/hindsight.py; the base's do not).
 
     Why the engine: the conversations' replies were most of the quickstart's evaluation, on HF
     generate, while CTranslate2 wrote the held-out replies beside them (greedy replies equal to HF's;
     sampled ones from the same distribution). The simulator and its judge are their own client
     (`settings.simulator`)."""
     from pipeline.hindsight import adapter_phrase
+    from pipeline.llm import HFClient
 
     adapter = ans.adapter if condition.adapter_on else None
     if ans.engine == "ct2":
-        from pipeline.llm import HFClient
-
         return HFClient.policy(ans.model_name, ans.device, ans.batch_size, adapter, ans.tokenizer, engine="ct2")
-    phrase = adapter_phrase(adapter)
-    return PhrasedPolicy(ans, phrase) if phrase is not None else loaded
-
-
-class PhrasedPolicy:
-    """A Chain-of-Hindsight adapter in conversation on the loaded HF model (its adapter on:
-    `ans.weights`), which serves every condition: the model cannot carry the phrase itself, since
-    its adapter is switched off for the others. Each turn is written after the phrase and cut where
-    a feedback phrase begins, as on the held-out prompts."""
-
-    def __init__(self, ans: Answering, phrase: Phrase):
-        self.ans, self.phrase = ans, phrase
-        self.identity = f"hf:{ans.model_name}+adapter:{ans.adapter}+coh:{phrase.text}"
-
-    def generate(self, conversations: list[Any], sampling: Any, seed: int = 0) -> list[Any]:
-        from trainers.feedback_eval import sample_completions
-
-        ans = self.ans
-        return sample_completions(ans.model, ans.tokenizer, conversations, sampling, ans.batch_size, seed, self.phrase)
+    if adapter_phrase(adapter) is None:
+        return loaded
+    return HFClient(ans.model_name, batch_size=ans.batch_size, adapter=adapter, model=ans.model, tokenizer=ans.tokenizer)
 
 
 def first_judged(utterances: Iterable[Any]) -> Any:
