@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .chat import Messages, render_many
 from .generation import Completion, EngineSetting, SamplingSettings, check_local_engine
+from .prefix_logits import PrefixMemo
 
 log = logging.getLogger("heedful.llm")
 
@@ -196,6 +197,9 @@ class HFClient:
         self._device, self._adapter = device, adapter
         self.engine = "hf" if model is not None else pick_local_engine(engine, device, name)
         self._model = model
+        #: the judge's instructions' cache across calls, for a model this client loads (weights
+        #: passed in may change between calls: a policy in training, an adapter switched on)
+        self._memo = PrefixMemo() if model is None else None
         self._ct2: Any = None
         if self.engine == "hf":
             self._model = self.model  # load now: a wrong name or adapter fails here, not mid-stage
@@ -267,14 +271,15 @@ class HFClient:
 
     def yes_probability(self, conversations: list[Messages]) -> list[float]:
         """Softmax over the first tokens of 'Yes' and 'No' as the next token; the prompts' shared
-        start (a judge's instructions and examples) is computed once (pipeline/prefix_logits.py)."""
+        start (a judge's instructions and examples) is computed once (pipeline/prefix_logits.py), and
+        on a model this client loaded, once for all the calls that start with it."""
         from .prefix_logits import last_token_logits
 
         if self._yes_no is None:
             self._yes_no = [self.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No")]
         yes, no = self._yes_no
         token_lists = [self.tokenizer.encode(t, add_special_tokens=False) for t in render_many(self.tokenizer, conversations)]
-        logits = last_token_logits(self.model, token_lists, self.batch_size, self.tokenizer.pad_token_id or 0)
+        logits = last_token_logits(self.model, token_lists, self.batch_size, self.tokenizer.pad_token_id or 0, self._memo)
         return logits[:, [yes, no]].softmax(-1)[:, 0].tolist()
 
     def reply_logprob(self, contexts: list[Messages], replies: list[str], max_reply_tokens: int = 128) -> list[float]:

@@ -62,7 +62,7 @@ class EvaluateConfig(TrackingSettings):
 class EvaluateStage(Stage):
     config: EvaluateConfig
     uses = "evaluate"
-    version = "7"  # 2: the summary's per-item outcomes; 3: the users' conversations; 4: their own kind; 5: per-item scores; 6: a CoH adapter answers its users after its phrase; 7: a CoH reply cut at a phrase is finished
+    version = "8"  # 2: the summary's per-item outcomes; 3: the users' conversations; 4: their own kind; 5: per-item scores; 6: a CoH adapter answers its users after its phrase; 7: a CoH reply cut at a phrase is finished; 8: the conditions' conversations side by side (the simulator's calls batched across them)
     summary = "Adherence, overgeneralization, satisfaction, drift, degeneration, cost: base vs in-context vs memory vs adapter."
     Config = EvaluateConfig
     inputs = {

@@ -498,7 +498,10 @@ def random_adapter(stage_dir, tiny_model_path):
     return stage_dir / "adapter"
 
 
-def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path):
+REQUESTS = ("What is the capital of France?", "How many legs has a spider?")
+
+
+def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path, monkeypatch):
     from pipeline.evaluation.summary import read_summary
     from pipeline.records import load_rows
 
@@ -520,6 +523,16 @@ def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path):
         needs,
     )
     general = write_general(tmp_path)
+    from pipeline.llm import HFClient
+
+    asked: list[list[str]] = []  # the users' requests each policy call answered
+    real_generate = HFClient.generate
+
+    def noted(self, conversations, sampling, seed=0):
+        asked.append([c[-1]["content"] for c in conversations if c[-1]["content"] in REQUESTS])
+        return real_generate(self, conversations, sampling, seed)
+
+    monkeypatch.setattr(HFClient, "generate", noted)
     with serve("tiny", "sk-judge") as (base_url, stats):
         key = tmp_path / "judge.key"
         key.write_text("sk-judge\n")
@@ -555,6 +568,9 @@ def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path):
     summary = read_summary(result.run_dir / "check")
     conditions = summary["conditions"]
     assert list(conditions) == ["base", "in_context", "memory", "dpo_s0"]
+    # the users' conversations side by side: the three conditions on the base weights answer in one
+    # call (their 2 users each), the adapter in another
+    assert sorted(len(rows) for rows in asked if rows) == [2, 6]
     rows = load_rows(result.run_dir / "check" / "evaluation")
     assert len(rows) == 4 * len(SCOPED)
     for name, metrics in conditions.items():

@@ -8,7 +8,10 @@ held-out need and condition, giving first_reply_satisfied / satisfied / rounds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,7 @@ def satisfaction(
     is appended to `conversations` (its condition, each reply's satisfaction, fact coverage and
     verdict), so a reader can check why a need counted as satisfied."""
     from feedback.simulator.needs import load_users
-    from feedback.simulator.protocol import Judge, run_conversations
+    from feedback.simulator.protocol import Judge, Side, run_sides
     from pipeline.llm import HFClient, build_client
     from pipeline.llm_cache import CachedLLM
     from pipeline.stats import bootstrap_mean, rate
@@ -72,20 +75,26 @@ def satisfaction(
         settings.max_users,
         None,
         settings.facts_field,
-    )  # read once: each condition resets what it changes on them
+    )
+    # each condition its own copies of the users, its policy and its weights; conditions with the
+    # same weights share one policy and one weights context, so their turns go in one call
+    policies: dict[bool, Any] = {}
+    contexts: dict[bool, Callable[[], AbstractContextManager[Any]]] = {}
+    sides = []
     for condition in ans.conditions:
-        for user in users:
-            user.first_reply = None  # the condition answers itself
-            user.system_prompt = ans.system_for(condition, user.request)
-        policy = CachedLLM(condition_policy(ans, condition, policy_backend), None)
-        with ans.weights(condition):
-            transcripts = run_conversations(users, policy, simulator, settings, ans.seed, judge)
+        on = condition.adapter_on
+        if on not in policies:
+            policies[on] = CachedLLM(condition_policy(ans, condition, policy_backend), None)
+            contexts[on] = partial(ans.weights, condition)
+        own = [replace(user, first_reply=None, system_prompt=ans.system_for(condition, user.request)) for user in users]
+        sides.append(Side(own, policies[on], contexts[on]))
+    for condition, side, transcripts in zip(ans.conditions, sides, run_sides(sides, simulator, settings, ans.seed, judge)):
         per_need = need_outcomes(transcripts)
         conversations.extend({"condition": condition.name, **t.to_row()} for t in transcripts)
         metrics = results[condition.name]
         if condition.system == "retrieved":  # how many held-out needs memory recalled a critique for
             retrieved = metrics.setdefault("memory_retrieved", {})
-            retrieved["needs"] = rate(user.system_prompt is not None for user in users)
+            retrieved["needs"] = rate(user.system_prompt is not None for user in side.users)
         # the rates and the paired outcomes from one source: each is the share of its per-need outcomes
         metrics["first_reply_satisfied"] = rate(per_need["first_reply_satisfied"].values())
         metrics["satisfied"] = rate(per_need["satisfied"].values())
