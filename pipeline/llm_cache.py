@@ -81,7 +81,10 @@ class CachedLLM:
     def _through(self, keys: list[str], compute: Callable[[list[int]], list[Any]]) -> list[Any]:
         """Cached values for `keys`; `compute(indices)` fills the misses (JSON values)."""
         found = self.cache.get_many(keys) if self.cache is not None else {}
-        todo = [i for i, k in enumerate(keys) if k not in found]
+        # a key asked twice in one batch (two conditions' identical turns) is computed once: the same
+        # request, salt and seed get the same value, as they would from the cache
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        todo = [i for i, k in enumerate(keys) if k not in found and first[k] == i]
         self.hits += len(keys) - len(todo)
         self.misses += len(todo)
         if todo:

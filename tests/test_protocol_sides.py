@@ -29,10 +29,12 @@ class Recording(HFClient):
     def __init__(self) -> None:
         super().__init__("tiny", batch_size=16, engine="hf")
         self.generated: list[tuple[str | None, list, list[str]]] = []
+        self.seeds: list[int] = []
         self.asked_yes: list[int] = []
 
     def generate(self, conversations, sampling, seed=0):
         out = super().generate(conversations, sampling, seed)
+        self.seeds.append(seed)
         self.generated.append((ACTIVE[-1] if ACTIVE else None, conversations, [c.text for c in out]))
         return out
 
@@ -118,12 +120,42 @@ def test_one_side_makes_the_calls_a_side_alone_makes(tiny_model_path):
     judge = Judge(simulator, "verbal").calibrate()
     users = [SimulatedUser(f"u{i}", need, request) for i, (need, request, _, _) in enumerate(prompts.CALIBRATION[:2])]
     settings = ProtocolSettings(
-        max_rounds=1, satisfied_threshold=0.0, policy_sampling=SamplingSettings(max_new_tokens=4, temperature=1.0)
+        max_rounds=2,
+        max_clarifications=0,
+        satisfied_threshold=1.0,
+        policy_sampling=SamplingSettings(max_new_tokens=4, temperature=1.0),
+        user_sampling=SamplingSettings(max_new_tokens=3, temperature=1.0),
     )
     (ts,) = run_sides([Side(users, CachedLLM(policy_client, None))], simulator, settings, seed=1, judge=judge)
-    assert [(active, len(rows)) for active, rows, _ in policy_client.generated] == [(None, 2)]
-    assert all(t.satisfied and t.utterances[-1].type == "feedback" for t in ts)  # threshold 0: thanks, no note
-    assert len(simulator_client.generated) == 0
+    # per round: the policy for both users (seed + 1000 x round), then their feedback (+ 2), in the users' order
+    assert [(active, len(rows)) for active, rows, _ in policy_client.generated] == [(None, 2), (None, 2)]
+    assert policy_client.seeds == [1001, 2001] and simulator_client.seeds == [1003, 2003]
+    for (_, rows, _), rnd in zip(policy_client.generated, (1, 2)):
+        assert [r[0]["content"] for r in rows] == [u.request for u in users] and len(rows[0]) == 2 * rnd - 1
+    assert [t.user for t in ts] == users and all(len(t.utterances) == 5 for t in ts)
+
+
+def test_a_turn_two_sides_ask_word_for_word_is_sampled_once(tiny_model_path):
+    """Two conditions that ask the same thing (memory that recalled nothing, beside the base): one
+    sample, so their conversations are the same and their paired difference exactly zero."""
+    policy_client, simulator_client = Recording(), Recording()
+    simulator = CachedLLM(simulator_client, None)
+    judge = Judge(simulator, "verbal").calibrate()
+    users = [SimulatedUser(f"u{i}", need, request) for i, (need, request, _, _) in enumerate(prompts.CALIBRATION[:3:2])]
+    policy, same = CachedLLM(policy_client, None), weights("off")
+    settings = ProtocolSettings(
+        max_rounds=2,
+        max_clarifications=0,
+        satisfied_threshold=1.0,
+        policy_sampling=SamplingSettings(max_new_tokens=4, temperature=1.0),
+        user_sampling=SamplingSettings(max_new_tokens=3, temperature=1.0),
+    )
+    sides = [Side(users, policy, same), Side([replace(u) for u in users], policy, same)]
+    a, b = run_sides(sides, simulator, settings, seed=2, judge=judge)
+    assert [len(rows) for _, rows, _ in policy_client.generated] == [2, 2]  # asked for 4 rows a round, 2 sampled
+    assert [len(rows) for _, rows, _ in simulator_client.generated] == [2, 2]
+    assert [t.utterances for t in a] == [t.utterances for t in b]
+    assert a[0].utterances[1].text != a[1].utterances[1].text  # two users, two samples
 
 
 def judge_token_lists(tokenizer, items) -> list[list[int]]:
