@@ -67,11 +67,6 @@ def last_token_logits(
     token the position it has in its own unpadded sequence. With a `memo`, a start an earlier call
     ran is reused when every list begins with it; otherwise the start these lists share with it
     (or, with none kept, with each other) is run and kept for later calls."""
-    import torch
-
-    device = next(model.parameters()).device
-    if not token_lists:
-        return torch.zeros((0, model.get_output_embeddings().weight.shape[0]), device=device)
     with memo.lock if memo is not None else contextlib.nullcontext():
         return _last_token_logits(model, token_lists, batch_size, pad_id, memo)
 
@@ -80,6 +75,8 @@ def _last_token_logits(model: Any, token_lists: list[list[int]], batch_size: int
     import torch
 
     device = next(model.parameters()).device
+    if not token_lists:
+        return torch.zeros((0, model.get_output_embeddings().weight.shape[0]), device=device)
     prefix_cache = None
     if memo is not None and memo.covers(token_lists):
         shared, prefix_cache = len(memo.tokens), memo.cache

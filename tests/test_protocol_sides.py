@@ -55,6 +55,18 @@ def weights(name: str):
     return entered
 
 
+def never_satisfied() -> ProtocolSettings:
+    """Two rounds with feedback after every reply (threshold 1), no clarifying questions, short
+    sampled turns (tiny's greedy replies are blank)."""
+    return ProtocolSettings(
+        max_rounds=2,
+        max_clarifications=0,
+        satisfied_threshold=1.0,
+        policy_sampling=SamplingSettings(max_new_tokens=4, temperature=1.0),
+        user_sampling=SamplingSettings(max_new_tokens=3, temperature=1.0),
+    )
+
+
 def test_sides_take_their_turns_in_their_own_weights_and_the_users_answer_all_in_one_call(tiny_model_path):
     policy_client, simulator_client = Recording(), Recording()
     simulator = CachedLLM(simulator_client, None)
@@ -70,14 +82,7 @@ def test_sides_take_their_turns_in_their_own_weights_and_the_users_answer_all_in
         Side(brief, shared, off),  # the same policy and weights: its turns join the first side's call
         Side([replace(u) for u in users], CachedLLM(policy_client, None), on),  # another policy: a call of its own
     ]
-    sampled = SamplingSettings(max_new_tokens=6, temperature=1.0)  # tiny's greedy replies are blank
-    settings = ProtocolSettings(
-        max_rounds=2,
-        max_clarifications=0,
-        satisfied_threshold=1.0,  # never satisfied: feedback after every reply
-        policy_sampling=sampled,
-        user_sampling=SamplingSettings(max_new_tokens=4, temperature=1.0),
-    )
+    settings = never_satisfied()
     transcripts = run_sides(sides, simulator, settings, seed=5, judge=judge)
 
     # the policy: per round one call for the two sides that share it (6 rows) in their weights, one for the third
@@ -119,13 +124,7 @@ def test_one_side_makes_the_calls_a_side_alone_makes(tiny_model_path):
     simulator = CachedLLM(simulator_client, None)
     judge = Judge(simulator, "verbal").calibrate()
     users = [SimulatedUser(f"u{i}", need, request) for i, (need, request, _, _) in enumerate(prompts.CALIBRATION[:2])]
-    settings = ProtocolSettings(
-        max_rounds=2,
-        max_clarifications=0,
-        satisfied_threshold=1.0,
-        policy_sampling=SamplingSettings(max_new_tokens=4, temperature=1.0),
-        user_sampling=SamplingSettings(max_new_tokens=3, temperature=1.0),
-    )
+    settings = never_satisfied()
     (ts,) = run_sides([Side(users, CachedLLM(policy_client, None))], simulator, settings, seed=1, judge=judge)
     # per round: the policy for both users (seed + 1000 x round), then their feedback (+ 2), in the users' order
     assert [(active, len(rows)) for active, rows, _ in policy_client.generated] == [(None, 2), (None, 2)]
@@ -143,13 +142,7 @@ def test_a_turn_two_sides_ask_word_for_word_is_sampled_once(tiny_model_path):
     judge = Judge(simulator, "verbal").calibrate()
     users = [SimulatedUser(f"u{i}", need, request) for i, (need, request, _, _) in enumerate(prompts.CALIBRATION[:3:2])]
     policy, same = CachedLLM(policy_client, None), weights("off")
-    settings = ProtocolSettings(
-        max_rounds=2,
-        max_clarifications=0,
-        satisfied_threshold=1.0,
-        policy_sampling=SamplingSettings(max_new_tokens=4, temperature=1.0),
-        user_sampling=SamplingSettings(max_new_tokens=3, temperature=1.0),
-    )
+    settings = never_satisfied()
     sides = [Side(users, policy, same), Side([replace(u) for u in users], policy, same)]
     a, b = run_sides(sides, simulator, settings, seed=2, judge=judge)
     assert [len(rows) for _, rows, _ in policy_client.generated] == [2, 2]  # asked for 4 rows a round, 2 sampled
