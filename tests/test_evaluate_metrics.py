@@ -569,8 +569,10 @@ def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path, monk
     conditions = summary["conditions"]
     assert list(conditions) == ["base", "in_context", "memory", "dpo_s0"]
     # the users' conversations side by side: the three conditions on the base weights answer in one
-    # call (their 2 users each), the adapter in another
-    assert sorted(len(rows) for rows in asked if rows) == [2, 6]
+    # call (their 2 users each), the adapter in another; memory recalled nothing (threshold 0.99),
+    # so its turns are the base's word for word, sampled once (2 + 2 + 0 of the 6 rows)
+    assert conditions["memory"]["memory_retrieved"]["needs"]["value"] == 0
+    assert sorted(len(rows) for rows in asked if rows) == [2, 4]
     rows = load_rows(result.run_dir / "check" / "evaluation")
     assert len(rows) == 4 * len(SCOPED)
     for name, metrics in conditions.items():
@@ -590,6 +592,8 @@ def test_evaluate_adapter_users_memory_and_judge(tmp_path, tiny_model_path, monk
     assert sorted((t["condition"], t["conversation_id"]) for t in talks) == sorted(
         (c, n) for c in conditions for n in ("n1", "n2")
     )
+    by = {(t["condition"], t["conversation_id"]): t["utterances"] for t in talks}
+    assert all(by[("memory", n)] == by[("base", n)] for n in ("n1", "n2"))  # the same conversations: a paired tie
     from pipeline.evaluation.report import report_section
 
     page = report_section(result.run_dir, {"check": {"uses": "evaluate"}})
