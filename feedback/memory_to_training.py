@@ -35,8 +35,11 @@ Two shapes of output:
 Privacy: a private entry steers only its owner's requests. Rows for one adapter that every
 user gets (`user=None`) come only from shared entries and from a single-user server's memory
 (owner `default`, which the server's global scope already applies to every request); rows for
-one user's adapter (`user="alice"`) come from alice's own entries and the shared ones, and
-only from alice's own conversations (anchors too). Another user's private entry is never mixed in.
+one user's adapter (`user="alice"`) come from alice's own entries, and only from alice's own
+conversations (anchors too): another user's entry, private or shared, is never mixed in. A shared
+entry of bob's teaches alice's adapter nothing even when alice loved a reply that used it, because
+the pair's rejected reply is the one bob clarified, in bob's conversation (counted as
+`replies_from_other_users`); shared entries reach every user through the adapter everyone gets.
 """
 
 from __future__ import annotations
@@ -135,6 +138,7 @@ def memory_training_rows(export_dir: str | Path, user: str | None = None) -> Mem
         "skipped_other_users": 0,
         "skipped_no_accepted_answer": 0,
         "answers_from_other_users": 0,
+        "replies_from_other_users": 0,
         "duplicates": 0,
         "rows": 0,
     }
@@ -149,6 +153,11 @@ def memory_training_rows(export_dir: str | Path, user: str | None = None) -> Mem
             own = [p for p in pairs if p.provenance.annotator == user]
             counts["answers_from_other_users"] += len(pairs) - len(own)
             pairs = own
+            if pairs and entry.get("user") != user:
+                # another user's shared entry: every pair's rejected reply is the one that user
+                # clarified, in their own conversation, so none of it goes into this user's rows
+                counts["replies_from_other_users"] += len(pairs)
+                continue
         if not pairs:
             counts["skipped_no_accepted_answer"] += 1
             continue

@@ -245,6 +245,32 @@ def _timestamp(value: Any) -> float:
         return 0.0
 
 
+def _plain(value: Any) -> str:
+    """A text field or a conversational one (a list of chat messages) as one text."""
+    if isinstance(value, list):
+        return "\n".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
+    return "" if value is None else str(value)
+
+
+def user_text(record: dict[str, Any]) -> str | None:
+    """What the user wrote in a served feedback record, the text every text check screens.
+
+    A critique or clarification (`verbal`), an edit (`preference`: the user's own version of the
+    reply, in `chosen`), a follow-up turn (`followup`); a reaction's `text` when it has one. An edit
+    and a follow-up are trained on as they are (sft/dpo learn to write the edit, the follow-up
+    likelihood model learns from the follow-up), so they pass the same screen as a critique
+    (docs/security.md). An edit's rationale is the critique sent with it, screened as its own
+    `verbal` record, and no stage trains on a rationale."""
+    kind = record.get("kind")
+    if kind == "verbal":
+        return record.get("critique")
+    if kind == "preference":
+        return _plain(record.get("chosen")) or None
+    if kind == "followup":
+        return record.get("followup")
+    return record.get("text")
+
+
 def candidate_from_record(record: dict[str, Any], created: float | None = None) -> Candidate:
     """A heedful feedback record (VerbalFeedback / Reaction / ... as JSON) as a Candidate.
 
@@ -257,7 +283,7 @@ def candidate_from_record(record: dict[str, Any], created: float | None = None) 
     except ValueError:
         extra = {}
     kind = extra.get("feedback") or record.get("kind") or "unknown"
-    text = record.get("critique") if record.get("kind") == "verbal" else record.get("text")
+    text = user_text(record)
     context = record.get("scope") or ""
     prompt = record.get("prompt")
     if not context and isinstance(prompt, list):

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .chat import Messages, render_many
 from .generation import Completion, EngineSetting, SamplingSettings, check_local_engine
-from .prefix_logits import PrefixMemo
+from .prefix_logits import PrefixMemo, last_token_logits
 
 log = logging.getLogger("heedful.llm")
 
@@ -273,8 +273,6 @@ class HFClient:
         """Softmax over the first tokens of 'Yes' and 'No' as the next token; the prompts' shared
         start (a judge's instructions and examples) is computed once (pipeline/prefix_logits.py), and
         on a model this client loaded, once for all the calls that start with it."""
-        from .prefix_logits import last_token_logits
-
         if self._yes_no is None:
             self._yes_no = [self.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No")]
         yes, no = self._yes_no

@@ -25,7 +25,9 @@ are skipped by fingerprint; a loop killed in any phase resumes the same round on
 pull is committed with its cursor or not at all (no record lost or taken twice), training
 resumes from its checkpoints, and the server is on the old or the new version (it swaps only
 after loading). The loop's own state (rounds, cursor, deployed versions, gate results) is one
-JSON file written atomically after every phase: `runs/<loop>/loop.json`.
+JSON file written atomically after every phase: `runs/<loop>/loop.json`. One process runs a
+loop at a time (`loop_lock`): a second `heedful loop` on the same loop folder is refused, since
+it would resume the round the first is running, into the same stage folders and state file.
 
 Why train from the deployed adapter on the new records only: each record then trains exactly
 one adapter version, and `heedful trace` can name the records that shaped a version (its
@@ -35,9 +37,12 @@ trusting the state file: a human may have rolled back or deployed by hand betwee
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import re
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -415,11 +420,16 @@ def evaluation_key(loop: LoopFile, reward_models: list[str] | None = None) -> st
     import hashlib
     import json
 
+    from .artifacts import hash_path
+
     files = {}
     for name, ref in sorted((loop.spec.evaluate.get("inputs") or {}).items()):
-        path = (loop.path.parent / str(ref)).expanduser()
-        if ":" not in str(ref) and path.is_file():
-            files[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        if ":" in str(ref):  # data:... (shipped with heedful) or a stage's output: no file of the user's
+            continue
+        path = Path(str(ref)).expanduser()  # resolved as the round's pipeline resolves it (pipeline/config.py)
+        path = path if path.is_absolute() else loop.path.parent / path
+        if path.exists():  # a file or a dataset folder: its content
+            files[name] = hash_path(path)
     from stages.evaluate import EvaluateStage
 
     evaluate = dict(loop.spec.evaluate)
@@ -502,6 +512,13 @@ def count_new(spec: LoopSpec, token: str | None, cursor_file: str | None, human_
     return counts
 
 
+def new_records(counts: dict[str, int]) -> int:
+    """How many new feedback records `counts` (as `count_new` returns them) holds, the number
+    `min_new_feedback` is compared with: not `critiques` (a count of users, derived from the
+    verbal records already counted) and not `other` (kinds no training step reads)."""
+    return sum(n for kind, n in counts.items() if kind not in ("critiques", "other"))
+
+
 def count_human(spec: LoopSpec, cursor_file: str | None) -> dict[str, int]:
     """`{"human_<kind>": n}`: what the round's `human` stage would pull now (read only; one pass
     over the dataset's submitted responses, as the pull itself makes); {} without `argilla:`."""
@@ -570,6 +587,41 @@ def fault_point(point: str) -> None:
         print(f"PAUSED {point}", flush=True)
         sys.stdout.flush()
         time.sleep(3600)
+
+
+LOCK_FILE = ".loop.lock"
+
+
+@contextlib.contextmanager
+def loop_lock(root: Path) -> Iterator[None]:
+    """Hold `root`'s loop lock (an exclusive `flock` on `<root>/.loop.lock`) or refuse at once.
+
+    Why refuse rather than wait: a second process on the same loop would resume the round the first
+    is running (the state file says it is unfinished), training into the same staging folders, and
+    the two would overwrite each other's `loop.json` (a lost round entry loses its cursor, so its
+    records would be pulled and trained again). The lock goes with the process, so a killed loop
+    never leaves it held. The file keeps the holder's pid, for the message."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise HeedfulError(
+                f"loop {root.name}: another process (pid {holder}) is running it ({root / LOCK_FILE}); "
+                "wait for it to end, or stop it first (a stopped loop resumes its round on the next run)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 class Loop:
@@ -686,17 +738,21 @@ class Loop:
         return entry
 
     def decide(self, entry: dict[str, Any], counts: dict[str, int]) -> None:
-        """After the pull, once per round (saved, so a resumed round runs the same stages): what
-        each `rewards:` entry does, then the evaluation key (which includes the models that score)
-        and whether an earlier evaluation of the deployed version can be reused under it."""
+        """After the pull, before every phase: what each `rewards:` entry does (once per round,
+        saved, so a resumed round runs the same stages), then the evaluation key (which includes
+        the models that score) and whether an earlier evaluation of the deployed version can be
+        reused under it. The key is computed again on every phase: a round resumed after its
+        `evaluate:` settings or held-out files changed evaluates the deployed version again rather
+        than gating the new candidate's numbers against an evaluation made under the old settings."""
         from .loop_rewards import plan, scoring_models
 
         if "rewards" not in entry and self.loop.spec.rewards and trainable(self.loop.spec, counts):
             entry["rewards"] = plan(self.loop.spec.rewards, self.root, self.state["rounds"], entry)
-        if "evaluation_key" not in entry:
-            entry["evaluation_key"] = evaluation_key(self.loop, scoring_models(entry.get("rewards")))
+        key = evaluation_key(self.loop, scoring_models(entry.get("rewards")))
+        if entry.get("evaluation_key") != key:
+            entry["evaluation_key"] = key
             earlier = [e for e in self.state["rounds"] if e["round"] < entry["round"]]
-            entry["reuse_current"] = reusable_evaluation(self.root, earlier, entry["current_version"], entry["evaluation_key"])
+            entry["reuse_current"] = reusable_evaluation(self.root, earlier, entry["current_version"], key)
 
     def run(self, rounds: int | None, min_new: int, every: float | None, log=print) -> list[dict[str, Any]]:
         """Resume an unfinished round, then start rounds while enough new feedback arrives.
@@ -706,6 +762,11 @@ class Loop:
         without advancing the cursor (the records wait for the next round, nothing is lost);
         the loop then waits `every` (or stops without it), so it never spins on the same rows.
         """
+        with loop_lock(self.root):
+            self.state = {**self.state, **load_state(self.root)}  # what a process before this one left
+            return self._run(rounds, min_new, every, log)
+
+    def _run(self, rounds: int | None, min_new: int, every: float | None, log) -> list[dict[str, Any]]:
         done: list[dict[str, Any]] = []
         pending = self.pending_round()
         if pending is not None:
@@ -715,7 +776,7 @@ class Loop:
                 return done
         while rounds is None or len(done) < rounds:
             counts = count_new(self.loop.spec, self.token(), self.cursor(), self.cursor("human_cursor"))
-            new = sum(counts.values())
+            new = new_records(counts)
             if new < min_new or not trainable(self.loop.spec, counts):
                 if every is None:
                     log(

@@ -74,6 +74,14 @@ class DeployStage(Stage):
         if cfg.canary is None:
             version = (deploy(cfg.url, adapter, token).get("active") or {}).get("id")
             return {"deployed": True, "why": f"deployed {version}", "before": before, "version": version, "adapter": str(adapter)}
+        from serving.versions import adapter_version_id
+
+        if adapter_version_id(adapter) == before:
+            # serving already: this stage promoted it and was stopped before it wrote its result (a
+            # rerun resumes here), or it was deployed by hand. A canary of the active version is
+            # refused by the server, so without this the round could never finish.
+            why = f"{before} is the active version already (promoted before this stage was interrupted, or deployed by hand)"
+            return {"deployed": True, "why": why, "before": before, "version": before, "adapter": str(adapter)}
         return self.canary(cfg, cfg.canary, adapter, token, before)
 
     def canary(self, cfg: DeployConfig, canary: CanarySettings, adapter: Path, token: str | None, before: str | None) -> dict:

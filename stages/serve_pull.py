@@ -41,6 +41,12 @@ class ServePullConfig(StageConfig):
     quarantine: QuarantineSettings = Field(default_factory=QuarantineSettings)
 
 
+def server_root(url: str) -> str:
+    """The server a URL names, as the export is asked for: `http://h:8000`, `http://h:8000/` and
+    `http://h:8000/v1` are one server, so a cursor written under one spelling goes on under another."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
 def fetch_new(url: str, token: str | None, watermark: int, seen: set[str], page: int = 1000) -> tuple[list[dict[str, Any]], int]:
     """(new export rows in id order, the new watermark); rows whose record id is in `seen` are skipped."""
     import httpx
@@ -52,7 +58,7 @@ def fetch_new(url: str, token: str | None, watermark: int, seen: set[str], page:
     while True:
         try:
             r = httpx.get(
-                url.rstrip("/").removesuffix("/v1") + "/v1/feedback/export",
+                server_root(url) + "/v1/feedback/export",
                 headers=headers,
                 params={"after": mark, "limit": page},
                 timeout=120,
@@ -123,8 +129,16 @@ class ServePullStage(Stage):
         state = {"url": cfg.url, "watermark": 0, "ids": []}
         if cfg.incremental and cursor_path.is_file():
             loaded = json.loads(cursor_path.read_text(encoding="utf-8"))
-            if loaded.get("url") == cfg.url:
-                state = loaded
+            if server_root(str(loaded.get("url", ""))) == server_root(cfg.url):
+                state = {**loaded, "url": cfg.url}
+            else:  # another server: its watermarks count other records
+                self.ctx.log.warning(
+                    "serve_pull: the cursor %s is for %s, not %s: pulling %s from the start",
+                    cursor_path,
+                    loaded.get("url"),
+                    cfg.url,
+                    cfg.url,
+                )
         token = read_token(Path(cfg.token_file) if cfg.token_file else None)  # falls back to $HEEDFUL_TOKEN
         seen = set(state["ids"])
         rows, watermark = fetch_new(cfg.url, token, int(state["watermark"]), seen, cfg.page)

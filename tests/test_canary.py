@@ -271,3 +271,45 @@ def test_deploy_cli_canary_stats_promote(no_canary, adapters):
     assert promoted.returncode == 0 and models(live)["active_version"] == canary, promoted.stdout + promoted.stderr
     assert TOKENS["root"] not in done.stdout + stats.stdout + promoted.stdout
     assert heedful("deploy", "rollback", "--to", live.url, token=TOKENS["root"]).returncode == 0
+
+
+def test_the_deploy_stage_resumed_after_its_promote_records_the_deployment(no_canary, adapters, tmp_path):
+    """The loop's deploy stage promoted its canary and was killed before it wrote deployment.json:
+    on the rerun the candidate is the active version. The server refuses a canary of the active
+    version, so the stage records it as deployed instead of failing on every rerun."""
+    import json
+    import logging
+    import os
+
+    from pipeline.stage import StageContext
+    from stages.deploy import CanarySettings, DeployConfig, DeployStage
+
+    live = no_canary
+    before = models(live)["active_version"]
+    canary = deploy_cli.deploy(live.url, adapters["a"], TOKENS["root"], canary=0.5)["canary"]["id"]
+    assert deploy_cli.promote(live.url, TOKENS["root"])["active"]["id"] == canary  # ... then the kill
+    token_file = tmp_path / "root.token"
+    token_file.write_text(TOKENS["root"])
+    os.chmod(token_file, 0o600)
+    work = tmp_path / "run" / ".staging" / "deploy"
+    work.mkdir(parents=True)
+    (tmp_path / "gate").mkdir()
+    (tmp_path / "gate" / "decision.json").write_text('{"passed": true, "reasons": []}')
+    ctx = StageContext(
+        name="deploy",
+        uses="deploy",
+        run_name="r",
+        run_dir=tmp_path / "run",
+        work_dir=work,
+        model="tiny",
+        seed=0,
+        inputs={"package": adapters["a"], "decision": tmp_path / "gate" / "decision.json"},
+        log=logging.getLogger("test"),
+    )
+    config = DeployConfig(url=live.url, token_file=str(token_file), canary=CanarySettings(share=0.5, timeout_s=1, poll_s=0.1))
+    metrics = DeployStage(config, ctx).run()
+    assert metrics == {"deployed": True, "version": canary}
+    result = json.loads((work / "deployment" / "deployment.json").read_text())
+    assert result["before"] == canary and "active version already" in result["why"]
+    assert models(live)["active_version"] == canary and models(live)["canary_version"] is None
+    assert deploy_cli.rollback(live.url, TOKENS["root"])["active"]["id"] == before

@@ -19,6 +19,7 @@ import openai
 import pytest
 import yaml
 
+from pipeline.errors import HeedfulError
 from pipeline.loop import Loop, LoopFile, load_state, status_rows
 from pipeline.loop_report import write_loop_report
 from serving.store import MemoryStore
@@ -250,17 +251,17 @@ def test_a_canary_is_promoted_on_good_live_reactions_and_dropped_on_bad_ones(liv
     assert active(live) == promoted["version_after"]  # the promoted version stays; the dropped one serves nobody
 
 
-def test_evaluation_key_ignores_settings_that_do_not_change_the_result(tmp_path):
+def test_evaluation_key_ignores_settings_that_do_not_change_the_result(tmp_path, monkeypatch):
     from pipeline.loop import evaluation_key
 
-    def key(with_: dict) -> str:
+    def key(with_: dict, inputs: dict | None = None) -> str:
         spec = {
             "run_name": "k",
             "model": "tiny",
             "loop": {
                 "server": "http://127.0.0.1:9",
                 "train": [{"method": "kto", "from": "reactions"}],
-                "evaluate": {"with": with_},
+                "evaluate": {"with": with_, **({"inputs": inputs} if inputs else {})},
             },
         }
         path = tmp_path / "k.yaml"
@@ -270,3 +271,105 @@ def test_evaluation_key_ignores_settings_that_do_not_change_the_result(tmp_path)
     plain = key({"max_general": 3})
     assert key({"max_general": 3, "report_to": "tensorboard", "device": "cpu"}) == plain  # reuse survives tracking
     assert key({"max_general": 2}) != plain
+
+    # the held-out inputs' content, a file under ~ or a dataset folder: edited, the key moves
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "held_out.jsonl").write_text('{"prompt": "a"}\n')
+    (tmp_path / "needs").mkdir()
+    (tmp_path / "needs" / "part-0.jsonl").write_text('{"prompt": "b", "need": "c"}\n')
+    inputs = {"prompts": "~/held_out.jsonl", "needs": "needs"}
+    before = key({"max_general": 3}, inputs)
+    assert key({"max_general": 3}, inputs) == before
+    (tmp_path / "held_out.jsonl").write_text('{"prompt": "a2"}\n')
+    edited_file = key({"max_general": 3}, inputs)
+    (tmp_path / "needs" / "part-0.jsonl").write_text('{"prompt": "b", "need": "c2"}\n')
+    assert len({before, edited_file, key({"max_general": 3}, inputs)}) == 3
+
+
+def test_a_second_process_on_the_same_loop_is_refused(tmp_path):
+    """Two `heedful loop` processes on one loop folder would resume the same round into the same
+    stage folders and overwrite each other's loop.json: the second is refused at once, naming the
+    first; once the first is gone (even killed), the loop runs again."""
+    import subprocess
+    import sys
+
+    spec = {
+        "run_name": "locked",
+        "model": "tiny",
+        "loop": {"server": "http://127.0.0.1:9", "train": [{"method": "kto", "from": "reactions"}]},
+    }
+    path = tmp_path / "locked.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    runs = tmp_path / "runs"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from pipeline.loop import loop_lock\n"
+            "with loop_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)",
+            str(runs.resolve() / "locked"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(HeedfulError, match=rf"another process \(pid {holder.pid}\) is running it"):
+            Loop(LoopFile(path), runs, use_ray=False).run(rounds=1, min_new=1, every=None, log=lambda *_: None)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed: its lock went with it, so this run gets past the lock (to the server, which is not there)
+    with pytest.raises(HeedfulError, match="127.0.0.1:9") as found:
+        Loop(LoopFile(path), runs, use_ray=False).run(rounds=1, min_new=1, every=None, log=lambda *_: None)
+    assert "another process" not in str(found.value)
+
+
+def test_new_feedback_counts_records_not_the_users_behind_a_critique():
+    """6 critiques from 6 users are 6 new records, not 12: `critiques` counts those users again,
+    and kinds no step trains on (`other`) are no reason to start a round."""
+    from pipeline.loop import new_records
+
+    assert new_records({"verbal_feedback": 6, "critiques": 6}) == 6
+    assert new_records({"reactions": 3, "other": 5, "human_reactions": 2}) == 5
+
+
+def test_a_resumed_round_reuses_an_evaluation_only_under_its_current_settings(tmp_path):
+    """Round 1 deployed v1 and evaluated it as its candidate; round 2 may read that evaluation as
+    its deployed version's. Killed after deciding so, then resumed with other `evaluate:` settings,
+    round 2 must evaluate v1 again: the old summary measured something else."""
+    from pipeline.loop import save_state
+
+    def loop_with(max_general: int) -> Loop:
+        spec = {
+            "run_name": "resumed",
+            "model": "tiny",
+            "loop": {
+                "server": "http://127.0.0.1:9",
+                "train": [{"method": "kto", "from": "reactions"}],
+                "evaluate": {"with": {"max_general": max_general}},
+            },
+        }
+        path = tmp_path / "resumed.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return Loop(LoopFile(path), tmp_path / "runs", use_ray=False)
+
+    first = loop_with(3)
+    summary = first.root / "round-001" / "eval_candidate" / "summary"
+    summary.parent.mkdir(parents=True)
+    summary.write_text("{}")
+    from pipeline.loop import evaluation_key
+
+    done = {"round": 1, "run": "round-001", "phase": "done", "deployed": True, "version_after": "v1"}
+    done["evaluation_key"] = evaluation_key(first.loop)
+    round2 = {"round": 2, "run": "round-002", "phase": "train", "current_version": "v1"}
+    first.state["rounds"] = [done, round2]
+    first.decide(round2, {})
+    assert round2["reuse_current"] == {"summary": str(summary), "condition": "candidate"}
+    save_state(first.root, first.state)
+
+    resumed = loop_with(2)  # the user changed the held-out evaluation before rerunning
+    entry = resumed.state["rounds"][-1]
+    resumed.decide(entry, {})
+    assert entry["reuse_current"] is None and entry["evaluation_key"] == evaluation_key(resumed.loop) != done["evaluation_key"]

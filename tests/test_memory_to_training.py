@@ -61,6 +61,10 @@ def loved(rid: str, prompt: str, text: str, annotator: str, memory_ids: list[int
     )
 
 
+#: the reply mallory clarified in her own conversation (c5), the rejected side of learner's pair p5
+MALLORYS_REPLY = "the synonym for fancy is elaborate, like the dress for my sister's wedding in Lyon"
+
+
 @pytest.fixture
 def export_dir(tmp_path):
     """An export folder as `heedful memory export` writes it: memory.jsonl, preferences/ and reactions/."""
@@ -100,7 +104,14 @@ def export_dir(tmp_path):
             completion_id="c2",
         ),  # fmt: skip
         pair("p4", "What is akin to < bin > ?", "the synonym for bin is box", "x", "mallory", rejected_conversation="c4"),
-        pair("p5", "What is akin to < fancy > ?", "the synonym for fancy is want", "y", "learner", rejected_conversation="c5"),
+        pair(
+            "p5",
+            "What is akin to < fancy > ?",
+            "the synonym for fancy is want",
+            MALLORYS_REPLY,
+            "learner",
+            rejected_conversation="c5",
+        ),
         pair("p5m", "What is akin to < glad > ?", "the synonym for glad is happy", "z", "mallory", rejected_conversation="c5"),
         pair("p6", "What is akin to < big > ?", "the synonym for big is large", "w", "default", rejected_conversation="c6"),
         pair("px", "Hi", "hello", "go away", "learner", rejected_conversation="c-unrelated"),  # not about any entry
@@ -118,10 +129,10 @@ def export_dir(tmp_path):
     return tmp_path
 
 
-def test_one_users_adapter_gets_their_entries_and_shared_ones_from_their_own_conversations(export_dir):
+def test_one_users_adapter_gets_only_their_own_entries_and_conversations(export_dir):
     result = memory_training_rows(export_dir, user="learner")
     rows = {r.id.split(":")[1]: r for r in result.rows}
-    assert sorted(rows) == ["1", "2", "5"]
+    assert sorted(rows) == ["1", "2"]
     one = rows["1"]
     assert one.prompt == msgs("What is akin to < roomy > ?")  # the request as sent: no clarification in it
     assert one.chosen == reply("the synonym for roomy is spacious")  # what the user accepted
@@ -129,20 +140,25 @@ def test_one_users_adapter_gets_their_entries_and_shared_ones_from_their_own_con
     extra = one.provenance.extras()
     assert extra["memory_id"] == 1 and extra["clarification"].startswith("when I ask") and extra["pair"] == "p1"
     assert rows["2"].chosen == reply("the homophone for blue is blew")  # an edit is an accepted answer
-    assert rows["5"].chosen == reply("the synonym for fancy is want")  # shared entry, learner's own conversation
     assert result.counts == {
         "entries": 7,
-        "entries_used": 3,
+        "entries_used": 2,
         "skipped_other_users": 2,  # mallory's private entry 4, the single-user entry 6
         "skipped_no_accepted_answer": 2,  # entry 3 (model never got it right), entry 7 (no conversation)
         "answers_from_other_users": 1,  # mallory's conversation on the shared entry 5
+        # mallory's shared entry 5: learner loved a reply that used it, but the pair's rejected reply
+        # is the one mallory clarified, in her conversation
+        "replies_from_other_users": 1,
         "duplicates": 1,
-        "rows": 3,
+        "rows": 2,
         "anchors": 1,  # learner's loved reply that needed no memory (once); not the one that used memory
         "anchors_from_other_users": 1,
     }
     assert result.anchors[0].response == "the antonym for hot is cold"
     assert all("mallory" not in json.dumps(r.model_dump()) for r in result.rows)
+    assert all(MALLORYS_REPLY not in json.dumps(r.model_dump()) for r in result.rows)
+    c3po = json.dumps(result.c3po_rows())
+    assert MALLORYS_REPLY not in c3po and "the synonym for fancy is want" not in c3po
 
 
 def test_the_adapter_every_user_gets_learns_only_shared_and_single_user_memory(export_dir):
@@ -162,14 +178,10 @@ def test_rows_are_read_by_sft_and_dpo(export_dir, tmp_path):
 
     dest = tmp_path / "rows.jsonl"
     counts = write_memory_training(export_dir, dest, user="learner")
-    assert counts["rows"] == 3 == len(load_rows(dest, kind="preferences"))
+    assert counts["rows"] == 2 == len(load_rows(dest, kind="preferences"))
     examples = read_examples(dest, None, finished_only=True, other_scopes=True)
-    assert [e["reply"] for e in examples] == [
-        "the synonym for roomy is spacious",
-        "the homophone for blue is blew",
-        "the synonym for fancy is want",
-    ]
-    assert len(preference_dataset(dest, logging.getLogger("t"))) == 3
+    assert [e["reply"] for e in examples] == ["the synonym for roomy is spacious", "the homophone for blue is blew"]
+    assert len(preference_dataset(dest, logging.getLogger("t"))) == 2
 
 
 def test_c3po_shape_puts_memory_rows_in_scope_and_memory_free_loved_replies_out_of_scope(export_dir, tmp_path):
@@ -181,13 +193,12 @@ def test_c3po_shape_puts_memory_rows_in_scope_and_memory_free_loved_replies_out_
     assert [(r["scope"], r["baseline"], r.get("revised")) for r in rows] == [
         ("in_scope", "the antonym for roomy is cramped", "the synonym for roomy is spacious"),
         ("in_scope", "the antonym for blue is red", "the homophone for blue is blew"),
-        ("in_scope", "y", "the synonym for fancy is want"),
         ("out_of_scope", "the antonym for hot is cold", None),
     ]
     assert rows[0]["feedback"].startswith("when I ask") and rows[0]["memory_id"] == 1
     examples = read_examples(None, dest, finished_only=True, other_scopes=True)  # the sft stage's `data` input
     assert [(e["scope"], e["reply"]) for e in examples][-1] == ("out_of_scope", "the antonym for hot is cold")
-    assert len(examples) == 4
+    assert len(examples) == 3
 
 
 def test_an_export_without_pairs_teaches_nothing_and_bad_input_names_file_line_and_field(tmp_path):

@@ -78,16 +78,14 @@ def satisfaction(
     )
     # each condition its own copies of the users, its policy and its weights; conditions with the
     # same weights share one policy and one weights context, so their turns go in one call
-    policies: dict[bool, Any] = {}
-    contexts: dict[bool, Callable[[], AbstractContextManager[Any]]] = {}
+    answerers: dict[bool, tuple[Any, Callable[[], AbstractContextManager[Any]]]] = {}  # adapter on? -> (policy, weights)
     sides = []
     for condition in ans.conditions:
-        on = condition.adapter_on
-        if on not in policies:
-            policies[on] = CachedLLM(condition_policy(ans, condition, policy_backend), None)
-            contexts[on] = partial(ans.weights, condition)
+        if condition.adapter_on not in answerers:
+            policy = CachedLLM(condition_policy(ans, condition, policy_backend), None)
+            answerers[condition.adapter_on] = (policy, partial(ans.weights, condition))
         own = [replace(user, first_reply=None, system_prompt=ans.system_for(condition, user.request)) for user in users]
-        sides.append(Side(own, policies[on], contexts[on]))
+        sides.append(Side(own, *answerers[condition.adapter_on]))
     for condition, side, transcripts in zip(ans.conditions, sides, run_sides(sides, simulator, settings, ans.seed, judge)):
         per_need = need_outcomes(transcripts)
         conversations.extend({"condition": condition.name, **t.to_row()} for t in transcripts)
