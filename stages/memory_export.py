@@ -25,6 +25,7 @@ class MemoryExportConfig(StageConfig):
 
 class MemoryExportStage(Stage):
     uses = "memory_export"
+    version = "2"  # 2: edits and follow-ups pass the quarantine's text checks too (an export made before may hold what they now hold back)
     summary = "Serving feedback (MemPrompt memory file) -> reactions, verbal feedback, preference pairs."
     Config = MemoryExportConfig
     inputs = {"memory": Input(("memory",), doc="the SQLite memory file of `heedful serve --memory`")}
