@@ -112,13 +112,21 @@ class VectorIndex:
                 if count == 0:
                     return []
                 k = min(k, count)
-                self._hnsw.set_ef(max(self.ef_search, k))
-                kwargs = {"filter": (lambda i: i in allowed)} if allowed is not None else {}
-                try:
-                    labels, distances = self._hnsw.knn_query(vector, k=k, num_threads=1, **kwargs)
-                except RuntimeError:  # fewer than k allowed candidates reachable
-                    return []
-                return [(int(i), float(1.0 - d)) for i, d in zip(labels[0], distances[0])]
+                kwargs = {}
+                if allowed is not None:
+                    # hnswlib raises when fewer than k entries pass the filter (a user with 1 own entry of
+                    # 100k): never ask for more than the allowed ids it holds (all ids <= max_id are indexed)
+                    k = min(k, sum(1 for i in allowed if i <= self.max_id))
+                    kwargs = {"filter": (lambda i: i in allowed)}
+                while k > 0:
+                    self._hnsw.set_ef(max(self.ef_search, k))
+                    try:
+                        labels, distances = self._hnsw.knn_query(vector, k=k, num_threads=1, **kwargs)
+                    except RuntimeError:  # still fewer reachable (removed entries, a disconnected graph): ask for fewer
+                        k //= 2
+                        continue
+                    return [(int(i), float(1.0 - d)) for i, d in zip(labels[0], distances[0])]
+                return []
             if self._n == 0:
                 return []
             scores = self._scores(vector)
@@ -153,19 +161,23 @@ class VectorIndex:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         with self._lock:
-            self._hnsw.save_index(str(tmp))
-            os.chmod(tmp, 0o600)  # vectors of users' queries: as private as the memory file
+            _create_private(tmp)  # vectors of users' queries: 0600 from the start, as the memory file
+            self._hnsw.save_index(str(tmp))  # truncates the file it is given, keeping its mode
             meta = {**fingerprint, "max_id": self.max_id, "count": self._hnsw.get_current_count(), "dim": self.dim}
         os.replace(tmp, path)
         side = path.with_name(path.name + ".json")
         side_tmp = side.with_name(side.name + ".tmp")
+        _create_private(side_tmp)
         side_tmp.write_text(json.dumps(meta))
-        os.chmod(side_tmp, 0o600)
         os.replace(side_tmp, side)
         return True
 
-    def load(self, path: str | Path, fingerprint: dict) -> bool:
-        """Load a saved graph if it matches `fingerprint`; False means: rebuild."""
+    def load(self, path: str | Path, fingerprint: dict, max_id: int | None = None) -> bool:
+        """Load a saved graph if it matches `fingerprint`; False means: rebuild.
+
+        `max_id`: the highest id its store holds. A graph covering higher ids was saved from rows this
+        store no longer has (an older copy of the file restored): its vectors would answer for the new
+        rows that reuse those ids, so it is refused."""
         import hnswlib
 
         path = Path(path)
@@ -177,6 +189,8 @@ class VectorIndex:
         except (OSError, ValueError):
             return False
         if meta.get("dim") != self.dim or any(meta.get(k) != v for k, v in fingerprint.items()):
+            return False
+        if max_id is not None and int(meta.get("max_id", 0)) > max_id:
             return False
         index = hnswlib.Index(space="ip", dim=self.dim)
         try:
@@ -190,3 +204,9 @@ class VectorIndex:
             self._hnsw = index
             self.max_id = int(meta["max_id"])
         return True
+
+
+def _create_private(path: Path) -> None:
+    """An empty file, mode 0600 (a leftover of a crashed save is replaced: its mode may be wider)."""
+    path.unlink(missing_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))

@@ -90,12 +90,19 @@ class Retriever:
         self.index = VectorIndex(embedder.dim, ann_threshold=self.settings.ann_threshold, ef_search=self.settings.ef_search)
         self.index_path = Path(index_path) if index_path else None
         self._sync_lock = threading.Lock()
-        if self.index_path is not None and self.index.load(self.index_path, self._fingerprint()):
+        # a random id kept in the database's meta table: a saved graph is tied to the database it indexes, so
+        # one that outlived it (memory.db deleted to forget everything, or replaced) is rebuilt, not loaded
+        self._store_id = self.store.salt("store_id")
+        if self.index_path is not None and self.index.load(self.index_path, self._fingerprint(), max_id=self.store.max_id()):
             pass  # rows added after the save are picked up by sync()
         self.sync()
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {"embedder": getattr(self.embedder, "name", "?"), "key_mask": self.settings.key_mask or ""}
+        return {
+            "embedder": getattr(self.embedder, "name", "?"),
+            "key_mask": self.settings.key_mask or "",
+            "store_id": self._store_id,
+        }
 
     def key_text(self, query: str) -> str:
         text = self._mask.sub("< >", query) if self._mask else query
@@ -159,13 +166,15 @@ class Retriever:
         entries = self.store.get([i for i, _ in passing])
         hits = [MemoryHit(entries[i], score, "embedding") for i, score in passing if i in entries][: s.k]
         if not hits and s.lexical_fallback:
-            hits = self._lexical(query, allowed)
+            hits = self._lexical(query, allowed, user)
         return hits
 
-    def _lexical(self, query: str, allowed: set[int] | None) -> list[MemoryHit]:
+    def _lexical(self, query: str, allowed: set[int] | None, user: str | None = None) -> list[MemoryHit]:
         s = self.settings
         scored = []
-        for entry in self.store.lexical_candidates(words(self.key_text(query)), limit=20):
+        # scoped in the query itself: filtering after the top 20 lost the user's own entry whenever more than
+        # 20 other users' entries share its words (a common question)
+        for entry in self.store.lexical_candidates(words(self.key_text(query)), limit=20, scoped=allowed is not None, user=user):
             if allowed is not None and entry.id not in allowed:
                 continue
             score = jaccard(self.key_text(query), self.key_text(entry.key_query))

@@ -460,18 +460,25 @@ class MemoryStore:
             cur = conn.execute(f"UPDATE memory SET active = 0 WHERE id = ? AND active = 1{where}", [entry_id, *args])
             return cur.rowcount > 0
 
-    def lexical_candidates(self, query_terms: list[str], limit: int = 20) -> list[MemoryEntry]:
-        """Entries whose key query shares words with the query, best BM25 first (SQLite FTS5)."""
+    def lexical_candidates(
+        self, query_terms: list[str], limit: int = 20, scoped: bool = False, user: str | None = None
+    ) -> list[MemoryEntry]:
+        """Entries whose key query shares words with the query, best BM25 first (SQLite FTS5).
+
+        `scoped`: only the entries `user` may retrieve (as `visible_ids`: own and shared; user None: shared
+        only), filtered before the limit, so other users' many copies of a common question cannot crowd
+        the user's own entry out of the top `limit`."""
         terms = ['"' + t.replace('"', '""') + '"' for t in query_terms if t]
         if not terms:
             return []
+        where, args = (" AND (m.shared = 1 OR m.user = ?)", [user]) if scoped else ("", [])
         rows = (
             self._conn()
             .execute(
                 "SELECT m.id, m.key_query, m.clarification, m.user, m.created, m.hits, m.last_hit, m.model, m.adapter,"
                 " m.conversation_id, m.shared FROM memory_fts JOIN memory m ON m.id = memory_fts.rowid"
-                " WHERE memory_fts MATCH ? AND m.active = 1 ORDER BY bm25(memory_fts) LIMIT ?",
-                (" OR ".join(terms), limit),
+                f" WHERE memory_fts MATCH ? AND m.active = 1{where} ORDER BY bm25(memory_fts) LIMIT ?",
+                [" OR ".join(terms), *args, limit],
             )
             .fetchall()
         )

@@ -123,6 +123,85 @@ def test_user_scope_only_sees_own_memories(tmp_path, embedder):
     assert r.lookup("What is akin to < b > ?", user=None) == []
 
 
+def test_user_scope_on_hnsw_recalls_a_users_single_entry_among_many_others(tmp_path, embedder):
+    """Past ann_threshold hnswlib is asked for k*4+4 neighbours through the user's filter; it raises when
+    fewer entries pass the filter, and that was turned into no recall: a user with few entries got none."""
+    r = make(tmp_path, embedder, threshold=0.8, scope="user", ann_threshold=4, lexical_fallback=False)
+    for i in range(12):
+        r.add(f"How do I configure service {i} on port {8000 + i}?", "bob's", user="bob")
+    mine = r.add("What is a synonym of roomy?", "one word, please", user="alice")
+    assert r.index.backend == "hnsw" and r.settings.k * 4 + 4 > 1
+    hits = r.lookup("Give me a word meaning the same as roomy", user="alice")
+    assert [(h.entry.id, h.method) for h in hits] == [(mine.id, "embedding")]
+    assert r.lookup("Give me a word meaning the same as roomy", user="bob") == []
+    assert [h.entry.user for h in r.lookup("How do I configure service 3 on port 8003 ?", user="bob")] == ["bob"]
+
+
+def test_word_overlap_fallback_filters_by_user_before_its_top_candidates(tmp_path, embedder):
+    """The FTS5 candidates were cut to the top 20 before the per-user filter: 25 other users' copies
+    of a common question hid the user's own near-verbatim entry."""
+    key = "reset the password of router model XR-500 in building 7"
+    r = make(tmp_path, embedder, threshold=1.0, scope="user")
+    r.store.add_many([{"key_query": key, "clarification": "not yours", "user": f"u{i}"} for i in range(25)], r.embed([key] * 25))
+    mine = r.add(key, "the admin password", user="alice")
+    query = "reset the password of router model XR-500 in building 9"
+    hits = r.lookup(query, user="alice")
+    assert [(h.entry.id, h.method) for h in hits] == [(mine.id, "lexical")]
+    assert [h.entry.user for h in r.lookup(query, user="u3")] == ["u3"]
+    assert r.lookup(query, user="mallory") == []
+
+
+def test_a_saved_hnsw_index_is_not_loaded_for_a_new_database(tmp_path, embedder):
+    """The saved graph outlived its database: with memory.db deleted (to forget everything) the old
+    graph loaded, its vectors answered for the new entries that reuse their ids, and the new ones
+    were never indexed (the graph's max id was above theirs)."""
+    r = make(tmp_path, embedder, threshold=0.9, key_mask=MASK, ann_threshold=3)
+    for i in range(6):
+        r.add(f"phrasing {i} of < w{i} > ?", f"forgotten {i}")
+    assert r.save_index()
+    r.store.close()
+    for path in tmp_path.glob("m.db*"):
+        if not path.name.startswith("m.db.hnsw"):
+            path.unlink()
+    assert (tmp_path / "m.db.hnsw").is_file() and not (tmp_path / "m.db").exists()
+
+    # the new file is filled before the server starts again (`heedful memory import`): as many ids as the old one
+    fresh = MemoryStore(tmp_path / "m.db", embedder_name=embedder.name, dim=embedder.dim)
+    new = [fresh.add(f"How long do I bake loaf {i} at {180 + 10 * i} degrees?", f"new {i}") for i in range(6)]
+    fresh.close()
+    again = make(tmp_path, embedder, threshold=0.9, key_mask=MASK, ann_threshold=3)
+    assert again.index.backend == "hnsw" and len(again.index) == 6  # rebuilt from the new rows, not loaded
+    new.append(again.add("How long do I boil an egg?", "new 6"))
+    assert again.lookup("phrasing 4 of < x > ?") == []  # no stale vector answers for new entry 5
+    assert [h.entry.id for h in again.lookup("How long should I boil an egg ?")] == [new[6].id]
+    assert [h.entry.id for h in again.lookup("How long do I bake loaf 4 at 220 degrees ?")] == [new[4].id]
+
+
+def test_a_saved_hnsw_index_is_not_loaded_over_an_older_copy_of_its_database(tmp_path, embedder):
+    """A restored backup keeps the database's id; the graph saved later covers ids the copy lacks."""
+    import shutil
+
+    r = make(tmp_path, embedder, threshold=0.9, key_mask=MASK, ann_threshold=3)
+    for i in range(3):
+        r.add(f"phrasing {i} of < w{i} > ?", f"kept {i}")
+    r.store.checkpoint()
+    shutil.copy(tmp_path / "m.db", tmp_path / "backup.db")
+    for i in range(3, 6):
+        r.add(f"phrasing {i} of < w{i} > ?", f"lost {i}")
+    assert r.save_index()
+    r.store.close()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"m.db{suffix}").unlink(missing_ok=True)
+    shutil.copy(tmp_path / "backup.db", tmp_path / "m.db")
+
+    again = make(tmp_path, embedder, threshold=0.9, key_mask=MASK, ann_threshold=3)
+    assert again.store.count() == 3 and len(again.index) == 3  # rebuilt from the copy's rows
+    new = [again.add(f"How long do I bake loaf {i} at {180 + 10 * i} degrees?", f"new {i}") for i in range(3)]
+    assert again.lookup("phrasing 4 of < x > ?") == []
+    assert [h.entry.id for h in again.lookup("How long do I bake loaf 1 at 190 degrees ?")] == [new[1].id]
+    assert [h.entry.id for h in again.lookup("phrasing 1 of < x > ?")] == [2]
+
+
 def test_store_refuses_a_different_embedder(tmp_path):
     MemoryStore(tmp_path / "m.db", embedder_name="all-MiniLM-L6-v2", dim=384)
     with pytest.raises(StoreError, match="embedder=all-MiniLM-L6-v2"):
