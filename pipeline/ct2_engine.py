@@ -242,20 +242,28 @@ class Ct2Generator:
         # the same end-of-turn ids the vLLM path stops on (tokenizer + the model's generation config)
         self.eos_tokens = self.tokenizer.convert_ids_to_tokens(eos_ids_from_tokenizer(self.tokenizer))
         self.generator: Any = None
+        #: whether the generator's sampling RNG started from a known seed (not `reload(reseed=True)`)
+        self._rng_known = True
 
-    def _seeded(self, seed: int | None) -> Any:
-        """The generator, its sampling RNG freshly seeded to `seed` (None: greedy, no RNG).
+    def _seeded(self, seed: int | None, sample: bool = True) -> Any:
+        """The generator for a call: sampling with a `seed`, its RNG freshly seeded to it; sampling
+        without one, an RNG seeded from a random source; greedy (`sample` False), no RNG.
 
         CTranslate2 seeds a worker thread's RNG when the generator starts, not per call, so a
-        sampling call starts a new generator (a fraction of a second, from the page cache).
+        seeded sampling call starts a new generator (a fraction of a second, from the page cache).
         Per-call seeds make a rerun -- or a run resumed at batch k -- sample the same replies.
+        An unseeded call samples on from a generator reseeded at random, never one a seed started
+        (the next replies of a seeded stream are predictable to whoever sent the seed) nor the
+        first from a fixed seed (a restarted server would replay its unseeded replies).
         """
         import ctranslate2
 
-        if self.generator is None or seed is not None:
+        if sample and seed is not None:
             self.generator = None
-            ctranslate2.set_random_seed(seed or 0)
+            ctranslate2.set_random_seed(seed)
             self.reload()
+        elif self.generator is None or (sample and self._rng_known):
+            self.reload(reseed=True)
         return self.generator
 
     def generate_ids(
@@ -272,7 +280,8 @@ class Ct2Generator:
         """Reply token ids (stop token excluded) for rendered prompts, `num_samples` per prompt.
 
         `seed` None samples on from the generator's current RNG state instead of reseeding it
-        (a server's unseeded requests: no generator restart per call).
+        (a server's unseeded requests: no generator restart per call), a state drawn at random
+        (`_seeded`).
 
         `max_new_tokens`, one per prompt, gives each request its own budget inside one call
         (a request that reaches it leaves the batch; the others go on); by default every
@@ -300,7 +309,7 @@ class Ct2Generator:
             kwargs["callback"] = _step_callback(budgets, stop_strings or [], self.tokenizer)
         if sampling.temperature == 0 and num_samples > 1:
             raise ValueError("temperature 0 (greedy) gives one reply per prompt; set num_samples: 1")
-        self._seeded(None if sampling.temperature == 0 else seed)
+        self._seeded(seed, sample=sampling.temperature > 0)
         prefix = self._static_prefix(token_lists)  # may reload the generator: no reference to the old one here
         if prefix >= MIN_CACHED_PREFIX:
             kwargs.update(static_prompt=token_lists[0][:prefix], cache_static_prompt=True)
@@ -351,6 +360,7 @@ class Ct2Generator:
         self.generator = ctranslate2.Generator(
             str(self.model_dir), device="cpu", compute_type=self.quantization, intra_threads=self.threads, inter_threads=1
         )
+        self._rng_known = not reseed
         self._cached_prefixes.clear()
 
     @staticmethod
@@ -376,7 +386,7 @@ class Ct2Generator:
         """
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         tokens = self.tokenizer.convert_ids_to_tokens(ids)
-        steps = self._seeded(None if sampling.temperature == 0 else seed).generate_tokens(
+        steps = self._seeded(seed, sample=sampling.temperature > 0).generate_tokens(
             tokens, max_length=sampling.max_new_tokens, end_token=self.eos_tokens, **self._sampling_kwargs(sampling)
         )
         stop_ids = set(self.tokenizer.convert_tokens_to_ids(self.eos_tokens))

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,13 +279,16 @@ class ChatEngine:
         return _Prepared(text, enc.to(self.policy.device), enc["input_ids"].shape[1], stop, seed, kwargs, sampling)
 
     def _run(self, req: _Prepared, **extra: Any):
-        """One `generate` call on the model, alone (the lock), seeded when the request asked."""
+        """One `generate` call on the model, alone (the lock), seeded when the request asked, else (sampling)
+        from a random seed (`_unpredictable_rng`)."""
         import torch
         from transformers import set_seed
 
         with self._lock, torch.inference_mode():
             if req.seed is not None:
                 set_seed(req.seed)
+            elif req.kwargs.get("do_sample"):
+                _unpredictable_rng()
             return self.model.generate(**req.enc, **req.kwargs, **extra)
 
     def _ct2_reply(self, req: _Prepared, on_text: Callable[[str], bool] | None = None) -> tuple[list[int], bool]:
@@ -350,6 +353,8 @@ class ChatEngine:
         enc = enc.to(self.policy.device)
         longest = max(j.max_tokens for j in jobs)
         with self._lock, torch.inference_mode():
+            if jobs[0].temperature > 0:
+                _unpredictable_rng()
             # a CoH adapter's rows stop at its phrases (HF stops rows one by one); a user's stops never batch
             out = self.model.generate(**enc, **self._kwargs(longest, jobs[0].temperature, jobs[0].top_p, self.phrase_stops))
         width = enc["input_ids"].shape[1]
@@ -380,7 +385,7 @@ class ChatEngine:
         top_p: float = 1.0,
         stop: list[str] | None = None,
         seed: int | None = None,
-    ) -> tuple[int, Iterator[str], dict]:
+    ) -> tuple[int, Generator[str, None, None], dict]:
         """(prompt_tokens, iterator of text deltas, info filled with completion_tokens/finish_reason at the end)."""
         req = self._prepare(messages, max_tokens, temperature, top_p, stop, seed)
         stop, n_prompt = req.stop, req.n_prompt
@@ -388,25 +393,28 @@ class ChatEngine:
         done: dict = {}  # the pieces' source fills `tokens` and `ended` once it has finished
         pieces = self._ct2_pieces(req, done) if self.ct2 is not None else self._hf_pieces(req, done)
 
-        def deltas() -> Iterator[str]:
+        def deltas() -> Generator[str, None, None]:
             received, emitted, stopped = "", "", False
             # the streamed text is `generate`'s, which cuts at a stop string and then strips the reply: no
             # leading whitespace (a reply after a CoH phrase starts with a space), and whitespace held back
             # until text follows it
-            for piece in pieces:
-                received += piece
-                cut, stopped = _cut_at_stop(received, stop)
-                # hold back text that could be the start of a stop string
-                safe = (cut if stopped else received[: len(received) - _partial_stop(received, stop)]).strip()
-                if len(safe) > len(emitted):
-                    yield safe[len(emitted) :]
-                    emitted = safe
-                if stopped:
-                    info["finish_reason"] = "stop"
-                    break
-            if stopped:  # we left the loop early: drain it, so the generation can finish
-                for _ in pieces:
-                    pass
+            try:
+                for piece in pieces:
+                    received += piece
+                    cut, stopped = _cut_at_stop(received, stop)
+                    # hold back text that could be the start of a stop string
+                    safe = (cut if stopped else received[: len(received) - _partial_stop(received, stop)]).strip()
+                    if len(safe) > len(emitted):
+                        yield safe[len(emitted) :]
+                        emitted = safe
+                    if stopped:
+                        info["finish_reason"] = "stop"
+                        break
+                if stopped:  # we left the loop early: drain it, so the generation can finish
+                    for _ in pieces:
+                        pass
+            finally:  # these deltas closed early (the client went away): the generation stops now, not when collected
+                pieces.close()
             received = received.strip()
             if not stopped and len(received) > len(emitted):
                 yield received[len(emitted) :]
@@ -417,7 +425,7 @@ class ChatEngine:
 
         return n_prompt, deltas(), info
 
-    def _hf_pieces(self, req: _Prepared, done: dict) -> Iterator[str]:
+    def _hf_pieces(self, req: _Prepared, done: dict) -> Generator[str, None, None]:
         """Text pieces from HF `generate` in a thread through a `TextIteratorStreamer`; a stream left
         unread (the client went away) stops the generation at its next step, as on ct2, instead of
         holding the model to the end of its budget."""
@@ -448,7 +456,7 @@ class ChatEngine:
             tokens, ended = self._cut_eos(out[0, req.n_prompt :].tolist())
             done.update(tokens=len(tokens), ended=ended)
 
-    def _ct2_pieces(self, req: _Prepared, done: dict) -> Iterator[str]:
+    def _ct2_pieces(self, req: _Prepared, done: dict) -> Generator[str, None, None]:
         """Text pieces from CTranslate2's token streaming in a thread: each new token's text (held
         back while it ends in an incomplete character); a stream left unread stops the decoding."""
         pending: queue.Queue[str | None] = queue.Queue()
@@ -484,6 +492,18 @@ class ChatEngine:
         if final.startswith(emitted) and len(final) > len(emitted):
             yield final[len(emitted) :]
         done.update(tokens=len(result["tokens"]), ended=result["ended"])
+
+
+def _unpredictable_rng() -> None:
+    """torch's global RNG from a random source, for sampling without a seed. Why: a seeded request
+    (`set_seed`) leaves it in a state its sender can compute, so the unseeded requests after it would
+    continue a stream one user can predict for another; and torch starts it from a fixed seed in every
+    process, so after a restart the unseeded replies would replay."""
+    import secrets
+
+    import torch
+
+    torch.manual_seed(secrets.randbits(63))
 
 
 def _stops_when(event: threading.Event) -> Any:

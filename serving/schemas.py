@@ -57,7 +57,7 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**32, description="0 <= seed < 2**32, as the engines' RNGs take")
     user: str | None = Field(default=None, max_length=256)
     presence_penalty: float = Field(default=0.0, ge=0, le=0, description="not supported: only 0")
     frequency_penalty: float = Field(default=0.0, ge=0, le=0, description="not supported: only 0")

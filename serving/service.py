@@ -327,7 +327,9 @@ class MemPromptService:
         thread, previous = self._thread(request, principal)
         messages, sent, hits = self.prepare(request, principal)
         held = self.versions.acquire(self.user_key(request, principal))
-        version = held.__enter__()  # released when the events end (or are abandoned)
+        # released when the events end or are abandoned -- unstarted too: dropping them drops `held`, whose
+        # generator (`acquire`) is then closed, and its `finally` releases the version
+        version = held.__enter__()
         try:
             n_prompt, deltas, info = version.engine.stream(sent, **self._gen_args(request))
         except PromptTooLong as exc:
@@ -363,6 +365,10 @@ class MemPromptService:
                     parts.append(piece)
                     yield chunk({"content": piece})
             finally:
+                # stop the generation first: releasing a retired version's last user closes its engine,
+                # which waits for the model's lock -- held by a generation nobody reads until it has
+                # written all of max_tokens, while the thread that dropped the stream (the event loop) waits
+                deltas.close()
                 held.__exit__(None, None, None)
             yield chunk({}, info["finish_reason"])
             text = "".join(parts)

@@ -61,10 +61,10 @@ def replies(server, stream: bool = False) -> list[str]:
     for prompt in PROMPTS:
         kwargs = dict(model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=MAX_TOKENS, temperature=0)
         if stream:
-            chunks = client.chat.completions.create(**kwargs, stream=True)  # type: ignore[call-overload]
+            chunks = client.chat.completions.create(**kwargs, stream=True)
             out.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip())
         else:
-            out.append(client.chat.completions.create(**kwargs).choices[0].message.content)  # type: ignore[call-overload]
+            out.append(client.chat.completions.create(**kwargs).choices[0].message.content)
     return out
 
 
@@ -338,3 +338,98 @@ def test_extra_weight_copies_are_taken_only_where_memory_has_room(adapters, tmp_
         adapters["a"]
     )
     served.close()
+
+
+@pytest.fixture(scope="module")
+def ct2_service(tiny_model_path, tmp_path_factory):
+    """A real service on the ct2 engine (memory off), as `heedful serve --engine ct2` runs it."""
+    from serving.service import MemPromptService, ServeSettings
+
+    memory = tmp_path_factory.mktemp("ct2-service") / "memory.db"
+    service = MemPromptService(ServeSettings(model="tiny", memory=str(memory), engine="ct2", memory_enabled=False))
+    yield service
+    service.close()
+
+
+@pytest.fixture
+def canary_service(ct2_service, adapters):
+    """The service with adapter `a` as a canary for half of the users, and a user in it."""
+    canary = ct2_service.versions.deploy(adapters["a"], canary=0.5)
+    user = next(u for u in (f"user{i}" for i in range(1000)) if ct2_service.versions.in_canary(u))
+    yield ct2_service, canary, user
+    if ct2_service.versions.canary is not None:
+        ct2_service.versions.rollback()
+
+
+def stream_request(messages, user: str, max_tokens: int):
+    from serving.schemas import ChatRequest
+
+    return ChatRequest(model="tiny", messages=messages, max_tokens=max_tokens, temperature=0, stream=True, user=user)
+
+
+def test_a_stream_dropped_on_a_rolled_back_canary_stops_before_its_engine_closes(canary_service):
+    """Rollback retires the canary while a stream still reads from it; the stream's end releases its last
+    user, which closes the engine. Closing the events must stop the generation first: the engine's close
+    waits for the model's lock, which a generation nobody reads held until it had written all of its
+    max_tokens -- in the server, on the event loop's thread."""
+    service, canary, user = canary_service
+    budget = service.settings.max_tokens_limit
+    for prompt in STOP_PROMPTS:  # a prompt whose reply runs to the whole budget: the wait is visible
+        messages = [{"role": "user", "content": prompt}]
+        started = time.monotonic()
+        if canary.engine.generate(messages, max_tokens=budget).finish_reason == "length":
+            whole = time.monotonic() - started  # what writing the budget takes here, now
+            break
+    else:
+        pytest.fail("no prompt's reply ran to the whole budget")
+    events = service.chat_stream(stream_request(messages, user, budget))
+    assert canary.id in next(events)  # the canary writes it
+    assert '"content"' in next(events)  # the first text: the generation is under way
+    service.versions.rollback()
+    assert canary.retired and canary.engine is not None and canary.in_use == 1  # the stream still holds it
+    started = time.monotonic()
+    events.close()
+    closed = time.monotonic() - started
+    assert canary.in_use == 0 and canary.engine is None  # released, and the retired engine closed
+    assert closed < whole / 4, (closed, whole)
+
+
+def test_a_stream_dropped_before_its_first_event_releases_its_version(canary_service):
+    """A client gone while its stream waited to start: the events are dropped unread, so their own
+    `finally` never runs. The version is still released (else a retired one's engine, its weights,
+    would never be freed): dropping them drops the `acquire` they hold, whose `finally` releases it."""
+    import gc
+
+    service, canary, user = canary_service
+    events = service.chat_stream(stream_request([{"role": "user", "content": "hello there"}], user, MAX_TOKENS))
+    assert canary.in_use == 1
+    service.versions.rollback()
+    del events
+    gc.collect()
+    assert canary.in_use == 0 and canary.engine is None
+
+
+@pytest.mark.parametrize(("engine", "max_batch"), [("ct2", 1), ("ct2", 2), ("hf", 1), ("hf", 2)])
+def test_unseeded_requests_do_not_continue_a_seeded_stream(engine, max_batch):
+    """A seed sets the sampling RNG to a state its sender knows: the unseeded requests after it must not
+    sample on from there (one user could predict another's reply), nor the first one on a fresh engine
+    from a fixed seed (a restarted server would replay them). With the bug, the unseeded reply after
+    each seed-7 request is the same continuation of seed 7's stream, and a fresh engine's first unseeded
+    reply is seed 0's. Sampled at temperature 2 on bare `tiny` (near-uniform over its vocabulary), two
+    16-token replies from independent random states do not coincide."""
+    from serving.engine import ChatEngine
+
+    served = ChatEngine("tiny", None, max_batch=max_batch, engine=engine)
+    messages = [{"role": "user", "content": "hello there"}]
+
+    def ask(seed):
+        return served.generate(messages, max_tokens=16, temperature=2.0, seed=seed).text
+
+    try:
+        first, zero = ask(None), ask(0)
+        seeded, after, again, after_again = ask(7), ask(None), ask(7), ask(None)
+    finally:
+        served.close()
+    assert seeded == again  # a seed still reproduces its reply
+    assert after != after_again  # neither is the continuation of seed 7's stream
+    assert first != zero  # a fresh engine's first unseeded reply is not seed 0's

@@ -151,6 +151,9 @@ def test_bad_payloads_get_4xx_with_a_clear_message(live):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
     r = post({"model": "tiny"})
     assert r.status_code == 400 and r.json()["error"]["message"] == "messages: field required"
+    for seed in (-1, 2**32):  # out of the engines' RNG range: refused, not a 500
+        r = post({"model": "tiny", "messages": msg, "seed": seed})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
     with pytest.raises(openai.BadRequestError, match="above this server's limit"):
         c.chat.completions.create(model="tiny", messages=msg, max_tokens=100_000)
     with pytest.raises(openai.BadRequestError, match="less than or equal to 1"):
