@@ -25,6 +25,14 @@ from .stage import Input, Output, Stage, StageConfig, StageContext
 from .tracking import TrackingSettings  # report_to: shared with evaluate and the arena (pipeline/tracking.py)
 
 
+def warmup_steps(ratio: float) -> float:
+    """transformers' `warmup_steps` for a warmup over `ratio` (0..1) of the optimizer steps. Its
+    TrainingArguments take a value below 1 as a share of the steps and one of 1 or more as a step count
+    (it has no `warmup_ratio` any more), so a ratio of 1.0 passed as it is would warm up for one step;
+    it goes as the float just below 1.0, whose ceil(steps x share) is every step."""
+    return math.nextafter(1.0, 0.0) if ratio >= 1 else ratio
+
+
 class TrainSettings(TrackingSettings):
     """Common optimisation settings; `trainer_args` passes anything else to the TRL config."""
 
@@ -70,7 +78,7 @@ class TrainSettings(TrackingSettings):
             max_steps=self.max_steps,
             per_device_train_batch_size=self.per_device_train_batch_size,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
-            warmup_steps=self.warmup_ratio,
+            warmup_steps=warmup_steps(self.warmup_ratio),
             lr_scheduler_type=self.lr_scheduler_type,
             weight_decay=self.weight_decay,
             logging_steps=self.logging_steps,

@@ -65,6 +65,35 @@ def lora_adapter(tmp_path_factory, tiny_model_path):
     return random_lora_adapter(tmp_path_factory.mktemp("adapter") / "adapter", 0)
 
 
+def tiny_variant(kind: str, **fields):
+    """A seeded random 2-layer causal LM of another family with `tiny`'s tokenizer, built from its
+    transformers config: "gemma2" (logit soft-capping), "granite" (logits divided by `logits_scaling`),
+    "mistral" (a sliding attention window); `fields` set config fields."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.models import prepare_tiny
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare_tiny())
+    config = AutoConfig.for_model(
+        kind,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **fields,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
 def move_lora_b(model, seed: int = 3, scale: float = 0.05) -> None:
     """LoRA's B starts at zero (the adapter a no-op, policy == reference): set it to small random
     values so a loss against the base and both LoRA factors' gradients are non-trivial."""

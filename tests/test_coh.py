@@ -218,6 +218,30 @@ def test_the_model_honours_the_forgetful_mask(tiny_model_path):
     assert changed == [False, False, False, True, True, True, True, True]
 
 
+def test_the_forgetful_mask_reaches_the_model_through_score_completions(tiny_model_path):
+    """The trainer scores through `score_completions`: there too (the body and chunked head, as on
+    the full forward) a hidden key changes the completion's log-probs after it, as the model's own
+    forward with that mask does; it is not taken for a right-padded batch's mask and dropped."""
+    from pipeline.models import load_causal_lm
+    from trainers.sequences import score_completions, token_logps
+
+    model = load_causal_lm("tiny").eval()
+    ids = torch.tensor([[1, 200, 300, 400, 500, 600, 700, 2], [1, 210, 310, 410, 510, 0, 0, 0]])
+    attention = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    completion = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0, 0]])
+    mask = forgetful_causal_mask(attention, 0.0, 0.0)
+    mask[..., 3] = False
+    keep = completion[:, 1:].bool()
+    for full_forward in (False, True):
+        with torch.no_grad():
+            plain = score_completions(model, ids, attention, completion, full_forward=full_forward).logps
+            forgetful = score_completions(model, ids, mask, completion, full_forward=full_forward).logps
+            own = token_logps(model(input_ids=ids, attention_mask=mask).logits, ids)
+        torch.testing.assert_close(forgetful[keep], own[keep], atol=1e-5, rtol=0)
+        changed = (forgetful - plain).abs() > 1e-4  # position t scores token t + 1: from t = 3 on
+        assert changed[:, 3:][keep[:, 3:]].all() and not changed[:, :3].any(), full_forward
+
+
 def test_training_teaches_the_feedback_phrases(tmp_path, tiny_model_path):
     """Behaviour: after CoH training the positive phrase makes the good reply likelier than the
     negative phrase does, and the other way round for the bad reply (it was not so before)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import move_lora_b
+from .conftest import move_lora_b, tiny_variant
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -67,7 +67,7 @@ def make_trainer(cls, rows, tmp_path, perturb=True, **kwargs):
         **kwargs.pop("kto", {}),
     }
     trainer = cls(
-        model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        model=kwargs.pop("model", None) or AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
         args=KTOConfig(output_dir=str(tmp_path / "out"), **settings),
         train_dataset=Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(path),
@@ -201,6 +201,21 @@ def test_unsupported_settings_run_trls_own_path(tmp_path, tiny_model_path):
     assert trainer.ref_forward_calls == 0 and not (tmp_path / "c").exists()  # TRL's precompute, not the core's cache
     with pytest.raises(ValueError, match="attention"):
         make_trainer(FastKTOTrainer, PLAIN, tmp_path / "bad", attention="flash", ref_cache_dir=tmp_path / "c")
+    # logits changed after the head, attention the packed pieces do not apply (a window < max_length, 24)
+    for kind, fields, why in [
+        ("gemma2", {}, "final_logit_softcapping"),
+        ("granite", {"logits_scaling": 8.0}, "logits_scaling"),
+        ("mistral", {"sliding_window": 8}, "sliding-window attention"),
+    ]:
+        other = make_trainer(
+            FastKTOTrainer, PLAIN, tmp_path / kind, model=tiny_variant(kind, **fields), ref_cache_dir=tmp_path / "c"
+        )
+        assert not other.fast and why in other.fast_off_reason, (kind, other.fast_off_reason)
+        assert "KL_input_ids" in other.data_collator([other.train_dataset[i] for i in range(2)])
+    wide = make_trainer(
+        FastKTOTrainer, PLAIN, tmp_path / "wide", model=tiny_variant("mistral", sliding_window=24), ref_cache_dir=tmp_path / "c"
+    )
+    assert wide.fast, wide.fast_off_reason  # a window no sequence reaches (max_length 24) hides nothing
 
 
 def test_training_run_matches_trl_step_by_step(tmp_path, tiny_model_path):

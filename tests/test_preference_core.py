@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import move_lora_b
+from .conftest import move_lora_b, tiny_variant
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -40,7 +40,7 @@ def make_trainer(cls, rows, tmp_path, perturb=True, **kwargs):
     from pipeline.models import prepare_tiny
 
     path = prepare_tiny()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = kwargs.pop("model", None) or AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     settings = {
         "per_device_train_batch_size": len(rows),
         "max_length": kwargs.pop("max_length", 48),
@@ -292,6 +292,47 @@ def test_unsupported_settings_run_trls_own_path(tmp_path, tiny_model_path):
     metrics = make_trainer(FastDPOTrainer, PLAIN, tmp_path / "m", compute_metrics=lambda p: {}, ref_cache_dir=tmp_path / "c")
     assert not metrics.fast and "compute_metrics" in metrics.fast_off_reason
     assert "pair_mask" not in metrics.data_collator([metrics.train_dataset[0]])
+    # logits the model changes after the head (the core's log-softmax is of the head's own product) and
+    # attention the packed pieces do not apply (a sliding window shorter than max_length, 48 here)
+    for kind, fields, why in VARIANTS_THE_CORE_LEAVES:
+        other = make_trainer(
+            FastDPOTrainer, PLAIN, tmp_path / kind, model=tiny_variant(kind, **fields), ref_cache_dir=tmp_path / "c"
+        )
+        assert not other.fast and why in other.fast_off_reason, (kind, other.fast_off_reason)
+        assert "pair_mask" not in other.data_collator([other.train_dataset[0]])
+
+
+#: tiny models of other families the packed core sends to TRL's path, and why (the reason's words)
+VARIANTS_THE_CORE_LEAVES = [
+    ("gemma2", {}, "final_logit_softcapping"),
+    ("granite", {"logits_scaling": 8.0}, "logits_scaling"),
+    ("mistral", {"sliding_window": 16}, "sliding-window attention"),
+]
+
+
+def test_a_window_no_sequence_reaches_keeps_the_core_and_equals_trl(tmp_path, tiny_model_path):
+    """A sliding window of max_length tokens or more never hides a key (no token is that far from
+    another): the core stays on for such a model and its loss and gradients equal TRL's."""
+    from trl import DPOTrainer
+
+    from trainers.fastpref.trainer import FastDPOTrainer
+
+    trl = make_trainer(DPOTrainer, PLAIN, tmp_path / "trl", model=tiny_variant("mistral", sliding_window=24), max_length=24)
+    fast = make_trainer(
+        FastDPOTrainer,
+        PLAIN,
+        tmp_path / "fast",
+        model=tiny_variant("mistral", sliding_window=24),
+        max_length=24,
+        ref_cache_dir=tmp_path / "cache",
+    )
+    assert fast.fast, fast.fast_off_reason
+    trl_loss, trl_grads = loss_and_grads(trl, trl.data_collator([trl.train_dataset[i] for i in range(len(PLAIN))]))
+    fast_loss, fast_grads = loss_and_grads(fast, fast.data_collator([fast.train_dataset[i] for i in range(len(PLAIN))]))
+    assert abs(trl_loss.item() - 0.6931) > 1e-3
+    assert fast_loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
+    for name, grad in trl_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_checkpointing_probe_picks_the_faster_setting_once_per_host_and_shape(tmp_path):

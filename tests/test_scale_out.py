@@ -61,6 +61,17 @@ def test_single_worker_settings_add_nothing_new(tmp_path):
     assert TrainSettings().num_workers == 1 and TrainSettings().use_gpu is None
 
 
+def test_warmup_ratio_is_a_share_of_the_steps_up_to_all_of_them(tmp_path):
+    """transformers reads a `warmup_steps` of 1 or more as a step count: a warmup_ratio of 1.0 still
+    warms up over every step, not one."""
+    from transformers import TrainingArguments
+
+    for ratio, steps in ((0.0, 0), (0.1, 2), (0.5, 10), (1.0, 20)):
+        kwargs = TrainSettings(warmup_ratio=ratio).trainer_kwargs(_ctx(tmp_path))
+        args = TrainingArguments(output_dir=str(tmp_path), report_to="none", warmup_steps=kwargs["warmup_steps"])
+        assert args.get_warmup_steps(20) == steps, ratio
+
+
 def test_strategy_and_optimizer_switches(tmp_path):
     ctx = _ctx(tmp_path)
     fsdp = TrainSettings(num_workers=2, distributed={"strategy": "fsdp", "fsdp_config": {"version": 2}}).trainer_kwargs(ctx)

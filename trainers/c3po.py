@@ -292,9 +292,11 @@ class C3POTrainer(FeedbackTrainer, Trainer):
         device (DDP and DataParallel wrap the model's forward), a causal LM whose scores come from
         the body's hidden states, SDPA attention without attention dropout (eager attention, or SDPA
         with dropout, would score each packed row's whole [L, L] square), and (KL regulariser) a frozen
-        head. Anything else takes the padded batch. Decided once, when the trainer is built: set
-        `full_forward` before that (a packed batch with `full_forward` on is an error)."""
-        from .fastpref.logps import unwrap_peft
+        head. Anything else takes the padded batch, among it a model with a sliding attention window
+        (the packed pieces attend over the whole causal context; fastpref.logps.attention_window).
+        Decided once, when the trainer is built: set `full_forward` before that (a packed batch with
+        `full_forward` on is an error)."""
+        from .fastpref.logps import attention_window, unwrap_peft
 
         config = unwrap_peft(model).config
         attention = getattr(config, "_attn_implementation", None) or "sdpa"
@@ -305,6 +307,7 @@ class C3POTrainer(FeedbackTrainer, Trainer):
             and projects_hidden_states(model)
             and attention == "sdpa"
             and not getattr(config, "attention_dropout", 0.0)
+            and attention_window(model) is None
             and not (self.method.regularizer == "kl" and head_trains(model))
         )
 

@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 
 #: what the collator passes that is not the body's input
 _NOT_BODY_INPUTS = ("labels", "shift_labels", "num_items_in_batch", "use_cache")
-#: config fields that change the head's logits beyond `hidden @ weight.T` (TRL's fused head reads them too)
-_LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
 class FastSFTTrainer(SFTTrainer):
@@ -61,8 +59,6 @@ class FastSFTTrainer(SFTTrainer):
     def _unsupported(self) -> str | None:
         model = self.accelerator.unwrap_model(self.model)
         base = unwrap_peft(model)
-        config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-        scaled = [f for f in _LOGIT_CHANGES if getattr(config, f, None) not in (None, 1.0)]
         parallel = getattr(self.accelerator, "parallelism_config", None)
         checks = {
             # the device training runs on (DeepSpeed and FSDP place the model later, and shard the head)
@@ -76,8 +72,9 @@ class FastSFTTrainer(SFTTrainer):
             "context or sequence parallelism": bool(
                 getattr(parallel, "cp_enabled", False) or getattr(parallel, "sp_enabled", False)
             ),
-            f"logits changed by {', '.join(scaled)}": bool(scaled),
         }
+        # first_unsupported adds what every chunked head needs of the model, logits the head's own
+        # product among it (soft-capping, a logit scale: fastpref.logps.logit_changes)
         return first_unsupported(checks, model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

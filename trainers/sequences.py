@@ -133,16 +133,14 @@ def projects_hidden_states(model) -> bool:
     True for a (PEFT-wrapped) transformers causal LM whose logits are the head applied to the last
     hidden states. False for a wrapper whose own forward must run (DDP, FSDP: gradient
     synchronisation hooks on it), for models that transform the logits after the head
-    (soft-capping, a logit scale), and for an adapter on the LM head or a prompt-learning adapter
-    (fastpref.logps.body_then_head): those take the full forward."""
-    from .fastpref.logps import body_then_head, unwrap_peft
+    (soft-capping, a logit scale or divisor, a logit multiplier: fastpref.logps.logit_changes), and
+    for an adapter on the LM head or a prompt-learning adapter (fastpref.logps.body_then_head):
+    those take the full forward."""
+    from .fastpref.logps import body_then_head
 
     if not (hasattr(model, "get_base_model") or hasattr(model, "base_model_prefix")):
         return False
-    if body_then_head(model) is not None:
-        return False
-    config = unwrap_peft(model).config
-    return getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) in (None, 1, 1.0)
+    return body_then_head(model) is None
 
 
 @dataclass
@@ -168,7 +166,10 @@ def right_padded(attention_mask: torch.Tensor) -> bool:
     exactly what the padding mask gives it (a real token never looks right, at the padding), and
     SDPA without a mask runs its causal kernel, which skips the blocks above the diagonal instead
     of scoring the full [length, length] square; the padding positions' own states change, and
-    nothing reads them."""
+    nothing reads them. Only a [B, T] padding mask qualifies: a 4D [B, 1, T, T] mask (CoH's
+    forgetful causal mask) hides keys causal attention would show, so it must reach the model."""
+    if attention_mask.dim() != 2:
+        return False
     keep = attention_mask.bool()
     return bool((keep[:, 1:] <= keep[:, :-1]).all())
 

@@ -232,11 +232,47 @@ def unwrap_peft(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+#: config fields (of the model's text config) with which a model changes its logits after the head:
+#: Gemma-2/3's tanh soft-capping (`final_logit_softcapping`), Cohere's `logit_scale`, Granite's
+#: `logits_scaling` (a divisor), Falcon-H1's `lm_head_multiplier`, `output_multiplier`
+LOGIT_SCALES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+
+
+def _configs(model: Any) -> list[Any]:
+    """The model's config and, where it has one apart, its text config (multimodal models keep the
+    language model's fields there)."""
+    config = getattr(unwrap_peft(model), "config", None)
+    if config is None:
+        return []
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [config] if text is config else [config, text]
+
+
+def logit_changes(model: Any) -> list[str]:
+    """The config fields with which `model` changes its logits after `hidden @ head.weight.T` (soft-
+    capping, a scale or divisor, a cut to an unpadded vocabulary); empty when it does not. Why: a core
+    that takes the log-softmax of the head's own product would score such a model's raw logits, and
+    its loss, gradients and cached reference would differ from the model's (TRL's) with no error."""
+    found: list[str] = []
+    for config in _configs(model):
+        if getattr(config, "final_logit_softcapping", None) is not None:
+            found.append("final_logit_softcapping")
+        found += [f for f in LOGIT_SCALES if getattr(config, f, None) not in (None, 1, 1.0)]
+        unpadded = getattr(config, "unpadded_vocab_size", None)
+        if unpadded is not None and unpadded < (getattr(config, "vocab_size", None) or unpadded + 1):
+            found.append("unpadded_vocab_size")
+    return list(dict.fromkeys(found))
+
+
 def body_then_head(model: Any) -> str | None:
     """None when the model's logits are its body's last hidden states times the head's own
     `weight` (what projecting only some positions relies on); otherwise why not: an adapter on
     the LM head (PEFT wraps it, and `weight` is then the base layer's, without the adapter's
-    change) or a prompt-learning adapter (virtual tokens the bare body would not see)."""
+    change), a prompt-learning adapter (virtual tokens the bare body would not see), or logits the
+    model changes after the head (`logit_changes`: soft-capping, a logit scale)."""
+    changes = logit_changes(model)
+    if changes:
+        return f"logits changed after the head by {', '.join(changes)}"
     base = unwrap_peft(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if head is not None and hasattr(head, "base_layer"):
@@ -246,6 +282,27 @@ def body_then_head(model: Any) -> str | None:
     config = configs.get(active) if isinstance(active, str) else None
     if config is not None and getattr(config, "is_prompt_learning", False):
         return "a prompt-learning adapter"
+    return None
+
+
+def attention_window(model: Any, max_length: int | None = None) -> str | None:
+    """None when every attention layer of `model` attends over the whole causal context, the only
+    attention the packed core's pieces (attention.py) and its 4D mask (packing.py) compute; otherwise
+    why not. A sliding window (Mistral, Phi-3, Gemma-2/3, gpt-oss, Qwen2 with `use_sliding_window`)
+    counts only where a sequence can be longer than it: with `max_length` <= the window no token is
+    ever `window` or more positions from one it attends to, and full causal attention is exact.
+    Chunked attention (Llama 4) and layers that are not attention (linear attention, state-space
+    layers, which would carry a state from one packed unit into the next) always count."""
+    for config in _configs(model):
+        kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+        if kinds:
+            return f"layers of type {', '.join(sorted(map(str, kinds)))}"
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) is not False:
+            if max_length is None:
+                return f"sliding-window attention (window {window}, no max_length)"
+            if max_length > window:
+                return f"sliding-window attention (window {window} < max_length {max_length})"
     return None
 
 

@@ -22,7 +22,7 @@ import torch
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from .logps import first_unsupported, packed_logps, unwrap_peft
+from .logps import attention_window, first_unsupported, packed_logps, unwrap_peft
 from .packing import Unit, pack, truncate
 from .ref_cache import RefLogpCache, base_model_identity, cache_key, data_fingerprint, reference_adapter_identity
 
@@ -135,9 +135,14 @@ class PackedReference:
         return truncate(example[prompt], example[first], example.get(second, []), self.args.max_length)
 
     def _common_unsupported(self, checks: dict[str, bool]) -> str | None:
-        """The first of `checks` (why: is unsupported) that holds, then what every packed trainer needs."""
+        """The first of `checks` (why: is unsupported) that holds, then what every packed trainer needs:
+        among them attention over the whole causal context within `max_length` (the packed pieces apply
+        no sliding window: logps.attention_window) and logits that are the head's product
+        (logps.body_then_head: no soft-capping or logit scale, which the chunked log-softmax would skip)."""
         from datasets import Dataset
 
+        model = self.accelerator.unwrap_model(self.model)
+        window = attention_window(model, self.args.max_length)
         checks = {
             **checks,
             "vision data": self._is_vision_dataset,  # type: ignore[attr-defined]
@@ -148,8 +153,9 @@ class PackedReference:
             # TRL's evaluation hands compute_metrics the full [rows, length, vocab] logits of its padded
             # batches; the core neither builds them nor pads its batches that way
             "a compute_metrics (it reads TRL's full logits)": getattr(self, "compute_metrics", None) is not None,
+            str(window): window is not None,
         }
-        return first_unsupported(checks, self.accelerator.unwrap_model(self.model))
+        return first_unsupported(checks, model)
 
     def _attn_implementation(self) -> str:
         base = unwrap_peft(self.accelerator.unwrap_model(self.model))
