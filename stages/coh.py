@@ -27,6 +27,7 @@ class CohConfig(CoHConfig, TrainSettings):
 
 class CohStage(TrainerStage):
     uses = "coh"
+    version = "2"  # 2: forgetful causal masking (fcm_max_ratio > 0) reaches the model; it was silently off on the default path
     summary = "Chain of Hindsight: replies in feedback-phrase chains, loss on replies only (LoRA)."
     Config = CohConfig
     inputs = {
