@@ -245,6 +245,14 @@ def expand(
     if select_by not in FLAT_ORDER and select_by not in DERIVED and not select_by.startswith("reward/"):
         known = ", ".join([*FLAT_ORDER, *DERIVED])
         raise problem("select_by", f"unknown metric '{select_by}': one of {known} or reward/<kind>")
+    from pipeline.evaluation.summary import NEUTRAL
+
+    if select_by in NEUTRAL | {"rounds"}:
+        # length has no better direction (the report reads it as "closer to the base"), and rounds are
+        # averaged over the satisfied users only: a point that satisfies one user in one round would beat
+        # one that satisfies every user in two
+        why = "has no better direction" if select_by in NEUTRAL else "counts only the users it satisfied"
+        raise problem("select_by", f"'{select_by}' {why}: select by a rate (satisfied, adherence, ...) instead")
     fill: dict[str, str | None] = {}  # None only when some stage has no name (None is then in `names`)
     validation_inputs: dict[str, str] = {}
     added: list[dict[str, Any]] = []

@@ -115,6 +115,7 @@ class EvaluateStage(Stage):
         trackers = cfg.trackers()  # a tracker that is not installed fails before any work
         prompts_path, adapter = ctx.input("prompts"), ctx.input("adapter")
         prompts = load_rows(prompts_path, required=["prompt"], what="evaluation prompts") if prompts_path else []
+        metrics.check_scopes(prompts, prompts_path)
         feedback, metric = metrics.feedback_and_metric(prompts, cfg.feedback, cfg.metric, prompts_path)
         memory_path = ctx.input("memory")
         remembered = cond.load_memory(memory_path) if memory_path is not None else None

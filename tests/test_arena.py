@@ -357,6 +357,11 @@ def test_grid_and_variants_expand(tmp_path):
         expand({**data, "arena": {**data["arena"], "grid": {"dpo": {"no_such": [1]}}}})
     with pytest.raises(ConfigError, match=r"arena.select_by: unknown metric 'adherance'"):
         expand({**data, "arena": {**data["arena"], "select_by": "adherance"}})
+    # no better direction (the longest replies would win), or a mean over the satisfied users only
+    with pytest.raises(ConfigError, match=r"arena.select_by: 'length' has no better direction"):
+        expand({**data, "arena": {**data["arena"], "select_by": "length"}})
+    with pytest.raises(ConfigError, match=r"arena.select_by: 'rounds' counts only the users it satisfied"):
+        expand({**data, "arena": {**data["arena"], "select_by": "rounds"}})
     with pytest.raises(ConfigError, match="a method's own name"):
         expand({**data, "arena": {**data["arena"], "variants": {"kto": {"method": "dpo"}}}})
     with pytest.raises(ConfigError, match="the simulate stage 'data' to name its `conversations`"):

@@ -896,3 +896,15 @@ def test_need_outcomes_key_every_copy_before_dropping_unjudged_first_replies():
     out = need_outcomes([transcript("a", None, False), transcript("b", False, True), transcript("a", True, True)])
     assert out["satisfied"] == {"a": False, "b": True, "a#2": True}
     assert out["first_reply_satisfied"] == {"b": False, "a#2": True}
+
+
+def test_a_misspelt_scope_is_an_error_not_a_silently_unscoped_prompt(tmp_path, tiny_model_path):
+    """'in-scope' is none of the three scopes: kept, the row would count only toward degeneration,
+    and adherence would be measured without it (or, every row misspelt, not at all)."""
+    prompts = tmp_path / "held_out.jsonl"
+    rows = [{"prompt": p, "scope": s, "feedback": FEEDBACK, "metric": json.dumps(METRIC)} for p, s in SCOPED]
+    rows[1]["scope"] = "in-scope"
+    write_jsonl(rows, prompts)
+    result = run_evaluate(tmp_path, {"prompts": str(prompts)}, {"drift": False})
+    assert not result.ok and "row 2: field 'scope': 'in-scope' is none of in_scope" in result.records[0].error
+    assert not (result.run_dir / "check" / "summary").exists()

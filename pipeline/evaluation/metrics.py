@@ -37,6 +37,22 @@ Scores = dict[str, dict[str, dict[str, float]]]
 V = TypeVar("V")
 
 
+def check_scopes(prompts: list[dict[str, Any]], path: Any) -> None:
+    """Refuse a held-out prompt whose `scope` is set but none of in_scope, near_scope, out_of_scope
+    ("general": the rows no scope applies to). Why: such a row counts only toward degeneration and
+    reward, so a misspelt scope ("in-scope", "near") would silently leave adherence and firing
+    without its prompts, or without any."""
+    from pipeline.errors import DataError
+    from trainers.feedback_eval import SCOPES
+
+    for i, row in enumerate(prompts, 1):
+        scope = row.get("scope")
+        if scope not in (None, "", "general", *SCOPES):
+            raise DataError(
+                f"{path}: row {i}: field 'scope': {scope!r} is none of {', '.join(SCOPES)} (leave it out for an unscoped prompt)"
+            )
+
+
 def feedback_and_metric(
     prompts: Rows, feedback: str | None, metric: MetricSpec | None, path: Path | None
 ) -> tuple[str | None, MetricSpec | None]:
