@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import registry
 from .errors import ConfigError, Problem
-from .models import check_model_name
+from .models import ALIASES, check_model_name
 from .paths import resolve_data_ref
 from .stage import Stage, StageConfig
 from .yaml_source import KeyPath, YamlSource
@@ -119,11 +119,21 @@ class Pipeline:
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """`stages.align.with.max_steps=2` or `model=tiny`: stage lists are addressed by name."""
+    """`stages.align.with.max_steps=2` or `model=tiny`: stage lists are addressed by name.
+
+    VALUE is read as YAML (`3` is an int, `[a, b]` a list). A value YAML cannot read, or a
+    dotted key through a value that is not a mapping (`model.x=1` where `model` is a name),
+    is a ConfigError naming the `--set` argument rather than a YAML or Python traceback.
+    """
     if "=" not in assignment:
         raise ConfigError([Problem("--set", None, assignment, "expected KEY=VALUE")])
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        hint = f"""for text, quote it for YAML too: --set '{key}="..."'"""
+        raise ConfigError([Problem("--set", None, assignment, f"the value is not valid YAML ({reason}); {hint}")]) from None
     parts = key.split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
@@ -134,6 +144,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             node = match[0]
         else:
             node = node.setdefault(part, {} if parts[i + 1] != "stages" else [])
+        if not isinstance(node, (dict, list)):
+            at = ".".join(parts[: i + 1])
+            raise ConfigError([Problem("--set", None, assignment, f"'{at}' is {node!r}, not a mapping: cannot set '{key}'")])
     if isinstance(node, list):
         raise ConfigError([Problem("--set", None, key, "cannot assign a whole stage")])
     node[parts[-1]] = value
@@ -202,7 +215,7 @@ def build_pipeline(source: YamlSource, base_dir: Path, overrides: list[str], pat
         except ValidationError as exc:
             problems.extend(_pydantic_problems(source, at + ("with",), exc, cls.Config))
             stage_config = None
-        model = spec.model or config.model
+        model = _local_model(spec.model or config.model, base_dir)
         if spec.model is not None and (msg := check_model_name(spec.model, base_dir)) is not None:
             problems.append(source.problem(at + ("model",), msg))
         inputs = _resolve_inputs(source, at, spec, cls, classes, seen, base_dir, problems)
@@ -270,6 +283,20 @@ def _resolve_inputs(
                 )
             )
     return refs
+
+
+def _local_model(name: str, base_dir: Path) -> str:
+    """A relative `model:` folder as an absolute path, against the config file's folder.
+
+    `check_model_name` looks for it there; the stage would otherwise resolve the raw string
+    from the working directory (`resolve_model`), so `model: ../ckpt` in configs/x.yaml run
+    from the repo root would pass validation and then load another folder, or none. Aliases,
+    hub ids and absolute paths are left as written.
+    """
+    path = Path(name).expanduser()
+    if name in ALIASES or path.is_absolute() or not (base_dir / path).is_dir():
+        return name
+    return str((base_dir / path).resolve())
 
 
 def _parse_ref(raw: str, stage_names: set[str], base_dir: Path) -> InputRef:

@@ -149,22 +149,52 @@ def load_rows(
 def save_rows(rows: list[dict[str, Any]], path: Path, empty_like: dict[str, Any] | None = None) -> None:
     """Save as an HF dataset folder, atomically (temp folder + rename).
 
+    The columns are every row's keys, in first-seen order; a row without one gets None
+    there (what Arrow stores for a missing value). `Dataset.from_list` would take the first
+    row's keys only and silently drop a column that row lacks (e.g. `persona` or `keywords`
+    set on some needs only). A column whose values Arrow cannot hold together (text in one
+    row, a list in another) is a DataError naming the column, not a pyarrow traceback.
+
     An empty result keeps the columns of `empty_like` (one example row); without one it has
     a single `id` column.
     """
+    import pyarrow as pa  # type: ignore[import-untyped]  # datasets' own storage
     from datasets import Dataset
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if rows:
-        Dataset.from_list(rows).save_to_disk(str(tmp))
+        columns = {key: [row.get(key) for row in rows] for key in dict.fromkeys(k for row in rows for k in row)}
+        try:
+            dataset = Dataset.from_dict(columns)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise DataError(_mixed_column(path, columns, exc)) from None
+        dataset.save_to_disk(str(tmp))
     else:  # an empty dataset needs a schema and a single shard to load back
         empty = Dataset.from_list([empty_like or {"id": ""}]).select([]).flatten_indices()
         empty.save_to_disk(str(tmp), num_shards=1)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def _mixed_column(path: Path, columns: dict[str, list[Any]], exc: Exception) -> str:
+    """Which column Arrow refused (tried one at a time: the error path only) and, when the
+    values' JSON types differ, the first row whose type is not the first value's."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    for key, values in columns.items():
+        try:
+            Dataset.from_dict({key: values})
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            typed = ((i, _json_type(v)) for i, v in enumerate(values) if v is not None)
+            first = next(typed)
+            other = next((t for t in typed if t[1] != first[1]), None)
+            detail = f": row {first[0]} has {first[1]}, row {other[0]} has {other[1]}" if other else f" ({exc})"
+            return f"{path}: cannot save column '{key}': its values mix types a dataset column cannot hold{detail}"
+    return f"{path}: cannot save the rows as a dataset: {exc}"
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> None:

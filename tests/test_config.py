@@ -120,3 +120,48 @@ def test_set_override_reaches_stage_config(tmp_path):
     path.write_text(GOOD)
     pipeline = load_pipeline(path, ["stages.align.with.beta=0.5", "model=tiny"])
     assert pipeline.stage("align").config.beta == 0.5
+
+
+@pytest.mark.parametrize(
+    ("assignment", "expected"),
+    [
+        ("stages.align.with.beta=a: b: c", "--set: stages.align.with.beta=a: b: c: the value is not valid YAML"),
+        ("model.x=1", "--set: model.x=1: 'model' is 'tiny', not a mapping"),
+        ("stages.align.with.beta.x.y=1", "--set: stages.align.with.beta.x.y=1: 'stages.align.with.beta' is 0.1, not a mapping"),
+    ],
+)
+def test_bad_set_is_a_config_error_naming_the_argument(tmp_path, assignment, expected):
+    path = tmp_path / "p.yaml"
+    path.write_text(GOOD)
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path, [assignment])
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_set_values_keep_their_yaml_types(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(GOOD)
+    pipeline = load_pipeline(path, ["seed=3", "stages.sample.with.num_samples=7"])
+    assert pipeline.config.seed == 3 and pipeline.stage("sample").config.num_samples == 7
+
+
+def test_relative_model_folder_resolves_against_the_config_folder(tmp_path, monkeypatch):
+    """configs/x.yaml with `model: ../ckpt`, run from elsewhere: the stage gets the folder that was checked."""
+    from pipeline.models import resolve_model
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt2").mkdir()
+    (tmp_path / "configs").mkdir()
+    path = tmp_path / "configs" / "x.yaml"
+    path.write_text(
+        GOOD.replace("model: tiny", "model: ../ckpt").replace(
+            "    uses: make_pairs\n", "    uses: make_pairs\n    model: ../ckpt2\n"
+        )
+    )
+    monkeypatch.chdir(tmp_path)  # where ../ckpt is not the checkpoint
+    pipeline = load_pipeline("configs/x.yaml")
+    assert pipeline.stage("sample").model == str(tmp_path / "ckpt")
+    assert resolve_model(pipeline.stage("sample").model) == str(tmp_path / "ckpt")
+    assert pipeline.stage("pairs").model == str(tmp_path / "ckpt2")
+    assert pipeline.config.model == "../ckpt"  # the config as written (the run record) is unchanged
+    assert load_pipeline("configs/x.yaml", ["model=tiny"]).stage("sample").model == "tiny"

@@ -65,7 +65,10 @@ def load_users(
     else:
         users = []
         for i, row in enumerate(rows):
-            request = row.get(request_field, row.get("request"))
+            # a dataset column a row has no value in reads as None: fall back then too
+            request = row.get(request_field)
+            if request is None:
+                request = row.get("request")
             need = row.get(need_field)
             if need is None or request is None:
                 missing = need_field if need is None else request_field
