@@ -127,6 +127,14 @@ def load_rows(
     that kind's schema (pipeline/record_schemas.py) and an empty file is an error, with the
     same file:line:field messages as `heedful validate`.
     """
+    return [row for _, row in load_located_rows(path, required, what, kind, **field_names)]
+
+
+def load_located_rows(
+    path: Path, required: Iterable[str] = (), what: str = "records", kind: str | None = None, **field_names: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """`load_rows` with each row's place (`file:line`, `folder row i`, as `iter_rows` names it),
+    for a stage that checks rows itself and must say which one is wrong."""
     path = Path(path)
     required = list(required)
     if not path.exists():
@@ -142,7 +150,7 @@ def load_rows(
         for field in required:
             if field not in row or row[field] is None:
                 raise DataError(f"{where}: field '{field}' is missing (required for {what})")
-        rows.append(row)
+        rows.append((where, row))
     return rows
 
 

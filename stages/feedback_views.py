@@ -46,12 +46,13 @@ class FeedbackViewsStage(Stage):
     }
 
     def run(self):
-        from pipeline.records import load_rows, save_rows
+        from pipeline.records import load_located_rows, save_rows
 
         cfg: FeedbackViewsConfig = self.config
         path = self.ctx.input("data")
-        rows = load_rows(path, required=["scope", "prompt", "baseline"], what="c3po data")
-        views = build_views(rows, cfg, str(path))
+        located = load_located_rows(path, required=["scope", "prompt", "baseline"], what="c3po data")
+        rows = [row for _, row in located]
+        views = build_views(rows, cfg, str(path), [where for where, _ in located])
         for name, items in views.items():
             save_rows(items, self.ctx.output(name))
         kept = sum(r["scope"] == "in_scope" for r in rows) - len(views["preferences"])
@@ -59,8 +60,14 @@ class FeedbackViewsStage(Stage):
         return {**{k: len(v) for k, v in views.items()}, "in_scope_left_out": kept}
 
 
-def build_views(rows: list[dict], cfg: FeedbackViewsConfig, where: str = "c3po data") -> dict[str, list[dict]]:
-    """The three views of `rows` (see the module docstring)."""
+def build_views(
+    rows: list[dict], cfg: FeedbackViewsConfig, where: str = "c3po data", places: list[str] | None = None
+) -> dict[str, list[dict]]:
+    """The three views of `rows` (see the module docstring). A bad row is a DataError naming it:
+    `places[i]` (`file:line` as `load_located_rows` gives it), else `<where> row <n>` from 1."""
+    from pipeline.errors import DataError
+
+    place = places or [f"{where} row {i + 1}" for i in range(len(rows))]
     prefs, judgments, unpaired = [], [], []
     for i, row in enumerate(rows):
         if cfg.finished_only and not learned_reply_finished(row):
@@ -70,9 +77,9 @@ def build_views(rows: list[dict], cfg: FeedbackViewsConfig, where: str = "c3po d
         if scope == "in_scope":
             revised = str(row.get("revised") or "")
             if not revised:
-                raise ValueError(f"{where} row {i}: in-scope row has no 'revised' reply")
+                raise DataError(f"{place[i]}: in-scope row has no 'revised' reply")
             if not feedback:
-                raise ValueError(f"{where} row {i}: field 'feedback' is missing (c3po_data writes it)")
+                raise DataError(f"{place[i]}: field 'feedback' is missing (c3po_data writes it)")
             prefs.append({"prompt": prompt, "chosen": revised, "rejected": baseline})
             judgments.append({"instruction": prompt, "response": baseline, "judgment": feedback, "positive": False})
             judgments.append(
@@ -88,7 +95,7 @@ def build_views(rows: list[dict], cfg: FeedbackViewsConfig, where: str = "c3po d
         elif cfg.other_scopes:
             unpaired.append({"prompt": prompt, "completion": baseline, "label": True})
     if not prefs:
-        raise ValueError(
+        raise DataError(
             f"{where}: no in-scope row left: every baseline or revision was cut off at the sampling limit "
             f"(raise c3po_data's baseline_sampling.max_new_tokens, set its trim_cut_off: true, or set finished_only: false)"
         )

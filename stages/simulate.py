@@ -42,7 +42,10 @@ class SimulateConfig(StageConfig, ProtocolSettings):
     )
     max_conversations: int | None = Field(default=None, ge=1)
     batch_size: int = Field(
-        default=16, ge=1, description="conversations per generate() call on HF (on CTranslate2 the policy takes a round at once)"
+        default=16,
+        ge=1,
+        description="conversations per generate() call on HF (on CTranslate2 the policy takes a round at once); "
+        "each call is seeded, so sampled turns depend on it (part of the fingerprint)",
     )
     device: str | None = None
     engine: EngineSetting = "auto"  # what writes the policy's replies (hf or ct2; the simulator has its own)
@@ -57,7 +60,9 @@ class SimulateConfig(StageConfig, ProtocolSettings):
 
 class SimulateStage(Stage):
     uses = "simulate"
-    version = f"3+{PROMPT_VERSION}"  # a prompt change reruns the stage; 3: a CoH adapter answers after its phrase
+    # a prompt change reruns the stage; 3: a CoH adapter answers after its phrase; 4: batch_size is fingerprinted
+    # (a run made before with a non-default batch_size, whose fingerprint left it out, is not taken for a default one)
+    version = f"4+{PROMPT_VERSION}"
     summary = "ConvSim simulated users: clarifying answers, feedback, revisions -> feedback records."
     Config = SimulateConfig
     inputs = {
@@ -75,7 +80,9 @@ class SimulateStage(Stage):
         "preferences": Output("preferences", doc="revised reply chosen over the reply that drew negative feedback"),
     }
     default_num_cpus = float("inf")
-    non_semantic_fields = frozenset({"batch_size", "device", "engine", "cache", "cache_path"})
+    # batch_size is semantic, as generate's: HF generate seeds each batch (seed + b), and so does the simulator's
+    # client on either engine, so sampled turns change with it (only the policy on CTranslate2 ignores it)
+    non_semantic_fields = frozenset({"device", "engine", "cache", "cache_path"})
 
     @classmethod
     def report_section(cls, run_root, manifests):

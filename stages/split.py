@@ -1,8 +1,14 @@
 """split: rows (prompts, information needs) into a training part and a held-out part.
 
 Held-out rows never train: the evaluate stage measures on them what the training did for
-requests it has not seen. Rows with a `split` column (train / eval / held_out) keep it; the
-others are split at random, seeded, `held_out_fraction` of them held out.
+requests it has not seen. So the unit of the split is the *prompt*, not the row: rows whose
+request has the same last user turn (`pipeline.chat.last_user_text`, the key the reward models
+split by: a repeated question, ClariQ's facets of one `initial_request`) form a group, and a
+group lands whole on one side -- else one copy would be trained on and the other measured as
+unseen. Rows with a `split` column (train / eval / held_out / test) keep it and pull the rest
+of their group to their side (a group marked for both sides is an error naming its rows); the
+other groups are split at random, seeded, holding out as close to `held_out_fraction` of their
+rows as whole groups allow.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ from pydantic import Field
 from pipeline.stage import Input, Output, Stage, StageConfig
 
 HELD_OUT_NAMES = ("eval", "held_out", "test")
+#: the row fields holding the user's request, looked for in this order: a prompt row's, a need
+#: row's alternative (`feedback.simulator.needs.load_users` reads `request` too), ClariQ's
+REQUEST_FIELDS = ("prompt", "request", "initial_request")
 
 
 class SplitConfig(StageConfig):
@@ -21,7 +30,8 @@ class SplitConfig(StageConfig):
 
 class SplitStage(Stage):
     uses = "split"
-    summary = "Rows into train and held-out parts (seeded, or by their `split` column)."
+    version = "2"  # 2: rows with the same prompt stay on one side (no held-out leak); explicit splits pull their group
+    summary = "Rows into train and held-out parts (seeded, or by their `split` column); one prompt's rows stay together."
     Config = SplitConfig
     inputs = {"rows": Input(("prompts", "needs"), doc="any rows: prompts or information needs")}
     outputs = {
@@ -30,39 +40,91 @@ class SplitStage(Stage):
     }
 
     def run(self):
-        from pipeline.records import load_rows, save_rows
+        from pipeline.records import load_located_rows, save_rows
 
         path = self.ctx.input("rows")
-        rows = load_rows(path, what="rows to split")
-        train, held_out = split_rows(rows, self.config, self.ctx.seed, str(path))
+        located = load_located_rows(path, what="rows to split")
+        rows = [row for _, row in located]
+        train, held_out = split_rows(rows, self.config, self.ctx.seed, str(path), [where for where, _ in located])
         save_rows(train, self.ctx.output("train"))
         save_rows(held_out, self.ctx.output("held_out"))
         self.ctx.log.info("%d rows: %d train, %d held out", len(rows), len(train), len(held_out))
         return {"train": len(train), "held_out": len(held_out)}
 
 
-def split_rows(rows: list[dict], cfg: SplitConfig, seed: int, where: str = "rows") -> tuple[list[dict], list[dict]]:
+def group_key(row: dict, i: int) -> str:
+    """The prompt that groups `row` with its copies: its request's last user turn, whitespace
+    trimmed; a row without a request field is a group of its own (`i`: its index)."""
+    from pipeline.chat import last_user_text
+
+    for field in REQUEST_FIELDS:
+        value = row.get(field)
+        if value not in (None, "", []):
+            return last_user_text(value).strip()
+    return f"\0row {i}"  # no request's text starts with NUL
+
+
+def split_rows(
+    rows: list[dict], cfg: SplitConfig, seed: int, where: str = "rows", places: list[str] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """(train, held_out), each in input order, every group of rows with the same prompt
+    (`group_key`) on one side. `places` names each row in messages (`file:line` as
+    `load_located_rows` gives it); without it a row is `<where> row <n>`, counted from 1."""
     import random
 
-    train, held_out, free = [], [], []
-    for i, row in enumerate(rows):
+    from pipeline.errors import DataError
+
+    place = places or [f"{where} row {i + 1}" for i in range(len(rows))]
+    keys = [group_key(row, i) for i, row in enumerate(rows)]
+    groups: dict[str, list[int]] = {}
+    marked: dict[str, dict[str, list[int]]] = {}  # group -> the side its `split` column names -> those rows
+    for i, (key, row) in enumerate(zip(keys, rows)):
+        groups.setdefault(key, []).append(i)
         split = row.get("split")
         if split in (None, ""):
-            free.append(row)
-        elif split == "train":
-            train.append(row)
-        elif split in HELD_OUT_NAMES:
-            held_out.append(row)
-        else:
-            raise ValueError(f"{where} row {i}: field 'split': {split!r} is not train or one of {', '.join(HELD_OUT_NAMES)}")
+            continue
+        if split != "train" and split not in HELD_OUT_NAMES:
+            raise DataError(f"{place[i]}: field 'split': {split!r} is not train or one of {', '.join(HELD_OUT_NAMES)}")
+        marked.setdefault(key, {}).setdefault("train" if split == "train" else "held_out", []).append(i)
+    for key, sides in marked.items():
+        if len(sides) > 1:
+            raise DataError(
+                f"{where}: rows with the same prompt {key[:80]!r} are marked for both sides: train at "
+                f"{', '.join(place[i] for i in sides['train'])}; held out at {', '.join(place[i] for i in sides['held_out'])}. "
+                "A held-out prompt must never be trained on: give its rows one split"
+            )
+    held_keys = {key for key, sides in marked.items() if "held_out" in sides}
+    has_train = any("train" in sides for sides in marked.values())
+    free = [key for key in groups if key not in marked]
+    free_rows = sum(len(groups[key]) for key in free)
+    n = max(cfg.min_held_out, round(free_rows * cfg.held_out_fraction)) if free else 0
+    if free and n >= free_rows and not has_train:
+        raise DataError(f"{where}: {free_rows} rows cannot be split with {n} held out and some left to train on")
     order = list(range(len(free)))
     random.Random(seed).shuffle(order)
-    n = max(cfg.min_held_out, round(len(free) * cfg.held_out_fraction)) if free else 0
-    if free and n >= len(free) and not train:
-        raise ValueError(f"{where}: {len(free)} rows cannot be split with {n} held out and some left to train on")
-    picked = set(order[:n])
-    held_out += [row for k, row in enumerate(free) if k in picked]
-    train += [row for k, row in enumerate(free) if k not in picked]
+    held = taken = 0
+
+    def take(k: int) -> None:
+        nonlocal held, taken
+        held_keys.add(free[k])
+        held, taken = held + len(groups[free[k]]), taken + 1
+
+    # whole groups in seeded order, each taken when it brings the held-out rows closer to n (with
+    # one row per group: the first n), never the last one when nothing else is left to train on
+    for k in order:
+        if abs(held + len(groups[free[k]]) - n) < abs(held - n) and (has_train or taken + 1 < len(free)):
+            take(k)
+    # groups too big to bring the count closer: the smallest, up to min_held_out
+    for k in sorted(order, key=lambda k: len(groups[free[k]])):
+        if held >= cfg.min_held_out or not (has_train or taken + 1 < len(free)):
+            break
+        if free[k] not in held_keys:
+            take(k)
+    train = [row for key, row in zip(keys, rows) if key not in held_keys]
+    held_out = [row for key, row in zip(keys, rows) if key in held_keys]
     if not train or not held_out:
-        raise ValueError(f"{where}: the split leaves {len(train)} rows to train and {len(held_out)} held out; both need rows")
+        raise DataError(
+            f"{where}: the split leaves {len(train)} rows to train and {len(held_out)} held out; both need rows "
+            f"(rows with the same prompt stay on one side: {len(groups)} different prompts)"
+        )
     return train, held_out

@@ -61,7 +61,9 @@ def split_by_scope(rows: list[dict], fraction: float, seed: int, where: str = "c
     for scope in SCOPES:
         mine = [r for r in rows if r["scope"] == scope]
         if len(mine) < 2:
-            raise ValueError(
+            from pipeline.errors import DataError
+
+            raise DataError(
                 f"{where}: {len(mine)} training rows of scope {scope}; a validation split needs at least 2 "
                 "(one to train on, one to validate): give more prompts or drop arena.grid"
             )

@@ -86,3 +86,50 @@ def test_cli_unexpected_error_prints_a_summary_and_saves_the_traceback(tmp_path,
 def test_user_error_from_the_cli_has_no_traceback(tmp_path):
     proc, out = _heedful(["status", "no-such-run", "--runs-dir", str(tmp_path)], tmp_path)
     assert proc.returncode == 1 and "error: no run 'no-such-run'" in out and "Traceback" not in out, out
+
+
+def _run_one_stage(tmp_path, uses: str, inputs: dict, with_: dict | None = None):
+    """One real stage in-process (as the runner runs it): its record, whose `error` is what the user sees."""
+    from pipeline.config import pipeline_from_dict
+    from pipeline.runner import Runner
+
+    data = {"run_name": uses, "model": "tiny", "stages": [{"name": uses, "uses": uses, "inputs": inputs, "with": with_ or {}}]}
+    result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert not result.ok
+    return result.record(uses)
+
+
+def test_split_names_the_file_and_line_of_a_bad_split_value(tmp_path):
+    from pipeline.records import write_jsonl
+
+    path = tmp_path / "needs.jsonl"
+    rows = [{"prompt": f"Question {i}?", "need": f"need {i}"} for i in range(6)]
+    rows[2]["split"] = "validation"
+    write_jsonl(rows, path)
+    error = _run_one_stage(tmp_path, "split", {"rows": str(path)}).error
+    assert f"{path}:3: field 'split': 'validation' is not train or one of eval, held_out, test" in error, error
+    assert "unexpected" not in error, error
+
+
+def test_feedback_views_names_the_file_and_line_of_a_row_without_a_revision(tmp_path):
+    from pipeline.records import write_jsonl
+
+    path = tmp_path / "c3po.jsonl"
+    fine = {"scope": "in_scope", "prompt": "Plan a trip.", "baseline": "Go.", "revised": "Go, chef!", "feedback": "Say chef."}
+    write_jsonl([fine, {**fine, "revised": ""}], path)
+    error = _run_one_stage(tmp_path, "feedback_views", {"data": str(path)}).error
+    assert f"{path}:2: in-scope row has no 'revised' reply" in error, error
+    assert "unexpected" not in error, error
+
+
+def test_validation_split_with_too_few_rows_of_a_scope_is_a_data_error(tmp_path):
+    from pipeline.records import write_jsonl
+
+    path = tmp_path / "c3po.jsonl"
+    rows = [
+        {"scope": s, "prompt": f"{s} {i}", "baseline": "b"} for s in ("in_scope", "near_scope", "out_of_scope") for i in range(3)
+    ]
+    write_jsonl(rows[2:], path)  # one in_scope row: nothing left to train on once one validates
+    error = _run_one_stage(tmp_path, "validation_split", {"data": str(path)}).error
+    assert f"{path}: 1 training rows of scope in_scope; a validation split needs at least 2" in error, error
+    assert "unexpected" not in error, error

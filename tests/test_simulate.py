@@ -177,6 +177,24 @@ def test_the_policy_on_ctranslate2_talks_as_on_hf(tmp_path, tiny_model_path, lor
     assert [len(NEEDS)] * 2 in calls.values()  # the policy: both rounds' turns, each round in one call
 
 
+def test_batch_size_is_part_of_the_fingerprint(tmp_path, tiny_model_path):
+    """HF generate seeds each batch (seed + b), so sampled turns depend on `batch_size`: a run with
+    another one is not skipped as up to date under a manifest that names a config it did not run."""
+    needs = tmp_path / "needs.jsonl"
+    write_jsonl(NEEDS, needs)
+    talks, statuses = [], []
+    for with_ in ({}, {"batch_size": 1}, {"batch_size": 1, "device": "cpu"}):
+        cfg = simulate_pipeline(needs, tmp_path, satisfied_threshold=1.0, max_rounds=1, cache=False, engine="hf", **with_)
+        result = Runner(pipeline_from_dict(cfg, tmp_path), tmp_path / "runs", use_ray=False).execute()
+        assert result.ok, [r.error for r in result.records]
+        statuses.append(result.record("users").status)
+        talks.append([t["utterances"] for t in load_rows(result.run_dir / "users" / "transcripts")])
+        manifest = json.loads((result.run_dir / "users" / "manifest.json").read_text())
+    assert statuses == ["done", "done", "skipped"]  # batch_size reruns; the device does not
+    assert manifest["config"]["batch_size"] == 1
+    assert talks[1] != talks[0]  # the same seed, other batches: other sampled turns
+
+
 def test_seed_changes_the_conversation(tmp_path, tiny_model_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     a, _ = run(tmp_path / "a", NEEDS, satisfied_threshold=1.0, max_rounds=2, cache=False)
