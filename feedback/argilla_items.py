@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 from feedback.sources.formats import detect_format as detect_source_format
 from feedback.sources.qa_feedback import QA_LABELS, QA_PAIRS
@@ -24,6 +25,7 @@ from pipeline.errors import DataError
 
 from .argilla_templates import PushItem, TemplateKind, stable_id
 
+E = TypeVar("E")
 InputFormat = Literal["auto", "responses", "preferences", "span_feedback", "verbal_feedback", "reactions", "qa_feedback"]
 ACCEPTS: dict[str, set[str]] = {
     "responses": {"fine_grained", "verbal", "reaction", "preference"},
@@ -81,6 +83,28 @@ def sourced_items(
     if fmt == "responses":
         return [(_reply_item(row, i, defaults, where), (i,)) for i, row in enumerate(rows)]
     return [(_feedback_item(row, i, fmt, defaults, where), (i,)) for i, row in enumerate(rows)]
+
+
+def drop_repeats(entries: list[E], item_of: Callable[[E], PushItem]) -> tuple[list[E], int]:
+    """`entries` with the first of each record id, and how many repeats were dropped.
+
+    A record id is the sample's content (`stable_id(prompt, reply)`), so two identical sampled
+    replies to one prompt are one record: pushing both failed ("items share an id"). Only a
+    repeat with the same text is dropped; items that share an id but differ (rows carrying the
+    same explicit id) are kept, so the push still refuses them."""
+    first: dict[str, PushItem] = {}
+    kept: list[E] = []
+    for entry in entries:
+        item = item_of(entry)
+        seen = first.setdefault(item.id, item)
+        if seen is not item and _text(seen) == _text(item):
+            continue
+        kept.append(entry)
+    return kept, len(entries) - len(kept)
+
+
+def _text(item: PushItem) -> tuple[Any, ...]:
+    return item.prompt, item.response, item.response_a, item.response_b, item.context
 
 
 def _checked_format(rows: list[dict[str, Any]], kind: TemplateKind, fmt: str, where: str) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, UserError
 from pipeline.progress import track
 
 from .argilla_client import ArgillaError, api, errors
@@ -210,8 +210,19 @@ def iter_records(client, dataset_id: str, statuses: Iterable[str], page: int = P
 
 
 def _naive_utc(ts: str) -> str:
-    """'2026-01-02T03:04:05Z' / '+00:00' -> the server's naive form, for string comparison."""
-    return ts.replace("Z", "").split("+")[0]
+    """An ISO time -> the server's naive UTC form ('2026-01-02T03:04:05'), for string comparison.
+
+    An offset is converted, not dropped: '05:00+02:00' is 03:00 UTC (cutting the text at '+'
+    kept 05:00, and a '-05:00' offset stayed in the string). A time without one is UTC."""
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(ts.strip())
+    except ValueError:
+        raise UserError(f"since: {ts!r} is not an ISO 8601 time (e.g. 2026-01-02T03:04:05+02:00)") from None
+    if when.tzinfo is not None:
+        when = when.astimezone(timezone.utc).replace(tzinfo=None)
+    return when.isoformat()
 
 
 def pull(

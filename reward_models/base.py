@@ -59,6 +59,9 @@ class Rewards:
     scalar: torch.Tensor  # [B]
     dense: torch.Tensor | None = None  # [B, T] on policy response tokens
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # per-aspect scalars, for logging
+    #: [B] the part of `scalar` earned at the last response token (the EOS), on top of `dense`: a
+    #: combination's scalar-only models (reward_models.combine), whose score PPO places there
+    at_end: torch.Tensor | None = None
 
 
 @runtime_checkable

@@ -12,8 +12,11 @@ batch before normalising, like OpenRLHF's reward normalisation); `state_dict()` 
 across a resumed PPO run.
 
 Dense rewards: a dense model's per-token rewards are divided by std_k and the remainder that
-makes its row sum equal z_k goes to the last response token, so sum_t dense = scalar and the
-per-segment shape is kept; a scalar-only model's c_k sits entirely at the last token.
+makes its row sum equal z_k goes to the last text token, so the per-segment shape is kept. A
+scalar-only model's c_k is not on the text tokens but in `at_end`, which PPO places at the last
+response token (the EOS), as it places a lone scalar model's score: on the last text token it
+was earned before the choice to stop, so stopping earned nothing and one more token all of it.
+So sum_t dense + at_end = scalar.
 
 Guard against one objective dominating (RLUF saw reward hacking when optimising reactions
 alone): share_k = w_k * mean_b |z_k| / sum_j w_j * mean_b |z_j|. If a share exceeds
@@ -192,6 +195,7 @@ class CombinedReward:
         lengths = None if ids is None else [len(row) for row in ids]
         width = max(lengths) if lengths is not None and lengths else 0
         dense = torch.zeros(len(batch), width) if lengths is not None else None
+        at_end = torch.zeros(len(batch)) if lengths is not None else None
         zs, raw_std = {}, {}
         for o in self.objectives:
             raw = results[o.name].scalar.detach().float().cpu()
@@ -215,8 +219,11 @@ class CombinedReward:
             components[f"{o.name}/z"] = z
             for key, value in results[o.name].components.items():
                 components.setdefault(f"{o.name}/{key}" if key != o.name else o.name, value)
-            if dense is not None and lengths is not None:  # dense is None iff lengths is None
-                dense += w * _dense_z(results[o.name].dense, z, raw_std[o.name], lengths, width)
+            if dense is not None and at_end is not None and lengths is not None:  # all None without token ids
+                if results[o.name].dense is None:
+                    at_end += w * z
+                else:
+                    dense += w * _dense_z(results[o.name].dense, z, raw_std[o.name], lengths, width)
             self.last_stats.update(
                 {
                     f"{o.name}/raw_mean": float(components[o.name].mean()),
@@ -228,7 +235,7 @@ class CombinedReward:
                     f"{o.name}/running_std": self.stats[o.name].std,
                 }
             )
-        return Rewards(scalar=scalar, dense=dense, components=components)
+        return Rewards(scalar=scalar, dense=dense, components=components, at_end=at_end)
 
     def state_dict(self) -> dict[str, dict[str, float]]:
         return {name: s.state() for name, s in self.stats.items()}
@@ -253,14 +260,13 @@ class CombinedReward:
 
 
 def _dense_z(dense, z, std: float, lengths: list[int], width: int):
-    """A model's contribution on tokens: its dense rewards / std, plus the remainder that makes
-    each row sum to z at the last response token (all of z there for scalar-only models)."""
+    """A dense model's contribution on tokens: its dense rewards / std, plus the remainder that
+    makes each row sum to z at the last text token."""
     import torch
 
     out = torch.zeros(len(lengths), width)
-    if dense is not None:
-        d = dense.detach().float().cpu()[:, :width] / std
-        out[:, : d.shape[1]] = d
+    d = dense.detach().float().cpu()[:, :width] / std
+    out[:, : d.shape[1]] = d
     rest = z - out.sum(dim=1)
     for b, n in enumerate(lengths):
         if n:

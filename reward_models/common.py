@@ -5,6 +5,7 @@ torch/transformers are imported inside functions: stage configs import this modu
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import random
 from collections.abc import Callable, Sequence
@@ -142,7 +143,15 @@ def split_train_eval(
     time: Callable[[T], str] | None = None,
 ) -> tuple[list[T], list[T]]:
     """random: shuffle; group: whole groups (e.g. prompts) go to one side, so eval prompts are
-    unseen; time: the latest `eval_fraction` of items (by `time`) are held out."""
+    unseen; time: the latest `eval_fraction` of items (by `time`) are held out.
+
+    group: a group is held out when a hash of (seed, key) falls below `eval_fraction`, so about
+    that fraction of groups is held out and each group keeps its side as the pool grows. A
+    sorted-and-shuffled split reshuffled every group when the loop refreshed a reward model on a
+    larger pool (continuing the last round's model), so the held-out prompts were mostly ones the
+    continued model had trained on. When no group falls below, the lowest hash is held out (one
+    group, as before): it goes back to training once another group falls below, never the reverse.
+    When every group falls below (a pool of a few prompts), the highest hash trains instead."""
     items = list(items)
     if eval_fraction <= 0:
         return items, []
@@ -152,17 +161,26 @@ def split_train_eval(
         ordered = sorted(items, key=time)
         cut = len(ordered) - max(1, int(round(len(ordered) * eval_fraction)))
         return ordered[:cut], ordered[cut:]
-    rng = random.Random(seed)
     if mode == "group" and group is not None:
-        keys = sorted({group(x) for x in items})
-        rng.shuffle(keys)
-        held = set(keys[: max(1, int(round(len(keys) * eval_fraction)))])
+        draws = {key: _unit_hash(seed, key) for key in {group(x) for x in items}}
+        held = {key for key, u in draws.items() if u < eval_fraction}
+        if not held and draws:
+            held = {min(draws, key=lambda k: (draws[k], k))}
+        if len(held) == len(draws) > 1:  # a tiny pool all below: the highest hash trains
+            held.discard(max(draws, key=lambda k: (draws[k], k)))
         return [x for x in items if group(x) not in held], [x for x in items if group(x) in held]
+    rng = random.Random(seed)
     order = list(range(len(items)))
     rng.shuffle(order)
     cut = max(1, int(round(len(items) * eval_fraction)))
     held_idx = set(order[:cut])
     return [x for i, x in enumerate(items) if i not in held_idx], [x for i, x in enumerate(items) if i in held_idx]
+
+
+def _unit_hash(seed: int, key: str) -> float:
+    """A number in [0, 1) fixed by (seed, key): the same on every run and pool (unlike hash())."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def batched(items: Sequence[T], size: int) -> list[Sequence[T]]:

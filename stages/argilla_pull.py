@@ -30,7 +30,9 @@ class ArgillaPullConfig(StageConfig):
     argilla: ArgillaConnection = Field(default_factory=ArgillaConnection)
     include_drafts: bool = Field(default=False, description="also pull draft (not yet submitted) responses")
     incremental: bool = Field(default=True, description="skip responses the previous pull already wrote")
-    since: str | None = Field(default=None, description="only responses updated at/after this UTC time (ISO 8601)")
+    since: str | None = Field(
+        default=None, description="only responses updated at/after this time (ISO 8601; UTC unless it carries an offset)"
+    )
     cursor_file: str | None = Field(default=None, description="cursor shared across runs (default: this stage's last output)")
     write_cursor_file: bool = Field(
         default=True, description="also write the new cursor to cursor_file (false: only read it; the loop's way)"

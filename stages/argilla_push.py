@@ -64,7 +64,7 @@ class ArgillaPushStage(Stage):
 
     def run(self):
         from feedback.argilla_client import connect
-        from feedback.argilla_items import to_items
+        from feedback.argilla_items import drop_repeats, to_items
         from feedback.argilla_stack import remember_users
         from feedback.argilla_sync import push_items
         from pipeline.errors import UserError
@@ -80,6 +80,8 @@ class ArgillaPushStage(Stage):
         if self.ctx.input("scores") is not None:
             raise UserError(f"{self.ctx.name}: the `scores` input is only read with `select:` (docs/argilla.md)")
         items = to_items(rows, cfg.template.kind, cfg.input_format, defaults, cfg.import_user, where=str(path))
+        items, repeats = drop_repeats(items, lambda item: item)
+        self._log_repeats(repeats)
         if cfg.max_items:
             items = items[: cfg.max_items]
         client = connect(cfg.argilla)
@@ -100,13 +102,20 @@ class ArgillaPushStage(Stage):
             "created": result.created,
             "updated": result.updated,
             "records_per_s": round(result.records_per_s, 1),
+            "repeats_dropped": repeats,
         }
+
+    def _log_repeats(self, repeats: int) -> None:
+        if repeats:
+            self.ctx.log.warning(
+                "%s: dropped %d item(s) repeating another's text (identical replies are one record)", self.ctx.name, repeats
+            )
 
     def _push_for_review(self, rows: list[dict[str, Any]], defaults: dict[str, Any]) -> dict[str, Any]:
         """Select, then push only the selected items not yet in the dataset."""
         from feedback import argilla_review as review
         from feedback.argilla_client import connect
-        from feedback.argilla_items import sourced_items
+        from feedback.argilla_items import drop_repeats, sourced_items
         from feedback.argilla_stack import remember_users
         from feedback.argilla_sync import ensure_dataset, push_items
         from pipeline.records import load_rows, save_rows
@@ -115,7 +124,8 @@ class ArgillaPushStage(Stage):
         assert cfg.select is not None
         where, scores_path = str(self.ctx.input("records")), self.ctx.input("scores")
         scores = load_rows(scores_path, what="scores") if scores_path is not None else None
-        sourced = sourced_items(rows, cfg.template.kind, cfg.input_format, defaults, where)
+        sourced, repeats = drop_repeats(sourced_items(rows, cfg.template.kind, cfg.input_format, defaults, where), lambda s: s[0])
+        self._log_repeats(repeats)
         candidates = review.candidates(
             [(item.id, idx) for item, idx in sourced], rows, cfg.select, where, scores, str(scores_path)
         )
@@ -158,6 +168,7 @@ class ArgillaPushStage(Stage):
             "candidates": len(candidates),
             "selected": len(choices),
             "already_pushed": len(items) - len(new),
+            "repeats_dropped": repeats,
         }
 
 

@@ -111,7 +111,9 @@ class PpoStage(Stage):
     summary = "PPO with dense, multi-objective rewards (LoRA policy, KL to the base or the adapter it continues)."
     # 2: a continued adapter is the KL reference (reference: adapter); the base was before
     # 3: c3po_data rows (grouped by scope) shuffled with the seed before any slice
-    version = "3"
+    # 4: a scalar reward model's score is earned at the EOS through the combination too (it sat on
+    #    the last text token: stopping earned nothing, one more token the whole score)
+    version = "4"
     Config = PpoStageConfig
     inputs = {
         "prompts": Input(

@@ -65,6 +65,7 @@ TrainRewardConfig = create_model(  # type: ignore[call-overload]
 class TrainRewardStage(Stage):
     uses = "train_reward"
     summary = "Train a reward model: P[Love], follow-up likelihood (FLR) or fine-grained (dense)."
+    version = "2"  # 2: the held-out split (split: group) by a hash of each prompt, stable as the loop's pool grows
     Config = TrainRewardConfig
     inputs = {
         "feedback": Input(

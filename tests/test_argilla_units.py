@@ -127,3 +127,88 @@ def test_stage_configs_validate_and_reject_unknown_keys():
         ArgillaPushConfig.model_validate({"dataset": "d", "template": {"kind": "stars"}})
     with pytest.raises(ValidationError):
         ArgillaPullConfig.model_validate({"dataset": "d", "argilla": {"api_key": "inline keys are not allowed"}})
+
+
+@pytest.fixture
+def fake_argilla(monkeypatch):
+    """argilla_push's calls to the server replaced: what `push_items` got, per call. The stand-in
+    refuses items that share an id, as the real push does (before it contacts the server)."""
+    from types import SimpleNamespace
+
+    import feedback.argilla_client
+    import feedback.argilla_stack
+    import feedback.argilla_sync
+    import stages.argilla_push
+    from feedback.argilla_sync import PushResult
+    from pipeline.errors import DataError
+
+    pushes: list[list] = []
+
+    def push_items(client, name, workspace, opts, items, batch_size=250, desc=""):
+        ids = [item.id for item in items]
+        if len(set(ids)) != len(ids):
+            raise DataError(f"{len(ids) - len(set(ids))} items share an id")
+        pushes.append(items)
+        return PushResult(name, workspace, "ds", "http://argilla/ds", created=len(items), ids=ids)
+
+    monkeypatch.setattr(feedback.argilla_client, "connect", lambda cfg: SimpleNamespace(api_url="http://argilla"))
+    monkeypatch.setattr(feedback.argilla_sync, "push_items", push_items)
+    monkeypatch.setattr(feedback.argilla_sync, "ensure_dataset", lambda *a: SimpleNamespace(id="ds"))
+    monkeypatch.setattr(feedback.argilla_stack, "remember_users", lambda *a: None)
+    monkeypatch.setattr(stages.argilla_push, "declare_review_metadata", lambda *a: None)
+    monkeypatch.setattr(stages.argilla_push, "record_ids", lambda *a: set())
+    return pushes
+
+
+@pytest.mark.parametrize("select", [None, {"by": "all"}], ids=["push", "review_push"])
+def test_identical_sampled_replies_are_pushed_once(tmp_path, fake_argilla, select):
+    """Two samples of one prompt with the same text are one record (its id is the prompt and
+    reply): the push keeps one and counts the other, instead of failing on the shared id."""
+    from pipeline.config import pipeline_from_dict
+    from pipeline.records import write_jsonl
+    from pipeline.runner import Runner
+
+    replies = ["Paris.", "Paris.", "Lyon.", "Paris."]  # samples 0, 1 and 3 are the same reply
+    rows = [
+        {"prompt_id": "p", "sample_index": k, "prompt": "Capital of France?", "response": r, "reward": 0.5 + k / 10}
+        for k, r in enumerate(replies)
+    ]
+    write_jsonl(rows, tmp_path / "samples.jsonl")
+    settings = {"dataset": "d", "template": {"kind": "reaction"}, **({"select": select} if select else {})}
+    stage = {"name": "push", "uses": "argilla_push", "inputs": {"records": str(tmp_path / "samples.jsonl")}, "with": settings}
+    data = {"run_name": "dupes", "model": "tiny", "stages": [stage]}
+    result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
+    assert result.ok, [r.error for r in result.records]
+    (pushed,) = fake_argilla
+    assert [item.response for item in pushed] == ["Paris.", "Lyon."]
+    assert pushed[0].metadata["sample_id"] == "p:0"  # the first sample of the repeated reply
+    assert result.record("push").metrics["repeats_dropped"] == 2
+
+
+def test_items_that_share_an_id_but_differ_are_not_dropped():
+    """Rows that carry the same explicit id but different replies are a data error the push
+    reports; only a repeat of the same text is dropped."""
+    from feedback.argilla_items import drop_repeats, to_items
+
+    rows = [
+        {"id": "x", "prompt": "q", "chosen": "a", "rejected": "b"},
+        {"id": "x", "prompt": "q", "chosen": "c", "rejected": "d"},
+    ]
+    items = to_items(rows + rows[:1], "preference", "auto", {})
+    kept, dropped = drop_repeats(items, lambda item: item)
+    assert [i.id for i in kept] == ["x", "x"] and dropped == 1
+
+
+def test_since_with_an_offset_is_converted_to_the_servers_utc():
+    """The server's `updated_at` is naive UTC and `since:` is compared to it as text: a time
+    with an offset is converted (the offset was dropped, or with '-05:00' kept in the text)."""
+    from feedback.argilla_sync import _naive_utc
+    from pipeline.errors import UserError
+
+    server = "2026-01-02T03:30:00.123456"  # 03:30 UTC, as the server writes `updated_at`
+    for since in ("2026-01-02T03:00:00Z", "2026-01-02T05:00:00+02:00", "2026-01-01T22:00:00-05:00", "2026-01-02T03:00:00"):
+        assert _naive_utc(since) == "2026-01-02T03:00:00" and not server < _naive_utc(since)  # 03:00 UTC: kept
+    assert server < _naive_utc("2026-01-02T00:00:00-05:00")  # 05:00 UTC: older, skipped
+    assert _naive_utc("2026-01-02") == "2026-01-02T00:00:00"
+    with pytest.raises(UserError, match="not an ISO 8601 time"):
+        _naive_utc("yesterday")

@@ -186,7 +186,8 @@ def test_objectives_combine_dense_and_scalar_per_token_with_weights(tokenizer):
 def test_combined_objectives_as_the_stage_builds_them_place_each_kind_at_its_tokens(tokenizer):
     """The `ppo` stage's path: reward_models.combine weighs a dense and a scalar model into one
     reward (fixed weights, no z-scores); the dense part stays on its tokens, the scalar part
-    lands on the last text token, and each objective's raw mean is logged under its name."""
+    lands on the EOS (as without the combination), and each objective's raw mean is logged
+    under its name."""
     from reward_models.combine import CombinedReward
     from reward_models.combine import Objective as Part
 
@@ -206,9 +207,48 @@ def test_combined_objectives_as_the_stage_builds_them_place_each_kind_at_its_tok
     dense = digits.score(batch).dense
     expected[:, : dense.shape[1]] += 2.0 * dense
     for b in range(2):
-        expected[b, text_lengths[b] - 1] += 0.5 * -0.1 * text_lengths[b]
+        expected[b, lengths[b] - 1] += 0.5 * -0.1 * text_lengths[b]  # the scalar at the EOS
     assert dense[0].sum() >= 2 and torch.allclose(scored.per_token, expected, atol=1e-6)
-    assert scored.per_token[:, -1].abs().sum() == 0  # nothing on the EOS of the longest reply
+    uncombined = score_objectives(
+        [Objective("digits", digits, 2.0), Objective("short", ReplyLengthReward(), 0.5)], batch, lengths, text_lengths, width
+    )
+    assert torch.allclose(scored.per_token, uncombined.per_token, atol=1e-6)  # the same tokens, combined or not
     assert scored.means["digits"] == pytest.approx(float(dense.sum(1).mean()))
     assert scored.means["short"] == pytest.approx(float((-0.1 * text_lengths).mean()))
     assert scored.per_reply["digits"] == pytest.approx(dense.sum(1).tolist())
+
+
+def test_a_lone_scalar_model_through_the_stages_combination_is_earned_at_the_eos(tokenizer):
+    """The `ppo` stage always combines (reward_models.combine), also a single P[Love]-like
+    model. Its score must sit where PPO puts a scalar score without the combination: the EOS
+    of a finished reply (the last token of one cut off). On the last text token it was earned
+    before the choice to stop: stopping earned 0 and one more token the whole (positive) score."""
+    from reward_models.combine import CombinedReward
+    from reward_models.combine import Objective as Part
+
+    class Positive:
+        """A probability-like scalar model: always positive (as P[Love] is)."""
+
+        kind = "positive"
+
+        def score(self, batch: RewardBatch) -> Rewards:
+            return Rewards(scalar=torch.tensor([0.9, 0.6, 0.3]))
+
+    batch, ids = batch_of(tokenizer, ["a", "b", "c"], ["Paris is the capital.", "Lyon.", "It is a long"])
+    text_lengths = torch.tensor([len(i) for i in ids])
+    finished = torch.tensor([True, True, False])  # the third hit the length limit: no EOS
+    lengths = text_lengths + finished.long()
+    width = int(lengths.max())
+    for normalize in (False, True):
+        combined = CombinedReward([Part("plove", Positive(), 1.0, normalize=normalize)], clip=None, max_share=None)
+        z = combined.score(batch).scalar  # what the combination scores (z-scored or not)
+        combined.update_stats = False  # the same statistics for the stage's path
+        scored = score_objectives([Objective("reward", combined, flatten=True)], batch, lengths, text_lengths, width)
+        expected = torch.zeros(3, width)
+        expected[torch.arange(3), lengths - 1] = z
+        assert torch.allclose(scored.per_token, expected, atol=1e-6)
+        assert scored.per_token[torch.arange(3), text_lengths - 1][:2].abs().sum() == 0  # nothing before the EOS
+    alone = score_objectives([Objective("plove", Positive())], batch, lengths, text_lengths, width)
+    combined = CombinedReward([Part("plove", Positive(), 1.0, normalize=False)], clip=None, max_share=None)
+    through = score_objectives([Objective("reward", combined, flatten=True)], batch, lengths, text_lengths, width)
+    assert torch.equal(through.per_token, alone.per_token)

@@ -1,4 +1,4 @@
-"""combine.py: running z-scores by hand, dense rows that sum to the scalar, the dominance guard,
+"""combine.py: running z-scores by hand, dense rows and the end (scalar-only models) that sum to the scalar, the dominance guard,
 save/load through load_reward_model; function rewards; the score stage's best-of-n pairs."""
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def test_guard_caps_a_dominating_objective():
     assert combined.last_stats["len/weight"] < 9.0
 
 
-def test_dense_rows_sum_to_the_scalar_and_keep_token_positions(tiny_model_path):
+def test_dense_rows_and_the_end_sum_to_the_scalar_and_keep_token_positions(tiny_model_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
@@ -104,7 +104,9 @@ def test_dense_rows_sum_to_the_scalar_and_keep_token_positions(tiny_model_path):
     )
     out = combined.score(RewardBatch(["q"] * 3, responses, ids, tok))
     assert out.dense.shape == (3, max(len(i) for i in ids))
-    assert torch.allclose(out.dense.sum(1), out.scalar, atol=1e-5)
+    # the scalar-only objective is earned at the EOS (PPO places `at_end` there), not on text tokens
+    assert torch.allclose(out.dense.sum(1) + out.at_end, out.scalar, atol=1e-5)
+    assert torch.allclose(out.at_end, 0.5 * out.components["len/z"], atol=1e-6)
     std = combined.stats["dense"].std
     good_positions = [t for t, token in enumerate(ids[0]) if tok.decode([token]).strip() == "good"]
     assert len(good_positions) == 2

@@ -186,3 +186,37 @@ def test_init_of_another_kind_or_base_is_refused_with_a_clear_error(tmp_path, ti
         check_init(flr, "followup", "/no/such/model")
     with pytest.raises(HeedfulError, match="not a reward model folder"):
         check_init(tmp_path, "plove", "tiny")
+
+
+def test_held_out_prompts_keep_their_side_as_the_loop_grows_the_pool(tmp_path, tiny_model_path):
+    """The loop refreshes P[Love] on a growing pool, continuing last round's model: a prompt held
+    out in round 2 must not be one round 1 trained on (its AUROC/ECE would be on seen data), and
+    every round-1 prompt keeps its side. A sorted-and-shuffled split reshuffled them all."""
+    from feedback.sources import readers
+    from pipeline.chat import last_user_text
+    from reward_models.common import split_train_eval
+    from reward_models.plove import examples_from_reactions
+
+    def split(path: Path) -> tuple[set[str], set[str]]:
+        """The prompts train_reward trains on and holds out (its defaults: group by prompt, 0.2, seed 0)."""
+        examples = examples_from_reactions(readers.reactions(path, ["love"]), ["love"])
+        train, held = split_train_eval(examples, 0.2, 0, "group", group=lambda e: last_user_text(e.prompt))
+        return {last_user_text(e.prompt) for e in train}, {last_user_text(e.prompt) for e in held}
+
+    rounds = [tmp_path / f"pool{n}.jsonl" for n in (24, 48, 96)]
+    for path, n in zip(rounds, (24, 48, 96)):
+        production_logs(path, n=n)  # the same first rows, then more: the loop's pool grows
+    sides = [split(path) for path in rounds]
+    for (train_before, held_before), (train_now, held_now) in zip(sides, sides[1:]):
+        assert held_now and not held_now & train_before  # held out now: never trained on before
+        assert train_before <= train_now and held_before <= held_now  # each prompt keeps its side
+    assert 0.1 < len(sides[-1][1]) / 96 < 0.3  # about eval_fraction of the prompts
+
+    # the stage holds out exactly these: round 2 continues round 1's model, evaluated on round 2's held-out prompts
+    settings = {"kind": "plove", "max_steps": 2, "max_length": 48, "lora": {"r": 4, "alpha": 8}}
+    first = train_reward(tmp_path, "round1", rounds[0], settings)
+    assert first.ok, [r.error for r in first.records]
+    again = train_reward(tmp_path, "round2", rounds[1], settings, init=first.run_dir / "round1" / "reward_model")
+    assert again.ok, [r.error for r in again.records]
+    metrics = again.record("round2").metrics
+    assert metrics["eval_examples"] == len(sides[1][1]) and metrics["train_examples"] == len(sides[1][0])

@@ -1,5 +1,5 @@
 """Several reward models as one per-token reward: each objective is placed on the response
-tokens by its own kind (dense where it has token rewards, else its score at the last token),
+tokens by its own kind (dense where it has token rewards, else its score at the last token: the EOS),
 then weighted and summed. Each objective's mean is kept apart for logging, so a run shows
 which objective moved (and whether one is being gamed while another falls).
 """
@@ -47,7 +47,8 @@ def score_objectives(
                 f"reward model '{objective.name}' returned scalar of shape {tuple(scalar.shape)}, expected ({len(batch)},)"
             )
         dense = rewards.dense.detach().to(device) if rewards.dense is not None else None
-        tokens = per_token_rewards(scalar, dense, lengths, text_lengths, width)
+        at_end = rewards.at_end.detach().to(device) if rewards.at_end is not None else None
+        tokens = per_token_rewards(scalar, dense, lengths, text_lengths, width, at_end)
         total += objective.weight * tokens
         reply = tokens.sum(1) if dense is not None else scalar
         if objective.flatten:

@@ -48,19 +48,28 @@ def place_dense(dense: torch.Tensor, text_lengths: torch.Tensor, width: int) -> 
 
 
 def per_token_rewards(
-    scalar: torch.Tensor, dense: torch.Tensor | None, lengths: torch.Tensor, text_lengths: torch.Tensor, width: int
+    scalar: torch.Tensor,
+    dense: torch.Tensor | None,
+    lengths: torch.Tensor,
+    text_lengths: torch.Tensor,
+    width: int,
+    at_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense rewards where the model gives them, else the scalar at the last token.
 
+    `at_end` (a combination's scalar-only models, `Rewards.at_end`) is added at the last token
+    too, beside the dense rewards: on the text tokens a score would be earned before the
+    choice to stop, so stopping would earn nothing and one more token the whole score.
     A reply with no text tokens (EOS first) cannot carry dense rewards; it gets its scalar
     at the EOS so an empty reply is never free of its score.
     """
     if dense is None:
         return place_scalar(scalar, lengths, width)
     out = place_dense(dense, text_lengths, width)
-    empty = text_lengths == 0
-    if empty.any():
-        out = out + place_scalar(torch.where(empty, scalar.float(), torch.zeros_like(scalar.float())), lengths, width)
+    end = at_end.float().to(scalar.device) if at_end is not None else torch.zeros_like(scalar.float())
+    end = torch.where(text_lengths == 0, scalar.float(), end)
+    if end.any():
+        out = out + place_scalar(end, lengths, width)
     return out
 
 
