@@ -217,7 +217,7 @@ def _naive_utc(ts: str) -> str:
     from datetime import datetime, timezone
 
     try:
-        when = datetime.fromisoformat(ts.strip())
+        when = datetime.fromisoformat(ts.strip().replace("Z", "+00:00"))  # Python 3.10 reads no "Z"
     except ValueError:
         raise UserError(f"since: {ts!r} is not an ISO 8601 time (e.g. 2026-01-02T03:04:05+02:00)") from None
     if when.tzinfo is not None:

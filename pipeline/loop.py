@@ -726,6 +726,8 @@ class Loop:
             elif phase == "evaluate":
                 entry["gate"] = json.loads((self.root / run_name / "gate" / "decision").read_text(encoding="utf-8"))
             elif phase == "deploy":
+                # the gate again: a round resumed here with other evaluation settings re-ran it (`decide`)
+                entry["gate"] = json.loads((self.root / run_name / "gate" / "decision").read_text(encoding="utf-8"))
                 deployment = json.loads((self.root / run_name / "deploy" / "deployment" / "deployment.json").read_text())
                 entry.update(deployed=deployment["deployed"], version_after=deployment.get("version"), why=deployment["why"])
                 entry["candidate_adapter"] = str(self.root / run_name / "export" / "package")

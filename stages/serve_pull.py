@@ -105,6 +105,9 @@ def check_records(rows: list[dict[str, Any]], url: str) -> list[dict[str, Any]]:
 
 class ServePullStage(Stage):
     uses = "serve_pull"
+    version = (
+        "2"  # 2: edits and follow-ups pass the quarantine's text checks (a pull made before may hold what they now hold back)
+    )
     summary = "Pull new feedback from a running heedful serve (by watermark), quarantined, as heedful records."
     Config = ServePullConfig
     inputs = {}

@@ -908,3 +908,17 @@ def test_a_misspelt_scope_is_an_error_not_a_silently_unscoped_prompt(tmp_path, t
     result = run_evaluate(tmp_path, {"prompts": str(prompts)}, {"drift": False})
     assert not result.ok and "row 2: field 'scope': 'in-scope' is none of in_scope" in result.records[0].error
     assert not (result.run_dir / "check" / "summary").exists()
+
+
+def test_memory_prompts_without_a_scope_are_remembered_after_a_save(tmp_path):
+    """A memory of prompts where only some rows carry a scope, saved as a dataset (save_rows keeps
+    every column, None where a row had none): the unscoped rows are in scope, as in the JSONL."""
+    from pipeline.evaluation.conditions import load_memory
+    from pipeline.records import save_rows
+
+    rows = [{"prompt": "How do I boil an egg?"}, {"prompt": "What is 2+2?", "scope": "out_of_scope"}]
+    save_rows(rows, tmp_path / "memory")
+    write_jsonl(rows, tmp_path / "memory.jsonl")
+    for path in (tmp_path / "memory", tmp_path / "memory.jsonl"):
+        memory = load_memory(path)
+        assert memory is not None and memory.keys == ["How do I boil an egg?"]

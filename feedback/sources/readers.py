@@ -33,7 +33,7 @@ def log_reactions(rows: list[dict[str, Any]], where: str, positive: set[str]) ->
             )
         else:
             raise DataError(f"{at}: field 'reaction' must be a word, a bool or 0/1, got {type(value).__name__}")
-        prompt = row.get("conversation", row.get("prompt"))
+        prompt = row.get("conversation") if row.get("conversation") is not None else row.get("prompt")
         if prompt is None:
             raise DataError(f"{at}: field 'conversation' (or 'prompt') is missing")
         extra = {"time": row["time"]} if row.get("time") is not None else {}
@@ -44,7 +44,7 @@ def log_reactions(rows: list[dict[str, Any]], where: str, positive: set[str]) ->
             Reaction(
                 id=str(row.get("id", f"log-{i}")),
                 prompt=prompt,
-                response=row.get("reply", row.get("response")),
+                response=row.get("reply") if row.get("reply") is not None else row.get("response"),
                 reaction=label,
                 user_id=None if row.get("user_id") is None else str(row["user_id"]),
                 provenance=prov,

@@ -192,7 +192,7 @@ def load_memory(path: Path) -> Memory | None:
     if any("critique" in r for r in rows):
         critiques = critiques_of(rows)
         return Memory(list(critiques), critiques) if critiques else None
-    keys = [str(r["prompt"]) for r in rows if r.get("scope", "in_scope") == "in_scope"]
+    keys = [str(r["prompt"]) for r in rows if (r.get("scope") or "in_scope") == "in_scope"]
     if not keys:
         raise ValueError(f"{path}: no in-scope prompt to remember the feedback by")
     return Memory(keys)
