@@ -129,6 +129,17 @@ def prepare_smollm2() -> Path:
     return _build_once(models_dir() / "smollm2-135m", build)
 
 
+#: the `tiny` test model's size (tests build other architectures at the same size: tests/conftest.py)
+TINY_SHAPE: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+}
+
+
 def prepare_tiny() -> Path:
     """A seeded random 2-layer Llama with SmolLM2's tokenizer and chat template."""
 
@@ -139,12 +150,7 @@ def prepare_tiny() -> Path:
         tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2())
         config = LlamaConfig(
             vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
+            **TINY_SHAPE,
             tie_word_embeddings=True,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,

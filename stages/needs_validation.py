@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import Field
 
+from pipeline.errors import DataError
 from pipeline.stage import Input, Output, Stage, StageConfig
 
 #: the simulate stage's record outputs this stage filters (and passes on under the same names)
@@ -61,7 +62,7 @@ class NeedsValidationStage(Stage):
         path = ctx.input("conversations")
         rows = load_rows(path, required=[self.config.need_field], what="information needs")
         if is_clariq(rows):
-            raise ValueError(f"{path}: ClariQ rows; a validation split of needs reads need + prompt rows (not yet ClariQ's)")
+            raise DataError(f"{path}: ClariQ rows; a validation split of needs reads need + prompt rows (not yet ClariQ's)")
         need_of = {user_id(row, i): need_key(row, i) for i, row in enumerate(rows)}
         validation_needs = pick_validation(sorted(set(need_of.values())), self.config.fraction, ctx.seed, str(path))
         counts: dict[str, int] = {}
@@ -103,7 +104,7 @@ def need_of_record(record: dict[str, Any], need_of: dict[str, str], where: str) 
     for candidate in candidates:
         if candidate in need_of:
             return need_of[candidate]
-    raise ValueError(
+    raise DataError(
         f"{where}: field 'id' {record_id!r} names no need of the conversations input (its provenance "
         f"dataset: {candidates[0]!r}); give needs_validation the simulate stage's own conversations"
     )
@@ -122,7 +123,7 @@ def validation_rows(rows: list[dict[str, Any]], needs: set[str]) -> list[dict[st
 def pick_validation(needs: list[str], fraction: float, seed: int, where: str) -> set[str]:
     """A seeded `fraction` of the needs (at least one, never all)."""
     if len(needs) < 2:
-        raise ValueError(f"{where}: {len(needs)} information needs; a validation split needs at least 2: give more needs")
+        raise DataError(f"{where}: {len(needs)} information needs; a validation split needs at least 2: give more needs")
     order = list(needs)
     random.Random(f"{seed}:needs").shuffle(order)
     n = min(len(needs) - 1, max(1, round(len(needs) * fraction)))

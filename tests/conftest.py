@@ -72,19 +72,14 @@ def tiny_variant(kind: str, **fields):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.models import prepare_tiny
+    from pipeline.models import TINY_SHAPE, prepare_tiny
 
     tokenizer = AutoTokenizer.from_pretrained(prepare_tiny())
     config = AutoConfig.for_model(
         kind,
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_SHAPE,
         head_dim=16,
-        max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 
 from .conftest import ROOT, heedful_cmd, write_yaml
 
@@ -960,7 +960,8 @@ def test_needs_validation_keeps_a_needs_samples_together_and_names_stray_records
     assert need_of_record({"id": "x", "provenance": {"dataset": "n5:0"}}, need_of, "r") == "n5"
     assert need_of_record({"id": "n6:1:pair2-4"}, need_of, "r") == "n6"
     assert need_of_record({"id": "n7:0:t3"}, need_of, "r") == "n7"
-    with pytest.raises(ValueError, match=r"reactions row 4: field 'id' 'other:0:t1' names no need"):
+    # bad input is a DataError (one clear message), not an "unexpected error" with a traceback
+    with pytest.raises(DataError, match=r"reactions row 4: field 'id' 'other:0:t1' names no need"):
         need_of_record({"id": "other:0:t1"}, need_of, "reactions row 4")
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(DataError, match="at least 2"):
         pick_validation(["only"], 0.25, seed=0, where="needs")
