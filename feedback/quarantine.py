@@ -245,13 +245,6 @@ def _timestamp(value: Any) -> float:
         return 0.0
 
 
-def _plain(value: Any) -> str:
-    """A text field or a conversational one (a list of chat messages) as one text."""
-    if isinstance(value, list):
-        return "\n".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
-    return "" if value is None else str(value)
-
-
 def user_text(record: dict[str, Any]) -> str | None:
     """What the user wrote in a served feedback record, the text every text check screens.
 
@@ -265,7 +258,10 @@ def user_text(record: dict[str, Any]) -> str | None:
     if kind == "verbal":
         return record.get("critique")
     if kind == "preference":
-        return _plain(record.get("chosen")) or None
+        from pipeline.chat import reply_text
+
+        chosen = record.get("chosen")
+        return (reply_text(chosen) if chosen is not None else "") or None
     if kind == "followup":
         return record.get("followup")
     return record.get("text")

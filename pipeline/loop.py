@@ -723,11 +723,10 @@ class Loop:
                 entry["trained"] = [s["name"].split("_", 2)[2] for s in stages if s["name"].startswith("train_")]
                 entry["critiques"] = critique_summary(self.root / run_name)
                 record_metrics(entry.get("rewards") or [])
-            elif phase == "evaluate":
+            else:
+                # evaluate, and deploy again: a round resumed there with other evaluation settings re-ran the gate (`decide`)
                 entry["gate"] = json.loads((self.root / run_name / "gate" / "decision").read_text(encoding="utf-8"))
-            elif phase == "deploy":
-                # the gate again: a round resumed here with other evaluation settings re-ran it (`decide`)
-                entry["gate"] = json.loads((self.root / run_name / "gate" / "decision").read_text(encoding="utf-8"))
+            if phase == "deploy":
                 deployment = json.loads((self.root / run_name / "deploy" / "deployment" / "deployment.json").read_text())
                 entry.update(deployed=deployment["deployed"], version_after=deployment.get("version"), why=deployment["why"])
                 entry["candidate_adapter"] = str(self.root / run_name / "export" / "package")

@@ -71,12 +71,18 @@ def read_token(token_file: Path | None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
+def server_root(url: str) -> str:
+    """The server a URL names: `http://h:8000`, `http://h:8000/` and `http://h:8000/v1` (an OpenAI
+    client's base URL) are one server, whose endpoints this module and `serve_pull` call."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
 def call(url: str, path: str, token: str | None, body: dict | None = None, timeout: float = 600, method: str = "POST") -> dict:
     """Ask the server; a refusal becomes a HeedfulError with the server's message and status."""
     import httpx
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    endpoint = url.rstrip("/").removesuffix("/v1") + path
+    endpoint = server_root(url) + path
     try:
         if method == "GET":
             response = httpx.get(endpoint, params=body, headers=headers, timeout=timeout)

@@ -41,17 +41,12 @@ class ServePullConfig(StageConfig):
     quarantine: QuarantineSettings = Field(default_factory=QuarantineSettings)
 
 
-def server_root(url: str) -> str:
-    """The server a URL names, as the export is asked for: `http://h:8000`, `http://h:8000/` and
-    `http://h:8000/v1` are one server, so a cursor written under one spelling goes on under another."""
-    return url.rstrip("/").removesuffix("/v1")
-
-
 def fetch_new(url: str, token: str | None, watermark: int, seen: set[str], page: int = 1000) -> tuple[list[dict[str, Any]], int]:
     """(new export rows in id order, the new watermark); rows whose record id is in `seen` are skipped."""
     import httpx
 
     from pipeline.errors import HeedfulError
+    from serving.deploy_cli import server_root
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     rows, mark = [], watermark
@@ -124,7 +119,7 @@ class ServePullStage(Stage):
         from feedback.quarantine import candidate_from_record, quarantine
         from pipeline.artifacts import atomic_write_json
         from pipeline.records import save_rows
-        from serving.deploy_cli import read_token
+        from serving.deploy_cli import read_token, server_root
 
         cfg: ServePullConfig = self.config
         previous = self.ctx.run_dir / self.ctx.name / "cursor" / "cursor.json"

@@ -251,22 +251,22 @@ def test_a_canary_is_promoted_on_good_live_reactions_and_dropped_on_bad_ones(liv
     assert active(live) == promoted["version_after"]  # the promoted version stays; the dropped one serves nobody
 
 
+def offline_loop_file(folder: Path, name: str, evaluate: dict | None = None) -> LoopFile:
+    """A loop file on `tiny` whose server is not there (port 9): for what a loop decides before it
+    asks the server anything (its evaluation key, its lock)."""
+    loop: dict = {"server": "http://127.0.0.1:9", "train": [{"method": "kto", "from": "reactions"}]}
+    if evaluate is not None:
+        loop["evaluate"] = evaluate
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"run_name": name, "model": "tiny", "loop": loop}))
+    return LoopFile(path)
+
+
 def test_evaluation_key_ignores_settings_that_do_not_change_the_result(tmp_path, monkeypatch):
     from pipeline.loop import evaluation_key
 
     def key(with_: dict, inputs: dict | None = None) -> str:
-        spec = {
-            "run_name": "k",
-            "model": "tiny",
-            "loop": {
-                "server": "http://127.0.0.1:9",
-                "train": [{"method": "kto", "from": "reactions"}],
-                "evaluate": {"with": with_, **({"inputs": inputs} if inputs else {})},
-            },
-        }
-        path = tmp_path / "k.yaml"
-        path.write_text(yaml.safe_dump(spec))
-        return evaluation_key(LoopFile(path))
+        return evaluation_key(offline_loop_file(tmp_path, "k", {"with": with_, **({"inputs": inputs} if inputs else {})}))
 
     plain = key({"max_general": 3})
     assert key({"max_general": 3, "report_to": "tensorboard", "device": "cpu"}) == plain  # reuse survives tracking
@@ -293,13 +293,7 @@ def test_a_second_process_on_the_same_loop_is_refused(tmp_path):
     import subprocess
     import sys
 
-    spec = {
-        "run_name": "locked",
-        "model": "tiny",
-        "loop": {"server": "http://127.0.0.1:9", "train": [{"method": "kto", "from": "reactions"}]},
-    }
-    path = tmp_path / "locked.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    spec = offline_loop_file(tmp_path, "locked")
     runs = tmp_path / "runs"
     holder = subprocess.Popen(
         [
@@ -316,13 +310,13 @@ def test_a_second_process_on_the_same_loop_is_refused(tmp_path):
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         with pytest.raises(HeedfulError, match=rf"another process \(pid {holder.pid}\) is running it"):
-            Loop(LoopFile(path), runs, use_ray=False).run(rounds=1, min_new=1, every=None, log=lambda *_: None)
+            Loop(spec, runs, use_ray=False).run(rounds=1, min_new=1, every=None, log=lambda *_: None)
     finally:
         holder.kill()
         holder.wait()
     # the holder was killed: its lock went with it, so this run gets past the lock (to the server, which is not there)
     with pytest.raises(HeedfulError, match="127.0.0.1:9") as found:
-        Loop(LoopFile(path), runs, use_ray=False).run(rounds=1, min_new=1, every=None, log=lambda *_: None)
+        Loop(spec, runs, use_ray=False).run(rounds=1, min_new=1, every=None, log=lambda *_: None)
     assert "another process" not in str(found.value)
 
 
@@ -342,18 +336,9 @@ def test_a_resumed_round_reuses_an_evaluation_only_under_its_current_settings(tm
     from pipeline.loop import save_state
 
     def loop_with(max_general: int) -> Loop:
-        spec = {
-            "run_name": "resumed",
-            "model": "tiny",
-            "loop": {
-                "server": "http://127.0.0.1:9",
-                "train": [{"method": "kto", "from": "reactions"}],
-                "evaluate": {"with": {"max_general": max_general}},
-            },
-        }
-        path = tmp_path / "resumed.yaml"
-        path.write_text(yaml.safe_dump(spec))
-        return Loop(LoopFile(path), tmp_path / "runs", use_ray=False)
+        return Loop(
+            offline_loop_file(tmp_path, "resumed", {"with": {"max_general": max_general}}), tmp_path / "runs", use_ray=False
+        )
 
     first = loop_with(3)
     summary = first.root / "round-001" / "eval_candidate" / "summary"
