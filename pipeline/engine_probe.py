@@ -13,15 +13,17 @@ heedful computes in bf16 (pipeline/precision.py) HF runs bf16 and CTranslate2 fp
 replies can differ at near-ties.
 
 A job too small to repay the probe (fewer than `PROBE_PAYS_FROM` new tokens: the quickstart's 12
-replies) is not a reason to measure: it takes the answer already known, else HF generate
-(`known_cpu_engine`; the probe's conversion and four timed batches cost about as much as 1,000
-tokens from HF generate, and CTranslate2 was at most ~1.5x faster where it won).
+replies, or its simulated users' conversations) is not a reason to measure: it takes the answer
+already known, else HF generate (`known_cpu_engine`; a stage's probe, its conversion and two timed
+batches per engine, cost about PROBE_STAGE_TOKENS tokens of HF generate on an AMX Xeon, and
+CTranslate2 was at most ~1.5x faster where it won).
 
 One request at a time is a different workload: on a 2-core Xeon with AMX (HF in bf16), the probe
 found the two engines level on its batch of 8 (CTranslate2 1.01x HF: HF kept) and CTranslate2
-1.57x HF for a lone request (1.7-1.8x over 64-token replies; docs/generation.md). So the probe also
-times one request alone on each engine (HF with its packed weights already in hand, as a server
-holds them), and `serving_cpu_engine` answers for `heedful serve`, whose requests come alone or in
+1.57x HF for a lone request (1.7-1.8x over 64-token replies; docs/generation.md). So a server's
+probe also times one request alone on each engine (HF with its packed weights already in hand, as a
+server holds them; a stage's probe does not: 8 of the probe's 23 s on SmolLM2 that a stage's first
+run would pay for nothing), and `serving_cpu_engine` answers for `heedful serve`, whose requests come alone or in
 micro-batches: 'ct2' where it wins batches, 'hf+ct2' where it wins only lone requests (the server
 holds both: lone requests and streams on CTranslate2, micro-batches on HF), else 'hf'. An answer
 cached before lone requests were timed serves the stages as it is and is measured again for a server.
@@ -153,28 +155,26 @@ def _probed(model_name: str, cache_path: Path | None, lone_request: bool = False
             return entry
         earlier = known_entry(path, key)  # an answer without a lone request's timing: the stages' to keep
         earlier = earlier if earlier is not None and not earlier.get("contended") else None
-        measured = _measure(model_name)
+        # the batches are timed unless an uncontended answer is kept; lone requests only for a server
+        measured = _measure(model_name, batch=earlier is None, lone=lone_request)
         load = measured.pop("load", None)  # the machine's load while the batches were timed
         seconds = dict(measured)
-        speedup = seconds["hf"] / seconds["ct2"]
-        entry = {
-            "engine": "ct2" if speedup >= MARGIN else "hf",
-            "ct2_vs_hf": round(speedup, 3),
-            "seconds": seconds,
-            "measured": time.time(),
-        }
-        log.info(
-            "engine probe (%s): HF %.2f s, CTranslate2 %.2f s for %d x %d tokens -> %s",
-            model_name,
-            seconds["hf"],
-            seconds["ct2"],
-            len(PROBE_PROMPTS),
-            PROBE_TOKENS,
-            entry["engine"],
-        )
-        if earlier is not None:  # the batch answer stays what the stages have used
-            entry.update(engine=earlier["engine"], ct2_vs_hf=earlier["ct2_vs_hf"])
-            entry["seconds"].update({k: earlier["seconds"][k] for k in ("hf", "ct2") if k in earlier.get("seconds", {})})
+        if earlier is None:
+            speedup = seconds["hf"] / seconds["ct2"]
+            entry = {"engine": "ct2" if speedup >= MARGIN else "hf", "ct2_vs_hf": round(speedup, 3)}
+            log.info(
+                "engine probe (%s): HF %.2f s, CTranslate2 %.2f s for %d x %d tokens -> %s",
+                model_name,
+                seconds["hf"],
+                seconds["ct2"],
+                len(PROBE_PROMPTS),
+                PROBE_TOKENS,
+                entry["engine"],
+            )
+        else:  # the batch answer stays what the stages have used
+            entry = {"engine": earlier["engine"], "ct2_vs_hf": earlier["ct2_vs_hf"]}
+            seconds.update({k: earlier["seconds"][k] for k in ("hf", "ct2") if k in earlier.get("seconds", {})})
+        entry.update(seconds=seconds, measured=time.time())
         if "hf_single" in seconds:
             single = seconds["hf_single"] / seconds["ct2_single"]
             entry.update(single="ct2" if single >= MARGIN else "hf", single_ct2_vs_hf=round(single, 3))
@@ -183,11 +183,12 @@ def _probed(model_name: str, cache_path: Path | None, lone_request: bool = False
     return entry
 
 
-def _measure(model_name: str) -> dict:
-    """Seconds per batch for HF generate and CTranslate2 on the probe's workload (`hf`, `ct2`), for
-    two of its prompts one after the other, alone (`hf_single`, `ct2_single`), and the machine's
-    `load` (pipeline/host_load.py) while they were timed: loading and converting the model are
-    not, so a neighbour busy only during the timing is not averaged away."""
+def _measure(model_name: str, batch: bool = True, lone: bool = True) -> dict:
+    """Seconds per batch for HF generate and CTranslate2 on the probe's workload (`hf`, `ct2`;
+    `batch`), for two of its prompts one after the other, alone (`hf_single`, `ct2_single`; `lone`:
+    only a server asks, so a stage's first run does not pay for them), and the machine's `load`
+    (pipeline/host_load.py) while they were timed: loading and converting the model are not, so a
+    neighbour busy only during the timing is not averaged away."""
     from pipeline.chat import as_messages
     from pipeline.cpu_linear import packed_linears
     from pipeline.ct2_engine import Ct2Generator
@@ -214,14 +215,13 @@ def _measure(model_name: str) -> dict:
             else:
                 chat_generate(model, tokenizer, [conversation], sampling, 1, 1)
 
+    seconds: dict = {}
     with watch() as seen:
-        best = measure(step, repeats=1)  # a warm-up and one timed batch each: about ten seconds on SmolLM2-135M
-        with packed_linears(model):  # a server packs its weights once, not per request: not part of the time
-            single = measure(alone, repeats=1)
-    return {
-        "hf": round(best[False], 4),
-        "ct2": round(best[True], 4),
-        "hf_single": round(single[False], 4),
-        "ct2_single": round(single[True], 4),
-        "load": seen.load,
-    }
+        if batch:
+            best = measure(step, repeats=1)  # a warm-up and one timed batch each: about ten seconds on SmolLM2-135M
+            seconds.update(hf=round(best[False], 4), ct2=round(best[True], 4))
+        if lone:
+            with packed_linears(model):  # a server packs its weights once, not per request: not part of the time
+                single = measure(alone, repeats=1)
+            seconds.update(hf_single=round(single[False], 4), ct2_single=round(single[True], 4))
+    return {**seconds, "load": seen.load}

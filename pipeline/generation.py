@@ -268,13 +268,17 @@ def check_local_engine(engine: str) -> str:
     return engine
 
 
-def pick_local_engine(engine: str = "auto", device: str | None = None, model_name: str | None = None) -> str:
+def pick_local_engine(
+    engine: str = "auto", device: str | None = None, model_name: str | None = None, new_tokens: int | None = None
+) -> str:
     """'ct2' or 'hf' for a model held in this process and called many times (`heedful serve`, the
     LLM client): like `pick_engine` without vLLM (`check_local_engine`): 'auto' means the faster
-    of CTranslate2 and HF generate on this CPU (measured once per host and model), else HF."""
+    of CTranslate2 and HF generate on this CPU (measured once per host and model), else HF.
+    `new_tokens`: the most the holder will ask for (a stage's simulated conversations), when it
+    knows; a job too small to repay the probe takes the known answer or HF, as in `pick_engine`."""
     check_local_engine(engine)
     if engine == "auto":
-        return _cpu_choice(device, model_name)
+        return _cpu_choice(device, model_name, new_tokens)
     return pick_engine(engine, device)
 
 

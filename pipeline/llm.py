@@ -184,6 +184,7 @@ class HFClient:
         tokenizer=None,
         sampling: SamplingSettings | None = None,
         engine: str = "hf",
+        new_tokens: int | None = None,
     ):
         from .generation import pick_local_engine
         from .hindsight import adapter_phrase
@@ -195,7 +196,9 @@ class HFClient:
         self.sampling = sampling or LLMSettings().sampling
         self.tokenizer = tokenizer or load_tokenizer(name)
         self._device, self._adapter = device, adapter
-        self.engine = "hf" if model is not None else pick_local_engine(engine, device, name)
+        # `new_tokens`: the most this client will be asked to write, where its holder knows (a small job
+        # does not start the engine probe: pipeline/engine_probe.py `PROBE_PAYS_FROM`)
+        self.engine = "hf" if model is not None else pick_local_engine(engine, device, name, new_tokens)
         self._model = model
         #: the judge's instructions' cache across calls, for a model this client loads (weights
         #: passed in may change between calls: a policy in training, an adapter switched on)
@@ -221,6 +224,7 @@ class HFClient:
         adapter: str | Path | None = None,
         tokenizer=None,
         engine: str = "auto",
+        new_tokens: int | None = None,
     ) -> HFClient:
         """The policy in simulated conversations (the simulate stage's, the evaluate stage's users'),
         which asks for a whole round's turns at once: on CTranslate2 they go in one call
@@ -230,7 +234,7 @@ class HFClient:
         large local simulator keeps `batch_size` as its memory limit on either engine."""
         from .generation import ENGINE_BATCH, pick_local_engine
 
-        chosen = pick_local_engine(engine, device, name)
+        chosen = pick_local_engine(engine, device, name, new_tokens)
         per_call = ENGINE_BATCH if chosen == "ct2" else batch_size
         return cls(name, device, per_call, adapter, None, tokenizer, engine=chosen)
 
@@ -387,12 +391,14 @@ def build_client(
     tokenizer=None,
     batch_size: int | None = None,
     model_adapter: str | Path | None = None,
+    new_tokens: int | None = None,
 ) -> HFClient | OpenAIClient:
     """The client for `settings`. hf: `settings.model`, else `default_model`; an already loaded
     `model`/`tokenizer` (of `default_model`) is reused when it is the same one (`settings` names no
     adapter); `model_adapter` is the adapter that loaded model carries, if any (the client's identity
     and a Chain-of-Hindsight phrase follow it). `batch_size` overrides `settings.batch_size` (a
-    stage's own knob)."""
+    stage's own knob). `new_tokens`: the most the client will be asked to write, where the caller
+    knows (`pick_local_engine`)."""
     if settings.kind == "openai":
         return OpenAIClient(settings)
     name = settings.model or default_model
@@ -408,4 +414,5 @@ def build_client(
         tokenizer if reuse else None,
         settings.sampling,
         settings.engine,
+        new_tokens,
     )

@@ -120,12 +120,21 @@ class SimulateStage(Stage):
         )
         adapter = ctx.input("adapter")
         started = time.time()
-        policy_backend = HFClient.policy(ctx.model, cfg.device, cfg.batch_size, adapter, engine=cfg.engine)
+        policy_tokens, user_tokens = cfg.most_new_tokens(len(users))  # a small job does not start the engine probe
+        policy_backend = HFClient.policy(
+            ctx.model, cfg.device, cfg.batch_size, adapter, engine=cfg.engine, new_tokens=policy_tokens
+        )
         # a simulator that is the policy's own model shares its HF copy (on CTranslate2 the policy's client
         # loads one only then: the simulator needs its logits anyway)
         shared = policy_backend if adapter is None and shares_default_model(cfg.simulator, ctx.model) else None
         sim_backend = build_client(
-            cfg.simulator, ctx.model, cfg.device, shared and shared.model, shared and shared.tokenizer, batch_size=cfg.batch_size
+            cfg.simulator,
+            ctx.model,
+            cfg.device,
+            shared and shared.model,
+            shared and shared.tokenizer,
+            batch_size=cfg.batch_size,
+            new_tokens=user_tokens,
         )
         cache = None
         if cfg.cache:

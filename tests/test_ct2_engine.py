@@ -128,7 +128,7 @@ def test_engine_probe_measures_once_keeps_ct2_only_past_the_margin_and_obeys_the
     from pipeline import engine_probe
 
     timings = iter([{"hf": 1.0, "ct2": 0.95}, {"hf": 1.0, "ct2": 0.5}])
-    monkeypatch.setattr(engine_probe, "_measure", lambda model: next(timings))
+    monkeypatch.setattr(engine_probe, "_measure", lambda model, **_: next(timings))
     monkeypatch.delenv(engine_probe.ENV, raising=False)
     cache = tmp_path / "engine_probe.json"
     assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"  # 1.05x: under the 1.1x margin
@@ -147,10 +147,10 @@ def test_engine_probe_measures_once_keeps_ct2_only_past_the_margin_and_obeys_the
 
 def test_a_job_too_small_to_repay_the_probe_takes_the_known_answer_or_hf(tmp_path, monkeypatch):
     from pipeline import engine_probe
-    from pipeline.generation import pick_engine
+    from pipeline.generation import pick_engine, pick_local_engine
 
     measured: list[str] = []
-    monkeypatch.setattr(engine_probe, "_measure", lambda model: measured.append(model) or {"hf": 1.0, "ct2": 0.5})
+    monkeypatch.setattr(engine_probe, "_measure", lambda model, **_: measured.append(model) or {"hf": 1.0, "ct2": 0.5})
     monkeypatch.setattr(engine_probe, "default_cache_path", lambda: tmp_path / "engine_probe.json")
     monkeypatch.delenv(engine_probe.ENV, raising=False)
     small, large = engine_probe.PROBE_PAYS_FROM - 1, engine_probe.PROBE_PAYS_FROM
@@ -159,6 +159,35 @@ def test_a_job_too_small_to_repay_the_probe_takes_the_known_answer_or_hf(tmp_pat
     assert pick_engine("auto", "cpu", "model-c", new_tokens=large) == "ct2"  # worth measuring: 2x
     assert pick_engine("auto", "cpu", "model-c", new_tokens=small) == "ct2"  # now known
     assert pick_engine("auto", "cpu", "model-c") == "ct2" and measured == ["model-c"]
+    # a model held in-process (the simulated users' clients) weighs its job the same way
+    assert pick_local_engine("auto", "cpu", "model-d", new_tokens=small) == "hf" and measured == ["model-c"]
+    assert pick_local_engine("auto", "cpu", "model-d", new_tokens=large) == "ct2" and measured == ["model-c", "model-d"]
+
+
+def test_a_stages_probe_times_batches_only_and_a_server_then_lone_requests_only(tmp_path, monkeypatch):
+    """Lone requests are `heedful serve`'s workload: a stage's probe does not time them (8 of the
+    probe's 23 s on SmolLM2, AMX Xeon), and a server that asks later times only them, keeping the
+    batch answer the stages used."""
+    from pipeline import engine_probe
+
+    calls: list[tuple[bool, bool]] = []
+
+    def measure(model, batch=True, lone=True):
+        calls.append((batch, lone))
+        return {**({"hf": 1.0, "ct2": 0.5} if batch else {}), **({"hf_single": 1.0, "ct2_single": 2.0} if lone else {})}
+
+    monkeypatch.setattr(engine_probe, "_measure", measure)
+    monkeypatch.delenv(engine_probe.ENV, raising=False)
+    cache = tmp_path / "engine_probe.json"
+    assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "ct2" and calls == [(True, False)]
+    (entry,) = json.loads(cache.read_text()).values()
+    assert "single" not in entry and entry["seconds"] == {"hf": 1.0, "ct2": 0.5}
+    assert engine_probe.serving_cpu_engine("model-a", cache_path=cache) == "ct2"
+    assert calls == [(True, False), (False, True)]
+    (entry,) = json.loads(cache.read_text()).values()
+    assert (entry["engine"], entry["ct2_vs_hf"], entry["single"]) == ("ct2", 2.0, "hf")
+    assert entry["seconds"] == {"hf": 1.0, "ct2": 0.5, "hf_single": 1.0, "ct2_single": 2.0}
+    assert engine_probe.serving_cpu_engine("model-a", cache_path=cache) == "ct2" and len(calls) == 2  # known now
 
 
 def test_engine_probe_on_tiny_times_both_engines(tiny_model_path):
@@ -168,6 +197,8 @@ def test_engine_probe_on_tiny_times_both_engines(tiny_model_path):
     load = seconds.pop("load")  # the machine's load while the batches were timed (pipeline/host_load.py)
     assert load is not None and 0 <= load.others <= 1 and 0 <= load.steal <= 1
     assert set(seconds) == {"hf", "ct2", "hf_single", "ct2_single"} and all(0 < s < 60 for s in seconds.values())
+    assert set(engine_probe._measure("tiny", lone=False)) == {"hf", "ct2", "load"}
+    assert set(engine_probe._measure("tiny", batch=False)) == {"hf_single", "ct2_single", "load"}
 
 
 def test_conversion_freezes_live_objects_only_when_nobody_else_did():

@@ -87,7 +87,7 @@ def test_an_engine_answer_measured_busy_is_provisional_until_an_idle_process_mea
     from pipeline import engine_probe
 
     timings = iter([{"hf": 1.0, "ct2": 2.0}, {"hf": 1.0, "ct2": 0.5}])  # busy: HF looked faster; idle: CTranslate2 is
-    monkeypatch.setattr(engine_probe, "_measure", lambda model: timed(next(timings)))
+    monkeypatch.setattr(engine_probe, "_measure", lambda model, **_: timed(next(timings)))
     monkeypatch.delenv(engine_probe.ENV, raising=False)
     cache = tmp_path / "engine_probe.json"
     assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"
@@ -160,7 +160,7 @@ def test_a_process_keeps_the_answer_it_used_and_a_busy_answer_never_replaces_an_
     from trainers.grad_ckpt_probe import store
 
     monkeypatch.delenv(engine_probe.ENV, raising=False)
-    monkeypatch.setattr(engine_probe, "_measure", lambda model: timed({"hf": 1.0, "ct2": 2.0}))
+    monkeypatch.setattr(engine_probe, "_measure", lambda model, **_: timed({"hf": 1.0, "ct2": 2.0}))
     cache = tmp_path / "engine_probe.json"
     assert engine_probe.faster_cpu_engine("model-a", cache_path=cache) == "hf"  # busy, provisional
     (key,) = json.loads(cache.read_text())
@@ -203,7 +203,10 @@ def test_a_server_measuring_a_lone_request_keeps_the_stages_answer(tmp_path, mon
     monkeypatch.setattr(
         engine_probe,
         "_measure",
-        lambda model: measured.append(model) or timed({"hf": 1.0, "ct2": 2.0, "hf_single": 2.0, "ct2_single": 1.0}),
+        lambda model, batch=True, lone=True: (
+            measured.append(model)
+            or timed({**({"hf": 1.0, "ct2": 2.0} if batch else {}), **({"hf_single": 2.0, "ct2_single": 1.0} if lone else {})})
+        ),
     )
     cache = tmp_path / "engine_probe.json"
     key = engine_probe._key("model-a", "float32")

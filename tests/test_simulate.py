@@ -177,6 +177,29 @@ def test_the_policy_on_ctranslate2_talks_as_on_hf(tmp_path, tiny_model_path, lor
     assert [len(NEEDS)] * 2 in calls.values()  # the policy: both rounds' turns, each round in one call
 
 
+def test_a_small_simulation_does_not_start_the_engine_probe(tmp_path, tiny_model_path, monkeypatch):
+    """The engine probe costs what thousands of HF tokens cost (22.8 s on SmolLM2, the quickstart's
+    users stage wrote ~2,300): `engine: auto` on conversations too few to repay it takes the known
+    answer, else HF, without measuring. A job large enough to repay it is measured, once."""
+    from pipeline import engine_probe
+
+    measured: list[tuple[str, bool, bool]] = []
+
+    def measure(model, batch=True, lone=True):
+        measured.append((model, batch, lone))
+        return {"hf": 1.0, "ct2": 2.0}  # HF faster: the run itself stays on HF either way
+
+    monkeypatch.setattr(engine_probe, "_measure", measure)
+    monkeypatch.setattr(engine_probe, "default_cache_path", lambda: tmp_path / "engine_probe.json")
+    monkeypatch.delenv(engine_probe.ENV, raising=False)
+    # 3 conversations x 2 rounds x 6 tokens for the policy and as many for the users: far too few
+    _, metrics = run(tmp_path, NEEDS, satisfied_threshold=1.0, max_rounds=2, cache=False)
+    assert measured == [] and not (tmp_path / "engine_probe.json").exists() and metrics["generated_tokens"] > 0
+    monkeypatch.setattr(engine_probe, "PROBE_PAYS_FROM", 3 * 2 * 6)  # now the policy's turns are worth a probe
+    run(tmp_path, NEEDS, force=True, satisfied_threshold=1.0, max_rounds=2, cache=False)
+    assert measured == [("tiny", True, False)]  # the batches only: lone requests are timed for a server
+
+
 def test_batch_size_is_part_of_the_fingerprint(tmp_path, tiny_model_path):
     """HF generate seeds each batch (seed + b), so sampled turns depend on `batch_size`: a run with
     another one is not skipped as up to date under a manifest that names a config it did not run."""

@@ -59,6 +59,13 @@ class ProtocolSettings(BaseModel):
     policy_sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=96, temperature=0.7))
     user_sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=40, temperature=0.7))
 
+    def most_new_tokens(self, conversations: int) -> tuple[int, int]:
+        """The most new tokens `conversations` can ask of the policy and of the simulated users (a
+        turn each per round): the job size a client weighs against the engine probe's cost
+        (pipeline/engine_probe.py `PROBE_PAYS_FROM`) before it measures which engine is faster."""
+        turns = conversations * self.max_rounds
+        return turns * self.policy_sampling.max_new_tokens, turns * self.user_sampling.max_new_tokens
+
     @field_validator("simulator")
     @classmethod
     def _default_model(cls, value: LLMSettings) -> LLMSettings:

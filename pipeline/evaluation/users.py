@@ -52,19 +52,6 @@ def satisfaction(
 
     policy_backend = HFClient(ans.model_name, batch_size=ans.batch_size, model=ans.model, tokenizer=ans.tokenizer)
     shared = policy_backend if ans.adapter is None else None  # the simulator may share the base model only
-    simulator = CachedLLM(
-        build_client(
-            settings.simulator,
-            ans.model_name,
-            ans.device,
-            shared and shared.model,
-            shared and shared.tokenizer,
-            batch_size=ans.batch_size,
-        ),
-        None,
-    )
-    judge = Judge(simulator, settings.judge).calibrate()
-    ans.log.info("simulated users' judge calibrated: %.0f%%", 100 * judge.accuracy)
     users = load_users(
         needs,
         settings.need_field,
@@ -76,6 +63,21 @@ def satisfaction(
         None,
         settings.facts_field,
     )
+    _, user_tokens = settings.most_new_tokens(len(users) * len(ans.conditions))  # a small job does not start the engine probe
+    simulator = CachedLLM(
+        build_client(
+            settings.simulator,
+            ans.model_name,
+            ans.device,
+            shared and shared.model,
+            shared and shared.tokenizer,
+            batch_size=ans.batch_size,
+            new_tokens=user_tokens,
+        ),
+        None,
+    )
+    judge = Judge(simulator, settings.judge).calibrate()
+    ans.log.info("simulated users' judge calibrated: %.0f%%", 100 * judge.accuracy)
     # each condition its own copies of the users, its policy and its weights; conditions with the
     # same weights share one policy and one weights context, so their turns go in one call
     answerers: dict[bool, tuple[Any, Callable[[], AbstractContextManager[Any]]]] = {}  # adapter on? -> (policy, weights)
