@@ -5,6 +5,9 @@ external id in batches (re-pushing updates, never duplicates; existing responses
 Pull reads responses with the wanted statuses, skips those already in the cursor
 (response id -> updated_at), and turns the rest into heedful records; a response whose
 spans do not fit the response text is reported with its record id, never dropped quietly.
+It also says which answers stand now (`live`) and which it read again (`reread`), so an
+accumulating pull can withdraw the rows of answers that were changed to a tie, discarded or
+deleted (`withdraw`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .argilla_templates import (
     TemplateOptions,
     detect_kind,
     parse_response,
+    row_id,
     settings,
     to_record,
 )
@@ -182,6 +186,10 @@ class PullResult:
     responses_seen: int = 0
     annotators: set[str] = field(default_factory=set)
     seconds: float = 0.0
+    #: row ids (`row_id`) of every response now in the wanted statuses, read this time or not
+    live: set[str] = field(default_factory=set)
+    #: row ids of the responses read this time (new or changed), whatever they yielded
+    reread: set[str] = field(default_factory=set)
 
 
 def iter_records(client, dataset_id: str, statuses: Iterable[str], page: int = PAGE) -> Iterator[dict[str, Any]]:
@@ -253,13 +261,15 @@ def pull(
                 continue
             result.responses_seen += 1
             key, updated = str(response["id"]), response.get("updated_at") or ""
+            annotator = users.get(str(response.get("user_id")), str(response.get("user_id")))
+            result.live.add(row_id(record, annotator))
             if result.cursor.get(key) == updated:
                 result.already_pulled += 1
                 continue
             if since_key and updated < since_key:
                 result.older_than_since += 1
                 continue
-            annotator = users.get(str(response.get("user_id")), str(response.get("user_id")))
+            result.reread.add(row_id(record, annotator))
             try:
                 records = parse_response(kind, record, response, annotator, ref, labels)
             except InvalidSpan as exc:
@@ -282,3 +292,28 @@ def pull(
         )
     result.seconds = time.time() - started
     return result
+
+
+def withdraw(previous: list[dict[str, Any]], result: PullResult) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The rows of an earlier pull of `result`'s dataset that still stand, and what was withdrawn.
+
+    A row stands while its answer does: the annotator's response is still in the pulled
+    statuses (`live`) and was not read again this time (`reread`: a changed answer is replaced
+    by what it yields now, which is nothing for a tie, an emptied critique or an invalid span).
+    Withdrawn: `changed` (read again, now yields no record) and `gone` (the response was
+    discarded, sent back to draft, deleted, or its record was deleted: the search lists every
+    record with an answer in the statuses, so one it no longer lists has none). A row of another
+    dataset is kept: this pull cannot see its answers."""
+    kept: list[dict[str, Any]] = []
+    new_ids = {str(r.id) for r in result.records}
+    counts = {"changed": 0, "gone": 0}
+    for row in previous:
+        rid = str(row.get("id"))
+        if (row.get("provenance") or {}).get("dataset") != result.dataset:
+            if rid not in new_ids:
+                kept.append(row)
+        elif rid in result.live and rid not in result.reread:
+            kept.append(row)
+        elif rid not in new_ids:
+            counts["changed" if rid in result.live else "gone"] += 1
+    return kept, counts

@@ -336,6 +336,13 @@ def check_spans(spans: list[dict[str, Any]], text: str, labels: list[str] | None
     return sorted(out, key=lambda s: (s["start"], s["end"], s["label"]))
 
 
+def row_id(record: dict[str, Any], annotator: str) -> str:
+    """The id of the heedful record one annotator's response to `record` becomes: one per
+    (record, annotator), so a changed answer replaces the earlier one, and a withdrawn answer
+    names the row it withdraws."""
+    return f"{record.get('external_id') or record['id']}:{annotator}"
+
+
 def parse_response(
     kind: TemplateKind,
     record: dict[str, Any],
@@ -346,7 +353,7 @@ def parse_response(
 ):
     """Heedful records for one annotator's response (a tie yields none; an invalid span raises)."""
     external = str(record.get("external_id") or record["id"])
-    rec_id = f"{external}:{annotator}"
+    rec_id = row_id(record, annotator)
     fields = record.get("fields") or {}
     prompt = _json_meta(record, "heedful_prompt", fields.get("prompt", ""))
     prov = provenance(record, response, annotator, dataset)

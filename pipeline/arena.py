@@ -28,7 +28,8 @@ and, when `arena.grid` tunes a method, in place of its `<method>_s<seed>`:
 Selection is a stage rather than a choice made between two runs so that the run stays one static
 graph: skipping, resuming, Ray scheduling, `heedful status` and lineage work unchanged, and the
 choice is on disk beside the adapter (stages/arena_select.py has the rule). With a grid every
-method, tuned or not, trains on the same fit part (the same examples). A failing method (or grid
+method, tuned or not, trains on the same fit part (the same examples), and the memory condition
+remembers that part too (the same feedback). A failing method (or grid
 point) blocks only its own evaluation. `collect` reads the finished run into the arena table
 (`arena.json`, `arena.csv`; with a grid, `grid` lists every point's validation scores; with
 several seeds, `aggregates` has each method's mean over seeds): pipeline/arena_table.py.
@@ -169,7 +170,8 @@ class ArenaSpec(BaseModel):
     needs: str | None = Field(default=None, description="held-out information needs for simulated users")
     memory: str | None = Field(
         default=None,
-        description="prompts the feedback was given on, or critiques (default: verbal <data>.train, users <users>.verbal_feedback)",
+        description="prompts the feedback was given on, or critiques (default: what the methods train on: verbal <data>.train, "
+        "users <users>.verbal_feedback; with a grid validation.fit, validation.verbal_feedback)",
     )
     views: dict[str, Any] = Field(default_factory=dict, description="verbal/spans: the views stage's `with`")
     conditions: list[str] = Field(default_factory=lambda: ["base", "in_context", "memory"])
@@ -434,8 +436,10 @@ def expand(
                 "model, and none in this run does (rule-rewarded or no ppo arm): train one in a stage of your own",
             )
     prompts = spec.prompts or {"verbal": f"{spec.data}.eval_prompts", "spans": "views.eval_prompts"}.get(spec.source)
-    # MemPrompt's memory: the prompts the verbal feedback was given on, or the critiques the methods train on
-    memory = spec.memory or {"verbal": f"{spec.data}.train", "users": f"{fill.get('users')}.verbal_feedback"}.get(spec.source)
+    # MemPrompt's memory: the same feedback the methods train on -- the prompts the verbal feedback was given on
+    # ({train}: validation's fit part when a grid is tuned, not the whole of <data>.train, a third more prompts
+    # at the default 0.25), or the users' critiques (of the fit needs with a grid)
+    memory = spec.memory or {"verbal": fill.get("train"), "users": f"{fill.get('users')}.verbal_feedback"}.get(spec.source)
     eval_inputs = {k: v for k, v in {"prompts": prompts, "needs": spec.needs}.items() if v}
     if spec.source == "spans":
         eval_inputs["general"] = "views.eval_answers"  # ref_loglik: the corrected answers to held-out questions

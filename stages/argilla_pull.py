@@ -11,6 +11,14 @@ it names the previous round's committed cursor as `cursor_file` with `write_curs
 so the new cursor exists only as this stage's output, committed with its records (a kill before
 that commit leaves the previous cursor as it was: nothing lost, nothing pulled twice), and with
 `if_missing: empty`, because the loop's own stages may push the dataset only in a later round.
+
+`accumulate: true` keeps what earlier pulls wrote, each (record, annotator) once in its newest
+version, and only while the answer stands: an annotator who changes a preference to a tie,
+empties a critique or reaction, discards or un-submits the record, or a response or record
+deleted in Argilla withdraws the earlier row (`withdrawn` in the metrics and the log). The pull
+can tell because it lists every record with an answer in the pulled statuses on each run (the
+cursor only saves re-parsing): an answer no longer listed is gone. A dataset deleted as a whole
+is not read at all (an error, or `if_missing: empty`, which writes no records).
 """
 
 from __future__ import annotations
@@ -40,12 +48,16 @@ class ArgillaPullConfig(StageConfig):
     if_missing: Literal["error", "empty"] = Field(
         default="error", description="a dataset not pushed yet: fail, or pull nothing (the loop's way)"
     )
-    accumulate: bool = Field(default=False, description="output = previous output + new (newer versions replace older)")
+    accumulate: bool = Field(
+        default=False,
+        description="output = previous output + new (newer versions replace older; a withdrawn answer removes its row)",
+    )
     on_invalid_span: Literal["error", "report"] = "error"
 
 
 class ArgillaPullStage(Stage):
     uses = "argilla_pull"
+    version = "2"  # 2: accumulate drops the rows of answers withdrawn (tie, discarded, deleted)
     summary = "Pull submitted Argilla responses incrementally as span/verbal/preference/reaction records."
     Config = ArgillaPullConfig
     inputs = {"pushed": Input(("argilla_records",), required=False, doc="argilla_push output (orders pull after push)")}
@@ -60,7 +72,7 @@ class ArgillaPullStage(Stage):
 
     def run(self):
         from feedback.argilla_client import connect
-        from feedback.argilla_sync import find_dataset, pull
+        from feedback.argilla_sync import find_dataset, pull, withdraw
         from feedback.argilla_templates import OUTPUT_KIND
         from pipeline.artifacts import atomic_write_json
         from pipeline.errors import DataError
@@ -87,13 +99,15 @@ class ArgillaPullStage(Stage):
             atomic_write_json(
                 out / "cursor.json", {"dataset": f"{workspace}/{name}", "statuses": statuses(cfg), "responses": cursor}
             )
-            return {"new": 0, "records": 0, "already_pulled": 0, "ties": 0, "invalid": 0, "annotators": 0, "output": None}
+            empty = {"new": 0, "records": 0, "already_pulled": 0, "ties": 0, "withdrawn": 0, "invalid": 0, "annotators": 0}
+            return {**empty, "output": None}
         result = pull(client, name, workspace, statuses(cfg), cursor, cfg.since, cfg.on_invalid_span)
         kind = OUTPUT_KIND[result.kind]
         rows = records_to_rows(result.records)
+        withdrawn = {"changed": 0, "gone": 0}
         if cfg.accumulate and (previous / kind).exists():
-            new_ids = {r["id"] for r in rows}
-            rows = [r for r in load_rows(previous / kind) if r["id"] not in new_ids] + rows
+            kept, withdrawn = withdraw(load_rows(previous / kind), result)
+            rows = kept + rows
         save_feedback(rows, kind, self.ctx.output(kind))
         state = {"dataset": result.dataset, "statuses": statuses(cfg), "responses": result.cursor}
         atomic_write_json(out / "cursor.json", state)
@@ -111,11 +125,21 @@ class ArgillaPullStage(Stage):
             result.ties,
             len(result.annotators),
         )
+        if sum(withdrawn.values()):
+            self.ctx.log.info(
+                "%s: %d earlier record(s) withdrawn: %d answered again without a record (a tie, an empty answer, "
+                "an invalid span), %d discarded, back to draft or deleted",
+                result.dataset,
+                sum(withdrawn.values()),
+                withdrawn["changed"],
+                withdrawn["gone"],
+            )
         return {
             "new": len(result.records),
             "records": len(rows),
             "already_pulled": result.already_pulled,
             "ties": result.ties,
+            "withdrawn": sum(withdrawn.values()),
             "invalid": len(result.invalid),
             "annotators": len(result.annotators),
             "output": kind,

@@ -2,13 +2,13 @@
 
 Held-out rows never train: the evaluate stage measures on them what the training did for
 requests it has not seen. So the unit of the split is the *prompt*, not the row: rows whose
-request has the same last user turn (`pipeline.chat.last_user_text`, the key the reward models
-split by: a repeated question, ClariQ's facets of one `initial_request`) form a group, and a
-group lands whole on one side -- else one copy would be trained on and the other measured as
-unseen. Rows with a `split` column (train / eval / held_out / test) keep it and pull the rest
+request has the same last user turn (`pipeline.prompt_groups.group_key`, the key the reward
+models split by: a repeated question, ClariQ's facets of one `initial_request`) form a group,
+and a group lands whole on one side -- else one copy would be trained on and the other measured
+as unseen. Rows with a `split` column (train / eval / held_out / test) keep it and pull the rest
 of their group to their side (a group marked for both sides is an error naming its rows); the
 other groups are split at random, seeded, holding out as close to `held_out_fraction` of their
-rows as whole groups allow.
+rows as whole groups allow (`pipeline.prompt_groups.pick_groups`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ from pydantic import Field
 from pipeline.stage import Input, Output, Stage, StageConfig
 
 HELD_OUT_NAMES = ("eval", "held_out", "test")
-#: the row fields holding the user's request, looked for in this order: a prompt row's, a need
-#: row's alternative (`feedback.simulator.needs.load_users` reads `request` too), ClariQ's
-REQUEST_FIELDS = ("prompt", "request", "initial_request")
 
 
 class SplitConfig(StageConfig):
@@ -52,27 +49,14 @@ class SplitStage(Stage):
         return {"train": len(train), "held_out": len(held_out)}
 
 
-def group_key(row: dict, i: int) -> str:
-    """The prompt that groups `row` with its copies: its request's last user turn, whitespace
-    trimmed; a row without a request field is a group of its own (`i`: its index)."""
-    from pipeline.chat import last_user_text
-
-    for field in REQUEST_FIELDS:
-        value = row.get(field)
-        if value not in (None, "", []):
-            return last_user_text(value).strip()
-    return f"\0row {i}"  # no request's text starts with NUL
-
-
 def split_rows(
     rows: list[dict], cfg: SplitConfig, seed: int, where: str = "rows", places: list[str] | None = None
 ) -> tuple[list[dict], list[dict]]:
     """(train, held_out), each in input order, every group of rows with the same prompt
     (`group_key`) on one side. `places` names each row in messages (`file:line` as
     `load_located_rows` gives it); without it a row is `<where> row <n>`, counted from 1."""
-    import random
-
     from pipeline.errors import DataError
+    from pipeline.prompt_groups import group_key, pick_groups
 
     place = places or [f"{where} row {i + 1}" for i in range(len(rows))]
     keys = [group_key(row, i) for i, row in enumerate(rows)]
@@ -100,26 +84,9 @@ def split_rows(
     n = max(cfg.min_held_out, round(free_rows * cfg.held_out_fraction)) if free else 0
     if free and n >= free_rows and not has_train:
         raise DataError(f"{where}: {free_rows} rows cannot be split with {n} held out and some left to train on")
-    order = list(range(len(free)))
-    random.Random(seed).shuffle(order)
-    held = taken = 0
-
-    def take(k: int) -> None:
-        nonlocal held, taken
-        held_keys.add(free[k])
-        held, taken = held + len(groups[free[k]]), taken + 1
-
-    # whole groups in seeded order, each taken when it brings the held-out rows closer to n (with
-    # one row per group: the first n), never the last one when nothing else is left to train on
-    for k in order:
-        if abs(held + len(groups[free[k]]) - n) < abs(held - n) and (has_train or taken + 1 < len(free)):
-            take(k)
-    # groups too big to bring the count closer: the smallest, up to min_held_out
-    for k in sorted(order, key=lambda k: len(groups[free[k]])):
-        if held >= cfg.min_held_out or not (has_train or taken + 1 < len(free)):
-            break
-        if free[k] not in held_keys:
-            take(k)
+    # whole groups, as close to n rows as they allow; never the last one when nothing else is left to train on
+    picked = pick_groups([len(groups[key]) for key in free], n, seed, cfg.min_held_out, keep_one=not has_train)
+    held_keys.update(free[k] for k in picked)
     train = [row for key, row in zip(keys, rows) if key not in held_keys]
     held_out = [row for key, row in zip(keys, rows) if key in held_keys]
     if not train or not held_out:

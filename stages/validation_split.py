@@ -10,14 +10,20 @@ ever reads `c3po_data.train`; the held-out `eval_prompts` are out of its reach b
 
 Per scope, `round(n * fraction)` rows (at least one) go to validation and at least one stays
 to train on, so adherence (in-scope) and overgeneralization (near/out) are both measured.
+The unit is the *prompt*, as in the `split` stage (`pipeline.prompt_groups`): rows with the
+same last user turn (a repeated prompt, several rows of one prompt) go to validation together
+or not at all, as close to that count as whole prompts allow -- else a grid point would be
+scored partly on prompts it trained on. A prompt found in two scopes goes where the first scope
+(in_scope, near_scope, out_of_scope) sent it. With one row per prompt the choice is the same as
+a per-row draw (version 1's).
 """
 
 from __future__ import annotations
 
-import random
-
 from pydantic import Field
 
+from pipeline.errors import DataError
+from pipeline.prompt_groups import group_key, pick_groups
 from pipeline.stage import Input, Output, Stage, StageConfig
 from trainers.feedback_eval import SCOPES
 
@@ -31,7 +37,11 @@ class ValidationSplitConfig(StageConfig):
 
 class ValidationSplitStage(Stage):
     uses = "validation_split"
-    summary = "c3po_data training rows into fit + validation prompts (seeded, per scope): tuning never sees held-out prompts."
+    version = "2"  # 2: rows with the same prompt go to one side (no prompt both trained on and validated)
+    summary = (
+        "c3po_data training rows into fit + validation prompts (seeded, per scope, a prompt's rows together): "
+        "tuning never sees held-out prompts."
+    )
     Config = ValidationSplitConfig
     inputs = {"data": Input(("c3po_data",), doc="c3po_data's `train` rows (never its eval_prompts)")}
     outputs = {
@@ -41,11 +51,12 @@ class ValidationSplitStage(Stage):
     config: ValidationSplitConfig
 
     def run(self):
-        from pipeline.records import load_rows, save_rows
+        from pipeline.records import load_located_rows, save_rows
 
         path = self.ctx.input("data")
-        rows = load_rows(path, required=["scope", "prompt"], what="c3po data")
-        fit, validation = split_by_scope(rows, self.config.fraction, self.ctx.seed, str(path))
+        located = load_located_rows(path, required=["scope", "prompt"], what="c3po data")
+        rows = [row for _, row in located]
+        fit, validation = split_by_scope(rows, self.config.fraction, self.ctx.seed, str(path), [where for where, _ in located])
         save_rows(fit, self.ctx.output("fit"))
         save_rows([{k: r.get(k) for k in PROMPT_COLUMNS if k in r} for r in validation], self.ctx.output("validation"))
         counts = {f"fit_{s}": sum(r["scope"] == s for r in fit) for s in SCOPES}
@@ -54,23 +65,52 @@ class ValidationSplitStage(Stage):
         return counts
 
 
-def split_by_scope(rows: list[dict], fraction: float, seed: int, where: str = "c3po data") -> tuple[list[dict], list[dict]]:
-    """(fit, validation): per scope a seeded `fraction` (at least one row, never all) to validation."""
+def split_by_scope(
+    rows: list[dict], fraction: float, seed: int, where: str = "c3po data", places: list[str] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """(fit, validation): per scope a seeded `fraction` of its rows (at least one row, never all)
+    to validation, in whole groups of rows with the same prompt (`group_key`), so that no prompt
+    is both trained on and validated. A bad row is a DataError naming it: `places[i]` (`file:line`
+    as `load_located_rows` gives it), else `<where> row <n>` from 1."""
+    place = places or [f"{where} row {i + 1}" for i in range(len(rows))]
+    for i, row in enumerate(rows):
+        if row["scope"] not in SCOPES:
+            raise DataError(f"{place[i]}: field 'scope': {row['scope']!r} is not one of {', '.join(SCOPES)}")
+    keys = [group_key(row, i) for i, row in enumerate(rows)]
+    validates: dict[str, bool] = {}  # a prompt's side, once the first scope with rows of it chose
     fit: list[dict] = []
     validation: list[dict] = []
     for scope in SCOPES:
-        mine = [r for r in rows if r["scope"] == scope]
+        mine = [i for i, row in enumerate(rows) if row["scope"] == scope]
         if len(mine) < 2:
-            from pipeline.errors import DataError
-
             raise DataError(
                 f"{where}: {len(mine)} training rows of scope {scope}; a validation split needs at least 2 "
                 "(one to train on, one to validate): give more prompts or drop arena.grid"
             )
-        order = list(range(len(mine)))
-        random.Random(f"{seed}:{scope}").shuffle(order)
+        groups: dict[str, list[int]] = {}
+        for i in mine:
+            groups.setdefault(keys[i], []).append(i)
+        free = [key for key in groups if key not in validates]
+        decided = [key for key in groups if key in validates]  # sent by an earlier scope
+        already = sum(len(groups[key]) for key in decided if validates[key])
         n = min(len(mine) - 1, max(1, round(len(mine) * fraction)))
-        picked = set(order[:n])
-        validation += [r for k, r in enumerate(mine) if k in picked]
-        fit += [r for k, r in enumerate(mine) if k not in picked]
+        picked = pick_groups(
+            [len(groups[key]) for key in free],
+            n - already,
+            f"{seed}:{scope}",
+            min_rows=0 if already else 1,
+            keep_one=all(validates[key] for key in decided),  # nothing of this scope trains yet
+        )
+        validates.update({key: k in picked for k, key in enumerate(free)})
+        chosen = [rows[i] for i in mine if validates[keys[i]]]
+        rest = [rows[i] for i in mine if not validates[keys[i]]]
+        if not chosen or not rest:
+            raise DataError(
+                f"{where}: the {len(mine)} training rows of scope {scope} ask {len(groups)} different prompts, and the "
+                f"split leaves {len(rest)} to train on and {len(chosen)} to validate; a prompt's rows stay on one side, "
+                "so each scope needs at least 2 different prompts (one to train on, one to validate): give more prompts "
+                "or drop arena.grid"
+            )
+        validation += chosen
+        fit += rest
     return fit, validation

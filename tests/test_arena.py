@@ -331,6 +331,9 @@ def test_grid_and_variants_expand(tmp_path):
     assert stage["validation"]["inputs"] == {"data": "data.train"}  # validation comes from the training rows only
     # every method, tuned or not, trains on the same fit part
     assert stage["views"]["inputs"] == {"data": "validation.fit"} and stage["c3po_s0"]["inputs"] == {"data": "validation.fit"}
+    # and MemPrompt's memory remembers the same feedback: the fit rows, not the whole of data.train
+    assert stage["eval_base"]["with"]["conditions"] == ["base", "in_context", "memory"]
+    assert stage["eval_base"]["inputs"]["memory"] == "validation.fit"
     assert stage["dpo_b3_s0"]["inputs"] == stage["dpo_g0_s0"]["inputs"] == {"preferences": "views.preferences"}
     assert stage["val_dpo_g2_s0"]["inputs"] == {"prompts": "validation.validation", "adapter": "dpo_g2_s0.adapter"}
     assert stage["select_dpo_s0"]["inputs"]["adapter_3"] == "dpo_g3_s0.adapter"
@@ -341,6 +344,9 @@ def test_grid_and_variants_expand(tmp_path):
     assert sft["inputs"] == {"data": "validation.fit"}  # c3po_data rows: in-scope revisions, other scopes' baselines
     untuned = {s["name"]: s for s in expand({**data, "arena": {**data["arena"], "grid": {}}}, methods=["sft"])[0]["stages"]}
     assert untuned["sft_s0"]["inputs"] == {"data": "data.train"} and "validation" not in untuned
+    assert untuned["eval_base"]["inputs"]["memory"] == "data.train"  # untuned, the methods train on all of it
+    remembered = {**data, "arena": {**data["arena"], "memory": "data.train"}}  # arena.memory still wins over the grid's
+    assert {s["name"]: s for s in expand(remembered)[0]["stages"]}["eval_base"]["inputs"]["memory"] == "data.train"
     users = {**data, "arena": {**data["arena"], "grid": {}, "source": "users", "users": "data"}}
     # the users source's in-context feedback comes from the critiques: wired without the memory condition too
     told = {**users, "arena": {**users["arena"], "conditions": ["base", "in_context"]}}

@@ -298,6 +298,81 @@ def test_pull_stage_is_incremental_across_forced_reruns(owner, annotators, tmp_p
     assert recs["pull"].metrics["new"] == 0 and recs["pull"].metrics["records"] == 4
 
 
+def _answered(owner, dataset, prompt):
+    """The raw record (with its responses) of `prompt` in `dataset`, as the owner sees it."""
+    from feedback.argilla_sync import find_dataset, iter_records
+
+    ds = find_dataset(owner, dataset, "heedful")
+    (record,) = [r for r in iter_records(owner, str(ds.id), ["submitted"]) if r["fields"]["prompt"] == prompt]
+    return record
+
+
+def _revise(owner, annotator, dataset, prompt, body):
+    """`annotator` changes its submitted answer to `prompt`'s record, as the UI does (PUT /api/v1/responses/{id})."""
+    from feedback.argilla_client import api
+
+    me = api(annotator["client"], "GET", "/api/v1/me", "who am I")["id"]
+    (mine,) = [r for r in _answered(owner, dataset, prompt)["responses"] if r["user_id"] == me]
+    api(annotator["client"], "PUT", f"/api/v1/responses/{mine['id']}", f"revise the answer to {prompt}", json=body)
+
+
+def test_accumulated_pull_withdraws_answers_changed_to_a_tie_discarded_or_deleted(owner, annotators, tmp_path):
+    """An annotator's withdrawal withdraws the record: after a preference is changed to a tie,
+    another discarded and a record deleted, the accumulated pull no longer holds their rows
+    (they were the next rounds' DPO and reward data); the other answers stay, each once."""
+    from feedback.argilla_annotate import annotate
+    from feedback.argilla_client import api
+    from pipeline.config import pipeline_from_dict
+    from pipeline.records import load_rows
+    from pipeline.runner import Runner
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n" for i in range(4))
+    )
+    push = {"dataset": "withdrawn", "template": {"kind": "preference"}}
+    spec = {
+        "run_name": "argilla-withdrawn",
+        "model": "tiny",
+        "stages": [
+            {"name": "push", "uses": "argilla_push", "inputs": {"records": str(pairs)}, "with": push},
+            {"name": "pull", "uses": "argilla_pull", "inputs": {"pushed": "push.pushed"}, "with": {"accumulate": True}},
+        ],
+    }
+
+    def run():
+        result = Runner(pipeline_from_dict(spec, tmp_path), tmp_path / "runs", use_ray=False, force={"pull"}).execute()
+        assert result.ok, [r.error for r in result.records]
+        metrics = result.record("pull").metrics
+        return metrics, {r["id"]: r for r in load_rows(result.run_dir / "pull" / "preferences")}
+
+    def good(task):
+        return {"preference": "a" if task.fields["response_a"].startswith("good") else "b", "rationale": "correct"}
+
+    assert run()[0]["new"] == 0  # pushed, nothing answered yet
+    annotate("withdrawn", good, client=annotators["ann-a"]["client"])
+    annotate("withdrawn", lambda t: good(t) if t.fields["prompt"] == "Q0?" else None, client=annotators["ann-b"]["client"])
+    metrics, first = run()
+    assert metrics["new"] == 5 and len(first) == 5
+    by_prompt = {(r["prompt"], r["provenance"]["annotator"]): rid for rid, r in first.items()}
+
+    _revise(owner, annotators["ann-a"], "withdrawn", "Q0?", {"values": {"preference": {"value": "tie"}}, "status": "submitted"})
+    _revise(owner, annotators["ann-a"], "withdrawn", "Q1?", {"values": {}, "status": "discarded"})
+    deleted = _answered(owner, "withdrawn", "Q2?")
+    api(owner, "DELETE", f"/api/v1/records/{deleted['id']}", "delete a record")
+    metrics, second = run()
+    standing = {by_prompt["Q0?", "ann-b"], by_prompt["Q3?", "ann-a"]}
+    assert second == {rid: first[rid] for rid in standing}  # the withdrawn are gone, the rest unchanged
+    assert (metrics["new"], metrics["ties"], metrics["already_pulled"]) == (0, 1, 2)
+    assert (metrics["withdrawn"], metrics["records"]) == (3, 2)
+
+    _revise(owner, annotators["ann-a"], "withdrawn", "Q0?", {"values": {"preference": {"value": "a"}}, "status": "submitted"})
+    metrics, third = run()  # a tie changed back to a preference comes back, once
+    assert (metrics["new"], metrics["withdrawn"], metrics["records"]) == (1, 0, 3)
+    assert set(third) == standing | {by_prompt["Q0?", "ann-a"]}
+    assert {rid: third[rid] for rid in standing} == second
+
+
 def test_invalid_span_is_reported_with_the_record_id(owner, annotators):
     """The reply text changed after annotation: the old span no longer fits."""
     from feedback.argilla_annotate import annotate

@@ -212,3 +212,80 @@ def test_since_with_an_offset_is_converted_to_the_servers_utc():
     assert _naive_utc("2026-01-02") == "2026-01-02T00:00:00"
     with pytest.raises(UserError, match="not an ISO 8601 time"):
         _naive_utc("yesterday")
+
+
+#: per template: its questions, an answer that yields a record, and one that yields none
+WITHDRAW_KINDS = {
+    "fine_grained": (
+        {"spans": ["irrelevant"], "corrected_response": None, "missing_info": None},
+        {"spans": [{"start": 0, "end": 5, "label": "irrelevant"}], "corrected_response": "Paris."},
+        {"spans": [{"start": 0, "end": 999, "label": "irrelevant"}]},  # a span that no longer fits: reported
+    ),
+    "verbal": (
+        {"critique": None, "judgment": None, "scope": None},
+        {"critique": "shorter", "judgment": "needs_work"},
+        {"judgment": "good"},  # the critique emptied
+    ),
+    "reaction": ({"reaction": None}, {"reaction": "love"}, {}),
+    "preference": ({"preference": None, "rationale": None}, {"preference": "a", "rationale": "clearer"}, {"preference": "tie"}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WITHDRAW_KINDS))
+def test_accumulated_rows_of_withdrawn_answers_are_dropped(monkeypatch, kind):
+    """An accumulating pull keeps an earlier row only while its answer stands: an answer read
+    again that yields nothing (tie, emptied critique or reaction, a span that no longer fits),
+    a discarded response and a deleted record withdraw it; other rows stay, each once.
+    (tests/test_argilla.py does the same for preferences on a real server.)"""
+    from types import SimpleNamespace
+
+    import feedback.argilla_sync
+    from feedback.argilla_sync import pull, withdraw
+    from pipeline.schema import records_to_rows
+
+    questions, answer, nothing = WITHDRAW_KINDS[kind]
+    ds = SimpleNamespace(
+        id="ds", settings=SimpleNamespace(questions=[SimpleNamespace(name=q, labels=lb) for q, lb in questions.items()])
+    )
+    client = SimpleNamespace(
+        api_url="http://argilla", users=[SimpleNamespace(id="u1", username="alice"), SimpleNamespace(id="u2", username="bob")]
+    )
+    fields = {"prompt": "Capital of France?", "response": "Paris is the capital.", "response_a": "Paris.", "response_b": "Lyon."}
+
+    def response(rid, user, values, status="submitted", at="2026-01-01T00:00:00"):
+        body = {q: {"value": v} for q, v in values.items()}
+        return {"id": rid, "user_id": user, "status": status, "updated_at": at, "values": body}
+
+    records = {
+        f"r{i}": {"id": f"arg{i}", "external_id": f"r{i}", "fields": fields, "responses": [response(f"a{i}", "u1", answer)]}
+        for i in range(4)
+    }
+    records["r0"]["responses"].append(response("b0", "u2", answer))
+
+    def iter_records(client, dataset_id, statuses, page=1000):  # as the server: records with an answer in `statuses`
+        for rec in records.values():
+            if any(r["status"] in statuses for r in rec["responses"]):
+                yield json.loads(json.dumps(rec))
+
+    monkeypatch.setattr(feedback.argilla_sync, "find_dataset", lambda *a: ds)
+    monkeypatch.setattr(feedback.argilla_sync, "iter_records", iter_records)
+    first = pull(client, "d", "heedful", on_invalid="report")
+    rows = records_to_rows(first.records)
+    assert sorted(r["id"] for r in rows) == ["r0:alice", "r0:bob", "r1:alice", "r2:alice", "r3:alice"]
+    other = {**rows[0], "provenance": {**rows[0]["provenance"], "dataset": "heedful/another"}, "id": "x:alice"}
+
+    records["r0"]["responses"][0] = response("a0", "u1", nothing, at="2026-01-02T00:00:00")  # changed
+    records["r1"]["responses"][0] = response("a1", "u1", {}, "discarded", at="2026-01-02T00:00:00")
+    del records["r2"]  # deleted
+    second = pull(client, "d", "heedful", cursor=first.cursor, on_invalid="report")
+    assert (len(second.records), second.already_pulled) == (0, 2)
+    kept, withdrawn = withdraw([*rows, other], second)
+    assert withdrawn == {"changed": 1, "gone": 2}
+    assert kept == [r for r in rows if r["id"] in ("r0:bob", "r3:alice")] + [other]  # untouched, in order
+
+    records["r0"]["responses"][0] = response("a0", "u1", answer, at="2026-01-03T00:00:00")  # answered again
+    third = pull(client, "d", "heedful", cursor=second.cursor, on_invalid="report")
+    kept, withdrawn = withdraw(kept, third)
+    rows = kept + records_to_rows(third.records)
+    assert withdrawn == {"changed": 0, "gone": 0}
+    assert sorted(r["id"] for r in rows) == ["r0:alice", "r0:bob", "r3:alice", "x:alice"]

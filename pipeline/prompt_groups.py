@@ -1,0 +1,63 @@
+"""Rows grouped by the prompt they ask, and whole groups set aside: the one way a stage splits
+rows without a prompt landing on both sides.
+
+A split measured on one side (held out, validation) must not contain a request the other side
+trained on. So its unit is the *prompt*, not the row: rows whose request has the same last user
+turn (`pipeline.chat.last_user_text`, the key the reward models split by: a repeated question,
+several pairs of one prompt, ClariQ's facets of one `initial_request`) form a group, and a group
+lands whole on one side. `split` (train / held out) and `validation_split` (fit / validation)
+both split this way.
+
+No heavy imports: stage modules import this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: the row fields holding the user's request, looked for in this order: a prompt row's, a need
+#: row's alternative (`feedback.simulator.needs.load_users` reads `request` too), ClariQ's
+REQUEST_FIELDS = ("prompt", "request", "initial_request")
+
+
+def group_key(row: dict, i: int) -> str:
+    """The prompt that groups `row` with its copies: its request's last user turn, whitespace
+    trimmed; a row without a request field is a group of its own (`i`: its index)."""
+    from pipeline.chat import last_user_text
+
+    for field in REQUEST_FIELDS:
+        value = row.get(field)
+        if value not in (None, "", []):
+            return last_user_text(value).strip()
+    return f"\0row {i}"  # no request's text starts with NUL
+
+
+def pick_groups(sizes: Sequence[int], n: int, seed: int | str, min_rows: int = 1, keep_one: bool = True) -> set[int]:
+    """Which groups to set aside (indices into `sizes`, each a group's number of rows) so that
+    as close to `n` rows as whole groups allow are set aside.
+
+    In an order shuffled by `seed`, each group is taken when it brings the rows set aside closer
+    to `n` (with one row per group: the first `n` of that order); then, while fewer than
+    `min_rows` are set aside, the smallest groups left (groups too big to bring the count
+    closer). With `keep_one` never every group: nothing else is left on the other side."""
+    import random
+
+    order = list(range(len(sizes)))
+    random.Random(seed).shuffle(order)
+    picked: set[int] = set()
+    rows = 0
+
+    def may_take() -> bool:
+        return not keep_one or len(picked) + 1 < len(sizes)
+
+    for k in order:
+        if abs(rows + sizes[k] - n) < abs(rows - n) and may_take():
+            picked.add(k)
+            rows += sizes[k]
+    for k in sorted(order, key=lambda k: sizes[k]):
+        if rows >= min_rows or not may_take():
+            break
+        if k not in picked:
+            picked.add(k)
+            rows += sizes[k]
+    return picked
