@@ -279,8 +279,10 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def goal(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
-    """Adapter alone vs. base with memory on the repeats: the ratio, and the paired difference with its interval."""
-    from pipeline.stats import bootstrap_mean
+    """Adapter alone vs. base with memory on the repeats: the ratio, and the paired difference of the
+    lenient rates with Newcombe's interval (a bootstrap of 0/1 differences reads 0 [0, 0] when the
+    two agree on every repeat)."""
+    from pipeline.stats import paired_difference
 
     memory_on, alone = results["repeats"]["base+memory"], results["repeats"].get("adapter")
     if alone is None:
@@ -291,7 +293,10 @@ def goal(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
         "adapter_over_memory_on": round(ratio, 4),
         "target": 0.9,
         "met": bool(on and ratio >= 0.9),
-        "paired_difference": bootstrap_mean([float(b["lenient"]) - float(a["lenient"]) for a, b in zip(memory_on, alone)]),
+        "paired_difference": paired_difference(
+            {str(i): bool(b["lenient"]) for i, b in enumerate(alone)},
+            {str(i): bool(a["lenient"]) for i, a in enumerate(memory_on)},
+        ),
     }
 
 

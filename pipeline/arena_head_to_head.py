@@ -99,10 +99,14 @@ def flipped(paired: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "better": d["worse"],
             "worse": d["better"],
         }
-        if d.get("value") is not None:
-            swapped.update(value=-d["value"], lo=-d["hi"], hi=-d["lo"])
+        if d.get("value") is not None:  # a bound may be None (no interval: stats.no_spread, null in JSON)
+            swapped.update(value=-d["value"], lo=_negated(d.get("hi")), hi=_negated(d.get("lo")))
         out[metric] = swapped
     return out
+
+
+def _negated(bound: float | None) -> float | None:
+    return None if bound is None else -bound
 
 
 def table_rows(table: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:

@@ -126,10 +126,10 @@ def paired_section(table: dict[str, Any], key: str = "vs_base") -> str:
         "better and the worse way (for ↓ rates an item that turned no is better), and the exact McNemar "
         "p-value. Two rates whose Wilson intervals overlap can still differ here, and a difference that the "
         "pairing does not support shows as such. A mean over seeds pairs each item's share of seeds "
-        "against the reference's (bootstrap interval over items; p from an exact permutation test of the mean "
-        "difference, which is McNemar's for one seed). Scores (a reward model's, ref_loglik) pair as their "
-        "mean difference per item [bootstrap interval over items], items up and down, and the sign-flip "
-        "permutation p of the mean difference.</p>"
+        "against the reference's (Newcombe's interval on the seed-averaged table; p from an exact permutation "
+        "test of the mean difference, which is McNemar's for one seed). Scores (a reward model's, ref_loglik) "
+        "pair as their mean difference per item [bootstrap interval over items; no interval where every item "
+        "moved alike], items up and down, and the sign-flip permutation p of the mean difference.</p>"
         f"<table><tr><th>condition</th>{head}</tr>{body}</table>"
     )
 

@@ -10,7 +10,8 @@ seed. With several seeds a method also gets an **aggregate** row (`table["aggreg
         pooled over the seeds (successes and n summed) with the Wilson interval of the pooled share;
     means (KL, log-likelihood, repeated n-grams, length and length vs the base, win rate, rewards)
         the n-weighted mean of the seeds' means, with the envelope of their 95% intervals (lowest
-        lo, highest hi): wider than either seed's, so seed-to-seed spread is not hidden;
+        lo, highest hi): wider than either seed's, so seed-to-seed spread is not hidden; no
+        envelope (NaN bounds) when a seed has no interval (its values all alike: stats.no_spread);
     bare numbers (length_vs_base of older runs) the mean over seeds.
 Each aggregate estimate also lists `per_seed` values and their `seed_min`/`seed_max`, because a
 pooled interval counts replies, not seeds: with two seeds, the spread is the honest check.
@@ -341,7 +342,8 @@ def aggregate_seeds(
 def seeds_versus(per_seed: list[dict[str, dict[str, bool]]], references: dict[str, dict[str, dict[str, bool]]]) -> dict[str, Any]:
     """{"vs_base": {metric: ...}, "vs_in_context": ...} of a method's finished seeds against each
     reference on the same items: each item's share of seeds that said yes less the reference's
-    (`pipeline.stats.paired_mean_difference`: a bootstrap over items, an exact permutation test), `better`
+    (`pipeline.stats.paired_mean_difference`: Newcombe's interval on the seed-averaged table, an exact
+    permutation test), `better`
     / `worse` by the metric's direction; {} with fewer than two seeds' outcomes."""
     from .stats import paired_mean_difference, paired_score_difference
 
@@ -381,13 +383,11 @@ def aggregate_metric(name: str, values: list[Any]) -> dict[str, Any] | float | N
         mean = sum(e["value"] * e["n"] for e in estimates) / n
         los = [e["lo"] for e in estimates if finite_number(e.get("lo"))]
         his = [e["hi"] for e in estimates if finite_number(e.get("hi"))]
-        out = {
-            "value": mean,
-            "n": n,
-            "lo": min(los + [mean]),
-            "hi": max(his + [mean]),
-            "interval": "envelope of the seeds' 95% intervals",
-        }
+        if len(los) == len(his) == len(estimates):
+            lo, hi, interval = min(los + [mean]), max(his + [mean]), "envelope of the seeds' 95% intervals"
+        else:  # a seed without an interval: an envelope of the others would be narrower than the truth
+            lo, hi, interval = math.nan, math.nan, "none: a seed has no interval (its values all alike)"
+        out = {"value": mean, "n": n, "lo": lo, "hi": hi, "interval": interval}
     return {**out, "seeds": len(estimates), "per_seed": per_seed, "seed_min": min(per_seed), "seed_max": max(per_seed)}
 
 
@@ -411,10 +411,15 @@ def paired_names(table: dict[str, Any], key: str = "vs_base") -> list[str]:
 
 
 def fmt_paired(d: dict[str, Any] | None) -> str:
-    """'+0.17 [+0.04, +0.29] 10 better, 2 worse, p = 0.04' for a paired difference; '–' for none."""
+    """'+0.17 [+0.04, +0.29] 10 better, 2 worse, p = 0.04' for a paired difference ('[no interval]'
+    where every item's difference was alike: stats.no_spread); '–' for none."""
     if not d or d.get("value") is None or not finite_number(d["value"]):
         return "–"
-    return f"{d['value']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] {d['better']} better, {d['worse']} worse, p = {d['p']:.2g}"
+    if finite_number(d.get("lo")) and finite_number(d.get("hi")):
+        interval = f"[{d['lo']:+.2f}, {d['hi']:+.2f}]"
+    else:
+        interval = "[no interval]"
+    return f"{d['value']:+.2f} {interval} {d['better']} better, {d['worse']} worse, p = {d['p']:.2g}"
 
 
 def display_rows(table: dict[str, Any]) -> list[dict[str, Any]]:

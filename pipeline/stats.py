@@ -1,12 +1,22 @@
 """Numbers a reader can tell from noise: every metric as {value, n, lo, hi} with a 95% interval.
 
-- rates (a share of n yes/no outcomes): the Wilson score interval, which stays inside [0, 1]
-  and is honest at 0/n and n/n, where the normal approximation collapses to a point;
+- rates (a share of n yes/no outcomes, a judge's preferences with ties counted half): the Wilson
+  score interval, which stays inside [0, 1] and is honest at 0/n and n/n, where the normal
+  approximation (and a bootstrap: every resample of 20/20 is 20/20) collapses to a point;
 - a rate against another's on the same items: Newcombe's paired interval and McNemar's exact test;
-  several seeds' mean against it: a bootstrap over items and an exact permutation test; many such
-  tests of one family: Holm's adjusted p-values;
-- means (KL, log-likelihood, rounds, lengths): a seeded percentile bootstrap over the items;
+  several seeds' mean against it: Newcombe's interval on the seed-averaged table (the same with one
+  seed) and an exact permutation test; many such tests of one family: Holm's adjusted p-values;
+- means (KL, log-likelihood, rounds, lengths, scores): a seeded percentile bootstrap over the items;
 - distributions: KL(p || q) in nats; per-token KL between two models' logits.
+
+No interval claims a certainty the data cannot give. A percentile bootstrap whose resamples show
+no spread (every value equal, or one item) would read `x [x, x]`; instead (`no_spread`) a mean of
+values known to lie in [a, b] (`bounds`: repeated n-gram shares in [0, 1], rounds in [1, max_rounds])
+gets the Wilson interval of its share of that range over its n items (a value in [0, 1] varies at
+most as much as a yes/no outcome of the same mean, so this errs wide), and an unbounded mean (KL,
+log-likelihood, a reward score, a length ratio) gets NaN bounds (null in JSON): no interval, with
+`interval` saying why. Exact by construction, and so zero-width: the base against itself
+(its `kl_to_base` 0, drift.py; its `length_vs_base` 1, evaluation/metrics.py).
 
 Pure Python + numpy (torch only inside `token_kl`), so the spine and the report can use it.
 """
@@ -32,8 +42,23 @@ def empty(n: int = 0) -> dict[str, Any]:
     return estimate(math.nan, n, math.nan, math.nan)
 
 
-def wilson(successes: int, n: int, z: float = Z95) -> dict[str, Any]:
-    """Share `successes / n` with its Wilson score interval (Wilson 1927)."""
+#: relative width under which a bootstrap interval counts as no spread (float rounding of equal means)
+SPREAD_TOLERANCE = 1e-9
+
+
+def z_for(level: float) -> float:
+    """The two-sided normal quantile of a `level` interval (Z95 at 0.95)."""
+    if level == 0.95:
+        return Z95
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(1 - (1 - level) / 2)
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> dict[str, Any]:
+    """Share `successes / n` with its Wilson score interval (Wilson 1927). `successes` may be
+    fractional (a judge's tie counts half a win): a value in [0, 1] varies at most as a yes/no
+    outcome of the same mean does, so the interval is then a little wide, never too narrow."""
     if n < 0 or successes < 0 or successes > n:
         raise ValueError(f"wilson: need 0 <= successes <= n (got {successes}/{n})")
     if n == 0:
@@ -52,14 +77,23 @@ def rate(outcomes: Iterable[bool]) -> dict[str, Any]:
     return wilson(sum(values), len(values))
 
 
-def bootstrap_mean(values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Mean with a seeded percentile-bootstrap interval (NaNs dropped). One value: a point interval."""
+def bootstrap_mean(
+    values: Sequence[float],
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+    bounds: tuple[float, float] | None = None,
+) -> dict[str, Any]:
+    """Mean with a seeded percentile-bootstrap interval (NaNs dropped). Values all equal, or one
+    value: no spread to resample, so `no_spread` (with `bounds`, the values' known range [a, b]: a
+    Wilson interval within it; else NaN bounds), never a point interval."""
     import numpy as np
 
     data = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if data.size == 0:
         return empty(0)
-    return _bootstrap(float(data.mean()), int(data.size), lambda idx: data[idx].mean(axis=1), level, resamples, seed)
+    point = float(data.mean())
+    return _bootstrap(point, int(data.size), lambda idx: data[idx].mean(axis=1), level, resamples, seed, bounds)
 
 
 def bootstrap_ratio(
@@ -67,7 +101,8 @@ def bootstrap_ratio(
 ) -> dict[str, Any]:
     """sum(numerators) / sum(denominators) over paired items (a ratio of means), with a seeded
     percentile-bootstrap interval that resamples the pairs together. No pairs or a zero
-    denominator: an empty estimate."""
+    denominator: an empty estimate. Every pair in the same ratio (or one pair): NaN bounds
+    (`no_spread`), not a point interval."""
     import numpy as np
 
     num, den = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
@@ -81,18 +116,42 @@ def bootstrap_ratio(
     return _bootstrap(float(num.sum() / den.sum()), int(num.size), ratios, level, resamples, seed)
 
 
-def _bootstrap(point: float, n: int, statistic, level: float, resamples: int, seed: int) -> dict[str, Any]:
+def _bootstrap(
+    point: float, n: int, statistic, level: float, resamples: int, seed: int, bounds: tuple[float, float] | None = None
+) -> dict[str, Any]:
     """`point` with a seeded percentile-bootstrap interval over `n` items: `statistic` maps a
     [resamples, n] matrix of resampled item indices to one value per resample (NaN: left out,
-    e.g. a resample whose denominator is 0). One item: a point interval."""
+    e.g. a resample whose denominator is 0). No spread among the resamples (one item, or every
+    item alike): `no_spread`."""
     import numpy as np
 
-    if n == 1:
-        return estimate(point, 1, point, point)
-    values = statistic(np.random.default_rng(seed).integers(0, n, size=(resamples, n)))
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(values[~np.isnan(values)], [alpha, 1 - alpha])
-    return estimate(point, n, float(lo), float(hi))
+    if n > 1:
+        values = statistic(np.random.default_rng(seed).integers(0, n, size=(resamples, n)))
+        values = values[~np.isnan(values)]
+        if values.size:
+            alpha = (1 - level) / 2
+            lo, hi = (float(q) for q in np.quantile(values, [alpha, 1 - alpha]))
+            if hi - lo > SPREAD_TOLERANCE * max(abs(lo), abs(hi)):
+                return estimate(point, n, lo, hi)
+    return no_spread(point, n, level, bounds)
+
+
+def no_spread(point: float, n: int, level: float = 0.95, bounds: tuple[float, float] | None = None) -> dict[str, Any]:
+    """A mean over `n` items whose bootstrap resamples all gave `point` (every value equal, or one
+    item). A percentile interval would be [point, point]: certainty that n alike items cannot give
+    (20 replies without a loop say little about the 21st). With `bounds` (a, b), the values' known
+    range: the Wilson interval of the mean's share of that range over n items (for values in [0, 1]
+    it is at least as wide as the truth needs, as for a rate); without bounds nothing can be said of
+    the spread: NaN bounds (null in JSON). `interval` says which."""
+    if bounds is not None and bounds[1] <= bounds[0]:  # e.g. rounds with max_rounds 1: nothing else was possible
+        return {**estimate(point, n, point, point), "interval": "exact: the values' range is one point"}
+    if bounds is not None:
+        a, b = bounds
+        share = min(1.0, max(0.0, (point - a) / (b - a)))
+        w = wilson(share * n, n, z_for(level))
+        lo, hi = min(point, a + w["lo"] * (b - a)), max(point, a + w["hi"] * (b - a))
+        return {**estimate(point, n, lo, hi), "interval": f"no spread: Wilson within [{a:g}, {b:g}]"}
+    return {**estimate(point, n, math.nan, math.nan), "interval": "no spread: every value alike, no interval"}
 
 
 def mcnemar_p(turned_yes: int, turned_no: int) -> float:
@@ -135,33 +194,49 @@ def paired_difference(outcomes: dict[str, bool], baseline: dict[str, bool], z: f
     counts = {"turned_yes": turned_yes, "turned_no": turned_no, "p": mcnemar_p(turned_yes, turned_no)}
     if n == 0:
         return {**empty(0), **counts}
-    neither = n - both - turned_yes - turned_no
-    p1, p2 = (both + turned_yes) / n, (both + turned_no) / n
-    w1, w2 = wilson(both + turned_yes, n, z), wilson(both + turned_no, n, z)
-    margins = (both + turned_yes) * (turned_no + neither) * (both + turned_no) * (turned_yes + neither)
+    return {**newcombe(both, turned_yes, turned_no, n, z), **counts}
+
+
+def newcombe(both: float, turned_yes: float, turned_no: float, n: int, z: float = Z95) -> dict[str, Any]:
+    """A paired 2x2 table over `n` items (`both` yes on both sides, `turned_yes` only on the first,
+    `turned_no` only on the second, the rest on neither): the first side's rate less the second's,
+    with Newcombe's hybrid score interval (1998, method 10: the two Wilson intervals combined,
+    corrected for the pairs' correlation). The cells may be fractional: a seed-averaged table
+    (`paired_mean_difference`)."""
+    yes1, yes2 = min(float(n), both + turned_yes), min(float(n), both + turned_no)  # float rounding of averaged cells
+    neither = max(0.0, n - both - turned_yes - turned_no)
+    p1, p2 = yes1 / n, yes2 / n
+    w1, w2 = wilson(yes1, n, z), wilson(yes2, n, z)
+    margins = yes1 * (turned_no + neither) * yes2 * (turned_yes + neither)
     cross = both * neither - turned_yes * turned_no
     corrected = cross - n / 2 if cross > n / 2 else (cross if cross < 0 else 0.0)
-    phi = corrected / math.sqrt(margins) if margins else 0.0
+    phi = corrected / math.sqrt(margins) if margins > 0 else 0.0
     below = (p1 - w1["lo"]) ** 2 - 2 * phi * (p1 - w1["lo"]) * (w2["hi"] - p2) + (w2["hi"] - p2) ** 2
     above = (w1["hi"] - p1) ** 2 - 2 * phi * (w1["hi"] - p1) * (p2 - w2["lo"]) + (p2 - w2["lo"]) ** 2
     delta = p1 - p2
     lo, hi = max(-1.0, delta - math.sqrt(max(below, 0.0))), min(1.0, delta + math.sqrt(max(above, 0.0)))
-    return {**estimate(delta, n, lo, hi), **counts}
+    return estimate(delta, n, lo, hi)
 
 
-def paired_mean_difference(per_seed: Sequence[dict[str, bool]], baseline: dict[str, bool], seed: int = 0) -> dict[str, Any]:
+def paired_mean_difference(per_seed: Sequence[dict[str, bool]], baseline: dict[str, bool]) -> dict[str, Any]:
     """Several seeds of one method against a baseline on the same items (keys every seed and the
     baseline have): per item, the share of seeds that said yes less the baseline's 0 or 1. The
-    mean of those differences with a percentile bootstrap over the *items* (the seeds of one item
-    are not independent draws, so they are averaged first, not pooled as extra items); how many
-    items' seed mean is above the baseline (`turned_yes`) and below it (`turned_no`), as a
-    description; and `p` from the exact permutation test of the mean difference
-    (`exchange_p`). Why not a sign test on those counts: an item whose two seeds split counts as
-    much as one both seeds lost, so a method equal to its baseline on average can look better by
-    the count alone. Why not sign flips of the differences: with k seeds against one baseline run
-    an item's difference is lopsided (near a ceiling: often -1, rarely +k), and flipping it
-    called an equal method different about twice as often as the level says. With one seed the
-    p is McNemar's."""
+    mean of those differences (the seeds of one item are not independent draws, so they are
+    averaged first, not pooled as extra items) with Newcombe's paired interval (`newcombe`) on the
+    seed-averaged table: an item whose two seeds split is half a yes; how many items' seed mean is
+    above the baseline (`turned_yes`) and below it (`turned_no`), as a description; and `p` from
+    the exact permutation test of the mean difference (`exchange_p`). With one seed: exactly
+    `paired_difference` (value, interval and McNemar's p).
+
+    Why Newcombe and not a bootstrap over the items: the differences are differences of rates, near
+    a ceiling mostly 0, and a bootstrap of items that all agree with the baseline reads 0 [0, 0]
+    (certainty that no number of items gives); each side's seed-averaged rate varies at most as a
+    rate does, so the Wilson intervals Newcombe combines are, if anything, wide. Why not a sign test
+    on the counts: an item whose two seeds split counts as much as one both seeds lost, so a method
+    equal to its baseline on average can look better by the count alone. Why not sign flips of the
+    differences: with k seeds against one baseline run an item's difference is lopsided (near a
+    ceiling: often -1, rarely +k), and flipping it called an equal method different about twice as
+    often as the level says."""
     if not per_seed:
         return {**empty(0), "turned_yes": 0, "turned_no": 0, "p": 1.0, "seeds": 0}
     seeds = len(per_seed)
@@ -170,7 +245,13 @@ def paired_mean_difference(per_seed: Sequence[dict[str, bool]], baseline: dict[s
     diffs = [yes / seeds - base for yes, base in items]
     turned_yes, turned_no = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     counts = {"turned_yes": turned_yes, "turned_no": turned_no, "p": exchange_p(items, seeds), "seeds": seeds}
-    return {**bootstrap_mean(diffs, seed=seed), **counts}
+    if not items:
+        return {**empty(0), **counts}
+    shares = [(yes / seeds, base) for yes, base in items]  # the seed-averaged 2x2 table, cell by cell
+    both = sum(share * base for share, base in shares)
+    up = sum(share * (1 - base) for share, base in shares)
+    down = sum((1 - share) * base for share, base in shares)
+    return {**newcombe(both, up, down, len(items)), **counts}
 
 
 def finite_number(value: Any) -> bool:
@@ -183,8 +264,9 @@ def paired_score_difference(
 ) -> dict[str, Any]:
     """Scores (a reward model's, the log-likelihood of a reference answer) against a baseline's on the
     same items (keys every seed and the baseline have): per item the seeds' mean less the baseline's
-    score; the mean of those differences with a percentile bootstrap over the items, how many went up
-    (`turned_yes`) and down (`turned_no`), and `p` from the sign-flip permutation test of the mean
+    score; the mean of those differences with a percentile bootstrap over the items (every difference
+    alike, e.g. a method scoring as its baseline on every item: NaN bounds, `no_spread`), how many
+    went up (`turned_yes`) and down (`turned_no`), and `p` from the sign-flip permutation test of the mean
     difference (`sign_flip_p`). Why sign flips here and not for yes/no outcomes (`exchange_p`): with
     one seed, a method equal to its baseline makes each item's difference as likely +d as -d, which
     is what the test assumes; a score is continuous, with no ceiling to make it lopsided. With several

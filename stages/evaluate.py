@@ -54,7 +54,12 @@ class EvaluateConfig(TrackingSettings):
     users: UsersSettings = Field(default_factory=UsersSettings)
     judge: LLMSettings | None = Field(default=None, description="LLM judge for win rate vs base (e.g. kind: openai)")
     resamples: int = Field(default=2000, ge=100, description="bootstrap resamples for intervals of means")
-    batch_size: int = Field(default=8, ge=1, description="HF generate / forward passes: rows at a time")
+    batch_size: int = Field(
+        default=8,
+        ge=1,
+        description="HF generate / forward passes: rows at a time; the simulated users' clients seed each batch, "
+        "so their sampled turns depend on it (part of the fingerprint)",
+    )
     engine: EngineSetting = "auto"
     device: str | None = None
 
@@ -62,7 +67,7 @@ class EvaluateConfig(TrackingSettings):
 class EvaluateStage(Stage):
     config: EvaluateConfig
     uses = "evaluate"
-    version = "8"  # 2: the summary's per-item outcomes; 3: the users' conversations; 4: their own kind; 5: per-item scores; 6: a CoH adapter answers its users after its phrase; 7: a CoH reply cut at a phrase is finished; 8: the conditions' conversations side by side (the simulator's calls batched across them)
+    version = "9"  # 2: the summary's per-item outcomes; 3: the users' conversations; 4: their own kind; 5: per-item scores; 6: a CoH adapter answers its users after its phrase; 7: a CoH reply cut at a phrase is finished; 8: the conditions' conversations side by side (the simulator's calls batched across them); 9: batch_size is fingerprinted (the users' sampled turns are seeded per batch on HF, as simulate's), first_reply_satisfied counts a need answered only by clarifying questions as not satisfied, and no interval is a point (Wilson for the judge's win rate; stats.no_spread)
     summary = "Adherence, overgeneralization, satisfaction, drift, degeneration, cost: base vs in-context vs memory vs adapter."
     Config = EvaluateConfig
     inputs = {
@@ -94,7 +99,9 @@ class EvaluateStage(Stage):
         ),
     }
     default_num_cpus = float("inf")
-    non_semantic_fields = frozenset({"device", "batch_size", "report_to", "engine"})  # how, not what
+    # how, not what; not batch_size: HF generate seeds each batch (seed + b), and so do the simulated users'
+    # clients on either engine, so their sampled turns change with it (as the simulate stage's)
+    non_semantic_fields = frozenset({"device", "report_to", "engine"})
 
     @classmethod
     def report_section(cls, run_root, manifests):

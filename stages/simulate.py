@@ -97,7 +97,7 @@ class SimulateStage(Stage):
         from feedback.simulator.needs import load_users
         from feedback.simulator.protocol import Judge, run_conversations
         from feedback.simulator.records import ProvenanceInfo, save_dataset, transcript_records
-        from pipeline.evaluation.users import first_judged
+        from pipeline.evaluation.users import first_reply_outcomes
         from pipeline.generation import ENGINE_LABELS
         from pipeline.llm import HFClient, build_client, shares_default_model
         from pipeline.llm_cache import CachedLLM, LLMCache
@@ -195,8 +195,6 @@ class SimulateStage(Stage):
         def rate(values):
             return sum(values) / len(values) if values else float("nan")
 
-        first = [first_judged(t.utterances) for t in transcripts]
-        first = [u for u in first if u is not None]
         seconds = time.time() - started
         counts = {k: sum(r["satisfied"] for r in rows if r["rounds"] == k) for k in range(1, cfg.max_rounds + 1)}
         ctx.log.info("satisfied after round: %s", json.dumps(counts))
@@ -204,7 +202,8 @@ class SimulateStage(Stage):
             "conversations": len(transcripts),
             "pairs": len(prefs),
             "satisfied_rate": rate([t.satisfied for t in transcripts]),
-            "first_reply_satisfied_rate": rate([bool(u.satisfied) for u in first]),
+            # every conversation counts: one whose every turn was a clarifying question was not satisfied by a reply
+            "first_reply_satisfied_rate": rate(first_reply_outcomes(transcripts)),
             "mean_rounds": rate([t.rounds for t in transcripts]),
             "clarifying_questions": sum(u.type == "clarifying_question" for t in transcripts for u in t.utterances),
             "feedback": len(verbal),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import math
 import os
 import subprocess
 
@@ -703,6 +704,12 @@ def test_aggregate_metric_by_hand():
     assert aggregate_metric("judge_win_rate", [None, None]) is None
     nan = {"value": None, "n": 0, "lo": None, "hi": None}  # an estimate over no items does not count
     assert aggregate_metric("adherence", [nan, wilson(1, 4)])["n"] == 4
+    # a seed whose values were all alike has no interval (null in JSON): the envelope of the other
+    # seed's would pass for the spread of both, so the mean over seeds has none either, not a narrower one
+    alike = {"value": 2.0, "n": 5, "lo": None, "hi": None}
+    ratio = aggregate_metric("length_vs_base", [alike, {"value": 1.0, "n": 5, "lo": 0.9, "hi": 1.1}])
+    assert ratio["value"] == pytest.approx(1.5) and math.isnan(ratio["lo"]) and math.isnan(ratio["hi"])
+    assert ratio["interval"].startswith("none") and ratio["per_seed"] == [2.0, 1.0]
 
 
 def test_aggregate_of_a_chained_arm_names_the_arm_it_continued():
@@ -855,16 +862,25 @@ def test_two_seeds_aggregated(tmp_path):
         assert (unfinished["better"], unfinished["worse"]) == (unfinished["turned_no"], unfinished["turned_yes"])
         # the rates, and a score since evaluate v5: each general answer's log-likelihood against the base's
         assert set(row["vs_base"]) == {"adherence", "overgen_near", "overgen_out", "unfinished", "ref_loglik"}
-    # the mean over seeds against the base: per prompt the share of seeds that adhered less the base's
-    from pipeline.stats import bootstrap_mean, mcnemar_p
+    # the mean over seeds against the base: per prompt the share of seeds that adhered less the base's,
+    # with Newcombe's interval on the seed-averaged table
+    from pipeline.stats import mcnemar_p, newcombe
 
     base_applied, seeds_applied = applied("eval_base", "base"), [applied(f"eval_dpo_s{s}") for s in (0, 1)]
-    diffs = [sum(a[p] for a in seeds_applied) / 2 - base_applied[p] for p in base_applied]
+    shares = [(sum(a[p] for a in seeds_applied) / 2, base_applied[p]) for p in base_applied]
+    diffs = [share - base for share, base in shares]
     up, down = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     seed_mean = mean["vs_base"]["adherence"]
-    assert {k: seed_mean[k] for k in ("value", "lo", "hi", "n")} == pytest.approx(
-        {k: bootstrap_mean(diffs)[k] for k in ("value", "lo", "hi", "n")}
+    table_cells = (
+        sum(share * base for share, base in shares),
+        sum(share * (1 - base) for share, base in shares),
+        sum((1 - share) * base for share, base in shares),
     )
+    assert seed_mean["value"] == pytest.approx(sum(diffs) / len(diffs))
+    assert {k: seed_mean[k] for k in ("value", "lo", "hi", "n")} == pytest.approx(
+        {k: newcombe(*table_cells, len(shares))[k] for k in ("value", "lo", "hi", "n")}
+    )
+    assert seed_mean["lo"] < seed_mean["hi"]  # never a point, even where every prompt agrees
     assert (seed_mean["better"], seed_mean["worse"], seed_mean["p"], seed_mean["seeds"]) == (up, down, mcnemar_p(up, down), 2)
     loglik = mean["vs_base"]["ref_loglik"]  # a score's seed mean: the seeds averaged per answer, then paired
     assert loglik["seeds"] == 2 and loglik["n"] == table["rows"][2]["vs_base"]["ref_loglik"]["n"] > 0

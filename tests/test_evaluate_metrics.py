@@ -41,8 +41,10 @@ def test_wilson_by_hand():
 
 
 def test_bootstrap_mean():
+    # every resample of 2, 2, 2 is 2: no spread to read an interval from, and none is claimed
     constant = bootstrap_mean([2.0, 2.0, 2.0])
-    assert constant == {"value": 2.0, "n": 3, "lo": 2.0, "hi": 2.0}
+    assert (constant["value"], constant["n"]) == (2.0, 3) and math.isnan(constant["lo"]) and math.isnan(constant["hi"])
+    assert constant["interval"].startswith("no spread")
     values = [0.0] * 10 + [1.0] * 10
     e = bootstrap_mean(values, seed=3)
     assert e["value"] == 0.5 and e["n"] == 20
@@ -50,6 +52,37 @@ def test_bootstrap_mean():
     assert bootstrap_mean(values, seed=3) == e  # seeded: reproducible
     assert bootstrap_mean([1.0, float("nan")])["n"] == 1
     assert bootstrap_mean([])["n"] == 0
+
+
+def test_a_mean_without_spread_is_no_point_interval():
+    """All values alike (or one value): a percentile bootstrap reads x [x, x]. Values known to lie
+    in [a, b] get the Wilson interval of the mean's share of that range: 20 replies that repeat no
+    n-gram read 0 [0, 0.161] (0/20's Wilson upper bound, z²/20 / (1 + z²/20)); 4 users all
+    satisfied in round 1 of 3 read 1 [1, 1 + 2 * 0.490] (0/4's upper bound z²/4 / (1 + z²/4));
+    one value of 0.25 in [0, 1] is Wilson's 0.25 of 1; a range of one point is exact (rounds with
+    max_rounds 1). Unbounded values (a length ratio, a score) get no interval: NaN bounds."""
+    z2 = 1.959963984540054**2
+    loops = bootstrap_mean([0.0] * 20, bounds=(0, 1))
+    assert (loops["value"], loops["lo"]) == (0.0, 0.0) and loops["hi"] == pytest.approx((z2 / 20) / (1 + z2 / 20))
+    assert loops["hi"] == pytest.approx(0.1611, abs=1e-4) and loops["hi"] > loops["lo"]
+    rounds = bootstrap_mean([1, 1, 1, 1], bounds=(1, 3))
+    assert (rounds["value"], rounds["lo"]) == (1.0, 1.0) and rounds["hi"] == pytest.approx(1 + 2 * (z2 / 4) / (1 + z2 / 4))
+    one = bootstrap_mean([0.25], bounds=(0, 1))
+    assert (one["value"], one["n"], one["lo"], one["hi"]) == pytest.approx(
+        (0.25, 1, wilson(0.25, 1)["lo"], wilson(0.25, 1)["hi"])
+    )
+    assert one["lo"] < 0.25 < one["hi"]
+    assert {k: bootstrap_mean([1, 1], bounds=(1, 1))[k] for k in ("value", "lo", "hi")} == {"value": 1.0, "lo": 1.0, "hi": 1.0}
+    single = bootstrap_mean([3.5])
+    assert single["value"] == 3.5 and math.isnan(single["lo"]) and math.isnan(single["hi"])
+    # every reply three times the base's: resampled ratios that differ only by float rounding are no spread
+    from pipeline.stats import bootstrap_ratio
+
+    bases = [0.1, 0.7, 1.3, 2.9, 0.33, 5.1]
+    thrice = bootstrap_ratio([3 * b for b in bases], bases)
+    assert thrice["value"] == pytest.approx(3.0) and math.isnan(thrice["lo"]) and math.isnan(thrice["hi"])
+    # with spread the bootstrap stands, bounds or not
+    assert bootstrap_mean([0.0] * 10 + [1.0] * 10, seed=3, bounds=(0, 1)) == bootstrap_mean([0.0] * 10 + [1.0] * 10, seed=3)
 
 
 def test_mean_example_tokens_counts_every_token_list_but_masks():
@@ -72,11 +105,25 @@ def test_mean_example_tokens_counts_every_token_list_but_masks():
     assert mean_example_tokens(Dataset.from_list([{"prompt": "hi", "completion": "there"}])) is None
 
 
+def test_an_estimate_without_an_interval_reads_so():
+    """Tables print a missing interval (NaN in memory, null in JSON) as such, not as 'nan' nor as a
+    bare number that reads like a certain one; a rate of one item shows its Wilson interval."""
+    from pipeline.evaluation.summary import fmt_estimate
+
+    assert fmt_estimate({"value": 0.5, "n": 10, "lo": 0.24, "hi": 0.76}) == "0.5 [0.24, 0.76] n=10"
+    assert fmt_estimate(bootstrap_mean([2.0, 2.0])) == "2 [no interval] n=2"
+    assert fmt_estimate({"value": 2.0, "n": 2, "lo": None, "hi": None}) == "2 [no interval] n=2"
+    assert fmt_estimate(wilson(1, 1)) == "1 [0.207, 1] n=1"
+    assert fmt_estimate({"value": None, "n": 0, "lo": None, "hi": None}) == "–" and fmt_estimate(1.25) == "1.25"
+
+
 def test_bootstrap_ratio_resamples_pairs_together():
     from pipeline.stats import bootstrap_ratio
 
-    # every reply exactly twice the base's, whatever the prompt: the ratio is 2 in every resample
-    assert bootstrap_ratio([2.0, 10.0, 40.0], [1.0, 5.0, 20.0]) == {"value": 2.0, "n": 3, "lo": 2.0, "hi": 2.0}
+    # every reply exactly twice the base's, whatever the prompt: the ratio is 2 in every resample, so
+    # no interval (a ratio has no known range to put a Wilson interval in), not 2 [2, 2]
+    same = bootstrap_ratio([2.0, 10.0, 40.0], [1.0, 5.0, 20.0])
+    assert (same["value"], same["n"]) == (2.0, 3) and math.isnan(same["lo"]) and math.isnan(same["hi"])
     # half the prompts twice as long, half the same: 1.5 on equal bases, an interval around it
     e = bootstrap_ratio([2.0] * 10 + [1.0] * 10, [1.0] * 20, seed=3)
     assert e["value"] == 1.5 and e["n"] == 20 and 1.2 < e["lo"] < 1.5 < e["hi"] < 1.8
@@ -137,25 +184,30 @@ def test_paired_difference_matches_a_published_example():
 
 def test_paired_mean_difference_averages_seeds_per_item_by_hand():
     """Two seeds against the base: per item the seeds' share of yes less the base's (a: 1, b: 0.5,
-    c: -0.5, d: -0.5; mean 0.125), 2 items up and 2 down, the bootstrap over the 4 items; an item
-    one seed lacks is left out; with one seed the value and p are paired_difference's. The p is the
+    c: -0.5, d: -0.5; mean 0.125), 2 items up and 2 down; the interval Newcombe's on the seed-averaged
+    table (both 1, up 1.5, down 1, neither 0.5 of 4 items), by hand; an item one seed lacks is left
+    out; with one seed value, interval and p are paired_difference's. The p is the
     exact permutation test, by hand: an item both of two seeds said yes to and the base no has
     yes on 2 of its 3 runs, so with the baseline drawn among them its step is +2 (chance 1/3) or -1
     (2/3); one such item gives p = 1/3, two give p = 1/9 (only +2 +2 reaches 4). Six items up by half a seed and three down by a whole
     one average 0 (p = 1) though the up/down count alone (6 vs 3) leans one way."""
-    from pipeline.stats import bootstrap_mean, paired_difference, paired_mean_difference
+    from pipeline.stats import paired_difference, paired_mean_difference
 
     base = {"a": False, "b": False, "c": True, "d": True, "e": True}
     seeds = [{"a": True, "b": False, "c": True, "d": True, "e": True}, {"a": True, "b": True, "c": False, "d": False}]
     d = paired_mean_difference(seeds, base)
     assert (d["value"], d["n"], d["turned_yes"], d["turned_no"], d["seeds"]) == (0.125, 4, 2, 2, 2)
     assert d["p"] == pytest.approx(1.0)  # the steps (2, 1, -1, -1) sum to 1, and no draw sums to 0
-    assert (d["lo"], d["hi"]) == pytest.approx(
-        (bootstrap_mean([1, 0.5, -0.5, -0.5])["lo"], bootstrap_mean([1, 0.5, -0.5, -0.5])["hi"])
-    )
+    # p1 = 2.5/4, p2 = 2/4; a*d - b*c = 1 * 0.5 - 1.5 * 1 = -1 < 0, so phi = -1 / sqrt(2.5 * 1.5 * 2 * 2)
+    p1, p2, w1, w2 = 2.5 / 4, 2 / 4, wilson(2.5, 4), wilson(2, 4)
+    phi = -1 / math.sqrt(2.5 * 1.5 * 2 * 2)
+    lo = p1 - p2 - math.sqrt((p1 - w1["lo"]) ** 2 - 2 * phi * (p1 - w1["lo"]) * (w2["hi"] - p2) + (w2["hi"] - p2) ** 2)
+    hi = p1 - p2 + math.sqrt((w1["hi"] - p1) ** 2 - 2 * phi * (w1["hi"] - p1) * (p2 - w2["lo"]) + (p2 - w2["lo"]) ** 2)
+    assert (d["lo"], d["hi"]) == pytest.approx((lo, hi)) and -1 <= d["lo"] < 0.125 < d["hi"] <= 1
     arm, baseline = paired_table(5, 7, 1, 7)
     one, two = paired_mean_difference([arm], baseline), paired_difference(arm, baseline)
     assert (one["value"], one["p"], one["turned_yes"], one["turned_no"]) == pytest.approx((two["value"], two["p"], 7, 1))
+    assert (one["lo"], one["hi"], one["n"]) == pytest.approx((two["lo"], two["hi"], two["n"]))
     assert paired_mean_difference([], base)["n"] == 0
     up = {"a": True, "b": True}
     assert paired_mean_difference([up], {"a": False})["p"] == pytest.approx(1.0)  # one seed: McNemar(1, 0) = 1
@@ -177,6 +229,60 @@ def test_paired_mean_difference_averages_seeds_per_item_by_hand():
     two = [{**{f"u{i}": i % 2 == s for i in range(6)}, **{f"w{i}": False for i in range(3)}} for s in (0, 1)]
     even = paired_mean_difference(two, half_up)
     assert (even["value"], even["turned_yes"], even["turned_no"], even["p"]) == (0.0, 6, 3, 1.0)
+
+
+def test_seed_mean_at_a_ceiling_is_no_point_interval():
+    """Two seeds and the base all satisfied on the same 20 needs: every item's difference is 0, and a
+    bootstrap over the items read 0 [0, 0], certainty that 20 needs cannot give. The seed-averaged
+    Newcombe interval is the one paired_difference gives 20/20 against 20/20 (its Wilson
+    intervals are [0.84, 1]): it straddles 0 with room on both sides."""
+    from pipeline.stats import paired_difference, paired_mean_difference
+
+    everyone = {f"n{i}": True for i in range(20)}
+    d = paired_mean_difference([everyone, everyone], everyone)
+    assert (d["value"], d["n"], d["turned_yes"], d["turned_no"], d["p"]) == (0.0, 20, 0, 0, 1.0)
+    assert d["lo"] < 0 < d["hi"] and d["hi"] - d["lo"] > 0.1
+    assert (d["lo"], d["hi"]) == pytest.approx(
+        (paired_difference(everyone, everyone)["lo"], paired_difference(everyone, everyone)["hi"])
+    )
+    # the method satisfied all 20 and the base none: +1, and still not certain (Wilson 20/20 and 0/20)
+    nobody = dict.fromkeys(everyone, False)
+    up = paired_mean_difference([everyone, everyone], nobody)
+    assert up["value"] == 1.0 and 0 < up["lo"] < 1.0 and up["hi"] == 1.0
+    assert up["lo"] == pytest.approx(1 - math.hypot(1 - wilson(20, 20)["lo"], wilson(0, 20)["hi"]))
+
+
+def test_judge_win_rate_is_a_wilson_rate(monkeypatch):
+    """A judge that prefers the condition's reply on all 20 prompts (the order alternating) reads
+    1 [0.84, 1] (Wilson's 20/20), not the bootstrap's 1 [1, 1]; a tie counts half a win."""
+    import logging
+    from types import SimpleNamespace
+
+    import pipeline.llm
+    from pipeline.evaluation.metrics import judge_win_rates
+
+    class Judge:
+        def complete(self, asks, seed=0):
+            # "A" when the first reply shown is the condition's ("good"), else "B"; prompt 7: neither
+            return ["tie" if "#7" in a[0]["content"] else ("A" if "Reply A:\ngood" in a[0]["content"] else "B") for a in asks]
+
+    monkeypatch.setattr(pipeline.llm, "build_client", lambda *args, **kwargs: Judge())
+    rows = [
+        {"condition": c, "prompt": f"prompt #{i}", "response": "good" if c == "kto" else "bad"}
+        for c in ("base", "kto")
+        for i in range(20)
+    ]
+    results = {"base": {}, "kto": {}}
+    ans = SimpleNamespace(model_name="tiny", device=None, seed=0, resamples=200, log=logging.getLogger("test"))
+    judge_win_rates(ans, [r for r in rows if "#7" not in r["prompt"]], results, {}, None)
+    win = results["kto"]["judge_win_rate"]
+    assert "judge_win_rate" not in results["base"]
+    assert (win["value"], win["n"], win["hi"]) == (1.0, 19, 1.0) and win["lo"] == pytest.approx(wilson(19, 19)["lo"])
+    assert win["lo"] < 0.9
+    judge_win_rates(ans, rows, results, {}, None)
+    win = results["kto"]["judge_win_rate"]
+    assert win["value"] == pytest.approx(19.5 / 20) and win["n"] == 20
+    assert (win["lo"], win["hi"]) == pytest.approx((wilson(19.5, 20)["lo"], wilson(19.5, 20)["hi"])) and win["hi"] < 1
 
 
 def test_versus_counts_better_and_worse_by_each_metrics_direction():
@@ -226,6 +332,16 @@ def test_paired_score_difference_and_sign_flips_by_hand():
     two = paired_score_difference([arm, {k: v + 2 for k, v in arm.items()}], base)  # seed means: arm + 1
     assert two["value"] == pytest.approx(2.25) and two["seeds"] == 2
     assert paired_score_difference([base], base)["p"] == 1.0 and paired_score_difference([], base)["n"] == 0
+    # the same score on every item: every difference 0, and a score has no known range: no interval, not 0 [0, 0]
+    same = paired_score_difference([base], base)
+    assert (same["value"], same["n"]) == (0.0, 5) and math.isnan(same["lo"]) and math.isnan(same["hi"])
+    from pipeline.arena_table import directed, fmt_paired
+
+    assert fmt_paired(directed("reward/plove", same)) == "+0.00 [no interval] 0 better, 0 worse, p = 1"
+    from pipeline.arena_head_to_head import flipped  # b - a of a pair read back from arena.json (null bounds)
+
+    back = flipped({"reward/plove": {**directed("reward/plove", same), "lo": None, "hi": None}})["reward/plove"]
+    assert (back["value"], back["lo"], back["hi"]) == (-0.0, None, None)
     # a score stored as null (NaN in the summary) leaves its item out instead of failing or deciding
     assert paired_score_difference([{**arm, "b": None}], base)["n"] == 3
     assert paired_score_difference([arm], {**base, "a": float("nan")})["value"] == pytest.approx(4 / 3)
@@ -882,20 +998,77 @@ def test_evaluate_users_source_in_context_and_memory_of_critiques(tmp_path, tiny
         assert metrics["first_reply_satisfied"]["n"] == 2
 
 
-def test_need_outcomes_key_every_copy_before_dropping_unjudged_first_replies():
-    """Need `a` asked twice: its first copy's first reply went unjudged, its second was judged
-    satisfied. The second copy is `a#2` in both metrics (numbered before the unjudged one is left
-    out, so it pairs with another condition's `a#2`), and `a` has no first_reply_satisfied."""
+def test_need_outcomes_count_a_need_with_no_judged_reply_as_not_satisfied_first():
+    """Need `a` asked twice: its first copy got only a clarifying question (no reply judged), its
+    second a reply judged satisfied. The unjudged copy counts, as not satisfied by its first reply
+    (the model never answered it); it was left out before, which made n 2 and the rate 1/2 here
+    instead of 1/3. The second copy is `a#2` in both metrics (so it pairs with another condition's `a#2`)."""
     from feedback.simulator.protocol import SimulatedUser, Transcript, Utterance
     from pipeline.evaluation.users import need_outcomes
+    from pipeline.stats import rate
 
     def transcript(need_id: str, judged: bool | None, satisfied: bool) -> Transcript:
-        reply = Utterance("system", "response", "an answer", 1, satisfied=judged)
-        return Transcript(SimulatedUser(need_id, "n", "r"), [reply], satisfied=satisfied)
+        if judged is None:
+            turns = [Utterance("system", "clarifying_question", "Which one?", 1), Utterance("user", "answer", "That one.", 1)]
+        else:
+            turns = [Utterance("system", "response", "an answer", 1, satisfied=judged)]
+        return Transcript(SimulatedUser(need_id, "n", "r"), turns, satisfied=satisfied)
 
     out = need_outcomes([transcript("a", None, False), transcript("b", False, True), transcript("a", True, True)])
     assert out["satisfied"] == {"a": False, "b": True, "a#2": True}
-    assert out["first_reply_satisfied"] == {"b": False, "a#2": True}
+    assert out["first_reply_satisfied"] == {"a": False, "b": False, "a#2": True}
+    assert rate(out["first_reply_satisfied"].values()) == pytest.approx(wilson(1, 3))
+
+
+def test_clarifying_questions_only_count_in_first_reply_satisfied():
+    """max_rounds 1 with max_clarifications 1 and a policy whose first turn asks a question: the
+    users answer it and the conversation ends with no reply judged. Both needs count in n as not
+    satisfied by a first reply (0 of 2), where they had been dropped (n 0, no rate at all)."""
+    from feedback.simulator.protocol import Judge, ProtocolSettings, SimulatedUser, run_conversations
+    from pipeline.evaluation.users import need_outcomes
+    from pipeline.generation import Completion
+    from pipeline.llm_cache import CachedLLM
+    from pipeline.stats import rate
+
+    class User:
+        identity = "scripted-user"
+
+        def generate(self, conversations, sampling, seed=0):
+            return [Completion("The blue one.", 3, True) for _ in conversations]
+
+    simulator = CachedLLM(User(), None)
+    users = [SimulatedUser(i, "a need", "a request", first_reply="Which one do you mean?") for i in ("u1", "u2")]
+    settings = ProtocolSettings(max_rounds=1, max_clarifications=1)
+    transcripts = run_conversations(users, simulator, simulator, settings, 0, Judge(simulator, "verbal"))
+    assert [[u.type for u in t.utterances] for t in transcripts] == [["question", "clarifying_question", "answer"]] * 2
+    first = need_outcomes(transcripts)["first_reply_satisfied"]
+    assert first == {"u1": False, "u2": False} and rate(first.values()) == wilson(0, 2)
+    from pipeline.evaluation.users import first_reply_outcomes  # what the simulate stage's rate reads
+
+    assert first_reply_outcomes(transcripts) == [False, False]
+
+
+def test_side_by_side_shows_a_need_answered_only_by_a_question_as_not_satisfied(tmp_path):
+    """The report's side-by-side counts as the rate does: a conversation with no judged reply shows
+    its clarifying question, not satisfied (it was left out, and the need looked agreed on)."""
+    from pipeline.evaluation.report import users_side_by_side
+
+    def talk(condition: str, utterances: list[dict]) -> dict:
+        return {"condition": condition, "conversation_id": "n1", "request": "Which train?", "utterances": utterances}
+
+    def said(kind: str, text: str, satisfied: bool | None = None, satisfaction: float | None = None) -> dict:
+        who = "system" if kind in ("response", "clarifying_question") else "user"
+        return {"participant": who, "type": kind, "text": text, "round": 1, "satisfied": satisfied, "satisfaction": satisfaction}
+
+    rows = [
+        talk("base", [said("question", "Which train?"), said("response", "The TGV.", True, 0.9)]),
+        talk("kto", [said("question", "Which train?"), said("clarifying_question", "To where?"), said("answer", "Lyon.")]),
+    ]
+    save_rows(rows, tmp_path / "eval" / "conversations")
+    section = users_side_by_side([tmp_path / "eval"])
+    assert html.escape("✓ 0.90: The TGV.") in section
+    assert html.escape("✗: (no reply, only a clarifying question) To where?") in section
+    assert "Needs the conditions disagree on first (1 of 1)" in section
 
 
 def test_a_misspelt_scope_is_an_error_not_a_silently_unscoped_prompt(tmp_path, tiny_model_path):

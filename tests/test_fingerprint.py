@@ -172,6 +172,17 @@ def test_a_nested_non_semantic_field_is_left_out_of_the_fingerprint():
     assert semantic_config(C3poConfig(evaluation={"engine": "hf"})) == {"evaluation": {"engine": "hf"}}  # without the exclusion
 
 
+def test_evaluate_batch_size_is_fingerprinted_and_its_device_is_not():
+    """The evaluate stage's simulated users seed each HF batch (seed + b), as the simulate stage's do:
+    another `batch_size` samples other turns, so a run with it is not the same run (evaluate v9);
+    the device and the engine still are how, not what."""
+    from stages.evaluate import EvaluateConfig, EvaluateStage
+
+    exclude = EvaluateStage.non_semantic_fields
+    assert semantic_config(EvaluateConfig(batch_size=1), exclude) == {"batch_size": 1}
+    assert semantic_config(EvaluateConfig(device="cpu", engine="hf"), exclude) == semantic_config(EvaluateConfig(), exclude) == {}
+
+
 def test_every_nested_non_semantic_path_names_a_field():
     """A misspelled dotted path would silently fingerprint the field it meant to leave out."""
     from pydantic import BaseModel

@@ -218,6 +218,22 @@ def test_batch_size_is_part_of_the_fingerprint(tmp_path, tiny_model_path):
     assert talks[1] != talks[0]  # the same seed, other batches: other sampled turns
 
 
+def test_a_conversation_of_clarifying_questions_counts_in_the_first_reply_rate(tmp_path, tiny_model_path):
+    """One round, one clarifying question allowed: n1's first turn (given upstream) asks a question,
+    which the user answers and no reply is ever judged; n2's is an answer, judged satisfied at
+    threshold 0. The first-reply rate is 1 of 2, not n2's alone (1 of 1): a need the policy never
+    answered was not satisfied by its first reply."""
+    rows = [
+        {**NEEDS[0], "response": "Which country do you mean?"},
+        {**NEEDS[1], "response": "Rinse the rice, add water and simmer it for 15 minutes."},
+    ]
+    out, metrics = run(tmp_path, rows, max_rounds=1, max_clarifications=1, satisfied_threshold=0.0, cache=False)
+    kinds = {t["id"]: [u["type"] for u in t["utterances"]] for t in out["transcripts"]}
+    assert kinds == {"n1": ["question", "clarifying_question", "answer"], "n2": ["question", "response", "feedback"]}
+    assert metrics["conversations"] == 2 and metrics["clarifying_questions"] == 1
+    assert metrics["first_reply_satisfied_rate"] == 0.5 and metrics["satisfied_rate"] == 0.5
+
+
 def test_seed_changes_the_conversation(tmp_path, tiny_model_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     a, _ = run(tmp_path / "a", NEEDS, satisfied_threshold=1.0, max_rounds=2, cache=False)

@@ -50,7 +50,7 @@ def drift(
     are built and at most two items' answer logits exist at once. The same numbers as one full
     forward per item, to float rounding (tests/test_evaluate_metrics.py)."""
     from pipeline.evaluation.metrics import keyed_outcomes
-    from pipeline.stats import bootstrap_mean, token_kl
+    from pipeline.stats import bootstrap_mean, estimate, token_kl
     from trainers.sequences import projects_hidden_states
 
     kl: dict[str, list[float]] = {c.name: [] for c in ans.conditions}
@@ -71,7 +71,10 @@ def drift(
                 loglik[condition.name].append(_mean_loglik(logits, answer))
                 kl[condition.name].append(0.0 if same else float(token_kl(logits, base_logits).mean()))
     for condition in ans.conditions:
-        results[condition.name]["kl_to_base"] = bootstrap_mean(kl[condition.name], resamples=ans.resamples, seed=ans.seed)
+        if condition.name == "base" and kl["base"]:  # the base against itself: 0 by construction, exactly
+            results["base"]["kl_to_base"] = estimate(0.0, len(kl["base"]), 0.0, 0.0)
+        else:  # every item's KL alike (or one item): no interval rather than a point one (stats.no_spread)
+            results[condition.name]["kl_to_base"] = bootstrap_mean(kl[condition.name], resamples=ans.resamples, seed=ans.seed)
         results[condition.name]["ref_loglik"] = bootstrap_mean(loglik[condition.name], resamples=ans.resamples, seed=ans.seed)
         if scores is not None:
             keyed = keyed_outcomes([(prompt, v) for (prompt, _), v in zip(pairs, loglik[condition.name])])

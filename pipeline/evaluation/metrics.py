@@ -3,7 +3,9 @@
 Why these sit together: each is computed from the `evaluation` rows alone (one row per prompt
 and condition), with no further generation, so they are cheap and reproducible from the rows.
 Every metric is {value, n, lo, hi} with a 95% interval (`pipeline/stats.py`): Wilson for
-rates, a seeded percentile bootstrap for means.
+rates (the judge's win rate too: a share of preferences, ties half), a seeded percentile bootstrap
+for means (values all alike: a Wilson interval within their range where it is known, else no
+interval; never a point).
 
     adherence / overgen_near / overgen_out   share of in-/near-/out-of-scope replies applying the
                                              feedback (trainers/feedback_eval.py, as c3po uses)
@@ -85,7 +87,8 @@ def condition_metrics(rows: Rows, resamples: int, seed: int) -> dict[str, Any]:
         return {}
     out = scope_estimates([r for r in rows if r["scope"] in SCOPES])
     out["unfinished"] = rate(not r["finished"] for r in rows)
-    out["repeated_ngrams"] = bootstrap_mean([r["repeated_ngrams"] for r in rows], resamples=resamples, seed=seed)
+    # a share in [0, 1]: replies that all repeat nothing are 0 with a Wilson interval, not 0 [0, 0]
+    out["repeated_ngrams"] = bootstrap_mean([r["repeated_ngrams"] for r in rows], resamples=resamples, seed=seed, bounds=(0, 1))
     out["length"] = bootstrap_mean([r["tokens"] for r in rows], resamples=resamples, seed=seed)
     return out
 
@@ -138,7 +141,7 @@ def length_vs_base(
 ) -> None:
     """Mean reply length relative to the base's on the same prompts (1.0 = same), paired by prompt,
     with a bootstrap interval over the prompts (a longer or shorter model shows it beyond noise)."""
-    from pipeline.stats import bootstrap_ratio
+    from pipeline.stats import bootstrap_ratio, estimate
 
     base = {r["prompt"]: r["tokens"] for r in rows if r["condition"] == "base"}
     if not base:
@@ -149,7 +152,10 @@ def length_vs_base(
         mine = [r for r in rows if r["condition"] == name and r["prompt"] in base]
         if mine and sum(base[r["prompt"]] for r in mine) > 0:
             lengths, base_lengths = [r["tokens"] for r in mine], [base[r["prompt"]] for r in mine]
-            metrics["length_vs_base"] = bootstrap_ratio(lengths, base_lengths, resamples=resamples, seed=seed)
+            if name == "base" and lengths == base_lengths:  # the base against itself: 1 by construction, exactly
+                metrics["length_vs_base"] = estimate(1.0, len(mine), 1.0, 1.0)
+            else:  # every prompt in the same ratio (or one prompt): no interval, not a point (stats.no_spread)
+                metrics["length_vs_base"] = bootstrap_ratio(lengths, base_lengths, resamples=resamples, seed=seed)
 
 
 def reward_scores(
@@ -183,10 +189,12 @@ def reward_scores(
 def judge_win_rates(
     ans: Answering, rows: Rows, results: Results, reference: dict[tuple[str, str], dict[str, Any]], judge_settings: LLMSettings
 ) -> None:
-    """Share of prompts where the judge prefers the condition's reply to the base's (ties 0.5).
-    The order of the two replies alternates, so a judge's position bias cancels."""
+    """Share of prompts where the judge prefers the condition's reply to the base's (ties 0.5),
+    with its Wilson interval: a rate of yes/no preferences (a tie half a win, which only makes the
+    interval a little wide), so 20 wins of 20 read 1 [0.84, 1], not the bootstrap's 1 [1, 1]. The
+    order of the two replies alternates, so a judge's position bias cancels."""
     from pipeline.llm import build_client
-    from pipeline.stats import bootstrap_mean
+    from pipeline.stats import wilson
 
     base = {r["prompt"]: r["response"] for r in rows if r["condition"] == "base"}
     base = base or {p: r["response"] for (c, p), r in reference.items() if c == "base"}
@@ -206,7 +214,7 @@ def judge_win_rates(
             flips.append(flip)
         answers = judge.complete(asks, seed=ans.seed) if asks else []
         wins = [win_score(answer, flip) for answer, flip in zip(answers, flips)]
-        results[condition]["judge_win_rate"] = bootstrap_mean(wins, resamples=ans.resamples, seed=ans.seed)
+        results[condition]["judge_win_rate"] = wilson(sum(wins), len(wins))
 
 
 def win_score(answer: str, flipped: bool) -> float:

@@ -62,7 +62,8 @@ def report_section(run_root: Path, manifests: dict[str, dict[str, Any]]) -> str:
 def users_side_by_side(stage_dirs: list[Path], shown: int = 4) -> str:
     """A few held-out needs with each condition's first judged reply in its simulated user's
     conversation, the user's satisfaction and verdict (✓ satisfied): the replies the satisfaction
-    rates count (sampled, so not the evaluation's greedy replies). Needs the conditions disagree on come
+    rates count (sampled, so not the evaluation's greedy replies); a conversation of clarifying
+    questions only shows its question, not satisfied, as the rate counts it. Needs the conditions disagree on come
     first; '' without the stages' `conversations` (no users, or evaluate before v3)."""
     import html
 
@@ -78,8 +79,9 @@ def users_side_by_side(stage_dirs: list[Path], shown: int = 4) -> str:
             continue
         for talk in load_rows(path):
             judged = first_judged(talk["utterances"])
-            if judged is None:
-                continue
+            if judged is None:  # only clarifying questions: counted not satisfied (users.first_reply_outcomes), so shown so
+                asked = next((u["text"] for u in talk["utterances"] if u["type"] == "clarifying_question"), "")
+                judged = {"satisfied": False, "satisfaction": None, "text": f"(no reply, only a clarifying question) {asked}"}
             if talk["condition"] not in order:
                 order.append(talk["condition"])
             first.setdefault(talk["conversation_id"], {}).setdefault(talk["condition"], judged)

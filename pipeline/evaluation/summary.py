@@ -199,12 +199,16 @@ def summary_table(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 
 def fmt_estimate(value: Any) -> str:
-    """'0.45 [0.26, 0.66] n=20' for an estimate, the number for a float, '–' for nothing."""
+    """'0.45 [0.26, 0.66] n=20' for an estimate, the number for a float, '–' for nothing; an
+    estimate without an interval (null or NaN bounds: its values all alike, stats.no_spread) as
+    '2 [no interval] n=3'."""
+    from pipeline.stats import finite_number
+
     if isinstance(value, dict) and "value" in value:
         if value.get("value") is None:
             return "–"
-        if value.get("lo") is None or value.get("n", 0) <= 1:
-            return f"{value['value']:.3g}"
+        if not (finite_number(value.get("lo")) and finite_number(value.get("hi"))):
+            return f"{value['value']:.3g} [no interval] n={value.get('n')}"
         return f"{value['value']:.3g} [{value['lo']:.3g}, {value['hi']:.3g}] n={value['n']}"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{value:.3g}"

@@ -4,6 +4,11 @@ Why simulated users on top of adherence: adherence checks the feedback was appli
 not say the reply still served the person. The `simulate` stage's ConvSim protocol (a user
 with a need, a judge calibrated before use) runs here unchanged, one conversation per
 held-out need and condition, giving first_reply_satisfied / satisfied / rounds.
+
+first_reply_satisfied counts every need: the first reply the user judged (a clarifying question the
+user answered is not a reply), and a need whose every turn was such a question (max_rounds no more
+than max_clarifications) as not satisfied: the model never answered it, so its first reply did not
+satisfy it. Left out, such needs would shrink n and flatter a model that asks instead of answering.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def satisfaction(
     outcomes: dict[str, dict[str, dict[str, bool]]],
     conversations: list[dict[str, Any]],
 ) -> None:
-    """first_reply_satisfied, satisfied (within max_rounds) and rounds, per condition; each
+    """first_reply_satisfied (`first_reply_outcomes`), satisfied (within max_rounds) and rounds, per condition; each
     need's first_reply_satisfied and satisfied in `outcomes[condition]`, keyed by the need's id
     (`#2` after a repeated id, as `metrics.keyed_outcomes` keys every metric). Every conversation
     is appended to `conversations` (its condition, each reply's satisfaction, fact coverage and
@@ -99,7 +104,8 @@ def satisfaction(
         metrics["first_reply_satisfied"] = rate(per_need["first_reply_satisfied"].values())
         metrics["satisfied"] = rate(per_need["satisfied"].values())
         outcomes.setdefault(condition.name, {}).update(per_need)
-        metrics["rounds"] = bootstrap_mean([t.rounds for t in transcripts if t.satisfied], resamples=ans.resamples, seed=ans.seed)
+        rounds = [t.rounds for t in transcripts if t.satisfied]  # each in [1, max_rounds]: all alike, a Wilson interval within
+        metrics["rounds"] = bootstrap_mean(rounds, resamples=ans.resamples, seed=ans.seed, bounds=(1, settings.max_rounds))
         ans.log.info(
             "%s: %d users, first reply satisfied %.2f",
             condition.name,
@@ -131,7 +137,8 @@ def condition_policy(ans: Answering, condition: Condition, loaded: Any) -> Any:
 
 
 def first_judged(utterances: Iterable[Any]) -> Any:
-    """A conversation's first reply the judge scored (None when it scored none): the reply the
+    """A conversation's first reply the judge scored (None when it scored none: every turn a
+    clarifying question, which first-reply satisfaction counts as not satisfied): the reply the
     first-reply satisfaction counts. Utterances as the simulator returns them or as the stage
     stores them (dicts in `conversations`), so the rate and the report's side-by-side pick the same one."""
 
@@ -141,15 +148,24 @@ def first_judged(utterances: Iterable[Any]) -> Any:
     return next((u for u in utterances if field(u, "type") == "response" and field(u, "satisfied") is not None), None)
 
 
+def first_reply_outcomes(transcripts: Iterable[Any]) -> list[bool]:
+    """Each conversation's first-reply satisfaction, in order: its first judged reply's verdict
+    (`first_judged`), False when no reply was judged (every turn a clarifying question the user
+    answered): a need the model never answered was not satisfied by its first reply, and counts in
+    n. Transcripts as the protocol returns them; the simulate stage's rate and the evaluation's
+    outcomes both read it."""
+    outcomes = []
+    for t in transcripts:
+        judged = first_judged(t.utterances)
+        outcomes.append(judged is not None and bool(judged.satisfied))
+    return outcomes
+
+
 def need_outcomes(transcripts: list[Any]) -> dict[str, dict[str, bool]]:
-    """Each need's `satisfied` and `first_reply_satisfied`, keyed by its id (`#2` after a repeated
-    id). Keyed over every transcript before the unjudged first replies are left out, so a repeated
-    need's k-th copy keeps its `#k` in every condition, whichever condition's copy went unjudged."""
+    """Each need's `satisfied` and `first_reply_satisfied` (`first_reply_outcomes`: a need with no
+    judged reply is False, not left out), keyed by its id (`#2` after a repeated id, in order, the
+    same keys in both metrics and every condition)."""
     from pipeline.evaluation.metrics import keyed_outcomes
 
     satisfied = keyed_outcomes([(t.user.id, bool(t.satisfied)) for t in transcripts])
-    first = {key: first_judged(t.utterances) for key, t in zip(satisfied, transcripts)}
-    return {
-        "satisfied": satisfied,
-        "first_reply_satisfied": {key: bool(u.satisfied) for key, u in first.items() if u is not None},
-    }
+    return {"satisfied": satisfied, "first_reply_satisfied": dict(zip(satisfied, first_reply_outcomes(transcripts)))}
