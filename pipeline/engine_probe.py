@@ -15,7 +15,7 @@ replies can differ at near-ties.
 A job too small to repay the probe (fewer than `PROBE_PAYS_FROM` new tokens: the quickstart's 12
 replies, or its simulated users' conversations) is not a reason to measure: it takes the answer
 already known, else HF generate (`known_cpu_engine`; a stage's probe, its conversion and two timed
-batches per engine, cost about PROBE_STAGE_TOKENS tokens of HF generate on an AMX Xeon, and
+batches per engine, cost about 3,300 tokens of HF generate on an AMX Xeon, and
 CTranslate2 was at most ~1.5x faster where it won).
 
 One request at a time is a different workload: on a 2-core Xeon with AMX (HF in bf16), the probe
