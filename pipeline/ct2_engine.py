@@ -24,6 +24,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,11 @@ PREFIX_BLOCK = 64
 #: generator's lifetime): a multi-turn chat, whose shared start grows every turn, cannot pile up
 MAX_CACHED_PREFIXES = 8
 MAX_CACHED_TOKENS = 4096
+#: held from `ctranslate2.set_random_seed` until the generator it seeds has started: the seed is
+#: process-wide, so two engines in one process (a server's canary beside its active version) starting
+#: generators at once could otherwise start one from the other's seed (a seeded request's replies would
+#: not be its seed's) or from a seed another request chose
+_SEED_LOCK = threading.RLock()
 
 
 def _step_callback(budgets: list[int], stop_strings: list[str], tokenizer: Any) -> Callable[[Any], bool]:
@@ -259,9 +265,10 @@ class Ct2Generator:
         import ctranslate2
 
         if sample and seed is not None:
-            self.generator = None
-            ctranslate2.set_random_seed(seed)
-            self.reload()
+            with _SEED_LOCK:
+                self.generator = None
+                ctranslate2.set_random_seed(seed)
+                self.reload()
         elif self.generator is None or (sample and self._rng_known):
             self.reload(reseed=True)
         return self.generator
@@ -355,11 +362,12 @@ class Ct2Generator:
         import ctranslate2
 
         self.generator = None
-        if reseed:
-            ctranslate2.set_random_seed(random.SystemRandom().randrange(1 << 31))
-        self.generator = ctranslate2.Generator(
-            str(self.model_dir), device="cpu", compute_type=self.quantization, intra_threads=self.threads, inter_threads=1
-        )
+        with _SEED_LOCK:  # the process-wide seed and the generator it starts, with no other engine between
+            if reseed:
+                ctranslate2.set_random_seed(random.SystemRandom().randrange(1 << 31))
+            self.generator = ctranslate2.Generator(
+                str(self.model_dir), device="cpu", compute_type=self.quantization, intra_threads=self.threads, inter_threads=1
+            )
         self._rng_known = not reseed
         self._cached_prefixes.clear()
 

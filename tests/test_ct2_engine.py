@@ -124,6 +124,48 @@ def test_auto_engine_on_cpu_follows_the_probe_and_gives_hf_greedy_replies(tiny_m
         pick_engine("llamacpp")
 
 
+def test_a_seed_and_the_generator_it_starts_come_with_no_other_engine_between(tiny_model_path, monkeypatch):
+    """CTranslate2's seed is process-wide and a generator reads it when it starts: an engine seeding
+    a request while another engine (a server's canary) starts its generator waits until that one has
+    started, so neither starts from the other's seed."""
+    import threading
+
+    import ctranslate2
+
+    events: list[tuple[str, str]] = []
+    inside, release = threading.Event(), threading.Event()
+    real_generator, real_seed = ctranslate2.Generator, ctranslate2.set_random_seed
+
+    def generator(*args, **kwargs):
+        name = threading.current_thread().name
+        events.append(("start", name))
+        if name == "active":  # held inside its start until the canary has had time to seed
+            inside.set()
+            release.wait(10)
+        started = real_generator(*args, **kwargs)
+        events.append(("started", name))
+        return started
+
+    def seed(value):
+        events.append(("seed", threading.current_thread().name))
+        real_seed(value)
+
+    monkeypatch.setattr(ctranslate2, "Generator", generator)
+    monkeypatch.setattr(ctranslate2, "set_random_seed", seed)
+    active, canary = Ct2Generator("tiny", threads=1), Ct2Generator("tiny", threads=1)
+    first = threading.Thread(target=active._seeded, args=(5,), name="active")
+    second = threading.Thread(target=canary._seeded, args=(7,), name="canary")
+    first.start()
+    assert inside.wait(10)
+    second.start()
+    second.join(0.5)  # free to run: without the lock it seeds now, between the active engine's seed and start
+    release.set()
+    first.join(10), second.join(10)
+    assert [e for e in events if e[1] == "active"] == [("seed", "active"), ("start", "active"), ("started", "active")]
+    assert events[3:] == [("seed", "canary"), ("start", "canary"), ("started", "canary")]
+    assert active.generator is not None and canary.generator is not None
+
+
 def test_engine_probe_measures_once_keeps_ct2_only_past_the_margin_and_obeys_the_variable(tmp_path, monkeypatch):
     from pipeline import engine_probe
 
