@@ -20,6 +20,13 @@ if TYPE_CHECKING:
     import torch
 
 
+#: on HNSW, a filter passing at most this many ids is searched exactly over their vectors instead: a
+#: filtered graph search walks the graph until it has met k allowed entries, nearly all of it for a user
+#: with a handful of entries among many (30k entries, dim 384, k 24, 2 cores: 24 ms for 5 allowed ids
+#: against 0.06 ms exactly, level at ~500 ids, where reading the vectors back costs as much)
+EXACT_FILTERED = 256
+
+
 class VectorIndex:
     """ids (int64) -> unit vectors; `search(v, k)` returns [(id, cosine similarity)], best first.
 
@@ -116,7 +123,10 @@ class VectorIndex:
                 if allowed is not None:
                     # hnswlib raises when fewer than k entries pass the filter (a user with 1 own entry of
                     # 100k): never ask for more than the allowed ids it holds (all ids <= max_id are indexed)
-                    k = min(k, sum(1 for i in allowed if i <= self.max_id))
+                    held = [i for i in allowed if i <= self.max_id]
+                    if len(held) <= EXACT_FILTERED and (found := self._exact_among(vector, k, held)) is not None:
+                        return found
+                    k = min(k, len(held))
                     kwargs = {"filter": (lambda i: i in allowed)}
                 while k > 0:
                     self._hnsw.set_ef(max(self.ef_search, k))
@@ -140,6 +150,22 @@ class VectorIndex:
             top = np.argpartition(-scores, k - 1)[:k]
             top = top[np.argsort(-scores[top])]
             return [(int(ids[i]), float(scores[i])) for i in top]
+
+    def _exact_among(self, vector: np.ndarray, k: int, ids: list[int]) -> list[tuple[int, float]] | None:
+        """Top-k of `ids` by cosine from their vectors in the HNSW index: exact, and for a few ids far
+        cheaper than a filtered graph search (`EXACT_FILTERED`). None when an id is not in the index
+        (the caller searches the graph)."""
+        if not ids:
+            return []
+        try:
+            vectors = np.asarray(self._hnsw.get_items(ids), dtype=np.float32)
+        except RuntimeError:
+            return None
+        scores = vectors @ vector
+        k = min(k, len(ids))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top])]
+        return [(ids[i], float(scores[i])) for i in top]
 
     def _scores(self, vector: np.ndarray) -> np.ndarray:
         """Matrix-vector product in torch's thread pool, not numpy's BLAS pool: alternating a BLAS

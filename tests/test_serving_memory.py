@@ -261,6 +261,41 @@ def test_exact_and_hnsw_agree_on_nearest_neighbours():
     assert score == pytest.approx(float(base[0] @ queries[0]), abs=1e-5)
 
 
+def test_a_few_allowed_ids_on_hnsw_are_searched_exactly_and_many_through_the_graph(monkeypatch):
+    """A user with a handful of entries among many: the filtered graph search would walk most of the
+    graph to meet them, so their own vectors are scored instead (the same top-k, exact scores); past
+    `EXACT_FILTERED` ids the graph answers."""
+    from serving import index as index_module
+
+    class Counting:  # hnswlib's index, its graph searches counted
+        def __init__(self, inner):
+            self.inner, self.queries = inner, 0
+
+        def knn_query(self, *args, **kwargs):
+            self.queries += 1
+            return self.inner.knn_query(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((2000, 32)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    ann = VectorIndex(32, ann_threshold=0)
+    ann.add(np.arange(1, 2001), base)
+    ann._hnsw = counting = Counting(ann._hnsw)
+    query = base[7] + 0.1 * rng.standard_normal(32).astype(np.float32)
+    query /= np.linalg.norm(query)
+    mine = [3, 8, 500, 1999, 1500]
+    found = ann.search(query, k=3, allowed=set(mine))
+    expected = sorted(mine, key=lambda i: -float(base[i - 1] @ query))[:3]
+    assert [i for i, _ in found] == expected and counting.queries == 0
+    assert [score for _, score in found] == pytest.approx([float(base[i - 1] @ query) for i in expected], abs=1e-5)
+    assert ann.search(query, k=3, allowed={4000}) == []  # an id the index does not hold: nothing
+    monkeypatch.setattr(index_module, "EXACT_FILTERED", 2)
+    assert [i for i, _ in ann.search(query, k=3, allowed=set(mine))] == expected and counting.queries == 1
+
+
 # ----------------------------------------------------------------------------- prompt editing
 
 
