@@ -157,6 +157,7 @@ class VectorIndex:
         (the caller searches the graph)."""
         if not ids:
             return []
+        assert self._hnsw is not None  # called on the HNSW backend only
         try:
             vectors = np.asarray(self._hnsw.get_items(ids), dtype=np.float32)
         except RuntimeError:
