@@ -5,14 +5,15 @@ A split measured on one side (held out, validation) must not contain a request t
 trained on. So its unit is the *prompt*, not the row: rows whose request has the same last user
 turn (`pipeline.chat.last_user_text`, the key the reward models split by: a repeated question,
 several pairs of one prompt, ClariQ's facets of one `initial_request`) form a group, and a group
-lands whole on one side. `split` (train / held out) and `validation_split` (fit / validation)
-both split this way.
+lands whole on one side. `split` (train / held out), `validation_split` (fit / validation) and
+`c3po_data` (train / eval_prompts) all split this way.
 
 No heavy imports: stage modules import this one.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 #: the row fields holding the user's request, looked for in this order: a prompt row's, a need
@@ -32,18 +33,20 @@ def group_key(row: dict, i: int) -> str:
     return f"\0row {i}"  # no request's text starts with NUL
 
 
-def pick_groups(sizes: Sequence[int], n: int, seed: int | str, min_rows: int = 1, keep_one: bool = True) -> set[int]:
+def pick_groups(
+    sizes: Sequence[int], n: int, seed: int | str | random.Random, min_rows: int = 1, keep_one: bool = True
+) -> set[int]:
     """Which groups to set aside (indices into `sizes`, each a group's number of rows) so that
     as close to `n` rows as whole groups allow are set aside.
 
     In an order shuffled by `seed`, each group is taken when it brings the rows set aside closer
     to `n` (with one row per group: the first `n` of that order); then, while fewer than
     `min_rows` are set aside, the smallest groups left (groups too big to bring the count
-    closer). With `keep_one` never every group: nothing else is left on the other side."""
-    import random
-
+    closer). With `keep_one` never every group: nothing else is left on the other side.
+    `seed` may be a `random.Random` a caller draws several splits from in turn (its state moves
+    on by one shuffle of the groups: with one row per group, the shuffle of the rows it had)."""
     order = list(range(len(sizes)))
-    random.Random(seed).shuffle(order)
+    (seed if isinstance(seed, random.Random) else random.Random(seed)).shuffle(order)
     picked: set[int] = set()
     rows = 0
 

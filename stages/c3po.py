@@ -34,11 +34,15 @@ def scoped_rows(path, log):
 
 class C3poStage(TrainerStage):
     uses = "c3po"
-    version = "2"  # 2: rpo_alpha 1.0 by default (RPO's NLL term on the revisions; 0 is the paper's loss)
+    # 2: rpo_alpha 1.0 by default (RPO's NLL term on the revisions; 0 is the paper's loss); 3: evaluation.batch_size
+    # is fingerprinted (a run made with another one, whose fingerprint left it out, is not taken for this one)
+    version = "3"
     summary = "C3PO: DPO on in-scope + NLL/KL constraints on near- and out-of-scope (LoRA)."
     Config = C3poConfig
-    #: how the built-in evaluation writes its replies, not what it measures (as evaluate_feedback's)
-    non_semantic_fields = TrainerStage.non_semantic_fields | {"evaluation.engine", "evaluation.batch_size"}
+    #: how the built-in evaluation writes its replies, not what it measures (as evaluate_feedback's); not
+    #: evaluation.batch_size: HF generate seeds each batch (seed + b), so replies sampled at a temperature
+    #: (evaluation.sampling) change with it, and the evaluation is this stage's output
+    non_semantic_fields = TrainerStage.non_semantic_fields | {"evaluation.engine"}
     inputs = {
         "data": Input(("c3po_data",), doc="output of c3po_data (or rows with scope/prompt/baseline/revised)"),
         "adapter": Input(("adapter",), required=False, doc="continue training this adapter (reference = it, frozen)"),

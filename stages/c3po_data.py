@@ -18,8 +18,11 @@
    With a programmatic metric, revisions that still fail it are dropped. With `trim_cut_off`,
    a baseline cut off at the sampling limit is cut back to its last whole sentence before the
    template applies, so the revision is a reply that ends (what a suffix feedback needs).
-A share of each scope is held out (`eval_prompts`) for `evaluate_feedback`. The prompt
-templates and list parsing are C3PO's data library, trainers/c3po_data.py.
+A share of each scope is held out (`eval_prompts`) for `evaluate_feedback`, by prompt as the
+`split` stage splits (`pipeline.prompt_groups`): rows with the same last user turn (a repeated
+prompt) are held out together or not at all, and a row's `split` column pulls its copies to its
+side, so no held-out prompt is also trained on (`assign_splits`). The prompt templates and list
+parsing are C3PO's data library, trainers/c3po_data.py.
 """
 
 from __future__ import annotations
@@ -90,7 +93,10 @@ class C3poDataConfig(StageConfig):
     )
     filter_revisions: bool = Field(default=True, description="drop revisions that fail a programmatic metric")
     batch_size: int = Field(
-        default=8, ge=1, description=f"HF generate: baselines at a time (the engine takes {ENGINE_BATCH} per call)"
+        default=8,
+        ge=1,
+        description=f"HF generate: baselines at a time (the engine takes {ENGINE_BATCH} per call); each batch is "
+        "seeded, so sampled baselines depend on it (part of the fingerprint)",
     )
     engine: EngineSetting = "auto"
     device: str | None = None
@@ -140,6 +146,59 @@ def own_generator_engine(cfg: C3poDataConfig, model_name: str, device: str | Non
     return pick_local_engine(g.engine, device, model_name)
 
 
+def assign_splits(
+    rows: list[dict[str, Any]],
+    eval_fraction: float,
+    seed: int,
+    keys: list[str] | None = None,
+    places: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Each row's `split` (train / eval), set in place: a row's own `split` stays, and the rows of
+    its prompt go with it; of the rest, per scope, a seeded `eval_fraction` of the rows without a
+    split is held out, in whole groups of rows with the same prompt (`keys`, by default
+    `pipeline.prompt_groups.group_key`: the request's last user turn), as close to that count as
+    they allow. Else a copy of a held-out prompt would be trained on and the evaluation would
+    measure it as unseen. A prompt in two scopes goes where the first scope (in_scope, near_scope,
+    out_of_scope) sent it; its rows in a later scope count towards that scope's share. With one
+    row per prompt the rows held out are the ones version 4's per-row shuffle held out (one
+    `random.Random(seed)` drawn from scope after scope); a scope whose draw would hold out all its
+    rows keeps one to train on. Rows of one prompt marked for both sides are a DataError naming
+    them (`places[i]`, else `prompt row <i>`)."""
+    from pipeline.errors import DataError
+    from pipeline.prompt_groups import group_key, pick_groups
+
+    keys = keys or [group_key(row, i) for i, row in enumerate(rows)]
+    place = places or [f"prompt row {i}" for i in range(len(rows))]
+    marked: dict[str, dict[str, list[int]]] = {}  # prompt -> the split its rows name -> those rows
+    for i, (key, row) in enumerate(zip(keys, rows)):
+        if row["split"]:
+            marked.setdefault(key, {}).setdefault(row["split"], []).append(i)
+    for key, sides in marked.items():
+        if len(sides) > 1:
+            raise DataError(
+                f"rows with the same prompt {key[:80]!r} are marked for both sides: train at "
+                f"{', '.join(place[i] for i in sides['train'])}; eval at {', '.join(place[i] for i in sides['eval'])}. "
+                "A held-out prompt must never be trained on: give its rows one split"
+            )
+    side = {key: next(iter(sides)) for key, sides in marked.items()}  # and, below, each drawn prompt's
+    rng = random.Random(seed)
+    for scope in SCOPES:
+        mine = [i for i, row in enumerate(rows) if row["scope"] == scope]
+        unmarked = [i for i in mine if not rows[i]["split"]]
+        groups: dict[str, list[int]] = {}
+        for i in unmarked:
+            groups.setdefault(keys[i], []).append(i)
+        free = [key for key in groups if key not in side]
+        held = sum(len(groups[key]) for key in groups if side.get(key) == "eval")  # pulled by a mark, an earlier scope
+        n = max(0, round(len(unmarked) * eval_fraction) - held)
+        trains = any(side.get(keys[i]) == "train" for i in mine)
+        picked = pick_groups([len(groups[key]) for key in free], n, rng, min_rows=0, keep_one=not trains)
+        side.update({key: "eval" if k in picked else "train" for k, key in enumerate(free)})
+    for key, row in zip(keys, rows):
+        row["split"] = row["split"] or side[key]
+    return rows
+
+
 class C3poDataStage(Stage):
     uses = "c3po_data"
     summary = "C3PO data: scoped prompts, baseline replies, feedback-applying revisions."
@@ -154,11 +213,14 @@ class C3poDataStage(Stage):
         "eval_prompts": Output("prompts", doc="held-out prompts with scope, feedback and metric"),
     }
     default_num_cpus = float("inf")
-    non_semantic_fields = frozenset({"device", "batch_size", "engine"})
+    # not batch_size: HF generate seeds each batch of baselines (seed + b), sampled (temperature 0.7 by default),
+    # so they change with it (as the simulate and evaluate stages' turns)
+    non_semantic_fields = frozenset({"device", "engine"})
     # 2: baselines from the generation engine (CTranslate2 where faster): samples can differ from HF's;
     # 3: so can a local generator's prompts and revisions (`own_generator_engine`); 4: a Chain-of-Hindsight
-    # adapter's baselines (and its generator's writing) come after its phrase (pipeline/hindsight.py)
-    version = "4"
+    # adapter's baselines (and its generator's writing) come after its phrase (pipeline/hindsight.py);
+    # 5: a prompt's rows are held out together (no eval prompt also trained on), batch_size is fingerprinted
+    version = "5"
     config: C3poDataConfig
 
     def run(self):
@@ -240,9 +302,12 @@ class C3poDataStage(Stage):
     # ------------------------------------------------------------------ prompts
 
     def given_prompts(self) -> list[dict[str, Any]]:
+        from pipeline.prompt_groups import group_key
+
         path = self.ctx.inputs["prompts"]
         rows = load_rows(path, required=["prompt", "scope"], what="scoped prompts")
         out = []
+        keys = [group_key(row, i) for i, row in enumerate(rows)]  # the request's last user turn, before `str`
         for i, row in enumerate(rows):
             if row["scope"] not in SCOPES:
                 raise ValueError(f"{path} row {i}: field 'scope': '{row['scope']}' is not one of {', '.join(SCOPES)}")
@@ -258,18 +323,7 @@ class C3poDataStage(Stage):
                     "split": split or "",
                 }
             )
-        return self.assign_splits(out)
-
-    def assign_splits(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Rows without a split: a seeded `eval_fraction` of each scope is held out."""
-        rng = random.Random(self.ctx.seed)
-        for scope in SCOPES:
-            free = [r for r in rows if r["scope"] == scope and not r["split"]]
-            rng.shuffle(free)
-            n_eval = round(len(free) * self.config.eval_fraction)
-            for k, row in enumerate(free):
-                row["split"] = "eval" if k < n_eval else "train"
-        return rows
+        return assign_splits(out, self.config.eval_fraction, self.ctx.seed, keys, [f"{path} row {i}" for i in range(len(out))])
 
     def generated_prompts(self, generator, feedback: str, topic: str | None) -> list[dict[str, Any]]:
         cfg: C3poDataConfig = self.config
@@ -311,7 +365,7 @@ class C3poDataStage(Stage):
                 seen.add(key)
                 rows.append({"id": row_id(scope, prompt), "prompt": prompt, "scope": scope, "category": category, "split": ""})
         log.info("generated prompts: %s", ", ".join(f"{s}={sum(r['scope'] == s for r in rows)}" for s in SCOPES))
-        return self.assign_splits(rows)
+        return assign_splits(rows, cfg.eval_fraction, seed)
 
     def baselines(self, engine: str, model, tokenizer, conversations, ct2=None) -> list[list[Any]]:
         """The current model's replies: HF generate on the loaded model, or the generation engine

@@ -28,6 +28,7 @@ class EvaluateFeedbackConfig(EvalSettings, StageConfig):
 
 class EvaluateFeedbackStage(Stage):
     uses = "evaluate_feedback"
+    version = "2"  # 2: batch_size is fingerprinted (a run made with another one is not taken for this one)
     summary = "Adherence (in-scope) and overgeneralization (near/out-of-scope) vs base and in-context."
     Config = EvaluateFeedbackConfig
     inputs = {
@@ -36,7 +37,9 @@ class EvaluateFeedbackStage(Stage):
     }
     outputs = {"evaluation": Output("evaluation", doc="one row per prompt and condition: reply, applied")}
     default_num_cpus = float("inf")
-    non_semantic_fields = frozenset({"device", "batch_size", "engine"})  # how, not what
+    # how, not what; not batch_size: HF generate seeds each batch (seed + b), so replies sampled at a temperature
+    # (`sampling`; greedy by default) change with it
+    non_semantic_fields = frozenset({"device", "engine"})
 
     def run(self):
         from trainers.c3po_data import metric_from_rows

@@ -259,3 +259,35 @@ def test_a_chain_of_hindsight_adapter_replies_after_its_phrase_and_stop_at_the_n
     cut = trained_replies([phrase])
     assert cut[0] == whole[0][: whole[0].find(phrase)].strip() and phrase not in cut[0] and cut[0]
     assert [c for c, w in zip(cut, whole) if phrase not in w] == [w for w in whole if phrase not in w]
+
+
+def test_evaluate_feedback_reruns_with_another_batch_size(tmp_path, tiny_model_path):
+    """HF generate seeds each batch (seed + b): replies sampled at a temperature change with the
+    batch size, so a run with another one is not skipped as up to date (evaluate_feedback v2)."""
+    from pipeline.records import write_jsonl
+
+    scopes = ("in_scope", "near_scope", "out_of_scope")
+    prompts = [{"prompt": f"{scope} question {i}?", "scope": scope} for scope in scopes for i in range(3)]
+    write_jsonl(prompts, tmp_path / "prompts.jsonl")
+    replies, statuses = [], []
+    for with_ in ({}, {"batch_size": 1}, {"batch_size": 1, "device": "cpu"}):
+        stage = {
+            "name": "check",
+            "uses": "evaluate_feedback",
+            "inputs": {"prompts": str(tmp_path / "prompts.jsonl")},
+            "with": {
+                "feedback": "Start with Hi.",
+                "metric": {"kind": "starts_with", "value": "Hi"},
+                "conditions": ["base"],
+                "engine": "hf",
+                "sampling": {"max_new_tokens": 6, "temperature": 0.7},
+                **with_,
+            },
+        }
+        pipe = {"run_name": "check", "model": "tiny", "stages": [stage]}
+        result = Runner(pipeline_from_dict(pipe, tmp_path), tmp_path / "runs", use_ray=False).execute()
+        assert result.ok, [r.error for r in result.records]
+        statuses.append(result.record("check").status)
+        replies.append([r["response"] for r in load_rows(result.run_dir / "check" / "evaluation")])
+    assert statuses == ["done", "done", "skipped"]  # batch_size reruns; the device does not
+    assert replies[1] != replies[0]  # the same seed, other batches: other sampled replies

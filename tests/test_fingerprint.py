@@ -159,17 +159,33 @@ def test_extra_keys_of_an_open_model_are_fingerprinted():
 
 
 def test_a_nested_non_semantic_field_is_left_out_of_the_fingerprint():
-    """c3po's built-in evaluation may write its replies with another engine or batch size without
-    retraining (as evaluate_feedback's `engine`), while what it measures still counts."""
+    """c3po's built-in evaluation may write its replies with another engine without retraining (as
+    evaluate_feedback's `engine`), while what it measures still counts."""
     from stages.c3po import C3poConfig, C3poStage
 
     exclude = C3poStage.non_semantic_fields
     assert "evaluation.engine" in exclude
     base = semantic_config(C3poConfig(), exclude)
-    assert semantic_config(C3poConfig(evaluation={"engine": "hf", "batch_size": 2}), exclude) == base == {}
+    assert semantic_config(C3poConfig(evaluation={"engine": "hf"}), exclude) == base == {}
     changed = semantic_config(C3poConfig(evaluation={"engine": "hf", "max_prompts_per_scope": 5}), exclude)
     assert changed == {"evaluation": {"max_prompts_per_scope": 5}}
     assert semantic_config(C3poConfig(evaluation={"engine": "hf"})) == {"evaluation": {"engine": "hf"}}  # without the exclusion
+
+
+def test_a_batch_size_that_seeds_sampled_batches_is_fingerprinted():
+    """HF generate seeds each batch (seed + b): replies sampled at a temperature change with the batch
+    size, so c3po_data's baselines (v5), evaluate_feedback's replies (v2) and c3po's built-in
+    evaluation (v3) are another run with another `batch_size`; the device and the engine are not."""
+    from stages.c3po import C3poConfig, C3poStage
+    from stages.c3po_data import C3poDataConfig, C3poDataStage
+    from stages.evaluate_feedback import EvaluateFeedbackConfig, EvaluateFeedbackStage
+
+    exclude = C3poStage.non_semantic_fields
+    assert semantic_config(C3poConfig(evaluation={"batch_size": 2}), exclude) == {"evaluation": {"batch_size": 2}}
+    for config, stage in ((C3poDataConfig, C3poDataStage), (EvaluateFeedbackConfig, EvaluateFeedbackStage)):
+        exclude = stage.non_semantic_fields
+        assert semantic_config(config(batch_size=2), exclude) == {"batch_size": 2}, stage.uses
+        assert semantic_config(config(device="cpu", engine="hf"), exclude) == semantic_config(config(), exclude) == {}
 
 
 def test_evaluate_batch_size_is_fingerprinted_and_its_device_is_not():

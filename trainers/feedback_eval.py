@@ -179,7 +179,12 @@ class EvalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     conditions: list[Condition] = Field(default_factory=_all_conditions)
     sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=48, temperature=0.0))
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(
+        default=8,
+        ge=1,
+        description="HF generate: prompts at a time; each batch is seeded, so replies sampled at a temperature depend on "
+        "it (part of the fingerprint)",
+    )
     in_context_template: str = IN_CONTEXT_TEMPLATE
     max_prompts_per_scope: int | None = Field(default=None, ge=1)
     engine: EngineSetting = "auto"
