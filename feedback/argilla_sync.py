@@ -304,16 +304,25 @@ def withdraw(previous: list[dict[str, Any]], result: PullResult) -> tuple[list[d
     discarded, sent back to draft, deleted, or its record was deleted: the search lists every
     record with an answer in the statuses, so one it no longer lists has none). A row of another
     dataset is kept: this pull cannot see its answers."""
+    return standing(previous, result.dataset, result.live, result.reread, {str(r.id) for r in result.records})
+
+
+def standing(
+    previous: list[dict[str, Any]], dataset: str, live: set[str], reread: set[str], new_ids: set[str]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """`withdraw` from what a pull of `dataset` ("workspace/name") saw: the row ids whose answers
+    stand (`live`), those it read again (`reread`) and the ids of the rows it wrote (`new_ids`,
+    which replace their earlier versions). Also what the closed loop's reward pool applies to each
+    earlier round's rows, from a round's `answers.json` (stages/argilla_pull.py)."""
     kept: list[dict[str, Any]] = []
-    new_ids = {str(r.id) for r in result.records}
     counts = {"changed": 0, "gone": 0}
     for row in previous:
         rid = str(row.get("id"))
-        if (row.get("provenance") or {}).get("dataset") != result.dataset:
+        if (row.get("provenance") or {}).get("dataset") != dataset:
             if rid not in new_ids:
                 kept.append(row)
-        elif rid in result.live and rid not in result.reread:
+        elif rid in live and rid not in reread:
             kept.append(row)
         elif rid not in new_ids:
-            counts["changed" if rid in result.live else "gone"] += 1
+            counts["changed" if rid in live else "gone"] += 1
     return kept, counts

@@ -632,6 +632,7 @@ class Loop:
         self.root = Path(runs_dir).resolve() / loop.name
         self.use_ray, self.address = use_ray, address
         self.on_event = on_event or (lambda kind, record, text: None)
+        self.log = lambda text: None  # `run`'s log
         self.state = load_state(self.root)
         self.state.setdefault("loop", loop.name)
         self.state.setdefault("server", loop.spec.server)
@@ -716,6 +717,7 @@ class Loop:
                     if human.get("output"):
                         entry["counts"][f"human_{human['output']}"] = int(human.get("records", 0))
                     entry["human_cursor"] = str(self.root / run_name / HUMAN_STAGE / "cursor" / "cursor.json")
+                    self.count_withdrawn(entry)
                 entry["trainable"] = trainable_counts(self.root / run_name / "pull", entry["counts"], self.loop.spec)
             elif phase == "train":
                 from .loop_rewards import record_metrics
@@ -737,6 +739,20 @@ class Loop:
         if (self.root / run_name / "pipeline.json").is_file():
             build_report(self.root / run_name)
         return entry
+
+    def count_withdrawn(self, entry: dict[str, Any]) -> None:
+        """`withdrawn`: earlier rounds' human records whose answers this round's pull found withdrawn
+        in Argilla (a tie, discarded, deleted), which the reward models' pool leaves out from now on
+        (`loop_rewards.pooled_rows`); an adapter that already trained on one keeps what it learned."""
+        from .loop_rewards import withdrawn_counts
+
+        runs = [e["run"] for e in self.state["rounds"] if e["round"] < entry["round"]] + [entry["run"]]
+        entry["withdrawn"] = withdrawn_counts(self.root, runs)
+        for signal, n in entry["withdrawn"].items():
+            self.log(
+                f"round {entry['round']}: {n} earlier {signal} record(s) withdrawn in Argilla since "
+                "(a tie, discarded, deleted): left out of the reward models' pool from now on"
+            )
 
     def decide(self, entry: dict[str, Any], counts: dict[str, int]) -> None:
         """After the pull, before every phase: what each `rewards:` entry does (once per round,
@@ -764,6 +780,7 @@ class Loop:
         the loop then waits `every` (or stops without it), so it never spins on the same rows.
         """
         with loop_lock(self.root):
+            self.log = log
             self.state = {**self.state, **load_state(self.root)}  # what a process before this one left
             return self._run(rounds, min_new, every, log)
 
@@ -845,6 +862,7 @@ def status_rows(root: Path) -> list[dict[str, Any]]:
                 "phase": entry.get("phase"),
                 "records": sum((entry.get("counts") or {}).values()),
                 "quarantined": entry.get("quarantined", 0),
+                "withdrawn": sum((entry.get("withdrawn") or {}).values()) or None,
                 "version_before": entry.get("current_version"),
                 "trained": ", ".join(entry.get("trained") or []) or None,
                 "critique": " | ".join(learned_critiques(entry)) or None,

@@ -86,7 +86,8 @@ def write_loop_report(root: Path) -> Path | None:
     state = load_state(root)
     if not state["rounds"]:
         return None
-    cols = ["round", "phase", "records", "quarantined", "version_before", "trained", "critique", "rewards", "current_eval"]
+    cols = ["round", "phase", "records", "quarantined", "withdrawn", "version_before", "trained", "critique", "rewards"]
+    cols += ["current_eval"]
     cols += ["gate"]
     cols += ["deployed", "version_after", "outcome"]
     rows = "".join(

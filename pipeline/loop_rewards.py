@@ -6,7 +6,8 @@
 
 In every round in which at least `min_records` new records of the entry's signal arrived, a
 `reward_<i>_<kind>` stage (train_reward) trains the reward model on ALL records of that signal
-the loop has pulled so far, this round's and every earlier round's, each record once, and
+the loop has pulled so far, this round's and every earlier round's, each record once (minus
+those whose answers people withdrew in Argilla since: `pooled_rows`), and
 continues the previous round's model (train_reward's `init`): a refresh on everything users
 said, not a model of one round's sliver, and not a restart. A round with fewer new records
 keeps the previous model. The model in use scores `eval_current` and `eval_candidate`
@@ -25,7 +26,7 @@ model's held-out metrics are added (`record_metrics`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -95,7 +96,8 @@ def plan(steps: list[RewardStep], root: Path, rounds: list[dict[str, Any]], entr
 
     One dict per entry: step, kind, signal, stage, new (this round's records), trained, init
     (the model continued, or None), path (the model in use after the round, or None), and for
-    a trained one `data` (the pooled file) and `records` (its rows); for a kept one `why`.
+    a trained one `data` (the pooled file), `records` (its rows) and `withdrawn` (rows pulled so
+    far whose answers were withdrawn in Argilla since, left out: `pooled_rows`); for a kept one `why`.
     """
     earlier = [e for e in rounds if e["round"] < entry["round"]]
     out = []
@@ -117,7 +119,8 @@ def plan(steps: list[RewardStep], root: Path, rounds: list[dict[str, Any]], entr
         if why is None:
             from .loop import signal_output
 
-            rows = pooled_rows([root.joinpath(e["run"], *signal_output(step.signal)) for e in [*earlier, entry]])
+            pool = pooled_rows([root.joinpath(e["run"], *signal_output(step.signal)) for e in [*earlier, entry]])
+            rows, item["withdrawn"] = pool.rows, pool.left_out
             why = untrainable(step, rows)
         if why is not None:
             out.append({**item, "init": None, "trained": False, "path": previous, "why": why})
@@ -152,19 +155,66 @@ def previous_model(earlier: list[dict[str, Any]], stage: str) -> str | None:
     return None
 
 
-def pooled_rows(folders: list[Path]) -> list[dict[str, Any]]:
-    """The records of these pulls, oldest first, each id once (a round that trained nothing did not
-    advance the cursor, so the next round pulled its records again); a record pulled again with
-    other content (an annotator who changed an answer in Argilla) counts in its newest version."""
+class Pool(NamedTuple):
+    """What `pooled_rows` pooled: the rows, per folder how many earlier rows its pull withdrew,
+    and how many rows pulled so far are left out as withdrawn (answered again: back in)."""
+
+    rows: list[dict[str, Any]]
+    withdrawn: list[int]
+    left_out: int
+
+
+def pooled_rows(folders: list[Path]) -> Pool:
+    """The records of these pulls (one folder per round, oldest first) that still stand, each id
+    once (a round that trained nothing did not advance the cursor, so the next round pulled its
+    records again); a record pulled again with other content (an annotator who changed an answer
+    in Argilla) counts in its newest version.
+
+    Withdrawn: a `human` (argilla_pull) folder comes with what its pull saw standing
+    (`cursor/answers.json` beside it): an earlier round's row whose answer was since changed to a
+    tie (or emptied), discarded, sent back to draft, or whose response, record or dataset was
+    deleted leaves the pool from that round on, by argilla_pull's own rule (`standing`); answered
+    again later, it comes back as that round's record. Served records are never withdrawn. Each
+    round's folder and answers are committed stage outputs, so a resumed round pools the same."""
+    from feedback.argilla_sync import standing
+    from stages.argilla_pull import read_answers
+
     from .records import load_rows
 
     rows: dict[str, dict[str, Any]] = {}
+    withdrawn: list[int] = []
+    seen: set[str] = set()
     for folder in folders:
-        if not folder.exists():
-            continue
-        for row in load_rows(folder):
+        new = load_rows(folder) if folder.exists() else []
+        answers = read_answers(folder.parent / "cursor")
+        dropped = 0
+        if answers is not None and rows:
+            new_ids = {str(row.get("id")) for row in new}
+            kept, _ = standing(list(rows.values()), answers["dataset"], answers["live"], answers["reread"], new_ids)
+            gone = set(rows) - {str(row.get("id")) for row in kept} - new_ids
+            for rid in gone:
+                del rows[rid]
+            dropped = len(gone)
+        for row in new:
             rows[str(row.get("id"))] = row  # a dict keeps the first insertion's place
-    return list(rows.values())
+        seen |= set(rows)
+        withdrawn.append(dropped)
+    return Pool(list(rows.values()), withdrawn, len(seen) - len(rows))
+
+
+def withdrawn_counts(root: Path, runs: list[str]) -> dict[str, int]:
+    """`{"human_<kind>": n}`: the rows of earlier rounds (`runs`, oldest first, this round last)
+    that this round's `human` pull withdrew (none: {})."""
+    from .loop import HUMAN_SIGNALS, signal_output
+
+    out = {}
+    for signal in HUMAN_SIGNALS:
+        folders = [root.joinpath(run, *signal_output(signal)) for run in runs]
+        if any(folder.exists() for folder in folders[:-1]):
+            n = pooled_rows(folders).withdrawn[-1]
+            if n:
+                out[signal] = n
+    return out
 
 
 def untrainable(step: RewardStep, rows: list[dict[str, Any]]) -> str | None:
@@ -239,6 +289,7 @@ def summary(items: list[dict[str, Any]] | None) -> str | None:
             score = headline(item.get("metrics"))
             how = f"refreshed on {item.get('records')} from {Path(item['init']).parts[-3]}" if item.get("init") else ""
             how = how or f"trained on {item.get('records')}"
+            how += f", {item['withdrawn']} withdrawn left out" if item.get("withdrawn") else ""
             parts.append(f"{item['kind']}: {how}" + (f" ({score})" if score else ""))
         else:
             kept = f"kept {Path(item['path']).parts[-3]}" if item.get("path") else "none yet"

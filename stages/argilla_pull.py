@@ -18,7 +18,14 @@ empties a critique or reaction, discards or un-submits the record, or a response
 deleted in Argilla withdraws the earlier row (`withdrawn` in the metrics and the log). The pull
 can tell because it lists every record with an answer in the pulled statuses on each run (the
 cursor only saves re-parsing): an answer no longer listed is gone. A dataset deleted as a whole
-is not read at all (an error, or `if_missing: empty`, which writes no records).
+is an error, or with `if_missing: empty` a dataset without answers: its earlier rows are withdrawn
+too (counted), rows of another dataset kept, the output written with what is left.
+
+Every pull also says which answers stand, beside its cursor (`cursor/answers.json`: the row ids
+of the responses now in the pulled statuses, `live`, and of those read again, `reread`; both
+empty for a dataset that does not exist). The loop's pulls do not accumulate, one round's
+records per round, so the loop's reward pool (pipeline/loop_rewards.py `pooled_rows`) withdraws
+earlier rounds' rows by each later round's `answers.json`, by the rule `accumulate` uses.
 """
 
 from __future__ import annotations
@@ -57,7 +64,9 @@ class ArgillaPullConfig(StageConfig):
 
 class ArgillaPullStage(Stage):
     uses = "argilla_pull"
-    version = "2"  # 2: accumulate drops the rows of answers withdrawn (tie, discarded, deleted)
+    # 2: accumulate drops the rows of answers withdrawn (tie, discarded, deleted); 3: cursor/answers.json
+    # (which answers stand, for the loop's reward pool); a dataset deleted as a whole withdraws accumulated rows
+    version = "3"
     summary = "Pull submitted Argilla responses incrementally as span/verbal/preference/reaction records."
     Config = ArgillaPullConfig
     inputs = {"pushed": Input(("argilla_records",), required=False, doc="argilla_push output (orders pull after push)")}
@@ -66,7 +75,9 @@ class ArgillaPullStage(Stage):
         "verbal_feedback": Output("verbal_feedback", required=False, doc="verbal template"),
         "preferences": Output("preferences", required=False, doc="preference template (ties are counted, not written)"),
         "reactions": Output("reactions", required=False, doc="reaction template"),
-        "cursor": Output("cursor", doc="response id -> updated_at of everything pulled so far"),
+        "cursor": Output(
+            "cursor", doc="response id -> updated_at of everything pulled so far; answers.json: the answers standing now"
+        ),
         "invalid": Output("report", required=False, doc="responses whose spans do not fit (on_invalid_span: report)"),
     }
 
@@ -95,12 +106,7 @@ class ArgillaPullStage(Stage):
         out = self.ctx.output("cursor")
         out.mkdir(parents=True, exist_ok=True)
         if cfg.if_missing == "empty" and find_dataset(client, name, workspace) is None:
-            self.ctx.log.info("%s/%s does not exist yet: nothing to pull", workspace, name)
-            atomic_write_json(
-                out / "cursor.json", {"dataset": f"{workspace}/{name}", "statuses": statuses(cfg), "responses": cursor}
-            )
-            empty = {"new": 0, "records": 0, "already_pulled": 0, "ties": 0, "withdrawn": 0, "invalid": 0, "annotators": 0}
-            return {**empty, "output": None}
+            return self.missing(cfg, f"{workspace}/{name}", cursor, previous)
         result = pull(client, name, workspace, statuses(cfg), cursor, cfg.since, cfg.on_invalid_span)
         kind = OUTPUT_KIND[result.kind]
         rows = records_to_rows(result.records)
@@ -111,6 +117,7 @@ class ArgillaPullStage(Stage):
         save_feedback(rows, kind, self.ctx.output(kind))
         state = {"dataset": result.dataset, "statuses": statuses(cfg), "responses": result.cursor}
         atomic_write_json(out / "cursor.json", state)
+        write_answers(out, result.dataset, result.live, result.reread)
         if cfg.cursor_file and cfg.write_cursor_file:
             cursor_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(cursor_path, state)
@@ -144,6 +151,54 @@ class ArgillaPullStage(Stage):
             "annotators": len(result.annotators),
             "output": kind,
         }
+
+    def missing(self, cfg: ArgillaPullConfig, dataset: str, cursor: dict[str, str], previous: Path) -> dict:
+        """`if_missing: empty` and the dataset does not exist: nothing to pull, the cursor kept, no
+        answer stands. Accumulated rows of the dataset (it was deleted as a whole) are withdrawn,
+        counted like a deleted record's; rows of another dataset stay in the output."""
+        from feedback.argilla_sync import standing
+        from feedback.argilla_templates import OUTPUT_KIND
+        from pipeline.artifacts import atomic_write_json
+        from pipeline.records import load_rows
+
+        out = self.ctx.output("cursor")
+        atomic_write_json(out / "cursor.json", {"dataset": dataset, "statuses": statuses(cfg), "responses": cursor})
+        write_answers(out, dataset, set(), set())
+        metrics = {"new": 0, "records": 0, "already_pulled": 0, "ties": 0, "withdrawn": 0, "invalid": 0, "annotators": 0}
+        earlier = [k for k in dict.fromkeys(OUTPUT_KIND.values()) if (previous / k).exists()] if cfg.accumulate else []
+        if not earlier:
+            self.ctx.log.info("%s does not exist (yet): nothing to pull", dataset)
+            return {**metrics, "output": None}
+        kind = earlier[0]  # a pull writes one kind
+        kept, withdrawn = standing(load_rows(previous / kind), dataset, set(), set(), set())
+        save_feedback(kept, kind, self.ctx.output(kind))
+        self.ctx.log.info(
+            "%s does not exist: nothing to pull; %d earlier record(s) of it withdrawn (the dataset was deleted)",
+            dataset,
+            withdrawn["gone"],
+        )
+        return {**metrics, "records": len(kept), "withdrawn": withdrawn["gone"], "output": kind}
+
+
+ANSWERS_FILE = "answers.json"
+
+
+def write_answers(cursor_dir: Path, dataset: str, live: set[str], reread: set[str]) -> None:
+    """`cursor_dir/answers.json`: which answers of `dataset` stand after this pull (`live` row ids)
+    and which it read again (`reread`), for withdrawing earlier rows (`read_answers`)."""
+    from pipeline.artifacts import atomic_write_json
+
+    atomic_write_json(cursor_dir / ANSWERS_FILE, {"dataset": dataset, "live": sorted(live), "reread": sorted(reread)})
+
+
+def read_answers(cursor_dir: Path) -> dict | None:
+    """What `write_answers` wrote (`dataset`, and `live` and `reread` as sets), or None (a pull
+    made before argilla_pull v3, or another stage's cursor: no withdrawal can be told)."""
+    path = cursor_dir / ANSWERS_FILE
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text(encoding="utf-8"))
+    return {"dataset": state["dataset"], "live": set(state["live"]), "reread": set(state["reread"])}
 
 
 def statuses(cfg: ArgillaPullConfig) -> list[str]:

@@ -373,6 +373,52 @@ def test_accumulated_pull_withdraws_answers_changed_to_a_tie_discarded_or_delete
     assert {rid: third[rid] for rid in standing} == second
 
 
+def test_a_dataset_deleted_as_a_whole_withdraws_the_accumulated_rows(owner, annotators, tmp_path):
+    """`if_missing: empty` reads a deleted dataset as one without answers: the accumulated rows
+    of it are withdrawn and counted (not silently dropped with the output), rows of another
+    dataset stay, and `cursor/answers.json` says which answers stood at each pull (all, then none)."""
+    from feedback.argilla_annotate import annotate
+    from feedback.argilla_client import api
+    from feedback.argilla_sync import find_dataset
+    from pipeline.config import pipeline_from_dict
+    from pipeline.records import load_rows, save_rows
+    from pipeline.runner import Runner
+
+    pairs = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]
+    _push(owner, "deleted-whole", "preference", pairs)
+    pull = {"dataset": "deleted-whole", "accumulate": True, "if_missing": "empty"}
+    spec = {"run_name": "argilla-deleted", "model": "tiny", "stages": [{"name": "pull", "uses": "argilla_pull", "with": pull}]}
+    answers = []
+
+    def run():
+        result = Runner(pipeline_from_dict(spec, tmp_path), tmp_path / "runs", use_ray=False, force={"pull"}).execute()
+        assert result.ok, [r.error for r in result.records]
+        saw = result.run_dir / "pull" / "cursor" / "answers.json"
+        answers.append(json.loads(saw.read_text()) if saw.is_file() else None)
+        return result.record("pull").metrics, result.run_dir / "pull"
+
+    annotate("deleted-whole", lambda t: {"preference": "a", "rationale": "r"}, client=annotators["ann-a"]["client"])
+    metrics, out = run()
+    assert (metrics["new"], metrics["records"], metrics["withdrawn"]) == (3, 3, 0)
+    pulled = sorted(r["id"] for r in load_rows(out / "preferences"))
+    # a row another dataset gave the accumulated output (its config named another dataset once)
+    other = {**load_rows(out / "preferences")[0], "id": "x:ann-a"}
+    other["provenance"] = {**other["provenance"], "dataset": "heedful/elsewhere"}
+    save_rows([*load_rows(out / "preferences"), other], out / "preferences")
+
+    api(owner, "DELETE", f"/api/v1/datasets/{find_dataset(owner, 'deleted-whole', 'heedful').id}", "delete a dataset")
+    metrics, out = run()
+    assert (metrics["new"], metrics["withdrawn"], metrics["records"], metrics["output"]) == (0, 3, 1, "preferences")
+    assert [r["id"] for r in load_rows(out / "preferences")] == ["x:ann-a"]
+    metrics, out = run()  # nothing more to withdraw; the other dataset's row stays
+    assert (metrics["withdrawn"], metrics["records"]) == (0, 1)
+    assert answers == [
+        {"dataset": "heedful/deleted-whole", "live": pulled, "reread": pulled},
+        {"dataset": "heedful/deleted-whole", "live": [], "reread": []},
+        {"dataset": "heedful/deleted-whole", "live": [], "reread": []},
+    ]
+
+
 def test_invalid_span_is_reported_with_the_record_id(owner, annotators):
     """The reply text changed after annotation: the old span no longer fits."""
     from feedback.argilla_annotate import annotate

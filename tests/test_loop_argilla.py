@@ -119,6 +119,44 @@ def test_a_reward_model_pools_the_human_reactions_of_every_round(tmp_path):
     assert not kept["trained"] and kept["why"] == "1 new human_reactions record(s) < min_records 2"
 
 
+def test_the_pool_withdraws_by_each_later_rounds_answers(tmp_path):
+    """Unit view of `pooled_rows`: round 2's pull saw `a` withdrawn (no longer live) and `b`
+    answered again without a record (a tie); round 3 saw nothing new about them, yet they stay
+    out; a row of another dataset and a round without answers.json (before argilla_pull v3)
+    withdraw nothing."""
+    from pipeline.loop_rewards import pooled_rows
+    from stages.argilla_pull import write_answers
+
+    def round_(name: str, rows: list[dict], live: set[str] | None, reread: set[str] = frozenset()) -> Path:
+        folder = tmp_path / name / "human" / "reactions"
+        save_rows(rows, folder)
+        if live is not None:
+            (folder.parent / "cursor").mkdir(parents=True, exist_ok=True)
+            write_answers(folder.parent / "cursor", "heedful/r", set(live), set(reread))
+        return folder
+
+    elsewhere = {**reaction("e:ann-a", "love"), "provenance": {**reaction("e:ann-a", "love")["provenance"], "dataset": "x/y"}}
+    old = round_("round-000", [reaction("z:ann-a", "love")], None)
+    one = round_(
+        "round-001", [reaction("a:ann-a", "love"), reaction("b:ann-a", "dislike"), elsewhere], {"a:ann-a", "b:ann-a", "z:ann-a"}
+    )
+    two = round_("round-002", [reaction("c:ann-a", "love")], {"b:ann-a", "c:ann-a", "z:ann-a"}, {"b:ann-a", "c:ann-a"})
+    three = round_("round-003", [reaction("d:ann-a", "dislike")], {"b:ann-a", "c:ann-a", "d:ann-a", "z:ann-a"}, {"d:ann-a"})
+    pool = pooled_rows([old, one, two, three])
+    assert [r["id"] for r in pool.rows] == ["z:ann-a", "e:ann-a", "c:ann-a", "d:ann-a"]
+    assert (pool.withdrawn, pool.left_out) == ([0, 0, 2, 0], 2)
+    back = round_("round-004", [reaction("a:ann-a", "dislike")], {"a:ann-a", "b:ann-a", "c:ann-a", "d:ann-a"}, {"a:ann-a"})
+    pool = pooled_rows([old, one, two, three, back])  # `a` answered again: back, in its new version
+    assert [(r["id"], r["reaction"]) for r in pool.rows] == [
+        ("e:ann-a", "love"),
+        ("c:ann-a", "love"),
+        ("d:ann-a", "dislike"),
+        ("a:ann-a", "dislike"),
+    ]
+    # `z` (round 0) is not live in round 4's answers: withdrawn there; `b` stays out
+    assert (pool.withdrawn, pool.left_out) == ([0, 0, 2, 0, 1], 2)
+
+
 # -- against the real Argilla stack and a real server ------------------------------------------------
 
 PAIRS = [
@@ -193,3 +231,93 @@ def test_rounds_train_on_what_annotators_submitted_since_the_last_round(owner, a
         traced = {(r["id"], r["source_stage"]) for r in card["feedback_records"] if r["kind"] == "preferences"}
         assert traced == {(i, "human") for i in ids_of(there)} | {(i, "round-001/human") for i in ids_of(here)}
         assert [e["human_cursor"] for e in load_state(runs / "loop_h")["rounds"]] == [str(cursor1), round2["human_cursor"]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server is not installed (`make setup`)")
+def test_the_reward_pool_leaves_out_answers_withdrawn_in_argilla_since(owner, annotators, tmp_path):  # noqa: F811
+    """The loop's pulls do not accumulate (one round's records per round), so the reward models'
+    pool merges every round's `human/preferences`. A preference an annotator later changed to a
+    tie, one discarded and one whose record was deleted leave the pool from the round whose pull
+    saw it (counted in that round's `withdrawn`), and stay out in later rounds that read nothing
+    new about them; an answer given again comes back. The `human` stage runs as the loop
+    configures it, each round from the previous round's cursor, against the real Argilla stack."""
+    from feedback.argilla_annotate import annotate
+    from feedback.argilla_client import api
+    from pipeline.loop_rewards import RewardStep, plan, pooled_rows
+
+    from .test_argilla import _answered, _revise
+
+    _push(
+        owner,
+        "loop-withdrawn",
+        "preference",
+        [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)],
+    )
+    dpo = [{"method": "dpo", "from": "human_preferences", "with": SMALL}]
+    rm = [{"kind": "followup", "from": "human_preferences", "with": {"followup": {"finetune": True}}}]
+    loop = LoopFile(write_loop(tmp_path, train=dpo, rewards=rm, argilla={"dataset": "loop-withdrawn"}))
+    runs = tmp_path / "runs"
+    root = runs / loop.name
+    driver = Loop(loop, runs, use_ray=False)
+    logged: list[str] = []
+    driver.log = logged.append
+    steps = [RewardStep.model_validate(r) for r in rm]
+    rounds: list[dict] = []
+
+    def round_(number: int) -> tuple[dict, dict, list[dict]]:
+        """Run round `number`'s human stage from the last round's cursor; its entry and reward plan."""
+        cursor = str(root / rounds[-1]["run"] / "human" / "cursor" / "cursor.json") if rounds else None
+        run = f"round-{number:03d}"
+        (human,) = [s for s in round_stages(loop, "pull", None, None, {}, human_cursor=cursor) if s["name"] == HUMAN_STAGE]
+        metrics = driver.execute(run, [human]).record(HUMAN_STAGE).metrics
+        entry = {"round": number, "run": run, "counts": {"human_preferences": int(metrics["records"])}}
+        rounds.append(entry)
+        driver.state["rounds"] = rounds
+        driver.count_withdrawn(entry)
+        (item,) = plan(steps, root, rounds[:-1], entry)
+        pooled = [json.loads(line) for line in Path(item["data"]).read_text().splitlines()] if item["trained"] else []
+        return entry, item, pooled
+
+    def good(task):
+        return {"preference": "a" if task.fields["response_a"].startswith("good") else "b", "rationale": "correct"}
+
+    annotate("loop-withdrawn", good, client=annotators["ann-a"]["client"])
+    annotate("loop-withdrawn", lambda t: good(t) if t.fields["prompt"] == "Q0?" else None, client=annotators["ann-b"]["client"])
+    entry1, item1, pool1 = round_(1)
+    assert entry1["counts"]["human_preferences"] == 5 and entry1["withdrawn"] == {} and item1["withdrawn"] == 0
+    ids = {(r["prompt"], r["provenance"]["annotator"]): r["id"] for r in pool1}
+    assert len(pool1) == 5
+
+    _revise(
+        owner, annotators["ann-a"], "loop-withdrawn", "Q0?", {"values": {"preference": {"value": "tie"}}, "status": "submitted"}
+    )
+    _revise(owner, annotators["ann-a"], "loop-withdrawn", "Q1?", {"values": {}, "status": "discarded"})
+    api(owner, "DELETE", f"/api/v1/records/{_answered(owner, 'loop-withdrawn', 'Q2?')['id']}", "delete a record")
+    entry2, item2, pool2 = round_(2)  # nothing new: round 2 pulls no record, yet it sees the three withdrawn
+    assert entry2["counts"]["human_preferences"] == 0 and entry2["withdrawn"] == {"human_preferences": 3}
+    assert any("3 earlier human_preferences record(s) withdrawn" in line for line in logged)
+    assert not item2["trained"]  # no new record: no refresh; the pool itself leaves the three out
+    pool = pooled_rows([root / e["run"] / "human" / "preferences" for e in rounds])
+    assert (pool.withdrawn, pool.left_out) == ([0, 3], 3)
+    assert sorted(r["id"] for r in pool.rows) == sorted([ids["Q0?", "ann-b"], ids["Q3?", "ann-a"]])
+
+    annotate("loop-withdrawn", good, client=annotators["ann-b"]["client"], limit=1)  # one new answer, nothing withdrawn
+    entry3, item3, pool3 = round_(3)
+    assert entry3["counts"]["human_preferences"] == 1 and entry3["withdrawn"] == {}
+    (new,) = load_rows(root / "round-003" / "human" / "preferences")
+    # round 3 read nothing about the three: they stay out, counted among the pool's withdrawn
+    assert item3["trained"] and item3["withdrawn"] == 3 and item3["records"] == 3
+    assert sorted(r["id"] for r in pool3) == sorted([ids["Q0?", "ann-b"], ids["Q3?", "ann-a"], new["id"]])
+    data = Path(item3["data"]).read_bytes()
+    assert plan(steps, root, rounds[:-1], entry3)[0]["data"] == item3["data"]  # a resumed round pools the same
+    assert Path(item3["data"]).read_bytes() == data
+
+    _revise(
+        owner, annotators["ann-a"], "loop-withdrawn", "Q0?", {"values": {"preference": {"value": "a"}}, "status": "submitted"}
+    )
+    entry4, item4, pool4 = round_(4)  # the tie answered again: it comes back, once
+    assert entry4["counts"]["human_preferences"] == 1 and entry4["withdrawn"] == {}
+    assert item4["withdrawn"] == 2 and sorted(r["id"] for r in pool4) == sorted(
+        [ids["Q0?", "ann-a"], ids["Q0?", "ann-b"], ids["Q3?", "ann-a"], new["id"]]
+    )
