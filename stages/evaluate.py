@@ -67,7 +67,7 @@ class EvaluateConfig(TrackingSettings):
 class EvaluateStage(Stage):
     config: EvaluateConfig
     uses = "evaluate"
-    version = "9"  # 2: the summary's per-item outcomes; 3: the users' conversations; 4: their own kind; 5: per-item scores; 6: a CoH adapter answers its users after its phrase; 7: a CoH reply cut at a phrase is finished; 8: the conditions' conversations side by side (the simulator's calls batched across them); 9: batch_size is fingerprinted (the users' sampled turns are seeded per batch on HF, as simulate's), first_reply_satisfied counts a need answered only by clarifying questions as not satisfied, and no interval is a point (Wilson for the judge's win rate; stats.no_spread)
+    version = "10"  # 2: the summary's per-item outcomes; 3: the users' conversations; 4: their own kind; 5: per-item scores; 6: a CoH adapter answers its users after its phrase; 7: a CoH reply cut at a phrase is finished; 8: the conditions' conversations side by side (the simulator's calls batched across them); 9: batch_size is fingerprinted (the users' sampled turns are seeded per batch on HF, as simulate's), first_reply_satisfied counts a need answered only by clarifying questions as not satisfied, and no interval is a point (Wilson for the judge's win rate; stats.no_spread); 10: a `reference` stands in only where made alike (model, seed, sampling, batch_size, and per reply its system prompt, which each row now records as `system`), else the replies are written anew
     summary = "Adherence, overgeneralization, satisfaction, drift, degeneration, cost: base vs in-context vs memory vs adapter."
     Config = EvaluateConfig
     inputs = {
@@ -85,7 +85,10 @@ class EvaluateStage(Stage):
         ),
         "general": Input(("prompts",), required=False, doc="prompt/answer pairs for drift (default: general_set)"),
         "reference": Input(
-            ("evaluation",), required=False, doc="an earlier evaluation: its base replies are reused, not regenerated"
+            ("evaluation",),
+            required=False,
+            doc="an earlier evaluation: its base/in_context/memory replies are reused where made alike (model, seed, "
+            "sampling, batch_size, each reply's system prompt), else written anew",
         ),
         **{name: Input(("reward_model",), required=False, doc="a trained reward model: its mean score") for name in RM_INPUTS},
     }
@@ -132,6 +135,15 @@ class EvaluateStage(Stage):
             cfg.conditions, feedback, memory=remembered, adapter=adapter, label=cfg.label, log=ctx.log
         )
         ctx.log.info("conditions: %s", ", ".join(c.name for c in conditions))
+        names = [c.name for c in conditions]
+        # before the model loads; only a reference made alike (the arena's eval_base, for its eval_<method>)
+        reference = cond.reference_replies(
+            ctx.input("reference"),
+            cond.reply_settings(ctx.model, ctx.seed, cfg),
+            EvaluateConfig,
+            ctx.log,
+            base_needed="base" not in names,
+        )
         tokenizer = load_tokenizer(ctx.model)
         model = load_causal_lm(ctx.model, device_policy(cfg.device), adapter=adapter).eval()
         retrieving = any(c.system == "retrieved" for c in conditions)  # only with something to recall
@@ -151,11 +163,9 @@ class EvaluateStage(Stage):
             engine=pick_engine(cfg.engine, cfg.device, ctx.model, len(prompts) * len(conditions) * cfg.sampling.max_new_tokens),
         )
         ctx.log.info("replies from %s", ENGINE_LABELS[ans.engine])
-        reference = cond.reference_replies(ctx.input("reference"))
         rows = cond.generate_replies(
             ans, prompts, feedback, metric, reference, cfg.sampling, cfg.max_prompts_per_scope, cfg.ngram
         )
-        names = [c.name for c in conditions]
         results = metrics.reply_metrics(rows, names, ans.resamples, ans.seed)
         outcomes = metrics.reply_outcomes(rows, names)
         scores: metrics.Scores = {}
@@ -183,7 +193,16 @@ class EvaluateStage(Stage):
             outcomes=outcomes,
             scores=scores,
         )
-        empty = {"prompt": "", "scope": "", "condition": "", "response": "", "applied": False, "finished": True, "tokens": 0}
+        empty = {
+            "prompt": "",
+            "scope": "",
+            "condition": "",
+            "response": "",
+            "applied": False,
+            "finished": True,
+            "tokens": 0,
+            "system": "",
+        }
         save_rows(rows, ctx.output("evaluation"), empty_like=empty)
         summary.write_summary(out, ctx.output(SUMMARY_FILE))
         if conversations:

@@ -17,12 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from pydantic import BaseModel, Field, create_model, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, create_model, field_validator, model_validator
 
+from pipeline.models import config_model
 from pipeline.schema import KINDS
 from pipeline.stage import Input, Output, Stage
 from pipeline.training import NON_SEMANTIC_TRAIN_FIELDS, TrainSettings
 from reward_models.base import check_init, record_init, trainable_kinds
+from reward_models.common import ENCODER_ALIASES
 
 #: every feedback record kind, a mixed `feedback` file, or prompts that carry feedback (qa-feedback)
 FEEDBACK_KINDS = (*KINDS, "feedback", "prompts")
@@ -39,6 +41,12 @@ class _TrainRewardSettings(TrainSettings):
     split: Literal["random", "group", "time"] = Field(default="group", description="group: by prompt; time: latest held out")
     learning_rate: float = Field(default=2e-4, gt=0)
     full_finetune: bool = Field(default=False, description="train every weight instead of a LoRA adapter (small encoders)")
+
+    @field_validator("base_model")
+    @classmethod
+    def _local_base(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A relative folder is the one beside the pipeline config, as its `model:`."""
+        return config_model(value, info, keep=ENCODER_ALIASES)
 
     @model_validator(mode="after")
     def _only_own_block(self):

@@ -165,3 +165,65 @@ def test_relative_model_folder_resolves_against_the_config_folder(tmp_path, monk
     assert pipeline.stage("pairs").model == str(tmp_path / "ckpt2")
     assert pipeline.config.model == "../ckpt"  # the config as written (the run record) is unchanged
     assert load_pipeline("configs/x.yaml", ["model=tiny"]).stage("sample").model == "tiny"
+
+
+def test_relative_model_folders_in_stage_settings_resolve_against_the_config_folder(tmp_path, monkeypatch, tiny_model_path):
+    """A simulator's `model: ./sim` in configs/x.yaml run from elsewhere loads configs/sim, as the
+    pipeline's `model:` does, not a `sim` folder in the working directory; aliases, hub ids and an
+    endpoint's served model name stay as written."""
+    import shutil
+
+    from pipeline.llm import build_client
+    from pipeline.models import CONFIG_DIR
+    from stages.ppo import PpoStageConfig
+    from stages.simulate import SimulateConfig
+    from stages.train_reward import TrainRewardConfig
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    shutil.copytree(tiny_model_path, configs / "sim")
+    (tmp_path / "elsewhere" / "sim").mkdir(parents=True)  # what `./sim` would name from the working directory: no model
+    path = configs / "x.yaml"
+    path.write_text(
+        """\
+run_name: demo
+model: tiny
+stages:
+  - name: users
+    uses: simulate
+    inputs: {conversations: data:quickstart/needs.jsonl}
+    with:
+      simulator: {model: ./sim, sampling: {max_new_tokens: 2, temperature: 0.0}}
+  - name: hub_users
+    uses: simulate
+    inputs: {conversations: data:quickstart/needs.jsonl}
+    with:
+      simulator: {model: HuggingFaceTB/SmolLM2-135M-Instruct}
+  - name: check
+    uses: evaluate
+    inputs: {prompts: data:quickstart/prompts.jsonl}
+    with:
+      judge: {kind: openai, model: ./sim, base_url: "http://127.0.0.1:9/v1"}
+      users: {simulator: {model: tiny}}
+"""
+    )
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    pipeline = load_pipeline("../configs/x.yaml")
+    simulator = pipeline.stage("users").config.simulator
+    assert simulator.model == str(configs / "sim")
+    # the executor re-reads the config as dumped: the folder stays the one beside the config
+    assert (
+        SimulateConfig.model_validate(pipeline.stage("users").config.model_dump(mode="json")).simulator.model == simulator.model
+    )
+    assert build_client(simulator).complete([[{"role": "user", "content": "Hi"}]])  # loads configs/sim
+    assert pipeline.stage("hub_users").config.simulator.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    evaluate = pipeline.stage("check").config
+    assert evaluate.judge.model == "./sim"  # an endpoint's served model name, not a folder
+    assert evaluate.users.simulator.model == "tiny"
+    # the other models a stage's `with:` names: a PPO critic, a reward model's base
+    context = {CONFIG_DIR: configs}
+    assert PpoStageConfig.model_validate({"value_model": "./sim"}, context=context).value_model == str(configs / "sim")
+    assert PpoStageConfig.model_validate({"value_model": "head"}, context=context).value_model == "head"
+    reward = {"kind": "plove", "base_model": "sim"}
+    assert TrainRewardConfig.model_validate(reward, context=context).base_model == str(configs / "sim")
+    assert TrainRewardConfig.model_validate({**reward, "base_model": "minilm"}, context=context).base_model == "minilm"

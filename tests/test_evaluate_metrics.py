@@ -491,7 +491,13 @@ FIXED = {
 UNFINISHED = {("base", "Roast them."), ("in_context", "Brazil.")}
 
 
-def fixed_reference(path):
+def fixed_reference(stage_dir, feedback=FEEDBACK, **settings):
+    """FIXED's replies saved where an evaluate stage writes them (`stage_dir/evaluation`), with the
+    manifest that says how they were made: on `tiny` with seed 0, the config's `settings` (sampling,
+    batch_size) and in_context told `feedback` (each row's `system`)."""
+    from stages.evaluate import EvaluateConfig
+    from trainers.feedback_eval import IN_CONTEXT_TEMPLATE
+
     rows = []
     for condition, replies in FIXED.items():
         for (prompt, scope), reply in zip(SCOPED, replies):
@@ -504,10 +510,15 @@ def fixed_reference(path):
                     "applied": False,
                     "finished": (condition, reply) not in UNFINISHED,
                     "tokens": len(reply.split()),
+                    "system": IN_CONTEXT_TEMPLATE.format(feedback=feedback) if condition == "in_context" else None,
                 }
             )
-    save_rows(rows, path)
-    return path
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    save_rows(rows, stage_dir / "evaluation")
+    config = EvaluateConfig.model_validate({"conditions": list(FIXED), **settings}).model_dump(mode="json")
+    manifest = {"stage": stage_dir.name, "uses": "evaluate", "model": "tiny", "seed": 0, "config": config}
+    (stage_dir / "manifest.json").write_text(json.dumps(manifest))
+    return stage_dir / "evaluation"
 
 
 def word_count_reward(prompts, responses):
@@ -547,7 +558,7 @@ def test_evaluate_stage_on_fixed_replies(tmp_path, tiny_model_path):
     inputs = {
         "prompts": str(write_scoped_prompts(tmp_path)),
         "general": str(write_general(tmp_path)),
-        "reference": str(fixed_reference(tmp_path / "reference")),
+        "reference": str(fixed_reference(tmp_path / "eval_ref")),
         "reward_model": str(tmp_path / "words_rm"),
     }
     result = run_evaluate(tmp_path, inputs, {"conditions": ["base", "in_context"], "resamples": 200})
@@ -584,6 +595,77 @@ def test_evaluate_stage_on_fixed_replies(tmp_path, tiny_model_path):
 
     rows = load_rows(result.run_dir / "check" / "evaluation")
     assert len(rows) == 14 and sum(r["applied"] for r in rows if r["condition"] == "in_context") == 5
+
+
+SHORT = {"sampling": {"max_new_tokens": 6, "temperature": 0.0}}
+
+
+def responses(run_dir, condition):
+    from pipeline.records import load_rows
+
+    return [r["response"] for r in load_rows(run_dir / "check" / "evaluation") if r["condition"] == condition]
+
+
+@pytest.mark.parametrize("reference_feedback", [FEEDBACK, "Answer in French."])
+def test_a_reference_stands_in_for_a_condition_only_with_its_system_prompts(tmp_path, tiny_model_path, reference_feedback):
+    """A reference made with other feedback told its in_context condition something else: its replies
+    are written anew (tiny's, not the reference's); its base replies (no system prompt) still stand."""
+    from trainers.feedback_eval import IN_CONTEXT_TEMPLATE
+
+    inputs = {
+        "prompts": str(write_scoped_prompts(tmp_path)),
+        "reference": str(fixed_reference(tmp_path / "eval_ref", reference_feedback, **SHORT)),
+    }
+    result = run_evaluate(tmp_path, inputs, {"conditions": ["base", "in_context"], "drift": False, "resamples": 200, **SHORT})
+    assert result.ok, result.records[0].error
+    assert responses(result.run_dir, "base") == FIXED["base"]
+    if reference_feedback == FEEDBACK:
+        assert responses(result.run_dir, "in_context") == FIXED["in_context"]
+    else:
+        written = responses(result.run_dir, "in_context")
+        assert len(written) == len(SCOPED) and not set(written) & set(FIXED["in_context"])
+        assert (
+            "in_context: the reference evaluation's replies were given other system prompts"
+            in (result.run_dir / "check" / "stage.log").read_text()
+        )
+    from pipeline.records import load_rows
+
+    systems = {r["condition"]: r["system"] for r in load_rows(result.run_dir / "check" / "evaluation")}
+    assert systems == {"base": None, "in_context": IN_CONTEXT_TEMPLATE.format(feedback=FEEDBACK)}
+
+
+def test_a_reference_made_otherwise_is_not_reused_and_cannot_be_the_base(tmp_path, tiny_model_path):
+    """Other sampling (or no manifest to say how it was made): none of the reference's replies stand
+    in. An evaluation without a base condition of its own reads the reference's base replies as its
+    base (the arena's eval_<method>): a matching one serves, another is an error naming the difference."""
+    from pipeline.evaluation.summary import read_summary
+
+    prompts = str(write_scoped_prompts(tmp_path))
+    hot = fixed_reference(tmp_path / "eval_hot", sampling={"max_new_tokens": 6, "temperature": 0.7})
+    result = run_evaluate(
+        tmp_path, {"prompts": prompts, "reference": str(hot)}, {"conditions": ["base"], "drift": False, **SHORT}
+    )
+    assert result.ok, result.records[0].error
+    assert not set(responses(result.run_dir, "base")) & set(FIXED["base"])
+    log = (result.run_dir / "check" / "stage.log").read_text()
+    assert "not reused: it was made with sampling.temperature 0.7, not 0.0" in log
+
+    adapter = random_adapter(tmp_path / "dpo_s0", tiny_model_path)
+    adapter_only = {"conditions": ["adapter"], "drift": False, "resamples": 200, **SHORT}
+    result = run_evaluate(tmp_path, {"prompts": prompts, "adapter": str(adapter), "reference": str(hot)}, adapter_only)
+    assert not result.ok and "its base replies cannot stand in" in result.records[0].error
+    assert "sampling.temperature 0.7, not 0.0" in result.records[0].error
+
+    bare = fixed_reference(tmp_path / "eval_bare", **SHORT)
+    (bare.parent / "manifest.json").unlink()
+    result = run_evaluate(tmp_path, {"prompts": prompts, "adapter": str(adapter), "reference": str(bare)}, adapter_only)
+    assert not result.ok and "no manifest.json beside it" in result.records[0].error
+
+    alike = fixed_reference(tmp_path / "eval_alike", **SHORT)
+    result = run_evaluate(tmp_path, {"prompts": prompts, "adapter": str(adapter), "reference": str(alike)}, adapter_only)
+    assert result.ok, result.records[0].error
+    length = read_summary(result.run_dir / "check")["conditions"]["dpo_s0"]["length_vs_base"]
+    assert length["n"] == len(SCOPED)  # against the reference's base replies
 
 
 def test_evaluate_stage_needs_feedback_for_scoped_prompts(tmp_path, tiny_model_path):

@@ -232,14 +232,85 @@ def system_prompts(
     return system_for
 
 
-def reference_replies(path: Path | None) -> dict[tuple[str, str], dict[str, Any]]:
-    """(condition, prompt) -> row of an earlier evaluation (only the built-in conditions are reused)."""
+def reply_settings(model: str, seed: int, config: Any) -> dict[str, Any]:
+    """What, beside each prompt's system prompt, makes an evaluation's replies to its prompts: the
+    model, the seed, the sampling and the batch size (HF seeds each batch, so sampled replies
+    change with it). `config`: an evaluate config (this evaluation's, or a reference's as its
+    manifest records it). The engine is left out: it writes the same greedy replies as HF."""
+    return {"model": model, "seed": seed, "sampling": config.sampling.model_dump(mode="json"), "batch_size": config.batch_size}
+
+
+def reference_replies(
+    path: Path | None,
+    made_with: dict[str, Any],
+    config_cls: type[BaseModel],
+    log: logging.Logger,
+    *,
+    base_needed: bool = False,
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """(condition, prompt) -> row of an earlier evaluation (only the built-in conditions), when its
+    replies are the ones this evaluation would write.
+
+    Why the checks: a reference's replies stand in for this evaluation's own, so they must have
+    been made alike. Its manifest (beside its `evaluation` output, as every stage writes one)
+    must record an evaluate stage with the same `reply_settings` as `made_with` (its config read
+    as `config_cls`); if not, none of its rows is kept (logged), and this evaluation writes its
+    own replies. The rest of what makes a reply, each prompt's system prompt (the feedback, the
+    template, what memory recalled), `generate_replies` compares row by row (`system`).
+    `base_needed`: this evaluation has no base condition of its own and reads the reference's
+    base replies as its base (length_vs_base, judge_win_rate), which cannot be written anew: a
+    reference made otherwise is then a DataError naming the difference."""
+    from pipeline.errors import DataError
     from pipeline.records import load_rows
 
     if path is None:
         return {}
+    why = reference_differs(Path(path), made_with, config_cls)
+    if why is not None:
+        if base_needed:
+            raise DataError(
+                f"reference evaluation {path}: {why}, so its base replies cannot stand in for this evaluation's "
+                "base (length_vs_base, judge_win_rate): give an evaluation made with the same model, seed, sampling "
+                "and batch_size, or add `base` to `conditions`"
+            )
+        log.warning("reference evaluation %s not reused: %s; this evaluation writes its own replies", path, why)
+        return {}
     rows = load_rows(path, required=["prompt", "condition", "response"], what="reference evaluation")
     return {(r["condition"], str(r["prompt"])): r for r in rows if r["condition"] in BASE_CONDITIONS}
+
+
+def reference_differs(path: Path, made_with: dict[str, Any], config_cls: type[BaseModel]) -> str | None:
+    """Why the evaluation at `path` was not made as `made_with` says (None: it was), from its manifest."""
+    from pydantic import ValidationError
+
+    from pipeline.artifacts import MANIFEST, read_json
+
+    manifest_path = path.parent / MANIFEST
+    if not manifest_path.is_file():
+        return f"no {MANIFEST} beside it records how its replies were made (an evaluate stage's output has one)"
+    manifest = read_json(manifest_path)
+    if manifest.get("uses") != "evaluate":
+        return f"its {MANIFEST} is a {manifest.get('uses')!r} stage's, not an evaluate stage's"
+    try:
+        config = config_cls.model_validate(manifest.get("config") or {})
+    except ValidationError as exc:
+        return f"its config no longer reads as an evaluate config ({exc.error_count()} problems)"
+    theirs = reply_settings(manifest.get("model"), manifest.get("seed"), config)
+    differ = []
+    for key, value in made_with.items():
+        if isinstance(value, dict) and isinstance(theirs.get(key), dict):  # sampling: the knobs that differ
+            differ += [f"{key}.{k} {theirs[key].get(k)!r}, not {v!r}" for k, v in value.items() if theirs[key].get(k) != v]
+        elif theirs.get(key) != value:
+            differ.append(f"{key} {theirs.get(key)!r}, not {value!r}")
+    return f"it was made with {'; '.join(differ)}" if differ else None
+
+
+def same_system(condition: Condition, row: dict[str, Any], system: str | None) -> bool:
+    """Whether a reference's `row` was answered under the system prompt `condition` gives its prompt
+    here. A base reply had none; a row from before the `system` column (evaluate v9) cannot say."""
+    if condition.system == "none":
+        return True
+    return "system" in row and row["system"] == system
 
 
 @dataclass
@@ -309,7 +380,8 @@ def generate_replies(
     ngram: int,
 ) -> list[dict[str, Any]]:
     """One row per prompt and condition: the reply (reused from `reference` where it has all of a
-    condition's), whether it applies the feedback, whether it finished, its tokens and loops."""
+    condition's, each given the system prompt this evaluation gives it: `same_system`), whether it
+    applies the feedback, whether it finished, its tokens and loops, and its system prompt."""
     from pipeline.chat import as_messages
     from pipeline.llm import build_client
     from pipeline.stats import repeated_ngram_share
@@ -323,14 +395,22 @@ def generate_replies(
         judge = build_client(metric.judge, ans.model_name, ans.device)
     rows: list[dict[str, Any]] = []
     for condition in ans.conditions:
+        systems = [ans.system_for(condition, str(p["prompt"])) for p in chosen]
         reused = [reference.get((condition.name, str(p["prompt"]))) for p in chosen]
-        if chosen and all(reused):
+        alike = all(r is not None and same_system(condition, r, s) for r, s in zip(reused, systems))
+        if chosen and all(reused) and not alike:
+            ans.log.warning(
+                "%s: the reference evaluation's replies were given other system prompts (another feedback, "
+                "template or memory, or not recorded): written anew",
+                condition.name,
+            )
+        if chosen and alike:
             ans.log.info("%s: %d replies reused from the reference evaluation", condition.name, len(chosen))
             texts = [r["response"] for r in reused if r is not None]
             finished = [bool(r.get("finished", True)) for r in reused if r is not None]
             tokens = [int(r.get("tokens", 0)) for r in reused if r is not None]
         else:
-            conversations = [as_messages(str(p["prompt"]), ans.system_for(condition, str(p["prompt"]))) for p in chosen]
+            conversations = [as_messages(str(p["prompt"]), system) for p, system in zip(chosen, systems)]
             completions = ans.replies(condition, conversations, sampling)
             texts = [c.text for c in completions]
             finished = [c.finished for c in completions]
@@ -353,6 +433,7 @@ def generate_replies(
                     "finished": bool(finished[i]),
                     "tokens": int(tokens[i]),
                     "repeated_ngrams": repeated_ngram_share(texts[i], ngram),
+                    "system": systems[i],  # what makes the reply beside the settings: a later reference check reads it
                 }
             )
         ans.log.info("%s: %d replies", condition.name, len(chosen))

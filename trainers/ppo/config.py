@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from pipeline.models import LoraSettings
+from pipeline.models import LoraSettings, config_model
 from pipeline.training import TrackingSettings
 
 
@@ -85,6 +85,12 @@ class PpoSettings(TrackingSettings):
     save_steps: int = Field(default=5, ge=1, description="rollouts between checkpoints")
     save_total_limit: int = Field(default=2, ge=1)
     device: str | None = None
+
+    @field_validator("value_model")
+    @classmethod
+    def _local_value_model(cls, value: str, info: ValidationInfo) -> str:
+        """A relative folder is the one beside the pipeline config, as its `model:`."""
+        return config_model(value, info, keep={"head"}) or value
 
     @model_validator(mode="after")
     def _batches_fit(self) -> PpoSettings:
