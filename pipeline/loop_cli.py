@@ -69,7 +69,17 @@ def print_status(target: Path, runs_dir: Path) -> None:
     table = Table(title=f"loop {root.name}", title_justify="left")
     rows = status_rows(root)
     rewards = any(row["rewards"] for row in rows)  # a column only for loops that refresh reward models
-    cols = ("round", "phase", "records", "quarantined", "before", "trained", *(("rewards",) if rewards else ()))
+    withdrawn = any(row["withdrawn"] for row in rows)  # ... and only for loops whose annotators withdrew answers
+    cols = (
+        "round",
+        "phase",
+        "records",
+        "quarantined",
+        *(("withdrawn",) if withdrawn else ()),
+        "before",
+        "trained",
+        *(("rewards",) if rewards else ()),
+    )
     for col in (*cols, "gate", "deployed", "after"):
         table.add_column(col)
     for row in rows:
@@ -78,6 +88,7 @@ def print_status(target: Path, runs_dir: Path) -> None:
             str(row["phase"]),
             str(row["records"]),
             str(row["quarantined"]),
+            *((str(row["withdrawn"] or "-"),) if withdrawn else ()),
             str(row["version_before"] or "-"),
             str(row["trained"] or "-"),
             *((str(row["rewards"] or "-"),) if rewards else ()),

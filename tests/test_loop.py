@@ -358,3 +358,35 @@ def test_a_resumed_round_reuses_an_evaluation_only_under_its_current_settings(tm
     entry = resumed.state["rounds"][-1]
     resumed.decide(entry, {})
     assert entry["reuse_current"] is None and entry["evaluation_key"] == evaluation_key(resumed.loop) != done["evaluation_key"]
+
+
+def test_loop_status_shows_answers_withdrawn_in_argilla_only_when_a_round_had_some(tmp_path, monkeypatch):
+    """`heedful loop status` in the terminal says what loop.html says: how many earlier records a
+    round found withdrawn (a column only for loops where annotators withdrew answers)."""
+    from pipeline.cli import console
+    from pipeline.loop import STATE_FILE
+    from pipeline.loop_cli import print_status
+
+    monkeypatch.setattr(console, "width", 200)  # whole column names
+    root = tmp_path / "loop_a"
+    root.mkdir()
+    rounds = [{"round": 1, "run": "round-001", "phase": "done", "counts": {"human_preferences": 5}}]
+    (root / STATE_FILE).write_text(json.dumps({"rounds": rounds}))
+    with console.capture() as quiet:
+        print_status(root, tmp_path)
+    assert "withdrawn" not in quiet.get()
+    rounds.append(
+        {
+            "round": 2,
+            "run": "round-002",
+            "phase": "done",
+            "counts": {"human_preferences": 3},
+            "withdrawn": {"human_preferences": 2},
+        }
+    )
+    (root / STATE_FILE).write_text(json.dumps({"rounds": rounds}))
+    with console.capture() as table:
+        print_status(root, tmp_path)
+    rows = [[cell.strip() for cell in line.replace("┃", "│").split("│")] for line in table.get().splitlines()]
+    header = next(row for row in rows if "withdrawn" in row)
+    assert [row[header.index("withdrawn")] for row in rows if row[1:2] in (["1"], ["2"])] == ["-", "2"]
