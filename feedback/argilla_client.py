@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import HeedfulError
+from pipeline.paths import ConfigPath
 
 
 class ArgillaError(HeedfulError):
@@ -42,7 +43,7 @@ class ArgillaConnection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     api_url: str | None = Field(default=None, description="e.g. https://argilla.example.org; default: env or local stack")
     api_key_env: str = Field(default="ARGILLA_API_KEY", description="environment variable holding the API key")
-    api_key_file: str | None = Field(default=None, description="file holding the API key (keep it mode 0600)")
+    api_key_file: ConfigPath | None = Field(default=None, description="file holding the API key (keep it mode 0600)")
     workspace: str = "heedful"
     timeout: int = Field(default=120, ge=1)
 

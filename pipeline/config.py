@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from . import registry
 from .errors import ConfigError, Problem
 from .models import CONFIG_DIR, check_model_name, local_model
-from .paths import resolve_data_ref
+from .paths import config_relative, resolve_data_ref
 from .stage import Stage, StageConfig
 from .yaml_source import KeyPath, YamlSource
 
@@ -211,7 +211,8 @@ def build_pipeline(source: YamlSource, base_dir: Path, overrides: list[str], pat
             continue
         at = ("stages", i)
         try:
-            # a model the settings name (a simulator's, a judge's) resolves against this folder too: models.config_model
+            # every path the settings name (an adapter, a key file, a cache: paths.ConfigPath) and every model (a
+            # simulator's, a judge's: models.config_model, checked here) is read against this folder too
             stage_config = cls.Config.model_validate(spec.with_, context={CONFIG_DIR: base_dir})
         except ValidationError as exc:
             problems.extend(_pydantic_problems(source, at + ("with",), exc, cls.Config))
@@ -292,8 +293,7 @@ def _parse_ref(raw: str, stage_names: set[str], base_dir: Path) -> InputRef:
     head, dot, tail = raw.partition(".")
     if dot and "/" not in raw and head in stage_names:
         return InputRef(raw, stage=head, output=tail)
-    path = Path(raw).expanduser()
-    return InputRef(raw, path=path if path.is_absolute() else (base_dir / path).resolve())
+    return InputRef(raw, path=Path(config_relative(raw, base_dir)))
 
 
 def _topological(stages: list[ResolvedStage]) -> tuple[list[ResolvedStage], list[str] | None]:

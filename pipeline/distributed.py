@@ -9,7 +9,7 @@ Train; when a worker dies, Ray Train restarts the group (FailureConfig.max_failu
 training resumes from the last reported checkpoint. Rank 0 writes the stage outputs, so
 the run folder must be on a filesystem every node sees (as for any multi-node heedful run).
 
-Only pydantic is imported at module level: stage configs import `DistributedSettings`.
+Only pydantic (and the light pipeline.paths) is imported at module level: stage configs import `DistributedSettings`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from .paths import ConfigPath
 
 #: rank 0 leaves its summary here for the coordinating stage process, which removes it
 METRICS_FILE = ".distributed-metrics.json"
@@ -50,7 +52,7 @@ class DistributedSettings(BaseModel):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     fsdp: str = Field(default="full_shard auto_wrap", description="HF `fsdp` option string (strategy fsdp)")
     fsdp_config: dict[str, Any] = Field(default_factory=dict, description="HF `fsdp_config` (FSDP2 unless version: 1)")
-    deepspeed: dict[str, Any] | str | None = Field(
+    deepspeed: dict[str, Any] | ConfigPath | None = Field(
         default=None, description="DeepSpeed config dict or JSON path; default ZeRO stage `zero_stage`"
     )
     zero_stage: Literal[1, 2, 3] = 2
@@ -58,7 +60,7 @@ class DistributedSettings(BaseModel):
     cpus_per_worker: float | None = Field(default=None, gt=0, description="default: the stage's resources.num_cpus")
     gpus_per_worker: float | None = Field(default=None, gt=0, description="default 1 when use_gpu")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    storage_path: str | None = Field(
+    storage_path: ConfigPath | None = Field(
         default=None, description="Ray Train checkpoint storage (e.g. s3://...); default: the stage's checkpoints folder"
     )
 

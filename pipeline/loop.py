@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import HeedfulError
 from .loop_rewards import RewardStep
+from .paths import CONFIG_DIR, ConfigPath
 
 STATE_FILE = "loop.json"
 PHASES = ("pull", "train", "evaluate", "deploy")
@@ -132,7 +133,9 @@ class LoopSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     server: str = Field(description="the heedful serve URL, e.g. http://127.0.0.1:8000")
-    token_file: str | None = Field(default=None, description="admin token file, mode 0600 (else $HEEDFUL_TOKEN)")
+    token_file: ConfigPath | None = Field(
+        default=None, description="admin token file, mode 0600 (else $HEEDFUL_TOKEN); relative: beside the loop file"
+    )
     rounds: int | None = Field(default=None, ge=1, description="stop after this many rounds (default: 1 without --every)")
     min_new_feedback: int = Field(default=1, ge=1, description="a round starts when this many new records arrived")
     every: str | None = Field(default=None, description="wait between checks for new feedback, e.g. 30s, 10m, 1h")
@@ -180,7 +183,8 @@ class LoopFile:
         self.extra: list[dict[str, Any]] = list(data.get("stages") or [])
         self.name = str(data.get("run_name") or self.path.stem)
         try:
-            self.spec = LoopSpec.model_validate(data["loop"])
+            # its paths (token_file) are read beside the loop file, as its stages' are (pipeline.paths)
+            self.spec = LoopSpec.model_validate(data["loop"], context={CONFIG_DIR: self.path.parent})
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
@@ -226,7 +230,7 @@ class LoopFile:
                 f"{self.path}: field 'loop.argilla.{owned[0]}': the loop sets it (it chains the cursor across rounds)"
             )
         try:
-            config = ArgillaPullConfig.model_validate(spec.argilla)
+            config = ArgillaPullConfig.model_validate(spec.argilla, context={CONFIG_DIR: self.path.parent})
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
@@ -488,11 +492,18 @@ def live_stats(spec: LoopSpec, token: str | None) -> dict[str, dict]:
         return {}
 
 
-def count_new(spec: LoopSpec, token: str | None, cursor_file: str | None, human_cursor: str | None = None) -> dict[str, int]:
+def count_new(
+    spec: LoopSpec,
+    token: str | None,
+    cursor_file: str | None,
+    human_cursor: str | None = None,
+    base_dir: Path | None = None,
+) -> dict[str, int]:
     """New feedback rows on the server after the cursor, per heedful signal (read only: nothing is taken).
     `critiques`: distinct users behind the most recurrent critique (before quarantine: an upper bound;
     how many critiques the round learns is counted after the pull, `trainable_counts`).
-    With `argilla:`, also the records annotators submitted after `human_cursor` (`human_<kind>`)."""
+    With `argilla:`, also the records annotators submitted after `human_cursor` (`human_<kind>`);
+    `base_dir`: the loop file's folder, which its relative paths are read against."""
     import json
 
     from stages.serve_pull import OUTPUT_OF, fetch_new
@@ -508,7 +519,7 @@ def count_new(spec: LoopSpec, token: str | None, cursor_file: str | None, human_
         counts[signal] = counts.get(signal, 0) + 1
     verbal = [row.get("record") or {} for row in rows if OUTPUT_OF.get(row.get("kind", "")) == "verbal_feedback"]
     counts.update({k: v for k, v in critique_counts(spec, verbal).items() if k == "critiques"})
-    counts.update(count_human(spec, human_cursor))
+    counts.update(count_human(spec, human_cursor, base_dir))
     return counts
 
 
@@ -519,15 +530,17 @@ def new_records(counts: dict[str, int]) -> int:
     return sum(n for kind, n in counts.items() if kind not in ("critiques", "other"))
 
 
-def count_human(spec: LoopSpec, cursor_file: str | None) -> dict[str, int]:
+def count_human(spec: LoopSpec, cursor_file: str | None, base_dir: Path | None = None) -> dict[str, int]:
     """`{"human_<kind>": n}`: what the round's `human` stage would pull now (read only; one pass
-    over the dataset's submitted responses, as the pull itself makes); {} without `argilla:`."""
+    over the dataset's submitted responses, as the pull itself makes); {} without `argilla:`.
+    `argilla:` read as the round's stage reads it: its relative paths beside the loop file (`base_dir`)."""
     if spec.argilla is None:
         return {}
     from stages.argilla_pull import ArgillaPullConfig
     from stages.argilla_pull import count_new as count_argilla
 
-    found = count_argilla(ArgillaPullConfig.model_validate(spec.argilla), cursor_file)
+    context = {CONFIG_DIR: base_dir} if base_dir is not None else None
+    found = count_argilla(ArgillaPullConfig.model_validate(spec.argilla, context=context), cursor_file)
     return {f"human_{kind}": n for kind, n in found.items()}
 
 
@@ -793,7 +806,9 @@ class Loop:
             if str(pending.get("outcome", "")).startswith("nothing to train") and every is None:
                 return done
         while rounds is None or len(done) < rounds:
-            counts = count_new(self.loop.spec, self.token(), self.cursor(), self.cursor("human_cursor"))
+            counts = count_new(
+                self.loop.spec, self.token(), self.cursor(), self.cursor("human_cursor"), base_dir=self.loop.path.parent
+            )
             new = new_records(counts)
             if new < min_new or not trainable(self.loop.spec, counts):
                 if every is None:

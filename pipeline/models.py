@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .paths import heedful_home
+from .paths import CONFIG_DIR as CONFIG_DIR  # re-exported: pipeline.config and tests import it from here
+from .paths import config_dir, config_relative, heedful_home
 
 if TYPE_CHECKING:
     from pydantic import ValidationInfo
@@ -52,14 +53,12 @@ def check_model_name(name: str, base_dir: Path | None = None) -> str | None:
         return None if candidate.is_dir() else f"model path '{name}' is a file, expected a model folder"
     if _HUB_ID.match(name) and not name.startswith((".", "/")):
         return None
+    relative = base_dir is not None and not Path(name).expanduser().is_absolute()
+    looked = f" (no folder {candidate.resolve()}: a relative one is read beside the config file)" if relative else ""
     return (
         f"unknown model '{name}': expected an alias ({', '.join(sorted(ALIASES))}), "
-        "an existing local folder, or a hub id like 'org/name'"
+        f"an existing local folder{looked}, or a hub id like 'org/name'"
     )
-
-
-#: the validation context key under which `pipeline.config` gives a stage config its config file's folder
-CONFIG_DIR = "config_dir"
 
 
 def local_model(name: str, base_dir: Path) -> str:
@@ -67,28 +66,34 @@ def local_model(name: str, base_dir: Path) -> str:
 
     `check_model_name` looks for it there; the stage would otherwise resolve the raw string
     from the working directory (`resolve_model`), so `model: ../ckpt` in configs/x.yaml run
-    from the repo root would pass validation and then load another folder, or none. Aliases,
-    hub ids and absolute paths are left as written. The pipeline's `model:` and every model a
-    stage's `with:` names (`config_model`) go through here.
+    from the repo root would pass validation and then load another folder, or none. Aliases
+    and hub ids are left as written, a `~` path is expanded. The pipeline's `model:` and every
+    model a stage's `with:` names (`config_model`) go through here, and through the rule every
+    path in a config follows (`paths.config_relative`).
     """
     path = Path(name).expanduser()
-    if name in ALIASES or path.is_absolute() or not (base_dir / path).is_dir():
-        return name
-    return str((base_dir / path).resolve())
+    if name in ALIASES or not (path.is_absolute() or (base_dir / path).is_dir()):
+        return name  # an alias, a hub id, or no such folder (check_model_name says so)
+    return config_relative(name, base_dir)
 
 
 def config_model(name: str | None, info: ValidationInfo, keep: Collection[str] = ()) -> str | None:
     """`local_model` for a model named inside a stage's `with:` (a simulator's, a judge's, a
-    generator's, a reward model's base ...), for the field validators of those settings.
+    generator's, a reward model's base ...), for the field validators of those settings, after
+    `check_model_name` as for the pipeline's `model:`: a mistyped folder is a config error when
+    the config is read, naming the file, the line and the field, not a failure of the stage
+    after the ones before it ran.
 
     `pipeline.config` validates each stage config with its config file's folder in the context
     (`CONFIG_DIR`); without one (the executor re-reading a config already resolved, settings
-    built in code) the name stays as written. `keep`: words the field reads as something other
-    than a model (`head`, `minilm`)."""
-    base_dir = (info.context or {}).get(CONFIG_DIR)
+    built in code) the name stays as written and is not checked. `keep`: words the field reads
+    as something other than a model (`head`, `minilm`)."""
+    base_dir = config_dir(info)
     if not name or base_dir is None or name in keep:
         return name
-    return local_model(name, Path(base_dir))
+    if (msg := check_model_name(name, base_dir)) is not None:
+        raise ValueError(msg)
+    return local_model(name, base_dir)
 
 
 def resolve_model(name: str, base_dir: Path | None = None) -> str:

@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from pipeline.paths import ConfigPath
 from pipeline.stage import StageConfig
 
 from .base import RewardBatch, Rewards, load_reward_model, read_descriptor, register_kind, write_descriptor
@@ -48,7 +49,7 @@ class ObjectiveSpec(StageConfig):
     name: str | None = Field(
         default=None, description="label in logs, curves and the report; default: the input, the rule's name or the folder's kind"
     )
-    path: str | None = Field(default=None, description="reward model folder (reward_model.json inside)")
+    path: ConfigPath | None = Field(default=None, description="reward model folder (reward_model.json inside)")
     input: Literal["reward_model", "reward_model_2", "reward_model_3"] | None = None
     rule: dict[str, Any] | None = Field(default=None, description="e.g. {rule: token_class, pattern: '\\\\d'}")
     weight: float = 1.0

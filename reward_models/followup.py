@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from pydantic import Field, field_validator
 
 from pipeline.chat import as_messages, last_user_text
+from pipeline.paths import ConfigPath
 from pipeline.stage import StageConfig
 
 from .base import RewardBatch, Rewards, read_descriptor, register_kind, write_descriptor
@@ -43,7 +44,7 @@ FLR_ASPECTS = ("understanding", "relevance", "correctness", "engagingness", "inf
 class FollowupSettings(StageConfig):
     """FLR: log-likelihood of positive minus negative user follow-ups after the reply."""
 
-    followups: str = Field(default="data:followups/flr_followups.json", description="follow-up lists (data: ref or path)")
+    followups: ConfigPath = Field(default="data:followups/flr_followups.json", description="follow-up lists (data: ref or path)")
     aspects: list[str] | None = Field(default=None, description=f"subset of {', '.join(FLR_ASPECTS)}; default all")
     per_aspect: int | None = Field(default=None, ge=1, description="use the first N follow-ups per aspect and polarity")
     include_context: bool = Field(default=False, description="keep system messages (e.g. retrieved passages) in the prefix")

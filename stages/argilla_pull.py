@@ -37,6 +37,7 @@ from typing import Literal
 from pydantic import Field
 
 from feedback.argilla_client import ArgillaConnection
+from pipeline.paths import ConfigPath
 from pipeline.stage import Input, Output, Stage, StageConfig
 
 
@@ -48,7 +49,9 @@ class ArgillaPullConfig(StageConfig):
     since: str | None = Field(
         default=None, description="only responses updated at/after this time (ISO 8601; UTC unless it carries an offset)"
     )
-    cursor_file: str | None = Field(default=None, description="cursor shared across runs (default: this stage's last output)")
+    cursor_file: ConfigPath | None = Field(
+        default=None, description="cursor shared across runs (default: this stage's last output)"
+    )
     write_cursor_file: bool = Field(
         default=True, description="also write the new cursor to cursor_file (false: only read it; the loop's way)"
     )

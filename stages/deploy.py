@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.paths import ConfigPath
 from pipeline.stage import Input, Output, Stage, StageConfig
 
 
@@ -36,7 +37,7 @@ class CanarySettings(BaseModel):
 
 class DeployConfig(StageConfig):
     url: str = Field(description="the server, e.g. http://127.0.0.1:8000")
-    token_file: str | None = Field(default=None, description="admin token file, mode 0600 (else $HEEDFUL_TOKEN)")
+    token_file: ConfigPath | None = Field(default=None, description="admin token file, mode 0600 (else $HEEDFUL_TOKEN)")
     canary: CanarySettings | None = None
 
 

@@ -22,6 +22,7 @@ from pipeline.evaluation.summary import LOWER_IS_BETTER, NEUTRAL, SUMMARY_FILE, 
 from pipeline.evaluation.users import UsersSettings
 from pipeline.generation import ENGINE_LABELS, EngineSetting, SamplingSettings, pick_engine
 from pipeline.llm import LLMSettings
+from pipeline.paths import ConfigPath
 from pipeline.stage import Input, Output, Stage
 from pipeline.tracking import TrackingSettings
 from trainers.feedback_eval import IN_CONTEXT_TEMPLATE, MetricSpec
@@ -47,7 +48,7 @@ class EvaluateConfig(TrackingSettings):
     sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=48, temperature=0.0))
     max_prompts_per_scope: int | None = Field(default=None, ge=1)
     memory: MemorySettings = Field(default_factory=MemorySettings)
-    general_set: str = Field(default=GENERAL_SET, description="prompt/answer pairs for drift (when no `general` input)")
+    general_set: ConfigPath = Field(default=GENERAL_SET, description="prompt/answer pairs for drift (when no `general` input)")
     max_general: int | None = Field(default=None, ge=1)
     drift: bool = Field(default=True, description="KL to the base and reference log-likelihood on the general set")
     ngram: int = Field(default=3, ge=1, description="n of the repeated n-gram share")

@@ -25,13 +25,14 @@ from pydantic import Field
 
 from feedback.quarantine import QuarantineSettings
 from feedback.served_kinds import OUTPUT_OF, conversational_preference
+from pipeline.paths import ConfigPath
 from pipeline.stage import Output, Stage, StageConfig
 
 
 class ServePullConfig(StageConfig):
     url: str = Field(description="the server, e.g. http://127.0.0.1:8000")
-    token_file: str | None = Field(default=None, description="admin token file, mode 0600 (else $HEEDFUL_TOKEN)")
-    cursor_file: str | None = Field(
+    token_file: ConfigPath | None = Field(default=None, description="admin token file, mode 0600 (else $HEEDFUL_TOKEN)")
+    cursor_file: ConfigPath | None = Field(
         default=None,
         description="start from this cursor.json (e.g. the previous "
         "round's output); default: this stage's last output in this run",

@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 from feedback.simulator.prompts import PROMPT_VERSION
 from feedback.simulator.protocol import ProtocolSettings
 from pipeline.generation import EngineSetting, check_local_engine
+from pipeline.paths import ConfigPath
 from pipeline.stage import Input, Output, Stage, StageConfig
 
 
@@ -50,7 +51,11 @@ class SimulateConfig(StageConfig, ProtocolSettings):
     device: str | None = None
     engine: EngineSetting = "auto"  # what writes the policy's replies (hf or ct2; the simulator has its own)
     cache: bool = Field(default=True, description="reuse earlier LLM calls from $HEEDFUL_HOME/cache/convsim.sqlite")
-    cache_path: str | None = None
+    cache_path: ConfigPath | None = Field(
+        default=None,
+        description="the call cache's file (default $HEEDFUL_HOME/cache/convsim.sqlite); relative: beside the config, "
+        "like every path in `with:`",
+    )
 
     @field_validator("engine")
     @classmethod

@@ -227,3 +227,156 @@ stages:
     reward = {"kind": "plove", "base_model": "sim"}
     assert TrainRewardConfig.model_validate(reward, context=context).base_model == str(configs / "sim")
     assert TrainRewardConfig.model_validate({**reward, "base_model": "minilm"}, context=context).base_model == "minilm"
+
+
+def test_relative_paths_in_stage_settings_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    """Every file or folder a stage's `with:` names is read beside the config, as its inputs and
+    models are, whatever the working directory: an endpoint's key file (a decoy of the same name
+    in the working directory is not read), a pull's token and cursor, a DeepSpeed config, a drift
+    set, follow-up lists. `~` is expanded; absolute paths, `data:` references and URLs stay."""
+    from pipeline.llm import api_key
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    for folder, key in ((configs, "sk-beside-the-config"), (here, "sk-decoy")):
+        (folder / "key").write_text(key)
+        (folder / "key").chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = configs / "x.yaml"
+    path.write_text(
+        f"""\
+run_name: demo
+model: tiny
+stages:
+  - name: check
+    uses: evaluate
+    inputs: {{prompts: data:quickstart/prompts.jsonl}}
+    with:
+      judge: {{kind: openai, model: served, base_url: "http://127.0.0.1:9/v1", api_key_file: key}}
+      users: {{simulator: {{kind: openai, model: served, api_key_file: ~/key}}}}
+      general_set: drift/general.jsonl
+  - name: check_default
+    uses: evaluate
+    inputs: {{prompts: data:quickstart/prompts.jsonl}}
+  - name: pull
+    uses: serve_pull
+    with: {{url: "http://127.0.0.1:9", token_file: ../secrets/token, cursor_file: {tmp_path}/cursor.json}}
+  - name: human
+    uses: argilla_pull
+    with: {{dataset: d, argilla: {{api_key_file: argilla_key}}, cursor_file: cursors/human.json}}
+  - name: ship
+    uses: deploy
+    inputs: {{package: data:quickstart/prompts.jsonl, decision: data:quickstart/prompts.jsonl}}
+    with: {{url: "http://127.0.0.1:9", token_file: token}}
+  - name: rm
+    uses: train_reward
+    inputs: {{feedback: data:quickstart/prompts.jsonl}}
+    with:
+      kind: followup
+      followup: {{followups: lists.json}}
+      distributed: {{deepspeed: ds.json, storage_path: "s3://bucket/ckpt"}}
+"""
+    )
+    monkeypatch.chdir(here)
+    pipeline = load_pipeline("../configs/x.yaml")
+    check = pipeline.stage("check").config
+    assert check.judge.api_key_file == str(configs / "key")
+    assert api_key(check.judge) == "sk-beside-the-config"
+    assert check.users.simulator.api_key_file == str(tmp_path / "home" / "key")
+    assert check.general_set == str(configs / "drift" / "general.jsonl")
+    assert pipeline.stage("check_default").config.general_set.startswith("data:")  # a shipped file
+    pull = pipeline.stage("pull").config
+    assert pull.token_file == str(tmp_path / "secrets" / "token") and pull.cursor_file == str(tmp_path / "cursor.json")
+    human = pipeline.stage("human").config
+    assert human.argilla.api_key_file == str(configs / "argilla_key")
+    assert human.cursor_file == str(configs / "cursors" / "human.json")  # written there too: beside the config
+    assert pipeline.stage("ship").config.token_file == str(configs / "token")
+    rm = pipeline.stage("rm").config
+    assert rm.followup.followups == str(configs / "lists.json")
+    assert rm.distributed.deepspeed == str(configs / "ds.json") and rm.distributed.storage_path == "s3://bucket/ckpt"
+    # the executor re-reads the config as dumped: the paths stay the ones beside the config
+    assert type(check).model_validate(check.model_dump(mode="json")).judge.api_key_file == str(configs / "key")
+
+
+def test_every_path_field_of_a_stage_config_is_read_beside_the_config():
+    """A file or folder field added to a stage's settings (named *_file, *_path, path, adapter) is
+    a `ConfigPath`, so it is read beside the config like the others, not from the working directory."""
+    import re
+    import typing
+
+    from pydantic import BaseModel
+
+    from pipeline import registry
+    from pipeline.paths import ConfigPath, _relative_to_config
+
+    def config_path(field) -> bool:
+        if any(getattr(m, "func", None) is _relative_to_config for m in field.metadata):
+            return True
+        return ConfigPath in typing.get_args(field.annotation)
+
+    def models(annotation) -> list[type[BaseModel]]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for arg in typing.get_args(annotation) for m in models(arg)]
+
+    found, missing, seen = [], [], set()
+    todo = [registry.get(name).Config for name in registry.names()]
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        for name, field in cls.model_fields.items():
+            todo += models(field.annotation)
+            if re.search(r"(^|_)(path|file|adapter)$", name) and "str" in str(field.annotation):
+                (found if config_path(field) else missing).append(f"{cls.__name__}.{name}")
+    assert not missing, missing
+    assert {"LLMSettings.adapter", "LLMSettings.api_key_file", "SimulateConfig.cache_path"} <= set(found)
+
+
+def test_a_mistyped_model_folder_in_with_fails_when_the_config_is_read(tmp_path, tiny_model_path):
+    """`simulator: {model: ./nosuch}` (kind hf) is a config error naming the file, the line, the
+    stage and the field when the config is read, as a mistyped pipeline `model:` is, before any
+    stage runs (not when the simulate stage starts, after the ones before it); so are a PPO
+    critic's and a reward model's base. An endpoint's model is a served name: not looked for."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    path = configs / "x.yaml"
+    path.write_text(
+        """\
+run_name: demo
+model: tiny
+stages:
+  - name: sample
+    uses: generate
+    inputs: {prompts: data:quickstart/prompts.jsonl}
+  - name: users
+    uses: simulate
+    inputs: {conversations: data:quickstart/needs.jsonl}
+    with:
+      simulator: {model: ./nosuch}
+  - name: served_users
+    uses: simulate
+    inputs: {conversations: data:quickstart/needs.jsonl}
+    with:
+      simulator: {kind: openai, model: ./served-name, base_url: "http://127.0.0.1:9/v1"}
+  - name: rm
+    uses: train_reward
+    inputs: {feedback: data:quickstart/prompts.jsonl}
+    with: {kind: plove, base_model: ../nosuch_base}
+"""
+    )
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    found = [str(p) for p in info.value.problems]
+    assert len(found) == 2, found
+    assert found[0].startswith(f"{path}:11: stages[1].with.simulator.model: Value error, unknown model './nosuch'"), found
+    assert f"no folder {configs / 'nosuch'}" in found[0]
+    assert found[1].startswith(f"{path}:20: stages[3].with.base_model: Value error, unknown model '../nosuch_base'"), found
+    runs = tmp_path / "runs"
+    proc = subprocess.run(heedful_cmd() + ["run", str(path), "--runs-dir", str(runs)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "stages[1].with.simulator.model" in proc.stdout and "nothing was run" in proc.stdout
+    assert not runs.exists()

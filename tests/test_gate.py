@@ -236,3 +236,26 @@ def test_the_commented_c3po_step_of_configs_loop_yaml_validates(tmp_path):
     names = [s.name for s in pipeline.stages]
     assert names[3:6] == ["critique_3", "c3po_data_3", "train_3_c3po"] and names[-1] == "deploy"
     assert pipeline.stage("critique_3").spec.with_["generator"]["kind"] == "openai"
+
+
+def test_a_loop_reads_its_token_file_beside_the_loop_file(tmp_path, monkeypatch):
+    """`token_file: token` in loops/loop.yaml run from another folder is loops/token, for the loop's
+    own calls and for its pull and deploy stages alike (a decoy of the same name in the working
+    directory is not read), as every path a pipeline config names is read beside it."""
+    from pipeline.loop import Loop, full_round
+
+    loops = tmp_path / "loops"
+    loops.mkdir()
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    for folder, token in ((loops, "beside-the-loop-file-0123456789"), (here, "a-decoy-in-the-working-dir-0123")):
+        (folder / "token").write_text(token)
+        (folder / "token").chmod(0o600)
+    body = {"server": "http://127.0.0.1:9", "token_file": "token", "train": [{"method": "kto", "from": "reactions"}]}
+    (loops / "loop.yaml").write_text(yaml.safe_dump({"run_name": "l", "model": "tiny", "loop": body}))
+    monkeypatch.chdir(here)
+    loop = LoopFile(loops / "loop.yaml")
+    assert loop.spec.token_file == str(loops / "token")
+    assert Loop(loop, tmp_path / "runs", use_ray=False).token() == "beside-the-loop-file-0123456789"
+    pipeline = full_round(loop)
+    assert pipeline.stage("pull").config.token_file == pipeline.stage("deploy").config.token_file == str(loops / "token")

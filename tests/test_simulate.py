@@ -177,6 +177,40 @@ def test_the_policy_on_ctranslate2_talks_as_on_hf(tmp_path, tiny_model_path, lor
     assert [len(NEEDS)] * 2 in calls.values()  # the policy: both rounds' turns, each round in one call
 
 
+def test_relative_paths_in_with_are_read_beside_the_config(tmp_path, tiny_model_path, lora_adapter, monkeypatch):
+    """configs/x.yaml run from another folder: the simulator's `adapter: ./adapter` and the call
+    cache's `cache_path: calls.sqlite` are configs/adapter and configs/calls.sqlite, as the config's
+    inputs and models are, not the working directory's: there a decoy of each name (an empty
+    adapter folder, a folder where the cache file would be) would fail the stage."""
+    import shutil
+
+    from pipeline.artifacts import hash_path
+    from pipeline.config import load_pipeline
+
+    from .conftest import write_yaml
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    shutil.copytree(lora_adapter, configs / "adapter")
+    write_jsonl(NEEDS[:1], configs / "needs.jsonl")
+    here = tmp_path / "elsewhere"
+    (here / "adapter").mkdir(parents=True)  # no adapter in it
+    (here / "calls.sqlite").mkdir()  # a folder: no cache opens there
+    cfg = simulate_pipeline("needs.jsonl", tmp_path, max_rounds=1, cache_path="calls.sqlite", engine="hf")
+    cfg["stages"][0]["with"]["simulator"] = {"model": "tiny", "adapter": "./adapter", "engine": "hf"}
+    write_yaml(configs / "x.yaml", cfg)
+    monkeypatch.chdir(here)
+    pipeline = load_pipeline("../configs/x.yaml")
+    settings = pipeline.stage("users").config
+    assert settings.simulator.adapter == str(configs / "adapter")
+    assert settings.cache_path == str(configs / "calls.sqlite")  # a file the stage writes: beside the config too
+    result = Runner(pipeline, tmp_path / "runs", use_ray=False).execute()
+    assert result.ok, [r.error for r in result.records]
+    assert (configs / "calls.sqlite").is_file() and not any((here / "calls.sqlite").iterdir())
+    log = (result.run_dir / "users" / "stage.log").read_text()
+    assert f"+adapter:{hash_path(configs / 'adapter')[:16]}" in log  # the simulator wore the adapter beside the config
+
+
 def test_a_small_simulation_does_not_start_the_engine_probe(tmp_path, tiny_model_path, monkeypatch):
     """The engine probe costs what thousands of HF tokens cost (22.8 s on SmolLM2, the quickstart's
     users stage wrote ~2,300): `engine: auto` on conversations too few to repay it takes the known
