@@ -226,10 +226,13 @@ def test_serving_auto_follows_the_probes_lone_request_answer(tmp_path, monkeypat
         "old-entry": (1.0, 1.6, 2.0, 1.0),
     }
     measured: list[str] = []
+    asked: dict[str, tuple[bool, bool]] = {}  # what each probe timed: (batches, lone requests)
 
-    def measure(model):
+    def measure(model, batch=True, lone=True):
         measured.append(model)
-        return dict(zip(("hf", "ct2", "hf_single", "ct2_single"), timings[model]))
+        asked[model] = (batch, lone)
+        seconds = dict(zip(("hf", "ct2", "hf_single", "ct2_single"), timings[model]))
+        return {k: v for k, v in seconds.items() if (lone if k.endswith("_single") else batch)}
 
     monkeypatch.setattr(engine_probe, "_measure", measure)
     # an answer cached before lone requests were timed: the stages keep it, a server measures again
@@ -239,6 +242,8 @@ def test_serving_auto_follows_the_probes_lone_request_answer(tmp_path, monkeypat
     answers = {model: pick_serving_engine("auto", "cpu", model) for model in timings}
     assert answers == {"hf-wins": "hf", "ct2-alone": "hf+ct2", "ct2-wins": "ct2", "old-entry": "hf+ct2"}
     assert sorted(measured) == sorted(timings)  # each once
+    # a server times both where nothing was known, and only lone requests where the stages' answer stands
+    assert asked == {"hf-wins": (True, True), "ct2-alone": (True, True), "ct2-wins": (True, True), "old-entry": (False, True)}
     # cached: no second measurement; the stages' batch answer is unchanged by the lone one
     assert pick_serving_engine("auto", "cpu", "ct2-alone") == "hf+ct2" and len(measured) == len(timings)
     assert engine_probe.faster_cpu_engine("ct2-alone") == "hf"
@@ -326,7 +331,7 @@ def test_extra_weight_copies_are_taken_only_where_memory_has_room(adapters, tmp_
     monkeypatch.setattr(engine_probe, "default_cache_path", lambda: tmp_path / "engine_probe.json")
     monkeypatch.delenv(engine_probe.ENV, raising=False)
     timings = {"hf": 1.0, "ct2": 1.6, "hf_single": 2.0, "ct2_single": 1.0}  # CTranslate2 wins alone only
-    monkeypatch.setattr(engine_probe, "_measure", lambda model: timings)
+    monkeypatch.setattr(engine_probe, "_measure", lambda model, **_: timings)
     assert pick_serving_engine("auto", "cpu", "tiny") == "hf+ct2"  # room enough on this machine
     short = host_memory.available_bytes(meminfo)
     monkeypatch.setattr(host_memory, "available_bytes", lambda: short)
