@@ -58,6 +58,55 @@ def hash_path(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: `cached_hash_path`'s entries, under heedful's cache folder (pipeline/paths.py `heedful_home`)
+FOLDER_HASHES = "folder_hashes"
+
+
+def cached_hash_path(folder: Path, cache_dir: Path | None = None) -> str:
+    """`hash_path(folder)`, remembered in `<heedful home>/cache/folder_hashes/`: a local model's
+    gigabytes are read once per change, not at every `heedful run`.
+
+    An entry is keyed by the folder's absolute path and holds the hash with a signature of every
+    file's (relative name, size, mtime_ns, ctime_ns); it is used while the signature still
+    matches, so a hit costs a stat walk and a changed, added or removed file (or another folder
+    at that path) hashes once more. A folder that changed while it was read is hashed but not
+    remembered. Entries are written atomically (a fresh temporary file renamed over the entry):
+    processes that hash the same folder at once write the same answer, and a reader never sees
+    half an entry; a cache that cannot be written only costs the next run a re-hash."""
+    folder = Path(os.path.abspath(folder))
+    root = cache_dir if cache_dir is not None else _cache_root() / FOLDER_HASHES
+    entry_path = root / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:40]}.json"
+    signature = _stat_signature(folder)
+    try:
+        entry = read_json(entry_path)
+        if entry["path"] == str(folder) and entry["signature"] == signature:
+            return str(entry["hash"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = hash_path(folder)
+    if _stat_signature(folder) == signature:
+        try:
+            atomic_write_json(entry_path, {"path": str(folder), "signature": signature, "hash": digest})
+        except OSError:
+            pass
+    return digest
+
+
+def _stat_signature(folder: Path) -> str:
+    """A hash of the (relative name, size, mtime_ns, ctime_ns) of every file `hash_path` reads."""
+    stats = []
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        st = file.stat()
+        stats.append([file.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    return hash_json(stats)
+
+
+def _cache_root() -> Path:
+    from .paths import heedful_home
+
+    return heedful_home() / "cache"
+
+
 class RunDir:
     """One pipeline run's folder."""
 

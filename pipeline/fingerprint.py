@@ -24,62 +24,76 @@ from __future__ import annotations
 
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
+#: what a fingerprint makes of a folder-naming value (`fingerprint_folders`): pipeline.models `model_fingerprint`
+Folders = Callable[[str], str]
 
-def semantic_config(config: BaseModel, exclude: Iterable[str] = ()) -> dict[str, Any]:
+
+def semantic_config(config: BaseModel, exclude: Iterable[str] = (), folders: Folders | None = None) -> dict[str, Any]:
     """The fingerprinted form of `config`: its non-default fields (recursively), JSON-ready.
     `exclude` names fields that cannot change results (`non_semantic_fields`): top-level names,
-    or dotted paths into a nested model's fields (`evaluation.engine`)."""
-    return _diff(config, frozenset(exclude))
+    or dotted paths into a nested model's fields (`evaluation.engine`). `folders`: applied to the
+    value of every non-default field a model lists in `fingerprint_folders()` (a local folder ->
+    its content hash); without it those values stay as written."""
+    return _diff(config, frozenset(exclude), folders)
 
 
-def _diff(model: BaseModel, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
+def _folder_fields(model: BaseModel, folders: Folders | None) -> Iterable[str]:
+    """The fields of `model` that name a local folder hashed by content (when `folders` is given)."""
+    listed = getattr(model, "fingerprint_folders", None)
+    return listed() if folders is not None and callable(listed) else ()
+
+
+def _diff(model: BaseModel, exclude: frozenset[str] = frozenset(), folders: Folders | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     nested: dict[str, set[str]] = {}
     for path in exclude:
         head, _, rest = path.partition(".")
         if rest:
             nested.setdefault(head, set()).add(rest)
+    by_content = set(_folder_fields(model, folders))
     for name, field in type(model).model_fields.items():
         if name in exclude:
             continue
         tagged = len(_model_classes(field.annotation)) > 1
         inner = frozenset(nested.get(name, ()))
         default = None if field.is_required() else field.get_default(call_default_factory=True)
-        value = _reduced(getattr(model, name), tagged, inner)
-        if not field.is_required() and value == _reduced(default, tagged, inner):
+        value = _reduced(getattr(model, name), tagged, inner, folders)
+        if not field.is_required() and value == _reduced(default, tagged, inner, folders):
             continue
+        if name in by_content and folders is not None and isinstance(value, str):
+            value = folders(value)
         out[name] = value
     for name, value in (model.__pydantic_extra__ or {}).items():  # a model that allows extra keys
         out[name] = _canon(value)
     return out
 
 
-def _reduced(value: Any, tagged: bool, exclude: frozenset[str]) -> Any:
+def _reduced(value: Any, tagged: bool, exclude: frozenset[str], folders: Folders | None = None) -> Any:
     """`_canon(value)`, leaving out the `exclude`d fields when `value` is a model (a nested model's
     non-semantic fields)."""
     if exclude and isinstance(value, BaseModel):
-        return {"__model__": type(value).__name__, **_diff(value, exclude)} if tagged else _diff(value, exclude)
-    return _canon(value, tagged)
+        return {"__model__": type(value).__name__, **_diff(value, exclude, folders)} if tagged else _diff(value, exclude, folders)
+    return _canon(value, tagged, folders)
 
 
-def _canon(value: Any, tagged: bool = False) -> Any:
+def _canon(value: Any, tagged: bool = False, folders: Folders | None = None) -> Any:
     """A JSON-ready value in which every pydantic model is reduced to its non-default fields.
     `tagged`: the field admits several model classes (a union), so each model also keeps its
     class name; otherwise two all-default members of the union would fingerprint alike."""
     if isinstance(value, BaseModel):
-        return {"__model__": type(value).__name__, **_diff(value)} if tagged else _diff(value)
+        return {"__model__": type(value).__name__, **_diff(value, folders=folders)} if tagged else _diff(value, folders=folders)
     if isinstance(value, dict):
-        return {str(k): _canon(v, tagged) for k, v in value.items()}
+        return {str(k): _canon(v, tagged, folders) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_canon(v, tagged) for v in value]
+        return [_canon(v, tagged, folders) for v in value]
     if isinstance(value, set | frozenset):
-        return sorted((_canon(v, tagged) for v in value), key=repr)
+        return sorted((_canon(v, tagged, folders) for v in value), key=repr)
     return to_jsonable_python(value)
 
 

@@ -78,6 +78,11 @@ class LLMSettings(BaseModel):
     def _engine(cls, value: str) -> str:
         return check_local_engine(value)
 
+    def fingerprint_folders(self) -> tuple[str, ...]:
+        """hf: the model and adapter, by content when they are local folders (pipeline/fingerprint.py);
+        an openai model is a served name."""
+        return ("model", "adapter") if self.kind == "hf" else ()
+
     @field_validator("model")
     @classmethod
     def _local_folder(cls, value: str | None, info: ValidationInfo) -> str | None:

@@ -96,6 +96,24 @@ def config_model(name: str | None, info: ValidationInfo, keep: Collection[str] =
     return local_model(name, base_dir)
 
 
+def model_fingerprint(name: str) -> str:
+    """What a stage's fingerprint hashes for a model or adapter it names (pipeline/runner.py).
+
+    A local folder (as `resolve_model` finds it) by its content: "sha256:" + the hash of its
+    files (pipeline/artifacts.py `cached_hash_path`: read once per change), so weights retrained
+    into the same folder rerun the stages that used them, and the same weights moved or copied
+    elsewhere do not. An alias (its weights are heedful's own, built by this code) or a hub id
+    stays its name, as fingerprints always had it."""
+    if name in ALIASES:
+        return name
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return name
+    from .artifacts import cached_hash_path
+
+    return "sha256:" + cached_hash_path(folder)
+
+
 def resolve_model(name: str, base_dir: Path | None = None) -> str:
     """Alias -> prepared local folder; path -> absolute path; hub id -> unchanged."""
     if name == "smollm2-135m":

@@ -4,11 +4,14 @@ A stage's fingerprint = hash(stage type + version, the config's non-default fiel
 seed, input fingerprints); an upstream fingerprint flows into its consumers, so changing one
 stage's config reruns exactly that stage and what depends on it. Only non-default fields, so
 that a field added to a config with a default leaves existing fingerprints alone; a changed
-default must come with a bump of the stage's `version` (pipeline/fingerprint.py).
+default must come with a bump of the stage's `version` (pipeline/fingerprint.py). File inputs
+enter by content, and so do local model folders (the stage's model, and the models and adapters
+its `with:` names): an alias or hub id by its name (pipeline/models.py `model_fingerprint`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -19,7 +22,8 @@ from typing import Any
 from .artifacts import RunDir, atomic_write_json, hash_json, hash_path, this_process
 from .config import Pipeline, ResolvedStage
 from .executor import StageOutcome, StageTask, execute_stage
-from .fingerprint import semantic_config
+from .fingerprint import Folders, semantic_config
+from .models import model_fingerprint
 from .record_schemas import check_pipeline_inputs
 
 
@@ -51,9 +55,10 @@ class RunResult:
 
 
 def fingerprints(pipeline: Pipeline) -> dict[str, str]:
-    """Every stage's fingerprint, computed before anything runs (inputs are hashed once)."""
+    """Every stage's fingerprint, computed before anything runs (inputs and model folders are hashed once)."""
     out: dict[str, str] = {}
     cache: dict[Path, str] = {}
+    folders = functools.cache(model_fingerprint)
     for stage in pipeline.stages:
         inputs = {}
         for name, ref in stage.inputs.items():
@@ -68,8 +73,8 @@ def fingerprints(pipeline: Pipeline) -> dict[str, str]:
             {
                 "uses": stage.spec.uses,
                 "version": stage.cls.version,
-                "config": _semantic_config(stage),
-                "model": stage.model,
+                "config": _semantic_config(stage, folders),
+                "model": folders(stage.model),
                 "seed": pipeline.config.seed,
                 "inputs": inputs,
             }
@@ -77,8 +82,8 @@ def fingerprints(pipeline: Pipeline) -> dict[str, str]:
     return out
 
 
-def _semantic_config(stage: ResolvedStage) -> dict[str, Any]:
-    return semantic_config(stage.config, exclude=stage.cls.non_semantic_fields)
+def _semantic_config(stage: ResolvedStage, folders: Folders) -> dict[str, Any]:
+    return semantic_config(stage.config, exclude=stage.cls.non_semantic_fields, folders=folders)
 
 
 def _train_workers(stage: ResolvedStage) -> int:

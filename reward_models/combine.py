@@ -69,6 +69,10 @@ class ObjectiveSpec(StageConfig):
             build_rule(self.rule)  # fail at validation, not after loading a model
         return self
 
+    def fingerprint_folders(self) -> tuple[str, ...]:
+        """The reward model folder, by content (pipeline/fingerprint.py)."""
+        return ("path",)
+
     @property
     def label(self) -> str | None:
         """The objective's name; None for a folder without `name` (named by its kind on load)."""

@@ -48,6 +48,10 @@ class _TrainRewardSettings(TrainSettings):
         """A relative folder is the one beside the pipeline config, as its `model:`."""
         return config_model(value, info, keep=ENCODER_ALIASES)
 
+    def fingerprint_folders(self) -> tuple[str, ...]:
+        """The base model, by content when it is a local folder (pipeline/fingerprint.py)."""
+        return ("base_model",) if self.base_model not in ENCODER_ALIASES else ()
+
     @model_validator(mode="after")
     def _only_own_block(self):
         kind = self.kind

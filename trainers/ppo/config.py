@@ -92,6 +92,10 @@ class PpoSettings(TrackingSettings):
         """A relative folder is the one beside the pipeline config, as its `model:`."""
         return config_model(value, info, keep={"head"}) or value
 
+    def fingerprint_folders(self) -> tuple[str, ...]:
+        """A separate critic's model, by content when it is a local folder (pipeline/fingerprint.py)."""
+        return ("value_model",) if self.value_model != "head" else ()
+
     @model_validator(mode="after")
     def _batches_fit(self) -> PpoSettings:
         rollout = self.rollout_size
