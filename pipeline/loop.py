@@ -439,7 +439,14 @@ def evaluation_key(loop: LoopFile, reward_models: list[str] | None = None) -> st
     evaluate = dict(loop.spec.evaluate)
     if isinstance(evaluate.get("with"), dict):  # settings that do not change the result (report_to, device) are left out
         evaluate["with"] = {k: v for k, v in evaluate["with"].items() if k not in EvaluateStage.non_semantic_fields}
-    body = {"evaluate": evaluate, "model": loop.base.get("model"), "seed": loop.base.get("seed"), "files": files}
+    model = loop.base.get("model")
+    if isinstance(
+        model, str
+    ):  # a local folder by its content, as the round's stages fingerprint it (retrained in place: measured again)
+        from .models import local_model, model_fingerprint
+
+        model = model_fingerprint(local_model(model, loop.path.parent))
+    body = {"evaluate": evaluate, "model": model, "seed": loop.base.get("seed"), "files": files}
     body["evaluate_version"] = EvaluateStage.version  # an upgrade that measures differently measures again
     if reward_models:
         body["reward_models"] = sorted(reward_models)

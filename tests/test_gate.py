@@ -133,6 +133,23 @@ def write_loop(tmp_path, **loop) -> LoopFile:
     return LoopFile(path)
 
 
+def test_the_evaluation_key_changes_when_a_local_base_model_is_retrained_in_place(tmp_path, tiny_model_path):
+    """A loop on a local model folder: weights retrained into the same folder are not the deployed
+    version's measured base, so an earlier evaluation is not reused (the key hashes the folder's
+    content, as the round's stages fingerprint it)."""
+    import shutil
+
+    shutil.copytree(tiny_model_path, tmp_path / "mine")
+    path = tmp_path / "loop.yaml"
+    body = {"server": "http://127.0.0.1:9", "train": [{"method": "kto", "from": "reactions", "min_records": 3}]}
+    path.write_text(yaml.safe_dump({"run_name": "l", "model": "./mine", "loop": body}))
+    key = evaluation_key(LoopFile(path))
+    assert evaluation_key(LoopFile(path)) == key
+    weights = next((tmp_path / "mine").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")
+    assert evaluation_key(LoopFile(path)) != key
+
+
 def test_loop_file_errors_name_the_field_and_train_steps_follow_the_counts(tmp_path):
     with pytest.raises(HeedfulError, match="kto cannot train from preferences"):
         write_loop(tmp_path, train=[{"method": "kto", "from": "preferences"}])
