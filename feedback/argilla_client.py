@@ -47,6 +47,10 @@ class ArgillaConnection(BaseModel):
     workspace: str = "heedful"
     timeout: int = Field(default=120, ge=1)
 
+    def credential_fields(self) -> tuple[str, ...]:
+        """Where the key is read: not part of what a stage computes (pipeline/fingerprint.py)."""
+        return ("api_key_file",)
+
 
 def resolve(conn: ArgillaConnection | None = None) -> tuple[str, str, str]:
     """(url, api_key, where the key came from)."""

@@ -192,29 +192,51 @@ class PullResult:
     reread: set[str] = field(default_factory=set)
 
 
-def iter_records(client, dataset_id: str, statuses: Iterable[str], page: int = PAGE) -> Iterator[dict[str, Any]]:
+def iter_records(
+    client, dataset_id: str, statuses: Iterable[str], page: int | None = None, attempts: int = 5
+) -> Iterator[dict[str, Any]]:
     """Every record with at least one response in `statuses`, with responses (raw JSON:
-    unlike the SDK's models it keeps each response's id and timestamps)."""
+    unlike the SDK's models it keeps each response's id and timestamps), each once.
+
+    The server pages the search by offset. A record that leaves the filter while the pages are read
+    (an answer discarded, a record deleted, mid-pull) would shift every later record back one place
+    and the next page would start one record late: that record's answer, unchanged, would read as
+    withdrawn, and the cursor would keep it from ever being read again. So the pages overlap by one
+    record, and a page that does not start with the previous page's last record (the set changed
+    under the listing) starts the listing over; after `attempts` such changes, a clear error."""
     body = {
         "filters": {"and": [{"type": "terms", "scope": {"entity": "response", "property": "status"}, "values": list(statuses)}]},
         "sort": [{"scope": {"entity": "record", "property": "inserted_at"}, "order": "asc"}],
     }
-    offset = 0
+    for _ in range(attempts):
+        listed = _list_records(client, dataset_id, body, max(2, page or PAGE))
+        if listed is not None:
+            yield from listed
+            return
+    raise ArgillaError(f"the records of dataset {dataset_id} changed under each of {attempts} listings: pull again")
+
+
+def _list_records(client, dataset_id: str, body: dict[str, Any], page: int) -> list[dict[str, Any]] | None:
+    """One listing, pages overlapping by one record; None when a page did not start where the
+    previous one ended (`iter_records`)."""
+    records: list[dict[str, Any]] = []
     while True:
         res = api(
             client,
             "POST",
             f"/api/v1/datasets/{dataset_id}/records/search",
             "search records",
-            params={"include": ["responses"], "offset": offset, "limit": page},
+            params={"include": ["responses"], "offset": max(len(records) - 1, 0), "limit": page},
             json=body,
         )
-        items = res["items"]
-        for item in items:
-            yield item["record"]
-        offset += len(items)
-        if not items or offset >= res.get("total", 0):
-            return
+        items = [item["record"] for item in res["items"]]
+        if records:
+            if not items or items[0]["id"] != records[-1]["id"]:
+                return None
+            items = items[1:]
+        records.extend(items)
+        if not items or len(records) >= res.get("total", 0):
+            return records
 
 
 def _naive_utc(ts: str) -> str:

@@ -22,6 +22,7 @@ import contextlib
 import gc
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import threading
@@ -50,10 +51,12 @@ PREFIX_BLOCK = 64
 #: generator's lifetime): a multi-turn chat, whose shared start grows every turn, cannot pile up
 MAX_CACHED_PREFIXES = 8
 MAX_CACHED_TOKENS = 4096
-#: held from `ctranslate2.set_random_seed` until the generator it seeds has started: the seed is
-#: process-wide, so two engines in one process (a server's canary beside its active version) starting
-#: generators at once could otherwise start one from the other's seed (a seeded request's replies would
-#: not be its seed's) or from a seed another request chose
+#: held from `ctranslate2.set_random_seed` until the generator it seeds has made its first call:
+#: the seed is process-wide, and a new generator's worker thread reads it at its first decoding
+#: step (its RNG is created then), not when the generator is built. Two engines in one process (a
+#: server's canary beside its active version) could otherwise start one from the other's seed: a
+#: seeded request's replies would not be its seed's, and an unseeded one's could be what another
+#: request's seed predicts
 _SEED_LOCK = threading.RLock()
 
 
@@ -250,6 +253,8 @@ class Ct2Generator:
         self.generator: Any = None
         #: whether the generator's sampling RNG started from a known seed (not `reload(reseed=True)`)
         self._rng_known = True
+        #: the generator has made no call yet: its worker's RNG is not seeded yet (`_SEED_LOCK`)
+        self._undrawn = True
 
     def _seeded(self, seed: int | None, sample: bool = True) -> Any:
         """The generator for a call: sampling with a `seed`, its RNG freshly seeded to it; sampling
@@ -272,6 +277,25 @@ class Ct2Generator:
         elif self.generator is None or (sample and self._rng_known):
             self.reload(reseed=True)
         return self.generator
+
+    @contextlib.contextmanager
+    def _calling(self, seed: int | None, sample: bool) -> Iterator[Any]:
+        """The generator for one call (`_seeded`), under `_SEED_LOCK` from its seed until the call
+        is done when the generator is new: its worker's RNG is created from the process-wide seed at
+        its first decoding step, so no other engine may set the seed before then. A generator that
+        has called before holds its RNG: its calls run without the lock."""
+        _SEED_LOCK.acquire()
+        held = True
+        try:
+            generator = self._seeded(seed, sample)
+            if not self._undrawn:
+                _SEED_LOCK.release()
+                held = False
+            yield generator
+            self._undrawn = False
+        finally:
+            if held:
+                _SEED_LOCK.release()
 
     def generate_ids(
         self,
@@ -316,12 +340,12 @@ class Ct2Generator:
             kwargs["callback"] = _step_callback(budgets, stop_strings or [], self.tokenizer)
         if sampling.temperature == 0 and num_samples > 1:
             raise ValueError("temperature 0 (greedy) gives one reply per prompt; set num_samples: 1")
-        self._seeded(seed, sample=sampling.temperature > 0)
-        prefix = self._static_prefix(token_lists)  # may reload the generator: no reference to the old one here
+        prefix = self._static_prefix(token_lists)  # may reload the generator (randomly reseeded)
         if prefix >= MIN_CACHED_PREFIX:
             kwargs.update(static_prompt=token_lists[0][:prefix], cache_static_prompt=True)
             token_lists = [tokens[prefix:] for tokens in token_lists]
-        results = self.generator.generate_batch(token_lists, **kwargs)
+        with self._calling(seed, sampling.temperature > 0) as generator:
+            results = generator.generate_batch(token_lists, **kwargs)
         return [[list(ids)[:budget] for ids in result.sequences_ids] for result, budget in zip(results, budgets)]
 
     def _static_prefix(self, token_lists: list[list[str]]) -> int:
@@ -369,6 +393,7 @@ class Ct2Generator:
                 str(self.model_dir), device="cpu", compute_type=self.quantization, intra_threads=self.threads, inter_threads=1
             )
         self._rng_known = not reseed
+        self._undrawn = True
         self._cached_prefixes.clear()
 
     @staticmethod
@@ -394,12 +419,14 @@ class Ct2Generator:
         """
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         tokens = self.tokenizer.convert_ids_to_tokens(ids)
-        steps = self._seeded(seed, sample=sampling.temperature > 0).generate_tokens(
-            tokens, max_length=sampling.max_new_tokens, end_token=self.eos_tokens, **self._sampling_kwargs(sampling)
-        )
+        with self._calling(seed, sampling.temperature > 0) as generator:
+            steps = generator.generate_tokens(
+                tokens, max_length=sampling.max_new_tokens, end_token=self.eos_tokens, **self._sampling_kwargs(sampling)
+            )
+            first = next(steps, None)  # the first decoding step, where a new generator's RNG takes the seed
         stop_ids = set(self.tokenizer.convert_tokens_to_ids(self.eos_tokens))
         try:
-            for step in steps:
+            for step in itertools.chain([] if first is None else [first], steps):
                 if step.token_id in stop_ids:
                     return
                 yield step.token_id

@@ -186,6 +186,12 @@ def execute_stage(task: StageTask) -> StageOutcome:
     return outcome
 
 
+def _model_content(model: str | None) -> str | None:
+    from .models import model_fingerprint
+
+    return None if model is None else model_fingerprint(model)
+
+
 def _manifest(task: StageTask, version: str, outputs, outcome: StageOutcome, started: float, finished: float) -> dict:
     return {
         "stage": task.name,
@@ -194,6 +200,9 @@ def _manifest(task: StageTask, version: str, outputs, outcome: StageOutcome, sta
         "fingerprint": task.fingerprint,
         "run_name": task.run_name,
         "model": task.model,
+        # what the model was when this ran: a local folder's content hash (retrained in place later, the
+        # path alone would still match), an alias or hub id as named (pipeline/models.py model_fingerprint)
+        "model_content": _model_content(task.model),
         "seed": task.seed,
         "config": task.config,
         "inputs": task.inputs,

@@ -49,6 +49,14 @@ def _folder_fields(model: BaseModel, folders: Folders | None) -> Iterable[str]:
     return listed() if folders is not None and callable(listed) else ()
 
 
+def _secret_fields(model: BaseModel) -> Iterable[str]:
+    """The fields of `model` naming where a credential is read (`credential_fields()`: an API key or
+    token file): who may call a server, not what a stage computes, and its path, now read beside
+    the config (pipeline/paths.py ConfigPath), would otherwise rerun every stage of a moved checkout."""
+    listed = getattr(model, "credential_fields", None)
+    return listed() if callable(listed) else ()
+
+
 def _diff(model: BaseModel, exclude: frozenset[str] = frozenset(), folders: Folders | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     nested: dict[str, set[str]] = {}
@@ -57,8 +65,9 @@ def _diff(model: BaseModel, exclude: frozenset[str] = frozenset(), folders: Fold
         if rest:
             nested.setdefault(head, set()).add(rest)
     by_content = set(_folder_fields(model, folders))
+    unread = set(_secret_fields(model))
     for name, field in type(model).model_fields.items():
-        if name in exclude:
+        if name in exclude or name in unread:
             continue
         tagged = len(_model_classes(field.annotation)) > 1
         inner = frozenset(nested.get(name, ()))

@@ -78,6 +78,10 @@ class LLMSettings(BaseModel):
     def _engine(cls, value: str) -> str:
         return check_local_engine(value)
 
+    def credential_fields(self) -> tuple[str, ...]:
+        """Where the key is read: not part of what a stage computes (pipeline/fingerprint.py)."""
+        return ("api_key_file",)
+
     def fingerprint_folders(self) -> tuple[str, ...]:
         """hf: the model and adapter, by content when they are local folders (pipeline/fingerprint.py);
         an openai model is a served name."""

@@ -40,6 +40,10 @@ class DeployConfig(StageConfig):
     token_file: ConfigPath | None = Field(default=None, description="admin token file, mode 0600 (else $HEEDFUL_TOKEN)")
     canary: CanarySettings | None = None
 
+    def credential_fields(self) -> tuple[str, ...]:
+        """Where the admin token is read: not part of what the stage computes (pipeline/fingerprint.py)."""
+        return ("token_file",)
+
 
 class DeployStage(Stage):
     uses = "deploy"

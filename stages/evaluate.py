@@ -118,7 +118,7 @@ class EvaluateStage(Stage):
     def run(self) -> dict[str, Any]:
         from pipeline.evaluation import conditions as cond
         from pipeline.evaluation import drift, metrics, summary, users
-        from pipeline.models import device_policy, load_causal_lm, load_tokenizer
+        from pipeline.models import device_policy, load_causal_lm, load_tokenizer, model_fingerprint
         from pipeline.records import load_rows, save_rows
         from pipeline.tracking import log_evaluation
 
@@ -140,7 +140,7 @@ class EvaluateStage(Stage):
         # before the model loads; only a reference made alike (the arena's eval_base, for its eval_<method>)
         reference = cond.reference_replies(
             ctx.input("reference"),
-            cond.reply_settings(ctx.model, ctx.seed, cfg),
+            cond.reply_settings(model_fingerprint(ctx.model), ctx.seed, cfg),
             EvaluateConfig,
             ctx.log,
             base_needed="base" not in names,

@@ -41,6 +41,10 @@ class ServePullConfig(StageConfig):
     page: int = Field(default=1000, ge=1, le=10_000, description="records per request")
     quarantine: QuarantineSettings = Field(default_factory=QuarantineSettings)
 
+    def credential_fields(self) -> tuple[str, ...]:
+        """Where the admin token is read: not part of what the stage computes (pipeline/fingerprint.py)."""
+        return ("token_file",)
+
 
 def fetch_new(url: str, token: str | None, watermark: int, seen: set[str], page: int = 1000) -> tuple[list[dict[str, Any]], int]:
     """(new export rows in id order, the new watermark); rows whose record id is in `seen` are skipped."""

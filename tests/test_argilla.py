@@ -373,6 +373,35 @@ def test_accumulated_pull_withdraws_answers_changed_to_a_tie_discarded_or_delete
     assert {rid: third[rid] for rid in standing} == second
 
 
+def test_an_answer_discarded_mid_pull_does_not_hide_the_next_records_answer(owner, annotators, monkeypatch):
+    """The search pages by offset: an answer discarded while a pull reads the pages shifts the
+    later records back one place. The pull still reads every answer that stands, once (before,
+    the next page started a record late: that answer read as withdrawn and, its response in the
+    cursor, was never read again)."""
+    import feedback.argilla_sync as sync
+    from feedback.argilla_annotate import annotate
+
+    pairs = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
+    _push(owner, "mid-pull", "preference", pairs)
+    annotate("mid-pull", lambda task: {"preference": "a", "rationale": "ok"}, client=annotators["ann-a"]["client"])
+    monkeypatch.setattr(sync, "PAGE", 2)
+    real_api, pages = sync.api, []
+
+    def api(client, method, path, what, **kwargs):
+        if what == "search records" and client is owner:
+            pages.append(kwargs["params"]["offset"])
+            if len(pages) == 2:  # between the first page and the second, ann-a discards Q0
+                monkeypatch.setattr(sync, "api", real_api)
+                _revise(owner, annotators["ann-a"], "mid-pull", "Q0?", {"values": {}, "status": "discarded"})
+                monkeypatch.setattr(sync, "api", api)
+        return real_api(client, method, path, what, **kwargs)
+
+    monkeypatch.setattr(sync, "api", api)
+    result = sync.pull(owner, "mid-pull", "heedful")
+    assert sorted(str(r.prompt) for r in result.records) == [f"Q{i}?" for i in range(1, 6)]
+    assert len(result.live) == 5 and len(pages) > 3  # the listing started over once
+
+
 def test_a_dataset_deleted_as_a_whole_withdraws_the_accumulated_rows(owner, annotators, tmp_path):
     """`if_missing: empty` reads a deleted dataset as one without answers: the accumulated rows
     of it are withdrawn and counted (not silently dropped with the output), rows of another

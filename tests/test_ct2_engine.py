@@ -124,10 +124,11 @@ def test_auto_engine_on_cpu_follows_the_probe_and_gives_hf_greedy_replies(tiny_m
         pick_engine("llamacpp")
 
 
-def test_a_seed_and_the_generator_it_starts_come_with_no_other_engine_between(tiny_model_path, monkeypatch):
-    """CTranslate2's seed is process-wide and a generator reads it when it starts: an engine seeding
-    a request while another engine (a server's canary) starts its generator waits until that one has
-    started, so neither starts from the other's seed."""
+def test_a_seed_reaches_the_first_call_of_its_generator_with_no_other_engine_between(tiny_model_path, lora_adapter, monkeypatch):
+    """CTranslate2's seed is process-wide and a new generator's worker reads it at its first decoding
+    step: an engine seeding a request while another engine (a server's canary) is between its own
+    seed and its first call waits until that call is done, so each samples from its own seed; a
+    generator that has called before runs without waiting."""
     import threading
 
     import ctranslate2
@@ -136,34 +137,50 @@ def test_a_seed_and_the_generator_it_starts_come_with_no_other_engine_between(ti
     inside, release = threading.Event(), threading.Event()
     real_generator, real_seed = ctranslate2.Generator, ctranslate2.set_random_seed
 
-    def generator(*args, **kwargs):
-        name = threading.current_thread().name
-        events.append(("start", name))
-        if name == "active":  # held inside its start until the canary has had time to seed
-            inside.set()
-            release.wait(10)
-        started = real_generator(*args, **kwargs)
-        events.append(("started", name))
-        return started
+    class Watched:  # the real generator, its calls recorded; the active engine's first call held open
+        def __init__(self, *args, **kwargs):
+            self.inner = real_generator(*args, **kwargs)
+
+        def generate_batch(self, *args, **kwargs):
+            name = threading.current_thread().name
+            if name == "active" and not inside.is_set():
+                inside.set()
+                release.wait(10)
+            results = self.inner.generate_batch(*args, **kwargs)
+            events.append(("called", name))
+            return results
+
+        def __getattr__(self, attribute):
+            return getattr(self.inner, attribute)
 
     def seed(value):
         events.append(("seed", threading.current_thread().name))
         real_seed(value)
 
-    monkeypatch.setattr(ctranslate2, "Generator", generator)
+    monkeypatch.setattr(ctranslate2, "Generator", Watched)
     monkeypatch.setattr(ctranslate2, "set_random_seed", seed)
-    active, canary = Ct2Generator("tiny", threads=1), Ct2Generator("tiny", threads=1)
-    first = threading.Thread(target=active._seeded, args=(5,), name="active")
-    second = threading.Thread(target=canary._seeded, args=(7,), name="canary")
+    sampled = SamplingSettings(max_new_tokens=12, temperature=1.0)
+    prompt = render_many(load_tokenizer("tiny"), [[{"role": "user", "content": "Name a colour."}]])
+    active = Ct2Generator("tiny", adapter=lora_adapter, threads=1, prefix_cache=False)
+    canary = Ct2Generator("tiny", adapter=lora_adapter, threads=1, prefix_cache=False)
+    alone = active.generate_ids(prompt, sampled, seed=5)  # seed 5's reply, nobody else seeding
+    events.clear()
+    replies: dict[str, list] = {}
+    first = threading.Thread(target=lambda: replies.update(active=active.generate_ids(prompt, sampled, seed=5)), name="active")
+    second = threading.Thread(target=lambda: replies.update(canary=canary.generate_ids(prompt, sampled, seed=7)), name="canary")
     first.start()
     assert inside.wait(10)
     second.start()
-    second.join(0.5)  # free to run: without the lock it seeds now, between the active engine's seed and start
+    second.join(0.5)  # free to run: without the lock it seeds now, before the active engine's first call
     release.set()
     first.join(10), second.join(10)
-    assert [e for e in events if e[1] == "active"] == [("seed", "active"), ("start", "active"), ("started", "active")]
-    assert events[3:] == [("seed", "canary"), ("start", "canary"), ("started", "canary")]
-    assert active.generator is not None and canary.generator is not None
+    assert events == [("seed", "active"), ("called", "active"), ("seed", "canary"), ("called", "canary")]
+    assert replies["active"] == alone  # seed 5's reply, though the canary seeded 7 meanwhile
+    assert replies["canary"] != alone  # (seeds give other replies: the check above can fail)
+    events.clear()
+    greedy = SamplingSettings(max_new_tokens=4, temperature=0)
+    active.generate_ids(prompt, greedy), canary.generate_ids(prompt, greedy)
+    assert events == [("called", "MainThread"), ("called", "MainThread")]  # called before: no new seed, no wait
 
 
 def test_engine_probe_measures_once_keeps_ct2_only_past_the_margin_and_obeys_the_variable(tmp_path, monkeypatch):

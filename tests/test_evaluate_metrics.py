@@ -540,11 +540,11 @@ def write_general(folder):
     return path
 
 
-def run_evaluate(tmp_path, inputs: dict, with_: dict):
+def run_evaluate(tmp_path, inputs: dict, with_: dict, model: str = "tiny"):
     """One `evaluate` stage named `check` on `tiny` (run `ev`, seed 0), run in this process."""
     pipe = {
         "run_name": "ev",
-        "model": "tiny",
+        "model": model,
         "seed": 0,
         "stages": [{"name": "check", "uses": "evaluate", "inputs": inputs, "with": with_}],
     }
@@ -666,6 +666,37 @@ def test_a_reference_made_otherwise_is_not_reused_and_cannot_be_the_base(tmp_pat
     assert result.ok, result.records[0].error
     length = read_summary(result.run_dir / "check")["conditions"]["dpo_s0"]["length_vs_base"]
     assert length["n"] == len(SCOPED)  # against the reference's base replies
+
+
+def test_a_reference_made_before_its_local_model_was_retrained_in_place_is_not_reused(tmp_path, tiny_model_path):
+    """A local model folder is its content: a reference evaluated before the weights in that folder
+    changed has the same model path but not the same model, so its replies do not stand in."""
+    import shutil
+
+    shutil.copytree(tiny_model_path, tmp_path / "mine")
+    prompts = str(write_scoped_prompts(tmp_path))
+    first = run_evaluate(
+        tmp_path / "a", {"prompts": prompts}, {"conditions": ["base"], "drift": False, **SHORT}, model=str(tmp_path / "mine")
+    )
+    assert first.ok, first.records[0].error
+    reference = str(first.run_dir / "check" / "evaluation")
+    again = run_evaluate(
+        tmp_path / "b",
+        {"prompts": prompts, "reference": reference},
+        {"conditions": ["base"], "drift": False, **SHORT},
+        model=str(tmp_path / "mine"),
+    )
+    assert again.ok and "not reused" not in (again.run_dir / "check" / "stage.log").read_text()  # the same model: reused
+    weights = next((tmp_path / "mine").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")
+    retrained = run_evaluate(
+        tmp_path / "c",
+        {"prompts": prompts, "reference": reference},
+        {"conditions": ["base"], "drift": False, **SHORT},
+        model=str(tmp_path / "mine"),
+    )
+    assert retrained.ok, retrained.records[0].error
+    assert "not reused: it was made with model 'sha256:" in (retrained.run_dir / "check" / "stage.log").read_text()
 
 
 def test_evaluate_stage_needs_feedback_for_scoped_prompts(tmp_path, tiny_model_path):

@@ -216,3 +216,23 @@ def test_every_nested_non_semantic_path_names_a_field():
                 model = annotation
             if heads:
                 assert last in model.model_fields, f"{name}: {path}"
+
+
+def test_where_a_credential_is_read_is_not_fingerprinted():
+    """An API key or admin token file says who may call a server, not what a stage computes; read
+    beside the config, its path is absolute, so fingerprinting it would rerun every stage of a moved
+    checkout. The model, the server and the rest still count."""
+    from feedback.argilla_client import ArgillaConnection
+    from pipeline.fingerprint import semantic_config
+    from pipeline.llm import LLMSettings
+    from stages.deploy import DeployConfig
+    from stages.serve_pull import ServePullConfig
+
+    def llm(key, model="served"):
+        return semantic_config(LLMSettings(kind="openai", model=model, base_url="http://127.0.0.1:9/v1", api_key_file=key))
+
+    assert llm("/one/checkout/key") == llm("/another/checkout/key") != llm("/one/checkout/key", model="other")
+    for cls in (DeployConfig, ServePullConfig):
+        assert semantic_config(cls(url="http://a", token_file="/x/t")) == semantic_config(cls(url="http://a", token_file="/y/t"))
+        assert semantic_config(cls(url="http://a")) != semantic_config(cls(url="http://b"))
+    assert semantic_config(ArgillaConnection(api_key_file="/x/k")) == semantic_config(ArgillaConnection())

@@ -234,9 +234,11 @@ def system_prompts(
 
 def reply_settings(model: str, seed: int, config: Any) -> dict[str, Any]:
     """What, beside each prompt's system prompt, makes an evaluation's replies to its prompts: the
-    model, the seed, the sampling and the batch size (HF seeds each batch, so sampled replies
-    change with it). `config`: an evaluate config (this evaluation's, or a reference's as its
-    manifest records it). The engine is left out: it writes the same greedy replies as HF."""
+    model (as `model_fingerprint` gives it: a local folder by its content, so weights retrained in
+    place are another model), the seed, the sampling and the batch size (HF seeds each batch, so
+    sampled replies change with it). `config`: an evaluate config (this evaluation's, or a
+    reference's as its manifest records it). The engine is left out: it writes the same greedy
+    replies as HF."""
     return {"model": model, "seed": seed, "sampling": config.sampling.model_dump(mode="json"), "batch_size": config.batch_size}
 
 
@@ -295,7 +297,9 @@ def reference_differs(path: Path, made_with: dict[str, Any], config_cls: type[Ba
         config = config_cls.model_validate(manifest.get("config") or {})
     except ValidationError as exc:
         return f"its config no longer reads as an evaluate config ({exc.error_count()} problems)"
-    theirs = reply_settings(manifest.get("model"), manifest.get("seed"), config)
+    # the model as it was then (`model_content`, manifests since 2026-12-07; before: the name, which for a
+    # local folder no longer matches this evaluation's content hash, so such a reference is not reused)
+    theirs = reply_settings(manifest.get("model_content") or manifest.get("model"), manifest.get("seed"), config)
     differ = []
     for key, value in made_with.items():
         if isinstance(value, dict) and isinstance(theirs.get(key), dict):  # sampling: the knobs that differ
