@@ -33,6 +33,28 @@ def group_key(row: dict, i: int) -> str:
     return f"\0row {i}"  # no request's text starts with NUL
 
 
+def marked_sides(keys: Sequence[str], sides: Sequence[str | None], place: Sequence[str], where: str = "") -> dict[str, str]:
+    """Prompt group -> the side its rows' own split marks (`sides[i]`: 'train', the held-out
+    side's name, or None for a row to be drawn), for the groups any row marks. A row pulls its
+    copies to its side; copies marked for both sides are a DataError naming the rows (`place[i]`):
+    a held-out prompt would be trained on."""
+    from pipeline.errors import DataError
+
+    marked: dict[str, dict[str, list[int]]] = {}  # group -> the side its rows name -> those rows
+    for i, (key, side) in enumerate(zip(keys, sides)):
+        if side:
+            marked.setdefault(key, {}).setdefault(side, []).append(i)
+    for key, named in marked.items():
+        if len(named) > 1:
+            (train, ours), (held, theirs) = sorted(named.items(), key=lambda item: item[0] != "train")
+            raise DataError(
+                f"{where + ': ' if where else ''}rows with the same prompt {key[:80]!r} are marked for both sides: "
+                f"{train} at {', '.join(place[i] for i in ours)}; {held.replace('_', ' ')} at "
+                f"{', '.join(place[i] for i in theirs)}. A held-out prompt must never be trained on: give its rows one split"
+            )
+    return {key: next(iter(named)) for key, named in marked.items()}
+
+
 def pick_groups(
     sizes: Sequence[int], n: int, seed: int | str | random.Random, min_rows: int = 1, keep_one: bool = True
 ) -> set[int]:

@@ -164,23 +164,11 @@ def assign_splits(
     `random.Random(seed)` drawn from scope after scope); a scope whose draw would hold out all its
     rows keeps one to train on. Rows of one prompt marked for both sides are a DataError naming
     them (`places[i]`, else `prompt row <i>`)."""
-    from pipeline.errors import DataError
-    from pipeline.prompt_groups import group_key, pick_groups
+    from pipeline.prompt_groups import group_key, marked_sides, pick_groups
 
     keys = keys or [group_key(row, i) for i, row in enumerate(rows)]
     place = places or [f"prompt row {i}" for i in range(len(rows))]
-    marked: dict[str, dict[str, list[int]]] = {}  # prompt -> the split its rows name -> those rows
-    for i, (key, row) in enumerate(zip(keys, rows)):
-        if row["split"]:
-            marked.setdefault(key, {}).setdefault(row["split"], []).append(i)
-    for key, sides in marked.items():
-        if len(sides) > 1:
-            raise DataError(
-                f"rows with the same prompt {key[:80]!r} are marked for both sides: train at "
-                f"{', '.join(place[i] for i in sides['train'])}; eval at {', '.join(place[i] for i in sides['eval'])}. "
-                "A held-out prompt must never be trained on: give its rows one split"
-            )
-    side = {key: next(iter(sides)) for key, sides in marked.items()}  # and, below, each drawn prompt's
+    side = marked_sides(keys, [row["split"] or None for row in rows], place)  # and, below, each drawn prompt's
     rng = random.Random(seed)
     for scope in SCOPES:
         mine = [i for i, row in enumerate(rows) if row["scope"] == scope]

@@ -56,29 +56,21 @@ def split_rows(
     (`group_key`) on one side. `places` names each row in messages (`file:line` as
     `load_located_rows` gives it); without it a row is `<where> row <n>`, counted from 1."""
     from pipeline.errors import DataError
-    from pipeline.prompt_groups import group_key, pick_groups
+    from pipeline.prompt_groups import group_key, marked_sides, pick_groups
 
     place = places or [f"{where} row {i + 1}" for i in range(len(rows))]
     keys = [group_key(row, i) for i, row in enumerate(rows)]
     groups: dict[str, list[int]] = {}
-    marked: dict[str, dict[str, list[int]]] = {}  # group -> the side its `split` column names -> those rows
+    sides: list[str | None] = []  # the side each row's `split` column names
     for i, (key, row) in enumerate(zip(keys, rows)):
         groups.setdefault(key, []).append(i)
         split = row.get("split")
-        if split in (None, ""):
-            continue
-        if split != "train" and split not in HELD_OUT_NAMES:
+        if split not in (None, "", "train") and split not in HELD_OUT_NAMES:
             raise DataError(f"{place[i]}: field 'split': {split!r} is not train or one of {', '.join(HELD_OUT_NAMES)}")
-        marked.setdefault(key, {}).setdefault("train" if split == "train" else "held_out", []).append(i)
-    for key, sides in marked.items():
-        if len(sides) > 1:
-            raise DataError(
-                f"{where}: rows with the same prompt {key[:80]!r} are marked for both sides: train at "
-                f"{', '.join(place[i] for i in sides['train'])}; held out at {', '.join(place[i] for i in sides['held_out'])}. "
-                "A held-out prompt must never be trained on: give its rows one split"
-            )
-    held_keys = {key for key, sides in marked.items() if "held_out" in sides}
-    has_train = any("train" in sides for sides in marked.values())
+        sides.append(None if split in (None, "") else "train" if split == "train" else "held_out")
+    marked = marked_sides(keys, sides, place, where)
+    held_keys = {key for key, side in marked.items() if side == "held_out"}
+    has_train = "train" in marked.values()
     free = [key for key in groups if key not in marked]
     free_rows = sum(len(groups[key]) for key in free)
     n = max(cfg.min_held_out, round(free_rows * cfg.held_out_fraction)) if free else 0
