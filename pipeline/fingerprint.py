@@ -43,17 +43,13 @@ def semantic_config(config: BaseModel, exclude: Iterable[str] = (), folders: Fol
     return _diff(config, frozenset(exclude), folders)
 
 
-def _folder_fields(model: BaseModel, folders: Folders | None) -> Iterable[str]:
-    """The fields of `model` that name a local folder hashed by content (when `folders` is given)."""
-    listed = getattr(model, "fingerprint_folders", None)
-    return listed() if folders is not None and callable(listed) else ()
-
-
-def _secret_fields(model: BaseModel) -> Iterable[str]:
-    """The fields of `model` naming where a credential is read (`credential_fields()`: an API key or
-    token file): who may call a server, not what a stage computes, and its path, now read beside
-    the config (pipeline/paths.py ConfigPath), would otherwise rerun every stage of a moved checkout."""
-    listed = getattr(model, "credential_fields", None)
+def _listed(model: BaseModel, method: str) -> Iterable[str]:
+    """The field names a settings model lists through an optional `method`: `fingerprint_folders()`
+    (fields naming a local folder, hashed by content when `folders` is given) or `credential_fields()`
+    (where an API key or token file is read: who may call a server, not what a stage computes; its
+    path, read beside the config (pipeline/paths.py ConfigPath), would otherwise rerun every stage
+    of a moved checkout)."""
+    listed = getattr(model, method, None)
     return listed() if callable(listed) else ()
 
 
@@ -64,8 +60,8 @@ def _diff(model: BaseModel, exclude: frozenset[str] = frozenset(), folders: Fold
         head, _, rest = path.partition(".")
         if rest:
             nested.setdefault(head, set()).add(rest)
-    by_content = set(_folder_fields(model, folders))
-    unread = set(_secret_fields(model))
+    by_content = set(_listed(model, "fingerprint_folders")) if folders is not None else set()
+    unread = set(_listed(model, "credential_fields"))
     for name, field in type(model).model_fields.items():
         if name in exclude or name in unread:
             continue
