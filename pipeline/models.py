@@ -11,6 +11,7 @@ Anything else is a local folder or a hub id (`org/name`).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -103,15 +104,69 @@ def model_fingerprint(name: str) -> str:
     files (pipeline/artifacts.py `cached_hash_path`: read once per change), so weights retrained
     into the same folder rerun the stages that used them, and the same weights moved or copied
     elsewhere do not. An alias (its weights are heedful's own, built by this code) or a hub id
-    stays its name, as fingerprints always had it."""
+    stays its name, as fingerprints always had it.
+
+    A folder whose saved config names a local base-model folder (`local_bases`: a PEFT adapter,
+    a reward model) is hashed with that base's own fingerprint, so a base retrained in place
+    reruns the stages that use the adapter or reward model too; a folder naming no local base
+    (an alias, a hub id, nothing) keeps the plain hash of its files."""
+    return _fingerprint(name, frozenset())
+
+
+def _fingerprint(name: str, seen: frozenset[str]) -> str:
+    """`model_fingerprint`; `seen`: the real paths of the folders whose base is being followed
+    (a base that leads back to one of them adds nothing: a cycle ends there)."""
     if name in ALIASES:
         return name
     folder = Path(name).expanduser()
     if not folder.is_dir():
         return name
-    from .artifacts import cached_hash_path
+    from .artifacts import cached_hash_path, hash_json
 
-    return "sha256:" + cached_hash_path(folder)
+    own = "sha256:" + cached_hash_path(folder)
+    here = seen | {os.path.realpath(folder)}
+    bases = [_fingerprint(base, here) for base in local_bases(folder) if os.path.realpath(base) not in here]
+    return own if not bases else "sha256:" + hash_json({"folder": own, "bases": bases})
+
+
+#: where a folder's saved config names the base model it is loaded on: (file, key)
+BASE_REFERENCES = (
+    ("adapter_config.json", "base_model_name_or_path"),  # a PEFT adapter
+    ("reward_model.json", "base_model"),  # a reward model (reward_models/base.py DESCRIPTOR)
+)
+
+
+def local_bases(folder: Path) -> list[str]:
+    """The local base-model folders `folder`'s saved config names (`BASE_REFERENCES`), as the
+    loader finds them: a relative name against the working directory (PEFT and `resolve_model`
+    read it so). An alias, a hub id, a folder that is not there, and an alias's prepared folder
+    (heedful's `tiny`, `smollm2-135m` under `$HEEDFUL_HOME/models`, an encoder wheel's `minilm`:
+    what heedful's trainers write into an adapter trained on an alias) are names, not bases."""
+    from reward_models.common import ENCODER_ALIASES
+
+    bases: dict[str, str] = {}  # real path -> the path as named
+    for file, key in BASE_REFERENCES:
+        try:
+            value = json.loads((folder / file).read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(value, str) or not value or value in ALIASES or value in ENCODER_ALIASES:
+            continue
+        base = Path(value).expanduser()
+        if base.is_dir() and (real := os.path.realpath(base)) not in _alias_folders(ENCODER_ALIASES):
+            bases.setdefault(real, str(base))
+    return list(bases.values())
+
+
+def _alias_folders(encoders: dict[str, tuple[str, str]]) -> set[str]:
+    """The real paths of the folders the aliases (and the `encoders` aliases) resolve to; none is
+    built here."""
+    folders = {os.path.realpath(heedful_home() / "models" / alias) for alias in ALIASES}
+    for package, inside in encoders.values():
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            folders.add(os.path.realpath(Path(list(spec.submodule_search_locations)[0]) / inside))
+    return folders
 
 
 def resolve_model(name: str, base_dir: Path | None = None) -> str:

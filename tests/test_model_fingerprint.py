@@ -5,6 +5,7 @@ fingerprints of runs on them are what they were."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -291,3 +292,128 @@ def test_concurrent_writers_leave_one_whole_entry(tmp_path):
     entries = list(cache.iterdir())
     assert len(entries) == 1 and entries[0].suffix == ".json"  # no temporary file left behind
     assert artifacts.read_json(entries[0])["hash"] == hash_path(folder)
+
+
+def _base(folder: Path, weights: bytes = b"base weights") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+def _adapter(folder: Path, base: str) -> Path:
+    """A PEFT adapter folder as `save_pretrained` leaves it, on `base` (adapter_config.json's
+    `base_model_name_or_path`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "base_model_name_or_path": base}))
+    (folder / "adapter_model.safetensors").write_bytes(b"lora weights")
+    return folder
+
+
+def _reward_model(folder: Path, base: str) -> Path:
+    """A reward-model folder as a trainer saves it: its descriptor names the base it loads on."""
+    from reward_models.base import write_descriptor
+
+    write_descriptor(folder, "plove", base_model=base, max_length=64, logit_offset=0.0)
+    (folder / "model").mkdir()
+    (folder / "model" / "model.safetensors").write_bytes(b"head weights")
+    return folder
+
+
+@pytest.mark.parametrize("make", [_adapter, _reward_model])
+def test_a_folder_on_a_local_base_changes_when_the_base_changes_in_place(tmp_path, make):
+    """An adapter's or a reward model's fingerprint holds its local base's: retraining the base in
+    place reruns the stages that use the adapter or reward model, whose own files did not change."""
+    base = _base(tmp_path / "base")
+    folder = make(tmp_path / "on_base", str(base))
+    before = model_fingerprint(str(folder))
+    assert before != "sha256:" + hash_path(folder)
+    (base / "model.safetensors").write_bytes(b"retrained base")
+    after = model_fingerprint(str(folder))
+    assert after != before
+    assert model_fingerprint(str(folder)) == after  # stable while nothing changes
+    (base / "model.safetensors").write_bytes(b"base weights")
+    assert model_fingerprint(str(folder)) == before  # the same content, the same fingerprint
+
+
+def test_a_real_peft_adapter_on_a_local_base_follows_the_base(tmp_path, tiny_model_path):
+    from serving.local import random_lora_adapter
+
+    base = _local_model(tiny_model_path, tmp_path / "base")
+    adapter = random_lora_adapter(tmp_path / "adapter", 0, model=str(base))
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    before = model_fingerprint(str(adapter))
+    _retrain_in_place(base)
+    assert model_fingerprint(str(adapter)) != before
+    # through a stage's config, as the runner hashes it (a generator's adapter, a reward objective)
+    from reward_models.combine import ObjectiveSpec
+
+    reward = _reward_model(tmp_path / "rm", str(base))
+    configs = [lambda: LLMSettings(model="tiny", adapter=str(adapter)), lambda: ObjectiveSpec(path=str(reward))]
+    first = [semantic_config(make(), folders=model_fingerprint) for make in configs]
+    _retrain_in_place(base)
+    assert all(
+        a != b for a, b in zip(first, [semantic_config(make(), folders=model_fingerprint) for make in configs], strict=True)
+    )
+
+
+def test_moving_a_folder_and_its_base_together_keeps_the_fingerprint(tmp_path, monkeypatch):
+    """A relative base is read as the loader reads it, from the working directory: a moved
+    checkout holding both, run from its new place, fingerprints the same; so does a copy of the
+    adapter that names the same base."""
+    checkout = tmp_path / "checkout"
+    _base(checkout / "models" / "base")
+    adapter = _adapter(checkout / "models" / "adapter", "models/base")
+    reward = _reward_model(checkout / "models" / "rm", "models/base")
+    monkeypatch.chdir(checkout)
+    before = [model_fingerprint(str(adapter)), model_fingerprint(str(reward))]
+    assert before[0] != "sha256:" + hash_path(adapter)
+    moved = tmp_path / "moved"
+    shutil.move(checkout, moved)
+    monkeypatch.chdir(moved)
+    assert [model_fingerprint(str(moved / "models" / "adapter")), model_fingerprint("models/rm")] == before
+    copy = shutil.copytree(moved / "models" / "adapter", tmp_path / "elsewhere" / "adapter")
+    assert model_fingerprint(str(copy)) == before[0]
+    monkeypatch.chdir(tmp_path)  # `models/base` is no folder from here: a name, as the loader would find it
+    assert model_fingerprint(str(copy)) == "sha256:" + hash_path(copy)
+
+
+def test_a_base_named_by_alias_or_hub_id_keeps_the_plain_folder_hash(tmp_path, monkeypatch, lora_adapter):
+    """No local base, no change: the fingerprint is the hash of the folder's files, as before."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # a folder named like an alias: the alias still wins
+    (tmp_path / "minilm").mkdir()
+    names = ["tiny", "smollm2-135m", "minilm", "org/name", str(tmp_path / "gone"), ""]
+    for i, name in enumerate(names):
+        for make in (_adapter, _reward_model):
+            folder = make(tmp_path / f"{make.__name__}{i}", name)
+            assert model_fingerprint(str(folder)) == "sha256:" + hash_path(folder), name
+    # heedful's trainers write an alias's prepared folder (`resolve_model("tiny")`) into the adapter
+    assert model_fingerprint(str(lora_adapter)) == "sha256:" + hash_path(lora_adapter)
+    monkeypatch.setenv("HEEDFUL_HOME", str(tmp_path / "home"))
+    prepared = _base(tmp_path / "home" / "models" / "smollm2-135m")
+    folder = _adapter(tmp_path / "on_prepared", str(prepared))
+    assert model_fingerprint(str(folder)) == "sha256:" + hash_path(folder)
+
+
+def test_bases_that_lead_back_end_the_walk(tmp_path):
+    """A folder naming itself, or two naming each other: the walk stops, and a changed file in
+    either still changes both fingerprints."""
+    alone = _adapter(tmp_path / "alone", str(tmp_path / "alone"))
+    assert model_fingerprint(str(alone)) == "sha256:" + hash_path(alone)
+    a = _adapter(tmp_path / "a", str(tmp_path / "b"))
+    b = _reward_model(tmp_path / "b", str(tmp_path / "a"))
+    before = (model_fingerprint(str(a)), model_fingerprint(str(b)))
+    (b / "model" / "model.safetensors").write_bytes(b"changed")
+    after = (model_fingerprint(str(a)), model_fingerprint(str(b)))
+    assert before[0] != after[0] and before[1] != after[1]
+
+
+def test_a_chain_of_local_bases_is_followed(tmp_path):
+    """A reward model on an adapter-bearing folder on a base: the deepest base still counts."""
+    base = _base(tmp_path / "base")
+    middle = _adapter(tmp_path / "middle", str(base))
+    top = _reward_model(tmp_path / "top", str(middle))
+    before = model_fingerprint(str(top))
+    (base / "model.safetensors").write_bytes(b"retrained")
+    assert model_fingerprint(str(top)) != before
