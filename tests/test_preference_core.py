@@ -717,3 +717,87 @@ def test_attention_choice_falls_back_to_sdpa_on_cpu_and_an_insisted_varlen_says_
         torch.testing.assert_close(auto, packed_logps(model, batch, attention="sdpa").seq_logps, rtol=0, atol=0)
         with pytest.raises(ValueError, match="CUDA GPU"):
             packed_logps(model, batch, attention="varlen")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_small_bf16_pieces_in_training_are_fp32_products_as_close_to_float64_as_sdpa(causal, monkeypatch):
+    """attention.py `_small_piece`: a short piece trained in bf16 on a CPU is computed as fp32 scores,
+    softmax and product (faster than SDPA's flash backward there), its output and q/k/v gradients as
+    close to a float64 SDPA as bf16 SDPA's are; pieces without gradient, in fp32, or longer than
+    SMALL_PIECE_KEYS keep SDPA."""
+    import torch.nn.functional as F
+
+    from trainers.fastpref import attention
+
+    gen = torch.Generator().manual_seed(11)
+    lq, lk = (40, 40) if causal else (25, 60)
+    mask = None if causal else attention._rejected_mask(lk - lq, lq, "cpu")
+    q, k, v = (torch.randn(1, 9, n, 64, generator=gen) for n in (lq, lk, lk))
+    weights = torch.randn(1, 9, lq, 64, generator=gen)
+
+    def output_and_grads(fn, dtype):
+        leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, mask, 0.125, causal)
+        (out.double() * weights).sum().backward()
+        return [out.double(), *(t.grad.double() for t in leaves)]
+
+    routed = []
+    small = attention._small_piece
+    monkeypatch.setattr(attention, "_small_piece", lambda *a: routed.append(1) or small(*a))
+    exact = output_and_grads(
+        lambda *a: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3], scale=a[4], is_causal=a[5]), torch.float64
+    )
+    sdpa = output_and_grads(
+        lambda *a: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3], scale=a[4], is_causal=a[5]), torch.bfloat16
+    )
+    assert not routed
+    new = output_and_grads(attention._piece, torch.bfloat16)
+    assert routed and new[0].dtype == torch.float64
+    for name, got, ref, want in zip(("out", "dq", "dk", "dv"), new, sdpa, exact, strict=True):
+        err, sdpa_err = float((got - want).abs().max()), float((ref - want).abs().max())
+        assert err <= 1.25 * sdpa_err + 1e-4, (name, err, sdpa_err)
+    routed.clear()
+    output_and_grads(attention._piece, torch.float32)  # fp32: SDPA, as fast there
+    with torch.no_grad():  # a forward without gradient (the reference): SDPA
+        attention._piece(*(t.to(torch.bfloat16) for t in (q, k, v)), mask, 0.125, causal)
+    monkeypatch.setattr(attention, "SMALL_PIECE_KEYS", lk - 1)
+    output_and_grads(attention._piece, torch.bfloat16)
+    assert not routed
+
+
+def test_lora_input_casts_are_off_under_autocast_and_change_no_value_or_gradient(tiny_model_path):
+    """logps.autocast_forward: under bf16 autocast, PEFT's cast of each LoRA layer's input to fp32 (which
+    autocast casts straight back) is skipped, with bit-equal log-probs and LoRA gradients for a bf16
+    model with fp32 adapter weights (heedful's bf16 CPU training); outside autocast the casts stay.
+    The accelerator is a stand-in with the two members the trainers use (an Accelerator's mixed
+    precision is process-wide state)."""
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from trainers.fastpref.logps import autocast_forward
+
+    _, batch, model = _odd_units_on_lora_tiny(tiny_model_path, seed=7)
+    for name, param in model.named_parameters():
+        if "lora_" not in name:
+            param.data = param.data.to(torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers
+
+    def accelerator(bf16):
+        return SimpleNamespace(
+            device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        )
+
+    casts = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before, before_grads = _logps_and_grads(model, batch)
+    with autocast_forward(accelerator(True), model):
+        casts = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+        after, after_grads = _logps_and_grads(model, batch)
+    assert not any(casts) and all(getattr(m, "cast_input_dtype_enabled", True) for m in layers)
+    assert torch.equal(before, after)
+    for name, grad in before_grads.items():
+        assert torch.equal(after_grads[name], grad), name
+    with autocast_forward(accelerator(False), model):
+        assert all(getattr(m, "cast_input_dtype_enabled", True) for m in layers)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from .fastpref.logps import TILE_ELEMENTS, ChunkedLogps, backbone_and_head, first_unsupported, unwrap_peft
+from .fastpref.logps import TILE_ELEMENTS, ChunkedLogps, autocast_forward, backbone_and_head, first_unsupported, unwrap_peft
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class FastSFTTrainer(SFTTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         body, head = backbone_and_head(self.accelerator.unwrap_model(model))
-        with self.accelerator.autocast():  # what accelerate's wrapped forward does for TRL under bf16/fp16
+        with autocast_forward(self.accelerator, model):  # accelerate's autocast, as TRL's forward runs under it
             hidden = body(**{k: v for k, v in inputs.items() if k not in _NOT_BODY_INPUTS}, use_cache=False).last_hidden_state
             if "shift_labels" in inputs:
                 labels = inputs["shift_labels"]

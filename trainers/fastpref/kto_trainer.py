@@ -35,7 +35,7 @@ import torch
 from trl import KTOConfig, KTOTrainer
 
 from .kto_loss import KTO_LOSS_TYPES, kto_loss, kto_metrics
-from .logps import TILE_ELEMENTS, packed_logps
+from .logps import TILE_ELEMENTS, autocast_forward, packed_logps
 from .packing import pack, truncate
 from .reference import PackedReference, four_bit_layers_in_train_mode
 
@@ -150,7 +150,7 @@ class FastKTOTrainer(PackedReference, KTOTrainer):
         labels = inputs["label"]
         n = labels.shape[0]
         kl_batch = inputs.get("kl_batch")  # the KL replies packed apart (kl_in_row False)
-        with self.accelerator.autocast():
+        with autocast_forward(self.accelerator, model):
             logps = packed_logps(model, inputs, self.tile_elements, attention=self.attention)
             kl_logps = None
             if self.calculate_KL and kl_batch is not None:

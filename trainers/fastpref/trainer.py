@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from .logps import TILE_ELEMENTS, packed_logps, unwrap_peft
+from .logps import TILE_ELEMENTS, autocast_forward, packed_logps, unwrap_peft
 from .loss import SUPPORTED_LOSS_TYPES, dpo_loss, trl_metrics
 from .packing import PackedPreferenceCollator, pack
 from .reference import PackedReference, four_bit_layers_in_train_mode
@@ -144,7 +144,7 @@ class FastDPOTrainer(PackedReference, DPOTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         model = self.accelerator.unwrap_model(model)
-        with self.accelerator.autocast():  # what accelerate's wrapped forward does for TRL under bf16/fp16
+        with autocast_forward(self.accelerator, model):  # accelerate's autocast, as TRL's forward runs under it
             logps = packed_logps(model, inputs, self.tile_elements, attention=self.attention)
         if "ref_chosen_logps" in inputs:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
