@@ -58,7 +58,7 @@ def hash_path(path: Path) -> str:
     return digest.hexdigest()
 
 
-#: `cached_hash_path`'s entries, under heedful's cache folder (pipeline/paths.py `heedful_home`)
+#: `cached_hash_path`'s entries, under heedful's cache folder (pipeline/paths.py `cache_dir`)
 FOLDER_HASHES = "folder_hashes"
 
 
@@ -102,9 +102,12 @@ def _stat_signature(folder: Path) -> str:
 
 
 def _cache_root() -> Path:
-    from .paths import heedful_home
+    """`pipeline.paths.cache_dir`, looked up here so a test can point this module's folder hashes
+    elsewhere without moving every other cache (`cached_hash_path`'s `cache_dir` argument shadows
+    the function's name inside it)."""
+    from .paths import cache_dir
 
-    return heedful_home() / "cache"
+    return cache_dir()
 
 
 class RunDir:

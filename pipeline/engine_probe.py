@@ -71,9 +71,9 @@ log = logging.getLogger(__name__)
 
 
 def default_cache_path() -> Path:
-    from pipeline.paths import heedful_home
+    from pipeline.paths import cache_dir
 
-    return heedful_home() / "cache" / CACHE_NAME
+    return cache_dir() / CACHE_NAME
 
 
 def forced_engine() -> str | None:

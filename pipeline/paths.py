@@ -21,6 +21,15 @@ def heedful_home() -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """`<heedful home>/cache`: the one folder for what heedful remembers between runs and may lose
+    at any time (the simulator's LLM call cache, folder hashes, the precision/engine/checkpointing
+    probes' answers, reference log-probs). One function, so every writer and reader agrees on it
+    and a `HEEDFUL_HOME` override (tests' isolated homes) moves all of them together. Not created
+    here: each user makes the subfolder or file it writes."""
+    return heedful_home() / "cache"
+
+
 def data_dir() -> Path:
     """The package's shipped data folder (`data/` in the repo, `heedful_data` when installed)."""
     import heedful_data

@@ -8,13 +8,17 @@ several pairs of one prompt, ClariQ's facets of one `initial_request`) form a gr
 lands whole on one side. `split` (train / held out), `validation_split` (fit / validation) and
 `c3po_data` (train / eval_prompts) all split this way.
 
+A held-out side is then measured item by item, so an item written twice would weigh double in
+every rate: `distinct_items` drops exact repeats (every field equal) from it, keeping the first.
+
 No heavy imports: stage modules import this one.
 """
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 #: the row fields holding the user's request, looked for in this order: a prompt row's, a need
 #: row's alternative (`feedback.simulator.needs.load_users` reads `request` too), ClariQ's
@@ -86,3 +90,27 @@ def pick_groups(
             picked.add(k)
             rows += sizes[k]
     return picked
+
+
+def distinct_items(rows: Iterable[dict], ignore: Iterable[str] = ("split",)) -> tuple[list[dict], int]:
+    """(`rows` without exact repeats, how many repeats went): a row whose every field, `ignore`d
+    ones aside, equals an earlier row's is dropped; the first of each stays, in order.
+
+    Why: a held-out side (`split`'s held_out, `validation_split`'s validation, `c3po_data`'s
+    eval_prompts, evaluate's prompts and needs) is scored item by item, so a copy of an item
+    would count twice in its rates. Only *exact* repeats go: rows that share a request but
+    differ in anything else (ClariQ's facets of one `initial_request`, another need, id, scope or
+    sample of the same prompt) are distinct items. `split` is ignored by default: it says where
+    a row goes, not what it is (an `eval` and a `test` copy are one held-out item)."""
+    skip = frozenset(ignore)
+    seen: set[str] = set()
+    kept: list[dict] = []
+    repeats = 0
+    for row in rows:
+        key = json.dumps({k: v for k, v in row.items() if k not in skip}, sort_keys=True, default=repr)
+        if key in seen:
+            repeats += 1
+        else:
+            seen.add(key)
+            kept.append(row)
+    return kept, repeats

@@ -21,8 +21,10 @@
 A share of each scope is held out (`eval_prompts`) for `evaluate_feedback`, by prompt as the
 `split` stage splits (`pipeline.prompt_groups`): rows with the same last user turn (a repeated
 prompt) are held out together or not at all, and a row's `split` column pulls its copies to its
-side, so no held-out prompt is also trained on (`assign_splits`). The prompt templates and list
-parsing are C3PO's data library, trainers/c3po_data.py.
+side, so no held-out prompt is also trained on (`assign_splits`). Exact repeats among the held-out
+prompts (the same id, prompt, scope and category) are dropped, the first kept, so no prompt is
+scored twice (`pipeline.prompt_groups.distinct_items`; the count is the `eval_duplicates_dropped`
+metric). The prompt templates and list parsing are C3PO's data library, trainers/c3po_data.py.
 """
 
 from __future__ import annotations
@@ -207,13 +209,15 @@ class C3poDataStage(Stage):
     # 2: baselines from the generation engine (CTranslate2 where faster): samples can differ from HF's;
     # 3: so can a local generator's prompts and revisions (`own_generator_engine`); 4: a Chain-of-Hindsight
     # adapter's baselines (and its generator's writing) come after its phrase (pipeline/hindsight.py);
-    # 5: a prompt's rows are held out together (no eval prompt also trained on), batch_size is fingerprinted
-    version = "5"
+    # 5: a prompt's rows are held out together (no eval prompt also trained on), batch_size is fingerprinted;
+    # 6: exact repeats among the held-out prompts are dropped (a prompt is scored once)
+    version = "6"
     config: C3poDataConfig
 
     def run(self):
         from pipeline.llm import HFClient, build_client
         from pipeline.models import device_policy, load_causal_lm, load_tokenizer
+        from pipeline.prompt_groups import distinct_items
 
         cfg: C3poDataConfig = self.config
         ctx = self.ctx
@@ -244,7 +248,9 @@ class C3poDataStage(Stage):
         else:
             prompts = self.generated_prompts(generator, feedback, topic)
         train = [p for p in prompts if p["split"] == "train"]
-        held_out = [p for p in prompts if p["split"] == "eval"]
+        held_out, repeats = distinct_items(p for p in prompts if p["split"] == "eval")
+        if repeats:
+            ctx.log.info("held-out prompts: %d exact repeats dropped (each prompt is scored once)", repeats)
         for scope in SCOPES:
             if not any(p["scope"] == scope for p in train):
                 raise ValueError(f"no training prompts of scope {scope}; give more prompts or lower eval_fraction")
@@ -285,7 +291,7 @@ class C3poDataStage(Stage):
         )
         counts = {f"train_{s}": sum(r["scope"] == s for r in train) for s in SCOPES}
         counts.update({f"eval_{s}": sum(r["scope"] == s for r in held_out) for s in SCOPES})
-        return {**counts, "revisions_dropped": dropped}
+        return {**counts, "eval_duplicates_dropped": repeats, "revisions_dropped": dropped}
 
     # ------------------------------------------------------------------ prompts
 

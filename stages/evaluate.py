@@ -68,7 +68,7 @@ class EvaluateConfig(TrackingSettings):
 class EvaluateStage(Stage):
     config: EvaluateConfig
     uses = "evaluate"
-    version = "10"  # 2: the summary's per-item outcomes; 3: the users' conversations; 4: their own kind; 5: per-item scores; 6: a CoH adapter answers its users after its phrase; 7: a CoH reply cut at a phrase is finished; 8: the conditions' conversations side by side (the simulator's calls batched across them); 9: batch_size is fingerprinted (the users' sampled turns are seeded per batch on HF, as simulate's), first_reply_satisfied counts a need answered only by clarifying questions as not satisfied, and no interval is a point (Wilson for the judge's win rate; stats.no_spread); 10: a `reference` stands in only where made alike (model, seed, sampling, batch_size, and per reply its system prompt, which each row now records as `system`), else the replies are written anew
+    version = "11"  # 2: the summary's per-item outcomes; 3: the users' conversations; 4: their own kind; 5: per-item scores; 6: a CoH adapter answers its users after its phrase; 7: a CoH reply cut at a phrase is finished; 8: the conditions' conversations side by side (the simulator's calls batched across them); 9: batch_size is fingerprinted (the users' sampled turns are seeded per batch on HF, as simulate's), first_reply_satisfied counts a need answered only by clarifying questions as not satisfied, and no interval is a point (Wilson for the judge's win rate; stats.no_spread); 10: a `reference` stands in only where made alike (model, seed, sampling, batch_size, and per reply its system prompt, which each row now records as `system`), else the replies are written anew; 11: exact repeats of a held-out prompt or need are dropped (an item is scored once)
     summary = "Adherence, overgeneralization, satisfaction, drift, degeneration, cost: base vs in-context vs memory vs adapter."
     Config = EvaluateConfig
     inputs = {
@@ -119,6 +119,7 @@ class EvaluateStage(Stage):
         from pipeline.evaluation import conditions as cond
         from pipeline.evaluation import drift, metrics, summary, users
         from pipeline.models import device_policy, load_causal_lm, load_tokenizer, model_fingerprint
+        from pipeline.prompt_groups import distinct_items
         from pipeline.records import load_rows, save_rows
         from pipeline.tracking import log_evaluation
 
@@ -126,6 +127,9 @@ class EvaluateStage(Stage):
         trackers = cfg.trackers()  # a tracker that is not installed fails before any work
         prompts_path, adapter = ctx.input("prompts"), ctx.input("adapter")
         prompts = load_rows(prompts_path, required=["prompt"], what="evaluation prompts") if prompts_path else []
+        prompts, prompt_repeats = distinct_items(prompts)  # a held-out prompt written twice is scored once
+        if prompt_repeats:
+            ctx.log.info("held-out prompts: %d exact repeats dropped (each prompt is scored once)", prompt_repeats)
         metrics.check_scopes(prompts, prompts_path)
         feedback, metric = metrics.feedback_and_metric(prompts, cfg.feedback, cfg.metric, prompts_path)
         memory_path = ctx.input("memory")
@@ -178,8 +182,9 @@ class EvaluateStage(Stage):
         if cfg.judge is not None:
             metrics.judge_win_rates(ans, rows, results, reference, cfg.judge)
         conversations: list[dict[str, Any]] = []
+        need_repeats = 0
         if (needs := ctx.input("needs")) is not None:
-            users.satisfaction(ans, needs, cfg.users, results, outcomes, conversations)
+            need_repeats = users.satisfaction(ans, needs, cfg.users, results, outcomes, conversations)
         if cfg.drift:
             drift.drift(ans, drift.general_items(ctx.input("general"), cfg.general_set, cfg.max_general), results, scores)
 
@@ -209,4 +214,8 @@ class EvaluateStage(Stage):
         if conversations:
             save_rows(conversations, ctx.output("conversations"))
         log_evaluation(trackers, ctx.work_dir / "tensorboard", f"{ctx.run_name}/{ctx.name}", out)
-        return summary.flat_metrics(out)
+        return {
+            **summary.flat_metrics(out),
+            "prompts_duplicates_dropped": prompt_repeats,
+            "needs_duplicates_dropped": need_repeats,
+        }

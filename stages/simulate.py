@@ -106,7 +106,7 @@ class SimulateStage(Stage):
         from pipeline.generation import ENGINE_LABELS
         from pipeline.llm import HFClient, build_client, shares_default_model
         from pipeline.llm_cache import CachedLLM, LLMCache
-        from pipeline.paths import heedful_home
+        from pipeline.paths import cache_dir
         from pipeline.records import save_rows
         from pipeline.schema import KINDS, records_to_rows
 
@@ -143,7 +143,7 @@ class SimulateStage(Stage):
         )
         cache = None
         if cfg.cache:
-            cache = LLMCache(cfg.cache_path or heedful_home() / "cache" / "convsim.sqlite")
+            cache = LLMCache(cfg.cache_path or cache_dir() / "convsim.sqlite")
         policy, simulator = CachedLLM(policy_backend, cache), CachedLLM(sim_backend, cache)
         ctx.log.info(
             "simulating %d users with %s against policy %s%s (replies from %s)",

@@ -8,7 +8,9 @@ and a group lands whole on one side -- else one copy would be trained on and the
 as unseen. Rows with a `split` column (train / eval / held_out / test) keep it and pull the rest
 of their group to their side (a group marked for both sides is an error naming its rows); the
 other groups are split at random, seeded, holding out as close to `held_out_fraction` of their
-rows as whole groups allow (`pipeline.prompt_groups.pick_groups`).
+rows as whole groups allow (`pipeline.prompt_groups.pick_groups`). Exact repeats of a held-out
+row (every field but `split` equal) are then dropped, the first kept, so no item is scored twice
+(`pipeline.prompt_groups.distinct_items`; the count is the `held_out_duplicates_dropped` metric).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ class SplitConfig(StageConfig):
 
 class SplitStage(Stage):
     uses = "split"
-    version = "2"  # 2: rows with the same prompt stay on one side (no held-out leak); explicit splits pull their group
+    # 2: rows with the same prompt stay on one side (no held-out leak); explicit splits pull their group;
+    # 3: exact repeats of a held-out row are dropped (an item is scored once)
+    version = "3"
     summary = "Rows into train and held-out parts (seeded, or by their `split` column); one prompt's rows stay together."
     Config = SplitConfig
     inputs = {"rows": Input(("prompts", "needs"), doc="any rows: prompts or information needs")}
@@ -37,16 +41,24 @@ class SplitStage(Stage):
     }
 
     def run(self):
+        from pipeline.prompt_groups import distinct_items
         from pipeline.records import load_located_rows, save_rows
 
         path = self.ctx.input("rows")
         located = load_located_rows(path, what="rows to split")
         rows = [row for _, row in located]
         train, held_out = split_rows(rows, self.config, self.ctx.seed, str(path), [where for where, _ in located])
+        held_out, repeats = distinct_items(held_out)
         save_rows(train, self.ctx.output("train"))
         save_rows(held_out, self.ctx.output("held_out"))
-        self.ctx.log.info("%d rows: %d train, %d held out", len(rows), len(train), len(held_out))
-        return {"train": len(train), "held_out": len(held_out)}
+        self.ctx.log.info(
+            "%d rows: %d train, %d held out (%d exact repeats of a held-out row dropped)",
+            len(rows),
+            len(train),
+            len(held_out),
+            repeats,
+        )
+        return {"train": len(train), "held_out": len(held_out), "held_out_duplicates_dropped": repeats}
 
 
 def split_rows(

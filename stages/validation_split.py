@@ -15,7 +15,10 @@ same last user turn (a repeated prompt, several rows of one prompt) go to valida
 or not at all, as close to that count as whole prompts allow -- else a grid point would be
 scored partly on prompts it trained on. A prompt found in two scopes goes where the first scope
 (in_scope, near_scope, out_of_scope) sent it. With one row per prompt the choice is the same as
-a per-row draw (version 1's).
+a per-row draw (version 1's). Exact repeats among the validation prompts (every column it
+writes equal: the same prompt, scope, id, category, feedback and metric) are dropped, the first
+kept, so no prompt is scored twice (`pipeline.prompt_groups.distinct_items`; the count is the
+`validation_duplicates_dropped` metric).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from pipeline.errors import DataError
-from pipeline.prompt_groups import group_key, pick_groups
+from pipeline.prompt_groups import distinct_items, group_key, pick_groups
 from pipeline.stage import Input, Output, Stage, StageConfig
 from trainers.feedback_eval import SCOPES
 
@@ -37,7 +40,9 @@ class ValidationSplitConfig(StageConfig):
 
 class ValidationSplitStage(Stage):
     uses = "validation_split"
-    version = "2"  # 2: rows with the same prompt go to one side (no prompt both trained on and validated)
+    # 2: rows with the same prompt go to one side (no prompt both trained on and validated);
+    # 3: exact repeats among the validation prompts are dropped (a prompt is scored once)
+    version = "3"
     summary = (
         "c3po_data training rows into fit + validation prompts (seeded, per scope, a prompt's rows together): "
         "tuning never sees held-out prompts."
@@ -57,10 +62,13 @@ class ValidationSplitStage(Stage):
         located = load_located_rows(path, required=["scope", "prompt"], what="c3po data")
         rows = [row for _, row in located]
         fit, validation = split_by_scope(rows, self.config.fraction, self.ctx.seed, str(path), [where for where, _ in located])
+        # the prompt rows evaluate scores: copies differ in their sampled baselines, not in these
+        prompts, repeats = distinct_items([{k: r.get(k) for k in PROMPT_COLUMNS if k in r} for r in validation])
         save_rows(fit, self.ctx.output("fit"))
-        save_rows([{k: r.get(k) for k in PROMPT_COLUMNS if k in r} for r in validation], self.ctx.output("validation"))
+        save_rows(prompts, self.ctx.output("validation"))
         counts = {f"fit_{s}": sum(r["scope"] == s for r in fit) for s in SCOPES}
-        counts.update({f"validation_{s}": sum(r["scope"] == s for r in validation) for s in SCOPES})
+        counts.update({f"validation_{s}": sum(r["scope"] == s for r in prompts) for s in SCOPES})
+        counts["validation_duplicates_dropped"] = repeats
         self.ctx.log.info("%s", ", ".join(f"{k}={v}" for k, v in counts.items()))
         return counts
 

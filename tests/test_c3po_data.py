@@ -127,15 +127,21 @@ def run_data(tmp_path, prompts, seed=0, **with_):
 
 
 def test_the_stage_never_trains_on_a_held_out_prompt(tmp_path, tiny_model_path):
-    """On a prompts file with repeats: no prompt of `eval_prompts` is among the training rows."""
+    """On a prompts file with repeats: no prompt of `eval_prompts` is among the training rows, and
+    a prompt written twice word for word (the same scope, no id: the same derived id) is one
+    held-out prompt (version 6), while its copy with a trailing space is another item and stays."""
     rows = [{k: r[k] for k in ("prompt", "scope")} for r in scoped_rows(per_scope=4)]
     write_jsonl(rows, tmp_path / "prompts.jsonl")
     for seed in (0, 1):
         result = run_data(tmp_path, tmp_path / "prompts.jsonl", seed=seed)
         train = load_rows(result.run_dir / "data" / "train")
         held_out = load_rows(result.run_dir / "data" / "eval_prompts")
-        assert held_out and len(train) + len(held_out) == len(rows)
         assert {group_key(r, -1) for r in train}.isdisjoint({group_key(r, -1) for r in held_out}), seed
+        # each scope holds out one prompt's 3 rows (4 of 12 as close as whole prompts allow): its exact repeat goes
+        assert [r["prompt"].endswith(" ") for r in held_out] == [False, True] * 3, seed
+        assert len({r["id"] for r in held_out}) == len(held_out), seed
+        assert result.record("data").metrics["eval_duplicates_dropped"] == 3
+        assert len(train) + len(held_out) + 3 == len(rows)
 
 
 def test_batch_size_is_part_of_the_fingerprint(tmp_path, tiny_model_path):

@@ -1208,3 +1208,45 @@ def test_memory_prompts_without_a_scope_are_remembered_after_a_save(tmp_path):
     for path in (tmp_path / "memory", tmp_path / "memory.jsonl"):
         memory = load_memory(path)
         assert memory is not None and memory.keys == ["How do I boil an egg?"]
+
+
+def test_an_exact_repeat_of_a_held_out_prompt_or_need_is_scored_once(tmp_path, tiny_model_path):
+    """A held-out prompt and a held-out need each written twice word for word count once in n
+    (evaluate v11: before, each weighed double in its rates); two needs behind one request (as
+    ClariQ's facets of one `initial_request`) stay two items."""
+    from pipeline.evaluation.summary import read_summary
+    from pipeline.records import load_rows
+
+    prompts = write_scoped_prompts(tmp_path)
+    rows = load_rows(prompts)
+    write_jsonl([*rows, rows[0]], prompts)  # "How do I boil an egg?" twice
+    needs = tmp_path / "needs.jsonl"
+    lyon = {"id": "n1", "prompt": "Which train goes to Lyon?", "need": "the train to Lyon", "keywords": ["TGV"]}
+    write_jsonl(
+        [
+            lyon,
+            {"id": "n2", "prompt": "Which train goes to Lyon?", "need": "the price of a ticket", "keywords": ["euros"]},
+            lyon,
+        ],
+        needs,
+    )
+    with_ = {
+        "conditions": ["base"],
+        "sampling": {"max_new_tokens": 4, "temperature": 0.0},
+        "resamples": 200,
+        "drift": False,
+        "users": {"max_rounds": 1, "simulator": {"model": "tiny"}, "policy_sampling": {"max_new_tokens": 4}},
+    }
+    result = run_evaluate(tmp_path, {"prompts": str(prompts), "needs": str(needs)}, with_)
+    assert result.ok, result.records[0].error
+    summary = read_summary(result.run_dir / "check")
+    base = summary["conditions"]["base"]
+    assert summary["counts"] == {"in_scope": 3, "near_scope": 2, "out_of_scope": 2}
+    assert base["adherence"]["n"] == 3 and base["first_reply_satisfied"]["n"] == 2 and base["satisfied"]["n"] == 2
+    assert len(load_rows(result.run_dir / "check" / "evaluation")) == 7
+    assert sorted(load_rows(result.run_dir / "check" / "conversations")[k]["need"] for k in range(2)) == [
+        "the price of a ticket",
+        "the train to Lyon",
+    ]
+    metrics = result.records[0].metrics
+    assert metrics["prompts_duplicates_dropped"] == 1 and metrics["needs_duplicates_dropped"] == 1

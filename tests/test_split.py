@@ -1,6 +1,7 @@
 """The split stage on real files, in-process: one prompt's rows (copies of a question, ClariQ's
 facets of one request) land on one side whatever the seed, explicit `split` values pull their
-group, a group marked for both sides is an error naming its rows, and the quickstart's needs
+group, a group marked for both sides is an error naming its rows, an exact repeat of a held-out
+row is held out once (ClariQ's facets of one request stay distinct), and the quickstart's needs
 still split 12 / 4."""
 
 from __future__ import annotations
@@ -164,3 +165,68 @@ def test_quickstart_needs_split_12_and_4(tmp_path):
     for seed in SEEDS:
         train, held_out = split_rows(load_rows(ROOT / "data" / "quickstart" / "needs.jsonl"), SplitConfig(), seed)
         assert (len(train), len(held_out)) == (12, 4)
+
+
+def test_an_exact_repeat_of_a_held_out_need_is_one_held_out_row(tmp_path):
+    """A held-out need written twice word for word (one copy marked `eval`, the other `test`: the
+    mark is where a row goes, not what it is) is held out once, and the stage counts the repeat;
+    another need asked with the same question is another item and stays."""
+    rows = needs_with_copies()
+    rows[0]["split"] = "eval"
+    rows.append({**rows[0], "split": "test"})  # q0 again, every field but its mark equal
+    path = tmp_path / "needs.jsonl"
+    write_jsonl(rows, path)
+    result = split_run(tmp_path, path)
+    train, held_out = split_outputs(result)
+    assert [r["id"] for r in held_out].count("q0") == 1
+    assert {"q0-again", "q0-more"} <= {r["id"] for r in held_out}  # other needs of the same question
+    assert result.record("split").metrics["held_out_duplicates_dropped"] == 1
+    assert len(train) + len(held_out) == len(rows) - 1
+
+
+def test_clariq_facets_of_one_request_stay_two_held_out_items(tmp_path):
+    """Two facets of one ClariQ request share the request but not the need: two held-out items,
+    while an exact repeat of a facet's row goes."""
+    fields = ["topic_id", "initial_request", "facet_id", "facet_desc", "question", "answer", "split"]
+    jaguar = {"topic_id": 1, "initial_request": "Tell me about jaguars", "question": "", "answer": "", "split": "held_out"}
+    rows = [
+        {**jaguar, "facet_id": "F1", "facet_desc": "the car"},
+        {**jaguar, "facet_id": "F2", "facet_desc": "the animal"},
+        {**jaguar, "facet_id": "F1", "facet_desc": "the car"},  # a word-for-word repeat of F1
+        *(
+            {
+                **jaguar,
+                "topic_id": t,
+                "initial_request": f"Tell me about topic {t}",
+                "facet_id": f"T{t}",
+                "facet_desc": "x",
+                "split": "",
+            }
+            for t in range(2, 6)
+        ),
+    ]
+    path = tmp_path / "clariq.tsv"
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    result = split_run(tmp_path, path)
+    _, held_out = split_outputs(result)
+    assert [r["facet_id"] for r in held_out if r["initial_request"] == "Tell me about jaguars"] == ["F1", "F2"]
+    assert result.record("split").metrics["held_out_duplicates_dropped"] == 1
+
+
+def test_distinct_items_drops_exact_repeats_only():
+    from pipeline.prompt_groups import distinct_items
+
+    rows = [
+        {"prompt": "q?", "need": "a", "split": "eval"},
+        {"prompt": "q?", "need": "b"},  # another need: another item
+        {"need": "a", "prompt": "q?", "split": "test"},  # the first, its fields in another order, another mark
+        {"prompt": "q? ", "need": "a"},  # not word for word
+        {"prompt": [{"role": "user", "content": "q?"}], "need": "a"},
+        {"prompt": [{"role": "user", "content": "q?"}], "need": "a"},
+    ]
+    kept, repeats = distinct_items(rows)
+    assert kept == [rows[0], rows[1], rows[3], rows[4]] and repeats == 2
+    assert distinct_items(rows, ignore=())[1] == 1  # with the mark counted, only the chats repeat

@@ -55,22 +55,26 @@ def test_copies_of_a_prompt_validate_together_whatever_the_seed():
     assert len(chosen) > 1  # the seed does choose
 
 
+def run_stage(folder, path, seed: int):
+    """The stage on the file `path` (run in `folder`): (its result, its fit rows, its validation rows)."""
+    data = {
+        "run_name": f"validation{seed}",
+        "model": "tiny",
+        "seed": seed,
+        "stages": [{"name": "validation", "uses": "validation_split", "inputs": {"data": str(path)}}],
+    }
+    result = Runner(pipeline_from_dict(data, folder), folder / "runs", use_ray=False).execute()
+    assert result.ok, [r.error for r in result.records]
+    return result, load_rows(result.run_dir / "validation" / "fit"), load_rows(result.run_dir / "validation" / "validation")
+
+
 def test_the_stage_keeps_a_prompts_rows_on_one_side(tmp_path):
     """The stage on a file (version 2): fit and validation share no prompt (text prompts only: a
     dataset column holds one type)."""
     path = tmp_path / "c3po.jsonl"
     write_jsonl(c3po_rows(chats=False), path)
     for seed in (0, 1, 2):
-        data = {
-            "run_name": f"validation{seed}",
-            "model": "tiny",
-            "seed": seed,
-            "stages": [{"name": "validation", "uses": "validation_split", "inputs": {"data": str(path)}}],
-        }
-        result = Runner(pipeline_from_dict(data, tmp_path / str(seed)), tmp_path / str(seed) / "runs", use_ray=False).execute()
-        assert result.ok, [r.error for r in result.records]
-        fit = load_rows(result.run_dir / "validation" / "fit")
-        validation = load_rows(result.run_dir / "validation" / "validation")
+        result, fit, validation = run_stage(tmp_path / str(seed), path, seed)
         assert not leaked(fit, validation), seed
         assert len(fit) + len(validation) == 48
 
@@ -128,3 +132,24 @@ def test_a_row_of_no_known_scope_is_an_error_naming_it():
     places = [f"c3po.jsonl:{i + 1}" for i in range(len(rows))]
     with pytest.raises(DataError, match=r"^c3po.jsonl:5: field 'scope'"):
         split_by_scope(rows, 0.25, 0, "c3po.jsonl", places)
+
+
+def test_an_exact_repeat_of_a_validation_prompt_is_scored_once(tmp_path):
+    """c3po_data rows written twice (the same id, prompt and scope; their sampled baselines differ,
+    but evaluate scores the prompt): a copied prompt that validates is one validation prompt, the
+    stage counts the repeats; a prompt asked again under another id is another item and stays."""
+    rows = c3po_rows(chats=False)
+    rows += [{**r, "baseline": "another sample"} for r in rows if r["id"].endswith(("-0", "-1", "-2", "-3"))]
+    path = tmp_path / "c3po.jsonl"
+    write_jsonl(rows, path)
+    dropped = 0
+    for seed in (0, 1, 2):
+        result, fit, validation = run_stage(tmp_path / str(seed), path, seed)
+        ids = [r["id"] for r in validation]
+        assert len(ids) == len(set(ids)), seed  # each validation prompt once
+        repeats = sum(i in ids for i in {r["id"] for r in rows if r["baseline"] == "another sample"})
+        assert result.record("validation").metrics["validation_duplicates_dropped"] == repeats
+        assert len(fit) + len(validation) + repeats == len(rows)
+        assert not leaked(fit, validation), seed
+        dropped += repeats
+    assert dropped  # a copied prompt did validate

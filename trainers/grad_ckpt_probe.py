@@ -60,9 +60,9 @@ def probe_key(model_name: str, bucket: str) -> str:
 
 
 def default_cache_path() -> Path:
-    from pipeline.paths import heedful_home
+    from pipeline.paths import cache_dir
 
-    return heedful_home() / "cache" / CACHE_NAME
+    return cache_dir() / CACHE_NAME
 
 
 def measure(step: Callable[[bool], None], repeats: int = 2) -> dict[bool, float]:

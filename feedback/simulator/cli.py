@@ -16,10 +16,10 @@ console = Console(highlight=False)
 def _simulator(backend: str, model: str, base_url: str | None, api_key_file: str | None, cache: bool):
     from pipeline.llm import LLMSettings, build_client
     from pipeline.llm_cache import CachedLLM, LLMCache
-    from pipeline.paths import heedful_home
+    from pipeline.paths import cache_dir
 
     settings = LLMSettings(kind=backend, model=model, base_url=base_url, api_key_file=api_key_file, batch_size=16)
-    store = LLMCache(heedful_home() / "cache" / "convsim.sqlite") if cache else None
+    store = LLMCache(cache_dir() / "convsim.sqlite") if cache else None
     return CachedLLM(build_client(settings), store)
 
 

@@ -51,13 +51,17 @@ def load_users(
     max_users: int | None = None,
     system_prompt: str | None = None,
     facts_field: str | None = "keywords",
+    rows: list[dict[str, Any]] | None = None,
 ) -> list[SimulatedUser]:
     """Users from `path`; persona/style come from the row, else a seeded pick from the lists.
 
     `system_prompt`: the policy's system prompt; None = the row's `system_prompt` (generate
     writes one), else none. `facts_field`: a list of facts a satisfying reply mentions.
+    `rows`: `path`'s rows already read (evaluate drops exact repeats first); `path` then only
+    names them in messages.
     """
-    rows = load_rows(path, what="information needs")
+    if rows is None:
+        rows = load_rows(path, what="information needs")
     if is_clariq(rows):
         users = clariq_users(rows)
         for u in users:

@@ -43,20 +43,27 @@ def satisfaction(
     results: dict[str, dict[str, Any]],
     outcomes: dict[str, dict[str, dict[str, bool]]],
     conversations: list[dict[str, Any]],
-) -> None:
+) -> int:
     """first_reply_satisfied (`first_reply_outcomes`), satisfied (within max_rounds) and rounds, per condition; each
     need's first_reply_satisfied and satisfied in `outcomes[condition]`, keyed by the need's id
     (`#2` after a repeated id, as `metrics.keyed_outcomes` keys every metric). Every conversation
     is appended to `conversations` (its condition, each reply's satisfaction, fact coverage and
-    verdict), so a reader can check why a need counted as satisfied."""
+    verdict), so a reader can check why a need counted as satisfied. An exact repeat of a need's
+    row (`pipeline.prompt_groups.distinct_items`) is dropped, so no need weighs double; returns
+    how many were."""
     from feedback.simulator.needs import load_users
     from feedback.simulator.protocol import Judge, Side, run_sides
     from pipeline.llm import HFClient, build_client
     from pipeline.llm_cache import CachedLLM
+    from pipeline.prompt_groups import distinct_items
+    from pipeline.records import load_rows
     from pipeline.stats import bootstrap_mean, rate
 
     policy_backend = HFClient(ans.model_name, batch_size=ans.batch_size, model=ans.model, tokenizer=ans.tokenizer)
     shared = policy_backend if ans.adapter is None else None  # the simulator may share the base model only
+    rows, repeats = distinct_items(load_rows(needs, what="information needs"))
+    if repeats:
+        ans.log.info("held-out needs: %d exact repeats dropped (each need is scored once)", repeats)
     users = load_users(
         needs,
         settings.need_field,
@@ -67,6 +74,7 @@ def satisfaction(
         settings.max_users,
         None,
         settings.facts_field,
+        rows,
     )
     _, user_tokens = settings.most_new_tokens(len(users) * len(ans.conditions))  # a small job does not start the engine probe
     simulator = CachedLLM(
@@ -112,6 +120,7 @@ def satisfaction(
             len(transcripts),
             metrics["first_reply_satisfied"]["value"],
         )
+    return repeats
 
 
 def condition_policy(ans: Answering, condition: Condition, loaded: Any) -> Any:

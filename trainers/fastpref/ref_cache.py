@@ -31,9 +31,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 def default_root() -> Path:
-    from pipeline.paths import heedful_home
+    from pipeline.paths import cache_dir
 
-    return heedful_home() / "cache" / "ref_logps"
+    return cache_dir() / "ref_logps"
 
 
 def _hash_tensors(named: Iterable[tuple[str, Any]]) -> str:
