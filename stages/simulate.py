@@ -66,8 +66,9 @@ class SimulateConfig(StageConfig, ProtocolSettings):
 class SimulateStage(Stage):
     uses = "simulate"
     # a prompt change reruns the stage; 3: a CoH adapter answers after its phrase; 4: batch_size is fingerprinted
-    # (a run made before with a non-default batch_size, whose fingerprint left it out, is not taken for a default one)
-    version = f"4+{PROMPT_VERSION}"
+    # (a run made before with a non-default batch_size, whose fingerprint left it out, is not taken for a default one);
+    # 5: first_reply_satisfied_rate counts a need answered only by clarifying questions as not satisfied
+    version = f"5+{PROMPT_VERSION}"
     summary = "ConvSim simulated users: clarifying answers, feedback, revisions -> feedback records."
     Config = SimulateConfig
     inputs = {
