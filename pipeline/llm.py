@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from .chat import Messages, render_many
 from .generation import Completion, EngineSetting, SamplingSettings, check_local_engine
-from .models import config_model
+from .models import ConfigAdapter, config_model
 from .paths import ConfigPath
 from .prefix_logits import PrefixMemo, last_token_logits
 
@@ -60,7 +60,9 @@ class LLMSettings(BaseModel):
         description="hf: a local model; openai: an OpenAI-compatible endpoint (old spellings: `backend:`, `kind: local`)",
     )
     model: str | None = Field(default=None, description="alias/folder/hub id (hf) or the served model's name (openai)")
-    adapter: ConfigPath | None = Field(default=None, description="hf only: a LoRA adapter folder")
+    adapter: ConfigAdapter | None = Field(
+        default=None, description="hf only: a LoRA adapter folder (checked when the config is read)"
+    )
     engine: EngineSetting = "auto"
     base_url: str | None = Field(default=None, description="openai: e.g. http://127.0.0.1:8000/v1 (default: OpenAI's API)")
     api_key_file: ConfigPath | None = Field(default=None, description="openai: file holding the key (chmod 600)")

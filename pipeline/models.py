@@ -18,9 +18,9 @@ import shutil
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from .paths import CONFIG_DIR as CONFIG_DIR  # re-exported: pipeline.config and tests import it from here
 from .paths import config_dir, config_relative, heedful_home
@@ -52,7 +52,7 @@ def check_model_name(name: str, base_dir: Path | None = None) -> str | None:
         candidate = base_dir / candidate
     if candidate.exists():
         return None if candidate.is_dir() else f"model path '{name}' is a file, expected a model folder"
-    if _HUB_ID.match(name) and not name.startswith((".", "/")):
+    if _hub_id(name):
         return None
     relative = base_dir is not None and not Path(name).expanduser().is_absolute()
     looked = f" (no folder {candidate.resolve()}: a relative one is read beside the config file)" if relative else ""
@@ -60,6 +60,11 @@ def check_model_name(name: str, base_dir: Path | None = None) -> str | None:
         f"unknown model '{name}': expected an alias ({', '.join(sorted(ALIASES))}), "
         f"an existing local folder{looked}, or a hub id like 'org/name'"
     )
+
+
+def _hub_id(name: str) -> bool:
+    """Whether `name` reads as a hub id (`org/name`), not a local path (`./x`, `/x`, `~/x`, `a/b/c`)."""
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/"))
 
 
 def local_model(name: str, base_dir: Path) -> str:
@@ -95,6 +100,36 @@ def config_model(name: str | None, info: ValidationInfo, keep: Collection[str] =
     if (msg := check_model_name(name, base_dir)) is not None:
         raise ValueError(msg)
     return local_model(name, base_dir)
+
+
+def config_adapter(name: str, info: ValidationInfo) -> str:
+    """`ConfigAdapter`'s validator: an adapter folder named in a stage's `with:` (an LLM's
+    `adapter:`), read beside the config file (`paths.config_relative`) and checked there as a
+    model folder is (`config_model`): a mistyped local folder (`./adaptr`, `runs/x/adaptr`, an
+    absolute or `~` path) is a config error when the config is read, naming the file, the line
+    and the field, not a failure of the stage minutes in. A name that reads as a hub id
+    (`org/name`) and is no folder beside the config stays as written. Without a config file's
+    folder in the context (the executor re-reading a resolved config, settings built in code)
+    the name stays as written and is not checked. An adapter that is another stage's output
+    comes through `inputs:`, not here."""
+    base_dir = config_dir(info)
+    if not name or base_dir is None:
+        return name
+    resolved = config_relative(name, base_dir)
+    path = Path(resolved)
+    if path.is_dir():
+        return resolved
+    if path.exists():
+        raise ValueError(f"adapter path '{name}' is a file, expected an adapter folder")
+    if _hub_id(name):
+        return name
+    relative = not Path(name).expanduser().is_absolute()
+    looked = f" (no folder {path}: a relative one is read beside the config file)" if relative else ""
+    raise ValueError(f"adapter folder not found{looked}: expected an existing local folder or a hub id like 'org/name'")
+
+
+#: an adapter folder named in a stage's `with:`: `config_adapter`
+ConfigAdapter = Annotated[str, AfterValidator(config_adapter)]
 
 
 def model_fingerprint(name: str) -> str:

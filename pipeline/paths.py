@@ -4,8 +4,9 @@ pipeline config is read: against the config file's folder (`config_relative`, `C
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator
 
@@ -80,3 +81,15 @@ def _relative_to_config(value: str, info: ValidationInfo) -> str:
 #: relative to the pipeline config's folder, as its inputs and its `model:` are. A field typed so
 #: needs nothing else: `pipeline.config` validates each stage's `with:` with the folder in context.
 ConfigPath = Annotated[str, AfterValidator(_relative_to_config)]
+
+
+def config_path_keys(mapping: dict[str, Any], keys: Collection[str], info: ValidationInfo) -> dict[str, Any]:
+    """A free-form mapping of a stage's `with:` (`trainer_args`) with the string values of its
+    path-valued `keys` read as a `ConfigPath` is: beside the config file. Any other value (a dict,
+    an inline JSON string `'{...}'`, which transformers parses itself) stays as written."""
+    return {
+        key: _relative_to_config(value, info)
+        if key in keys and isinstance(value, str) and not value.lstrip().startswith("{")
+        else value
+        for key, value in mapping.items()
+    }

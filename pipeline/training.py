@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from .distributed import DistributedSettings
 from .models import DevicePolicy, LoraSettings, ModelUnavailable, device_policy
+from .paths import config_path_keys
 from .stage import Input, Output, Stage, StageConfig, StageContext
 from .tracking import TrackingSettings  # report_to: shared with evaluate and the arena (pipeline/tracking.py)
 
@@ -31,6 +32,13 @@ def warmup_steps(ratio: float) -> float:
     (it has no `warmup_ratio` any more), so a ratio of 1.0 passed as it is would warm up for one step;
     it goes as the float just below 1.0, whose ceil(steps x share) is every step."""
     return math.nextafter(1.0, 0.0) if ratio >= 1 else ratio
+
+
+#: transformers TrainingArguments keys that take a JSON file's path (or a dict): given in `trainer_args`
+#: as a string, read beside the config file as every other path in `with:` (pipeline/paths.py). Not
+#: `resume_from_checkpoint` (TrainingArguments only carries it; stages resume from their own
+#: checkpoints) nor `output_dir` (the stage's checkpoints folder).
+TRAINER_PATH_ARGS = frozenset({"deepspeed", "fsdp_config", "accelerator_config"})
 
 
 class TrainSettings(TrackingSettings):
@@ -56,6 +64,12 @@ class TrainSettings(TrackingSettings):
     use_gpu: bool | None = Field(default=None, description="default: GPUs when the stage/cluster has them")
     distributed: DistributedSettings = Field(default_factory=DistributedSettings)
     trainer_args: dict[str, Any] = Field(default_factory=dict, description="extra TRL/transformers config keys")
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _paths_beside_config(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """`deepspeed: ds.json` (and the other `TRAINER_PATH_ARGS`) is the file beside the config."""
+        return config_path_keys(value, TRAINER_PATH_ARGS, info)
 
     def passes(self, rows: int) -> float:
         """How many times the run reads each of `rows` rows (epochs, or max_steps x batch x accumulation / rows).

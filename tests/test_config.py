@@ -277,6 +277,15 @@ stages:
       kind: followup
       followup: {{followups: lists.json}}
       distributed: {{deepspeed: ds.json, storage_path: "s3://bucket/ckpt"}}
+      trainer_args:
+        deepspeed: ../shared/ds.json
+        fsdp_config: '{{"version": 2}}'
+        accelerator_config: {tmp_path}/accelerate.json
+        output_dir: somewhere
+  - name: align
+    uses: dpo
+    inputs: {{preferences: data:quickstart/prompts.jsonl}}
+    with: {{trainer_args: {{fsdp_config: fsdp.json, deepspeed: {{zero_optimization: {{stage: 2}}}}}}}}
 """
     )
     monkeypatch.chdir(here)
@@ -296,6 +305,16 @@ stages:
     rm = pipeline.stage("rm").config
     assert rm.followup.followups == str(configs / "lists.json")
     assert rm.distributed.deepspeed == str(configs / "ds.json") and rm.distributed.storage_path == "s3://bucket/ckpt"
+    # trainer_args' keys that transformers reads as a JSON file's path (pipeline.training.TRAINER_PATH_ARGS) too;
+    # an inline JSON string, a dict, an absolute path and any other key go to transformers as written
+    assert rm.trainer_args == {
+        "deepspeed": str(tmp_path / "shared" / "ds.json"),
+        "fsdp_config": '{"version": 2}',
+        "accelerator_config": f"{tmp_path}/accelerate.json",
+        "output_dir": "somewhere",
+    }
+    align = pipeline.stage("align").config.trainer_args
+    assert align == {"fsdp_config": str(configs / "fsdp.json"), "deepspeed": {"zero_optimization": {"stage": 2}}}
     # the executor re-reads the config as dumped: the paths stay the ones beside the config
     assert type(check).model_validate(check.model_dump(mode="json")).judge.api_key_file == str(configs / "key")
 
@@ -309,12 +328,13 @@ def test_every_path_field_of_a_stage_config_is_read_beside_the_config():
     from pydantic import BaseModel
 
     from pipeline import registry
+    from pipeline.models import ConfigAdapter, config_adapter
     from pipeline.paths import ConfigPath, _relative_to_config
 
     def config_path(field) -> bool:
-        if any(getattr(m, "func", None) is _relative_to_config for m in field.metadata):
+        if any(getattr(m, "func", None) in (_relative_to_config, config_adapter) for m in field.metadata):
             return True
-        return ConfigPath in typing.get_args(field.annotation)
+        return any(t in typing.get_args(field.annotation) for t in (ConfigPath, ConfigAdapter))
 
     def models(annotation) -> list[type[BaseModel]]:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -380,3 +400,52 @@ stages:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "stages[1].with.simulator.model" in proc.stdout and "nothing was run" in proc.stdout
     assert not runs.exists()
+
+
+def test_a_mistyped_adapter_folder_in_with_fails_when_the_config_is_read(tmp_path):
+    """An LLM's `adapter:` in a stage's `with:` that names a local folder which is not there (relative:
+    looked for beside the config; absolute) is a config error naming the file, the line, the stage
+    and the field when the config is read, as a mistyped model folder is, not when the stage loads it
+    minutes in; so is a file. An existing folder is read beside the config, a hub id (`org/name`, no
+    such folder beside the config) stays as written, and an adapter wired from another stage's output
+    (`inputs:`) is not looked for."""
+    (tmp_path / "adapters" / "a1").mkdir(parents=True)
+    (tmp_path / "adapter.txt").write_text("not a folder")
+    wired = """\
+  - name: good
+    uses: simulate
+    inputs: {conversations: data:quickstart/needs.jsonl, adapter: align.adapter}
+    with:
+      simulator: {model: tiny, adapter: adapters/a1}
+  - name: hub
+    uses: evaluate
+    inputs: {prompts: data:quickstart/prompts.jsonl, adapter: align.adapter}
+    with:
+      judge: {model: tiny, adapter: some-org/some-adapter}
+"""
+    mistyped = f"""\
+  - name: users
+    uses: simulate
+    inputs: {{conversations: data:quickstart/needs.jsonl}}
+    with:
+      simulator: {{model: tiny, adapter: ./adaptrs/a1}}
+  - name: check
+    uses: evaluate
+    inputs: {{prompts: data:quickstart/prompts.jsonl}}
+    with:
+      judge: {{model: tiny, adapter: {tmp_path}/nowhere}}
+      users: {{simulator: {{model: tiny, adapter: adapter.txt}}}}
+"""
+    path = tmp_path / "pipeline.yaml"
+    found = sorted(problems(tmp_path, GOOD + wired + mistyped), key=lambda p: int(p[len(str(path)) + 1 :].split(":")[0]))
+    assert len(found) == 3, found
+    assert found[0].startswith(f"{path}:29: stages[5].with.simulator.adapter: Value error, adapter folder not found"), found
+    assert f"(no folder {tmp_path / 'adaptrs' / 'a1'}: a relative one is read beside the config file)" in found[0]
+    assert found[1].startswith(f"{path}:34: stages[6].with.judge.adapter: Value error, adapter folder not found"), found
+    assert found[1].endswith(f"(got '{tmp_path}/nowhere')"), found
+    assert found[2].startswith(f"{path}:35: stages[6].with.users.simulator.adapter: Value error, adapter path 'adapter.txt'")
+    assert "expected an adapter folder" in found[2]
+    path.write_text(GOOD + wired)
+    pipeline = load_pipeline(path)
+    assert pipeline.stage("good").config.simulator.adapter == str(tmp_path / "adapters" / "a1")
+    assert pipeline.stage("hub").config.judge.adapter == "some-org/some-adapter"
