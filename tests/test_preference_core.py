@@ -801,3 +801,14 @@ def test_lora_input_casts_are_off_under_autocast_and_change_no_value_or_gradient
         assert torch.equal(after_grads[name], grad), name
     with autocast_forward(accelerator(False), model):
         assert all(getattr(m, "cast_input_dtype_enabled", True) for m in layers)
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"]),
+    )
+    dora_layers = [m for m in dora.modules() if isinstance(m, BaseTunerLayer)]
+    with autocast_forward(accelerator(True), dora):  # a LoRA variant computes more from the cast input: kept
+        assert dora_layers and all(getattr(m, "cast_input_dtype_enabled", True) for m in dora_layers)

@@ -71,15 +71,28 @@ def autocast_forward(accelerator: Any, model: torch.nn.Module) -> Iterator[None]
     [4, 173, 576] and [4, 173, 1536] activations). The values are the same: the input is already
     in the autocast dtype, so the round trip through fp32 is exact, and so is its gradient's. With
     LoRA dropout on, the dropout's product is rounded once, to the autocast dtype, instead of to
-    fp32 and then to it. Outside autocast (fp32 training) PEFT's casts stay as they are."""
+    fp32 and then to it. Outside autocast (fp32 training) PEFT's casts stay as they are, and so do
+    those of a layer with a LoRA variant (DoRA and the like compute more from the cast input)."""
     with accelerator.autocast():
         if not torch.is_autocast_enabled(accelerator.device.type):
             yield
             return
-        from peft.helpers import disable_input_dtype_casting
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
-        with disable_input_dtype_casting(model):
+        layers = [
+            m
+            for m in model.modules()
+            if isinstance(m, BaseTunerLayer)
+            and not getattr(m, "lora_variant", None)
+            and getattr(m, "cast_input_dtype_enabled", True)
+        ]
+        for layer in layers:
+            layer.cast_input_dtype_enabled = False
+        try:
             yield
+        finally:
+            for layer in layers:
+                layer.cast_input_dtype_enabled = True
 
 
 class ChunkedLogps(torch.autograd.Function):
