@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
+from .artifacts import hash_path
 from .paths import CONFIG_DIR as CONFIG_DIR  # re-exported: pipeline.config and tests import it from here
 from .paths import config_dir, config_relative, heedful_home
 
@@ -159,9 +160,29 @@ def _fingerprint(name: str, seen: frozenset[str]) -> str:
     from .artifacts import cached_hash_path, hash_json
 
     own = "sha256:" + cached_hash_path(folder)
-    here = seen | {os.path.realpath(folder)}
-    bases = [_fingerprint(base, here) for base in local_bases(folder) if os.path.realpath(base) not in here]
+    bases = _base_fingerprints(folder, seen)
     return own if not bases else "sha256:" + hash_json({"folder": own, "bases": bases})
+
+
+def _base_fingerprints(folder: Path, seen: frozenset[str] = frozenset()) -> list[str]:
+    """The fingerprints of `folder`'s local bases (`local_bases`), none that leads back into `seen`
+    or to `folder` itself."""
+    here = seen | {os.path.realpath(folder)}
+    return [_fingerprint(base, here) for base in local_bases(folder) if os.path.realpath(base) not in here]
+
+
+def input_fingerprint(path: Path) -> str:
+    """What a stage's fingerprint hashes for a file or folder given in its `inputs:` as a plain path,
+    not another stage's output (pipeline/runner.py `fingerprints`): its content (`hash_path`), as
+    always; a folder whose saved config names a local base-model folder (`local_bases`: an adapter,
+    a reward model, a reward stage's `init`, given as a path) with that base's `model_fingerprint`
+    too, so a base retrained in place reruns the stage as it does for a folder a `with:` names. An
+    input that names no local base keeps its plain hash."""
+    from .artifacts import hash_json
+
+    own = hash_path(path)
+    bases = _base_fingerprints(path) if path.is_dir() else []
+    return own if not bases else "sha256:" + hash_json({"input": own, "bases": bases})
 
 
 #: where a folder's saved config names the base model it is loaded on: (file, key)

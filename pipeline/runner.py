@@ -6,7 +6,9 @@ stage's config reruns exactly that stage and what depends on it. Only non-defaul
 that a field added to a config with a default leaves existing fingerprints alone; a changed
 default must come with a bump of the stage's `version` (pipeline/fingerprint.py). File inputs
 enter by content, and so do local model folders (the stage's model, and the models and adapters
-its `with:` names): an alias or hub id by its name (pipeline/models.py `model_fingerprint`).
+its `with:` names): an alias or hub id by its name (pipeline/models.py `model_fingerprint`). An
+input folder that names a local base model (an adapter, a reward model given as a path) also
+holds that base's fingerprint (pipeline/models.py `input_fingerprint`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import RunDir, atomic_write_json, hash_json, hash_path, this_process
+from .artifacts import RunDir, atomic_write_json, hash_json, this_process
 from .config import Pipeline, ResolvedStage
 from .executor import StageOutcome, StageTask, execute_stage
 from .fingerprint import Folders, semantic_config
-from .models import model_fingerprint
+from .models import input_fingerprint, model_fingerprint
 from .record_schemas import check_pipeline_inputs
 
 
@@ -67,7 +69,7 @@ def fingerprints(pipeline: Pipeline) -> dict[str, str]:
             else:
                 assert ref.path is not None
                 if ref.path not in cache:
-                    cache[ref.path] = hash_path(ref.path)
+                    cache[ref.path] = input_fingerprint(ref.path)
                 inputs[name] = cache[ref.path]
         out[stage.name] = hash_json(
             {
