@@ -122,7 +122,8 @@ def config_adapter(name: str, info: ValidationInfo) -> str:
         return resolved
     if path.exists():
         raise ValueError(f"adapter path '{name}' is a file, expected an adapter folder")
-    if _hub_id(name):
+    # `org/name` is a hub id unless `org` is a folder beside the config (`adapters/a2`: a mistyped local one)
+    if _hub_id(name) and not (base_dir / name.split("/")[0]).is_dir():
         return name
     relative = not Path(name).expanduser().is_absolute()
     looked = f" (no folder {path}: a relative one is read beside the config file)" if relative else ""
@@ -142,10 +143,10 @@ def model_fingerprint(name: str) -> str:
     elsewhere do not. An alias (its weights are heedful's own, built by this code) or a hub id
     stays its name, as fingerprints always had it.
 
-    A folder whose saved config names a local base-model folder (`local_bases`: a PEFT adapter,
-    a reward model) is hashed with that base's own fingerprint, so a base retrained in place
-    reruns the stages that use the adapter or reward model too; a folder naming no local base
-    (an alias, a hub id, nothing) keeps the plain hash of its files."""
+    A folder whose saved config names a local base-model folder it is loaded on (`local_bases`: a
+    reward model) is hashed with that base's own fingerprint, so a base retrained in place reruns
+    the stages that use the reward model too; a folder naming no local base (an alias, a hub id,
+    nothing, and every PEFT adapter: `BASE_REFERENCES`) keeps the plain hash of its files."""
     return _fingerprint(name, frozenset())
 
 
@@ -174,8 +175,8 @@ def _base_fingerprints(folder: Path, seen: frozenset[str] = frozenset()) -> list
 def input_fingerprint(path: Path) -> str:
     """What a stage's fingerprint hashes for a file or folder given in its `inputs:` as a plain path,
     not another stage's output (pipeline/runner.py `fingerprints`): its content (`hash_path`), as
-    always; a folder whose saved config names a local base-model folder (`local_bases`: an adapter,
-    a reward model, a reward stage's `init`, given as a path) with that base's `model_fingerprint`
+    always; a folder whose saved config names a local base-model folder (`local_bases`: a reward model,
+    ppo's `reward_model` or a reward stage's `init` given as a path) with that base's `model_fingerprint`
     too, so a base retrained in place reruns the stage as it does for a folder a `with:` names. An
     input that names no local base keeps its plain hash."""
     from .artifacts import hash_json
@@ -185,19 +186,20 @@ def input_fingerprint(path: Path) -> str:
     return own if not bases else "sha256:" + hash_json({"input": own, "bases": bases})
 
 
-#: where a folder's saved config names the base model it is loaded on: (file, key)
-BASE_REFERENCES = (
-    ("adapter_config.json", "base_model_name_or_path"),  # a PEFT adapter
-    ("reward_model.json", "base_model"),  # a reward model (reward_models/base.py DESCRIPTOR)
-)
+#: where a folder's saved config names the base model it is loaded on: (file, key). A reward model
+#: (reward_models/base.py DESCRIPTOR) loads the base its descriptor names. Not a PEFT adapter's
+#: `adapter_config.json` `base_model_name_or_path`: heedful loads an adapter on the stage's own model
+#: (`load_causal_lm`), never on the base it records, so that base changing changes nothing a stage
+#: loads (the stage's model has its own fingerprint)
+BASE_REFERENCES = (("reward_model.json", "base_model"),)
 
 
 def local_bases(folder: Path) -> list[str]:
     """The local base-model folders `folder`'s saved config names (`BASE_REFERENCES`), as the
-    loader finds them: a relative name against the working directory (PEFT and `resolve_model`
-    read it so). An alias, a hub id, a folder that is not there, and an alias's prepared folder
-    (heedful's `tiny`, `smollm2-135m` under `$HEEDFUL_HOME/models`, an encoder wheel's `minilm`:
-    what heedful's trainers write into an adapter trained on an alias) are names, not bases."""
+    loader finds them: a relative name against the working directory (`resolve_model` reads it
+    so). An alias, a hub id, a folder that is not there, and an alias's prepared folder (heedful's
+    `tiny`, `smollm2-135m` under `$HEEDFUL_HOME/models`, an encoder wheel's `minilm`) are names,
+    not bases."""
     from reward_models.common import ENCODER_ALIASES
 
     bases: dict[str, str] = {}  # real path -> the path as named
@@ -209,6 +211,8 @@ def local_bases(folder: Path) -> list[str]:
         if not isinstance(value, str) or not value or value in ALIASES or value in ENCODER_ALIASES:
             continue
         base = Path(value).expanduser()
+        if base.name in ALIASES and base.parent.name == "models":  # an alias's folder under any heedful home
+            continue
         if base.is_dir() and (real := os.path.realpath(base)) not in _alias_folders(ENCODER_ALIASES):
             bases.setdefault(real, str(base))
     return list(bases.values())

@@ -435,16 +435,23 @@ def test_a_mistyped_adapter_folder_in_with_fails_when_the_config_is_read(tmp_pat
     with:
       judge: {{model: tiny, adapter: {tmp_path}/nowhere}}
       users: {{simulator: {{model: tiny, adapter: adapter.txt}}}}
+  - name: typo
+    uses: simulate
+    inputs: {{conversations: data:quickstart/needs.jsonl}}
+    with:
+      simulator: {{model: tiny, adapter: adapters/a2}}
 """
     path = tmp_path / "pipeline.yaml"
     found = sorted(problems(tmp_path, GOOD + wired + mistyped), key=lambda p: int(p[len(str(path)) + 1 :].split(":")[0]))
-    assert len(found) == 3, found
+    assert len(found) == 4, found
     assert found[0].startswith(f"{path}:29: stages[5].with.simulator.adapter: Value error, adapter folder not found"), found
     assert f"(no folder {tmp_path / 'adaptrs' / 'a1'}: a relative one is read beside the config file)" in found[0]
     assert found[1].startswith(f"{path}:34: stages[6].with.judge.adapter: Value error, adapter folder not found"), found
     assert found[1].endswith(f"(got '{tmp_path}/nowhere')"), found
     assert found[2].startswith(f"{path}:35: stages[6].with.users.simulator.adapter: Value error, adapter path 'adapter.txt'")
     assert "expected an adapter folder" in found[2]
+    # shaped like a hub id, but `adapters/` is a folder beside the config: a mistyped local adapter
+    assert found[3].startswith(f"{path}:40: stages[7].with.simulator.adapter: Value error, adapter folder not found"), found
     path.write_text(GOOD + wired)
     pipeline = load_pipeline(path)
     assert pipeline.stage("good").config.simulator.adapter == str(tmp_path / "adapters" / "a1")

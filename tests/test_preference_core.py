@@ -721,10 +721,11 @@ def test_attention_choice_falls_back_to_sdpa_on_cpu_and_an_insisted_varlen_says_
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_small_bf16_pieces_in_training_are_fp32_products_as_close_to_float64_as_sdpa(causal, monkeypatch):
-    """attention.py `_small_piece`: a short piece trained in bf16 on a CPU is computed as fp32 scores,
-    softmax and product (faster than SDPA's flash backward there), its output and q/k/v gradients as
-    close to a float64 SDPA as bf16 SDPA's are; pieces without gradient, in fp32, or longer than
-    SMALL_PIECE_KEYS keep SDPA."""
+    """attention.py `_small_piece`: a short piece in bf16 on a CPU is computed as fp32 scores, softmax
+    and product (faster than SDPA's flash backward there), its output and q/k/v gradients as close to
+    a float64 SDPA as bf16 SDPA's are; a forward without gradient (the reference's) takes the same
+    route and gives the same output (an untrained adapter's log-ratio stays 0); pieces in fp32 or
+    longer than SMALL_PIECE_KEYS keep SDPA."""
     import torch.nn.functional as F
 
     from trainers.fastpref import attention
@@ -752,14 +753,16 @@ def test_small_bf16_pieces_in_training_are_fp32_products_as_close_to_float64_as_
     )
     assert not routed
     new = output_and_grads(attention._piece, torch.bfloat16)
-    assert routed and new[0].dtype == torch.float64
+    assert routed
     for name, got, ref, want in zip(("out", "dq", "dk", "dv"), new, sdpa, exact, strict=True):
         err, sdpa_err = float((got - want).abs().max()), float((ref - want).abs().max())
         assert err <= 1.25 * sdpa_err + 1e-4, (name, err, sdpa_err)
+    with torch.no_grad():  # a forward without gradient (the reference's): the same route, the same output
+        routed.clear()
+        reference = attention._piece(*(t.to(torch.bfloat16) for t in (q, k, v)), mask, 0.125, causal)
+        assert routed and torch.equal(reference.double(), new[0])
     routed.clear()
     output_and_grads(attention._piece, torch.float32)  # fp32: SDPA, as fast there
-    with torch.no_grad():  # a forward without gradient (the reference): SDPA
-        attention._piece(*(t.to(torch.bfloat16) for t in (q, k, v)), mask, 0.125, causal)
     monkeypatch.setattr(attention, "SMALL_PIECE_KEYS", lk - 1)
     output_and_grads(attention._piece, torch.bfloat16)
     assert not routed

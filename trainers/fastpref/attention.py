@@ -222,20 +222,14 @@ def _varlen_pieces(query, key, value, segments: Segments, scaling, kernel: Varle
     return out.view(rows, width, heads, -1)
 
 
-#: keys up to which a piece being trained in bf16/fp16 on a CPU is computed as plain products in
-#: fp32 (`_small_piece`), not by SDPA's flash kernel
+#: keys up to which a piece in bf16/fp16 on a CPU is computed as plain products in fp32
+#: (`_small_piece`), not by SDPA's flash kernel
 SMALL_PIECE_KEYS = 192
 
 
 def _piece(query, key, value, mask, scaling, causal):
     dtype = _compute_dtype(query)
-    if (
-        key.shape[-2] <= SMALL_PIECE_KEYS
-        and query.device.type == "cpu"
-        and dtype in (torch.bfloat16, torch.float16)
-        and torch.is_grad_enabled()
-        and query.requires_grad
-    ):
+    if key.shape[-2] <= SMALL_PIECE_KEYS and query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         return _small_piece(query, key, value, mask, scaling, causal, dtype)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, is_causal=causal)
 
@@ -249,8 +243,9 @@ def _small_piece(query, key, value, mask, scaling, causal, dtype):
     (a 2-core Xeon with AMX, one piece of 9 heads x 64: 100 keys 1.07 against 2.19 ms, 160 keys 1.89
     against 2.76; level near 200, slower beyond), which is what the quickstart's short pairs are made
     of. Scores and softmax stay in fp32 as in the flash kernel, so the error against float64 is no
-    larger (tests/test_preference_core.py). In fp32 SDPA is as fast or faster, so it is kept there;
-    a forward without gradient (the reference) keeps it too."""
+    larger (tests/test_preference_core.py). In fp32 SDPA is as fast or faster, so it is kept there.
+    A forward without gradient (the reference's) takes the same route, whatever it costs there: the
+    policy and its reference must compute alike, so that an untrained adapter's log-ratio is 0."""
     with torch.autocast(query.device.type, enabled=False):
         q, k, v = (t.to(dtype).float() for t in (query, key, value))
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5

@@ -77,14 +77,12 @@ def autocast_forward(accelerator: Any, model: torch.nn.Module) -> Iterator[None]
         if not torch.is_autocast_enabled(accelerator.device.type):
             yield
             return
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.tuners.lora import LoraLayer
 
         layers = [
             m
             for m in model.modules()
-            if isinstance(m, BaseTunerLayer)
-            and not getattr(m, "lora_variant", None)
-            and getattr(m, "cast_input_dtype_enabled", True)
+            if isinstance(m, LoraLayer) and not getattr(m, "lora_variant", None) and getattr(m, "cast_input_dtype_enabled", True)
         ]
         for layer in layers:
             layer.cast_input_dtype_enabled = False
