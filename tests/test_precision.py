@@ -4,12 +4,14 @@ the pipeline working end to end in bf16 (the rest of the suite pins fp32: tests/
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from pipeline import precision
 from tests.conftest import tiny_pipeline
+from trainers.fastpref import ref_cache
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -130,6 +132,8 @@ def test_the_quickstarts_shape_runs_in_bf16_and_the_policy_learns(monkeypatch, t
     from pipeline.runner import Runner
 
     monkeypatch.setenv(precision.ENV, "bf16")
+    # a cold reference cache: the reference is computed here, by this code (as a first run computes it)
+    monkeypatch.setattr(ref_cache, "default_root", lambda: tmp_path / "ref_logps")
     data = tiny_pipeline(align={"max_steps": 6, "learning_rate": 5e-3, "gradient_checkpointing": False, "save_steps": 100})
     result = Runner(pipeline_from_dict(data, tmp_path), tmp_path / "runs", use_ray=False).execute()
     assert result.ok, [r.error for r in result.records]
@@ -141,6 +145,8 @@ def test_the_quickstarts_shape_runs_in_bf16_and_the_policy_learns(monkeypatch, t
     curves = json.loads((result.run_dir / "align" / "curves.json").read_text())
     losses = [row["loss"] for row in curves if "loss" in row]
     assert len(losses) == 6 and all(loss == loss for loss in losses)  # no NaN
+    # the untrained adapter is the reference, computed alike (the same attention route): log 2 exactly
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4) and curves[0]["rewards/margins"] == 0
     assert sum(losses[-2:]) < sum(losses[:2])
     assert (result.run_dir / "ship" / "package" / "adapter_model.safetensors").exists()
 

@@ -247,7 +247,8 @@ def _small_piece(query, key, value, mask, scaling, causal, dtype):
     A forward without gradient (the reference's) takes the same route, whatever it costs there: the
     policy and its reference must compute alike, so that an untrained adapter's log-ratio is 0."""
     with torch.autocast(query.device.type, enabled=False):
-        q, k, v = (t.to(dtype).float() for t in (query, key, value))
+        # contiguous: the same values in the same layout give the same products, however the batch was packed
+        q, k, v = (t.to(dtype).float().contiguous() for t in (query, key, value))
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         scores = (q @ k.transpose(-1, -2)) * scale
         if causal:  # SDPA's is_causal: the lower triangle from the top-left corner

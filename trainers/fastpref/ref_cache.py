@@ -103,7 +103,10 @@ def cache_key(*, base: str, adapter: str, data: str, max_length: int | None, tok
         "max_length": max_length,
         "tokenizer": tokenizer,
         "precision": precision,
-        "v": 1,
+        # 2: short attention pieces in bf16/fp16 on a CPU are computed as fp32 products (attention.py
+        # `_small_piece`), for the policy and its reference alike: a reference cached by the SDPA route
+        # would differ from the policy's own numbers at step 0 by bf16 rounding
+        "v": 2,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
