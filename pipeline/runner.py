@@ -7,7 +7,7 @@ that a field added to a config with a default leaves existing fingerprints alone
 default must come with a bump of the stage's `version` (pipeline/fingerprint.py). File inputs
 enter by content, and so do local model folders (the stage's model, and the models and adapters
 its `with:` names): an alias or hub id by its name (pipeline/models.py `model_fingerprint`). An
-input folder that names a local base model (an adapter, a reward model given as a path) also
+input folder that names a local base model it loads on (a reward model given as a path) also
 holds that base's fingerprint (pipeline/models.py `input_fingerprint`).
 """
 
