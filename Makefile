@@ -137,6 +137,7 @@ bench: setup
 	$(BIN)/python bench/rewards.py
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/sample.py --ct2
+	$(BIN)/python bench/kv_cache.py
 
 clean:
 	rm -rf runs exports bench/results

@@ -38,6 +38,10 @@ class SamplingSettings(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0)
 
 
+#: PEFT's name for rows of a mixed batch written with the adapter off (`chat_generate`'s `adapters`)
+BASE_ROWS = "__base__"
+
+
 @dataclass
 class Completion:
     text: str
@@ -56,6 +60,7 @@ def chat_generate(
     on_batch: Callable[[int, int], None] | None = None,
     prompt_suffix: str = "",
     share_prefix: bool = True,
+    adapters: list[str] | None = None,
 ) -> list[list[Completion]]:
     """Sample `num_samples` replies per conversation, `batch_size` conversations at a time.
 
@@ -65,13 +70,27 @@ def chat_generate(
     user's feedback and answer prompt has) runs through the model once and each row continues from
     its cache (pipeline/prefix_logits.py `prefixed_batch`); the same replies up to float rounding.
     On a CPU the decode steps' linear layers run on packed weights (pipeline/cpu_linear.py).
+    `adapters`: per conversation, the PEFT adapter its rows are written with on a PEFT `model`
+    (`BASE_ROWS`: the adapter off), so conditions that differ only in the adapter share a batch
+    (PEFT's mixed-batch LoRA); None: the model as it is. Those batches run every prompt whole: a
+    shared start's keys and values differ between adapters.
     """
     # one fp32 row at a time decodes matrix-vector products (MKL is as fast): packing would only cost
     decode_rows = min(len(conversations), batch_size) * num_samples
     fewest = packed_min_rows(model)
     with packed_linears(model) if fewest is not None and decode_rows >= fewest else contextlib.nullcontext():
         return _chat_generate(
-            model, tokenizer, conversations, sampling, num_samples, batch_size, seed, on_batch, prompt_suffix, share_prefix
+            model,
+            tokenizer,
+            conversations,
+            sampling,
+            num_samples,
+            batch_size,
+            seed,
+            on_batch,
+            prompt_suffix,
+            share_prefix and adapters is None,
+            adapters,
         )
 
 
@@ -86,6 +105,7 @@ def _chat_generate(
     on_batch: Callable[[int, int], None] | None,
     prompt_suffix: str,
     share_prefix: bool,
+    adapters: list[str] | None = None,
 ) -> list[list[Completion]]:
     import torch
     from transformers import set_seed
@@ -110,6 +130,7 @@ def _chat_generate(
             # one row per sample, as a prefixed batch has (HF's num_return_sequences refuses the greedy
             # call that top-k sampling runs in)
             enc = {key: value.repeat_interleave(num_samples, dim=0) for key, value in enc.items()}
+        _grow_cache(model, enc, sampling.max_new_tokens)
         kwargs: dict[str, Any] = dict(
             max_new_tokens=sampling.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
@@ -117,6 +138,10 @@ def _chat_generate(
             repetition_penalty=sampling.repetition_penalty,
         )
         kwargs.update(hf_sampling_kwargs(sampling, model.generation_config))
+        if adapters is not None:
+            kwargs["adapter_names"] = [
+                name for name in adapters[b * batch_size : (b + 1) * batch_size] for _ in range(num_samples)
+            ]
         with torch.no_grad():
             generated = model.generate(**enc, **kwargs)
         new = generated[:, enc["input_ids"].shape[1] :]
@@ -137,6 +162,19 @@ def _chat_generate(
         if on_batch is not None:
             on_batch(b + 1, n_batches)
     return out
+
+
+def _grow_cache(model, enc: dict[str, Any], max_new_tokens: int) -> None:
+    """Give `generate` a cache it writes in place (pipeline/kv_cache.py): the prefix cache
+    `prefixed_batch` put in `enc`, made growing, else a fresh one."""
+    from .kv_cache import cache_kwargs, in_place, make_growing
+    from .prefix_logits import cache_keyword
+
+    prefix = enc.get(cache_keyword(model))
+    if prefix is None:
+        enc.update(cache_kwargs(model, max_new_tokens))
+    elif in_place(model):
+        make_growing(prefix, max_new_tokens)
 
 
 def hf_sampling_kwargs(sampling: SamplingSettings, generation_config: Any = None) -> dict[str, Any]:

@@ -276,15 +276,31 @@ class HFClient:
             self._ct2 = Ct2Generator(self.name, self._adapter)
         return self._ct2
 
-    def generate(self, conversations: list[Messages], sampling: SamplingSettings, seed: int = 0) -> list[Completion]:
+    def generate(
+        self, conversations: list[Messages], sampling: SamplingSettings, seed: int = 0, adapters: list[str] | None = None
+    ) -> list[Completion]:
+        """One reply per conversation. `adapters`: per conversation, the PEFT adapter of the loaded
+        model its reply is written with (`chat_generate`: conditions that differ only in the adapter
+        share batches); HF only."""
         from .generation import chat_generate
         from .hindsight import answered_after
+
+        if adapters is not None and self.engine != "hf":
+            raise ValueError(f"per-row adapters need the HF engine, not {self.engine}")
 
         def sample(suffix: str) -> list[list[Completion]]:
             if self.engine == "ct2":
                 return self.ct2.generate(conversations, sampling, seed=seed, batch_size=self.batch_size, prompt_suffix=suffix)
             return chat_generate(
-                self.model, self.tokenizer, conversations, sampling, 1, self.batch_size, seed, prompt_suffix=suffix
+                self.model,
+                self.tokenizer,
+                conversations,
+                sampling,
+                1,
+                self.batch_size,
+                seed,
+                prompt_suffix=suffix,
+                adapters=adapters,
             )
 
         return [r[0] for r in answered_after(self.phrase, sample, self.tokenizer)]

@@ -95,16 +95,32 @@ class CachedLLM:
         return [found[k] for k in keys]
 
     def generate(
-        self, conversations: list[Messages], sampling: SamplingSettings, seed: int, salts: list[str]
+        self,
+        conversations: list[Messages],
+        sampling: SamplingSettings,
+        seed: int,
+        salts: list[str],
+        adapters: list[str] | None = None,
     ) -> list[Completion]:
+        """`adapters`: per conversation, the PEFT adapter its reply is written with on a client that
+        takes them (`HFClient.generate`); part of each reply's key, so a base row and an adapter row
+        with the same request and salt are two replies."""
+
         def compute(todo: list[int]) -> list[dict[str, Any]]:
-            fresh = self.inner.generate([conversations[i] for i in todo], sampling, seed)
+            if adapters is None:
+                fresh = self.inner.generate([conversations[i] for i in todo], sampling, seed)
+            else:
+                fresh = self.inner.generate(
+                    [conversations[i] for i in todo], sampling, seed, adapters=[adapters[i] for i in todo]
+                )
             self.generated_tokens += sum(c.num_tokens for c in fresh)
             return [{"text": c.text, "num_tokens": c.num_tokens, "finished": c.finished} for c in fresh]
 
         keys = [
             cache_key("generate", self.identity, salt, msgs, sampling.model_dump(), seed)
-            for salt, msgs in zip(salts, conversations)
+            if adapters is None
+            else cache_key("generate", self.identity, salt, msgs, sampling.model_dump(), seed, adapters[i])
+            for i, (salt, msgs) in enumerate(zip(salts, conversations))
         ]
         return [Completion(v["text"], v["num_tokens"], v["finished"]) for v in self._through(keys, compute)]
 

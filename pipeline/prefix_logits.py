@@ -105,7 +105,7 @@ def _last_token_logits(model: Any, token_lists: list[list[int]], batch_size: int
             positions = torch.where(tail_mask == 1, mask.cumsum(-1)[:, shared:] - 1, shared)
             kwargs: dict[str, Any] = {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
             if prefix_cache is not None:
-                kwargs.update({_cache_keyword(model): repeated(prefix_cache, rows), "use_cache": True})
+                kwargs.update({cache_keyword(model): repeated(prefix_cache, rows), "use_cache": True})
             logits = model(input_ids=ids.to(device), logits_to_keep=1, **kwargs).logits[:, -1].float()
             out.append(logits)
     return torch.cat(out)
@@ -182,11 +182,11 @@ def prefixed_batch(model: Any, token_lists: list[list[int]], pad_id: int, repeat
     return {
         "input_ids": ids.repeat_interleave(repeat, dim=0).to(device),
         "attention_mask": mask.repeat_interleave(repeat, dim=0).to(device),
-        _cache_keyword(model): repeated(cache, len(tails) * repeat),
+        cache_keyword(model): repeated(cache, len(tails) * repeat),
     }
 
 
-def _cache_keyword(model: Any) -> str:
+def cache_keyword(model: Any) -> str:
     """`cache` (transformers 5.2x) or `past_key_values` (earlier 5.x), as the model's forward names it."""
     import inspect
 

@@ -284,12 +284,15 @@ class ChatEngine:
         import torch
         from transformers import set_seed
 
+        from pipeline.kv_cache import cache_kwargs
+
         with self._lock, torch.inference_mode():
             if req.seed is not None:
                 set_seed(req.seed)
             elif req.kwargs.get("do_sample"):
                 _unpredictable_rng()
-            return self.model.generate(**req.enc, **req.kwargs, **extra)
+            cache = cache_kwargs(self.model, req.kwargs.get("max_new_tokens") or 64)
+            return self.model.generate(**req.enc, **req.kwargs, **cache, **extra)
 
     def _ct2_reply(self, req: _Prepared, on_text: Callable[[str], bool] | None = None) -> tuple[list[int], bool]:
         """One request on the ct2 engine, token by token, alone (the lock): (reply ids, ended by a
@@ -347,6 +350,8 @@ class ChatEngine:
             return self._ct2_batch(jobs)
         import torch
 
+        from pipeline.kv_cache import cache_kwargs
+
         texts = [j.text for j in jobs]
         with self._tokenize_lock:
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -356,7 +361,8 @@ class ChatEngine:
             if jobs[0].temperature > 0:
                 _unpredictable_rng()
             # a CoH adapter's rows stop at its phrases (HF stops rows one by one); a user's stops never batch
-            out = self.model.generate(**enc, **self._kwargs(longest, jobs[0].temperature, jobs[0].top_p, self.phrase_stops))
+            kwargs = self._kwargs(longest, jobs[0].temperature, jobs[0].top_p, self.phrase_stops)
+            out = self.model.generate(**enc, **kwargs, **cache_kwargs(self.model, longest))
         width = enc["input_ids"].shape[1]
         return [self._finish(out[i, width:].tolist(), j.n_prompt, j.max_tokens, self.phrase_stops) for i, j in enumerate(jobs)]
 

@@ -128,14 +128,18 @@ def sample_completions(
     batch_size: int,
     seed: int,
     phrase: Phrase | None = None,
+    adapters: list[str] | None = None,
 ):
     """One `Completion` (text, tokens, finished) per conversation on a loaded HF model; with a
     Chain-of-Hindsight `phrase` (pipeline/hindsight.py) the assistant turn opens with it and the
-    reply is cut at its stop phrases, as every engine samples from such an adapter."""
+    reply is cut at its stop phrases, as every engine samples from such an adapter. `adapters`:
+    per conversation, its PEFT adapter (`chat_generate`)."""
     from pipeline.generation import chat_generate
 
     def sample(suffix: str):
-        return chat_generate(model, tokenizer, conversations, sampling, 1, batch_size, seed, prompt_suffix=suffix)
+        return chat_generate(
+            model, tokenizer, conversations, sampling, 1, batch_size, seed, prompt_suffix=suffix, adapters=adapters
+        )
 
     return [r[0] for r in answered_after(phrase, sample, tokenizer)]
 

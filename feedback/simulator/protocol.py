@@ -297,11 +297,17 @@ class Side:
     users (the policy's system prompt is the side's), the policy that writes its turns, and
     `weights`, the context those turns are generated in (an evaluated adapter switched on or off
     on a loaded model). Sides with the same policy and the same `weights` object have their turns
-    written in one call."""
+    written in one call.
+
+    `adapter`: on a policy whose `generate` takes per-row adapters (the loaded PEFT model's HF
+    client), the adapter this side's turns are written with (`BASE_ROWS`: off), instead of
+    `weights`: sides with the same policy then share one call whatever their adapters (PEFT's
+    mixed-batch LoRA), as conditions on a CPU gain from (docs/generation.md)."""
 
     users: list[SimulatedUser]
     policy: CachedLLM
     weights: Callable[[], AbstractContextManager[Any]] = nullcontext
+    adapter: str | None = None
 
 
 def run_conversations(
@@ -346,20 +352,24 @@ def run_sides(
         # -- system turn: given first replies, or each policy generates (batched; sides that share a
         # policy and its weights in one call)
         texts = {id(t): t.user.first_reply or "" for t in open_ if rnd == 1 and t.user.first_reply is not None}
-        calls: dict[tuple[int, int], tuple[Side, list[Transcript]]] = {}
+        calls: dict[tuple[int, int], tuple[Side, list[tuple[Transcript, str | None]]]] = {}
         for side, mine in zip(sides, open_by_side):
-            todo = [t for t in mine if id(t) not in texts]
-            if todo:
-                calls.setdefault((id(side.policy), id(side.weights)), (side, []))[1].extend(todo)
-        for side, todo in calls.values():
+            pending = [(t, side.adapter) for t in mine if id(t) not in texts]
+            if pending:
+                call = (id(side.policy), -1 if side.adapter is not None else id(side.weights))
+                calls.setdefault(call, (side, []))[1].extend(pending)
+        for side, rows in calls.values():
+            asked = [t for t, _ in rows]
+            per_row = {"adapters": [str(adapter) for _, adapter in rows]} if side.adapter is not None else {}
             with side.weights():
                 replies = side.policy.generate(
-                    [policy_messages(t) for t in todo],
+                    [policy_messages(t) for t in asked],
                     settings.policy_sampling,
                     seed=seed + 1000 * rnd,
-                    salts=[f"{t.user.id}:policy:{rnd}" for t in todo],
+                    salts=[f"{t.user.id}:policy:{rnd}" for t in asked],
+                    **per_row,
                 )
-            texts.update({id(t): r.text for t, r in zip(todo, replies)})
+            texts.update({id(t): r.text for t, r in zip(asked, replies)})
         for t in open_:
             text = texts[id(t)]
             asks = is_clarifying_question(text) and t.clarifications < settings.max_clarifications

@@ -94,12 +94,19 @@ def satisfaction(
     # each condition its own copies of the users, its policy and its weights; conditions with the
     # same weights share one policy and one weights context, so their turns go in one call
     answerers: dict[bool, tuple[Any, Callable[[], AbstractContextManager[Any]]]] = {}  # adapter on? -> (policy, weights)
+    # on HF with the adapter loaded (not a CoH one), every condition's turns in one call, each row with its adapter
+    rows_of = {c.name: ans.adapter_rows(c) for c in ans.conditions}
+    mixed = ans.adapter is not None and None not in rows_of.values() and len(set(rows_of.values())) > 1
+    shared_policy = CachedLLM(policy_backend, None) if mixed else None
     sides = []
     for condition in ans.conditions:
+        own = [replace(user, first_reply=None, system_prompt=ans.system_for(condition, user.request)) for user in users]
+        if shared_policy is not None:
+            sides.append(Side(own, shared_policy, adapter=rows_of[condition.name]))
+            continue
         if condition.adapter_on not in answerers:
             policy = CachedLLM(condition_policy(ans, condition, policy_backend), None)
             answerers[condition.adapter_on] = (policy, partial(ans.weights, condition))
-        own = [replace(user, first_reply=None, system_prompt=ans.system_for(condition, user.request)) for user in users]
         sides.append(Side(own, *answerers[condition.adapter_on]))
     for condition, side, transcripts in zip(ans.conditions, sides, run_sides(sides, simulator, settings, ans.seed, judge)):
         per_need = need_outcomes(transcripts)

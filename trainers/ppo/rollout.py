@@ -141,6 +141,7 @@ def hf_sample(
     """Batched HF generation (greedy when temperature is 0); returns [N * num_samples, G] new tokens.
     Samples of one prompt are adjacent (row i * num_samples + j)."""
     from pipeline.generation import SamplingSettings, hf_sampling_kwargs
+    from pipeline.kv_cache import cache_kwargs
 
     # top_k=0 / top_p=1 switch the filters off; None would fall back to generation_config (top_k 50)
     settings = SamplingSettings.model_construct(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -159,6 +160,7 @@ def hf_sample(
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_ids,
             pad_token_id=tokenizer.pad_token_id,
+            **cache_kwargs(policy, max_new_tokens),  # written in place, not concatenated (pipeline/kv_cache.py)
         )
         chunks.append(out[:, ids.shape[1] :])
     width = max(c.shape[1] for c in chunks)
