@@ -144,7 +144,9 @@ def _chat_generate(
             ]
         with torch.no_grad():
             generated = model.generate(**enc, **kwargs)
-        new = generated[:, enc["input_ids"].shape[1] :]
+        width = enc["input_ids"].shape[1]
+        del enc  # the batch's key/value cache with it, before the next batch builds its own
+        new = generated[:, width:]
         for i in range(len(chunk)):
             replies = []
             for j in range(num_samples):

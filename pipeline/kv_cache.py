@@ -80,12 +80,23 @@ def in_place(model: Any) -> bool:
     """Whether `generate` on `model` gets the in-place cache: on a CPU, unless
     `HEEDFUL_GROWING_KV=0` keeps transformers' concatenating one (the benchmark's comparison arm).
     On a GPU the concatenation is a device copy that costs little, and that path is not measured here."""
-    if os.environ.get("HEEDFUL_GROWING_KV", "1") == "0":
+    if os.environ.get("HEEDFUL_GROWING_KV", "1") == "0" or not takes_a_cache(model):
         return False
     try:
         return next(model.parameters()).device.type == "cpu"
     except (AttributeError, StopIteration, TypeError):
         return False
+
+
+def takes_a_cache(model: Any) -> bool:
+    """Whether `generate` on `model` would build a `DynamicCache` itself, so one passed in is used as
+    it would use its own. Not where the generation config says `use_cache: false` (a cache passed
+    anyway is fed the whole sequence every step, appended again each time: wrong logits), nor for a
+    model transformers gives no default dynamic cache."""
+    if getattr(getattr(model, "generation_config", None), "use_cache", True) is False:
+        return False
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    return not callable(supports) or bool(supports())
 
 
 def make_growing(cache: Any, reserve: int) -> Any:

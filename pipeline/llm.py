@@ -285,8 +285,9 @@ class HFClient:
         from .generation import chat_generate
         from .hindsight import answered_after
 
-        if adapters is not None and self.engine != "hf":
-            raise ValueError(f"per-row adapters need the HF engine, not {self.engine}")
+        if adapters is not None and (self.engine != "hf" or self.phrase is not None):
+            why = "a Chain-of-Hindsight client opens every row with its phrase" if self.phrase else f"not {self.engine}"
+            raise ValueError(f"per-row adapters need the HF engine on a plain adapter: {why}")
 
         def sample(suffix: str) -> list[list[Completion]]:
             if self.engine == "ct2":

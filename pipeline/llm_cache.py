@@ -104,7 +104,10 @@ class CachedLLM:
     ) -> list[Completion]:
         """`adapters`: per conversation, the PEFT adapter its reply is written with on a client that
         takes them (`HFClient.generate`); part of each reply's key, so a base row and an adapter row
-        with the same request and salt are two replies."""
+        with the same request and salt are two replies. Not with a cache on disk: the names
+        ("default") do not say which weights they were, so another adapter would find these replies."""
+        if adapters is not None and self.cache is not None:
+            raise ValueError("per-row adapters are not cached on disk: their names do not identify the weights")
 
         def compute(todo: list[int]) -> list[dict[str, Any]]:
             if adapters is None:

@@ -167,7 +167,10 @@ def prefixed_batch(model: Any, token_lists: list[list[int]], pad_id: int, repeat
     tokens to the model; the shared start is computed once."""
     import torch
 
-    if (len(token_lists) < 2 and repeat < 2) or not shares_prefixes(model):
+    from .kv_cache import takes_a_cache
+
+    # `generate` continues from the cache it is given: not where it would run without one
+    if (len(token_lists) < 2 and repeat < 2) or not shares_prefixes(model) or not takes_a_cache(model):
         return None
     shared = shared_prefix_length(token_lists)
     if shared < MIN_SHARED_TOKENS:

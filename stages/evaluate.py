@@ -68,7 +68,7 @@ class EvaluateConfig(TrackingSettings):
 class EvaluateStage(Stage):
     config: EvaluateConfig
     uses = "evaluate"
-    version = "12"  # 2: the summary's per-item outcomes; 3: the users' conversations; 4: their own kind; 5: per-item scores; 6: a CoH adapter answers its users after its phrase; 7: a CoH reply cut at a phrase is finished; 8: the conditions' conversations side by side (the simulator's calls batched across them); 9: batch_size is fingerprinted (the users' sampled turns are seeded per batch on HF, as simulate's), first_reply_satisfied counts a need answered only by clarifying questions as not satisfied, and no interval is a point (Wilson for the judge's win rate; stats.no_spread); 10: a `reference` stands in only where made alike (model, seed, sampling, batch_size, and per reply its system prompt, which each row now records as `system`), else the replies are written anew; 11: exact repeats of a held-out prompt or need are dropped (an item is scored once); 12: on HF the conditions' held-out replies and their users' policy turns share batches (each row with its own adapter, or none), so sampled replies come from other draws
+    version = "12"  # 2: the summary's per-item outcomes; 3: the users' conversations; 4: their own kind; 5: per-item scores; 6: a CoH adapter answers its users after its phrase; 7: a CoH reply cut at a phrase is finished; 8: the conditions' conversations side by side (the simulator's calls batched across them); 9: batch_size is fingerprinted (the users' sampled turns are seeded per batch on HF, as simulate's), first_reply_satisfied counts a need answered only by clarifying questions as not satisfied, and no interval is a point (Wilson for the judge's win rate; stats.no_spread); 10: a `reference` stands in only where made alike (model, seed, sampling, batch_size, and per reply its system prompt, which each row now records as `system`), else the replies are written anew; 11: exact repeats of a held-out prompt or need are dropped (an item is scored once); 12: on HF the base's and a LoRA adapter's greedy held-out replies, and their users' policy turns, share batches (each row with its own adapter, or none), so the sampled turns come from other draws
     summary = "Adherence, overgeneralization, satisfaction, drift, degeneration, cost: base vs in-context vs memory vs adapter."
     Config = EvaluateConfig
     inputs = {
@@ -166,6 +166,7 @@ class EvaluateStage(Stage):
             resamples=cfg.resamples,
             log=ctx.log,
             engine=pick_engine(cfg.engine, cfg.device, ctx.model, len(prompts) * len(conditions) * cfg.sampling.max_new_tokens),
+            share_batches=True,
         )
         ctx.log.info("replies from %s", ENGINE_LABELS[ans.engine])
         rows = cond.generate_replies(

@@ -126,3 +126,18 @@ def test_chat_generate_hands_generate_a_growing_cache(tiny, monkeypatch):
     on = chat_generate(model, tokenizer, conversations, sampling, batch_size=2)
     monkeypatch.setenv("HEEDFUL_GROWING_KV", "0")
     assert chat_generate(model, tokenizer, conversations, sampling, batch_size=2) == on
+
+
+def test_no_cache_is_passed_where_generate_would_run_without_one(tiny, monkeypatch):
+    """A generation config with `use_cache: false`: generate feeds the whole sequence every step, so a
+    cache passed in would be appended to again and again (wrong logits); neither the in-place cache
+    nor the shared-start cache is handed over."""
+    model, tokenizer = tiny
+    monkeypatch.setattr(model.generation_config, "use_cache", False)
+    assert generation_cache(model, 8) is None
+    enc = ragged_batch(tokenizer)
+    _grow_cache(model, enc, 8)
+    assert cache_keyword(model) not in enc
+    items = [(n, r, a) for n, r, a, _ in prompts.CALIBRATION[:3]]
+    texts = render_many(tokenizer, [prompts.judge_messages(*item) for item in items])
+    assert prefixed_batch(model, [tokenizer.encode(t, add_special_tokens=False) for t in texts], 0) is None

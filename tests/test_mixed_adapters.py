@@ -58,16 +58,11 @@ def test_each_row_is_written_with_its_own_adapter(peft_tiny):
     assert interleaved == [tuned[0], base[1], tuned[2], base[3]]  # across batches of 3, in row order
 
 
-def answering(model, tokenizer, adapter, log) -> Answering:
-    conditions = [
-        Condition(name="base"),
-        Condition(name="in_context", system="feedback"),
-        Condition(name="tuned", adapter_on=True),
-    ]
+def answering(model, tokenizer, adapter, log, *extra: Condition) -> Answering:
     return Answering(
         model=model,
         tokenizer=tokenizer,
-        conditions=conditions,
+        conditions=[Condition(name="base"), *extra, Condition(name="tuned", adapter_on=True)],
         system_for=lambda c, p: "Answer briefly." if c.system == "feedback" else None,
         model_name="tiny",
         adapter=adapter,
@@ -76,25 +71,56 @@ def answering(model, tokenizer, adapter, log) -> Answering:
         batch_size=16,
         resamples=100,
         log=log,
+        share_batches=True,
     )
 
 
 def test_the_evaluations_held_out_replies_share_one_call(peft_tiny, monkeypatch):
     import trainers.feedback_eval as feedback_eval
+    from pipeline.chat import as_messages
 
     model, tokenizer, adapter = peft_tiny
     ans = answering(model, tokenizer, adapter, logging.getLogger("test"))
-    from pipeline.chat import as_messages
-
     asked = [[as_messages(q, ans.system_for(c, q)) for q in QUESTIONS] for c in ans.conditions]
     alone = {c.name: texts(ans.replies(c, convs, GREEDY)) for c, convs in zip(ans.conditions, asked)}
     calls = []
     real = feedback_eval.sample_completions
     monkeypatch.setattr(feedback_eval, "sample_completions", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     together = ans.replies_of(ans.conditions, asked, GREEDY)
-    assert calls == [12]  # three conditions, one call
+    assert calls == [8]  # base and adapter, one call
     assert {name: texts(found) for name, found in together.items()} == alone
     assert alone["base"] != alone["tuned"]
+
+    calls.clear()  # sampled: a condition's draws must not depend on who ran beside it
+    ans.replies_of(ans.conditions, asked, SamplingSettings(max_new_tokens=4, temperature=1.0))
+    assert calls == [4, 4]
+    calls.clear()  # a condition with a system prompt of its own keeps its call (its shared start once)
+    with_feedback = answering(model, tokenizer, adapter, ans.log, Condition(name="in_context", system="feedback"))
+    three = [[as_messages(q, with_feedback.system_for(c, q)) for q in QUESTIONS] for c in with_feedback.conditions]
+    with_feedback.replies_of(with_feedback.conditions, three, GREEDY)
+    assert calls == [4, 4, 4]
+    calls.clear()  # only the evaluate stage shares batches (c3po's and evaluate_feedback's evaluations keep theirs)
+    ans.share_batches = False
+    ans.replies_of(ans.conditions, asked, GREEDY)
+    assert calls == [4, 4]
+
+
+@pytest.mark.parametrize(
+    "kind, shares",
+    [("lora", True), ("dora", False), ("ia3", False)],  # PEFT's IA3 drops adapter_names silently; DoRA refuses it
+)
+def test_only_a_plain_lora_adapter_is_switched_per_row(tiny_model_path, kind, shares):
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    from pipeline.evaluation.conditions import switches_per_row
+
+    if kind == "ia3":
+        config = IA3Config(task_type="CAUSAL_LM")
+    else:
+        config = LoraConfig(r=4, use_dora=kind == "dora", task_type="CAUSAL_LM")
+    model = get_peft_model(load_causal_lm("tiny", device_policy("cpu")), config)
+    assert switches_per_row(model) is shares
+    assert switches_per_row(load_causal_lm("tiny", device_policy("cpu"))) is False  # no adapter at all
 
 
 def test_simulated_users_policy_turns_share_one_call_and_keep_their_adapter(peft_tiny):

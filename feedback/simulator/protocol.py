@@ -355,6 +355,8 @@ def run_sides(
         calls: dict[tuple[int, int], tuple[Side, list[tuple[Transcript, str | None]]]] = {}
         for side, mine in zip(sides, open_by_side):
             pending = [(t, side.adapter) for t in mine if id(t) not in texts]
+            if side.adapter is not None and side.weights is not nullcontext:
+                raise ValueError("a side with a per-row adapter writes in the policy's own weights: leave `weights` unset")
             if pending:
                 call = (id(side.policy), -1 if side.adapter is not None else id(side.weights))
                 calls.setdefault(call, (side, []))[1].extend(pending)

@@ -334,6 +334,9 @@ class Answering:
     resamples: int  # bootstrap resamples of every interval of a mean
     log: logging.Logger
     engine: str = "hf"  # what writes the replies: hf (the loaded model) or a resolved engine (ct2, vllm)
+    #: base and adapter rows in shared batches where they can (`adapter_rows`); the evaluate stage's
+    #: (version 12); the stages that evaluate inside another (c3po, evaluate_feedback) keep one call each
+    share_batches: bool = False
 
     def weights(self, condition: Condition) -> contextlib.AbstractContextManager[Any]:
         """The adapter switched off for a condition without it (a no-op when none is loaded)."""
@@ -343,39 +346,43 @@ class Answering:
 
     def adapter_rows(self, condition: Condition) -> str | None:
         """The PEFT adapter name `condition`'s rows take in a batch shared with other conditions
-        (`BASE_ROWS` for the adapter off or none loaded), or None where conditions cannot share one:
-        another engine than HF on the loaded model, or a Chain-of-Hindsight adapter (its rows open
-        with its phrase, the others' do not)."""
+        (`BASE_ROWS` for the adapter off), or None where they cannot share one: not `share_batches`,
+        another engine than HF on the loaded model, no adapter loaded, an adapter PEFT cannot switch
+        per row (only plain LoRA can: PEFT's other kinds drop `adapter_names` silently, so base rows
+        would be written with the adapter on, and DoRA refuses it), a Chain-of-Hindsight adapter (its
+        rows open with its phrase, the others' do not), or a condition with a system prompt of its
+        own (in_context, memory: their rows share that prompt's start, computed once in a call of
+        their own, which a mixed call cannot do)."""
         from pipeline.generation import BASE_ROWS
         from pipeline.hindsight import adapter_phrase
 
-        if self.engine != "hf" or (self.adapter is not None and adapter_phrase(self.adapter) is not None):
+        if not self.share_batches or self.engine != "hf" or self.adapter is None or condition.system != "none":
             return None
-        if not condition.adapter_on:
-            return BASE_ROWS
-        return str(getattr(self.model, "active_adapter", "default")) if hasattr(self.model, "disable_adapter") else None
+        if adapter_phrase(self.adapter) is not None or not switches_per_row(self.model):
+            return None
+        return str(self.model.active_adapter) if condition.adapter_on else BASE_ROWS
 
     def replies_of(
         self, conditions: list[Condition], conversations: list[list[Any]], sampling: SamplingSettings
     ) -> dict[str, list[Any]]:
-        """Each condition's `Completion`s for its conversations: in batches shared across the
-        conditions where they can share them (`adapter_rows`), else one condition at a time (`replies`).
+        """Each condition's `Completion`s for its conversations: base and adapter greedy replies in
+        shared batches where they can share them (`adapter_rows`), else one condition at a time
+        (`replies`).
 
         Why shared: on a CPU a decode step reads every weight whatever the rows, so rows are nearly
         free up to the batch size: base and adapter replies to 4 held-out prompts took 1.3-1.4x less
-        in one batch of 8 than in two of 4 (SmolLM2-135M, 64 greedy tokens, 2-core Xeon, docs/generation.md)."""
+        in one batch of 8 than in two of 4 (SmolLM2-135M, 64 greedy tokens, 2-core Xeon, docs/generation.md).
+        Why greedy only: a sampled row's draws depend on its batch partners (HF seeds each batch), so a
+        condition's sampled replies would depend on which others ran beside it, and a `reference`
+        evaluation's replies could no longer stand in for them; greedy ones are the same up to float rounding."""
         from trainers.feedback_eval import sample_completions
 
         names = [self.adapter_rows(c) for c in conditions]
-        if len(conditions) < 2 or any(name is None for name in names):
+        if sampling.temperature > 0 or None in names or len(set(names)) < 2:
             return {c.name: self.replies(c, convs, sampling) for c, convs in zip(conditions, conversations)}
         rows = [conversation for convs in conversations for conversation in convs]
-        if len(set(names)) == 1:  # the same weights (base, in_context, memory): one plain call
-            with self.weights(conditions[0]):
-                found = sample_completions(self.model, self.tokenizer, rows, sampling, self.batch_size, self.seed)
-        else:
-            adapters = [str(name) for name, convs in zip(names, conversations) for _ in convs]
-            found = sample_completions(self.model, self.tokenizer, rows, sampling, self.batch_size, self.seed, adapters=adapters)
+        adapters = [str(name) for name, convs in zip(names, conversations) for _ in convs]
+        found = sample_completions(self.model, self.tokenizer, rows, sampling, self.batch_size, self.seed, adapters=adapters)
         out, start = {}, 0
         for c, convs in zip(conditions, conversations):
             out[c.name], start = found[start : start + len(convs)], start + len(convs)
@@ -411,6 +418,15 @@ class Answering:
             device=self.device,
         )
         return [samples[0] for samples in found]
+
+
+def switches_per_row(model: Any) -> bool:
+    """Whether PEFT writes each row of a batch with the adapter its `adapter_names` says: a plain
+    LoRA adapter (not DoRA) is active on `model`."""
+    configs = getattr(model, "peft_config", None)
+    config = configs.get(getattr(model, "active_adapter", None)) if isinstance(configs, dict) else None
+    kind = getattr(getattr(config, "peft_type", None), "value", None)
+    return kind == "LORA" and not getattr(config, "use_dora", False)
 
 
 def generate_replies(

@@ -94,9 +94,9 @@ def satisfaction(
     # each condition its own copies of the users, its policy and its weights; conditions with the
     # same weights share one policy and one weights context, so their turns go in one call
     answerers: dict[bool, tuple[Any, Callable[[], AbstractContextManager[Any]]]] = {}  # adapter on? -> (policy, weights)
-    # on HF with the adapter loaded (not a CoH one), every condition's turns in one call, each row with its adapter
+    # base and a LoRA adapter on HF (`Answering.adapter_rows`): both conditions' turns in one call, each row with its adapter
     rows_of = {c.name: ans.adapter_rows(c) for c in ans.conditions}
-    mixed = ans.adapter is not None and None not in rows_of.values() and len(set(rows_of.values())) > 1
+    mixed = None not in rows_of.values() and len(set(rows_of.values())) > 1
     shared_policy = CachedLLM(policy_backend, None) if mixed else None
     sides = []
     for condition in ans.conditions:
