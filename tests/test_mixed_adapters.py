@@ -97,8 +97,14 @@ def test_the_evaluations_held_out_replies_share_one_call(peft_tiny, monkeypatch)
     calls.clear()  # a condition with a system prompt of its own keeps its call (its shared start once)
     with_feedback = answering(model, tokenizer, adapter, ans.log, Condition(name="in_context", system="feedback"))
     three = [[as_messages(q, with_feedback.system_for(c, q)) for q in QUESTIONS] for c in with_feedback.conditions]
-    with_feedback.replies_of(with_feedback.conditions, three, GREEDY)
-    assert calls == [4, 4, 4]
+    found = with_feedback.replies_of(with_feedback.conditions, three, GREEDY)
+    assert calls == [8, 4]  # base and adapter shared, in_context alone
+    assert texts(found["base"]) == alone["base"] and texts(found["tuned"]) == alone["tuned"]
+    calls.clear()  # more rows than one batch: each condition its own batches
+    ans.batch_size = 6
+    ans.replies_of(ans.conditions, asked, GREEDY)
+    assert calls == [4, 4]
+    ans.batch_size = 16
     calls.clear()  # only the evaluate stage shares batches (c3po's and evaluate_feedback's evaluations keep theirs)
     ans.share_batches = False
     ans.replies_of(ans.conditions, asked, GREEDY)
@@ -121,6 +127,8 @@ def test_only_a_plain_lora_adapter_is_switched_per_row(tiny_model_path, kind, sh
     model = get_peft_model(load_causal_lm("tiny", device_policy("cpu")), config)
     assert switches_per_row(model) is shares
     assert switches_per_row(load_causal_lm("tiny", device_policy("cpu"))) is False  # no adapter at all
+    model.active_adapter = []  # what PEFT leaves after deleting the active adapter
+    assert switches_per_row(model) is False
 
 
 def test_simulated_users_policy_turns_share_one_call_and_keep_their_adapter(peft_tiny):

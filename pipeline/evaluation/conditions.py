@@ -362,12 +362,24 @@ class Answering:
             return None
         return str(self.model.active_adapter) if condition.adapter_on else BASE_ROWS
 
+    def shared_rows(self, conditions: list[Condition], per_condition: int) -> dict[str, str]:
+        """condition -> the adapter name its rows take in one batch shared by those conditions (base
+        and adapter, `adapter_rows`), or {} where none is shared: fewer than two such conditions, or
+        more rows than one batch holds (`per_condition` rows each). Why one batch at most: beyond it
+        sharing saves at most the one batch their tails would fill, while every shared batch runs its
+        prompts whole, without the shared start computed once."""
+        names = {c.name: self.adapter_rows(c) for c in conditions}
+        kept = {name: str(rows) for name, rows in names.items() if rows is not None}
+        if len(set(kept.values())) < 2 or len(kept) * per_condition > self.batch_size:
+            return {}
+        return kept
+
     def replies_of(
         self, conditions: list[Condition], conversations: list[list[Any]], sampling: SamplingSettings
     ) -> dict[str, list[Any]]:
-        """Each condition's `Completion`s for its conversations: base and adapter greedy replies in
-        shared batches where they can share them (`adapter_rows`), else one condition at a time
-        (`replies`).
+        """Each condition's `Completion`s for its conversations: the base's and the adapter's greedy
+        replies in one shared batch where they can share it (`shared_rows`), the other conditions
+        (and all of them otherwise) one condition at a time (`replies`).
 
         Why shared: on a CPU a decode step reads every weight whatever the rows, so rows are nearly
         free up to the batch size: base and adapter replies to 4 held-out prompts took 1.3-1.4x less
@@ -377,15 +389,19 @@ class Answering:
         evaluation's replies could no longer stand in for them; greedy ones are the same up to float rounding."""
         from trainers.feedback_eval import sample_completions
 
-        names = [self.adapter_rows(c) for c in conditions]
-        if sampling.temperature > 0 or None in names or len(set(names)) < 2:
-            return {c.name: self.replies(c, convs, sampling) for c, convs in zip(conditions, conversations)}
-        rows = [conversation for convs in conversations for conversation in convs]
-        adapters = [str(name) for name, convs in zip(names, conversations) for _ in convs]
-        found = sample_completions(self.model, self.tokenizer, rows, sampling, self.batch_size, self.seed, adapters=adapters)
-        out, start = {}, 0
-        for c, convs in zip(conditions, conversations):
-            out[c.name], start = found[start : start + len(convs)], start + len(convs)
+        asked = dict(zip((c.name for c in conditions), conversations))
+        shared = {} if sampling.temperature > 0 else self.shared_rows(conditions, max(map(len, conversations), default=0))
+        out: dict[str, list[Any]] = {}
+        if shared:
+            rows = [conversation for name in shared for conversation in asked[name]]
+            adapters = [rows_of for name, rows_of in shared.items() for _ in asked[name]]
+            found = sample_completions(self.model, self.tokenizer, rows, sampling, self.batch_size, self.seed, adapters=adapters)
+            start = 0
+            for name in shared:
+                out[name], start = found[start : start + len(asked[name])], start + len(asked[name])
+        for c in conditions:
+            if c.name not in out:
+                out[c.name] = self.replies(c, asked[c.name], sampling)
         return out
 
     def replies(self, condition: Condition, conversations: list[Any], sampling: SamplingSettings) -> list[Any]:
@@ -422,11 +438,17 @@ class Answering:
 
 def switches_per_row(model: Any) -> bool:
     """Whether PEFT writes each row of a batch with the adapter its `adapter_names` says: a plain
-    LoRA adapter (not DoRA) is active on `model`."""
-    configs = getattr(model, "peft_config", None)
-    config = configs.get(getattr(model, "active_adapter", None)) if isinstance(configs, dict) else None
-    kind = getattr(getattr(config, "peft_type", None), "value", None)
-    return kind == "LORA" and not getattr(config, "use_dora", False)
+    LoRA adapter is active on `model` (not DoRA or another LoRA variant, not LoRA on parameters:
+    PEFT refuses mixed batches there; its other adapter kinds drop `adapter_names` silently)."""
+    configs, active = getattr(model, "peft_config", None), getattr(model, "active_adapter", None)
+    if not isinstance(configs, dict) or not isinstance(active, str) or active not in configs:
+        return False
+    config = configs[active]
+    if getattr(getattr(config, "peft_type", None), "value", None) != "LORA" or getattr(config, "use_dora", False):
+        return False
+    if getattr(config, "target_parameters", None):
+        return False
+    return not any(active in (getattr(module, "lora_variant", None) or {}) for module in model.modules())
 
 
 def generate_replies(

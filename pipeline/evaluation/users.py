@@ -94,14 +94,13 @@ def satisfaction(
     # each condition its own copies of the users, its policy and its weights; conditions with the
     # same weights share one policy and one weights context, so their turns go in one call
     answerers: dict[bool, tuple[Any, Callable[[], AbstractContextManager[Any]]]] = {}  # adapter on? -> (policy, weights)
-    # base and a LoRA adapter on HF (`Answering.adapter_rows`): both conditions' turns in one call, each row with its adapter
-    rows_of = {c.name: ans.adapter_rows(c) for c in ans.conditions}
-    mixed = None not in rows_of.values() and len(set(rows_of.values())) > 1
-    shared_policy = CachedLLM(policy_backend, None) if mixed else None
+    # base and a LoRA adapter on HF (`Answering.shared_rows`): their turns in one call, each row with its adapter
+    rows_of = ans.shared_rows(ans.conditions, len(users))
+    shared_policy = CachedLLM(policy_backend, None) if rows_of else None
     sides = []
     for condition in ans.conditions:
         own = [replace(user, first_reply=None, system_prompt=ans.system_for(condition, user.request)) for user in users]
-        if shared_policy is not None:
+        if shared_policy is not None and condition.name in rows_of:
             sides.append(Side(own, shared_policy, adapter=rows_of[condition.name]))
             continue
         if condition.adapter_on not in answerers:
