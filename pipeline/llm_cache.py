@@ -110,20 +110,16 @@ class CachedLLM:
             raise ValueError("per-row adapters are not cached on disk: their names do not identify the weights")
 
         def compute(todo: list[int]) -> list[dict[str, Any]]:
-            if adapters is None:
-                fresh = self.inner.generate([conversations[i] for i in todo], sampling, seed)
-            else:
-                fresh = self.inner.generate(
-                    [conversations[i] for i in todo], sampling, seed, adapters=[adapters[i] for i in todo]
-                )
+            per_row = {} if adapters is None else {"adapters": [adapters[i] for i in todo]}
+            fresh = self.inner.generate([conversations[i] for i in todo], sampling, seed, **per_row)
             self.generated_tokens += sum(c.num_tokens for c in fresh)
             return [{"text": c.text, "num_tokens": c.num_tokens, "finished": c.finished} for c in fresh]
 
+        # without adapters the keys are the ones replies were cached under before they existed
+        extra = [[]] * len(conversations) if adapters is None else [[adapter] for adapter in adapters]
         keys = [
-            cache_key("generate", self.identity, salt, msgs, sampling.model_dump(), seed)
-            if adapters is None
-            else cache_key("generate", self.identity, salt, msgs, sampling.model_dump(), seed, adapters[i])
-            for i, (salt, msgs) in enumerate(zip(salts, conversations))
+            cache_key("generate", self.identity, salt, msgs, sampling.model_dump(), seed, *more)
+            for salt, msgs, more in zip(salts, conversations, extra)
         ]
         return [Completion(v["text"], v["num_tokens"], v["finished"]) for v in self._through(keys, compute)]
 
